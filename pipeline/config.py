@@ -1,0 +1,150 @@
+"""Job settings, parsed once into frozen dataclasses.
+
+The same keys work in a TOML config file (a [tag] table, see configs/) and as CLI
+options; the CLI wins. Every bad value is reported with its field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+from pipeline.imaging import DEFAULT_MAX_PIXELS
+from pipeline.runtime import ProviderChoice
+
+
+@dataclass(frozen=True)
+class TagJobConfig:
+    inputs: tuple[str, ...]
+    output: str
+    model: str
+    profile: str | None = None  # shipped name or .toml path; None: detected from the bundle
+    batch_size: int = 32  # images per model call
+    tagger_actors: int = 1  # tagger actor pool size (one ONNX session each)
+    gpus_per_actor: float = 1.0  # ignored (CPU fallback) when the cluster has no GPU
+    tagger_cpus: float = 1.0  # CPUs per tagger actor; its intra-op threads on CPU
+    decode_cpus: float = 1.0  # CPUs per decode task
+    decode_batch_size: int = 16  # images per decode task call
+    rows_per_part: int = 4096  # rows per output part file (the commit unit)
+    ray_address: str | None = None  # None: a local Ray; "auto" or an address: a cluster
+    storage_options: dict = field(default_factory=dict)  # fsspec options for inputs and output
+    exact_decode: bool = False  # full-size decode instead of DCT-scaled JPEG decode
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images declaring more pixels
+    provider: ProviderChoice = ProviderChoice.AUTO
+    threshold: float | None = None  # global threshold; None: the profile's
+    logit_floor: float = 0.01  # store logits of tags with probability >= this
+    dense_logits: bool = False  # store all logits (large: T float16 per image)
+    run_id: str | None = None  # None: generated
+
+    def __post_init__(self):
+        checks = [
+            ("batch_size", self.batch_size >= 1),
+            ("tagger_actors", self.tagger_actors >= 1),
+            ("gpus_per_actor", self.gpus_per_actor >= 0),
+            ("tagger_cpus", self.tagger_cpus > 0),
+            ("decode_cpus", self.decode_cpus > 0),
+            ("decode_batch_size", self.decode_batch_size >= 1),
+            ("rows_per_part", self.rows_per_part >= 1),
+            ("max_pixels", self.max_pixels >= 1),
+            ("logit_floor", 0.0 <= self.logit_floor <= 1.0),
+            ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),
+            ("inputs", len(self.inputs) > 0),
+            ("output", bool(self.output)),
+            ("model", bool(self.model)),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"field {name} has a bad value: {getattr(self, name)!r}")
+
+
+def _coerce(name: str, value, annotation):
+    """Check and convert one value to a field's type; errors name the field."""
+    hint = typing.get_type_hints(TagJobConfig)[name]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"field {name} must not be empty")
+    base = next((a for a in args if a is not type(None)), hint) if optional or origin is typing.Union else hint
+    base_origin = typing.get_origin(base)
+    try:
+        if isinstance(base, type) and issubclass(base, enum.Enum):
+            return base(value)
+        if base is bool:
+            if isinstance(value, str):
+                value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if base is dict or base_origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
+        if base_origin is tuple:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+    except (TypeError, ValueError, KeyError):
+        allowed = f" (allowed: {', '.join(m.value for m in base)})" if isinstance(base, type) and issubclass(base, enum.Enum) else ""
+        raise ConfigError(f"field {name} has a bad value: {value!r}{allowed}") from None
+    return value
+
+
+def load_config_file(path: str | Path, table: str = "tag") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    base = path.parent
+    # relative paths in a config file are relative to the file, as users expect
+    for key in ("output", "model"):
+        if isinstance(section.get(key), str) and "://" not in section[key] and not os.path.isabs(section[key]):
+            section[key] = str(base / section[key])
+    if isinstance(section.get("inputs"), list):
+        section["inputs"] = [v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v) for v in section["inputs"]]
+    return section
+
+
+def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfig:
+    """File values, then explicit overrides (None means 'not given')."""
+    merged = dict(file_values or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TagJobConfig)}
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s): {', '.join(unknown)}")
+    for required in ("inputs", "output", "model"):
+        if required not in merged:
+            raise ConfigError(f"field {required} is required (option --{required.rstrip('s')} or the config file)")
+    values = {name: _coerce(name, value, None) for name, value in merged.items()}
+    return TagJobConfig(**values)

@@ -1,0 +1,81 @@
+"""The one place that builds the Ray Data graph and decides where work runs.
+
+manifest blocks -> read+decode+preprocess (CPU tasks) -> tagger actor pool (GPU, or
+CPU with intra-op threads when the cluster has no GPU) -> rows for the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.config import TagJobConfig
+from pipeline.decode import DecodeStage
+from pipeline.imaging import DecodeOptions
+from pipeline.profiles import Preprocess
+from pipeline.tagger import TaggerSettings, TaggerStage
+
+log = logging.getLogger(__name__)
+DECODE_TASK_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode_cpus: float
+    tagger_actors: int
+    tagger_gpus: float
+    tagger_cpus: float
+    intra_op_threads: int  # 0 on GPU
+    on_gpu: bool
+
+    def describe(self) -> str:
+        where = f"{self.tagger_gpus:g} GPU" if self.on_gpu else f"CPU, {self.intra_op_threads} intra-op threads"
+        return f"{self.tagger_actors} tagger actor(s) on {where}; decode tasks {self.decode_cpus:g} CPU each"
+
+
+def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
+    on_gpu = cfg.gpus_per_actor > 0 and cluster_gpus > 0
+    if cfg.gpus_per_actor > 0 and not on_gpu:
+        log.info("no GPU in the Ray cluster: tagger actors run ONNX Runtime on CPU")
+    return Placement(
+        decode_cpus=cfg.decode_cpus,
+        tagger_actors=cfg.tagger_actors,
+        tagger_gpus=cfg.gpus_per_actor if on_gpu else 0.0,
+        tagger_cpus=cfg.tagger_cpus,
+        intra_op_threads=0 if on_gpu else max(1, int(cfg.tagger_cpus)),
+        on_gpu=on_gpu,
+    )
+
+
+def decode_batch(batch, preprocess: Preprocess, options: DecodeOptions, storage_options: dict):
+    """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely."""
+    return DecodeStage(preprocess, options, storage_options)(batch)
+
+
+def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Preprocess, settings: TaggerSettings, placement: Placement):
+    import ray.data
+
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs=dict(preprocess=preprocess, options=DecodeOptions(cfg.exact_decode, cfg.max_pixels), storage_options=cfg.storage_options),
+        batch_size=cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=placement.decode_cpus,
+        # Decode is idempotent, so failed tasks are retried. Remote args that differ
+        # from the tagger's also keep Ray from fusing decode into the tagger actors
+        # (it fuses task->actor maps with equal args), which would serialise decode
+        # behind inference on CPU-only clusters.
+        max_retries=DECODE_TASK_RETRIES,
+    )
+    return ds.map_batches(
+        TaggerStage,
+        fn_constructor_args=(settings,),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=placement.tagger_actors,
+        num_gpus=placement.tagger_gpus,
+        num_cpus=placement.tagger_cpus,
+    )

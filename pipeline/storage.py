@@ -1,0 +1,69 @@
+"""Object storage access through fsspec, with retries on transient errors only.
+
+s3fs reads the standard AWS variables itself (keys, region, profile, and
+AWS_ENDPOINT_URL for MinIO/R2-style stores), so no flag is needed for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from functools import lru_cache
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+# Errors worth another try: the network and the store's own "slow down" answers.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+TRANSIENT_WORDS = ("slowdown", "slow down", "503", "500 ", "internal error", "timeout", "timed out", "reset by peer", "throttl")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in TRANSIENT_WORDS)
+
+
+def retry(call, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0, what: str = ""):
+    """Run call(); on a transient error wait with jittered exponential backoff and retry."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.debug("transient error on %s (attempt %d/%d): %s", what, attempt, attempts, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _freeze(options: dict | None) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in (options or {}).items()))
+
+
+@lru_cache(maxsize=16)
+def _filesystem(protocol: str, frozen: tuple, options_json: str):
+    import json
+
+    return fsspec.filesystem(protocol, **json.loads(options_json))
+
+
+def filesystem_for(uri: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URI; one filesystem object per protocol and options."""
+    import json
+
+    protocol, path = fsspec.core.split_protocol(uri)
+    protocol = protocol or "file"
+    fs = _filesystem(protocol, _freeze(storage_options), json.dumps(storage_options or {}, sort_keys=True))
+    return fs, fs._strip_protocol(uri) if protocol != "file" else path
+
+
+def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:
+    fs, path = filesystem_for(uri, storage_options)
+    return retry(lambda: fs.cat_file(path), attempts=attempts, what=uri)

@@ -1,0 +1,175 @@
+"""The GPU stage: one ONNX Runtime session per actor, uint8 in, tag columns out.
+
+TaggerStage is a Ray Data callable class (heavy state in __init__, a batch in
+__call__) and also a plain object for loops in tests. Resources (GPUs, CPUs, actor
+count) are set where the stage is placed, in pipeline/graph.py, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.bundle import ModelBundle, load_bundle
+from pipeline.postprocess import Postprocessor, TagRules
+from pipeline.profiles import ChannelOrder, Layout, Preprocess, Profile, ValueRange
+from pipeline.runtime import ProviderChoice, create_session
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH = ("uri", "sha256", "size", "width", "height", "phash", "phash_degenerate", "error", "error_kind")
+
+
+@dataclass(frozen=True)
+class TaggerSettings:
+    model_dir: str
+    profile: "Profile | str | None" = None  # None: detected from the bundle
+    provider: ProviderChoice = ProviderChoice.AUTO
+    intra_op_threads: int = 0
+    run_id: str = ""
+    default_threshold: float | None = None
+    logit_floor: float = 0.01
+    dense_logits: bool = False
+
+
+class Normaliser:
+    """uint8 RGB NHWC -> the model's float input, as its profile says."""
+
+    def __init__(self, pre: Preprocess):
+        std = np.asarray(pre.std, np.float32)
+        mean = np.asarray(pre.mean, np.float32)
+        unit = 255.0 if pre.value_range is ValueRange.UNIT else 1.0
+        self.scale = (1.0 / (unit * std)).astype(np.float32)
+        self.offset = (-mean / std).astype(np.float32)
+        self.bgr = pre.channel_order is ChannelOrder.BGR
+        self.nchw = pre.layout is Layout.NCHW
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.astype(np.float32) * self.scale + self.offset
+        if self.bgr:
+            x = x[..., ::-1]
+        if self.nchw:
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+
+class TaggerStage:
+    def __init__(self, settings: TaggerSettings, bundle: ModelBundle | None = None):
+        self.settings = settings
+        self.bundle = bundle or load_bundle(settings.model_dir, settings.profile)
+        profile = self.bundle.profile
+        self.session, self.session_info = create_session(self.bundle.model_path, settings.provider, settings.intra_op_threads)
+        log.info("tagger session on %s (%s)", self.session_info.provider, self.bundle.model_path)
+        self.input_name = profile.input_name or self.bundle.input_names[0]
+        self.output_name = profile.output_name or self.bundle.output_names[0]
+        self.embedding_name = profile.embedding_name if self.bundle.has_embedding_output else None
+        fixed = self.session.get_inputs()[0].shape[0] if self.session.get_inputs() else None
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1
+        self.normalise = Normaliser(profile.preprocess)
+        rules = TagRules.from_bundle(
+            self.bundle, default_threshold=settings.default_threshold, logit_floor=settings.logit_floor, dense_logits=settings.dense_logits
+        )
+        self.postprocess = Postprocessor(self.bundle.vocabulary, profile.activation, rules, self.bundle.ood_reference)
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
+        step = self.fixed_batch or len(x)
+        parts = [self.session.run(names, {self.input_name: x[i : i + step]}) for i in range(0, len(x), step)]
+        raw = np.concatenate([p[0] for p in parts])
+        emb = np.concatenate([p[1] for p in parts]) if self.embedding_name else None
+        return raw, emb
+
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        """Raw outputs for a batch; a batch the model rejects is retried row by row."""
+        x = self.normalise(pixels)
+        try:
+            raw, emb = self._run(x)
+            return raw, emb, [None] * len(x)
+        except Exception as batch_exc:
+            log.warning("model rejected a batch of %d (%s); retrying one by one", len(x), batch_exc)
+        width = len(self.bundle.vocabulary)
+        raw = np.zeros((len(x), width), np.float32)
+        emb = None
+        errors: list[str | None] = []
+        for i in range(len(x)):
+            try:
+                r, e = self._run(x[i : i + 1])
+                raw[i] = r[0]
+                if e is not None:
+                    emb = emb if emb is not None else np.zeros((len(x), e.shape[1]), np.float32)
+                    emb[i] = e[0]
+                errors.append(None)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        return raw, emb, errors
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        # an all-null string column can reach us as floats (NaN) after Arrow round trips
+        error = np.asarray(_strings(batch["error"]), object)
+        error_kind = np.asarray(_strings(batch["error_kind"]), object)
+        ok = np.flatnonzero([e is None for e in error])
+        results: dict[str, list] = {}
+        embeddings = None
+        if len(ok):
+            raw, emb, model_errors = self.infer(np.asarray(batch["pixels"])[ok])
+            for j, message in enumerate(model_errors):
+                if message is not None:
+                    error[ok[j]], error_kind[ok[j]] = message, "model_error"
+            good = np.asarray([m is None for m in model_errors])
+            results = self.postprocess(raw, emb)
+            embeddings = emb
+            ok_rows = {int(r): j for j, r in enumerate(ok) if good[j]}
+        else:
+            ok_rows = {}
+        return self._table(batch, n, error, error_kind, results, embeddings, ok_rows)
+
+    def _table(self, batch, n, error, error_kind, results, embeddings, ok_rows) -> pa.Table:
+        fp = self.bundle.fingerprint
+        decoded = np.asarray([e is None for e in _strings(batch["error"])], bool)  # hash exists
+        columns: dict[str, pa.Array] = {
+            "uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
+            "sha256": pa.array(_strings(batch["sha256"]), pa.string()),
+            "size": pa.array(np.asarray(batch["size"], np.int64)),
+            "width": pa.array(np.asarray(batch["width"], np.int32)),
+            "height": pa.array(np.asarray(batch["height"], np.int32)),
+            "phash": pa.array(np.asarray(batch["phash"], np.uint64), mask=~decoded),
+            "phash_hex": pa.array([f"{int(h):016x}" if ok else None for h, ok in zip(batch["phash"], decoded)], pa.string()),
+            "phash_degenerate": pa.array(np.asarray(batch["phash_degenerate"], bool), mask=~decoded),
+            "error": pa.array(list(error), pa.string()),
+            "error_kind": pa.array(list(error_kind), pa.string()),
+            "model_name": pa.array([self.bundle.name] * n, pa.string()),
+            "model_sha256": pa.array([fp.model_sha256] * n, pa.string()),
+            "calibration_sha256": pa.array([fp.calibration_sha256] * n, pa.string()),
+        }
+
+        def per_row(key, empty):
+            return [results[key][ok_rows[i]] if i in ok_rows else empty for i in range(n)]
+
+        columns["tags"] = pa.array(per_row("tags", None), pa.list_(pa.string()))
+        for name in self.postprocess.category_names:
+            columns[f"tags_{name}"] = pa.array(per_row(f"tags_{name}", None), pa.list_(pa.string()))
+        columns["scores"] = pa.array(per_row("scores", None), pa.list_(pa.float32()))
+        columns["rating"] = pa.array(per_row("rating", None) if "rating" in results else [None] * n, pa.string())
+        columns["quality"] = pa.array(per_row("quality", None) if "quality" in results else [None] * n, pa.string())
+        dim = embeddings.shape[1] if embeddings is not None else 0
+        emb_type = pa.list_(pa.float16(), dim) if dim else pa.list_(pa.float16())
+        emb_rows = [embeddings[ok_rows[i]].astype(np.float16) if (i in ok_rows and embeddings is not None) else None for i in range(n)]
+        columns["embedding"] = pa.array(emb_rows, emb_type)
+        columns["ood_distance"] = pa.array(per_row("ood_distance", None) if results else [None] * n, pa.float32())
+        columns["logit_indices"] = pa.array(per_row("logit_indices", None), pa.list_(pa.int32()))
+        columns["logit_values"] = pa.array(per_row("logit_values", None), pa.list_(pa.float16()))
+        columns["run_id"] = pa.array([self.settings.run_id] * n, pa.string())
+        columns["tagged_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+        for key in batch:  # other input columns travel along (the job's slice id)
+            if key not in columns and key != "pixels":
+                columns[key] = pa.array(list(batch[key]))
+        return pa.table(columns)
+
+
+def _strings(values) -> list[str | None]:
+    return [v if isinstance(v, str) else None for v in values]
