@@ -72,6 +72,10 @@ def _draft_request(pre: Preprocess, width: int, height: int) -> tuple[int, int]:
     return want_w, want_h
 
 
+def _error_kind(exc: BaseException) -> str:
+    return "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "decode_error"
+
+
 def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
     """Open, check size, draft (fast path), load, rotate upright; also the upright original size."""
     if not data:
@@ -82,8 +86,8 @@ def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Im
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError("decode_error", f"cannot open: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(_error_kind(exc), f"cannot open: {exc}") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError("bad_size", f"declared size {width}x{height}")
@@ -104,8 +108,7 @@ def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Im
             warnings.simplefilter("ignore")
             image.load()
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        kind = "truncated" if "truncated" in str(exc).lower() else "decode_error"
-        raise ImageError(kind, f"cannot decode: {exc}") from None
+        raise ImageError(_error_kind(exc), f"cannot decode: {exc}") from None
     if orientation != 1:
         try:
             image = ImageOps.exif_transpose(image)

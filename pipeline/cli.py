@@ -1,0 +1,155 @@
+"""The `tagpipe` command line (typer). Each command is a thin shell over a Python API."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.errors import TagpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Label image corpora with ONNX taggers on Ray.")
+model_app = typer.Typer(no_args_is_help=True, help="Model bundles: inspect, build the demo, expose the embedding.")
+app.add_typer(model_app, name="model")
+
+
+def _setup(verbose: bool, progress: bool = True) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.command()
+def tag(
+    input: List[str] = typer.Option(None, "--input", "-i", help="Prefix, image file or manifest (.parquet/.csv/.txt); repeatable."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory (local path or s3://...)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model bundle directory."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or .toml file; default: detected from the bundle."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file with a [tag] table (see configs/)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model call [32]."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Tagger actors, one ONNX session each [1]."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per tagger actor [1]; CPU fallback without GPUs."),
+    tagger_cpus: Optional[float] = typer.Option(None, help="CPUs per tagger actor (its threads on CPU) [1]."),
+    decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task [1]."),
+    decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call [16]."),
+    rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit [4096]."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
+    max_pixels: Optional[int] = typer.Option(None, help="Refuse images declaring more pixels than this."),
+    provider: Optional[str] = typer.Option(None, help="auto | cpu | cuda | tensorrt [auto]."),
+    threshold: Optional[float] = typer.Option(None, help="Global tag threshold; default the profile's."),
+    logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
+    dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
+    run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Tag every image under the inputs; write one Parquet row per input."""
+    from pipeline.config import load_config_file, make_tag_config
+    from pipeline.tag_job import run_tag_job
+
+    _setup(verbose, progress)
+    file_values = load_config_file(config) if config else {}
+    cfg = make_tag_config(
+        file_values,
+        inputs=input or None,
+        output=output,
+        model=model,
+        profile=profile,
+        batch_size=batch_size,
+        tagger_actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        tagger_cpus=tagger_cpus,
+        decode_cpus=decode_cpus,
+        decode_batch_size=decode_batch_size,
+        rows_per_part=rows_per_part,
+        ray_address=ray_address,
+        storage_options=storage_options,
+        exact_decode=exact_decode,
+        max_pixels=max_pixels,
+        provider=provider,
+        threshold=threshold,
+        logit_floor=logit_floor,
+        dense_logits=dense_logits,
+        run_id=run_id,
+    )
+    summary = run_tag_job(cfg)
+    typer.echo(summary.text())
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("tagpipe-demo"), help="Where the demo model, corpus and outputs go."),
+    images_per_kind: int = typer.Option(3, help="Synthetic images per kind (12 kinds)."),
+    progress: bool = typer.Option(False, "--progress/--no-progress"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build the demo model and corpus, tag them on a local Ray, and check the tags."""
+    from pipeline.demo import run_demo
+
+    _setup(verbose, progress)
+    result = run_demo(workdir, images_per_kind=images_per_kind)
+    typer.echo(result.summary.text())
+    typer.echo(f"model:   {result.model_dir}")
+    typer.echo(f"corpus:  {result.corpus_dir / 'images'}")
+    typer.echo(f"tags:    {result.tags_dir}  (Parquet; read with pandas.read_parquet or DuckDB)")
+    typer.echo(f"check:   {result.correct}/{result.checked} rows match the corpus's known tags (broken files as error rows)")
+    for rel, tags, error in result.wrong[:10]:
+        typer.echo(f"  mismatch {rel}: tags={tags} error={error}")
+    if result.correct != result.checked:
+        raise typer.Exit(1)
+
+
+@model_app.command("inspect")
+def model_inspect(
+    directory: Path = typer.Argument(..., help="Model bundle directory."),
+    profile: Optional[str] = typer.Option(None, help="Profile name or .toml file; default: detected."),
+) -> None:
+    """Inputs/outputs, tag counts per category, optional files, profile and fingerprint."""
+    from pipeline.inspect import describe_bundle
+
+    _setup(False)
+    typer.echo(describe_bundle(directory, profile))
+
+
+@model_app.command("demo")
+def model_demo(directory: Path = typer.Argument(..., help="Where to write the demo bundle.")) -> None:
+    """Write the demo tagger (CL Tagger v2 contract) and its five side files."""
+    from pipeline.demo_model import write_demo_bundle
+
+    path = write_demo_bundle(directory)
+    typer.echo(f"demo bundle written to {path}")
+
+
+@model_app.command("expose-embedding")
+def model_expose_embedding(
+    src: Path = typer.Argument(..., help="Source model (.onnx) or bundle directory."),
+    dst: Path = typer.Argument(..., help="Destination model file or bundle directory."),
+    tensor: Optional[str] = typer.Option(None, help="Name the tensor to expose instead of finding the head's input."),
+) -> None:
+    """Copy a model with an extra `embedding` output: the pooled vector feeding the head."""
+    from pipeline.onnx_tools import expose_embedding
+
+    path = expose_embedding(src, dst, tensor=tensor)
+    typer.echo(f"wrote {path} with output 'embedding'")
+
+
+def main() -> None:
+    try:
+        app()
+    except TagpipeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

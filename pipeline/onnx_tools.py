@@ -1,0 +1,111 @@
+"""ONNX graph edits: expose the pooled embedding that feeds the classification head.
+
+CL Tagger v2's ONNX outputs only logits, but its OOD reference is over the pooled
+vector the head consumes. We walk back from the logits output through activations and
+reshapes to the head (Gemm, or MatMul + bias Add) and add its input as a graph output
+named `embedding`. External-data models (weights in model.onnx.data) stay external.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from pipeline.bundle import detect_profile
+from pipeline.errors import BundleError
+
+PASS_THROUGH_OPS = {"Sigmoid", "Softmax", "Identity", "Reshape", "Flatten", "Cast", "Squeeze", "Unsqueeze"}
+EMBEDDING_OUTPUT = "embedding"
+TWO_GB = 2**31
+
+
+def find_head_input(model: onnx.ModelProto, logits_name: str) -> tuple[str, int | None]:
+    """(tensor feeding the head, its width if known) for the head producing logits_name."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    name = logits_name
+    for _ in range(64):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type in PASS_THROUGH_OPS:
+            name = node.input[0]
+            continue
+        if node.op_type == "Add":  # bias: follow the non-constant side
+            side = [i for i in node.input if i not in initializers]
+            if len(side) != 1:
+                break
+            name = side[0]
+            continue
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            weight = initializers.get(node.input[1])
+            width = None if weight is None else int(weight.dims[1] if trans_b else weight.dims[0])
+            return node.input[0], width
+        if node.op_type == "MatMul":
+            data = [i for i in node.input if i not in initializers]
+            if len(data) == 1 and node.input[1] in initializers:
+                weight = initializers[node.input[1]]
+                return data[0], int(weight.dims[0])
+        break
+    raise BundleError(
+        f"cannot find a linear classification head behind {logits_name!r} "
+        "(expected Gemm or MatMul(+Add) before any activation); name the tensor with --tensor"
+    )
+
+
+def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None, logits_name: str | None = None) -> Path:
+    """Write a copy of a model (or a whole bundle directory) with an `embedding` output."""
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        profile = detect_profile(src)
+        model_src = src / profile.files.model
+        logits_name = logits_name or profile.output_name
+        dst.mkdir(parents=True, exist_ok=True)
+        model_dst = dst / model_src.name
+        data_names = _external_locations(model_src)
+        for item in src.iterdir():  # side files come along so dst is a complete bundle
+            if item.is_file() and item.suffix != ".onnx" and item.name not in data_names:
+                shutil.copy2(item, dst / item.name)
+    else:
+        model_src = src
+        model_dst = dst / src.name if dst.is_dir() else dst
+        model_dst.parent.mkdir(parents=True, exist_ok=True)
+    if model_dst.resolve() == model_src.resolve():
+        raise BundleError("expose-embedding: the destination must differ from the source")
+    model = onnx.load(str(model_src), load_external_data=True)
+    outputs = [o.name for o in model.graph.output]
+    if EMBEDDING_OUTPUT in outputs:
+        raise BundleError(f"{model_src}: already has an '{EMBEDDING_OUTPUT}' output")
+    logits_name = logits_name or outputs[0]
+    if logits_name not in outputs:
+        raise BundleError(f"{model_src}: no output named {logits_name!r} (outputs: {outputs})")
+    if tensor:
+        known = {v for node in model.graph.node for v in node.output}
+        if tensor not in known:
+            raise BundleError(f"{model_src}: no tensor named {tensor!r} in the graph")
+        source, width = tensor, None
+    else:
+        source, width = find_head_input(model, logits_name)
+    model.graph.node.append(helper.make_node("Identity", [source], [EMBEDDING_OUTPUT], name="tagpipe_expose_embedding"))
+    elem = onnx.TensorProto.FLOAT
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == source:
+            elem = vi.type.tensor_type.elem_type
+    model.graph.output.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, elem, ["batch", width if width else "embedding_dim"]))
+    external = bool(_external_locations(model_src)) or model.ByteSize() >= TWO_GB
+    if external:
+        data_name = model_dst.name + ".data"
+        (model_dst.parent / data_name).unlink(missing_ok=True)
+        onnx.save_model(model, str(model_dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(model_dst))
+    return model_dst
+
+
+def _external_locations(model_path: Path) -> set[str]:
+    header = onnx.load(str(model_path), load_external_data=False)
+    return {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}

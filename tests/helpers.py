@@ -1,0 +1,57 @@
+"""Tiny ONNX taggers with each family's input/output contract, built in-process."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def tiny_tagger(path: Path, *, size: int, nhwc: bool, tags: int, activation: str | None, batch: int | str = "batch", seed: int = 0) -> Path:
+    """Global average pool -> Gemm head (-> optional Sigmoid). Input float [B,3,S,S] or [B,S,S,3]."""
+    rng = np.random.default_rng(seed)
+    shape = [batch, size, size, 3] if nhwc else [batch, 3, size, size]
+    axes = [1, 2] if nhwc else [2, 3]
+    inits = [numpy_helper.from_array(rng.normal(size=(3, tags)).astype(np.float32), "w"), numpy_helper.from_array(rng.normal(size=tags).astype(np.float32), "b")]
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["pooled"], axes=axes, keepdims=0),
+        helper.make_node("Gemm", ["pooled", "w", "b"], ["head" if activation else "output"]),
+    ]
+    if activation:
+        nodes.append(helper.make_node(activation, ["head"], ["output"]))
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, tags])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def wd_bundle(directory: Path, tags: int = 12, vocab_size: int | None = None) -> Path:
+    """WD v3 layout: model.onnx (NHWC, fixed batch 1, probabilities) + selected_tags.csv."""
+    tiny_tagger(directory / "model.onnx", size=448, nhwc=True, tags=tags, activation="Sigmoid", batch=1)
+    categories = [9, 9, 9, 9] + [4, 4] + [0] * (tags - 6)
+    with (directory / "selected_tags.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for i in range(vocab_size or tags):
+            writer.writerow([1000 + i, f"tag_{i}", categories[i % tags], 100 - i])
+    return directory
+
+
+def joytag_bundle(directory: Path, tags: int = 10) -> Path:
+    tiny_tagger(directory / "model.onnx", size=448, nhwc=False, tags=tags, activation=None)
+    (directory / "top_tags.txt").write_text("\n".join(f"joy_{i}" for i in range(tags)) + "\n")
+    return directory
+
+
+def jtp_bundle(directory: Path, tags: int = 9) -> Path:
+    tiny_tagger(directory / "jtp_pilot.onnx", size=384, nhwc=False, tags=tags, activation=None)
+    (directory / "tags.json").write_text(json.dumps({f"e6_{i}": i for i in range(tags)}))
+    return directory

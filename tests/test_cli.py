@@ -1,0 +1,47 @@
+"""The installed `tagpipe` command, run as users run it (a fresh process, its own Ray)."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from pipeline.synthetic import load_expected
+from tests.helpers import wd_bundle
+
+TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    return subprocess.run([*TAGPIPE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_demo_command_tags_the_corpus_right(tmp_path):
+    result = _run("demo", "--workdir", str(tmp_path / "demo"), "--images-per-kind", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows match the corpus's known tags" in result.stdout
+    expected = load_expected(tmp_path / "demo" / "corpus")
+    table = pq.read_table(tmp_path / "demo" / "tags").to_pylist()
+    root = str(tmp_path / "demo" / "corpus" / "images") + "/"
+    assert len(table) == len(expected)
+    for row in table:  # checked here independently of the demo's own check
+        entry = expected[row["uri"][len(root):]]
+        if entry.broken:
+            assert row["error"] and row["tags"] is None
+        else:
+            assert set(row["tags"]) == set(entry.tags) | {entry.rating, entry.quality}, row["uri"]
+
+
+def test_mismatched_vocabulary_stops_before_any_image(tmp_path):
+    bundle = wd_bundle(tmp_path / "wd", tags=12, vocab_size=11)
+    result = _run("tag", "--input", str(tmp_path / "no_such_dir"), "--output", str(tmp_path / "out"), "--model", str(bundle))
+    assert result.returncode == 2
+    assert "has 12 tags but selected_tags.csv lists 11" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_inspect_command(tmp_path):
+    bundle = wd_bundle(tmp_path / "wd")
+    result = _run("model", "inspect", str(bundle))
+    assert result.returncode == 0 and "profile:     wd_v3" in result.stdout and "model sha256:" in result.stdout

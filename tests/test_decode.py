@@ -1,0 +1,67 @@
+"""Basic decode-stage behaviour (issue 3 widens the odd-file corpus)."""
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeStage
+from pipeline.imaging import DecodeOptions, decode_image
+from pipeline.phash import phash
+from pipeline.profiles import load_profile
+from pipeline.synthetic import KINDS, encode, render
+from pipeline.tagger import Normaliser
+
+CL = load_profile("cl_tagger_v2").preprocess
+
+
+def _photo_like(seed: int, size=(640, 480)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = np.stack([np.sin(x / (20 + 10 * c) + seed) * np.cos(y / (15 + 7 * c)) for c in range(3)], -1)
+    noise = rng.normal(0, 0.15, base.shape)
+    return Image.fromarray(np.clip((base + noise + 1) * 127, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_phash_matches_imagehash(seed):
+    image = _photo_like(seed)
+    data = encode(image, "PNG")
+    decoded = decode_image(data, CL, DecodeOptions(exact=True))
+    assert f"{decoded.phash:016x}" == str(imagehash.phash(Image.open(io.BytesIO(data))))
+
+
+def test_broken_files_become_error_rows(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(render(KINDS["red"], 500, 300), "JPEG"))
+    cases = {"empty.jpg": b"", "text.png": b"hello", "truncated.jpg": good.read_bytes()[:600]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(good)] + [str(tmp_path / n) for n in cases] + [str(tmp_path / "missing.jpg")]
+    out = DecodeStage(CL)({"uri": np.array(uris, object)})
+    assert list(out["error_kind"]) == [None, "empty", "not_an_image", "truncated", "not_found"]
+    assert out["pixels"].shape == (5, 384, 384, 3) and out["pixels"].dtype == np.uint8
+    assert (out["width"][0], out["height"][0]) == (500, 300)
+    assert [int(v) for v in out["pixels"][0, 100, 100]] == pytest.approx([220, 40, 40], abs=4)
+    assert out["sha256"][3] is not None and out["sha256"][4] is None
+
+
+def test_decompression_bomb_refused_before_decoding():
+    big = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(big, "PNG")  # small file, 144 Mpx declared
+    from pipeline.imaging import ImageError
+
+    with pytest.raises(ImageError) as info:
+        decode_image(big.getvalue(), CL, DecodeOptions(max_pixels=50_000_000))
+    assert info.value.kind == "too_large"
+
+
+def test_normaliser_follows_each_profile():
+    pixels = np.zeros((1, 2, 2, 3), np.uint8)
+    pixels[..., 0], pixels[..., 2] = 255, 51  # R=255, B=51
+    wd = Normaliser(load_profile("wd_v3").preprocess)(pixels)
+    assert wd.shape == (1, 2, 2, 3) and wd[0, 0, 0].tolist() == [51.0, 0.0, 255.0]  # BGR, 0-255, NHWC
+    cl = Normaliser(CL)(pixels)
+    assert cl.shape == (1, 3, 2, 2) and cl[0, :, 0, 0].tolist() == pytest.approx([1.0, -1.0, 51 / 255 * 2 - 1])

@@ -1,0 +1,52 @@
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config_file, make_tag_config
+from pipeline.demo import check_tags
+from pipeline.errors import ConfigError
+from pipeline.tag_job import run_tag_job
+
+
+def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, demo_corpus, tmp_path):
+    out = tmp_path / "tags"
+    cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16)
+    summary = run_tag_job(cfg)
+    images = sorted(str(p) for p in (demo_corpus / "images").rglob("*") if p.is_file())
+    table = pq.read_table(out)
+    assert sorted(table.column("uri").to_pylist()) == images  # exactly once each
+    assert summary.images == len(images) and summary.errors == 4
+    assert summary.errors_by_kind == {"empty": 1, "not_an_image": 2, "truncated": 1}
+    checked, correct, wrong = check_tags(out, demo_corpus)
+    assert (checked, correct, wrong) == (len(images), len(images), [])
+    parts = sorted(p for p in os.listdir(out) if p.startswith("part-"))
+    assert len(parts) == -(-len(images) // 16) and summary.parts and sorted(summary.parts) == parts
+    row = table.filter(table.column("error").is_null()).slice(0, 1).to_pylist()[0]
+    assert len(row["embedding"]) == 21 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
+    assert all(p >= 0.01 for p in [1 / (1 + 2.718281828 ** -v) for v in row["logit_values"]])
+    manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
+    assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
+
+    again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added
+    assert again.images == 0 and again.skipped == len(images)
+    assert pq.read_table(out).num_rows == len(images)
+
+
+def test_config_file_and_field_errors(tmp_path, demo_bundle):
+    path = tmp_path / "job.toml"
+    path.write_text('[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "%s"\nbatch_size = 8\nprovider = "cpu"\n' % demo_bundle)
+    cfg = make_tag_config(load_config_file(path), batch_size=4)
+    assert cfg.batch_size == 4 and cfg.inputs == (str(tmp_path / "imgs"),) and cfg.provider.value == "cpu"
+    with pytest.raises(ConfigError, match="field batch_size"):
+        make_tag_config(load_config_file(path), batch_size=0)
+    path.write_text(path.read_text() + 'provider = "gpu-ish"\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(path)
+    path.write_text('[tag]\ninputs = ["x"]\noutput = "o"\nmodel = "m"\nbatchsize = 3\n')
+    with pytest.raises(ConfigError, match="unknown field.*batchsize"):
+        make_tag_config(load_config_file(path))
+    path.write_text('[tag]\ninputs = ["x"]\noutput = "o"\nmodel = "m"\nprovider = "gpu-ish"\n')
+    with pytest.raises(ConfigError, match="field provider.*allowed: auto, cpu, cuda, tensorrt"):
+        make_tag_config(load_config_file(path))
