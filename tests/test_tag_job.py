@@ -29,6 +29,13 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
     assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
 
+    import duckdb  # readers named in the README read the output directly
+
+    counts = duckdb.sql(f"select count(*), count(distinct uri), count(error) from read_parquet('{out}/*.parquet')").fetchone()
+    assert counts == (len(images), len(images), 4)
+    phash = duckdb.sql(f"select phash from read_parquet('{out}/*.parquet') where uri = '{row['uri']}'").fetchone()[0]
+    assert phash == row["phash"] and f"{phash:016x}" == row["phash_hex"]
+
     again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added
     assert again.images == 0 and again.skipped == len(images)
     assert pq.read_table(out).num_rows == len(images)
