@@ -31,9 +31,9 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
 
     import duckdb  # readers named in the README read the output directly
 
-    counts = duckdb.sql(f"select count(*), count(distinct uri), count(error) from read_parquet('{out}/*.parquet')").fetchone()
+    counts = duckdb.execute(f"select count(*), count(distinct uri), count(error) from read_parquet('{out}/*.parquet')").fetchone()
     assert counts == (len(images), len(images), 4)
-    phash = duckdb.sql(f"select phash from read_parquet('{out}/*.parquet') where uri = '{row['uri']}'").fetchone()[0]
+    phash = duckdb.execute(f"select phash from read_parquet('{out}/*.parquet') where uri = '{row['uri']}'").fetchone()[0]
     assert phash == row["phash"] and f"{phash:016x}" == row["phash_hex"]
 
     again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added
