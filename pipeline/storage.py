@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL for MinIO/R2-style stores), so no flag is needed for them.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -43,24 +44,16 @@ def retry(call, *, attempts: int = 5, base_delay: float = 0.2, max_delay: float 
     raise AssertionError("unreachable")
 
 
-def _freeze(options: dict | None) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in (options or {}).items()))
-
-
 @lru_cache(maxsize=16)
-def _filesystem(protocol: str, frozen: tuple, options_json: str):
-    import json
-
+def _filesystem(protocol: str, options_json: str):
     return fsspec.filesystem(protocol, **json.loads(options_json))
 
 
 def filesystem_for(uri: str, storage_options: dict | None = None):
     """(filesystem, path) for a URI; one filesystem object per protocol and options."""
-    import json
-
     protocol, path = fsspec.core.split_protocol(uri)
     protocol = protocol or "file"
-    fs = _filesystem(protocol, _freeze(storage_options), json.dumps(storage_options or {}, sort_keys=True))
+    fs = _filesystem(protocol, json.dumps(storage_options or {}, sort_keys=True))
     return fs, fs._strip_protocol(uri) if protocol != "file" else path
 
 

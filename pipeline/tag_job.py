@@ -121,11 +121,11 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
                 buffers[int(shard)].append(batch.filter(pa.array(shards == shard)))
                 counts[int(shard)] += int((shards == shard).sum())
                 if counts[int(shard)] == expected[int(shard)]:
-                    _commit(out, buffers.pop(int(shard)), pending, fp.model_sha256, summary)
+                    _commit(out, buffers.pop(int(shard)), pending, cfg.rows_per_part, fp.model_sha256, summary)
                     _progress(summary, pending.num_rows, t)
         for shard in sorted(buffers):  # only if Ray returned fewer rows than sent
             log.error("slice %d incomplete: %d of %d rows", shard, counts[shard], expected[shard])
-            _commit(out, buffers.pop(shard), pending, fp.model_sha256, summary)
+            _commit(out, buffers.pop(shard), pending, cfg.rows_per_part, fp.model_sha256, summary)
     summary.timings["tag_seconds"] = round(time.monotonic() - t, 3)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images else 0.0
@@ -146,10 +146,11 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     return summary
 
 
-def _commit(out: OutputDir, tables: list[pa.Table], manifest: pa.Table, model_sha256: str, summary: RunSummary) -> None:
+def _commit(out: OutputDir, tables: list[pa.Table], manifest: pa.Table, rows_per_part: int, model_sha256: str, summary: RunSummary) -> None:
     table = pa.concat_tables(tables, promote_options="default").sort_by("uri")
     shard = table.column(SHARD)[0].as_py()
-    source = manifest.filter(pc.equal(manifest.column(SHARD), shard)).sort_by("uri")  # same rows, same order
+    start = int(shard) * rows_per_part  # the manifest is sorted and cut in order: slice k is rows [k*S, (k+1)*S)
+    source = manifest.slice(start, rows_per_part)
     if source.column("uri").to_pylist() != table.column("uri").to_pylist():
         raise RuntimeError(f"slice {shard}: the rows that came back do not match the rows sent")
     table = table.drop_columns([SHARD])
