@@ -117,15 +117,16 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         counts: collections.Counter = collections.Counter()
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             shards = batch.column(SHARD).to_numpy()
-            for shard in np.unique(shards):
-                buffers[int(shard)].append(batch.filter(pa.array(shards == shard)))
-                counts[int(shard)] += int((shards == shard).sum())
-                if counts[int(shard)] == expected[int(shard)]:
-                    _commit(out, buffers.pop(int(shard)), pending, cfg.rows_per_part, fp.model_sha256, summary)
+            for shard in np.unique(shards).tolist():
+                mask = shards == shard
+                buffers[shard].append(batch.filter(pa.array(mask)))
+                counts[shard] += int(mask.sum())
+                if counts[shard] == expected[shard]:
+                    _commit(out, buffers.pop(shard), pending, cfg.rows_per_part, fp.model_sha256, summary)
                     _progress(summary, pending.num_rows, t)
-        for shard in sorted(buffers):  # only if Ray returned fewer rows than sent
-            log.error("slice %d incomplete: %d of %d rows", shard, counts[shard], expected[shard])
-            _commit(out, buffers.pop(shard), pending, cfg.rows_per_part, fp.model_sha256, summary)
+        if buffers:  # Ray returned fewer rows than sent: commit nothing partial; a rerun redoes them
+            missing = {shard: f"{counts[shard]}/{expected[shard]}" for shard in sorted(buffers)}
+            raise RuntimeError(f"slices came back incomplete (rows received/sent): {missing}; rerun to finish them")
     summary.timings["tag_seconds"] = round(time.monotonic() - t, 3)
     summary.seconds = round(time.monotonic() - started, 3)
     summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images else 0.0

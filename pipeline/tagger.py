@@ -154,13 +154,13 @@ class TaggerStage:
         for name in self.postprocess.category_names:
             columns[f"tags_{name}"] = pa.array(per_row(f"tags_{name}", None), pa.list_(pa.string()))
         columns["scores"] = pa.array(per_row("scores", None), pa.list_(pa.float32()))
-        columns["rating"] = pa.array(per_row("rating", None) if "rating" in results else [None] * n, pa.string())
-        columns["quality"] = pa.array(per_row("quality", None) if "quality" in results else [None] * n, pa.string())
+        columns["rating"] = pa.array(per_row("rating", None), pa.string())
+        columns["quality"] = pa.array(per_row("quality", None), pa.string())
         dim = embeddings.shape[1] if embeddings is not None else 0
         emb_type = pa.list_(pa.float16(), dim) if dim else pa.list_(pa.float16())
         emb_rows = [embeddings[ok_rows[i]].astype(np.float16) if (i in ok_rows and embeddings is not None) else None for i in range(n)]
         columns["embedding"] = pa.array(emb_rows, emb_type)
-        columns["ood_distance"] = pa.array(per_row("ood_distance", None) if results else [None] * n, pa.float32())
+        columns["ood_distance"] = pa.array(per_row("ood_distance", None), pa.float32())
         columns["logit_indices"] = pa.array(per_row("logit_indices", None), pa.list_(pa.int32()))
         columns["logit_values"] = pa.array(per_row("logit_values", None), pa.list_(pa.float16()))
         columns["run_id"] = pa.array([self.settings.run_id] * n, pa.string())
