@@ -44,7 +44,11 @@ def tag(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
     storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
     exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images declaring more pixels than this."),
+    max_pixels: Optional[int] = typer.Option(None, help="Refuse images declaring more pixels than this [120000000]."),
+    draft_ratio: Optional[float] = typer.Option(None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest [2]."),
+    normalise_in_graph: Optional[bool] = typer.Option(
+        None, "--normalise-in-graph/--normalise-in-numpy", help="Feed the model uint8 through prepended Cast/scale nodes [in graph]."
+    ),
     provider: Optional[str] = typer.Option(None, help="auto | cpu | cuda | tensorrt [auto]."),
     threshold: Optional[float] = typer.Option(None, help="Global tag threshold; default the profile's."),
     logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
@@ -76,6 +80,8 @@ def tag(
         storage_options=storage_options,
         exact_decode=exact_decode,
         max_pixels=max_pixels,
+        draft_ratio=draft_ratio,
+        normalise_in_graph=normalise_in_graph,
         provider=provider,
         threshold=threshold,
         logit_floor=logit_floor,

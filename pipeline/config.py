@@ -37,6 +37,8 @@ class TagJobConfig:
     storage_options: dict = field(default_factory=dict)  # fsspec options for inputs and output
     exact_decode: bool = False  # full-size decode instead of DCT-scaled JPEG decode
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images declaring more pixels
+    draft_ratio: float = 2.0  # fast decode keeps >= this times the model's resolution (1 = fastest)
+    normalise_in_graph: bool = True  # the model takes uint8; Cast/scale nodes are prepended to it
     provider: ProviderChoice = ProviderChoice.AUTO
     threshold: float | None = None  # global threshold; None: the profile's
     logit_floor: float = 0.01  # store logits of tags with probability >= this
@@ -53,6 +55,7 @@ class TagJobConfig:
             ("decode_batch_size", self.decode_batch_size >= 1),
             ("rows_per_part", self.rows_per_part >= 1),
             ("max_pixels", self.max_pixels >= 1),
+            ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0),
             ("logit_floor", 0.0 <= self.logit_floor <= 1.0),
             ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),
             ("inputs", len(self.inputs) > 0),

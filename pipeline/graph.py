@@ -60,7 +60,7 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs=dict(preprocess=preprocess, options=DecodeOptions(cfg.exact_decode, cfg.max_pixels), storage_options=cfg.storage_options),
+        fn_kwargs=dict(preprocess=preprocess, options=DecodeOptions(exact=cfg.exact_decode, max_pixels=cfg.max_pixels, draft_ratio=cfg.draft_ratio), storage_options=cfg.storage_options),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=placement.decode_cpus,

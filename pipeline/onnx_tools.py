@@ -109,3 +109,74 @@ def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None
 def _external_locations(model_path: Path) -> set[str]:
     header = onnx.load(str(model_path), load_external_data=False)
     return {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+UINT8_INPUT = "pixels_uint8"
+
+
+def uint8_input_model(model_path: str | Path, preprocess, input_name: str) -> tuple[bytes, str]:
+    """The model with its pixel input replaced by uint8 RGB NHWC, normalised in the graph.
+
+    Prepends Cast -> (Gather for BGR) -> Mul/Add (x*scale + offset, the profile's
+    mean/std/range) -> (Transpose to NCHW) -> (Cast to the model's float type), so the
+    CPU stage ships 1 byte per channel to the GPU and normalisation runs on the device.
+    Weights kept in external data stay there: only the graph is serialised; open the
+    result with create_session(..., external_data_dir=<the model's folder>).
+    Returns (serialised model, name of its uint8 input).
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    from pipeline.profiles import ChannelOrder, Layout, ValueRange
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    original = next((i for i in graph.input if i.name == input_name), None)
+    if original is None:
+        raise BundleError(f"{model_path}: no input named {input_name!r}")
+    tensor_type = original.type.tensor_type
+    dims = list(tensor_type.shape.dim)
+    batch = dims[0] if dims else None
+    batch_dim = batch.dim_value if batch is not None and batch.HasField("dim_value") else (batch.dim_param if batch is not None and batch.dim_param else "batch")
+    taken = {i.name for i in graph.input} | {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
+    prefix = "tagpipe_norm"
+    while any(name.startswith(prefix) for name in taken):
+        prefix += "_"
+    new_input = helper.make_tensor_value_info(UINT8_INPUT if UINT8_INPUT not in taken else prefix + "_in", TensorProto.UINT8, [batch_dim, preprocess.height, preprocess.width, 3])
+
+    std = np.asarray(preprocess.std, np.float64)
+    mean = np.asarray(preprocess.mean, np.float64)
+    unit = 255.0 if preprocess.value_range is ValueRange.UNIT else 1.0
+    scale = (1.0 / (unit * std)).astype(np.float32)
+    offset = (-mean / std).astype(np.float32)
+    nodes, inits = [], []
+    current = new_input.name
+
+    def step(op, inputs, **attrs):
+        nonlocal current
+        out = f"{prefix}_{len(nodes)}"
+        nodes.append(helper.make_node(op, [current, *inputs], [out], name=out, **attrs))
+        current = out
+
+    step("Cast", [], to=TensorProto.FLOAT)
+    if preprocess.channel_order is ChannelOrder.BGR:
+        inits.append(numpy_helper.from_array(np.array([2, 1, 0], np.int64), f"{prefix}_bgr"))
+        step("Gather", [f"{prefix}_bgr"], axis=3)
+    inits.append(numpy_helper.from_array(scale, f"{prefix}_scale"))
+    inits.append(numpy_helper.from_array(offset, f"{prefix}_offset"))
+    step("Mul", [f"{prefix}_scale"])
+    step("Add", [f"{prefix}_offset"])
+    if preprocess.layout is Layout.NCHW:
+        step("Transpose", [], perm=[0, 3, 1, 2])
+    if tensor_type.elem_type != TensorProto.FLOAT:
+        step("Cast", [], to=tensor_type.elem_type)
+    nodes[-1].output[0] = input_name  # the model's own nodes read the old input name
+
+    position = list(graph.input).index(original)
+    graph.input.remove(original)
+    graph.input.insert(position, new_input)
+    graph.initializer.extend(inits)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    return model.SerializeToString(), new_input.name

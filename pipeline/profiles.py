@@ -39,6 +39,11 @@ class Interpolation(enum.Enum):
         return Image.Resampling[self.name]
 
 
+class AlphaOrder(enum.Enum):
+    BEFORE_RESIZE = "before_resize"  # composite over the background, then geometry (WD, JoyTag)
+    AFTER_RESIZE = "after_resize"  # resize RGBA (premultiplied), then composite (JTP-1)
+
+
 class ValueRange(enum.Enum):
     UNIT = "0-1"
     BYTE = "0-255"
@@ -83,6 +88,7 @@ class Preprocess:
     std: tuple[float, float, float]
     channel_order: ChannelOrder
     layout: Layout
+    alpha_order: AlphaOrder = AlphaOrder.BEFORE_RESIZE
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,7 @@ def parse_profile(text: str, where: str) -> Profile:
         std=std,
         channel_order=pre.enum("channel_order", ChannelOrder, ChannelOrder.RGB),
         layout=pre.enum("layout", Layout, Layout.NCHW),
+        alpha_order=pre.enum("alpha_order", AlphaOrder, AlphaOrder.BEFORE_RESIZE),
     )
     pre.done()
 

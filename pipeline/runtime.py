@@ -80,8 +80,13 @@ def _providers(choice: ProviderChoice) -> list[str]:
     return chain
 
 
-def create_session(model_path: str | Path, choice: ProviderChoice = ProviderChoice.AUTO, intra_op_threads: int = 0):
-    """An InferenceSession plus what it runs on. 0 threads: the CPUs this process may use."""
+def create_session(
+    model: str | Path | bytes, choice: ProviderChoice = ProviderChoice.AUTO, intra_op_threads: int = 0, external_data_dir: str | Path | None = None
+):
+    """An InferenceSession plus what it runs on. 0 threads: the CPUs this process may use.
+
+    model is a path, or serialised bytes whose external weights live in external_data_dir.
+    """
     import onnxruntime as ort
 
     providers = _providers(choice)
@@ -92,7 +97,13 @@ def create_session(model_path: str | Path, choice: ProviderChoice = ProviderChoi
     if providers == ["CPUExecutionProvider"]:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    if isinstance(model, bytes):
+        if external_data_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
+        source = model
+    else:
+        source = str(model)
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
     ran_on = session.get_providers()[0]
     if choice is not ProviderChoice.CPU and ran_on != providers[0]:
         log.warning("asked for %s, session runs on %s", providers[0], ran_on)

@@ -106,6 +106,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         default_threshold=cfg.threshold,
         logit_floor=cfg.logit_floor,
         dense_logits=cfg.dense_logits,
+        normalise_in_graph=cfg.normalise_in_graph,
     )
     t = time.monotonic()
     if pending.num_rows:

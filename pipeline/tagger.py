@@ -11,10 +11,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
 from pipeline.bundle import ModelBundle, load_bundle
+from pipeline.onnx_tools import uint8_input_model
 from pipeline.postprocess import Postprocessor, TagRules
 from pipeline.profiles import ChannelOrder, Layout, Preprocess, Profile, ValueRange
 from pipeline.runtime import ProviderChoice, create_session
@@ -34,6 +37,7 @@ class TaggerSettings:
     default_threshold: float | None = None
     logit_floor: float = 0.01
     dense_logits: bool = False
+    normalise_in_graph: bool = True  # feed uint8 to prepended Cast/scale nodes (see onnx_tools)
 
 
 class Normaliser:
@@ -62,14 +66,23 @@ class TaggerStage:
         self.settings = settings
         self.bundle = bundle or load_bundle(settings.model_dir, settings.profile)
         profile = self.bundle.profile
-        self.session, self.session_info = create_session(self.bundle.model_path, settings.provider, settings.intra_op_threads)
-        log.info("tagger session on %s (%s)", self.session_info.provider, self.bundle.model_path)
-        self.input_name = profile.input_name or self.bundle.input_names[0]
+        model_input = profile.input_name or self.bundle.input_names[0]
+        if settings.normalise_in_graph:
+            graph, self.input_name = uint8_input_model(self.bundle.model_path, profile.preprocess, model_input)
+            self.session, self.session_info = create_session(
+                graph, settings.provider, settings.intra_op_threads, external_data_dir=Path(self.bundle.model_path).parent
+            )
+            self.normalise = None  # uint8 goes straight in
+        else:
+            self.session, self.session_info = create_session(self.bundle.model_path, settings.provider, settings.intra_op_threads)
+            self.input_name = model_input
+            self.normalise = Normaliser(profile.preprocess)
+        log.info("tagger session on %s (%s, %s)", self.session_info.provider, self.bundle.model_path, "uint8 in" if self.normalise is None else "float in")
         self.output_name = profile.output_name or self.bundle.output_names[0]
         self.embedding_name = profile.embedding_name if self.bundle.has_embedding_output else None
-        fixed = self.session.get_inputs()[0].shape[0] if self.session.get_inputs() else None
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        fixed = shapes[self.input_name][0] if shapes.get(self.input_name) else None
         self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1
-        self.normalise = Normaliser(profile.preprocess)
         rules = TagRules.from_bundle(
             self.bundle, default_threshold=settings.default_threshold, logit_floor=settings.logit_floor, dense_logits=settings.dense_logits
         )
@@ -85,7 +98,7 @@ class TaggerStage:
 
     def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
         """Raw outputs for a batch; a batch the model rejects is retried row by row."""
-        x = self.normalise(pixels)
+        x = np.ascontiguousarray(pixels, np.uint8) if self.normalise is None else self.normalise(pixels)
         try:
             raw, emb = self._run(x)
             return raw, emb, [None] * len(x)

@@ -55,3 +55,31 @@ def jtp_bundle(directory: Path, tags: int = 9) -> Path:
     tiny_tagger(directory / "jtp_pilot.onnx", size=384, nhwc=False, tags=tags, activation=None)
     (directory / "tags.json").write_text(json.dumps({f"e6_{i}": i for i in range(tags)}))
     return directory
+
+
+def identity_model(path: Path, pre, *, elem_type: int = TensorProto.FLOAT, batch: int | str = "batch") -> Path:
+    """A model whose output is its pixel input, in the profile's layout: shows exactly what
+    a real model of that family would be fed."""
+    nhwc = pre.layout.value == "NHWC"
+    shape = [batch, pre.height, pre.width, 3] if nhwc else [batch, 3, pre.height, pre.width]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
+        [helper.make_tensor_value_info("input", elem_type, shape)],
+        [helper.make_tensor_value_info("output", elem_type, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def feed_through_graph(model_path: Path, pre, pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> the float tensor the model receives, via the in-graph normalisation."""
+    from pipeline.onnx_tools import uint8_input_model
+    from pipeline.runtime import ProviderChoice, create_session
+
+    graph, name = uint8_input_model(model_path, pre, "input")
+    session, _ = create_session(graph, ProviderChoice.CPU, 1)
+    return session.run(None, {name: pixels})[0]

@@ -1,11 +1,16 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+from helpers import identity_model
+from onnx import TensorProto
 
 from pipeline.bundle import load_bundle
 from pipeline.demo_model import build_graph, features_numpy, reference_pixels, save_with_external_data, write_demo_bundle
 from pipeline.errors import BundleError
-from pipeline.onnx_tools import expose_embedding
+from pipeline.onnx_tools import expose_embedding, uint8_input_model
+from pipeline.profiles import load_profile
+from pipeline.runtime import ProviderChoice, create_session
+from pipeline.tagger import Normaliser
 
 
 def test_exposed_embedding_equals_the_heads_input(tmp_path):
@@ -32,3 +37,35 @@ def test_expose_embedding_on_a_bundle_directory(tmp_path):
     assert bundle.has_embedding_output and bundle.ood_reference is not None
     with pytest.raises(BundleError, match="already has"):
         expose_embedding(tmp_path / "with_embedding", tmp_path / "again")
+
+
+@pytest.mark.parametrize("profile_name", ["wd_v3", "cl_tagger_v2", "joytag", "jtp1"])
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_uint8_input_graph_normalises_like_the_profile(profile_name, elem_type, tmp_path):
+    """The prepended Cast/scale nodes feed the model exactly what numpy normalisation would."""
+    pre = load_profile(profile_name).preprocess
+    model = identity_model(tmp_path / "m.onnx", pre, elem_type=elem_type, batch=2 if profile_name == "wd_v3" else "batch")
+    pixels = np.random.default_rng(0).integers(0, 256, (2, pre.height, pre.width, 3), dtype=np.uint8)
+    graph, name = uint8_input_model(model, pre, "input")
+    session, _ = create_session(graph, ProviderChoice.CPU, 1)
+    (info,) = session.get_inputs()
+    assert info.name == name and info.type == "tensor(uint8)" and info.shape[1:] == [pre.height, pre.width, 3]
+    got = session.run(None, {name: pixels})[0]
+    want = Normaliser(pre)(pixels)
+    assert got.dtype == (np.float16 if elem_type == TensorProto.FLOAT16 else np.float32)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-6, atol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-5)
+
+
+def test_tagger_gives_the_same_tags_with_numpy_or_in_graph_normalisation(demo_bundle, demo_corpus):
+    """The demo bundle keeps its weights in external data: the in-graph model must find them."""
+    from pipeline.decode import DecodeStage
+    from pipeline.tagger import TaggerSettings, TaggerStage
+
+    uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:12]
+    stage_in = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
+    batch = DecodeStage(stage_in.bundle.profile.preprocess)({"uri": np.array(uris, object)})
+    stage_np = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU, normalise_in_graph=False))
+    assert stage_in.normalise is None and stage_np.normalise is not None
+    a, b = stage_in(batch).to_pydict(), stage_np(batch).to_pydict()
+    assert a["tags"] == b["tags"] and any(a["tags"])
+    np.testing.assert_allclose(np.asarray(a["ood_distance"], float), np.asarray(b["ood_distance"], float), rtol=1e-4)
