@@ -20,12 +20,9 @@ SOLID_HASH = 1 << 63  # every solid-colour image
 BLACK_HASH = 0
 
 
-def phash(image: Image.Image, reducing_gap: float | None = None) -> int:
-    """64-bit perceptual hash of an image (any mode Pillow converts to L).
-
-    reducing_gap=None is imagehash exactly; a gap (fast decode) box-reduces first.
-    """
-    small = image.convert("L").resize((_N, _N), Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
+def phash(image: Image.Image) -> int:
+    """64-bit perceptual hash of an image (any mode Pillow converts to L)."""
+    small = image.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
     pixels = np.asarray(small, dtype=np.float64)
     dct = DCT_MATRIX @ pixels @ DCT_MATRIX.T  # along axis 0, then axis 1
     low = dct[:HASH_SIZE, :HASH_SIZE]

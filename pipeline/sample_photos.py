@@ -52,7 +52,7 @@ def jpeg(image: Image.Image, quality: int = 90, **save_args) -> bytes:
     return out.getvalue()
 
 
-def large_variants(count: int, seed: int = 0, long_side: tuple[int, int] = (1200, 3000)) -> list[tuple[str, bytes]]:
+def large_variants(count: int, seed: int = 0, long_side: tuple[int, int] = (2200, 4200)) -> list[tuple[str, bytes]]:
     """JPEGs large enough for DCT-scaled decoding: photos scaled up (LANCZOS) to a random
     long side, randomly cropped to varied aspect ratios, with mild sensor-like grain."""
     rng = np.random.default_rng(seed)
