@@ -25,7 +25,10 @@ def phash(image: Image.Image) -> int:
     small = image.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
     pixels = np.asarray(small, dtype=np.float64)
     dct = DCT_MATRIX @ pixels @ DCT_MATRIX.T  # along axis 0, then axis 1
-    low = dct[:HASH_SIZE, :HASH_SIZE]
+    # Coefficients that are zero in exact arithmetic (every one but DC for a blank
+    # image) come out as +-1e-12 noise; rounded to 0, as scipy's FFT gives them, so
+    # blank images hash to 8000000000000000 / 0 like imagehash and are flagged.
+    low = np.round(dct[:HASH_SIZE, :HASH_SIZE], 6)
     bits = (low > np.median(low)).ravel()
     return int(np.packbits(bits).view(">u8")[0])
 

@@ -65,3 +65,37 @@ def test_normaliser_follows_each_profile():
     assert wd.shape == (1, 2, 2, 3) and wd[0, 0, 0].tolist() == [51.0, 0.0, 255.0]  # BGR, 0-255, NHWC
     cl = Normaliser(CL)(pixels)
     assert cl.shape == (1, 3, 2, 2) and cl[0, :, 0, 0].tolist() == pytest.approx([1.0, -1.0, 51 / 255 * 2 - 1])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_blank_images_are_flagged_degenerate(tmp_path, exact):
+    files = {
+        "white.png": encode(Image.new("RGB", (300, 200), (255, 255, 255)), "PNG"),
+        "black.jpg": encode(Image.new("RGB", (1600, 1200), (0, 0, 0)), "JPEG"),
+        "teal.jpg": encode(Image.new("RGB", (2000, 1000), (0, 128, 128)), "JPEG"),
+        "photo.png": encode(_photo_like(1), "PNG"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = DecodeStage(CL, DecodeOptions(exact=exact))({"uri": np.array([str(tmp_path / n) for n in files], object)})
+    assert list(out["phash_degenerate"]) == [True, True, True, False]
+    assert {int(h) for h in out["phash"][:3]} <= {0, 1 << 63}
+
+
+_Y, _X = np.mgrid[0:200, 0:300]
+SYMMETRIC = {
+    "white": np.full((200, 300), 255),
+    "black": np.zeros((200, 300)),
+    "hgrad": _X * 255 / 299,
+    "checker": ((_X // 50 + _Y // 50) % 2) * 255,
+    "stripes": ((_X // 20) % 2) * 255,
+    "circle": (np.hypot(_X - 150, _Y - 100) < 60) * 255,
+    "half": (_X < 150) * 200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYMMETRIC))
+def test_phash_matches_imagehash_on_symmetric_patterns(name):
+    """Symmetric images have DCT coefficients that are exactly zero; float noise must not flip bits."""
+    image = Image.fromarray(SYMMETRIC[name].astype(np.uint8)).convert("RGB")
+    assert f"{phash(image):016x}" == str(imagehash.phash(image))

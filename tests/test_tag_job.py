@@ -57,3 +57,13 @@ def test_config_file_and_field_errors(tmp_path, demo_bundle):
     path.write_text('[tag]\ninputs = ["x"]\noutput = "o"\nmodel = "m"\nprovider = "gpu-ish"\n')
     with pytest.raises(ConfigError, match="field provider.*allowed: auto, cpu, cuda, tensorrt"):
         make_tag_config(load_config_file(path))
+
+
+def test_example_config_parses_and_names_bad_decode_fields(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "configs" / "tag.example.toml"
+    cfg = make_tag_config(load_config_file(example))
+    assert cfg.draft_ratio == 2.0 and cfg.normalise_in_graph and not cfg.exact_decode
+    with pytest.raises(ConfigError, match="field draft_ratio"):
+        make_tag_config(load_config_file(example), draft_ratio=0.5)
