@@ -33,11 +33,15 @@ class DemoResult:
     wrong: list
 
 
-def check_tags(tags_dir: Path, corpus_dir: Path) -> tuple[int, int, list]:
-    """Compare written tags with the corpus's known tags: (checked, correct, mismatches)."""
+def check_tags(tags_dir: str | Path, corpus_dir: Path, images_root: str | None = None, filesystem=None) -> tuple[int, int, list]:
+    """Compare written tags with the corpus's known tags: (checked, correct, mismatches).
+
+    images_root: where the corpus's images were tagged from, when not corpus_dir/images
+    (a copy on S3); filesystem: an fsspec filesystem for tags_dir.
+    """
     expected = load_expected(corpus_dir)
-    table = pads.dataset(str(tags_dir), format="parquet").to_table(columns=["uri", "tags", "rating", "quality", "error"])
-    images_root = str((corpus_dir / "images").resolve())
+    table = pads.dataset(str(tags_dir), format="parquet", filesystem=filesystem).to_table(columns=["uri", "tags", "rating", "quality", "error"])
+    images_root = (images_root or str((corpus_dir / "images").resolve())).rstrip("/")
     correct, wrong = 0, []
     for row in table.to_pylist():
         rel = posixpath.relpath(row["uri"], images_root)

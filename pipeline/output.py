@@ -5,7 +5,8 @@ model fingerprint and the slice's URIs, so a rerun rewrites the same name instea
 adding a UUID-named copy. Parts are committed atomically (temp file + rename on local
 disks, a single PUT on object stores, which is atomic per object). A rerun skips every
 uri already present for the same model, which is how a killed job resumes.
-Run manifests live under _runs/, which dataset readers skip (leading underscore).
+Run manifests live under _runs/ and input listings under _manifests/, which dataset
+readers skip (leading underscore).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.storage import filesystem_for, retry
 log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"
+MANIFESTS_DIR = "_manifests"
 TMP_DIR = "_tmp"
 
 
@@ -76,6 +78,18 @@ class OutputDir:
 
             retry(put, what=final)
         return final
+
+    def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
+        """The listing this run works from (uri, source_size, etag, mtime), written first."""
+        path = self._join(MANIFESTS_DIR, f"{run_id}.parquet")
+        self.fs.makedirs(self._join(MANIFESTS_DIR), exist_ok=True)
+
+        def put():
+            with self.fs.open(path, "wb") as handle:
+                pq.write_table(manifest, handle, compression="zstd")
+
+        retry(put, what=path)
+        return path
 
     def write_run_manifest(self, run_id: str, record: dict) -> str:
         path = self._join(RUNS_DIR, f"{run_id}.json")

@@ -61,7 +61,8 @@ def new_run_id() -> str:
 
 
 def ensure_ray(address: str | None) -> None:
-    """None: start a local Ray (the embedded default); 'auto' or an address: join a cluster."""
+    """None (and no RAY_ADDRESS): start a new local Ray, the embedded default, even if
+    another one runs on this machine; 'auto' or an address: join that cluster."""
     import ray
 
     if ray.is_initialized():
@@ -70,7 +71,7 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 
 
 def run_tag_job(cfg: TagJobConfig) -> RunSummary:
@@ -86,6 +87,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     t = time.monotonic()
     manifest = build_manifest(list(cfg.inputs), cfg.storage_options)
     summary.listed = manifest.num_rows
+    manifest_path = out.write_input_manifest(run_id, manifest)
     done = out.done_uris(fp.model_sha256)
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("uri"), pa.array(sorted(done), pa.string())))) if done else manifest
     summary.skipped = manifest.num_rows - pending.num_rows
@@ -138,6 +140,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
             "tagpipe_version": __version__,
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "inputs": list(cfg.inputs),
+            "input_manifest": manifest_path,
             "model_dir": str(bundle.directory),
             "profile": bundle.profile.name,
             "fingerprint": asdict(fp),

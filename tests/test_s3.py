@@ -1,0 +1,41 @@
+"""The tag job against S3: moto's standalone server on loopback, reached through the
+standard AWS variables only (AWS_ENDPOINT_URL etc., set by the s3_server fixture)."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import s3fs
+
+from pipeline.config import make_tag_config
+from pipeline.demo import check_tags
+from pipeline.tag_job import run_tag_job
+
+
+def test_tag_job_reads_and_writes_s3(ray_session, s3_server, demo_bundle, demo_corpus):
+    fs = s3fs.S3FileSystem()  # configured by the environment alone, as tagpipe's is
+    fs.mkdir("tagpipe-test")
+    fs.put(str(demo_corpus / "images") + "/", "tagpipe-test/corpus/images/", recursive=True)
+    images = sorted(f"s3://{p}" for p in fs.find("tagpipe-test/corpus/images"))
+    assert len(images) == len(list((demo_corpus / "images").rglob("*.*")))
+
+    cfg = make_tag_config(inputs=["s3://tagpipe-test/corpus/images/"], output="s3://tagpipe-test/tags/", model=str(demo_bundle), rows_per_part=24)
+    summary = run_tag_job(cfg)
+    assert summary.images == len(images) and summary.errors_by_kind == {"empty": 1, "not_an_image": 2, "truncated": 1}
+
+    fs.invalidate_cache()
+    table = pads.dataset("tagpipe-test/tags", filesystem=fs, format="parquet").to_table()
+    assert sorted(table.column("uri").to_pylist()) == images  # every input exactly once
+    etags = set(table.column("etag").drop_null().to_pylist())
+    assert len(etags) >= len(images) - 1  # S3 etags from the listing travel along
+    checked, correct, wrong = check_tags("tagpipe-test/tags", demo_corpus, images_root="s3://tagpipe-test/corpus/images", filesystem=fs)
+    assert (checked, correct, wrong) == (len(images), len(images), [])
+    (listing,) = fs.find("tagpipe-test/tags/_manifests")
+    with fs.open(listing, "rb") as handle:
+        assert sorted(pq.read_table(handle).column("uri").to_pylist()) == images
+    assert len(fs.find("tagpipe-test/tags/_runs")) == 1
+
+    again = run_tag_job(cfg)  # nothing left to do: nothing rewritten, nothing duplicated
+    assert again.images == 0 and again.skipped == len(images)
+    fs.invalidate_cache()
+    assert pads.dataset("tagpipe-test/tags", filesystem=fs, format="parquet").count_rows() == len(images)
