@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import TagJobConfig
@@ -19,6 +20,16 @@ from pipeline.tagger import TaggerSettings, TaggerStage
 
 log = logging.getLogger(__name__)
 DECODE_TASK_RETRIES = 4
+# Where each row was decoded and tagged: counted by the driver into the run manifest
+# (work per node), dropped before the rows are written.
+DECODE_NODE = "_decode_node"
+TAGGER_NODE = "_tagger_node"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,21 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
 
 def decode_batch(batch, preprocess: Preprocess, options: DecodeOptions, storage_options: dict):
     """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely."""
-    return DecodeStage(preprocess, options, storage_options)(batch)
+    out = DecodeStage(preprocess, options, storage_options)(batch)
+    out[DECODE_NODE] = np.full(len(out["uri"]), _node_id(), object)
+    return out
+
+
+class PlacedTagger(TaggerStage):
+    """TaggerStage that also says which node ran it (the stage itself knows nothing of Ray)."""
+
+    def __init__(self, settings: TaggerSettings):
+        super().__init__(settings)
+        self.node = _node_id()
+
+    def __call__(self, batch):
+        table = super().__call__(batch)
+        return table.append_column(TAGGER_NODE, pa.array([self.node] * table.num_rows, pa.string()))
 
 
 def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Preprocess, settings: TaggerSettings, placement: Placement):
@@ -71,7 +96,7 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
         max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(
-        TaggerStage,
+        PlacedTagger,
         fn_constructor_args=(settings,),
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline import __version__
 from pipeline.bundle import load_bundle
 from pipeline.config import TagJobConfig
-from pipeline.graph import build_tag_dataset, plan_placement
+from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.manifest import build_manifest
 from pipeline.output import OutputDir, part_name
 from pipeline.tagger import TaggerSettings
@@ -47,6 +47,7 @@ class RunSummary:
     model_name: str = ""
     model_sha256: str = ""
     timings: dict = field(default_factory=dict)
+    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
 
     def text(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
@@ -118,7 +119,11 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
         buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
         counts: collections.Counter = collections.Counter()
+        nodes = {"decode": collections.Counter(), "tag": collections.Counter()}
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
+                nodes[stage].update(batch.column(column).to_pylist())
+            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
             shards = batch.column(SHARD).to_numpy()
             for shard in np.unique(shards).tolist():
                 mask = shards == shard
@@ -127,6 +132,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
                 if counts[shard] == expected[shard]:
                     _commit(out, buffers.pop(shard), pending, cfg.rows_per_part, fp.model_sha256, summary)
                     _progress(summary, pending.num_rows, t)
+        summary.rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
         if buffers:  # Ray returned fewer rows than sent: commit nothing partial; a rerun redoes them
             missing = {shard: f"{counts[shard]}/{expected[shard]}" for shard in sorted(buffers)}
             raise RuntimeError(f"slices came back incomplete (rows received/sent): {missing}; rerun to finish them")
