@@ -47,6 +47,14 @@ class Placement:
 
 
 def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
+    """GPU cluster: each tagger actor reserves its GPU(s) and tagger_cpus CPUs.
+
+    CPU fallback: the actor runs tagger_cpus intra-op threads but reserves no CPU slot,
+    so decode tasks can use every core and the OS shares them between decode and
+    inference as the load falls. Reserving a core for it left a core idle whenever
+    inference was lighter than decode: 0.84x a plain loop on 2 cores, against 1.2x
+    (docs/benchmarks.md).
+    """
     on_gpu = cfg.gpus_per_actor > 0 and cluster_gpus > 0
     if cfg.gpus_per_actor > 0 and not on_gpu:
         log.info("no GPU in the Ray cluster: tagger actors run ONNX Runtime on CPU")
@@ -54,7 +62,7 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
         decode_cpus=cfg.decode_cpus,
         tagger_actors=cfg.tagger_actors,
         tagger_gpus=cfg.gpus_per_actor if on_gpu else 0.0,
-        tagger_cpus=cfg.tagger_cpus,
+        tagger_cpus=cfg.tagger_cpus if on_gpu else 0.0,
         intra_op_threads=0 if on_gpu else max(1, int(cfg.tagger_cpus)),
         on_gpu=on_gpu,
     )

@@ -77,12 +77,13 @@ def large_variants(count: int, seed: int = 0, long_side: tuple[int, int] = (2200
 def mosaic_3mp(count: int, seed: int = 0) -> list[bytes]:
     """2048x1536 (3.1 MP) JPEGs, q90: four photos per frame, the benchmark's standard input."""
     rng = np.random.default_rng(seed)
-    photos = [p for _, p in load_photos()]
+    tiles = [p.resize((1024, 768), Image.Resampling.LANCZOS) for _, p in load_photos()]
     out = []
     for _ in range(count):
         canvas = Image.new("RGB", (2048, 1536))
-        for j, k in enumerate(rng.choice(len(photos), 4, replace=False)):
-            canvas.paste(photos[k].resize((1024, 768), Image.Resampling.LANCZOS), ((j % 2) * 1024, (j // 2) * 768))
+        for j, k in enumerate(rng.choice(len(tiles), 4, replace=False)):
+            tile = tiles[k] if rng.random() < 0.5 else tiles[k].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            canvas.paste(tile, ((j % 2) * 1024, (j // 2) * 768))
         grain = rng.normal(0, 2.5, (1536, 2048, 1))
         out.append(jpeg(Image.fromarray(np.clip(np.asarray(canvas, np.float32) + grain, 0, 255).astype(np.uint8)), quality=90))
     return out
