@@ -8,7 +8,7 @@ count) are set where the stage is placed, in pipeline/graph.py, not here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pathlib import Path
@@ -38,6 +38,7 @@ class TaggerSettings:
     logit_floor: float = 0.01
     dense_logits: bool = False
     normalise_in_graph: bool = True  # feed uint8 to prepended Cast/scale nodes (see onnx_tools)
+    rules: dict = field(default_factory=dict)  # further TagRules fields (per-tag, MCut, cap, ...)
 
 
 class Normaliser:
@@ -84,9 +85,13 @@ class TaggerStage:
         fixed = shapes[self.input_name][0] if shapes.get(self.input_name) else None
         self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1
         rules = TagRules.from_bundle(
-            self.bundle, default_threshold=settings.default_threshold, logit_floor=settings.logit_floor, dense_logits=settings.dense_logits
+            self.bundle,
+            default_threshold=settings.default_threshold,
+            logit_floor=settings.logit_floor,
+            dense_logits=settings.dense_logits,
+            **settings.rules,
         )
-        self.postprocess = Postprocessor(self.bundle.vocabulary, profile.activation, rules, self.bundle.ood_reference)
+        self.postprocess = Postprocessor(self.bundle.vocabulary, profile.activation, rules, self.bundle.ood_reference, self.bundle.tag_metrics)
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
@@ -174,6 +179,7 @@ class TaggerStage:
         emb_rows = [embeddings[ok_rows[i]].astype(np.float16) if (i in ok_rows and embeddings is not None) else None for i in range(n)]
         columns["embedding"] = pa.array(emb_rows, emb_type)
         columns["ood_distance"] = pa.array(per_row("ood_distance", None), pa.float32())
+        columns["ood"] = pa.array(per_row("ood", None), pa.bool_())
         columns["logit_indices"] = pa.array(per_row("logit_indices", None), pa.list_(pa.int32()))
         columns["logit_values"] = pa.array(per_row("logit_values", None), pa.list_(pa.float16()))
         columns["run_id"] = pa.array([self.settings.run_id] * n, pa.string())

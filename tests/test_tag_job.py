@@ -25,7 +25,12 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     assert len(parts) == -(-len(images) // 16) and summary.parts and sorted(summary.parts) == parts
     row = table.filter(table.column("error").is_null()).slice(0, 1).to_pylist()[0]
     assert len(row["embedding"]) == 21 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
-    assert all(p >= 0.01 for p in [1 / (1 + 2.718281828 ** -v) for v in row["logit_values"]])
+    from pipeline.bundle import load_bundle
+
+    vocabulary = load_bundle(demo_bundle).vocabulary
+    kept = zip(row["logit_indices"], row["logit_values"])  # above the floor, or a rating/quality logit (always kept)
+    assert all(1 / (1 + 2.718281828**-v) >= 0.01 or vocabulary.categories[i] in ("rating", "quality") for i, v in kept)
+    assert isinstance(row["ood"], bool)
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
     assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
 

@@ -1,0 +1,131 @@
+"""Calibration and every threshold mode, against a per-row reference written here from
+the rules as documented (plain loops, no shared code with pipeline/postprocess.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.bundle import load_bundle
+from pipeline.postprocess import Postprocessor, TagRules, mahalanobis
+
+MODES = {
+    "global": dict(),
+    "no_calibration": dict(calibrate=False),
+    "global_0.3": dict(default_threshold=0.3),
+    "per_category": dict(category_thresholds={"general": 0.4, "character": 0.8, "meta": 0.2}),
+    "per_tag": dict(per_tag_thresholds=True),
+    "mcut": dict(mcut_categories=("general", "character")),
+    "cap_3": dict(default_threshold=0.2, max_tags=3),
+    "exclude": dict(default_threshold=0.2, exclude=frozenset({"red_theme", "stripes", "unused_tag_001"})),
+    "all_at_once": dict(default_threshold=0.25, per_tag_thresholds=False, mcut_categories=("general",), max_tags=5, exclude=frozenset({"blue_theme"})),
+}
+
+
+def reference(raw_row, bundle, rules: TagRules):
+    """One row, straight from the rules."""
+    tags, cats = bundle.vocabulary.tags, bundle.vocabulary.categories
+    table = bundle.tag_metrics.calibration_table if rules.calibrate else None
+    score, candidates = {}, []
+    for t, value in enumerate(raw_row):
+        p = 1.0 / (1.0 + math.exp(-float(np.float16(value))))
+        if p >= rules.logit_floor or cats[t] in ("rating", "quality"):
+            candidates.append(t)
+        if table is not None:
+            b = min(max(int(np.float32(p) * 100), 0), 99)
+            score[t] = float(table[t][98 if b == 99 else b])
+        else:
+            score[t] = p
+    chosen = set()
+    for t in candidates:
+        if cats[t] in ("rating", "quality") or cats[t] in rules.mcut_categories:
+            continue
+        threshold = bundle.tag_metrics.best_thr[t] if rules.per_tag_thresholds else rules.category_thresholds.get(cats[t], rules.default_threshold)
+        if score[t] >= threshold:
+            chosen.add(t)
+    for category in rules.mcut_categories:
+        known = [t for t in candidates if cats[t] == category]
+        if not known:
+            continue
+        ordered = sorted([score[t] for t in known], reverse=True) + [0.0]
+        gaps = [ordered[k] - ordered[k + 1] for k in range(len(ordered) - 1)]
+        k = gaps.index(max(gaps))
+        cut = max((ordered[k] + ordered[k + 1]) / 2, rules.logit_floor)
+        chosen |= {t for t in known if score[t] > cut}
+    chosen = {t for t in chosen if tags[t] not in rules.exclude}
+    if rules.max_tags is not None:
+        chosen = set(sorted(chosen, key=lambda t: (-score[t], t))[: rules.max_tags])
+    for category in ("rating", "quality"):
+        group = [t for t in candidates if cats[t] == category]
+        chosen.add(max(group, key=lambda t: (score[t], -t)))
+    return {tags[t] for t in chosen}, {tags[t]: score[t] for t in chosen}
+
+
+@pytest.fixture(scope="module")
+def raw_outputs(demo_bundle, demo_corpus):
+    from pipeline.decode import DecodeStage
+    from pipeline.runtime import ProviderChoice
+    from pipeline.tagger import TaggerSettings, TaggerStage
+
+    stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
+    uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:40]
+    pixels = DecodeStage(stage.bundle.profile.preprocess)({"uri": np.array(uris, object)})["pixels"]
+    raw, emb, _ = stage.infer(pixels)
+    noise = np.random.default_rng(0).normal(-1.0, 2.5, (40, raw.shape[1])).astype(np.float32)  # every score range
+    return np.concatenate([raw, noise]), np.concatenate([emb, emb])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_threshold_modes_match_the_reference(mode, demo_bundle, raw_outputs):
+    bundle = load_bundle(demo_bundle)
+    rules = TagRules.from_bundle(bundle, **MODES[mode])
+    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, rules, bundle.ood_reference, bundle.tag_metrics)
+    raw, emb = raw_outputs
+    out = post(raw, emb)
+    emitted = 0
+    for i in range(len(raw)):
+        want, want_scores = reference(raw[i], bundle, rules)
+        assert set(out["tags"][i]) == want, (mode, i)
+        np.testing.assert_allclose(out["scores"][i], [want_scores[t] for t in out["tags"][i]], rtol=1e-6)
+        assert list(out["scores"][i]) == sorted(out["scores"][i], reverse=True)
+        emitted += len(want)
+    assert emitted > 2 * len(raw)  # more than the rating and quality winners
+
+
+def test_calibration_changes_scores_and_reads_bin_98_for_99(demo_bundle):
+    bundle = load_bundle(demo_bundle)
+    table = bundle.tag_metrics.calibration_table
+    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, default_threshold=0.0), None, bundle.tag_metrics)
+    t = bundle.vocabulary.tags.index("red_theme")
+    raw = np.full((3, len(bundle.vocabulary)), -9.0, np.float32)
+    raw[0, t], raw[1, t], raw[2, t] = 8.0, 0.0, -1.0  # p ~ 0.9997 (bin 99), 0.5 (bin 50), 0.27 (bin 26)
+    out = post(raw, None)
+    scores = {i: dict(zip(out["tags"][i], out["scores"][i])) for i in range(3)}
+    assert scores[0]["red_theme"] == pytest.approx(table[t, 98]) and table[t, 98] != pytest.approx(table[t, 99])
+    assert scores[1]["red_theme"] == pytest.approx(table[t, 50])
+    assert scores[2]["red_theme"] == pytest.approx(table[t, 26])
+
+
+def test_identity_without_a_calibration_table(tmp_path):
+    from helpers import joytag_bundle
+
+    bundle = load_bundle(joytag_bundle(tmp_path / "joy"))
+    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), None, bundle.tag_metrics)
+    raw = np.array([[2.0, -3.0, 0.5, -8, -8, -8, -8, -8, -8, -8]], np.float32)
+    out = post(raw, None)
+    p = 1 / (1 + np.exp(-np.float16(raw[0, :3]).astype(np.float64)))
+    assert out["tags"][0] == ["joy_0", "joy_2"] and np.allclose(out["scores"][0], [p[0], p[2]], rtol=1e-6)
+
+
+def test_ood_distance_is_mahalanobis_and_flags_above_p95(demo_bundle, raw_outputs):
+    bundle = load_bundle(demo_bundle)
+    ref = bundle.ood_reference
+    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), ref, bundle.tag_metrics)
+    raw, emb = raw_outputs
+    out = post(raw, emb)
+    direct = [float(np.sqrt((e - ref.mu) @ ref.cov_inv @ (e - ref.mu))) for e in emb.astype(np.float64)]
+    np.testing.assert_allclose(out["ood_distance"], direct, rtol=1e-5)
+    np.testing.assert_allclose(mahalanobis(emb, ref), direct, rtol=1e-9)
+    assert out["ood"] == [d > ref.p95 for d in out["ood_distance"]]
