@@ -54,6 +54,13 @@ def tag(
     logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
     dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
+    category_threshold: List[str] = typer.Option(None, help="CATEGORY=VALUE, e.g. character=0.85; repeatable."),
+    per_tag_thresholds: Optional[bool] = typer.Option(None, "--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag."),
+    mcut: List[str] = typer.Option(None, help="Threshold this category by MCut (largest score gap); repeatable."),
+    max_tags: Optional[int] = typer.Option(None, help="At most this many threshold-selected tags per image (by score)."),
+    exclude: List[str] = typer.Option(None, help="A tag never to emit; repeatable."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present]."),
+    ood_cut: Optional[float] = typer.Option(None, help="Flag ood above this Mahalanobis distance [the reference's p95]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -87,8 +94,73 @@ def tag(
         logit_floor=logit_floor,
         dense_logits=dense_logits,
         run_id=run_id,
+        **_rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut),
     )
     summary = run_tag_job(cfg)
+    typer.echo(summary.text())
+
+
+def _rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut) -> dict:
+    """CLI threshold options as config fields (None: not given)."""
+    categories = None
+    if category_threshold:
+        categories = {}
+        for item in category_threshold:
+            name, sep, value = item.partition("=")
+            try:
+                categories[name.strip().lower()] = float(value)
+            except ValueError:
+                raise TagpipeError(f"--category-threshold {item!r}: expected CATEGORY=VALUE, e.g. character=0.85") from None
+            if not sep or not name.strip():
+                raise TagpipeError(f"--category-threshold {item!r}: expected CATEGORY=VALUE, e.g. character=0.85")
+    return dict(
+        category_thresholds=categories,
+        per_tag_thresholds=per_tag_thresholds,
+        mcut_categories=[m.lower() for m in mcut] if mcut else None,
+        max_tags=max_tags,
+        exclude=list(exclude) if exclude else None,
+        calibrate=calibrate,
+        ood_cut=ood_cut,
+    )
+
+
+@app.command()
+def rethreshold(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
+    model: str = typer.Option(..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."),
+    output: str = typer.Option(..., "--output", "-o", help="Where the re-tagged parts go (a new directory)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."),
+    threshold: Optional[float] = typer.Option(None, help="Global tag threshold; default the profile's."),
+    logit_floor: Optional[float] = typer.Option(None, help="Only tags stored at or above this probability are candidates [0.01]."),
+    category_threshold: List[str] = typer.Option(None, help="CATEGORY=VALUE, e.g. character=0.85; repeatable."),
+    per_tag_thresholds: Optional[bool] = typer.Option(None, "--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag."),
+    mcut: List[str] = typer.Option(None, help="Threshold this category by MCut (largest score gap); repeatable."),
+    max_tags: Optional[int] = typer.Option(None, help="At most this many threshold-selected tags per image (by score)."),
+    exclude: List[str] = typer.Option(None, help="A tag never to emit; repeatable."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present]."),
+    ood_cut: Optional[float] = typer.Option(None, help="Flag ood above this Mahalanobis distance [the reference's p95]."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Re-tag stored rows from their sparse logits with new thresholds: no model run."""
+    from pipeline.config import load_config_file, make_tag_config, tag_rules
+    from pipeline.rethreshold import run_rethreshold
+
+    _setup(verbose)
+    file_values = load_config_file(config) if config else {}
+    cfg = make_tag_config(
+        file_values,
+        inputs=[tags],
+        output=output,
+        model=model,
+        threshold=threshold,
+        logit_floor=logit_floor,
+        storage_options=storage_options,
+        ray_address=ray_address,
+        **_rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut),
+    )
+    summary = run_rethreshold(tags, model, output, tag_rules(cfg), cfg.storage_options, cfg.ray_address)
     typer.echo(summary.text())
 
 

@@ -43,6 +43,13 @@ class TagJobConfig:
     threshold: float | None = None  # global threshold; None: the profile's
     logit_floor: float = 0.01  # store logits of tags with probability >= this
     dense_logits: bool = False  # store all logits (large: T float16 per image)
+    category_thresholds: dict = field(default_factory=dict)  # {"general": 0.35, ...}; beat the global one
+    per_tag_thresholds: bool = False  # the bundle's best_thr per tag
+    mcut_categories: tuple[str, ...] = ()  # categories thresholded by MCut
+    max_tags: int | None = None  # cap on threshold-selected tags per image
+    exclude: tuple[str, ...] = ()  # tags never emitted
+    calibrate: bool = True  # apply the bundle's calibration table when it has one
+    ood_cut: float | None = None  # ood flag above this distance; None: the reference's p95
     run_id: str | None = None  # None: generated
 
     def __post_init__(self):
@@ -58,6 +65,9 @@ class TagJobConfig:
             ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0),
             ("logit_floor", 0.0 <= self.logit_floor <= 1.0),
             ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),
+            ("max_tags", self.max_tags is None or self.max_tags >= 1),
+            ("ood_cut", self.ood_cut is None or self.ood_cut >= 0),
+            ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in self.category_thresholds.values())),
             ("inputs", len(self.inputs) > 0),
             ("output", bool(self.output)),
             ("model", bool(self.model)),
@@ -65,6 +75,22 @@ class TagJobConfig:
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"field {name} has a bad value: {getattr(self, name)!r}")
+
+
+def tag_rules(cfg) -> dict:
+    """The TagRules fields a tag or rethreshold config sets (None: the profile's)."""
+    rules = dict(
+        category_thresholds={k: float(v) for k, v in cfg.category_thresholds.items()} or None,
+        per_tag_thresholds=cfg.per_tag_thresholds,
+        mcut_categories=tuple(cfg.mcut_categories),
+        max_tags=cfg.max_tags,
+        exclude=frozenset(cfg.exclude),
+        calibrate=cfg.calibrate,
+        ood_cut=cfg.ood_cut,
+        default_threshold=cfg.threshold,
+        logit_floor=cfg.logit_floor,
+    )
+    return {k: v for k, v in rules.items() if v is not None}
 
 
 def _coerce(name: str, value, annotation):

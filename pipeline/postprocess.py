@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.bundle import ModelBundle, OodReference, TagMetrics, Vocabulary
+from pipeline.errors import ConfigError
 from pipeline.profiles import Activation
 
 ARGMAX_CATEGORIES = ("rating", "quality")  # one winner each, no threshold
@@ -48,7 +49,9 @@ class TagRules:
     def from_bundle(cls, bundle: ModelBundle, **overrides) -> "TagRules":
         thresholds = bundle.profile.thresholds
         base = dict(default_threshold=thresholds.default, category_thresholds=dict(thresholds.by_category))
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        base["category_thresholds"] = {**base["category_thresholds"], **given.pop("category_thresholds", {})}
+        base.update(given)
         return cls(**base)
 
 
@@ -122,7 +125,7 @@ class Postprocessor:
             thresholds[categories == name] = value
         if rules.per_tag_thresholds:
             if metrics is None or metrics.best_thr is None:
-                raise ValueError("per-tag thresholds asked for, but the bundle has no best_thr")
+                raise ConfigError("field per_tag_thresholds: the bundle has no per-tag thresholds (best_thr in its tag metrics)")
             thresholds = np.asarray(metrics.best_thr, np.float32).copy()
         self.table = None
         if rules.calibrate and metrics is not None and metrics.calibration_table is not None:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline import __version__
 from pipeline.bundle import load_bundle
-from pipeline.config import TagJobConfig
+from pipeline.config import TagJobConfig, tag_rules
 from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.manifest import build_manifest
 from pipeline.output import OutputDir, part_name
@@ -110,6 +110,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         logit_floor=cfg.logit_floor,
         dense_logits=cfg.dense_logits,
         normalise_in_graph=cfg.normalise_in_graph,
+        rules={k: v for k, v in tag_rules(cfg).items() if k not in ("default_threshold", "logit_floor")},
     )
     t = time.monotonic()
     if pending.num_rows:

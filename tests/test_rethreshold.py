@@ -1,0 +1,51 @@
+"""Rethreshold from stored sparse logits equals a full re-run with the same rules."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.config import make_tag_config, tag_rules
+from pipeline.errors import TagpipeError
+from pipeline.rethreshold import run_rethreshold
+from pipeline.tag_job import run_tag_job
+
+RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=4, category_thresholds={"meta": 0.15})
+TAG_COLUMNS = ["tags", "tags_general", "tags_character", "scores", "rating", "quality", "ood", "ood_distance", "error"]
+
+
+def _by_uri(path, columns):
+    table = pads.dataset(str(path), format="parquet").to_table(columns=["uri", *columns])
+    return {row["uri"]: row for row in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def base_output(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "tags"
+    run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16))
+    return out
+
+
+def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, base_output, tmp_path):
+    cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(tmp_path / "rerun"), model=str(demo_bundle), rows_per_part=16, **RULES)
+    run_tag_job(cfg)
+    summary = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
+    assert summary.parts == len(list(base_output.glob("part-*.parquet"))) and summary.rows_changed > 0
+    rerun, rethresholded, base = (_by_uri(p, TAG_COLUMNS) for p in (tmp_path / "rerun", tmp_path / "re", base_output))
+    assert rerun.keys() == rethresholded.keys()
+    for uri, row in rerun.items():
+        assert rethresholded[uri] == row, uri  # tags, scores, winners, ood: identical
+    assert any(rethresholded[u]["tags"] != base[u]["tags"] for u in base)  # the rules did change things
+    assert sorted(p.name for p in (tmp_path / "re").glob("part-*.parquet")) == sorted(p.name for p in base_output.glob("part-*.parquet"))
+
+    again = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
+    assert again.parts_skipped == again.parts and again.rows == 0
+
+
+def test_rethreshold_refuses_another_models_tags_and_same_output(base_output, demo_bundle, tmp_path):
+    from helpers import joytag_bundle
+
+    with pytest.raises(TagpipeError, match="must differ"):
+        run_rethreshold(str(base_output), str(demo_bundle), str(base_output), {})
+    with pytest.raises(TagpipeError, match="made by model"):
+        run_rethreshold(str(base_output), str(joytag_bundle(tmp_path / "joy")), str(tmp_path / "out"), {})
