@@ -221,6 +221,28 @@ def model_expose_embedding(
     typer.echo(f"wrote {path} with output 'embedding'")
 
 
+@model_app.command("fit-ood")
+def model_fit_ood(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory whose rows carry embeddings."),
+    output: str = typer.Option(..., "--output", "-o", help="The .npz to write (e.g. BUNDLE/model_ood_ref.npz)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The bundle the tags came from: checked against the rows."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+) -> None:
+    """Fit an OOD reference (mean, Ledoit-Wolf covariance inverse, p50, p95) from tagged rows."""
+    import json
+
+    from pipeline.ood import fit_ood
+
+    _setup(False)
+    model_sha256 = None
+    if model:
+        from pipeline.bundle import load_bundle
+
+        model_sha256 = load_bundle(model).fingerprint.model_sha256  # a bad bundle stops here
+    reference = fit_ood(tags, output, json.loads(storage_options) if storage_options else None, model_sha256)
+    typer.echo(f"wrote {output}: {reference['mu'].shape[0]}-d reference, p50 {float(reference['p50']):.3f}, p95 {float(reference['p95']):.3f}")
+
+
 def main() -> None:
     try:
         app()
