@@ -165,6 +165,29 @@ def rethreshold(
 
 
 @app.command()
+def export(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
+    output: str = typer.Option(..., "--output", "-o", help="Where the files go."),
+    format: str = typer.Option("captions", "--format", "-f", help="captions (one .txt per image) | jsonl | dart (Dart v2 prompts)."),
+    relative_to: Optional[str] = typer.Option(None, help="Captions: image paths are taken relative to this [their common folder]."),
+    spaces: bool = typer.Option(False, "--spaces/--underscores", help="Tag text with spaces or underscores [underscores]."),
+    escape_parentheses: bool = typer.Option(False, "--escape-parentheses", help="Write ( ) as \\( \\) (prompt emphasis syntax)."),
+    exclude: List[str] = typer.Option(None, help="A tag to leave out; repeatable."),
+    with_rating: bool = typer.Option(True, "--with-rating/--without-rating", help="Captions keep the rating/quality tags."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+) -> None:
+    """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
+    import json
+
+    from pipeline.export import TextOptions, export_tags
+
+    _setup(False)
+    text = TextOptions(spaces=spaces, escape_parentheses=escape_parentheses, exclude=frozenset(exclude or ()), with_rating=with_rating)
+    summary = export_tags(tags, output, format, text, relative_to, json.loads(storage_options) if storage_options else None)
+    typer.echo(summary.text())
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("tagpipe-demo"), help="Where the demo model, corpus and outputs go."),
     images_per_kind: int = typer.Option(3, help="Synthetic images per kind (12 kinds)."),

@@ -1,0 +1,136 @@
+"""`tagpipe export`: tag outputs as the files training tools read.
+
+  captions  one .txt per image, comma-separated tags (kohya sd-scripts reads these),
+            at the image's path relative to a root, under the output directory
+  jsonl     one JSON object per image: uri, tags by category, scores, rating, size
+  dart      one Dart v2 prompt per image (JSONL with uri and prompt):
+            <|bos|><copyright>..</copyright><character>..</character>
+            <|rating:R|><|aspect_ratio:A|><|length:L|><general>..<|identity:none|><|input_end|>
+
+Rows with errors are skipped (and counted). Tag text options: underscores or spaces,
+escaped parentheses (for prompt syntaxes where "(" means emphasis), an exclude list.
+Tags keep the stored order (by score).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+
+import pyarrow.dataset as pads
+
+from pipeline.errors import TagpipeError
+from pipeline.storage import filesystem_for
+
+FORMATS = ("captions", "jsonl", "dart")
+# Danbooru tags that are emoticons keep their underscores (as the wd-tagger demo does)
+KAOMOJIS = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+DART_RATINGS = {"safe": "general", "general": "general", "sensitive": "sensitive", "questionable": "questionable", "explicit": "explicit"}
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    spaces: bool = False  # "long_hair" -> "long hair"
+    escape_parentheses: bool = False  # "(" -> "\\("
+    exclude: frozenset[str] = frozenset()
+    with_rating: bool = True  # keep rating/quality winners in captions
+
+    def format(self, tags: list[str] | None) -> list[str]:
+        out = []
+        for tag in tags or []:
+            if tag in self.exclude:
+                continue
+            text = tag.replace("_", " ") if self.spaces and tag not in KAOMOJIS else tag
+            if self.escape_parentheses:
+                text = text.replace("(", "\\(").replace(")", "\\)")
+            out.append(text)
+        return out
+
+
+@dataclass
+class ExportSummary:
+    written: int = 0
+    skipped_errors: int = 0
+    files: list = field(default_factory=list)
+
+    def text(self) -> str:
+        return f"export: {self.written} images written, {self.skipped_errors} error rows skipped"
+
+
+def aspect_bucket(width: int, height: int) -> str:
+    ratio = width / height
+    if ratio >= 2:
+        return "ultra_wide"
+    if ratio > 9 / 8:
+        return "wide"
+    if ratio >= 8 / 9:
+        return "square"
+    if ratio > 1 / 2:
+        return "tall"
+    return "ultra_tall"
+
+
+def length_bucket(count: int) -> str:
+    for limit, name in ((10, "very_short"), (20, "short"), (30, "medium"), (40, "long")):
+        if count <= limit:
+            return name
+    return "very_long"
+
+
+def dart_prompt(row: dict, text: TextOptions) -> str:
+    dart_text = TextOptions(spaces=True, escape_parentheses=False, exclude=text.exclude)  # Dart's vocabulary uses spaces
+    general = dart_text.format(row.get("tags_general"))
+    rating = DART_RATINGS.get((row.get("rating") or "general").lower(), "general")
+    return (
+        "<|bos|>"
+        f"<copyright>{', '.join(dart_text.format(row.get('tags_copyright')))}</copyright>"
+        f"<character>{', '.join(dart_text.format(row.get('tags_character')))}</character>"
+        f"<|rating:{rating}|><|aspect_ratio:{aspect_bucket(row['width'], row['height'])}|><|length:{length_bucket(len(general))}|>"
+        f"<general>{', '.join(general)}<|identity:none|><|input_end|>"
+    )
+
+
+def _common_root(uris: list[str]) -> str:
+    return posixpath.dirname(os.path.commonprefix(uris)) if len(uris) > 1 else posixpath.dirname(uris[0])
+
+
+def export_tags(tags: str, output: str, fmt: str, text: TextOptions = TextOptions(), relative_to: str | None = None, storage_options: dict | None = None) -> ExportSummary:
+    if fmt not in FORMATS:
+        raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fs, path = filesystem_for(tags, storage_options)
+    table = pads.dataset(path, format="parquet", filesystem=fs).to_table().sort_by("uri")
+    rows = table.to_pylist()
+    summary = ExportSummary()
+    good = [r for r in rows if r["error"] is None]
+    summary.skipped_errors = len(rows) - len(good)
+    out_fs, out_path = filesystem_for(output, storage_options)
+    out_fs.makedirs(out_path, exist_ok=True)
+    if fmt == "captions":
+        root = (relative_to or (_common_root([r["uri"] for r in good]) if good else "")).rstrip("/")
+        for row in good:
+            if not row["uri"].startswith(root + "/"):
+                raise TagpipeError(f"{row['uri']} is not under --relative-to {root}")
+            rel = posixpath.splitext(row["uri"][len(root) + 1 :])[0] + ".txt"
+            target = posixpath.join(out_path, rel)
+            out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            tags_text = text.format(row["tags"] if text.with_rating else [t for t in row["tags"] if t not in (row.get("rating"), row.get("quality"))])
+            out_fs.pipe_file(target, (", ".join(tags_text) + "\n").encode())
+            summary.files.append(target)
+    else:
+        lines = []
+        for row in good:
+            if fmt == "jsonl":
+                record = {k: v for k, v in row.items() if k == "tags" or k.startswith("tags_")}
+                record = {k: text.format(v) for k, v in record.items()}
+                record.update(uri=row["uri"], rating=row.get("rating"), quality=row.get("quality"), width=row["width"], height=row["height"])
+                record["scores"] = [round(float(s), 4) for t, s in zip(row["tags"], row["scores"]) if t not in text.exclude]
+            else:
+                record = {"uri": row["uri"], "prompt": dart_prompt(row, text)}
+            lines.append(json.dumps(record, ensure_ascii=False))
+        target = posixpath.join(out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
+        out_fs.pipe_file(target, ("\n".join(lines) + "\n").encode())
+        summary.files.append(target)
+    summary.written = len(good)
+    return summary

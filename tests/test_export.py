@@ -1,0 +1,79 @@
+"""Exports round-trip: caption files list exactly the emitted tags; JSONL and Dart too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.config import make_tag_config
+from pipeline.export import TextOptions, aspect_bucket, dart_prompt, length_bucket
+from pipeline.tag_job import run_tag_job
+
+
+@pytest.fixture(scope="module")
+def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tags"
+    run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), threshold=0.3))
+    return out
+
+
+def _cli(*args):
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_caption_files_list_exactly_the_emitted_tags(tagged, demo_corpus, tmp_path):
+    out = tmp_path / "captions"
+    stdout = _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "captions", "--relative-to", str(demo_corpus / "images"))
+    rows = pads.dataset(str(tagged), format="parquet").to_table(columns=["uri", "tags", "error"]).to_pylist()
+    good = [r for r in rows if r["error"] is None]
+    assert f"{len(good)} images written, {len(rows) - len(good)} error rows skipped" in stdout
+    for row in good:
+        rel = row["uri"][len(str(demo_corpus / "images")) + 1 :].rsplit(".", 1)[0] + ".txt"
+        assert (out / rel).read_text().strip().split(", ") == row["tags"]
+    assert len(list(out.rglob("*.txt"))) == len(good)
+    assert any(len(r["tags"]) > 2 for r in good)
+
+
+def test_jsonl_and_text_options(tagged, tmp_path):
+    out = tmp_path / "jsonl"
+    _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "jsonl", "--spaces", "--exclude", "high_contrast")
+    records = [json.loads(line) for line in (out / "tags.jsonl").read_text().splitlines()]
+    table = {r["uri"]: r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None}
+    assert len(records) == len(table)
+    for record in records:
+        row = table[record["uri"]]
+        want = [t.replace("_", " ") for t in row["tags"] if t != "high_contrast"]
+        assert record["tags"] == want and record["rating"] == row["rating"] and len(record["scores"]) == len(want)
+
+
+def test_text_options_and_dart_prompt():
+    text = TextOptions(spaces=True, escape_parentheses=True, exclude=frozenset({"solo"}))
+    assert text.format(["long_hair", "^_^", "solo", "stripe_chan_(tagpipe)"]) == ["long hair", "^_^", "stripe chan \\(tagpipe\\)"]
+    assert [aspect_bucket(w, h) for w, h in ((2000, 1000), (1200, 1000), (1000, 1000), (1000, 1200), (1000, 2000))] == [
+        "ultra_wide", "wide", "square", "tall", "ultra_tall",
+    ]  # fmt: skip
+    assert [length_bucket(n) for n in (0, 10, 11, 25, 35, 41)] == ["very_short", "very_short", "short", "medium", "long", "very_long"]
+    row = {
+        "tags_copyright": ["tagpipe_demo"], "tags_character": ["stripe_chan_(tagpipe)"], "tags_general": ["red_theme", "stripes"],
+        "rating": "explicit", "width": 800, "height": 1200,
+    }  # fmt: skip
+    assert dart_prompt(row, TextOptions()) == (
+        "<|bos|><copyright>tagpipe demo</copyright><character>stripe chan (tagpipe)</character>"
+        "<|rating:explicit|><|aspect_ratio:tall|><|length:very_short|><general>red theme, stripes<|identity:none|><|input_end|>"
+    )
+
+
+def test_dart_export_has_one_prompt_per_good_row(tagged, tmp_path):
+    out = tmp_path / "dart"
+    _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "dart")
+    prompts = [json.loads(line) for line in (out / "dart_prompts.jsonl").read_text().splitlines()]
+    rows = {r["uri"]: r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None}
+    assert {p["uri"] for p in prompts} == set(rows)
+    for p in prompts:
+        assert p["prompt"] == dart_prompt(rows[p["uri"]], TextOptions())
