@@ -24,6 +24,7 @@ from pipeline.config import TagJobConfig, tag_rules
 from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.manifest import build_manifest
 from pipeline.output import OutputDir, part_name
+from pipeline.postprocess import Postprocessor, TagRules
 from pipeline.tagger import TaggerSettings
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def ensure_ray(address: str | None) -> None:
 def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     started = time.monotonic()
     bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
+    # and so do rules the bundle cannot serve (per-tag thresholds without best_thr, ...)
+    Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, **tag_rules(cfg)), bundle.ood_reference, bundle.tag_metrics)
     run_id = cfg.run_id or new_run_id()
     fp = bundle.fingerprint
     summary = RunSummary(run_id=run_id, output=cfg.output, model_name=bundle.name, model_sha256=fp.model_sha256)

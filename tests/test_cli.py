@@ -45,3 +45,15 @@ def test_model_inspect_command(tmp_path):
     bundle = wd_bundle(tmp_path / "wd")
     result = _run("model", "inspect", str(bundle))
     assert result.returncode == 0 and "profile:     wd_v3" in result.stdout and "model sha256:" in result.stdout
+
+
+def test_threshold_option_errors_name_the_option_or_field(tmp_path, demo_bundle):
+    from tests.helpers import joytag_bundle
+
+    bad = _run("rethreshold", "--tags", str(tmp_path), "--model", str(demo_bundle), "--output", str(tmp_path / "o"), "--category-threshold", "general")
+    assert bad.returncode == 2 and "--category-threshold 'general': expected CATEGORY=VALUE" in bad.stderr
+    bad = _run("rethreshold", "--tags", str(tmp_path), "--model", str(demo_bundle), "--output", str(tmp_path / "o"), "--max-tags", "0")
+    assert bad.returncode == 2 and "field max_tags" in bad.stderr
+    joy = joytag_bundle(tmp_path / "joy")
+    bad = _run("tag", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(joy), "--per-tag-thresholds")
+    assert bad.returncode == 2 and "per_tag_thresholds" in bad.stderr
