@@ -165,6 +165,27 @@ def rethreshold(
 
 
 @app.command()
+def dedup(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),
+    max_distance: int = typer.Option(6, help="Near duplicates: phash Hamming distance <= this (see docs/decisions.md) [6]."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray for large inputs (>= 1M distinct hashes): 'auto' or an address; default a local Ray."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Exact (sha256) and near (phash) duplicate clusters, with a stable cluster_id."""
+    import json
+
+    from pipeline.dedup import run_dedup
+
+    _setup(verbose)
+    summary = run_dedup(tags, output, max_distance, json.loads(storage_options) if storage_options else None, ray_address)
+    typer.echo(summary.text())
+    for giant in summary.giant_clusters:
+        typer.echo(f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, {giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart")
+
+
+@app.command()
 def export(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     output: str = typer.Option(..., "--output", "-o", help="Where the files go."),

@@ -1,0 +1,103 @@
+"""Dedup: the table search equals brute force; real photos' copies cluster with their
+original; the command writes stable clusters."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.dedup import cluster_rows
+from pipeline.hamming_search import brute_force_pairs, near_pairs
+
+
+def _planted(rng, radius: int, bases: int = 1500, seeds: int = 40) -> np.ndarray:
+    """Random hashes plus, for some of them, neighbours at every distance 0..R+2."""
+    base = rng.integers(0, 2**64 - 1, bases, dtype=np.uint64, endpoint=True)
+    out = [base]
+    for h in base[:seeds]:
+        for distance in range(radius + 3):
+            for _ in range(2):
+                mask = np.uint64(0)
+                for bit in rng.choice(64, distance, replace=False):
+                    mask |= np.uint64(1) << np.uint64(int(bit))
+                out.append(np.array([h ^ mask], np.uint64))
+    return np.unique(np.concatenate(out))
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3, 4, 6, 8, 10])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_table_search_equals_brute_force(radius, seed):
+    hashes = _planted(np.random.default_rng(seed), radius)
+    a, b = near_pairs(hashes, radius, parallel=False)
+    ref_a, ref_b = brute_force_pairs(hashes, radius)
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(ref_a.tolist(), ref_b.tolist()))
+    assert len(set(zip(a.tolist(), b.tolist()))) == len(a)  # each pair once
+    assert len(ref_a) >= 40 * 2 * radius * 0.9  # each planted neighbour at distance 1..R pairs with its base
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_every_block_split_is_exact(t):
+    hashes = _planted(np.random.default_rng(5), 5, bases=800, seeds=20)
+    a, b = near_pairs(hashes, 5, t=t, parallel=False)
+    ref_a, ref_b = brute_force_pairs(hashes, 5)
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(ref_a.tolist(), ref_b.tolist()))
+
+
+def test_clusters_join_exact_copies_and_keep_blank_images_apart():
+    solid, black = np.uint64(1 << 63), np.uint64(0)
+    phash = np.array([0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0E, 0xF0F0F0F0F0F0F0F0, solid, solid, black, 0x1234], np.uint64)
+    sha = ["a", "b", "c", "d", "e", "e", None]
+    has = np.array([True] * 6 + [False])
+    labels, pairs, exact = cluster_rows(sha, phash, has, 4)
+    assert labels[0] == labels[1] != labels[2]  # 1 bit apart; far
+    assert labels[3] != labels[4] and labels[4] == labels[5]  # blank hashes join by sha256 only
+    assert labels[6] not in labels[:6] and exact == 1 and pairs == 1
+
+
+def _variants(photo: Image.Image) -> dict[str, bytes]:
+    def enc(image, fmt="JPEG", **kw):
+        out = io.BytesIO()
+        image.save(out, fmt, **kw)
+        return out.getvalue()
+
+    w, h = photo.size
+    return {
+        "orig.png": enc(photo, "PNG"),
+        "resized.jpg": enc(photo.resize((w // 2, h // 2), Image.Resampling.LANCZOS), quality=85),
+        "reencoded.jpg": enc(photo, quality=60),
+        "cropped.jpg": enc(photo.crop((int(w * 0.01), int(h * 0.01), w - int(w * 0.01), h - int(h * 0.01))), quality=90),  # 1% a side
+        "copy.png": enc(photo, "PNG"),  # byte-identical to orig.png
+    }
+
+
+def test_real_photo_copies_cluster_with_their_original(ray_session, demo_bundle, tmp_path):
+    from pipeline.config import make_tag_config
+    from pipeline.dedup import run_dedup
+    from pipeline.sample_photos import load_photos
+    from pipeline.tag_job import run_tag_job
+
+    # not motorcycle_right: it is the other half of motorcycle_left's stereo pair (4 bits apart)
+    photos = [(n, p) for n, p in load_photos() if n in ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "motorcycle_left", "camera", "retina")]
+    for name, photo in photos:
+        for variant, data in _variants(photo).items():
+            (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "images" / name / variant).write_bytes(data)
+    run_tag_job(make_tag_config(inputs=[str(tmp_path / "images")], output=str(tmp_path / "tags"), model=str(demo_bundle)))
+    summary = run_dedup(str(tmp_path / "tags"), str(tmp_path / "dedup"))
+    rows = pq.read_table(tmp_path / "dedup" / "clusters.parquet").to_pylist()
+    by_photo: dict[str, set] = {}
+    for row in rows:
+        by_photo.setdefault(row["uri"].split("/")[-2], set()).add(row["cluster_id"])
+    assert all(len(ids) == 1 for ids in by_photo.values()), by_photo  # every copy with its original
+    assert len({next(iter(ids)) for ids in by_photo.values()}) == len(photos)  # different photos apart
+    assert summary.clusters == len(photos) and summary.exact_duplicate_images == len(photos)
+    reps = [r for r in rows if r["is_representative"]]
+    assert len(reps) == len(photos) and all(r["cluster_size"] == 5 for r in rows)
+    for row in rows:
+        members = [r["sha256"] for r in rows if r["cluster_id"] == row["cluster_id"]]
+        assert row["cluster_id"] == min(members)  # stable: the smallest sha256
+    assert not any(r["uri"].endswith(("resized.jpg", "cropped.jpg")) for r in reps)  # the largest image represents
