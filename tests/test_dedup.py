@@ -101,3 +101,10 @@ def test_real_photo_copies_cluster_with_their_original(ray_session, demo_bundle,
         members = [r["sha256"] for r in rows if r["cluster_id"] == row["cluster_id"]]
         assert row["cluster_id"] == min(members)  # stable: the smallest sha256
     assert not any(r["uri"].endswith(("resized.jpg", "cropped.jpg")) for r in reps)  # the largest image represents
+
+
+def test_ray_tasks_over_tables_give_the_same_pairs(ray_session):
+    hashes = _planted(np.random.default_rng(7), 6, bases=3000, seeds=60)
+    a, b = near_pairs(hashes, 6, parallel=True)
+    ref_a, ref_b = brute_force_pairs(hashes, 6)
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(ref_a.tolist(), ref_b.tolist())) and len(ref_a) > 300
