@@ -186,6 +186,29 @@ def dedup(
 
 
 @app.command()
+def audit(
+    train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
+    eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
+    max_distance: int = typer.Option(6, help="A leak is an eval image within this many phash bits of a train image [6]."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write leaks.parquet and audit.json here."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    show: int = typer.Option(20, help="Leaks to list on the terminal."),
+) -> None:
+    """List eval images within R of any train image; exit status 1 when there are any."""
+    import json
+
+    from pipeline.audit import run_audit
+
+    _setup(False)
+    leaks, report = run_audit(train, eval, max_distance, output, json.loads(storage_options) if storage_options else None)
+    for row in leaks.slice(0, show).to_pylist():
+        typer.echo(f"leak d={row['distance']}{' (same bytes)' if row['exact'] else ''}: {row['eval_uri']} ~ {row['train_uri']}")
+    typer.echo(report.text())
+    if report.leaks:
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     output: str = typer.Option(..., "--output", "-o", help="Where the files go."),
