@@ -2,7 +2,8 @@
 
 Inputs are tagpipe outputs (tag or split directories) or Parquet/CSV files with a
 sha256 and/or phash column (uint64, or 16 hex digits as imagehash writes). An input
-with a `split` column is taken as a split output: for --eval, its non-train rows.
+with a `split` column is taken as a split output: for --train its train rows, for
+--eval the rest except held-out images.
 Blank-image hashes (solid colour, black) match by sha256 only, as in dedup. Exit status
 1 when any leak is found, so the audit can gate CI or a nightly job.
 """
@@ -62,7 +63,8 @@ def read_hashes(uri: str, storage_options: dict | None = None, role: str = "trai
     if not names & {"sha256", "phash", "phash_hex"}:
         raise TagpipeError(f"{uri}: needs a sha256 and/or phash column (has {sorted(names)})")
     if "split" in names:
-        keep = pc.equal(table.column("split"), "train") if role == "train" else pc.not_equal(table.column("split"), "train")
+        split = table.column("split")
+        keep = pc.equal(split, "train") if role == "train" else pc.invert(pc.is_in(split, pa.array(["train", "held_out"])))
         table = table.filter(keep)
     n = table.num_rows
     if "phash" in names and pa.types.is_integer(table.schema.field("phash").type):

@@ -186,6 +186,35 @@ def dedup(
 
 
 @app.command()
+def split(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory."),
+    dedup: str = typer.Option(..., "--dedup", help="A dedup output directory (clusters.parquet)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for splits.parquet and _report.json."),
+    ratios: str = typer.Option("train=0.9,val=0.05,test=0.05", help="Shares by name; must include train and sum to 1."),
+    seed: int = typer.Option(0, help="Changes which clusters go where; the same seed gives the same split."),
+    previous: Optional[str] = typer.Option(None, help="A previous splits.parquet (or its directory): assigned images keep their split."),
+    exclude: List[str] = typer.Option(None, help="An existing training set (tagpipe output or Parquet/CSV with sha256/phash); repeatable."),
+    max_distance: int = typer.Option(6, help="Radius for --exclude matches (use the dedup radius) [6]."),
+    min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split [5]."),
+    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+) -> None:
+    """Assign whole duplicate clusters to train/val/test, stable across nightly runs."""
+    import json
+
+    from pipeline.split import parse_ratios, run_split
+
+    _setup(False)
+    prev = previous if previous is None or previous.endswith(".parquet") else previous.rstrip("/") + "/splits.parquet"
+    report = run_split(
+        tags, dedup, output, parse_ratios(ratios), seed, prev, list(exclude or []), max_distance, min_count,
+        json.loads(storage_options) if storage_options else None,
+    )  # fmt: skip
+    typer.echo(report.text())
+    for bridge in report.bridges:
+        typer.echo(f"bridge: cluster {bridge['cluster_id'][:16]} joins previous {'+'.join(bridge['previous_splits'])}: {bridge['held_out']} new image(s) held out")
+
+
+@app.command()
 def audit(
     train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),

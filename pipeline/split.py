@@ -1,0 +1,185 @@
+"""`tagpipe split`: train/val/test by whole duplicate clusters, stable under growth.
+
+Assignment: a cluster's split comes from sha256(seed, cluster_id) mapped to [0, 1) and
+cut by the ratios, so it depends on nothing but the cluster and the seed (not row order,
+not workers). Every image of a cluster gets its cluster's split.
+
+Growth (--previous): an image already assigned keeps its split, always. A new image
+takes the split of the previous members of its cluster. When a cluster's previous
+members sit in more than one split (a new image bridges two old families), its new
+images are held out (split "held_out", reported): putting a bridge anywhere would put
+it within the dedup radius of an image in another split. Clusters with no previous
+member are assigned fresh.
+
+--exclude: images within the dedup radius of an existing training set (or sharing its
+sha256) force their whole cluster into train, so none of it reaches val or test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.audit import audit, read_hashes
+from pipeline.errors import TagpipeError
+from pipeline.storage import filesystem_for
+
+log = logging.getLogger(__name__)
+HELD_OUT = "held_out"
+
+
+@dataclass
+class SplitReport:
+    images: int = 0
+    clusters: int = 0
+    sizes: dict = field(default_factory=dict)  # split -> images
+    fractions: dict = field(default_factory=dict)
+    kept_from_previous: int = 0
+    bridges: list = field(default_factory=list)  # {cluster_id, previous_splits, held_out}
+    forced_train_by_exclude: int = 0  # clusters
+    positives: dict = field(default_factory=dict)  # tag -> {split: count} (tags with >= 1 positive)
+    zero_positive_tags: dict = field(default_factory=dict)  # split -> tags with >= min_count overall and none there
+    label_deviation: dict = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
+
+    def text(self) -> str:
+        sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
+        return f"split: {self.images} images in {self.clusters} clusters: {sizes}; {len(self.bridges)} bridged clusters held out"
+
+
+def parse_ratios(text: str) -> dict[str, float]:
+    ratios = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            ratios[name.strip()] = float(value)
+        except ValueError:
+            raise TagpipeError(f"--ratios {text!r}: expected NAME=FRACTION,..., e.g. train=0.9,val=0.05,test=0.05") from None
+        if not sep or not name.strip():
+            raise TagpipeError(f"--ratios {text!r}: expected NAME=FRACTION,...")
+    if "train" not in ratios or any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
+        raise TagpipeError(f"--ratios {text!r}: needs a train share, no negative shares, and shares summing to 1")
+    return ratios
+
+
+def cluster_unit(seed: int, cluster_id: str) -> float:
+    digest = hashlib.sha256(f"{seed}\0{cluster_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(unit: float, ratios: dict[str, float]) -> str:
+    edge = 0.0
+    for name in sorted(ratios, key=lambda n: (n != "train", n)):  # train first, then by name: fixed order
+        edge += ratios[name]
+        if unit < edge:
+            return name
+    return "train"
+
+
+def _read(uri: str, columns: list[str], storage_options) -> pa.Table:
+    fs, path = filesystem_for(uri, storage_options)
+    if fs.isfile(path):
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+    return pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
+def run_split(
+    tags: str,
+    dedup: str,
+    output: str,
+    ratios: dict[str, float] | None = None,
+    seed: int = 0,
+    previous: str | None = None,
+    exclude: list[str] | None = None,
+    max_distance: int = 6,
+    min_count: int = 5,
+    storage_options: dict | None = None,
+) -> SplitReport:
+    ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
+    clusters = _read(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, ["uri", "sha256", "phash", "cluster_id"], storage_options)
+    tagged = _read(tags, ["uri", "tags", "error"], storage_options)
+    tag_of = {r["uri"]: r for r in tagged.to_pylist()}
+    rows = [r for r in clusters.sort_by("uri").to_pylist() if r["uri"] in tag_of and tag_of[r["uri"]]["error"] is None]
+    if not rows:
+        raise TagpipeError(f"{dedup} and {tags} share no images without errors")
+    cluster_ids = sorted({r["cluster_id"] for r in rows})
+    members: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        members.setdefault(r["cluster_id"], []).append(i)
+    split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
+    report = SplitReport(images=len(rows), clusters=len(cluster_ids))
+
+    if exclude:
+        corpus = pa.table({"uri": [r["uri"] for r in rows], "sha256": [r["sha256"] for r in rows], "phash": pa.array([r["phash"] for r in rows], pa.uint64())})
+        forced = set()
+        for uri in exclude:
+            leaks, _ = audit(read_hashes(uri, storage_options, "train"), corpus, max_distance)
+            index = {r["uri"]: r["cluster_id"] for r in rows}
+            forced |= {index[u] for u in leaks.column("eval_uri").to_pylist()}
+        for c in forced:
+            split_of_cluster[c] = "train"
+        report.forced_train_by_exclude = len(forced)
+
+    split = [split_of_cluster[r["cluster_id"]] for r in rows]
+    if previous:
+        before = {r["uri"]: r["split"] for r in _read(previous, ["uri", "split"], storage_options).to_pylist()}
+        for c, idx in members.items():
+            old = {before[rows[i]["uri"]] for i in idx if rows[i]["uri"] in before} - {HELD_OUT}
+            new = [i for i in idx if rows[i]["uri"] not in before]
+            for i in idx:
+                if rows[i]["uri"] in before:
+                    split[i] = before[rows[i]["uri"]]
+            if len(old) == 1:
+                for i in new:
+                    split[i] = next(iter(old))
+            elif len(old) > 1:
+                for i in new:
+                    split[i] = HELD_OUT
+                report.bridges.append({"cluster_id": c, "previous_splits": sorted(old), "held_out": len(new)})
+                log.warning("cluster %s: new images bridge previous splits %s; %d held out", c[:16], sorted(old), len(new))
+        report.kept_from_previous = sum(1 for r in rows if r["uri"] in before)
+
+    _fill_report(report, rows, split, tag_of, min_count)
+    out = pa.table(
+        {
+            "uri": pa.array([r["uri"] for r in rows], pa.string()),
+            "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
+            "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
+            "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
+            "split": pa.array(split, pa.string()),
+        }
+    )
+    fs, path = filesystem_for(output, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(posixpath.join(path, "splits.parquet"), "wb") as handle:
+        pq.write_table(out, handle, compression="zstd")
+    fs.pipe_file(posixpath.join(path, "_report.json"), json.dumps(asdict(report), indent=1, sort_keys=True).encode())
+    return report
+
+
+def _fill_report(report: SplitReport, rows, split, tag_of, min_count: int) -> None:
+    names = sorted(set(split))
+    report.sizes = {s: split.count(s) for s in names}
+    report.fractions = {s: round(report.sizes[s] / len(rows), 6) for s in names}
+    counts: dict[str, dict[str, int]] = {}
+    for r, s in zip(rows, split):
+        for t in tag_of[r["uri"]]["tags"] or []:
+            counts.setdefault(t, {}).setdefault(s, 0)
+            counts[t][s] += 1
+    report.positives = counts
+    total = {t: sum(v.values()) for t, v in counts.items()}
+    for s in names:
+        if s == HELD_OUT:
+            continue
+        frequent = [t for t, n in total.items() if n >= min_count]
+        report.zero_positive_tags[s] = sorted(t for t in frequent if counts[t].get(s, 0) == 0)
+        rates = [abs(counts[t].get(s, 0) / report.sizes[s] - total[t] / len(rows)) for t in total]
+        report.label_deviation[s] = round(float(np.mean(rates)), 6) if rates else 0.0
