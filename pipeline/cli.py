@@ -196,6 +196,8 @@ def split(
     exclude: List[str] = typer.Option(None, help="An existing training set (tagpipe output or Parquet/CSV with sha256/phash); repeatable."),
     max_distance: int = typer.Option(6, help="Radius for --exclude matches (use the dedup radius) [6]."),
     min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split [5]."),
+    stratify: bool = typer.Option(False, "--stratify", help="Iterative multi-label stratification at cluster level (else a hash per cluster)."),
+    min_val_positives: int = typer.Option(0, help="With --stratify: each tag frequent enough gets at least this many val positives (JoyTag used 5)."),
     storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
 ) -> None:
     """Assign whole duplicate clusters to train/val/test, stable across nightly runs."""
@@ -207,7 +209,7 @@ def split(
     prev = previous if previous is None or previous.endswith(".parquet") else previous.rstrip("/") + "/splits.parquet"
     report = run_split(
         tags, dedup, output, parse_ratios(ratios), seed, prev, list(exclude or []), max_distance, min_count,
-        json.loads(storage_options) if storage_options else None,
+        json.loads(storage_options) if storage_options else None, stratify, min_val_positives,
     )  # fmt: skip
     typer.echo(report.text())
     for bridge in report.bridges:

@@ -83,6 +83,64 @@ def assign(unit: float, ratios: dict[str, float]) -> str:
     return "train"
 
 
+def stratify(
+    cluster_ids: list[str], labels: dict[str, dict[str, int]], sizes: dict[str, int], ratios: dict[str, float], seed: int, min_val_positives: int = 0, val: str = "val"
+) -> dict[str, str]:
+    """Iterative stratification (Sechidis et al. 2011) over clusters: labels[c] = {tag:
+    images of c with it}. Rarest label first, its clusters (in hashed order) to the split
+    that still wants most of it. Then, for tags frequent enough that a proportional split
+    would give val >= min_val_positives, clusters move from train to val until it does."""
+    names = sorted(ratios, key=lambda n: (n != "train", n))
+    total = sum(sizes.values())
+    want = {n: ratios[n] * total for n in names}
+    positives: dict[str, int] = {}
+    holders: dict[str, list[str]] = {}
+    order = sorted(cluster_ids, key=lambda c: cluster_unit(seed, c))
+    for c in order:
+        for tag, count in labels.get(c, {}).items():
+            positives[tag] = positives.get(tag, 0) + count
+            holders.setdefault(tag, []).append(c)
+    want_tag = {t: {n: ratios[n] * p for n in names} for t, p in positives.items()}
+    remaining = dict(positives)
+    chosen: dict[str, str] = {}
+
+    def place(c: str, split_name: str) -> None:
+        chosen[c] = split_name
+        want[split_name] -= sizes[c]
+        for t, count in labels.get(c, {}).items():
+            want_tag[t][split_name] -= count
+            remaining[t] -= count
+
+    while True:
+        open_tags = [t for t, r in remaining.items() if r > 0]
+        if not open_tags:
+            break
+        tag = min(open_tags, key=lambda t: (remaining[t], t))
+        for c in holders[tag]:
+            if c not in chosen:
+                place(c, max(names, key=lambda n: (want_tag[tag][n], want[n], -names.index(n))))
+    for c in order:  # clusters without labels
+        if c not in chosen:
+            place(c, max(names, key=lambda n: (want[n], -names.index(n))))
+
+    if min_val_positives and val in ratios and ratios[val] > 0:
+        have = {t: 0 for t in positives}
+        for c, split_name in chosen.items():
+            if split_name == val:
+                for t, count in labels.get(c, {}).items():
+                    have[t] += count
+        for t in sorted(positives, key=lambda t: (positives[t], t)):
+            if positives[t] * ratios[val] < min_val_positives:
+                continue  # too rare to ask for
+            for c in sorted((c for c in holders[t] if chosen[c] == "train"), key=lambda c: (sizes[c], cluster_unit(seed, c))):
+                if have[t] >= min_val_positives:
+                    break
+                chosen[c] = val
+                for u, count in labels.get(c, {}).items():
+                    have[u] += count
+    return chosen
+
+
 def _read(uri: str, columns: list[str], storage_options) -> pa.Table:
     fs, path = filesystem_for(uri, storage_options)
     if fs.isfile(path):
@@ -102,6 +160,8 @@ def run_split(
     max_distance: int = 6,
     min_count: int = 5,
     storage_options: dict | None = None,
+    stratified: bool = False,
+    min_val_positives: int = 0,
 ) -> SplitReport:
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
     clusters = _read(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, ["uri", "sha256", "phash", "cluster_id"], storage_options)
@@ -114,7 +174,16 @@ def run_split(
     members: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         members.setdefault(r["cluster_id"], []).append(i)
-    split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
+    if stratified:
+        labels: dict[str, dict[str, int]] = {}
+        for c, idx in members.items():
+            for i in idx:
+                for t in tag_of[rows[i]["uri"]]["tags"] or []:
+                    labels.setdefault(c, {}).setdefault(t, 0)
+                    labels[c][t] += 1
+        split_of_cluster = stratify(cluster_ids, labels, {c: len(idx) for c, idx in members.items()}, ratios, seed, min_val_positives)
+    else:
+        split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
     report = SplitReport(images=len(rows), clusters=len(cluster_ids))
 
     if exclude:

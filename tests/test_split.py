@@ -100,7 +100,7 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
     rng = np.random.default_rng(9)
     grown = list(rows)
     families = 800
-    for f in rng.choice(families, 60, replace=False):  # new copies joining existing families
+    for f in rng.choice(families, 300, replace=False):  # new copies joining existing families
         grown.append({"uri": f"s3://b/f{f:04d}/new.jpg", "phash": _flip(seeds[int(f)], rng, 1), "family": int(f), "tags": ["tag_0"]})
     crossing = 0
     for k in range(60):  # bridges: 4 bits from each seed of a pair 8 bits apart
@@ -112,7 +112,7 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
             bridge ^= 1 << i
         grown.append({"uri": f"s3://b/bridge{k:02d}.jpg", "phash": bridge, "family": -1, "tags": ["tag_1"]})
         crossing += before[f"s3://b/f{a:04d}/c0.jpg"] != before[f"s3://b/f{b:04d}/c0.jpg"]
-    assert len(grown) - len(rows) >= 0.03 * len(rows) and crossing > 0
+    assert len(grown) - len(rows) >= 0.1 * len(rows) and crossing > 0  # 10% new images, some bridging
     tags = _write_tags(grown, tmp_path / "tags")
     run_dedup(str(tags), str(tmp_path / "dedup"), R)
     report = run_split(str(tags), str(tmp_path / "dedup"), str(tmp_path / "split"), RATIOS, seed=3, previous=str(root / "split" / "splits.parquet"))
@@ -137,3 +137,20 @@ def test_exclude_keeps_an_existing_train_set_out_of_eval(first, tmp_path):
     assert moved == set(eval_families) and report.forced_train_by_exclude == len(eval_families)
     _, leaks = run_audit(str(tmp_path / "old_train.parquet"), str(tmp_path / "split" / "splits.parquet"), R)
     assert leaks.leaks == 0
+
+
+def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(first, tmp_path):
+    root, rows, _, plain = first
+    report = run_split(str(root / "tags"), str(root / "dedup"), str(tmp_path / "strat"), RATIOS, seed=3, stratified=True, min_val_positives=5)
+    split = _split_of(tmp_path / "strat")
+    family_splits = {}
+    for r in rows:
+        family_splits.setdefault(r["family"], set()).add(split[r["uri"]])
+    assert all(len(s) == 1 for s in family_splits.values())
+    totals = {t: sum(v.values()) for t, v in report.positives.items()}
+    frequent = [t for t, n in totals.items() if n * RATIOS["val"] >= 5]
+    assert frequent and all(report.positives[t].get("val", 0) >= 5 for t in frequent)
+    assert report.label_deviation["val"] <= plain.label_deviation["val"]  # closer to the overall label distribution
+    again = run_split(str(root / "tags"), str(root / "dedup"), str(tmp_path / "strat2"), RATIOS, seed=3, stratified=True, min_val_positives=5)
+    assert pq.read_table(tmp_path / "strat2" / "splits.parquet").equals(pq.read_table(tmp_path / "strat" / "splits.parquet"))
+    assert again.fractions == report.fractions
