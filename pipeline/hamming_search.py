@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 
 import numpy as np
@@ -137,7 +136,3 @@ def brute_force_pairs(hashes: np.ndarray, radius: int, chunk: int = 2048) -> tup
         found_a.append(rows[keep])
         found_b.append(cols[keep])
     return np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

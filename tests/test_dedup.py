@@ -108,3 +108,31 @@ def test_ray_tasks_over_tables_give_the_same_pairs(ray_session):
     a, b = near_pairs(hashes, 6, parallel=True)
     ref_a, ref_b = brute_force_pairs(hashes, 6)
     assert set(zip(a.tolist(), b.tolist())) == set(zip(ref_a.tolist(), ref_b.tolist())) and len(ref_a) > 300
+
+
+def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
+    """A random walk of 1,200 one-bit steps: every neighbour within R, the ends far apart."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.dedup import GIANT_CLUSTER, run_dedup
+
+    rng = np.random.default_rng(3)
+    h, walk = 0x5A5A5A5A5A5A5A5A, []
+    for _ in range(1200):
+        h ^= 1 << int(rng.integers(0, 64))
+        walk.append(h)
+    uris = [f"/w/{i:05d}.jpg" for i in range(len(walk))]
+    table = pa.table(
+        {
+            "uri": uris, "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uris], "phash": pa.array(walk, pa.uint64()),
+            "phash_degenerate": [False] * len(walk), "width": [64] * len(walk), "height": [64] * len(walk), "error": pa.nulls(len(walk), pa.string()),
+        }
+    )  # fmt: skip
+    (tmp_path / "tags").mkdir()
+    pq.write_table(table, tmp_path / "tags" / "part-0.parquet")
+    summary = run_dedup(str(tmp_path / "tags"), str(tmp_path / "out"), max_distance=2)
+    (giant,) = summary.giant_clusters
+    assert giant["size"] >= GIANT_CLUSTER and summary.largest_cluster == giant["size"]
+    assert giant["diameter_hops"] >= 10 and giant["spread_bits"] > 2  # chaining carried it far beyond R
