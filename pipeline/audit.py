@@ -19,13 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
 from pipeline.phash import BLACK_HASH, SOLID_HASH
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,8 @@ def read_hashes(uri: str, storage_options: dict | None = None, role: str = "trai
     if path.endswith(".csv"):
         with fs.open(path, "rb") as handle:
             table = pcsv.read_csv(handle)
-    elif fs.isfile(path):
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
     else:
-        table = pads.dataset(path, format="parquet", filesystem=fs).to_table()
+        table = read_parquet(uri, storage_options)
     names = set(table.column_names)
     if not names & {"sha256", "phash", "phash_hex"}:
         raise TagpipeError(f"{uri}: needs a sha256 and/or phash column (has {sorted(names)})")
@@ -118,11 +114,15 @@ def audit(train: pa.Table, evaluation: pa.Table, max_distance: int) -> tuple[pa.
         distance = np.concatenate([distance, np.zeros(len(same), np.int64)])
         nearest = np.full(len(hashes), max_distance + 1, np.int64)
         nearest_train = np.full(len(hashes), -1, np.int64)
-        for x, y, d in ((a, b, distance), (b, a, distance)):  # eval hash x, train hash y
-            hit = in_eval[x] & (first_train[y] >= 0)
-            for h, t, dist in zip(x[hit], first_train[y[hit]], d[hit]):
-                if dist < nearest[h]:
-                    nearest[h], nearest_train[h] = dist, t
+        x = np.concatenate([a, b])  # each pair both ways: eval hash x, train hash y
+        y = np.concatenate([b, a])
+        d = np.concatenate([distance, distance])
+        hit = in_eval[x] & (first_train[y] >= 0)
+        x, y, d = x[hit], y[hit], d[hit]
+        order = np.lexsort((np.arange(len(d)), d))  # nearest first; ties: the first pair found
+        h, first = np.unique(x[order], return_index=True)
+        nearest[h] = d[order][first]
+        nearest_train[h] = first_train[y[order][first]]
         for row, h in zip(e_rows, e_of):
             if nearest_train[h] >= 0 and (row not in best or nearest[h] < best[row][0]):
                 best[int(row)] = (int(nearest[h]), int(nearest_train[h]))

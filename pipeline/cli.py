@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -14,6 +14,26 @@ from pipeline.errors import TagpipeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Label image corpora with ONNX taggers on Ray.")
 model_app = typer.Typer(no_args_is_help=True, help="Model bundles: inspect, build the demo, expose the embedding.")
 app.add_typer(model_app, name="model")
+
+# Options several commands share, defined once (tag and rethreshold take the same rules).
+StorageOptions = Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON.")]
+Threshold = Annotated[Optional[float], typer.Option(help="Global tag threshold; default the profile's.")]
+CategoryThreshold = Annotated[Optional[List[str]], typer.Option(help="CATEGORY=VALUE, e.g. character=0.85; repeatable.")]
+PerTagThresholds = Annotated[Optional[bool], typer.Option("--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag.")]
+Mcut = Annotated[Optional[List[str]], typer.Option(help="Threshold this category by MCut (largest score gap); repeatable.")]
+MaxTags = Annotated[Optional[int], typer.Option(help="At most this many threshold-selected tags per image (by score).")]
+ExcludeTags = Annotated[Optional[List[str]], typer.Option("--exclude", help="A tag never to emit; repeatable.")]
+Calibrate = Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present].")]
+OodCut = Annotated[Optional[float], typer.Option(help="Flag ood above this Mahalanobis distance [the reference's p95].")]
+
+
+def _storage_options(text: str | None) -> dict | None:
+    import json
+
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as exc:
+        raise TagpipeError(f"--storage-options is not valid JSON: {exc}") from None
 
 
 def _setup(verbose: bool, progress: bool = True) -> None:
@@ -42,7 +62,7 @@ def tag(
     decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call [16]."),
     rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit [4096]."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
     exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images declaring more pixels than this [120000000]."),
     draft_ratio: Optional[float] = typer.Option(None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest [2]."),
@@ -50,17 +70,17 @@ def tag(
         None, "--normalise-in-graph/--normalise-in-numpy", help="Feed the model uint8 through prepended Cast/scale nodes [in graph]."
     ),
     provider: Optional[str] = typer.Option(None, help="auto | cpu | cuda | tensorrt [auto]."),
-    threshold: Optional[float] = typer.Option(None, help="Global tag threshold; default the profile's."),
+    threshold: Threshold = None,
     logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
     dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
-    category_threshold: List[str] = typer.Option(None, help="CATEGORY=VALUE, e.g. character=0.85; repeatable."),
-    per_tag_thresholds: Optional[bool] = typer.Option(None, "--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag."),
-    mcut: List[str] = typer.Option(None, help="Threshold this category by MCut (largest score gap); repeatable."),
-    max_tags: Optional[int] = typer.Option(None, help="At most this many threshold-selected tags per image (by score)."),
-    exclude: List[str] = typer.Option(None, help="A tag never to emit; repeatable."),
-    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present]."),
-    ood_cut: Optional[float] = typer.Option(None, help="Flag ood above this Mahalanobis distance [the reference's p95]."),
+    category_threshold: CategoryThreshold = None,
+    per_tag_thresholds: PerTagThresholds = None,
+    mcut: Mcut = None,
+    max_tags: MaxTags = None,
+    exclude: ExcludeTags = None,
+    calibrate: Calibrate = None,
+    ood_cut: OodCut = None,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -130,16 +150,16 @@ def rethreshold(
     model: str = typer.Option(..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."),
     output: str = typer.Option(..., "--output", "-o", help="Where the re-tagged parts go (a new directory)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."),
-    threshold: Optional[float] = typer.Option(None, help="Global tag threshold; default the profile's."),
+    threshold: Threshold = None,
     logit_floor: Optional[float] = typer.Option(None, help="Only tags stored at or above this probability are candidates [0.01]."),
-    category_threshold: List[str] = typer.Option(None, help="CATEGORY=VALUE, e.g. character=0.85; repeatable."),
-    per_tag_thresholds: Optional[bool] = typer.Option(None, "--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag."),
-    mcut: List[str] = typer.Option(None, help="Threshold this category by MCut (largest score gap); repeatable."),
-    max_tags: Optional[int] = typer.Option(None, help="At most this many threshold-selected tags per image (by score)."),
-    exclude: List[str] = typer.Option(None, help="A tag never to emit; repeatable."),
-    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present]."),
-    ood_cut: Optional[float] = typer.Option(None, help="Flag ood above this Mahalanobis distance [the reference's p95]."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    category_threshold: CategoryThreshold = None,
+    per_tag_thresholds: PerTagThresholds = None,
+    mcut: Mcut = None,
+    max_tags: MaxTags = None,
+    exclude: ExcludeTags = None,
+    calibrate: Calibrate = None,
+    ood_cut: OodCut = None,
+    storage_options: StorageOptions = None,
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -169,17 +189,15 @@ def dedup(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),
     max_distance: int = typer.Option(6, help="Near duplicates: phash Hamming distance <= this (see docs/decisions.md) [6]."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
     ray_address: Optional[str] = typer.Option(None, help="Ray for large inputs (>= 1M distinct hashes): 'auto' or an address; default a local Ray."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Exact (sha256) and near (phash) duplicate clusters, with a stable cluster_id."""
-    import json
-
     from pipeline.dedup import run_dedup
 
     _setup(verbose)
-    summary = run_dedup(tags, output, max_distance, json.loads(storage_options) if storage_options else None, ray_address)
+    summary = run_dedup(tags, output, max_distance, _storage_options(storage_options), ray_address)
     typer.echo(summary.text())
     for giant in summary.giant_clusters:
         typer.echo(f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, {giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart")
@@ -198,18 +216,16 @@ def split(
     min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split [5]."),
     stratify: bool = typer.Option(False, "--stratify", help="Iterative multi-label stratification at cluster level (else a hash per cluster)."),
     min_val_positives: int = typer.Option(0, help="With --stratify: each tag frequent enough gets at least this many val positives (JoyTag used 5)."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Assign whole duplicate clusters to train/val/test, stable across nightly runs."""
-    import json
-
     from pipeline.split import parse_ratios, run_split
 
     _setup(False)
     prev = previous if previous is None or previous.endswith(".parquet") else previous.rstrip("/") + "/splits.parquet"
     report = run_split(
         tags, dedup, output, parse_ratios(ratios), seed, prev, list(exclude or []), max_distance, min_count,
-        json.loads(storage_options) if storage_options else None, stratify, min_val_positives,
+        _storage_options(storage_options), stratify, min_val_positives,
     )  # fmt: skip
     typer.echo(report.text())
     for bridge in report.bridges:
@@ -222,16 +238,14 @@ def audit(
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
     max_distance: int = typer.Option(6, help="A leak is an eval image within this many phash bits of a train image [6]."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write leaks.parquet and audit.json here."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
     show: int = typer.Option(20, help="Leaks to list on the terminal."),
 ) -> None:
     """List eval images within R of any train image; exit status 1 when there are any."""
-    import json
-
     from pipeline.audit import run_audit
 
     _setup(False)
-    leaks, report = run_audit(train, eval, max_distance, output, json.loads(storage_options) if storage_options else None)
+    leaks, report = run_audit(train, eval, max_distance, output, _storage_options(storage_options))
     for row in leaks.slice(0, show).to_pylist():
         typer.echo(f"leak d={row['distance']}{' (same bytes)' if row['exact'] else ''}: {row['eval_uri']} ~ {row['train_uri']}")
     typer.echo(report.text())
@@ -249,16 +263,14 @@ def export(
     escape_parentheses: bool = typer.Option(False, "--escape-parentheses", help="Write ( ) as \\( \\) (prompt emphasis syntax)."),
     exclude: List[str] = typer.Option(None, help="A tag to leave out; repeatable."),
     with_rating: bool = typer.Option(True, "--with-rating/--without-rating", help="Captions keep the rating/quality tags."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
-    import json
-
     from pipeline.export import TextOptions, export_tags
 
     _setup(False)
     text = TextOptions(spaces=spaces, escape_parentheses=escape_parentheses, exclude=frozenset(exclude or ()), with_rating=with_rating)
-    summary = export_tags(tags, output, format, text, relative_to, json.loads(storage_options) if storage_options else None)
+    summary = export_tags(tags, output, format, text, relative_to, _storage_options(storage_options))
     typer.echo(summary.text())
 
 
@@ -324,11 +336,9 @@ def model_fit_ood(
     tags: str = typer.Option(..., "--tags", help="A tag output directory whose rows carry embeddings."),
     output: str = typer.Option(..., "--output", "-o", help="The .npz to write (e.g. BUNDLE/model_ood_ref.npz)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The bundle the tags came from: checked against the rows."),
-    storage_options: Optional[str] = typer.Option(None, help="fsspec storage options as JSON."),
+    storage_options: StorageOptions = None,
 ) -> None:
     """Fit an OOD reference (mean, Ledoit-Wolf covariance inverse, p50, p95) from tagged rows."""
-    import json
-
     from pipeline.ood import fit_ood
 
     _setup(False)
@@ -337,7 +347,7 @@ def model_fit_ood(
         from pipeline.bundle import load_bundle
 
         model_sha256 = load_bundle(model).fingerprint.model_sha256  # a bad bundle stops here
-    reference = fit_ood(tags, output, json.loads(storage_options) if storage_options else None, model_sha256)
+    reference = fit_ood(tags, output, _storage_options(storage_options), model_sha256)
     typer.echo(f"wrote {output}: {reference['mu'].shape[0]}-d reference, p50 {float(reference['p50']):.3f}, p95 {float(reference['p95']):.3f}")
 
 

@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
 from pipeline.phash import BLACK_HASH, SOLID_HASH
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, read_parquet
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_DISTANCE = 6
@@ -116,9 +115,8 @@ def run_dedup(tags: str, output: str, max_distance: int = DEFAULT_MAX_DISTANCE, 
     started = time.monotonic()
     if not 0 <= max_distance <= 32:
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
-    fs, path = filesystem_for(tags, storage_options)
     columns = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "error"]
-    table = pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns).sort_by("uri")
+    table = read_parquet(tags, storage_options, columns).sort_by("uri")
     if len(set(table.column("uri").to_pylist())) != table.num_rows:
         raise TagpipeError(f"{tags}: a uri appears more than once (mixed model runs?); dedup one model's output")
     n = table.num_rows
@@ -141,14 +139,15 @@ def run_dedup(tags: str, output: str, max_distance: int = DEFAULT_MAX_DISTANCE, 
     cluster_of_sorted = np.repeat(np.arange(len(starts)), sizes)
     representative = np.zeros(n, bool)
     representative[order[starts]] = True
-    min_sha = {}
-    for row, c in zip(order, cluster_of_sorted):
-        s = sha_sort[row]
-        if c not in min_sha or s < min_sha[c]:
-            min_sha[c] = s
     cluster_index = np.empty(n, np.int64)
     cluster_index[order] = cluster_of_sorted
-    cluster_id = [min_sha[c] if min_sha[c] != "~" else f"row:{table.column('uri')[int(order[starts[c]])].as_py()}" for c in cluster_index]
+    sha_values, sha_rank = np.unique(sha_sort, return_inverse=True)
+    smallest = np.full(len(starts), len(sha_values) - 1, np.int64)
+    np.minimum.at(smallest, cluster_index, sha_rank)
+    min_sha = sha_values[smallest]  # per cluster; "~" sorts after every hex digest
+    uris = table.column("uri").to_pylist()
+    ids = np.asarray([m if m != "~" else f"row:{uris[int(order[starts[c]])]}" for c, m in enumerate(min_sha)], object)
+    cluster_id = ids[cluster_index].tolist()
     cluster_size = sizes[cluster_index]
 
     out = pa.table(

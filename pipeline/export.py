@@ -19,10 +19,9 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-import pyarrow.dataset as pads
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, read_parquet
 
 FORMATS = ("captions", "jsonl", "dart")
 # Danbooru tags that are emoticons keep their underscores (as the wd-tagger demo does)
@@ -99,8 +98,7 @@ def _common_root(uris: list[str]) -> str:
 def export_tags(tags: str, output: str, fmt: str, text: TextOptions = TextOptions(), relative_to: str | None = None, storage_options: dict | None = None) -> ExportSummary:
     if fmt not in FORMATS:
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    fs, path = filesystem_for(tags, storage_options)
-    table = pads.dataset(path, format="parquet", filesystem=fs).to_table().sort_by("uri")
+    table = read_parquet(tags, storage_options).sort_by("uri")
     rows = table.to_pylist()
     summary = ExportSummary()
     good = [r for r in rows if r["error"] is None]

@@ -218,13 +218,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_to_input(image: Image.Image, pre: Preprocess, exact: bool, max_pixels: int) -> Image.Image:
-    """Apply the profile's geometry: the published recipe's order of pad and resize."""
-    return resample_for_input(image, pre, exact, max_pixels)[0]
-
-
 def resample_for_input(image: Image.Image, pre: Preprocess, exact: bool, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
-    """(model input, the whole image as resampled on the way, before any pad or crop).
+    """The profile's geometry, in the published recipe's order of pad and resize:
+    (model input, the whole image as resampled on the way, before any pad or crop).
 
     image is RGB, or RGBA for profiles that composite after resizing: Pillow resizes
     RGBA premultiplied, and padding is opaque, so compositing the result afterwards

@@ -80,10 +80,6 @@ def probabilities(raw: np.ndarray, activation: Activation) -> np.ndarray:
     return stored_to_probabilities(stored_logits(raw, activation), activation)
 
 
-def as_logits(raw: np.ndarray, activation: Activation) -> np.ndarray:
-    return stored_logits(raw, activation).astype(np.float32)
-
-
 def calibrate(p: np.ndarray, table: np.ndarray) -> np.ndarray:
     """CL-style calibration: table[tag, clip(int(p*100), 0, 99)], with the noisy last bin replaced."""
     bins = np.clip((p * 100).astype(np.int64), 0, 99)
@@ -141,15 +137,23 @@ class Postprocessor:
         self.argmax_groups = {c: np.flatnonzero(categories == c) for c in ARGMAX_CATEGORIES if (categories == c).any()}
         self.ood_cut = rules.ood_cut if rules.ood_cut is not None else (ood.p95 if ood is not None else None)
 
+    @classmethod
+    def for_bundle(cls, bundle: ModelBundle, **rules) -> "Postprocessor":
+        """The bundle's vocabulary, activation, tag metrics and OOD reference, with the
+        profile's thresholds overridden by rules (TagRules fields; None: not given)."""
+        return cls(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, **rules), bundle.ood_reference, bundle.tag_metrics)
+
     def __call__(self, raw: np.ndarray, embeddings: np.ndarray | None) -> dict[str, list]:
         return self.from_stored(stored_logits(raw, self.activation), embeddings)
 
-    def from_stored(self, stored: np.ndarray, embeddings: np.ndarray | None, candidates: np.ndarray | None = None) -> dict[str, list]:
-        """stored: float16 [N, T] as rows keep them; candidates: which tags are known
-        (None: those at or above the floor, plus the argmax groups)."""
+    def from_stored(self, stored: np.ndarray, embeddings: np.ndarray | None, known: np.ndarray | None = None) -> dict[str, list]:
+        """stored: float16 [N, T] as rows keep them; known: which of them a row stored
+        (None: all, as in the tagger). Candidates are the known tags at or above the
+        floor, plus the argmax groups."""
         probs = stored_to_probabilities(stored, self.activation)
-        if candidates is None:
-            candidates = (probs >= self.rules.logit_floor) | self.always_kept
+        candidates = (probs >= self.rules.logit_floor) | self.always_kept
+        if known is not None:
+            candidates &= known
         scores = self.calibrated(probs)
         chosen = candidates & (scores >= self.thresholds)
         for i in range(len(probs)):

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.bundle import load_bundle
 from pipeline.errors import TagpipeError
 from pipeline.output import OutputDir
-from pipeline.postprocess import ARGMAX_CATEGORIES, Postprocessor, TagRules, mahalanobis
+from pipeline.postprocess import ARGMAX_CATEGORIES, Postprocessor
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # rows densified at once: 256 x 108k float16 = 55 MB
@@ -60,12 +60,10 @@ def retag_table(table: pa.Table, post: Postprocessor, calibration_sha256: str, r
             idx = np.asarray(columns["logit_indices"][r], np.int64)
             stored[j, idx] = np.asarray(columns["logit_values"][r], np.float16)
             known[j, idx] = True
-        probs = 1.0 / (1.0 + np.exp(-stored.astype(np.float32)))
-        candidates = known & ((probs >= post.rules.logit_floor) | post.always_kept)
         embeddings = None
         if recompute_ood and post.ood is not None and columns["embedding"][chunk[0]] is not None:
             embeddings = np.asarray([columns["embedding"][r] for r in chunk], np.float32)
-        out = post.from_stored(stored, embeddings, candidates)
+        out = post.from_stored(stored, embeddings, known)
         for j, r in enumerate(chunk):
             changed += set(out["tags"][j]) != set(columns["tags"][r] or [])
             for key in ("tags", "scores", *ARGMAX_CATEGORIES):
@@ -94,9 +92,7 @@ def rethreshold_part(tags: str, name: str, output: str, model_dir: str, rules: d
     OOD distances are recomputed (from the stored float16 embedding) only when the
     bundle's OOD reference differs from the one the part was made with."""
     bundle = load_bundle(model_dir)
-    post = Postprocessor(
-        bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, **rules), bundle.ood_reference, bundle.tag_metrics
-    )
+    post = Postprocessor.for_bundle(bundle, **rules)
     source = OutputDir(tags, storage_options)
     with source.fs.open(source._join(name), "rb") as handle:
         table = pq.read_table(handle)
@@ -115,7 +111,7 @@ def run_rethreshold(tags: str, model_dir: str, output: str, rules: dict, storage
     started = time.monotonic()
     storage_options = storage_options or {}
     bundle = load_bundle(model_dir)  # a bad bundle or bad rules stop here, before any work
-    Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, **rules), bundle.ood_reference, bundle.tag_metrics)
+    Postprocessor.for_bundle(bundle, **rules)
     source, target = OutputDir(tags, storage_options), OutputDir(output, storage_options)
     if source.uri.rstrip("/") == target.uri.rstrip("/"):
         raise TagpipeError("--output must differ from --tags: rethreshold writes a new table and keeps the old one")

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.audit import audit, read_hashes
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, read_parquet
 
 log = logging.getLogger(__name__)
 HELD_OUT = "held_out"
@@ -141,14 +140,6 @@ def stratify(
     return chosen
 
 
-def _read(uri: str, columns: list[str], storage_options) -> pa.Table:
-    fs, path = filesystem_for(uri, storage_options)
-    if fs.isfile(path):
-        with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
-    return pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns)
-
-
 def run_split(
     tags: str,
     dedup: str,
@@ -164,8 +155,8 @@ def run_split(
     min_val_positives: int = 0,
 ) -> SplitReport:
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
-    clusters = _read(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, ["uri", "sha256", "phash", "cluster_id"], storage_options)
-    tagged = _read(tags, ["uri", "tags", "error"], storage_options)
+    clusters = read_parquet(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, storage_options, ["uri", "sha256", "phash", "cluster_id"])
+    tagged = read_parquet(tags, storage_options, ["uri", "tags", "error"])
     tag_of = {r["uri"]: r for r in tagged.to_pylist()}
     rows = [r for r in clusters.sort_by("uri").to_pylist() if r["uri"] in tag_of and tag_of[r["uri"]]["error"] is None]
     if not rows:
@@ -199,7 +190,7 @@ def run_split(
 
     split = [split_of_cluster[r["cluster_id"]] for r in rows]
     if previous:
-        before = {r["uri"]: r["split"] for r in _read(previous, ["uri", "split"], storage_options).to_pylist()}
+        before = {r["uri"]: r["split"] for r in read_parquet(previous, storage_options, ["uri", "split"]).to_pylist()}
         for c, idx in members.items():
             old = {before[rows[i]["uri"]] for i in idx if rows[i]["uri"] in before} - {HELD_OUT}
             new = [i for i in idx if rows[i]["uri"] not in before]

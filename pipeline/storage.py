@@ -57,6 +57,19 @@ def filesystem_for(uri: str, storage_options: dict | None = None):
     return fs, fs._strip_protocol(uri) if protocol != "file" else path
 
 
+def read_parquet(uri: str, storage_options: dict | None = None, columns: list[str] | None = None):
+    """A Parquet file, or a directory of them (a tagpipe output; `_`-prefixed paths such
+    as _runs/ are skipped), as one pyarrow Table."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(uri, storage_options)
+    if fs.isfile(path):
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+    return pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
 def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:
     fs, path = filesystem_for(uri, storage_options)
     return retry(lambda: fs.cat_file(path), attempts=attempts, what=uri)

@@ -24,7 +24,7 @@ from pipeline.config import TagJobConfig, tag_rules
 from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.manifest import build_manifest
 from pipeline.output import OutputDir, part_name
-from pipeline.postprocess import Postprocessor, TagRules
+from pipeline.postprocess import Postprocessor
 from pipeline.tagger import TaggerSettings
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     started = time.monotonic()
     bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
     # and so do rules the bundle cannot serve (per-tag thresholds without best_thr, ...)
-    Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, **tag_rules(cfg)), bundle.ood_reference, bundle.tag_metrics)
+    Postprocessor.for_bundle(bundle, **tag_rules(cfg))
     run_id = cfg.run_id or new_run_id()
     fp = bundle.fingerprint
     summary = RunSummary(run_id=run_id, output=cfg.output, model_name=bundle.name, model_sha256=fp.model_sha256)
@@ -109,11 +109,9 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         provider=cfg.provider,
         intra_op_threads=placement.intra_op_threads,
         run_id=run_id,
-        default_threshold=cfg.threshold,
-        logit_floor=cfg.logit_floor,
         dense_logits=cfg.dense_logits,
         normalise_in_graph=cfg.normalise_in_graph,
-        rules={k: v for k, v in tag_rules(cfg).items() if k not in ("default_threshold", "logit_floor")},
+        rules=tag_rules(cfg),
     )
     t = time.monotonic()
     if pending.num_rows:

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.bundle import ModelBundle, load_bundle
 from pipeline.onnx_tools import uint8_input_model
-from pipeline.postprocess import Postprocessor, TagRules
+from pipeline.postprocess import Postprocessor
 from pipeline.profiles import ChannelOrder, Layout, Preprocess, Profile, ValueRange
 from pipeline.runtime import ProviderChoice, create_session
 
@@ -34,11 +34,9 @@ class TaggerSettings:
     provider: ProviderChoice = ProviderChoice.AUTO
     intra_op_threads: int = 0
     run_id: str = ""
-    default_threshold: float | None = None
-    logit_floor: float = 0.01
     dense_logits: bool = False
     normalise_in_graph: bool = True  # feed uint8 to prepended Cast/scale nodes (see onnx_tools)
-    rules: dict = field(default_factory=dict)  # further TagRules fields (per-tag, MCut, cap, ...)
+    rules: dict = field(default_factory=dict)  # TagRules fields over the profile's (threshold, floor, MCut, ...)
 
 
 class Normaliser:
@@ -84,14 +82,7 @@ class TaggerStage:
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         fixed = shapes[self.input_name][0] if shapes.get(self.input_name) else None
         self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1
-        rules = TagRules.from_bundle(
-            self.bundle,
-            default_threshold=settings.default_threshold,
-            logit_floor=settings.logit_floor,
-            dense_logits=settings.dense_logits,
-            **settings.rules,
-        )
-        self.postprocess = Postprocessor(self.bundle.vocabulary, profile.activation, rules, self.bundle.ood_reference, self.bundle.tag_metrics)
+        self.postprocess = Postprocessor.for_bundle(self.bundle, dense_logits=settings.dense_logits, **settings.rules)
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
