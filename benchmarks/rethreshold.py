@@ -17,12 +17,12 @@ import shutil
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 
 from pipeline.config import make_tag_config, tag_rules
 from pipeline.demo_model import write_demo_bundle
 from pipeline.rethreshold import run_rethreshold
 from pipeline.runtime import available_cpus
+from pipeline.table import read_current
 from pipeline.tag_job import run_tag_job
 
 RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=6)
@@ -61,8 +61,8 @@ def main() -> None:
     re_seconds = time.perf_counter() - t
     ray.shutdown()
 
-    a = pads.dataset(str(outs["rerun"]), format="parquet").to_table(columns=["uri", "tags"]).sort_by("uri")
-    b = pads.dataset(str(outs["re"]), format="parquet").to_table(columns=["uri", "tags"]).sort_by("uri")
+    a = read_current(str(outs["rerun"]), columns=["uri", "tags"]).sort_by("uri")
+    b = read_current(str(outs["re"]), columns=["uri", "tags"]).sort_by("uri")
     same = a.column("tags").to_pylist() == b.column("tags").to_pylist()
     n = a.num_rows
     print(f"{n} images (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray; rules {RULES}")

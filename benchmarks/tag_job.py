@@ -120,7 +120,7 @@ def main() -> None:
     print(f"(cold start added to each Ray end-to-end figure: Ray start {init_seconds:.1f} s + first-job warm-up {warmup_seconds:.1f} s incl. 32 images)")
     for name in results:
         out = work / "out" / name.replace(" ", "").replace(",", "-")
-        size = sum(p.stat().st_size for p in out.glob("part-*.parquet"))
+        size = sum(p.stat().st_size for p in out.glob("data/*/part-*.parquet"))
         print(f"output bytes per image ({name}): {size / n:.0f}")
 
 

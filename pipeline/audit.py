@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
 from pipeline.phash import BLACK_HASH, SOLID_HASH
-from pipeline.storage import filesystem_for, read_parquet
+from pipeline.storage import filesystem_for, read_parquet, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +147,7 @@ def run_audit(train: str, evaluation: str, max_distance: int = 6, output: str | 
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
     leaks, report = audit(read_hashes(train, storage_options, "train"), read_hashes(evaluation, storage_options, "eval"), max_distance)
     if output:
-        fs, path = filesystem_for(output, storage_options)
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(posixpath.join(path, "leaks.parquet"), "wb") as handle:
-            pq.write_table(leaks, handle)
-        fs.pipe_file(posixpath.join(path, "audit.json"), json.dumps(asdict(report), indent=1).encode())
+        path = output.rstrip("/")
+        write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)
+        write_atomic(f"{path}/audit.json", json.dumps(asdict(report), indent=1).encode(), storage_options=storage_options)
     return leaks, report

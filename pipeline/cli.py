@@ -74,6 +74,7 @@ def tag(
     logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
     dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
+    max_delete_fraction: Optional[float] = typer.Option(None, help="Refuse to drop more than this share of the table's rows (a lost input?) [0.2]."),
     category_threshold: CategoryThreshold = None,
     per_tag_thresholds: PerTagThresholds = None,
     mcut: Mcut = None,
@@ -84,7 +85,11 @@ def tag(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Tag every image under the inputs; write one Parquet row per input."""
+    """Tag every image under the inputs into a versioned Parquet table, one row per image.
+
+    Against an existing table only new, changed and transiently failed images are
+    tagged, deleted ones are dropped, and a new version is committed at the end; a
+    new model (or decode settings) re-tags everything, new thresholds rethreshold."""
     from pipeline.config import load_config_file, make_tag_config
     from pipeline.tag_job import run_tag_job
 
@@ -114,6 +119,7 @@ def tag(
         logit_floor=logit_floor,
         dense_logits=dense_logits,
         run_id=run_id,
+        max_delete_fraction=max_delete_fraction,
         **_rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut),
     )
     summary = run_tag_job(cfg)
@@ -148,7 +154,7 @@ def _rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclud
 def rethreshold(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     model: str = typer.Option(..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."),
-    output: str = typer.Option(..., "--output", "-o", help="Where the re-tagged parts go (a new directory)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="A new table for the result; default: a new version of --tags itself."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."),
     threshold: Threshold = None,
     logit_floor: Optional[float] = typer.Option(None, help="Only tags stored at or above this probability are candidates [0.01]."),
@@ -172,7 +178,7 @@ def rethreshold(
     cfg = make_tag_config(
         file_values,
         inputs=[tags],
-        output=output,
+        output=output or tags,
         model=model,
         threshold=threshold,
         logit_floor=logit_floor,
@@ -182,6 +188,28 @@ def rethreshold(
     )
     summary = run_rethreshold(tags, model, output, tag_rules(cfg), cfg.storage_options, cfg.ray_address)
     typer.echo(summary.text())
+
+
+@app.command()
+def nightly(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML file with [tag] and [nightly] tables (configs/nightly.example.toml)."),
+    run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
+    max_delete_fraction: Optional[float] = typer.Option(None, help="Override [tag] max_delete_fraction for this run (1 accepts any deletion)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Tag what is new or changed, drop what is gone, then refresh dedup, splits
+    (stable: --previous) and the leakage audit. Exits 1 when the audit finds leaks."""
+    from pipeline.config import load_nightly_config
+    from pipeline.nightly import run_nightly
+
+    _setup(verbose, progress)
+    cfg = load_nightly_config(config, run_id=run_id, ray_address=ray_address, max_delete_fraction=max_delete_fraction)
+    summary = run_nightly(cfg)
+    typer.echo(summary.text())
+    if summary.leaks and cfg.fail_on_leaks:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -289,7 +317,7 @@ def demo(
     typer.echo(result.summary.text())
     typer.echo(f"model:   {result.model_dir}")
     typer.echo(f"corpus:  {result.corpus_dir / 'images'}")
-    typer.echo(f"tags:    {result.tags_dir}  (Parquet; read with pandas.read_parquet or DuckDB)")
+    typer.echo(f"tags:    {result.tags_dir}  (a versioned Parquet table: pipeline.table.read_current, or DuckDB via _current.json; see README)")
     typer.echo(f"check:   {result.correct}/{result.checked} rows match the corpus's known tags (broken files as error rows)")
     for rel, tags, error in result.wrong[:10]:
         typer.echo(f"  mismatch {rel}: tags={tags} error={error}")

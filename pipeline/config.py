@@ -51,6 +51,7 @@ class TagJobConfig:
     calibrate: bool = True  # apply the bundle's calibration table when it has one
     ood_cut: float | None = None  # ood flag above this distance; None: the reference's p95
     run_id: str | None = None  # None: generated
+    max_delete_fraction: float = 0.2  # refuse a run that would delete more of the table (a lost input?)
 
     def __post_init__(self):
         checks = [
@@ -67,6 +68,7 @@ class TagJobConfig:
             ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),
             ("max_tags", self.max_tags is None or self.max_tags >= 1),
             ("ood_cut", self.ood_cut is None or self.ood_cut >= 0),
+            ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0),
             ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in self.category_thresholds.values())),
             ("inputs", len(self.inputs) > 0),
             ("output", bool(self.output)),
@@ -93,9 +95,9 @@ def tag_rules(cfg) -> dict:
     return {k: v for k, v in rules.items() if v is not None}
 
 
-def _coerce(name: str, value, annotation):
+def _coerce(cls, name: str, value):
     """Check and convert one value to a field's type; errors name the field."""
-    hint = typing.get_type_hints(TagJobConfig)[name]
+    hint = typing.get_type_hints(cls)[name]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     optional = type(None) in args
     if value is None:
@@ -175,5 +177,56 @@ def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfi
     for required in ("inputs", "output", "model"):
         if required not in merged:
             raise ConfigError(f"field {required} is required (option --{required.rstrip('s')} or the config file)")
-    values = {name: _coerce(name, value, None) for name, value in merged.items()}
+    values = {name: _coerce(TagJobConfig, name, value) for name, value in merged.items()}
     return TagJobConfig(**values)
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """The [nightly] table: what runs after tagging. Paths default to siblings of the
+    tag output (<output>-dedup, <output>-splits)."""
+
+    tag: TagJobConfig
+    dedup_output: str = ""
+    splits_output: str = ""
+    ratios: str = "train=0.9,val=0.05,test=0.05"
+    seed: int = 0
+    stratify: bool = False
+    min_val_positives: int = 0
+    max_distance: int = 6  # dedup radius, also used by split --exclude and the audit
+    exclude: tuple[str, ...] = ()  # existing training sets: kept out of val/test and audited against
+    fail_on_leaks: bool = True  # exit 1 when the audit finds leaks (after writing everything)
+
+    def __post_init__(self):
+        base = self.tag.output.rstrip("/")
+        if not self.dedup_output:
+            object.__setattr__(self, "dedup_output", f"{base}-dedup")
+        if not self.splits_output:
+            object.__setattr__(self, "splits_output", f"{base}-splits")
+        for name, ok in (("max_distance", 0 <= self.max_distance <= 32), ("min_val_positives", self.min_val_positives >= 0)):
+            if not ok:
+                raise ConfigError(f"field nightly.{name} has a bad value: {getattr(self, name)!r}")
+        from pipeline.split import parse_ratios
+
+        try:
+            parse_ratios(self.ratios)
+        except Exception as exc:
+            raise ConfigError(f"field nightly.ratios has a bad value: {self.ratios!r} ({exc})") from None
+
+
+def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
+    """A config file with [tag] and [nightly] tables; relative paths are relative to it."""
+    tag = make_tag_config(load_config_file(path, "tag"), **tag_overrides)
+    section = load_config_file(path, "nightly")
+    base = Path(path).parent
+    for key in ("dedup_output", "splits_output"):
+        if isinstance(section.get(key), str) and "://" not in section[key] and not os.path.isabs(section[key]):
+            section[key] = str(base / section[key])
+    if isinstance(section.get("exclude"), list):
+        section["exclude"] = [v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v) for v in section["exclude"]]
+    names = {f.name for f in dataclasses.fields(NightlyConfig)} - {"tag"}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in [nightly]: {', '.join(unknown)}")
+    values = {name: _coerce(NightlyConfig, name, value) for name, value in section.items()}
+    return NightlyConfig(tag=tag, **values)

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
 from pipeline.phash import BLACK_HASH, SOLID_HASH
-from pipeline.storage import filesystem_for, read_parquet
+from pipeline.storage import read_parquet, write_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_DISTANCE = 6
@@ -174,10 +172,8 @@ def run_dedup(tags: str, output: str, max_distance: int = DEFAULT_MAX_DISTANCE, 
         summary.giant_clusters.append({"cluster_id": min_sha[c], "size": int(sizes[c]), "diameter_hops": hops, "spread_bits": spread})
         log.warning("giant cluster %s: %d images, diameter %d hops, ends %d bits apart (chaining?)", min_sha[c], sizes[c], hops, spread)
 
-    out_fs, out_path = filesystem_for(output, storage_options)
-    out_fs.makedirs(out_path, exist_ok=True)
-    with out_fs.open(posixpath.join(out_path, "clusters.parquet"), "wb") as handle:
-        pq.write_table(out, handle, compression="zstd")
+    out_path = output.rstrip("/")
+    write_atomic(f"{out_path}/clusters.parquet", table=out, storage_options=storage_options)
     summary.seconds = round(time.monotonic() - started, 3)
-    out_fs.pipe_file(posixpath.join(out_path, "_summary.json"), json.dumps(asdict(summary), indent=1).encode())
+    write_atomic(f"{out_path}/_summary.json", json.dumps(asdict(summary), indent=1).encode(), storage_options=storage_options)
     return summary

@@ -11,11 +11,11 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.dataset as pads
 
 from pipeline.config import make_tag_config
 from pipeline.demo_model import write_demo_bundle
 from pipeline.synthetic import load_expected, make_corpus
+from pipeline.table import read_current
 from pipeline.tag_job import RunSummary, run_tag_job
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,14 @@ class DemoResult:
     wrong: list
 
 
-def check_tags(tags_dir: str | Path, corpus_dir: Path, images_root: str | None = None, filesystem=None) -> tuple[int, int, list]:
+def check_tags(tags_dir: str | Path, corpus_dir: Path, images_root: str | None = None, storage_options: dict | None = None) -> tuple[int, int, list]:
     """Compare written tags with the corpus's known tags: (checked, correct, mismatches).
 
     images_root: where the corpus's images were tagged from, when not corpus_dir/images
-    (a copy on S3); filesystem: an fsspec filesystem for tags_dir.
+    (a copy on S3); storage_options: fsspec options for tags_dir.
     """
     expected = load_expected(corpus_dir)
-    table = pads.dataset(str(tags_dir), format="parquet", filesystem=filesystem).to_table(columns=["uri", "tags", "rating", "quality", "error"])
+    table = read_current(str(tags_dir), storage_options, ["uri", "tags", "rating", "quality", "error"])
     images_root = (images_root or str((corpus_dir / "images").resolve())).rstrip("/")
     correct, wrong = 0, []
     for row in table.to_pylist():

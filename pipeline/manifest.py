@@ -56,6 +56,7 @@ def _row(fs, info: dict) -> dict:
 def list_prefix(uri: str, storage_options: dict | None, extensions: frozenset[str]) -> pa.Table:
     """Every file under one prefix, recursively (one Ray task's share of a listing)."""
     fs, path = filesystem_for(uri, storage_options)
+    fs.invalidate_cache(path)  # a listing is tonight's truth, never a cached one
     found = retry(lambda: fs.find(path, detail=True, withdirs=False), what=uri)
     rows = [_row(fs, info) for info in found.values() if info.get("type") != "directory" and _extension(info["name"]) in extensions]
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
@@ -106,6 +107,7 @@ def build_manifest(inputs: list[str], storage_options: dict | None = None, exten
 
 def _list_in_parallel(fs, path: str, storage_options, extensions, parallel: bool) -> list[pa.Table]:
     protocol = _protocol(fs)
+    fs.invalidate_cache(path)
     top = retry(lambda: fs.ls(path, detail=True), what=path)
     files = [info for info in top if info.get("type") != "directory" and _extension(info["name"]) in extensions]
     subdirs = [_join(protocol, info["name"]) for info in top if info.get("type") == "directory"]

@@ -16,10 +16,9 @@ import logging
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,10 @@ def fit_reference(embeddings: np.ndarray) -> dict[str, np.ndarray]:
 
 def read_embeddings(tags: str, storage_options: dict | None = None, model_sha256: str | None = None) -> np.ndarray:
     """Embeddings of the rows without errors in a tag output directory (of one model)."""
-    fs, path = filesystem_for(tags, storage_options)
-    dataset = pads.dataset(path, format="parquet", filesystem=fs)
-    if "embedding" not in dataset.schema.names:
+    table = read_parquet(tags, storage_options, None)
+    if "embedding" not in table.column_names:
         raise TagpipeError(f"{tags}: rows have no embedding column")
-    table = dataset.to_table(columns=["embedding", "model_sha256"], filter=pc.field("error").is_null() & pc.field("embedding").is_valid())
+    table = table.filter(pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("embedding")))).select(["embedding", "model_sha256"])
     models = set(table.column("model_sha256").drop_null().to_pylist())
     if model_sha256 is not None and models - {model_sha256}:
         raise TagpipeError(f"{tags}: rows were made by model {sorted(models)}, not by the bundle given ({model_sha256})")

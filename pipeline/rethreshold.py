@@ -2,14 +2,17 @@
 
 Every tag decision is a function of the stored float16 logits (pipeline/postprocess.py),
 so a part's rows can be re-tagged with other thresholds, calibration or OOD cut by
-reading the part alone. One Ray task per part; each writes a part of the same name to
-the output (atomically), so a rerun skips what is done. Rows with errors pass through.
-The bundle must be the one that made the logits (same model_sha256); its calibration
-and OOD reference may be new, which is what rethresholding is for.
+reading the part alone. One Ray task per part writes the re-tagged part under a name
+derived from the source part and the new rules (so a rerun skips what is done); the
+new parts are committed as one new version (pipeline/table.py). Rows with errors pass
+through. The bundle must be the one that made the logits (same model_sha256); its
+calibration and OOD reference may be new, which is what rethresholding is for.
+The nightly job uses rewrite_part too: to drop deleted or changed rows from a part.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 import time
@@ -17,12 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from pipeline.bundle import load_bundle
 from pipeline.errors import TagpipeError
-from pipeline.output import OutputDir
+from pipeline.incremental import parts_dir_key, rules_key
 from pipeline.postprocess import ARGMAX_CATEGORIES, Postprocessor
+from pipeline.table import DATA_DIR, Snapshot, TagTable, now_iso
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # rows densified at once: 256 x 108k float16 = 55 MB
@@ -34,13 +38,14 @@ class RethresholdSummary:
     parts_skipped: int = 0
     rows: int = 0
     rows_changed: int = 0
+    version: int = 0  # the committed version
     seconds: float = 0.0
     by_part: list = field(default_factory=list)
 
     def text(self) -> str:
         return (
             f"rethreshold: {self.parts} parts ({self.parts_skipped} already done), {self.rows} rows, "
-            f"{self.rows_changed} with different tags, {self.seconds:.1f} s"
+            f"{self.rows_changed} with different tags, committed as version {self.version}, {self.seconds:.1f} s"
         )
 
 
@@ -86,58 +91,119 @@ def retag_table(table: pa.Table, post: Postprocessor, calibration_sha256: str, r
     return pa.Table.from_arrays(arrays, schema=table.schema), changed
 
 
-def rethreshold_part(tags: str, name: str, output: str, model_dir: str, rules: dict, run_id: str, storage_options: dict) -> tuple[str, int, int]:
-    """One part: read, re-tag, write under the same name. Returns (name, rows, changed).
+def rewrite_name(source_file: str, key: str, drop: list[str]) -> str:
+    """A rewritten part's name: from its source part, what it drops and the settings
+    key, so a rerun finds it done."""
+    digest = hashlib.sha256(f"{source_file}\0{key}".encode())
+    for uri in sorted(drop):
+        digest.update(b"\0" + uri.encode())
+    return posixpath.join(DATA_DIR, key, f"part-{digest.hexdigest()[:24]}.parquet")
+
+
+def rewrite_part(
+    source_uri: str, source_file: str, target_uri: str, target_file: str, drop: list[str], model_dir: str | None, rules: dict | None, run_id: str, storage_options: dict
+) -> tuple[str | None, int, int, bool]:
+    """One part, copied without the `drop` rows and (with rules) re-tagged from its stored
+    logits. Returns (target file or None when no row is left, rows, rows whose tags
+    changed, whether it was already written by an earlier attempt).
 
     OOD distances are recomputed (from the stored float16 embedding) only when the
     bundle's OOD reference differs from the one the part was made with."""
-    bundle = load_bundle(model_dir)
-    post = Postprocessor.for_bundle(bundle, **rules)
-    source = OutputDir(tags, storage_options)
-    with source.fs.open(source._join(name), "rb") as handle:
-        table = pq.read_table(handle)
-    shas = set(table.column("model_sha256").drop_null().to_pylist())
-    if shas - {bundle.fingerprint.model_sha256}:
-        raise TagpipeError(f"{tags}/{name}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256})")
-    new_reference = set(table.column("calibration_sha256").drop_null().to_pylist()) != {bundle.fingerprint.calibration_sha256}
-    retagged, changed = retag_table(table, post, bundle.fingerprint.calibration_sha256, run_id, recompute_ood=new_reference)
-    OutputDir(output, storage_options).write_part(name, retagged)
-    return name, table.num_rows, changed
+    target = TagTable(target_uri, storage_options)
+    if target.exists(target_file):
+        return target_file, target.read_part_metadata(target_file).num_rows, 0, True
+    table = TagTable(source_uri, storage_options).read_part(source_file)
+    if drop:
+        table = table.filter(pc.invert(pc.is_in(table.column("uri"), pa.array(drop, pa.string()))))
+    if not table.num_rows:
+        return None, 0, 0, False
+    changed = 0
+    if rules is not None:
+        bundle = load_bundle(model_dir)
+        post = Postprocessor.for_bundle(bundle, **rules)
+        shas = set(table.column("model_sha256").drop_null().to_pylist())
+        if shas - {bundle.fingerprint.model_sha256}:
+            raise TagpipeError(f"{source_uri}/{source_file}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256})")
+        new_reference = set(table.column("calibration_sha256").drop_null().to_pylist()) != {bundle.fingerprint.calibration_sha256}
+        table, changed = retag_table(table, post, bundle.fingerprint.calibration_sha256, run_id, recompute_ood=new_reference)
+    target.write_part(target_file, table)
+    return target_file, table.num_rows, changed, False
 
 
-def run_rethreshold(tags: str, model_dir: str, output: str, rules: dict, storage_options: dict | None = None, ray_address: str | None = None, run_id: str | None = None) -> RethresholdSummary:
+def rewrite_parts(jobs: list[dict], storage_options: dict, progress_label: str) -> list[tuple[str | None, int, int, bool]]:
+    """Run rewrite_part for each job (keyword dicts) as Ray tasks, in job order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=3)(rewrite_part)
+    refs = [task.remote(**job, storage_options=storage_options) for job in jobs]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        results[index[ready[0]]] = ray.get(ready[0])
+        done += 1
+        if done % 50 == 0 or not pending:
+            log.info("%s: %d/%d parts", progress_label, done, len(refs))
+    return results
+
+
+def run_rethreshold(tags: str, model_dir: str, output: str | None, rules: dict, storage_options: dict | None = None, ray_address: str | None = None, run_id: str | None = None) -> RethresholdSummary:
+    """Re-tag a table's current version with new rules: into `output` as a new table,
+    or (output None or the same) in place as a new version of the same table."""
     from pipeline.tag_job import ensure_ray, new_run_id
 
     started = time.monotonic()
     storage_options = storage_options or {}
     bundle = load_bundle(model_dir)  # a bad bundle or bad rules stop here, before any work
     Postprocessor.for_bundle(bundle, **rules)
-    source, target = OutputDir(tags, storage_options), OutputDir(output, storage_options)
-    if source.uri.rstrip("/") == target.uri.rstrip("/"):
-        raise TagpipeError("--output must differ from --tags: rethreshold writes a new table and keeps the old one")
-    parts = source.part_files()
-    if not parts:
-        raise TagpipeError(f"no part-*.parquet files under {tags}")
-    with source.fs.open(parts[0], "rb") as handle:  # fail fast, before any task: the right model?
-        shas = set(pq.read_table(handle, columns=["model_sha256"]).column("model_sha256").drop_null().to_pylist())
-    if shas - {bundle.fingerprint.model_sha256}:
-        raise TagpipeError(f"{tags}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256}); rethreshold needs the same model")
-    done = {posixpath.basename(p) for p in target.part_files()}
-    todo = [p for p in parts if posixpath.basename(p) not in done]
-    summary = RethresholdSummary(parts=len(parts), parts_skipped=len(parts) - len(todo))
+    source = TagTable(tags, storage_options)
+    base = source.snapshot()
+    if base.model_sha256 != bundle.fingerprint.model_sha256:
+        raise TagpipeError(f"{tags}: made by model {base.model_sha256}, not by {model_dir} ({bundle.fingerprint.model_sha256}); rethreshold needs the same model")
+    target = source if output is None or output.rstrip("/") == source.uri else TagTable(output, storage_options)
+    target_base = target.current()
+    if target is not source and target_base is not None and target_base.inference_key != base.inference_key:
+        raise TagpipeError(f"{output} holds a table from other inference settings; rethreshold into a new directory or into {tags} itself")
+    new_rules_key = rules_key(bundle, rules)
+    key = parts_dir_key(base.inference_key, new_rules_key)
     run_id = run_id or new_run_id()
-    if todo:
+    jobs = [
+        dict(source_uri=source.uri, source_file=f, target_uri=target.uri, target_file=rewrite_name(f, key, []), drop=[], model_dir=model_dir, rules=rules, run_id=run_id)
+        for f in base.files
+    ]
+    summary = RethresholdSummary(parts=len(jobs))
+    if jobs:
         ensure_ray(ray_address)
-        import ray
-
-        task = ray.remote(num_cpus=1, max_retries=3)(rethreshold_part)
-        pending = [task.remote(tags, posixpath.basename(p), output, model_dir, rules, run_id, storage_options) for p in todo]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            name, rows, changed = ray.get(ready[0])
+        for file, rows, changed, existed in rewrite_parts(jobs, storage_options, "rethreshold"):
             summary.rows += rows
             summary.rows_changed += changed
-            summary.by_part.append(name)
-            log.info("rethresholded %d/%d parts (%d rows)", len(summary.by_part), len(todo), summary.rows)
+            summary.parts_skipped += existed
+            summary.by_part.append(file)
+    files = tuple(sorted(f for f in summary.by_part if f))
+    if target_base is not None and target_base.files == files:  # a repeat of a finished rethreshold
+        summary.version = target_base.version
+        summary.seconds = round(time.monotonic() - started, 3)
+        return summary
+    snapshot = Snapshot(
+        version=(target_base.version if target_base else 0) + 1,
+        files=files,
+        rows=summary.rows,
+        model_sha256=base.model_sha256,
+        inference_key=base.inference_key,
+        rules_key=new_rules_key,
+        run_id=run_id,
+        committed_at=now_iso(),
+        model_name=base.model_name,
+        rules=rules_record(rules),
+        counts={"rethresholded": summary.rows, "rows_changed": summary.rows_changed, "source_version": base.version},
+    )
+    target.commit(target_base, snapshot)
+    summary.version = snapshot.version
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
+
+
+def rules_record(rules: dict) -> dict:
+    """Rules as JSON-friendly values, for snapshots and run manifests."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else list(v) if isinstance(v, tuple) else v for k, v in rules.items()}

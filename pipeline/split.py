@@ -20,16 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.audit import audit, read_hashes
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for, read_parquet
+from pipeline.storage import read_parquet, write_atomic
 
 log = logging.getLogger(__name__)
 HELD_OUT = "held_out"
@@ -190,7 +188,14 @@ def run_split(
 
     split = [split_of_cluster[r["cluster_id"]] for r in rows]
     if previous:
-        before = {r["uri"]: r["split"] for r in read_parquet(previous, storage_options, ["uri", "split"]).to_pylist()}
+        # an image keeps its split only while its bytes are the same: a file replaced
+        # under the same name is a new image (its content may belong to another cluster)
+        sha_now = {r["uri"]: r["sha256"] for r in rows}
+        before = {
+            r["uri"]: r["split"]
+            for r in read_parquet(previous, storage_options, ["uri", "split", "sha256"]).to_pylist()
+            if r["sha256"] is None or r["uri"] not in sha_now or r["sha256"] == sha_now[r["uri"]]
+        }
         for c, idx in members.items():
             old = {before[rows[i]["uri"]] for i in idx if rows[i]["uri"] in before} - {HELD_OUT}
             new = [i for i in idx if rows[i]["uri"] not in before]
@@ -217,11 +222,9 @@ def run_split(
             "split": pa.array(split, pa.string()),
         }
     )
-    fs, path = filesystem_for(output, storage_options)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(posixpath.join(path, "splits.parquet"), "wb") as handle:
-        pq.write_table(out, handle, compression="zstd")
-    fs.pipe_file(posixpath.join(path, "_report.json"), json.dumps(asdict(report), indent=1, sort_keys=True).encode())
+    path = output.rstrip("/")  # replaced atomically: the next run reads it as --previous
+    write_atomic(f"{path}/splits.parquet", table=out, storage_options=storage_options)
+    write_atomic(f"{path}/_report.json", json.dumps(asdict(report), indent=1, sort_keys=True).encode(), storage_options=storage_options)
     return report
 
 

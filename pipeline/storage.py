@@ -58,16 +58,56 @@ def filesystem_for(uri: str, storage_options: dict | None = None):
 
 
 def read_parquet(uri: str, storage_options: dict | None = None, columns: list[str] | None = None):
-    """A Parquet file, or a directory of them (a tagpipe output; `_`-prefixed paths such
-    as _runs/ are skipped), as one pyarrow Table."""
+    """A Parquet file, a tag table (its current version: pipeline/table.py), or a
+    directory of Parquet files (`_`-prefixed paths skipped), as one pyarrow Table."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
+    from pipeline.table import is_tag_table, read_current
+
     fs, path = filesystem_for(uri, storage_options)
+    if is_tag_table(uri, storage_options):
+        return read_current(uri, storage_options, columns)
     if fs.isfile(path):
         with fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)
     return pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
+def write_atomic(uri: str, data: bytes | None = None, table=None, storage_options: dict | None = None) -> None:
+    """Replace a file in one step, so a reader (or the next run, reading it as its
+    previous state) never sees half of it: temp file + rename locally, one PUT on
+    object stores. Give bytes, or a pyarrow table to write as zstd Parquet."""
+    import os
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(uri, storage_options)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if local:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            if table is not None:
+                pq.write_table(table, tmp, compression="zstd")
+            else:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+
+    def put():
+        with fs.open(path, "wb") as handle:
+            if table is not None:
+                pq.write_table(table, handle, compression="zstd")
+            else:
+                handle.write(data)
+
+    retry(put, what=uri)
 
 
 def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:

@@ -1,7 +1,10 @@
-"""`tagpipe tag`: list inputs, skip what is done, run the Ray graph, commit parts.
+"""`tagpipe tag`: list inputs, compare with the committed table, tag what is new or
+changed, drop what is gone, commit one new version.
 
-The driver only routes finished rows into their slice's part file and commits it;
-decode and inference run in Ray tasks and actors placed by pipeline/graph.py.
+The driver only plans, routes finished rows into their slice's part file and commits;
+decode and inference run in Ray tasks and actors placed by pipeline/graph.py, part
+rewrites in Ray tasks (pipeline/rethreshold.py). Nothing is visible to readers until
+the commit (pipeline/table.py), and parts written before a crash are reused.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import posixpath
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,9 +26,15 @@ from pipeline import __version__
 from pipeline.bundle import load_bundle
 from pipeline.config import TagJobConfig, tag_rules
 from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
+from pipeline.errors import TagpipeError
+from pipeline.incremental import (
+    CHANGED, DELETED, NEW, RETRY, SOURCE_COLUMNS, UNCHANGED,
+    classify, inference_key, part_name, parts_dir_key, resolve_unknown, reusable_parts, rules_key,
+)
 from pipeline.manifest import build_manifest
-from pipeline.output import OutputDir, part_name
 from pipeline.postprocess import Postprocessor
+from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
+from pipeline.table import DATA_DIR, Snapshot, TagTable, now_iso
 from pipeline.tagger import TaggerSettings
 
 log = logging.getLogger(__name__)
@@ -35,13 +45,25 @@ SHARD = "_shard"
 class RunSummary:
     run_id: str
     output: str
-    images: int = 0  # rows written by this run
+    change: str = ""  # first run | incremental | model changed | rules changed | no change
+    listed: int = 0  # images in the inputs
+    new: int = 0  # listed, not in the table
+    changed: int = 0  # in the table, source changed (etag / size+mtime / sha256)
+    deleted: int = 0  # in the table, no longer listed: dropped from the new version
+    skipped: int = 0  # unchanged, kept as they are (not recomputed)
+    retried: int = 0  # unchanged but stored with a transient error (read_error, not_found)
+    retagged: int = 0  # unchanged but re-tagged because the inference settings changed
+    rethresholded: int = 0  # rows re-tagged from stored logits (rules changed), no inference
+    reused: int = 0  # rows an interrupted run had already tagged
+    images: int = 0  # rows tagged (model run) by this run
     ok: int = 0
-    errors: int = 0
+    errors: int = 0  # error rows among those tagged by this run
     errors_by_kind: dict = field(default_factory=dict)
-    skipped: int = 0  # already in the output for this model
-    listed: int = 0
-    parts: list = field(default_factory=list)
+    rewritten_parts: int = 0  # parts copied without deleted/changed rows, or rethresholded
+    parts: list = field(default_factory=list)  # parts written by tagging
+    base_version: int = 0
+    version: int = 0  # the committed version (= base_version when nothing changed)
+    rows: int = 0  # rows in the committed version
     seconds: float = 0.0
     images_per_second: float = 0.0
     placement: str = ""
@@ -50,11 +72,18 @@ class RunSummary:
     timings: dict = field(default_factory=dict)
     rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
 
+    def counts(self) -> dict:
+        names = ("listed", "new", "changed", "deleted", "skipped", "retried", "retagged", "rethresholded", "reused", "images", "errors", "rewritten_parts", "rows")
+        return {name: getattr(self, name) for name in names}
+
     def text(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
+        extra = "".join(f", {n} {name}" for name, n in (("retried", self.retried), ("re-tagged for new settings", self.retagged), ("rethresholded", self.rethresholded), ("reused from an interrupted run", self.reused)) if n)
         return (
-            f"run {self.run_id}: {self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
-            f"{self.skipped} already done, {self.seconds:.1f} s, {self.images_per_second:.1f} img/s -> {self.output}"
+            f"run {self.run_id} ({self.change}): {self.listed} listed, {self.new} new, {self.changed} changed, "
+            f"{self.deleted} deleted, {self.skipped} unchanged{extra}; {self.images} images tagged ({self.ok} ok, "
+            f"{self.errors} errors: {kinds}), {self.images_per_second:.1f} img/s; version {self.version} "
+            f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
         )
 
 
@@ -77,27 +106,150 @@ def ensure_ray(address: str | None) -> None:
 
 
 def run_tag_job(cfg: TagJobConfig) -> RunSummary:
+    """Bring the table at cfg.output up to date with the inputs, then commit one version."""
     started = time.monotonic()
     bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
-    # and so do rules the bundle cannot serve (per-tag thresholds without best_thr, ...)
-    Postprocessor.for_bundle(bundle, **tag_rules(cfg))
+    rules = tag_rules(cfg)
+    Postprocessor.for_bundle(bundle, **rules)  # and so do rules the bundle cannot serve
     run_id = cfg.run_id or new_run_id()
     fp = bundle.fingerprint
     summary = RunSummary(run_id=run_id, output=cfg.output, model_name=bundle.name, model_sha256=fp.model_sha256)
+    keys = (inference_key(cfg, bundle), rules_key(bundle, rules))
+    key = parts_dir_key(*keys)
+    table = TagTable(cfg.output, cfg.storage_options)
+    base = table.current()
+    summary.base_version = summary.version = base.version if base else 0
     ensure_ray(cfg.ray_address)
     import ray
 
-    out = OutputDir(cfg.output, cfg.storage_options)
     t = time.monotonic()
     manifest = build_manifest(list(cfg.inputs), cfg.storage_options)
     summary.listed = manifest.num_rows
-    manifest_path = out.write_input_manifest(run_id, manifest)
-    done = out.done_uris(fp.model_sha256)
-    pending = manifest.filter(pc.invert(pc.is_in(manifest.column("uri"), pa.array(sorted(done), pa.string())))) if done else manifest
-    summary.skipped = manifest.num_rows - pending.num_rows
-    summary.timings["list_seconds"] = round(time.monotonic() - t, 3)
-    log.info("%d inputs listed, %d already tagged with this model, %d to do", manifest.num_rows, summary.skipped, pending.num_rows)
+    manifest_path = table.write_input_manifest(run_id, manifest)
+    summary.timings["list_seconds"] = _lap(t)
 
+    t = time.monotonic()
+    same_inference = base is not None and base.inference_key == keys[0]
+    same_rules = same_inference and base.rules_key == keys[1]
+    view = table.read(base, [*SOURCE_COLUMNS, "sha256", "error_kind"], with_file=True) if base else None
+    status = classify(manifest, view) if view is not None and view.num_rows else classify(manifest, _empty_view())
+    status = resolve_unknown(status, cfg.storage_options)
+    state = status.column("status").to_numpy(zero_copy_only=False)
+    counts = collections.Counter(state.tolist())
+    summary.new, summary.changed, summary.deleted = counts[NEW], counts[CHANGED], counts[DELETED]
+    summary.change = "first run" if base is None else "incremental" if same_rules else "rules changed" if same_inference else "inference settings changed"
+    if same_inference:
+        summary.skipped, summary.retried = counts[UNCHANGED], counts[RETRY]
+        redo = np.isin(state, [NEW, CHANGED, RETRY])
+        drop = np.isin(state, [CHANGED, RETRY, DELETED])
+    else:  # a new model (or decode/profile settings): every listed image is tagged again
+        summary.retagged = counts[UNCHANGED] + counts[RETRY]
+        redo = state != DELETED
+        drop = np.ones(len(state), bool)
+    _check_deletions(cfg, summary, base)
+    to_infer = manifest.filter(pc.is_in(manifest.column("uri"), status.column("uri").filter(pa.array(redo)))) if redo.any() else manifest.slice(0, 0)
+
+    # parts an interrupted run with the same settings already wrote (newer than the base)
+    since = datetime.fromisoformat(base.committed_at).timestamp() - 3600 if base else 0.0
+    taken = set(base.files) if base else set()
+    candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]
+    reuse = reusable_parts(candidates, table.read_part, to_infer)
+    summary.reused = reuse.rows
+    pending = to_infer.filter(pc.invert(pc.is_in(to_infer.column("uri"), pa.array(sorted(reuse.uris), pa.string())))) if reuse.uris else to_infer
+    summary.timings["plan_seconds"] = _lap(t)
+    log.info(
+        "%s: %d listed; %d new, %d changed, %d deleted, %d unchanged; %d to tag (%d reused from an interrupted run)",
+        summary.change, summary.listed, summary.new, summary.changed, summary.deleted, summary.skipped, pending.num_rows, reuse.rows,
+    )
+
+    t = time.monotonic()
+    new_parts = _tag(cfg, bundle, rules, run_id, pending, table, key, taken, summary, ray) if pending.num_rows else []
+    summary.timings["tag_seconds"] = _lap(t)
+    summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images and summary.timings["tag_seconds"] else 0.0
+
+    # the base's parts: kept as they are, copied without dropped rows, or rethresholded
+    t = time.monotonic()
+    kept: list[str] = []
+    rewritten: list[str] = []
+    if same_inference:
+        files = status.column("_file").to_numpy(zero_copy_only=False)
+        uris = status.column("uri").to_numpy(zero_copy_only=False)
+        dropped = collections.defaultdict(list)
+        for i in np.flatnonzero(drop & (files >= 0)):
+            dropped[int(files[i])].append(uris[i])
+        jobs = []
+        for index, file in enumerate(base.files):
+            if same_rules and index not in dropped:
+                kept.append(file)
+                continue
+            name = rewrite_name(file, key, dropped.get(index, []))
+            jobs.append(dict(source_uri=table.uri, source_file=file, target_uri=table.uri, target_file=name, drop=dropped.get(index, []),
+                             model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id))
+        for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewrite") if jobs else []:
+            if file:
+                rewritten.append(file)
+            if not same_rules:
+                summary.rethresholded += rows
+        summary.rewritten_parts = len(jobs)
+    summary.timings["rewrite_seconds"] = _lap(t)
+
+    files = [*kept, *rewritten, *reuse.files, *new_parts]
+    if base is None or not same_inference or summary.images or summary.reused or summary.rewritten_parts:
+        t = time.monotonic()
+        snapshot = _commit(table, base, files, bundle, keys, rules, run_id, summary)
+        summary.version, summary.rows = snapshot.version, snapshot.rows
+        summary.timings["commit_seconds"] = _lap(t)
+    else:
+        summary.change = "no change"
+        summary.rows = base.rows
+    summary.seconds = round(time.monotonic() - started, 3)
+    table.write_run_manifest(
+        run_id,
+        {
+            "run_id": run_id,
+            "tagpipe_version": __version__,
+            "finished_at": now_iso(),
+            "inputs": list(cfg.inputs),
+            "input_manifest": manifest_path,
+            "model_dir": str(bundle.directory),
+            "profile": bundle.profile.name,
+            "fingerprint": asdict(fp),
+            "inference_key": keys[0],
+            "rules_key": keys[1],
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options",)},
+            "counts": summary.counts(),
+            "timings": summary.timings,
+            "summary": asdict(summary),
+        },
+    )
+    return summary
+
+
+def _lap(t: float) -> float:
+    return round(time.monotonic() - t, 3)
+
+
+def _empty_view() -> pa.Table:
+    return pa.table({"uri": pa.array([], pa.string()), "source_size": pa.array([], pa.int64()), "etag": pa.array([], pa.string()),
+                     "mtime": pa.array([], pa.float64()), "sha256": pa.array([], pa.string()), "error_kind": pa.array([], pa.string()), "_file": pa.array([], pa.int32())})
+
+
+def _check_deletions(cfg: TagJobConfig, summary: RunSummary, base) -> None:
+    """A listing that lost most of the corpus is more likely a wrong or failing input
+    than a mass deletion: stop before committing it."""
+    if base is None or not base.rows or not summary.deleted:
+        return
+    fraction = summary.deleted / base.rows
+    if fraction > cfg.max_delete_fraction:
+        raise TagpipeError(
+            f"this run would delete {summary.deleted} of the table's {base.rows} rows ({fraction:.0%}), more than "
+            f"max_delete_fraction={cfg.max_delete_fraction}: is an input missing or misspelled? Nothing was changed; "
+            f"to accept, rerun with --max-delete-fraction 1"
+        )
+
+
+def _tag(cfg, bundle, rules, run_id, pending: pa.Table, table: TagTable, key: str, taken: set, summary: RunSummary, ray) -> list[str]:
+    """Tag `pending` on Ray; every complete slice becomes one part (not yet committed)."""
     shard_ids = np.arange(pending.num_rows, dtype=np.int64) // cfg.rows_per_part
     pending = pending.append_column(SHARD, pa.array(shard_ids))
     expected = collections.Counter(shard_ids.tolist())
@@ -111,75 +263,83 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         run_id=run_id,
         dense_logits=cfg.dense_logits,
         normalise_in_graph=cfg.normalise_in_graph,
-        rules=tag_rules(cfg),
+        rules=rules,
     )
-    t = time.monotonic()
-    if pending.num_rows:
-        block_rows = max(cfg.decode_batch_size, 64)
-        work = pending.select(["uri", SHARD])  # the rest of the manifest is joined back at commit
-        blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
-        dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
-        buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
-        counts: collections.Counter = collections.Counter()
-        nodes = {"decode": collections.Counter(), "tag": collections.Counter()}
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
-                nodes[stage].update(batch.column(column).to_pylist())
-            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
-            shards = batch.column(SHARD).to_numpy()
-            for shard in np.unique(shards).tolist():
-                mask = shards == shard
-                buffers[shard].append(batch.filter(pa.array(mask)))
-                counts[shard] += int(mask.sum())
-                if counts[shard] == expected[shard]:
-                    _commit(out, buffers.pop(shard), pending, cfg.rows_per_part, fp.model_sha256, summary)
-                    _progress(summary, pending.num_rows, t)
-        summary.rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
-        if buffers:  # Ray returned fewer rows than sent: commit nothing partial; a rerun redoes them
-            missing = {shard: f"{counts[shard]}/{expected[shard]}" for shard in sorted(buffers)}
-            raise RuntimeError(f"slices came back incomplete (rows received/sent): {missing}; rerun to finish them")
-    summary.timings["tag_seconds"] = round(time.monotonic() - t, 3)
-    summary.seconds = round(time.monotonic() - started, 3)
-    summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images else 0.0
-    out.write_run_manifest(
-        run_id,
-        {
-            "run_id": run_id,
-            "tagpipe_version": __version__,
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "inputs": list(cfg.inputs),
-            "input_manifest": manifest_path,
-            "model_dir": str(bundle.directory),
-            "profile": bundle.profile.name,
-            "fingerprint": asdict(fp),
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options",)},
-            "summary": asdict(summary),
-        },
-    )
-    return summary
+    block_rows = max(cfg.decode_batch_size, 64)
+    work = pending.select(["uri", SHARD])  # the rest of the manifest is joined back when a slice is written
+    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
+    dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
+    buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
+    counts: collections.Counter = collections.Counter()
+    nodes = {"decode": collections.Counter(), "tag": collections.Counter()}
+    started = time.monotonic()
+    written = []
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
+            nodes[stage].update(batch.column(column).to_pylist())
+        batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
+        shards = batch.column(SHARD).to_numpy()
+        for shard in np.unique(shards).tolist():
+            mask = shards == shard
+            buffers[shard].append(batch.filter(pa.array(mask)))
+            counts[shard] += int(mask.sum())
+            if counts[shard] == expected[shard]:
+                written.append(_write_slice(table, buffers.pop(shard), pending, cfg.rows_per_part, key, taken, run_id, summary))
+                _progress(summary, pending.num_rows, started)
+    summary.rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
+    if buffers:  # Ray returned fewer rows than sent: write nothing partial; a rerun redoes them
+        missing = {shard: f"{counts[shard]}/{expected[shard]}" for shard in sorted(buffers)}
+        raise RuntimeError(f"slices came back incomplete (rows received/sent): {missing}; rerun to finish them")
+    return written
 
 
-def _commit(out: OutputDir, tables: list[pa.Table], manifest: pa.Table, rows_per_part: int, model_sha256: str, summary: RunSummary) -> None:
-    table = pa.concat_tables(tables, promote_options="default").sort_by("uri")
-    shard = table.column(SHARD)[0].as_py()
-    start = int(shard) * rows_per_part  # the manifest is sorted and cut in order: slice k is rows [k*S, (k+1)*S)
-    source = manifest.slice(start, rows_per_part)
-    if source.column("uri").to_pylist() != table.column("uri").to_pylist():
+def _write_slice(table: TagTable, tables: list[pa.Table], pending: pa.Table, rows_per_part: int, key: str, taken: set, run_id: str, summary: RunSummary) -> str:
+    rows = pa.concat_tables(tables, promote_options="default").sort_by("uri")
+    shard = rows.column(SHARD)[0].as_py()
+    start = int(shard) * rows_per_part  # pending is sorted and cut in order: slice k is rows [k*S, (k+1)*S)
+    source = pending.slice(start, rows_per_part)
+    if source.column("uri").to_pylist() != rows.column("uri").to_pylist():
         raise RuntimeError(f"slice {shard}: the rows that came back do not match the rows sent")
-    table = table.drop_columns([SHARD])
+    rows = rows.drop_columns([SHARD])
     for name in ("source_size", "etag", "mtime"):
-        table = table.append_column(name, source.column(name))
-    uris = table.column("uri").to_pylist()
-    path = out.write_part(part_name(model_sha256, uris), table)
-    errors = table.column("error_kind").drop_null().to_pylist()
-    summary.parts.append(os.path.basename(path))
-    summary.images += table.num_rows
+        rows = rows.append_column(name, source.column(name))
+    file = posixpath.join(DATA_DIR, key, part_name(key, rows))
+    if file in taken:  # the same sources retried with the same settings: never overwrite a committed part
+        file = file.replace(".parquet", f"-{run_id}.parquet")
+    table.write_part(file, rows)
+    errors = rows.column("error_kind").drop_null().to_pylist()
+    summary.parts.append(file)
+    summary.images += rows.num_rows
     summary.errors += len(errors)
     summary.ok = summary.images - summary.errors
     for kind in errors:
         summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
+    return file
+
+
+def _commit(table: TagTable, base, files: list[str], bundle, keys, rules, run_id: str, summary: RunSummary):
+    """Check that the new version has exactly one row per listed image, then commit it."""
+    total = 0
+    for file in files:
+        total += table.read_part_metadata(file).num_rows
+    if total != summary.listed:
+        raise RuntimeError(f"the new version would hold {total} rows for {summary.listed} listed images; nothing committed")
+    snapshot = Snapshot(
+        version=(base.version if base else 0) + 1,
+        files=tuple(sorted(files)),
+        rows=total,
+        model_sha256=bundle.fingerprint.model_sha256,
+        inference_key=keys[0],
+        rules_key=keys[1],
+        run_id=run_id,
+        committed_at=now_iso(),
+        model_name=bundle.name,
+        rules=rules_record(rules),
+        counts=summary.counts(),
+    )
+    return table.commit(base, snapshot)
 
 
 def _progress(summary: RunSummary, total: int, started: float) -> None:
     elapsed = max(time.monotonic() - started, 1e-9)
-    log.info("committed %d/%d images (%d errors), %.1f img/s", summary.images, total, summary.errors, summary.images / elapsed)
+    log.info("tagged %d/%d images (%d errors), %.1f img/s", summary.images, total, summary.errors, summary.images / elapsed)

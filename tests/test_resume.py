@@ -1,5 +1,6 @@
 """Kill the driver with SIGKILL mid-run, rerun the same command: every input exactly
-once, with the same content as an uninterrupted run."""
+once, with the same content as an uninterrupted run. (A kill during a nightly update of
+a committed table: tests/test_nightly.py.)"""
 
 from __future__ import annotations
 
@@ -10,23 +11,26 @@ import sys
 import time
 
 import pyarrow.dataset as pads
+import pytest
 
 from pipeline.config import make_tag_config
+from pipeline.errors import TagpipeError
+from pipeline.table import read_current
 from pipeline.tag_job import run_tag_job
 
 VOLATILE = {"run_id", "tagged_at"}
 
 
-def _rows(path) -> dict[str, dict]:
-    table = pads.dataset(str(path), format="parquet").to_table()
+def _rows(table) -> dict[str, dict]:
     rows = table.to_pylist()
     by_uri = {r["uri"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
     assert len(by_uri) == len(rows), "duplicate rows"
     return by_uri
 
 
-def _parts(path) -> list[str]:
-    return sorted(p for p in os.listdir(path) if p.startswith("part-")) if path.exists() else []
+def staged_parts(path) -> list:
+    """Parts written under data/ (committed or not)."""
+    return sorted(path.glob("data/*/part-*.parquet"))
 
 
 def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bundle, demo_corpus, tmp_path):
@@ -38,22 +42,24 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bun
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not _parts(out):
+    while not staged_parts(out):
         assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no part committed in time"
         time.sleep(0.02)
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     total = len(list((demo_corpus / "images").rglob("*.*")))
-    after_kill = _rows(out)
-    assert 0 < len(after_kill) < total, "the kill must land mid-run"
+    written = _rows(pads.dataset([str(p) for p in staged_parts(out)], format="parquet").to_table())
+    assert 0 < len(written) < total, "the kill must land mid-run"
+    with pytest.raises(TagpipeError, match="no committed table"):  # readers see no half table
+        read_current(str(out))
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{len(after_kill)} already done" in rerun.stdout
+    assert f"{len(written)} reused from an interrupted run" in rerun.stdout
 
     clean_out = tmp_path / "clean"
     run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=str(clean_out), model=str(demo_bundle), rows_per_part=8))
-    resumed, clean = _rows(out), _rows(clean_out)
+    resumed, clean = _rows(read_current(str(out))), _rows(read_current(str(clean_out)))
     assert sorted(resumed) == sorted(clean) and len(clean) == total
     assert resumed == clean  # same tags, scores, logits, hashes, errors, row for row

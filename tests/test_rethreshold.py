@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import pyarrow.dataset as pads
+import shutil
+
 import pytest
 
 from pipeline.config import make_tag_config, tag_rules
 from pipeline.errors import TagpipeError
 from pipeline.rethreshold import run_rethreshold
+from pipeline.table import TagTable, read_current
 from pipeline.tag_job import run_tag_job
 
 RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=4, category_thresholds={"meta": 0.15})
@@ -15,7 +17,7 @@ TAG_COLUMNS = ["tags", "tags_general", "tags_character", "scores", "rating", "qu
 
 
 def _by_uri(path, columns):
-    table = pads.dataset(str(path), format="parquet").to_table(columns=["uri", *columns])
+    table = read_current(str(path), columns=["uri", *columns])
     return {row["uri"]: row for row in table.to_pylist()}
 
 
@@ -30,22 +32,31 @@ def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, 
     cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(tmp_path / "rerun"), model=str(demo_bundle), rows_per_part=16, **RULES)
     run_tag_job(cfg)
     summary = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
-    assert summary.parts == len(list(base_output.glob("part-*.parquet"))) and summary.rows_changed > 0
+    base_files = TagTable(str(base_output)).current().files
+    assert summary.parts == len(base_files) and summary.rows_changed > 0 and summary.version == 1
     rerun, rethresholded, base = (_by_uri(p, TAG_COLUMNS) for p in (tmp_path / "rerun", tmp_path / "re", base_output))
     assert rerun.keys() == rethresholded.keys()
     for uri, row in rerun.items():
         assert rethresholded[uri] == row, uri  # tags, scores, winners, ood: identical
     assert any(rethresholded[u]["tags"] != base[u]["tags"] for u in base)  # the rules did change things
-    assert sorted(p.name for p in (tmp_path / "re").glob("part-*.parquet")) == sorted(p.name for p in base_output.glob("part-*.parquet"))
+    assert len(TagTable(str(tmp_path / "re")).current().files) == len(base_files)
 
     again = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
-    assert again.parts_skipped == again.parts and again.rows == 0
+    assert again.parts_skipped == again.parts and again.version == 1  # all done already: no new version
 
 
-def test_rethreshold_refuses_another_models_tags_and_same_output(base_output, demo_bundle, tmp_path):
+def test_rethreshold_in_place_commits_a_new_version(base_output, demo_bundle, tmp_path):
+    table = tmp_path / "tags"
+    shutil.copytree(base_output, table)
+    summary = run_rethreshold(str(table), str(demo_bundle), None, {"default_threshold": 0.9})
+    assert summary.version == 2 and summary.rows_changed > 0
+    before, after = _by_uri(table, ["tags"]), read_current(str(table), version=1)
+    assert {r["uri"]: r for r in after.select(["uri", "tags"]).to_pylist()} == _by_uri(base_output, ["tags"])
+    assert any(before[u]["tags"] != r["tags"] for u, r in _by_uri(base_output, ["tags"]).items())
+
+
+def test_rethreshold_refuses_another_models_tags(base_output, demo_bundle, tmp_path):
     from helpers import joytag_bundle
 
-    with pytest.raises(TagpipeError, match="must differ"):
-        run_rethreshold(str(base_output), str(demo_bundle), str(base_output), {})
     with pytest.raises(TagpipeError, match="made by model"):
         run_rethreshold(str(base_output), str(joytag_bundle(tmp_path / "joy")), str(tmp_path / "out"), {})

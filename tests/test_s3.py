@@ -3,12 +3,12 @@ standard AWS variables only (AWS_ENDPOINT_URL etc., set by the s3_server fixture
 
 from __future__ import annotations
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import s3fs
 
 from pipeline.config import make_tag_config
 from pipeline.demo import check_tags
+from pipeline.table import read_current
 from pipeline.tag_job import run_tag_job
 
 
@@ -24,11 +24,11 @@ def test_tag_job_reads_and_writes_s3(ray_session, s3_server, demo_bundle, demo_c
     assert summary.images == len(images) and summary.errors_by_kind == {"empty": 1, "not_an_image": 2, "truncated": 1}
 
     fs.invalidate_cache()
-    table = pads.dataset("tagpipe-test/tags", filesystem=fs, format="parquet").to_table()
+    table = read_current("s3://tagpipe-test/tags/")
     assert sorted(table.column("uri").to_pylist()) == images  # every input exactly once
     etags = set(table.column("etag").drop_null().to_pylist())
     assert len(etags) >= len(images) - 1  # S3 etags from the listing travel along
-    checked, correct, wrong = check_tags("tagpipe-test/tags", demo_corpus, images_root="s3://tagpipe-test/corpus/images", filesystem=fs)
+    checked, correct, wrong = check_tags("s3://tagpipe-test/tags", demo_corpus, images_root="s3://tagpipe-test/corpus/images", storage_options={})
     assert (checked, correct, wrong) == (len(images), len(images), [])
     (listing,) = fs.find("tagpipe-test/tags/_manifests")
     with fs.open(listing, "rb") as handle:
@@ -36,6 +36,15 @@ def test_tag_job_reads_and_writes_s3(ray_session, s3_server, demo_bundle, demo_c
     assert len(fs.find("tagpipe-test/tags/_runs")) == 1
 
     again = run_tag_job(cfg)  # nothing left to do: nothing rewritten, nothing duplicated
-    assert again.images == 0 and again.skipped == len(images)
-    fs.invalidate_cache()
-    assert pads.dataset("tagpipe-test/tags", filesystem=fs, format="parquet").count_rows() == len(images)
+    assert again.images == 0 and again.skipped == len(images) and again.version == 1
+
+    # nightly on S3: one new object, one overwritten (its etag changes), one deleted
+    fs.put(str(demo_corpus / "images" / "red" / "red_001.png"), "tagpipe-test/corpus/images/red/red_new.png")
+    fs.put(str(demo_corpus / "images" / "green" / "green_000.jpg"), "tagpipe-test/corpus/images/blue/blue_000.jpg")
+    fs.rm("tagpipe-test/corpus/images/noise/noise_001.png")
+    nightly = run_tag_job(cfg)
+    assert (nightly.new, nightly.changed, nightly.deleted, nightly.skipped, nightly.images) == (1, 1, 1, len(images) - 2, 2)
+    after = {r["uri"]: r for r in read_current("s3://tagpipe-test/tags/").to_pylist()}
+    assert len(after) == len(images) and "s3://tagpipe-test/corpus/images/noise/noise_001.png" not in after
+    assert "green_theme" in after["s3://tagpipe-test/corpus/images/blue/blue_000.jpg"]["tags"]
+    assert after["s3://tagpipe-test/corpus/images/red/red_new.png"]["run_id"] == nightly.run_id

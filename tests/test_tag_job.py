@@ -1,12 +1,11 @@
 import json
-import os
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config_file, make_tag_config
 from pipeline.demo import check_tags
 from pipeline.errors import ConfigError
+from pipeline.table import read_current
 from pipeline.tag_job import run_tag_job
 
 
@@ -15,14 +14,16 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16)
     summary = run_tag_job(cfg)
     images = sorted(str(p) for p in (demo_corpus / "images").rglob("*") if p.is_file())
-    table = pq.read_table(out)
+    table = read_current(str(out))
     assert sorted(table.column("uri").to_pylist()) == images  # exactly once each
     assert summary.images == len(images) and summary.errors == 4
     assert summary.errors_by_kind == {"empty": 1, "not_an_image": 2, "truncated": 1}
     checked, correct, wrong = check_tags(out, demo_corpus)
     assert (checked, correct, wrong) == (len(images), len(images), [])
-    parts = sorted(p for p in os.listdir(out) if p.startswith("part-"))
-    assert len(parts) == -(-len(images) // 16) and summary.parts and sorted(summary.parts) == parts
+    snapshot = json.loads((out / "_current.json").read_text())
+    assert snapshot["version"] == summary.version == 1 and snapshot["rows"] == len(images)
+    assert len(snapshot["files"]) == -(-len(images) // 16) and sorted(summary.parts) == snapshot["files"]
+    assert all((out / f).is_file() for f in snapshot["files"])
     row = table.filter(table.column("error").is_null()).slice(0, 1).to_pylist()[0]
     assert len(row["embedding"]) == 21 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
     from pipeline.bundle import load_bundle
@@ -34,16 +35,17 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
     assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
 
-    import duckdb  # readers named in the README read the output directly
+    import duckdb  # the README's two DuckDB statements read the current version
 
-    counts = duckdb.execute(f"select count(*), count(distinct uri), count(error) from read_parquet('{out}/*.parquet')").fetchone()
+    duckdb.execute(f"SET VARIABLE files = (SELECT paths FROM read_json('{out}/_current.json'))")
+    counts = duckdb.execute("select count(*), count(distinct uri), count(error) from read_parquet(getvariable('files'))").fetchone()
     assert counts == (len(images), len(images), 4)
-    phash = duckdb.execute(f"select phash from read_parquet('{out}/*.parquet') where uri = '{row['uri']}'").fetchone()[0]
+    phash = duckdb.execute(f"select phash from read_parquet(getvariable('files')) where uri = '{row['uri']}'").fetchone()[0]
     assert phash == row["phash"] and f"{phash:016x}" == row["phash_hex"]
 
-    again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added
-    assert again.images == 0 and again.skipped == len(images)
-    assert pq.read_table(out).num_rows == len(images)
+    again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added, no new version
+    assert again.images == 0 and again.skipped == len(images) and again.change == "no change" and again.version == 1
+    assert read_current(str(out)).num_rows == len(images)
 
 
 def test_config_file_and_field_errors(tmp_path, demo_bundle):

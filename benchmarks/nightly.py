@@ -1,0 +1,86 @@
+"""A nightly run with 1% new images vs the full run it updates, side by side.
+
+    python benchmarks/nightly.py [--images 2000] [--new-fraction 0.01] [--workdir /tmp/tagpipe-bench]
+
+Same 3 MP JPEGs as benchmarks/tag_job.py, demo model (CL v2 contract) on CPU, one warm
+local Ray. Times (1) the full run that creates the table, (2) the nightly run after
+adding --new-fraction new images, (3) a run with nothing new (the fixed cost of
+listing, reading the table's source columns and deciding). Prints images run through
+the model, tagging-phase seconds and end-to-end seconds for each, and the nightly/full
+ratios. Issue 8's target: the nightly run costs <= 5% of the full run's inference work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tag_job import make_images  # noqa: E402
+
+from pipeline.config import make_tag_config  # noqa: E402
+from pipeline.demo_model import write_demo_bundle  # noqa: E402
+from pipeline.runtime import available_cpus  # noqa: E402
+from pipeline.sample_photos import mosaic_3mp  # noqa: E402
+from pipeline.table import read_current  # noqa: E402
+from pipeline.tag_job import run_tag_job  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--new-fraction", type=float, default=0.01)
+    parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir)
+    base_dir = work / f"images-{args.images}"
+    make_images(base_dir, args.images)
+    new_dir = work / "nightly-new"
+    shutil.rmtree(new_dir, ignore_errors=True)
+    new_dir.mkdir(parents=True)
+    out = work / "out" / "nightly"
+    shutil.rmtree(out, ignore_errors=True)
+    model = write_demo_bundle(work / "model")
+    import ray
+
+    ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = make_tag_config(inputs=[str(base_dir), str(new_dir)], output=str(out), model=str(model), rows_per_part=512)
+
+    def timed():
+        t = time.perf_counter()
+        summary = run_tag_job(cfg)
+        return summary, time.perf_counter() - t
+
+    full, full_s = timed()
+    count = max(1, round(args.images * args.new_fraction))
+    for i, data in enumerate(mosaic_3mp(count, seed=11)):
+        (new_dir / f"new_{i:05d}.jpg").write_bytes(data)
+    nightly, nightly_s = timed()
+    idle, idle_s = timed()
+    ray.shutdown()
+    rows = read_current(str(out), columns=["uri", "run_id"])
+    unchanged_kept = sum(1 for r in rows.to_pylist() if r["run_id"] == full.run_id)
+
+    print(f"{args.images} images + {count} new (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray")
+    print("run                     | through the model | tagging phase s | end to end s | list s | plan s | commit s")
+    for name, s, total in (("full (creates v1)", full, full_s), (f"nightly, {count} new", nightly, nightly_s), ("nothing new", idle, idle_s)):
+        t = s.timings
+        print(
+            f"{name:23} | {s.images:17d} | {t.get('tag_seconds', 0):15.2f} | {total:12.2f} | {t['list_seconds']:6.2f} | "
+            f"{t['plan_seconds']:6.2f} | {t.get('commit_seconds', 0):8.2f}"
+        )
+    print(f"nightly/full: images through the model {nightly.images / full.images:.2%} (target <= 5%), "
+          f"tagging phase {nightly.timings['tag_seconds'] / full.timings['tag_seconds']:.2%}, end to end {nightly_s / full_s:.2%}")  # fmt: skip
+    print(f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, skipped {nightly.skipped}; "
+          f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; versions {full.version} -> {nightly.version} -> {idle.version}")  # fmt: skip
+    shutil.rmtree(new_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
