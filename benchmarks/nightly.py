@@ -8,6 +8,11 @@ adding --new-fraction new images, (3) a run with nothing new (the fixed cost of
 listing, reading the table's source columns and deciding). Prints images run through
 the model, tagging-phase seconds and end-to-end seconds for each, and the nightly/full
 ratios. Issue 8's target: the nightly run costs <= 5% of the full run's inference work.
+
+    python benchmarks/nightly.py --plan-rows 10000000
+
+times only the driver's change classification (pipeline/incremental.classify) on a
+synthetic listing and table of that many rows plus 1% new: its seconds and peak memory.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--new-fraction", type=float, default=0.01)
     parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
+    parser.add_argument("--plan-rows", type=int, default=0, help="Only time change classification at this many rows.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.plan_rows:
+        return plan_at_scale(args.plan_rows)
     work = Path(args.workdir)
     base_dir = work / f"images-{args.images}"
     make_images(base_dir, args.images)
@@ -80,6 +88,33 @@ def main() -> None:
     print(f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, skipped {nightly.skipped}; "
           f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; versions {full.version} -> {nightly.version} -> {idle.version}")  # fmt: skip
     shutil.rmtree(new_dir, ignore_errors=True)
+
+
+def plan_at_scale(n: int) -> None:
+    import resource
+
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.incremental import classify
+
+    uris = pa.array([f"s3://bucket/images/{i:09d}.jpg" for i in range(n)])
+    view = pa.table(
+        {
+            "uri": uris, "source_size": pa.array(np.full(n, 300_000, np.int64)), "etag": pa.array([f"{i:032x}" for i in range(n)]),
+            "mtime": pa.array(np.full(n, 1.7e9)), "sha256": pa.nulls(n, pa.string()), "error_kind": pa.nulls(n, pa.string()),
+            "_file": pa.array((np.arange(n) // 4096).astype(np.int32)),
+        }
+    )  # fmt: skip
+    k = n // 100
+    new = pa.table({"uri": pa.array([f"s3://bucket/images/new{i:09d}.jpg" for i in range(k)]), "source_size": pa.array(np.ones(k, np.int64)),
+                    "etag": pa.array(["x"] * k), "mtime": pa.array(np.full(k, 1.8e9))})  # fmt: skip
+    manifest = pa.concat_tables([view.select(["uri", "source_size", "etag", "mtime"]), new])
+    t = time.perf_counter()
+    status = classify(manifest, view)
+    seconds = time.perf_counter() - t
+    new_count = sum(1 for s in status.column("status").to_pylist() if s == "new")
+    print(f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import numpy as np
 from PIL import Image
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import load_nightly_config, make_tag_config
 from pipeline.demo_model import build_graph, save_with_external_data
 from pipeline.errors import TagpipeError
@@ -114,10 +118,17 @@ def test_nightly_tags_only_new_and_changed_and_drops_deleted(ray_session, demo_b
     third = run_tag_job(load_nightly_config(cfg_path).tag)  # nothing changed: no work, no version
     assert (third.change, third.images, third.version, third.skipped) == ("no change", 0, 2, total)
 
+    # an external training set now holds a val/test image: stability keeps it where it
+    # was, so the audit must report the leak and the command exit 1
+    held = next(r for r in splits_v2.values() if r["split"] in ("val", "test"))
+    pq.write_table(pa.table({"sha256": [held["sha256"]]}), tmp_path / "external_train.parquet")
+    cfg_path.write_text(cfg_path.read_text() + f'exclude = ["{tmp_path / "external_train.parquet"}"]\n')
+    result = CliRunner().invoke(app, ["nightly", "-c", str(cfg_path), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "LEAKS FOUND" in result.output and f"audit exclude:{tmp_path / 'external_train.parquet'}: 1 leaks" in result.output
+
 
 def _read(path: Path) -> dict[str, dict]:
-    import pyarrow.parquet as pq
-
     return _rows(pq.read_table(path))
 
 
@@ -142,12 +153,23 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(ray_session
         assert all(score >= 0.9 for score in general)
     assert dropped > 0
 
+    # a new OOD reference (calibration side): rethreshold recomputes distances, no inference
+    reference = dict(np.load(bundle / "model_ood_ref.npz"))
+    reference["mu"] = reference["mu"] + 1.0
+    np.savez(bundle / "model_ood_ref.npz", **reference)
+    recal = run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=out, model=str(bundle), rows_per_part=16, threshold=0.9))
+    assert recal.change == "rules changed" and recal.images == 0 and recal.rethresholded == first.listed
+    v3 = _rows(read_current(out))
+    moved = [u for u, r in v3.items() if r["ood_distance"] is not None and r["ood_distance"] != v2[u]["ood_distance"]]
+    assert len(moved) == sum(1 for r in v2.values() if r["ood_distance"] is not None) > 0
+    assert all(v3[u]["logit_values"] == v2[u]["logit_values"] for u in v3)
+
     # the same file name, other weights: everything is tagged again with the new model
     save_with_external_data(build_graph(seed=1), bundle / "model.onnx")
     retag = run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=out, model=str(bundle), rows_per_part=16, threshold=0.9))
     assert retag.change == "inference settings changed" and retag.images == retag.retagged == first.listed and retag.model_sha256 != first.model_sha256
-    v3 = read_current(out)
-    assert set(v3.column("model_sha256").to_pylist()) == {retag.model_sha256} and set(v3.column("run_id").to_pylist()) == {retag.run_id}
+    v4 = read_current(out)
+    assert set(v4.column("model_sha256").to_pylist()) == {retag.model_sha256} and set(v4.column("run_id").to_pylist()) == {retag.run_id}
     old = read_current(out, version=1)  # the previous model's rows stay readable
     assert set(old.column("model_sha256").to_pylist()) == {first.model_sha256}
 
@@ -244,3 +266,16 @@ def test_table_commit_refuses_a_concurrent_writer(tmp_path):
         table.commit(base, snap(2))
     assert table.current().run_id == "r2" and table.versions() == [1, 2]
     assert json.loads((tmp_path / "t" / "_current.json").read_text())["paths"] == []
+
+
+def test_example_nightly_config_parses_and_names_bad_fields(tmp_path):
+    example = Path(__file__).parent.parent / "configs" / "nightly.example.toml"
+    cfg = load_nightly_config(example)
+    assert cfg.dedup_output == cfg.tag.output.rstrip("/") + "-dedup" and cfg.tag.max_delete_fraction == 0.2 and cfg.fail_on_leaks
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.read_text().replace('ratios = "train=0.9,val=0.05,test=0.05"', 'ratios = "val=1"'))
+    with pytest.raises(Exception, match="field nightly.ratios"):
+        load_nightly_config(bad)
+    bad.write_text(example.read_text() + "max_distanse = 3\n")
+    with pytest.raises(Exception, match=r"unknown field\(s\) in \[nightly\]: max_distanse"):
+        load_nightly_config(bad)
