@@ -12,7 +12,9 @@ The nightly job uses rewrite_part too: to drop deleted or changed rows from a pa
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import posixpath
 import time
@@ -119,8 +121,7 @@ def rewrite_part(
         return None, 0, 0, False
     changed = 0
     if rules is not None:
-        bundle = load_bundle(model_dir)
-        post = Postprocessor.for_bundle(bundle, **rules)
+        bundle, post = _postprocessor(model_dir, json.dumps(rules_record(rules), sort_keys=True))
         shas = set(table.column("model_sha256").drop_null().to_pylist())
         if shas - {bundle.fingerprint.model_sha256}:
             raise TagpipeError(f"{source_uri}/{source_file}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256})")
@@ -128,6 +129,19 @@ def rewrite_part(
         table, changed = retag_table(table, post, bundle.fingerprint.calibration_sha256, run_id, recompute_ood=new_reference)
     target.write_part(target_file, table)
     return target_file, table.num_rows, changed, False
+
+
+@functools.lru_cache(maxsize=4)
+def _postprocessor(model_dir: str, rules_json: str):
+    """One bundle load (it hashes the model file) per worker process, not per part:
+    Ray runs many rewrite tasks in the same worker."""
+    bundle = load_bundle(model_dir)
+    rules = json.loads(rules_json)  # back from JSON: lists to the TagRules types
+    if "mcut_categories" in rules:
+        rules["mcut_categories"] = tuple(rules["mcut_categories"])
+    if "exclude" in rules:
+        rules["exclude"] = frozenset(rules["exclude"])
+    return bundle, Postprocessor.for_bundle(bundle, **rules)
 
 
 def rewrite_parts(jobs: list[dict], storage_options: dict, progress_label: str) -> list[tuple[str | None, int, int, bool]]:

@@ -15,6 +15,7 @@ import os
 import posixpath
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -34,7 +35,7 @@ from pipeline.incremental import (
 from pipeline.manifest import build_manifest
 from pipeline.postprocess import Postprocessor
 from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
-from pipeline.table import DATA_DIR, Snapshot, TagTable, now_iso
+from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso
 from pipeline.tagger import TaggerSettings
 
 log = logging.getLogger(__name__)
@@ -319,9 +320,8 @@ def _write_slice(table: TagTable, tables: list[pa.Table], pending: pa.Table, row
 
 def _commit(table: TagTable, base, files: list[str], bundle, keys, rules, run_id: str, summary: RunSummary):
     """Check that the new version has exactly one row per listed image, then commit it."""
-    total = 0
-    for file in files:
-        total += table.read_part_metadata(file).num_rows
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
+        total = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
     if total != summary.listed:
         raise RuntimeError(f"the new version would hold {total} rows for {summary.listed} listed images; nothing committed")
     snapshot = Snapshot(
