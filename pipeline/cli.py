@@ -213,6 +213,23 @@ def nightly(
 
 
 @app.command()
+def vacuum(
+    tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
+    keep_versions: int = typer.Option(2, help="Keep the parts of this many newest versions (the current one always) [2]."),
+    grace_hours: float = typer.Option(24.0, help="Never delete unnamed parts younger than this: a running job may still commit them [24]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
+    storage_options: StorageOptions = None,
+) -> None:
+    """Delete parts (and version records) that no kept version of the table uses."""
+    from pipeline.table import TagTable
+
+    _setup(False)
+    result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"vacuum: {verb} {result['parts_deleted']} parts, versions {result['versions_deleted'] or 'none'}, {result['tmp_deleted']} temp files; kept versions {result['versions_kept']}")
+
+
+@app.command()
 def dedup(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),

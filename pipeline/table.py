@@ -12,7 +12,7 @@ commits once, by writing `_versions/<N+1>.json` and replacing `_current.json`. A
 killed at any point before that leaves the previous table exactly as it was; the parts
 it wrote are found again and reused by the next run. Rows are never edited in place:
 a part losing rows (deleted or changed images) is rewritten under a new name, so every
-older snapshot stays readable until its files are vacuumed.
+older snapshot stays readable until `vacuum` deletes the parts no kept version names.
 
 Readers take the file list from `_current.json` (`read_current`, or two SQL statements
 in DuckDB: see the README). Why not Delta Lake: docs/decisions.md.
@@ -179,8 +179,7 @@ class TagTable:
         for info in self.fs.ls(directory, detail=True):
             name = posixpath.basename(info["name"])
             if name.startswith("part-") and name.endswith(".parquet"):
-                mtime = info.get("mtime", info.get("LastModified"))
-                found.append({"file": posixpath.join(DATA_DIR, key, name), "mtime": mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)})
+                found.append({"file": posixpath.join(DATA_DIR, key, name), "mtime": _mtime(info)})
         return sorted(found, key=lambda f: f["file"])
 
     def write_part(self, relative: str, table: pa.Table) -> str:
@@ -219,6 +218,43 @@ class TagTable:
     def _has_legacy_parts(self) -> bool:
         return self.fs.exists(self.path) and any(posixpath.basename(p).startswith("part-") for p in self.fs.ls(self.path, detail=False))
 
+    # ---- vacuum --------------------------------------------------------------------
+    def vacuum(self, keep_versions: int = 2, grace_hours: float = 24.0, dry_run: bool = False) -> dict:
+        """Delete parts no kept version names. Kept: the newest `keep_versions` versions
+        (the current one always). Unnamed parts younger than `grace_hours` stay: they may
+        belong to a run in progress, which will commit or reuse them. Version records of
+        versions whose parts are gone are deleted too, so every listed version is readable."""
+        if keep_versions < 1:
+            raise TagpipeError("keep_versions must be >= 1 (the current version is always kept)")
+        current = self.snapshot()
+        versions = [v for v in self.versions() if v <= current.version]
+        kept = versions[-keep_versions:]
+        named = set(current.files)
+        for version in kept:
+            named |= set(self.snapshot(version).files)
+        cutoff = datetime.now(timezone.utc).timestamp() - grace_hours * 3600
+        data = self.join(DATA_DIR)
+        doomed = []
+        if self.fs.exists(data):
+            self.fs.invalidate_cache(data)
+            for key in self.fs.ls(data, detail=False):
+                for part in self.list_parts(posixpath.basename(key)):
+                    if part["file"] not in named and part["mtime"] < cutoff:
+                        doomed.append(part["file"])
+        old_versions = [v for v in versions if v not in kept]
+        tmp = self.join(TMP_DIR)
+        stale_tmp = []
+        if self.fs.exists(tmp):
+            stale_tmp = [info["name"] for info in self.fs.ls(tmp, detail=True) if _mtime(info) < cutoff]
+        if not dry_run:
+            for file in doomed:
+                self.fs.rm(self.join(file))
+            for version in old_versions:
+                self.fs.rm(self.join(VERSIONS_DIR, f"{version:012d}.json"))
+            for path in stale_tmp:
+                self.fs.rm(path)
+        return {"parts_deleted": len(doomed), "versions_deleted": old_versions, "versions_kept": kept, "tmp_deleted": len(stale_tmp), "dry_run": dry_run}
+
     # ---- run records -------------------------------------------------------------
     def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
         """The listing a run works from (uri, source_size, etag, mtime), written first."""
@@ -236,6 +272,11 @@ class TagTable:
         path = self.join(RUNS_DIR, f"{name}.json")
         self._write_bytes(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
         return path
+
+
+def _mtime(info: dict) -> float:
+    mtime = info.get("mtime", info.get("LastModified"))
+    return mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
 
 
 def now_iso() -> str:

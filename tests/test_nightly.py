@@ -173,6 +173,28 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(ray_session
     old = read_current(out, version=1)  # the previous model's rows stay readable
     assert set(old.column("model_sha256").to_pylist()) == {first.model_sha256}
 
+    # vacuum: parts only old versions use go; the kept versions read as before
+    table = TagTable(out)
+    stray = tmp_path / "tags" / "data" / "stray"  # an unnamed part of a run in progress: kept by the grace period
+    stray.mkdir()
+    (stray / "part-inflight.parquet").write_bytes(b"x")
+    before_parts = len(list((tmp_path / "tags").glob("data/*/part-*.parquet")))
+    result = CliRunner().invoke(app, ["vacuum", "--tags", out, "--keep-versions", "1", "--grace-hours", "0", "--dry-run"])
+    assert result.exit_code == 0 and "would delete" in result.output
+    assert len(list((tmp_path / "tags").glob("data/*/part-*.parquet"))) == before_parts
+    long_ago = time.time() - 7200
+    for part in (tmp_path / "tags").glob("data/*/part-*.parquet"):  # every committed part: two hours old
+        os.utime(part, (long_ago, long_ago))
+    os.utime(stray / "part-inflight.parquet")  # the in-flight one: just written
+    report = table.vacuum(keep_versions=2, grace_hours=1)
+    assert report["versions_kept"] == [3, 4] and report["versions_deleted"] == [1, 2] and table.versions() == [3, 4]
+    assert (stray / "part-inflight.parquet").exists()
+    remaining = {str(p.relative_to(tmp_path / "tags")) for p in (tmp_path / "tags").glob("data/*/part-*.parquet")} - {"data/stray/part-inflight.parquet"}
+    assert remaining == set(table.snapshot(3).files) | set(table.snapshot(4).files)
+    assert read_current(out).equals(v4)
+    with pytest.raises(TagpipeError, match="no version 1"):
+        read_current(out, version=1)
+
 
 def test_mass_deletion_is_refused_and_changes_nothing(ray_session, demo_bundle, demo_corpus, tmp_path):
     corpus = tmp_path / "images"
@@ -279,3 +301,10 @@ def test_example_nightly_config_parses_and_names_bad_fields(tmp_path):
     bad.write_text(example.read_text() + "max_distanse = 3\n")
     with pytest.raises(Exception, match=r"unknown field\(s\) in \[nightly\]: max_distanse"):
         load_nightly_config(bad)
+
+
+def test_job_entrypoints_run_the_cli_commands():
+    root = Path(__file__).parent.parent
+    for script, words in (("jobs/nightly.py", "refresh dedup"), ("jobs/tag.py", "versioned Parquet table")):
+        done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120, cwd=root)
+        assert done.returncode == 0 and words in " ".join(done.stdout.split()), done.stdout + done.stderr
