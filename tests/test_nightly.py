@@ -243,7 +243,7 @@ def test_sigkill_mid_nightly_keeps_the_current_version_and_rerun_completes(ray_s
     shutil.copyfile(corpus / "red" / "red_001.png", corpus / "red" / "red_extra.png")
     (corpus / "noise" / "noise_001.png").unlink()
     known = set(p for p in out.glob("data/*/part-*.parquet"))
-    command = [sys.executable, "-m", "pipeline.cli", "nightly", "-c", str(cfg_path), "--no-progress"]
+    command = [sys.executable, str(Path(__file__).parent.parent / "jobs" / "nightly.py"), "-c", str(cfg_path), "--no-progress"]  # the Ray job entrypoint
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -36,7 +37,7 @@ def staged_parts(path) -> list:
 def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bundle, demo_corpus, tmp_path):
     out = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "pipeline.cli", "tag", "-i", str(demo_corpus / "images"), "-o", str(out), "-m", str(demo_bundle),
+        sys.executable, str(Path(__file__).parent.parent / "jobs" / "tag.py"), "-i", str(demo_corpus / "images"), "-o", str(out), "-m", str(demo_bundle),
         "--rows-per-part", "8", "--batch-size", "4", "--decode-batch-size", "4", "--no-progress",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -48,3 +48,34 @@ def test_tag_job_reads_and_writes_s3(ray_session, s3_server, demo_bundle, demo_c
     assert len(after) == len(images) and "s3://tagpipe-test/corpus/images/noise/noise_001.png" not in after
     assert "green_theme" in after["s3://tagpipe-test/corpus/images/blue/blue_000.jpg"]["tags"]
     assert after["s3://tagpipe-test/corpus/images/red/red_new.png"]["run_id"] == nightly.run_id
+
+
+def test_credentials_never_reach_logs_or_run_records(s3_server, demo_bundle, demo_corpus, tmp_path):
+    """A run with keys in the environment and in --storage-options, verbose: none of the
+    secrets appears in its output, logs or any file it writes beside the parts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdirs("tagpipe-creds/images", exist_ok=True)
+    for path in sorted((demo_corpus / "images" / "red").iterdir()):
+        fs.put(str(path), f"tagpipe-creds/images/{path.name}")
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIATAGPIPEKEYID0001", "AWS_SECRET_ACCESS_KEY": "tagpipe+secret/Value0001", "AWS_SESSION_TOKEN": "tagpipeSessionToken0001"}
+    options = {"key": "AKIATAGPIPEKEYID0002", "secret": "tagpipe+secret/Value0002"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **secrets}
+    command = [
+        sys.executable, "-m", "pipeline.cli", "tag", "-i", "s3://tagpipe-creds/images/", "-o", "s3://tagpipe-creds/tags/",
+        "-m", str(demo_bundle), "--storage-options", json.dumps(options), "--verbose", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "5 images tagged" in done.stdout
+    written = {p: fs.cat_file(p).decode("utf-8", "replace") for p in fs.find("tagpipe-creds/tags") if "/data/" not in p and not p.endswith(".parquet")}
+    written.update({p: str(pq.read_table(fs.open(p, "rb")).to_pylist()) for p in fs.find("tagpipe-creds/tags") if p.endswith(".parquet")})
+    assert any("_runs/" in p for p in written) and any(p.endswith("_current.json") for p in written)
+    texts = {"stdout": done.stdout, "stderr": done.stderr, **written}
+    for secret in [*secrets.values(), *options.values()]:
+        for name, text in texts.items():
+            assert secret not in text, f"{secret!r} in {name}"
