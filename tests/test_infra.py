@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -129,6 +130,7 @@ def test_worker_groups_fit_the_pipeline_settings(tmp_path):
     configs = _configs(tmp_path)
     spec = by_kind("RayCluster")["spec"]
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the driver's node does no decode or tagging
+    assert spec["authOptions"]["mode"] == "token"  # the dashboard and job API take no anonymous requests
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {"cpu-decode", "gpu-tag"}
 
@@ -178,7 +180,9 @@ def test_dockerfile_cuda_base_non_root_and_cpu_variant():
     assert re.fullmatch(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", base)  # onnxruntime-gpu 1.31: CUDA 13 + cuDNN 9
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M) and "--build-arg BASE_IMAGE=ubuntu" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
-    install = text.index("pip install .")
+    install = text.index('pip install ".[cluster]"')  # ray[default]: the dashboard and job server RayJob submits to
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("ray[default]") for d in pyproject["project"]["optional-dependencies"]["cluster"])
     assert users and users[-1] not in ("root", "0") and text.rindex("USER ") < install  # installed and run as the user
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in dockerignore and ".venv" in dockerignore
