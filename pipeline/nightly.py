@@ -14,6 +14,7 @@ output as the last good run left it, and a rerun finishes the job. The nightly r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     run_id = cfg.tag.run_id or new_run_id()
     started = time.monotonic()
     t = time.monotonic()
-    tag = run_tag_job(_with_run_id(cfg.tag, run_id))
+    tag = run_tag_job(dataclasses.replace(cfg.tag, run_id=run_id))
     summary = NightlySummary(run_id=run_id, tag=tag)
     summary.timings["tag"] = _lap(t)
     options = cfg.tag.storage_options
@@ -107,12 +108,6 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
         },
     )
     return summary
-
-
-def _with_run_id(tag_cfg, run_id: str):
-    import dataclasses
-
-    return dataclasses.replace(tag_cfg, run_id=run_id)
 
 
 def _lap(t: float) -> float:

@@ -87,13 +87,15 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     if local:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # pipeline/table.py's vacuum knows this mark
         try:
             if table is not None:
                 pq.write_table(table, tmp, compression="zstd")
             else:
                 with open(tmp, "wb") as handle:
                     handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())  # small files (commit points): durable before the rename
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

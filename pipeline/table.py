@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import posixpath
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for, retry
+from pipeline.storage import filesystem_for, retry, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ VERSIONS_DIR = "_versions"
 CURRENT = "_current.json"
 RUNS_DIR = "_runs"
 MANIFESTS_DIR = "_manifests"
-TMP_DIR = "_tmp"
+TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: <name>.tmp-<uuid>
 READ_THREADS = 16  # parts are read concurrently (object stores are latency-bound)
 
 
@@ -128,8 +127,8 @@ class TagTable:
         if (now.version if now else 0) != (base.version if base else 0):
             raise TagpipeError(f"{self.uri}: version {now.version if now else 0} was committed by another run (run {now.run_id if now else '-'}) while this one worked from {base.version if base else 0}; rerun")
         data = snapshot.to_json(os.path.abspath(self.path) if self.local else self.uri)
-        self._write_bytes(self.join(VERSIONS_DIR, f"{snapshot.version:012d}.json"), data)
-        self._write_bytes(self.join(CURRENT), data)  # the commit point
+        self._write_bytes(posixpath.join(VERSIONS_DIR, f"{snapshot.version:012d}.json"), data)
+        self._write_bytes(CURRENT, data)  # the commit point
         return snapshot
 
     # ---- parts -----------------------------------------------------------------
@@ -183,37 +182,12 @@ class TagTable:
         return sorted(found, key=lambda f: f["file"])
 
     def write_part(self, relative: str, table: pa.Table) -> str:
-        """Write one part atomically (temp file + rename locally; one PUT on object
-        stores, atomic per object). Returns the relative path."""
-        final = self.join(relative)
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        if self.local:
-            tmp_dir = self.join(TMP_DIR)
-            os.makedirs(tmp_dir, exist_ok=True)
-            tmp = posixpath.join(tmp_dir, f"{posixpath.basename(relative)}.{uuid.uuid4().hex}")
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, final)
-        else:
-            def put():
-                with self.fs.open(final, "wb") as handle:
-                    pq.write_table(table, handle, compression="zstd")
-
-            retry(put, what=final)
+        """Write one part atomically (storage.write_atomic). Returns the relative path."""
+        write_atomic(self.full_uri(relative), table=table, storage_options=self.storage_options)
         return relative
 
-    def _write_bytes(self, path: str, data: bytes) -> None:
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if self.local:
-            tmp_dir = self.join(TMP_DIR)
-            os.makedirs(tmp_dir, exist_ok=True)
-            tmp = posixpath.join(tmp_dir, f"{posixpath.basename(path)}.{uuid.uuid4().hex}")
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        else:
-            retry(lambda: self.fs.pipe_file(path, data), what=path)
+    def _write_bytes(self, relative: str, data: bytes) -> None:
+        write_atomic(self.full_uri(relative), data, storage_options=self.storage_options)
 
     def _has_legacy_parts(self) -> bool:
         return self.fs.exists(self.path) and any(posixpath.basename(p).startswith("part-") for p in self.fs.ls(self.path, detail=False))
@@ -242,10 +216,9 @@ class TagTable:
                     if part["file"] not in named and part["mtime"] < cutoff:
                         doomed.append(part["file"])
         old_versions = [v for v in versions if v not in kept]
-        tmp = self.join(TMP_DIR)
-        stale_tmp = []
-        if self.fs.exists(tmp):
-            stale_tmp = [info["name"] for info in self.fs.ls(tmp, detail=True) if _mtime(info) < cutoff]
+        stale_tmp = []  # temp files of local writes a killed process left (object stores write in one PUT)
+        if self.local:
+            stale_tmp = [name for name, info in self.fs.find(self.path, detail=True).items() if TMP_MARK in posixpath.basename(name) and _mtime(info) < cutoff]
         if not dry_run:
             for file in doomed:
                 self.fs.rm(self.join(file))
@@ -258,20 +231,14 @@ class TagTable:
     # ---- run records -------------------------------------------------------------
     def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
         """The listing a run works from (uri, source_size, etag, mtime), written first."""
-        path = self.join(MANIFESTS_DIR, f"{run_id}.parquet")
-        self.fs.makedirs(self.join(MANIFESTS_DIR), exist_ok=True)
-
-        def put():
-            with self.fs.open(path, "wb") as handle:
-                pq.write_table(manifest, handle, compression="zstd")
-
-        retry(put, what=path)
-        return path
+        relative = posixpath.join(MANIFESTS_DIR, f"{run_id}.parquet")
+        write_atomic(self.full_uri(relative), table=manifest, storage_options=self.storage_options)
+        return self.join(relative)
 
     def write_run_manifest(self, name: str, record: dict) -> str:
-        path = self.join(RUNS_DIR, f"{name}.json")
-        self._write_bytes(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
-        return path
+        relative = posixpath.join(RUNS_DIR, f"{name}.json")
+        self._write_bytes(relative, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        return self.join(relative)
 
 
 def _mtime(info: dict) -> float:

@@ -32,7 +32,7 @@ from pipeline.incremental import (
     CHANGED, DELETED, NEW, RETRY, SOURCE_COLUMNS, UNCHANGED,
     classify, inference_key, part_name, parts_dir_key, resolve_unknown, reusable_parts, rules_key,
 )
-from pipeline.manifest import build_manifest
+from pipeline.manifest import MANIFEST_SCHEMA, build_manifest
 from pipeline.postprocess import Postprocessor
 from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
 from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso
@@ -231,8 +231,8 @@ def _lap(t: float) -> float:
 
 
 def _empty_view() -> pa.Table:
-    return pa.table({"uri": pa.array([], pa.string()), "source_size": pa.array([], pa.int64()), "etag": pa.array([], pa.string()),
-                     "mtime": pa.array([], pa.float64()), "sha256": pa.array([], pa.string()), "error_kind": pa.array([], pa.string()), "_file": pa.array([], pa.int32())})
+    schema = MANIFEST_SCHEMA.append(pa.field("sha256", pa.string())).append(pa.field("error_kind", pa.string())).append(pa.field("_file", pa.int32()))
+    return schema.empty_table()
 
 
 def _check_deletions(cfg: TagJobConfig, summary: RunSummary, base) -> None:

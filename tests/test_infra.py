@@ -184,6 +184,7 @@ def test_dockerfile_cuda_base_non_root_and_cpu_variant():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert any(d.startswith("ray[default]") for d in pyproject["project"]["optional-dependencies"]["cluster"])
     assert users and users[-1] not in ("root", "0") and text.rindex("USER ") < install  # installed and run as the user
+    assert "export PATH=/opt/tagpipe/bin:$PATH' > /etc/profile.d/" in text  # login shells (KubeRay's bash -l) find the venv
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in dockerignore and ".venv" in dockerignore
 

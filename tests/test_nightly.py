@@ -186,7 +186,11 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(ray_session
     for part in (tmp_path / "tags").glob("data/*/part-*.parquet"):  # every committed part: two hours old
         os.utime(part, (long_ago, long_ago))
     os.utime(stray / "part-inflight.parquet")  # the in-flight one: just written
+    leftover = stray / "part-killed.parquet.tmp-0123"  # a temp file a killed writer left
+    leftover.write_bytes(b"x")
+    os.utime(leftover, (long_ago, long_ago))
     report = table.vacuum(keep_versions=2, grace_hours=1)
+    assert report["tmp_deleted"] == 1 and not leftover.exists()
     assert report["versions_kept"] == [3, 4] and report["versions_deleted"] == [1, 2] and table.versions() == [3, 4]
     assert (stray / "part-inflight.parquet").exists()
     remaining = {str(p.relative_to(tmp_path / "tags")) for p in (tmp_path / "tags").glob("data/*/part-*.parquet")} - {"data/stray/part-inflight.parquet"}
