@@ -62,6 +62,7 @@ def run_demo(workdir: str | Path = "tagpipe-demo", images_per_kind: int = 3, **t
     model_dir, corpus_dir, tags_dir = workdir / "model", workdir / "corpus", workdir / "tags"
     write_demo_bundle(model_dir)
     make_corpus(corpus_dir, images_per_kind=images_per_kind)
+    tag_options.setdefault("max_delete_fraction", 1.0)  # the demo owns its corpus: a smaller one is not a lost input
     cfg = make_tag_config(inputs=[str(corpus_dir / "images")], output=str(tags_dir), model=str(model_dir), **tag_options)
     summary = run_tag_job(cfg)
     checked, correct, wrong = check_tags(tags_dir, corpus_dir)

@@ -123,7 +123,8 @@ def make_corpus(root: str | Path, images_per_kind: int = 3, seed: int = 0, broke
     def add(rel: str, data: bytes, entry: CorpusEntry) -> None:
         path = images / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        if not path.is_file() or path.read_bytes() != data:  # same bytes keep their mtime: a rerun changes nothing
+            path.write_bytes(data)
         entries.append(entry)
 
     formats = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")]
@@ -161,6 +162,9 @@ def make_corpus(root: str | Path, images_per_kind: int = 3, seed: int = 0, broke
         for name, data in broken_files.items():
             rel = f"broken/{name}"
             add(rel, data, CorpusEntry(rel, None, [], None, None, True, None, name.split(".")[0]))
+    written = {images / e.path for e in entries}
+    for stale in [p for p in images.rglob("*") if p.is_file() and p not in written]:  # from an earlier, larger corpus
+        stale.unlink()
     with (root / "expected.jsonl").open("w", encoding="utf-8") as handle:
         for entry in entries:
             handle.write(json.dumps(entry.__dict__) + "\n")

@@ -312,3 +312,14 @@ def test_job_entrypoints_run_the_cli_commands():
     for script, words in (("jobs/nightly.py", "refresh dedup"), ("jobs/tag.py", "versioned Parquet table")):
         done = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, timeout=120, cwd=root)
         assert done.returncode == 0 and words in " ".join(done.stdout.split()), done.stdout + done.stderr
+
+
+def test_demo_reruns_change_nothing_and_a_smaller_demo_drops_the_rest(ray_session, tmp_path):
+    from pipeline.demo import run_demo
+
+    first = run_demo(tmp_path / "demo", images_per_kind=2)
+    again = run_demo(tmp_path / "demo", images_per_kind=2)  # same bytes rewritten nowhere: no work
+    assert (again.summary.change, again.summary.images, again.summary.version) == ("no change", 0, 1)
+    smaller = run_demo(tmp_path / "demo", images_per_kind=1)
+    assert smaller.summary.deleted == first.summary.listed - smaller.summary.listed > 0  # (other sizes drawn: many changed)
+    assert smaller.checked == smaller.correct == smaller.summary.listed
