@@ -1,0 +1,316 @@
+"""GPU throughput: the ONNX Runtime session alone (a) vs the full `tagpipe tag` job (b).
+
+    python benchmarks/gpu.py                      # GPU: so400m/14 @384 + 108k-tag head, fp16
+    python benchmarks/gpu.py --config small       # CPU-sized: runs anywhere (tested in CI)
+
+Builds, without downloading weights, a model with CL Tagger v2's shape and cost: a
+SigLIP vision tower (so400m/14 @384: 27 layers, width 1152, MLP 4304, 16 heads, 729
+patches; attention-pooling head) with random weights and a 108k-tag linear head, as an
+ONNX bundle (ORT's MultiHeadAttention op, fp16 or fp32, weights as external data) that
+tagpipe loads like the real one (profile cl_tagger_v2). Then measures
+
+  a. the session alone, on the uint8-input model the job runs (normalisation in the
+     graph), per batch size: img/s and achieved TFLOP/s; on CUDA also with IO binding
+     (inputs and outputs kept on the GPU);
+  b. `run_tag_job` on one GPU with this machine's CPUs over synthetic 3 MP JPEGs: img/s,
+     the GPU's busy fraction (nvidia-smi, sampled every 100 ms), decode img/s per core;
+
+and prints one table with b / a. Targets (issue 10): b >= 90% of a; a >= 50% of the
+FLOP limit on an H100/H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    image: int = 384
+    patch: int = 14
+    width: int = 1152
+    mlp: int = 4304
+    heads: int = 16
+    layers: int = 27
+    tags: int = 108_000
+
+    @property
+    def patches(self) -> int:
+        return (self.image // self.patch) ** 2
+
+    def flops_per_image(self) -> float:
+        """2 x multiply-adds of the matrix products (what bounds the GPU)."""
+        n, d, f = self.patches, self.width, self.mlp
+        patch = n * 3 * self.patch**2 * d
+        layer = n * (4 * d * d + 2 * d * f) + 2 * n * n * d
+        pool = d * d + 2 * n * d * d + d * d + 2 * n * d + 2 * d * f  # probe q, k/v, out, attention, MLP
+        head = d * self.tags
+        return 2.0 * (patch + self.layers * layer + pool + head)
+
+
+CONFIGS = {
+    "so400m": VitConfig(),
+    "small": VitConfig(image=384, patch=32, width=64, mlp=128, heads=4, layers=2, tags=2000),
+}
+
+
+def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.ModelProto:
+    """SigLIP-style ViT + MAP pooling + linear tag head; input pixel_values [B,3,S,S]."""
+    rng = np.random.default_rng(seed)
+    np_type = np.float16 if dtype == "float16" else np.float32
+    onnx_type = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    d, n = cfg.width, cfg.patches
+    inits, nodes = [], []
+
+    def weight(name, *shape, scale=None):
+        std = scale if scale is not None else 1.0 / math.sqrt(shape[0])
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * std).astype(np_type), name))
+        return name
+
+    def const(name, values, kind=np.int64):
+        inits.append(numpy_helper.from_array(np.asarray(values, kind), name))
+        return name
+
+    def ones(name, size):
+        inits.append(numpy_helper.from_array(np.ones(size, np_type), name))
+        return name
+
+    def zeros(name, size):
+        inits.append(numpy_helper.from_array(np.zeros(size, np_type), name))
+        return name
+
+    def node(op, inputs, output, domain=None, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], domain=domain, **attrs))
+        return output
+
+    def layer_norm(x, name):
+        return node("LayerNormalization", [x, ones(f"{name}.g", d), zeros(f"{name}.b", d)], f"{name}.out", axis=-1, epsilon=1e-6)
+
+    def linear(x, name, fan_in, fan_out):
+        y = node("MatMul", [x, weight(f"{name}.w", fan_in, fan_out)], f"{name}.mm")
+        return node("Add", [y, zeros(f"{name}.b", fan_out)], f"{name}.out")
+
+    def gelu(x, name):  # exact GELU, which ORT fuses: 0.5 x (1 + erf(x / sqrt 2))
+        inits.append(numpy_helper.from_array(np.array(1 / math.sqrt(2), np_type), f"{name}.c"))
+        inits.append(numpy_helper.from_array(np.array(1.0, np_type), f"{name}.one"))
+        inits.append(numpy_helper.from_array(np.array(0.5, np_type), f"{name}.half"))
+        e = node("Erf", [node("Mul", [x, f"{name}.c"], f"{name}.s")], f"{name}.erf")
+        return node("Mul", [node("Mul", [x, node("Add", [e, f"{name}.one"], f"{name}.p")], f"{name}.xp"), f"{name}.half"], f"{name}.out")
+
+    def mlp(x, name):
+        return linear(gelu(linear(x, f"{name}.fc1", d, cfg.mlp), f"{name}.act"), f"{name}.fc2", cfg.mlp, d)
+
+    def attention(q_in, kv_in, name):
+        q = linear(q_in, f"{name}.q", d, d)
+        k = linear(kv_in, f"{name}.k", d, d)
+        v = linear(kv_in, f"{name}.v", d, d)
+        a = node("MultiHeadAttention", [q, k, v], f"{name}.mha", domain="com.microsoft", num_heads=cfg.heads)
+        return linear(a, f"{name}.o", d, d)
+
+    x = node("Conv", ["pixel_values", weight("patch.w", d, 3, cfg.patch, cfg.patch, scale=1 / math.sqrt(3 * cfg.patch**2))], "patch.conv", strides=[cfg.patch] * 2)
+    x = node("Add", [x, zeros("patch.b", (d, 1, 1))], "patch.out")
+    x = node("Reshape", [x, const("shape.bdn", [0, d, n])], "tokens.bdn")
+    x = node("Transpose", [x], "tokens", perm=[0, 2, 1])
+    x = node("Add", [x, weight("pos", 1, n, d, scale=0.02)], "tokens.pos")
+    for i in range(cfg.layers):
+        h = layer_norm(x, f"l{i}.ln1")
+        x = node("Add", [x, attention(h, h, f"l{i}.attn")], f"l{i}.res1")
+        x = node("Add", [x, mlp(layer_norm(x, f"l{i}.ln2"), f"l{i}.mlp")], f"l{i}.res2")
+    x = layer_norm(x, "post_ln")
+    # attention pooling (SigLIP's MAP head): one learned probe attends over the tokens
+    batch = node("Shape", [x], "shape.x", start=0, end=1)
+    probe_shape = node("Concat", [batch, const("shape.1d", [1, d])], "shape.probe", axis=0)
+    probe = node("Expand", [weight("probe", 1, 1, d, scale=0.02), probe_shape], "probe.b")
+    pooled = attention(probe, x, "pool.attn")
+    pooled = node("Add", [pooled, mlp(layer_norm(pooled, "pool.ln"), "pool.mlp")], "pool.res")
+    embedding = node("Reshape", [pooled, const("shape.bd", [0, d])], "embedding.t")
+    logits = linear(embedding, "head", d, cfg.tags)
+    nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))  # the job stores float16 logits anyway
+    nodes.append(helper.make_node("Cast", [embedding], ["embedding"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes,
+        "siglip_tagger_benchmark",
+        [helper.make_tensor_value_info("pixel_values", onnx_type, ["batch", 3, cfg.image, cfg.image])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.tags]), helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], producer_name="tagpipe-benchmark")
+    model.ir_version = 8
+    return model
+
+
+def write_bundle(directory: Path, cfg: VitConfig, dtype: str) -> Path:
+    """A CL Tagger v2-style bundle: model.onnx (+ .data) and model_vocabulary.json."""
+    from pipeline.demo_model import save_with_external_data
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / "config.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == {**asdict(cfg), "dtype": dtype}:
+        return directory  # built before: random weights take a while at full size
+    save_with_external_data(build_vit(cfg, dtype), directory / "model.onnx")
+    tags = [f"tag_{i:06d}" for i in range(cfg.tags)]
+    categories = ["General"] * (cfg.tags - 8) + ["Rating"] * 4 + ["Quality"] * 4
+    vocab = {
+        "tag_to_idx": {t: i for i, t in enumerate(tags)},
+        "idx_to_tag": {str(i): t for i, t in enumerate(tags)},
+        "tag_to_category": dict(zip(tags, categories)),
+        "categories": ["General", "Rating", "Quality"],
+    }
+    (directory / "model_vocabulary.json").write_text(json.dumps(vocab))
+    stamp.write_text(json.dumps({**asdict(cfg), "dtype": dtype}))
+    return directory
+
+
+def session_throughput(bundle: Path, batch_sizes: list[int], seconds: float, io_binding: bool) -> tuple[dict[int, float], str]:
+    """(a): img/s of the uint8-input model the job runs, per batch size."""
+    import onnxruntime as ort
+
+    from pipeline.bundle import load_bundle
+    from pipeline.onnx_tools import uint8_input_model
+    from pipeline.runtime import ProviderChoice, create_session
+
+    loaded = load_bundle(bundle, "cl_tagger_v2")
+    model, input_name = uint8_input_model(loaded.model_path, loaded.profile.preprocess, loaded.profile.input_name or "pixel_values")
+    session, info = create_session(model, ProviderChoice.AUTO, external_data_dir=bundle)
+    provider = info.provider
+    size = loaded.profile.preprocess.width
+    on_gpu = provider == "CUDAExecutionProvider"
+    rates = {}
+    for batch in batch_sizes:
+        x = np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        if io_binding and on_gpu:
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            for out in session.get_outputs():
+                binding.bind_output(out.name, "cuda")
+
+            def run():
+                session.run_with_iobinding(binding)
+        else:
+
+            def run():
+                session.run(None, {input_name: x})
+
+        run()  # warm-up (kernel selection, allocations)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or done < 3:
+            run()
+            done += 1
+        rates[batch] = done * batch / (time.perf_counter() - started)
+    return rates, provider
+
+
+class GpuSampler:
+    """The GPU's busy fraction from nvidia-smi, sampled every 100 ms (None without one)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.available = shutil.which("nvidia-smi") is not None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.available:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"], capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip():
+                self.samples.append(float(out.stdout.strip().splitlines()[0]) / 100)
+            self._stop.wait(0.1)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def busy(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def pipeline_throughput(bundle: Path, images: Path, batch_size: int, actors: int, out: Path) -> tuple:
+    """(b): run_tag_job over the corpus; (summary, seconds of the tagging phase, GPU busy)."""
+    from pipeline.config import make_tag_config
+    from pipeline.tag_job import run_tag_job
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = make_tag_config(inputs=[str(images)], output=str(out), model=str(bundle), profile="cl_tagger_v2", batch_size=batch_size, tagger_actors=actors, rows_per_part=1024)
+    with GpuSampler() as sampler:
+        summary = run_tag_job(cfg)
+    return summary, summary.timings["tag_seconds"], sampler.busy()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="so400m")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default=None, help="default: float16 on GPU, float32 on CPU")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated; default 16,32,64,128,256 (GPU) or 1,4,16 (CPU)")
+    parser.add_argument("--images", type=int, default=None, help="JPEGs for (b); default 4000 (GPU) or 64 (CPU)")
+    parser.add_argument("--seconds", type=float, default=None, help="per batch size in (a); default 10 (GPU) or 2 (CPU)")
+    parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import onnxruntime as ort
+
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers() and shutil.which("nvidia-smi") is not None
+    cfg = CONFIGS[args.config]
+    dtype = args.dtype or ("float16" if gpu else "float32")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("16,32,64,128,256" if gpu else "1,4,16")).split(",")]
+    seconds = args.seconds or (10.0 if gpu else 2.0)
+    count = args.images or (4000 if gpu else 64)
+    work = Path(args.workdir)
+    bundle = write_bundle(work / f"vit-{args.config}-{dtype}", cfg, dtype)
+    flops = cfg.flops_per_image()
+
+    rates, provider = session_throughput(bundle, batch_sizes, seconds, io_binding=False)
+    bound = session_throughput(bundle, batch_sizes, seconds, io_binding=True)[0] if provider == "CUDAExecutionProvider" else {}
+    best_batch = max(rates, key=rates.get)
+
+    from tag_job import make_images
+
+    images = work / f"images-{count}"
+    make_images(images, count)
+    import ray
+
+    from pipeline.runtime import available_cpus
+
+    ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    summary, tag_seconds, busy = pipeline_throughput(bundle, images, best_batch, 1, work / "out" / "gpu-bench")
+    ray.shutdown()
+    job_rate = summary.images / tag_seconds
+    cores = available_cpus()
+
+    print(f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, {cfg.tags} tags), {dtype}, "
+          f"{flops / 1e9:.2f} GFLOP/image; provider {provider}; {available_cpus()} CPUs")  # fmt: skip
+    print("| run | batch | img/s | TFLOP/s |")
+    print("| --- | ---: | ---: | ---: |")
+    for batch, rate in rates.items():
+        print(f"| (a) session, numpy in/out | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
+    for batch, rate in bound.items():
+        print(f"| (a) session, IO binding | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
+    busy_text = f"{busy:.0%}" if busy is not None else "n/a (no nvidia-smi)"
+    print(f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | {job_rate * flops / 1e12:.3f} |")
+    print(f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); GPU busy during (b): {busy_text}; "
+          f"decode load {job_rate / cores:.1f} img/s per core ({cores} cores)")  # fmt: skip
+    return {"rates": rates, "io_binding": bound, "job_rate": job_rate, "ratio": job_rate / rates[best_batch], "flops": flops, "provider": provider, "images": summary.images, "busy": busy}
+
+
+if __name__ == "__main__":
+    main()
