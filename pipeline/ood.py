@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import TagpipeError
@@ -65,9 +66,12 @@ def fit_reference(embeddings: np.ndarray) -> dict[str, np.ndarray]:
 
 def read_embeddings(tags: str, storage_options: dict | None = None, model_sha256: str | None = None) -> np.ndarray:
     """Embeddings of the rows without errors in a tag output directory (of one model)."""
-    table = read_parquet(tags, storage_options, None)
-    if "embedding" not in table.column_names:
-        raise TagpipeError(f"{tags}: rows have no embedding column")
+    try:
+        table = read_parquet(tags, storage_options, ["embedding", "model_sha256", "error"])
+    except pa.ArrowInvalid as exc:
+        if "embedding" not in str(exc):
+            raise
+        raise TagpipeError(f"{tags}: rows have no embedding column") from None
     table = table.filter(pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("embedding")))).select(["embedding", "model_sha256"])
     models = set(table.column("model_sha256").drop_null().to_pylist())
     if model_sha256 is not None and models - {model_sha256}:

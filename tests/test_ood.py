@@ -51,3 +51,15 @@ def test_fitted_reference_reproduces_p95_and_flags_noise(ray_session, demo_bundl
 
     with pytest.raises(TagpipeError, match="not by the bundle"):
         fit_ood(str(tags), str(tmp_path / "x.npz"), model_sha256="0" * 64)
+
+
+def test_rows_without_embeddings_are_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import TagpipeError
+    from pipeline.ood import read_embeddings
+
+    pq.write_table(pa.table({"uri": ["a"], "model_sha256": ["m"], "error": pa.nulls(1, pa.string())}), tmp_path / "rows.parquet")
+    with pytest.raises(TagpipeError, match="no embedding column"):
+        read_embeddings(str(tmp_path / "rows.parquet"))
