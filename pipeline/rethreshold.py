@@ -121,8 +121,8 @@ def rewrite_part(
         return None, 0, 0, False
     changed = 0
     if rules is not None:
-        bundle, post = _postprocessor(model_dir, json.dumps(rules_record(rules), sort_keys=True))
         shas = set(table.column("model_sha256").drop_null().to_pylist())
+        bundle, post = _postprocessor(model_dir, json.dumps(rules_record(rules), sort_keys=True), min(shas, default=""))
         if shas - {bundle.fingerprint.model_sha256}:
             raise TagpipeError(f"{source_uri}/{source_file}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256})")
         new_reference = set(table.column("calibration_sha256").drop_null().to_pylist()) != {bundle.fingerprint.calibration_sha256}
@@ -132,9 +132,10 @@ def rewrite_part(
 
 
 @functools.lru_cache(maxsize=4)
-def _postprocessor(model_dir: str, rules_json: str):
+def _postprocessor(model_dir: str, rules_json: str, model_sha256: str):
     """One bundle load (it hashes the model file) per worker process, not per part:
-    Ray runs many rewrite tasks in the same worker."""
+    Ray runs many rewrite tasks in the same worker. Keyed by the model the rows came
+    from too, so a long-lived worker never serves a bundle whose file was replaced since."""
     bundle = load_bundle(model_dir)
     rules = json.loads(rules_json)  # back from JSON: lists to the TagRules types
     if "mcut_categories" in rules:
