@@ -52,7 +52,7 @@ def read_hashes(uri: str, storage_options: dict | None = None, role: str = "trai
         with fs.open(path, "rb") as handle:
             table = pcsv.read_csv(handle)
     else:
-        table = read_parquet(uri, storage_options)
+        table = read_parquet(uri, storage_options, ["uri", "sha256", "phash", "phash_hex", "split"], only_present=True)
     names = set(table.column_names)
     if not names & {"sha256", "phash", "phash_hex"}:
         raise TagpipeError(f"{uri}: needs a sha256 and/or phash column (has {sorted(names)})")

@@ -57,21 +57,34 @@ def filesystem_for(uri: str, storage_options: dict | None = None):
     return fs, fs._strip_protocol(uri) if protocol != "file" else path
 
 
-def read_parquet(uri: str, storage_options: dict | None = None, columns: list[str] | None = None):
+def read_parquet(uri: str, storage_options: dict | None = None, columns: list[str] | None = None, only_present: bool = False):
     """A Parquet file, a tag table (its current version: pipeline/table.py), or a
-    directory of Parquet files (`_`-prefixed paths skipped), as one pyarrow Table."""
+    directory of Parquet files (`_`-prefixed paths skipped), as one pyarrow Table.
+    only_present: read those of `columns` the data has (others are not an error)."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from pipeline.table import is_tag_table, read_current
+    from pipeline.table import TagTable, is_tag_table
 
     fs, path = filesystem_for(uri, storage_options)
     if is_tag_table(uri, storage_options):
-        return read_current(uri, storage_options, columns)
+        table = TagTable(uri, storage_options)
+        snapshot = table.snapshot()
+        if only_present and columns and snapshot.files:
+            names = table.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema().names
+            columns = [c for c in columns if c in names]
+        return table.read(snapshot, columns)
     if fs.isfile(path):
         with fs.open(path, "rb") as handle:
+            if only_present and columns:
+                names = pq.read_schema(handle).names
+                columns = [c for c in columns if c in names]
+                handle.seek(0)
             return pq.read_table(handle, columns=columns)
-    return pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=columns)
+    dataset = pads.dataset(path, format="parquet", filesystem=fs)
+    if only_present and columns:
+        columns = [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
 
 
 def write_atomic(uri: str, data: bytes | None = None, table=None, storage_options: dict | None = None) -> None:
