@@ -108,7 +108,7 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
         fn_constructor_args=(settings,),
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=placement.tagger_actors,
+        compute=ray.data.ActorPoolStrategy(size=placement.tagger_actors),  # a fixed pool: one model session per actor
         num_gpus=placement.tagger_gpus,
         num_cpus=placement.tagger_cpus,
     )
