@@ -282,16 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
     bound = session_throughput(bundle, batch_sizes, seconds, io_binding=True)[0] if provider == "CUDAExecutionProvider" else {}
     best_batch = max(rates, key=rates.get)
 
-    from tag_job import make_images
+    from tag_job import make_images, start_local_ray
 
     images = work / f"images-{count}"
     make_images(images, count)
-    import ray
-
     from pipeline.runtime import available_cpus
 
-    ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = start_local_ray()
     summary, tag_seconds, busy = pipeline_throughput(bundle, images, best_batch, 1, work / "out" / "gpu-bench")
     ray.shutdown()
     job_rate = summary.images / tag_seconds

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tag_job import make_images  # noqa: E402
+from tag_job import make_images, start_local_ray  # noqa: E402
 
 from pipeline.config import make_tag_config  # noqa: E402
 from pipeline.demo_model import write_demo_bundle  # noqa: E402
@@ -54,10 +54,7 @@ def main() -> None:
     out = work / "out" / "nightly"
     shutil.rmtree(out, ignore_errors=True)
     model = write_demo_bundle(work / "model")
-    import ray
-
-    ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = start_local_ray()
     cfg = make_tag_config(inputs=[str(base_dir), str(new_dir)], output=str(out), model=str(model), rows_per_part=512)
 
     def timed():

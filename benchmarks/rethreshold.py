@@ -15,15 +15,19 @@ import argparse
 import logging
 import shutil
 import time
+import sys
 from pathlib import Path
 
 
-from pipeline.config import make_tag_config, tag_rules
-from pipeline.demo_model import write_demo_bundle
-from pipeline.rethreshold import run_rethreshold
-from pipeline.runtime import available_cpus
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+sys.path.insert(0, str(Path(__file__).parent))
+from tag_job import make_images, start_local_ray  # noqa: E402
+
+from pipeline.config import make_tag_config, tag_rules  # noqa: E402
+from pipeline.demo_model import write_demo_bundle  # noqa: E402
+from pipeline.rethreshold import run_rethreshold  # noqa: E402
+from pipeline.runtime import available_cpus  # noqa: E402
+from pipeline.table import read_current  # noqa: E402
+from pipeline.tag_job import run_tag_job  # noqa: E402
 
 RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=6)
 
@@ -36,17 +40,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir)
     images = work / f"images-{args.images}"
-    if len(list(images.glob("*.jpg"))) < args.images:
-        from pipeline.sample_photos import mosaic_3mp
-
-        images.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(mosaic_3mp(args.images, seed=3)):
-            (images / f"img_{i:05d}.jpg").write_bytes(data)
+    make_images(images, args.images)
     model = write_demo_bundle(work / "model")
-    import ray
-
-    ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = start_local_ray()
     outs = {name: work / "out" / f"rethreshold-{name}" for name in ("base", "rerun", "re")}
     for path in outs.values():
         shutil.rmtree(path, ignore_errors=True)

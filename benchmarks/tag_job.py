@@ -42,6 +42,15 @@ def make_images(directory: Path, count: int) -> list[str]:
     return [str(p) for p in sorted(directory.glob("*.jpg"))[:count]]
 
 
+def start_local_ray(cpus: int | None = None):
+    """A fresh local Ray for a benchmark: all (or `cpus`) CPUs, quiet, no progress bars."""
+    import ray
+
+    ray.init(address="local", num_cpus=cpus or available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
 def run_loop(uris: list[str], model_dir: Path, out: Path, batch_size: int) -> tuple[float, float]:
     """(end-to-end seconds, tagging seconds) for the plain loop."""
     started = time.perf_counter()
@@ -81,10 +90,7 @@ def main() -> None:
         "ray, decode batch 32": dict(decode_batch_size=32),
     }
     results = {}
-    import ray
-
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = start_local_ray(cpus)
     # warm-up: worker processes and the first dataset's set-up, paid once per Ray start
     # (included in the end-to-end figures through init_seconds + warm-up below)
     t = time.perf_counter()
