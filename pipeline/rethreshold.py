@@ -103,14 +103,16 @@ def rewrite_name(source_file: str, key: str, drop: list[str]) -> str:
 
 
 def rewrite_part(
-    source_uri: str, source_file: str, target_uri: str, target_file: str, drop: list[str], model_dir: str | None, rules: dict | None, run_id: str, storage_options: dict
+    source_uri: str, source_file: str, target_uri: str, target_file: str, drop: list[str], model_dir: str | None, rules: dict | None, run_id: str,
+    storage_options: dict, fingerprint: tuple[str, str] | None = None,
 ) -> tuple[str | None, int, int, bool]:
     """One part, copied without the `drop` rows and (with rules) re-tagged from its stored
     logits. Returns (target file or None when no row is left, rows, rows whose tags
     changed, whether it was already written by an earlier attempt).
 
     OOD distances are recomputed (from the stored float16 embedding) only when the
-    bundle's OOD reference differs from the one the part was made with."""
+    bundle's OOD reference differs from the one the part was made with. `fingerprint`
+    (model_sha256, calibration_sha256) is the bundle as the driver loaded it."""
     target = TagTable(target_uri, storage_options)
     if target.exists(target_file):
         return target_file, target.read_part_metadata(target_file).num_rows, 0, True
@@ -121,8 +123,10 @@ def rewrite_part(
         return None, 0, 0, False
     changed = 0
     if rules is not None:
+        bundle, post = _postprocessor(model_dir, json.dumps(rules_record(rules), sort_keys=True), fingerprint)
+        if fingerprint and (bundle.fingerprint.model_sha256, bundle.fingerprint.calibration_sha256) != tuple(fingerprint):
+            raise TagpipeError(f"{model_dir}: the bundle's files changed while this run was working; rerun")
         shas = set(table.column("model_sha256").drop_null().to_pylist())
-        bundle, post = _postprocessor(model_dir, json.dumps(rules_record(rules), sort_keys=True), min(shas, default=""))
         if shas - {bundle.fingerprint.model_sha256}:
             raise TagpipeError(f"{source_uri}/{source_file}: made by model {sorted(shas)}, not by {model_dir} ({bundle.fingerprint.model_sha256})")
         new_reference = set(table.column("calibration_sha256").drop_null().to_pylist()) != {bundle.fingerprint.calibration_sha256}
@@ -132,10 +136,11 @@ def rewrite_part(
 
 
 @functools.lru_cache(maxsize=4)
-def _postprocessor(model_dir: str, rules_json: str, model_sha256: str):
+def _postprocessor(model_dir: str, rules_json: str, fingerprint: tuple[str, str] | None):
     """One bundle load (it hashes the model file) per worker process, not per part:
-    Ray runs many rewrite tasks in the same worker. Keyed by the model the rows came
-    from too, so a long-lived worker never serves a bundle whose file was replaced since."""
+    Ray runs many rewrite tasks in the same worker. Keyed by the bundle's fingerprint as
+    the driver loaded it, so a long-lived worker never serves a bundle whose model,
+    calibration or OOD file was replaced since."""
     bundle = load_bundle(model_dir)
     rules = json.loads(rules_json)  # back from JSON: lists to the TagRules types
     if "mcut_categories" in rules:
@@ -184,7 +189,8 @@ def run_rethreshold(tags: str, model_dir: str, output: str | None, rules: dict, 
     key = parts_dir_key(base.inference_key, new_rules_key)
     run_id = run_id or new_run_id()
     jobs = [
-        dict(source_uri=source.uri, source_file=f, target_uri=target.uri, target_file=rewrite_name(f, key, []), drop=[], model_dir=model_dir, rules=rules, run_id=run_id)
+        dict(source_uri=source.uri, source_file=f, target_uri=target.uri, target_file=rewrite_name(f, key, []), drop=[], model_dir=model_dir, rules=rules, run_id=run_id,
+             fingerprint=(bundle.fingerprint.model_sha256, bundle.fingerprint.calibration_sha256))
         for f in base.files
     ]
     summary = RethresholdSummary(parts=len(jobs))

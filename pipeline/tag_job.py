@@ -185,7 +185,8 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
                 continue
             name = rewrite_name(file, key, dropped.get(index, []))
             jobs.append(dict(source_uri=table.uri, source_file=file, target_uri=table.uri, target_file=name, drop=dropped.get(index, []),
-                             model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id))
+                             model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id,
+                             fingerprint=(fp.model_sha256, fp.calibration_sha256)))
         for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewrite") if jobs else []:
             if file:
                 rewritten.append(file)

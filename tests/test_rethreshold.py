@@ -60,3 +60,23 @@ def test_rethreshold_refuses_another_models_tags(base_output, demo_bundle, tmp_p
 
     with pytest.raises(TagpipeError, match="made by model"):
         run_rethreshold(str(base_output), str(joytag_bundle(tmp_path / "joy")), str(tmp_path / "out"), {})
+
+
+def test_worker_bundle_cache_follows_replaced_calibration_files(demo_bundle, tmp_path):
+    """Rewrite tasks cache the bundle per worker; a new OOD reference under the same
+    name (same rules, same model) must not be served from the cache."""
+    import numpy as np
+
+    from pipeline.bundle import load_bundle
+    from pipeline.rethreshold import _postprocessor
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, bundle_dir)
+    first = load_bundle(bundle_dir).fingerprint
+    old, _ = _postprocessor(str(bundle_dir), "{}", (first.model_sha256, first.calibration_sha256))
+    reference = dict(np.load(bundle_dir / "model_ood_ref.npz"))
+    reference["mu"] = reference["mu"] + 1.0
+    np.savez(bundle_dir / "model_ood_ref.npz", **reference)
+    second = load_bundle(bundle_dir).fingerprint
+    new, _ = _postprocessor(str(bundle_dir), "{}", (second.model_sha256, second.calibration_sha256))
+    assert old.fingerprint.calibration_sha256 == first.calibration_sha256 != second.calibration_sha256 == new.fingerprint.calibration_sha256
