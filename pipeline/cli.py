@@ -58,6 +58,9 @@ def tag(
     actors: Optional[int] = typer.Option(None, "--actors", help="Tagger actors, one ONNX session each [1]."),
     gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per tagger actor [1]; CPU fallback without GPUs."),
     tagger_cpus: Optional[float] = typer.Option(None, help="CPUs per tagger actor (its threads on CPU) [1]."),
+    batches_in_flight: Optional[int] = typer.Option(
+        None, help="Batches one tagger actor works on at once, so its CPU work overlaps the model's [2 on GPU, 1 on CPU]."
+    ),
     decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task [1]."),
     decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call [16]."),
     rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit [4096]."),
@@ -105,6 +108,7 @@ def tag(
         tagger_actors=actors,
         gpus_per_actor=gpus_per_actor,
         tagger_cpus=tagger_cpus,
+        batches_in_flight=batches_in_flight,
         decode_cpus=decode_cpus,
         decode_batch_size=decode_batch_size,
         rows_per_part=rows_per_part,

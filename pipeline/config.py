@@ -30,6 +30,7 @@ class TagJobConfig:
     tagger_actors: int = 1  # tagger actor pool size (one ONNX session each)
     gpus_per_actor: float = 1.0  # ignored (CPU fallback) when the cluster has no GPU
     tagger_cpus: float = 1.0  # CPUs per tagger actor; its intra-op threads on CPU
+    batches_in_flight: int | None = None  # model calls one tagger actor runs at once; None: 2 on GPU, 1 on CPU
     decode_cpus: float = 1.0  # CPUs per decode task
     decode_batch_size: int = 16  # images per decode task call
     rows_per_part: int = 4096  # rows per output part file (the commit unit)
@@ -59,6 +60,7 @@ class TagJobConfig:
             ("tagger_actors", self.tagger_actors >= 1),
             ("gpus_per_actor", self.gpus_per_actor >= 0),
             ("tagger_cpus", self.tagger_cpus > 0),
+            ("batches_in_flight", self.batches_in_flight is None or 1 <= self.batches_in_flight <= 16),
             ("decode_cpus", self.decode_cpus > 0),
             ("decode_batch_size", self.decode_batch_size >= 1),
             ("rows_per_part", self.rows_per_part >= 1),

@@ -31,7 +31,7 @@ from pipeline.postprocess import ARGMAX_CATEGORIES, Postprocessor
 from pipeline.table import DATA_DIR, Snapshot, TagTable, now_iso
 
 log = logging.getLogger(__name__)
-CHUNK_ROWS = 256  # rows densified at once: 256 x 108k float16 = 55 MB
+CHUNK_ROWS = 256  # rows re-tagged per call: bounds the entry arrays, not the vocabulary
 
 
 @dataclass
@@ -57,20 +57,18 @@ def retag_table(table: pa.Table, post: Postprocessor, calibration_sha256: str, r
     ok = np.asarray([e is None for e in table.column("error").to_pylist()])
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     changed = 0
-    width = len(post.vocabulary)
     rows = np.flatnonzero(ok & np.asarray([v is not None for v in columns["logit_indices"]]))
     for start in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[start : start + CHUNK_ROWS]
-        stored = np.zeros((len(chunk), width), np.float16)
-        known = np.zeros((len(chunk), width), bool)
-        for j, r in enumerate(chunk):
-            idx = np.asarray(columns["logit_indices"][r], np.int64)
-            stored[j, idx] = np.asarray(columns["logit_values"][r], np.float16)
-            known[j, idx] = True
+        indices = [np.asarray(columns["logit_indices"][r], np.int64) for r in chunk]
+        entry_rows = np.repeat(np.arange(len(chunk)), [len(i) for i in indices])
+        entry_cols = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+        values = np.concatenate([np.asarray(columns["logit_values"][r], np.float16) for r in chunk])
+        order = np.lexsort((entry_cols, entry_rows))
         embeddings = None
         if recompute_ood and post.ood is not None and columns["embedding"][chunk[0]] is not None:
             embeddings = np.asarray([columns["embedding"][r] for r in chunk], np.float32)
-        out = post.from_stored(stored, embeddings, known)
+        out = post.from_entries(len(chunk), entry_rows[order], entry_cols[order], values[order], embeddings)
         for j, r in enumerate(chunk):
             changed += set(out["tags"][j]) != set(columns["tags"][r] or [])
             for key in ("tags", "scores", *ARGMAX_CATEGORIES):

@@ -88,6 +88,8 @@ class TaggerStage:
         names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
         step = self.fixed_batch or len(x)
         parts = [self.session.run(names, {self.input_name: x[i : i + step]}) for i in range(0, len(x), step)]
+        if len(parts) == 1:  # the usual case: no copy of a 100k-wide output
+            return parts[0][0], (parts[0][1] if self.embedding_name else None)
         raw = np.concatenate([p[0] for p in parts])
         emb = np.concatenate([p[1] for p in parts]) if self.embedding_name else None
         return raw, emb
@@ -125,7 +127,8 @@ class TaggerStage:
         results: dict[str, list] = {}
         embeddings = None
         if len(ok):
-            raw, emb, model_errors = self.infer(np.asarray(batch["pixels"])[ok])
+            pixels = np.asarray(batch["pixels"])
+            raw, emb, model_errors = self.infer(pixels if len(ok) == n else pixels[ok])  # no 100 MB copy when all decoded
             for j, message in enumerate(model_errors):
                 if message is not None:
                     error[ok[j]], error_kind[ok[j]] = message, "model_error"

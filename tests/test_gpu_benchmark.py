@@ -58,6 +58,9 @@ def test_cpu_path_runs_end_to_end(tmp_path):
     assert ratio and 0 < float(ratio.group(1)) < 100 and "CPUExecutionProvider" in done.stdout
     assert max(rows, key=lambda r: float(r[1]))[0] == job.group(1)
     assert np.isclose(float(ratio.group(1)), 100 * float(job.group(2)) / float(session_rate), rtol=0.02)
+    host = re.search(r"^\| \(c\) tagger host work outside the session, 2000 tags \| (\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img", done.stdout, re.M)
+    assert host and host.group(1) == job.group(1) and 0 < float(host.group(2)) < 1000 / float(session_rate)  # less than the session's own time
+    assert "1 batch(es) in flight" in done.stdout  # CPU: one call at a time
 
 
 def test_fp16_model_runs_through_the_uint8_input(tmp_path):

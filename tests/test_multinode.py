@@ -45,7 +45,7 @@ def test_tagger_on_the_gpu_node_and_decode_on_the_others(cluster, demo_bundle, d
 
     record = json.loads((out / "_runs" / "multinode.json").read_text())
     summary = record["summary"]
-    assert "1 GPU" in summary["placement"]
+    assert "1 GPU, 2 batch(es) in flight" in summary["placement"]  # the default on GPU: concurrent calls in the actor
     total = len(list((demo_corpus / "images").rglob("*.*")))
     assert summary["rows_by_node"]["tag"] == {gpu_node.node_id: total}
     assert summary["rows_by_node"]["decode"] == {cpu_node.node_id: total}

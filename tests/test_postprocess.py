@@ -129,3 +129,71 @@ def test_ood_distance_is_mahalanobis_and_flags_above_p95(demo_bundle, raw_output
     np.testing.assert_allclose(out["ood_distance"], direct, rtol=1e-5)
     np.testing.assert_allclose(mahalanobis(emb, ref), direct, rtol=1e-9)
     assert out["ood"] == [d > ref.p95 for d in out["ood_distance"]]
+
+
+def _dense_candidates(raw, activation, rules, categories):
+    """The definition, over every tag: probability of the float16 stored logit >= floor,
+    or a rating/quality tag."""
+    from pipeline.postprocess import stored_logits, stored_to_probabilities
+
+    with np.errstate(over="ignore"):
+        p = stored_to_probabilities(stored_logits(raw, activation), activation)
+    return (p >= rules.logit_floor) | np.isin(categories, ("rating", "quality"))
+
+
+def test_sigmoid_screen_keeps_exactly_the_tags_at_the_floor(demo_bundle):
+    """The float32 screen must not lose an output that only reaches the floor once
+    rounded to float16: rows of float32 values packed around the boundary."""
+    bundle = load_bundle(demo_bundle)
+    rules = TagRules.from_bundle(bundle)
+    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, rules, None, bundle.tag_metrics)
+    width = len(bundle.vocabulary)
+    boundary = math.log(rules.logit_floor / (1 - rules.logit_floor))  # ~ -4.595
+    steps = np.float32(boundary) + np.linspace(-0.01, 0.01, 6 * width).astype(np.float32)  # many float32 per float16 step
+    raw = steps.reshape(6, width)
+    want = _dense_candidates(raw, bundle.profile.activation, rules, np.asarray(bundle.vocabulary.categories))
+    out = post(raw, None)
+    for i in range(len(raw)):
+        assert out["logit_indices"][i].tolist() == np.flatnonzero(want[i]).tolist(), i
+        np.testing.assert_array_equal(out["logit_values"][i], raw[i, want[i]].astype(np.float16))
+    assert 0 < want.sum() < want.size  # the rows straddle the floor
+
+
+@pytest.mark.parametrize("activation", ["softmax", "none"])
+def test_other_activations_store_the_floor_candidates(demo_bundle, raw_outputs, activation):
+    from pipeline.profiles import Activation
+
+    bundle = load_bundle(demo_bundle)
+    rules = TagRules.from_bundle(bundle)
+    kind = Activation(activation)
+    raw = raw_outputs[0]
+    if kind is Activation.NONE:
+        raw = (1 / (1 + np.exp(-raw.astype(np.float64)))).astype(np.float32)
+    post = Postprocessor(bundle.vocabulary, kind, rules, None, bundle.tag_metrics)
+    want = _dense_candidates(raw, kind, rules, np.asarray(bundle.vocabulary.categories))
+    out = post(raw, None)
+    assert [x.tolist() for x in out["logit_indices"]] == [np.flatnonzero(w).tolist() for w in want]
+    assert all(len(t) >= 2 for t in out["tags"])  # rating and quality winners at least
+
+
+def test_dense_logits_store_every_tag_and_choose_the_same_tags(demo_bundle, raw_outputs):
+    bundle = load_bundle(demo_bundle)
+    raw, emb = raw_outputs
+    sparse = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), bundle.ood_reference, bundle.tag_metrics)(raw, emb)
+    dense = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, dense_logits=True), bundle.ood_reference, bundle.tag_metrics)(raw, emb)
+    assert dense["tags"] == sparse["tags"] and dense["rating"] == sparse["rating"]
+    width = len(bundle.vocabulary)
+    assert all(x.tolist() == list(range(width)) for x in dense["logit_indices"])
+    np.testing.assert_array_equal(np.stack(dense["logit_values"]), raw.astype(np.float16))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (7, 1001), (1, 8), (4, 16)])
+def test_sparse_nonzero_equals_numpy(shape):
+    from pipeline.postprocess import sparse_nonzero
+
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        rows, cols = sparse_nonzero(mask)
+        want_rows, want_cols = np.nonzero(mask)
+        assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()
