@@ -91,6 +91,36 @@ def dart_prompt(row: dict, text: TextOptions) -> str:
     )
 
 
+MAX_NAME_BYTES = 255  # one path component on common filesystems
+
+
+def caption_path(relative_key: str) -> str:
+    """The caption file for an image key, relative to the export root, that can never
+    leave it. Object keys may hold `..`, `.`, empty segments (`a//b`, a leading slash)
+    and names longer than a filesystem allows: those segments become "%2E%2E", "%2E"
+    and "%2F", and long names are cut and given a hash of themselves. Ordinary keys
+    keep their path, so a caption still sits beside its image; a key that would meet
+    another's caption is refused by the caller, never overwritten."""
+    *folders, name = relative_key.split("/")
+    stem = _safe_segment(name) if name in ("", ".", "..") else posixpath.splitext(name)[0]
+    return posixpath.join(*[_safe_segment(s) for s in folders], _shorten(stem, ".txt"))
+
+
+def _safe_segment(segment: str) -> str:
+    if segment in ("", ".", ".."):
+        return segment.replace(".", "%2E") or "%2F"
+    return _shorten(segment, "")
+
+
+def _shorten(stem: str, suffix: str) -> str:
+    if len((stem + suffix).encode()) <= MAX_NAME_BYTES:
+        return stem + suffix
+    import hashlib
+
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:16]
+    return stem.encode()[: MAX_NAME_BYTES - 24].decode(errors="ignore") + f"-{digest}" + suffix
+
+
 def _common_root(uris: list[str]) -> str:
     return posixpath.dirname(os.path.commonprefix(uris)) if len(uris) > 1 else posixpath.dirname(uris[0])
 
@@ -107,11 +137,14 @@ def export_tags(tags: str, output: str, fmt: str, text: TextOptions = TextOption
     out_fs.makedirs(out_path, exist_ok=True)
     if fmt == "captions":
         root = (relative_to or (_common_root([r["uri"] for r in good]) if good else "")).rstrip("/")
+        written: dict[str, str] = {}
         for row in good:
             if not row["uri"].startswith(root + "/"):
                 raise TagpipeError(f"{row['uri']} is not under --relative-to {root}")
-            rel = posixpath.splitext(row["uri"][len(root) + 1 :])[0] + ".txt"
-            target = posixpath.join(out_path, rel)
+            target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :]))
+            if target in written:
+                raise TagpipeError(f"{row['uri']} and {written[target]} would write the same caption file {target}")
+            written[target] = row["uri"]
             out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
             tags_text = text.format(row["tags"] if text.with_rating else [t for t in row["tags"] if t not in (row.get("rating"), row.get("quality"))])
             out_fs.pipe_file(target, (", ".join(tags_text) + "\n").encode())

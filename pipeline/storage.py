@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 
 # Errors worth another try: the network and the store's own "slow down" answers.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-TRANSIENT_WORDS = ("slowdown", "slow down", "503", "500 ", "internal error", "timeout", "timed out", "reset by peer", "throttl")
+TRANSIENT_WORDS = (
+    "slowdown", "slow down", "503", "500 ", "internal error", "service unavailable", "timeout", "timed out", "reset by peer", "throttl",
+    # a connection dropped mid-answer, as aiohttp/botocore word it (seen in tests/test_reliability.py)
+    "bad status line", "server disconnected", "connection closed", "connection aborted", "connection reset",
+)  # fmt: skip
 
 
 def is_transient(exc: BaseException) -> bool:

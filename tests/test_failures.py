@@ -57,6 +57,9 @@ def test_transient_error_classification():
     assert is_transient(ConnectionError("reset")) and is_transient(TimeoutError())
     assert is_transient(OSError("An error occurred (SlowDown) when calling the GetObject operation"))
     assert is_transient(OSError("503 Service Unavailable"))
+    # what a dropped connection looks like through s3fs (tests/faults.py drops them)
+    assert is_transient(OSError("An HTTP Client raised an unhandled exception: 400, message='Bad status line:\n  '"))
+    assert is_transient(OSError("Server disconnected")) and is_transient(OSError("Connection closed by peer"))
     assert not is_transient(FileNotFoundError("nope")) and not is_transient(PermissionError("denied"))
     assert not is_transient(ValueError("bad request"))
 

@@ -1,0 +1,63 @@
+"""Run the tagpipe CLI and SIGKILL this process at a named point (tests only):
+
+    python tests/kill_at.py POINT tag -i ... -o ...
+
+listing         after the input prefix is listed, before the listing is written
+tagging         right after the run's first new part is written, before any commit
+commit-version  after _versions/<N>.json is written, before _current.json
+commit-rename   local stores: _current.json's temp file written and synced, not renamed
+"""
+
+import os
+import signal
+import sys
+
+import pipeline.manifest
+import pipeline.table
+import pipeline.tag_job
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after(module, name):
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        die()
+        return result
+
+    setattr(module, name, wrapped)
+
+
+point, args = sys.argv[1], sys.argv[2:]
+if point == "listing":
+    after(pipeline.manifest, "_list_in_parallel")
+elif point == "tagging":
+    after(pipeline.tag_job, "_write_slice")
+elif point == "commit-version":
+    write = pipeline.table.TagTable._write_bytes
+
+    def write_or_die(self, relative, data):
+        if relative == pipeline.table.CURRENT:
+            die()
+        return write(self, relative, data)
+
+    pipeline.table.TagTable._write_bytes = write_or_die
+elif point == "commit-rename":
+    replace = os.replace
+
+    def replace_or_die(src, dst, *a, **k):
+        if str(dst).endswith(pipeline.table.CURRENT):
+            die()
+        return replace(src, dst, *a, **k)
+
+    os.replace = replace_or_die  # the os module write_atomic uses
+else:
+    raise SystemExit(f"unknown point {point}")
+
+from pipeline.cli import app  # noqa: E402
+
+app(args, prog_name="tagpipe")
