@@ -63,6 +63,11 @@ def tag(
     ),
     decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task [1]."),
     decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call [16]."),
+    max_file_bytes: Optional[int] = typer.Option(None, help="Files larger than this are error rows (too_large), never read whole [536870912]."),
+    decode_timeout: Optional[float] = typer.Option(None, help="Seconds one image may take to decode, then it is an error row; 0: no limit [60]."),
+    batch_timeout: Optional[float] = typer.Option(
+        None, help="Seconds one model call may take, then its rows are error rows (retried by the next run); 0: no limit [600]."
+    ),
     rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit [4096]."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
     storage_options: StorageOptions = None,
@@ -111,6 +116,9 @@ def tag(
         batches_in_flight=batches_in_flight,
         decode_cpus=decode_cpus,
         decode_batch_size=decode_batch_size,
+        max_file_bytes=max_file_bytes,
+        decode_timeout=decode_timeout,
+        batch_timeout=batch_timeout,
         rows_per_part=rows_per_part,
         ray_address=ray_address,
         storage_options=storage_options,

@@ -33,6 +33,9 @@ class TagJobConfig:
     batches_in_flight: int | None = None  # model calls one tagger actor runs at once; None: 2 on GPU, 1 on CPU
     decode_cpus: float = 1.0  # CPUs per decode task
     decode_batch_size: int = 16  # images per decode task call
+    max_file_bytes: int = 512 * 1024**2  # larger files are error rows (too_large), never read whole
+    decode_timeout: float = 60.0  # seconds one image may take to decode (then an error row); 0: no limit
+    batch_timeout: float = 600.0  # seconds one model call may take (then its rows are error rows, retried next run); 0: no limit
     rows_per_part: int = 4096  # rows per output part file (the commit unit)
     ray_address: str | None = None  # None: a local Ray; "auto" or an address: a cluster
     storage_options: dict = field(default_factory=dict)  # fsspec options for inputs and output
@@ -63,6 +66,9 @@ class TagJobConfig:
             ("batches_in_flight", self.batches_in_flight is None or 1 <= self.batches_in_flight <= 16),
             ("decode_cpus", self.decode_cpus > 0),
             ("decode_batch_size", self.decode_batch_size >= 1),
+            ("max_file_bytes", self.max_file_bytes >= 1),
+            ("decode_timeout", self.decode_timeout >= 0),
+            ("batch_timeout", self.batch_timeout >= 0),
             ("rows_per_part", self.rows_per_part >= 1),
             ("max_pixels", self.max_pixels >= 1),
             ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0),

@@ -76,9 +76,9 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     )
 
 
-def decode_batch(batch, preprocess: Preprocess, options: DecodeOptions, storage_options: dict):
+def decode_batch(batch, preprocess: Preprocess, options: DecodeOptions, storage_options: dict, timeout: float, max_file_bytes: int):
     """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely."""
-    out = DecodeStage(preprocess, options, storage_options)(batch)
+    out = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)(batch)
     out[DECODE_NODE] = np.full(len(out["uri"]), _node_id(), object)
     return out
 
@@ -101,7 +101,13 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs=dict(preprocess=preprocess, options=DecodeOptions(exact=cfg.exact_decode, max_pixels=cfg.max_pixels, draft_ratio=cfg.draft_ratio), storage_options=cfg.storage_options),
+        fn_kwargs=dict(
+            preprocess=preprocess,
+            options=DecodeOptions(exact=cfg.exact_decode, max_pixels=cfg.max_pixels, draft_ratio=cfg.draft_ratio),
+            storage_options=cfg.storage_options,
+            timeout=cfg.decode_timeout,
+            max_file_bytes=cfg.max_file_bytes,
+        ),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=placement.decode_cpus,

@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.bundle import ModelBundle
+from pipeline.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
 SOURCE_COLUMNS = ["uri", "source_size", "etag", "mtime"]
-RETRY_ERROR_KINDS = ("read_error", "not_found")  # transient at the time: tried again next run
+RETRY_ERROR_KINDS = ("read_error", "not_found", "model_timeout")  # transient at the time: tried again next run
 NEW, CHANGED, UNCHANGED, DELETED, UNKNOWN, RETRY = "new", "changed", "unchanged", "deleted", "unknown", "retry"
 
 
@@ -45,6 +46,9 @@ def inference_key(cfg, bundle: ModelBundle) -> str:
             "max_pixels": cfg.max_pixels,
             "dense_logits": cfg.dense_logits,
             "logit_floor": cfg.logit_floor,
+            # settings added later join the key only when changed, so the keys of
+            # existing tables (and their next nightly run) stay as they were
+            **({"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
         }
     )
 

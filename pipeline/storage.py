@@ -102,8 +102,7 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
 
     fs, path = filesystem_for(uri, storage_options)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    if local:
+    if _is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # pipeline/table.py's vacuum knows this mark
         try:
             if table is not None:
@@ -129,6 +128,24 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
     retry(put, what=uri)
 
 
-def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5) -> bytes:
+def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5, max_bytes: int | None = None) -> bytes:
+    """A file's bytes; with max_bytes, at most that many (one ranged read)."""
     fs, path = filesystem_for(uri, storage_options)
-    return retry(lambda: fs.cat_file(path), attempts=attempts, what=uri)
+    if max_bytes is not None and _is_local(fs) and retry(lambda: fs.size(path), attempts=attempts, what=uri) < max_bytes:
+        max_bytes = None  # a local ranged read allocates the whole range up front, however small the file
+
+    def read():
+        if max_bytes is None:
+            return fs.cat_file(path)
+        try:
+            return fs.cat_file(path, start=0, end=max_bytes)
+        except OSError as exc:  # S3 answers a range on an empty object with 416 InvalidRange
+            if "range" not in str(exc).lower() and "416" not in str(exc):
+                raise
+            return fs.cat_file(path)
+
+    return retry(read, attempts=attempts, what=uri)
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

@@ -266,6 +266,7 @@ def _tag(cfg, bundle, rules, run_id, pending: pa.Table, table: TagTable, key: st
         dense_logits=cfg.dense_logits,
         normalise_in_graph=cfg.normalise_in_graph,
         rules=rules,
+        batch_timeout=cfg.batch_timeout,
     )
     block_rows = max(cfg.decode_batch_size, 64)
     work = pending.select(["uri", SHARD])  # the rest of the manifest is joined back when a slice is written

@@ -8,6 +8,7 @@ count) are set where the stage is placed, in pipeline/graph.py, not here.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -37,6 +38,11 @@ class TaggerSettings:
     dense_logits: bool = False
     normalise_in_graph: bool = True  # feed uint8 to prepended Cast/scale nodes (see onnx_tools)
     rules: dict = field(default_factory=dict)  # TagRules fields over the profile's (threshold, floor, MCut, ...)
+    batch_timeout: float = 0.0  # seconds one session call may take; 0: no limit
+
+
+class ModelTimeout(Exception):
+    pass
 
 
 class Normaliser:
@@ -87,25 +93,49 @@ class TaggerStage:
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
         step = self.fixed_batch or len(x)
-        parts = [self.session.run(names, {self.input_name: x[i : i + step]}) for i in range(0, len(x), step)]
+        parts = [self._session_run(names, x[i : i + step]) for i in range(0, len(x), step)]
         if len(parts) == 1:  # the usual case: no copy of a 100k-wide output
             return parts[0][0], (parts[0][1] if self.embedding_name else None)
         raw = np.concatenate([p[0] for p in parts])
         emb = np.concatenate([p[1] for p in parts]) if self.embedding_name else None
         return raw, emb
 
-    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
-        """Raw outputs for a batch; a batch the model rejects is retried row by row."""
+    def _session_run(self, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+        """session.run, stopped by ONNX Runtime's terminate flag once batch_timeout has
+        passed (checked between graph nodes: a hung kernel is not interrupted)."""
+        if not self.settings.batch_timeout:
+            return self.session.run(names, {self.input_name: x})
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        timer = threading.Timer(self.settings.batch_timeout, lambda: setattr(options, "terminate", True))
+        timer.start()
+        try:
+            return self.session.run(names, {self.input_name: x}, options)
+        except Exception:
+            if options.terminate:
+                raise ModelTimeout(f"model call on {len(x)} images took longer than the {self.settings.batch_timeout:g} s limit") from None
+            raise
+        finally:
+            timer.cancel()
+
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[tuple[str, str] | None]]:
+        """Raw outputs for a batch and, per row, None or (error kind, message). A batch the
+        model rejects is retried row by row; one that runs out of time is not (the rows
+        are model_timeout errors, tried again by the next run)."""
         x = np.ascontiguousarray(pixels, np.uint8) if self.normalise is None else self.normalise(pixels)
+        width = len(self.bundle.vocabulary)
         try:
             raw, emb = self._run(x)
             return raw, emb, [None] * len(x)
+        except ModelTimeout as exc:
+            log.warning("%s; its rows are error rows", exc)
+            return np.zeros((len(x), width), np.float32), None, [("model_timeout", str(exc))] * len(x)
         except Exception as batch_exc:
             log.warning("model rejected a batch of %d (%s); retrying one by one", len(x), batch_exc)
-        width = len(self.bundle.vocabulary)
         raw = np.zeros((len(x), width), np.float32)
         emb = None
-        errors: list[str | None] = []
+        errors: list[tuple[str, str] | None] = []
         for i in range(len(x)):
             try:
                 r, e = self._run(x[i : i + 1])
@@ -115,7 +145,7 @@ class TaggerStage:
                     emb[i] = e[0]
                 errors.append(None)
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                errors.append(("model_error", f"{type(exc).__name__}: {exc}"[:500]))
         return raw, emb, errors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -129,9 +159,9 @@ class TaggerStage:
         if len(ok):
             pixels = np.asarray(batch["pixels"])
             raw, emb, model_errors = self.infer(pixels if len(ok) == n else pixels[ok])  # no 100 MB copy when all decoded
-            for j, message in enumerate(model_errors):
-                if message is not None:
-                    error[ok[j]], error_kind[ok[j]] = message, "model_error"
+            for j, failure in enumerate(model_errors):
+                if failure is not None:
+                    error_kind[ok[j]], error[ok[j]] = failure
             good = np.asarray([m is None for m in model_errors])
             results = self.postprocess(raw, emb)
             embeddings = emb

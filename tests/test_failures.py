@@ -117,3 +117,120 @@ def test_a_batch_the_model_rejects_costs_only_the_rejected_rows(tmp_path):
     assert "Gather" in table["error"][1] or "indices" in table["error"][1].lower()
     assert table["tags"][0] is not None and table["tags"][2] is not None and table["tags"][1] is None
     assert table["phash_hex"][1] is not None  # the decode facts of a rejected row are kept
+
+
+def _slow_model(path, layers: int, size: int = 448, tags: int = 10):
+    """A JoyTag-contract tagger that takes a while: `layers` chained 448x448 MatMuls over
+    the image rows before the head."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(size, size)) / size).astype(np.float32), "m"),
+        numpy_helper.from_array(rng.normal(size=(3, tags)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(tags, np.float32), "b"),
+    ]
+    n = helper.make_node
+    nodes, x = [], "input"
+    for i in range(layers):
+        nodes.append(n("MatMul", [x, "m"], [f"h{i}"]))
+        x = f"h{i}"
+    nodes += [n("ReduceMean", [x], ["pooled"], axes=[2, 3], keepdims=0), n("Gemm", ["pooled", "w", "b"], ["output"])]
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", tags])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path):
+    import time
+
+    from pipeline.incremental import RETRY_ERROR_KINDS
+    from pipeline.tagger import TaggerSettings, TaggerStage
+
+    bundle = tmp_path / "slow"
+    bundle.mkdir()
+    _slow_model(bundle / "model.onnx", layers=60)
+    (bundle / "top_tags.txt").write_text("\n".join(f"t{i}" for i in range(10)) + "\n")
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(encode(Image.new("RGB", (64, 64), (40 * i, 90, 200)), "PNG"))
+    uris = np.array([str(tmp_path / f"{i}.png") for i in range(4)], object)
+    decoded = DecodeStage(load_profile("joytag").preprocess)({"uri": uris})
+
+    untimed = TaggerStage(TaggerSettings(str(bundle), provider=ProviderChoice.CPU, intra_op_threads=1))
+    started = time.monotonic()
+    assert untimed(decoded).column("error_kind").null_count == 4  # without a limit it finishes...
+    full = time.monotonic() - started
+    limited = TaggerStage(TaggerSettings(str(bundle), provider=ProviderChoice.CPU, intra_op_threads=1, batch_timeout=full / 10))
+    started = time.monotonic()
+    table = limited(decoded).to_pydict()
+    assert time.monotonic() - started < full * 0.6  # ...with one, it stops early
+    assert table["error_kind"] == ["model_timeout"] * 4 and "limit" in table["error"][0]
+    assert table["tags"] == [None] * 4 and all(h is not None for h in table["phash_hex"])
+    assert "model_timeout" in RETRY_ERROR_KINDS  # the next run tries them again
+
+
+def _slow_png(size: int = 6000) -> bytes:
+    """Slow to decode (36 MP), small to read and hash (a gradient compresses well)."""
+    ramp = (np.add.outer(np.arange(size), np.arange(size)) % 256).astype(np.uint8)
+    return encode(Image.fromarray(np.stack([ramp, ramp.T, ramp], axis=-1)), "PNG")
+
+
+def test_an_image_past_the_decode_time_limit_becomes_an_error_row(tmp_path):
+    import time
+
+    (tmp_path / "slow.png").write_bytes(_slow_png())
+    (tmp_path / "quick.png").write_bytes(encode(Image.new("RGB", (64, 64), (200, 10, 10)), "PNG"))
+    uris = np.array([str(tmp_path / "slow.png"), str(tmp_path / "quick.png")], object)
+    pre = load_profile("joytag").preprocess
+    started = time.monotonic()
+    unlimited = DecodeStage(pre, timeout=0)({"uri": uris})
+    full = time.monotonic() - started
+    assert list(unlimited["error_kind"]) == [None, None]  # it does decode, given time
+    # Pillow decodes in 64 KiB input chunks, each one C call: the limit is checked
+    # between them, so an image stops within a chunk's work of its limit, not exactly
+    limited = DecodeStage(pre, timeout=full / 10)({"uri": uris})
+    assert list(limited["error_kind"]) == ["decode_timeout", None] and "limit" in limited["error"][0]
+    assert limited["sha256"][0] == unlimited["sha256"][0]  # the bytes' facts are kept
+    assert np.array_equal(limited["pixels"][1], unlimited["pixels"][1])
+
+
+def test_decode_time_limit_holds_inside_ray_tasks(ray_session, tmp_path):
+    """Ray runs a task on its worker's main thread, where the SIGALRM limit works."""
+    import ray.data
+
+    from pipeline.graph import decode_batch
+    from pipeline.imaging import DecodeOptions
+
+    (tmp_path / "slow.png").write_bytes(_slow_png())
+    ds = ray.data.from_items([{"uri": str(tmp_path / "slow.png")}])
+    rows = ds.map_batches(
+        decode_batch, fn_kwargs=dict(preprocess=load_profile("joytag").preprocess, options=DecodeOptions(), storage_options={}, timeout=0.01, max_file_bytes=10**9), batch_format="numpy"
+    ).take_all()
+    assert [r["error_kind"] for r in rows] == ["decode_timeout"]
+
+
+def test_a_huge_non_image_file_is_read_only_up_to_the_limit(tmp_path):
+    """A 100 MB file of junk: under the default limit it is read once and refused as
+    not an image (memory about its size, not a multiple); under a 10 MB limit only
+    10 MB of it is ever read."""
+    import subprocess
+    import sys
+
+    junk = tmp_path / "huge.jpg"
+    with junk.open("wb") as handle:
+        for _ in range(100):
+            handle.write(np.random.default_rng(1).bytes(1 << 20))
+    probe = (
+        "import sys, tracemalloc, numpy as np\n"
+        "from pipeline.decode import DecodeStage\nfrom pipeline.profiles import load_profile\n"
+        "tracemalloc.start()\n"
+        "out = DecodeStage(load_profile('joytag').preprocess, max_file_bytes=int(sys.argv[2]))({'uri': np.array([sys.argv[1]], object)})\n"
+        "print(out['error_kind'][0], tracemalloc.get_traced_memory()[1])\n"
+    )
+    for limit, kind, most in ((512 * 2**20, "not_an_image", 250 * 2**20), (10 * 2**20, "too_large", 25 * 2**20)):
+        done = subprocess.run([sys.executable, "-c", probe, str(junk), str(limit)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got_kind, peak = done.stdout.split()
+        assert got_kind == kind and int(peak) < most, (limit, got_kind, int(peak) / 2**20)

@@ -28,8 +28,8 @@ def test_s3_slowdowns_and_dropped_connections_lose_nothing(ray_session, s3_serve
             storage_options={"endpoint_url": proxy.url},
         )  # fmt: skip
         summary = run_tag_job(cfg)
-    # every third request failed, half of them without any answer, until 80 had failed
-    assert proxy.injected["slowdown"] == proxy.injected["drop"] == 40, proxy.injected
+    # every third request failed (half of them with no answer at all), up to 80 faults
+    assert min(proxy.injected.values()) >= 20 and proxy.requests >= 3 * sum(proxy.injected.values()), proxy.injected
     assert summary.images == len(images) and summary.errors_by_kind == CORPUS_ERRORS  # no read_error rows
     fs.invalidate_cache()
     table = read_current("s3://tagpipe-faults/tags/")  # straight from the server, not through the proxy
