@@ -162,10 +162,13 @@ class TaggerStage:
             for j, failure in enumerate(model_errors):
                 if failure is not None:
                     error_kind[ok[j]], error[ok[j]] = failure
-            good = np.asarray([m is None for m in model_errors])
-            results = self.postprocess(raw, emb)
+            # only rows the model answered: a failed row's zeros would pass the floor for every tag
+            good = np.flatnonzero([m is None for m in model_errors])
+            if len(good) < len(raw):
+                raw, emb = raw[good], (emb[good] if emb is not None else None)
+            results = self.postprocess(raw, emb) if len(good) else {}
             embeddings = emb
-            ok_rows = {int(r): j for j, r in enumerate(ok) if good[j]}
+            ok_rows = {int(ok[j]): k for k, j in enumerate(good)}
         else:
             ok_rows = {}
         return self._table(batch, n, error, error_kind, results, embeddings, ok_rows)

@@ -66,6 +66,25 @@ def test_npz_side_files_never_unpickle(demo_bundle, tmp_path):
         load_bundle(copy)
 
 
+def test_json_side_files_are_data_never_code(demo_bundle, tmp_path):
+    """Vocabulary JSON is parsed with json: a payload written as Python stays a string."""
+    import json
+
+    copy = tmp_path / "cl"
+    shutil.copytree(demo_bundle, copy)
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    vocabulary = copy / "model_vocabulary.json"
+    data = json.loads(vocabulary.read_text())
+    first = data["idx_to_tag"]["0"]
+    data["idx_to_tag"]["0"] = payload
+    data["tag_to_idx"][payload] = data["tag_to_idx"].pop(first)
+    data["tag_to_category"][payload] = data["tag_to_category"].pop(first)
+    vocabulary.write_text(json.dumps(data))
+    bundle = load_bundle(copy)
+    assert bundle.vocabulary.tags[0] == payload and not marker.exists()
+
+
 def test_fingerprint_follows_content_not_names(demo_bundle, tmp_path):
     base = load_bundle(demo_bundle).fingerprint
     renamed = tmp_path / "renamed_v2_01a"

@@ -3,6 +3,8 @@ standard AWS variables only (AWS_ENDPOINT_URL etc., set by the s3_server fixture
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import s3fs
 
@@ -65,17 +67,27 @@ def test_credentials_never_reach_logs_or_run_records(s3_server, demo_bundle, dem
     secrets = {"AWS_ACCESS_KEY_ID": "AKIATAGPIPEKEYID0001", "AWS_SECRET_ACCESS_KEY": "tagpipe+secret/Value0001", "AWS_SESSION_TOKEN": "tagpipeSessionToken0001"}
     options = {"key": "AKIATAGPIPEKEYID0002", "secret": "tagpipe+secret/Value0002"}
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **secrets}
+    # the images, plus two keys that do not exist: error rows carry the store's messages
+    fs.pipe("tagpipe-creds/list.txt", "\n".join([*(f"s3://{p}" for p in fs.find("tagpipe-creds/images")), "s3://tagpipe-creds/images/gone.jpg", "s3://tagpipe-creds/nope/x.png"]).encode())
     command = [
-        sys.executable, "-m", "pipeline.cli", "tag", "-i", "s3://tagpipe-creds/images/", "-o", "s3://tagpipe-creds/tags/",
+        sys.executable, "-m", "pipeline.cli", "tag", "-i", "s3://tagpipe-creds/list.txt", "-o", "s3://tagpipe-creds/tags/",
         "-m", str(demo_bundle), "--storage-options", json.dumps(options), "--verbose", "--no-progress",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "5 images tagged" in done.stdout
+    assert "7 images tagged" in done.stdout and "not_found" in done.stdout
+    ray_logs = {str(p): p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").rglob("*") if p.is_file()}
+    assert ray_logs  # the subprocess's Ray session: its workers' logs
+    # a run that fails (an option the store rejects) prints its error, not the secrets
+    bad = [*command[:-4], "--storage-options", json.dumps({**options, "no_such_option": 1}), "--no-progress"]
+    failed = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and failed.stderr
     written = {p: fs.cat_file(p).decode("utf-8", "replace") for p in fs.find("tagpipe-creds/tags") if "/data/" not in p and not p.endswith(".parquet")}
     written.update({p: str(pq.read_table(fs.open(p, "rb")).to_pylist()) for p in fs.find("tagpipe-creds/tags") if p.endswith(".parquet")})
     assert any("_runs/" in p for p in written) and any(p.endswith("_current.json") for p in written)
-    texts = {"stdout": done.stdout, "stderr": done.stderr, **written}
+    errors = [r["error"] for p in fs.find("tagpipe-creds/tags/data") for r in pq.read_table(fs.open(p, "rb")).to_pylist() if r["error"]]
+    assert len(errors) == 2
+    texts = {"stdout": done.stdout, "stderr": done.stderr, "failed stdout": failed.stdout, "failed stderr": failed.stderr, **written, **ray_logs}
     for secret in [*secrets.values(), *options.values()]:
         for name, text in texts.items():
             assert secret not in text, f"{secret!r} in {name}"
