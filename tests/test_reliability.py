@@ -1,10 +1,10 @@
 """Faults and hostile input (issue 11): a store that answers 503 SlowDown and drops
 connections, a tagger actor killed mid-run, the driver killed at several points,
-hostile object keys, stragglers. The list with results is in docs/reliability.md."""
+hostile object keys (stragglers and big files: test_failures.py). The list with results
+is in docs/reliability.md."""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 import s3fs
 
@@ -36,7 +36,6 @@ def test_s3_slowdowns_and_dropped_connections_lose_nothing(ray_session, s3_serve
     assert sorted(table.column("uri").to_pylist()) == images  # every row, exactly once
     checked, correct, wrong = check_tags("s3://tagpipe-faults/tags", demo_corpus, images_root="s3://tagpipe-faults/images", storage_options={})
     assert (checked, correct, wrong) == (len(images), len(images), [])
-    assert isinstance(table, pa.Table)
 
 
 def _tagger_processes() -> list:
