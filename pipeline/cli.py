@@ -290,6 +290,23 @@ def split(
 
 
 @app.command()
+def report(
+    tags: str = typer.Option(..., "--tags", help="A tag output (tag table or Parquet)."),
+    output: str = typer.Option("report.html", "--output", "-o", help="The HTML file to write (local path or s3://...)."),
+    dedup: Optional[str] = typer.Option(None, "--dedup", help="A dedup output directory: the largest duplicate clusters."),
+    split: Optional[str] = typer.Option(None, "--split", help="A split output directory: sizes and per-tag balance."),
+    title: Optional[str] = typer.Option(None, help="Page title; default names the tag output."),
+    storage_options: StorageOptions = None,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """One self-contained HTML report: summary, tag frequency, scores, OOD, duplicates, splits, errors."""
+    from pipeline.report import build_report
+
+    _setup(verbose)
+    typer.echo(build_report(tags, output, dedup, split, _storage_options(storage_options), title).text())
+
+
+@app.command()
 def audit(
     train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
@@ -348,6 +365,7 @@ def demo(
     typer.echo(f"corpus:  {result.corpus_dir / 'images'}")
     typer.echo(f"tags:    {result.tags_dir}  (a versioned Parquet table: pipeline.table.read_current, or DuckDB via _current.json; see README)")
     typer.echo(f"check:   {result.correct}/{result.checked} rows match the corpus's known tags (broken files as error rows)")
+    typer.echo(f"report:  {result.report}  (open it in a browser; duplicate clusters in {result.workdir / 'dedup'}, splits in {result.workdir / 'splits'})")
     for rel, tags, error in result.wrong[:10]:
         typer.echo(f"  mismatch {rel}: tags={tags} error={error}")
     if result.correct != result.checked:

@@ -31,6 +31,7 @@ class DemoResult:
     checked: int
     correct: int
     wrong: list
+    report: Path | None = None  # report.html over the tags, duplicate clusters and splits
 
 
 def check_tags(tags_dir: str | Path, corpus_dir: Path, images_root: str | None = None, storage_options: dict | None = None) -> tuple[int, int, list]:
@@ -66,4 +67,12 @@ def run_demo(workdir: str | Path = "tagpipe-demo", images_per_kind: int = 3, **t
     cfg = make_tag_config(inputs=[str(corpus_dir / "images")], output=str(tags_dir), model=str(model_dir), **tag_options)
     summary = run_tag_job(cfg)
     checked, correct, wrong = check_tags(tags_dir, corpus_dir)
-    return DemoResult(workdir, model_dir, corpus_dir, tags_dir, summary, checked, correct, wrong)
+    from pipeline.dedup import run_dedup
+    from pipeline.report import build_report
+    from pipeline.split import run_split
+
+    dedup_dir, split_dir, report = workdir / "dedup", workdir / "splits", workdir / "report.html"
+    run_dedup(str(tags_dir), str(dedup_dir))
+    run_split(str(tags_dir), str(dedup_dir), str(split_dir), {"train": 0.8, "val": 0.1, "test": 0.1})
+    build_report(str(tags_dir), str(report), dedup=str(dedup_dir), split=str(split_dir), title="tagpipe demo")
+    return DemoResult(workdir, model_dir, corpus_dir, tags_dir, summary, checked, correct, wrong, report)
