@@ -205,12 +205,8 @@ def _cut(text: str, length: int) -> str:
 
 def _table(header: list[str], rows: list[list], classes: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table class='{classes}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-class _Raw(str):
-    """Markup we built ourselves, not to be escaped."""
 
 
 def _figure(uri: str, caption: str, storage_options) -> str:
