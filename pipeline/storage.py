@@ -102,7 +102,7 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
 
     fs, path = filesystem_for(uri, storage_options)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # pipeline/table.py's vacuum knows this mark
         try:
             if table is not None:
@@ -131,7 +131,7 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
 def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5, max_bytes: int | None = None) -> bytes:
     """A file's bytes; with max_bytes, at most that many (one ranged read)."""
     fs, path = filesystem_for(uri, storage_options)
-    if max_bytes is not None and _is_local(fs) and retry(lambda: fs.size(path), attempts=attempts, what=uri) < max_bytes:
+    if max_bytes is not None and is_local(fs) and retry(lambda: fs.size(path), attempts=attempts, what=uri) < max_bytes:
         max_bytes = None  # a local ranged read allocates the whole range up front, however small the file
 
     def read():
@@ -147,5 +147,6 @@ def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5,
     return retry(read, attempts=attempts, what=uri)
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+def is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for, retry, write_atomic
+from pipeline.storage import filesystem_for, is_local, retry, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class TagTable:
         self.uri = uri.rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self.path = filesystem_for(self.uri, storage_options)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.local = "file" in protocols or "local" in protocols
+        self.local = is_local(self.fs)
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
