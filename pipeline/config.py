@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import ConfigError
 from pipeline.imaging import DEFAULT_MAX_PIXELS
 from pipeline.runtime import ProviderChoice
@@ -33,8 +34,8 @@ class TagJobConfig:
     batches_in_flight: int | None = None  # model calls one tagger actor runs at once; None: 2 on GPU, 1 on CPU
     decode_cpus: float = 1.0  # CPUs per decode task
     decode_batch_size: int = 16  # images per decode task call
-    max_file_bytes: int = 512 * 1024**2  # larger files are error rows (too_large), never read whole
-    decode_timeout: float = 60.0  # seconds one image may take to decode (then an error row); 0: no limit
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are error rows (too_large), never read whole
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds one image may take to decode (then an error row); 0: no limit
     batch_timeout: float = 600.0  # seconds one model call may take (then its rows are error rows, retried next run); 0: no limit
     rows_per_part: int = 4096  # rows per output part file (the commit unit)
     ray_address: str | None = None  # None: a local Ray; "auto" or an address: a cluster
