@@ -63,16 +63,13 @@ class Accumulator:
     ood_flagged: int = 0
 
 
-def _source(uri: str, storage_options: dict | None):
-    """(column names, read) for a tag table or a Parquet file/dataset; read(columns)
-    yields one part (a tag table's file, or a dataset batch) at a time."""
+def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
+    """(column names, read) for a tag table's snapshot, or a Parquet file/dataset;
+    read(columns) yields one part (a table's file, or a dataset batch) at a time."""
     import pyarrow.dataset as pads
 
-    from pipeline.table import TagTable, is_tag_table
-
-    if is_tag_table(uri, storage_options):
-        table = TagTable(uri, storage_options)
-        files = table.snapshot().files
+    if snapshot is not None:
+        files = snapshot.files
         names = table.read_part_metadata(files[0]).schema.to_arrow_schema().names if files else []
         return names, lambda columns: (table.read_part(file, columns) for file in files)
     fs, path = filesystem_for(uri, storage_options)
@@ -87,10 +84,11 @@ def _count_values(values) -> Counter:
     return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
-def scan(uri: str, storage_options: dict | None, threshold: float) -> Accumulator:
-    """One pass over the table's parts, a few columns at a time, into running figures."""
+def scan(uri: str, storage_options: dict | None, threshold: float, table=None, snapshot=None) -> Accumulator:
+    """One pass over the table's parts (the snapshot's, for a tag table), a few columns
+    at a time, into running figures."""
     acc = Accumulator()
-    names, read = _source(uri, storage_options)
+    names, read = _source(uri, storage_options, table, snapshot)
     categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
     acc.by_category = {c: Counter() for c in categories}
     wanted = ["uri", "error", "error_kind", "tags", "scores", "ood_distance", "ood", *(f"tags_{c}" for c in categories)]
@@ -238,15 +236,15 @@ def _read_json(uri: str, storage_options) -> dict | None:
 
 def build_report(tags: str, output: str, dedup: str | None = None, split: str | None = None, storage_options: dict | None = None, title: str | None = None) -> ReportSummary:
     started = time.monotonic()
-    from pipeline.table import TagTable, is_tag_table
+    from pipeline.table import RUNS_DIR, TagTable, is_tag_table
 
-    snapshot, run = None, None
+    table, snapshot, run = None, None, None
     if is_tag_table(tags, storage_options):
         table = TagTable(tags, storage_options)
         snapshot = table.snapshot()
-        run = _read_json(table.full_uri(posixpath.join("_runs", f"{snapshot.run_id}.json")), storage_options)
+        run = _read_json(table.full_uri(posixpath.join(RUNS_DIR, f"{snapshot.run_id}.json")), storage_options)
     threshold, assumed = _threshold(snapshot, run)
-    acc = scan(tags, storage_options, threshold)
+    acc = scan(tags, storage_options, threshold, table, snapshot)
     thumbs = [0]
 
     def figure(uri, caption):
