@@ -64,7 +64,25 @@ def test_transient_error_classification():
     assert not is_transient(ValueError("bad request"))
 
 
-def _picky_model(path, size: int = 448, tags: int = 10):
+def _joytag_contract_bundle(directory, name: str, nodes: list, inits: list, size: int = 448, tags: int = 10):
+    """A JoyTag-layout bundle (model.onnx + top_tags.txt) around a graph from `input`
+    [B,3,size,size] to `output` [B,tags]."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", tags])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    directory.mkdir()
+    onnx.save(model, str(directory / "model.onnx"))
+    (directory / "top_tags.txt").write_text("\n".join(f"t{i}" for i in range(tags)) + "\n")
+    return directory
+
+
+def _picky_bundle(directory, tags: int = 10):
     """A JoyTag-contract tagger that fails at run time on any batch holding a pure-white
     pixel: ReduceMax of the input picks an index into a 9-long table (white -> 9)."""
     rng = np.random.default_rng(0)
@@ -88,25 +106,13 @@ def _picky_model(path, size: int = 448, tags: int = 10):
         n("Gather", ["table", "index"], ["zero"]),  # out of bounds (index >= 9) -> runtime error
         n("Add", ["head", "zero"], ["output"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "picky",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", tags])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    return _joytag_contract_bundle(directory, "picky", nodes, inits, tags=tags)
 
 
 def test_a_batch_the_model_rejects_costs_only_the_rejected_rows(tmp_path):
     from pipeline.tagger import TaggerSettings, TaggerStage
 
-    bundle = tmp_path / "picky"
-    bundle.mkdir()
-    _picky_model(bundle / "model.onnx")
-    (bundle / "top_tags.txt").write_text("\n".join(f"t{i}" for i in range(10)) + "\n")
+    bundle = _picky_bundle(tmp_path / "picky")
     images = {"grey.png": (120, 120, 120), "white.png": (255, 255, 255), "blue.png": (20, 40, 160), "broken.png": None}
     for name, colour in images.items():
         (tmp_path / name).write_bytes(encode(Image.new("RGB", (300, 300), colour), "PNG") if colour else b"junk")
@@ -119,7 +125,7 @@ def test_a_batch_the_model_rejects_costs_only_the_rejected_rows(tmp_path):
     assert table["phash_hex"][1] is not None  # the decode facts of a rejected row are kept
 
 
-def _slow_model(path, layers: int, size: int = 448, tags: int = 10):
+def _slow_bundle(directory, layers: int, size: int = 448, tags: int = 10):
     """A JoyTag-contract tagger that takes a while: `layers` chained 448x448 MatMuls over
     the image rows before the head."""
     rng = np.random.default_rng(0)
@@ -134,13 +140,7 @@ def _slow_model(path, layers: int, size: int = 448, tags: int = 10):
         nodes.append(n("MatMul", [x, "m"], [f"h{i}"]))
         x = f"h{i}"
     nodes += [n("ReduceMean", [x], ["pooled"], axes=[2, 3], keepdims=0), n("Gemm", ["pooled", "w", "b"], ["output"])]
-    graph = helper.make_graph(
-        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", tags])], inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    return _joytag_contract_bundle(directory, "slow", nodes, inits, size, tags)
 
 
 def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path):
@@ -149,10 +149,7 @@ def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path)
     from pipeline.incremental import RETRY_ERROR_KINDS
     from pipeline.tagger import TaggerSettings, TaggerStage
 
-    bundle = tmp_path / "slow"
-    bundle.mkdir()
-    _slow_model(bundle / "model.onnx", layers=60)
-    (bundle / "top_tags.txt").write_text("\n".join(f"t{i}" for i in range(10)) + "\n")
+    bundle = _slow_bundle(tmp_path / "slow", layers=60)
     for i in range(4):
         (tmp_path / f"{i}.png").write_bytes(encode(Image.new("RGB", (64, 64), (40 * i, 90, 200)), "PNG"))
     uris = np.array([str(tmp_path / f"{i}.png") for i in range(4)], object)
