@@ -91,6 +91,7 @@ class ModelBundle:
     ood_reference: OodReference | None
     metadata: dict
     output_width: int | None  # from the graph; None if symbolic
+    embedding_width: int | None  # the embedding output's width from the graph; None if symbolic or absent
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     fingerprint: Fingerprint
@@ -175,6 +176,7 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
         ood_reference=ood_reference,
         metadata=metadata,
         output_width=output_width,
+        embedding_width=_static_last_dim(graph, profile.embedding_name) if profile.embedding_name in output_names else None,
         input_names=input_names,
         output_names=output_names,
         fingerprint=fingerprint,

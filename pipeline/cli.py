@@ -72,7 +72,15 @@ def tag(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
     storage_options: StorageOptions = None,
     exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images declaring more pixels than this [120000000]."),
+    max_pixels: Optional[int] = typer.Option(
+        None, help="Refuse images declaring more pixels than this, in any frame, tile or sub-image [120000000]."
+    ),
+    max_decode_memory: Optional[int] = typer.Option(
+        None, help="Bytes one image's decode may add to its worker, then it is a too_large row; 0: no limit [2147483648]."
+    ),
+    extension: Optional[List[str]] = typer.Option(
+        None, "--extension", help="List only files with this extension under a prefix (e.g. jpg); repeatable [every file]."
+    ),
     draft_ratio: Optional[float] = typer.Option(None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest [2]."),
     normalise_in_graph: Optional[bool] = typer.Option(
         None, "--normalise-in-graph/--normalise-in-numpy", help="Feed the model uint8 through prepended Cast/scale nodes [in graph]."
@@ -124,6 +132,8 @@ def tag(
         storage_options=storage_options,
         exact_decode=exact_decode,
         max_pixels=max_pixels,
+        max_decode_memory=max_decode_memory,
+        extensions=list(extension) if extension else None,
         draft_ratio=draft_ratio,
         normalise_in_graph=normalise_in_graph,
         provider=provider,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import ConfigError
-from pipeline.imaging import DEFAULT_MAX_PIXELS
+from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.runtime import ProviderChoice
 
 
@@ -41,7 +41,9 @@ class TagJobConfig:
     ray_address: str | None = None  # None: a local Ray; "auto" or an address: a cluster
     storage_options: dict = field(default_factory=dict)  # fsspec options for inputs and output
     exact_decode: bool = False  # full-size decode instead of DCT-scaled JPEG decode
-    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images declaring more pixels
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images (or any frame, tile, sub-image) declaring more pixels
+    max_decode_memory: int = DEFAULT_MAX_DECODE_MEMORY  # bytes one image's decode may take (then too_large); 0: no limit
+    extensions: tuple[str, ...] = ()  # list only files with these extensions under a prefix; (): every file
     draft_ratio: float = 2.0  # fast decode keeps >= this times the model's resolution (1 = fastest)
     normalise_in_graph: bool = True  # the model takes uint8; Cast/scale nodes are prepended to it
     provider: ProviderChoice = ProviderChoice.AUTO
@@ -72,6 +74,8 @@ class TagJobConfig:
             ("batch_timeout", self.batch_timeout >= 0),
             ("rows_per_part", self.rows_per_part >= 1),
             ("max_pixels", self.max_pixels >= 1),
+            ("max_decode_memory", self.max_decode_memory == 0 or self.max_decode_memory >= 2**20),
+            ("extensions", all(e.strip(". ") and "/" not in e for e in self.extensions)),
             ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0),
             ("logit_floor", 0.0 <= self.logit_floor <= 1.0),
             ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import resource
 import signal
 import threading
 import time
 
 import numpy as np
 
+from pipeline.errors import ErrorKind
 from pipeline.imaging import DecodeOptions, ImageError, decode_image
 from pipeline.phash import is_degenerate
 from pipeline.profiles import Preprocess
@@ -26,7 +28,46 @@ DEFAULT_MAX_FILE_BYTES = 512 * 1024**2  # larger files are error rows, never rea
 
 class DecodeTimeout(ImageError):
     def __init__(self, seconds: float):
-        super().__init__("decode_timeout", f"decoding took longer than the {seconds:g} s limit")
+        super().__init__(ErrorKind.DECODE_TIMEOUT, f"decoding took longer than the {seconds:g} s limit")
+
+
+def address_space() -> int:
+    """This process's virtual memory size in bytes (what RLIMIT_AS counts)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[0]) * resource.getpagesize()
+
+
+# glibc can hand a thread memory its arena reserved earlier and released with
+# MADV_DONTNEED: touching it again raises RSS without new address space. A heap of a
+# thread arena is at most 64 MiB (HEAP_MAX_SIZE), and in a Ray worker this slack was
+# measured at 56 MiB, so the address-space limit leaves that much of the budget aside.
+ALLOCATOR_SLACK = 64 * 1024**2
+
+
+@contextlib.contextmanager
+def memory_limit(budget: int):
+    """Let the code below raise this process's RSS by at most about `budget` bytes.
+
+    RLIMIT_AS is set to the current address space plus the budget (less the allocator's
+    slack), and restored after: an allocation past it fails, which Pillow, libjpeg,
+    libtiff, OpenJPEG and NumPy turn into MemoryError or a decoder error, and the process
+    lives on. Limiting address space also stops memory reserved and never touched.
+    Like time_limit, it acts on the main thread only (Ray runs task code there): the
+    limit is process-wide, and threads decoding side by side would share one budget."""
+    if not budget or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = address_space() + max(budget - ALLOCATOR_SLACK, budget // 2)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)  # a tighter limit someone set stays
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @contextlib.contextmanager
@@ -72,6 +113,15 @@ class DecodeStage:
         self.timeout = timeout  # seconds per image's decode; 0: none
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
 
+    def _decode(self, data: bytes):
+        """One image under the time limit and the memory budget. Raises ImageError."""
+        try:
+            with time_limit(self.timeout), memory_limit(self.options.max_memory):
+                return decode_image(data, self.preprocess, self.options)
+        except MemoryError:
+            budget = f"the {self.options.max_memory / 2**20:.0f} MiB max_decode_memory budget"
+            raise ImageError(ErrorKind.TOO_LARGE, f"decoding needs more memory than {budget}") from None
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         uris = [str(u) for u in batch["uri"]]
         n = len(uris)
@@ -89,22 +139,22 @@ class DecodeStage:
             try:
                 data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
             except Exception as exc:  # a read that failed for good: a row, not a crash
-                error_kind[i] = "not_found" if isinstance(exc, FileNotFoundError) else "read_error"
+                error_kind[i] = ErrorKind.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorKind.READ_ERROR
                 error[i] = f"{type(exc).__name__}: {exc}"[:500]
                 continue
             if len(data) > self.max_file_bytes:  # only the first max_file_bytes + 1 were read
-                error_kind[i], error[i] = "too_large", f"file is larger than the {self.max_file_bytes}-byte limit (max_file_bytes)"
+                error_kind[i] = ErrorKind.TOO_LARGE
+                error[i] = f"file is larger than the {self.max_file_bytes}-byte limit (max_file_bytes)"
                 continue
             size[i] = len(data)
             sha256[i] = hashlib.sha256(data).hexdigest()
             try:
-                with time_limit(self.timeout):
-                    decoded = decode_image(data, pre, self.options)
+                decoded = self._decode(data)
             except ImageError as exc:
                 error_kind[i], error[i] = exc.kind, str(exc)[:500]
                 continue
             except Exception as exc:  # a decoder bug must not take the batch down
-                error_kind[i], error[i] = "decode_error", f"{type(exc).__name__}: {exc}"[:500]
+                error_kind[i], error[i] = ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
                 continue
             pixels[i] = decoded.pixels
             width[i], height[i] = decoded.width, decoded.height

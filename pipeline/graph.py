@@ -103,7 +103,9 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
         decode_batch,
         fn_kwargs=dict(
             preprocess=preprocess,
-            options=DecodeOptions(exact=cfg.exact_decode, max_pixels=cfg.max_pixels, draft_ratio=cfg.draft_ratio),
+            options=DecodeOptions(
+                exact=cfg.exact_decode, max_pixels=cfg.max_pixels, draft_ratio=cfg.draft_ratio, max_memory=cfg.max_decode_memory
+            ),
             storage_options=cfg.storage_options,
             timeout=cfg.decode_timeout,
             max_file_bytes=cfg.max_file_bytes,

@@ -16,18 +16,23 @@ reducing-gap resize would save 1.5 ms an image but drifts 4 bits now and then.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import ErrorKind
 from pipeline.phash import phash
 from pipeline.profiles import AlphaOrder, Preprocess, ResizeMode
 
-DEFAULT_MAX_PIXELS = 120_000_000  # decompression-bomb limit on declared width*height
+DEFAULT_MAX_PIXELS = 120_000_000  # decompression-bomb limit on any frame's, tile's or sub-image's width*height
+DEFAULT_MAX_DECODE_MEMORY = 2 * 1024**3  # bytes one image's decode may add to its process (pipeline/decode.py)
 PHASH_MIN_SIDE = 128  # drafted images keep this much for the hash (<= 2 bits off)
 # Exact pad_square builds the recipe's side x side canvas up to this size; beyond it
 # (a 1x10000 strip would need 300 MB) it fits then pads, which differs only in the
@@ -35,17 +40,14 @@ PHASH_MIN_SIDE = 128  # drafted images keep this much for the hash (<= 2 bits of
 EXACT_PAD_CANVAS_LIMIT = 40_000_000
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 
-# We enforce our own, configurable pixel limit before decoding; Pillow's global one
-# would otherwise warn or raise on images the user allowed.
-Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(Exception):
-    """An image that cannot be used. kind is a short stable code for counting."""
+    """An image that cannot be used; kind says why, for counting."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: ErrorKind, message: str):
         super().__init__(message)
-        self.kind = kind
+        self.kind = ErrorKind(kind)
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,13 @@ class DecodeOptions:
     exact: bool = False  # full-size decode and imagehash-exact phash
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger declared width*height before decoding
     draft_ratio: float = 2.0  # fast path: decoded JPEG keeps >= this times the model's resolution
+    max_memory: int = DEFAULT_MAX_DECODE_MEMORY  # an image whose pixels alone need more is refused unread; 0: none
 
     def __post_init__(self):
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1")
+        if self.max_memory < 0:
+            raise ValueError("max_memory must be >= 0")
         if not 1.0 <= self.draft_ratio <= 16.0:
             raise ValueError("draft_ratio must be between 1 and 16")
 
@@ -133,70 +138,213 @@ def _unsupported_format(data: bytes) -> str | None:
     return None
 
 
-def _error_kind(exc: BaseException) -> str:
-    return "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "decode_error"
+def _error_kind(exc: BaseException) -> ErrorKind:
+    if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+        return ErrorKind.TRUNCATED
+    return ErrorKind.DECODE_ERROR
 
 
-def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
-    """Open, check size, draft (fast path), load, rotate upright; also the upright original size."""
-    if not data:
-        raise ImageError("empty", "zero-byte file")
+# What Pillow raises for a corrupt file (its plugins use all of these).
+DECODER_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError,
+)  # fmt: skip
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # Pillow's storage; others 4
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int):
+    """Pillow's own decompression-bomb checks, at max_pixels and as errors, for the
+    block below. Its plugins check what tagpipe cannot see from outside: each ICO and
+    ICNS sub-image, each GIF frame, each TIFF tile, before decoding any of it."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")  # libjpeg's "corrupt data" and similar chatter
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_png_chunks(data: bytes) -> None:
+    """Walk a PNG's chunks to IEND and check the CRC of every critical one (as libpng
+    does), so a flipped bit in the image data or a cut-off end is an error, not a row of
+    silently wrong pixels: Pillow checks neither while it decodes."""
+    offset, end = 8, len(data)
+    canvas = struct.unpack_from(">II", data, 16) if end >= 24 else (0, 0)
+    while offset + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        body_end = offset + 8 + length
+        if body_end + 4 > end:
+            raise ImageError(ErrorKind.TRUNCATED, f"PNG chunk {kind!r} runs past the end of the file")
+        crc = struct.unpack_from(">I", data, body_end)[0]
+        if kind[:1].isupper() and zlib.crc32(data[offset + 4 : body_end]) != crc:
+            raise ImageError(ErrorKind.DECODE_ERROR, f"PNG chunk {kind!r} fails its CRC check")
+        if kind == b"fcTL" and length >= 20:
+            _check_apng_frame(data[offset + 8 : body_end], canvas)
+        if kind == b"IEND":
+            return
+        offset = body_end + 4
+    raise ImageError(ErrorKind.TRUNCATED, "PNG ends without an IEND chunk")
+
+
+_HUFFMAN_DCT_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive; not lossless or arithmetic
+
+
+def check_jpeg_length(data: bytes, width: int, height: int) -> None:
+    """A Huffman-coded JPEG spends at least one bit on every 8x8 luma block, so a file
+    shorter than that cannot hold the image its header declares. libjpeg decodes such a
+    file without an error (it fills the missing rows with grey and only warns), so this
+    is the check that stops a header claiming 64x65500 over 600 bytes, or a cut-off file
+    that kept its end marker."""
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return  # not a marker where one should be: the decoder will say what is wrong
+        marker = data[offset + 1]
+        if marker == 0xDA:  # start of scan: no frame header seen
+            return
+        if marker in _HUFFMAN_DCT_FRAMES:
+            blocks = -(-width // 8) * -(-height // 8)
+            if len(data) * 8 < blocks:
+                need = f"a {width}x{height} JPEG needs at least {blocks // 8} bytes; the file has {len(data)}"
+                raise ImageError(ErrorKind.TRUNCATED, need)
+            return
+        offset += 2 + struct.unpack_from(">H", data, offset + 2)[0]
+
+
+def _check_apng_frame(fctl: bytes, canvas: tuple[int, int]) -> None:
+    """An APNG frame must lie within the image (the APNG spec): one that does not is a
+    corrupt file, or a bomb in a frame tagpipe would never decode."""
+    sequence, width, height, x, y = struct.unpack_from(">IIIII", fctl)
+    if not width or not height or x + width > canvas[0] or y + height > canvas[1]:
+        raise ImageError(
+            ErrorKind.DECODE_ERROR,
+            f"APNG frame (fcTL {sequence}) of {width}x{height} at {x},{y} lies outside "
+            f"the {canvas[0]}x{canvas[1]} image",
+        )
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, 1 when absent or unreadable. Called only where reading it
+    cannot load pixels (a JPEG's EXIF is in its header; other formats are loaded first),
+    so a failure here is bad metadata, never a hidden decode error."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF: metadata only, the pixels are fine
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _check_memory(image: Image.Image, options: DecodeOptions) -> None:
+    """Refuse, before decoding, an image whose decoded pixels alone exceed the budget."""
+    need = image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4)
+    if options.max_memory and need > options.max_memory:
+        raise ImageError(
+            ErrorKind.TOO_LARGE,
+            f"{image.width}x{image.height} {image.mode} needs {need / 2**20:.0f} MiB decoded, over the "
+            f"{options.max_memory / 2**20:.0f} MiB max_decode_memory budget",
+        )
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         name = _unsupported_format(data)
         if name:
-            raise ImageError("unsupported", f"{name} files are not supported by the installed Pillow") from None
+            raise ImageError(ErrorKind.UNSUPPORTED, f"{name} files are not supported by the installed Pillow") from None
         name = _signature(data, _KNOWN_SIGNATURES)
         if name:
-            raise ImageError("decode_error", f"corrupt {name} file: its header does not parse") from None
-        raise ImageError("not_an_image", "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(_error_kind(exc), f"cannot open: {exc}") from None
+            raise ImageError(ErrorKind.DECODE_ERROR, f"corrupt {name} file: its header does not parse") from None
+        raise ImageError(ErrorKind.NOT_AN_IMAGE, "not a recognised image format") from None
+
+
+def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
+    """Open, check sizes, draft (fast path), load, rotate upright; also the upright
+    original size. Every check on sizes runs before any pixel is decoded."""
+    if not data:
+        raise ImageError(ErrorKind.EMPTY, "zero-byte file")
+    with pillow_pixel_limit(options.max_pixels):
+        try:
+            image = _open(data)
+            return _load_upright(image, data, options, pre)
+        except BOMB_ERRORS as exc:
+            limit = f"a frame, tile or sub-image is over the {options.max_pixels}-pixel limit (max_pixels)"
+            raise ImageError(ErrorKind.TOO_LARGE, f"{limit}; Pillow: {exc}") from None
+        except MemoryError:
+            raise
+        except ImageError:
+            raise
+        except DECODER_ERRORS as exc:
+            if "ghostscript" in str(exc).lower():  # EPS: Pillow renders it through an external program
+                raise ImageError(ErrorKind.UNSUPPORTED, "EPS files need Ghostscript, which is not installed") from None
+            raise ImageError(_error_kind(exc), f"cannot decode: {type(exc).__name__}: {exc}") from None
+
+
+def _load_upright(
+    image: Image.Image, data: bytes, options: DecodeOptions, pre: Preprocess
+) -> tuple[Image.Image, tuple[int, int]]:
     width, height = image.size
     if width <= 0 or height <= 0:
-        raise ImageError("bad_size", f"declared size {width}x{height}")
+        raise ImageError(ErrorKind.BAD_SIZE, f"declared size {width}x{height}")
     if width * height > options.max_pixels:
-        raise ImageError("too_large", f"declared size {width}x{height} exceeds the {options.max_pixels}-pixel limit")
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:
-        orientation = 1
-    if image.format == "JPEG" and not options.exact:
+        raise ImageError(ErrorKind.TOO_LARGE, f"declared size {width}x{height} exceeds the {options.max_pixels}-pixel limit")
+    if image.format == "PNG":
+        check_png_chunks(data)
+    if image.format in ("JPEG", "MPO"):
+        check_jpeg_length(data, width, height)
+    jpeg = image.format == "JPEG"
+    orientation = _orientation(image) if jpeg else 1  # a JPEG's EXIF is in its header
+    if jpeg and not options.exact:
         upright = (height, width) if orientation in _SWAPS_AXES else (width, height)
         want = draft_request(pre, *upright, options.draft_ratio)
         if orientation in _SWAPS_AXES:
             want = (want[1], want[0])
         image.draft(None, want)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(_error_kind(exc), f"cannot decode: {exc}") from None
+    _check_memory(image, options)
+    drafted = image.size != (width, height)
+    image.load()
+    if not jpeg:
+        # After load: PNG reads EXIF that follows the image data by loading, and TIFF
+        # applies (and removes) its own orientation while loading.
+        orientation = _orientation(image)
     if orientation != 1:
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception as exc:
-            raise ImageError("decode_error", f"cannot apply EXIF orientation: {exc}") from None
-    original = (height, width) if orientation in _SWAPS_AXES else (width, height)
-    return image, original
+        image = ImageOps.exif_transpose(image)
+    if drafted:  # the loaded image is smaller than the file's: its declared size, upright
+        return image, ((height, width) if orientation in _SWAPS_AXES else (width, height))
+    return image, image.size
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_SCALE_ROWS_PIXELS = 1 << 22  # rows scaled at a time: float temporaries stay ~16 MB
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """High bit depths to 8-bit L by scaling (Pillow's own convert would clip at 255)."""
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
-    if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
-    return image
+    """High bit depths to 8-bit L by scaling (Pillow's own convert would clip at 255):
+    16-bit by 65535, 32-bit integers by 65535 when any value exceeds 255, floats by 255
+    when they lie in 0-1 (premultiplied La, which Pillow converts only to LA, becomes
+    LA). Scaled a band of rows at a time, so a large 16-bit image
+    needs about its own size again, not the 4-8x of whole-image float arrays."""
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        return image.convert("LA")
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    values = np.asarray(image)
+    top = float(values.max(initial=0))
+    if image.mode == "F":
+        factor = 255.0 if top <= 1.0 else 1.0
+    else:
+        factor = 255.0 / (65535.0 if image.mode.startswith("I;16") or top > 255 else 255.0)
+    out = np.empty(values.shape, np.uint8)
+    step = max(1, _SCALE_ROWS_PIXELS // max(1, values.shape[1]))
+    for start in range(0, values.shape[0], step):
+        block = values[start : start + step].astype(np.float32) * np.float32(factor)
+        np.clip(np.rint(block, out=block), 0, 255, out=block)
+        out[start : start + step] = block
+    return Image.fromarray(out, "L")
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -281,10 +429,10 @@ def decode_image(data: bytes, pre: Preprocess, options: DecodeOptions = DecodeOp
             model_input = composite(model_input, pre.alpha_background)
         value = phash(_hash_source(image, resampled, pre, options, alpha))
         pixels = np.asarray(model_input, dtype=np.uint8)
-    except ImageError:
+    except (ImageError, MemoryError):
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise ImageError("decode_error", f"cannot decode: {exc}") from None
+    except DECODER_ERRORS as exc:
+        raise ImageError(ErrorKind.DECODE_ERROR, f"cannot convert: {type(exc).__name__}: {exc}") from None
     return DecodedImage(pixels=pixels, width=width, height=height, phash=value)
 
 

@@ -22,12 +22,14 @@ import pyarrow.compute as pc
 
 from pipeline.bundle import ModelBundle
 from pipeline.decode import DEFAULT_MAX_FILE_BYTES
+from pipeline.errors import RETRYABLE_ERROR_KINDS
+from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY
 from pipeline.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
 SOURCE_COLUMNS = ["uri", "source_size", "etag", "mtime"]
-RETRY_ERROR_KINDS = ("read_error", "not_found", "model_timeout")  # transient at the time: tried again next run
+RETRY_ERROR_KINDS = RETRYABLE_ERROR_KINDS  # transient at the time: tried again next run
 NEW, CHANGED, UNCHANGED, DELETED, UNKNOWN, RETRY = "new", "changed", "unchanged", "deleted", "unknown", "retry"
 
 
@@ -49,6 +51,7 @@ def inference_key(cfg, bundle: ModelBundle) -> str:
             # settings added later join the key only when changed, so the keys of
             # existing tables (and their next nightly run) stay as they were
             **({"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
+            **({"max_decode_memory": cfg.max_decode_memory} if cfg.max_decode_memory != DEFAULT_MAX_DECODE_MEMORY else {}),
         }
     )
 

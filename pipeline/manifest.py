@@ -4,12 +4,22 @@ An input is a prefix on any fsspec filesystem, one image file, or a manifest fil
 (.parquet, .csv with a uri column, or .txt/.lst with one URI per line). Prefixes are
 split at their first level and each part is listed by its own Ray task, so no single
 driver-side call walks millions of keys.
+
+Every file under a prefix is an input (one row each; what Pillow cannot read becomes
+an `unsupported` or `not_an_image` row), except the files skipped here, which are
+counted by reason so that files found = inputs + skipped, always:
+- os_debris: hidden files and folders (`.*`), `@eaDir`, `__MACOSX`, `Thumbs.db`, `desktop.ini`;
+- extension: not one of the extensions asked for (`--extension`);
+- tagpipe_output: under the run's own output, when that lies inside an input.
+Single files and manifest entries are inputs as named: nothing is skipped from them.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import posixpath
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,9 +30,8 @@ from pipeline.storage import filesystem_for, retry
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    "jpg jpeg jpe jfif png webp gif bmp dib tif tiff avif heic heif jxl apng ppm pgm pbm tga ico".split()
-)
+DEBRIS_NAMES = frozenset({"@eadir", "__macosx", "thumbs.db", "desktop.ini"})  # compared lower-cased
+OS_DEBRIS, EXTENSION, TAGPIPE_OUTPUT = "os_debris", "extension", "tagpipe_output"
 MANIFEST_EXTENSIONS = frozenset({"parquet", "csv", "txt", "lst"})
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("source_size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())])
 
@@ -53,13 +62,65 @@ def _row(fs, info: dict) -> dict:
     }
 
 
-def list_prefix(uri: str, storage_options: dict | None, extensions: frozenset[str]) -> pa.Table:
-    """Every file under one prefix, recursively (one Ray task's share of a listing)."""
+@dataclass
+class Listing:
+    """The inputs (one row each) and the files left out of them, by reason."""
+
+    manifest: pa.Table
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def found(self) -> int:
+        return self.manifest.num_rows + sum(self.skipped.values())
+
+
+@dataclass(frozen=True)
+class ListingRules:
+    """What a prefix listing leaves out. extensions: lower-case, no dot; empty: keep all.
+    excluded: filesystem paths (no protocol) whose files are never inputs."""
+
+    extensions: frozenset[str] = frozenset()
+    excluded: tuple[str, ...] = ()
+
+    def skip_reason(self, root: str, path: str) -> str | None:
+        relative = path[len(root) :].strip("/") if path.startswith(root) else posixpath.basename(path)
+        if any(_is_debris(part) for part in relative.split("/")):
+            return OS_DEBRIS
+        if any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in self.excluded):
+            return TAGPIPE_OUTPUT
+        if self.extensions and _extension(path) not in self.extensions:
+            return EXTENSION
+        return None
+
+
+def _is_debris(name: str) -> bool:
+    """A hidden file or folder (not the `.` and `..` that object keys may hold), or an
+    OS or sync tool's own file."""
+    return (name.startswith(".") and name not in (".", "..")) or name.lower() in DEBRIS_NAMES
+
+
+def _keep(fs, root: str, infos, rules: ListingRules, skipped: collections.Counter) -> list[dict]:
+    rows = []
+    for info in infos:
+        if info.get("type") == "directory":
+            continue
+        reason = rules.skip_reason(root, info["name"])
+        if reason:
+            skipped[reason] += 1
+        else:
+            rows.append(_row(fs, info))
+    return rows
+
+
+def list_prefix(uri: str, storage_options: dict | None, rules: ListingRules, root: str) -> tuple[pa.Table, dict]:
+    """Every file under one prefix, recursively (one Ray task's share of a listing),
+    and the count of those skipped by reason. root: the input prefix it belongs to."""
     fs, path = filesystem_for(uri, storage_options)
     fs.invalidate_cache(path)  # a listing is tonight's truth, never a cached one
     found = retry(lambda: fs.find(path, detail=True, withdirs=False), what=uri)
-    rows = [_row(fs, info) for info in found.values() if info.get("type") != "directory" and _extension(info["name"]) in extensions]
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    skipped: collections.Counter = collections.Counter()
+    rows = _keep(fs, root, found.values(), rules, skipped)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), dict(skipped)
 
 
 def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
@@ -81,9 +142,18 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
     return pa.table(out, schema=MANIFEST_SCHEMA)
 
 
-def build_manifest(inputs: list[str], storage_options: dict | None = None, extensions: frozenset[str] = IMAGE_EXTENSIONS, parallel: bool = True) -> pa.Table:
-    """All inputs as one manifest, sorted by uri, without duplicates."""
+def listing_path(uri: str, storage_options: dict | None = None) -> str:
+    """A URI as the names a listing gives (no protocol; absolute for local paths)."""
+    fs, _path = filesystem_for(uri, storage_options)
+    return fs._strip_protocol(uri).rstrip("/")
+
+
+def build_manifest(
+    inputs: list[str], storage_options: dict | None = None, rules: ListingRules = ListingRules(), parallel: bool = True
+) -> Listing:
+    """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
     tables, prefixes = [], []
+    skipped: collections.Counter = collections.Counter()
     for uri in inputs:
         fs, path = filesystem_for(uri, storage_options)
         if not retry(lambda: fs.exists(path), what=uri):
@@ -95,31 +165,53 @@ def build_manifest(inputs: list[str], storage_options: dict | None = None, exten
         else:
             tables.append(pa.Table.from_pylist([_row(fs, fs.info(path))], schema=MANIFEST_SCHEMA))
     for fs, path in prefixes:
-        tables.extend(_list_in_parallel(fs, path, storage_options, extensions, parallel))
+        for table, counts in _list_in_parallel(fs, path, storage_options, rules, parallel):
+            tables.append(table)
+            skipped.update(counts)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     manifest = manifest.sort_by("uri")
     if manifest.num_rows:  # drop repeats (overlapping inputs)
         uris = manifest.column("uri").to_pylist()
         keep = [i for i in range(len(uris)) if i == 0 or uris[i] != uris[i - 1]]
         manifest = manifest.take(keep)
-    return manifest
+    if skipped:
+        log.info("listing skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+    return Listing(manifest, dict(skipped))
 
 
-def _list_in_parallel(fs, path: str, storage_options, extensions, parallel: bool) -> list[pa.Table]:
+def _list_in_parallel(
+    fs, path: str, storage_options, rules: ListingRules, parallel: bool
+) -> list[tuple[pa.Table, dict]]:
     protocol = _protocol(fs)
+    path = fs._strip_protocol(path)  # absolute, as the names the listing gives
+    root = path.rstrip("/") + "/"
     fs.invalidate_cache(path)
     top = retry(lambda: fs.ls(path, detail=True), what=path)
-    files = [info for info in top if info.get("type") != "directory" and _extension(info["name"]) in extensions]
-    subdirs = [_join(protocol, info["name"]) for info in top if info.get("type") == "directory"]
-    tables = [pa.Table.from_pylist([_row(fs, info) for info in files], schema=MANIFEST_SCHEMA)]
+    skipped: collections.Counter = collections.Counter()
+    files = pa.Table.from_pylist(_keep(fs, root, top, rules, skipped), schema=MANIFEST_SCHEMA)
+    listed = [(files, dict(skipped))]
+    subdirs = []
+    for info in top:
+        if info.get("type") != "directory":
+            continue
+        reason = rules.skip_reason(root, info["name"] + "/")
+        if reason is None or reason == EXTENSION:
+            subdirs.append(_join(protocol, info["name"]))
+        else:  # a debris folder (or the output) is walked only to count what it holds
+            listed.append(_count_skipped(fs, info["name"], reason))
     if not subdirs:
-        return tables
+        return listed
     import ray
 
     if parallel and ray.is_initialized() and len(subdirs) > 1:
         task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
-        tables.extend(ray.get([task.remote(sub, storage_options, extensions) for sub in subdirs]))
+        listed.extend(ray.get([task.remote(sub, storage_options, rules, root) for sub in subdirs]))
     else:
-        tables.extend(list_prefix(sub, storage_options, extensions) for sub in subdirs)
-    log.info("listed %s: %d sub-prefixes", path, len(subdirs))
-    return tables
+        listed.extend(list_prefix(sub, storage_options, rules, root) for sub in subdirs)
+    log.info("listed %s: %d folders, listed in parallel", path, len(subdirs))
+    return listed
+
+
+def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, dict]:
+    files = retry(lambda: fs.find(path, withdirs=False), what=path)
+    return MANIFEST_SCHEMA.empty_table(), {reason: len(files)} if files else {}

@@ -21,8 +21,8 @@ BLACK_HASH = 0
 
 
 def phash(image: Image.Image) -> int:
-    """64-bit perceptual hash of an image (any mode Pillow converts to L)."""
-    small = image.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
+    """64-bit perceptual hash of an image (any mode Pillow converts to L or RGB)."""
+    small = to_grey(image).resize((_N, _N), Image.Resampling.LANCZOS)
     pixels = np.asarray(small, dtype=np.float64)
     dct = DCT_MATRIX @ pixels @ DCT_MATRIX.T  # along axis 0, then axis 1
     # Coefficients that are zero in exact arithmetic (every one but DC for a blank
@@ -31,6 +31,15 @@ def phash(image: Image.Image) -> int:
     low = np.round(dct[:HASH_SIZE, :HASH_SIZE], 6)
     bits = (low > np.median(low)).ravel()
     return int(np.packbits(bits).view(">u8")[0])
+
+
+def to_grey(image: Image.Image) -> Image.Image:
+    """Greyscale as imagehash takes it (convert("L")); modes Pillow has no direct
+    conversion to L for (LAB, HSV) go through RGB."""
+    try:
+        return image.convert("L")
+    except ValueError:
+        return image.convert("RGB").convert("L")
 
 
 def to_hex(value: int) -> str:

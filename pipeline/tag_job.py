@@ -32,7 +32,7 @@ from pipeline.incremental import (
     CHANGED, DELETED, NEW, RETRY, SOURCE_COLUMNS, UNCHANGED,
     classify, inference_key, part_name, parts_dir_key, resolve_unknown, reusable_parts, rules_key,
 )
-from pipeline.manifest import MANIFEST_SCHEMA, build_manifest
+from pipeline.manifest import MANIFEST_SCHEMA, ListingRules, build_manifest, listing_path
 from pipeline.postprocess import Postprocessor
 from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
 from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso
@@ -47,7 +47,9 @@ class RunSummary:
     run_id: str
     output: str
     change: str = ""  # first run | incremental | model changed | rules changed | no change
-    listed: int = 0  # images in the inputs
+    files_found: int = 0  # files the listing found: listed + skipped files
+    skipped_files: dict = field(default_factory=dict)  # found but not inputs, by reason (pipeline/manifest.py)
+    listed: int = 0  # inputs: one row each in the committed version
     new: int = 0  # listed, not in the table
     changed: int = 0  # in the table, source changed (etag / size+mtime / sha256)
     deleted: int = 0  # in the table, no longer listed: dropped from the new version
@@ -74,14 +76,21 @@ class RunSummary:
     rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
 
     def counts(self) -> dict:
-        names = ("listed", "new", "changed", "deleted", "skipped", "retried", "retagged", "rethresholded", "reused", "images", "errors", "rewritten_parts", "rows")
+        names = (
+            "files_found", "listed", "new", "changed", "deleted", "skipped", "retried", "retagged",
+            "rethresholded", "reused", "images", "errors", "rewritten_parts", "rows",
+        )  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
     def text(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
         extra = "".join(f", {n} {name}" for name, n in (("retried", self.retried), ("re-tagged for new settings", self.retagged), ("rethresholded", self.rethresholded), ("reused from an interrupted run", self.reused)) if n)
+        skipped = ""
+        if self.skipped_files:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
+            skipped = f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
         return (
-            f"run {self.run_id} ({self.change}): {self.listed} listed, {self.new} new, {self.changed} changed, "
+            f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, {self.changed} changed, "
             f"{self.deleted} deleted, {self.skipped} unchanged{extra}; {self.images} images tagged ({self.ok} ok, "
             f"{self.errors} errors: {kinds}), {self.images_per_second:.1f} img/s; version {self.version} "
             f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
@@ -124,8 +133,11 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     import ray
 
     t = time.monotonic()
-    manifest = build_manifest(list(cfg.inputs), cfg.storage_options)
-    summary.listed = manifest.num_rows
+    extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
+    listing_rules = ListingRules(extensions, (listing_path(cfg.output, cfg.storage_options),))
+    listing = build_manifest(list(cfg.inputs), cfg.storage_options, listing_rules)
+    manifest = listing.manifest
+    summary.listed, summary.skipped_files, summary.files_found = manifest.num_rows, listing.skipped, listing.found
     manifest_path = table.write_input_manifest(run_id, manifest)
     summary.timings["list_seconds"] = _lap(t)
 

@@ -18,10 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.bundle import ModelBundle, load_bundle
+from pipeline.errors import ErrorKind
 from pipeline.onnx_tools import uint8_input_model
 from pipeline.postprocess import Postprocessor
 from pipeline.profiles import ChannelOrder, Layout, Preprocess, Profile, ValueRange
 from pipeline.runtime import ProviderChoice, create_session
+from pipeline.schemas import tag_row_schema
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class TaggerStage:
         fixed = shapes[self.input_name][0] if shapes.get(self.input_name) else None
         self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1
         self.postprocess = Postprocessor.for_bundle(self.bundle, dense_logits=settings.dense_logits, **settings.rules)
+        width = self.bundle.embedding_width if self.embedding_name else None
+        if self.embedding_name and width is None:
+            width = self._probe_embedding_width()
+        self.schema = tag_row_schema(self.postprocess.category_names, width)
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
@@ -130,7 +136,7 @@ class TaggerStage:
             return raw, emb, [None] * len(x)
         except ModelTimeout as exc:
             log.warning("%s; its rows are error rows", exc)
-            return np.zeros((len(x), width), np.float32), None, [("model_timeout", str(exc))] * len(x)
+            return np.zeros((len(x), width), np.float32), None, [(ErrorKind.MODEL_TIMEOUT, str(exc))] * len(x)
         except Exception as batch_exc:
             log.warning("model rejected a batch of %d (%s); retrying one by one", len(x), batch_exc)
         raw = np.zeros((len(x), width), np.float32)
@@ -145,7 +151,7 @@ class TaggerStage:
                     emb[i] = e[0]
                 errors.append(None)
             except Exception as exc:
-                errors.append(("model_error", f"{type(exc).__name__}: {exc}"[:500]))
+                errors.append((ErrorKind.MODEL_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
         return raw, emb, errors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -173,48 +179,51 @@ class TaggerStage:
             ok_rows = {}
         return self._table(batch, n, error, error_kind, results, embeddings, ok_rows)
 
+    def _probe_embedding_width(self) -> int:
+        """The embedding width of a model whose graph leaves it symbolic: one blank image."""
+        pre = self.bundle.profile.preprocess
+        blank = np.zeros((1, pre.height, pre.width, 3), np.uint8)
+        _raw, emb = self._run(blank if self.normalise is None else self.normalise(blank))
+        return int(emb.shape[-1])
+
     def _table(self, batch, n, error, error_kind, results, embeddings, ok_rows) -> pa.Table:
+        """The batch's rows in the declared schema (pipeline/schemas.py): the same column
+        types whether every row failed, none did, or the model gave no embedding."""
         fp = self.bundle.fingerprint
         decoded = np.asarray([e is None for e in _strings(batch["error"])], bool)  # hash exists
-        columns: dict[str, pa.Array] = {
-            "uri": pa.array([str(u) for u in batch["uri"]], pa.string()),
-            "sha256": pa.array(_strings(batch["sha256"]), pa.string()),
-            "size": pa.array(np.asarray(batch["size"], np.int64)),
-            "width": pa.array(np.asarray(batch["width"], np.int32)),
-            "height": pa.array(np.asarray(batch["height"], np.int32)),
+
+        def per_row(key):
+            return [results[key][ok_rows[i]] if i in ok_rows else None for i in range(n)]
+
+        def emb_row(i):
+            return embeddings[ok_rows[i]].astype(np.float16) if i in ok_rows and embeddings is not None else None
+
+        values = {
+            "uri": [str(u) for u in batch["uri"]],
+            "sha256": _strings(batch["sha256"]),
+            "size": np.asarray(batch["size"], np.int64),
+            "width": np.asarray(batch["width"], np.int32),
+            "height": np.asarray(batch["height"], np.int32),
             "phash": pa.array(np.asarray(batch["phash"], np.uint64), mask=~decoded),
-            "phash_hex": pa.array([f"{int(h):016x}" if ok else None for h, ok in zip(batch["phash"], decoded)], pa.string()),
+            "phash_hex": [f"{int(h):016x}" if ok else None for h, ok in zip(batch["phash"], decoded)],
             "phash_degenerate": pa.array(np.asarray(batch["phash_degenerate"], bool), mask=~decoded),
-            "error": pa.array(list(error), pa.string()),
-            "error_kind": pa.array(list(error_kind), pa.string()),
-            "model_name": pa.array([self.bundle.name] * n, pa.string()),
-            "model_sha256": pa.array([fp.model_sha256] * n, pa.string()),
-            "calibration_sha256": pa.array([fp.calibration_sha256] * n, pa.string()),
+            "error": list(error),
+            "error_kind": list(error_kind),
+            "model_name": [self.bundle.name] * n,
+            "model_sha256": [fp.model_sha256] * n,
+            "calibration_sha256": [fp.calibration_sha256] * n,
+            "embedding": [emb_row(i) for i in range(n)],
+            "run_id": [self.settings.run_id] * n,
+            "tagged_at": [datetime.now(timezone.utc)] * n,
         }
-
-        def per_row(key, empty):
-            return [results[key][ok_rows[i]] if i in ok_rows else empty for i in range(n)]
-
-        columns["tags"] = pa.array(per_row("tags", None), pa.list_(pa.string()))
-        for name in self.postprocess.category_names:
-            columns[f"tags_{name}"] = pa.array(per_row(f"tags_{name}", None), pa.list_(pa.string()))
-        columns["scores"] = pa.array(per_row("scores", None), pa.list_(pa.float32()))
-        columns["rating"] = pa.array(per_row("rating", None), pa.string())
-        columns["quality"] = pa.array(per_row("quality", None), pa.string())
-        dim = embeddings.shape[1] if embeddings is not None else 0
-        emb_type = pa.list_(pa.float16(), dim) if dim else pa.list_(pa.float16())
-        emb_rows = [embeddings[ok_rows[i]].astype(np.float16) if (i in ok_rows and embeddings is not None) else None for i in range(n)]
-        columns["embedding"] = pa.array(emb_rows, emb_type)
-        columns["ood_distance"] = pa.array(per_row("ood_distance", None), pa.float32())
-        columns["ood"] = pa.array(per_row("ood", None), pa.bool_())
-        columns["logit_indices"] = pa.array(per_row("logit_indices", None), pa.list_(pa.int32()))
-        columns["logit_values"] = pa.array(per_row("logit_values", None), pa.list_(pa.float16()))
-        columns["run_id"] = pa.array([self.settings.run_id] * n, pa.string())
-        columns["tagged_at"] = pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+        arrays = [
+            pa.array(values[f.name] if f.name in values else per_row(f.name), f.type) for f in self.schema
+        ]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         for key in batch:  # other input columns travel along (the job's slice id)
-            if key not in columns and key != "pixels":
-                columns[key] = pa.array(list(batch[key]))
-        return pa.table(columns)
+            if key not in values and key != "pixels" and key not in self.schema.names:
+                table = table.append_column(key, pa.array(list(batch[key])))
+        return table
 
 
 def _strings(values) -> list[str | None]:

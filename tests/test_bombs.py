@@ -1,0 +1,136 @@
+"""Decompression bombs of every container format stay within the decode memory budget
+in a real Ray worker, which lives on to decode the next file.
+
+Each bomb (tests/bombs.py) is decoded twice in one Ray task:
+- with only the memory budget in force (max_pixels out of the way), so the budget
+  itself is what stops it: each becomes an error row with a peak RSS growth under it;
+- with the default limits, where Pillow's own checks (on at max_pixels, as errors)
+  refuse the frames, tiles and sub-images that declare too much before decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bombs import build_bombs
+
+BUDGET = 256 * 1024**2
+NO_PIXEL_LIMIT = 10**12
+# Refused before a pixel is decoded: by Pillow's checks in the plugins (ICO, ICNS, GIF
+# frames, TIFF size, WebP) or tagpipe's own size and memory checks.
+REFUSED_UNREAD_BY_DEFAULT = {
+    "gif_frame_60000.gif", "icns_png_20000.icns", "ico_png_20000.ico", "jpeg_65500_square.jpg",
+    "tiff_strips_60000.tif", "webp_16383.webp", "apng_frame_60000.png", "jpeg_height_65500.jpg",
+}  # fmt: skip
+
+
+def _decode_each(paths: list[str], budget: int, max_pixels: int) -> list[dict]:
+    """In a Ray worker: decode one file at a time, measuring each one's peak RSS growth."""
+    from memory_probe import peak_rss_growth
+    from pipeline.decode import DecodeStage
+    from pipeline.imaging import DecodeOptions
+    from pipeline.profiles import load_profile
+
+    stage = DecodeStage(
+        load_profile("cl_tagger_v2").preprocess, DecodeOptions(max_pixels=max_pixels, max_memory=budget)
+    )
+    results = []
+    for path in paths:
+        with peak_rss_growth() as growth:
+            out = stage({"uri": np.array([path], object)})
+        results.append(dict(path=path, kind=out["error_kind"][0], error=out["error"][0], growth=growth.bytes))
+    return results
+
+
+@pytest.fixture(scope="module")
+def bomb_files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bombs")
+    files = {}
+    for name, data in build_bombs().items():
+        (root / name).write_bytes(data)
+        files[name] = str(root / name)
+    return files
+
+
+def _run_in_worker(ray, paths, budget, max_pixels):
+    import os
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    task = ray.remote(max_retries=0, max_calls=1, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})(
+        _decode_each
+    )
+    return ray.get(task.remote(paths, budget, max_pixels))
+
+
+def test_every_bomb_is_an_error_row_under_the_memory_budget(ray_session, bomb_files):
+    names = sorted(bomb_files)
+    results = _run_in_worker(ray_session, [bomb_files[n] for n in names], BUDGET, NO_PIXEL_LIMIT)
+    problems = []
+    for name, result in zip(names, results):
+        mib = result["growth"] / 2**20
+        print(
+            f"{name:26} {len(Path(bomb_files[name]).read_bytes()):>9} B  {str(result['kind']):12} peak RSS +{mib:.0f} MiB"
+        )
+        if result["growth"] > BUDGET:
+            problems.append(f"{name}: peak RSS grew {mib:.0f} MiB, over the {BUDGET >> 20} MiB budget")
+        if result["kind"] is None:
+            problems.append(f"{name}: decoded as a valid image ({mib:.0f} MiB)")
+    assert not problems, "\n".join(problems)
+    kinds = {name: r["kind"] for name, r in zip(names, results)}
+    # the budget itself (not a decoder error) stops the big ones
+    for name in (
+        "png_grey_11000.png",
+        "psd_rle_12000.psd",
+        "tiff_16bit_9000.tif",
+        "ico_png_6000.ico",
+        "png_zeros_10000.png",
+    ):
+        assert kinds[name] == "too_large", (name, kinds[name])
+
+
+def test_default_limits_refuse_declared_bombs_before_decoding(ray_session, bomb_files):
+    from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+
+    names = sorted(bomb_files)
+    results = _run_in_worker(
+        ray_session, [bomb_files[n] for n in names], DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+    )
+    for name, result in zip(names, results):
+        assert result["growth"] <= DEFAULT_MAX_DECODE_MEMORY, name
+        if name in REFUSED_UNREAD_BY_DEFAULT:
+            assert result["kind"] in ("too_large", "decode_error", "truncated"), (name, result)
+            assert result["growth"] < 32 * 2**20, (name, result["growth"] >> 20)  # nothing decoded
+    messages = {name: r["error"] for name, r in zip(names, results)}
+    assert "max_pixels" in messages["ico_png_20000.ico"] and "max_pixels" in messages["icns_png_20000.icns"]
+    assert "max_pixels" in messages["gif_frame_60000.gif"]
+
+
+RESTORED = """
+import resource, numpy as np
+from pipeline.decode import memory_limit
+before = resource.getrlimit(resource.RLIMIT_AS)
+with memory_limit(BUDGET):
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] != before[0]
+    try:
+        np.ones(BUDGET // 8 + 1)
+        raise SystemExit("allocated past the budget")
+    except MemoryError:
+        pass
+assert resource.getrlimit(resource.RLIMIT_AS) == before
+np.ones(BUDGET // 8 + 1)  # a later allocation of the same size works
+print("ok")
+"""
+
+
+def test_budget_is_restored_after_each_decode():
+    """The address-space limit holds only while an image decodes (in a fresh process:
+    in one with other threads, their frees can make room under the limit meanwhile)."""
+    import subprocess
+    import sys
+
+    script = f"BUDGET = {BUDGET}\n" + RESTORED
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
