@@ -8,6 +8,7 @@ frames as PNG), one process, rounds interleaved, best round kept:
              too; Pillow's pixel checks and the PNG/JPEG byte checks still run)
   guarded    DecodeStage's per-image decode: the same, inside the RLIMIT_AS budget
   checks     check_png_chunks / check_jpeg_length alone (the byte-level checks)
+  limit      entering and leaving memory_limit alone (getrlimit, /proc/self/statm, two setrlimit)
 Prints ms per image and guarded/unguarded.
 """
 
@@ -24,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import cpu_name  # noqa: E402
 
-from pipeline.decode import DecodeStage  # noqa: E402
+from pipeline.decode import DecodeStage, memory_limit  # noqa: E402
 from pipeline.imaging import DecodeOptions, check_jpeg_length, check_png_chunks, decode_image  # noqa: E402
 from pipeline.profiles import load_profile  # noqa: E402
 from pipeline.sample_photos import mosaic_3mp  # noqa: E402
@@ -67,6 +68,11 @@ def main() -> None:
             times["checks"].append(_best(check, files, 1))
         u, g, c = (min(times[k]) for k in ("unguarded", "guarded", "checks"))
         print(f"{fmt:6} {u:13.2f} {g:11.2f} {g / u:6.3f} {c:15.3f}")
+    started = time.perf_counter()
+    for _ in range(10000):
+        with memory_limit(2 * 1024**3):
+            pass
+    print(f"memory_limit alone: {(time.perf_counter() - started) / 10000 * 1e6:.1f} us per image")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,9 @@ def corrupt_chunk(rng: random.Random, data: bytes, seeds) -> bytes:
     doubled), a RIFF chunk, a TIFF IFD entry, or a generic range."""
     if data.startswith(b"\x89PNG"):
         return _corrupt_png(rng, data)
-    if data[:4] == b"RIFF":
+    if data[:4] == b"RIFF" and len(data) >= 20:
         return _corrupt_riff(rng, data)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
+    if data[:4] in (b"II*\x00", b"MM\x00*") and len(data) >= 8:
         return _corrupt_tiff(rng, data)
     out = bytearray(data)
     start = rng.randrange(len(out))

@@ -51,7 +51,7 @@ def test_fuzz_cases_through_the_decode_stage_and_a_tag_job(ray_session, demo_bun
         report.kinds["ok"] >= 15 and len(report.kinds) >= 4
     )  # the seeds decode; mutations fail in several ways
 
-    sample = cases[::6]  # 50 cases through a real tag job: one row each, the same verdicts
+    sample = cases[::6]  # 100 cases through a real tag job: one row each, the same verdicts
     folder = tmp_path / "sample"
     folder.mkdir()
     for i, case in enumerate(sample):
