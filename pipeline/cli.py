@@ -73,13 +73,13 @@ def tag(
     storage_options: StorageOptions = None,
     exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
     max_pixels: Optional[int] = typer.Option(
-        None, help="Refuse images declaring more pixels than this, in any frame, tile or sub-image [120000000]."
+        None, help="Refuse images declaring more pixels than this, in any frame, tile or sub-image (default 120000000)."
     ),
     max_decode_memory: Optional[int] = typer.Option(
-        None, help="Bytes one image's decode may add to its worker, then it is a too_large row; 0: no limit [2147483648]."
+        None, help="Bytes one image's decode may add to its worker, then it is a too_large row; 0: no limit (default 2 GiB)."
     ),
     extension: Optional[List[str]] = typer.Option(
-        None, "--extension", help="List only files with this extension under a prefix (e.g. jpg); repeatable [every file]."
+        None, "--extension", help="List only files with this extension under a prefix (e.g. jpg); repeatable (default: every file)."
     ),
     draft_ratio: Optional[float] = typer.Option(None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest [2]."),
     normalise_in_graph: Optional[bool] = typer.Option(

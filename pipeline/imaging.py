@@ -325,9 +325,9 @@ _SCALE_ROWS_PIXELS = 1 << 22  # rows scaled at a time: float temporaries stay ~1
 def to_8bit(image: Image.Image) -> Image.Image:
     """High bit depths to 8-bit L by scaling (Pillow's own convert would clip at 255):
     16-bit by 65535, 32-bit integers by 65535 when any value exceeds 255, floats by 255
-    when they lie in 0-1 (premultiplied La, which Pillow converts only to LA, becomes
-    LA). Scaled a band of rows at a time, so a large 16-bit image
-    needs about its own size again, not the 4-8x of whole-image float arrays."""
+    when they lie in 0-1. Premultiplied La, which Pillow converts only to LA, becomes LA.
+    Scaled a band of rows at a time, so a large 16-bit image needs about its own size
+    again, not the 4-8x of whole-image float arrays."""
     if image.mode == "La":  # premultiplied; Pillow converts it to LA only
         return image.convert("LA")
     if image.mode not in HIGH_DEPTH_MODES:

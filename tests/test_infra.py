@@ -1,5 +1,5 @@
-"""Deployment files: every manifest validates against its schema (KubeRay CRDs from
-../shared/schemas/kuberay, core kinds from kubernetes-validate, the cluster launcher
+"""Deployment files: every manifest validates against its schema (KubeRay CRDs vendored
+in tests/data/kuberay, core kinds from kubernetes-validate, the cluster launcher
 against Ray's own schema), resources agree with the pipeline's settings, and entrypoints
 name real files that the image ships."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import json
 import re
 import shlex
@@ -22,9 +23,13 @@ from pipeline.config import load_nightly_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "infra" / "kuberay"
-CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+CRDS = ROOT / "tests" / "data" / "kuberay"  # gzip-compressed, source and hashes in its README
 K8S_VERSION = "1.33.0"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml.gz",
+    "RayJob": "ray.io_rayjobs.yaml.gz",
+    "RayCronJob": "ray.io_raycronjobs.yaml.gz",
+}
 
 
 def strict(schema):
@@ -48,8 +53,8 @@ def strict(schema):
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str):
-    assert CRDS.is_dir(), f"KubeRay CRD schemas not found at {CRDS} (../shared beside the checkout)"
-    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    text = gzip.decompress((CRDS / CRD_FILES[kind]).read_bytes()).decode("utf-8")
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
 
