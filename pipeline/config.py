@@ -62,34 +62,38 @@ class TagJobConfig:
 
     def __post_init__(self):
         checks = [
-            ("batch_size", self.batch_size >= 1),
-            ("tagger_actors", self.tagger_actors >= 1),
-            ("gpus_per_actor", self.gpus_per_actor >= 0),
-            ("tagger_cpus", self.tagger_cpus > 0),
-            ("batches_in_flight", self.batches_in_flight is None or 1 <= self.batches_in_flight <= 16),
-            ("decode_cpus", self.decode_cpus > 0),
-            ("decode_batch_size", self.decode_batch_size >= 1),
-            ("max_file_bytes", self.max_file_bytes >= 1),
-            ("decode_timeout", self.decode_timeout >= 0),
-            ("batch_timeout", self.batch_timeout >= 0),
-            ("rows_per_part", self.rows_per_part >= 1),
-            ("max_pixels", self.max_pixels >= 1),
-            ("max_decode_memory", self.max_decode_memory == 0 or self.max_decode_memory >= 2**20),
-            ("extensions", all(e.strip(". ") and "/" not in e for e in self.extensions)),
-            ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0),
-            ("logit_floor", 0.0 <= self.logit_floor <= 1.0),
-            ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0),
-            ("max_tags", self.max_tags is None or self.max_tags >= 1),
-            ("ood_cut", self.ood_cut is None or self.ood_cut >= 0),
-            ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0),
-            ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in self.category_thresholds.values())),
-            ("inputs", len(self.inputs) > 0),
-            ("output", bool(self.output)),
-            ("model", bool(self.model)),
-        ]
-        for name, ok in checks:
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("tagger_actors", self.tagger_actors >= 1, "at least 1"),
+            ("gpus_per_actor", self.gpus_per_actor >= 0, "0 or more"),
+            ("tagger_cpus", self.tagger_cpus > 0, "more than 0"),
+            ("batches_in_flight", self.batches_in_flight is None or 1 <= self.batches_in_flight <= 16, "1 to 16"),
+            ("decode_cpus", self.decode_cpus > 0, "more than 0"),
+            ("decode_batch_size", self.decode_batch_size >= 1, "at least 1"),
+            ("max_file_bytes", self.max_file_bytes >= 1, "at least 1 (bytes)"),
+            ("decode_timeout", self.decode_timeout >= 0, "seconds, 0 or more (0: no limit)"),
+            ("batch_timeout", self.batch_timeout >= 0, "seconds, 0 or more (0: no limit)"),
+            ("rows_per_part", self.rows_per_part >= 1, "at least 1"),
+            ("max_pixels", self.max_pixels >= 1, "at least 1 (pixels)"),
+            ("max_decode_memory", self.max_decode_memory == 0 or self.max_decode_memory >= 2**20,
+             "bytes, at least 1048576 (1 MiB), or 0 for no limit"),
+            ("extensions", all(e.strip(". ") and "/" not in e for e in self.extensions), "file extensions such as jpg"),
+            ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0, "1 to 16"),
+            ("logit_floor", 0.0 <= self.logit_floor <= 1.0, "a probability, 0 to 1"),
+            ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "a probability, 0 to 1"),
+            ("max_tags", self.max_tags is None or self.max_tags >= 1, "at least 1"),
+            ("ood_cut", self.ood_cut is None or self.ood_cut >= 0, "0 or more"),
+            ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0, "a fraction, 0 to 1"),
+            ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                                        for v in self.category_thresholds.values()), "probabilities, 0 to 1"),
+            ("inputs", len(self.inputs) > 0, "at least one input"),
+            ("output", bool(self.output), "a directory or URI"),
+            ("model", bool(self.model), "a bundle directory"),
+        ]  # fmt: skip
+        for name, ok, rule in checks:
             if not ok:
-                raise ConfigError(f"field {name} has a bad value: {getattr(self, name)!r}")
+                value = getattr(self, name)
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"field {name} has a bad value: {shown!r} (must be {rule})")
 
 
 def tag_rules(cfg) -> dict:

@@ -114,13 +114,22 @@ class DecodeStage:
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
 
     def _decode(self, data: bytes):
-        """One image under the time limit and the memory budget. Raises ImageError."""
+        """One image under the time limit and the memory budget. Raises ImageError.
+
+        The time limit's exception is raised wherever the decode happens to be, and code
+        there may turn it into another (an enum's constructor, a plugin's except clause):
+        whatever is raised once the limit has passed counts as the timeout."""
+        started = time.monotonic()
         try:
             with time_limit(self.timeout), memory_limit(self.options.max_memory):
                 return decode_image(data, self.preprocess, self.options)
         except MemoryError:
             budget = f"the {self.options.max_memory / 2**20:.0f} MiB max_decode_memory budget"
             raise ImageError(ErrorKind.TOO_LARGE, f"decoding needs more memory than {budget}") from None
+        except Exception as exc:
+            if self.timeout and not isinstance(exc, DecodeTimeout) and time.monotonic() - started >= self.timeout:
+                raise DecodeTimeout(self.timeout) from None
+            raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         uris = [str(u) for u in batch["uri"]]
@@ -152,6 +161,7 @@ class DecodeStage:
                 decoded = self._decode(data)
             except ImageError as exc:
                 error_kind[i], error[i] = exc.kind, str(exc)[:500]
+                width[i], height[i] = exc.size or (0, 0)  # what the file declares, when it said
                 continue
             except Exception as exc:  # a decoder bug must not take the batch down
                 error_kind[i], error[i] = ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -45,9 +46,10 @@ _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 class ImageError(Exception):
     """An image that cannot be used; kind says why, for counting."""
 
-    def __init__(self, kind: ErrorKind, message: str):
+    def __init__(self, kind: ErrorKind, message: str, size: tuple[int, int] | None = None):
         super().__init__(message)
-        self.kind = ErrorKind(kind)
+        self.kind = kind
+        self.size = size  # the declared size, when the file got as far as saying it
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "
 def pillow_pixel_limit(max_pixels: int):
     """Pillow's own decompression-bomb checks, at max_pixels and as errors, for the
     block below. Its plugins check what tagpipe cannot see from outside: each ICO and
-    ICNS sub-image, each GIF frame, each TIFF tile, before decoding any of it."""
+    ICNS sub-image, each GIF frame, each TIFF tile, before decoding any of it. A file
+    refused while it is opened leaves no image, so its row has no size."""
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -267,21 +270,38 @@ def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Im
     original size. Every check on sizes runs before any pixel is decoded."""
     if not data:
         raise ImageError(ErrorKind.EMPTY, "zero-byte file")
+    image = None
     with pillow_pixel_limit(options.max_pixels):
         try:
-            image = _open(data)
+            image = _open(data)  # some plugins (ICO) decode here: Pillow's checks stay on
             return _load_upright(image, data, options, pre)
-        except BOMB_ERRORS as exc:
-            limit = f"a frame, tile or sub-image is over the {options.max_pixels}-pixel limit (max_pixels)"
-            raise ImageError(ErrorKind.TOO_LARGE, f"{limit}; Pillow: {exc}") from None
-        except MemoryError:
+        except ImageError as exc:
+            exc.size = exc.size or _declared_size(image)
             raise
-        except ImageError:
+        except BOMB_ERRORS as exc:
+            raise ImageError(ErrorKind.TOO_LARGE, _bomb_message(exc, options.max_pixels), _declared_size(image)) from None
+        except MemoryError:
             raise
         except DECODER_ERRORS as exc:
             if "ghostscript" in str(exc).lower():  # EPS: Pillow renders it through an external program
                 raise ImageError(ErrorKind.UNSUPPORTED, "EPS files need Ghostscript, which is not installed") from None
-            raise ImageError(_error_kind(exc), f"cannot decode: {type(exc).__name__}: {exc}") from None
+            message = f"cannot decode: {type(exc).__name__}: {exc}"
+            raise ImageError(_error_kind(exc), message, _declared_size(image)) from None
+
+
+def _declared_size(image: Image.Image | None) -> tuple[int, int] | None:
+    """What an opened file says its size is (TIFF already upright), for error rows."""
+    if image is None or image.width <= 0 or image.height <= 0:
+        return None
+    return image.size
+
+
+def _bomb_message(exc: BaseException, max_pixels: int) -> str:
+    """Pillow words its check with its own thresholds (warning at the limit, error at
+    twice it); say what was found against the limit the user set."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    what = f"of {int(found.group(1))} pixels " if found else ""
+    return f"a frame, tile or sub-image {what}is over the {max_pixels}-pixel limit (max_pixels)"
 
 
 def _load_upright(

@@ -62,12 +62,16 @@ def _row(fs, info: dict) -> dict:
     }
 
 
+SKIPPED_EXAMPLES = 20  # paths kept per reason for the run record
+
+
 @dataclass
 class Listing:
     """The inputs (one row each) and the files left out of them, by reason."""
 
     manifest: pa.Table
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # the first few paths per reason
 
     @property
     def found(self) -> int:
@@ -99,28 +103,47 @@ def _is_debris(name: str) -> bool:
     return (name.startswith(".") and name not in (".", "..")) or name.lower() in DEBRIS_NAMES
 
 
-def _keep(fs, root: str, infos, rules: ListingRules, skipped: collections.Counter) -> list[dict]:
+class Skipped:
+    """Files left out of a listing: counts and the first few paths, by reason."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, reason: str, path: str, count: int = 1) -> None:
+        self.counts[reason] += count
+        if len(self.examples[reason]) < SKIPPED_EXAMPLES:
+            self.examples[reason].append(path)
+
+    def update(self, other: "Skipped") -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+            room = SKIPPED_EXAMPLES - len(self.examples[reason])
+            self.examples[reason].extend(other.examples[reason][:room])
+
+
+def _keep(fs, root: str, infos, rules: ListingRules, skipped: Skipped) -> list[dict]:
     rows = []
     for info in infos:
         if info.get("type") == "directory":
             continue
         reason = rules.skip_reason(root, info["name"])
         if reason:
-            skipped[reason] += 1
+            skipped.add(reason, _join(_protocol(fs), info["name"]))
         else:
             rows.append(_row(fs, info))
     return rows
 
 
-def list_prefix(uri: str, storage_options: dict | None, rules: ListingRules, root: str) -> tuple[pa.Table, dict]:
+def list_prefix(uri: str, storage_options: dict | None, rules: ListingRules, root: str) -> tuple[pa.Table, Skipped]:
     """Every file under one prefix, recursively (one Ray task's share of a listing),
-    and the count of those skipped by reason. root: the input prefix it belongs to."""
+    and those skipped, by reason. root: the input prefix it belongs to."""
     fs, path = filesystem_for(uri, storage_options)
     fs.invalidate_cache(path)  # a listing is tonight's truth, never a cached one
     found = retry(lambda: fs.find(path, detail=True, withdirs=False), what=uri)
-    skipped: collections.Counter = collections.Counter()
+    skipped = Skipped()
     rows = _keep(fs, root, found.values(), rules, skipped)
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), dict(skipped)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), skipped
 
 
 def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
@@ -153,7 +176,7 @@ def build_manifest(
 ) -> Listing:
     """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
     tables, prefixes = [], []
-    skipped: collections.Counter = collections.Counter()
+    skipped = Skipped()
     for uri in inputs:
         fs, path = filesystem_for(uri, storage_options)
         if not retry(lambda: fs.exists(path), what=uri):
@@ -165,31 +188,31 @@ def build_manifest(
         else:
             tables.append(pa.Table.from_pylist([_row(fs, fs.info(path))], schema=MANIFEST_SCHEMA))
     for fs, path in prefixes:
-        for table, counts in _list_in_parallel(fs, path, storage_options, rules, parallel):
+        for table, left_out in _list_in_parallel(fs, path, storage_options, rules, parallel):
             tables.append(table)
-            skipped.update(counts)
+            skipped.update(left_out)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     manifest = manifest.sort_by("uri")
     if manifest.num_rows:  # drop repeats (overlapping inputs)
         uris = manifest.column("uri").to_pylist()
         keep = [i for i in range(len(uris)) if i == 0 or uris[i] != uris[i - 1]]
         manifest = manifest.take(keep)
-    if skipped:
-        log.info("listing skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
-    return Listing(manifest, dict(skipped))
+    if skipped.counts:
+        log.info("listing skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.counts.items())))
+    return Listing(manifest, dict(skipped.counts), {k: v for k, v in skipped.examples.items() if v})
 
 
 def _list_in_parallel(
     fs, path: str, storage_options, rules: ListingRules, parallel: bool
-) -> list[tuple[pa.Table, dict]]:
+) -> list[tuple[pa.Table, Skipped]]:
     protocol = _protocol(fs)
     path = fs._strip_protocol(path)  # absolute, as the names the listing gives
     root = path.rstrip("/") + "/"
     fs.invalidate_cache(path)
     top = retry(lambda: fs.ls(path, detail=True), what=path)
-    skipped: collections.Counter = collections.Counter()
+    skipped = Skipped()
     files = pa.Table.from_pylist(_keep(fs, root, top, rules, skipped), schema=MANIFEST_SCHEMA)
-    listed = [(files, dict(skipped))]
+    listed = [(files, skipped)]
     subdirs = []
     for info in top:
         if info.get("type") != "directory":
@@ -212,6 +235,9 @@ def _list_in_parallel(
     return listed
 
 
-def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, dict]:
+def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, Skipped]:
     files = retry(lambda: fs.find(path, withdirs=False), what=path)
-    return MANIFEST_SCHEMA.empty_table(), {reason: len(files)} if files else {}
+    skipped = Skipped()
+    for name in files:
+        skipped.add(reason, _join(_protocol(fs), name))
+    return MANIFEST_SCHEMA.empty_table(), skipped

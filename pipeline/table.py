@@ -20,6 +20,7 @@ in DuckDB: see the README). Why not Delta Lake: docs/decisions.md.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -65,7 +66,7 @@ class Snapshot:
         record = asdict(self)
         record["files"] = list(self.files)
         record["paths"] = [posixpath.join(root, f) for f in self.files]  # for SQL readers
-        return json.dumps(record, indent=1, sort_keys=True, default=str).encode()
+        return json.dumps(record, indent=1, sort_keys=True, default=json_value).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Snapshot":
@@ -236,8 +237,17 @@ class TagTable:
 
     def write_run_manifest(self, name: str, record: dict) -> str:
         relative = posixpath.join(RUNS_DIR, f"{name}.json")
-        self._write_bytes(relative, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        self._write_bytes(relative, json.dumps(record, indent=1, sort_keys=True, default=json_value).encode())
         return self.join(relative)
+
+
+def json_value(value):
+    """JSON for what records hold besides plain data: enums by value, sets sorted."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
 
 
 def _mtime(info: dict) -> float:

@@ -80,7 +80,7 @@ class RunSummary:
             "files_found", "listed", "new", "changed", "deleted", "skipped", "retried", "retagged",
             "rethresholded", "reused", "images", "errors", "rewritten_parts", "rows",
         )  # fmt: skip
-        return {name: getattr(self, name) for name in names}
+        return {**{name: getattr(self, name) for name in names}, "skipped_files": dict(self.skipped_files)}
 
     def text(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
@@ -232,6 +232,7 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
             "rules_key": keys[1],
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options",)},
             "counts": summary.counts(),
+            "skipped_examples": listing.skipped_examples,
             "timings": summary.timings,
             "summary": asdict(summary),
         },
@@ -338,6 +339,7 @@ def _commit(table: TagTable, base, files: list[str], bundle, keys, rules, run_id
         total = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
     if total != summary.listed:
         raise RuntimeError(f"the new version would hold {total} rows for {summary.listed} listed images; nothing committed")
+    summary.rows = total
     snapshot = Snapshot(
         version=(base.version if base else 0) + 1,
         files=tuple(sorted(files)),

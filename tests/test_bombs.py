@@ -104,8 +104,56 @@ def test_default_limits_refuse_declared_bombs_before_decoding(ray_session, bomb_
             assert result["kind"] in ("too_large", "decode_error", "truncated"), (name, result)
             assert result["growth"] < 32 * 2**20, (name, result["growth"] >> 20)  # nothing decoded
     messages = {name: r["error"] for name, r in zip(names, results)}
-    assert "max_pixels" in messages["ico_png_20000.ico"] and "max_pixels" in messages["icns_png_20000.icns"]
-    assert "max_pixels" in messages["gif_frame_60000.gif"]
+    limit = f"is over the {DEFAULT_MAX_PIXELS}-pixel limit (max_pixels)"
+    assert messages["ico_png_20000.ico"] == f"a frame, tile or sub-image of 400000000 pixels {limit}"
+    assert messages["icns_png_20000.icns"] == f"a frame, tile or sub-image of 400000000 pixels {limit}"
+    assert messages["gif_frame_60000.gif"] == f"a frame, tile or sub-image of 3600000000 pixels {limit}"
+
+
+def test_error_rows_keep_the_size_the_file_declares(bomb_files):
+    from pipeline.decode import DecodeStage
+    from pipeline.profiles import load_profile
+
+    from pipeline.imaging import DecodeOptions
+
+    names = ["png_zeros_10000.png", "jpeg_height_65500.jpg", "tiff_tile_20000.tif", "gif_frame_60000.gif"]
+    stage = DecodeStage(load_profile("wd_v3").preprocess, DecodeOptions(max_memory=BUDGET))
+    out = stage({"uri": np.array([bomb_files[n] for n in names], object)})
+    assert list(out["error_kind"]) == ["too_large", "truncated", "decode_error", "too_large"]
+    # refused by Pillow while the file is opened: no image, so no size
+    assert list(zip(out["width"], out["height"])) == [(10000, 10000), (64, 65500), (256, 256), (0, 0)]
+
+
+def test_an_error_raised_after_the_time_limit_is_a_timeout(tmp_path):
+    """Off the main thread the limit is checked when the decode ends: a decode that fails
+    after its limit (a 36 Mpx PNG whose zlib stream breaks near its end, its CRCs
+    intact) is a timeout, whatever it raised."""
+    import struct
+    import threading
+
+    from bombs import png_chunk, png_of_zeros
+    from pipeline.decode import DecodeStage
+    from pipeline.imaging import DecodeOptions
+    from pipeline.profiles import load_profile
+
+    data = png_of_zeros(6000, 6000)
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack_from(">I", data, start - 8)[0]
+    idat = bytearray(data[start : start + length])
+    idat[int(length * 0.9) : int(length * 0.9) + 8] = b"\xff" * 8  # the stream breaks 90% of the way in
+    path = tmp_path / "broken.png"
+    path.write_bytes(data[: start - 8] + png_chunk(b"IDAT", bytes(idat)) + data[start + length + 4 :])
+    results = {}
+
+    def decode(timeout):
+        stage = DecodeStage(load_profile("wd_v3").preprocess, DecodeOptions(), timeout=timeout)
+        results[timeout] = stage({"uri": np.array([str(path)], object)})["error_kind"][0]
+
+    for timeout in (0.001, 0):
+        thread = threading.Thread(target=decode, args=(timeout,))
+        thread.start()
+        thread.join()
+    assert results == {0.001: "decode_timeout", 0: "decode_error"}
 
 
 RESTORED = """

@@ -61,6 +61,15 @@ def test_every_file_is_an_input_and_debris_is_counted(tmp_path):
     assert listing.found == len(images) + len(ODD) + len(DEBRIS)
 
 
+def test_bad_extension_names_the_field_and_the_rule(tmp_path):
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field extensions has a bad value: \[''\] \(must be file extensions"):
+        make_tag_config(inputs=[str(tmp_path)], output="out", model="m", extensions=[""])
+
+
 def test_extensions_narrow_the_listing_and_are_counted(tmp_path):
     images = _corpus(tmp_path)
     listing = build_manifest(
@@ -88,10 +97,13 @@ def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle,
     assert kinds[str((root / "notes/readme.txt").resolve())] == "not_an_image"
     assert "skipped: 8 os_debris" in summary.text()
     record = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert (
-        record["summary"]["skipped_files"] == {"os_debris": len(DEBRIS)}
-        and record["counts"]["files_found"] == summary.files_found
-    )
+    assert record["summary"]["skipped_files"] == {"os_debris": len(DEBRIS)}
+    assert record["counts"]["files_found"] == summary.files_found
+    assert record["counts"]["skipped_files"] == {"os_debris": len(DEBRIS)}
+    assert sorted(record["skipped_examples"]["os_debris"]) == sorted(str((root / n).resolve()) for n in DEBRIS)
+    assert record["settings"]["provider"] == "auto"  # enums are written by value
+    snapshot = json.loads((out / "_current.json").read_text())
+    assert snapshot["counts"]["rows"] == snapshot["rows"] == rows.num_rows
 
     again = run_tag_job(cfg)  # the table's own files are under the input now
     assert again.change == "no change" and again.listed == summary.listed
