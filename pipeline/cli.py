@@ -1,77 +1,147 @@
-"""The `tagpipe` command line (typer). Each command is a thin shell over a Python API."""
+"""The `tagpipe` command line (typer). Each command is a thin shell over a Python API.
+
+Help is rendered without rich markup (rich_markup_mode=None), so every bracket in a
+help text shows as written; defaults typer prints itself are not repeated in the text.
+"""
 
 from __future__ import annotations
 
-import logging
+import json
 import sys
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
+from pipeline import __version__
 from pipeline.errors import TagpipeError
+from pipeline.logs import LogFormat, Verbosity
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Label image corpora with ONNX taggers on Ray.")
-model_app = typer.Typer(no_args_is_help=True, help="Model bundles: inspect, build the demo, expose the embedding.")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+    help="Label image corpora with ONNX taggers on Ray.",
+)  # fmt: skip
+model_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
+    help="Model bundles: pull from the Hub, inspect, build the demo, expose the embedding.",
+)  # fmt: skip
 app.add_typer(model_app, name="model")
 
 # Options several commands share, defined once (tag and rethreshold take the same rules).
 StorageOptions = Annotated[Optional[str], typer.Option(help="fsspec storage options as JSON.")]
 Threshold = Annotated[Optional[float], typer.Option(help="Global tag threshold; default the profile's.")]
-CategoryThreshold = Annotated[Optional[List[str]], typer.Option(help="CATEGORY=VALUE, e.g. character=0.85; repeatable.")]
-PerTagThresholds = Annotated[Optional[bool], typer.Option("--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag.")]
-Mcut = Annotated[Optional[List[str]], typer.Option(help="Threshold this category by MCut (largest score gap); repeatable.")]
+CategoryThreshold = Annotated[
+    Optional[List[str]],
+    typer.Option("--category-thresholds", "--category-threshold", help="CATEGORY=VALUE, e.g. character=0.85; repeatable."),
+]
+PerTagThresholds = Annotated[
+    Optional[bool], typer.Option("--per-tag-thresholds/--no-per-tag-thresholds", help="Use the bundle's best_thr per tag.")
+]
+Mcut = Annotated[
+    Optional[List[str]],
+    typer.Option("--mcut-categories", "--mcut", help="Threshold this category by MCut (largest score gap); repeatable."),
+]
 MaxTags = Annotated[Optional[int], typer.Option(help="At most this many threshold-selected tags per image (by score).")]
 ExcludeTags = Annotated[Optional[List[str]], typer.Option("--exclude", help="A tag never to emit; repeatable.")]
-Calibrate = Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Apply the bundle's calibration table [on when present].")]
-OodCut = Annotated[Optional[float], typer.Option(help="Flag ood above this Mahalanobis distance [the reference's p95].")]
+Calibrate = Annotated[
+    Optional[bool], typer.Option("--calibrate/--no-calibrate", help="Apply the bundle's calibration table (on when present).")
+]
+OodCut = Annotated[Optional[float], typer.Option(help="Flag ood above this Mahalanobis distance (default: the reference's p95).")]
+# How a command talks (pipeline/logs.py).
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also Ray's and the libraries' INFO lines.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the result; no progress.")]
+LogFormatOption = Annotated[
+    LogFormat, typer.Option("--log-format", help="text, or json: one JSON object per log line and for the result.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tagpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Label image corpora with ONNX taggers on Ray."""
 
 
 def _storage_options(text: str | None) -> dict | None:
-    import json
-
     try:
         return json.loads(text) if text else None
     except json.JSONDecodeError as exc:
         raise TagpipeError(f"--storage-options is not valid JSON: {exc}") from None
 
 
-def _setup(verbose: bool, progress: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = LogFormat.TEXT) -> None:
+    from pipeline import logs
+
+    if verbose and quiet:
+        raise TagpipeError("--verbose and --quiet contradict each other: give one")
+    logs.configure(Verbosity.VERBOSE if verbose else Verbosity.QUIET if quiet else Verbosity.NORMAL, log_format)
     try:
         import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = False  # tagpipe draws its own
     except ImportError:  # pragma: no cover
         pass
 
 
+def _emit(result) -> None:
+    """A command's result: its text line, or with --log-format json one JSON object."""
+    from pipeline import logs
+    from pipeline.table import json_value
+
+    if logs.json_output():
+        payload = asdict(result) if is_dataclass(result) else {"text": result.text()}
+        typer.echo(json.dumps({"result": type(result).__name__, **payload}, default=json_value))
+    else:
+        typer.echo(result.text())
+
+
 @app.command()
 def tag(
-    input: List[str] = typer.Option(None, "--input", "-i", help="Prefix, image file or manifest (.parquet/.csv/.txt); repeatable."),
+    input: List[str] = typer.Option(
+        None, "--inputs", "--input", "-i", help="Prefix, image file or manifest (.parquet/.csv/.txt); repeatable."
+    ),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory (local path or s3://...)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model bundle directory."),
     profile: Optional[str] = typer.Option(None, help="Profile name or .toml file; default: detected from the bundle."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file with a [tag] table (see configs/)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per model call [32]."),
-    actors: Optional[int] = typer.Option(None, "--actors", help="Tagger actors, one ONNX session each [1]."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per tagger actor [1]; CPU fallback without GPUs."),
-    tagger_cpus: Optional[float] = typer.Option(None, help="CPUs per tagger actor (its threads on CPU) [1]."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="TOML config file with a [tag] table (see configs/); options given here win."
+    ),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model call (default 32)."),
+    tagger_actors: Optional[int] = typer.Option(
+        None, "--tagger-actors", "--actors", help="Tagger actors, one ONNX session each (default 1)."
+    ),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per tagger actor (default 1); CPU fallback without GPUs."),
+    tagger_cpus: Optional[float] = typer.Option(None, help="CPUs per tagger actor, its threads on CPU (default 1)."),
     batches_in_flight: Optional[int] = typer.Option(
-        None, help="Batches one tagger actor works on at once, so its CPU work overlaps the model's [2 on GPU, 1 on CPU]."
+        None, help="Batches one tagger actor works on at once, so its CPU work overlaps the model's (default 2 on GPU, 1 on CPU)."
     ),
-    decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task [1]."),
-    decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call [16]."),
-    max_file_bytes: Optional[int] = typer.Option(None, help="Files larger than this are error rows (too_large), never read whole [536870912]."),
-    decode_timeout: Optional[float] = typer.Option(None, help="Seconds one image may take to decode, then it is an error row; 0: no limit [60]."),
+    decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task (default 1)."),
+    decode_batch_size: Optional[int] = typer.Option(None, help="Images per decode call (default 16)."),
+    max_file_bytes: Optional[int] = typer.Option(
+        None, help="Files larger than this are error rows (too_large), never read whole (default 536870912)."
+    ),
+    decode_timeout: Optional[float] = typer.Option(
+        None, help="Seconds one image may take to decode, then it is an error row; 0: no limit (default 60)."
+    ),
     batch_timeout: Optional[float] = typer.Option(
-        None, help="Seconds one model call may take, then its rows are error rows (retried by the next run); 0: no limit [600]."
+        None, help="Seconds one model call may take, then its rows are error rows (retried by the next run); 0: no limit (default 600)."
     ),
-    rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit [4096]."),
+    rows_per_part: Optional[int] = typer.Option(None, help="Rows per output part file, the commit unit (default 4096)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
     storage_options: StorageOptions = None,
-    exact_decode: Optional[bool] = typer.Option(None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode [fast]."),
+    exact_decode: Optional[bool] = typer.Option(
+        None, "--exact-decode/--fast-decode", help="Full-size decode, or DCT-scaled JPEG decode (default fast)."
+    ),
     max_pixels: Optional[int] = typer.Option(
         None, help="Refuse images declaring more pixels than this, in any frame, tile or sub-image (default 120000000)."
     ),
@@ -79,18 +149,23 @@ def tag(
         None, help="Bytes one image's decode may add to its worker, then it is a too_large row; 0: no limit (default 2 GiB)."
     ),
     extension: Optional[List[str]] = typer.Option(
-        None, "--extension", help="List only files with this extension under a prefix (e.g. jpg); repeatable (default: every file)."
+        None, "--extensions", "--extension",
+        help="List only files with this extension under a prefix (e.g. jpg); repeatable (default: every file).",
+    ),  # fmt: skip
+    draft_ratio: Optional[float] = typer.Option(
+        None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest (default 2)."
     ),
-    draft_ratio: Optional[float] = typer.Option(None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest [2]."),
     normalise_in_graph: Optional[bool] = typer.Option(
-        None, "--normalise-in-graph/--normalise-in-numpy", help="Feed the model uint8 through prepended Cast/scale nodes [in graph]."
+        None, "--normalise-in-graph/--normalise-in-numpy", help="Feed the model uint8 through prepended Cast/scale nodes (default in graph)."
     ),
-    provider: Optional[str] = typer.Option(None, help="auto | cpu | cuda | tensorrt [auto]."),
+    provider: Optional[str] = typer.Option(None, help="auto, cpu, cuda or tensorrt (default auto)."),
     threshold: Threshold = None,
-    logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this [0.01]."),
+    logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this (default 0.01)."),
     dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
-    max_delete_fraction: Optional[float] = typer.Option(None, help="Refuse to drop more than this share of the table's rows (a lost input?) [0.2]."),
+    max_delete_fraction: Optional[float] = typer.Option(
+        None, help="Refuse to drop more than this share of the table's rows, a lost input? (default 0.2)."
+    ),
     category_threshold: CategoryThreshold = None,
     per_tag_thresholds: PerTagThresholds = None,
     mcut: Mcut = None,
@@ -98,8 +173,14 @@ def tag(
     exclude: ExcludeTags = None,
     calibrate: Calibrate = None,
     ood_cut: OodCut = None,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress", help="A bar on a terminal, else a line every --progress-interval seconds (default on)."
+    ),
+    progress_interval: Optional[float] = typer.Option(None, help="Seconds between progress lines off a terminal (default 30)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List and compare with the table, print the plan; tag and write nothing."),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
     """Tag every image under the inputs into a versioned Parquet table, one row per image.
 
@@ -109,7 +190,7 @@ def tag(
     from pipeline.config import load_config_file, make_tag_config
     from pipeline.tag_job import run_tag_job
 
-    _setup(verbose, progress)
+    _setup(verbose, quiet, log_format)
     file_values = load_config_file(config) if config else {}
     cfg = make_tag_config(
         file_values,
@@ -118,7 +199,7 @@ def tag(
         model=model,
         profile=profile,
         batch_size=batch_size,
-        tagger_actors=actors,
+        tagger_actors=tagger_actors,
         gpus_per_actor=gpus_per_actor,
         tagger_cpus=tagger_cpus,
         batches_in_flight=batches_in_flight,
@@ -142,10 +223,22 @@ def tag(
         dense_logits=dense_logits,
         run_id=run_id,
         max_delete_fraction=max_delete_fraction,
+        progress=False if quiet else progress,
+        progress_interval=progress_interval,
         **_rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut),
     )
-    summary = run_tag_job(cfg)
-    typer.echo(summary.text())
+    _emit(_interruptible(run_tag_job, cfg, dry_run=dry_run))
+
+
+def _interruptible(run, *args, **kwargs):
+    """Run a job; on Ctrl-C print what was kept and how to resume, and exit 130."""
+    from pipeline.tag_job import RunInterrupted
+
+    try:
+        return run(*args, **kwargs)
+    except RunInterrupted as stopped:
+        typer.echo(f"interrupted: {stopped}", err=True)
+        raise typer.Exit(130) from None
 
 
 def _rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut) -> dict:
@@ -179,7 +272,9 @@ def rethreshold(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="A new table for the result; default: a new version of --tags itself."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."),
     threshold: Threshold = None,
-    logit_floor: Optional[float] = typer.Option(None, help="Only tags stored at or above this probability are candidates [0.01]."),
+    logit_floor: Optional[float] = typer.Option(
+        None, help="Only tags stored at or above this probability are candidates (default 0.01)."
+    ),
     category_threshold: CategoryThreshold = None,
     per_tag_thresholds: PerTagThresholds = None,
     mcut: Mcut = None,
@@ -189,13 +284,15 @@ def rethreshold(
     ood_cut: OodCut = None,
     storage_options: StorageOptions = None,
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
     """Re-tag stored rows from their sparse logits with new thresholds: no model run."""
     from pipeline.config import load_config_file, make_tag_config, tag_rules
     from pipeline.rethreshold import run_rethreshold
 
-    _setup(verbose)
+    _setup(verbose, quiet, log_format)
     file_values = load_config_file(config) if config else {}
     cfg = make_tag_config(
         file_values,
@@ -208,8 +305,7 @@ def rethreshold(
         ray_address=ray_address,
         **_rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclude, calibrate, ood_cut),
     )
-    summary = run_rethreshold(tags, model, output, tag_rules(cfg), cfg.storage_options, cfg.ray_address)
-    typer.echo(summary.text())
+    _emit(run_rethreshold(tags, model, output, tag_rules(cfg), cfg.storage_options, cfg.ray_address))
 
 
 @app.command()
@@ -218,18 +314,28 @@ def nightly(
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address or 'auto'; default a local Ray (or RAY_ADDRESS)."),
     max_delete_fraction: Optional[float] = typer.Option(None, help="Override [tag] max_delete_fraction for this run (1 accepts any deletion)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Ray Data progress bars."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress", help="A bar on a terminal, else a line every progress_interval seconds (default on)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the tag step's plan; tag, dedup, split and write nothing."),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
     """Tag what is new or changed, drop what is gone, then refresh dedup, splits
     (stable: --previous) and the leakage audit. Exits 1 when the audit finds leaks."""
     from pipeline.config import load_nightly_config
     from pipeline.nightly import run_nightly
+    from pipeline.tag_job import run_tag_job
 
-    _setup(verbose, progress)
-    cfg = load_nightly_config(config, run_id=run_id, ray_address=ray_address, max_delete_fraction=max_delete_fraction)
-    summary = run_nightly(cfg)
-    typer.echo(summary.text())
+    _setup(verbose, quiet, log_format)
+    overrides = dict(run_id=run_id, ray_address=ray_address, max_delete_fraction=max_delete_fraction)
+    cfg = load_nightly_config(config, progress=False if quiet else progress, **overrides)
+    if dry_run:
+        _emit(_interruptible(run_tag_job, cfg.tag, dry_run=True))
+        return
+    summary = _interruptible(run_nightly, cfg)
+    _emit(summary)
     if summary.leaks and cfg.fail_on_leaks:
         raise typer.Exit(1)
 
@@ -237,15 +343,15 @@ def nightly(
 @app.command()
 def vacuum(
     tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
-    keep_versions: int = typer.Option(2, help="Keep the parts of this many newest versions (the current one always) [2]."),
-    grace_hours: float = typer.Option(24.0, help="Never delete unnamed parts younger than this: a running job may still commit them [24]."),
+    keep_versions: int = typer.Option(2, help="Keep the parts of this many newest versions (the current one always)."),
+    grace_hours: float = typer.Option(24.0, help="Never delete unnamed parts younger than this: a running job may still commit them."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
     storage_options: StorageOptions = None,
 ) -> None:
     """Delete parts (and version records) that no kept version of the table uses."""
     from pipeline.table import TagTable
 
-    _setup(False)
+    _setup()
     result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"vacuum: {verb} {result['parts_deleted']} parts, versions {result['versions_deleted'] or 'none'}, {result['tmp_deleted']} temp files; kept versions {result['versions_kept']}")
@@ -255,17 +361,19 @@ def vacuum(
 def dedup(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),
-    max_distance: int = typer.Option(6, help="Near duplicates: phash Hamming distance <= this (see docs/decisions.md) [6]."),
+    max_distance: int = typer.Option(6, help="Near duplicates: phash Hamming distance <= this (see docs/decisions.md)."),
     storage_options: StorageOptions = None,
     ray_address: Optional[str] = typer.Option(None, help="Ray for large inputs (>= 1M distinct hashes): 'auto' or an address; default a local Ray."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
     """Exact (sha256) and near (phash) duplicate clusters, with a stable cluster_id."""
     from pipeline.dedup import run_dedup
 
-    _setup(verbose)
+    _setup(verbose, quiet, log_format)
     summary = run_dedup(tags, output, max_distance, _storage_options(storage_options), ray_address)
-    typer.echo(summary.text())
+    _emit(summary)
     for giant in summary.giant_clusters:
         typer.echo(f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, {giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart")
 
@@ -279,8 +387,8 @@ def split(
     seed: int = typer.Option(0, help="Changes which clusters go where; the same seed gives the same split."),
     previous: Optional[str] = typer.Option(None, help="A previous splits.parquet (or its directory): assigned images keep their split."),
     exclude: List[str] = typer.Option(None, help="An existing training set (tagpipe output or Parquet/CSV with sha256/phash); repeatable."),
-    max_distance: int = typer.Option(6, help="Radius for --exclude matches (use the dedup radius) [6]."),
-    min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split [5]."),
+    max_distance: int = typer.Option(6, help="Radius for --exclude matches (use the dedup radius)."),
+    min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split."),
     stratify: bool = typer.Option(False, "--stratify", help="Iterative multi-label stratification at cluster level (else a hash per cluster)."),
     min_val_positives: int = typer.Option(0, help="With --stratify: each tag frequent enough gets at least this many val positives (JoyTag used 5)."),
     storage_options: StorageOptions = None,
@@ -288,13 +396,13 @@ def split(
     """Assign whole duplicate clusters to train/val/test, stable across nightly runs."""
     from pipeline.split import parse_ratios, run_split
 
-    _setup(False)
+    _setup()
     prev = previous if previous is None or previous.endswith(".parquet") else previous.rstrip("/") + "/splits.parquet"
     report = run_split(
         tags, dedup, output, parse_ratios(ratios), seed, prev, list(exclude or []), max_distance, min_count,
         _storage_options(storage_options), stratify, min_val_positives,
     )  # fmt: skip
-    typer.echo(report.text())
+    _emit(report)
     for bridge in report.bridges:
         typer.echo(f"bridge: cluster {bridge['cluster_id'][:16]} joins previous {'+'.join(bridge['previous_splits'])}: {bridge['held_out']} new image(s) held out")
 
@@ -307,20 +415,22 @@ def report(
     split: Optional[str] = typer.Option(None, "--split", help="A split output directory: sizes and per-tag balance."),
     title: Optional[str] = typer.Option(None, help="Page title; default names the tag output."),
     storage_options: StorageOptions = None,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
     """One self-contained HTML report: summary, tag frequency, scores, OOD, duplicates, splits, errors."""
     from pipeline.report import build_report
 
-    _setup(verbose)
-    typer.echo(build_report(tags, output, dedup, split, _storage_options(storage_options), title).text())
+    _setup(verbose, quiet, log_format)
+    _emit(build_report(tags, output, dedup, split, _storage_options(storage_options), title))
 
 
 @app.command()
 def audit(
     train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
-    max_distance: int = typer.Option(6, help="A leak is an eval image within this many phash bits of a train image [6]."),
+    max_distance: int = typer.Option(6, help="A leak is an eval image within this many phash bits of a train image."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write leaks.parquet and audit.json here."),
     storage_options: StorageOptions = None,
     show: int = typer.Option(20, help="Leaks to list on the terminal."),
@@ -328,11 +438,11 @@ def audit(
     """List eval images within R of any train image; exit status 1 when there are any."""
     from pipeline.audit import run_audit
 
-    _setup(False)
+    _setup()
     leaks, report = run_audit(train, eval, max_distance, output, _storage_options(storage_options))
     for row in leaks.slice(0, show).to_pylist():
         typer.echo(f"leak d={row['distance']}{' (same bytes)' if row['exact'] else ''}: {row['eval_uri']} ~ {row['train_uri']}")
-    typer.echo(report.text())
+    _emit(report)
     if report.leaks:
         raise typer.Exit(1)
 
@@ -342,33 +452,52 @@ def export(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     output: str = typer.Option(..., "--output", "-o", help="Where the files go."),
     format: str = typer.Option("captions", "--format", "-f", help="captions (one .txt per image) | jsonl | dart (Dart v2 prompts)."),
-    relative_to: Optional[str] = typer.Option(None, help="Captions: image paths are taken relative to this [their common folder]."),
-    spaces: bool = typer.Option(False, "--spaces/--underscores", help="Tag text with spaces or underscores [underscores]."),
+    relative_to: Optional[str] = typer.Option(None, help="Captions: image paths are taken relative to this (default: their common folder)."),
+    spaces: bool = typer.Option(False, "--spaces/--underscores", help="Tag text with spaces or underscores."),
     escape_parentheses: bool = typer.Option(False, "--escape-parentheses", help="Write ( ) as \\( \\) (prompt emphasis syntax)."),
-    exclude: List[str] = typer.Option(None, help="A tag to leave out; repeatable."),
+    exclude: List[str] = typer.Option(None, "--exclude", "--undesired", help="A tag to leave out; repeatable."),
     with_rating: bool = typer.Option(True, "--with-rating/--without-rating", help="Captions keep the rating/quality tags."),
+    caption_extension: str = typer.Option(".txt", help="Captions: the caption file's extension."),
+    separator: str = typer.Option(", ", help="Captions: what goes between tags."),
+    always_first: List[str] = typer.Option(None, help="Captions: a tag (trigger word) put first when present; repeatable, in order."),
+    character_first: bool = typer.Option(False, "--character-first", help="Captions: character tags before the others."),
+    rating: str = typer.Option("inline", help="Captions: the rating tag inline (by score), first, last, or omit."),
+    replace: List[str] = typer.Option(None, help="Captions: OLD=NEW, write tag OLD as NEW; repeatable."),
+    character_expand: bool = typer.Option(
+        False, "--character-expand", help="Captions: name_(series) becomes two tags, name and series."
+    ),
+    append: bool = typer.Option(False, "--append", help="Captions: merge into existing caption files, no tag twice."),
     storage_options: StorageOptions = None,
 ) -> None:
     """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
-    from pipeline.export import TextOptions, export_tags
+    from pipeline.export import CaptionOptions, TextOptions, export_tags
 
-    _setup(False)
+    _setup()
     text = TextOptions(spaces=spaces, escape_parentheses=escape_parentheses, exclude=frozenset(exclude or ()), with_rating=with_rating)
-    summary = export_tags(tags, output, format, text, relative_to, _storage_options(storage_options))
-    typer.echo(summary.text())
+    pairs = []
+    for item in replace or []:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise TagpipeError(f"--replace {item!r}: expected OLD=NEW, e.g. 1girl=girl")
+        pairs.append((old, new))
+    caption = CaptionOptions(
+        extension=caption_extension, separator=separator, always_first=tuple(always_first or ()), character_first=character_first,
+        rating=rating, replace=tuple(pairs), character_expand=character_expand, append=append,
+    )  # fmt: skip
+    _emit(export_tags(tags, output, format, text, relative_to, _storage_options(storage_options), caption))
 
 
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("tagpipe-demo"), help="Where the demo model, corpus and outputs go."),
     images_per_kind: int = typer.Option(3, help="Synthetic images per kind (12 kinds)."),
-    progress: bool = typer.Option(False, "--progress/--no-progress"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build the demo model and corpus, tag them on a local Ray, and check the tags."""
     from pipeline.demo import run_demo
 
-    _setup(verbose, progress)
+    _setup(verbose, quiet)
     result = run_demo(workdir, images_per_kind=images_per_kind)
     typer.echo(result.summary.text())
     typer.echo(f"model:   {result.model_dir}")
@@ -390,8 +519,25 @@ def model_inspect(
     """Inputs/outputs, tag counts per category, optional files, profile and fingerprint."""
     from pipeline.inspect import describe_bundle
 
-    _setup(False)
+    _setup()
     typer.echo(describe_bundle(directory, profile))
+
+
+@model_app.command("pull")
+def model_pull(
+    repo_id: str = typer.Argument(..., help="A Hugging Face model repository, e.g. SmilingWolf/wd-vit-tagger-v3."),
+    directory: Path = typer.Argument(..., help="A new folder for the bundle."),
+    revision: Optional[str] = typer.Option(None, help="A branch, tag or commit; default the main branch."),
+    subfolder: Optional[str] = typer.Option(None, help="The bundle's folder, for repositories holding several."),
+) -> None:
+    """Download a supported tagger (WD v3, JoyTag, CL Tagger, JTP-1) into a bundle folder.
+
+    Honours HF_ENDPOINT and HF_TOKEN; records the repository, commit and file hashes
+    in tagpipe_source.json. The bundle is checked before it is moved into place."""
+    from pipeline.hub import pull_model
+
+    _setup()
+    _emit(pull_model(repo_id, directory, revision, subfolder))
 
 
 @model_app.command("demo")
@@ -426,7 +572,7 @@ def model_fit_ood(
     """Fit an OOD reference (mean, Ledoit-Wolf covariance inverse, p50, p95) from tagged rows."""
     from pipeline.ood import fit_ood
 
-    _setup(False)
+    _setup()
     model_sha256 = None
     if model:
         from pipeline.bundle import load_bundle
@@ -438,7 +584,7 @@ def model_fit_ood(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="tagpipe")
     except TagpipeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -7,6 +7,7 @@ options; the CLI wins. Every bad value is reported with its field name.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from pipeline.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import ConfigError
 from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+from pipeline.progress import DEFAULT_INTERVAL
 from pipeline.runtime import ProviderChoice
 
 
@@ -59,6 +61,8 @@ class TagJobConfig:
     ood_cut: float | None = None  # ood flag above this distance; None: the reference's p95
     run_id: str | None = None  # None: generated
     max_delete_fraction: float = 0.2  # refuse a run that would delete more of the table (a lost input?)
+    progress: bool = True  # a bar on a terminal, else a line every progress_interval seconds
+    progress_interval: float = DEFAULT_INTERVAL  # seconds between progress lines off a terminal
 
     def __post_init__(self):
         checks = [
@@ -83,6 +87,7 @@ class TagJobConfig:
             ("max_tags", self.max_tags is None or self.max_tags >= 1, "at least 1"),
             ("ood_cut", self.ood_cut is None or self.ood_cut >= 0, "0 or more"),
             ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0, "a fraction, 0 to 1"),
+            ("progress_interval", self.progress_interval > 0, "seconds, more than 0"),
             ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
                                         for v in self.category_thresholds.values()), "probabilities, 0 to 1"),
             ("inputs", len(self.inputs) > 0, "at least one input"),
@@ -170,6 +175,7 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check_sections(data, path)
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [{table}] must be a table")
@@ -183,6 +189,44 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
     return section
 
 
+SECTIONS = ("tag", "nightly")
+
+
+def nearest(name: str, choices) -> str | None:
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def suggestion(name: str, choices) -> str:
+    """' (did you mean X?)' for the nearest valid name, or ''."""
+    close = nearest(name, choices)
+    return f" (did you mean {close}?)" if close else ""
+
+
+def _check_sections(data: dict, path: Path) -> None:
+    """Every top-level name of a config file is a known table: a misspelled [nighlty]
+    is an error, not a section silently ignored, and a key above any table says where
+    it belongs."""
+    tag_fields = {f.name for f in dataclasses.fields(TagJobConfig)}
+    nightly_fields = {f.name for f in dataclasses.fields(NightlyConfig)} - {"tag"}
+    for name, value in data.items():
+        if name in SECTIONS:
+            continue
+        if isinstance(value, dict):
+            close = nearest(name, SECTIONS)
+            hint = f"did you mean [{close}]?" if close else "the tables are " + ", ".join(f"[{t}]" for t in SECTIONS)
+            raise ConfigError(f"{path}: unknown table [{name}] ({hint})")
+        home = "tag" if name in tag_fields else "nightly" if name in nightly_fields else None
+        if home:
+            raise ConfigError(f"{path}: key {name} is outside any table; it belongs under [{home}]")
+        raise ConfigError(f"{path}: unknown key {name} outside any table{suggestion(name, tag_fields | nightly_fields)}")
+
+
+def _unknown_fields(unknown: list[str], names: set[str], where: str) -> ConfigError:
+    described = ", ".join(f"{name}{suggestion(name, names)}" for name in unknown)
+    return ConfigError(f"unknown field(s){where}: {described}")
+
+
 def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfig:
     """File values, then explicit overrides (None means 'not given')."""
     merged = dict(file_values or {})
@@ -190,7 +234,7 @@ def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfi
     names = {f.name for f in dataclasses.fields(TagJobConfig)}
     unknown = sorted(set(merged) - names)
     if unknown:
-        raise ConfigError(f"unknown field(s): {', '.join(unknown)}")
+        raise _unknown_fields(unknown, names, " in [tag]")
     for required in ("inputs", "output", "model"):
         if required not in merged:
             raise ConfigError(f"field {required} is required (option --{required.rstrip('s')} or the config file)")
@@ -244,6 +288,6 @@ def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
     names = {f.name for f in dataclasses.fields(NightlyConfig)} - {"tag"}
     unknown = sorted(set(section) - names)
     if unknown:
-        raise ConfigError(f"unknown field(s) in [nightly]: {', '.join(unknown)}")
+        raise _unknown_fields(unknown, names, " in [nightly]")
     values = {name: _coerce(NightlyConfig, name, value) for name, value in section.items()}
     return NightlyConfig(tag=tag, **values)

@@ -10,6 +10,12 @@
 Rows with errors are skipped (and counted). Tag text options: underscores or spaces,
 escaped parentheses (for prompt syntaxes where "(" means emphasis), an exclude list.
 Tags keep the stored order (by score).
+
+Captions also take the options kohya sd-scripts' tag_images_by_wd14_tagger.py users
+rely on (CaptionOptions): the file extension, the separator, tags always first (trigger
+words), character tags first, the rating tag first, last or left out, tag replacements,
+character tags expanded (`name_(series)` -> `name, series`), and appending to existing
+captions without repeating a tag.
 """
 
 from __future__ import annotations
@@ -46,6 +52,78 @@ class TextOptions:
                 text = text.replace("(", "\\(").replace(")", "\\)")
             out.append(text)
         return out
+
+
+RATING_PLACES = ("inline", "first", "last", "omit")
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How a caption file is written, beyond the tag text (kohya sd-scripts' options).
+
+    Order of work: rating placement and character-first reorder the stored tags; then
+    each tag is dropped (exclude, either spelling), replaced, expanded and formatted;
+    always-first tags move to the front in the order given; repeats are dropped."""
+
+    extension: str = ".txt"
+    separator: str = ", "
+    always_first: tuple[str, ...] = ()
+    character_first: bool = False
+    rating: str = "inline"  # inline (stored order) | first | last | omit
+    replace: tuple[tuple[str, str], ...] = ()  # (old, new): a stored tag name or its written form
+    character_expand: bool = False
+    append: bool = False  # merge into an existing caption file: its tags first, then new ones
+
+    def __post_init__(self):
+        if self.rating not in RATING_PLACES:
+            raise TagpipeError(f"--rating {self.rating!r}: choose one of {', '.join(RATING_PLACES)}")
+        if not self.extension.startswith(".") or "/" in self.extension:
+            raise TagpipeError(f"--caption-extension {self.extension!r}: expected an extension such as .txt")
+        if not self.separator.strip():
+            raise TagpipeError(f"--separator {self.separator!r}: needs a visible character, e.g. ', '")
+
+
+def caption_tags(row: dict, text: TextOptions, caption: CaptionOptions) -> list[str]:
+    """The written tags of one row's caption, in order."""
+    rating, quality = row.get("rating"), row.get("quality")
+    tags = [t for t in (row["tags"] or []) if text.with_rating or t not in (rating, quality)]
+    characters = set(row.get("tags_character") or [])
+    if caption.character_first:
+        tags = [t for t in tags if t in characters] + [t for t in tags if t not in characters]
+    if caption.rating != "inline" and rating in tags:
+        tags.remove(rating)
+        tags = [rating, *tags] if caption.rating == "first" else [*tags, rating] if caption.rating == "last" else tags
+    replacements = dict(caption.replace)
+    written: list[str] = []
+    for tag in tags:
+        (shown,) = TextOptions(spaces=text.spaces).format([tag]) or [tag]
+        if tag in text.exclude or shown in text.exclude:
+            continue
+        tag = replacements.get(tag, replacements.get(shown, tag))
+        parts = _expand_character(tag) if caption.character_expand and tag in characters else [tag]
+        written.extend(text.format(parts))
+    for tag in reversed(caption.always_first):
+        for form in (tag, *TextOptions(spaces=text.spaces, escape_parentheses=text.escape_parentheses).format([tag])):
+            if form in written:
+                written.remove(form)
+                written.insert(0, form)
+                break
+    return list(dict.fromkeys(written))
+
+
+def _expand_character(tag: str) -> list[str]:
+    """kohya's --character_tag_expand: `name_(series)` -> `name`, `series`;
+    `name_(costume)_(series)` -> `name_(costume)`, `series`."""
+    if not tag.endswith(")") or "(" not in tag:
+        return [tag]
+    head, _, series = tag.rpartition("(")
+    return [head.rstrip("_"), series.rstrip(")")]
+
+
+def merge_caption(existing: str, new: list[str], separator: str) -> list[str]:
+    """kohya's --append_tags: the existing caption's tags, then the new ones it lacks."""
+    old = [t.strip() for t in existing.strip("\n").split(separator.strip()) if t.strip()]
+    return old + [t for t in new if t not in old]
 
 
 @dataclass
@@ -94,7 +172,7 @@ def dart_prompt(row: dict, text: TextOptions) -> str:
 MAX_NAME_BYTES = 255  # one path component on common filesystems
 
 
-def caption_path(relative_key: str) -> str:
+def caption_path(relative_key: str, extension: str = ".txt") -> str:
     """The caption file for an image key, relative to the export root, that can never
     leave it. Object keys may hold `..`, `.`, empty segments (`a//b`, a leading slash)
     and names longer than a filesystem allows: those segments become "%2E%2E", "%2E"
@@ -103,7 +181,7 @@ def caption_path(relative_key: str) -> str:
     another's caption is refused by the caller, never overwritten."""
     *folders, name = relative_key.split("/")
     stem = _safe_segment(name) if name in ("", ".", "..") else posixpath.splitext(name)[0]
-    return posixpath.join(*[_safe_segment(s) for s in folders], _shorten(stem, ".txt"))
+    return posixpath.join(*[_safe_segment(s) for s in folders], _shorten(stem, extension))
 
 
 def _safe_segment(segment: str) -> str:
@@ -125,7 +203,15 @@ def _common_root(uris: list[str]) -> str:
     return posixpath.dirname(os.path.commonprefix(uris)) if len(uris) > 1 else posixpath.dirname(uris[0])
 
 
-def export_tags(tags: str, output: str, fmt: str, text: TextOptions = TextOptions(), relative_to: str | None = None, storage_options: dict | None = None) -> ExportSummary:
+def export_tags(
+    tags: str,
+    output: str,
+    fmt: str,
+    text: TextOptions = TextOptions(),
+    relative_to: str | None = None,
+    storage_options: dict | None = None,
+    caption: CaptionOptions = CaptionOptions(),
+) -> ExportSummary:
     if fmt not in FORMATS:
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     table = read_parquet(tags, storage_options).sort_by("uri")
@@ -141,13 +227,15 @@ def export_tags(tags: str, output: str, fmt: str, text: TextOptions = TextOption
         for row in good:
             if not row["uri"].startswith(root + "/"):
                 raise TagpipeError(f"{row['uri']} is not under --relative-to {root}")
-            target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :]))
+            target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :], caption.extension))
             if target in written:
                 raise TagpipeError(f"{row['uri']} and {written[target]} would write the same caption file {target}")
             written[target] = row["uri"]
             out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            tags_text = text.format(row["tags"] if text.with_rating else [t for t in row["tags"] if t not in (row.get("rating"), row.get("quality"))])
-            out_fs.pipe_file(target, (", ".join(tags_text) + "\n").encode())
+            tags_text = caption_tags(row, text, caption)
+            if caption.append and out_fs.exists(target):
+                tags_text = merge_caption(out_fs.cat_file(target).decode("utf-8"), tags_text, caption.separator)
+            out_fs.pipe_file(target, (caption.separator.join(tags_text) + "\n").encode())
             summary.files.append(target)
     else:
         lines = []

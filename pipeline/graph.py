@@ -19,7 +19,6 @@ from pipeline.profiles import Preprocess
 from pipeline.tagger import TaggerSettings, TaggerStage
 
 log = logging.getLogger(__name__)
-DECODE_TASK_RETRIES = 4
 # Where each row was decoded and tagged: counted by the driver into the run manifest
 # (work per node), dropped before the rows are written.
 DECODE_NODE = "_decode_node"
@@ -112,12 +111,11 @@ def build_tag_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess: Pre
         ),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
+        # Ray Data retries a decode task lost with its worker (its default); decode is
+        # idempotent, and its per-image limits keep a file from killing the worker. The
+        # CPUs asked here differ from the tagger's on every placement, which keeps Ray
+        # from fusing decode into the tagger actors (serialising it behind inference).
         num_cpus=placement.decode_cpus,
-        # Decode is idempotent, so failed tasks are retried. Remote args that differ
-        # from the tagger's also keep Ray from fusing decode into the tagger actors
-        # (it fuses task->actor maps with equal args), which would serialise decode
-        # behind inference on CPU-only clusters.
-        max_retries=DECODE_TASK_RETRIES,
     )
     return ds.map_batches(
         PlacedTagger,

@@ -26,6 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
+from pipeline.progress import Progress, ProgressSettings
 from pipeline.storage import filesystem_for, retry
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,11 @@ def listing_path(uri: str, storage_options: dict | None = None) -> str:
 
 
 def build_manifest(
-    inputs: list[str], storage_options: dict | None = None, rules: ListingRules = ListingRules(), parallel: bool = True
+    inputs: list[str],
+    storage_options: dict | None = None,
+    rules: ListingRules = ListingRules(),
+    parallel: bool = True,
+    progress: ProgressSettings = ProgressSettings(),
 ) -> Listing:
     """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
     tables, prefixes = [], []
@@ -188,7 +193,7 @@ def build_manifest(
         else:
             tables.append(pa.Table.from_pylist([_row(fs, fs.info(path))], schema=MANIFEST_SCHEMA))
     for fs, path in prefixes:
-        for table, left_out in _list_in_parallel(fs, path, storage_options, rules, parallel):
+        for table, left_out in _list_in_parallel(fs, path, storage_options, rules, parallel, progress):
             tables.append(table)
             skipped.update(left_out)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
@@ -203,7 +208,7 @@ def build_manifest(
 
 
 def _list_in_parallel(
-    fs, path: str, storage_options, rules: ListingRules, parallel: bool
+    fs, path: str, storage_options, rules: ListingRules, parallel: bool, progress: ProgressSettings
 ) -> list[tuple[pa.Table, Skipped]]:
     protocol = _protocol(fs)
     path = fs._strip_protocol(path)  # absolute, as the names the listing gives
@@ -226,12 +231,19 @@ def _list_in_parallel(
         return listed
     import ray
 
-    if parallel and ray.is_initialized() and len(subdirs) > 1:
-        task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
-        listed.extend(ray.get([task.remote(sub, storage_options, rules, root) for sub in subdirs]))
-    else:
-        listed.extend(list_prefix(sub, storage_options, rules, root) for sub in subdirs)
-    log.info("listed %s: %d folders, listed in parallel", path, len(subdirs))
+    with Progress(f"listing {path}", len(subdirs), "folders", progress) as shown:
+        if parallel and ray.is_initialized() and len(subdirs) > 1:
+            task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
+            pending = [task.remote(sub, storage_options, rules, root) for sub in subdirs]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                listed.append(ray.get(ready[0]))
+                shown.update(1)
+        else:
+            for sub in subdirs:
+                listed.append(list_prefix(sub, storage_options, rules, root))
+                shown.update(1)
+    log.info("listed %s: %d files in %d folders", path, sum(t.num_rows for t, _ in listed), len(subdirs))
     return listed
 
 

@@ -28,6 +28,7 @@ from pipeline.bundle import load_bundle
 from pipeline.errors import TagpipeError
 from pipeline.incremental import parts_dir_key, rules_key
 from pipeline.postprocess import ARGMAX_CATEGORIES, Postprocessor
+from pipeline.progress import Progress, ProgressSettings
 from pipeline.table import DATA_DIR, Snapshot, TagTable, now_iso
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ def _postprocessor(model_dir: str, rules_json: str, fingerprint: tuple[str, str]
     return bundle, Postprocessor.for_bundle(bundle, **rules)
 
 
-def rewrite_parts(jobs: list[dict], storage_options: dict, progress_label: str) -> list[tuple[str | None, int, int, bool]]:
+def rewrite_parts(
+    jobs: list[dict], storage_options: dict, progress_label: str, progress: ProgressSettings = ProgressSettings()
+) -> list[tuple[str | None, int, int, bool]]:
     """Run rewrite_part for each job (keyword dicts) as Ray tasks, in job order."""
     import ray
 
@@ -156,13 +159,12 @@ def rewrite_parts(jobs: list[dict], storage_options: dict, progress_label: str) 
     refs = [task.remote(**job, storage_options=storage_options) for job in jobs]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        results[index[ready[0]]] = ray.get(ready[0])
-        done += 1
-        if done % 50 == 0 or not pending:
-            log.info("%s: %d/%d parts", progress_label, done, len(refs))
+    pending = list(refs)
+    with Progress(progress_label, len(refs), "parts", progress) as shown:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            results[index[ready[0]]] = ray.get(ready[0])
+            shown.update(1)
     return results
 
 

@@ -28,12 +28,14 @@ from pipeline.bundle import load_bundle
 from pipeline.config import TagJobConfig, tag_rules
 from pipeline.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.errors import TagpipeError
+from pipeline.logs import ray_logging_level
 from pipeline.incremental import (
     CHANGED, DELETED, NEW, RETRY, SOURCE_COLUMNS, UNCHANGED,
     classify, inference_key, part_name, parts_dir_key, resolve_unknown, reusable_parts, rules_key,
 )
 from pipeline.manifest import MANIFEST_SCHEMA, ListingRules, build_manifest, listing_path
 from pipeline.postprocess import Postprocessor
+from pipeline.progress import Progress, ProgressSettings
 from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
 from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso
 from pipeline.tagger import TaggerSettings
@@ -74,6 +76,8 @@ class RunSummary:
     model_sha256: str = ""
     timings: dict = field(default_factory=dict)
     rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    to_tag: int = 0  # images the plan sends to the model (listed work less what is reused)
+    dry_run: bool = False  # the plan only: nothing was tagged or written
 
     def counts(self) -> dict:
         names = (
@@ -82,7 +86,18 @@ class RunSummary:
         )  # fmt: skip
         return {**{name: getattr(self, name) for name in names}, "skipped_files": dict(self.skipped_files)}
 
+    def plan_text(self) -> str:
+        skipped = f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped)" if self.skipped_files else ""
+        return (
+            f"dry run ({self.change}): {self.listed} listed{skipped}, {self.new} new, {self.changed} changed, "
+            f"{self.deleted} deleted, {self.skipped} unchanged, {self.retried} to retry, {self.retagged} to re-tag for new "
+            f"settings; would tag {self.to_tag} images ({self.reused} reused from an interrupted run), rewrite "
+            f"{self.rewritten_parts} part(s) and commit version {self.base_version + 1} of {self.output}; nothing was written"
+        )
+
     def text(self) -> str:
+        if self.dry_run:
+            return self.plan_text()
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
         extra = "".join(f", {n} {name}" for name, n in (("retried", self.retried), ("re-tagged for new settings", self.retagged), ("rethresholded", self.rethresholded), ("reused from an interrupted run", self.reused)) if n)
         skipped = ""
@@ -110,20 +125,25 @@ def ensure_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=ray_logging_level())
     else:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=ray_logging_level())
 
 
-def run_tag_job(cfg: TagJobConfig) -> RunSummary:
-    """Bring the table at cfg.output up to date with the inputs, then commit one version."""
+class RunInterrupted(TagpipeError):
+    """Ctrl-C during a run: the message says what was kept and how to resume."""
+
+
+def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
+    """Bring the table at cfg.output up to date with the inputs, then commit one version.
+    dry_run: list and classify, and return the plan; nothing is tagged or written."""
     started = time.monotonic()
     bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
     rules = tag_rules(cfg)
     Postprocessor.for_bundle(bundle, **rules)  # and so do rules the bundle cannot serve
     run_id = cfg.run_id or new_run_id()
     fp = bundle.fingerprint
-    summary = RunSummary(run_id=run_id, output=cfg.output, model_name=bundle.name, model_sha256=fp.model_sha256)
+    summary = RunSummary(run_id=run_id, output=cfg.output, model_name=bundle.name, model_sha256=fp.model_sha256, dry_run=dry_run)
     keys = (inference_key(cfg, bundle), rules_key(bundle, rules))
     key = parts_dir_key(*keys)
     table = TagTable(cfg.output, cfg.storage_options)
@@ -135,10 +155,10 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     t = time.monotonic()
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
     listing_rules = ListingRules(extensions, (listing_path(cfg.output, cfg.storage_options),))
-    listing = build_manifest(list(cfg.inputs), cfg.storage_options, listing_rules)
+    listing = build_manifest(list(cfg.inputs), cfg.storage_options, listing_rules, progress=_progress_settings(cfg))
     manifest = listing.manifest
     summary.listed, summary.skipped_files, summary.files_found = manifest.num_rows, listing.skipped, listing.found
-    manifest_path = table.write_input_manifest(run_id, manifest)
+    manifest_path = None if dry_run else table.write_input_manifest(run_id, manifest)
     summary.timings["list_seconds"] = _lap(t)
 
     t = time.monotonic()
@@ -170,42 +190,34 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
     summary.reused = reuse.rows
     pending = to_infer.filter(pc.invert(pc.is_in(to_infer.column("uri"), pa.array(sorted(reuse.uris), pa.string())))) if reuse.uris else to_infer
     summary.timings["plan_seconds"] = _lap(t)
+    summary.to_tag = pending.num_rows
     log.info(
         "%s: %d listed; %d new, %d changed, %d deleted, %d unchanged; %d to tag (%d reused from an interrupted run)",
         summary.change, summary.listed, summary.new, summary.changed, summary.deleted, summary.skipped, pending.num_rows, reuse.rows,
     )
+    kept, jobs = _rewrite_plan(base, status, drop, same_inference, same_rules, table, key, bundle, rules, run_id)
+    summary.rewritten_parts = len(jobs)
+    if dry_run:
+        summary.seconds = round(time.monotonic() - started, 3)
+        return summary
 
-    t = time.monotonic()
-    new_parts = _tag(cfg, bundle, rules, run_id, pending, table, key, taken, summary, ray) if pending.num_rows else []
-    summary.timings["tag_seconds"] = _lap(t)
-    summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images and summary.timings["tag_seconds"] else 0.0
+    try:
+        t = time.monotonic()
+        new_parts = _tag(cfg, bundle, rules, run_id, pending, table, key, taken, summary, ray) if pending.num_rows else []
+        summary.timings["tag_seconds"] = _lap(t)
+        summary.images_per_second = round(summary.images / summary.timings["tag_seconds"], 2) if summary.images and summary.timings["tag_seconds"] else 0.0
 
-    # the base's parts: kept as they are, copied without dropped rows, or rethresholded
-    t = time.monotonic()
-    kept: list[str] = []
-    rewritten: list[str] = []
-    if same_inference:
-        files = status.column("_file").to_numpy(zero_copy_only=False)
-        uris = status.column("uri").to_numpy(zero_copy_only=False)
-        dropped = collections.defaultdict(list)
-        for i in np.flatnonzero(drop & (files >= 0)):
-            dropped[int(files[i])].append(uris[i])
-        jobs = []
-        for index, file in enumerate(base.files):
-            if same_rules and index not in dropped:
-                kept.append(file)
-                continue
-            name = rewrite_name(file, key, dropped.get(index, []))
-            jobs.append(dict(source_uri=table.uri, source_file=file, target_uri=table.uri, target_file=name, drop=dropped.get(index, []),
-                             model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id,
-                             fingerprint=(fp.model_sha256, fp.calibration_sha256)))
-        for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewrite") if jobs else []:
+        # the base's parts: kept as they are, copied without dropped rows, or rethresholded
+        t = time.monotonic()
+        rewritten: list[str] = []
+        for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewrite", _progress_settings(cfg)) if jobs else []:
             if file:
                 rewritten.append(file)
             if not same_rules:
                 summary.rethresholded += rows
-        summary.rewritten_parts = len(jobs)
-    summary.timings["rewrite_seconds"] = _lap(t)
+        summary.timings["rewrite_seconds"] = _lap(t)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_interrupted_text(table, summary)) from None
 
     files = [*kept, *rewritten, *reuse.files, *new_parts]
     if base is None or not same_inference or summary.images or summary.reused or summary.rewritten_parts:
@@ -238,6 +250,42 @@ def run_tag_job(cfg: TagJobConfig) -> RunSummary:
         },
     )
     return summary
+
+
+def _rewrite_plan(base, status, drop, same_inference: bool, same_rules: bool, table: TagTable, key: str, bundle, rules, run_id: str):
+    """The base's parts: (kept as they are, jobs that copy them without dropped rows or
+    rethreshold them). Nothing of the base is kept when the inference settings changed."""
+    kept: list[str] = []
+    jobs: list[dict] = []
+    if not same_inference:
+        return kept, jobs
+    fp = bundle.fingerprint
+    files = status.column("_file").to_numpy(zero_copy_only=False)
+    uris = status.column("uri").to_numpy(zero_copy_only=False)
+    dropped = collections.defaultdict(list)
+    for i in np.flatnonzero(drop & (files >= 0)):
+        dropped[int(files[i])].append(uris[i])
+    for index, file in enumerate(base.files):
+        if same_rules and index not in dropped:
+            kept.append(file)
+            continue
+        name = rewrite_name(file, key, dropped.get(index, []))
+        jobs.append(dict(source_uri=table.uri, source_file=file, target_uri=table.uri, target_file=name, drop=dropped.get(index, []),
+                         model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id,
+                         fingerprint=(fp.model_sha256, fp.calibration_sha256)))
+    return kept, jobs
+
+
+def _interrupted_text(table: TagTable, summary: RunSummary) -> str:
+    kept = f"{len(summary.parts)} part(s) of {summary.images} tagged images" if summary.parts else "no finished part"
+    return (
+        f"nothing was committed: {table.uri} is still at version {summary.base_version}. This run wrote "
+        f"{kept}; they are kept, and running the same command again reuses them and tags the rest."
+    )
+
+
+def _progress_settings(cfg: TagJobConfig) -> ProgressSettings:
+    return ProgressSettings(enabled=cfg.progress, interval=cfg.progress_interval)
 
 
 def _lap(t: float) -> float:
@@ -288,20 +336,20 @@ def _tag(cfg, bundle, rules, run_id, pending: pa.Table, table: TagTable, key: st
     buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
     counts: collections.Counter = collections.Counter()
     nodes = {"decode": collections.Counter(), "tag": collections.Counter()}
-    started = time.monotonic()
     written = []
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
-            nodes[stage].update(batch.column(column).to_pylist())
-        batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
-        shards = batch.column(SHARD).to_numpy()
-        for shard in np.unique(shards).tolist():
-            mask = shards == shard
-            buffers[shard].append(batch.filter(pa.array(mask)))
-            counts[shard] += int(mask.sum())
-            if counts[shard] == expected[shard]:
-                written.append(_write_slice(table, buffers.pop(shard), pending, cfg.rows_per_part, key, taken, run_id, summary))
-                _progress(summary, pending.num_rows, started)
+    with Progress("tagging", pending.num_rows, "images", _progress_settings(cfg)) as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
+                nodes[stage].update(batch.column(column).to_pylist())
+            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
+            progress.update(batch.num_rows, batch.num_rows - batch.column("error_kind").null_count)
+            shards = batch.column(SHARD).to_numpy()
+            for shard in np.unique(shards).tolist():
+                mask = shards == shard
+                buffers[shard].append(batch.filter(pa.array(mask)))
+                counts[shard] += int(mask.sum())
+                if counts[shard] == expected[shard]:
+                    written.append(_write_slice(table, buffers.pop(shard), pending, cfg.rows_per_part, key, taken, run_id, summary))
     summary.rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
     if buffers:  # Ray returned fewer rows than sent: write nothing partial; a rerun redoes them
         missing = {shard: f"{counts[shard]}/{expected[shard]}" for shard in sorted(buffers)}
@@ -354,8 +402,3 @@ def _commit(table: TagTable, base, files: list[str], bundle, keys, rules, run_id
         counts=summary.counts(),
     )
     return table.commit(base, snapshot)
-
-
-def _progress(summary: RunSummary, total: int, started: float) -> None:
-    elapsed = max(time.monotonic() - started, 1e-9)
-    log.info("tagged %d/%d images (%d errors), %.1f img/s", summary.images, total, summary.errors, summary.images / elapsed)

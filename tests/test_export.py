@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.config import make_tag_config
-from pipeline.export import TextOptions, aspect_bucket, dart_prompt, length_bucket
+from pipeline.export import CaptionOptions, TextOptions, aspect_bucket, caption_tags, dart_prompt, length_bucket, merge_caption
 from pipeline.tag_job import run_tag_job
 
 
@@ -77,3 +77,62 @@ def test_dart_export_has_one_prompt_per_good_row(tagged, tmp_path):
     assert {p["uri"] for p in prompts} == set(rows)
     for p in prompts:
         assert p["prompt"] == dart_prompt(rows[p["uri"]], TextOptions())
+
+
+ROW = {
+    "tags": ["general", "1girl", "long_hair", "hatsune_miku_(vocaloid)", "smile", "solo", "masterpiece"],
+    "tags_character": ["hatsune_miku_(vocaloid)"],
+    "rating": "general",
+    "quality": "masterpiece",
+}
+
+
+@pytest.mark.parametrize(
+    "text,caption,expected",
+    [
+        (TextOptions(), CaptionOptions(), "general, 1girl, long_hair, hatsune_miku_(vocaloid), smile, solo, masterpiece"),
+        # kohya: --use_rating_tags_as_last_tag --character_tags_first --remove_underscore
+        (TextOptions(spaces=True), CaptionOptions(rating="last", character_first=True),
+         "hatsune miku (vocaloid), 1girl, long hair, smile, solo, masterpiece, general"),
+        # --use_rating_tags, --always_first_tags solo,1girl (in the order given), --caption_separator
+        (TextOptions(), CaptionOptions(rating="first", always_first=("solo", "1girl", "absent_tag"), separator=" | "),
+         "solo | 1girl | general | long_hair | hatsune_miku_(vocaloid) | smile | masterpiece"),
+        # --character_tag_expand, --undesired_tags in either spelling, --tag_replacement
+        (TextOptions(spaces=True, exclude=frozenset({"long hair", "masterpiece"})),
+         CaptionOptions(rating="omit", character_expand=True, replace=(("1girl", "one girl"), ("smile", "grin"))),
+         "one girl, hatsune miku, vocaloid, grin, solo"),
+        # expanded parts that repeat a tag are written once
+        (TextOptions(escape_parentheses=True), CaptionOptions(character_expand=True, replace=(("solo", "vocaloid"),)),
+         "general, 1girl, long_hair, hatsune_miku, vocaloid, smile, masterpiece"),
+    ],
+)  # fmt: skip
+def test_caption_options_give_the_expected_caption(text, caption, expected):
+    assert caption.separator.join(caption_tags(ROW, text, caption)) == expected
+
+
+def test_append_merges_without_repeating_and_options_are_checked():
+    assert merge_caption("my_trigger, 1girl, solo\n", ["1girl", "smile", "my_trigger", "hat"], ", ") == [
+        "my_trigger", "1girl", "solo", "smile", "hat",
+    ]  # fmt: skip
+    from pipeline.errors import TagpipeError
+
+    for bad in (dict(rating="top"), dict(extension="txt"), dict(separator="  ")):
+        with pytest.raises(TagpipeError):
+            CaptionOptions(**bad)
+
+
+def test_caption_export_options_from_the_command_line(tagged, demo_corpus, tmp_path):
+    out = tmp_path / "kohya"
+    root = str(demo_corpus / "images")
+    rows = [r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None]
+    first = rows[0]
+    rel = first["uri"][len(root) + 1 :].rsplit(".", 1)[0]
+    (out / rel).parent.mkdir(parents=True)
+    (out / f"{rel}.caption").write_text("hand_written; " + first["tags"][0] + "\n")
+    args = ["--rating", "last", "--separator", "; ", "--caption-extension", ".caption", "--append", "--always-first", "my_trigger"]
+    _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "captions", "--relative-to", root, *args)
+    merged = (out / f"{rel}.caption").read_text().strip().split("; ")
+    new = caption_tags(first, TextOptions(), CaptionOptions(rating="last"))
+    assert merged == ["hand_written", first["tags"][0], *[t for t in new if t != first["tags"][0]]]
+    assert merged[-1] == first["rating"] and len(list(out.rglob("*.caption"))) == len(rows)
+    assert not list(out.rglob("*.txt"))

@@ -1,0 +1,282 @@
+"""What a user sees: help that renders every word, -h and --version, progress on a
+terminal and off it, Ctrl-C, --dry-run, --quiet and JSON logs, config mistakes named,
+and the README's option table in step with the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
+ENV = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", COLUMNS="100")
+
+
+def _run(*args, timeout=300, **kw):
+    return subprocess.run([*TAGPIPE, *args], capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+
+
+def _commands(group=None, prefix=()):
+    group = group or typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w\[\]]+", text)
+
+
+@pytest.mark.parametrize(
+    "path,command", list(_commands()), ids=lambda v: "-".join(v) if isinstance(v, tuple) else ""
+)
+def test_help_renders_every_word_and_each_default_once(path, command):
+    shown = _run(*path, "-h")
+    assert shown.returncode == 0, shown.stderr
+    flat = " ".join(shown.stdout.split())
+    for param in command.params:
+        if getattr(param, "help", None):
+            for word in _words(param.help):  # nothing eaten, brackets included
+                assert word in flat, f"{' '.join(path)} {param.opts}: {word!r} missing from the help"
+    for value in re.findall(r"\[default: ([^\]]+)\]", flat):
+        assert flat.count(f"[{value}]") == 0, f"{' '.join(path)}: default {value} shown twice"
+
+
+def test_version_and_short_help():
+    from pipeline import __version__
+
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"tagpipe {__version__}"
+    assert "Usage: tagpipe [OPTIONS] COMMAND" in _run("-h").stdout
+
+
+def test_readme_option_table_matches_the_tag_command():
+    """Every option of `tagpipe tag` is in the README's table and every name there is an
+    option; each config field has an option of the same name."""
+    from dataclasses import fields
+
+    from pipeline.config import TagJobConfig
+
+    command = typer.main.get_command(app).commands["tag"]
+    options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("`tagpipe tag` options") :]
+    table = table[: table.index("\n\n", table.index("| option |"))]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line.split("|")[1]))
+    assert documented == options, (sorted(options - documented), sorted(documented - options))
+    for field in fields(TagJobConfig):
+        assert "--" + field.name.replace("_", "-") in options, field.name
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\n[nighlty]\nseed = 1\n',
+            r"unknown table \[nighlty\] \(did you mean \[nightly\]\?\)",
+        ),
+        (
+            'inputs = ["a"]\n[tag]\noutput = "o"\nmodel = "m"\n',
+            r"key inputs is outside any table; it belongs under \[tag\]",
+        ),
+        (
+            '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\nactors = 2\n',
+            r"unknown field\(s\) in \[tag\]: actors \(did you mean tagger_actors\?\)",
+        ),
+        (
+            '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\nbatchsize = 2\n',
+            r"batchsize \(did you mean batch_size\?\)",
+        ),
+    ],
+)
+def test_config_mistakes_are_named_with_a_suggestion(tmp_path, text, message):
+    from pipeline.config import load_config_file, make_tag_config
+    from pipeline.errors import ConfigError
+
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        make_tag_config(load_config_file(path))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("progress") / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    (root / "broken.jpg").write_bytes(b"<html>404</html>")
+    return root
+
+
+def test_progress_lines_off_a_terminal(folder, demo_bundle, tmp_path):
+    done = _run(
+        "tag",
+        "-i",
+        str(folder),
+        "-o",
+        str(tmp_path / "t"),
+        "-m",
+        str(demo_bundle),
+        "--progress-interval",
+        "0.2",
+        "--batch-size",
+        "4",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "pipeline.progress: tagging:" in line]
+    assert len(lines) >= 2, done.stderr[-2000:]
+    assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 errors, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
+    assert all(re.search(r"\d+/49 images \([\d.]+%\)", line) for line in lines)
+
+
+def test_progress_bar_on_a_terminal(folder, demo_bundle, tmp_path):
+    """Run under a pseudo-terminal: the bar is redrawn in place with a rate and an ETA."""
+    master, slave = pty.openpty()
+    args = ["tag", "-i", str(folder), "-o", str(tmp_path / "t"), "-m", str(demo_bundle), "--batch-size", "4"]
+    proc = subprocess.Popen(
+        [*TAGPIPE, *args], stdin=slave, stdout=slave, stderr=slave, env=dict(ENV, TERM="xterm")
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=60)
+    os.close(master)
+    text = output.decode("utf-8", "replace")
+    assert proc.returncode == 0, text[-2000:]
+    assert "tagging" in text and "images/s" in text and "ETA" in text, text[-2000:]
+    counts = set(re.findall(r"(\d+)/49", text))
+    assert "49" in counts and len(counts) >= 2, counts  # redrawn as it went, not only at the end
+    assert "\r" in text or "\x1b[" in text  # drawn in place
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_path):
+    out = tmp_path / "t"
+    assert _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run").returncode == 0
+    assert not out.exists()  # a dry run on a new table writes nothing at all
+    assert _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "-q").returncode == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    extra = tmp_path / "extra.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(extra)
+    plan = _run(
+        "tag", "-i", str(folder), "-i", str(extra), "-o", str(out), "-m", str(demo_bundle), "--dry-run"
+    )
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert re.search(
+        r"dry run \(incremental\): 50 listed, 1 new, 0 changed, 0 deleted, 49 unchanged, 0 to retry",
+        plan.stdout,
+    )
+    assert "would tag 1 images" in plan.stdout and "commit version 2" in plan.stdout
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_quiet_and_json_output(folder, demo_bundle, tmp_path):
+    quiet = _run("tag", "-i", str(folder), "-o", str(tmp_path / "q"), "-m", str(demo_bundle), "-q")
+    assert quiet.returncode == 0
+    assert "INFO" not in quiet.stderr and "pipeline." not in quiet.stderr, quiet.stderr[-2000:]
+    assert quiet.stdout.startswith("run ") and quiet.stdout.count("\n") == 1
+    logged = _run(
+        "tag", "-i", str(folder), "-o", str(tmp_path / "j"), "-m", str(demo_bundle), "--log-format", "json"
+    )
+    assert logged.returncode == 0
+    result = json.loads(logged.stdout)
+    assert (
+        result["result"] == "RunSummary"
+        and result["rows"] == 49
+        and result["errors_by_kind"] == {"not_an_image": 1}
+    )
+    entries = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "pipeline.tag_job" and e["level"] == "info" for e in entries)
+    assert "Token authentication" not in logged.stderr and "deprecated" not in logged.stderr
+
+
+def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+            folder / f"{i:03d}.jpg", quality=90
+        )
+    out = tmp_path / "t"
+    args = [
+        "tag",
+        "-i",
+        str(folder),
+        "-o",
+        str(out),
+        "-m",
+        str(demo_bundle),
+        "--rows-per-part",
+        "32",
+        "--batch-size",
+        "8",
+        "-q",
+    ]
+    proc = subprocess.Popen(
+        [*TAGPIPE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    deadline = time.monotonic() + 240
+    while not list(out.glob("data/*/part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read()[-2000:] if proc.poll() is not None else "no part"
+        )
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert (
+        "interrupted: nothing was committed" in stderr
+        and "running the same command again reuses them" in stderr
+    )
+    assert "Traceback" not in stderr
+    assert not (out / "_current.json").exists()
+    again = _run(
+        "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--rows-per-part", "32", "-q"
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    reused = int(re.search(r"(\d+) reused from an interrupted run", again.stdout).group(1))
+    assert reused >= 32 and "version 1 (400 rows)" in again.stdout
+
+
+def test_nightly_dry_run_prints_the_tag_plan_only(folder, demo_bundle, tmp_path):
+    config = tmp_path / "nightly.toml"
+    out = tmp_path / "tags"
+    config.write_text(f'[tag]\ninputs = ["{folder}"]\noutput = "{out}"\nmodel = "{demo_bundle}"\n[nightly]\nseed = 1\n')
+    plan = _run("nightly", "-c", str(config), "--dry-run")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert plan.stdout.startswith("dry run (first run): 49 listed") and "would tag 49 images" in plan.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly.toml"]  # no table, dedup or splits
