@@ -18,7 +18,7 @@ from pipeline import __version__
 from pipeline.errors import TagpipeError
 from pipeline.logs import LogFormat, Verbosity
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT,
     help="Label image corpora with ONNX taggers on Ray.",
@@ -105,7 +105,7 @@ def _emit(result) -> None:
         typer.echo(result.text())
 
 
-@app.command()
+@app.command(short_help="Tag images into a versioned Parquet table.")
 def tag(
     input: List[str] = typer.Option(
         None, "--inputs", "--input", "-i", help="Prefix, image file or manifest (.parquet/.csv/.txt); repeatable."
@@ -151,6 +151,10 @@ def tag(
     extension: Optional[List[str]] = typer.Option(
         None, "--extensions", "--extension",
         help="List only files with this extension under a prefix (e.g. jpg); repeatable (default: every file).",
+    ),  # fmt: skip
+    list_sidecars: Optional[bool] = typer.Option(
+        None, "--list-sidecars/--skip-sidecars",
+        help="List caption and metadata files beside the images (.txt .caption .json .npz .toml .yaml) as inputs (default: skip them).",
     ),  # fmt: skip
     draft_ratio: Optional[float] = typer.Option(
         None, help="Fast decode keeps at least this times the model's resolution; 1 is fastest (default 2)."
@@ -215,6 +219,7 @@ def tag(
         max_pixels=max_pixels,
         max_decode_memory=max_decode_memory,
         extensions=list(extension) if extension else None,
+        list_sidecars=list_sidecars,
         draft_ratio=draft_ratio,
         normalise_in_graph=normalise_in_graph,
         provider=provider,
@@ -237,7 +242,10 @@ def _interruptible(run, *args, **kwargs):
     try:
         return run(*args, **kwargs)
     except RunInterrupted as stopped:
-        typer.echo(f"interrupted: {stopped}", err=True)
+        from pipeline import logs
+
+        line = json.dumps({"level": "error", "message": f"interrupted: {stopped}"}) if logs.json_output() else f"interrupted: {stopped}"
+        typer.echo(line, err=True)
         raise typer.Exit(130) from None
 
 
@@ -265,7 +273,7 @@ def _rule_options(category_threshold, per_tag_thresholds, mcut, max_tags, exclud
     )
 
 
-@app.command()
+@app.command(short_help="Re-tag stored rows with new thresholds (no model run).")
 def rethreshold(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     model: str = typer.Option(..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."),
@@ -308,7 +316,7 @@ def rethreshold(
     _emit(run_rethreshold(tags, model, output, tag_rules(cfg), cfg.storage_options, cfg.ray_address))
 
 
-@app.command()
+@app.command(short_help="Tag what changed, then dedup, split and audit.")
 def nightly(
     config: Path = typer.Option(..., "--config", "-c", help="TOML file with [tag] and [nightly] tables (configs/nightly.example.toml)."),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
@@ -340,7 +348,7 @@ def nightly(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Delete parts no kept version uses.")
 def vacuum(
     tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
     keep_versions: int = typer.Option(2, help="Keep the parts of this many newest versions (the current one always)."),
@@ -357,7 +365,7 @@ def vacuum(
     typer.echo(f"vacuum: {verb} {result['parts_deleted']} parts, versions {result['versions_deleted'] or 'none'}, {result['tmp_deleted']} temp files; kept versions {result['versions_kept']}")
 
 
-@app.command()
+@app.command(short_help="Exact and near-duplicate clusters.")
 def dedup(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),
@@ -378,7 +386,7 @@ def dedup(
         typer.echo(f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, {giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart")
 
 
-@app.command()
+@app.command(short_help="Leakage-free train/val/test splits by cluster.")
 def split(
     tags: str = typer.Option(..., "--tags", help="A tag output directory."),
     dedup: str = typer.Option(..., "--dedup", help="A dedup output directory (clusters.parquet)."),
@@ -407,7 +415,7 @@ def split(
         typer.echo(f"bridge: cluster {bridge['cluster_id'][:16]} joins previous {'+'.join(bridge['previous_splits'])}: {bridge['held_out']} new image(s) held out")
 
 
-@app.command()
+@app.command(short_help="One self-contained HTML report.")
 def report(
     tags: str = typer.Option(..., "--tags", help="A tag output (tag table or Parquet)."),
     output: str = typer.Option("report.html", "--output", "-o", help="The HTML file to write (local path or s3://...)."),
@@ -426,7 +434,7 @@ def report(
     _emit(build_report(tags, output, dedup, split, _storage_options(storage_options), title))
 
 
-@app.command()
+@app.command(short_help="Eval images too close to train images.")
 def audit(
     train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
@@ -447,7 +455,7 @@ def audit(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Captions, JSONL or Dart v2 prompts from a table.")
 def export(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
     output: str = typer.Option(..., "--output", "-o", help="Where the files go."),
@@ -467,6 +475,8 @@ def export(
         False, "--character-expand", help="Captions: name_(series) becomes two tags, name and series."
     ),
     append: bool = typer.Option(False, "--append", help="Captions: merge into existing caption files, no tag twice."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files that already exist (else the export refuses)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Leave files that already exist as they are."),
     storage_options: StorageOptions = None,
 ) -> None:
     """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
@@ -484,10 +494,15 @@ def export(
         extension=caption_extension, separator=separator, always_first=tuple(always_first or ()), character_first=character_first,
         rating=rating, replace=tuple(pairs), character_expand=character_expand, append=append,
     )  # fmt: skip
-    _emit(export_tags(tags, output, format, text, relative_to, _storage_options(storage_options), caption))
+    if not with_rating and rating != "inline":
+        raise TagpipeError(f"--without-rating leaves the rating out: it cannot also go --rating {rating}")
+    if sum((append, overwrite, skip_existing)) > 1:
+        raise TagpipeError("--append, --overwrite and --skip-existing exclude each other: give one")
+    existing = "overwrite" if overwrite else "skip" if skip_existing else "refuse"
+    _emit(export_tags(tags, output, format, text, relative_to, _storage_options(storage_options), caption, existing))
 
 
-@app.command()
+@app.command(short_help="Demo model and corpus, tagged and checked.")
 def demo(
     workdir: Path = typer.Option(Path("tagpipe-demo"), help="Where the demo model, corpus and outputs go."),
     images_per_kind: int = typer.Option(3, help="Synthetic images per kind (12 kinds)."),
@@ -511,7 +526,7 @@ def demo(
         raise typer.Exit(1)
 
 
-@model_app.command("inspect")
+@model_app.command("inspect", short_help="What a bundle holds.")
 def model_inspect(
     directory: Path = typer.Argument(..., help="Model bundle directory."),
     profile: Optional[str] = typer.Option(None, help="Profile name or .toml file; default: detected."),
@@ -523,7 +538,7 @@ def model_inspect(
     typer.echo(describe_bundle(directory, profile))
 
 
-@model_app.command("pull")
+@model_app.command("pull", short_help="Download a supported tagger from the Hub.")
 def model_pull(
     repo_id: str = typer.Argument(..., help="A Hugging Face model repository, e.g. SmilingWolf/wd-vit-tagger-v3."),
     directory: Path = typer.Argument(..., help="A new folder for the bundle."),
@@ -540,16 +555,18 @@ def model_pull(
     _emit(pull_model(repo_id, directory, revision, subfolder))
 
 
-@model_app.command("demo")
+@model_app.command("demo", short_help="Write the demo tagger bundle.")
 def model_demo(directory: Path = typer.Argument(..., help="Where to write the demo bundle.")) -> None:
-    """Write the demo tagger (CL Tagger v2 contract) and its five side files."""
+    """Write the demo tagger (CL Tagger v2 contract): the model, its external weights and four side files."""
     from pipeline.demo_model import write_demo_bundle
+    from pipeline.storage import staged_folder
 
-    path = write_demo_bundle(directory)
-    typer.echo(f"demo bundle written to {path}")
+    with staged_folder(directory) as staging:  # a failure leaves nothing; an existing folder is refused
+        write_demo_bundle(staging)
+    typer.echo(f"demo bundle written to {directory}")
 
 
-@model_app.command("expose-embedding")
+@model_app.command("expose-embedding", short_help="Copy a model with an embedding output.")
 def model_expose_embedding(
     src: Path = typer.Argument(..., help="Source model (.onnx) or bundle directory."),
     dst: Path = typer.Argument(..., help="Destination model file or bundle directory."),
@@ -562,7 +579,7 @@ def model_expose_embedding(
     typer.echo(f"wrote {path} with output 'embedding'")
 
 
-@model_app.command("fit-ood")
+@model_app.command("fit-ood", short_help="Fit an OOD reference from tagged rows.")
 def model_fit_ood(
     tags: str = typer.Option(..., "--tags", help="A tag output directory whose rows carry embeddings."),
     output: str = typer.Option(..., "--output", "-o", help="The .npz to write (e.g. BUNDLE/model_ood_ref.npz)."),
@@ -586,8 +603,38 @@ def main() -> None:
     try:
         app(prog_name="tagpipe")
     except TagpipeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except Exception as exc:  # an object store's failure becomes one line, others stay tracebacks
+        from pipeline.storage import storage_error_text
+
+        text = storage_error_text(exc, [a for a in sys.argv[1:] if "://" in a] + _config_uris(sys.argv[1:]))
+        if text is None:
+            raise
+        _fail(text)
+
+
+def _fail(text: str) -> None:
+    """One line on stderr, `error: ...` (a JSON object with --log-format json), exit 2."""
+    from pipeline import logs
+
+    if logs.json_output():
+        typer.echo(json.dumps({"level": "error", "message": text}), err=True)
+    else:
+        typer.echo(f"error: {text}", err=True)
+    sys.exit(2)
+
+
+def _config_uris(args: list[str]) -> list[str]:
+    """URIs named in a --config/-c file, so storage errors can name their buckets."""
+    import re
+
+    for flag, value in zip(args, args[1:]):
+        if flag in ("--config", "-c"):
+            try:
+                return re.findall(r"[a-z0-9]+://[^\s\"',\]]+", Path(value).read_text(encoding="utf-8"))
+            except OSError:
+                return []
+    return []
 
 
 if __name__ == "__main__":

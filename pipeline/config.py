@@ -46,6 +46,7 @@ class TagJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images (or any frame, tile, sub-image) declaring more pixels
     max_decode_memory: int = DEFAULT_MAX_DECODE_MEMORY  # bytes one image's decode may take (then too_large); 0: no limit
     extensions: tuple[str, ...] = ()  # list only files with these extensions under a prefix; (): every file
+    list_sidecars: bool = False  # list caption/metadata sidecars (.txt, .json, .npz, ...) as inputs too
     draft_ratio: float = 2.0  # fast decode keeps >= this times the model's resolution (1 = fastest)
     normalise_in_graph: bool = True  # the model takes uint8; Cast/scale nodes are prepended to it
     provider: ProviderChoice = ProviderChoice.AUTO
@@ -89,7 +90,8 @@ class TagJobConfig:
             ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0, "a fraction, 0 to 1"),
             ("progress_interval", self.progress_interval > 0, "seconds, more than 0"),
             ("category_thresholds", all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-                                        for v in self.category_thresholds.values()), "probabilities, 0 to 1"),
+                                        for v in self.category_thresholds.values()),
+             "a table of category = probability, e.g. { general = 0.35, character = 0.85 }"),
             ("inputs", len(self.inputs) > 0, "at least one input"),
             ("output", bool(self.output), "a directory or URI"),
             ("model", bool(self.model), "a bundle directory"),
@@ -163,6 +165,8 @@ def _coerce(cls, name: str, value):
             return tuple(value)
     except (TypeError, ValueError, KeyError):
         allowed = f" (allowed: {', '.join(m.value for m in base)})" if isinstance(base, type) and issubclass(base, enum.Enum) else ""
+        if base is dict or base_origin is dict:
+            allowed = " (must be a table of category = probability, e.g. { general = 0.35, character = 0.85 })" if name == "category_thresholds" else " (must be a table)"
         raise ConfigError(f"field {name} has a bad value: {value!r}{allowed}") from None
     return value
 
@@ -184,6 +188,8 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
     for key in ("output", "model"):
         if isinstance(section.get(key), str) and "://" not in section[key] and not os.path.isabs(section[key]):
             section[key] = str(base / section[key])
+    if isinstance(section.get("inputs"), str):
+        section["inputs"] = [section["inputs"]]
     if isinstance(section.get("inputs"), list):
         section["inputs"] = [v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v) for v in section["inputs"]]
     return section
@@ -222,9 +228,17 @@ def _check_sections(data: dict, path: Path) -> None:
         raise ConfigError(f"{path}: unknown key {name} outside any table{suggestion(name, tag_fields | nightly_fields)}")
 
 
+# Options of the command itself, not settings of the job: they have no config key.
+COMMAND_LINE_ONLY = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "version", "help"})
+
+
 def _unknown_fields(unknown: list[str], names: set[str], where: str) -> ConfigError:
-    described = ", ".join(f"{name}{suggestion(name, names)}" for name in unknown)
-    return ConfigError(f"unknown field(s){where}: {described}")
+    def hint(name: str) -> str:
+        if name.replace("-", "_") in COMMAND_LINE_ONLY:
+            return f" (--{name.replace('_', '-')} is a command-line option only)"
+        return suggestion(name, names)
+
+    return ConfigError(f"unknown field(s){where}: {', '.join(f'{name}{hint(name)}' for name in unknown)}")
 
 
 def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfig:
@@ -239,7 +253,16 @@ def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfi
         if required not in merged:
             raise ConfigError(f"field {required} is required (option --{required.rstrip('s')} or the config file)")
     values = {name: _coerce(TagJobConfig, name, value) for name, value in merged.items()}
+    values["inputs"] = tuple(_normalise_local(v) for v in values["inputs"])
     return TagJobConfig(**values)
+
+
+def _normalise_local(uri: str) -> str:
+    """One spelling per local input (absolute, no `..`): rows are keyed by uri, so the
+    same folder given as `imgs`, `./imgs` or `cfg/../imgs` must list the same uris."""
+    if "://" in uri:
+        return uri
+    return os.path.normpath(os.path.abspath(uri))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.storage import default_permissions
 from pipeline.synthetic import KINDS, render
 
 INPUT_SIZE = 384
@@ -207,6 +208,7 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     data_name = path.name + ".data"
     (path.parent / data_name).unlink(missing_ok=True)  # onnx appends to an existing file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    default_permissions(path.parent / data_name)  # onnx writes it 0600
 
 
 def reference_pixels(count: int, seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for, read_parquet
+from pipeline.storage import filesystem_for, is_local, read_parquet, write_atomic
 
 FORMATS = ("captions", "jsonl", "dart")
 # Danbooru tags that are emoticons keep their underscores (as the wd-tagger demo does)
@@ -123,17 +123,20 @@ def _expand_character(tag: str) -> list[str]:
 def merge_caption(existing: str, new: list[str], separator: str) -> list[str]:
     """kohya's --append_tags: the existing caption's tags, then the new ones it lacks."""
     old = [t.strip() for t in existing.strip("\n").split(separator.strip()) if t.strip()]
-    return old + [t for t in new if t not in old]
+    seen = {t.replace("_", " ") for t in old}  # long_hair and long hair are one tag
+    return old + [t for t in new if t.replace("_", " ") not in seen]
 
 
 @dataclass
 class ExportSummary:
-    written: int = 0
-    skipped_errors: int = 0
+    written: int = 0  # files written
+    skipped_existing: int = 0  # files already there, left as they were (--skip-existing)
+    skipped_errors: int = 0  # error rows: nothing to write for them
     files: list = field(default_factory=list)
 
     def text(self) -> str:
-        return f"export: {self.written} images written, {self.skipped_errors} error rows skipped"
+        kept = f", {self.skipped_existing} existing files left as they were" if self.skipped_existing else ""
+        return f"export: {self.written} files written{kept}, {self.skipped_errors} error rows skipped"
 
 
 def aspect_bucket(width: int, height: int) -> str:
@@ -203,6 +206,9 @@ def _common_root(uris: list[str]) -> str:
     return posixpath.dirname(os.path.commonprefix(uris)) if len(uris) > 1 else posixpath.dirname(uris[0])
 
 
+EXISTING_FILES = ("refuse", "overwrite", "skip")  # what to do with output files already there
+
+
 def export_tags(
     tags: str,
     output: str,
@@ -211,33 +217,68 @@ def export_tags(
     relative_to: str | None = None,
     storage_options: dict | None = None,
     caption: CaptionOptions = CaptionOptions(),
+    existing: str = "refuse",
 ) -> ExportSummary:
+    """Plan every output file, refuse collisions and files already there (unless told to
+    overwrite, skip or append to them) before writing any, then write each atomically."""
     if fmt not in FORMATS:
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    table = read_parquet(tags, storage_options).sort_by("uri")
-    rows = table.to_pylist()
+    if existing not in EXISTING_FILES:
+        raise TagpipeError(f"existing={existing!r}: choose one of {', '.join(EXISTING_FILES)}")
+    rows = read_parquet(tags, storage_options).sort_by("uri").to_pylist()
     summary = ExportSummary()
     good = [r for r in rows if r["error"] is None]
     summary.skipped_errors = len(rows) - len(good)
     out_fs, out_path = filesystem_for(output, storage_options)
-    out_fs.makedirs(out_path, exist_ok=True)
-    if fmt == "captions":
-        root = (relative_to or (_common_root([r["uri"] for r in good]) if good else "")).rstrip("/")
-        written: dict[str, str] = {}
-        for row in good:
-            if not row["uri"].startswith(root + "/"):
-                raise TagpipeError(f"{row['uri']} is not under --relative-to {root}")
-            target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :], caption.extension))
-            if target in written:
-                raise TagpipeError(f"{row['uri']} and {written[target]} would write the same caption file {target}")
-            written[target] = row["uri"]
-            out_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            tags_text = caption_tags(row, text, caption)
-            if caption.append and out_fs.exists(target):
-                tags_text = merge_caption(out_fs.cat_file(target).decode("utf-8"), tags_text, caption.separator)
-            out_fs.pipe_file(target, (caption.separator.join(tags_text) + "\n").encode())
-            summary.files.append(target)
-    else:
+    plan = _caption_plan(good, relative_to, out_path, caption.extension) if fmt == "captions" else _file_plan(good, fmt, out_path)
+    present = _present(out_fs, out_path, [target for target, _ in plan])
+    if present and existing == "refuse" and not (fmt == "captions" and caption.append):
+        example = ", ".join(sorted(present)[:3])
+        raise TagpipeError(
+            f"{len(present)} of the {len(plan)} files to write already exist (e.g. {example}); nothing was written: "
+            f"pass --skip-existing to keep them, --overwrite to replace them" + (", or --append to merge captions" if fmt == "captions" else "")
+        )
+    for target, content in plan:
+        if target in present and existing == "skip":
+            summary.skipped_existing += 1
+            continue
+        data = content(text, caption, _read_text(out_fs, target) if target in present and caption.append else None)
+        write_atomic(_uri(out_fs, target), data.encode(), storage_options=storage_options)
+        summary.files.append(target)
+        summary.written += 1
+    return summary
+
+
+def _caption_plan(good: list[dict], relative_to: str | None, out_path: str, extension: str) -> list:
+    """(target, content) for every caption; two images meeting in one file are refused here."""
+    if relative_to and "://" not in relative_to:
+        relative_to = os.path.abspath(relative_to)  # image URIs of local inputs are absolute
+    root = (relative_to or (_common_root([r["uri"] for r in good]) if good else "")).rstrip("/")
+    owners: dict[str, str] = {}
+    plan = []
+    for row in good:
+        if not row["uri"].startswith(root + "/"):
+            raise TagpipeError(f"{row['uri']} is not under --relative-to {root}; nothing was written")
+        target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :], extension))
+        if target in owners:
+            raise TagpipeError(f"{owners[target]} and {row['uri']} would write the same caption file {target}; nothing was written")
+        owners[target] = row["uri"]
+        plan.append((target, _caption_content(row)))
+    return plan
+
+
+def _caption_content(row: dict):
+    def content(text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:
+        tags_text = caption_tags(row, text, caption)
+        if existing is not None:
+            tags_text = merge_caption(existing, tags_text, caption.separator)
+        return caption.separator.join(tags_text) + "\n"
+
+    return content
+
+
+def _file_plan(good: list[dict], fmt: str, out_path: str) -> list:
+    def content(text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:
         lines = []
         for row in good:
             if fmt == "jsonl":
@@ -248,8 +289,25 @@ def export_tags(
             else:
                 record = {"uri": row["uri"], "prompt": dart_prompt(row, text)}
             lines.append(json.dumps(record, ensure_ascii=False))
-        target = posixpath.join(out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
-        out_fs.pipe_file(target, ("\n".join(lines) + "\n").encode())
-        summary.files.append(target)
-    summary.written = len(good)
-    return summary
+        return "\n".join(lines) + "\n"
+
+    return [(posixpath.join(out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl"), content)]
+
+
+def _present(fs, root: str, targets: list[str]) -> set[str]:
+    """Which targets exist, from one listing of the output (not a request per file)."""
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return set()
+    norm = os.path.abspath if is_local(fs) else (lambda p: p)
+    found = {norm(p) for p in fs.find(root, withdirs=False)}
+    return {t for t in targets if norm(t) in found}
+
+
+def _read_text(fs, path: str) -> str:
+    return fs.cat_file(path).decode("utf-8")
+
+
+def _uri(fs, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if is_local(fs) else f"{protocol}://{path}"

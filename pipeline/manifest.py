@@ -9,7 +9,11 @@ Every file under a prefix is an input (one row each; what Pillow cannot read bec
 an `unsupported` or `not_an_image` row), except the files skipped here, which are
 counted by reason so that files found = inputs + skipped, always:
 - os_debris: hidden files and folders (`.*`), `@eaDir`, `__MACOSX`, `Thumbs.db`, `desktop.ini`;
-- extension: not one of the extensions asked for (`--extension`);
+- sidecar: a training set's text and metadata files beside its images (captions `.txt`
+  and `.caption`, `.json`, `.npz` latents, `.toml`, `.yaml`), unless asked to list them
+  (`--list-sidecars`): a captioned folder would otherwise become half error rows, and
+  exporting captions into it would add more on every run;
+- extension: not one of the extensions asked for (`--extension`; no sidecar rule then);
 - tagpipe_output: under the run's own output, when that lies inside an input.
 Single files and manifest entries are inputs as named: nothing is skipped from them.
 """
@@ -27,12 +31,13 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.progress import Progress, ProgressSettings
-from pipeline.storage import filesystem_for, retry
+from pipeline.storage import filesystem_for, is_local, retry
 
 log = logging.getLogger(__name__)
 
 DEBRIS_NAMES = frozenset({"@eadir", "__macosx", "thumbs.db", "desktop.ini"})  # compared lower-cased
-OS_DEBRIS, EXTENSION, TAGPIPE_OUTPUT = "os_debris", "extension", "tagpipe_output"
+SIDECAR_EXTENSIONS = frozenset({"txt", "caption", "json", "npz", "toml", "yaml", "yml"})
+OS_DEBRIS, SIDECAR, EXTENSION, TAGPIPE_OUTPUT = "os_debris", "sidecar", "extension", "tagpipe_output"
 MANIFEST_EXTENSIONS = frozenset({"parquet", "csv", "txt", "lst"})
 MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("source_size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())])
 
@@ -86,6 +91,7 @@ class ListingRules:
 
     extensions: frozenset[str] = frozenset()
     excluded: tuple[str, ...] = ()
+    skip_sidecars: bool = True
 
     def skip_reason(self, root: str, path: str) -> str | None:
         relative = path[len(root) :].strip("/") if path.startswith(root) else posixpath.basename(path)
@@ -93,8 +99,10 @@ class ListingRules:
             return OS_DEBRIS
         if any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in self.excluded):
             return TAGPIPE_OUTPUT
-        if self.extensions and _extension(path) not in self.extensions:
-            return EXTENSION
+        if self.extensions:
+            return EXTENSION if _extension(path) not in self.extensions else None
+        if self.skip_sidecars and _extension(path) in SIDECAR_EXTENSIONS:
+            return SIDECAR
         return None
 
 
@@ -223,7 +231,7 @@ def _list_in_parallel(
         if info.get("type") != "directory":
             continue
         reason = rules.skip_reason(root, info["name"] + "/")
-        if reason is None or reason == EXTENSION:
+        if reason in (None, EXTENSION, SIDECAR):  # a folder's name says nothing of its files' types
             subdirs.append(_join(protocol, info["name"]))
         else:  # a debris folder (or the output) is walked only to count what it holds
             listed.append(_count_skipped(fs, info["name"], reason))
@@ -232,7 +240,7 @@ def _list_in_parallel(
     import ray
 
     with Progress(f"listing {path}", len(subdirs), "folders", progress) as shown:
-        if parallel and ray.is_initialized() and len(subdirs) > 1:
+        if parallel and ray.is_initialized() and len(subdirs) > 1 and not is_local(fs):  # local disks list fast
             task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
             pending = [task.remote(sub, storage_options, rules, root) for sub in subdirs]
             while pending:

@@ -16,6 +16,7 @@ from onnx import helper
 
 from pipeline.bundle import detect_profile
 from pipeline.errors import BundleError
+from pipeline.storage import staged_folder
 
 PASS_THROUGH_OPS = {"Sigmoid", "Softmax", "Identity", "Reshape", "Flatten", "Cast", "Squeeze", "Unsqueeze"}
 EMBEDDING_OUTPUT = "embedding"
@@ -58,24 +59,44 @@ def find_head_input(model: onnx.ModelProto, logits_name: str) -> tuple[str, int 
 
 
 def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None, logits_name: str | None = None) -> Path:
-    """Write a copy of a model (or a whole bundle directory) with an `embedding` output."""
+    """Write a copy of a model (or a whole bundle directory) with an `embedding` output.
+
+    Everything is built under a temporary name and moved into place at the end, so a
+    failure leaves nothing behind; an existing destination is refused, never replaced."""
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         profile = detect_profile(src)
         model_src = src / profile.files.model
         logits_name = logits_name or profile.output_name
-        dst.mkdir(parents=True, exist_ok=True)
-        model_dst = dst / model_src.name
-        data_names = _external_locations(model_src)
-        for item in src.iterdir():  # side files come along so dst is a complete bundle
-            if item.is_file() and item.suffix != ".onnx" and item.name not in data_names:
-                shutil.copy2(item, dst / item.name)
-    else:
-        model_src = src
-        model_dst = dst / src.name if dst.is_dir() else dst
-        model_dst.parent.mkdir(parents=True, exist_ok=True)
-    if model_dst.resolve() == model_src.resolve():
+        with staged_folder(dst) as staging:
+            _copy_side_files(src, model_src, staging)
+            _write_with_embedding(model_src, staging / model_src.name, tensor, logits_name)
+        return dst / model_src.name
+    model_dst = dst / src.name if dst.is_dir() else dst
+    if model_dst.resolve() == src.resolve():
         raise BundleError("expose-embedding: the destination must differ from the source")
+    if model_dst.exists() or Path(f"{model_dst}.data").exists():
+        raise BundleError(f"{model_dst} already exists: write to a new path")
+    with staged_folder(model_dst.parent / f".{model_dst.name}.build") as staging:
+        _write_with_embedding(src, staging / model_dst.name, tensor, logits_name)
+    built = model_dst.parent / f".{model_dst.name}.build"
+    try:  # the weights first, then the graph that names them
+        for name in sorted((p.name for p in built.iterdir()), key=lambda n: n.endswith(".onnx")):
+            (built / name).rename(model_dst.parent / name)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return model_dst
+
+
+def _copy_side_files(src: Path, model_src: Path, dst: Path) -> None:
+    """Side files come along, so the destination is a complete bundle."""
+    data_names = _external_locations(model_src)
+    for item in src.iterdir():
+        if item.is_file() and item.suffix != ".onnx" and item.name not in data_names:
+            shutil.copy2(item, dst / item.name)
+
+
+def _write_with_embedding(model_src: Path, model_dst: Path, tensor: str | None, logits_name: str | None) -> None:
     model = onnx.load(str(model_src), load_external_data=True)
     outputs = [o.name for o in model.graph.output]
     if EMBEDDING_OUTPUT in outputs:
@@ -96,14 +117,11 @@ def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None
         if vi.name == source:
             elem = vi.type.tensor_type.elem_type
     model.graph.output.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, elem, ["batch", width if width else "embedding_dim"]))
-    external = bool(_external_locations(model_src)) or model.ByteSize() >= TWO_GB
-    if external:
+    if _external_locations(model_src) or model.ByteSize() >= TWO_GB:
         data_name = model_dst.name + ".data"
-        (model_dst.parent / data_name).unlink(missing_ok=True)
         onnx.save_model(model, str(model_dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     else:
         onnx.save_model(model, str(model_dst))
-    return model_dst
 
 
 def _external_locations(model_path: Path) -> set[str]:

@@ -61,6 +61,8 @@ class Progress:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
+        if self._bar is not None:  # the last frame shows the final figures
+            self._bar.update(self._task, completed=self.done, errors=self.errors, rate=f"{self.rate():.1f} {self.unit}/s")
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -75,7 +77,7 @@ class Progress:
             self.done += done
             self.errors += errors
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, errors=self.errors)
+            self._bar.update(self._task, completed=self.done, errors=self.errors, rate=f"{self.rate():.1f} {self.unit}/s")
 
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.started, 1e-9)

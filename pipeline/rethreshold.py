@@ -182,7 +182,7 @@ def run_rethreshold(tags: str, model_dir: str, output: str | None, rules: dict, 
     if base.model_sha256 != bundle.fingerprint.model_sha256:
         raise TagpipeError(f"{tags}: made by model {base.model_sha256}, not by {model_dir} ({bundle.fingerprint.model_sha256}); rethreshold needs the same model")
     target = source if output is None or output.rstrip("/") == source.uri else TagTable(output, storage_options)
-    target_base = target.current()
+    target_base = target.sync_current()
     if target is not source and target_base is not None and target_base.inference_key != base.inference_key:
         raise TagpipeError(f"{output} holds a table from other inference settings; rethreshold into a new directory or into {tags} itself")
     new_rules_key = rules_key(bundle, rules)

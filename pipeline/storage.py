@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL for MinIO/R2-style stores), so no flag is needed for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -13,6 +14,8 @@ import time
 from functools import lru_cache
 
 import fsspec
+
+from pipeline.errors import TagpipeError
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +104,11 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
     import pyarrow.parquet as pq
 
     fs, path = filesystem_for(uri, storage_options)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # pipeline/table.py's vacuum knows this mark
+    if is_local(fs):  # object stores have no folders, and tagpipe never creates a bucket
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        # a short name beside the target (a key's own name may be at the length limit);
+        # pipeline/table.py's vacuum knows the mark
+        tmp = os.path.join(os.path.dirname(path), f".tagpipe.tmp-{uuid.uuid4().hex}")
         try:
             if table is not None:
                 pq.write_table(table, tmp, compression="zstd")
@@ -126,6 +131,130 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
                 handle.write(data)
 
     retry(put, what=uri)
+
+
+def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Write `data` at `uri` only if nothing is there yet, in one step; False if something
+    was. The test-and-set of a commit: locally a fsynced temp file hard-linked into place
+    (link fails on an existing name); on S3 a PUT with If-None-Match: * (s3fs's
+    mode="create"), which the store refuses with 412 when the key exists."""
+    import os
+    import uuid
+
+    fs, path = filesystem_for(uri, storage_options)
+    if is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tagpipe.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            _fsync_dir(os.path.dirname(path))
+            return True
+        finally:
+            os.remove(tmp)
+    attempts = {"count": 0}
+
+    def put() -> bool:
+        attempts["count"] += 1
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as exc:
+            if not _precondition_failed(exc):
+                raise
+        # a retried PUT may find the object its own first attempt wrote
+        return attempts["count"] > 1 and fs.cat_file(path) == data
+
+    return retry(put, what=uri)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, FileExistsError) or "precondition" in text or "412" in text
+
+
+def _fsync_dir(directory: str) -> None:
+    import os
+
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
+    """One line for an object-store failure a user can fix (credentials, endpoint,
+    permissions, a missing bucket), naming the endpoint and the buckets involved; None
+    for anything else. Built from names only: no credential value is ever included."""
+    import os
+    import re
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    buckets = sorted({u.split("://", 1)[1].split("/", 1)[0] for u in uris if "://" in u and not u.startswith("file://")})
+    where = f"{', '.join(f's3://{b}' for b in buckets) or 'the store'} at {endpoint}"
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return (f"no credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, "
+                "or run with an instance or IRSA role")  # fmt: skip
+    if "EndpointConnectionError" in text or "Could not connect to the endpoint" in text:
+        found = re.search(r"https?://[^/\s\"']+", text)
+        return f"cannot connect to the S3 endpoint {found.group(0) if found else endpoint}: is it running, and is AWS_ENDPOINT_URL right?"
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return f"no such bucket: {where} (check the bucket name; tagpipe never creates buckets)"
+    denied = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PermissionError")
+    if any(word in text for word in denied):
+        return f"access denied to {where}: the credentials in use may not read or write there (or the key is wrong)"
+    return None
+
+
+def default_permissions(root) -> None:
+    """Give files under root (or root itself) the modes a plain open() would: 0666 and
+    0777 less the umask. Some writers (ONNX's external data) create files 0600, which
+    another user, such as a container's non-root user reading a mounted volume, cannot read."""
+    import os
+    from pathlib import Path
+
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(root)
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def staged_folder(target):
+    """Build a local folder under a temporary name beside `target`, then rename it into
+    place: a failure leaves nothing, and nothing that was at `target` is overwritten
+    (a non-empty `target` is refused before any work)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise TagpipeError(f"{target} already exists: write to a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        default_permissions(staging)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_bytes(uri: str, storage_options: dict | None = None, attempts: int = 5, max_bytes: int | None = None) -> bytes:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import TagpipeError
-from pipeline.storage import filesystem_for, is_local, retry, write_atomic
+from pipeline.storage import create_exclusive, filesystem_for, is_local, retry, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,17 @@ VERSIONS_DIR = "_versions"
 CURRENT = "_current.json"
 RUNS_DIR = "_runs"
 MANIFESTS_DIR = "_manifests"
-TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: <name>.tmp-<uuid>
+TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: .tagpipe.tmp-<uuid> beside their target
+# A file that is deliberately not Parquet, beside the parts: a plain read of the folder
+# (pandas, pyarrow.dataset, polars, DuckDB globs), which would mix every version's
+# parts, fails on it and names it instead (docs/decisions.md, "Plain reads").
+GUARD_FILE = "NOT_DATA-read_this_table_through__current.json.parquet"
+GUARD_TEXT = (
+    b"This folder is a tagpipe table: its part files belong to several versions, so reading them all\n"
+    b"mixes old rows with new ones. Read the current version with pipeline.table.read_current(),\n"
+    b"or with the file list in _current.json (paths relative to this folder): see the README,\n"
+    b"'Reading results'. This file is not Parquet on purpose, so that a plain read fails here.\n"
+)
 READ_THREADS = 16  # parts are read concurrently (object stores are latency-bound)
 
 
@@ -62,18 +71,27 @@ class Snapshot:
     rules: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
 
-    def to_json(self, root: str) -> bytes:
+    def to_json(self) -> bytes:
+        """The record, with `files` relative to the table root: a table copied or moved
+        (another disk, another machine, local disk to S3) reads the same."""
         record = asdict(self)
         record["files"] = list(self.files)
-        record["paths"] = [posixpath.join(root, f) for f in self.files]  # for SQL readers
         return json.dumps(record, indent=1, sort_keys=True, default=json_value).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Snapshot":
         record = json.loads(data)
-        record.pop("paths", None)
+        record.pop("paths", None)  # absolute paths, written by tables before 0.2
         record["files"] = tuple(record["files"])
         return cls(**record)
+
+
+class CommitConflict(TagpipeError):
+    """Another run committed the version this run was about to commit."""
+
+
+def version_record(version: int) -> str:
+    return posixpath.join(VERSIONS_DIR, f"{version:012d}.json")
 
 
 class TagTable:
@@ -91,15 +109,33 @@ class TagTable:
 
     # ---- snapshots -------------------------------------------------------------
     def current(self) -> Snapshot | None:
-        """The committed table, or None before the first commit."""
-        path = self.join(CURRENT)
+        """The committed table, or None before the first commit: `_current.json`, or a
+        newer version record when a commit stopped between writing its record (the
+        commit itself) and copying it to `_current.json`."""
+        snapshot = self._read_record(CURRENT)
+        if snapshot is None and self._has_legacy_parts():
+            raise TagpipeError(f"{self.uri}: part files at the top level and no {CURRENT}: an output in the layout before versioned tables; tag into a new directory")
+        while True:
+            newer = self._read_record(version_record((snapshot.version if snapshot else 0) + 1))
+            if newer is None:
+                return snapshot
+            snapshot = newer
+
+    def sync_current(self) -> Snapshot | None:
+        """current(), after writing it to `_current.json` when that file is behind (a
+        commit that stopped between its two writes). Writers call this; readers need not."""
+        recorded = self._read_record(CURRENT)
+        newest = self.current()
+        if newest is not None and (recorded is None or recorded.version < newest.version):
+            self._write_bytes(CURRENT, newest.to_json())
+        return newest
+
+    def _read_record(self, relative: str) -> Snapshot | None:
+        path = self.join(relative)
         try:
-            data = retry(lambda: self.fs.cat_file(path), what=path)
+            return Snapshot.from_json(retry(lambda: self.fs.cat_file(path), what=path))
         except FileNotFoundError:
-            if self._has_legacy_parts():
-                raise TagpipeError(f"{self.uri}: part files at the top level and no {CURRENT}: an output in the layout before versioned tables; tag into a new directory") from None
             return None
-        return Snapshot.from_json(data)
 
     def versions(self) -> list[int]:
         directory = self.join(VERSIONS_DIR)
@@ -114,22 +150,44 @@ class TagTable:
             if current is None:
                 raise TagpipeError(f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?")
             return current
-        path = self.join(VERSIONS_DIR, f"{version:012d}.json")
-        try:
-            return Snapshot.from_json(retry(lambda: self.fs.cat_file(path), what=path))
-        except FileNotFoundError:
-            raise TagpipeError(f"{self.uri}: no version {version} (have {self.versions()})") from None
+        snapshot = self._read_record(version_record(version))
+        if snapshot is None:
+            raise TagpipeError(f"{self.uri}: no version {version} (have {self.versions()})")
+        return snapshot
 
     def commit(self, base: Snapshot | None, snapshot: Snapshot) -> Snapshot:
-        """Make `snapshot` the current table. Refuses when another run committed since
-        `base` was read (one writer per table; this catches a second one)."""
-        now = self.current()
-        if (now.version if now else 0) != (base.version if base else 0):
-            raise TagpipeError(f"{self.uri}: version {now.version if now else 0} was committed by another run (run {now.run_id if now else '-'}) while this one worked from {base.version if base else 0}; rerun")
-        data = snapshot.to_json(os.path.abspath(self.path) if self.local else self.uri)
-        self._write_bytes(posixpath.join(VERSIONS_DIR, f"{snapshot.version:012d}.json"), data)
-        self._write_bytes(CURRENT, data)  # the commit point
+        """Make `snapshot` (version base + 1) the current table.
+
+        Creating its version record is the commit, and it is exclusive (an O_EXCL-style
+        link locally, a conditional PUT on S3): of two runs that worked from the same
+        base, exactly one creates it and the other is refused with CommitConflict.
+        `_current.json` is a copy written after it, for readers that read one file;
+        `current()` also finds a record that `_current.json` does not show yet."""
+        expected = (base.version if base else 0) + 1
+        if snapshot.version != expected:
+            raise ValueError(f"version {snapshot.version} cannot follow version {expected - 1}")
+        data = snapshot.to_json()
+        self.guard({posixpath.dirname(f) for f in snapshot.files})
+        if not create_exclusive(self.full_uri(version_record(snapshot.version)), data, self.storage_options):
+            raise CommitConflict(self._conflict_text(snapshot))
+        self._write_bytes(CURRENT, data)
         return snapshot
+
+    def guard(self, part_dirs: set[str]) -> None:
+        """Put GUARD_FILE at the root, in data/ and in each folder holding parts."""
+        for relative in sorted({"", DATA_DIR, *part_dirs}):
+            path = self.join(relative, GUARD_FILE)
+            if not self.fs.exists(path):
+                self._write_bytes(posixpath.join(relative, GUARD_FILE), GUARD_TEXT)
+
+    def _conflict_text(self, snapshot: Snapshot) -> str:
+        other = self._read_record(version_record(snapshot.version))
+        who = f"run {other.run_id} (committed {other.committed_at})" if other else "another run"
+        return (
+            f"{self.uri}: version {snapshot.version} was committed by {who} while run {snapshot.run_id} worked "
+            f"from version {snapshot.version - 1}; nothing of this run is lost: its parts are kept, and running the "
+            f"same command again commits on top of version {snapshot.version} without tagging them again"
+        )
 
     # ---- parts -----------------------------------------------------------------
     def paths(self, snapshot: Snapshot) -> list[str]:
@@ -223,7 +281,7 @@ class TagTable:
             for file in doomed:
                 self.fs.rm(self.join(file))
             for version in old_versions:
-                self.fs.rm(self.join(VERSIONS_DIR, f"{version:012d}.json"))
+                self.fs.rm(self.join(version_record(version)))
             for path in stale_tmp:
                 self.fs.rm(path)
         return {"parts_deleted": len(doomed), "versions_deleted": old_versions, "versions_kept": kept, "tmp_deleted": len(stale_tmp), "dry_run": dry_run}

@@ -77,6 +77,7 @@ class RunSummary:
     timings: dict = field(default_factory=dict)
     rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
     to_tag: int = 0  # images the plan sends to the model (listed work less what is reused)
+    planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
 
     def counts(self) -> dict:
@@ -86,13 +87,22 @@ class RunSummary:
         )  # fmt: skip
         return {**{name: getattr(self, name) for name in names}, "skipped_files": dict(self.skipped_files)}
 
+    def skipped_text(self) -> str:
+        if not self.skipped_files:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
+        return f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
+
     def plan_text(self) -> str:
-        skipped = f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped)" if self.skipped_files else ""
+        outcome = (
+            f"rewrite {self.rewritten_parts} part(s) and commit version {self.planned_version}"
+            if self.planned_version else f"commit nothing: version {self.base_version} stays current"
+        )
         return (
-            f"dry run ({self.change}): {self.listed} listed{skipped}, {self.new} new, {self.changed} changed, "
+            f"dry run ({self.change}): {self.listed} listed{self.skipped_text()}, {self.new} new, {self.changed} changed, "
             f"{self.deleted} deleted, {self.skipped} unchanged, {self.retried} to retry, {self.retagged} to re-tag for new "
-            f"settings; would tag {self.to_tag} images ({self.reused} reused from an interrupted run), rewrite "
-            f"{self.rewritten_parts} part(s) and commit version {self.base_version + 1} of {self.output}; nothing was written"
+            f"settings; would tag {self.to_tag} images ({self.reused} reused from an interrupted run), {outcome} of "
+            f"{self.output}; nothing was written"
         )
 
     def text(self) -> str:
@@ -100,10 +110,7 @@ class RunSummary:
             return self.plan_text()
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
         extra = "".join(f", {n} {name}" for name, n in (("retried", self.retried), ("re-tagged for new settings", self.retagged), ("rethresholded", self.rethresholded), ("reused from an interrupted run", self.reused)) if n)
-        skipped = ""
-        if self.skipped_files:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
-            skipped = f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
+        skipped = self.skipped_text()
         return (
             f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, {self.changed} changed, "
             f"{self.deleted} deleted, {self.skipped} unchanged{extra}; {self.images} images tagged ({self.ok} ok, "
@@ -147,14 +154,14 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     keys = (inference_key(cfg, bundle), rules_key(bundle, rules))
     key = parts_dir_key(*keys)
     table = TagTable(cfg.output, cfg.storage_options)
-    base = table.current()
+    base = table.current() if dry_run else table.sync_current()
     summary.base_version = summary.version = base.version if base else 0
     ensure_ray(cfg.ray_address)
     import ray
 
     t = time.monotonic()
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
-    listing_rules = ListingRules(extensions, (listing_path(cfg.output, cfg.storage_options),))
+    listing_rules = ListingRules(extensions, (listing_path(cfg.output, cfg.storage_options),), skip_sidecars=not cfg.list_sidecars)
     listing = build_manifest(list(cfg.inputs), cfg.storage_options, listing_rules, progress=_progress_settings(cfg))
     manifest = listing.manifest
     summary.listed, summary.skipped_files, summary.files_found = manifest.num_rows, listing.skipped, listing.found
@@ -197,7 +204,11 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     )
     kept, jobs = _rewrite_plan(base, status, drop, same_inference, same_rules, table, key, bundle, rules, run_id)
     summary.rewritten_parts = len(jobs)
+    commits = base is None or not same_inference or pending.num_rows or reuse.rows or jobs
     if dry_run:
+        summary.planned_version = summary.base_version + 1 if commits else 0
+        if not commits:
+            summary.change = "no change"
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
 
@@ -210,7 +221,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
         # the base's parts: kept as they are, copied without dropped rows, or rethresholded
         t = time.monotonic()
         rewritten: list[str] = []
-        for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewrite", _progress_settings(cfg)) if jobs else []:
+        for file, rows, _changed, _existed in rewrite_parts(jobs, cfg.storage_options, "rewriting", _progress_settings(cfg)) if jobs else []:
             if file:
                 rewritten.append(file)
             if not same_rules:
@@ -277,10 +288,12 @@ def _rewrite_plan(base, status, drop, same_inference: bool, same_rules: bool, ta
 
 
 def _interrupted_text(table: TagTable, summary: RunSummary) -> str:
-    kept = f"{len(summary.parts)} part(s) of {summary.images} tagged images" if summary.parts else "no finished part"
+    where = f"{table.uri} is still at version {summary.base_version}" if summary.base_version else f"{table.uri} has no table yet"
+    if not summary.parts:
+        return f"nothing was committed: {where}. No part was finished; running the same command again starts the tagging over."
     return (
-        f"nothing was committed: {table.uri} is still at version {summary.base_version}. This run wrote "
-        f"{kept}; they are kept, and running the same command again reuses them and tags the rest."
+        f"nothing was committed: {where}. This run wrote {len(summary.parts)} part(s) of {summary.images} tagged "
+        "images; they are kept, and running the same command again reuses them and tags the rest."
     )
 
 

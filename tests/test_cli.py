@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 
 from pipeline.synthetic import load_expected
+from pipeline.table import read_current
 from tests.helpers import wd_bundle
 
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
@@ -22,7 +22,7 @@ def test_demo_command_tags_the_corpus_right(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rows match the corpus's known tags" in result.stdout
     expected = load_expected(tmp_path / "demo" / "corpus")
-    table = pq.read_table(tmp_path / "demo" / "tags").to_pylist()
+    table = read_current(str(tmp_path / "demo" / "tags")).to_pylist()
     root = str(tmp_path / "demo" / "corpus" / "images") + "/"
     assert len(table) == len(expected)
     for row in table:  # checked here independently of the demo's own check

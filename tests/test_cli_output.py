@@ -48,9 +48,11 @@ def _words(text: str) -> list[str]:
     "path,command", list(_commands()), ids=lambda v: "-".join(v) if isinstance(v, tuple) else ""
 )
 def test_help_renders_every_word_and_each_default_once(path, command):
-    shown = _run(*path, "-h")
-    assert shown.returncode == 0, shown.stderr
-    flat = " ".join(shown.stdout.split())
+    from typer.testing import CliRunner
+
+    shown = CliRunner().invoke(app, [*path, "-h"], prog_name="tagpipe", env={"COLUMNS": "100"})
+    assert shown.exit_code == 0, shown.output
+    flat = " ".join(shown.output.split())
     for param in command.params:
         if getattr(param, "help", None):
             for word in _words(param.help):  # nothing eaten, brackets included
@@ -64,7 +66,11 @@ def test_version_and_short_help():
 
     version = _run("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"tagpipe {__version__}"
-    assert "Usage: tagpipe [OPTIONS] COMMAND" in _run("-h").stdout
+    top = _run("-h").stdout
+    assert "Usage: tagpipe [OPTIONS] COMMAND" in top
+    for listing in (top, _run("model", "-h").stdout):  # every command's summary whole, at 100 columns
+        commands = listing[listing.index("Commands:") :]
+        assert "..." not in commands and "…" not in commands, commands
 
 
 def test_readme_option_table_matches_the_tag_command():
@@ -88,6 +94,32 @@ def test_readme_option_table_matches_the_tag_command():
         assert "--" + field.name.replace("_", "-") in options, field.name
 
 
+def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monkeypatch):
+    """A string or a list, `cfg/../imgs` or `imgs` from the right folder: one uri form,
+    so the same folder never looks like a different one (and a mass deletion)."""
+    from pipeline.config import load_config_file, make_tag_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "imgs").mkdir()
+    as_list = tmp_path / "cfg" / "list.toml"
+    as_list.write_text('[tag]\ninputs = ["../imgs"]\noutput = "../out"\nmodel = "m"\n')
+    as_string = tmp_path / "cfg" / "string.toml"
+    as_string.write_text('[tag]\ninputs = "../imgs"\noutput = "../out"\nmodel = "m"\n')
+    monkeypatch.chdir(tmp_path)
+    expected = (str(tmp_path / "imgs"),)
+    assert make_tag_config(load_config_file(as_list)).inputs == expected
+    assert make_tag_config(load_config_file(as_string)).inputs == expected
+    assert make_tag_config(inputs=["imgs"], output="o", model="m").inputs == expected
+    assert make_tag_config(inputs=["./cfg/../imgs/"], output="o", model="m").inputs == expected
+
+
+def test_errors_are_json_lines_with_json_logs(tmp_path, demo_bundle):
+    done = _run("tag", "-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"), "-m", str(demo_bundle), "--log-format", "json")
+    assert done.returncode == 2
+    entry = json.loads(done.stderr.strip().splitlines()[-1])
+    assert entry == {"level": "error", "message": f"input not found: {tmp_path / 'nowhere'}"}
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -106,6 +138,14 @@ def test_readme_option_table_matches_the_tag_command():
         (
             '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\nbatchsize = 2\n',
             r"batchsize \(did you mean batch_size\?\)",
+        ),
+        (
+            '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\nlog_format = "json"\n',
+            r"log_format \(--log-format is a command-line option only\)",
+        ),
+        (
+            '[tag]\ninputs = ["a"]\noutput = "o"\nmodel = "m"\ncategory_thresholds = ["general=0.4"]\n',
+            r"must be a table of category = probability",
         ),
     ],
 )
@@ -201,6 +241,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_pat
     )
     assert "would tag 1 images" in plan.stdout and "commit version 2" in plan.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    same = _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json")
+    result = json.loads(same.stdout)
+    assert result["change"] == "no change" and result["planned_version"] == 0 and result["to_tag"] == 0
 
 
 def test_quiet_and_json_output(folder, demo_bundle, tmp_path):

@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-import pyarrow.dataset as pads
 import pytest
 
 from pipeline.config import make_tag_config
+from pipeline.table import read_current
 from pipeline.export import CaptionOptions, TextOptions, aspect_bucket, caption_tags, dart_prompt, length_bucket, merge_caption
 from pipeline.tag_job import run_tag_job
 
@@ -30,9 +30,9 @@ def _cli(*args):
 def test_caption_files_list_exactly_the_emitted_tags(tagged, demo_corpus, tmp_path):
     out = tmp_path / "captions"
     stdout = _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "captions", "--relative-to", str(demo_corpus / "images"))
-    rows = pads.dataset(str(tagged), format="parquet").to_table(columns=["uri", "tags", "error"]).to_pylist()
+    rows = read_current(str(tagged), columns=["uri", "tags", "error"]).to_pylist()
     good = [r for r in rows if r["error"] is None]
-    assert f"{len(good)} images written, {len(rows) - len(good)} error rows skipped" in stdout
+    assert f"{len(good)} files written, {len(rows) - len(good)} error rows skipped" in stdout
     for row in good:
         rel = row["uri"][len(str(demo_corpus / "images")) + 1 :].rsplit(".", 1)[0] + ".txt"
         assert (out / rel).read_text().strip().split(", ") == row["tags"]
@@ -44,7 +44,7 @@ def test_jsonl_and_text_options(tagged, tmp_path):
     out = tmp_path / "jsonl"
     _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "jsonl", "--spaces", "--exclude", "high_contrast")
     records = [json.loads(line) for line in (out / "tags.jsonl").read_text().splitlines()]
-    table = {r["uri"]: r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None}
+    table = {r["uri"]: r for r in read_current(str(tagged)).to_pylist() if r["error"] is None}
     assert len(records) == len(table)
     for record in records:
         row = table[record["uri"]]
@@ -73,7 +73,7 @@ def test_dart_export_has_one_prompt_per_good_row(tagged, tmp_path):
     out = tmp_path / "dart"
     _cli("export", "--tags", str(tagged), "--output", str(out), "--format", "dart")
     prompts = [json.loads(line) for line in (out / "dart_prompts.jsonl").read_text().splitlines()]
-    rows = {r["uri"]: r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None}
+    rows = {r["uri"]: r for r in read_current(str(tagged)).to_pylist() if r["error"] is None}
     assert {p["uri"] for p in prompts} == set(rows)
     for p in prompts:
         assert p["prompt"] == dart_prompt(rows[p["uri"]], TextOptions())
@@ -114,6 +114,7 @@ def test_append_merges_without_repeating_and_options_are_checked():
     assert merge_caption("my_trigger, 1girl, solo\n", ["1girl", "smile", "my_trigger", "hat"], ", ") == [
         "my_trigger", "1girl", "solo", "smile", "hat",
     ]  # fmt: skip
+    assert merge_caption("blue_theme, solo\n", ["blue theme", "smile"], ", ") == ["blue_theme", "solo", "smile"]
     from pipeline.errors import TagpipeError
 
     for bad in (dict(rating="top"), dict(extension="txt"), dict(separator="  ")):
@@ -124,7 +125,7 @@ def test_append_merges_without_repeating_and_options_are_checked():
 def test_caption_export_options_from_the_command_line(tagged, demo_corpus, tmp_path):
     out = tmp_path / "kohya"
     root = str(demo_corpus / "images")
-    rows = [r for r in pads.dataset(str(tagged), format="parquet").to_table().to_pylist() if r["error"] is None]
+    rows = [r for r in read_current(str(tagged)).to_pylist() if r["error"] is None]
     first = rows[0]
     rel = first["uri"][len(root) + 1 :].rsplit(".", 1)[0]
     (out / rel).parent.mkdir(parents=True)
@@ -136,3 +137,61 @@ def test_caption_export_options_from_the_command_line(tagged, demo_corpus, tmp_p
     assert merged == ["hand_written", first["tags"][0], *[t for t in new if t != first["tags"][0]]]
     assert merged[-1] == first["rating"] and len(list(out.rglob("*.caption"))) == len(rows)
     assert not list(out.rglob("*.txt"))
+
+
+def _small_table(path, uris):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"uri": u, "error": None, "tags": ["general", f"tag_{i}"], "tags_character": [], "rating": "general",
+             "quality": None, "scores": [0.9, 0.8], "width": 10, "height": 10} for i, u in enumerate(uris)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_exports_plan_before_they_write(tmp_path):
+    from pipeline.errors import TagpipeError
+    from pipeline.export import export_tags
+
+    tags = _small_table(tmp_path / "t.parquet", ["/imgs/a.jpg", "/imgs/b.jpg", "/imgs/sub/c.jpg"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.txt").write_bytes(b"my own words, by hand\n")
+    with pytest.raises(TagpipeError, match=r"1 of the 3 files to write already exist .*b\.txt.*nothing was written"):
+        export_tags(tags, str(out), "captions", relative_to="/imgs")
+    assert sorted(p.name for p in out.rglob("*")) == ["b.txt"] and (out / "b.txt").read_bytes() == b"my own words, by hand\n"
+    kept = export_tags(tags, str(out), "captions", relative_to="/imgs", existing="skip")
+    assert (kept.written, kept.skipped_existing) == (2, 1) and (out / "b.txt").read_bytes() == b"my own words, by hand\n"
+    assert (out / "a.txt").read_text() == "general, tag_0\n" and (out / "sub" / "c.txt").read_text() == "general, tag_2\n"
+    replaced = export_tags(tags, str(out), "captions", relative_to="/imgs", existing="overwrite")
+    assert replaced.written == 3 and (out / "b.txt").read_text() == "general, tag_1\n"
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # written atomically: no temp files left
+
+    clash = _small_table(tmp_path / "c.parquet", ["/imgs/rocket.jpg", "/imgs/rocket.png", "/imgs/zz.jpg"])
+    empty = tmp_path / "empty"
+    with pytest.raises(TagpipeError, match=r"/imgs/rocket.jpg and /imgs/rocket.png would write the same caption file"):
+        export_tags(clash, str(empty), "captions", relative_to="/imgs")
+    assert not empty.exists() or not list(empty.rglob("*"))  # a collision writes nothing at all
+
+    export_tags(tags, str(tmp_path / "j"), "jsonl")
+    with pytest.raises(TagpipeError, match="already exist"):
+        export_tags(tags, str(tmp_path / "j"), "jsonl")
+
+
+def test_export_option_conflicts_are_refused(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "export", "--tags", "x", "-o", str(tmp_path), "--append", "--overwrite"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "exclude each other" in done.stderr
+
+
+def test_relative_to_may_be_a_relative_path(tmp_path, monkeypatch):
+    """The README's kohya recipe names the image folder relatively (--relative-to train_data)."""
+    from pipeline.export import export_tags
+
+    (tmp_path / "train_data").mkdir()
+    tags = _small_table(tmp_path / "t.parquet", [str(tmp_path / "train_data" / "a.jpg"), str(tmp_path / "train_data" / "s" / "b.jpg")])
+    monkeypatch.chdir(tmp_path)
+    done = export_tags(tags, "train_data", "captions", relative_to="train_data")
+    assert done.written == 2 and (tmp_path / "train_data" / "s" / "b.txt").read_text() == "general, tag_1\n"

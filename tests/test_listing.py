@@ -19,9 +19,12 @@ ODD = {
     "vector/logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>',
     "docs/scan.pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n",
     "raw/photo.cr2": b"II*\x00\x10\x00\x00\x00CR\x02\x00" + b"\x00" * 64,
-    "notes/readme.txt": b"captions go here\n",
     "noext": b"\x00\x01\x02\x03",
 }
+SIDECARS = {  # a training set's own files beside its images
+    "img0.txt": b"1girl, solo\n", "sub/img1.caption": b"a photo\n", "meta/img2.json": b"{}", "cache/img0.npz": b"PK",
+    "dataset.toml": b"[general]\n",
+}  # fmt: skip
 DEBRIS = [
     ".DS_Store",
     "sub/._photo.jpg",  # AppleDouble
@@ -46,6 +49,9 @@ def _corpus(root: Path) -> list[Path]:
     for name, data in ODD.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
+    for name, data in SIDECARS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
     for name in DEBRIS:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"debris")
@@ -57,8 +63,11 @@ def test_every_file_is_an_input_and_debris_is_counted(tmp_path):
     listing = build_manifest([str(tmp_path)], parallel=False)
     uris = set(listing.manifest.column("uri").to_pylist())
     assert uris == {str(p.resolve()) for p in images} | {str((tmp_path / n).resolve()) for n in ODD}
-    assert listing.skipped == {"os_debris": len(DEBRIS)}
-    assert listing.found == len(images) + len(ODD) + len(DEBRIS)
+    assert listing.skipped == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
+    assert listing.found == len(images) + len(ODD) + len(DEBRIS) + len(SIDECARS)
+    with_sidecars = build_manifest([str(tmp_path)], rules=ListingRules(skip_sidecars=False), parallel=False)
+    assert with_sidecars.manifest.num_rows == len(images) + len(ODD) + len(SIDECARS)
+    assert with_sidecars.skipped == {"os_debris": len(DEBRIS)}
 
 
 def test_bad_extension_names_the_field_and_the_rule(tmp_path):
@@ -76,7 +85,7 @@ def test_extensions_narrow_the_listing_and_are_counted(tmp_path):
         [str(tmp_path)], rules=ListingRules(extensions=frozenset({"jpeg", "png"})), parallel=False
     )
     assert sorted(Path(u).suffix for u in listing.manifest.column("uri").to_pylist()) == [".jpeg", ".png"]
-    assert listing.skipped == {"os_debris": len(DEBRIS), "extension": len(images) - 2 + len(ODD)}
+    assert listing.skipped == {"os_debris": len(DEBRIS), "extension": len(images) - 2 + len(ODD) + len(SIDECARS)}
 
 
 def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle, tmp_path):
@@ -89,17 +98,17 @@ def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle,
     rows = read_current(str(out))
     assert summary.listed == rows.num_rows == len(images) + len(ODD)
     assert summary.files_found == summary.listed + sum(summary.skipped_files.values())
-    assert summary.skipped_files == {"os_debris": len(DEBRIS)}
+    assert summary.skipped_files == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
     kinds = dict(zip(rows.column("uri").to_pylist(), rows.column("error_kind").to_pylist()))
     assert all(kinds[str(p.resolve())] is None for p in images)
     assert kinds[str((root / "vector/logo.svg").resolve())] == "unsupported"
     assert kinds[str((root / "docs/scan.pdf").resolve())] == "unsupported"
-    assert kinds[str((root / "notes/readme.txt").resolve())] == "not_an_image"
-    assert "skipped: 8 os_debris" in summary.text()
+    assert kinds[str((root / "noext").resolve())] == "not_an_image"
+    assert f"skipped: {len(DEBRIS)} os_debris, {len(SIDECARS)} sidecar" in summary.text()
     record = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert record["summary"]["skipped_files"] == {"os_debris": len(DEBRIS)}
+    assert record["summary"]["skipped_files"] == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
     assert record["counts"]["files_found"] == summary.files_found
-    assert record["counts"]["skipped_files"] == {"os_debris": len(DEBRIS)}
+    assert record["counts"]["skipped_files"] == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
     assert sorted(record["skipped_examples"]["os_debris"]) == sorted(str((root / n).resolve()) for n in DEBRIS)
     assert record["settings"]["provider"] == "auto"  # enums are written by value
     snapshot = json.loads((out / "_current.json").read_text())

@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 
-import pyarrow.dataset as pads
 import pytest
 
 from pipeline.demo import check_tags
+from pipeline.table import read_current
 
 
 @pytest.fixture()
@@ -49,6 +49,6 @@ def test_tagger_on_the_gpu_node_and_decode_on_the_others(cluster, demo_bundle, d
     total = len(list((demo_corpus / "images").rglob("*.*")))
     assert summary["rows_by_node"]["tag"] == {gpu_node.node_id: total}
     assert summary["rows_by_node"]["decode"] == {cpu_node.node_id: total}
-    assert pads.dataset(str(out), format="parquet").count_rows() == total
+    assert read_current(str(out)).num_rows == total
     checked, correct, wrong = check_tags(out, demo_corpus)
     assert (checked, correct, wrong) == (total, total, [])

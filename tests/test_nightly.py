@@ -281,17 +281,17 @@ def test_sigkill_mid_nightly_keeps_the_current_version_and_rerun_completes(ray_s
 
 
 def test_table_commit_refuses_a_concurrent_writer(tmp_path):
-    from pipeline.table import Snapshot
+    from pipeline.table import CommitConflict, Snapshot
 
     table = TagTable(str(tmp_path / "t"))
-    snap = lambda v: Snapshot(version=v, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id=f"r{v}", committed_at="2026-01-01T00:00:00+00:00")  # noqa: E731
-    table.commit(None, snap(1))
+    snap = lambda v, run: Snapshot(version=v, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id=run, committed_at="2026-01-01T00:00:00+00:00")  # noqa: E731
+    table.commit(None, snap(1, "r1"))
     base = table.current()
-    table.commit(base, snap(2))
-    with pytest.raises(TagpipeError, match="committed by another run"):
-        table.commit(base, snap(2))
-    assert table.current().run_id == "r2" and table.versions() == [1, 2]
-    assert json.loads((tmp_path / "t" / "_current.json").read_text())["paths"] == []
+    table.commit(base, snap(2, "winner"))
+    with pytest.raises(CommitConflict, match=r"version 2 was committed by run winner .* while run loser worked from version 1"):
+        table.commit(base, snap(2, "loser"))
+    assert table.current().run_id == "winner" and table.versions() == [1, 2]
+    assert json.loads((tmp_path / "t" / "_current.json").read_text())["files"] == []
 
 
 def test_example_nightly_config_parses_and_names_bad_fields(tmp_path):

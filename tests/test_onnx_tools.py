@@ -69,3 +69,28 @@ def test_tagger_gives_the_same_tags_with_numpy_or_in_graph_normalisation(demo_bu
     a, b = stage_in(batch).to_pydict(), stage_np(batch).to_pydict()
     assert a["tags"] == b["tags"] and any(a["tags"])
     np.testing.assert_allclose(np.asarray(a["ood_distance"], float), np.asarray(b["ood_distance"], float), rtol=1e-4)
+
+
+def test_expose_embedding_is_atomic_and_readable_by_others(tmp_path):
+    """A failure leaves nothing; an existing destination is refused; files are 0644
+    (ONNX writes external data 0600, which a container's other user cannot read)."""
+    import os
+    import stat
+
+    from pipeline.errors import BundleError, TagpipeError
+
+    with_embedding = write_demo_bundle(tmp_path / "has_embedding")
+    with pytest.raises(BundleError, match="already has an 'embedding' output"):
+        expose_embedding(with_embedding, tmp_path / "out" / "bundle")
+    assert not (tmp_path / "out" / "bundle").exists() and not [p for p in (tmp_path / "out").iterdir()]
+
+    plain = write_demo_bundle(tmp_path / "plain", with_embedding_output=False)
+    os.umask(0o022)
+    made = expose_embedding(plain, tmp_path / "out" / "bundle")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in made.parent.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("x")
+    with pytest.raises(TagpipeError, match="already exists"):
+        expose_embedding(plain, tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]

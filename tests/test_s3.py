@@ -10,7 +10,7 @@ import s3fs
 
 from pipeline.config import make_tag_config
 from pipeline.demo import check_tags
-from pipeline.table import read_current
+from pipeline.table import GUARD_FILE, read_current
 from pipeline.tag_job import run_tag_job
 
 
@@ -82,10 +82,11 @@ def test_credentials_never_reach_logs_or_run_records(s3_server, demo_bundle, dem
     bad = [*command[:-4], "--storage-options", json.dumps({**options, "no_such_option": 1}), "--no-progress"]
     failed = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0 and failed.stderr
-    written = {p: fs.cat_file(p).decode("utf-8", "replace") for p in fs.find("tagpipe-creds/tags") if "/data/" not in p and not p.endswith(".parquet")}
-    written.update({p: str(pq.read_table(fs.open(p, "rb")).to_pylist()) for p in fs.find("tagpipe-creds/tags") if p.endswith(".parquet")})
+    parquet = lambda p: p.endswith(".parquet") and GUARD_FILE not in p  # noqa: E731 - guard files are text
+    written = {p: fs.cat_file(p).decode("utf-8", "replace") for p in fs.find("tagpipe-creds/tags") if "/data/" not in p and not parquet(p)}
+    written.update({p: str(pq.read_table(fs.open(p, "rb")).to_pylist()) for p in fs.find("tagpipe-creds/tags") if parquet(p)})
     assert any("_runs/" in p for p in written) and any(p.endswith("_current.json") for p in written)
-    errors = [r["error"] for p in fs.find("tagpipe-creds/tags/data") for r in pq.read_table(fs.open(p, "rb")).to_pylist() if r["error"]]
+    errors = [r["error"] for p in fs.find("tagpipe-creds/tags/data") if parquet(p) for r in pq.read_table(fs.open(p, "rb")).to_pylist() if r["error"]]
     assert len(errors) == 2
     texts = {"stdout": done.stdout, "stderr": done.stderr, "failed stdout": failed.stdout, "failed stderr": failed.stderr, **written, **ray_logs}
     for secret in [*secrets.values(), *options.values()]:

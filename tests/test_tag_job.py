@@ -37,7 +37,7 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
 
     import duckdb  # the README's two DuckDB statements read the current version
 
-    duckdb.execute(f"SET VARIABLE files = (SELECT paths FROM read_json('{out}/_current.json'))")
+    duckdb.execute(f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{out}/' || f) FROM read_json('{out}/_current.json'))")
     counts = duckdb.execute("select count(*), count(distinct uri), count(error) from read_parquet(getvariable('files'))").fetchone()
     assert counts == (len(images), len(images), 4)
     phash = duckdb.execute(f"select phash from read_parquet(getvariable('files')) where uri = '{row['uri']}'").fetchone()[0]

@@ -1,0 +1,103 @@
+"""Object-store failures a user can fix print one `error:` line naming the bucket or
+endpoint and the likely cause, exit 2, show no traceback and no secret."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+SECRET = "sekrit-never-print-me-7Q2"
+TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def strict_s3():
+    """A second moto server that checks credentials (moto's IAM auth on from the first call)."""
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError as exc:
+            if getattr(exc, "code", None):  # any HTTP answer: it is up
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _run(args: list[str], **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_SECRET_ACCESS_KEY=SECRET, AWS_EC2_METADATA_DISABLED="true")
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([*TAGPIPE, *args], capture_output=True, text=True, env=env, timeout=240)
+
+
+def _one_line(done: subprocess.CompletedProcess, *words: str) -> str:
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "╭" not in done.stderr, done.stderr[-3000:]
+    assert SECRET not in done.stderr + done.stdout
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_bucket_is_named_and_never_created(s3_server, demo_bundle, tmp_path):
+    import boto3
+
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.txt").write_text("not an image")
+    done = _run(
+        ["tag", "-i", str(images), "-o", "s3://tagpipe-no-such-bucket/out", "-m", str(demo_bundle), "-q"]
+    )
+    _one_line(done, "no such bucket: s3://tagpipe-no-such-bucket", s3_server)
+    names = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+    assert "tagpipe-no-such-bucket" not in names
+
+
+def test_unreachable_endpoint_is_named(demo_bundle):
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    done = _run(["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
+                AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing")  # fmt: skip
+    _one_line(done, f"cannot connect to the S3 endpoint {endpoint}", "AWS_ENDPOINT_URL")
+
+
+def test_missing_credentials_are_named(s3_server, demo_bundle, tmp_path):
+    done = _run(
+        ["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
+        AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_PROFILE=None,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )  # fmt: skip
+    _one_line(done, "no credentials for s3://some-bucket", "AWS_ACCESS_KEY_ID")
+
+
+def test_access_denied_is_named(strict_s3, demo_bundle):
+    done = _run(["tag", "-i", "s3://some-bucket/in", "-o", "s3://locked-bucket/out", "-m", str(demo_bundle)],
+                AWS_ENDPOINT_URL=strict_s3, AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000")  # fmt: skip
+    _one_line(done, "access denied to", "s3://locked-bucket", strict_s3)
