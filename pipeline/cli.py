@@ -241,6 +241,12 @@ def _interruptible(run, *args, **kwargs):
 
     try:
         return run(*args, **kwargs)
+    except KeyboardInterrupt:  # before tagging began, or after (dedup, split, audit)
+        from pipeline import logs
+
+        text = "interrupted: nothing more was committed; the table is at its last completed version. Run the same command again to go on."
+        typer.echo(json.dumps({"level": "error", "message": text}) if logs.json_output() else text, err=True)
+        raise typer.Exit(130) from None
     except RunInterrupted as stopped:
         from pipeline import logs
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import resource
+import os
 import signal
 import threading
 import time
@@ -21,6 +21,13 @@ from pipeline.imaging import DecodeOptions, ImageError, decode_image
 from pipeline.phash import is_degenerate
 from pipeline.profiles import Preprocess
 from pipeline.storage import read_bytes
+
+try:  # the per-image memory budget needs Linux (RLIMIT_AS and /proc); elsewhere decode runs without it
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+MEMORY_LIMIT_WORKS = resource is not None and os.path.exists("/proc/self/statm")
+TIME_LIMIT_WORKS = hasattr(signal, "setitimer")
 
 DEFAULT_DECODE_TIMEOUT = 60.0  # seconds per image
 DEFAULT_MAX_FILE_BYTES = 512 * 1024**2  # larger files are error rows, never read whole
@@ -54,7 +61,7 @@ def memory_limit(budget: int):
     lives on. Limiting address space also stops memory reserved and never touched.
     Like time_limit, it acts on the main thread only (Ray runs task code there): the
     limit is process-wide, and threads decoding side by side would share one budget."""
-    if not budget or threading.current_thread() is not threading.main_thread():
+    if not budget or not MEMORY_LIMIT_WORKS or threading.current_thread() is not threading.main_thread():
         yield
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -67,7 +74,18 @@ def memory_limit(budget: int):
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        _always(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
+
+
+def _always(step) -> None:
+    """Run a clean-up step to the end even if the time limit's signal interrupts it (it
+    fires every 0.1 s until disarmed): a limit left in force would fail every later image."""
+    while True:
+        try:
+            step()
+            return
+        except DecodeTimeout:
+            continue
 
 
 @contextlib.contextmanager
@@ -79,7 +97,7 @@ def time_limit(seconds: float):
     0.1 s, so a handler that swallows one exception does not let the image run on. Ray
     runs task code on the worker's main thread, where signals can be used; elsewhere
     (a thread), the limit is checked when the decode returns instead."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    if not seconds or not TIME_LIMIT_WORKS or threading.current_thread() is not threading.main_thread():
         started = time.monotonic()
         yield
         if seconds and time.monotonic() - started > seconds:
@@ -94,7 +112,7 @@ def time_limit(seconds: float):
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _always(lambda: signal.setitimer(signal.ITIMER_REAL, 0))
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
@@ -121,7 +139,9 @@ class DecodeStage:
         whatever is raised once the limit has passed counts as the timeout."""
         started = time.monotonic()
         try:
-            with time_limit(self.timeout), memory_limit(self.options.max_memory):
+            # the memory limit outside the time limit: the timer is disarmed before the
+            # budget is restored, so its signal cannot cut that short
+            with memory_limit(self.options.max_memory), time_limit(self.timeout):
                 return decode_image(data, self.preprocess, self.options)
         except MemoryError:
             budget = f"the {self.options.max_memory / 2**20:.0f} MiB max_decode_memory budget"

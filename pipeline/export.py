@@ -199,7 +199,8 @@ def _shorten(stem: str, suffix: str) -> str:
     import hashlib
 
     digest = hashlib.sha256(stem.encode()).hexdigest()[:16]
-    return stem.encode()[: MAX_NAME_BYTES - 24].decode(errors="ignore") + f"-{digest}" + suffix
+    room = MAX_NAME_BYTES - len(f"-{digest}") - len(suffix.encode())
+    return stem.encode()[:room].decode(errors="ignore") + f"-{digest}" + suffix
 
 
 def _common_root(uris: list[str]) -> str:
@@ -238,11 +239,13 @@ def export_tags(
             f"{len(present)} of the {len(plan)} files to write already exist (e.g. {example}); nothing was written: "
             f"pass --skip-existing to keep them, --overwrite to replace them" + (", or --append to merge captions" if fmt == "captions" else "")
         )
+    merging = fmt == "captions" and caption.append
+    earlier = {t: _read_text(out_fs, t) for t, _ in plan if t in present} if merging else {}  # read all before any write
     for target, content in plan:
         if target in present and existing == "skip":
             summary.skipped_existing += 1
             continue
-        data = content(text, caption, _read_text(out_fs, target) if target in present and caption.append else None)
+        data = content(text, caption, earlier.get(target))
         write_atomic(_uri(out_fs, target), data.encode(), storage_options=storage_options)
         summary.files.append(target)
         summary.written += 1
@@ -305,7 +308,10 @@ def _present(fs, root: str, targets: list[str]) -> set[str]:
 
 
 def _read_text(fs, path: str) -> str:
-    return fs.cat_file(path).decode("utf-8")
+    try:
+        return fs.cat_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise TagpipeError(f"{path}: an existing caption that is not UTF-8 text; nothing was written") from None
 
 
 def _uri(fs, path: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.bundle import LAYOUT_HINTS, file_sha256, load_bundle
 from pipeline.errors import TagpipeError
+from pipeline.storage import default_permissions
 
 SOURCE_FILE = "tagpipe_source.json"
 # Files a family's bundle may hold besides its model and vocabulary (taken when present).
@@ -130,6 +131,7 @@ def pull_model(repo_id: str, directory: str | Path, revision: str | None = None,
         record = {**asdict(result), "pulled_at": datetime.now(timezone.utc).isoformat()}
         (staging / SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         result.profile = load_bundle(staging).profile.name  # checks vocabulary against the model, before it lands
+        default_permissions(staging)  # mkdtemp made it 0700
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)

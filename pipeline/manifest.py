@@ -14,7 +14,8 @@ counted by reason so that files found = inputs + skipped, always:
   (`--list-sidecars`): a captioned folder would otherwise become half error rows, and
   exporting captions into it would add more on every run;
 - extension: not one of the extensions asked for (`--extension`; no sidecar rule then);
-- tagpipe_output: under the run's own output, when that lies inside an input.
+- tagpipe_output: the run's own table files (data/, _versions/, _runs/, _manifests/,
+  _current.json, guard files) when the output lies inside an input;
 Single files and manifest entries are inputs as named: nothing is skipped from them.
 """
 

@@ -112,6 +112,8 @@ def write_atomic(uri: str, data: bytes | None = None, table=None, storage_option
         try:
             if table is not None:
                 pq.write_table(table, tmp, compression="zstd")
+                with open(tmp, "rb+") as handle:  # durable before a commit can name it
+                    os.fsync(handle.fileno())
             else:
                 with open(tmp, "wb") as handle:
                     handle.write(data)
@@ -154,10 +156,13 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None)
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError:  # a filesystem without hard links (FAT, some FUSE and SMB mounts)
+                return _create_by_open(path, data)
             _fsync_dir(os.path.dirname(path))
             return True
         finally:
             os.remove(tmp)
+    _check_conditional_put(fs)
     attempts = {"count": 0}
 
     def put() -> bool:
@@ -166,12 +171,44 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None)
             fs.pipe_file(path, data, mode="create")
             return True
         except Exception as exc:
+            if "conditionalrequestconflict" in f"{type(exc).__name__} {exc}".lower() or " 409" in str(exc):
+                # S3's answer to two conditional writes in flight at once: ask again
+                raise TimeoutError(f"conditional write conflict on {uri}, retrying") from None
             if not _precondition_failed(exc):
                 raise
         # a retried PUT may find the object its own first attempt wrote
         return attempts["count"] > 1 and fs.cat_file(path) == data
 
     return retry(put, what=uri)
+
+
+def _create_by_open(path: str, data: bytes) -> bool:
+    """O_CREAT|O_EXCL where links are not to be had: exclusive, though a reader may see
+    the record before its bytes are all there (readers retry a record that does not parse)."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+def _check_conditional_put(fs) -> None:
+    """s3fs drops keyword arguments its botocore call does not know, so an s3fs without
+    exclusive writes would overwrite silently: refuse instead."""
+    import inspect
+
+    pipe = getattr(type(fs), "_pipe_file", None)
+    if pipe is not None and "mode" not in inspect.signature(pipe).parameters:
+        raise TagpipeError(
+            f"{type(fs).__module__} cannot write exclusively (needs s3fs >= 2025.9): a commit could overwrite "
+            "another run's; upgrade it"
+        )
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -213,7 +250,8 @@ def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return f"no such bucket: {where} (check the bucket name; tagpipe never creates buckets)"
     denied = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PermissionError")
-    if any(word in text for word in denied):
+    remote = buckets or any(word in text for word in ("botocore", "ClientError", "s3fs", "AccessDenied", "Forbidden"))
+    if remote and any(word in text for word in denied):
         return f"access denied to {where}: the credentials in use may not read or write there (or the key is wrong)"
     return None
 

@@ -24,6 +24,7 @@ import enum
 import json
 import logging
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -86,6 +87,13 @@ class Snapshot:
         return cls(**record)
 
 
+def table_entries(uri: str) -> tuple[str, ...]:
+    """What a table writes at its root, as URIs: a listing of a folder that holds the
+    table leaves these out (and only these: an input may sit beside them)."""
+    root = uri.rstrip("/")
+    return tuple(f"{root}/{name}" for name in (DATA_DIR, VERSIONS_DIR, RUNS_DIR, MANIFESTS_DIR, CURRENT, GUARD_FILE))
+
+
 class CommitConflict(TagpipeError):
     """Another run committed the version this run was about to commit."""
 
@@ -116,7 +124,7 @@ class TagTable:
         if snapshot is None and self._has_legacy_parts():
             raise TagpipeError(f"{self.uri}: part files at the top level and no {CURRENT}: an output in the layout before versioned tables; tag into a new directory")
         while True:
-            newer = self._read_record(version_record((snapshot.version if snapshot else 0) + 1))
+            newer = self._read_record(version_record((snapshot.version if snapshot else 0) + 1), probe=True)
             if newer is None:
                 return snapshot
             snapshot = newer
@@ -130,12 +138,23 @@ class TagTable:
             self._write_bytes(CURRENT, newest.to_json())
         return newest
 
-    def _read_record(self, relative: str) -> Snapshot | None:
+    def _read_record(self, relative: str, probe: bool = False) -> Snapshot | None:
+        """A version record, or None if there is none. probe: a look for a record that
+        usually does not exist; a store that denies it (S3 answers 403 for a missing key
+        to a reader who may not list the bucket) has none to show either."""
         path = self.join(relative)
-        try:
-            return Snapshot.from_json(retry(lambda: self.fs.cat_file(path), what=path))
-        except FileNotFoundError:
-            return None
+        for attempt in range(5):
+            try:
+                return Snapshot.from_json(retry(lambda: self.fs.cat_file(path), what=path))
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                if probe:
+                    return None
+                raise
+            except json.JSONDecodeError:  # a record being written where links are not to be had
+                time.sleep(0.1 * (attempt + 1))
+        raise TagpipeError(f"{self.uri}: {relative} does not parse")
 
     def versions(self) -> list[int]:
         directory = self.join(VERSIONS_DIR)
@@ -168,9 +187,15 @@ class TagTable:
             raise ValueError(f"version {snapshot.version} cannot follow version {expected - 1}")
         data = snapshot.to_json()
         self.guard({posixpath.dirname(f) for f in snapshot.files})
-        if not create_exclusive(self.full_uri(version_record(snapshot.version)), data, self.storage_options):
+        now = self.current()
+        # a base older than the newest version lost already; checked first because vacuum
+        # may have deleted old records, which would let an exclusive create succeed
+        if (now.version if now else 0) >= snapshot.version or not create_exclusive(
+            self.full_uri(version_record(snapshot.version)), data, self.storage_options
+        ):
             raise CommitConflict(self._conflict_text(snapshot))
         self._write_bytes(CURRENT, data)
+        self.sync_current()  # a slower writer's copy must not move _current.json back
         return snapshot
 
     def guard(self, part_dirs: set[str]) -> None:
@@ -258,7 +283,9 @@ class TagTable:
         versions whose parts are gone are deleted too, so every listed version is readable."""
         if keep_versions < 1:
             raise TagpipeError("keep_versions must be >= 1 (the current version is always kept)")
-        current = self.snapshot()
+        current = self.sync_current() if not dry_run else self.current()
+        if current is None:
+            raise TagpipeError(f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?")
         versions = [v for v in self.versions() if v <= current.version]
         kept = versions[-keep_versions:]
         named = set(current.files)

@@ -37,7 +37,7 @@ from pipeline.manifest import MANIFEST_SCHEMA, ListingRules, build_manifest, lis
 from pipeline.postprocess import Postprocessor
 from pipeline.progress import Progress, ProgressSettings
 from pipeline.rethreshold import rewrite_name, rewrite_parts, rules_record
-from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso
+from pipeline.table import DATA_DIR, READ_THREADS, Snapshot, TagTable, now_iso, table_entries
 from pipeline.tagger import TaggerSettings
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
 
     t = time.monotonic()
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
-    listing_rules = ListingRules(extensions, (listing_path(cfg.output, cfg.storage_options),), skip_sidecars=not cfg.list_sidecars)
+    own = tuple(listing_path(entry, cfg.storage_options) for entry in table_entries(cfg.output))
+    listing_rules = ListingRules(extensions, own, skip_sidecars=not cfg.list_sidecars)
     listing = build_manifest(list(cfg.inputs), cfg.storage_options, listing_rules, progress=_progress_settings(cfg))
     manifest = listing.manifest
     summary.listed, summary.skipped_files, summary.files_found = manifest.num_rows, listing.skipped, listing.found
@@ -190,7 +191,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     to_infer = manifest.filter(pc.is_in(manifest.column("uri"), status.column("uri").filter(pa.array(redo)))) if redo.any() else manifest.slice(0, 0)
 
     # parts an interrupted run with the same settings already wrote (newer than the base)
-    since = datetime.fromisoformat(base.committed_at).timestamp() - 3600 if base else 0.0
+    since = _reuse_since(table, base)
     taken = set(base.files) if base else set()
     candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]
     reuse = reusable_parts(candidates, table.read_part, to_infer)
@@ -285,6 +286,16 @@ def _rewrite_plan(base, status, drop, same_inference: bool, same_rules: bool, ta
                          model_dir=str(bundle.directory), rules=None if same_rules else rules, run_id=run_id,
                          fingerprint=(fp.model_sha256, fp.calibration_sha256)))
     return kept, jobs
+
+
+def _reuse_since(table: TagTable, base) -> float:
+    """Parts written after this time may be reused: from an hour before the version
+    *before* the base was committed, so a run that lost a commit race to the base (it
+    started from that earlier version) finds every part it wrote."""
+    if base is None:
+        return 0.0
+    earlier = table.snapshot(base.version - 1) if base.version > 1 and base.version - 1 in table.versions() else base
+    return datetime.fromisoformat(earlier.committed_at).timestamp() - 3600
 
 
 def _interrupted_text(table: TagTable, summary: RunSummary) -> str:

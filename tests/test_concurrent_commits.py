@@ -5,6 +5,7 @@ again. On local disk and on the moto S3 server."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,6 +150,7 @@ def _overlap_and_recover(output: str, folders: list[str], model: Path) -> None:
     )  # every row of the refused run's inputs
     if loser == "large":  # its inputs hold the winner's: every row of both
         assert final.num_rows == len(_listing(large))
+    print(f"pair {output}: {winner} committed version {expected_version}, {loser} refused; rerun -> {final.num_rows} rows")
 
 
 _LISTED: dict[str, list[str]] = {}
@@ -158,7 +160,8 @@ def _listing(inputs: list[str]) -> list[str]:
     return [uri for folder in inputs for uri in _LISTED[folder]]
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 30 s a pair; the racing-commit test above covers the mechanism in every run
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_real_runs_at_once(where, s3_server, demo_bundle, tmp_path):
     rounds = int(os.environ.get("CONCURRENT_PAIRS", "1"))
     folders = []
@@ -175,8 +178,8 @@ def test_two_real_runs_at_once(where, s3_server, demo_bundle, tmp_path):
         output = f"s3://{bucket}/tags"
     else:
         output = str(tmp_path / "tags")
-    for _ in range(rounds):
-        _overlap_and_recover(output, folders, demo_bundle)
+    for round_ in range(rounds):  # each pair races for the first version of a new table
+        _overlap_and_recover(f"{output}/round{round_:02d}", folders, demo_bundle)
 
 
 @pytest.mark.slow
@@ -184,3 +187,36 @@ def test_two_real_runs_at_once(where, s3_server, demo_bundle, tmp_path):
 def test_twenty_overlapping_pairs_of_real_runs(where, s3_server, demo_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("CONCURRENT_PAIRS", os.environ.get("CONCURRENT_PAIRS", "20"))
     test_two_real_runs_at_once(where, s3_server, demo_bundle, tmp_path)
+
+
+def test_a_base_older_than_the_newest_version_never_commits(tmp_path):
+    """vacuum deletes old version records; a run that worked from one of them must not
+    create its successor again (it would be missing every newer version's rows)."""
+    table = TagTable(str(tmp_path / "t"))
+    base = None
+    for version in range(1, 5):
+        base = table.commit(base, _snapshot(version, f"r{version}"))
+    first = table.snapshot(1)
+    assert table.vacuum(keep_versions=2, grace_hours=0)["versions_deleted"] == [1, 2]
+    with pytest.raises(CommitConflict):
+        table.commit(first, _snapshot(2, "stale"))
+    assert table.current().version == 4 and table.current().run_id == "r4"
+    assert json.loads((tmp_path / "t" / "_current.json").read_text())["version"] == 4
+
+
+def test_reuse_reaches_back_to_the_version_before_the_base(tmp_path):
+    """A run that lost a race to version N started from N-1: its parts, however old,
+    are newer than N-1's commit, so its rerun reuses them all."""
+    from datetime import datetime
+
+    from pipeline.tag_job import _reuse_since
+
+    table = TagTable(str(tmp_path / "t"))
+    early = Snapshot(version=1, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id="a",
+                     committed_at="2026-12-01T00:00:00+00:00")  # fmt: skip
+    late = Snapshot(version=2, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id="b",
+                    committed_at="2026-12-01T09:00:00+00:00")  # fmt: skip
+    table.commit(None, early)
+    table.commit(early, late)
+    assert _reuse_since(table, late) == datetime.fromisoformat(early.committed_at).timestamp() - 3600
+    assert _reuse_since(table, None) == 0.0

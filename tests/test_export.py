@@ -195,3 +195,19 @@ def test_relative_to_may_be_a_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     done = export_tags(tags, "train_data", "captions", relative_to="train_data")
     assert done.written == 2 and (tmp_path / "train_data" / "s" / "b.txt").read_text() == "general, tag_1\n"
+
+
+def test_long_names_fit_any_extension_and_bad_captions_stop_before_writing(tmp_path):
+    from pipeline.errors import TagpipeError
+    from pipeline.export import MAX_NAME_BYTES, caption_path, export_tags
+
+    for extension in (".txt", ".caption", ".a-long-extension"):
+        name = caption_path("a/" + "x" * 300 + ".jpg", extension).split("/")[-1]
+        assert len(name.encode()) <= MAX_NAME_BYTES and name.endswith(extension)
+    tags = _small_table(tmp_path / "t.parquet", ["/imgs/a.jpg", "/imgs/b.jpg"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.txt").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(TagpipeError, match="not UTF-8"):
+        export_tags(tags, str(out), "captions", relative_to="/imgs", caption=CaptionOptions(append=True))
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]

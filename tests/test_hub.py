@@ -18,6 +18,12 @@ from tests.helpers import joytag_bundle, wd_bundle
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _files(directory: Path, prefix: str = "") -> dict[str, bytes]:
     return {prefix + p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
@@ -52,6 +58,7 @@ def test_pull_writes_a_checked_bundle_and_records_its_source(hub, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(wd_v3): 2 files" in done.stdout
     assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "selected_tags.csv", "tagpipe_source.json"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # readable by others, not mkdtemp's 0700
     source = json.loads((target / "tagpipe_source.json").read_text())
     assert source["repo_id"] == "SmilingWolf/wd-vit-tagger-v3" and source["revision"] == "main"
     assert source["commit"] == hub.commits["SmilingWolf/wd-vit-tagger-v3"] and source["profile"] == "wd_v3"

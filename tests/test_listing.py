@@ -118,3 +118,16 @@ def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle,
     assert again.change == "no change" and again.listed == summary.listed
     assert again.skipped_files["tagpipe_output"] > 0
     assert again.files_found == again.listed + sum(again.skipped_files.values())
+
+
+def test_an_input_inside_the_output_folder_is_listed(ray_session, demo_bundle, tmp_path):
+    """-i project/images -o project: only the table's own files are left out."""
+    project = tmp_path / "project"
+    images = project / "images"
+    images.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    cfg = make_tag_config(inputs=[str(images)], output=str(project), model=str(demo_bundle))
+    assert run_tag_job(cfg).rows == 3
+    again = run_tag_job(make_tag_config(inputs=[str(project)], output=str(project), model=str(demo_bundle)))
+    assert again.listed == 3 and again.change == "no change" and again.skipped_files.get("tagpipe_output", 0) > 0

@@ -101,3 +101,9 @@ def test_access_denied_is_named(strict_s3, demo_bundle):
     done = _run(["tag", "-i", "s3://some-bucket/in", "-o", "s3://locked-bucket/out", "-m", str(demo_bundle)],
                 AWS_ENDPOINT_URL=strict_s3, AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000")  # fmt: skip
     _one_line(done, "access denied to", "s3://locked-bucket", strict_s3)
+
+
+def test_a_local_permission_error_is_not_called_a_store_error():
+    from pipeline.storage import storage_error_text
+
+    assert storage_error_text(PermissionError(13, "Permission denied", "/data/out"), ["/data/in"]) is None
