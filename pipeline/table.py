@@ -265,8 +265,22 @@ class TagTable:
         return sorted(found, key=lambda f: f["file"])
 
     def write_part(self, relative: str, table: pa.Table) -> str:
-        """Write one part atomically (storage.write_atomic). Returns the relative path."""
-        write_atomic(self.full_uri(relative), table=table, storage_options=self.storage_options)
+        """Write one part atomically. Returns the relative path.
+
+        A part's name comes from its settings and its rows' sources, so two runs at once
+        on one table write parts of the same name for the same work. Locally the rename
+        replaces one with the other whole. On an object store a replaced object fails
+        every reader that opened the old one (s3fs checks the ETag), so there the first
+        part written stays: created exclusively, and an existing one (the same rows, from
+        the other run) is used as it is."""
+        uri = self.full_uri(relative)
+        if self.local:
+            write_atomic(uri, table=table, storage_options=self.storage_options)
+            return relative
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        if not create_exclusive(uri, buffer.getvalue().to_pybytes(), self.storage_options):
+            log.info("%s was written by another run for the same rows: using it", relative)
         return relative
 
     def _write_bytes(self, relative: str, data: bytes) -> None:
