@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from pipeline.errors import BundleError
+from pipeline.profile_import import find_config, import_profile
 from pipeline.profiles import Profile, VocabularyFormat, load_profile
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ LAYOUT_HINTS = [
     ("tags.json", "jtp1"),
 ]
 BUNDLE_PROFILE_FILE = "tagpipe_profile.toml"  # a bundle may carry its own profile
+EMBEDDING_OUTPUT = "embedding"  # the output name `tagpipe model expose-embedding` adds
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,17 @@ class ModelBundle:
     fingerprint: Fingerprint
 
     @property
+    def embedding_output(self) -> str | None:
+        """The output holding the pooled embedding: the one the profile names, else one
+        called `embedding` (what `tagpipe model expose-embedding` adds); None if neither."""
+        for name in (self.profile.embedding_name, EMBEDDING_OUTPUT):
+            if name is not None and name in self.output_names and name != self.profile.output_name:
+                return name
+        return None
+
+    @property
     def has_embedding_output(self) -> bool:
-        return self.profile.embedding_name is not None and self.profile.embedding_name in self.output_names
+        return self.embedding_output is not None
 
     def optional_files(self) -> dict[str, bool]:
         files = self.profile.files
@@ -113,16 +124,24 @@ class ModelBundle:
 
 
 def detect_profile(directory: Path) -> Profile:
-    """A bundle's own tagpipe_profile.toml wins; otherwise its side files name the family."""
+    """A bundle's own tagpipe_profile.toml wins; then side files that name a shipped
+    family (its profile describes that family's ONNX export, which may take other
+    pixels than the PyTorch config beside it: WD v3 takes BGR 0-255); then a profile
+    imported from the model's own config (timm or Hugging Face), said in the log."""
     own = directory / BUNDLE_PROFILE_FILE
     if own.is_file():
         return load_profile(own)
     for hint, profile_name in LAYOUT_HINTS:
         if (directory / hint).is_file():
             return load_profile(profile_name)
+    config = find_config(directory)
+    if config is not None:
+        profile = import_profile(directory, config)
+        log.info("profile: imported from %s (`tagpipe model profile --from %s` writes it to a file)", config, directory)
+        return profile
     raise BundleError(
-        f"{directory}: cannot tell the model family (no model_vocabulary.json, selected_tags.csv, "
-        f"top_tags.txt, tags.json or {BUNDLE_PROFILE_FILE}); pass --profile"
+        f"{directory}: cannot tell the model family (no model_vocabulary.json, selected_tags.csv, top_tags.txt, "
+        f"tags.json, {BUNDLE_PROFILE_FILE}, preprocessor_config.json or timm config.json); pass --profile"
     )
 
 
@@ -176,11 +195,18 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
         ood_reference=ood_reference,
         metadata=metadata,
         output_width=output_width,
-        embedding_width=_static_last_dim(graph, profile.embedding_name) if profile.embedding_name in output_names else None,
+        embedding_width=_embedding_width(graph, profile, output_names),
         input_names=input_names,
         output_names=output_names,
         fingerprint=fingerprint,
     )
+
+
+def _embedding_width(graph: onnx.ModelProto, profile: Profile, output_names: tuple[str, ...]) -> int | None:
+    for name in (profile.embedding_name, EMBEDDING_OUTPUT):
+        if name is not None and name in output_names:
+            return _static_last_dim(graph, name)
+    return None
 
 
 def _find_model(directory: Path, preferred: str) -> Path:
@@ -231,6 +257,8 @@ def load_vocabulary(path: Path, fmt: VocabularyFormat) -> Vocabulary:
             tags = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             return Vocabulary(tuple(tags), ("general",) * len(tags))
         data = json.loads(path.read_text(encoding="utf-8"))
+        if fmt is VocabularyFormat.CONFIG_LABELS:
+            return _config_labels(data, path)
         if fmt is VocabularyFormat.TAG_INDEX_JSON:
             return _from_index_map({str(k): int(v) for k, v in data.items()}, {}, path)
         return _cl_json(data, path)
@@ -247,6 +275,17 @@ def _wd_csv(path: Path) -> Vocabulary:
             tags.append(row["name"])
             categories.append(WD_CATEGORIES.get(int(row["category"]), f"category_{row['category']}"))
     return Vocabulary(tuple(tags), tuple(categories))
+
+
+def _config_labels(data: dict, path: Path) -> Vocabulary:
+    """Class names from a model's config.json: Hugging Face's id2label {"0": name} or
+    timm's label_names [name, ...]. No categories: every class is `general`."""
+    if isinstance(data.get("id2label"), dict):
+        index = {str(name): int(i) for i, name in data["id2label"].items()}
+        return _from_index_map(index, {}, path)
+    if isinstance(data.get("label_names"), list):
+        return _from_index_map({str(name): i for i, name in enumerate(data["label_names"])}, {}, path)
+    raise BundleError(f"{path}: no id2label (Hugging Face) or label_names (timm) to name the classes")
 
 
 def _cl_json(data: dict, path: Path) -> Vocabulary:

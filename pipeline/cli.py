@@ -165,7 +165,13 @@ def tag(
     provider: Optional[str] = typer.Option(None, help="auto, cpu, cuda or tensorrt (default auto)."),
     threshold: Threshold = None,
     logit_floor: Optional[float] = typer.Option(None, help="Store logits of tags with probability >= this (default 0.01)."),
-    dense_logits: Optional[bool] = typer.Option(None, "--dense-logits/--sparse-logits", help="Store every logit (large)."),
+    dense_logits: Optional[bool] = typer.Option(
+        None, "--dense-logits/--sparse-logits",
+        help="Store every logit, so every tag's probability is in every row (default: when the model has at most --dense-logits-max-tags tags).",
+    ),  # fmt: skip
+    dense_logits_max_tags: Optional[int] = typer.Option(
+        None, help="Vocabularies this small store every logit unless --sparse-logits (default 4096)."
+    ),
     run_id: Optional[str] = typer.Option(None, help="Run id; default a timestamp."),
     max_delete_fraction: Optional[float] = typer.Option(
         None, help="Refuse to drop more than this share of the table's rows, a lost input? (default 0.2)."
@@ -226,6 +232,7 @@ def tag(
         threshold=threshold,
         logit_floor=logit_floor,
         dense_logits=dense_logits,
+        dense_logits_max_tags=dense_logits_max_tags,
         run_id=run_id,
         max_delete_fraction=max_delete_fraction,
         progress=False if quiet else progress,
@@ -544,6 +551,37 @@ def model_inspect(
     typer.echo(describe_bundle(directory, profile))
 
 
+@model_app.command("profile", short_help="Write a profile from a timm or Hugging Face config.")
+def model_profile(
+    source: Path = typer.Option(
+        ..., "--from", help="A bundle folder, or its config: timm's config.json (pretrained_cfg) or preprocessor_config.json."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Where to write the profile; '-' prints it (default: tagpipe_profile.toml in the folder)."
+    ),
+    activation: Optional[str] = typer.Option(
+        None, help="What the model outputs: sigmoid, softmax, sigmoid_probabilities or softmax_probabilities (default: from the graph or config)."
+    ),
+    vocabulary: Optional[str] = typer.Option(None, help="The class names file, relative to the folder (default: config.json's labels)."),
+    vocabulary_format: Optional[str] = typer.Option(None, help="lines, wd_csv, cl_json, tag_index_json or config_labels."),
+    model_file: Optional[str] = typer.Option(None, help="The .onnx file, when the folder holds several."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing profile file."),
+) -> None:
+    """Read the model's own preprocessing config and write a tagpipe profile for it.
+
+    The ONNX file beside the config gives the input name, layout and output; every
+    config setting that would change pixels and has no profile field stops the import by
+    name. `tag` and `model inspect` import such a folder by themselves when it has no
+    profile; this command writes the profile down so it can be read and edited."""
+    from pipeline.profile_import import write_profile
+
+    _setup()
+    written = write_profile(source, output, activation=activation, vocabulary=vocabulary,
+                            vocabulary_format=vocabulary_format, model_file=model_file, overwrite=overwrite)  # fmt: skip
+    if written is not None:
+        typer.echo(f"profile written to {written}", err=True)
+
+
 @model_app.command("pull", short_help="Download a supported tagger from the Hub.")
 def model_pull(
     repo_id: str = typer.Argument(..., help="A Hugging Face model repository, e.g. SmilingWolf/wd-vit-tagger-v3."),
@@ -577,11 +615,14 @@ def model_expose_embedding(
     src: Path = typer.Argument(..., help="Source model (.onnx) or bundle directory."),
     dst: Path = typer.Argument(..., help="Destination model file or bundle directory."),
     tensor: Optional[str] = typer.Option(None, help="Name the tensor to expose instead of finding the head's input."),
+    profile: Optional[str] = typer.Option(
+        None, help="Profile name or .toml file naming the model and its logits; default: detected, or a bare folder's only .onnx."
+    ),
 ) -> None:
     """Copy a model with an extra `embedding` output: the pooled vector feeding the head."""
     from pipeline.onnx_tools import expose_embedding
 
-    path = expose_embedding(src, dst, tensor=tensor)
+    path = expose_embedding(src, dst, tensor=tensor, profile=profile)
     typer.echo(f"wrote {path} with output 'embedding'")
 
 

@@ -20,6 +20,8 @@ from pipeline.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import ConfigError
 from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.progress import DEFAULT_INTERVAL
+
+DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096
 from pipeline.runtime import ProviderChoice
 
 
@@ -52,7 +54,8 @@ class TagJobConfig:
     provider: ProviderChoice = ProviderChoice.AUTO
     threshold: float | None = None  # global threshold; None: the profile's
     logit_floor: float = 0.01  # store logits of tags with probability >= this
-    dense_logits: bool = False  # store all logits (large: T float16 per image)
+    dense_logits: bool | None = None  # store every logit (T float16 per image); None: when T <= dense_logits_max_tags
+    dense_logits_max_tags: int = DEFAULT_DENSE_LOGITS_MAX_TAGS  # vocabularies this small store every logit by default
     category_thresholds: dict = field(default_factory=dict)  # {"general": 0.35, ...}; beat the global one
     per_tag_thresholds: bool = False  # the bundle's best_thr per tag
     mcut_categories: tuple[str, ...] = ()  # categories thresholded by MCut
@@ -84,6 +87,7 @@ class TagJobConfig:
             ("extensions", all(e.strip(". ") and "/" not in e for e in self.extensions), "file extensions such as jpg"),
             ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0, "1 to 16"),
             ("logit_floor", 0.0 <= self.logit_floor <= 1.0, "a probability, 0 to 1"),
+            ("dense_logits_max_tags", self.dense_logits_max_tags >= 0, "0 or more (0: never by default)"),
             ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "a probability, 0 to 1"),
             ("max_tags", self.max_tags is None or self.max_tags >= 1, "at least 1"),
             ("ood_cut", self.ood_cut is None or self.ood_cut >= 0, "0 or more"),
@@ -101,6 +105,13 @@ class TagJobConfig:
                 value = getattr(self, name)
                 shown = list(value) if isinstance(value, tuple) else value
                 raise ConfigError(f"field {name} has a bad value: {shown!r} (must be {rule})")
+
+
+    def dense_logits_for(self, tags: int) -> bool:
+        """Whether rows store every logit: as asked, else for small vocabularies, where a
+        row of every probability costs little (4,096 float16 = 8 KiB) and is what a user
+        of a 2- or 1,000-class model reads."""
+        return self.dense_logits if self.dense_logits is not None else tags <= self.dense_logits_max_tags
 
 
 def tag_rules(cfg) -> dict:

@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ErrorKind
+from pipeline.geometry import centre_box, fit_size, pad_offset, resized_size
 from pipeline.phash import phash
-from pipeline.profiles import AlphaOrder, Preprocess, ResizeMode
+from pipeline.profiles import AlphaOrder, Preprocess, ResizeMode, Rounding
 
 DEFAULT_MAX_PIXELS = 120_000_000  # decompression-bomb limit on any frame's, tile's or sub-image's width*height
 DEFAULT_MAX_DECODE_MEMORY = 2 * 1024**3  # bytes one image's decode may add to its process (pipeline/decode.py)
@@ -77,16 +78,9 @@ class DecodedImage:
 
 
 def _final_scale(pre: Preprocess, width: int, height: int) -> tuple[float, float]:
-    """How much each axis shrinks on the way to the model's input size."""
-    if pre.resize_mode is ResizeMode.SQUASH:
-        return pre.width / width, pre.height / height
-    if pre.resize_mode is ResizeMode.RESIZE_CROP:
-        s = max(pre.width / width, pre.height / height)
-    elif pre.resize_mode is ResizeMode.PAD_SQUARE:
-        s = min(pre.width, pre.height) / max(width, height)
-    else:  # FIT_PAD
-        s = min(pre.width / width, pre.height / height)
-    return s, s
+    """How much each axis shrinks on the way to the model's input (its resize size)."""
+    new = resized_size(pre, (width, height))
+    return new[0] / width, new[1] / height
 
 
 def draft_request(pre: Preprocess, width: int, height: int, ratio: float) -> tuple[int, int]:
@@ -387,47 +381,51 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 
 def resample_for_input(image: Image.Image, pre: Preprocess, exact: bool, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
-    """The profile's geometry, in the published recipe's order of pad and resize:
+    """The profile's geometry, in the published recipe's order of pad, resize and crop:
     (model input, the whole image as resampled on the way, before any pad or crop).
 
     image is RGB, or RGBA for profiles that composite after resizing: Pillow resizes
     RGBA premultiplied, and padding is opaque, so compositing the result afterwards
     is what such a recipe computes. The second image (None where the recipe pads
-    first) lets the fast path hash a small image instead of the decoded one.
+    first) lets the fast path hash a small image instead of the decoded one. Sizes and
+    offsets come from pipeline/geometry.py, in the arithmetic of the profile's rounding.
     """
     resample = pre.interpolation.pil
-    width, height = image.size
     target = (pre.width, pre.height)
-    if pre.resize_mode is ResizeMode.SQUASH:
-        out = image.resize(target, resample) if image.size != target else image
-        return out, out
     if pre.resize_mode is ResizeMode.PAD_SQUARE:
+        width, height = image.size
         side = max(width, height)
         if exact and side * side <= min(max_pixels, EXACT_PAD_CANVAS_LIMIT):  # the recipe: pad, then resize
             canvas = Image.new(image.mode, (side, side), _fill(image, pre.pad_color))
             canvas.paste(image, ((side - width) // 2, (side - height) // 2))
             return (canvas.resize(target, resample) if canvas.size != target else canvas), None
         return _fit_and_pad(image, pre, resample)  # same geometry without the huge canvas
-    if pre.resize_mode is ResizeMode.FIT_PAD:
-        return _fit_and_pad(image, pre, resample)
-    # RESIZE_CROP
-    scale = max(pre.width / width, pre.height / height)
-    new = (max(pre.width, round(width * scale)), max(pre.height, round(height * scale)))
+    new = resized_size(pre, image.size)
     resized = image.resize(new, resample) if new != image.size else image
-    left, top = (new[0] - pre.width) // 2, (new[1] - pre.height) // 2
-    return resized.crop((left, top, left + pre.width, top + pre.height)), resized
+    if new == target:
+        return resized, resized
+    if pre.resize_mode is ResizeMode.FIT_PAD:
+        return _pad_then_crop(resized, pre), resized
+    return resized.crop(centre_box(new, target, pre.rounding)), resized  # SQUASH, RESIZE_CROP: cover, then crop
+
+
+def _pad_then_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
+    """timm's CenterCropOrPad: pad a side shorter than the input (floor(d / 2) before),
+    then centre crop a side longer than it."""
+    target = (pre.width, pre.height)
+    grown = (max(image.width, target[0]), max(image.height, target[1]))
+    if grown != image.size:
+        canvas = Image.new(image.mode, grown, _fill(image, pre.pad_color))
+        canvas.paste(image, (pad_offset(grown[0] - image.width), pad_offset(grown[1] - image.height)))
+        image = canvas
+    return image if image.size == target else image.crop(centre_box(image.size, target, pre.rounding))
 
 
 def _fit_and_pad(image: Image.Image, pre: Preprocess, resample: Image.Resampling) -> tuple[Image.Image, Image.Image]:
-    width, height = image.size
-    scale = min(pre.width / width, pre.height / height)
-    new = (max(1, min(pre.width, round(width * scale))), max(1, min(pre.height, round(height * scale))))
+    """pad_square on images too long for the recipe's canvas: fit, then pad."""
+    new = fit_size(image.size, (pre.width, pre.height), Rounding.TAGPIPE)
     resized = image.resize(new, resample) if new != image.size else image
-    if new == (pre.width, pre.height):
-        return resized, resized
-    canvas = Image.new(image.mode, (pre.width, pre.height), _fill(image, pre.pad_color))
-    canvas.paste(resized, ((pre.width - new[0]) // 2, (pre.height - new[1]) // 2))
-    return canvas, resized
+    return _pad_then_crop(resized, pre), resized
 
 
 def _fill(image: Image.Image, color: tuple[int, int, int]) -> tuple[int, ...]:

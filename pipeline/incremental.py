@@ -24,6 +24,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.decode import DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import RETRYABLE_ERROR_KINDS
 from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY
+from pipeline.profiles import Activation, Profile
 from pipeline.storage import read_bytes
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,40 @@ def inference_key(cfg, bundle: ModelBundle) -> str:
     return _digest(
         {
             "model_sha256": bundle.fingerprint.model_sha256,
-            "profile": repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, p.activation)),
+            "profile": profile_key(p),
             "exact_decode": cfg.exact_decode,
             "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
             "max_pixels": cfg.max_pixels,
-            "dense_logits": cfg.dense_logits,
+            "dense_logits": cfg.dense_logits_for(len(bundle.vocabulary)),
             "logit_floor": cfg.logit_floor,
             # settings added later join the key only when changed, so the keys of
             # existing tables (and their next nightly run) stay as they were
             **({"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
             **({"max_decode_memory": cfg.max_decode_memory} if cfg.max_decode_memory != DEFAULT_MAX_DECODE_MEMORY else {}),
+            **({"preprocess": p.preprocess.extra_key()} if p.preprocess.extra_key() else {}),
+            **({"embedding_output": bundle.embedding_output} if bundle.embedding_output != p.embedding_name else {}),
         }
     )
+
+
+class _Spelt:
+    """A repr given as text: how a value was written into keys of existing tables."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+_KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>")}  # its name before 0.3
+
+
+def profile_key(p: Profile) -> str:
+    """The profile's part of the inference key, spelt as tables written by earlier
+    versions have it (tests/test_profile_key.py), so an upgrade re-tags nothing."""
+    activation = _KEYED_AS.get(p.activation, p.activation)
+    return repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, activation))
 
 
 def rules_key(bundle: ModelBundle, rules: dict) -> str:

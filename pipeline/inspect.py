@@ -33,14 +33,18 @@ def describe_bundle(directory: str | Path, profile: str | None = None) -> str:
         *[f"  {name}: {count}" for name, count in sorted(bundle.vocabulary.counts_by_category().items())],
         "optional files:",
         *[f"  {name}: {'present' if present else 'missing (feature off)'}" for name, present in bundle.optional_files().items()],
-        f"embedding output: {'yes' if bundle.has_embedding_output else 'no (tagpipe model expose-embedding adds it)'}",
+        "embedding output: "
+        + (f"yes ({bundle.embedding_output})" if bundle.embedding_output else "no (tagpipe model expose-embedding adds it)"),
         f"model sha256:       {bundle.fingerprint.model_sha256}",
         f"calibration sha256: {bundle.fingerprint.calibration_sha256}",
     ]
     pre = bundle.profile.preprocess
+    resize = pre.resize_size
+    crop = f" to {resize[0]}x{resize[1]}, centre to" if resize != (pre.width, pre.height) else ""
     lines.append(
-        f"preprocess:  {pre.width}x{pre.height} {pre.resize_mode.value} {pre.interpolation.value}, "
-        f"{pre.value_range.value} mean {pre.mean} std {pre.std}, {pre.channel_order.value} {pre.layout.value}; "
+        f"preprocess:  {pre.resize_mode.value}{crop} {pre.width}x{pre.height} {pre.interpolation.value} "
+        f"({pre.rounding.value} rounding), {pre.value_range.value} mean {pre.mean} std {pre.std} (RGB order), "
+        f"{pre.channel_order.value} {pre.layout.value}; "
         f"activation {bundle.profile.activation.value}; threshold {bundle.profile.thresholds.default}"
     )
     return "\n".join(lines)

@@ -14,12 +14,12 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from pipeline.bundle import detect_profile
-from pipeline.errors import BundleError
+from pipeline.bundle import EMBEDDING_OUTPUT, detect_profile
+from pipeline.errors import BundleError, ConfigError
+from pipeline.profiles import load_profile
 from pipeline.storage import staged_folder
 
 PASS_THROUGH_OPS = {"Sigmoid", "Softmax", "Identity", "Reshape", "Flatten", "Cast", "Squeeze", "Unsqueeze"}
-EMBEDDING_OUTPUT = "embedding"
 TWO_GB = 2**31
 
 
@@ -58,16 +58,19 @@ def find_head_input(model: onnx.ModelProto, logits_name: str) -> tuple[str, int 
     )
 
 
-def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None, logits_name: str | None = None) -> Path:
+def expose_embedding(
+    src: str | Path, dst: str | Path, tensor: str | None = None, logits_name: str | None = None, profile: str | None = None
+) -> Path:
     """Write a copy of a model (or a whole bundle directory) with an `embedding` output.
 
+    A folder's model and logits output come from the profile given, else the one it
+    would be tagged with, else (a bare folder) its only .onnx file and first output.
     Everything is built under a temporary name and moved into place at the end, so a
     failure leaves nothing behind; an existing destination is refused, never replaced."""
     src, dst = Path(src), Path(dst)
     if src.is_dir():
-        profile = detect_profile(src)
-        model_src = src / profile.files.model
-        logits_name = logits_name or profile.output_name
+        model_src, profile_logits = _folder_model(src, profile)
+        logits_name = logits_name or profile_logits
         with staged_folder(dst) as staging:
             _copy_side_files(src, model_src, staging)
             _write_with_embedding(model_src, staging / model_src.name, tensor, logits_name)
@@ -86,6 +89,22 @@ def expose_embedding(src: str | Path, dst: str | Path, tensor: str | None = None
     finally:
         shutil.rmtree(built, ignore_errors=True)
     return model_dst
+
+
+def _folder_model(src: Path, profile: str | None) -> tuple[Path, str | None]:
+    """(the folder's model file, the logits output to follow) for expose-embedding."""
+    if profile is not None:
+        chosen = load_profile(profile)
+    else:
+        try:
+            chosen = detect_profile(src)
+        except (BundleError, ConfigError):  # a bare folder: its only model, its first output
+            models = sorted(src.glob("*.onnx"))
+            if len(models) != 1:
+                raise BundleError(f"{src}: {'no' if not models else 'several'} .onnx files and no profile to say "
+                                  "which is the model; pass --profile") from None
+            return models[0], None
+    return src / chosen.files.model, chosen.output_name
 
 
 def _copy_side_files(src: Path, model_src: Path, dst: Path) -> None:
@@ -167,6 +186,8 @@ def uint8_input_model(model_path: str | Path, preprocess, input_name: str) -> tu
     unit = 255.0 if preprocess.value_range is ValueRange.UNIT else 1.0
     scale = (1.0 / (unit * std)).astype(np.float32)
     offset = (-mean / std).astype(np.float32)
+    if preprocess.channel_order is ChannelOrder.BGR:  # mean and std are RGB-ordered; the Gather runs first
+        scale, offset = scale[::-1].copy(), offset[::-1].copy()
     nodes, inits = [], []
     current = new_input.name
 

@@ -10,7 +10,7 @@ which sees only the stored sparse logits, reproduces a re-run's tags exactly for
 threshold at or above the floor (tests/test_rethreshold.py).
 
 Selection, per row:
-  p = sigmoid(logit)             (softmax models store log-probabilities: p = exp)
+  p = sigmoid(logit)             (softmax groups store log-probabilities: p = exp)
   score = calibration_table[tag, clip(int(p*100), 0, 99)], bin 99 read as bin 98
           (the last bin is noisy; public CL ports do the same), or p without a table
   threshold = per-tag best_thr | category threshold | global default; or, for MCut
@@ -56,12 +56,15 @@ class TagRules:
 
 
 def stored_logits(raw: np.ndarray, activation: Activation) -> np.ndarray:
-    """What a row stores per tag, as float16: logits (sigmoid models; probability
-    outputs are inverted) or log-probabilities (softmax models)."""
+    """What a row stores per tag, as float16: logits for independent tags (sigmoid
+    probability outputs are inverted), log-probabilities for a softmax group (softmax
+    probability outputs are logged, so exp(stored) is the model's own probability)."""
     raw = raw.astype(np.float64)
-    if activation is Activation.NONE:
+    if activation is Activation.SIGMOID_PROBABILITIES:
         p = np.clip(raw, 1e-7, 1 - 1e-7)
         raw = np.log(p / (1 - p))
+    elif activation is Activation.SOFTMAX_PROBABILITIES:
+        raw = np.log(np.clip(raw, np.finfo(np.float32).tiny, 1.0))
     elif activation is Activation.SOFTMAX:
         shifted = raw - raw.max(axis=1, keepdims=True)
         raw = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -70,7 +73,7 @@ def stored_logits(raw: np.ndarray, activation: Activation) -> np.ndarray:
 
 def stored_to_probabilities(stored: np.ndarray, activation: Activation) -> np.ndarray:
     x = stored.astype(np.float32)
-    if activation is Activation.SOFTMAX:
+    if activation.is_group:
         return np.exp(x)
     return 1.0 / (1.0 + np.exp(-x))
 

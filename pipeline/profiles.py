@@ -8,6 +8,7 @@ Every field is checked once here, and errors name the file and the field.
 from __future__ import annotations
 
 import enum
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,10 +21,20 @@ from pipeline.errors import ConfigError
 
 
 class ResizeMode(enum.Enum):
-    SQUASH = "squash"  # resize both sides to the input size, ignoring aspect
+    SQUASH = "squash"  # resize both sides to the resize size, ignoring aspect, then centre crop
     PAD_SQUARE = "pad_square"  # pad to a square of the longest side, then resize
-    FIT_PAD = "fit_pad"  # fit the longest side to the input size, then pad
-    RESIZE_CROP = "resize_crop"  # fit the shortest side, then centre crop
+    FIT_PAD = "fit_pad"  # fit the longest side into the resize size, then centre pad (or crop)
+    RESIZE_CROP = "resize_crop"  # cover the resize size keeping aspect (shortest side), then centre crop
+
+
+class Rounding(enum.Enum):
+    """Where libraries differ by a pixel: the long side of an aspect-keeping resize and
+    the offset of a centre crop. Each value names the library whose arithmetic is copied
+    (see README, "Profiles"), so a profile reproduces its reference to the pixel."""
+
+    TAGPIPE = "tagpipe"  # round() long side, floor((d) / 2) offsets: profiles before this field
+    TIMM = "timm"  # torchvision Resize(int): int() long side; ResizeKeepRatio: round(); crop offset round((d) / 2)
+    HF = "hf"  # Hugging Face image processors: int() long side, floor((d) / 2) crop offset
 
 
 class Interpolation(enum.Enum):
@@ -60,9 +71,21 @@ class Layout(enum.Enum):
 
 
 class Activation(enum.Enum):
-    SIGMOID = "sigmoid"
-    SOFTMAX = "softmax"
-    NONE = "none"  # the model already outputs probabilities
+    """What the model's output holds, so rows store comparable numbers: logits for
+    independent (sigmoid) tags, log-probabilities for one softmax group."""
+
+    SIGMOID = "sigmoid"  # logits of independent tags
+    SOFTMAX = "softmax"  # logits of one softmax group (classes)
+    SIGMOID_PROBABILITIES = "sigmoid_probabilities"  # already sigmoid: independent probabilities (WD v3)
+    SOFTMAX_PROBABILITIES = "softmax_probabilities"  # already softmax: one group's probabilities
+
+    @property
+    def is_group(self) -> bool:
+        """One softmax group: rows store log-probabilities and p = exp(stored)."""
+        return self in (Activation.SOFTMAX, Activation.SOFTMAX_PROBABILITIES)
+
+
+ACTIVATION_ALIASES = {"none": Activation.SIGMOID_PROBABILITIES}  # the name before 0.3 (WD v3 profiles)
 
 
 class VocabularyFormat(enum.Enum):
@@ -70,6 +93,7 @@ class VocabularyFormat(enum.Enum):
     WD_CSV = "wd_csv"  # selected_tags.csv tag_id,name,category,count
     LINES = "lines"  # one tag per line, index = line number
     TAG_INDEX_JSON = "tag_index_json"  # {tag: index}
+    CONFIG_LABELS = "config_labels"  # a model config.json: id2label (Hugging Face) or label_names (timm)
 
 
 Color = tuple[int, int, int]
@@ -77,18 +101,41 @@ Color = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class Preprocess:
-    width: int
+    """A model's pixel recipe. mean and std are always in RGB order (timm and Hugging
+    Face write them so), whatever channel_order the model takes; both normalisation
+    paths flip them with the pixels. Fields added after 0.2 are left out of repr, which
+    the table's inference key is built from, and join the key only when not default
+    (extra_key), so existing tables are not re-tagged by an upgrade."""
+
+    width: int  # the model's input size (the crop size)
     height: int
     resize_mode: ResizeMode
     interpolation: Interpolation
     pad_color: Color
     alpha_background: Color
     value_range: ValueRange
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float]  # RGB order
+    std: tuple[float, float, float]  # RGB order
     channel_order: ChannelOrder
     layout: Layout
     alpha_order: AlphaOrder = AlphaOrder.BEFORE_RESIZE
+    resize_width: int | None = field(default=None, repr=False)  # None: the input size (no crop)
+    resize_height: int | None = field(default=None, repr=False)
+    rounding: Rounding = field(default=Rounding.TAGPIPE, repr=False)
+
+    @property
+    def resize_size(self) -> tuple[int, int]:
+        """The size the resize aims at, before the centre crop (or pad) to the input size."""
+        return (self.resize_width or self.width, self.resize_height or self.height)
+
+    def extra_key(self) -> dict:
+        """The fields repr leaves out, when they differ from their defaults."""
+        extra: dict = {}
+        if self.resize_size != (self.width, self.height):
+            extra["resize_size"] = list(self.resize_size)
+        if self.rounding is not Rounding.TAGPIPE:
+            extra["rounding"] = self.rounding.value
+        return extra
 
 
 @dataclass(frozen=True)
@@ -204,6 +251,11 @@ def parse_profile(text: str, where: str) -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    return profile_from_data(data, where)
+
+
+def profile_from_data(data: dict[str, Any], where: str) -> Profile:
+    """A profile from its parsed tables (a TOML file's, or one built by an import)."""
     top = _Fields(data, where, "")
     name = top.get("name", str)
     description = top.get("description", str, "")
@@ -219,36 +271,13 @@ def parse_profile(text: str, where: str) -> Profile:
     )
     files.done()
 
-    pre = _Fields(top.get("preprocess", dict), where, "preprocess")
-    size = pre.get("input_size", (int, list))
-    if isinstance(size, int):
-        size = [size, size]
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ConfigError(f"{where}: field preprocess.input_size must be a positive integer or [width, height]")
-    std = pre.triple("std", float, 1.0)
-    if any(s <= 0 for s in std):
-        raise ConfigError(f"{where}: field preprocess.std must be positive")
-    preprocess = Preprocess(
-        width=size[0],
-        height=size[1],
-        resize_mode=pre.enum("resize_mode", ResizeMode),
-        interpolation=pre.enum("interpolation", Interpolation),
-        pad_color=pre.triple("pad_color", int, [255, 255, 255]),
-        alpha_background=pre.triple("alpha_background", int, [255, 255, 255]),
-        value_range=pre.enum("value_range", ValueRange),
-        mean=pre.triple("mean", float, 0.0),
-        std=std,
-        channel_order=pre.enum("channel_order", ChannelOrder, ChannelOrder.RGB),
-        layout=pre.enum("layout", Layout, Layout.NCHW),
-        alpha_order=pre.enum("alpha_order", AlphaOrder, AlphaOrder.BEFORE_RESIZE),
-    )
-    pre.done()
+    preprocess = parse_preprocess(_Fields(top.get("preprocess", dict), where, "preprocess"))
 
     model = _Fields(top.get("model", dict, {}), where, "model")
     input_name = model.get("input_name", str, None)
     output_name = model.get("output_name", str, None)
     embedding_name = model.get("embedding_name", str, None)
-    activation = model.enum("output_activation", Activation, Activation.SIGMOID)
+    activation = _activation(model)
     model.done()
 
     thr = _Fields(top.get("thresholds", dict, {}), where, "thresholds")
@@ -275,3 +304,168 @@ def parse_profile(text: str, where: str) -> Profile:
         activation=activation,
         thresholds=Thresholds(default=default, by_category=dict(by_category)),
     )
+
+
+def _activation(model: _Fields) -> Activation:
+    raw = model.get("output_activation", str, Activation.SIGMOID.value)
+    if raw in ACTIVATION_ALIASES:
+        return ACTIVATION_ALIASES[raw]
+    return model.enum("output_activation", Activation, Activation.SIGMOID)
+
+
+def _size(fields: _Fields, key: str, default: Any = ...) -> tuple[int, int] | None:
+    """An int (a square) or [width, height], or a Hugging Face {height, width} /
+    {shortest_edge} table (a shortest edge reads as a square resize size)."""
+    value = fields.get(key, (int, list, dict), default)
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if set(value) == {"shortest_edge"}:
+            value = [value["shortest_edge"]] * 2
+        elif set(value) == {"height", "width"}:
+            value = [value["width"], value["height"]]
+        else:
+            raise ConfigError(f"{fields.where}: field {fields._name(key)} must be {{shortest_edge}} or "
+                              f"{{height, width}}; got keys {sorted(value)}")
+    if isinstance(value, int):
+        value = [value, value]
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConfigError(f"{fields.where}: field {fields._name(key)} must be a positive integer or [width, height]")
+    return (value[0], value[1])
+
+
+TIMM_CROP_MODES = {"center": ResizeMode.RESIZE_CROP, "squash": ResizeMode.SQUASH, "border": ResizeMode.FIT_PAD}
+TIMM_DEFAULT_CROP_PCT = 0.875  # timm.data.constants.DEFAULT_CROP_PCT
+
+
+def parse_preprocess(pre: _Fields) -> Preprocess:
+    """[preprocess], in tagpipe's own terms or timm's (crop_pct, crop_mode) or Hugging
+    Face's (size, crop_size, do_center_crop); all three land on the same fields."""
+    where = pre.where
+    mean, std = pre.triple("mean", float, 0.0), pre.triple("std", float, 1.0)
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"{where}: field preprocess.std must be positive")
+    channel_order = pre.enum("channel_order", ChannelOrder, ChannelOrder.RGB)
+    mean, std = _rgb_mean_std(pre, mean, std, channel_order)
+    value_range = pre.enum("value_range", ValueRange)
+    geometry = _geometry(pre, mean, value_range)
+    preprocess = Preprocess(
+        **geometry,
+        interpolation=pre.enum("interpolation", Interpolation),
+        alpha_background=pre.triple("alpha_background", int, [255, 255, 255]),
+        value_range=value_range,
+        mean=mean,
+        std=std,
+        channel_order=channel_order,
+        layout=pre.enum("layout", Layout, Layout.NCHW),
+        alpha_order=pre.enum("alpha_order", AlphaOrder, AlphaOrder.BEFORE_RESIZE),
+    )
+    pre.done()
+    return preprocess
+
+
+def _rgb_mean_std(pre: _Fields, mean: tuple, std: tuple, channel_order: ChannelOrder) -> tuple[tuple, tuple]:
+    """mean and std in RGB order. Before mean_std_order existed, the two normalisation
+    paths read a BGR model's uneven mean in different orders; such a profile must now
+    say which order it means rather than be guessed."""
+    order = pre.get("mean_std_order", str, None)
+    if order is None:
+        uneven = len(set(mean)) > 1 or len(set(std)) > 1
+        if channel_order is ChannelOrder.BGR and uneven:
+            raise ConfigError(
+                f"{pre.where}: field preprocess.mean_std_order is required when channel_order is BGR and mean or "
+                "std differ per channel: say \"RGB\" (the timm and Hugging Face convention) or \"BGR\" "
+                "(Caffe's order, e.g. mean = [104, 117, 123])"
+            )
+        return mean, std
+    if order not in ("RGB", "BGR"):
+        raise ConfigError(f"{pre.where}: field preprocess.mean_std_order = {order!r}; allowed: RGB, BGR")
+    return (mean[::-1], std[::-1]) if order == "BGR" else (mean, std)
+
+
+def _geometry(pre: _Fields, mean: tuple, value_range: ValueRange) -> dict:
+    """width, height, resize size, resize_mode, rounding and pad_color, from whichever
+    vocabulary the profile uses; mixing two for one setting is refused by name."""
+    where = pre.where
+    timm_terms = [k for k in ("crop_pct", "crop_mode") if k in pre.table]
+    hf_terms = [k for k in ("size", "crop_size", "do_center_crop") if k in pre.table]
+    if timm_terms and hf_terms:
+        raise ConfigError(f"{where}: fields {', '.join('preprocess.' + k for k in timm_terms + hf_terms)} mix "
+                          "timm's and Hugging Face's terms: use one")
+    for terms in (timm_terms, hf_terms):
+        clash = [k for k in ("resize_mode", "resize_size") if terms and k in pre.table]
+        if clash:
+            raise ConfigError(f"{where}: fields preprocess.{clash[0]} and preprocess.{terms[0]} say the same "
+                              "thing twice: use one")
+    if timm_terms:
+        width, height, resize, mode, rounding = _timm_geometry(pre)
+    elif hf_terms:
+        width, height, resize, mode, rounding = _hf_geometry(pre)
+    else:
+        width, height = _size(pre, "input_size")  # type: ignore[misc]
+        resize = _size(pre, "resize_size", None) or (width, height)
+        mode = pre.enum("resize_mode", ResizeMode)
+        rounding = pre.enum("rounding", Rounding, Rounding.TAGPIPE)
+    if timm_terms or hf_terms:
+        rounding = pre.enum("rounding", Rounding, rounding)
+    border_fill = [round(255 * m) if value_range is ValueRange.UNIT else round(m) for m in mean]
+    pad_default = border_fill if timm_terms and mode is ResizeMode.FIT_PAD else [255, 255, 255]
+    _check_geometry(where, mode, rounding, (width, height), resize)
+    return dict(
+        width=width, height=height, resize_mode=mode, rounding=rounding,
+        resize_width=resize[0] if resize != (width, height) else None,
+        resize_height=resize[1] if resize != (width, height) else None,
+        pad_color=pre.triple("pad_color", int, pad_default),
+    )  # fmt: skip
+
+
+def _timm_geometry(pre: _Fields) -> tuple:
+    """timm's eval transform: scale_size = floor(input_size / crop_pct), then
+    center: shortest side to scale_size and centre crop; squash: both sides, then crop;
+    border: longest side to scale_size, then centre crop or pad (fill: the mean)."""
+    width, height = _size(pre, "input_size")  # type: ignore[misc]
+    crop_pct = pre.get("crop_pct", float, TIMM_DEFAULT_CROP_PCT)
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"{pre.where}: field preprocess.crop_pct must be in (0, 1] (above 1 torchvision would "
+                          f"pad after resizing, which tagpipe does not do); got {crop_pct}")
+    raw_mode = pre.get("crop_mode", str, "center")
+    if raw_mode not in TIMM_CROP_MODES:
+        raise ConfigError(f"{pre.where}: field preprocess.crop_mode = {raw_mode!r}; allowed: {', '.join(TIMM_CROP_MODES)}")
+    resize = (math.floor(width / crop_pct), math.floor(height / crop_pct))
+    return width, height, resize, TIMM_CROP_MODES[raw_mode], Rounding.TIMM
+
+
+def _hf_geometry(pre: _Fields) -> tuple:
+    """A Hugging Face image processor's size / crop_size / do_center_crop."""
+    size = _size(pre, "size", None)
+    if size is None:
+        raise ConfigError(f"{pre.where}: field preprocess.size is required with crop_size or do_center_crop")
+    shortest_edge = isinstance(pre.table.get("size"), dict) and "shortest_edge" in pre.table["size"]
+    crop = _size(pre, "crop_size", None)
+    do_crop = pre.get("do_center_crop", bool, crop is not None)
+    if do_crop and crop is None:
+        raise ConfigError(f"{pre.where}: field preprocess.crop_size is required when do_center_crop is true")
+    if shortest_edge and not do_crop:
+        raise ConfigError(f"{pre.where}: field preprocess.size = {{shortest_edge}} without a centre crop gives every "
+                          "image another size; add crop_size (a model takes one size)")
+    width, height = crop if do_crop else size
+    if "input_size" in pre.table and _size(pre, "input_size") != (width, height):
+        raise ConfigError(f"{pre.where}: field preprocess.input_size disagrees with the size after "
+                          f"{'crop_size' if do_crop else 'size'} ({width}x{height})")
+    pre.seen.add("input_size")
+    mode = ResizeMode.RESIZE_CROP if shortest_edge else ResizeMode.SQUASH
+    return width, height, size, mode, Rounding.HF
+
+
+def _check_geometry(where: str, mode: ResizeMode, rounding: Rounding, size: tuple, resize: tuple) -> None:
+    if mode is ResizeMode.PAD_SQUARE and resize != size:
+        raise ConfigError(f"{where}: field preprocess.resize_size: pad_square resizes to the input size; "
+                          "give no resize_size")
+    if mode in (ResizeMode.SQUASH, ResizeMode.RESIZE_CROP) and (resize[0] < size[0] or resize[1] < size[1]):
+        raise ConfigError(f"{where}: field preprocess.resize_size {resize[0]}x{resize[1]} is smaller than the "
+                          f"input size {size[0]}x{size[1]}: the centre crop would need padding")
+    if rounding is Rounding.HF and mode is ResizeMode.RESIZE_CROP and resize[0] != resize[1]:
+        raise ConfigError(f"{where}: field preprocess.resize_size: Hugging Face resizes a shortest edge, "
+                          f"one number; got {resize[0]}x{resize[1]}")
+    if rounding is Rounding.HF and mode is ResizeMode.FIT_PAD:
+        raise ConfigError(f"{where}: field preprocess.rounding = \"hf\": Hugging Face has no fit_pad recipe")

@@ -348,7 +348,7 @@ def _tag(cfg, bundle, rules, run_id, pending: pa.Table, table: TagTable, key: st
         provider=cfg.provider,
         intra_op_threads=placement.intra_op_threads,
         run_id=run_id,
-        dense_logits=cfg.dense_logits,
+        dense_logits=cfg.dense_logits_for(len(bundle.vocabulary)),
         normalise_in_graph=cfg.normalise_in_graph,
         rules=rules,
         batch_timeout=cfg.batch_timeout,

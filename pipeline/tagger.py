@@ -48,7 +48,8 @@ class ModelTimeout(Exception):
 
 
 class Normaliser:
-    """uint8 RGB NHWC -> the model's float input, as its profile says."""
+    """uint8 RGB NHWC -> the model's float input, as its profile says: scaled and
+    normalised with the RGB-ordered mean and std, then put in the model's channel order."""
 
     def __init__(self, pre: Preprocess):
         std = np.asarray(pre.std, np.float32)
@@ -86,7 +87,7 @@ class TaggerStage:
             self.normalise = Normaliser(profile.preprocess)
         log.info("tagger session on %s (%s, %s)", self.session_info.provider, self.bundle.model_path, "uint8 in" if self.normalise is None else "float in")
         self.output_name = profile.output_name or self.bundle.output_names[0]
-        self.embedding_name = profile.embedding_name if self.bundle.has_embedding_output else None
+        self.embedding_name = self.bundle.embedding_output
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         fixed = shapes[self.input_name][0] if shapes.get(self.input_name) else None
         self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None  # some WD exports take batch 1

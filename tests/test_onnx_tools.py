@@ -1,7 +1,8 @@
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from helpers import identity_model
+from helpers import identity_model, tiny_tagger, wd_bundle
 from onnx import TensorProto
 
 from pipeline.bundle import load_bundle
@@ -37,6 +38,30 @@ def test_expose_embedding_on_a_bundle_directory(tmp_path):
     assert bundle.has_embedding_output and bundle.ood_reference is not None
     with pytest.raises(BundleError, match="already has"):
         expose_embedding(tmp_path / "with_embedding", tmp_path / "again")
+
+
+def test_expose_embedding_on_a_bare_folder_or_with_a_profile_and_inspect_sees_it(tmp_path):
+    """A folder with only a model: its .onnx and first output. A WD model's exposed
+    embedding is used although the wd_v3 profile names none, and inspect says so."""
+
+    from pipeline.inspect import describe_bundle
+
+    bare = tmp_path / "bare"
+    tiny_tagger(bare / "only.onnx", size=32, nhwc=False, tags=4, activation="Sigmoid")
+    out = expose_embedding(bare, tmp_path / "bare_out")
+    assert out.name == "only.onnx" and "embedding" in [o.name for o in onnx.load(str(out)).graph.output]
+    wd = wd_bundle(tmp_path / "wd")
+    (wd / "selected_tags.csv").rename(wd / "tags.csv")  # no longer recognisable: the profile must be given
+    with pytest.raises(BundleError, match="--profile"):
+        (wd / "extra.onnx").write_bytes((wd / "model.onnx").read_bytes())
+        expose_embedding(wd, tmp_path / "nowhere")
+    (wd / "extra.onnx").unlink()
+    (wd / "tags.csv").rename(wd / "selected_tags.csv")
+    expose_embedding(wd, tmp_path / "wd_out", profile="wd_v3")
+    bundle = load_bundle(tmp_path / "wd_out")
+    assert bundle.profile.embedding_name is None and bundle.embedding_output == "embedding"
+    assert "embedding output: yes (embedding)" in describe_bundle(tmp_path / "wd_out")
+    assert "embedding output: no" in describe_bundle(wd)
 
 
 @pytest.mark.parametrize("profile_name", ["wd_v3", "cl_tagger_v2", "joytag", "jtp1"])

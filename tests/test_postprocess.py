@@ -159,7 +159,7 @@ def test_sigmoid_screen_keeps_exactly_the_tags_at_the_floor(demo_bundle):
     assert 0 < want.sum() < want.size  # the rows straddle the floor
 
 
-@pytest.mark.parametrize("activation", ["softmax", "none"])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid_probabilities", "softmax_probabilities"])
 def test_other_activations_store_the_floor_candidates(demo_bundle, raw_outputs, activation):
     from pipeline.profiles import Activation
 
@@ -167,8 +167,11 @@ def test_other_activations_store_the_floor_candidates(demo_bundle, raw_outputs, 
     rules = TagRules.from_bundle(bundle)
     kind = Activation(activation)
     raw = raw_outputs[0]
-    if kind is Activation.NONE:
+    if kind is Activation.SIGMOID_PROBABILITIES:
         raw = (1 / (1 + np.exp(-raw.astype(np.float64)))).astype(np.float32)
+    if kind is Activation.SOFTMAX_PROBABILITIES:
+        shifted = np.exp(raw.astype(np.float64) - raw.max(axis=1, keepdims=True))
+        raw = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
     post = Postprocessor(bundle.vocabulary, kind, rules, None, bundle.tag_metrics)
     want = _dense_candidates(raw, kind, rules, np.asarray(bundle.vocabulary.categories))
     out = post(raw, None)

@@ -29,8 +29,7 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     from pipeline.bundle import load_bundle
 
     vocabulary = load_bundle(demo_bundle).vocabulary
-    kept = zip(row["logit_indices"], row["logit_values"])  # above the floor, or a rating/quality logit (always kept)
-    assert all(1 / (1 + 2.718281828**-v) >= 0.01 or vocabulary.categories[i] in ("rating", "quality") for i, v in kept)
+    assert row["logit_indices"] == list(range(len(vocabulary)))  # a small vocabulary: every logit by default
     assert isinstance(row["ood"], bool)
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
     assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
@@ -42,6 +41,20 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     assert counts == (len(images), len(images), 4)
     phash = duckdb.execute(f"select phash from read_parquet(getvariable('files')) where uri = '{row['uri']}'").fetchone()[0]
     assert phash == row["phash"] and f"{phash:016x}" == row["phash_hex"]
+
+    # the README's one-liners read any tag's probability from every row
+    import numpy as np
+    import pandas as pd
+
+    df = table.to_pandas(types_mapper=pd.ArrowDtype)
+    ok = df[df.error.isna()]
+    i = vocabulary.tags.index(next(t for tags in table.column("tags").to_pylist() if tags for t in tags))
+    p = 1 / (1 + np.exp(-ok.logit_values.list[i].astype(float)))
+    want = [1 / (1 + np.exp(-float(r[i]))) for r in table.filter(table.column("error").is_null()).column("logit_values").to_pylist()]
+    np.testing.assert_allclose(p.to_numpy(float), want, rtol=1e-6)
+    assert p.max() > 0.5 > p.min()
+    duck = duckdb.execute(f"select 1 / (1 + exp(-logit_values[{i} + 1])) from read_parquet(getvariable('files')) where error is null").fetchall()
+    np.testing.assert_allclose(sorted(v for (v,) in duck), sorted(want), rtol=1e-6)
 
     again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added, no new version
     assert again.images == 0 and again.skipped == len(images) and again.change == "no change" and again.version == 1
