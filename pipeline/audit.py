@@ -1,11 +1,14 @@
-"""`tagpipe audit`: every eval image within R bits (or byte-identical) of a train image.
+"""`tagpipe audit`: every eval image that is a copy or near-duplicate of a train image.
 
-Inputs are tagpipe outputs (tag or split directories) or Parquet/CSV files with a
-sha256 and/or phash column (uint64, or 16 hex digits as imagehash writes). An input
-with a `split` column is taken as a split output: for --train its train rows, for
---eval the rest except held-out images.
-Blank-image hashes (solid colour, black) match by sha256 only, as in dedup. Exit status
-1 when any leak is found, so the audit can gate CI or a nightly job.
+Three signals, as in dedup (pipeline/duplicate_signals.py): the same sha256; phash
+within R bits between hashes that carry detail; the tagger's embedding at cosine >= a
+threshold (given, or "auto" from the data). Inputs are tagpipe outputs (tag tables,
+split outputs) or Parquet/CSV files with sha256, phash (uint64 or 16 hex digits) and,
+optionally, embedding columns. A split output is read for its train rows (--train) or
+its val/test rows (--eval); its hashes and embeddings come from the tag table given
+with --tags. The report says how many eval images each signal could not check
+(no hash, a low-detail hash, no embedding); "clean" is printed only when no leak was
+found and every eval image was checked by phash or embedding. Exit status 1 on leaks.
 """
 
 from __future__ import annotations
@@ -19,47 +22,94 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from pipeline.duplicate_signals import (
+    EMBEDDING, PHASH, SHA256, Edges, embedding_edges, embedding_matrix, hash_reliability,
+)  # fmt: skip
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
-from pipeline.phash import BLACK_HASH, SOLID_HASH
 from pipeline.storage import filesystem_for, read_parquet, write_atomic
 
 log = logging.getLogger(__name__)
+SIGNAL_COLUMNS = ["uri", "sha256", "phash", "phash_hex", "phash_degenerate", "embedding", "split", "error"]
 
 
 @dataclass
 class AuditReport:
     train_images: int = 0
     eval_images: int = 0
-    leaks: int = 0  # eval images with a train image within R (or the same bytes)
+    leaks: int = 0  # eval images with a train copy or near-duplicate by any signal
     exact_leaks: int = 0  # of which byte-identical
+    by_signal: dict = field(default_factory=dict)  # signal -> eval images it found
+    not_checked: dict = field(default_factory=dict)  # signal -> eval images it could not check
+    unchecked: int = 0  # eval images neither phash nor embedding could check
     max_distance: int = 6
-    histogram: dict = field(default_factory=dict)  # distance -> eval images whose nearest train image is that far
+    embedding: dict = field(default_factory=dict)  # threshold and how it was chosen; {} if not used
+    histogram: dict = field(default_factory=dict)  # bits -> eval images whose nearest train image (sha256 or phash) is that far
 
     def text(self) -> str:
-        hist = ", ".join(f"{d}: {c}" for d, c in sorted(self.histogram.items(), key=lambda kv: int(kv[0]))) or "none"
-        verdict = "LEAKS FOUND" if self.leaks else "clean"
+        if self.leaks:
+            verdict = "LEAKS FOUND"
+        elif self.unchecked:
+            verdict = f"no leaks found, but {self.unchecked} eval images could not be checked for near-duplicates"
+        else:
+            verdict = "clean"
+        found = ", ".join(f"{k} {v}" for k, v in self.by_signal.items()) or "none"
+        missed = ", ".join(f"{k} {v}" for k, v in self.not_checked.items()) or "none"
+        emb = self.embedding
+        emb_text = f"cosine >= {emb['threshold']:.4f} ({emb['chosen_by']})" if emb.get("threshold") is not None else "off"
         return (
-            f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images within {self.max_distance} bits of the "
-            f"{self.train_images} train images ({self.exact_leaks} byte-identical); nearest-distance histogram: {hist}"
+            f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images are copies or near-duplicates of the "
+            f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
+            f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
         )
 
 
 def read_hashes(uri: str, storage_options: dict | None = None, role: str = "train") -> pa.Table:
-    """uri, sha256, phash (uint64, null where unknown) from any supported input."""
+    """read_signals without a tag table to join (the name split and older code use)."""
+    return read_signals(uri, storage_options, role)
+
+
+def read_signals(uri: str, storage_options: dict | None = None, role: str = "train", tags: str | None = None) -> pa.Table:
+    """uri, sha256, phash (uint64, null where unknown), phash_unreliable, embedding (or
+    null) from any supported input; a split output's train or eval rows, with hashes
+    and embeddings joined from tags when given."""
     fs, path = filesystem_for(uri, storage_options)
     if path.endswith(".csv"):
         with fs.open(path, "rb") as handle:
             table = pcsv.read_csv(handle)
     else:
-        table = read_parquet(uri, storage_options, ["uri", "sha256", "phash", "phash_hex", "split"], only_present=True)
+        table = read_parquet(uri, storage_options, SIGNAL_COLUMNS, only_present=True)
     names = set(table.column_names)
-    if not names & {"sha256", "phash", "phash_hex"}:
-        raise TagpipeError(f"{uri}: needs a sha256 and/or phash column (has {sorted(names)})")
+    if not names & {"sha256", "phash", "phash_hex", "embedding"}:
+        raise TagpipeError(f"{uri}: needs sha256, phash or embedding columns (has {sorted(names)})")
     if "split" in names:
         split = table.column("split")
         keep = pc.equal(split, "train") if role == "train" else pc.invert(pc.is_in(split, pa.array(["train", "held_out"])))
         table = table.filter(keep)
+        if tags:
+            table = _join_tags(table, tags, storage_options)
+    elif "error" in names:
+        table = table.filter(pc.is_null(table.column("error")))
+    return _normalised(table, uri)
+
+
+def _join_tags(table: pa.Table, tags: str, storage_options: dict | None) -> pa.Table:
+    """A split's rows with the tag table's phash flag and embedding, by uri."""
+    extra = read_parquet(tags, storage_options, ["uri", "phash_degenerate", "embedding"], only_present=True)
+    position = {u: i for i, u in enumerate(extra.column("uri").to_pylist())}
+    take = pa.array([position.get(u) for u in table.column("uri").to_pylist()], pa.int64())  # null: not tagged
+    for name in extra.column_names:
+        if name != "uri":  # Arrow joins do not carry fixed-size lists: taken by position
+            column = extra.column(name).take(take)
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, column)
+            else:
+                table = table.append_column(name, column)
+    return table
+
+
+def _normalised(table: pa.Table, uri: str) -> pa.Table:
+    names = set(table.column_names)
     n = table.num_rows
     if "phash" in names and pa.types.is_integer(table.schema.field("phash").type):
         phash = table.column("phash").cast(pa.uint64())
@@ -68,84 +118,147 @@ def read_hashes(uri: str, storage_options: dict | None = None, role: str = "trai
         phash = pa.array([int(h, 16) if h else None for h in text], pa.uint64())
     else:
         phash = pa.nulls(n, pa.uint64())
-    uris = table.column("uri") if "uri" in names else pa.array([f"{uri}#{i}" for i in range(n)], pa.string())
-    sha = table.column("sha256").cast(pa.string()) if "sha256" in names else pa.nulls(n, pa.string())
-    return pa.table({"uri": uris, "sha256": sha, "phash": phash})
+    flagged = table.column("phash_degenerate").fill_null(False) if "phash_degenerate" in names else pa.array([False] * n)
+    columns = {
+        "uri": table.column("uri") if "uri" in names else pa.array([f"{uri}#{i}" for i in range(n)], pa.string()),
+        "sha256": table.column("sha256").cast(pa.string()) if "sha256" in names else pa.nulls(n, pa.string()),
+        "phash": phash,
+        "phash_unreliable": flagged,
+    }
+    if "embedding" in names:
+        columns["embedding"] = table.column("embedding")
+    return pa.table(columns)
 
 
-def audit(train: pa.Table, evaluation: pa.Table, max_distance: int) -> tuple[pa.Table, AuditReport]:
-    """(leaks: eval_uri, train_uri, distance, exact; one row per leaking eval image, its
-    nearest train image), report."""
+def audit(train: pa.Table, evaluation: pa.Table, max_distance: int,
+          embedding_threshold: float | str | None = "auto") -> tuple[pa.Table, AuditReport]:  # fmt: skip
+    """(leaks: eval_uri, train_uri, signal, distance, cosine, exact; per eval image and
+    signal, its nearest train image), report."""
     report = AuditReport(train_images=train.num_rows, eval_images=evaluation.num_rows, max_distance=max_distance)
-    best: dict[int, tuple[int, int]] = {}  # eval row -> (distance, train row)
+    found: dict[tuple[int, str], tuple[float, int, int, float]] = {}  # (eval, signal) -> (rank key, train, distance, cosine)
+    _sha256_leaks(train, evaluation, found)
+    phash_checked = _phash_leaks(train, evaluation, max_distance, found, report)
+    emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, found, report)
+    report.unchecked = int((~(phash_checked | emb_checked)).sum())
+    return _leak_table(train, evaluation, found, report), report
 
+
+def _sha256_leaks(train: pa.Table, evaluation: pa.Table, found: dict) -> None:
     train_sha = {s: i for i, s in enumerate(train.column("sha256").to_pylist()) if s}
-    exact = set()
     for j, s in enumerate(evaluation.column("sha256").to_pylist()):
         if s and s in train_sha:
-            best[j] = (0, train_sha[s])
-            exact.add(j)
-
-    def usable(table):
-        h = table.column("phash")
-        valid = h.is_valid().to_numpy(zero_copy_only=False)
-        values = h.fill_null(0).to_numpy().astype(np.uint64)
-        ok = valid & (values != np.uint64(SOLID_HASH)) & (values != np.uint64(BLACK_HASH))
-        return np.flatnonzero(ok), values
-
-    t_rows, t_hash = usable(train)
-    e_rows, e_hash = usable(evaluation)
-    if len(t_rows) and len(e_rows):
-        hashes, inverse = np.unique(np.concatenate([t_hash[t_rows], e_hash[e_rows]]), return_inverse=True)
-        t_of = inverse[: len(t_rows)]
-        e_of = inverse[len(t_rows) :]
-        first_train = np.full(len(hashes), -1, np.int64)
-        first_train[t_of[::-1]] = t_rows[::-1]  # a train row per distinct hash (the first)
-        in_eval = np.zeros(len(hashes), bool)
-        in_eval[e_of] = True
-        a, b = near_pairs(hashes, max_distance)
-        distance = np.bitwise_count(hashes[a] ^ hashes[b]).astype(np.int64)
-        # distance 0: the same hash on both sides
-        same = np.flatnonzero((first_train >= 0) & in_eval)
-        a = np.concatenate([a, same])
-        b = np.concatenate([b, same])
-        distance = np.concatenate([distance, np.zeros(len(same), np.int64)])
-        nearest = np.full(len(hashes), max_distance + 1, np.int64)
-        nearest_train = np.full(len(hashes), -1, np.int64)
-        x = np.concatenate([a, b])  # each pair both ways: eval hash x, train hash y
-        y = np.concatenate([b, a])
-        d = np.concatenate([distance, distance])
-        hit = in_eval[x] & (first_train[y] >= 0)
-        x, y, d = x[hit], y[hit], d[hit]
-        order = np.lexsort((np.arange(len(d)), d))  # nearest first; ties: the first pair found
-        h, first = np.unique(x[order], return_index=True)
-        nearest[h] = d[order][first]
-        nearest_train[h] = first_train[y[order][first]]
-        for row, h in zip(e_rows, e_of):
-            if nearest_train[h] >= 0 and (row not in best or nearest[h] < best[row][0]):
-                best[int(row)] = (int(nearest[h]), int(nearest_train[h]))
-    eval_uris = evaluation.column("uri").to_pylist()
-    train_uris = train.column("uri").to_pylist()
-    rows = sorted(best.items())
-    leaks = pa.table(
-        {
-            "eval_uri": pa.array([eval_uris[j] for j, _ in rows], pa.string()),
-            "train_uri": pa.array([train_uris[t] for _, (d, t) in rows], pa.string()),
-            "distance": pa.array([d for _, (d, t) in rows], pa.int32()),
-            "exact": pa.array([j in exact for j, _ in rows], pa.bool_()),
-        }
-    )
-    report.leaks = len(rows)
-    report.exact_leaks = len(exact)
-    for _, (d, _) in rows:
-        report.histogram[str(d)] = report.histogram.get(str(d), 0) + 1
-    return leaks, report
+            found[(j, SHA256)] = (0.0, train_sha[s], 0, 1.0)
 
 
-def run_audit(train: str, evaluation: str, max_distance: int = 6, output: str | None = None, storage_options: dict | None = None) -> tuple[pa.Table, AuditReport]:
+def _hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
+    h = table.column("phash")
+    has = h.is_valid().to_numpy(zero_copy_only=False)
+    values = h.fill_null(0).to_numpy().astype(np.uint64)
+    flagged = None
+    if "phash_unreliable" in table.column_names:
+        flagged = table.column("phash_unreliable").to_numpy(zero_copy_only=False).astype(bool)
+    usable, reasons = hash_reliability(values, has, flagged)
+    return values, usable, reasons
+
+
+def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
+    """Nearest reliable train hash within max_distance, per eval image; returns which
+    eval images phash could check."""
+    t_hash, t_ok, _ = _hashes(train)
+    e_hash, e_ok, reasons = _hashes(evaluation)
+    report.not_checked[PHASH] = int((~e_ok).sum())
+    report.not_checked.update({f"{PHASH}:{k}": v for k, v in reasons.items() if v})
+    t_rows, e_rows = np.flatnonzero(t_ok), np.flatnonzero(e_ok)
+    if not (len(t_rows) and len(e_rows)):
+        return e_ok
+    hashes, inverse = np.unique(np.concatenate([t_hash[t_rows], e_hash[e_rows]]), return_inverse=True)
+    t_of, e_of = inverse[: len(t_rows)], inverse[len(t_rows) :]
+    first_train = np.full(len(hashes), -1, np.int64)
+    first_train[t_of[::-1]] = t_rows[::-1]  # a train row per distinct hash (the first)
+    a, b = near_pairs(hashes, max_distance)
+    same = np.unique(t_of)
+    x = np.concatenate([a, b, same])  # eval-side hash, train-side hash, distance
+    y = np.concatenate([b, a, same])
+    d = np.concatenate([np.bitwise_count(hashes[a] ^ hashes[b])] * 2 + [np.zeros(len(same), np.uint8)]).astype(np.int64)
+    hit = first_train[y] >= 0
+    x, y, d = x[hit], y[hit], d[hit]
+    order = np.lexsort((np.arange(len(d)), d))
+    h, first = np.unique(x[order], return_index=True)
+    nearest = dict(zip(h.tolist(), zip(d[order][first].tolist(), first_train[y[order][first]].tolist())))
+    for row, code in zip(e_rows.tolist(), e_of.tolist()):
+        if code in nearest:
+            distance, t = nearest[code]
+            found[(row, PHASH)] = (float(distance), t, distance, float("nan"))
+    return e_ok
+
+
+def _embedding_leaks(train, evaluation, threshold, found, report) -> np.ndarray:
+    """Train images at cosine >= threshold, per eval image; returns which eval images
+    the embedding could check."""
+    checked = np.zeros(evaluation.num_rows, bool)
+    have = "embedding" in train.column_names and "embedding" in evaluation.column_names
+    if threshold is None or not have:
+        report.not_checked[EMBEDDING] = evaluation.num_rows
+        report.embedding = {"threshold": None, "reason": "off" if threshold is None else "no embedding column"}
+        return checked
+    t_rows, t_vec = embedding_matrix(train.column("embedding"))
+    e_rows, e_vec = embedding_matrix(evaluation.column("embedding"))
+    if not len(t_rows) or not len(e_rows) or t_vec.shape[1] != e_vec.shape[1]:
+        report.not_checked[EMBEDDING] = evaluation.num_rows
+        report.embedding = {"threshold": None, "reason": "no comparable embeddings on both sides"}
+        return checked
+    vectors = np.vstack([t_vec, e_vec])
+    side = np.r_[np.zeros(len(t_rows), bool), np.ones(len(e_rows), bool)]
+    index = np.r_[t_rows, e_rows]
+    edges = Edges()
+    groups = np.arange(len(vectors))  # nothing joined beforehand: every random pair is a negative
+    choice, facts = embedding_edges(vectors, np.arange(len(vectors)), threshold, groups, (np.zeros(0), np.zeros(0)), edges)
+    report.embedding = {**asdict(choice), **facts}
+    a, b, _, _, cosine = edges.arrays()
+    cross = side[a] != side[b]
+    for x, y, c in zip(a[cross].tolist(), b[cross].tolist(), cosine[cross].tolist()):
+        e, t = (x, y) if side[x] else (y, x)
+        key = (int(index[e]), EMBEDDING)
+        if key not in found or -c < found[key][0]:
+            found[key] = (-c, int(index[t]), -1, c)
+    checked[e_rows] = True
+    usable = np.linalg.norm(e_vec.astype(np.float32), axis=1) > 0
+    checked[e_rows[~usable]] = False
+    report.not_checked[EMBEDDING] = int((~checked).sum())
+    return checked
+
+
+def _leak_table(train, evaluation, found, report) -> pa.Table:
+    eval_uris, train_uris = evaluation.column("uri").to_pylist(), train.column("uri").to_pylist()
+    keys = sorted(found, key=lambda k: (k[0], [SHA256, PHASH, EMBEDDING].index(k[1])))
+    leaking = {e for e, _ in keys}
+    report.leaks = len(leaking)
+    report.exact_leaks = sum(1 for e, s in keys if s == SHA256)
+    report.by_signal = {s: sum(1 for _, k in keys if k == s) for s in (SHA256, PHASH, EMBEDDING)}
+    nearest: dict[int, int] = {}  # eval image -> bits to its nearest train image (same bytes: 0)
+    for (e, s), (_, _, distance, _) in found.items():
+        if s in (SHA256, PHASH):
+            nearest[e] = min(nearest.get(e, 99), distance)
+    for distance in nearest.values():
+        report.histogram[str(distance)] = report.histogram.get(str(distance), 0) + 1
+    rows = [found[k] for k in keys]
+    return pa.table({
+        "eval_uri": pa.array([eval_uris[e] for e, _ in keys], pa.string()),
+        "train_uri": pa.array([train_uris[r[1]] for r in rows], pa.string()),
+        "signal": pa.array([s for _, s in keys], pa.string()),
+        "distance": pa.array([r[2] if s != EMBEDDING else None for (_, s), r in zip(keys, rows)], pa.int32()),
+        "cosine": pa.array([r[3] if s == EMBEDDING else None for (_, s), r in zip(keys, rows)], pa.float32()),
+        "exact": pa.array([s == SHA256 for _, s in keys], pa.bool_()),
+    })  # fmt: skip
+
+
+def run_audit(train: str, evaluation: str, max_distance: int = 6, output: str | None = None,
+              storage_options: dict | None = None, tags: str | None = None,
+              embedding_threshold: float | str | None = "auto") -> tuple[pa.Table, AuditReport]:  # fmt: skip
     if not 0 <= max_distance <= 32:
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
-    leaks, report = audit(read_hashes(train, storage_options, "train"), read_hashes(evaluation, storage_options, "eval"), max_distance)
+    leaks, report = audit(read_signals(train, storage_options, "train", tags),
+                          read_signals(evaluation, storage_options, "eval", tags), max_distance, embedding_threshold)  # fmt: skip
     if output:
         path = output.rstrip("/")
         write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)

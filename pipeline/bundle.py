@@ -169,6 +169,7 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
     if input_name not in input_names:
         raise BundleError(f"{model_path}: profile {profile.name} expects input {input_name!r}; model has {list(input_names)}")
     output_width = _static_last_dim(graph, output_name)
+    _check_input_size(graph, input_name, profile, model_path)
 
     vocabulary = load_vocabulary(directory / profile.files.vocabulary, profile.files.vocabulary_format)
     if output_width is not None and output_width != len(vocabulary):
@@ -202,9 +203,28 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
     )
 
 
+def _check_input_size(graph: onnx.ModelProto, input_name: str, profile: Profile, model_path: Path) -> None:
+    """A model with a fixed input size must get the profile's: otherwise the in-graph
+    path feeds it other sizes and gets answers, and the numpy path fails every row."""
+    value = next(i for i in graph.graph.input if i.name == input_name)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return
+    nhwc = profile.preprocess.layout.value == "NHWC"
+    height, width = (dims[1], dims[2]) if nhwc else (dims[2], dims[3])
+    channels = dims[3] if nhwc else dims[1]
+    if channels not in (None, 3):
+        raise BundleError(f"{model_path}: input {input_name!r} has {channels} channels where the profile's "
+                          f"{profile.preprocess.layout.value} layout puts them; check preprocess.layout")
+    want = profile.input_size
+    if (width and width != want[0]) or (height and height != want[1]):
+        raise BundleError(f"{model_path}: input {input_name!r} takes {width}x{height} but profile {profile.name} "
+                          f"gives {want[0]}x{want[1]} (preprocess.input_size): model and profile do not belong together")
+
+
 def _embedding_width(graph: onnx.ModelProto, profile: Profile, output_names: tuple[str, ...]) -> int | None:
     for name in (profile.embedding_name, EMBEDDING_OUTPUT):
-        if name is not None and name in output_names:
+        if name is not None and name in output_names and name != profile.output_name:
             return _static_last_dim(graph, name)
     return None
 

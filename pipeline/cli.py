@@ -383,17 +383,21 @@ def dedup(
     tags: str = typer.Option(..., "--tags", help="A tag output directory (uri, sha256, phash)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for clusters.parquet and _summary.json."),
     max_distance: int = typer.Option(6, help="Near duplicates: phash Hamming distance <= this (see docs/decisions.md)."),
+    embedding_threshold: str = typer.Option(
+        "auto", help="Near duplicates by the tagger's embedding: cosine >= this; 'auto' chooses it from the data (a 1e-6 false-match rate on random pairs); 'off'."
+    ),
     storage_options: StorageOptions = None,
-    ray_address: Optional[str] = typer.Option(None, help="Ray for large inputs (>= 1M distinct hashes): 'auto' or an address; default a local Ray."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray for large inputs (>= 1M rows): 'auto' or an address; default a local Ray."),
     verbose: Verbose = False,
     quiet: Quiet = False,
     log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
-    """Exact (sha256) and near (phash) duplicate clusters, with a stable cluster_id."""
-    from pipeline.dedup import run_dedup
+    """Exact (sha256), near (phash) and embedding duplicate clusters, with a stable cluster_id."""
+    from pipeline.dedup import parse_embedding_threshold, run_dedup
 
     _setup(verbose, quiet, log_format)
-    summary = run_dedup(tags, output, max_distance, _storage_options(storage_options), ray_address)
+    threshold = parse_embedding_threshold(embedding_threshold)
+    summary = run_dedup(tags, output, max_distance, _storage_options(storage_options), ray_address, threshold)
     _emit(summary)
     for giant in summary.giant_clusters:
         typer.echo(f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, {giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart")
@@ -412,16 +416,18 @@ def split(
     min_count: int = typer.Option(5, help="Report tags with at least this many positives overall and none in a split."),
     stratify: bool = typer.Option(False, "--stratify", help="Iterative multi-label stratification at cluster level (else a hash per cluster)."),
     min_val_positives: int = typer.Option(0, help="With --stratify: each tag frequent enough gets at least this many val positives (JoyTag used 5)."),
+    group_column: Optional[str] = typer.Option(None, help="Images sharing this --metadata column's value (a post, parent, artist) never cross splits."),
+    metadata: Optional[str] = typer.Option(None, help="Parquet or CSV with uri and the --group-column column."),
     storage_options: StorageOptions = None,
 ) -> None:
-    """Assign whole duplicate clusters to train/val/test, stable across nightly runs."""
+    """Assign whole duplicate clusters (and metadata groups) to train/val/test, stable across nightly runs."""
     from pipeline.split import parse_ratios, run_split
 
     _setup()
     prev = previous if previous is None or previous.endswith(".parquet") else previous.rstrip("/") + "/splits.parquet"
     report = run_split(
         tags, dedup, output, parse_ratios(ratios), seed, prev, list(exclude or []), max_distance, min_count,
-        _storage_options(storage_options), stratify, min_val_positives,
+        _storage_options(storage_options), stratify, min_val_positives, group_column, metadata,
     )  # fmt: skip
     _emit(report)
     for bridge in report.bridges:
@@ -447,22 +453,35 @@ def report(
     _emit(build_report(tags, output, dedup, split, _storage_options(storage_options), title))
 
 
-@app.command(short_help="Eval images too close to train images.")
+@app.command(short_help="Eval images that copy or nearly copy train images.")
 def audit(
-    train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256 and/or phash."),
+    train: str = typer.Option(..., "--train", help="Training set: a tagpipe output, or Parquet/CSV with sha256, phash and/or embedding."),
     eval: str = typer.Option(..., "--eval", help="Evaluation set, same forms (a split output: its val/test rows)."),
-    max_distance: int = typer.Option(6, help="A leak is an eval image within this many phash bits of a train image."),
+    tags: Optional[str] = typer.Option(None, "--tags", help="The tag table a split output came from: its phash flags and embeddings."),
+    max_distance: int = typer.Option(6, help="A leak by phash: within this many bits of a train image (reliable hashes only)."),
+    embedding_threshold: str = typer.Option(
+        "auto", help="A leak by embedding: cosine >= this; 'auto' chooses it from the data; 'off'. Use dedup's value to audit what dedup kept together."
+    ),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write leaks.parquet and audit.json here."),
     storage_options: StorageOptions = None,
     show: int = typer.Option(20, help="Leaks to list on the terminal."),
 ) -> None:
-    """List eval images within R of any train image; exit status 1 when there are any."""
+    """List eval images that are copies or near-duplicates of train images, by sha256,
+    phash and embedding, and what could not be checked; exit status 1 on leaks."""
     from pipeline.audit import run_audit
+    from pipeline.dedup import parse_embedding_threshold
 
     _setup()
-    leaks, report = run_audit(train, eval, max_distance, output, _storage_options(storage_options))
+    threshold = parse_embedding_threshold(embedding_threshold)
+    leaks, report = run_audit(train, eval, max_distance, output, _storage_options(storage_options), tags, threshold)
     for row in leaks.slice(0, show).to_pylist():
-        typer.echo(f"leak d={row['distance']}{' (same bytes)' if row['exact'] else ''}: {row['eval_uri']} ~ {row['train_uri']}")
+        if row["signal"] == "sha256":
+            how = "same bytes"
+        elif row["signal"] == "phash":
+            how = f"phash {row['distance']} bits"
+        else:
+            how = f"cosine {row['cosine']:.4f}"
+        typer.echo(f"leak ({how}): {row['eval_uri']} ~ {row['train_uri']}")
     _emit(report)
     if report.leaks:
         raise typer.Exit(1)
@@ -535,7 +554,11 @@ def demo(
     typer.echo(f"report:  {result.report}  (open it in a browser; duplicate clusters in {result.workdir / 'dedup'}, splits in {result.workdir / 'splits'})")
     for rel, tags, error in result.wrong[:10]:
         typer.echo(f"  mismatch {rel}: tags={tags} error={error}")
-    if result.correct != result.checked:
+    if result.duplicates is not None:
+        typer.echo(f"check:   {result.duplicates.text()}")
+        for cluster in result.duplicates.mixed_clusters[:5]:
+            typer.echo(f"  cluster {cluster[:16]} holds images of two kinds")
+    if result.correct != result.checked or (result.duplicates is not None and not result.duplicates.ok):
         raise typer.Exit(1)
 
 

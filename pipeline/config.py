@@ -20,9 +20,9 @@ from pipeline.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.errors import ConfigError
 from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.progress import DEFAULT_INTERVAL
-
-DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096
 from pipeline.runtime import ProviderChoice
+
+DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096  # vocabularies this small store every logit by default
 
 
 @dataclass(frozen=True)
@@ -289,6 +289,9 @@ class NightlyConfig:
     stratify: bool = False
     min_val_positives: int = 0
     max_distance: int = 6  # dedup radius, also used by split --exclude and the audit
+    embedding_threshold: str = "auto"  # dedup and audit: a cosine, "auto" (from the data) or "off"
+    group_column: str = ""  # split: images sharing this metadata column's value never cross splits
+    metadata: str = ""  # Parquet/CSV with uri and group_column
     exclude: tuple[str, ...] = ()  # existing training sets: kept out of val/test and audited against
     fail_on_leaks: bool = True  # exit 1 when the audit finds leaks (after writing everything)
 
@@ -301,12 +304,20 @@ class NightlyConfig:
         for name, ok in (("max_distance", 0 <= self.max_distance <= 32), ("min_val_positives", self.min_val_positives >= 0)):
             if not ok:
                 raise ConfigError(f"field nightly.{name} has a bad value: {getattr(self, name)!r}")
+        from pipeline.dedup import parse_embedding_threshold
         from pipeline.split import parse_ratios
 
         try:
             parse_ratios(self.ratios)
         except Exception as exc:
             raise ConfigError(f"field nightly.ratios has a bad value: {self.ratios!r} ({exc})") from None
+        try:
+            parse_embedding_threshold(self.embedding_threshold)
+        except Exception:
+            raise ConfigError(f"field nightly.embedding_threshold has a bad value: {self.embedding_threshold!r} "
+                              "(must be a cosine in (0, 1], auto or off)") from None
+        if bool(self.group_column) != bool(self.metadata):
+            raise ConfigError("field nightly.group_column needs nightly.metadata (and the other way round)")
 
 
 def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.errors import ErrorKind
 from pipeline.imaging import DecodeOptions, ImageError, decode_image
-from pipeline.phash import is_degenerate
+from pipeline.phash import unreliable
 from pipeline.profiles import Preprocess
 from pipeline.storage import read_bytes
 
@@ -189,7 +189,7 @@ class DecodeStage:
             pixels[i] = decoded.pixels
             width[i], height[i] = decoded.width, decoded.height
             phash[i] = decoded.phash
-            degenerate[i] = is_degenerate(decoded.phash)
+            degenerate[i] = unreliable(decoded.phash, decoded.phash_fragile_bits)
         out = {key: np.asarray(batch[key]) for key in batch if key not in ("uri",)}
         out.update(
             uri=np.asarray(uris, object),

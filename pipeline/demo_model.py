@@ -24,7 +24,12 @@ INPUT_SIZE = 384
 FEATURES = ["mean_r", "mean_g", "mean_b", "chroma", "lum_std", "edge_x", "edge_y", "chroma_edge_x", "chroma_edge_y"] + [
     f"pool_{c}{i}" for c in "rgb" for i in range(4)
 ]
-EMBED_DIM = len(FEATURES)
+# The embedding (the head's input) holds the colour levels centred, 2 * level - 1, and a
+# constant 1: uncentred levels made every colour of one lightness parallel (grey and
+# white had cosine 1.0, black no direction at all), so cosine could not tell them apart.
+CENTRED = [i for i, name in enumerate(FEATURES) if name.startswith(("mean_", "pool_"))]
+EMBEDDING_FEATURES = FEATURES + ["one"]
+EMBED_DIM = len(EMBEDDING_FEATURES)
 LUMA = (0.299, 0.587, 0.114)
 FILLER_TAGS = 234
 
@@ -78,9 +83,19 @@ def vocabulary() -> tuple[list[str], list[str]]:
 
 
 def head_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """W [D, T] and b [T] of the classification head."""
+    """W [D, T] and b [T] of the classification head, over the embedding (centred levels
+    and the constant): the same logits as the rules written over levels in [0, 1]."""
+    weights, bias = _level_weights(seed)
+    centred = weights.copy()
+    centred[CENTRED] *= 0.5  # level = (centred + 1) / 2
+    constant = 0.5 * weights[CENTRED].sum(axis=0, keepdims=True)
+    return np.vstack([centred, constant]).astype(np.float32), bias
+
+
+def _level_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """W [features, T] and b [T] written over the features with levels in [0, 1]."""
     tags, _ = vocabulary()
-    weights = np.zeros((EMBED_DIM, len(tags)), np.float32)
+    weights = np.zeros((len(FEATURES), len(tags)), np.float32)
     bias = np.zeros(len(tags), np.float32)
     index = {name: i for i, name in enumerate(FEATURES)}
     column = 0
@@ -98,7 +113,7 @@ def head_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     # unused tags: small random weights, logits well below any sensible threshold but
     # often above the 0.01 sparse-logit floor, so sparse storage has something to keep
-    weights[:, column:] = rng.uniform(-0.3, 0.3, size=(EMBED_DIM, len(tags) - column))
+    weights[:, column:] = rng.uniform(-0.3, 0.3, size=(len(FEATURES), len(tags) - column))
     bias[column:] = rng.uniform(-8.0, -5.0, size=len(tags) - column)
     return weights, bias
 
@@ -118,7 +133,9 @@ def features_numpy(pixel_values: np.ndarray) -> np.ndarray:
     b, c, h, w = u.shape
     pooled = u.reshape(b, c, 2, h // 2, 2, w // 2).mean(axis=(3, 5)).reshape(b, 12)
     columns = [chroma, std, edge_x, edge_y, chroma_edge_x, chroma_edge_y]
-    return np.concatenate([means, *(c[:, None] for c in columns), pooled], axis=1)
+    levels = np.concatenate([means, *(c[:, None] for c in columns), pooled], axis=1)
+    levels[:, CENTRED] = 2 * levels[:, CENTRED] - 1
+    return np.concatenate([levels, np.ones((b, 1))], axis=1)
 
 
 def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.ModelProto:
@@ -129,6 +146,8 @@ def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.Model
     inits = [
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
         numpy_helper.from_array(np.array(LUMA, np.float32).reshape(1, 3, 1, 1), "luma_kernel"),
         numpy_helper.from_array(np.array([1], np.int64), "i1"),
         numpy_helper.from_array(np.array([0], np.int64), "i0"),
@@ -182,7 +201,13 @@ def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.Model
         n("Unsqueeze", ["edge_y", "i1"], ["edge_y_col"]),
         n("AveragePool", ["u"], ["pool4"], kernel_shape=[half, half], strides=[half, half]),
         n("Flatten", ["pool4"], ["pooled"], axis=1),
-        n("Concat", ["channel_means", "chroma_col", "lum_std_col", "edge_x_col", "edge_y_col", "chroma_edge_x_col", "chroma_edge_y_col", "pooled"], ["pooled_features"], axis=1),
+        n("Mul", ["channel_means", "two"], ["means2"]),
+        n("Sub", ["means2", "one"], ["means_centred"]),
+        n("Mul", ["pooled", "two"], ["pooled2"]),
+        n("Sub", ["pooled2", "one"], ["pooled_centred"]),
+        n("Mul", ["chroma_col", "zero"], ["zero_col"]),
+        n("Add", ["zero_col", "one"], ["one_col"]),
+        n("Concat", ["means_centred", "chroma_col", "lum_std_col", "edge_x_col", "edge_y_col", "chroma_edge_x_col", "chroma_edge_y_col", "pooled_centred", "one_col"], ["pooled_features"], axis=1),
         n("MatMul", ["pooled_features", "head.weight"], ["head_out"]),
         n("Add", ["head_out", "head.bias"], ["logits"]),
     ]
@@ -279,7 +304,7 @@ def write_demo_bundle(directory: str | Path, seed: int = 0, with_embedding_outpu
         "num_tags": len(tags),
         "embedding_dim": EMBED_DIM,
         "input_size": INPUT_SIZE,
-        "features": FEATURES,
+        "features": EMBEDDING_FEATURES,
         "note": "built in-process by tagpipe model demo; tags are checkable from pixel statistics",
     }
     (directory / "model_metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")

@@ -30,7 +30,7 @@ def cover_size(size: Size, box: Size, rounding: Rounding) -> Size:
         new_long = int(box[0] * long / short)
         return (box[0], new_long) if width <= height else (new_long, box[0])
     ratio = min(height / box[1], width / box[0])  # timm ResizeKeepRatio, longest=0
-    return round(width / ratio), round(height / ratio)
+    return max(1, round(width / ratio)), max(1, round(height / ratio))
 
 
 def fit_size(size: Size, box: Size, rounding: Rounding) -> Size:
@@ -38,7 +38,7 @@ def fit_size(size: Size, box: Size, rounding: Rounding) -> Size:
     width, height = size
     if rounding is Rounding.TIMM:  # ResizeKeepRatio, longest=1
         ratio = max(height / box[1], width / box[0])
-        return round(width / ratio), round(height / ratio)
+        return max(1, round(width / ratio)), max(1, round(height / ratio))
     scale = min(box[0] / width, box[1] / height)
     return max(1, min(box[0], round(width * scale))), max(1, min(box[1], round(height * scale)))
 

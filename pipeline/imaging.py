@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ErrorKind
 from pipeline.geometry import centre_box, fit_size, pad_offset, resized_size
-from pipeline.phash import phash
+from pipeline.phash import phash_with_fragile_bits
 from pipeline.profiles import AlphaOrder, Preprocess, ResizeMode, Rounding
 
 DEFAULT_MAX_PIXELS = 120_000_000  # decompression-bomb limit on any frame's, tile's or sub-image's width*height
@@ -75,6 +75,7 @@ class DecodedImage:
     width: int  # upright original size
     height: int
     phash: int
+    phash_fragile_bits: int = 0  # bits within FRAGILE_MARGIN of the median (pipeline/phash.py)
 
 
 def _final_scale(pre: Preprocess, width: int, height: int) -> tuple[float, float]:
@@ -380,7 +381,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resample_for_input(image: Image.Image, pre: Preprocess, exact: bool, max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
+def resample_for_input(
+    image: Image.Image, pre: Preprocess, exact: bool, max_pixels: int, source_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, Image.Image | None]:
     """The profile's geometry, in the published recipe's order of pad, resize and crop:
     (model input, the whole image as resampled on the way, before any pad or crop).
 
@@ -388,7 +391,9 @@ def resample_for_input(image: Image.Image, pre: Preprocess, exact: bool, max_pix
     RGBA premultiplied, and padding is opaque, so compositing the result afterwards
     is what such a recipe computes. The second image (None where the recipe pads
     first) lets the fast path hash a small image instead of the decoded one. Sizes and
-    offsets come from pipeline/geometry.py, in the arithmetic of the profile's rounding.
+    offsets come from pipeline/geometry.py, in the arithmetic of the profile's rounding,
+    computed from source_size (the upright original's, default the image's): a JPEG
+    drafted smaller still gets the sizes and offsets its full-size decode would get.
     """
     resample = pre.interpolation.pil
     target = (pre.width, pre.height)
@@ -399,8 +404,8 @@ def resample_for_input(image: Image.Image, pre: Preprocess, exact: bool, max_pix
             canvas = Image.new(image.mode, (side, side), _fill(image, pre.pad_color))
             canvas.paste(image, ((side - width) // 2, (side - height) // 2))
             return (canvas.resize(target, resample) if canvas.size != target else canvas), None
-        return _fit_and_pad(image, pre, resample)  # same geometry without the huge canvas
-    new = resized_size(pre, image.size)
+        return _fit_and_pad(image, pre, resample, source_size or image.size)  # without the huge canvas
+    new = resized_size(pre, source_size or image.size)
     resized = image.resize(new, resample) if new != image.size else image
     if new == target:
         return resized, resized
@@ -421,9 +426,11 @@ def _pad_then_crop(image: Image.Image, pre: Preprocess) -> Image.Image:
     return image if image.size == target else image.crop(centre_box(image.size, target, pre.rounding))
 
 
-def _fit_and_pad(image: Image.Image, pre: Preprocess, resample: Image.Resampling) -> tuple[Image.Image, Image.Image]:
-    """pad_square on images too long for the recipe's canvas: fit, then pad."""
-    new = fit_size(image.size, (pre.width, pre.height), Rounding.TAGPIPE)
+def _fit_and_pad(
+    image: Image.Image, pre: Preprocess, resample: Image.Resampling, source_size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image]:
+    """pad_square on images too long for the recipe's canvas (or drafted): fit, then pad."""
+    new = fit_size(source_size, (pre.width, pre.height), Rounding.TAGPIPE)
     resized = image.resize(new, resample) if new != image.size else image
     return _pad_then_crop(resized, pre), resized
 
@@ -440,18 +447,22 @@ def decode_image(data: bytes, pre: Preprocess, options: DecodeOptions = DecodeOp
         alpha = has_alpha(image)
         if pre.alpha_order is AlphaOrder.AFTER_RESIZE and alpha:
             working = image.convert("RGBA")
+        elif pre.alpha_order is AlphaOrder.DROP:  # what timm's and HF's convert("RGB") give
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's note on palette transparency: dropped on purpose
+                working = image if image.mode == "RGB" else image.convert("RGB")
         else:
             working = to_rgb(image, pre.alpha_background)
-        model_input, resampled = resample_for_input(working, pre, options.exact, options.max_pixels)
+        model_input, resampled = resample_for_input(working, pre, options.exact, options.max_pixels, (width, height))
         if model_input.mode == "RGBA":
             model_input = composite(model_input, pre.alpha_background)
-        value = phash(_hash_source(image, resampled, pre, options, alpha))
+        value, fragile = phash_with_fragile_bits(_hash_source(image, resampled, pre, options, alpha))
         pixels = np.asarray(model_input, dtype=np.uint8)
     except (ImageError, MemoryError):
         raise
     except DECODER_ERRORS as exc:
         raise ImageError(ErrorKind.DECODE_ERROR, f"cannot convert: {type(exc).__name__}: {exc}") from None
-    return DecodedImage(pixels=pixels, width=width, height=height, phash=value)
+    return DecodedImage(pixels=pixels, width=width, height=height, phash=value, phash_fragile_bits=fragile)
 
 
 def _hash_source(image: Image.Image, resampled: Image.Image | None, pre: Preprocess, options: DecodeOptions, alpha: bool) -> Image.Image:

@@ -54,9 +54,15 @@ def inference_key(cfg, bundle: ModelBundle) -> str:
             **({"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
             **({"max_decode_memory": cfg.max_decode_memory} if cfg.max_decode_memory != DEFAULT_MAX_DECODE_MEMORY else {}),
             **({"preprocess": p.preprocess.extra_key()} if p.preprocess.extra_key() else {}),
-            **({"embedding_output": bundle.embedding_output} if bundle.embedding_output != p.embedding_name else {}),
+            **({"embedding_output": bundle.embedding_output} if bundle.embedding_output != _old_embedding(bundle) else {}),
         }
     )
+
+
+def _old_embedding(bundle: ModelBundle) -> str | None:
+    """The embedding output tagpipe 0.2 used: the profile's, when the model has it."""
+    name = bundle.profile.embedding_name
+    return name if name in bundle.output_names else None
 
 
 class _Spelt:
@@ -74,7 +80,7 @@ _KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>
 
 def profile_key(p: Profile) -> str:
     """The profile's part of the inference key, spelt as tables written by earlier
-    versions have it (tests/test_profile_key.py), so an upgrade re-tags nothing."""
+    versions have it (tests/test_profile_import.py), so an upgrade re-tags nothing."""
     activation = _KEYED_AS.get(p.activation, p.activation)
     return repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, activation))
 

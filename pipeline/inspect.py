@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from pipeline.bundle import load_bundle
+from pipeline.profiles import ResizeMode
 
 
 def _shape(value_info) -> str:
@@ -40,7 +41,12 @@ def describe_bundle(directory: str | Path, profile: str | None = None) -> str:
     ]
     pre = bundle.profile.preprocess
     resize = pre.resize_size
-    crop = f" to {resize[0]}x{resize[1]}, centre to" if resize != (pre.width, pre.height) else ""
+    if resize == (pre.width, pre.height):
+        crop = ""
+    elif pre.resize_mode is ResizeMode.RESIZE_CROP and resize[0] == resize[1]:
+        crop = f" (shortest side to {resize[0]}, centre crop to)"
+    else:
+        crop = f" (to {resize[0]}x{resize[1]}, centre crop or pad to)"
     lines.append(
         f"preprocess:  {pre.resize_mode.value}{crop} {pre.width}x{pre.height} {pre.interpolation.value} "
         f"({pre.rounding.value} rounding), {pre.value_range.value} mean {pre.mean} std {pre.std} (RGB order), "

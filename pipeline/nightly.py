@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline import __version__
 from pipeline.audit import run_audit
 from pipeline.config import NightlyConfig
-from pipeline.dedup import run_dedup
+from pipeline.dedup import parse_embedding_threshold, run_dedup
 from pipeline.split import parse_ratios, run_split
 from pipeline.storage import filesystem_for
 from pipeline.table import TagTable, now_iso
@@ -65,7 +65,10 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     options = cfg.tag.storage_options
 
     t = time.monotonic()
-    summary.dedup = asdict(run_dedup(cfg.tag.output, cfg.dedup_output, cfg.max_distance, options, cfg.tag.ray_address))
+    threshold = parse_embedding_threshold(cfg.embedding_threshold)
+    dedup = run_dedup(cfg.tag.output, cfg.dedup_output, cfg.max_distance, options, cfg.tag.ray_address, threshold)
+    summary.dedup = asdict(dedup)
+    audit_threshold = dedup.embedding.get("threshold")  # the audit checks what dedup kept together
     summary.timings["dedup"] = _lap(t)
 
     t = time.monotonic()
@@ -75,6 +78,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     report = run_split(
         cfg.tag.output, cfg.dedup_output, cfg.splits_output, parse_ratios(cfg.ratios), cfg.seed, previous, list(cfg.exclude),
         cfg.max_distance, storage_options=options, stratified=cfg.stratify, min_val_positives=cfg.min_val_positives,
+        group_column=cfg.group_column or None, metadata=cfg.metadata or None,
     )  # fmt: skip
     summary.split = {k: v for k, v in asdict(report).items() if k not in ("positives",)}
     summary.timings["split"] = _lap(t)
@@ -83,7 +87,8 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     audits = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.exclude]
     for i, (name, train) in enumerate(audits):
         target = cfg.splits_output.rstrip("/") + ("/audit" if i == 0 else f"/audit-exclude-{i}")
-        _, audit = run_audit(train, splits, cfg.max_distance, target, options)
+        _, audit = run_audit(train, splits, cfg.max_distance, target, options, tags=cfg.tag.output,
+                             embedding_threshold=audit_threshold)  # fmt: skip
         summary.audits[name] = asdict(audit)
         summary.leaks += audit.leaks
         if audit.leaks:

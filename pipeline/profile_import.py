@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ HF_IGNORED = {"image_processor_type", "feature_extractor_type", "processor_class
 HF_IGNORED_WHEN_FALSE = {"do_pad", "do_reduce_labels", "do_flip_channel_order", "do_thumbnail", "do_align_long_axis"}
 HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 HF_PROCESSORS_WITH_CROP_PCT = {"ConvNextImageProcessor", "ConvNextFeatureExtractor"}
+# What an integer `size` means differs by processor (transformers' get_size_dict with the
+# class's default_to_square): a shortest edge for these, a square for the ViT family
+HF_INT_SIZE_IS_SHORTEST_EDGE = {
+    "CLIPImageProcessor", "CLIPFeatureExtractor", "ConvNextImageProcessor", "ConvNextFeatureExtractor",
+    "BitImageProcessor", "ChineseCLIPImageProcessor", "MobileNetV1ImageProcessor", "MobileNetV2ImageProcessor",
+    "EfficientNetImageProcessor", "PoolFormerImageProcessor", "LevitImageProcessor",
+}  # fmt: skip
+HF_INT_SIZE_IS_SQUARE = {"ViTImageProcessor", "ViTFeatureExtractor", "DeiTImageProcessor", "BeitImageProcessor",
+                         "SiglipImageProcessor", "Siglip2ImageProcessor", "Dinov2ImageProcessor"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -145,34 +155,52 @@ def hf_preprocess(config: dict[str, Any], where: str) -> dict[str, Any]:
                               f"({kind or 'image processor'}); the import stops")
     if not config.get("do_resize", True):
         raise ConfigError(f"{where}: field do_resize = false: images would reach the model at any size")
-    resample = config.get("resample", 2)
+    # defaults differ by processor class: a setting left out is asked for, never guessed
+    needed = ["size", "resample"] + (["image_mean", "image_std"] if config.get("do_normalize", True) else [])
+    needed += ["do_center_crop"] if "crop_size" in config else []
+    missing = [key for key in needed if key not in config]
+    if missing:
+        raise ConfigError(f"{where}: field {missing[0]} is missing; its default differs between {kind or 'image'} "
+                          "processors, so tagpipe does not guess it: add it to the config")
+    resample = config["resample"]
     if resample not in HF_RESAMPLE:
         raise ConfigError(f"{where}: field resample = {resample!r}; known: PIL codes 0-5")
     out: dict[str, Any] = {"interpolation": HF_RESAMPLE[resample], **_hf_geometry(config, kind, where)}
     out["value_range"] = _hf_value_range(config, where)
     normalise = config.get("do_normalize", True)
-    out["mean"] = list(config.get("image_mean", [0.5] * 3)) if normalise else [0.0] * 3
-    out["std"] = list(config.get("image_std", [0.5] * 3)) if normalise else [1.0] * 3
+    out["mean"] = list(config["image_mean"]) if normalise else [0.0] * 3
+    out["std"] = list(config["image_std"]) if normalise else [1.0] * 3
     return out
 
 
 def _hf_geometry(config: dict, kind: str, where: str) -> dict[str, Any]:
-    size = config.get("size", {"height": 224, "width": 224})
-    if isinstance(size, int):  # old processors: an int is a square
-        size = {"height": size, "width": size}
+    size = config["size"]
+    if isinstance(size, int) and not isinstance(size, bool):
+        if kind in HF_INT_SIZE_IS_SHORTEST_EDGE:
+            size = {"shortest_edge": size}
+        elif kind in HF_INT_SIZE_IS_SQUARE:
+            size = {"height": size, "width": size}
+        else:
+            raise ConfigError(f"{where}: field size = {size}: an integer means a shortest edge or a square "
+                              f"depending on the processor ({kind or 'not named'}); write it as "
+                              "{\"shortest_edge\": N} or {\"height\": N, \"width\": N}")
     if not isinstance(size, dict) or set(size) not in ({"shortest_edge"}, {"height", "width"}):
         raise ConfigError(f"{where}: field size = {size!r}: tagpipe reproduces {{shortest_edge}} or "
                           "{height, width}")
     if kind in HF_PROCESSORS_WITH_CROP_PCT:  # ConvNext: below 384, resize to edge/crop_pct then crop
+        if "shortest_edge" not in size:
+            raise ConfigError(f"{where}: field size = {size!r}: {kind} takes {{shortest_edge}}")
         edge = size["shortest_edge"]
         if edge >= 384:
             return {"size": {"height": edge, "width": edge}}
-        crop_pct = config.get("crop_pct") or 224 / 256
+        if not config.get("crop_pct"):
+            raise ConfigError(f"{where}: field crop_pct is missing; {kind} needs it below 384 px")
+        crop_pct = config["crop_pct"]
         return {"size": {"shortest_edge": int(edge / crop_pct)}, "crop_size": edge, "do_center_crop": True}
     out: dict[str, Any] = {"size": size}
     if config.get("do_center_crop", False):
         crop = config.get("crop_size")
-        if isinstance(crop, int):
+        if isinstance(crop, int) and not isinstance(crop, bool):
             crop = {"height": crop, "width": crop}
         if not isinstance(crop, dict) or set(crop) != {"height", "width"}:
             raise ConfigError(f"{where}: field crop_size = {crop!r}: expected {{height, width}}")
@@ -204,7 +232,8 @@ def _activation(facts: OnnxFacts, model_config: dict, given: str | None, where: 
     if problem == "single_label_classification" or "id2label" in model_config:
         return Activation.SOFTMAX.value
     raise ConfigError(f"{where}: cannot tell whether {facts.output_name!r} holds sigmoid (tags) or softmax "
-                      "(classes) logits: give --activation sigmoid or softmax")
+                      f"(classes) logits: run `tagpipe model profile --from {where} --activation sigmoid` (or "
+                      "softmax) to write the profile")
 
 
 def profile_data(
@@ -234,9 +263,10 @@ def profile_data(
     facts = onnx_facts(directory, model_file)
     preprocess["layout"] = facts.layout
     preprocess["channel_order"] = "RGB"
+    preprocess["alpha_order"] = "drop"  # timm and HF load images with convert("RGB")
     files = {"model": facts.model_file, **_vocabulary(directory, model_config, vocabulary, vocabulary_format, where)}
     data = {
-        "name": model_config.get("architecture") or directory.name,
+        "name": _model_name(config, model_config),
         "description": f"imported from {config_path.name} ({origin})",
         "files": files,
         "preprocess": preprocess,
@@ -249,6 +279,15 @@ def profile_data(
         raise ConfigError(f"{where}: the config's input size {profile.input_size} differs from the ONNX input "
                           f"{facts.size} of {facts.model_file}: model and config do not belong together")
     return data
+
+
+def _model_name(config: dict, model_config: dict) -> str:
+    """The architecture the configs name, never the folder (a renamed folder is the
+    same model, and the name is part of a table's inference key)."""
+    architectures = model_config.get("architectures")
+    named = model_config.get("architecture") or (architectures[0] if isinstance(architectures, list) and architectures
+                                                  else None)  # fmt: skip
+    return str(named or config.get("image_processor_type") or "imported")
 
 
 def _vocabulary(directory: Path, model_config: dict, path: str | None, fmt: str | None, where: str) -> dict:
@@ -268,8 +307,6 @@ def import_profile(directory: Path, config: Path) -> Profile:
 def write_profile(source: Path, output: Path | None, *, overwrite: bool = False, **options: Any) -> Path | None:
     """`tagpipe model profile`: the imported profile as TOML, to a file (never over an
     existing one unless overwrite) or to stdout ('-'); returns the file written."""
-    import sys
-
     import tomli_w
 
     data = profile_data(source, **options)

@@ -53,6 +53,7 @@ class Interpolation(enum.Enum):
 class AlphaOrder(enum.Enum):
     BEFORE_RESIZE = "before_resize"  # composite over the background, then geometry (WD, JoyTag)
     AFTER_RESIZE = "after_resize"  # resize RGBA (premultiplied), then composite (JTP-1)
+    DROP = "drop"  # ignore alpha as Pillow's convert("RGB") does (timm, Hugging Face): imported profiles
 
 
 class ValueRange(enum.Enum):
@@ -122,6 +123,7 @@ class Preprocess:
     resize_width: int | None = field(default=None, repr=False)  # None: the input size (no crop)
     resize_height: int | None = field(default=None, repr=False)
     rounding: Rounding = field(default=Rounding.TAGPIPE, repr=False)
+    mean_std_order: str | None = field(default=None, repr=False)  # as written; None: not given
 
     @property
     def resize_size(self) -> tuple[int, int]:
@@ -135,6 +137,11 @@ class Preprocess:
             extra["resize_size"] = list(self.resize_size)
         if self.rounding is not Rounding.TAGPIPE:
             extra["rounding"] = self.rounding.value
+        uneven = len(set(self.mean)) > 1 or len(set(self.std)) > 1
+        if self.channel_order is ChannelOrder.BGR and uneven:
+            # 0.2's two paths read such a mean in different orders: which pixels old rows
+            # got is unknown, so either answer re-tags
+            extra["mean_std_order"] = self.mean_std_order
         return extra
 
 
@@ -214,7 +221,7 @@ class _Fields:
         self.seen.add(key)
         if key not in self.table:
             if default is ...:
-                raise ConfigError(f"{self.where}: missing field {self._name(key)}")
+                raise ConfigError(f"{self.where}: missing field {self._name(key)}{self._near(key)}")
             return default
         value = self.table[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -222,6 +229,13 @@ class _Fields:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"{self.where}: field {self._name(key)} has the wrong type ({value!r})")
         return value
+
+    def _near(self, key: str) -> str:
+        """A written key that looks like a misspelling of key, for the error."""
+        import difflib
+
+        close = difflib.get_close_matches(key, [k for k in self.table if isinstance(k, str)], n=1, cutoff=0.8)
+        return f" (found {self._name(close[0])}: misspelt?)" if close else ""
 
     def enum(self, key: str, kind: type[enum.Enum], default: Any = ...) -> Any:
         raw = self.get(key, str, default if default is ... else default.value)
@@ -310,7 +324,11 @@ def _activation(model: _Fields) -> Activation:
     raw = model.get("output_activation", str, Activation.SIGMOID.value)
     if raw in ACTIVATION_ALIASES:
         return ACTIVATION_ALIASES[raw]
-    return model.enum("output_activation", Activation, Activation.SIGMOID)
+    try:
+        return Activation(raw)
+    except ValueError:
+        allowed = ", ".join([m.value for m in Activation] + [f"{k} (old name of {v.value})" for k, v in ACTIVATION_ALIASES.items()])
+        raise ConfigError(f"{model.where}: field model.output_activation = {raw!r}; allowed: {allowed}") from None
 
 
 def _size(fields: _Fields, key: str, default: Any = ...) -> tuple[int, int] | None:
@@ -347,6 +365,7 @@ def parse_preprocess(pre: _Fields) -> Preprocess:
         raise ConfigError(f"{where}: field preprocess.std must be positive")
     channel_order = pre.enum("channel_order", ChannelOrder, ChannelOrder.RGB)
     mean, std = _rgb_mean_std(pre, mean, std, channel_order)
+    mean_std_order = pre.table.get("mean_std_order")
     value_range = pre.enum("value_range", ValueRange)
     geometry = _geometry(pre, mean, value_range)
     preprocess = Preprocess(
@@ -359,6 +378,7 @@ def parse_preprocess(pre: _Fields) -> Preprocess:
         channel_order=channel_order,
         layout=pre.enum("layout", Layout, Layout.NCHW),
         alpha_order=pre.enum("alpha_order", AlphaOrder, AlphaOrder.BEFORE_RESIZE),
+        mean_std_order=mean_std_order,
     )
     pre.done()
     return preprocess
@@ -410,7 +430,8 @@ def _geometry(pre: _Fields, mean: tuple, value_range: ValueRange) -> dict:
         rounding = pre.enum("rounding", Rounding, rounding)
     border_fill = [round(255 * m) if value_range is ValueRange.UNIT else round(m) for m in mean]
     pad_default = border_fill if timm_terms and mode is ResizeMode.FIT_PAD else [255, 255, 255]
-    _check_geometry(where, mode, rounding, (width, height), resize)
+    resize_field = "crop_pct" if timm_terms else ("size" if hf_terms else "resize_size")
+    _check_geometry(where, mode, rounding, (width, height), resize, resize_field)
     return dict(
         width=width, height=height, resize_mode=mode, rounding=rounding,
         resize_width=resize[0] if resize != (width, height) else None,
@@ -457,15 +478,16 @@ def _hf_geometry(pre: _Fields) -> tuple:
     return width, height, size, mode, Rounding.HF
 
 
-def _check_geometry(where: str, mode: ResizeMode, rounding: Rounding, size: tuple, resize: tuple) -> None:
+def _check_geometry(where: str, mode: ResizeMode, rounding: Rounding, size: tuple, resize: tuple, term: str) -> None:
+    """Geometry the resize and crop cannot do; term: the field the user wrote the resize with."""
     if mode is ResizeMode.PAD_SQUARE and resize != size:
-        raise ConfigError(f"{where}: field preprocess.resize_size: pad_square resizes to the input size; "
+        raise ConfigError(f"{where}: field preprocess.{term}: pad_square resizes to the input size; "
                           "give no resize_size")
     if mode in (ResizeMode.SQUASH, ResizeMode.RESIZE_CROP) and (resize[0] < size[0] or resize[1] < size[1]):
-        raise ConfigError(f"{where}: field preprocess.resize_size {resize[0]}x{resize[1]} is smaller than the "
-                          f"input size {size[0]}x{size[1]}: the centre crop would need padding")
+        raise ConfigError(f"{where}: field preprocess.{term} gives a resize to {resize[0]}x{resize[1]}, smaller "
+                          f"than the input size {size[0]}x{size[1]}: the centre crop would need padding")
     if rounding is Rounding.HF and mode is ResizeMode.RESIZE_CROP and resize[0] != resize[1]:
-        raise ConfigError(f"{where}: field preprocess.resize_size: Hugging Face resizes a shortest edge, "
+        raise ConfigError(f"{where}: field preprocess.{term}: Hugging Face resizes a shortest edge, "
                           f"one number; got {resize[0]}x{resize[1]}")
     if rounding is Rounding.HF and mode is ResizeMode.FIT_PAD:
         raise ConfigError(f"{where}: field preprocess.rounding = \"hf\": Hugging Face has no fit_pad recipe")

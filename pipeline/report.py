@@ -334,6 +334,22 @@ def _ood_section(acc: Accumulator, figure) -> str:
     return _section("ood", "Out of distribution", text + histogram(counts, edges, label="Mahalanobis distance") + "<h3>Most out-of-distribution images</h3>" + f"<div class='strip'>{strip}</div>")
 
 
+def _signals_paragraph(summary: dict) -> str:
+    """Which signals joined images, what could not match, and the embedding threshold."""
+    edges = ", ".join(f"{k} {v:,}" for k, v in summary.get("edges", {}).items()) or "not recorded"
+    unmatched = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.get("unmatched_hashes", {}).items() if v) or "none"
+    emb = summary.get("embedding", {})
+    if emb.get("threshold") is not None:
+        recall = "n/a" if emb.get("positive_recall") is None else f"{emb['positive_recall']:.3f}"
+        rate = "n/a" if emb.get("negative_rate") is None else f"{emb['negative_rate']:.2g}"
+        emb_text = (f"embedding cosine &ge; {emb['threshold']:.4f} ({html.escape(str(emb.get('chosen_by')))}; recall of "
+                    f"hash-confirmed pairs {recall}, random-pair rate {rate})")
+    else:
+        emb_text = f"embedding not used ({html.escape(str(emb.get('reason', 'not recorded')))})"
+    return (f"<p>Edges by signal: {edges}. Hashes that match nothing: {unmatched}. {emb_text}. Kept copy "
+            "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, then the smallest uri.</p>")
+
+
 def _dedup_section(dedup: str, storage_options, figure) -> str:
     import pyarrow.parquet as pq
 
@@ -342,6 +358,7 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
     fs, clusters_path = filesystem_for(f"{path}/clusters.parquet", storage_options)
     sizes = pq.read_table(clusters_path, columns=["cluster_size"], filesystem=fs).column("cluster_size").to_numpy()
     body = f"<p>{summary.get('clusters', 0):,} clusters over {summary.get('images', len(sizes)):,} images; {summary.get('duplicates', 0):,} duplicates ({summary.get('duplicate_rate', 0):.2%}); {summary.get('exact_duplicate_images', 0):,} exact copies; largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
+    body += _signals_paragraph(summary)
     big = sizes[sizes > 1]
     if not len(big):
         return _section("duplicates", "Duplicate clusters", body + "<p>No duplicates.</p>")

@@ -13,6 +13,11 @@ member are assigned fresh.
 
 --exclude: images within the dedup radius of an existing training set (or sharing its
 sha256) force their whole cluster into train, so none of it reaches val or test.
+
+--group-column COL with --metadata FILE (Parquet or CSV with uri and COL): images that
+share a value of COL (a source post, a parent, an artist) are joined like duplicates,
+so a group never crosses splits. The unit assigned is the connected component of
+clusters and groups (split_unit in the output).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.audit import audit, read_hashes
+import pyarrow.compute as pc
+
+from pipeline.audit import audit, read_signals
 from pipeline.errors import TagpipeError
 from pipeline.storage import read_parquet, write_atomic
 
@@ -42,6 +49,7 @@ class SplitReport:
     kept_from_previous: int = 0
     bridges: list = field(default_factory=list)  # {cluster_id, previous_splits, held_out}
     forced_train_by_exclude: int = 0  # clusters
+    unmatched_hashes: dict = field(default_factory=dict)  # from dedup: rows whose phash matches nothing, by reason
     positives: dict = field(default_factory=dict)  # tag -> {split: count} (tags with >= 1 positive)
     zero_positive_tags: dict = field(default_factory=dict)  # split -> tags with >= min_count overall and none there
     label_deviation: dict = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
@@ -151,6 +159,8 @@ def run_split(
     storage_options: dict | None = None,
     stratified: bool = False,
     min_val_positives: int = 0,
+    group_column: str | None = None,
+    metadata: str | None = None,
 ) -> SplitReport:
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
     clusters = read_parquet(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, storage_options, ["uri", "sha256", "phash", "cluster_id"])
@@ -159,10 +169,13 @@ def run_split(
     rows = [r for r in clusters.sort_by("uri").to_pylist() if r["uri"] in tag_of and tag_of[r["uri"]]["error"] is None]
     if not rows:
         raise TagpipeError(f"{dedup} and {tags} share no images without errors")
-    cluster_ids = sorted({r["cluster_id"] for r in rows})
+    unit_of = _split_units(rows, group_column, metadata, storage_options)
+    for r in rows:
+        r["split_unit"] = unit_of[r["cluster_id"]]
+    cluster_ids = sorted({r["split_unit"] for r in rows})
     members: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        members.setdefault(r["cluster_id"], []).append(i)
+        members.setdefault(r["split_unit"], []).append(i)
     if stratified:
         labels: dict[str, dict[str, int]] = {}
         for c, idx in members.items():
@@ -174,19 +187,23 @@ def run_split(
     else:
         split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
     report = SplitReport(images=len(rows), clusters=len(cluster_ids))
+    report.unmatched_hashes = _dedup_summary(dedup, storage_options).get("unmatched_hashes", {})
 
     if exclude:
-        corpus = pa.table({"uri": [r["uri"] for r in rows], "sha256": [r["sha256"] for r in rows], "phash": pa.array([r["phash"] for r in rows], pa.uint64())})
+        wanted = pa.array([r["uri"] for r in rows])
+        corpus = read_signals(tags, storage_options, "eval")
+        corpus = corpus.filter(pc.is_in(corpus.column("uri"), wanted))
+        threshold = _dedup_threshold(dedup, storage_options)
         forced = set()
         for uri in exclude:
-            leaks, _ = audit(read_hashes(uri, storage_options, "train"), corpus, max_distance)
-            index = {r["uri"]: r["cluster_id"] for r in rows}
+            leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
+            index = {r["uri"]: r["split_unit"] for r in rows}
             forced |= {index[u] for u in leaks.column("eval_uri").to_pylist()}
         for c in forced:
             split_of_cluster[c] = "train"
         report.forced_train_by_exclude = len(forced)
 
-    split = [split_of_cluster[r["cluster_id"]] for r in rows]
+    split = [split_of_cluster[r["split_unit"]] for r in rows]
     if previous:
         # an image keeps its split only while its bytes are the same: a file replaced
         # under the same name is a new image (its content may belong to another cluster)
@@ -219,6 +236,7 @@ def run_split(
             "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
             "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
             "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
+            "split_unit": pa.array([r["split_unit"] for r in rows], pa.string()),
             "split": pa.array(split, pa.string()),
         }
     )
@@ -226,6 +244,67 @@ def run_split(
     write_atomic(f"{path}/splits.parquet", table=out, storage_options=storage_options)
     write_atomic(f"{path}/_report.json", json.dumps(asdict(report), indent=1, sort_keys=True).encode(), storage_options=storage_options)
     return report
+
+
+def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:
+    """dedup's _summary.json ({} when dedup is a bare clusters file)."""
+    from pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(dedup.rstrip("/") + "/_summary.json", storage_options)
+    if dedup.endswith(".parquet") or not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def _dedup_threshold(dedup: str, storage_options: dict | None) -> float | None:
+    """The embedding threshold dedup used: exclusions match what dedup would have
+    joined. None when dedup ran without one."""
+    return _dedup_summary(dedup, storage_options).get("embedding", {}).get("threshold")
+
+
+def _split_units(rows: list[dict], group_column: str | None, metadata: str | None,
+                 storage_options: dict | None) -> dict[str, str]:  # fmt: skip
+    """cluster_id -> the unit it is split with: itself, or (with groups) the smallest
+    cluster_id of the clusters its group values connect it to."""
+    clusters = sorted({r["cluster_id"] for r in rows})
+    if not group_column:
+        return {c: c for c in clusters}
+    if not metadata:
+        raise TagpipeError("--group-column needs --metadata FILE (Parquet or CSV with uri and the column)")
+    groups = _read_groups(metadata, group_column, storage_options)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index = {c: i for i, c in enumerate(clusters)}
+    values = sorted({groups[r["uri"]] for r in rows if groups.get(r["uri"]) is not None})
+    value_index = {v: len(clusters) + i for i, v in enumerate(values)}
+    a = [index[r["cluster_id"]] for r in rows if groups.get(r["uri"]) is not None]
+    b = [value_index[groups[r["uri"]]] for r in rows if groups.get(r["uri"]) is not None]
+    n = len(clusters) + len(values)
+    labels = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
+    first: dict[int, str] = {}
+    for c in clusters:  # sorted: the smallest cluster_id names its unit
+        first.setdefault(int(labels[index[c]]), c)
+    return {c: first[int(labels[index[c]])] for c in clusters}
+
+
+def _read_groups(metadata: str, column: str, storage_options: dict | None) -> dict[str, str]:
+    import pyarrow.csv as pcsv
+
+    from pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(metadata, storage_options)
+    if path.endswith(".csv"):
+        with fs.open(path, "rb") as handle:
+            table = pcsv.read_csv(handle)
+    else:
+        table = read_parquet(metadata, storage_options)
+    missing = [c for c in ("uri", column) if c not in table.column_names]
+    if missing:
+        raise TagpipeError(f"{metadata}: no column {missing[0]!r} (has {table.column_names}); --group-column names one")
+    values = table.column(column).cast(pa.string()).to_pylist()
+    return {u: v for u, v in zip(table.column("uri").to_pylist(), values) if v not in (None, "")}
 
 
 def _fill_report(report: SplitReport, rows, split, tag_of, min_count: int) -> None:

@@ -77,10 +77,10 @@ def test_stored_probabilities_equal_the_models_own(tmp_path, activation):
 
 
 def test_argmax_of_a_softmax_group(tmp_path):
-    """threshold 0 with max_tags 1 gives each image its most probable class."""
+    """threshold 0, logit floor 0 and max_tags 1 give each image its most probable class."""
     folder = _bundle(tmp_path, "softmax_probabilities")
     stage = TaggerStage(TaggerSettings(str(folder), provider=ProviderChoice.CPU,
-                                       rules={"default_threshold": 0.0, "max_tags": 1}))  # fmt: skip
+                                       rules={"default_threshold": 0.0, "logit_floor": 0.0, "max_tags": 1}))  # fmt: skip
     batch = _photos_batch(stage)
     rows = stage(batch).to_pydict()
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -18,7 +18,7 @@ def test_cl_layout_loads_every_side_file(demo_bundle):
     counts = bundle.vocabulary.counts_by_category()
     assert counts["rating"] == 4 and counts["quality"] == 5 and counts["character"] == 1
     assert bundle.tag_metrics.calibration_table.shape == (256, 100)
-    assert bundle.ood_reference.mu.shape == (21,) and bundle.ood_reference.p95 > bundle.ood_reference.p50 > 0
+    assert bundle.ood_reference.mu.shape == (22,) and bundle.ood_reference.p95 > bundle.ood_reference.p50 > 0
     assert bundle.has_embedding_output and bundle.name == "tagpipe-demo-tagger"
 
 

@@ -24,7 +24,7 @@ def test_exposed_embedding_equals_the_heads_input(tmp_path):
     session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     x = reference_pixels(4, seed=5)
     logits, embedding = session.run(["logits", "embedding"], {"pixel_values": x})
-    assert embedding.shape == (4, 21)
+    assert embedding.shape == (4, 22)
     np.testing.assert_allclose(embedding, features_numpy(x), atol=2e-3)  # independent numpy oracle
     original = ort.InferenceSession(str(src)).run(["logits"], {"pixel_values": x})[0]
     np.testing.assert_allclose(logits, original, rtol=1e-6)

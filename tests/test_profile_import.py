@@ -65,7 +65,7 @@ def test_a_folder_with_only_a_config_is_imported_and_says_so(tmp_path, caplog):
     assert any("imported from" in r.getMessage() for r in caplog.records)
     assert bundle.vocabulary.tags == ("cat", "dog", "fox")
     result = runner.invoke(app, ["model", "inspect", str(folder)])
-    assert result.exit_code == 0 and "imported from" in result.output and "resize_crop to 256x256" in result.output
+    assert result.exit_code == 0 and "imported from" in result.output and "shortest side to 256" in result.output
 
 
 def test_a_shipped_family_wins_over_its_pytorch_config(tmp_path):
@@ -99,12 +99,14 @@ def test_timm_settings_tagpipe_cannot_reproduce_stop_the_import_by_name(tmp_path
         ({"rescale_factor": 0.5}, "rescale_factor"),
         ({"image_grid_pinpoints": [[336, 672]]}, "image_grid_pinpoints"),
         ({"do_center_crop": False, "size": {"shortest_edge": 224}}, "preprocess.size"),
+        ({"image_processor_type": "AcmeImageProcessor", "size": 224}, "field size = 224"),
+        ({"resample": None}, "resample"),
     ],
 )
 def test_hf_settings_tagpipe_cannot_reproduce_stop_the_import_by_name(tmp_path, config, field):
     folder = tmp_path / "hf"
     tiny_tagger(folder / "model.onnx", size=224, nhwc=False, tags=2, activation=None)
-    base = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224}, "do_center_crop": True,
+    base = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224}, "do_center_crop": True, "resample": 3,
             "crop_size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
     (folder / "preprocessor_config.json").write_text(json.dumps({**base, **config}))
     (folder / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
@@ -201,3 +203,116 @@ def test_the_readme_caffe_profile_parses_to_resize_256_crop_224():
     assert (pre.resize_size, (pre.width, pre.height)) == ((256, 256), (224, 224))
     assert pre.resize_mode is ResizeMode.SQUASH and pre.mean == (123.0, 117.0, 104.0)
     assert profile.activation is Activation.SOFTMAX_PROBABILITIES
+
+
+def test_an_integer_size_means_what_the_processor_class_means(tmp_path):
+    """transformers reads `size: 224` as a shortest edge for CLIP and ConvNext, a square for ViT."""
+    folder = tmp_path / "hf"
+    tiny_tagger(folder / "model.onnx", size=224, nhwc=False, tags=2, activation=None)
+    (folder / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}, "architectures": ["X"]}))
+    clip = {"image_processor_type": "CLIPImageProcessor", "size": 224, "crop_size": 224, "do_center_crop": True,
+            "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(json.dumps(clip))
+    data = profile_data(folder)
+    assert data["preprocess"]["size"] == {"shortest_edge": 224} and data["name"] == "X"
+    vit = {**clip, "image_processor_type": "ViTImageProcessor", "do_center_crop": False}
+    del vit["crop_size"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(vit))
+    assert profile_data(folder)["preprocess"]["size"] == {"height": 224, "width": 224}
+
+
+def _key_as_0_2_computed_it(cfg, bundle, legacy_profile: str) -> str:
+    """incremental.inference_key as tagpipe 0.2 wrote it, for keys already in tables."""
+    from pipeline.incremental import _digest
+
+    return _digest({"model_sha256": bundle.fingerprint.model_sha256, "profile": legacy_profile,
+                    "exact_decode": cfg.exact_decode, "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
+                    "max_pixels": cfg.max_pixels, "dense_logits": cfg.dense_logits,
+                    "logit_floor": cfg.logit_floor})  # fmt: skip
+
+
+@pytest.mark.parametrize("with_embedding", [True, False])
+def test_whole_inference_keys_of_existing_tables_stay(tmp_path, with_embedding):
+    """The full key, for a CL bundle with and without its embedding output and a WD one
+    (sparse logits: their vocabularies are far above 4,096 tags)."""
+    from pipeline.config import TagJobConfig
+    from pipeline.demo_model import write_demo_bundle
+    from pipeline.incremental import inference_key
+
+    cfg = TagJobConfig(inputs=("x",), output="o", model="m", dense_logits=False)
+    cl = load_bundle(write_demo_bundle(tmp_path / "cl", with_embedding_output=with_embedding))
+    wd = load_bundle(wd_bundle(tmp_path / "wd"))
+    for bundle in (cl, wd):
+        assert inference_key(cfg, bundle) == _key_as_0_2_computed_it(cfg, bundle, LEGACY_KEYS[bundle.profile.name])
+
+
+def test_a_bgr_profile_with_uneven_mean_joins_the_key_with_its_order():
+    text = _profile_text('input_size = 8\nresize_mode = "squash"\ninterpolation = "bicubic"\nvalue_range = "0-255"\n'
+                         'mean = [104, 117, 123]\nchannel_order = "BGR"\nmean_std_order = "{}"\n')  # fmt: skip
+    keys = {order: parse_profile(text.format(order), "p").preprocess.extra_key() for order in ("RGB", "BGR")}
+    assert keys == {"RGB": {"mean_std_order": "RGB"}, "BGR": {"mean_std_order": "BGR"}}
+
+
+@pytest.mark.parametrize("crop_mode", ["border", "center", "squash"])
+def test_fast_decode_keeps_the_exact_sizes_and_offsets(crop_mode):
+    """A drafted JPEG is smaller than the file: sizes and offsets still come from the
+    file's own size, so fast mode lands on the same pixels as exact mode, give or take
+    the DCT scaling (a pixel off, border mode differed by 3.5 levels on average)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.imaging import DecodeOptions, decode_image
+    from pipeline.sample_photos import photo_paths
+
+    retina = Image.open(next(p for p in photo_paths() if p.name == "retina.jpg")).convert("RGB")
+    text = _profile_text(f'input_size = 224\ncrop_pct = 0.9\ncrop_mode = "{crop_mode}"\ninterpolation = "bicubic"\n'
+                         'value_range = "0-1"\n')  # fmt: skip
+    pre = parse_profile(text, "p").preprocess
+    for size in ((3001, 2003), (1203, 4001)):
+        out = io.BytesIO()
+        retina.resize(size).save(out, "JPEG", quality=92)
+        fast = decode_image(out.getvalue(), pre, DecodeOptions()).pixels.astype(float)
+        exact = decode_image(out.getvalue(), pre, DecodeOptions(exact=True)).pixels.astype(float)
+        assert abs(fast - exact).mean() < 1.0, (size, abs(fast - exact).mean())
+
+
+def test_a_profile_whose_input_size_differs_from_the_model_stops_before_work(tmp_path):
+    """A fixed 224 model given a 256 profile answered through the in-graph path and failed
+    every row through numpy; now the bundle is refused, naming the field."""
+    from pipeline.errors import BundleError
+
+    folder = _timm_folder(tmp_path)
+    (folder / "tagpipe_profile.toml").write_text(
+        'name = "wrong"\n[files]\nvocabulary = "config.json"\nvocabulary_format = "config_labels"\n[preprocess]\n'
+        'input_size = 256\nresize_size = 288\nresize_mode = "resize_crop"\ninterpolation = "bicubic"\n'
+        'value_range = "0-1"\n'
+    )
+    with pytest.raises(BundleError, match=r"takes 224x224 but profile wrong gives 256x256 \(preprocess.input_size\)"):
+        load_bundle(folder)
+
+
+def test_a_misspelt_required_field_is_named():
+    with pytest.raises(ConfigError, match=r"missing field preprocess.interpolation \(found preprocess.interpolaton"):
+        parse_profile(_profile_text('input_size = 8\nresize_mode = "squash"\ninterpolaton = "bicubic"\n'
+                                    'value_range = "0-1"\n'), "p")  # fmt: skip
+
+
+def test_imported_profiles_drop_alpha_as_timm_and_hf_do(tmp_path):
+    """convert("RGB") keeps the colour under transparent pixels; so does the import."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.imaging import DecodeOptions, decode_image
+
+    folder = _timm_folder(tmp_path)
+    profile = profile_from_data(profile_data(folder), "imported")
+    rgba = np.zeros((300, 300, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # red under full transparency
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, "PNG")
+    pixels = decode_image(out.getvalue(), profile.preprocess, DecodeOptions(exact=True)).pixels
+    assert profile.preprocess.alpha_order.value == "drop" and (pixels[..., 0] == 200).all()

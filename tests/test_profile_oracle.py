@@ -46,7 +46,8 @@ PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": 
 
 
 def _photos() -> list[tuple[str, bytes]]:
-    """Real photos in aspect ratios from 1:3 to 3:1, odd sizes included, and one JPEG as shipped."""
+    """Real photos in aspect ratios from 1:3 to 3:1, odd sizes included, one JPEG as
+    shipped, and one with soft transparency."""
     by_name = {p.stem: p for p in photo_paths()}
     retina = Image.open(by_name["retina"]).convert("RGB")  # 1411x1411
     hubble = Image.open(by_name["hubble_deep_field"]).convert("RGB")  # 1000x872
@@ -63,6 +64,13 @@ def _photos() -> list[tuple[str, bytes]]:
         out = io.BytesIO()
         image.crop(box).save(out, "PNG")
         cases.append((label, out.getvalue()))
+    chelsea = Image.open(by_name["chelsea"]).convert("RGB")  # transparency: both libraries drop alpha
+    yy, xx = np.mgrid[0 : chelsea.height, 0 : chelsea.width]
+    chelsea.putalpha(Image.fromarray(np.clip((1.2 - np.hypot((xx - 225) / 200, (yy - 150) / 130)) * 400, 0, 255)
+                                     .astype(np.uint8)))  # fmt: skip
+    out = io.BytesIO()
+    chelsea.save(out, "PNG")
+    cases.append(("chelsea-rgba", out.getvalue()))
     return cases
 
 
@@ -281,7 +289,7 @@ def test_bgr_nhwc_profile_in_timm_terms_matches_timm(tmp_path):
         'name = "caffe-style"\n[files]\nvocabulary = "config.json"\nvocabulary_format = "config_labels"\n'
         '[preprocess]\ninput_size = 224\ncrop_pct = 0.875\ncrop_mode = "center"\ninterpolation = "bicubic"\n'
         'value_range = "0-1"\nmean = [0.406, 0.456, 0.485]\nstd = [0.225, 0.224, 0.229]\nmean_std_order = "BGR"\n'
-        'channel_order = "BGR"\nlayout = "NHWC"\n',
+        'channel_order = "BGR"\nlayout = "NHWC"\nalpha_order = "drop"\n',
         "caffe-style",
     )
     assert profile.preprocess.mean == tuple(IMAGENET_MEAN)  # read in BGR, kept in RGB

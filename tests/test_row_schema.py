@@ -61,7 +61,7 @@ def _decoded(stage: TaggerStage, tmp_path: Path, good: int, bad: int) -> dict:
 )
 def test_tagger_batches_of_any_content_share_the_declared_schema(stage, tmp_path, good, bad):
     table = stage(_decoded(stage, tmp_path, good, bad))
-    expected = tag_row_schema(stage.postprocess.category_names, 21)
+    expected = tag_row_schema(stage.postprocess.category_names, 22)
     assert table.schema == expected, table.schema
     assert table.num_rows == good + bad and table.column("error_kind").null_count == good
 
@@ -88,7 +88,7 @@ def test_symbolic_embedding_width_is_probed_once(demo_bundle, tmp_path):
     )
     assert stage.bundle.embedding_width is None
     failed = stage(_decoded(stage, tmp_path, 0, 3))
-    assert failed.schema.field("embedding").type == pa.list_(pa.float16(), 21)
+    assert failed.schema.field("embedding").type == pa.list_(pa.float16(), 22)
 
 
 def test_eighty_file_scrape_commits_eighty_rows(ray_session, demo_bundle, tmp_path):

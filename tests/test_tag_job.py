@@ -25,7 +25,7 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     assert len(snapshot["files"]) == -(-len(images) // 16) and sorted(summary.parts) == snapshot["files"]
     assert all((out / f).is_file() for f in snapshot["files"])
     row = table.filter(table.column("error").is_null()).slice(0, 1).to_pylist()[0]
-    assert len(row["embedding"]) == 21 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
+    assert len(row["embedding"]) == 22 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
     from pipeline.bundle import load_bundle
 
     vocabulary = load_bundle(demo_bundle).vocabulary

@@ -1,0 +1,127 @@
+"""Dedup over three signals: sha256, reliable phash, and the tagger's embedding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dedup import parse_embedding_threshold, run_dedup
+from pipeline.errors import TagpipeError
+
+
+def _table(tmp_path, uris, phash, embeddings, **extra) -> str:
+    n = len(uris)
+    columns = {
+        "uri": uris,
+        "sha256": extra.pop("sha256", [hashlib.sha256(u.encode()).hexdigest() for u in uris]),
+        "phash": pa.array(phash, pa.uint64()),
+        "phash_degenerate": extra.pop("degenerate", [False] * n),
+        "width": extra.pop("width", [100] * n),
+        "height": extra.pop("height", [100] * n),
+        "size": extra.pop("size", [1000] * n),
+        "error": pa.nulls(n, pa.string()),
+        "embedding": pa.array([None if e is None else np.asarray(e, np.float16) for e in embeddings],
+                              pa.list_(pa.float16(), len(next(e for e in embeddings if e is not None)))),
+    }  # fmt: skip
+    (tmp_path / "tags").mkdir()
+    pq.write_table(pa.table(columns), tmp_path / "tags" / "part-0.parquet")
+    return str(tmp_path / "tags")
+
+
+def _planted(n: int, d: int, copies: int, seed: int = 0):
+    """Rows around 40 centres; `copies` near-copies (cosine >= 0.97) of the first rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, d))
+    base = centres[rng.integers(0, 40, n)] + rng.normal(size=(n, d))
+    near = base[:copies] + 0.15 * rng.normal(size=(copies, d))
+    hashes = rng.integers(0, 2**63, n + copies, dtype=np.int64).astype(np.uint64) * 2 + 1
+    return np.vstack([base, near]), hashes
+
+
+def test_auto_threshold_finds_copies_phash_misses_and_reports_its_choice(tmp_path):
+    n, copies = 3000, 60
+    vectors, hashes = _planted(n, 48, copies)
+    hashes[n : n + copies // 2] = hashes[: copies // 2]  # half the copies also share a phash: the positives
+    uris = [f"/c/{i:05d}.jpg" for i in range(n + copies)]
+    summary = run_dedup(_table(tmp_path, uris, hashes, list(vectors)), str(tmp_path / "out"))
+    emb = summary.embedding
+    sims = _cos(vectors[:copies], vectors[n:])
+    assert emb["chosen_by"] == "auto" and emb["threshold"] < sims.min()  # every planted copy above it
+    assert emb["positive_pairs"] == copies // 2 and emb["positive_recall"] == 1.0
+    assert emb["negative_pairs"] > 1_990_000  # 2M random pairs, less the few already joined
+    # the sampled pairs at or above it: the 30 copies phash missed are 6e-6 of all pairs, so a
+    # few are among them (the rate is an upper bound); unrelated pairs are not (clusters below)
+    assert emb["negative_rate"] < 1e-5
+    clusters = {r["uri"]: r["cluster_id"] for r in pq.read_table(tmp_path / "out" / "clusters.parquet").to_pylist()}
+    assert all(clusters[uris[i]] == clusters[uris[n + i]] for i in range(copies))
+    assert summary.clusters == n  # nothing else merged
+    edges = pq.read_table(tmp_path / "out" / "edges.parquet").to_pylist()
+    by_signal = {s: [e for e in edges if e["signal"] == s] for s in ("phash", "embedding")}
+    assert len(by_signal["phash"]) == copies // 2 and all(e["phash_distance"] == 0 for e in by_signal["phash"])
+    assert len(by_signal["embedding"]) == copies and all(e["cosine"] >= emb["threshold"] for e in by_signal["embedding"])
+    assert summary.edges["embedding"] == copies and "recall of hash-confirmed pairs 1.000" in summary.text()
+
+
+def _cos(x, y):
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return (x * y).sum(1)
+
+
+def test_a_given_threshold_and_off(tmp_path):
+    vectors, hashes = _planted(400, 16, 10)
+    uris = [f"/g/{i:04d}.jpg" for i in range(410)]
+    tags = _table(tmp_path, uris, hashes, list(vectors))
+    given = run_dedup(tags, str(tmp_path / "a"), embedding_threshold=0.999999)
+    assert given.embedding["chosen_by"] == "given" and given.edges["embedding"] == 0 and given.clusters == 410
+    off = run_dedup(tags, str(tmp_path / "b"), embedding_threshold=None)
+    assert off.embedding == {"threshold": None, "reason": "--embedding-threshold off"} and "embedding off" in off.text()
+    for bad in ("1.5", "0", "sometimes"):
+        with pytest.raises(TagpipeError, match="--embedding-threshold"):
+            parse_embedding_threshold(bad)
+
+
+def test_low_detail_hashes_match_nothing_and_are_counted(tmp_path):
+    """Rows flagged low-detail, and old rows a few bits from a blank hash, never join by
+    phash, whatever their distance; reliable hashes still do."""
+    blank = 1 << 63
+    hashes = [blank ^ 1, blank ^ 2, blank ^ 6, 0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0E, 0x3C3C3C3C3C3C3C3C, 0x3C3C3C3C3C3C3C3D]
+    degenerate = [False, False, False, False, False, True, True]
+    uris = [f"/h/{i}.jpg" for i in range(7)]
+    summary = run_dedup(_table(tmp_path, uris, hashes, [[1.0, float(i)] for i in range(7)], degenerate=degenerate),
+                        str(tmp_path / "out"), embedding_threshold=None)  # fmt: skip
+    assert summary.unmatched_hashes == {"no_hash": 0, "low_detail": 2, "near_blank_hash": 3}
+    assert summary.clusters == 6 and summary.edges["phash"] == 1  # only the two reliable neighbours
+    assert "low_detail 2" in summary.text()
+
+
+def test_the_best_copy_represents_its_cluster(tmp_path):
+    """More pixels, then a lossless format, then more bytes, then the smallest uri."""
+    uris = ["/b/a.jpg", "/b/b.png", "/b/c.jpg", "/b/d.png", "/b/e.jpg"]
+    same = ["0" * 64] * 5  # one cluster by sha256
+    cases = [
+        (dict(width=[100, 100, 200, 100, 100], height=[100] * 5, size=[9, 1, 1, 1, 1]), "/b/c.jpg"),  # pixels
+        (dict(width=[100] * 5, height=[100] * 5, size=[9, 1, 1, 2, 9]), "/b/d.png"),  # lossless, then bytes
+        (dict(width=[100] * 5, height=[100] * 5, size=[1, 1, 9, 1, 9]), "/b/b.png"),  # lossless beats bytes
+        (dict(width=[100] * 5, height=[100] * 5, size=[5, 1, 5, 1, 5]), "/b/b.png"),  # then the smallest uri
+    ]
+    for i, (extra, best) in enumerate(cases):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        tags = _table(folder, uris, [1, 2, 3, 4, 5], [[1.0, 0.0]] * 5, sha256=same, **extra)
+        run_dedup(tags, str(folder / "out"), embedding_threshold=None)
+        reps = [r["uri"] for r in pq.read_table(folder / "out" / "clusters.parquet").to_pylist() if r["is_representative"]]
+        assert reps == [best], (i, reps)
+
+
+def test_summary_json_holds_the_embedding_choice(tmp_path):
+    vectors, hashes = _planted(300, 16, 5)
+    run_dedup(_table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert saved["embedding"]["chosen_by"] == "auto" and saved["embedding"]["method"] == "exact"
+    assert set(saved["edges"]) == {"sha256", "phash", "embedding"}
