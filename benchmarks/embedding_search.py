@@ -5,8 +5,8 @@
 Data (seeded, made here, float16 as stored): rows drawn around 2,000 centres (so
 neighbourhoods are crowded as real embeddings are, cosine within a centre ~0.5), and
 1% of rows replaced by a planted near-copy of another row (cosine ~0.88-0.997, so many
-sit near the threshold). The
-partitioned search (pipeline/embedding_search.py) runs once; then:
+sit near the threshold). The partitioned search (pipeline/embedding_search.py) runs
+once; then:
   planted recall  planted pairs found / planted pairs at or above the threshold
   sample recall   for 2,000 random query rows, brute force against every row gives the
                   true pairs at or above the threshold; found / true
@@ -42,7 +42,7 @@ def planted_set(rows: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     source, copy = chosen[:copies], chosen[copies:]
     for start in range(0, copies, 20_000):
         s, c = source[start : start + 20_000], copy[start : start + 20_000]
-        noise = rng.uniform(0.1, 0.75, size=(len(s), 1)).astype(np.float32)  # cosine ~0.88-0.997: many near the threshold
+        noise = rng.uniform(0.1, 0.75, size=(len(s), 1)).astype(np.float32)  # cosine ~0.88-0.997
         data[c] = data[s].astype(np.float32) + noise * rng.normal(size=(len(s), dim)).astype(np.float32)
     return data, source, copy
 
