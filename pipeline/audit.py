@@ -41,6 +41,7 @@ class AuditReport:
     exact_leaks: int = 0  # of which byte-identical
     by_signal: dict = field(default_factory=dict)  # signal -> eval images it found
     not_checked: dict = field(default_factory=dict)  # signal -> eval images it could not check
+    train_not_usable: dict = field(default_factory=dict)  # signal -> train images it could not use
     unchecked: int = 0  # eval images neither phash nor embedding could check
     max_distance: int = 6
     embedding: dict = field(default_factory=dict)  # threshold and how it was chosen; {} if not used
@@ -48,15 +49,18 @@ class AuditReport:
 
     def text(self) -> str:
         if self.leaks:
-            verdict = "LEAKS FOUND"
+            verdict = "LEAKS FOUND" + (f" ({self.unchecked} eval images could not be checked)" if self.unchecked else "")
         elif self.unchecked:
             verdict = f"no leaks found, but {self.unchecked} eval images could not be checked for near-duplicates"
+        elif self.embedding.get("threshold") is None:
+            verdict = "no leaks found by sha256 and phash; the embedding was not used, so crops and edits went unchecked"
         else:
             verdict = "clean"
         found = ", ".join(f"{k} {v}" for k, v in self.by_signal.items()) or "none"
         missed = ", ".join(f"{k} {v}" for k, v in self.not_checked.items()) or "none"
         emb = self.embedding
-        emb_text = f"cosine >= {emb['threshold']:.4f} ({emb['chosen_by']})" if emb.get("threshold") is not None else "off"
+        emb_text = (f"cosine >= {emb['threshold']:.4f} ({emb['chosen_by']})" if emb.get("threshold") is not None
+                    else f"not used ({emb.get('reason') or 'off'})")
         return (
             f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images are copies or near-duplicates of the "
             f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
@@ -74,9 +78,14 @@ def read_signals(uri: str, storage_options: dict | None = None, role: str = "tra
     null) from any supported input; a split output's train or eval rows, with hashes
     and embeddings joined from tags when given."""
     fs, path = filesystem_for(uri, storage_options)
+    if fs.isdir(path) and fs.isfile(path.rstrip("/") + "/splits.parquet"):  # a split output folder (it may hold audits)
+        uri, path = uri.rstrip("/") + "/splits.parquet", path.rstrip("/") + "/splits.parquet"
     if path.endswith(".csv"):
         with fs.open(path, "rb") as handle:
             table = pcsv.read_csv(handle)
+        if "embedding" in table.column_names:
+            raise TagpipeError(f"{uri}: a CSV cannot hold embedding vectors; give Parquet with a list column, "
+                               "or drop the embedding column")
     else:
         table = read_parquet(uri, storage_options, SIGNAL_COLUMNS, only_present=True)
     names = set(table.column_names)
@@ -166,6 +175,10 @@ def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
     eval images phash could check."""
     t_hash, t_ok, _ = _hashes(train)
     e_hash, e_ok, reasons = _hashes(evaluation)
+    report.train_not_usable[PHASH] = int((~t_ok).sum())
+    if not t_ok.any():  # nothing on the train side to compare with: nothing was checked
+        e_ok = np.zeros_like(e_ok)
+        reasons = {"no_usable_train_hash": evaluation.num_rows}
     report.not_checked[PHASH] = int((~e_ok).sum())
     report.not_checked.update({f"{PHASH}:{k}": v for k, v in reasons.items() if v})
     t_rows, e_rows = np.flatnonzero(t_ok), np.flatnonzero(e_ok)
@@ -194,7 +207,7 @@ def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
 
 def _embedding_leaks(train, evaluation, threshold, found, report) -> np.ndarray:
     """Train images at cosine >= threshold, per eval image; returns which eval images
-    the embedding could check."""
+    the embedding checked (a usable vector, and a threshold to check with)."""
     checked = np.zeros(evaluation.num_rows, bool)
     have = "embedding" in train.column_names and "embedding" in evaluation.column_names
     if threshold is None or not have:
@@ -211,9 +224,16 @@ def _embedding_leaks(train, evaluation, threshold, found, report) -> np.ndarray:
     side = np.r_[np.zeros(len(t_rows), bool), np.ones(len(e_rows), bool)]
     index = np.r_[t_rows, e_rows]
     edges = Edges()
-    groups = np.arange(len(vectors))  # nothing joined beforehand: every random pair is a negative
-    choice, facts = embedding_edges(vectors, np.arange(len(vectors)), threshold, groups, (np.zeros(0), np.zeros(0)), edges)
+    groups = np.arange(len(vectors))
+    # auto: negatives from train pairs only, so the leaks being looked for cannot raise the bar
+    choice, facts = embedding_edges(vectors, np.arange(len(vectors)), threshold, groups, (np.zeros(0), np.zeros(0)),
+                                    edges, negatives_from=~side)  # fmt: skip
+    usable = facts.pop("usable")
     report.embedding = {**asdict(choice), **facts}
+    report.train_not_usable[EMBEDDING] = int(len(train) - (usable & ~side).sum())
+    if choice.threshold is None:
+        report.not_checked[EMBEDDING] = evaluation.num_rows
+        return checked
     a, b, _, _, cosine = edges.arrays()
     cross = side[a] != side[b]
     for x, y, c in zip(a[cross].tolist(), b[cross].tolist(), cosine[cross].tolist()):
@@ -221,9 +241,7 @@ def _embedding_leaks(train, evaluation, threshold, found, report) -> np.ndarray:
         key = (int(index[e]), EMBEDDING)
         if key not in found or -c < found[key][0]:
             found[key] = (-c, int(index[t]), -1, c)
-    checked[e_rows] = True
-    usable = np.linalg.norm(e_vec.astype(np.float32), axis=1) > 0
-    checked[e_rows[~usable]] = False
+    checked[index[side & usable]] = (usable & ~side).any()
     report.not_checked[EMBEDDING] = int((~checked).sum())
     return checked
 

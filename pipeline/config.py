@@ -325,8 +325,10 @@ def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
     tag = make_tag_config(load_config_file(path, "tag"), **tag_overrides)
     section = load_config_file(path, "nightly")
     base = Path(path).parent
-    for key in ("dedup_output", "splits_output"):
-        if isinstance(section.get(key), str) and "://" not in section[key] and not os.path.isabs(section[key]):
+    if isinstance(section.get("embedding_threshold"), (int, float)) and not isinstance(section.get("embedding_threshold"), bool):
+        section["embedding_threshold"] = str(section["embedding_threshold"])  # a number in TOML: a cosine
+    for key in ("dedup_output", "splits_output", "metadata"):
+        if isinstance(section.get(key), str) and section[key] and "://" not in section[key] and not os.path.isabs(section[key]):
             section[key] = str(base / section[key])
     if isinstance(section.get("exclude"), list):
         section["exclude"] = [v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v) for v in section["exclude"]]

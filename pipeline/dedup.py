@@ -60,7 +60,7 @@ class DedupSummary:
             emb_text = (f"embedding cosine >= {emb['threshold']:.4f} ({emb['chosen_by']}; recall of hash-confirmed "
                         f"pairs {recall}, random-pair rate {rate})")
         else:
-            emb_text = f"embedding off ({emb.get('reason', 'not asked')})"
+            emb_text = f"embedding not used ({emb.get('reason') or 'not asked'})"
         return (
             f"dedup: {self.images} images in {self.clusters} clusters; {self.duplicates} duplicates "
             f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), largest cluster {self.largest_cluster}; "
@@ -215,6 +215,9 @@ def _embedding(table: pa.Table, edges: Edges, threshold) -> dict:
     local[rows] = np.arange(len(rows))
     both = (local[a] >= 0) & (local[b] >= 0)
     choice, facts = embedding_edges(vectors, rows, threshold, groups[rows], (local[a][both], local[b][both]), edges)
+    facts.pop("usable")
+    if choice.threshold is None:
+        log.warning("dedup: no embedding threshold: %s", choice.reason)
     return {**asdict(choice), **facts}
 
 
@@ -265,4 +268,8 @@ def _report_giants(summary, table, order, starts, sizes, min_sha, max_distance) 
         members = members[has_hash[members]]
         hops, spread = _hop_diameter(members, phash, max_distance) if len(members) > 1 else (0, 0)
         summary.giant_clusters.append({"cluster_id": min_sha[c], "size": int(sizes[c]), "diameter_hops": hops, "spread_bits": spread})
-        log.warning("giant cluster %s: %d images, diameter %d hops, ends %d bits apart (chaining?)", min_sha[c], sizes[c], hops, spread)
+        if hops:
+            log.warning("giant cluster %s: %d images, phash diameter %d hops, ends %d bits apart (chaining?)", min_sha[c], sizes[c], hops, spread)
+        else:
+            log.warning("giant cluster %s: %d images joined by sha256 or embedding (one picture, or an embedding "
+                        "threshold too low for this model?)", min_sha[c], sizes[c])

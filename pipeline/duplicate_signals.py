@@ -26,6 +26,9 @@ from pipeline.phash import near_blank
 
 SHA256, PHASH, EMBEDDING = "sha256", "phash", "embedding"
 DEFAULT_TARGET_RATE = 1e-6  # auto threshold: false matches per random pair
+# float16 unit rows (as stored) give an identical pair a cosine of ~0.9998, not 1: no
+# threshold above this can be told apart from "identical", so none is used
+MAX_THRESHOLD = 0.999
 RANDOM_PAIRS = 2_000_000  # random pairs sampled to estimate that rate
 
 
@@ -45,7 +48,8 @@ class Edges:
         self.b.append(np.asarray(b, np.int64))
         self.signal.append(np.full(n, signal, object))
         self.distance.append(np.full(n, -1, np.int16) if distance is None else np.asarray(distance, np.int16))
-        self.cosine.append(np.full(n, np.nan, np.float32) if cosine is None else np.asarray(cosine, np.float32))
+        # float16 unit rows can give 1.0002 for a pair of identical vectors: stored as at most 1
+        self.cosine.append(np.full(n, np.nan, np.float32) if cosine is None else np.minimum(np.asarray(cosine, np.float32), 1))
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         def cat(parts, dtype):
@@ -97,14 +101,14 @@ def phash_edges(phash: np.ndarray, usable: np.ndarray, max_distance: int, edges:
 class ThresholdChoice:
     """How the embedding threshold was chosen, for the summary and the report."""
 
-    threshold: float
+    threshold: float | None  # None: auto could not choose one (see reason); embedding edges are off
     chosen_by: str  # "auto" or "given"
     target_rate: float | None = None
     positive_pairs: int = 0  # sha256/phash-confirmed pairs between rows with embeddings
     positive_recall: float | None = None  # of those, the share at or above the threshold
     negative_pairs: int = 0  # random pairs not joined by sha256/phash
     negative_rate: float | None = None  # of those, the share at or above the threshold
-
+    reason: str = ""  # why auto chose none
 
 def auto_threshold(unit: np.ndarray, usable: np.ndarray, positives: tuple[np.ndarray, np.ndarray],
                    same_group: np.ndarray, target_rate: float = DEFAULT_TARGET_RATE, seed: int = 0) -> ThresholdChoice:  # fmt: skip
@@ -120,20 +124,28 @@ def auto_threshold(unit: np.ndarray, usable: np.ndarray, positives: tuple[np.nda
     faster than that line, so the estimate errs towards fewer false matches. Positives
     (pairs sha256 and phash joined) do not choose it; they report its recall."""
     negatives = _negative_cosines(unit, usable, same_group, seed)
+    choice = ThresholdChoice(None, "auto", target_rate, negative_pairs=int(len(negatives)))
     if len(negatives) < 100:
-        choice = ThresholdChoice(1.0, "auto", target_rate, negative_pairs=int(len(negatives)))
-    else:
-        ranked = np.sort(negatives)[::-1]
-        levels = np.logspace(-2, np.log10(max(1e-4, 10 / len(ranked))), 12)
-        at = ranked[np.minimum((levels * len(ranked)).astype(np.int64), len(ranked) - 1)].astype(np.float64)
-        if float(at[-1] - at[0]) < 1e-6:  # a flat tail (every level the same cosine): nothing to fit,
-            fitted = float(ranked[0]) + 1e-6  # so above every negative
-        else:
-            slope, intercept = np.polyfit(at, np.log10(levels), 1)
-            fitted = (np.log10(target_rate) - intercept) / slope if slope < 0 else 1.0
-        threshold = float(min(1.0, fitted))
-        choice = ThresholdChoice(threshold, "auto", target_rate, negative_pairs=int(len(negatives)))
-    choice.negative_rate = float((negatives >= choice.threshold).mean()) if len(negatives) else None
+        choice.reason = f"{len(negatives)} random pairs, too few to estimate a false-match rate"
+        return choice
+    ranked = np.sort(negatives)[::-1]
+    levels = np.logspace(-2, np.log10(max(1e-4, 10 / len(ranked))), 12)
+    at = ranked[np.minimum((levels * len(ranked)).astype(np.int64), len(ranked) - 1)].astype(np.float64)
+    fitted = 1.0
+    if float(at[-1] - at[0]) >= 1e-6:
+        slope, intercept = np.polyfit(at, np.log10(levels), 1)
+        fitted = (np.log10(target_rate) - intercept) / slope if slope < 0 else 1.0
+    if fitted > MAX_THRESHOLD:
+        # the random pairs' own tail is near-identical: unfound copies are too common
+        # (over ~1e-4 of pairs) or the embedding does not separate images; a cosine read
+        # off such a tail would find nothing and look clean
+        near = int((negatives >= 0.99).sum())
+        choice.reason = (f"random pairs are near-identical too often ({near} of {len(negatives)} at cosine >= 0.99): "
+                         "give --embedding-threshold a cosine")
+        choice.negative_rate = float((negatives >= MAX_THRESHOLD).mean())
+        return choice
+    choice.threshold = float(fitted)
+    choice.negative_rate = float((negatives >= choice.threshold).mean())
     return _with_recall(choice, unit, positives)
 
 
@@ -182,21 +194,26 @@ def embedding_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def embedding_edges(vectors: np.ndarray, rows: np.ndarray, threshold: float | str, same_group: np.ndarray,
-                    positives: tuple[np.ndarray, np.ndarray], edges: Edges) -> tuple[ThresholdChoice, dict]:  # fmt: skip
+                    positives: tuple[np.ndarray, np.ndarray], edges: Edges,
+                    negatives_from: np.ndarray | None = None) -> tuple[ThresholdChoice, dict]:  # fmt: skip
     """Cosine edges between rows (the table rows of vectors' rows).
 
-    threshold: a cosine, or "auto" (auto_threshold). same_group and positives index
-    vectors' rows. Returns how the threshold was chosen, and what the search did."""
+    threshold: a cosine (at most MAX_THRESHOLD is used), or "auto" (auto_threshold;
+    its random pairs from negatives_from, default every usable row). same_group and
+    positives index vectors' rows. Returns the choice (threshold None: no edges) and
+    the search's facts, with the usable mask (zero or non-finite vectors are not)."""
     unit, usable = unit_rows(vectors)
     positives = tuple(np.asarray(p, np.int64) for p in positives)
     ok = usable[positives[0]] & usable[positives[1]] if len(positives[0]) else np.zeros(0, bool)
     positives = (positives[0][ok], positives[1][ok])
     if threshold == "auto":
-        choice = auto_threshold(unit, usable, positives, same_group)
+        choice = auto_threshold(unit, negatives_from if negatives_from is not None else usable, positives, same_group)
     else:
-        choice = _with_recall(ThresholdChoice(float(threshold), "given"), unit, positives)
+        choice = _with_recall(ThresholdChoice(min(float(threshold), MAX_THRESHOLD), "given"), unit, positives)
+    facts = {"rows": int(len(rows)), "unusable": int((~usable).sum()), "usable": usable}
+    if choice.threshold is None:
+        return choice, {**facts, "method": "none", "partitions": 0, "pairs": 0}
     found = cosine_pairs_of_units(unit, usable, choice.threshold)
     edges.add(rows[found.a], rows[found.b], EMBEDDING, cosine=found.similarity)
-    facts = {"rows": int(len(rows)), "unusable": found.unusable, "method": found.method,
-             "partitions": found.partitions, "pairs": int(len(found.a))}  # fmt: skip
+    facts.update(method=found.method, partitions=found.partitions, pairs=int(len(found.a)))
     return choice, facts

@@ -4,9 +4,9 @@ Near-duplicates that phash misses (crops, borders, overlays, colour edits) stay 
 in the tagger's own embedding. Finding every pair above a cosine threshold is a
 self-join: exact for small sets (every pair, in blocks), and for large ones
 partitioned as SemDeDup does: spherical k-means centroids from a sample, each row
-assigned to its nearest and second-nearest centroid, and exact cosine inside each
+assigned to its 3 nearest centroids (PROBES), and exact cosine inside each
 partition between the rows whose first partition it is and every row assigned to it.
-A pair is missed only when neither row lies in the other's first partition; recall is
+A pair is missed only when neither row's first partition is among the other's 3; recall is
 measured against the exact search (tests/test_embedding_search.py,
 benchmarks/embedding_search.py). Partitions are independent: on a cluster they run as
 Ray tasks over the unit vectors in the object store.

@@ -60,7 +60,7 @@ def inference_key(cfg, bundle: ModelBundle) -> str:
 
 
 def _old_embedding(bundle: ModelBundle) -> str | None:
-    """The embedding output tagpipe 0.2 used: the profile's, when the model has it."""
+    """The embedding output earlier versions used: the profile's, when the model has it."""
     name = bundle.profile.embedding_name
     return name if name in bundle.output_names else None
 
@@ -75,7 +75,7 @@ class _Spelt:
         return self.text
 
 
-_KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>")}  # its name before 0.3
+_KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>")}  # its earlier name
 
 
 def profile_key(p: Profile) -> str:

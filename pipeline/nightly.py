@@ -49,7 +49,10 @@ class NightlySummary:
             sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
             lines.append(f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, {len(self.split['bridges'])} bridging clusters held out")
         for name, audit in self.audits.items():
-            lines.append(f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) among {audit['eval_images']} val/test images")
+            emb = audit.get("embedding", {})
+            used = f"embedding cosine >= {emb['threshold']:.4f}" if emb.get("threshold") is not None else "embedding not used"
+            lines.append(f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) among {audit['eval_images']} "
+                         f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {steps}")
         return "\n".join(lines)

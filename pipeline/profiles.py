@@ -86,7 +86,7 @@ class Activation(enum.Enum):
         return self in (Activation.SOFTMAX, Activation.SOFTMAX_PROBABILITIES)
 
 
-ACTIVATION_ALIASES = {"none": Activation.SIGMOID_PROBABILITIES}  # the name before 0.3 (WD v3 profiles)
+ACTIVATION_ALIASES = {"none": Activation.SIGMOID_PROBABILITIES}  # the earlier name (WD v3 profiles)
 
 
 class VocabularyFormat(enum.Enum):
@@ -104,7 +104,7 @@ Color = tuple[int, int, int]
 class Preprocess:
     """A model's pixel recipe. mean and std are always in RGB order (timm and Hugging
     Face write them so), whatever channel_order the model takes; both normalisation
-    paths flip them with the pixels. Fields added after 0.2 are left out of repr, which
+    paths flip them with the pixels. Fields added later (resize, rounding, order) are left out of repr, which
     the table's inference key is built from, and join the key only when not default
     (extra_key), so existing tables are not re-tagged by an upgrade."""
 
@@ -139,7 +139,7 @@ class Preprocess:
             extra["rounding"] = self.rounding.value
         uneven = len(set(self.mean)) > 1 or len(set(self.std)) > 1
         if self.channel_order is ChannelOrder.BGR and uneven:
-            # 0.2's two paths read such a mean in different orders: which pixels old rows
+            # earlier versions' two paths read such a mean in different orders: which pixels old rows
             # got is unknown, so either answer re-tags
             extra["mean_std_order"] = self.mean_std_order
         return extra

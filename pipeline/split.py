@@ -164,7 +164,7 @@ def run_split(
 ) -> SplitReport:
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
     clusters = read_parquet(dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup, storage_options, ["uri", "sha256", "phash", "cluster_id"])
-    tagged = read_parquet(tags, storage_options, ["uri", "tags", "error"])
+    tagged = read_parquet(tags, storage_options, ["uri", "tags", "error", "phash_degenerate"], only_present=True)
     tag_of = {r["uri"]: r for r in tagged.to_pylist()}
     rows = [r for r in clusters.sort_by("uri").to_pylist() if r["uri"] in tag_of and tag_of[r["uri"]]["error"] is None]
     if not rows:
@@ -237,6 +237,8 @@ def run_split(
             "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
             "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
             "split_unit": pa.array([r["split_unit"] for r in rows], pa.string()),
+            # the hash's reliability travels with it, so an audit of this file alone knows it
+            "phash_degenerate": pa.array([bool(tag_of[r["uri"]].get("phash_degenerate")) for r in rows], pa.bool_()),
             "split": pa.array(split, pa.string()),
         }
     )
@@ -268,11 +270,18 @@ def _split_units(rows: list[dict], group_column: str | None, metadata: str | Non
     """cluster_id -> the unit it is split with: itself, or (with groups) the smallest
     cluster_id of the clusters its group values connect it to."""
     clusters = sorted({r["cluster_id"] for r in rows})
+    if metadata and not group_column:
+        raise TagpipeError("--metadata needs --group-column: which of its columns groups images")
     if not group_column:
         return {c: c for c in clusters}
     if not metadata:
         raise TagpipeError("--group-column needs --metadata FILE (Parquet or CSV with uri and the column)")
     groups = _read_groups(metadata, group_column, storage_options)
+    matched = sum(1 for r in rows if groups.get(r["uri"]) is not None)
+    if not matched:
+        raise TagpipeError(f"--metadata {metadata}: none of its uris is in the table (it must name images as the "
+                           f"table does, e.g. {rows[0]['uri']!r})")
+    log.info("split: %d of %d images have a %s", matched, len(rows), group_column)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -295,14 +304,18 @@ def _read_groups(metadata: str, column: str, storage_options: dict | None) -> di
     from pipeline.storage import filesystem_for
 
     fs, path = filesystem_for(metadata, storage_options)
+    if not fs.exists(path):
+        raise TagpipeError(f"--metadata {metadata}: no such file")
     if path.endswith(".csv"):
-        with fs.open(path, "rb") as handle:
-            table = pcsv.read_csv(handle)
+        with fs.open(path, "rb") as handle:  # strings: "007" and "7" are different groups
+            table = pcsv.read_csv(handle, convert_options=pcsv.ConvertOptions(strings_can_be_null=True,
+                                  column_types={column: pa.string()}))  # fmt: skip
     else:
         table = read_parquet(metadata, storage_options)
     missing = [c for c in ("uri", column) if c not in table.column_names]
     if missing:
-        raise TagpipeError(f"{metadata}: no column {missing[0]!r} (has {table.column_names}); --group-column names one")
+        what = "the images, as the table names them" if missing[0] == "uri" else "the groups (--group-column)"
+        raise TagpipeError(f"{metadata}: no column {missing[0]!r} for {what}; it has {table.column_names}")
     values = table.column(column).cast(pa.string()).to_pylist()
     return {u: v for u, v in zip(table.column("uri").to_pylist(), values) if v not in (None, "")}
 

@@ -67,7 +67,21 @@ def filesystem_for(uri: str, storage_options: dict | None = None):
 def read_parquet(uri: str, storage_options: dict | None = None, columns: list[str] | None = None, only_present: bool = False):
     """A Parquet file, a tag table (its current version: pipeline/table.py), or a
     directory of Parquet files (`_`-prefixed paths skipped), as one pyarrow Table.
-    only_present: read those of `columns` the data has (others are not an error)."""
+    only_present: read those of `columns` the data has (others are not an error).
+    A missing path or a file that is not Parquet is a one-line TagpipeError."""
+    import pyarrow as pa
+
+    try:
+        return _read_parquet(uri, storage_options, columns, only_present)
+    except FileNotFoundError:
+        raise TagpipeError(f"{uri}: no such file or folder") from None
+    except pa.ArrowInvalid as exc:
+        if "magic bytes" not in str(exc) and "file size is 0" not in str(exc):
+            raise  # a missing column and the like: the caller names it
+        raise TagpipeError(f"{uri}: not a Parquet file, a tag table or a folder of Parquet files") from None
+
+
+def _read_parquet(uri: str, storage_options: dict | None, columns: list[str] | None, only_present: bool):
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -88,7 +102,14 @@ def read_parquet(uri: str, storage_options: dict | None = None, columns: list[st
                 columns = [c for c in columns if c in names]
                 handle.seek(0)
             return pq.read_table(handle, columns=columns)
-    dataset = pads.dataset(path, format="parquet", filesystem=fs)
+    if not fs.isdir(path):
+        raise FileNotFoundError(path)
+    # only Parquet files: a folder also holds summaries (audit/audit.json, _summary.json)
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")
+                   and not any(part.startswith(("_", ".")) for part in f[len(path):].split("/")))  # fmt: skip
+    if not files:
+        raise FileNotFoundError(f"{path}: no Parquet files")
+    dataset = pads.dataset(files, format="parquet", filesystem=fs)
     if only_present and columns:
         columns = [c for c in columns if c in dataset.schema.names]
     return dataset.to_table(columns=columns)

@@ -73,4 +73,4 @@ def test_audit_command_exit_status_gates(tmp_path):
     clean_eval = _table("eval", [int(x) for x in np.random.default_rng(2).integers(0, 2**63, 500, dtype=np.uint64)], [f"c{i}" for i in range(500)])
     pa.csv.write_csv(clean_eval.set_column(2, "phash", pa.array([f"{h:016x}" for h in clean_eval.column("phash").to_pylist()])), tmp_path / "clean.csv")
     clean = _cli("--train", str(tmp_path / "train.parquet"), "--eval", str(tmp_path / "clean.csv"), "--max-distance", "4")
-    assert clean.returncode == 0 and "clean: 0 of 500" in clean.stdout
+    assert clean.returncode == 0 and "no leaks found by sha256 and phash" in clean.stdout and ": 0 of 500" in clean.stdout

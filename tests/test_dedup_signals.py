@@ -80,7 +80,7 @@ def test_a_given_threshold_and_off(tmp_path):
     given = run_dedup(tags, str(tmp_path / "a"), embedding_threshold=0.999999)
     assert given.embedding["chosen_by"] == "given" and given.edges["embedding"] == 0 and given.clusters == 410
     off = run_dedup(tags, str(tmp_path / "b"), embedding_threshold=None)
-    assert off.embedding == {"threshold": None, "reason": "--embedding-threshold off"} and "embedding off" in off.text()
+    assert off.embedding == {"threshold": None, "reason": "--embedding-threshold off"} and "embedding not used (--embedding-threshold off)" in off.text()
     for bad in ("1.5", "0", "sometimes"):
         with pytest.raises(TagpipeError, match="--embedding-threshold"):
             parse_embedding_threshold(bad)
@@ -120,8 +120,17 @@ def test_the_best_copy_represents_its_cluster(tmp_path):
 
 
 def test_summary_json_holds_the_embedding_choice(tmp_path):
-    vectors, hashes = _planted(300, 16, 5)
+    vectors, hashes = _planted(300, 128, 5)
     run_dedup(_table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out"))
     saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert saved["embedding"]["chosen_by"] == "auto" and saved["embedding"]["method"] == "exact"
     assert set(saved["edges"]) == {"sha256", "phash", "embedding"}
+
+
+def test_auto_says_when_it_cannot_choose(tmp_path):
+    """Half the rows copies nobody found: the random pairs' own tail is near-identical,
+    so auto chooses nothing rather than a cosine that finds nothing and looks clean."""
+    vectors, hashes = _planted(300, 16, 300)
+    summary = run_dedup(_table(tmp_path, [f"/x/{i}.jpg" for i in range(600)], hashes, list(vectors)), str(tmp_path / "o"))
+    assert summary.embedding["threshold"] is None and "give --embedding-threshold a cosine" in summary.embedding["reason"]
+    assert summary.edges["embedding"] == 0 and "embedding not used (random pairs are near-identical" in summary.text()

@@ -74,7 +74,7 @@ def _side(prefix: str, hashes, vectors, degenerate=None, sha=None) -> pa.Table:
         "phash": pa.array(hashes, pa.uint64()),
         "phash_unreliable": degenerate or [False] * n,
         "embedding": pa.array([None if v is None else np.asarray(v, np.float16) for v in vectors],
-                              pa.list_(pa.float16(), 8)),
+                              pa.list_(pa.float16(), next((len(v) for v in vectors if v is not None), 8))),
     })  # fmt: skip
 
 
@@ -102,3 +102,69 @@ def test_the_audit_finds_leaks_by_each_signal_and_counts_what_it_could_not_check
     assert clean.leaks == 0 and clean.text().startswith("audit: clean")
     _, partial = audit(_side("t", train_hash, list(train_vec)), _side("e", [eval_hash[4]], [None], [True]), 6, 0.99)
     assert partial.leaks == 0 and "could not be checked" in partial.text() and "clean" not in partial.text()
+
+
+def test_many_leaks_do_not_blind_the_auto_threshold():
+    """The leaks themselves are not negatives: 150 planted copies among 600 eval images
+    are all found with auto (its random pairs come from train only)."""
+    rng = np.random.default_rng(5)
+    train_vec = rng.normal(size=(400, 64))
+    eval_vec = list(rng.normal(size=(600, 64)))
+    for i in range(150):
+        eval_vec[i] = train_vec[i] + 0.05 * rng.normal(size=64)
+    hashes = lambda k: [int(h) * 2 + 1 for h in rng.integers(0, 2**62, k)]  # noqa: E731
+    leaks, report = audit(_side("t", hashes(400), list(train_vec)), _side("e", hashes(600), eval_vec), 6, "auto")
+    assert report.embedding["chosen_by"] == "auto" and report.embedding["threshold"] is not None
+    assert report.by_signal["embedding"] == 150
+
+
+def test_what_could_not_be_checked_is_never_called_checked():
+    rng = np.random.default_rng(6)
+    vec = rng.normal(size=(20, 8))
+    train = _side("t", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 20)], list(vec), degenerate=[True] * 20)
+    evaluation = _side("e", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 3)], [vec[0] * 1e5, vec[1], vec[2]])
+    _, report = audit(train, evaluation, 6, 0.95)
+    assert report.not_checked["phash"] == 3  # no usable train hash: nothing was compared
+    assert report.train_not_usable["phash"] == 20
+    assert report.not_checked["embedding"] == 1 and report.unchecked == 1  # 1e5 overflows float16: no direction
+    assert "could not be checked" in report.text()
+
+
+def test_identical_embeddings_are_found_at_any_given_threshold():
+    """float16 unit rows give identical vectors ~0.9998, so a given threshold is capped at 0.999."""
+    vec = np.random.default_rng(7).normal(size=(10, 8))
+    leaks, report = audit(_side("t", [3] * 10, list(vec)), _side("e", [5] * 10, list(vec)), 0, 1.0)
+    assert report.embedding["threshold"] == 0.999 and report.by_signal["embedding"] == 10
+
+
+def test_a_split_output_carries_its_hash_flags(tmp_path):
+    tags, uris = _tags(tmp_path / "tags", 30)
+    table = pq.read_table(tmp_path / "tags" / "part-0.parquet")
+    flags = [i < 10 for i in range(30)]
+    pq.write_table(table.set_column(table.column_names.index("phash_degenerate"), "phash_degenerate", pa.array(flags)),
+                   tmp_path / "tags" / "part-0.parquet")  # fmt: skip
+    run_dedup(tags, str(tmp_path / "dedup"), embedding_threshold=None)
+    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"))
+    split = pq.read_table(tmp_path / "split" / "splits.parquet")
+    flagged = dict(zip(split.column("uri").to_pylist(), split.column("phash_degenerate").to_pylist()))
+    assert [flagged[u] for u in uris] == flags
+
+
+def test_missing_or_foreign_inputs_are_one_line_errors_and_split_folders_read_after_an_audit(tmp_path):
+    from pipeline.audit import run_audit
+    from pipeline.storage import read_parquet
+
+    with pytest.raises(TagpipeError, match="no such file or folder"):
+        read_parquet(str(tmp_path / "nowhere"))
+    (tmp_path / "meta.csv").write_text("uri,post\n/a.jpg,1\n")
+    with pytest.raises(TagpipeError, match="not a Parquet file"):
+        read_parquet(str(tmp_path / "meta.csv"))
+    tags, _ = _tags(tmp_path / "tags", 40)
+    run_dedup(tags, str(tmp_path / "dedup"), embedding_threshold=None)
+    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"), {"train": 0.5, "val": 0.5})
+    with pytest.raises(TagpipeError, match="--metadata needs --group-column"):
+        run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "s2"), metadata=str(tmp_path / "meta.csv"))
+    run_audit(str(tmp_path / "split"), str(tmp_path / "split"), output=str(tmp_path / "split" / "audit"))
+    assert (tmp_path / "split" / "audit" / "audit.json").is_file()
+    _, again = run_audit(str(tmp_path / "split"), str(tmp_path / "split"))  # the folder still reads: only Parquet
+    assert again.eval_images + again.train_images == 40

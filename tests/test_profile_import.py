@@ -165,7 +165,7 @@ LEGACY_KEYS = json.loads((Path(__file__).parent / "data" / "legacy_profile_keys.
 
 @pytest.mark.parametrize("name", sorted(LEGACY_KEYS))
 def test_shipped_profiles_keep_the_keys_existing_tables_were_written_with(name):
-    """Recorded from 0.2's code: a changed key would re-tag every table on upgrade."""
+    """Recorded from the code before this change: a changed key would re-tag every table on upgrade."""
     profile = load_profile(name)
     assert profile_key(profile) == LEGACY_KEYS[name]
     assert profile.preprocess.extra_key() == {}
@@ -222,7 +222,7 @@ def test_an_integer_size_means_what_the_processor_class_means(tmp_path):
 
 
 def _key_as_0_2_computed_it(cfg, bundle, legacy_profile: str) -> str:
-    """incremental.inference_key as tagpipe 0.2 wrote it, for keys already in tables."""
+    """incremental.inference_key as the earlier code wrote it, for keys already in tables."""
     from pipeline.incremental import _digest
 
     return _digest({"model_sha256": bundle.fingerprint.model_sha256, "profile": legacy_profile,
