@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from pipeline.duplicate_signals import (
-    EMBEDDING, PHASH, SHA256, Edges, embedding_edges, embedding_matrix, hash_reliability,
+    EMBEDDING, PHASH, SHA256, Edges, embedding_edges, embedding_matrix, table_hashes,
 )  # fmt: skip
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
@@ -159,22 +159,11 @@ def _sha256_leaks(train: pa.Table, evaluation: pa.Table, found: dict) -> None:
             found[(j, SHA256)] = (0.0, train_sha[s], 0, 1.0)
 
 
-def _hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
-    h = table.column("phash")
-    has = h.is_valid().to_numpy(zero_copy_only=False)
-    values = h.fill_null(0).to_numpy().astype(np.uint64)
-    flagged = None
-    if "phash_unreliable" in table.column_names:
-        flagged = table.column("phash_unreliable").to_numpy(zero_copy_only=False).astype(bool)
-    usable, reasons = hash_reliability(values, has, flagged)
-    return values, usable, reasons
-
-
 def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
     """Nearest reliable train hash within max_distance, per eval image; returns which
     eval images phash could check."""
-    t_hash, t_ok, _ = _hashes(train)
-    e_hash, e_ok, reasons = _hashes(evaluation)
+    t_hash, _, t_ok, _ = table_hashes(train, "phash_unreliable")
+    e_hash, _, e_ok, reasons = table_hashes(evaluation, "phash_unreliable")
     report.train_not_usable[PHASH] = int((~t_ok).sum())
     if not t_ok.any():  # nothing on the train side to compare with: nothing was checked
         e_ok = np.zeros_like(e_ok)

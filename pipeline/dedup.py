@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.duplicate_signals import (
-    EMBEDDING, PHASH, SHA256, Edges, embedding_edges, embedding_matrix, hash_reliability, phash_edges, sha256_edges,
+    Edges, embedding_edges, embedding_matrix, hash_reliability, phash_edges, sha256_edges, table_hashes,
 )  # fmt: skip
 from pipeline.errors import TagpipeError
 from pipeline.hamming_search import near_pairs
@@ -53,20 +53,23 @@ class DedupSummary:
 
     def text(self) -> str:
         unmatched = ", ".join(f"{k} {v}" for k, v in self.unmatched_hashes.items() if v) or "none"
-        emb = self.embedding
-        if emb.get("threshold") is not None:
-            recall = "n/a" if emb.get("positive_recall") is None else f"{emb['positive_recall']:.3f}"
-            rate = "n/a" if emb.get("negative_rate") is None else f"{emb['negative_rate']:.2g}"
-            emb_text = (f"embedding cosine >= {emb['threshold']:.4f} ({emb['chosen_by']}; recall of hash-confirmed "
-                        f"pairs {recall}, random-pair rate {rate})")
-        else:
-            emb_text = f"embedding not used ({emb.get('reason') or 'not asked'})"
+        emb_text = describe_embedding(self.embedding)
         return (
             f"dedup: {self.images} images in {self.clusters} clusters; {self.duplicates} duplicates "
             f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, hashes matching "
             f"nothing: {unmatched}; {emb_text}; {self.seconds:.1f} s"
         )
+
+
+def describe_embedding(emb: dict) -> str:
+    """The embedding entry of a dedup summary in words (the CLI line and the report)."""
+    if emb.get("threshold") is None:
+        return f"embedding not used ({emb.get('reason') or 'not asked'})"
+    recall = "n/a" if emb.get("positive_recall") is None else f"{emb['positive_recall']:.3f}"
+    rate = "n/a" if emb.get("negative_rate") is None else f"{emb['negative_rate']:.2g}"
+    return (f"embedding cosine >= {emb['threshold']:.4f} ({emb['chosen_by']}; recall of hash-confirmed "
+            f"pairs {recall}, random-pair rate {rate})")
 
 
 def cluster_rows(sha256: list | None, phash: np.ndarray, has_hash: np.ndarray, max_distance: int,
@@ -131,7 +134,8 @@ def run_dedup(
         from pipeline.tag_job import ensure_ray
 
         ensure_ray(ray_address)
-    edges, summary = _edges(table, max_distance, embedding_threshold)
+    hashes = table_hashes(table, "phash_degenerate")
+    edges, summary = _edges(table, hashes, max_distance, embedding_threshold)
     a, b, signal, distance, cosine = edges.arrays()
     labels = components(n, a, b)
     out, order, starts, sizes, min_sha = _clusters(table, labels)
@@ -141,7 +145,7 @@ def run_dedup(
     if n:
         biggest = int(np.argmax(sizes))
         summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest]
-    _report_giants(summary, table, order, starts, sizes, min_sha, max_distance)
+    _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance)
     uris = table.column("uri").to_numpy(zero_copy_only=False)
     edge_table = pa.table({
         "uri_a": pa.array(uris[a], pa.string()), "uri_b": pa.array(uris[b], pa.string()),
@@ -180,23 +184,16 @@ def _read_rows(tags: str, storage_options: dict | None) -> pa.Table:
     return table
 
 
-def _edges(table: pa.Table, max_distance: int, embedding_threshold) -> tuple[Edges, DedupSummary]:
+def _edges(table: pa.Table, hashes: tuple, max_distance: int, embedding_threshold) -> tuple[Edges, DedupSummary]:
     """Every signal's edges over the table's rows, and the summary's figures about them."""
     summary = DedupSummary(max_distance=max_distance)
     edges = Edges()
-    phash_col = table.column("phash")
-    has_hash = phash_col.is_valid().to_numpy(zero_copy_only=False)
-    phash = phash_col.fill_null(0).to_numpy().astype(np.uint64)
-    flagged = None
-    if "phash_degenerate" in table.column_names:
-        flagged = table.column("phash_degenerate").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-    usable, summary.unmatched_hashes = hash_reliability(phash, has_hash, flagged)
+    phash, has_hash, usable, summary.unmatched_hashes = hashes
     summary.hashed = int(has_hash.sum())
     summary.exact_duplicate_images = sha256_edges(table.column("sha256").to_pylist(), edges)
     summary.near_pairs = phash_edges(phash, usable, max_distance, edges)
     summary.embedding = _embedding(table, edges, embedding_threshold)
-    signals = edges.arrays()[2]
-    summary.edges = {name: int((signals == name).sum()) for name in (SHA256, PHASH, EMBEDDING)}
+    summary.edges = dict(edges.counts)
     return edges, summary
 
 
@@ -259,10 +256,8 @@ def _best_copy_keys(table: pa.Table) -> list[np.ndarray]:
     return [ints("width") * ints("height"), lossless, ints("size")]
 
 
-def _report_giants(summary, table, order, starts, sizes, min_sha, max_distance) -> None:
-    phash_col = table.column("phash")
-    has_hash = phash_col.is_valid().to_numpy(zero_copy_only=False)
-    phash = phash_col.fill_null(0).to_numpy().astype(np.uint64)
+def _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance) -> None:
+    phash, has_hash = hashes[0], hashes[1]
     for c in np.flatnonzero(sizes >= GIANT_CLUSTER):
         members = order[starts[c] : starts[c] + sizes[c]]
         members = members[has_hash[members]]

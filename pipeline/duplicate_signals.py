@@ -41,9 +41,11 @@ class Edges:
     signal: list = field(default_factory=list)
     distance: list = field(default_factory=list)  # phash bits (phash edges), else -1
     cosine: list = field(default_factory=list)  # embedding edges, else nan
+    counts: dict = field(default_factory=lambda: {SHA256: 0, PHASH: 0, EMBEDDING: 0})  # signal -> edges
 
     def add(self, a: np.ndarray, b: np.ndarray, signal: str, distance=None, cosine=None) -> None:
         n = len(a)
+        self.counts[signal] += n
         self.a.append(np.asarray(a, np.int64))
         self.b.append(np.asarray(b, np.int64))
         self.signal.append(np.full(n, signal, object))
@@ -57,6 +59,19 @@ class Edges:
 
         return (cat(self.a, np.int64), cat(self.b, np.int64), cat(self.signal, object), cat(self.distance, np.int16),
                 cat(self.cosine, np.float32))  # fmt: skip
+
+
+def table_hashes(table: pa.Table, flag_column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A table's phash column as (hashes, 0 where missing; has a hash; usable for
+    matching; unusable counts by reason), with the row flag in flag_column if present."""
+    column = table.column("phash")
+    has_hash = column.is_valid().to_numpy(zero_copy_only=False)
+    hashes = column.fill_null(0).to_numpy().astype(np.uint64)
+    flagged = None
+    if flag_column in table.column_names:
+        flagged = table.column(flag_column).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    usable, reasons = hash_reliability(hashes, has_hash, flagged)
+    return hashes, has_hash, usable, reasons
 
 
 def hash_reliability(phash: np.ndarray, has_hash: np.ndarray, flagged: np.ndarray | None) -> tuple[np.ndarray, dict]:

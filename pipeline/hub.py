@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import posixpath
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.bundle import LAYOUT_HINTS, file_sha256, load_bundle
 from pipeline.errors import TagpipeError
-from pipeline.storage import default_permissions
+from pipeline.storage import staged_folder
 
 SOURCE_FILE = "tagpipe_source.json"
 # Files a family's bundle may hold besides its model and vocabulary (taken when present).
@@ -118,10 +117,8 @@ def pull_model(repo_id: str, directory: str | Path, revision: str | None = None,
     files = [s.rfilename for s in info.siblings or []]
     folder, profile = _choose(files, subfolder, repo_id)
     vocabulary = next(h for h, p in LAYOUT_HINTS if p == profile)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
-    try:
-        result = PullResult(repo_id, revision, info.sha, str(target), profile)
+    result = PullResult(repo_id, revision, info.sha, str(target), profile)
+    with staged_folder(target) as staging:  # a failure leaves nothing; files 0644, folders 0755
         for path in _wanted(files, folder, vocabulary):
             local = Path(hf_hub_download(repo_id, path, revision=info.sha, local_dir=staging / ".download"))
             name = staging / posixpath.basename(path)
@@ -131,11 +128,4 @@ def pull_model(repo_id: str, directory: str | Path, revision: str | None = None,
         record = {**asdict(result), "pulled_at": datetime.now(timezone.utc).isoformat()}
         (staging / SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         result.profile = load_bundle(staging).profile.name  # checks vocabulary against the model, before it lands
-        default_permissions(staging)  # mkdtemp made it 0700
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return result

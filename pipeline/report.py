@@ -338,14 +338,9 @@ def _signals_paragraph(summary: dict) -> str:
     """Which signals joined images, what could not match, and the embedding threshold."""
     edges = ", ".join(f"{k} {v:,}" for k, v in summary.get("edges", {}).items()) or "not recorded"
     unmatched = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.get("unmatched_hashes", {}).items() if v) or "none"
-    emb = summary.get("embedding", {})
-    if emb.get("threshold") is not None:
-        recall = "n/a" if emb.get("positive_recall") is None else f"{emb['positive_recall']:.3f}"
-        rate = "n/a" if emb.get("negative_rate") is None else f"{emb['negative_rate']:.2g}"
-        emb_text = (f"embedding cosine &ge; {emb['threshold']:.4f} ({html.escape(str(emb.get('chosen_by')))}; recall of "
-                    f"hash-confirmed pairs {recall}, random-pair rate {rate})")
-    else:
-        emb_text = f"embedding not used ({html.escape(str(emb.get('reason', 'not recorded')))})"
+    from pipeline.dedup import describe_embedding
+
+    emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
     return (f"<p>Edges by signal: {edges}. Hashes that match nothing: {unmatched}. {emb_text}. Kept copy "
             "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, then the smallest uri.</p>")
 

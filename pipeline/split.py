@@ -187,13 +187,15 @@ def run_split(
     else:
         split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
     report = SplitReport(images=len(rows), clusters=len(cluster_ids))
-    report.unmatched_hashes = _dedup_summary(dedup, storage_options).get("unmatched_hashes", {})
+    dedup_summary = _dedup_summary(dedup, storage_options)
+    report.unmatched_hashes = dedup_summary.get("unmatched_hashes", {})
 
     if exclude:
         wanted = pa.array([r["uri"] for r in rows])
         corpus = read_signals(tags, storage_options, "eval")
         corpus = corpus.filter(pc.is_in(corpus.column("uri"), wanted))
-        threshold = _dedup_threshold(dedup, storage_options)
+        # the threshold dedup used: exclusions match what dedup would have joined
+        threshold = dedup_summary.get("embedding", {}).get("threshold")
         forced = set()
         for uri in exclude:
             leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
@@ -258,11 +260,6 @@ def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:
     with fs.open(path, "rb") as handle:
         return json.loads(handle.read())
 
-
-def _dedup_threshold(dedup: str, storage_options: dict | None) -> float | None:
-    """The embedding threshold dedup used: exclusions match what dedup would have
-    joined. None when dedup ran without one."""
-    return _dedup_summary(dedup, storage_options).get("embedding", {}).get("threshold")
 
 
 def _split_units(rows: list[dict], group_column: str | None, metadata: str | None,
