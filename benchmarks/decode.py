@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--images 40] [--rounds 3] [--profile cl_tagger_v2]
 
 Methods, each on the same in-memory JPEGs (2048x1536, q90, photos from
-pipeline/sample_photos.py), one process pinned to one core, rounds interleaved and the
+tests/sample_photos.py), one process pinned to one core, rounds interleaved and the
 best round kept:
   naive         Image.open -> convert RGB -> resize to the input -> float32 normalise
   bare-draft    Image.draft to the same size tagpipe's fast path asks for -> resize (uint8)
@@ -24,16 +24,21 @@ import hashlib
 import io
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import PIL
 from PIL import Image, features
 
-from pipeline.imaging import DecodeOptions, decode_image, draft_request
-from pipeline.profiles import load_profile
-from pipeline.sample_photos import mosaic_3mp
-from pipeline.tagger import Normaliser
+from pipeline.image.imaging import DecodeOptions, decode_image, draft_request
+from pipeline.model.profiles import load_profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import mosaic_3mp  # noqa: E402
+
+from pipeline.job.tagger import Normaliser
 
 
 def cpu_name() -> str:
@@ -105,9 +110,13 @@ def main() -> None:
 
     probe = Image.open(io.BytesIO(jpegs[0]))
     probe.draft("RGB", draft_request(pre, *probe.size, 2.0))
-    print(f"machine: {cpu_name()}, 1 core; Pillow {PIL.__version__}, libjpeg-turbo {features.version('libjpeg_turbo')}")
-    print(f"input: {len(jpegs)} JPEGs 2048x1536 q90, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB; profile {args.profile} "
-          f"({pre.resize_mode.value} {pre.width}x{pre.height} {pre.interpolation.value}); fast path decodes at {probe.size[0]}x{probe.size[1]}")
+    print(
+        f"machine: {cpu_name()}, 1 core; Pillow {PIL.__version__}, libjpeg-turbo {features.version('libjpeg_turbo')}"
+    )
+    print(
+        f"input: {len(jpegs)} JPEGs 2048x1536 q90, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB; profile {args.profile} "
+        f"({pre.resize_mode.value} {pre.width}x{pre.height} {pre.interpolation.value}); fast path decodes at {probe.size[0]}x{probe.size[1]}"
+    )
     print(f"{'method':<14} {'img/s/core':>10}")
     for name in methods:
         print(f"{name:<14} {rate[name]:>10.1f}")
@@ -116,7 +125,9 @@ def main() -> None:
     print(f"fast-1x / naive       = {rate['fast-1x'] / rate['naive']:.2f}x")
     print(f"fast-1x / bare-1x     = {rate['fast-1x'] / rate['bare-draft-1x']:.2f}")
     print(f"exact / naive         = {rate['exact'] / rate['naive']:.2f}x")
-    print(f"decode-1/8 / naive    = {rate['decode-1/8'] / rate['naive']:.2f}x   (the ceiling for any DCT-scaled path)")
+    print(
+        f"decode-1/8 / naive    = {rate['decode-1/8'] / rate['naive']:.2f}x   (the ceiling for any DCT-scaled path)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/decode_guards.py [--images 20] [--rounds 5]
 
-On the same in-memory 3 MP files (JPEG q90 from pipeline/sample_photos.py, and the same
+On the same in-memory 3 MP files (JPEG q90 from tests/sample_photos.py, and the same
 frames as PNG), one process, rounds interleaved, best round kept:
   unguarded  decode_image with the memory budget off (max_memory=0 skips the pre-check
              too; Pillow's pixel checks and the PNG/JPEG byte checks still run)
@@ -19,16 +19,24 @@ import io
 import os
 import sys
 import time
+from pathlib import Path
 
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import cpu_name  # noqa: E402
 
-from pipeline.decode import DecodeStage, memory_limit  # noqa: E402
-from pipeline.imaging import DecodeOptions, check_jpeg_length, check_png_chunks, decode_image  # noqa: E402
-from pipeline.profiles import load_profile  # noqa: E402
-from pipeline.sample_photos import mosaic_3mp  # noqa: E402
+from pipeline.image.decode import DecodeStage, memory_limit  # noqa: E402
+from pipeline.image.imaging import (  # noqa: E402
+    DecodeOptions,
+    check_jpeg_length,
+    check_png_chunks,
+    decode_image,
+)
+from pipeline.model.profiles import load_profile  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import mosaic_3mp  # noqa: E402
 
 
 def _png(jpeg: bytes) -> bytes:

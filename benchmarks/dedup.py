@@ -5,7 +5,7 @@
 Each (N, R) runs in a fresh single process (so peak memory is its own): N hashes =
 random 64-bit hashes plus planted clusters (2% of N in clusters of 2-20 copies, each
 copy within R of its seed), then collapse identical hashes, the exact multi-index
-search (pipeline/hamming_search.py) and connected components (pipeline/dedup.py).
+search (pipeline/corpus/hamming_search.py) and connected components (pipeline/corpus/dedup.py).
 Brute force on 1M is timed on a 20,000-row slice against all 1M hashes and scaled by
 the row count (its work is exactly linear in rows), in the same run.
 Target (issue 6): 10M hashes at R <= 6 within 5 minutes on 2 cores, under 4 GiB.
@@ -37,19 +37,25 @@ def make_hashes(n: int, radius: int, seed: int = 0) -> np.ndarray:
 
 
 def one(n: int, radius: int) -> dict:
-    from pipeline.dedup import cluster_rows
+    from pipeline.corpus.dedup import cluster_rows
 
     hashes = make_hashes(n, radius)
     started = time.perf_counter()
     labels, pairs, _ = cluster_rows(None, hashes, np.ones(n, bool), radius)
     seconds = time.perf_counter() - started
     clusters = len(np.unique(labels))
-    return {"n": n, "radius": radius, "seconds": round(seconds, 2), "pairs": int(pairs), "clusters": clusters,
-            "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+    return {
+        "n": n,
+        "radius": radius,
+        "seconds": round(seconds, 2),
+        "pairs": int(pairs),
+        "clusters": clusters,
+        "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def brute(n: int, radius: int, rows: int = 20_000) -> dict:
-    from pipeline.hamming_search import brute_force_pairs
+    from pipeline.corpus.hamming_search import brute_force_pairs
 
     hashes = np.unique(make_hashes(n, radius))
     started = time.perf_counter()
@@ -77,19 +83,28 @@ def main() -> None:
     results = {}
     for n in args.sizes:
         for radius in args.radii:
-            done = subprocess.run([sys.executable, __file__, "--one", str(n), str(radius)], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", str(n), str(radius)], capture_output=True, text=True
+            )
             if done.returncode:
                 print(done.stderr[-2000:])
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             results[(n, radius)] = r
-            print(f"N={n:>11,} R={radius}: {r['seconds']:8.1f} s, peak {r['peak_mib']:6,} MiB, {r['pairs']:,} near pairs, {r['clusters']:,} clusters", flush=True)
+            print(
+                f"N={n:>11,} R={radius}: {r['seconds']:8.1f} s, peak {r['peak_mib']:6,} MiB, {r['pairs']:,} near pairs, {r['clusters']:,} clusters",
+                flush=True,
+            )
     for radius in args.radii:
         if (1_000_000, radius) in results:
-            done = subprocess.run([sys.executable, __file__, "--brute", "1000000", str(radius)], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--brute", "1000000", str(radius)], capture_output=True, text=True
+            )
             b = json.loads(done.stdout.strip().splitlines()[-1])
             ours = results[(1_000_000, radius)]["seconds"]
-            print(f"brute force 1M R={radius}: ~{b['brute_seconds_estimated']:,.0f} s (numpy, 1 core, extrapolated from 20,000 rows) -> {b['brute_seconds_estimated'] / ours:,.0f}x slower than the table search")
+            print(
+                f"brute force 1M R={radius}: ~{b['brute_seconds_estimated']:,.0f} s (numpy, 1 core, extrapolated from 20,000 rows) -> {b['brute_seconds_estimated'] / ours:,.0f}x slower than the table search"
+            )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/dedup_signals.py
 
-Originals: the 19 photos pipeline/sample_photos.py ships (scikit-image, scikit-learn).
+Originals: the 19 photos tests/sample_photos.py ships (scikit-image, scikit-learn).
 Copies of each: crops of 2, 5, 10 and 20% a side, a white border, a letterbox, half
 size, JPEG q50, a mirror flip, a 3 degree rotation, brightness +25%, a colour shift,
 and a text overlay. Every (original, copy) and (copy, copy) pair of one photo is a
@@ -25,13 +25,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from pipeline.decode import DecodeStage
-from pipeline.demo_model import write_demo_bundle
-from pipeline.duplicate_signals import auto_threshold
-from pipeline.embedding_search import unit_rows
-from pipeline.runtime import ProviderChoice
-from pipeline.sample_photos import photo_paths
-from pipeline.tagger import TaggerSettings, TaggerStage
+from pipeline.corpus.duplicate_signals import auto_threshold
+from pipeline.corpus.embedding_search import unit_rows
+from pipeline.demo.model import write_demo_bundle
+from pipeline.image.decode import DecodeStage
+from pipeline.model.runtime import ProviderChoice
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import photo_paths  # noqa: E402
+
+from pipeline.job.tagger import TaggerSettings, TaggerStage
 
 
 def _crop(image: Image.Image, share: float) -> Image.Image:
@@ -48,17 +51,20 @@ def _overlay(image: Image.Image) -> Image.Image:
 
 
 TRANSFORMS = {
-    "crop 2%": lambda im: _crop(im, 0.02), "crop 5%": lambda im: _crop(im, 0.05),
-    "crop 10%": lambda im: _crop(im, 0.10), "crop 20%": lambda im: _crop(im, 0.20),
+    "crop 2%": lambda im: _crop(im, 0.02),
+    "crop 5%": lambda im: _crop(im, 0.05),
+    "crop 10%": lambda im: _crop(im, 0.10),
+    "crop 20%": lambda im: _crop(im, 0.20),
     "border": lambda im: ImageOps.expand(im, border=max(im.size) // 12, fill=(255, 255, 255)),
     "letterbox": lambda im: ImageOps.pad(im, (max(im.size), max(im.size)), color=(0, 0, 0)),
     "half size": lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS),
-    "jpeg q50": lambda im: im, "flip": ImageOps.mirror,
+    "jpeg q50": lambda im: im,
+    "flip": ImageOps.mirror,
     "rotate 3": lambda im: im.rotate(3, resample=Image.Resampling.BICUBIC, expand=False),
     "brighter": lambda im: ImageEnhance.Brightness(im).enhance(1.25),
     "colour": lambda im: ImageEnhance.Color(im).enhance(1.6),
     "text": _overlay,
-}  # fmt: skip
+}
 
 
 def _encode(image: Image.Image, name: str) -> bytes:
@@ -85,7 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         uris, photo_of = build(folder)
-        stage = TaggerStage(TaggerSettings(str(write_demo_bundle(folder / "bundle")), provider=ProviderChoice.CPU))
+        stage = TaggerStage(
+            TaggerSettings(str(write_demo_bundle(folder / "bundle")), provider=ProviderChoice.CPU)
+        )
         batch = DecodeStage(stage.bundle.profile.preprocess)({"uri": np.asarray(uris, object)})
         rows = stage(batch).to_pydict()
     n = len(uris)
@@ -99,8 +107,10 @@ def main() -> None:
     cosine = np.einsum("ij,ij->i", unit[a].astype(np.float32), unit[b].astype(np.float32))
     distance = np.bitwise_count(hashes[a] ^ hashes[b])
     both_reliable = reliable[a] & reliable[b]
-    print(f"{n} images ({n // (len(TRANSFORMS) + 1)} photos x {len(TRANSFORMS) + 1}), {int(positive.sum())} positive "
-          f"pairs, {int((~positive).sum())} negative; unreliable hashes: {int((~reliable).sum())}")
+    print(
+        f"{n} images ({n // (len(TRANSFORMS) + 1)} photos x {len(TRANSFORMS) + 1}), {int(positive.sum())} positive "
+        f"pairs, {int((~positive).sum())} negative; unreliable hashes: {int((~reliable).sum())}"
+    )
     found = {"sha256": sha[a] == sha[b]}
     for radius in (4, 6, 8, 10, 12):
         found[f"phash R={radius}"] = both_reliable & (distance <= radius)
@@ -109,7 +119,9 @@ def main() -> None:
     groups = np.arange(n)
     choice = auto_threshold(unit, np.ones(n, bool), (a[found["phash R=6"]], b[found["phash R=6"]]), groups)
     found[f"embedding auto ({choice.threshold:.4f})"] = cosine >= choice.threshold
-    found["combined (sha256 | phash 6 | emb auto)"] = found["sha256"] | found["phash R=6"] | (cosine >= choice.threshold)
+    found["combined (sha256 | phash 6 | emb auto)"] = (
+        found["sha256"] | found["phash R=6"] | (cosine >= choice.threshold)
+    )
     print(f"{'signal':40s} {'recall':>7s} {'precision':>9s}")
     for name, hit in found.items():
         recall = (hit & positive).sum() / positive.sum()
@@ -124,8 +136,10 @@ def main() -> None:
         d = np.bitwise_count(hashes[origin] ^ hashes[copies])
         ok = reliable[origin] & reliable[copies] & (d <= 6)
         cos = np.einsum("ij,ij->i", unit[origin].astype(np.float32), unit[copies].astype(np.float32))
-        print(f"  {name:10s} phash {ok.mean():.2f} (median {int(np.median(d))} bits)   embedding >= auto "
-              f"{(cos >= choice.threshold).mean():.2f} (median cosine {np.median(cos):.4f})")
+        print(
+            f"  {name:10s} phash {ok.mean():.2f} (median {int(np.median(d))} bits)   embedding >= auto "
+            f"{(cos >= choice.threshold).mean():.2f} (median cosine {np.median(cos):.4f})"
+        )
     sys.stdout.flush()
 
 

@@ -3,7 +3,7 @@
     python benchmarks/fast_vs_exact.py [--images 120]
 
 Inputs are large JPEGs made from the real photos scikit-image and scikit-learn ship
-(scaled up, cropped to varied aspect ratios, with grain; pipeline/sample_photos.py).
+(scaled up, cropped to varied aspect ratios, with grain; tests/sample_photos.py).
 Issue 3's bar: the emitted tag sets agree on >= 99% of images and the mean |delta
 probability| <= 0.01, at the default draft ratio 2. Ratio 1 (fastest) is reported too.
 """
@@ -11,18 +11,23 @@ probability| <= 0.01, at the default draft ratio 2. Ratio 1 (fastest) is reporte
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.demo_model import write_demo_bundle
-from pipeline.imaging import DecodeOptions, decode_image, open_image
-from pipeline.phash import hamming
-from pipeline.postprocess import probabilities
-from pipeline.profiles import load_profile, shipped_profile_names
-from pipeline.runtime import ProviderChoice
-from pipeline.sample_photos import large_variants
-from pipeline.tagger import TaggerSettings, TaggerStage
+from pipeline.demo.model import write_demo_bundle
+from pipeline.image.imaging import DecodeOptions, decode_image, open_image
+from pipeline.image.phash import hamming
+from pipeline.model.postprocess import probabilities
+from pipeline.model.profiles import load_profile, shipped_profile_names
+from pipeline.model.runtime import ProviderChoice
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import large_variants  # noqa: E402
+
+from pipeline.job.tagger import TaggerSettings, TaggerStage
 
 
 def main() -> None:
@@ -31,20 +36,34 @@ def main() -> None:
     args = parser.parse_args()
     jpegs = large_variants(args.images, seed=11)
     exact_options = DecodeOptions(exact=True)
-    print(f"{len(jpegs)} JPEGs, long side 2200-4200 px, from {len({n.rsplit('-', 1)[0] for n, _ in jpegs})} photos")
+    print(
+        f"{len(jpegs)} JPEGs, long side 2200-4200 px, from {len({n.rsplit('-', 1)[0] for n, _ in jpegs})} photos"
+    )
 
     print("\npixels, fast vs exact (0-255 levels)")
-    print(f"{'profile':<14} {'ratio':>5} {'drafted':>8} {'mean |d|':>9} {'p99 |d|':>8} {'phash max bits':>15}")
+    print(
+        f"{'profile':<14} {'ratio':>5} {'drafted':>8} {'mean |d|':>9} {'p99 |d|':>8} {'phash max bits':>15}"
+    )
     for name in shipped_profile_names():
         pre = load_profile(name).preprocess
         exact = [decode_image(d, pre, exact_options) for _, d in jpegs]
         for ratio in (2.0, 1.0):
             options = DecodeOptions(draft_ratio=ratio)
             fast = [decode_image(d, pre, options) for _, d in jpegs]
-            drafted = sum(max(open_image(d, options, pre)[0].size) < max(e.width, e.height) for (_, d), e in zip(jpegs, exact))
-            diffs = np.concatenate([np.abs(f.pixels.astype(np.int16) - e.pixels.astype(np.int16)).ravel() for f, e in zip(fast, exact)])
+            drafted = sum(
+                max(open_image(d, options, pre)[0].size) < max(e.width, e.height)
+                for (_, d), e in zip(jpegs, exact)
+            )
+            diffs = np.concatenate(
+                [
+                    np.abs(f.pixels.astype(np.int16) - e.pixels.astype(np.int16)).ravel()
+                    for f, e in zip(fast, exact)
+                ]
+            )
             bits = max(hamming(f.phash, e.phash) for f, e in zip(fast, exact))
-            print(f"{name:<14} {ratio:>5g} {drafted:>4}/{len(jpegs):<3} {diffs.mean():>9.3f} {np.percentile(diffs, 99):>8.0f} {bits:>15}")
+            print(
+                f"{name:<14} {ratio:>5g} {drafted:>4}/{len(jpegs):<3} {diffs.mean():>9.3f} {np.percentile(diffs, 99):>8.0f} {bits:>15}"
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         stage = TaggerStage(TaggerSettings(str(write_demo_bundle(tmp)), provider=ProviderChoice.CPU))
@@ -58,14 +77,18 @@ def main() -> None:
 
         p_exact, t_exact = tag(exact_options)
         print(f"\ndemo model ({stage.bundle.profile.name} preprocessing), fast vs exact")
-        print(f"{'ratio':>5} {'same tag set':>13} {'mean |dp| emitted':>18} {'mean |dp| all':>14} {'max |dp|':>9}")
+        print(
+            f"{'ratio':>5} {'same tag set':>13} {'mean |dp| emitted':>18} {'mean |dp| all':>14} {'max |dp|':>9}"
+        )
         for ratio in (2.0, 1.0):
             p_fast, t_fast = tag(DecodeOptions(draft_ratio=ratio))
             same = np.mean([a == b for a, b in zip(t_fast, t_exact)])
             relevant = (p_fast >= 0.05) | (p_exact >= 0.05)
             delta = np.abs(p_fast - p_exact)
             verdict = "ok" if same >= 0.99 and delta[relevant].mean() <= 0.01 else "BELOW TARGET"
-            print(f"{ratio:>5g} {same:>12.1%} {delta[relevant].mean():>18.4f} {delta.mean():>14.5f} {delta.max():>9.4f}  {verdict}")
+            print(
+                f"{ratio:>5g} {same:>12.1%} {delta[relevant].mean():>18.4f} {delta.mean():>14.5f} {delta.max():>9.4f}  {verdict}"
+            )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,11 @@ def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.Mod
 
     def weight(name, *shape, scale=None):
         std = scale if scale is not None else 1.0 / math.sqrt(shape[0])
-        inits.append(numpy_helper.from_array((rng.standard_normal(shape, dtype=np.float32) * std).astype(np_type), name))
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal(shape, dtype=np.float32) * std).astype(np_type), name
+            )
+        )
         return name
 
     def const(name, values, kind=np.int64):
@@ -106,7 +110,13 @@ def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.Mod
         return output
 
     def layer_norm(x, name):
-        return node("LayerNormalization", [x, ones(f"{name}.g", d), zeros(f"{name}.b", d)], f"{name}.out", axis=-1, epsilon=1e-6)
+        return node(
+            "LayerNormalization",
+            [x, ones(f"{name}.g", d), zeros(f"{name}.b", d)],
+            f"{name}.out",
+            axis=-1,
+            epsilon=1e-6,
+        )
 
     def linear(x, name, fan_in, fan_out):
         y = node("MatMul", [x, weight(f"{name}.w", fan_in, fan_out)], f"{name}.mm")
@@ -117,7 +127,11 @@ def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.Mod
         inits.append(numpy_helper.from_array(np.array(1.0, np_type), f"{name}.one"))
         inits.append(numpy_helper.from_array(np.array(0.5, np_type), f"{name}.half"))
         e = node("Erf", [node("Mul", [x, f"{name}.c"], f"{name}.s")], f"{name}.erf")
-        return node("Mul", [node("Mul", [x, node("Add", [e, f"{name}.one"], f"{name}.p")], f"{name}.xp"), f"{name}.half"], f"{name}.out")
+        return node(
+            "Mul",
+            [node("Mul", [x, node("Add", [e, f"{name}.one"], f"{name}.p")], f"{name}.xp"), f"{name}.half"],
+            f"{name}.out",
+        )
 
     def mlp(x, name):
         return linear(gelu(linear(x, f"{name}.fc1", d, cfg.mlp), f"{name}.act"), f"{name}.fc2", cfg.mlp, d)
@@ -129,7 +143,15 @@ def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.Mod
         a = node("MultiHeadAttention", [q, k, v], f"{name}.mha", domain="com.microsoft", num_heads=cfg.heads)
         return linear(a, f"{name}.o", d, d)
 
-    x = node("Conv", ["pixel_values", weight("patch.w", d, 3, cfg.patch, cfg.patch, scale=1 / math.sqrt(3 * cfg.patch**2))], "patch.conv", strides=[cfg.patch] * 2)
+    x = node(
+        "Conv",
+        [
+            "pixel_values",
+            weight("patch.w", d, 3, cfg.patch, cfg.patch, scale=1 / math.sqrt(3 * cfg.patch**2)),
+        ],
+        "patch.conv",
+        strides=[cfg.patch] * 2,
+    )
     x = node("Add", [x, zeros("patch.b", (d, 1, 1))], "patch.out")
     x = node("Reshape", [x, const("shape.bdn", [0, d, n])], "tokens.bdn")
     x = node("Transpose", [x], "tokens", perm=[0, 2, 1])
@@ -155,24 +177,35 @@ def build_vit(cfg: VitConfig, dtype: str = "float16", seed: int = 0) -> onnx.Mod
     common = rng.choice(cfg.tags, size=min(400, cfg.tags), replace=False)
     bias[common] = rng.normal(-3.0, 2.5, len(common))
     inits.append(numpy_helper.from_array(bias.astype(np_type), "head.b"))
-    logits = node("Add", [node("MatMul", [embedding, weight("head.w", d, cfg.tags)], "head.mm"), "head.b"], "head.out")
-    nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))  # the job stores float16 logits anyway
+    logits = node(
+        "Add", [node("MatMul", [embedding, weight("head.w", d, cfg.tags)], "head.mm"), "head.b"], "head.out"
+    )
+    nodes.append(
+        helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+    )  # the job stores float16 logits anyway
     nodes.append(helper.make_node("Cast", [embedding], ["embedding"], to=TensorProto.FLOAT))
     graph = helper.make_graph(
         nodes,
         "siglip_tagger_benchmark",
         [helper.make_tensor_value_info("pixel_values", onnx_type, ["batch", 3, cfg.image, cfg.image])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.tags]), helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.tags]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d]),
+        ],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], producer_name="tagpipe-benchmark")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="tagpipe-benchmark",
+    )
     model.ir_version = 8
     return model
 
 
 def write_bundle(directory: Path, cfg: VitConfig, dtype: str) -> Path:
     """A CL Tagger v2-style bundle: model.onnx (+ .data) and model_vocabulary.json."""
-    from pipeline.demo_model import save_with_external_data
+    from pipeline.demo.model import save_with_external_data
 
     directory.mkdir(parents=True, exist_ok=True)
     stamp = directory / "config.json"
@@ -192,16 +225,20 @@ def write_bundle(directory: Path, cfg: VitConfig, dtype: str) -> Path:
     return directory
 
 
-def session_throughput(bundle: Path, batch_sizes: list[int], seconds: float, io_binding: bool) -> tuple[dict[int, float], str]:
+def session_throughput(
+    bundle: Path, batch_sizes: list[int], seconds: float, io_binding: bool
+) -> tuple[dict[int, float], str]:
     """(a): img/s of the uint8-input model the job runs, per batch size."""
     import onnxruntime as ort
 
-    from pipeline.bundle import load_bundle
-    from pipeline.onnx_tools import uint8_input_model
-    from pipeline.runtime import ProviderChoice, create_session
+    from pipeline.model.bundle import load_bundle
+    from pipeline.model.onnx_tools import uint8_input_model
+    from pipeline.model.runtime import ProviderChoice, create_session
 
     loaded = load_bundle(bundle, "cl_tagger_v2")
-    model, input_name = uint8_input_model(loaded.model_path, loaded.profile.preprocess, loaded.profile.input_name or "pixel_values")
+    model, input_name = uint8_input_model(
+        loaded.model_path, loaded.profile.preprocess, loaded.profile.input_name or "pixel_values"
+    )
     session, info = create_session(model, ProviderChoice.AUTO, external_data_dir=bundle)
     provider = info.provider
     size = loaded.profile.preprocess.width
@@ -247,7 +284,11 @@ class GpuSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"], capture_output=True, text=True)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 self.samples.append(float(out.stdout.strip().splitlines()[0]) / 100)
             self._stop.wait(0.1)
@@ -261,7 +302,7 @@ class GpuSampler:
 
 def host_work(bundle: Path, batch: int, repeats: int = 3) -> tuple[float, float]:
     """(c): seconds per image a TaggerStage call spends outside the session, and inside it."""
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     class TimedTagger(TaggerStage):
         session_seconds = 0.0
@@ -279,11 +320,15 @@ def host_work(bundle: Path, batch: int, repeats: int = 3) -> tuple[float, float]
     rows = {
         "uri": np.array([f"s3://bucket/images/{i:08d}.jpg" for i in range(batch)], object),
         "sha256": np.array([f"{i:064x}" for i in range(batch)], object),
-        "size": np.full(batch, 1_500_000), "width": np.full(batch, 2048), "height": np.full(batch, 1536),
-        "phash": rng.integers(0, 2**63, batch, dtype=np.uint64), "phash_degenerate": np.zeros(batch, bool),
-        "error": np.array([None] * batch, object), "error_kind": np.array([None] * batch, object),
+        "size": np.full(batch, 1_500_000),
+        "width": np.full(batch, 2048),
+        "height": np.full(batch, 1536),
+        "phash": rng.integers(0, 2**63, batch, dtype=np.uint64),
+        "phash_degenerate": np.zeros(batch, bool),
+        "error": np.array([None] * batch, object),
+        "error_kind": np.array([None] * batch, object),
         "pixels": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-    }  # fmt: skip
+    }
     stage(rows)  # warm-up
     stage.session_seconds = 0.0
     started = time.perf_counter()
@@ -296,11 +341,19 @@ def host_work(bundle: Path, batch: int, repeats: int = 3) -> tuple[float, float]
 
 def pipeline_throughput(bundle: Path, images: Path, batch_size: int, actors: int, out: Path) -> tuple:
     """(b): run_tag_job over the corpus; (summary, seconds of the tagging phase, GPU busy)."""
-    from pipeline.config import make_tag_config
-    from pipeline.tag_job import run_tag_job
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = make_tag_config(inputs=[str(images)], output=str(out), model=str(bundle), profile="cl_tagger_v2", batch_size=batch_size, tagger_actors=actors, rows_per_part=1024)
+    cfg = make_tag_config(
+        inputs=[str(images)],
+        output=str(out),
+        model=str(bundle),
+        profile="cl_tagger_v2",
+        batch_size=batch_size,
+        tagger_actors=actors,
+        rows_per_part=1024,
+    )
     with GpuSampler() as sampler:
         summary = run_tag_job(cfg)
     return summary, summary.timings["tag_seconds"], sampler.busy()
@@ -309,10 +362,21 @@ def pipeline_throughput(bundle: Path, images: Path, batch_size: int, actors: int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="so400m")
-    parser.add_argument("--dtype", choices=["float16", "float32"], default=None, help="default: float16 on GPU, float32 on CPU")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated; default 16,32,64,128,256 (GPU) or 1,4,16 (CPU)")
-    parser.add_argument("--images", type=int, default=None, help="JPEGs for (b); default 4000 (GPU) or 64 (CPU)")
-    parser.add_argument("--seconds", type=float, default=None, help="per batch size in (a); default 10 (GPU) or 2 (CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default=None,
+        help="default: float16 on GPU, float32 on CPU",
+    )
+    parser.add_argument(
+        "--batch-sizes", default=None, help="comma-separated; default 16,32,64,128,256 (GPU) or 1,4,16 (CPU)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="JPEGs for (b); default 4000 (GPU) or 64 (CPU)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="per batch size in (a); default 10 (GPU) or 2 (CPU)"
+    )
     parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -329,7 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
     flops = cfg.flops_per_image()
 
     rates, provider = session_throughput(bundle, batch_sizes, seconds, io_binding=False)
-    bound = session_throughput(bundle, batch_sizes, seconds, io_binding=True)[0] if provider == "CUDAExecutionProvider" else {}
+    bound = (
+        session_throughput(bundle, batch_sizes, seconds, io_binding=True)[0]
+        if provider == "CUDAExecutionProvider"
+        else {}
+    )
     best_batch = max(rates, key=rates.get)
     host = host_work(bundle, best_batch)[0]
 
@@ -337,30 +405,50 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = work / f"images-{count}"
     make_images(images, count)
-    from pipeline.runtime import available_cpus
+    from pipeline.model.runtime import available_cpus
 
     ray = start_local_ray()
-    summary, tag_seconds, busy = pipeline_throughput(bundle, images, best_batch, 1, work / "out" / "gpu-bench")
+    summary, tag_seconds, busy = pipeline_throughput(
+        bundle, images, best_batch, 1, work / "out" / "gpu-bench"
+    )
     ray.shutdown()
     job_rate = summary.images / tag_seconds
     cores = available_cpus()
 
-    print(f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, {cfg.tags} tags), {dtype}, "
-          f"{flops / 1e9:.2f} GFLOP/image; provider {provider}; {available_cpus()} CPUs")  # fmt: skip
+    print(
+        f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, {cfg.tags} tags), {dtype}, "
+        f"{flops / 1e9:.2f} GFLOP/image; provider {provider}; {available_cpus()} CPUs"
+    )
     print("| run | batch | img/s | TFLOP/s |")
     print("| --- | ---: | ---: | ---: |")
     for batch, rate in rates.items():
         print(f"| (a) session, numpy in/out | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
     for batch, rate in bound.items():
         print(f"| (a) session, IO binding | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
-    print(f"| (c) tagger host work outside the session, {cfg.tags} tags | {best_batch} | {1 / host:.1f} | host {host * 1e3:.3f} ms/img "
-          f"= {host / (1 / rates[best_batch]):.1%} of the session's {1e3 / rates[best_batch]:.3f} ms/img |")  # fmt: skip
+    print(
+        f"| (c) tagger host work outside the session, {cfg.tags} tags | {best_batch} | {1 / host:.1f} | host {host * 1e3:.3f} ms/img "
+        f"= {host / (1 / rates[best_batch]):.1%} of the session's {1e3 / rates[best_batch]:.3f} ms/img |"
+    )
     busy_text = f"{busy:.0%}" if busy is not None else "n/a (no nvidia-smi)"
-    print(f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | {job_rate * flops / 1e12:.3f} |")
+    print(
+        f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | {job_rate * flops / 1e12:.3f} |"
+    )
     print(f"placement (b): {summary.placement}")
-    print(f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); GPU busy during (b): {busy_text}; "
-          f"decode load {job_rate / cores:.1f} img/s per core ({cores} cores)")  # fmt: skip
-    return {"rates": rates, "io_binding": bound, "job_rate": job_rate, "ratio": job_rate / rates[best_batch], "flops": flops, "provider": provider, "images": summary.images, "busy": busy, "host_seconds_per_image": host}
+    print(
+        f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); GPU busy during (b): {busy_text}; "
+        f"decode load {job_rate / cores:.1f} img/s per core ({cores} cores)"
+    )
+    return {
+        "rates": rates,
+        "io_binding": bound,
+        "job_rate": job_rate,
+        "ratio": job_rate / rates[best_batch],
+        "flops": flops,
+        "provider": provider,
+        "images": summary.images,
+        "busy": busy,
+        "host_seconds_per_image": host,
+    }
 
 
 if __name__ == "__main__":

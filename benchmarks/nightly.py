@@ -27,12 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from tag_job import make_images, start_local_ray  # noqa: E402
 
-from pipeline.config import make_tag_config  # noqa: E402
-from pipeline.demo_model import write_demo_bundle  # noqa: E402
-from pipeline.runtime import available_cpus  # noqa: E402
-from pipeline.sample_photos import mosaic_3mp  # noqa: E402
-from pipeline.table import read_current  # noqa: E402
-from pipeline.tag_job import run_tag_job  # noqa: E402
+from pipeline.demo.model import write_demo_bundle  # noqa: E402
+from pipeline.job.settings import make_tag_config  # noqa: E402
+from pipeline.model.runtime import available_cpus  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import mosaic_3mp  # noqa: E402
+
+from pipeline.job.tag_job import run_tag_job  # noqa: E402
+from pipeline.table.tag_table import read_current  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +43,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--new-fraction", type=float, default=0.01)
     parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
-    parser.add_argument("--plan-rows", type=int, default=0, help="Only time change classification at this many rows.")
+    parser.add_argument(
+        "--plan-rows", type=int, default=0, help="Only time change classification at this many rows."
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.plan_rows:
@@ -55,7 +60,9 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     model = write_demo_bundle(work / "model")
     ray = start_local_ray()
-    cfg = make_tag_config(inputs=[str(base_dir), str(new_dir)], output=str(out), model=str(model), rows_per_part=512)
+    cfg = make_tag_config(
+        inputs=[str(base_dir), str(new_dir)], output=str(out), model=str(model), rows_per_part=512
+    )
 
     def timed():
         t = time.perf_counter()
@@ -72,18 +79,30 @@ def main() -> None:
     rows = read_current(str(out), columns=["uri", "run_id"])
     unchanged_kept = sum(1 for r in rows.to_pylist() if r["run_id"] == full.run_id)
 
-    print(f"{args.images} images + {count} new (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray")
-    print("run                     | through the model | tagging phase s | end to end s | list s | plan s | commit s")
-    for name, s, total in (("full (creates v1)", full, full_s), (f"nightly, {count} new", nightly, nightly_s), ("nothing new", idle, idle_s)):
+    print(
+        f"{args.images} images + {count} new (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray"
+    )
+    print(
+        "run                     | through the model | tagging phase s | end to end s | list s | plan s | commit s"
+    )
+    for name, s, total in (
+        ("full (creates v1)", full, full_s),
+        (f"nightly, {count} new", nightly, nightly_s),
+        ("nothing new", idle, idle_s),
+    ):
         t = s.timings
         print(
             f"{name:23} | {s.images:17d} | {t.get('tag_seconds', 0):15.2f} | {total:12.2f} | {t['list_seconds']:6.2f} | "
             f"{t['plan_seconds']:6.2f} | {t.get('commit_seconds', 0):8.2f}"
         )
-    print(f"nightly/full: images through the model {nightly.images / full.images:.2%} (target <= 5%), "
-          f"tagging phase {nightly.timings['tag_seconds'] / full.timings['tag_seconds']:.2%}, end to end {nightly_s / full_s:.2%}")  # fmt: skip
-    print(f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, skipped {nightly.skipped}; "
-          f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; versions {full.version} -> {nightly.version} -> {idle.version}")  # fmt: skip
+    print(
+        f"nightly/full: images through the model {nightly.images / full.images:.2%} (target <= 5%), "
+        f"tagging phase {nightly.timings['tag_seconds'] / full.timings['tag_seconds']:.2%}, end to end {nightly_s / full_s:.2%}"
+    )
+    print(
+        f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, skipped {nightly.skipped}; "
+        f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; versions {full.version} -> {nightly.version} -> {idle.version}"
+    )
     shutil.rmtree(new_dir, ignore_errors=True)
 
 
@@ -93,25 +112,37 @@ def plan_at_scale(n: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.incremental import classify
+    from pipeline.job.incremental import classify
 
     uris = pa.array([f"s3://bucket/images/{i:09d}.jpg" for i in range(n)])
     view = pa.table(
         {
-            "uri": uris, "source_size": pa.array(np.full(n, 300_000, np.int64)), "etag": pa.array([f"{i:032x}" for i in range(n)]),
-            "mtime": pa.array(np.full(n, 1.7e9)), "sha256": pa.nulls(n, pa.string()), "error_kind": pa.nulls(n, pa.string()),
+            "uri": uris,
+            "source_size": pa.array(np.full(n, 300_000, np.int64)),
+            "etag": pa.array([f"{i:032x}" for i in range(n)]),
+            "mtime": pa.array(np.full(n, 1.7e9)),
+            "sha256": pa.nulls(n, pa.string()),
+            "error_kind": pa.nulls(n, pa.string()),
             "_file": pa.array((np.arange(n) // 4096).astype(np.int32)),
         }
-    )  # fmt: skip
+    )
     k = n // 100
-    new = pa.table({"uri": pa.array([f"s3://bucket/images/new{i:09d}.jpg" for i in range(k)]), "source_size": pa.array(np.ones(k, np.int64)),
-                    "etag": pa.array(["x"] * k), "mtime": pa.array(np.full(k, 1.8e9))})  # fmt: skip
+    new = pa.table(
+        {
+            "uri": pa.array([f"s3://bucket/images/new{i:09d}.jpg" for i in range(k)]),
+            "source_size": pa.array(np.ones(k, np.int64)),
+            "etag": pa.array(["x"] * k),
+            "mtime": pa.array(np.full(k, 1.8e9)),
+        }
+    )
     manifest = pa.concat_tables([view.select(["uri", "source_size", "etag", "mtime"]), new])
     t = time.perf_counter()
     status = classify(manifest, view)
     seconds = time.perf_counter() - t
     new_count = sum(1 for s in status.column("status").to_pylist() if s == "new")
-    print(f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)")
+    print(
+        f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,11 +23,19 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.decode import DecodeStage
-from pipeline.demo_model import build_graph, fit_ood_reference, reference_pixels, save_with_external_data
-from pipeline.runtime import ProviderChoice
-from pipeline.sample_photos import large_variants
-from pipeline.tagger import TaggerSettings, TaggerStage
+from pipeline.demo.model import (
+    build_graph,
+    fit_ood_reference,
+    reference_pixels,
+    save_with_external_data,
+)
+from pipeline.image.decode import DecodeStage
+from pipeline.model.runtime import ProviderChoice
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import large_variants  # noqa: E402
+
+from pipeline.job.tagger import TaggerSettings, TaggerStage
 
 
 def wide_bundle(directory: Path, tags: int, dim: int, seed: int = 0) -> Path:
@@ -38,11 +47,17 @@ def wide_bundle(directory: Path, tags: int, dim: int, seed: int = 0) -> Path:
     inits = [t for t in graph.initializer if t.name not in ("head.weight", "head.bias")]
     features = 21
     proj = rng.normal(0, 1.0, (features, dim)).astype(np.float32)
-    weight = rng.normal(0, 1.5 / np.sqrt(0.8 * dim), (dim, tags)).astype(np.float32)  # tanh output: E[e^2] ~ 0.8, so emb @ W ~ N(0, 1.5^2)
+    weight = rng.normal(0, 1.5 / np.sqrt(0.8 * dim), (dim, tags)).astype(
+        np.float32
+    )  # tanh output: E[e^2] ~ 0.8, so emb @ W ~ N(0, 1.5^2)
     bias = np.full(tags, -8.7, np.float32)  # P(p >= 0.01) ~ 0.3% of tags per image
     frequent = rng.choice(tags, 120, replace=False)
     bias[frequent] = rng.uniform(-4.0, 1.5, frequent.size)  # tags most images get, around the threshold
-    inits += [numpy_helper.from_array(proj, "wide.proj"), numpy_helper.from_array(weight, "wide.weight"), numpy_helper.from_array(bias, "wide.bias")]
+    inits += [
+        numpy_helper.from_array(proj, "wide.proj"),
+        numpy_helper.from_array(weight, "wide.weight"),
+        numpy_helper.from_array(bias, "wide.bias"),
+    ]
     nodes += [
         helper.make_node("MatMul", ["pooled_features", "wide.proj"], ["proj_out"]),
         helper.make_node("Tanh", ["proj_out"], ["embedding"]),
@@ -100,10 +115,15 @@ def main() -> None:
             size = path.stat().st_size / len(uris)
             kept = np.mean([len(v) for v in table.column("logit_indices").to_pylist()])
             tags = np.mean([len(v) for v in table.column("tags").to_pylist()])
-            per_column = {c: table.column(c).nbytes / len(uris) for c in ("embedding", "logit_indices", "logit_values", "tags", "scores")}
+            per_column = {
+                c: table.column(c).nbytes / len(uris)
+                for c in ("embedding", "logit_indices", "logit_values", "tags", "scores")
+            }
             label = "dense logits" if dense else "sparse logits (default, p >= 0.01)"
-            print(f"{label}: {size:,.0f} bytes/image on disk (zstd); {tags:.1f} tags and {kept:,.0f} logits kept per image; "
-                  "in memory per image: " + ", ".join(f"{k} {v:,.0f} B" for k, v in per_column.items()))
+            print(
+                f"{label}: {size:,.0f} bytes/image on disk (zstd); {tags:.1f} tags and {kept:,.0f} logits kept per image; "
+                "in memory per image: " + ", ".join(f"{k} {v:,.0f} B" for k, v in per_column.items())
+            )
         print(f"({len(uris)} images, {args.tags:,} tags, {args.dim}-d float16 embedding)")
 
 

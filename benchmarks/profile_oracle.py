@@ -21,14 +21,16 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import test_profile_oracle as t
 
-from pipeline.profile_import import profile_data
-from pipeline.profiles import profile_from_data
+from pipeline.model.profile_import import profile_data
+from pipeline.model.profiles import profile_from_data
 
 
 def _worst(kind: str, name: str, cfg: dict, oracle) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "timm":
-            folder = t._bundle(Path(tmp), "config.json", {"pretrained_cfg": cfg}, tuple(cfg["input_size"][1:]))
+            folder = t._bundle(
+                Path(tmp), "config.json", {"pretrained_cfg": cfg}, tuple(cfg["input_size"][1:])
+            )
             profile = profile_from_data(profile_data(folder, activation="softmax"), name)
             mean, std = cfg.get("mean", t.IMAGENET_MEAN), cfg.get("std", t.IMAGENET_STD)
         else:
@@ -43,8 +45,10 @@ def _worst(kind: str, name: str, cfg: dict, oracle) -> float:
 def main() -> None:
     have_timm = importlib.util.find_spec("timm") is not None
     have_hf = importlib.util.find_spec("transformers") is not None
-    print(f"{len(t.PHOTOS)} photos; timm {'installed' if have_timm else 'absent'}, "
-          f"transformers {'installed' if have_hf else 'absent'}; worst |difference| in levels")
+    print(
+        f"{len(t.PHOTOS)} photos; timm {'installed' if have_timm else 'absent'}, "
+        f"transformers {'installed' if have_hf else 'absent'}; worst |difference| in levels"
+    )
     print(f"{'recipe':28s} {'library':>9s} {'reference':>10s}")
     for kind, configs, library, reference in (
         ("timm", t.TIMM_CONFIGS, t.library_timm if have_timm else None, t.reference_timm),

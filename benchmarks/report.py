@@ -3,7 +3,7 @@
     python benchmarks/report.py                 # 1M rows (issue 12: < 60 s, < 2 GiB)
     python benchmarks/report.py --rows 10000000
 
-Writes a committed tag table (pipeline/table.py) of `--rows` rows in parts of 100k, with
+Writes a committed tag table (pipeline/table/tag_table.py) of `--rows` rows in parts of 100k, with
 the columns a real run has: ~30 tags per row from a Zipf-distributed 20k vocabulary in
 five categories, their scores, OOD distances, 0.5% error rows. Then builds the report
 in a fresh process and prints its wall time and peak RSS against the targets.
@@ -29,7 +29,7 @@ CATEGORIES = ["general", "character", "copyright", "artist", "meta"]
 
 
 def make_table(root: Path, rows: int, seed: int = 0) -> None:
-    from pipeline.table import Snapshot, TagTable, now_iso
+    from pipeline.table.tag_table import Snapshot, TagTable, now_iso
 
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
@@ -46,7 +46,9 @@ def make_table(root: Path, rows: int, seed: int = 0) -> None:
         error = rng.random(n) < 0.005
         columns = {
             "uri": pa.array([f"s3://corpus/images/{start + i:09d}.jpg" for i in range(n)]),
-            "error": pa.array(np.where(error, "OSError: cannot identify image file", None).tolist(), pa.string()),
+            "error": pa.array(
+                np.where(error, "OSError: cannot identify image file", None).tolist(), pa.string()
+            ),
             "error_kind": pa.array(np.where(error, "not_an_image", None).tolist(), pa.string()),
             "tags": pa.ListArray.from_arrays(offsets, pc.take(vocab, index)),
             "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
@@ -55,12 +57,27 @@ def make_table(root: Path, rows: int, seed: int = 0) -> None:
         columns["ood"] = pc.greater(columns["ood_distance"], 4.5)
         for c, name in enumerate(CATEGORIES):
             keep = category_of[index] == c
-            counts = np.add.reduceat(keep.astype(np.int32), offsets[:-1]) if len(index) else np.zeros(n, np.int32)
-            columns[f"tags_{name}"] = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pc.take(vocab, index[keep]))
+            counts = (
+                np.add.reduceat(keep.astype(np.int32), offsets[:-1]) if len(index) else np.zeros(n, np.int32)
+            )
+            columns[f"tags_{name}"] = pa.ListArray.from_arrays(
+                np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pc.take(vocab, index[keep])
+            )
         file = f"data/bench/part-{start // PART_ROWS:05d}.parquet"
         table.write_part(file, pa.table(columns))
         files.append(file)
-    snapshot = Snapshot(version=1, files=tuple(files), rows=rows, model_sha256="0" * 64, inference_key="bench", rules_key="bench", run_id="bench", committed_at=now_iso(), model_name="synthetic", rules={"default_threshold": 0.5})
+    snapshot = Snapshot(
+        version=1,
+        files=tuple(files),
+        rows=rows,
+        model_sha256="0" * 64,
+        inference_key="bench",
+        rules_key="bench",
+        run_id="bench",
+        committed_at=now_iso(),
+        model_name="synthetic",
+        rules={"default_threshold": 0.5},
+    )
     table.commit(None, snapshot)
 
 
@@ -68,12 +85,14 @@ def measure(root: Path, output: Path) -> dict:
     """build_report in a fresh process: (seconds, peak RSS)."""
     code = (
         "import json, resource, sys, time\n"
-        "from pipeline.report import build_report\n"
+        "from pipeline.corpus.report import build_report\n"
         "t = time.perf_counter()\n"
         "s = build_report(sys.argv[1], sys.argv[2])\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'bytes': s.bytes, 'rows': s.rows}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(root), str(output)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(root), str(output)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -87,10 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
     make_table(work / "tags", args.rows)
     made = time.perf_counter() - started
     result = measure(work / "tags", work / "report.html")
-    print(f"synthetic table: {args.rows:,} rows written in {made:.1f} s (peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    print(
+        f"synthetic table: {args.rows:,} rows written in {made:.1f} s (peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)"
+    )
     print("| rows | build time | target | peak RSS | target | page size |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {result['rows']:,} | {result['seconds']:.1f} s | 60 s ({result['seconds'] / 60:.0%}) | {result['peak_rss_mib']:.0f} MiB | 2048 MiB ({result['peak_rss_mib'] / 2048:.0%}) | {result['bytes'] / 1024:.0f} KiB |")
+    print(
+        f"| {result['rows']:,} | {result['seconds']:.1f} s | 60 s ({result['seconds'] / 60:.0%}) | {result['peak_rss_mib']:.0f} MiB | 2048 MiB ({result['peak_rss_mib'] / 2048:.0%}) | {result['bytes'] / 1024:.0f} KiB |"
+    )
     return result
 
 

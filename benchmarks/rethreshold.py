@@ -14,20 +14,19 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import time
 import sys
+import time
 from pathlib import Path
-
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tag_job import make_images, start_local_ray  # noqa: E402
 
-from pipeline.config import make_tag_config, tag_rules  # noqa: E402
-from pipeline.demo_model import write_demo_bundle  # noqa: E402
-from pipeline.rethreshold import run_rethreshold  # noqa: E402
-from pipeline.runtime import available_cpus  # noqa: E402
-from pipeline.table import read_current  # noqa: E402
-from pipeline.tag_job import run_tag_job  # noqa: E402
+from pipeline.demo.model import write_demo_bundle  # noqa: E402
+from pipeline.job.rethreshold import run_rethreshold  # noqa: E402
+from pipeline.job.settings import make_tag_config, tag_rules  # noqa: E402
+from pipeline.job.tag_job import run_tag_job  # noqa: E402
+from pipeline.model.runtime import available_cpus  # noqa: E402
+from pipeline.table.tag_table import read_current  # noqa: E402
 
 RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=6)
 
@@ -46,9 +45,13 @@ def main() -> None:
     outs = {name: work / "out" / f"rethreshold-{name}" for name in ("base", "rerun", "re")}
     for path in outs.values():
         shutil.rmtree(path, ignore_errors=True)
-    run_tag_job(make_tag_config(inputs=[str(images)], output=str(outs["base"]), model=str(model), rows_per_part=512))
+    run_tag_job(
+        make_tag_config(inputs=[str(images)], output=str(outs["base"]), model=str(model), rows_per_part=512)
+    )
 
-    cfg = make_tag_config(inputs=[str(images)], output=str(outs["rerun"]), model=str(model), rows_per_part=512, **RULES)
+    cfg = make_tag_config(
+        inputs=[str(images)], output=str(outs["rerun"]), model=str(model), rows_per_part=512, **RULES
+    )
     t = time.perf_counter()
     run_tag_job(cfg)
     rerun_seconds = time.perf_counter() - t
@@ -61,9 +64,13 @@ def main() -> None:
     b = read_current(str(outs["re"]), columns=["uri", "tags"]).sort_by("uri")
     same = a.column("tags").to_pylist() == b.column("tags").to_pylist()
     n = a.num_rows
-    print(f"{n} images (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray; rules {RULES}")
+    print(
+        f"{n} images (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray; rules {RULES}"
+    )
     print(f"full re-run (decode + inference):  {rerun_seconds:7.2f} s  {n / rerun_seconds:8.1f} img/s")
-    print(f"rethreshold (stored logits):       {re_seconds:7.2f} s  {n / re_seconds:8.1f} img/s  ({summary.parts} parts, {summary.rows_changed} rows changed)")
+    print(
+        f"rethreshold (stored logits):       {re_seconds:7.2f} s  {n / re_seconds:8.1f} img/s  ({summary.parts} parts, {summary.rows_changed} rows changed)"
+    )
     print(f"speed-up: {rerun_seconds / re_seconds:.1f}x (target >= 20x); same tags as the re-run: {same}")
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/tag_job.py [--images 600] [--workdir /tmp/tagpipe-bench]
 
-Same images (3 MP JPEGs on local disk, from pipeline/sample_photos.py), same demo
+Same images (3 MP JPEGs on local disk, from tests/sample_photos.py), same demo
 model (CL v2 contract), same work per image: read, decode (fast path), phash, sha256,
 inference, postprocess, Parquet. The loop is DecodeStage then TaggerStage over batches
 in one process, writing one Parquet file. The Ray runs are `run_tag_job` with the
@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,13 +25,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import make_tag_config
-from pipeline.decode import DecodeStage
-from pipeline.demo_model import write_demo_bundle
-from pipeline.imaging import DecodeOptions
-from pipeline.runtime import ProviderChoice, available_cpus
-from pipeline.sample_photos import mosaic_3mp
-from pipeline.tagger import TaggerSettings, TaggerStage
+from pipeline.demo.model import write_demo_bundle
+from pipeline.image.decode import DecodeStage
+from pipeline.image.imaging import DecodeOptions
+from pipeline.job.settings import make_tag_config
+from pipeline.model.runtime import ProviderChoice, available_cpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
+from sample_photos import mosaic_3mp  # noqa: E402
+
+from pipeline.job.tagger import TaggerSettings, TaggerStage
 
 
 def make_images(directory: Path, count: int) -> list[str]:
@@ -46,7 +50,13 @@ def start_local_ray(cpus: int | None = None):
     """A fresh local Ray for a benchmark: all (or `cpus`) CPUs, quiet, no progress bars."""
     import ray
 
-    ray.init(address="local", num_cpus=cpus or available_cpus(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=cpus or available_cpus(),
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 
@@ -67,10 +77,12 @@ def run_loop(uris: list[str], model_dir: Path, out: Path, batch_size: int) -> tu
 
 
 def run_ray(images_dir: Path, model_dir: Path, out: Path, **settings) -> tuple[float, float, dict]:
-    from pipeline.tag_job import run_tag_job
+    from pipeline.job.tag_job import run_tag_job
 
     started = time.perf_counter()
-    summary = run_tag_job(make_tag_config(inputs=[str(images_dir)], output=str(out), model=str(model_dir), **settings))
+    summary = run_tag_job(
+        make_tag_config(inputs=[str(images_dir)], output=str(out), model=str(model_dir), **settings)
+    )
     return time.perf_counter() - started, summary.timings["tag_seconds"], summary
 
 
@@ -109,7 +121,13 @@ def main() -> None:
         results[name] = run_ray(images_dir, model_dir, out, **settings)
     ray.shutdown()
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     init_seconds = time.perf_counter() - t
     ray.shutdown()
     loop_out = work / "out" / "loop"
@@ -117,13 +135,21 @@ def main() -> None:
     loop_total, loop_tag = run_loop(uris, model_dir, loop_out, 32)
 
     n = len(uris)
-    print(f"machine: {os.cpu_count()} CPUs visible, {cpus} usable; {n} JPEGs 2048x1536 q90 on local disk; demo model on CPU")
-    print(f"{'run':<22} {'end to end img/s':>17} {'tagging img/s':>14} {'vs loop (e2e)':>14} {'vs loop (tagging)':>18}")
+    print(
+        f"machine: {os.cpu_count()} CPUs visible, {cpus} usable; {n} JPEGs 2048x1536 q90 on local disk; demo model on CPU"
+    )
+    print(
+        f"{'run':<22} {'end to end img/s':>17} {'tagging img/s':>14} {'vs loop (e2e)':>14} {'vs loop (tagging)':>18}"
+    )
     print(f"{'plain loop':<22} {n / loop_total:>17.1f} {n / loop_tag:>14.1f} {'1.00':>14} {'1.00':>18}")
     for name, (total, tag, summary) in results.items():
         total_with_init = total + init_seconds + warmup_seconds  # what a cold `tagpipe tag` pays once
-        print(f"{name:<22} {n / total_with_init:>17.1f} {n / tag:>14.1f} {loop_total / total_with_init:>14.2f} {loop_tag / tag:>18.2f}")
-    print(f"(cold start added to each Ray end-to-end figure: Ray start {init_seconds:.1f} s + first-job warm-up {warmup_seconds:.1f} s incl. 32 images)")
+        print(
+            f"{name:<22} {n / total_with_init:>17.1f} {n / tag:>14.1f} {loop_total / total_with_init:>14.2f} {loop_tag / tag:>18.2f}"
+        )
+    print(
+        f"(cold start added to each Ray end-to-end figure: Ray start {init_seconds:.1f} s + first-job warm-up {warmup_seconds:.1f} s incl. 32 images)"
+    )
     for name in results:
         out = work / "out" / name.replace(" ", "").replace(",", "-")
         size = sum(p.stat().st_size for p in out.glob("data/*/part-*.parquet"))

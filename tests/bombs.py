@@ -87,16 +87,41 @@ def _tiff(entries: list[tuple[int, int, int, int]], data: bytes) -> bytes:
 def tiff_strips(width: int, height: int) -> bytes:
     """An uncompressed 8-bit grey TIFF declaring width x height in one strip of 64 bytes."""
     data = b"\x00" * 64
-    return _tiff([(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-                  (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(data))], data)  # fmt: skip
+    return _tiff(
+        [
+            (256, 4, 1, width),
+            (257, 4, 1, height),
+            (258, 3, 1, 8),
+            (259, 3, 1, 1),
+            (262, 3, 1, 1),
+            (273, 4, 1, 8),
+            (277, 3, 1, 1),
+            (278, 4, 1, height),
+            (279, 4, 1, len(data)),
+        ],
+        data,
+    )
 
 
 def tiff_tiles(width: int, height: int, tile: int) -> bytes:
     """A deflate-compressed RGB TIFF of width x height in one tile of tile x tile pixels:
     the image is small, the tile libtiff must allocate is not."""
     data = zlib.compress(b"\x00" * 1024)
-    return _tiff([(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
-                  (277, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 8), (325, 4, 1, len(data))], data)  # fmt: skip
+    return _tiff(
+        [
+            (256, 4, 1, width),
+            (257, 4, 1, height),
+            (258, 3, 1, 8),
+            (259, 3, 1, 8),
+            (262, 3, 1, 1),
+            (277, 3, 1, 1),
+            (322, 4, 1, tile),
+            (323, 4, 1, tile),
+            (324, 4, 1, 8),
+            (325, 4, 1, len(data)),
+        ],
+        data,
+    )
 
 
 def tiff_16bit(width: int, height: int) -> bytes:
@@ -123,9 +148,14 @@ def gif_big_frame(width: int, height: int) -> bytes:
     to hold the frame)."""
     lzw = bytes([2, 2, 0x4C, 0x01, 0])  # minimal LZW data (clear, one pixel, end)
     return (
-        b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-        + b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + lzw + b"\x3b"
-    )  # fmt: skip
+        b"GIF89a"
+        + struct.pack("<HHBBB", 16, 16, 0x80, 0, 0)
+        + b"\x00\x00\x00\xff\xff\xff"
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, width, height, 0)
+        + lzw
+        + b"\x3b"
+    )
 
 
 def apng_big_frame(width: int, height: int) -> bytes:

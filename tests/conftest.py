@@ -26,7 +26,11 @@ def s3_server():
     them): that is also how users reach MinIO or R2, with no tagpipe flag."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -61,7 +65,9 @@ def ray_session(s3_server):
     import ray.data
 
     # address="local": always a new instance, never a cluster already running on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -69,14 +75,14 @@ def ray_session(s3_server):
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory):
-    from pipeline.demo_model import write_demo_bundle
+    from pipeline.demo.model import write_demo_bundle
 
     return write_demo_bundle(tmp_path_factory.mktemp("demo_model"))
 
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
-    from pipeline.synthetic import make_corpus
+    from pipeline.demo.synthetic import make_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     make_corpus(root, images_per_kind=2)

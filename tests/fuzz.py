@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, features
-
-from pipeline.sample_photos import photo_paths
+from sample_photos import photo_paths
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def seed_files() -> dict[str, bytes]:
     ]
     exif = Image.Exif()
     exif[0x0112] = 6
-    grey16 = Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257))
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257)
     seeds = {
         "jpeg_baseline.jpg": _encode(photo, "JPEG", quality=90),
         "jpeg_progressive.jpg": _encode(photo, "JPEG", quality=90, progressive=True),
@@ -340,9 +339,9 @@ def decode_chunk(paths: list[str], settings: FuzzSettings) -> list[dict]:
     """In a Ray worker: each file alone (timed, peak RSS measured), then all as one batch."""
     from memory_probe import peak_rss_growth
 
-    from pipeline.decode import DecodeStage, memory_limit
-    from pipeline.imaging import DecodeOptions
-    from pipeline.profiles import load_profile
+    from pipeline.image.decode import DecodeStage, memory_limit
+    from pipeline.image.imaging import DecodeOptions
+    from pipeline.model.profiles import load_profile
 
     options = DecodeOptions(max_pixels=settings.max_pixels, max_memory=settings.max_memory)
     stage = DecodeStage(load_profile("wd_v3").preprocess, options, timeout=settings.timeout)

@@ -11,12 +11,24 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_tagger(path: Path, *, size: int, nhwc: bool, tags: int, activation: str | None, batch: int | str = "batch", seed: int = 0) -> Path:
+def tiny_tagger(
+    path: Path,
+    *,
+    size: int,
+    nhwc: bool,
+    tags: int,
+    activation: str | None,
+    batch: int | str = "batch",
+    seed: int = 0,
+) -> Path:
     """Global average pool -> Gemm head (-> optional Sigmoid). Input float [B,3,S,S] or [B,S,S,3]."""
     rng = np.random.default_rng(seed)
     shape = [batch, size, size, 3] if nhwc else [batch, 3, size, size]
     axes = [1, 2] if nhwc else [2, 3]
-    inits = [numpy_helper.from_array(rng.normal(size=(3, tags)).astype(np.float32), "w"), numpy_helper.from_array(rng.normal(size=tags).astype(np.float32), "b")]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(3, tags)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=tags).astype(np.float32), "b"),
+    ]
     nodes = [
         helper.make_node("ReduceMean", ["input"], ["pooled"], axes=axes, keepdims=0),
         helper.make_node("Gemm", ["pooled", "w", "b"], ["head" if activation else "output"]),
@@ -24,7 +36,11 @@ def tiny_tagger(path: Path, *, size: int, nhwc: bool, tags: int, activation: str
     if activation:
         nodes.append(helper.make_node(activation, ["head"], ["output"]))
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, tags])], inits
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, tags])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -57,7 +73,9 @@ def jtp_bundle(directory: Path, tags: int = 9) -> Path:
     return directory
 
 
-def identity_model(path: Path, pre, *, elem_type: int = TensorProto.FLOAT, batch: int | str = "batch") -> Path:
+def identity_model(
+    path: Path, pre, *, elem_type: int = TensorProto.FLOAT, batch: int | str = "batch"
+) -> Path:
     """A model whose output is its pixel input, in the profile's layout: shows exactly what
     a real model of that family would be fed."""
     nhwc = pre.layout.value == "NHWC"
@@ -77,8 +95,8 @@ def identity_model(path: Path, pre, *, elem_type: int = TensorProto.FLOAT, batch
 
 def feed_through_graph(model_path: Path, pre, pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels -> the float tensor the model receives, via the in-graph normalisation."""
-    from pipeline.onnx_tools import uint8_input_model
-    from pipeline.runtime import ProviderChoice, create_session
+    from pipeline.model.onnx_tools import uint8_input_model
+    from pipeline.model.runtime import ProviderChoice, create_session
 
     graph, name = uint8_input_model(model_path, pre, "input")
     session, _ = create_session(graph, ProviderChoice.CPU, 1)

@@ -33,7 +33,7 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self.thread.start()
         return self
 
@@ -48,15 +48,25 @@ class FakeHub:
         if info and info.group(1) in self.repos:
             repo = info.group(1)
             siblings = [{"rfilename": p} for p in sorted(self.repos[repo])]
-            return self._send(handler, json.dumps({"id": repo, "sha": self.commits[repo], "siblings": siblings}).encode(),
-                              {"Content-Type": "application/json"}, body)  # fmt: skip
+            return self._send(
+                handler,
+                json.dumps({"id": repo, "sha": self.commits[repo], "siblings": siblings}).encode(),
+                {"Content-Type": "application/json"},
+                body,
+            )
         resolved = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)
-        if resolved and resolved.group(1) in self.repos and resolved.group(3) in self.repos[resolved.group(1)]:
+        if (
+            resolved
+            and resolved.group(1) in self.repos
+            and resolved.group(3) in self.repos[resolved.group(1)]
+        ):
             repo, _revision, name = resolved.groups()
             data = self.repos[repo][name]
             headers = {"X-Repo-Commit": self.commits[repo], "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
             return self._send(handler, data, headers, body)
-        self._send(handler, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, body, status=404)
+        self._send(
+            handler, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, body, status=404
+        )
 
     @staticmethod
     def _send(handler, data: bytes, headers: dict, body: bool, status: int = 200) -> None:

@@ -12,9 +12,9 @@ import os
 import signal
 import sys
 
-import pipeline.manifest
-import pipeline.table
-import pipeline.tag_job
+import pipeline.job.tag_job
+import pipeline.storage.manifest
+import pipeline.table.tag_table
 
 
 def die():
@@ -34,23 +34,23 @@ def after(module, name):
 
 point, args = sys.argv[1], sys.argv[2:]
 if point == "listing":
-    after(pipeline.manifest, "_list_in_parallel")
+    after(pipeline.storage.manifest, "_list_in_parallel")
 elif point == "tagging":
-    after(pipeline.tag_job, "_write_slice")
+    after(pipeline.job.tag_job, "_write_slice")
 elif point == "commit-version":
-    write = pipeline.table.TagTable._write_bytes
+    write = pipeline.table.tag_table.TagTable._write_bytes
 
     def write_or_die(self, relative, data):
-        if relative == pipeline.table.CURRENT:
+        if relative == pipeline.table.tag_table.CURRENT:
             die()
         return write(self, relative, data)
 
-    pipeline.table.TagTable._write_bytes = write_or_die
+    pipeline.table.tag_table.TagTable._write_bytes = write_or_die
 elif point == "commit-rename":
     replace = os.replace
 
     def replace_or_die(src, dst, *a, **k):
-        if str(dst).endswith(pipeline.table.CURRENT):
+        if str(dst).endswith(pipeline.table.tag_table.CURRENT):
             die()
         return replace(src, dst, *a, **k)
 

@@ -13,20 +13,25 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from helpers import tiny_tagger
+from sample_photos import photo_paths
 
-from pipeline.decode import DecodeStage
-from pipeline.profiles import Activation
-from pipeline.runtime import ProviderChoice
-from pipeline.sample_photos import photo_paths
-from pipeline.tagger import Normaliser, TaggerSettings, TaggerStage
+from pipeline.image.decode import DecodeStage
+from pipeline.job.tagger import Normaliser, TaggerSettings, TaggerStage
+from pipeline.model.profiles import Activation
+from pipeline.model.runtime import ProviderChoice
 
 CLASSES = 5
 CASES = {  # activation -> (the graph's last op, how the model's raw output becomes probabilities)
     "softmax_probabilities": ("Softmax", lambda z: z),
     "sigmoid_probabilities": ("Sigmoid", lambda z: z),
-    "softmax": (None, lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)),
+    "softmax": (
+        None,
+        lambda z: (
+            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+        ),
+    ),
     "sigmoid": (None, lambda z: 1 / (1 + np.exp(-z))),
-}  # fmt: skip
+}
 
 
 def _bundle(folder, activation: str):
@@ -56,8 +61,9 @@ def _row_probabilities(row_values, activation: Activation) -> np.ndarray:
 
 @pytest.mark.parametrize("activation", sorted(CASES))
 def test_stored_probabilities_equal_the_models_own(tmp_path, activation):
-    stage = TaggerStage(TaggerSettings(str(_bundle(tmp_path, activation)), provider=ProviderChoice.CPU,
-                                       dense_logits=True))  # fmt: skip
+    stage = TaggerStage(
+        TaggerSettings(str(_bundle(tmp_path, activation)), provider=ProviderChoice.CPU, dense_logits=True)
+    )
     batch = _photos_batch(stage)
     rows = stage(batch).to_pydict()
     # independently: a plain session on the numpy-normalised pixels, then the activation's definition
@@ -79,12 +85,19 @@ def test_stored_probabilities_equal_the_models_own(tmp_path, activation):
 def test_argmax_of_a_softmax_group(tmp_path):
     """threshold 0, logit floor 0 and max_tags 1 give each image its most probable class."""
     folder = _bundle(tmp_path, "softmax_probabilities")
-    stage = TaggerStage(TaggerSettings(str(folder), provider=ProviderChoice.CPU,
-                                       rules={"default_threshold": 0.0, "logit_floor": 0.0, "max_tags": 1}))  # fmt: skip
+    stage = TaggerStage(
+        TaggerSettings(
+            str(folder),
+            provider=ProviderChoice.CPU,
+            rules={"default_threshold": 0.0, "logit_floor": 0.0, "max_tags": 1},
+        )
+    )
     batch = _photos_batch(stage)
     rows = stage(batch).to_pydict()
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    p = session.run(None, {"input": Normaliser(stage.bundle.profile.preprocess)(np.asarray(batch["pixels"]))})[0]
+    p = session.run(
+        None, {"input": Normaliser(stage.bundle.profile.preprocess)(np.asarray(batch["pixels"]))}
+    )[0]
     assert rows["tags"] == [[f"class_{int(np.argmax(r))}"] for r in p]
     assert len({t[0] for t in rows["tags"]}) > 1  # not one class for every photo
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 
-from pipeline.audit import audit
+from pipeline.corpus.audit import audit
 
 
 def _flip(h: int, bits: list[int]) -> int:
@@ -35,7 +35,13 @@ def _sets(rng, radius: int):
 
 
 def _table(prefix, hashes, sha):
-    return pa.table({"uri": [f"{prefix}/{i}.jpg" for i in range(len(hashes))], "sha256": sha, "phash": pa.array(hashes, pa.uint64())})
+    return pa.table(
+        {
+            "uri": [f"{prefix}/{i}.jpg" for i in range(len(hashes))],
+            "sha256": sha,
+            "phash": pa.array(hashes, pa.uint64()),
+        }
+    )
 
 
 def test_audit_finds_exactly_the_eval_images_within_r():
@@ -60,17 +66,48 @@ def test_audit_finds_exactly_the_eval_images_within_r():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "audit", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "audit", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_audit_command_exit_status_gates(tmp_path):
     th, ts, eh, es, _ = _sets(np.random.default_rng(1), 4)
     pq.write_table(_table("train", th, ts), tmp_path / "train.parquet")
     pq.write_table(_table("eval", eh, es), tmp_path / "eval.parquet")
-    leaky = _cli("--train", str(tmp_path / "train.parquet"), "--eval", str(tmp_path / "eval.parquet"), "--max-distance", "4", "-o", str(tmp_path / "report"))
+    leaky = _cli(
+        "--train",
+        str(tmp_path / "train.parquet"),
+        "--eval",
+        str(tmp_path / "eval.parquet"),
+        "--max-distance",
+        "4",
+        "-o",
+        str(tmp_path / "report"),
+    )
     assert leaky.returncode == 1 and "LEAKS FOUND" in leaky.stdout and "(same bytes)" in leaky.stdout
     assert pq.read_table(tmp_path / "report" / "leaks.parquet").num_rows >= 6
-    clean_eval = _table("eval", [int(x) for x in np.random.default_rng(2).integers(0, 2**63, 500, dtype=np.uint64)], [f"c{i}" for i in range(500)])
-    pa.csv.write_csv(clean_eval.set_column(2, "phash", pa.array([f"{h:016x}" for h in clean_eval.column("phash").to_pylist()])), tmp_path / "clean.csv")
-    clean = _cli("--train", str(tmp_path / "train.parquet"), "--eval", str(tmp_path / "clean.csv"), "--max-distance", "4")
-    assert clean.returncode == 0 and "no leaks found by sha256 and phash" in clean.stdout and ": 0 of 500" in clean.stdout
+    clean_eval = _table(
+        "eval",
+        [int(x) for x in np.random.default_rng(2).integers(0, 2**63, 500, dtype=np.uint64)],
+        [f"c{i}" for i in range(500)],
+    )
+    pa.csv.write_csv(
+        clean_eval.set_column(
+            2, "phash", pa.array([f"{h:016x}" for h in clean_eval.column("phash").to_pylist()])
+        ),
+        tmp_path / "clean.csv",
+    )
+    clean = _cli(
+        "--train",
+        str(tmp_path / "train.parquet"),
+        "--eval",
+        str(tmp_path / "clean.csv"),
+        "--max-distance",
+        "4",
+    )
+    assert (
+        clean.returncode == 0
+        and "no leaks found by sha256 and phash" in clean.stdout
+        and ": 0 of 500" in clean.stdout
+    )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bombs import build_bombs
 
 BUDGET = 256 * 1024**2
@@ -22,17 +21,24 @@ NO_PIXEL_LIMIT = 10**12
 # Refused before a pixel is decoded: by Pillow's checks in the plugins (ICO, ICNS, GIF
 # frames, TIFF size, WebP) or tagpipe's own size and memory checks.
 REFUSED_UNREAD_BY_DEFAULT = {
-    "gif_frame_60000.gif", "icns_png_20000.icns", "ico_png_20000.ico", "jpeg_65500_square.jpg",
-    "tiff_strips_60000.tif", "webp_16383.webp", "apng_frame_60000.png", "jpeg_height_65500.jpg",
-}  # fmt: skip
+    "gif_frame_60000.gif",
+    "icns_png_20000.icns",
+    "ico_png_20000.ico",
+    "jpeg_65500_square.jpg",
+    "tiff_strips_60000.tif",
+    "webp_16383.webp",
+    "apng_frame_60000.png",
+    "jpeg_height_65500.jpg",
+}
 
 
 def _decode_each(paths: list[str], budget: int, max_pixels: int) -> list[dict]:
     """In a Ray worker: decode one file at a time, measuring each one's peak RSS growth."""
     from memory_probe import peak_rss_growth
-    from pipeline.decode import DecodeStage
-    from pipeline.imaging import DecodeOptions
-    from pipeline.profiles import load_profile
+
+    from pipeline.image.decode import DecodeStage
+    from pipeline.image.imaging import DecodeOptions
+    from pipeline.model.profiles import load_profile
 
     stage = DecodeStage(
         load_profile("cl_tagger_v2").preprocess, DecodeOptions(max_pixels=max_pixels, max_memory=budget)
@@ -92,7 +98,7 @@ def test_every_bomb_is_an_error_row_under_the_memory_budget(ray_session, bomb_fi
 
 
 def test_default_limits_refuse_declared_bombs_before_decoding(ray_session, bomb_files):
-    from pipeline.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+    from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 
     names = sorted(bomb_files)
     results = _run_in_worker(
@@ -111,10 +117,9 @@ def test_default_limits_refuse_declared_bombs_before_decoding(ray_session, bomb_
 
 
 def test_error_rows_keep_the_size_the_file_declares(bomb_files):
-    from pipeline.decode import DecodeStage
-    from pipeline.profiles import load_profile
-
-    from pipeline.imaging import DecodeOptions
+    from pipeline.image.decode import DecodeStage
+    from pipeline.image.imaging import DecodeOptions
+    from pipeline.model.profiles import load_profile
 
     names = ["png_zeros_10000.png", "jpeg_height_65500.jpg", "tiff_tile_20000.tif", "gif_frame_60000.gif"]
     stage = DecodeStage(load_profile("wd_v3").preprocess, DecodeOptions(max_memory=BUDGET))
@@ -132,9 +137,10 @@ def test_an_error_raised_after_the_time_limit_is_a_timeout(tmp_path):
     import threading
 
     from bombs import png_chunk, png_of_zeros
-    from pipeline.decode import DecodeStage
-    from pipeline.imaging import DecodeOptions
-    from pipeline.profiles import load_profile
+
+    from pipeline.image.decode import DecodeStage
+    from pipeline.image.imaging import DecodeOptions
+    from pipeline.model.profiles import load_profile
 
     data = png_of_zeros(6000, 6000)
     start = data.index(b"IDAT") + 4
@@ -158,7 +164,7 @@ def test_an_error_raised_after_the_time_limit_is_a_timeout(tmp_path):
 
 RESTORED = """
 import resource, numpy as np
-from pipeline.decode import memory_limit
+from pipeline.image.decode import memory_limit
 before = resource.getrlimit(resource.RLIMIT_AS)
 with memory_limit(BUDGET):
     assert resource.getrlimit(resource.RLIMIT_AS)[0] != before[0]

@@ -4,9 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.bundle import load_bundle
-from pipeline.errors import BundleError
-from pipeline.inspect import describe_bundle
+from pipeline.core.errors import BundleError
+from pipeline.model.bundle import load_bundle
+from pipeline.model.describe import describe_bundle
 from tests.helpers import joytag_bundle, jtp_bundle, wd_bundle
 
 
@@ -37,7 +37,9 @@ def test_joytag_and_jtp_layouts(tmp_path):
     assert joy.profile.name == "joytag" and joy.vocabulary.tags[3] == "joy_3"
     jtp = load_bundle(jtp_bundle(tmp_path / "jtp"))  # model file not named model.onnx
     assert jtp.profile.name == "jtp1" and jtp.model_path.name == "jtp_pilot.onnx" and len(jtp.vocabulary) == 9
-    assert "joy_9" not in describe_bundle(tmp_path / "joy") and "tags:        10" in describe_bundle(tmp_path / "joy")
+    assert "joy_9" not in describe_bundle(tmp_path / "joy") and "tags:        10" in describe_bundle(
+        tmp_path / "joy"
+    )
 
 
 def test_vocabulary_size_mismatch_is_refused(tmp_path):
@@ -50,7 +52,7 @@ def test_missing_optional_files_switch_features_off_once(demo_bundle, tmp_path, 
     shutil.copytree(demo_bundle, copy)
     (copy / "model_ood_ref.npz").unlink()
     (copy / "model_tag_metrics.npz").unlink()
-    with caplog.at_level(logging.INFO, logger="pipeline.bundle"):
+    with caplog.at_level(logging.INFO, logger="pipeline.model.bundle"):
         bundle = load_bundle(copy)
     assert bundle.ood_reference is None and bundle.tag_metrics is None
     messages = [r.getMessage() for r in caplog.records]
@@ -61,7 +63,9 @@ def test_missing_optional_files_switch_features_off_once(demo_bundle, tmp_path, 
 def test_npz_side_files_never_unpickle(demo_bundle, tmp_path):
     copy = tmp_path / "cl"
     shutil.copytree(demo_bundle, copy)
-    np.savez(copy / "model_ood_ref.npz", mu=np.array([{"x": 1}], dtype=object), cov_inv=np.eye(1), p50=1.0, p95=2.0)
+    np.savez(
+        copy / "model_ood_ref.npz", mu=np.array([{"x": 1}], dtype=object), cov_inv=np.eye(1), p50=1.0, p95=2.0
+    )
     with pytest.raises(BundleError, match="refused"):
         load_bundle(copy)
 
@@ -102,4 +106,7 @@ def test_fingerprint_follows_content_not_names(demo_bundle, tmp_path):
     arrays["best_thr"] = arrays["best_thr"] * 0.9
     np.savez(recal / "model_tag_metrics.npz", **arrays)
     recalibrated = load_bundle(recal).fingerprint
-    assert recalibrated.model_sha256 == base.model_sha256 and recalibrated.calibration_sha256 != base.calibration_sha256
+    assert (
+        recalibrated.model_sha256 == base.model_sha256
+        and recalibrated.calibration_sha256 != base.calibration_sha256
+    )

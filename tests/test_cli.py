@@ -4,9 +4,8 @@ import os
 import subprocess
 import sys
 
-
-from pipeline.synthetic import load_expected
-from pipeline.table import read_current
+from pipeline.demo.synthetic import load_expected
+from pipeline.table.tag_table import read_current
 from tests.helpers import wd_bundle
 
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
@@ -21,14 +20,17 @@ def test_demo_command_tags_the_corpus_right(tmp_path):
     result = _run("demo", "--workdir", str(tmp_path / "demo"), "--images-per-kind", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rows match the corpus's known tags" in result.stdout
-    assert "duplicates: 33/33 planted copies share their original's cluster, 33/33 its split; 0 clusters mix kinds" in result.stdout
+    assert (
+        "duplicates: 33/33 planted copies share their original's cluster, 33/33 its split; 0 clusters mix kinds"
+        in result.stdout
+    )
     assert "the audit found 33/33 planted leaks" in result.stdout
     expected = load_expected(tmp_path / "demo" / "corpus")
     table = read_current(str(tmp_path / "demo" / "tags")).to_pylist()
     root = str(tmp_path / "demo" / "corpus" / "images") + "/"
     assert len(table) == len(expected)
     for row in table:  # checked here independently of the demo's own check
-        entry = expected[row["uri"][len(root):]]
+        entry = expected[row["uri"][len(root) :]]
         if entry.broken:
             assert row["error"] and row["tags"] is None
         else:
@@ -37,7 +39,15 @@ def test_demo_command_tags_the_corpus_right(tmp_path):
 
 def test_mismatched_vocabulary_stops_before_any_image(tmp_path):
     bundle = wd_bundle(tmp_path / "wd", tags=12, vocab_size=11)
-    result = _run("tag", "--input", str(tmp_path / "no_such_dir"), "--output", str(tmp_path / "out"), "--model", str(bundle))
+    result = _run(
+        "tag",
+        "--input",
+        str(tmp_path / "no_such_dir"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(bundle),
+    )
     assert result.returncode == 2
     assert "has 12 tags but selected_tags.csv lists 11" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -46,15 +56,37 @@ def test_mismatched_vocabulary_stops_before_any_image(tmp_path):
 def test_model_inspect_command(tmp_path):
     bundle = wd_bundle(tmp_path / "wd")
     result = _run("model", "inspect", str(bundle))
-    assert result.returncode == 0 and "profile:     wd_v3" in result.stdout and "model sha256:" in result.stdout
+    assert (
+        result.returncode == 0 and "profile:     wd_v3" in result.stdout and "model sha256:" in result.stdout
+    )
 
 
 def test_threshold_option_errors_name_the_option_or_field(tmp_path, demo_bundle):
     from tests.helpers import joytag_bundle
 
-    bad = _run("rethreshold", "--tags", str(tmp_path), "--model", str(demo_bundle), "--output", str(tmp_path / "o"), "--category-threshold", "general")
+    bad = _run(
+        "rethreshold",
+        "--tags",
+        str(tmp_path),
+        "--model",
+        str(demo_bundle),
+        "--output",
+        str(tmp_path / "o"),
+        "--category-threshold",
+        "general",
+    )
     assert bad.returncode == 2 and "--category-threshold 'general': expected CATEGORY=VALUE" in bad.stderr
-    bad = _run("rethreshold", "--tags", str(tmp_path), "--model", str(demo_bundle), "--output", str(tmp_path / "o"), "--max-tags", "0")
+    bad = _run(
+        "rethreshold",
+        "--tags",
+        str(tmp_path),
+        "--model",
+        str(demo_bundle),
+        "--output",
+        str(tmp_path / "o"),
+        "--max-tags",
+        "0",
+    )
     assert bad.returncode == 2 and "field max_tags" in bad.stderr
     joy = joytag_bundle(tmp_path / "joy")
     bad = _run("tag", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(joy), "--per-tag-thresholds")

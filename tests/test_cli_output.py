@@ -78,7 +78,7 @@ def test_readme_option_table_matches_the_tag_command():
     option; each config field has an option of the same name."""
     from dataclasses import fields
 
-    from pipeline.config import TagJobConfig
+    from pipeline.job.settings import TagJobConfig
 
     command = typer.main.get_command(app).commands["tag"]
     options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
@@ -97,7 +97,7 @@ def test_readme_option_table_matches_the_tag_command():
 def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monkeypatch):
     """A string or a list, `cfg/../imgs` or `imgs` from the right folder: one uri form,
     so the same folder never looks like a different one (and a mass deletion)."""
-    from pipeline.config import load_config_file, make_tag_config
+    from pipeline.job.settings import load_config_file, make_tag_config
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "imgs").mkdir()
@@ -114,7 +114,17 @@ def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monke
 
 
 def test_errors_are_json_lines_with_json_logs(tmp_path, demo_bundle):
-    done = _run("tag", "-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"), "-m", str(demo_bundle), "--log-format", "json")
+    done = _run(
+        "tag",
+        "-i",
+        str(tmp_path / "nowhere"),
+        "-o",
+        str(tmp_path / "o"),
+        "-m",
+        str(demo_bundle),
+        "--log-format",
+        "json",
+    )
     assert done.returncode == 2
     entry = json.loads(done.stderr.strip().splitlines()[-1])
     assert entry == {"level": "error", "message": f"input not found: {tmp_path / 'nowhere'}"}
@@ -150,8 +160,8 @@ def test_errors_are_json_lines_with_json_logs(tmp_path, demo_bundle):
     ],
 )
 def test_config_mistakes_are_named_with_a_suggestion(tmp_path, text, message):
-    from pipeline.config import load_config_file, make_tag_config
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
+    from pipeline.job.settings import load_config_file, make_tag_config
 
     path = tmp_path / "job.toml"
     path.write_text(text)
@@ -185,7 +195,7 @@ def test_progress_lines_off_a_terminal(folder, demo_bundle, tmp_path):
         "4",
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if "pipeline.progress: tagging:" in line]
+    lines = [line for line in done.stderr.splitlines() if "pipeline.core.progress: tagging:" in line]
     assert len(lines) >= 2, done.stderr[-2000:]
     assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 errors, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
     assert all(re.search(r"\d+/49 images \([\d.]+%\)", line) for line in lines)
@@ -241,7 +251,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_pat
     )
     assert "would tag 1 images" in plan.stdout and "commit version 2" in plan.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    same = _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json")
+    same = _run(
+        "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json"
+    )
     result = json.loads(same.stdout)
     assert result["change"] == "no change" and result["planned_version"] == 0 and result["to_tag"] == 0
 
@@ -262,7 +274,7 @@ def test_quiet_and_json_output(folder, demo_bundle, tmp_path):
         and result["errors_by_kind"] == {"not_an_image": 1}
     )
     entries = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
-    assert any(e["logger"] == "pipeline.tag_job" and e["level"] == "info" for e in entries)
+    assert any(e["logger"] == "pipeline.job.tag_job" and e["level"] == "info" for e in entries)
     assert "Token authentication" not in logged.stderr and "deprecated" not in logged.stderr
 
 
@@ -318,7 +330,9 @@ def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_pat
 def test_nightly_dry_run_prints_the_tag_plan_only(folder, demo_bundle, tmp_path):
     config = tmp_path / "nightly.toml"
     out = tmp_path / "tags"
-    config.write_text(f'[tag]\ninputs = ["{folder}"]\noutput = "{out}"\nmodel = "{demo_bundle}"\n[nightly]\nseed = 1\n')
+    config.write_text(
+        f'[tag]\ninputs = ["{folder}"]\noutput = "{out}"\nmodel = "{demo_bundle}"\n[nightly]\nseed = 1\n'
+    )
     plan = _run("nightly", "-c", str(config), "--dry-run")
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert plan.stdout.startswith("dry run (first run): 49 listed") and "would tag 49 images" in plan.stdout

@@ -18,14 +18,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.table import CommitConflict, Snapshot, TagTable, read_current
+from pipeline.table.tag_table import CommitConflict, Snapshot, TagTable, read_current
 
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 
 def _snapshot(version: int, run: str) -> Snapshot:
-    return Snapshot(version=version, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r",
-                    run_id=run, committed_at="2026-12-01T00:00:00+00:00")  # fmt: skip
+    return Snapshot(
+        version=version,
+        files=(),
+        rows=0,
+        model_sha256="m",
+        inference_key="i",
+        rules_key="r",
+        run_id=run,
+        committed_at="2026-12-01T00:00:00+00:00",
+    )
 
 
 def _race(uri: str, rounds: int) -> list[tuple[str, str]]:
@@ -137,8 +145,19 @@ def _overlap_and_recover(output: str, folders: list[str], model: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     inputs = small if loser == "small" else large
-    args = ["tag", *sum((["-i", i] for i in inputs), []), "-o", output, "-m", str(model), "-q", "--rows-per-part", "8",
-            "--max-delete-fraction", "1"]  # fmt: skip
+    args = [
+        "tag",
+        *sum((["-i", i] for i in inputs), []),
+        "-o",
+        output,
+        "-m",
+        str(model),
+        "-q",
+        "--rows-per-part",
+        "8",
+        "--max-delete-fraction",
+        "1",
+    ]
     rerun = subprocess.run([*TAGPIPE, *args], capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert " 0 images tagged" in rerun.stdout or "(no change)" in rerun.stdout, (
@@ -150,7 +169,9 @@ def _overlap_and_recover(output: str, folders: list[str], model: Path) -> None:
     )  # every row of the refused run's inputs
     if loser == "large":  # its inputs hold the winner's: every row of both
         assert final.num_rows == len(_listing(large))
-    print(f"pair {output}: {winner} committed version {expected_version}, {loser} refused; rerun -> {final.num_rows} rows")
+    print(
+        f"pair {output}: {winner} committed version {expected_version}, {loser} refused; rerun -> {final.num_rows} rows"
+    )
 
 
 _LISTED: dict[str, list[str]] = {}
@@ -209,13 +230,29 @@ def test_reuse_reaches_back_to_the_version_before_the_base(tmp_path):
     are newer than N-1's commit, so its rerun reuses them all."""
     from datetime import datetime
 
-    from pipeline.tag_job import _reuse_since
+    from pipeline.job.tag_job import _reuse_since
 
     table = TagTable(str(tmp_path / "t"))
-    early = Snapshot(version=1, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id="a",
-                     committed_at="2026-12-01T00:00:00+00:00")  # fmt: skip
-    late = Snapshot(version=2, files=(), rows=0, model_sha256="m", inference_key="i", rules_key="r", run_id="b",
-                    committed_at="2026-12-01T09:00:00+00:00")  # fmt: skip
+    early = Snapshot(
+        version=1,
+        files=(),
+        rows=0,
+        model_sha256="m",
+        inference_key="i",
+        rules_key="r",
+        run_id="a",
+        committed_at="2026-12-01T00:00:00+00:00",
+    )
+    late = Snapshot(
+        version=2,
+        files=(),
+        rows=0,
+        model_sha256="m",
+        inference_key="i",
+        rules_key="r",
+        run_id="b",
+        committed_at="2026-12-01T09:00:00+00:00",
+    )
     table.commit(None, early)
     table.commit(early, late)
     assert _reuse_since(table, late) == datetime.fromisoformat(early.committed_at).timestamp() - 3600

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeStage
-from pipeline.imaging import DecodeOptions, decode_image
-from pipeline.phash import phash
-from pipeline.profiles import load_profile
-from pipeline.synthetic import KINDS, encode, render
-from pipeline.tagger import Normaliser
+from pipeline.demo.synthetic import KINDS, encode, render
+from pipeline.image.decode import DecodeStage
+from pipeline.image.imaging import DecodeOptions, decode_image
+from pipeline.image.phash import phash
+from pipeline.job.tagger import Normaliser
+from pipeline.model.profiles import load_profile
 
 CL = load_profile("cl_tagger_v2").preprocess
 
@@ -51,7 +51,7 @@ def test_broken_files_become_error_rows(tmp_path):
 def test_decompression_bomb_refused_before_decoding():
     big = io.BytesIO()
     Image.new("L", (12000, 12000)).save(big, "PNG")  # small file, 144 Mpx declared
-    from pipeline.imaging import ImageError
+    from pipeline.image.imaging import ImageError
 
     with pytest.raises(ImageError) as info:
         decode_image(big.getvalue(), CL, DecodeOptions(max_pixels=50_000_000))
@@ -64,7 +64,9 @@ def test_normaliser_follows_each_profile():
     wd = Normaliser(load_profile("wd_v3").preprocess)(pixels)
     assert wd.shape == (1, 2, 2, 3) and wd[0, 0, 0].tolist() == [51.0, 0.0, 255.0]  # BGR, 0-255, NHWC
     cl = Normaliser(CL)(pixels)
-    assert cl.shape == (1, 3, 2, 2) and cl[0, :, 0, 0].tolist() == pytest.approx([1.0, -1.0, 51 / 255 * 2 - 1])
+    assert cl.shape == (1, 3, 2, 2) and cl[0, :, 0, 0].tolist() == pytest.approx(
+        [1.0, -1.0, 51 / 255 * 2 - 1]
+    )
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -77,7 +79,9 @@ def test_blank_images_are_flagged_degenerate(tmp_path, exact):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    out = DecodeStage(CL, DecodeOptions(exact=exact))({"uri": np.array([str(tmp_path / n) for n in files], object)})
+    out = DecodeStage(CL, DecodeOptions(exact=exact))(
+        {"uri": np.array([str(tmp_path / n) for n in files], object)}
+    )
     assert list(out["phash_degenerate"]) == [True, True, True, False]
     assert {int(h) for h in out["phash"][:3]} <= {0, 1 << 63}
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.dedup import cluster_rows
-from pipeline.hamming_search import brute_force_pairs, near_pairs
+from pipeline.corpus.dedup import cluster_rows
+from pipeline.corpus.hamming_search import brute_force_pairs, near_pairs
 
 
 def _planted(rng, radius: int, bases: int = 1500, seeds: int = 40) -> np.ndarray:
@@ -49,7 +49,9 @@ def test_every_block_split_is_exact(t):
 
 def test_clusters_join_exact_copies_and_keep_blank_images_apart():
     solid, black = np.uint64(1 << 63), np.uint64(0)
-    phash = np.array([0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0E, 0xF0F0F0F0F0F0F0F0, solid, solid, black, 0x1234], np.uint64)
+    phash = np.array(
+        [0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0E, 0xF0F0F0F0F0F0F0F0, solid, solid, black, 0x1234], np.uint64
+    )
     sha = ["a", "b", "c", "d", "e", "e", None]
     has = np.array([True] * 6 + [False])
     labels, pairs, exact = cluster_rows(sha, phash, has, 4)
@@ -69,24 +71,46 @@ def _variants(photo: Image.Image) -> dict[str, bytes]:
         "orig.png": enc(photo, "PNG"),
         "resized.jpg": enc(photo.resize((w // 2, h // 2), Image.Resampling.LANCZOS), quality=85),
         "reencoded.jpg": enc(photo, quality=60),
-        "cropped.jpg": enc(photo.crop((int(w * 0.01), int(h * 0.01), w - int(w * 0.01), h - int(h * 0.01))), quality=90),  # 1% a side
+        "cropped.jpg": enc(
+            photo.crop((int(w * 0.01), int(h * 0.01), w - int(w * 0.01), h - int(h * 0.01))), quality=90
+        ),  # 1% a side
         "copy.png": enc(photo, "PNG"),  # byte-identical to orig.png
     }
 
 
 def test_real_photo_copies_cluster_with_their_original(ray_session, demo_bundle, tmp_path):
-    from pipeline.config import make_tag_config
-    from pipeline.dedup import run_dedup
-    from pipeline.sample_photos import load_photos
-    from pipeline.tag_job import run_tag_job
+    from sample_photos import load_photos
+
+    from pipeline.corpus.dedup import run_dedup
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
 
     # not motorcycle_right: it is the other half of motorcycle_left's stereo pair (4 bits apart)
-    photos = [(n, p) for n, p in load_photos() if n in ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "motorcycle_left", "camera", "retina")]
+    photos = [
+        (n, p)
+        for n, p in load_photos()
+        if n
+        in (
+            "astronaut",
+            "coffee",
+            "chelsea",
+            "rocket",
+            "china",
+            "flower",
+            "motorcycle_left",
+            "camera",
+            "retina",
+        )
+    ]
     for name, photo in photos:
         for variant, data in _variants(photo).items():
             (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
             (tmp_path / "images" / name / variant).write_bytes(data)
-    run_tag_job(make_tag_config(inputs=[str(tmp_path / "images")], output=str(tmp_path / "tags"), model=str(demo_bundle)))
+    run_tag_job(
+        make_tag_config(
+            inputs=[str(tmp_path / "images")], output=str(tmp_path / "tags"), model=str(demo_bundle)
+        )
+    )
     summary = run_dedup(str(tmp_path / "tags"), str(tmp_path / "dedup"))
     rows = pq.read_table(tmp_path / "dedup" / "clusters.parquet").to_pylist()
     by_photo: dict[str, set] = {}
@@ -100,7 +124,9 @@ def test_real_photo_copies_cluster_with_their_original(ray_session, demo_bundle,
     for row in rows:
         members = [r["sha256"] for r in rows if r["cluster_id"] == row["cluster_id"]]
         assert row["cluster_id"] == min(members)  # stable: the smallest sha256
-    assert not any(r["uri"].endswith(("resized.jpg", "cropped.jpg")) for r in reps)  # the largest image represents
+    assert not any(
+        r["uri"].endswith(("resized.jpg", "cropped.jpg")) for r in reps
+    )  # the largest image represents
 
 
 def test_ray_tasks_over_tables_give_the_same_pairs(ray_session):
@@ -116,7 +142,7 @@ def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.dedup import GIANT_CLUSTER, run_dedup
+    from pipeline.corpus.dedup import GIANT_CLUSTER, run_dedup
 
     rng = np.random.default_rng(3)
     h, walk = 0x5A5A5A5A5A5A5A5A, []
@@ -126,10 +152,15 @@ def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
     uris = [f"/w/{i:05d}.jpg" for i in range(len(walk))]
     table = pa.table(
         {
-            "uri": uris, "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uris], "phash": pa.array(walk, pa.uint64()),
-            "phash_degenerate": [False] * len(walk), "width": [64] * len(walk), "height": [64] * len(walk), "error": pa.nulls(len(walk), pa.string()),
+            "uri": uris,
+            "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
+            "phash": pa.array(walk, pa.uint64()),
+            "phash_degenerate": [False] * len(walk),
+            "width": [64] * len(walk),
+            "height": [64] * len(walk),
+            "error": pa.nulls(len(walk), pa.string()),
         }
-    )  # fmt: skip
+    )
     (tmp_path / "tags").mkdir()
     pq.write_table(table, tmp_path / "tags" / "part-0.parquet")
     summary = run_dedup(str(tmp_path / "tags"), str(tmp_path / "out"), max_distance=2)

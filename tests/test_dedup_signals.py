@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dedup import parse_embedding_threshold, run_dedup
-from pipeline.errors import TagpipeError
+from pipeline.core.errors import TagpipeError
+from pipeline.corpus.dedup import parse_embedding_threshold, run_dedup
 
 
 def _table(tmp_path, uris, phash, embeddings, **extra) -> str:
@@ -25,9 +25,11 @@ def _table(tmp_path, uris, phash, embeddings, **extra) -> str:
         "height": extra.pop("height", [100] * n),
         "size": extra.pop("size", [1000] * n),
         "error": pa.nulls(n, pa.string()),
-        "embedding": pa.array([None if e is None else np.asarray(e, np.float16) for e in embeddings],
-                              pa.list_(pa.float16(), len(next(e for e in embeddings if e is not None)))),
-    }  # fmt: skip
+        "embedding": pa.array(
+            [None if e is None else np.asarray(e, np.float16) for e in embeddings],
+            pa.list_(pa.float16(), len(next(e for e in embeddings if e is not None))),
+        ),
+    }
     (tmp_path / "tags").mkdir()
     pq.write_table(pa.table(columns), tmp_path / "tags" / "part-0.parquet")
     return str(tmp_path / "tags")
@@ -57,13 +59,19 @@ def test_auto_threshold_finds_copies_phash_misses_and_reports_its_choice(tmp_pat
     # the sampled pairs at or above it: the 30 copies phash missed are 6e-6 of all pairs, so a
     # few are among them (the rate is an upper bound); unrelated pairs are not (clusters below)
     assert emb["negative_rate"] < 1e-5
-    clusters = {r["uri"]: r["cluster_id"] for r in pq.read_table(tmp_path / "out" / "clusters.parquet").to_pylist()}
+    clusters = {
+        r["uri"]: r["cluster_id"] for r in pq.read_table(tmp_path / "out" / "clusters.parquet").to_pylist()
+    }
     assert all(clusters[uris[i]] == clusters[uris[n + i]] for i in range(copies))
     assert summary.clusters == n  # nothing else merged
     edges = pq.read_table(tmp_path / "out" / "edges.parquet").to_pylist()
     by_signal = {s: [e for e in edges if e["signal"] == s] for s in ("phash", "embedding")}
-    assert len(by_signal["phash"]) == copies // 2 and all(e["phash_distance"] == 0 for e in by_signal["phash"])
-    assert len(by_signal["embedding"]) == copies and all(e["cosine"] >= emb["threshold"] for e in by_signal["embedding"])
+    assert len(by_signal["phash"]) == copies // 2 and all(
+        e["phash_distance"] == 0 for e in by_signal["phash"]
+    )
+    assert len(by_signal["embedding"]) == copies and all(
+        e["cosine"] >= emb["threshold"] for e in by_signal["embedding"]
+    )
     assert summary.edges["embedding"] == copies and "recall of hash-confirmed pairs 1.000" in summary.text()
 
 
@@ -80,7 +88,10 @@ def test_a_given_threshold_and_off(tmp_path):
     given = run_dedup(tags, str(tmp_path / "a"), embedding_threshold=0.999999)
     assert given.embedding["chosen_by"] == "given" and given.edges["embedding"] == 0 and given.clusters == 410
     off = run_dedup(tags, str(tmp_path / "b"), embedding_threshold=None)
-    assert off.embedding == {"threshold": None, "reason": "--embedding-threshold off"} and "embedding not used (--embedding-threshold off)" in off.text()
+    assert (
+        off.embedding == {"threshold": None, "reason": "--embedding-threshold off"}
+        and "embedding not used (--embedding-threshold off)" in off.text()
+    )
     for bad in ("1.5", "0", "sometimes"):
         with pytest.raises(TagpipeError, match="--embedding-threshold"):
             parse_embedding_threshold(bad)
@@ -90,11 +101,22 @@ def test_low_detail_hashes_match_nothing_and_are_counted(tmp_path):
     """Rows flagged low-detail, and old rows a few bits from a blank hash, never join by
     phash, whatever their distance; reliable hashes still do."""
     blank = 1 << 63
-    hashes = [blank ^ 1, blank ^ 2, blank ^ 6, 0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0E, 0x3C3C3C3C3C3C3C3C, 0x3C3C3C3C3C3C3C3D]
+    hashes = [
+        blank ^ 1,
+        blank ^ 2,
+        blank ^ 6,
+        0x0F0F0F0F0F0F0F0F,
+        0x0F0F0F0F0F0F0F0E,
+        0x3C3C3C3C3C3C3C3C,
+        0x3C3C3C3C3C3C3C3D,
+    ]
     degenerate = [False, False, False, False, False, True, True]
     uris = [f"/h/{i}.jpg" for i in range(7)]
-    summary = run_dedup(_table(tmp_path, uris, hashes, [[1.0, float(i)] for i in range(7)], degenerate=degenerate),
-                        str(tmp_path / "out"), embedding_threshold=None)  # fmt: skip
+    summary = run_dedup(
+        _table(tmp_path, uris, hashes, [[1.0, float(i)] for i in range(7)], degenerate=degenerate),
+        str(tmp_path / "out"),
+        embedding_threshold=None,
+    )
     assert summary.unmatched_hashes == {"no_hash": 0, "low_detail": 2, "near_blank_hash": 3}
     assert summary.clusters == 6 and summary.edges["phash"] == 1  # only the two reliable neighbours
     assert "low_detail 2" in summary.text()
@@ -115,13 +137,19 @@ def test_the_best_copy_represents_its_cluster(tmp_path):
         folder.mkdir()
         tags = _table(folder, uris, [1, 2, 3, 4, 5], [[1.0, 0.0]] * 5, sha256=same, **extra)
         run_dedup(tags, str(folder / "out"), embedding_threshold=None)
-        reps = [r["uri"] for r in pq.read_table(folder / "out" / "clusters.parquet").to_pylist() if r["is_representative"]]
+        reps = [
+            r["uri"]
+            for r in pq.read_table(folder / "out" / "clusters.parquet").to_pylist()
+            if r["is_representative"]
+        ]
         assert reps == [best], (i, reps)
 
 
 def test_summary_json_holds_the_embedding_choice(tmp_path):
     vectors, hashes = _planted(300, 128, 5)
-    run_dedup(_table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out"))
+    run_dedup(
+        _table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out")
+    )
     saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert saved["embedding"]["chosen_by"] == "auto" and saved["embedding"]["method"] == "exact"
     assert set(saved["edges"]) == {"sha256", "phash", "embedding"}
@@ -131,6 +159,14 @@ def test_auto_says_when_it_cannot_choose(tmp_path):
     """Half the rows copies nobody found: the random pairs' own tail is near-identical,
     so auto chooses nothing rather than a cosine that finds nothing and looks clean."""
     vectors, hashes = _planted(300, 16, 300)
-    summary = run_dedup(_table(tmp_path, [f"/x/{i}.jpg" for i in range(600)], hashes, list(vectors)), str(tmp_path / "o"))
-    assert summary.embedding["threshold"] is None and "give --embedding-threshold a cosine" in summary.embedding["reason"]
-    assert summary.edges["embedding"] == 0 and "embedding not used (random pairs are near-identical" in summary.text()
+    summary = run_dedup(
+        _table(tmp_path, [f"/x/{i}.jpg" for i in range(600)], hashes, list(vectors)), str(tmp_path / "o")
+    )
+    assert (
+        summary.embedding["threshold"] is None
+        and "give --embedding-threshold a cosine" in summary.embedding["reason"]
+    )
+    assert (
+        summary.edges["embedding"] == 0
+        and "embedding not used (random pairs are near-identical" in summary.text()
+    )

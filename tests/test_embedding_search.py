@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.embedding_search import cosine_pairs
+from pipeline.corpus.embedding_search import cosine_pairs
 
 
 def _planted(n: int, d: int, seed: int = 0, copies: int = 300) -> np.ndarray:
@@ -36,7 +36,9 @@ def test_exact_search_equals_brute_force_and_skips_zero_vectors():
     found = cosine_pairs(data, 0.9, exact=True)
     want = brute_force(data.astype(np.float32), 0.9)
     got = set(zip(found.a.tolist(), found.b.tolist()))
-    near_threshold = {p for p in got ^ want}  # float16 unit rows vs float64: only pairs at the threshold may differ
+    near_threshold = {
+        p for p in got ^ want
+    }  # float16 unit rows vs float64: only pairs at the threshold may differ
     assert len(near_threshold) <= 2 and len(want) > 250
     assert found.unusable == 2 and not {5, 17} & {i for pair in got for i in pair}
     assert np.all(found.similarity >= 0.9) and np.all(found.a < found.b)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.errors import RETRYABLE_ERROR_KINDS, ErrorKind
-from pipeline.incremental import RETRY_ERROR_KINDS
+from pipeline.core.errors import RETRYABLE_ERROR_KINDS, ErrorKind
+from pipeline.job.incremental import RETRY_ERROR_KINDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -10,11 +10,11 @@ from fsspec.implementations.memory import MemoryFileSystem
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from pipeline.decode import DecodeStage
-from pipeline.profiles import load_profile
-from pipeline.runtime import ProviderChoice
-from pipeline.storage import is_transient
-from pipeline.synthetic import encode
+from pipeline.demo.synthetic import encode
+from pipeline.image.decode import DecodeStage
+from pipeline.model.profiles import load_profile
+from pipeline.model.runtime import ProviderChoice
+from pipeline.storage.filesystem import is_transient
 
 
 class FlakyFileSystem(MemoryFileSystem):
@@ -46,10 +46,20 @@ def test_transient_read_errors_are_retried_and_permanent_ones_are_not():
     fs.pipe("/bucket/dead.png", data)
     FlakyFileSystem.failures.update({"/bucket/flaky.png": 2, "/bucket/dead.png": 99})
     FlakyFileSystem.calls.clear()
-    uris = ["flaky:///bucket/ok.png", "flaky:///bucket/flaky.png", "flaky:///bucket/dead.png", "flaky:///bucket/missing.png"]
+    uris = [
+        "flaky:///bucket/ok.png",
+        "flaky:///bucket/flaky.png",
+        "flaky:///bucket/dead.png",
+        "flaky:///bucket/missing.png",
+    ]
     out = DecodeStage(load_profile("cl_tagger_v2").preprocess)({"uri": np.array(uris, object)})
     assert list(out["error_kind"]) == [None, None, "read_error", "not_found"]
-    assert FlakyFileSystem.calls == {"/bucket/ok.png": 1, "/bucket/flaky.png": 3, "/bucket/dead.png": 5, "/bucket/missing.png": 1}
+    assert FlakyFileSystem.calls == {
+        "/bucket/ok.png": 1,
+        "/bucket/flaky.png": 3,
+        "/bucket/dead.png": 5,
+        "/bucket/missing.png": 1,
+    }
     assert "connection reset" in out["error"][2]
 
 
@@ -58,7 +68,9 @@ def test_transient_error_classification():
     assert is_transient(OSError("An error occurred (SlowDown) when calling the GetObject operation"))
     assert is_transient(OSError("503 Service Unavailable"))
     # what a dropped connection looks like through s3fs (tests/faults.py drops them)
-    assert is_transient(OSError("An HTTP Client raised an unhandled exception: 400, message='Bad status line:\n  '"))
+    assert is_transient(
+        OSError("An HTTP Client raised an unhandled exception: 400, message='Bad status line:\n  '")
+    )
     assert is_transient(OSError("Server disconnected")) and is_transient(OSError("Connection closed by peer"))
     assert not is_transient(FileNotFoundError("nope")) and not is_transient(PermissionError("denied"))
     assert not is_transient(ValueError("bad request"))
@@ -110,12 +122,19 @@ def _picky_bundle(directory, tags: int = 10):
 
 
 def test_a_batch_the_model_rejects_costs_only_the_rejected_rows(tmp_path):
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     bundle = _picky_bundle(tmp_path / "picky")
-    images = {"grey.png": (120, 120, 120), "white.png": (255, 255, 255), "blue.png": (20, 40, 160), "broken.png": None}
+    images = {
+        "grey.png": (120, 120, 120),
+        "white.png": (255, 255, 255),
+        "blue.png": (20, 40, 160),
+        "broken.png": None,
+    }
     for name, colour in images.items():
-        (tmp_path / name).write_bytes(encode(Image.new("RGB", (300, 300), colour), "PNG") if colour else b"junk")
+        (tmp_path / name).write_bytes(
+            encode(Image.new("RGB", (300, 300), colour), "PNG") if colour else b"junk"
+        )
     uris = np.array([str(tmp_path / n) for n in images], object)
     stage = TaggerStage(TaggerSettings(str(bundle), provider=ProviderChoice.CPU))
     table = stage(DecodeStage(stage.bundle.profile.preprocess)({"uri": uris})).to_pydict()
@@ -139,15 +158,18 @@ def _slow_bundle(directory, layers: int, size: int = 448, tags: int = 10):
     for i in range(layers):
         nodes.append(n("MatMul", [x, "m"], [f"h{i}"]))
         x = f"h{i}"
-    nodes += [n("ReduceMean", [x], ["pooled"], axes=[2, 3], keepdims=0), n("Gemm", ["pooled", "w", "b"], ["output"])]
+    nodes += [
+        n("ReduceMean", [x], ["pooled"], axes=[2, 3], keepdims=0),
+        n("Gemm", ["pooled", "w", "b"], ["output"]),
+    ]
     return _joytag_contract_bundle(directory, "slow", nodes, inits, size, tags)
 
 
 def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path):
     import time
 
-    from pipeline.incremental import RETRY_ERROR_KINDS
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.job.incremental import RETRY_ERROR_KINDS
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     bundle = _slow_bundle(tmp_path / "slow", layers=60)
     for i in range(4):
@@ -159,7 +181,9 @@ def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path)
     started = time.monotonic()
     assert untimed(decoded).column("error_kind").null_count == 4  # without a limit it finishes...
     full = time.monotonic() - started
-    limited = TaggerStage(TaggerSettings(str(bundle), provider=ProviderChoice.CPU, intra_op_threads=1, batch_timeout=full / 10))
+    limited = TaggerStage(
+        TaggerSettings(str(bundle), provider=ProviderChoice.CPU, intra_op_threads=1, batch_timeout=full / 10)
+    )
     started = time.monotonic()
     table = limited(decoded).to_pydict()
     assert time.monotonic() - started < full * 0.6  # ...with one, it stops early
@@ -197,13 +221,21 @@ def test_decode_time_limit_holds_inside_ray_tasks(ray_session, tmp_path):
     """Ray runs a task on its worker's main thread, where the SIGALRM limit works."""
     import ray.data
 
-    from pipeline.graph import decode_batch
-    from pipeline.imaging import DecodeOptions
+    from pipeline.image.imaging import DecodeOptions
+    from pipeline.job.graph import decode_batch
 
     (tmp_path / "slow.png").write_bytes(_slow_png())
     ds = ray.data.from_items([{"uri": str(tmp_path / "slow.png")}])
     rows = ds.map_batches(
-        decode_batch, fn_kwargs=dict(preprocess=load_profile("joytag").preprocess, options=DecodeOptions(), storage_options={}, timeout=0.01, max_file_bytes=10**9), batch_format="numpy"
+        decode_batch,
+        fn_kwargs=dict(
+            preprocess=load_profile("joytag").preprocess,
+            options=DecodeOptions(),
+            storage_options={},
+            timeout=0.01,
+            max_file_bytes=10**9,
+        ),
+        batch_format="numpy",
     ).take_all()
     assert [r["error_kind"] for r in rows] == ["decode_timeout"]
 
@@ -221,13 +253,18 @@ def test_a_huge_non_image_file_is_read_only_up_to_the_limit(tmp_path):
             handle.write(np.random.default_rng(1).bytes(1 << 20))
     probe = (
         "import sys, tracemalloc, numpy as np\n"
-        "from pipeline.decode import DecodeStage\nfrom pipeline.profiles import load_profile\n"
+        "from pipeline.image.decode import DecodeStage\nfrom pipeline.model.profiles import load_profile\n"
         "tracemalloc.start()\n"
         "out = DecodeStage(load_profile('joytag').preprocess, max_file_bytes=int(sys.argv[2]))({'uri': np.array([sys.argv[1]], object)})\n"
         "print(out['error_kind'][0], tracemalloc.get_traced_memory()[1])\n"
     )
-    for limit, kind, most in ((512 * 2**20, "not_an_image", 250 * 2**20), (10 * 2**20, "too_large", 25 * 2**20)):
-        done = subprocess.run([sys.executable, "-c", probe, str(junk), str(limit)], capture_output=True, text=True, timeout=120)
+    for limit, kind, most in (
+        (512 * 2**20, "not_an_image", 250 * 2**20),
+        (10 * 2**20, "too_large", 25 * 2**20),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(junk), str(limit)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         got_kind, peak = done.stdout.split()
         assert got_kind == kind and int(peak) < most, (limit, got_kind, int(peak) / 2**20)

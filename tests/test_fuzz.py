@@ -11,20 +11,24 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from fuzz import FuzzSettings, make_cases, run_cases, seed_files
-from pipeline.config import make_tag_config
-from pipeline.errors import ErrorKind
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+
+from pipeline.core.errors import ErrorKind
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import read_current
 
 
 def _check(report) -> None:
     print(report.text())
     details = {
-        "crashes": report.crashes, "hangs": report.hangs, "row mismatches": report.row_mismatches,
-        "partial-pixel rows": report.partial_pixel_rows, "inconsistent": report.inconsistent, "over budget": report.over_budget,
-    }  # fmt: skip
+        "crashes": report.crashes,
+        "hangs": report.hangs,
+        "row mismatches": report.row_mismatches,
+        "partial-pixel rows": report.partial_pixel_rows,
+        "inconsistent": report.inconsistent,
+        "over budget": report.over_budget,
+    }
     assert report.problems() == 0, {k: v[:10] for k, v in details.items() if v}
     assert set(report.kinds) - {"ok"} <= {k.value for k in ErrorKind}
 

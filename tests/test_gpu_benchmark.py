@@ -21,7 +21,9 @@ from gpu import CONFIGS, build_vit  # noqa: E402
 def test_so400m_cost_matches_the_published_figure():
     cfg = CONFIGS["so400m"]
     assert cfg.patches == 729
-    assert 0.64e12 < cfg.flops_per_image() < 0.70e12  # issue 10: "about 0.65 TFLOP per image" (+0.25 GFLOP tag head)
+    assert (
+        0.64e12 < cfg.flops_per_image() < 0.70e12
+    )  # issue 10: "about 0.65 TFLOP per image" (+0.25 GFLOP tag head)
 
 
 def test_built_model_has_the_configured_shape_and_matmul_cost():
@@ -33,7 +35,11 @@ def test_built_model_has_the_configured_shape_and_matmul_cost():
     for node in model.graph.node:
         if node.op_type == "MatMul":
             k, n = weights[node.input[1]].shape
-            rows = 1 if node.output[0].startswith(("pool.attn.q", "pool.attn.o", "pool.mlp", "head")) else cfg.patches
+            rows = (
+                1
+                if node.output[0].startswith(("pool.attn.q", "pool.attn.o", "pool.mlp", "head"))
+                else cfg.patches
+            )
             macs += rows * k * n
         elif node.op_type == "Conv":
             macs += cfg.patches * weights[node.input[1]].size
@@ -41,12 +47,28 @@ def test_built_model_has_the_configured_shape_and_matmul_cost():
             queries = 1 if node.output[0].startswith("pool") else cfg.patches
             macs += 2 * queries * cfg.patches * cfg.width
     assert 2 * macs == cfg.flops_per_image()  # the formula counts exactly the graph's products
-    assert weights["head.w"].shape == (cfg.width, cfg.tags) and sum(n.op_type == "LayerNormalization" for n in model.graph.node) == 2 * cfg.layers + 2
+    assert (
+        weights["head.w"].shape == (cfg.width, cfg.tags)
+        and sum(n.op_type == "LayerNormalization" for n in model.graph.node) == 2 * cfg.layers + 2
+    )
 
 
 def test_cpu_path_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--config", "small", "--images", "24", "--seconds", "0.5", "--batch-sizes", "1,8", "--workdir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu.py"),
+        "--config",
+        "small",
+        "--images",
+        "24",
+        "--seconds",
+        "0.5",
+        "--batch-sizes",
+        "1,8",
+        "--workdir",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = re.findall(r"^\| \(a\) session, numpy in/out \| (\d+) \| ([0-9.]+) \|", done.stdout, re.M)
@@ -58,8 +80,14 @@ def test_cpu_path_runs_end_to_end(tmp_path):
     assert ratio and 0 < float(ratio.group(1)) < 100 and "CPUExecutionProvider" in done.stdout
     assert max(rows, key=lambda r: float(r[1]))[0] == job.group(1)
     assert np.isclose(float(ratio.group(1)), 100 * float(job.group(2)) / float(session_rate), rtol=0.02)
-    host = re.search(r"^\| \(c\) tagger host work outside the session, 2000 tags \| (\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img", done.stdout, re.M)
-    assert host and host.group(1) == job.group(1) and 0 < float(host.group(2)) < 1000 / float(session_rate)  # less than the session's own time
+    host = re.search(
+        r"^\| \(c\) tagger host work outside the session, 2000 tags \| (\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img",
+        done.stdout,
+        re.M,
+    )
+    assert (
+        host and host.group(1) == job.group(1) and 0 < float(host.group(2)) < 1000 / float(session_rate)
+    )  # less than the session's own time
     assert "1 batch(es) in flight" in done.stdout  # CPU: one call at a time
 
 

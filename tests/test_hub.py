@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hub_server import FakeHub
+
 from tests.helpers import joytag_bundle, wd_bundle
 
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
@@ -45,20 +45,42 @@ def hub(tmp_path_factory):
 
 
 def _pull(hub: FakeHub, *args, token: str | None = None, home: Path):
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([*TAGPIPE, "model", "pull", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [*TAGPIPE, "model", "pull", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_pull_writes_a_checked_bundle_and_records_its_source(hub, tmp_path):
     target = tmp_path / "wd"
-    done = _pull(hub, "SmilingWolf/wd-vit-tagger-v3", str(target), "--revision", "main", token="hf_test_token", home=tmp_path / "hf")
+    done = _pull(
+        hub,
+        "SmilingWolf/wd-vit-tagger-v3",
+        str(target),
+        "--revision",
+        "main",
+        token="hf_test_token",
+        home=tmp_path / "hf",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(wd_v3): 2 files" in done.stdout
-    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "selected_tags.csv", "tagpipe_source.json"]
-    assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # readable by others, not mkdtemp's 0700
+    assert sorted(p.name for p in target.iterdir()) == [
+        "model.onnx",
+        "selected_tags.csv",
+        "tagpipe_source.json",
+    ]
+    assert oct(target.stat().st_mode & 0o777) == oct(
+        0o777 & ~_umask()
+    )  # readable by others, not mkdtemp's 0700
     source = json.loads((target / "tagpipe_source.json").read_text())
     assert source["repo_id"] == "SmilingWolf/wd-vit-tagger-v3" and source["revision"] == "main"
     assert source["commit"] == hub.commits["SmilingWolf/wd-vit-tagger-v3"] and source["profile"] == "wd_v3"
@@ -67,20 +89,31 @@ def test_pull_writes_a_checked_bundle_and_records_its_source(hub, tmp_path):
     for entry in source["files"]:
         assert hashlib.sha256((target / Path(entry["path"]).name).read_bytes()).hexdigest() == entry["sha256"]
     assert any(auth == "Bearer hf_test_token" for _, _, auth in hub.requests)  # HF_TOKEN reached the Hub
-    inspect = subprocess.run([*TAGPIPE, "model", "inspect", str(target)], capture_output=True, text=True, timeout=60)
+    inspect = subprocess.run(
+        [*TAGPIPE, "model", "inspect", str(target)], capture_output=True, text=True, timeout=60
+    )
     assert "profile:     wd_v3" in inspect.stdout
 
 
 def test_pull_from_a_subfolder_and_clear_refusals(hub, tmp_path):
     many = _pull(hub, "someone/many", str(tmp_path / "x"), home=tmp_path / "hf")
-    assert many.returncode == 2 and "several bundles (v1 (wd_v3), v2 (joytag)); pass --subfolder" in many.stderr
+    assert (
+        many.returncode == 2 and "several bundles (v1 (wd_v3), v2 (joytag)); pass --subfolder" in many.stderr
+    )
     joy = _pull(hub, "someone/many", str(tmp_path / "joy"), "--subfolder", "v2", home=tmp_path / "hf")
     assert joy.returncode == 0, joy.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "joy").iterdir()) == ["model.onnx", "tagpipe_source.json", "top_tags.txt"]
+    assert sorted(p.name for p in (tmp_path / "joy").iterdir()) == [
+        "model.onnx",
+        "tagpipe_source.json",
+        "top_tags.txt",
+    ]
     empty = _pull(hub, "someone/empty", str(tmp_path / "e"), home=tmp_path / "hf")
     assert empty.returncode == 2 and "no supported tagger found" in empty.stderr
     missing = _pull(hub, "someone/nothing", str(tmp_path / "m"), home=tmp_path / "hf")
-    assert missing.returncode == 2 and f"someone/nothing: no such model repository on {hub.url}" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and f"someone/nothing: no such model repository on {hub.url}" in missing.stderr
+    )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep me")
     taken = _pull(hub, "SmilingWolf/wd-vit-tagger-v3", str(tmp_path / "taken"), home=tmp_path / "hf")

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.config import load_nightly_config
+from pipeline.job.settings import load_nightly_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERAY = ROOT / "infra" / "kuberay"
@@ -39,7 +39,12 @@ def strict(schema):
 
     def walk(node):
         if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -51,7 +56,7 @@ def strict(schema):
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(kind: str):
     text = gzip.decompress((CRDS / CRD_FILES[kind]).read_bytes()).decode("utf-8")
     crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -69,7 +74,10 @@ def documents():
 def validate(doc) -> list[str]:
     if doc["kind"] in CRD_FILES:
         assert doc["apiVersion"] == "ray.io/v1"
-        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(doc["kind"]).iter_errors(doc)]
+        return [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in crd_validator(doc["kind"]).iter_errors(doc)
+        ]
     try:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -88,7 +96,15 @@ def test_every_manifest_validates_against_its_schema():
     for name, doc in documents():
         assert validate(doc) == [], name
         kinds.append(doc["kind"])
-    assert sorted(kinds) == ["ConfigMap", "PersistentVolumeClaim", "RayCluster", "RayCronJob", "RayJob", "Secret", "ServiceAccount"]
+    assert sorted(kinds) == [
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "RayCluster",
+        "RayCronJob",
+        "RayJob",
+        "Secret",
+        "ServiceAccount",
+    ]
 
 
 def test_validation_catches_misspelled_fields_and_wrong_types():
@@ -134,14 +150,18 @@ def _quantity(value: str) -> float:
 def test_worker_groups_fit_the_pipeline_settings(tmp_path):
     configs = _configs(tmp_path)
     spec = by_kind("RayCluster")["spec"]
-    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the driver's node does no decode or tagging
+    assert (
+        spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    )  # the driver's node does no decode or tagging
     assert spec["authOptions"]["mode"] == "token"  # the dashboard and job API take no anonymous requests
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {"cpu-decode", "gpu-tag"}
 
     def container(group):
         (c,) = group["template"]["spec"]["containers"]
-        assert c["resources"]["requests"] == c["resources"]["limits"]  # Guaranteed QoS: Ray's view = the pod's
+        assert (
+            c["resources"]["requests"] == c["resources"]["limits"]
+        )  # Guaranteed QoS: Ray's view = the pod's
         return c["resources"]["limits"]
 
     decode, gpu = container(groups["cpu-decode"]), container(groups["gpu-tag"])
@@ -157,18 +177,31 @@ def test_worker_groups_fit_the_pipeline_settings(tmp_path):
         pod = group["template"]["spec"]
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"] == by_kind("PersistentVolumeClaim")["metadata"]["name"]
-        assert volumes[mounts["/etc/tagpipe"]]["configMap"]["name"] == by_kind("ConfigMap")["metadata"]["name"]
+        assert (
+            volumes[mounts["/models"]]["persistentVolumeClaim"]["claimName"]
+            == by_kind("PersistentVolumeClaim")["metadata"]["name"]
+        )
+        assert (
+            volumes[mounts["/etc/tagpipe"]]["configMap"]["name"] == by_kind("ConfigMap")["metadata"]["name"]
+        )
         assert pod["serviceAccountName"] == by_kind("ServiceAccount")["metadata"]["name"]
         (source,) = pod["containers"][0]["envFrom"]
-        assert source["secretRef"]["name"] == by_kind("Secret")["metadata"]["name"] and source["secretRef"]["optional"]
+        assert (
+            source["secretRef"]["name"] == by_kind("Secret")["metadata"]["name"]
+            and source["secretRef"]["optional"]
+        )
 
 
 def test_entrypoints_name_files_the_image_ships(tmp_path):
     dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
-    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and re.search(r"^COPY --chown=ray:ray jobs \./jobs$", dockerfile, re.M)
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and re.search(
+        r"^COPY --chown=ray:ray jobs \./jobs$", dockerfile, re.M
+    )
     data = by_kind("ConfigMap")["data"]
-    entrypoints = {"RayJob": by_kind("RayJob")["spec"]["entrypoint"], "RayCronJob": by_kind("RayCronJob")["spec"]["jobTemplate"]["entrypoint"]}
+    entrypoints = {
+        "RayJob": by_kind("RayJob")["spec"]["entrypoint"],
+        "RayCronJob": by_kind("RayCronJob")["spec"]["jobTemplate"]["entrypoint"],
+    }
     for kind, entrypoint in entrypoints.items():
         argv = shlex.split(entrypoint)
         assert argv[0] == "python" and argv[1].startswith("/app/jobs/"), kind
@@ -182,14 +215,22 @@ def test_entrypoints_name_files_the_image_ships(tmp_path):
 def test_dockerfile_cuda_base_non_root_and_cpu_variant():
     text = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
-    assert re.fullmatch(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", base)  # onnxruntime-gpu 1.31: CUDA 13 + cuDNN 9
+    assert re.fullmatch(
+        r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime-ubuntu[0-9.]+", base
+    )  # onnxruntime-gpu 1.31: CUDA 13 + cuDNN 9
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M) and "--build-arg BASE_IMAGE=ubuntu" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
-    install = text.index('pip install ".[cluster]"')  # ray[default]: the dashboard and job server RayJob submits to
+    install = text.index(
+        'pip install ".[cluster]"'
+    )  # ray[default]: the dashboard and job server RayJob submits to
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert any(d.startswith("ray[default]") for d in pyproject["project"]["optional-dependencies"]["cluster"])
-    assert users and users[-1] not in ("root", "0") and text.rindex("USER ") < install  # installed and run as the user
-    assert "export PATH=/opt/tagpipe/bin:$PATH' > /etc/profile.d/" in text  # login shells (KubeRay's bash -l) find the venv
+    assert (
+        users and users[-1] not in ("root", "0") and text.rindex("USER ") < install
+    )  # installed and run as the user
+    assert (
+        "export PATH=/opt/tagpipe/bin:$PATH' > /etc/profile.d/" in text
+    )  # login shells (KubeRay's bash -l) find the venv
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in dockerignore and ".venv" in dockerignore
 
@@ -203,7 +244,10 @@ def test_cluster_launcher_config_validates_against_rays_schema(tmp_path):
     nodes = config["available_node_types"]
     assert nodes[config["head_node_type"]]["resources"]["CPU"] == 0
     tag = load_nightly_config(_write(tmp_path, by_kind("ConfigMap")["data"]["nightly.toml"])).tag
-    assert nodes["gpu-tag"]["resources"]["GPU"] == tag.gpus_per_actor and nodes["gpu-tag"]["max_workers"] >= tag.tagger_actors
+    assert (
+        nodes["gpu-tag"]["resources"]["GPU"] == tag.gpus_per_actor
+        and nodes["gpu-tag"]["max_workers"] >= tag.tagger_actors
+    )
     assert nodes["gpu-tag"]["resources"]["CPU"] >= tag.tagger_cpus + tag.decode_cpus
     assert "-v /models:/models:ro" in config["docker"]["run_options"]
     broken = copy.deepcopy(config)
@@ -219,6 +263,12 @@ def _write(tmp_path, text):
 
 
 def test_secret_example_holds_no_real_values():
-    (secret,) = [doc for name, doc in documents() if doc["kind"] == "Secret" and name == "secret.example.yaml"]
+    (secret,) = [
+        doc for name, doc in documents() if doc["kind"] == "Secret" and name == "secret.example.yaml"
+    ]
     assert set(secret["stringData"]) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert secret["stringData"]["AWS_ACCESS_KEY_ID"] == secret["stringData"]["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
+    assert (
+        secret["stringData"]["AWS_ACCESS_KEY_ID"]
+        == secret["stringData"]["AWS_SECRET_ACCESS_KEY"]
+        == "REPLACE_ME"
+    )

@@ -10,25 +10,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.audit import audit
-from pipeline.dedup import run_dedup
-from pipeline.errors import TagpipeError
-from pipeline.split import run_split
+from pipeline.core.errors import TagpipeError
+from pipeline.corpus.audit import audit
+from pipeline.corpus.dedup import run_dedup
+from pipeline.corpus.split import run_split
 
 
 def _tags(folder, n: int, seed: int = 0, dim: int = 16) -> tuple[str, list[str]]:
     rng = np.random.default_rng(seed)
     uris = [f"/img/{i:04d}.jpg" for i in range(n)]
-    table = pa.table({
-        "uri": uris,
-        "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
-        "phash": pa.array(rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * 2 + 1, pa.uint64()),
-        "phash_degenerate": [False] * n,
-        "width": [100] * n, "height": [100] * n, "size": [1000] * n,
-        "error": pa.nulls(n, pa.string()),
-        "tags": [["a"] if i % 3 else ["b"] for i in range(n)],
-        "embedding": pa.array([np.asarray(v, np.float16) for v in rng.normal(size=(n, dim))], pa.list_(pa.float16(), dim)),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "uri": uris,
+            "sha256": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
+            "phash": pa.array(
+                rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * 2 + 1, pa.uint64()
+            ),
+            "phash_degenerate": [False] * n,
+            "width": [100] * n,
+            "height": [100] * n,
+            "size": [1000] * n,
+            "error": pa.nulls(n, pa.string()),
+            "tags": [["a"] if i % 3 else ["b"] for i in range(n)],
+            "embedding": pa.array(
+                [np.asarray(v, np.float16) for v in rng.normal(size=(n, dim))], pa.list_(pa.float16(), dim)
+            ),
+        }
+    )
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-0.parquet")
     return str(folder), uris
@@ -37,10 +45,18 @@ def _tags(folder, n: int, seed: int = 0, dim: int = 16) -> tuple[str, list[str]]
 def test_a_metadata_group_never_crosses_splits(tmp_path):
     tags, uris = _tags(tmp_path / "tags", 600)
     run_dedup(tags, str(tmp_path / "dedup"), embedding_threshold=None)
-    posts = {u: f"post-{i // 4}" if i < 400 else None for i, u in enumerate(uris)}  # 100 posts of 4, 200 alone
+    posts = {
+        u: f"post-{i // 4}" if i < 400 else None for i, u in enumerate(uris)
+    }  # 100 posts of 4, 200 alone
     pq.write_table(pa.table({"uri": list(posts), "post": list(posts.values())}), tmp_path / "meta.parquet")
-    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"), {"train": 0.5, "val": 0.25, "test": 0.25},
-              group_column="post", metadata=str(tmp_path / "meta.parquet"))  # fmt: skip
+    run_split(
+        tags,
+        str(tmp_path / "dedup"),
+        str(tmp_path / "split"),
+        {"train": 0.5, "val": 0.25, "test": 0.25},
+        group_column="post",
+        metadata=str(tmp_path / "meta.parquet"),
+    )
     rows = pq.read_table(tmp_path / "split" / "splits.parquet").to_pylist()
     split_of = {r["uri"]: r["split"] for r in rows}
     by_post: dict[str, set] = {}
@@ -51,7 +67,9 @@ def test_a_metadata_group_never_crosses_splits(tmp_path):
     assert len({next(iter(s)) for s in by_post.values()}) == 3  # the groups are spread, not all in one split
     assert len({r["split_unit"] for r in rows}) == 100 + 200
     # without the groups the same posts would cross splits: the check can fail
-    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "plain"), {"train": 0.5, "val": 0.25, "test": 0.25})
+    run_split(
+        tags, str(tmp_path / "dedup"), str(tmp_path / "plain"), {"train": 0.5, "val": 0.25, "test": 0.25}
+    )
     plain = {r["uri"]: r["split"] for r in pq.read_table(tmp_path / "plain" / "splits.parquet").to_pylist()}
     assert sum(len({plain[u] for u in posts if posts[u] == p}) > 1 for p in by_post) > 50
 
@@ -63,19 +81,29 @@ def test_group_options_name_what_is_wrong(tmp_path):
         run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "s"), group_column="post")
     pq.write_table(pa.table({"uri": uris, "parent": ["x"] * 20}), tmp_path / "meta.parquet")
     with pytest.raises(TagpipeError, match="no column 'post'"):
-        run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "s"), group_column="post", metadata=str(tmp_path / "meta.parquet"))
+        run_split(
+            tags,
+            str(tmp_path / "dedup"),
+            str(tmp_path / "s"),
+            group_column="post",
+            metadata=str(tmp_path / "meta.parquet"),
+        )
 
 
 def _side(prefix: str, hashes, vectors, degenerate=None, sha=None) -> pa.Table:
     n = len(hashes)
-    return pa.table({
-        "uri": [f"{prefix}/{i}.jpg" for i in range(n)],
-        "sha256": sha or [f"{prefix}{i}" for i in range(n)],
-        "phash": pa.array(hashes, pa.uint64()),
-        "phash_unreliable": degenerate or [False] * n,
-        "embedding": pa.array([None if v is None else np.asarray(v, np.float16) for v in vectors],
-                              pa.list_(pa.float16(), next((len(v) for v in vectors if v is not None), 8))),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "uri": [f"{prefix}/{i}.jpg" for i in range(n)],
+            "sha256": sha or [f"{prefix}{i}" for i in range(n)],
+            "phash": pa.array(hashes, pa.uint64()),
+            "phash_unreliable": degenerate or [False] * n,
+            "embedding": pa.array(
+                [None if v is None else np.asarray(v, np.float16) for v in vectors],
+                pa.list_(pa.float16(), next((len(v) for v in vectors if v is not None), 8)),
+            ),
+        }
+    )
 
 
 def test_the_audit_finds_leaks_by_each_signal_and_counts_what_it_could_not_check():
@@ -90,17 +118,24 @@ def test_the_audit_finds_leaks_by_each_signal_and_counts_what_it_could_not_check
     sha[2] = "t9"  # the same bytes
     eval_vec[4] = None  # no embedding, and a low-detail hash: nothing can check it
     degenerate = [False, False, False, False, True, False]
-    leaks, report = audit(_side("t", train_hash, list(train_vec)), _side("e", eval_hash, eval_vec, degenerate, sha), 6, 0.99)
+    leaks, report = audit(
+        _side("t", train_hash, list(train_vec)), _side("e", eval_hash, eval_vec, degenerate, sha), 6, 0.99
+    )
     got = {(r["eval_uri"], r["signal"]): r for r in leaks.to_pylist()}
     assert set(got) == {("e/0.jpg", "embedding"), ("e/1.jpg", "phash"), ("e/2.jpg", "sha256")}
-    assert got[("e/0.jpg", "embedding")]["train_uri"] == "t/3.jpg" and got[("e/0.jpg", "embedding")]["cosine"] >= 0.99
+    assert (
+        got[("e/0.jpg", "embedding")]["train_uri"] == "t/3.jpg"
+        and got[("e/0.jpg", "embedding")]["cosine"] >= 0.99
+    )
     assert got[("e/1.jpg", "phash")]["distance"] == 3 and got[("e/2.jpg", "sha256")]["exact"]
     assert report.leaks == 3 and report.by_signal == {"sha256": 1, "phash": 1, "embedding": 1}
     assert report.not_checked["phash"] == 1 and report.not_checked["embedding"] == 1 and report.unchecked == 1
     clean_eval = _side("e", [eval_hash[5]], [eval_vec[5]])
     _, clean = audit(_side("t", train_hash, list(train_vec)), clean_eval, 6, 0.99)
     assert clean.leaks == 0 and clean.text().startswith("audit: clean")
-    _, partial = audit(_side("t", train_hash, list(train_vec)), _side("e", [eval_hash[4]], [None], [True]), 6, 0.99)
+    _, partial = audit(
+        _side("t", train_hash, list(train_vec)), _side("e", [eval_hash[4]], [None], [True]), 6, 0.99
+    )
     assert partial.leaks == 0 and "could not be checked" in partial.text() and "clean" not in partial.text()
 
 
@@ -113,7 +148,9 @@ def test_many_leaks_do_not_blind_the_auto_threshold():
     for i in range(150):
         eval_vec[i] = train_vec[i] + 0.05 * rng.normal(size=64)
     hashes = lambda k: [int(h) * 2 + 1 for h in rng.integers(0, 2**62, k)]  # noqa: E731
-    leaks, report = audit(_side("t", hashes(400), list(train_vec)), _side("e", hashes(600), eval_vec), 6, "auto")
+    leaks, report = audit(
+        _side("t", hashes(400), list(train_vec)), _side("e", hashes(600), eval_vec), 6, "auto"
+    )
     assert report.embedding["chosen_by"] == "auto" and report.embedding["threshold"] is not None
     assert report.by_signal["embedding"] == 150
 
@@ -121,12 +158,18 @@ def test_many_leaks_do_not_blind_the_auto_threshold():
 def test_what_could_not_be_checked_is_never_called_checked():
     rng = np.random.default_rng(6)
     vec = rng.normal(size=(20, 8))
-    train = _side("t", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 20)], list(vec), degenerate=[True] * 20)
-    evaluation = _side("e", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 3)], [vec[0] * 1e5, vec[1], vec[2]])
+    train = _side(
+        "t", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 20)], list(vec), degenerate=[True] * 20
+    )
+    evaluation = _side(
+        "e", [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 3)], [vec[0] * 1e5, vec[1], vec[2]]
+    )
     _, report = audit(train, evaluation, 6, 0.95)
     assert report.not_checked["phash"] == 3  # no usable train hash: nothing was compared
     assert report.train_not_usable["phash"] == 20
-    assert report.not_checked["embedding"] == 1 and report.unchecked == 1  # 1e5 overflows float16: no direction
+    assert (
+        report.not_checked["embedding"] == 1 and report.unchecked == 1
+    )  # 1e5 overflows float16: no direction
     assert "could not be checked" in report.text()
 
 
@@ -141,8 +184,10 @@ def test_a_split_output_carries_its_hash_flags(tmp_path):
     tags, uris = _tags(tmp_path / "tags", 30)
     table = pq.read_table(tmp_path / "tags" / "part-0.parquet")
     flags = [i < 10 for i in range(30)]
-    pq.write_table(table.set_column(table.column_names.index("phash_degenerate"), "phash_degenerate", pa.array(flags)),
-                   tmp_path / "tags" / "part-0.parquet")  # fmt: skip
+    pq.write_table(
+        table.set_column(table.column_names.index("phash_degenerate"), "phash_degenerate", pa.array(flags)),
+        tmp_path / "tags" / "part-0.parquet",
+    )
     run_dedup(tags, str(tmp_path / "dedup"), embedding_threshold=None)
     run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"))
     split = pq.read_table(tmp_path / "split" / "splits.parquet")
@@ -151,8 +196,8 @@ def test_a_split_output_carries_its_hash_flags(tmp_path):
 
 
 def test_missing_or_foreign_inputs_are_one_line_errors_and_split_folders_read_after_an_audit(tmp_path):
-    from pipeline.audit import run_audit
-    from pipeline.storage import read_parquet
+    from pipeline.corpus.audit import run_audit
+    from pipeline.table.reading import read_parquet
 
     with pytest.raises(TagpipeError, match="no such file or folder"):
         read_parquet(str(tmp_path / "nowhere"))
@@ -166,5 +211,7 @@ def test_missing_or_foreign_inputs_are_one_line_errors_and_split_folders_read_af
         run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "s2"), metadata=str(tmp_path / "meta.csv"))
     run_audit(str(tmp_path / "split"), str(tmp_path / "split"), output=str(tmp_path / "split" / "audit"))
     assert (tmp_path / "split" / "audit" / "audit.json").is_file()
-    _, again = run_audit(str(tmp_path / "split"), str(tmp_path / "split"))  # the folder still reads: only Parquet
+    _, again = run_audit(
+        str(tmp_path / "split"), str(tmp_path / "split")
+    )  # the folder still reads: only Parquet
     assert again.eval_images + again.train_images == 40

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import make_tag_config
-from pipeline.manifest import ListingRules, build_manifest
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.storage.manifest import ListingRules, build_manifest
+from pipeline.table.tag_table import read_current
 
 # Files Pillow cannot read, as they turn up beside images in scraped and synced folders.
 ODD = {
@@ -22,9 +22,12 @@ ODD = {
     "noext": b"\x00\x01\x02\x03",
 }
 SIDECARS = {  # a training set's own files beside its images
-    "img0.txt": b"1girl, solo\n", "sub/img1.caption": b"a photo\n", "meta/img2.json": b"{}", "cache/img0.npz": b"PK",
+    "img0.txt": b"1girl, solo\n",
+    "sub/img1.caption": b"a photo\n",
+    "meta/img2.json": b"{}",
+    "cache/img0.npz": b"PK",
     "dataset.toml": b"[general]\n",
-}  # fmt: skip
+}
 DEBRIS = [
     ".DS_Store",
     "sub/._photo.jpg",  # AppleDouble
@@ -73,9 +76,11 @@ def test_every_file_is_an_input_and_debris_is_counted(tmp_path):
 def test_bad_extension_names_the_field_and_the_rule(tmp_path):
     import pytest
 
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"field extensions has a bad value: \[''\] \(must be file extensions"):
+    with pytest.raises(
+        ConfigError, match=r"field extensions has a bad value: \[''\] \(must be file extensions"
+    ):
         make_tag_config(inputs=[str(tmp_path)], output="out", model="m", extensions=[""])
 
 
@@ -85,7 +90,10 @@ def test_extensions_narrow_the_listing_and_are_counted(tmp_path):
         [str(tmp_path)], rules=ListingRules(extensions=frozenset({"jpeg", "png"})), parallel=False
     )
     assert sorted(Path(u).suffix for u in listing.manifest.column("uri").to_pylist()) == [".jpeg", ".png"]
-    assert listing.skipped == {"os_debris": len(DEBRIS), "extension": len(images) - 2 + len(ODD) + len(SIDECARS)}
+    assert listing.skipped == {
+        "os_debris": len(DEBRIS),
+        "extension": len(images) - 2 + len(ODD) + len(SIDECARS),
+    }
 
 
 def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle, tmp_path):
@@ -109,7 +117,9 @@ def test_tag_run_reports_skipped_files_and_rows_add_up(ray_session, demo_bundle,
     assert record["summary"]["skipped_files"] == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
     assert record["counts"]["files_found"] == summary.files_found
     assert record["counts"]["skipped_files"] == {"os_debris": len(DEBRIS), "sidecar": len(SIDECARS)}
-    assert sorted(record["skipped_examples"]["os_debris"]) == sorted(str((root / n).resolve()) for n in DEBRIS)
+    assert sorted(record["skipped_examples"]["os_debris"]) == sorted(
+        str((root / n).resolve()) for n in DEBRIS
+    )
     assert record["settings"]["provider"] == "auto"  # enums are written by value
     snapshot = json.loads((out / "_current.json").read_text())
     assert snapshot["counts"]["rows"] == snapshot["rows"] == rows.num_rows
@@ -130,4 +140,6 @@ def test_an_input_inside_the_output_folder_is_listed(ray_session, demo_bundle, t
     cfg = make_tag_config(inputs=[str(images)], output=str(project), model=str(demo_bundle))
     assert run_tag_job(cfg).rows == 3
     again = run_tag_job(make_tag_config(inputs=[str(project)], output=str(project), model=str(demo_bundle)))
-    assert again.listed == 3 and again.change == "no change" and again.skipped_files.get("tagpipe_output", 0) > 0
+    assert (
+        again.listed == 3 and again.change == "no change" and again.skipped_files.get("tagpipe_output", 0) > 0
+    )

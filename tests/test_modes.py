@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageOps
+from sample_photos import photo_paths
 
-from pipeline.imaging import DecodeOptions, decode_image, to_8bit, to_rgb
-from pipeline.phash import phash
-from pipeline.profiles import load_profile
-from pipeline.sample_photos import photo_paths
+from pipeline.image.imaging import DecodeOptions, decode_image, to_8bit, to_rgb
+from pipeline.image.phash import phash
+from pipeline.model.profiles import load_profile
 
 PRE = load_profile("cl_tagger_v2").preprocess
 

@@ -10,9 +10,9 @@ import pytest
 from helpers import feed_through_graph, identity_model
 from onnx import TensorProto
 
-from pipeline.errors import ConfigError
-from pipeline.profiles import parse_profile
-from pipeline.tagger import Normaliser
+from pipeline.core.errors import ConfigError
+from pipeline.job.tagger import Normaliser
+from pipeline.model.profiles import parse_profile
 
 MEAN_RGB, STD_RGB = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # uneven: a channel swap shows
 
@@ -47,7 +47,9 @@ def definition(pixels: np.ndarray, channel_order: str, layout: str, value_range:
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("channel_order,mean_std_order", [("RGB", None), ("BGR", "RGB"), ("BGR", "BGR")])
 @pytest.mark.parametrize("value_range", ["0-1", "0-255"])
-def test_both_paths_equal_the_definition(tmp_path, elem_type, layout, channel_order, mean_std_order, value_range):
+def test_both_paths_equal_the_definition(
+    tmp_path, elem_type, layout, channel_order, mean_std_order, value_range
+):
     profile = _profile(channel_order, layout, mean_std_order, value_range)
     pre = profile.preprocess
     pixels = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)

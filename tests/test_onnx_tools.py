@@ -5,13 +5,19 @@ import pytest
 from helpers import identity_model, tiny_tagger, wd_bundle
 from onnx import TensorProto
 
-from pipeline.bundle import load_bundle
-from pipeline.demo_model import build_graph, features_numpy, reference_pixels, save_with_external_data, write_demo_bundle
-from pipeline.errors import BundleError
-from pipeline.onnx_tools import expose_embedding, uint8_input_model
-from pipeline.profiles import load_profile
-from pipeline.runtime import ProviderChoice, create_session
-from pipeline.tagger import Normaliser
+from pipeline.core.errors import BundleError
+from pipeline.demo.model import (
+    build_graph,
+    features_numpy,
+    reference_pixels,
+    save_with_external_data,
+    write_demo_bundle,
+)
+from pipeline.job.tagger import Normaliser
+from pipeline.model.bundle import load_bundle
+from pipeline.model.onnx_tools import expose_embedding, uint8_input_model
+from pipeline.model.profiles import load_profile
+from pipeline.model.runtime import ProviderChoice, create_session
 
 
 def test_exposed_embedding_equals_the_heads_input(tmp_path):
@@ -44,7 +50,7 @@ def test_expose_embedding_on_a_bare_folder_or_with_a_profile_and_inspect_sees_it
     """A folder with only a model: its .onnx and first output. A WD model's exposed
     embedding is used although the wd_v3 profile names none, and inspect says so."""
 
-    from pipeline.inspect import describe_bundle
+    from pipeline.model.describe import describe_bundle
 
     bare = tmp_path / "bare"
     tiny_tagger(bare / "only.onnx", size=32, nhwc=False, tags=4, activation="Sigmoid")
@@ -69,7 +75,9 @@ def test_expose_embedding_on_a_bare_folder_or_with_a_profile_and_inspect_sees_it
 def test_uint8_input_graph_normalises_like_the_profile(profile_name, elem_type, tmp_path):
     """The prepended Cast/scale nodes feed the model exactly what numpy normalisation would."""
     pre = load_profile(profile_name).preprocess
-    model = identity_model(tmp_path / "m.onnx", pre, elem_type=elem_type, batch=2 if profile_name == "wd_v3" else "batch")
+    model = identity_model(
+        tmp_path / "m.onnx", pre, elem_type=elem_type, batch=2 if profile_name == "wd_v3" else "batch"
+    )
     pixels = np.random.default_rng(0).integers(0, 256, (2, pre.height, pre.width, 3), dtype=np.uint8)
     graph, name = uint8_input_model(model, pre, "input")
     session, _ = create_session(graph, ProviderChoice.CPU, 1)
@@ -78,22 +86,31 @@ def test_uint8_input_graph_normalises_like_the_profile(profile_name, elem_type, 
     got = session.run(None, {name: pixels})[0]
     want = Normaliser(pre)(pixels)
     assert got.dtype == (np.float16 if elem_type == TensorProto.FLOAT16 else np.float32)
-    np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-6, atol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-5)
+    np.testing.assert_allclose(
+        got.astype(np.float32),
+        want,
+        rtol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-6,
+        atol=1e-3 if elem_type == TensorProto.FLOAT16 else 1e-5,
+    )
 
 
 def test_tagger_gives_the_same_tags_with_numpy_or_in_graph_normalisation(demo_bundle, demo_corpus):
     """The demo bundle keeps its weights in external data: the in-graph model must find them."""
-    from pipeline.decode import DecodeStage
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.image.decode import DecodeStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:12]
     stage_in = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
     batch = DecodeStage(stage_in.bundle.profile.preprocess)({"uri": np.array(uris, object)})
-    stage_np = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU, normalise_in_graph=False))
+    stage_np = TaggerStage(
+        TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU, normalise_in_graph=False)
+    )
     assert stage_in.normalise is None and stage_np.normalise is not None
     a, b = stage_in(batch).to_pydict(), stage_np(batch).to_pydict()
     assert a["tags"] == b["tags"] and any(a["tags"])
-    np.testing.assert_allclose(np.asarray(a["ood_distance"], float), np.asarray(b["ood_distance"], float), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(a["ood_distance"], float), np.asarray(b["ood_distance"], float), rtol=1e-4
+    )
 
 
 def test_expose_embedding_is_atomic_and_readable_by_others(tmp_path):
@@ -102,7 +119,7 @@ def test_expose_embedding_is_atomic_and_readable_by_others(tmp_path):
     import os
     import stat
 
-    from pipeline.errors import BundleError, TagpipeError
+    from pipeline.core.errors import BundleError, TagpipeError
 
     with_embedding = write_demo_bundle(tmp_path / "has_embedding")
     with pytest.raises(BundleError, match="already has an 'embedding' output"):

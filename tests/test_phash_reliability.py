@@ -6,12 +6,18 @@ import io
 
 import numpy as np
 from PIL import Image
+from sample_photos import photo_paths
 
-from pipeline.decode import DecodeStage
-from pipeline.phash import SOLID_HASH, near_blank, phash, phash_with_fragile_bits, unreliable
-from pipeline.profiles import load_profile
-from pipeline.sample_photos import photo_paths
-from pipeline.synthetic import KINDS, render
+from pipeline.demo.synthetic import KINDS, render
+from pipeline.image.decode import DecodeStage
+from pipeline.image.phash import (
+    SOLID_HASH,
+    near_blank,
+    phash,
+    phash_with_fragile_bits,
+    unreliable,
+)
+from pipeline.model.profiles import load_profile
 
 
 def test_real_photos_are_reliable_and_synthetic_low_detail_images_are_not():

@@ -8,13 +8,13 @@ import imagehash
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from sample_photos import large_variants, photo_paths
 
-from pipeline.imaging import DecodeOptions, decode_image, open_image
-from pipeline.phash import hamming
-from pipeline.postprocess import probabilities
-from pipeline.profiles import load_profile
-from pipeline.runtime import ProviderChoice
-from pipeline.sample_photos import large_variants, photo_paths
+from pipeline.image.imaging import DecodeOptions, decode_image, open_image
+from pipeline.image.phash import hamming
+from pipeline.model.postprocess import probabilities
+from pipeline.model.profiles import load_profile
+from pipeline.model.runtime import ProviderChoice
 
 CL = load_profile("cl_tagger_v2").preprocess
 LARGE = large_variants(20, seed=7, long_side=(2000, 3200))
@@ -47,7 +47,7 @@ def test_exact_and_fast_phash_on_large_jpegs():
 def test_fast_and_exact_decode_agree_on_demo_tags(demo_bundle):
     """Issue 3's bar: emitted tags agree on >= 99% of images, mean |delta prob| <= 0.01
     (benchmarks/fast_vs_exact.py reports the same on more images and every profile)."""
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
     pre = stage.bundle.profile.preprocess

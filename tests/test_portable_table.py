@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.config import make_tag_config
-from pipeline.table import GUARD_FILE, current_files, read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import GUARD_FILE, current_files, read_current
 
 COLUMNS = ["uri", "sha256", "tags", "error_kind"]
 
@@ -74,7 +74,9 @@ def test_a_copied_table_reads_the_same_through_every_reader(two_versions, s3_ser
     remote = current_files(on_s3)
     assert all(f.startswith(on_s3 + "/") for f in remote)
     keys = [f[len("s3://") :] for f in remote]
-    assert _sorted(pa.Table.from_pandas(pd.read_parquet(keys, filesystem=fs), preserve_index=False)) == expected
+    assert (
+        _sorted(pa.Table.from_pandas(pd.read_parquet(keys, filesystem=fs), preserve_index=False)) == expected
+    )
     assert _sorted(pads.dataset(keys, filesystem=fs).to_table()) == expected
 
 
@@ -83,10 +85,16 @@ PLAIN_READS = {
     "pyarrow.dataset(OUTPUT)": lambda out: pads.dataset(out).to_table(),
     "polars.read_parquet(OUTPUT)": lambda out: pl.read_parquet(out),
     "polars.read_parquet(OUTPUT/**/*.parquet)": lambda out: pl.read_parquet(f"{out}/**/*.parquet"),
-    "duckdb read_parquet('OUTPUT/**/*.parquet')": lambda out: duckdb.execute(f"select count(*) from read_parquet('{out}/**/*.parquet')").fetchall(),
-    "duckdb read_parquet('OUTPUT/*/*/*.parquet')": lambda out: duckdb.execute(f"select count(*) from read_parquet('{out}/*/*/*.parquet')").fetchall(),
-    "duckdb read_parquet('OUTPUT/data/*/*.parquet')": lambda out: duckdb.execute(f"select count(*) from read_parquet('{out}/data/*/*.parquet')").fetchall(),
-}  # fmt: skip
+    "duckdb read_parquet('OUTPUT/**/*.parquet')": lambda out: duckdb.execute(
+        f"select count(*) from read_parquet('{out}/**/*.parquet')"
+    ).fetchall(),
+    "duckdb read_parquet('OUTPUT/*/*/*.parquet')": lambda out: duckdb.execute(
+        f"select count(*) from read_parquet('{out}/*/*/*.parquet')"
+    ).fetchall(),
+    "duckdb read_parquet('OUTPUT/data/*/*.parquet')": lambda out: duckdb.execute(
+        f"select count(*) from read_parquet('{out}/data/*/*.parquet')"
+    ).fetchall(),
+}
 
 
 @pytest.mark.parametrize("reader", PLAIN_READS)

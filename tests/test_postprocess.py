@@ -1,5 +1,5 @@
 """Calibration and every threshold mode, against a per-row reference written here from
-the rules as documented (plain loops, no shared code with pipeline/postprocess.py)."""
+the rules as documented (plain loops, no shared code with pipeline/model/postprocess.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.bundle import load_bundle
-from pipeline.postprocess import Postprocessor, TagRules, mahalanobis
+from pipeline.model.bundle import load_bundle
+from pipeline.model.postprocess import Postprocessor, TagRules, mahalanobis
 
 MODES = {
     "global": dict(),
@@ -20,7 +20,13 @@ MODES = {
     "mcut": dict(mcut_categories=("general", "character")),
     "cap_3": dict(default_threshold=0.2, max_tags=3),
     "exclude": dict(default_threshold=0.2, exclude=frozenset({"red_theme", "stripes", "unused_tag_001"})),
-    "all_at_once": dict(default_threshold=0.25, per_tag_thresholds=False, mcut_categories=("general",), max_tags=5, exclude=frozenset({"blue_theme"})),
+    "all_at_once": dict(
+        default_threshold=0.25,
+        per_tag_thresholds=False,
+        mcut_categories=("general",),
+        max_tags=5,
+        exclude=frozenset({"blue_theme"}),
+    ),
 }
 
 
@@ -42,7 +48,11 @@ def reference(raw_row, bundle, rules: TagRules):
     for t in candidates:
         if cats[t] in ("rating", "quality") or cats[t] in rules.mcut_categories:
             continue
-        threshold = bundle.tag_metrics.best_thr[t] if rules.per_tag_thresholds else rules.category_thresholds.get(cats[t], rules.default_threshold)
+        threshold = (
+            bundle.tag_metrics.best_thr[t]
+            if rules.per_tag_thresholds
+            else rules.category_thresholds.get(cats[t], rules.default_threshold)
+        )
         if score[t] >= threshold:
             chosen.add(t)
     for category in rules.mcut_categories:
@@ -65,15 +75,17 @@ def reference(raw_row, bundle, rules: TagRules):
 
 @pytest.fixture(scope="module")
 def raw_outputs(demo_bundle, demo_corpus):
-    from pipeline.decode import DecodeStage
-    from pipeline.runtime import ProviderChoice
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.image.decode import DecodeStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.runtime import ProviderChoice
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:40]
     pixels = DecodeStage(stage.bundle.profile.preprocess)({"uri": np.array(uris, object)})["pixels"]
     raw, emb, _ = stage.infer(pixels)
-    noise = np.random.default_rng(0).normal(-1.0, 2.5, (40, raw.shape[1])).astype(np.float32)  # every score range
+    noise = (
+        np.random.default_rng(0).normal(-1.0, 2.5, (40, raw.shape[1])).astype(np.float32)
+    )  # every score range
     return np.concatenate([raw, noise]), np.concatenate([emb, emb])
 
 
@@ -81,7 +93,9 @@ def raw_outputs(demo_bundle, demo_corpus):
 def test_threshold_modes_match_the_reference(mode, demo_bundle, raw_outputs):
     bundle = load_bundle(demo_bundle)
     rules = TagRules.from_bundle(bundle, **MODES[mode])
-    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, rules, bundle.ood_reference, bundle.tag_metrics)
+    post = Postprocessor(
+        bundle.vocabulary, bundle.profile.activation, rules, bundle.ood_reference, bundle.tag_metrics
+    )
     raw, emb = raw_outputs
     out = post(raw, emb)
     emitted = 0
@@ -97,13 +111,21 @@ def test_threshold_modes_match_the_reference(mode, demo_bundle, raw_outputs):
 def test_calibration_changes_scores_and_reads_bin_98_for_99(demo_bundle):
     bundle = load_bundle(demo_bundle)
     table = bundle.tag_metrics.calibration_table
-    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, default_threshold=0.0), None, bundle.tag_metrics)
+    post = Postprocessor(
+        bundle.vocabulary,
+        bundle.profile.activation,
+        TagRules.from_bundle(bundle, default_threshold=0.0),
+        None,
+        bundle.tag_metrics,
+    )
     t = bundle.vocabulary.tags.index("red_theme")
     raw = np.full((3, len(bundle.vocabulary)), -9.0, np.float32)
     raw[0, t], raw[1, t], raw[2, t] = 8.0, 0.0, -1.0  # p ~ 0.9997 (bin 99), 0.5 (bin 50), 0.27 (bin 26)
     out = post(raw, None)
     scores = {i: dict(zip(out["tags"][i], out["scores"][i])) for i in range(3)}
-    assert scores[0]["red_theme"] == pytest.approx(table[t, 98]) and table[t, 98] != pytest.approx(table[t, 99])
+    assert scores[0]["red_theme"] == pytest.approx(table[t, 98]) and table[t, 98] != pytest.approx(
+        table[t, 99]
+    )
     assert scores[1]["red_theme"] == pytest.approx(table[t, 50])
     assert scores[2]["red_theme"] == pytest.approx(table[t, 26])
 
@@ -112,7 +134,9 @@ def test_identity_without_a_calibration_table(tmp_path):
     from helpers import joytag_bundle
 
     bundle = load_bundle(joytag_bundle(tmp_path / "joy"))
-    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), None, bundle.tag_metrics)
+    post = Postprocessor(
+        bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), None, bundle.tag_metrics
+    )
     raw = np.array([[2.0, -3.0, 0.5, -8, -8, -8, -8, -8, -8, -8]], np.float32)
     out = post(raw, None)
     p = 1 / (1 + np.exp(-np.float16(raw[0, :3]).astype(np.float64)))
@@ -122,7 +146,9 @@ def test_identity_without_a_calibration_table(tmp_path):
 def test_ood_distance_is_mahalanobis_and_flags_above_p95(demo_bundle, raw_outputs):
     bundle = load_bundle(demo_bundle)
     ref = bundle.ood_reference
-    post = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), ref, bundle.tag_metrics)
+    post = Postprocessor(
+        bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), ref, bundle.tag_metrics
+    )
     raw, emb = raw_outputs
     out = post(raw, emb)
     direct = [float(np.sqrt((e - ref.mu) @ ref.cov_inv @ (e - ref.mu))) for e in emb.astype(np.float64)]
@@ -134,7 +160,7 @@ def test_ood_distance_is_mahalanobis_and_flags_above_p95(demo_bundle, raw_output
 def _dense_candidates(raw, activation, rules, categories):
     """The definition, over every tag: probability of the float16 stored logit >= floor,
     or a rating/quality tag."""
-    from pipeline.postprocess import stored_logits, stored_to_probabilities
+    from pipeline.model.postprocess import stored_logits, stored_to_probabilities
 
     with np.errstate(over="ignore"):
         p = stored_to_probabilities(stored_logits(raw, activation), activation)
@@ -149,7 +175,9 @@ def test_sigmoid_screen_keeps_exactly_the_tags_at_the_floor(demo_bundle):
     post = Postprocessor(bundle.vocabulary, bundle.profile.activation, rules, None, bundle.tag_metrics)
     width = len(bundle.vocabulary)
     boundary = math.log(rules.logit_floor / (1 - rules.logit_floor))  # ~ -4.595
-    steps = np.float32(boundary) + np.linspace(-0.01, 0.01, 6 * width).astype(np.float32)  # many float32 per float16 step
+    steps = np.float32(boundary) + np.linspace(-0.01, 0.01, 6 * width).astype(
+        np.float32
+    )  # many float32 per float16 step
     raw = steps.reshape(6, width)
     want = _dense_candidates(raw, bundle.profile.activation, rules, np.asarray(bundle.vocabulary.categories))
     out = post(raw, None)
@@ -161,7 +189,7 @@ def test_sigmoid_screen_keeps_exactly_the_tags_at_the_floor(demo_bundle):
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid_probabilities", "softmax_probabilities"])
 def test_other_activations_store_the_floor_candidates(demo_bundle, raw_outputs, activation):
-    from pipeline.profiles import Activation
+    from pipeline.model.profiles import Activation
 
     bundle = load_bundle(demo_bundle)
     rules = TagRules.from_bundle(bundle)
@@ -182,8 +210,20 @@ def test_other_activations_store_the_floor_candidates(demo_bundle, raw_outputs, 
 def test_dense_logits_store_every_tag_and_choose_the_same_tags(demo_bundle, raw_outputs):
     bundle = load_bundle(demo_bundle)
     raw, emb = raw_outputs
-    sparse = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle), bundle.ood_reference, bundle.tag_metrics)(raw, emb)
-    dense = Postprocessor(bundle.vocabulary, bundle.profile.activation, TagRules.from_bundle(bundle, dense_logits=True), bundle.ood_reference, bundle.tag_metrics)(raw, emb)
+    sparse = Postprocessor(
+        bundle.vocabulary,
+        bundle.profile.activation,
+        TagRules.from_bundle(bundle),
+        bundle.ood_reference,
+        bundle.tag_metrics,
+    )(raw, emb)
+    dense = Postprocessor(
+        bundle.vocabulary,
+        bundle.profile.activation,
+        TagRules.from_bundle(bundle, dense_logits=True),
+        bundle.ood_reference,
+        bundle.tag_metrics,
+    )(raw, emb)
     assert dense["tags"] == sparse["tags"] and dense["rating"] == sparse["rating"]
     width = len(bundle.vocabulary)
     assert all(x.tolist() == list(range(width)) for x in dense["logit_indices"])
@@ -192,7 +232,7 @@ def test_dense_logits_store_every_tag_and_choose_the_same_tags(demo_bundle, raw_
 
 @pytest.mark.parametrize("shape", [(3, 5), (7, 1001), (1, 8), (4, 16)])
 def test_sparse_nonzero_equals_numpy(shape):
-    from pipeline.postprocess import sparse_nonzero
+    from pipeline.model.postprocess import sparse_nonzero
 
     rng = np.random.default_rng(sum(shape))
     for density in (0.0, 0.01, 0.5, 1.0):

@@ -1,7 +1,7 @@
 """Exact-mode preprocessing equals each model family's published recipe (<= 1 level).
 
 Each recipe below is written out straight from its model card / reference code, with
-Pillow and numpy only, independently of pipeline/imaging.py. Our side is the real path:
+Pillow and numpy only, independently of pipeline/image/imaging.py. Our side is the real path:
 decode_image(exact=True) -> uint8 -> the in-graph normalisation (and the numpy one),
 compared in 0-255 units on the tensor the model would receive.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from helpers import feed_through_graph, identity_model
 from PIL import Image
+from sample_photos import photo_paths
 
-from pipeline.imaging import DecodeOptions, decode_image
-from pipeline.profiles import Layout, ValueRange, load_profile
-from pipeline.sample_photos import photo_paths
-from pipeline.tagger import Normaliser
+from pipeline.image.imaging import DecodeOptions, decode_image
+from pipeline.job.tagger import Normaliser
+from pipeline.model.profiles import Layout, ValueRange, load_profile
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -80,7 +80,12 @@ def recipe_jtp1(image: Image.Image) -> np.ndarray:
     return out[None]
 
 
-RECIPES = {"wd_v3": recipe_wd_v3, "cl_tagger_v2": recipe_cl_tagger_v2, "joytag": recipe_joytag, "jtp1": recipe_jtp1}
+RECIPES = {
+    "wd_v3": recipe_wd_v3,
+    "cl_tagger_v2": recipe_cl_tagger_v2,
+    "joytag": recipe_joytag,
+    "jtp1": recipe_jtp1,
+}
 
 
 def to_levels(x: np.ndarray, pre) -> np.ndarray:
@@ -94,9 +99,17 @@ def to_levels(x: np.ndarray, pre) -> np.ndarray:
 def _test_images() -> list[tuple[str, bytes]]:
     """Real photos in several shapes, two real RGBA images, greyscale, and an upscale case."""
     by_name = {p.stem: p for p in photo_paths()}
-    cases = [(name, by_name[name].read_bytes()) for name in ("astronaut", "chelsea", "camera", "rocket", "flower") if name in by_name]
+    cases = [
+        (name, by_name[name].read_bytes())
+        for name in ("astronaut", "chelsea", "camera", "rocket", "flower")
+        if name in by_name
+    ]
     coffee = Image.open(by_name["coffee"]).convert("RGB")
-    for label, box in (("tall", (200, 0, 380, 400)), ("wide", (0, 150, 600, 260)), ("small", (300, 200, 400, 290))):
+    for label, box in (
+        ("tall", (200, 0, 380, 400)),
+        ("wide", (0, 150, 600, 260)),
+        ("small", (300, 200, 400, 290)),
+    ):
         out = io.BytesIO()
         coffee.crop(box).save(out, "PNG")
         cases.append((f"coffee-{label}", out.getvalue()))
@@ -144,7 +157,9 @@ def test_recipe_check_can_fail(tmp_path):
     pre = load_profile("joytag").preprocess
     data = dict(IMAGES)["astronaut"]
     ours = decode_image(data, pre, DecodeOptions(exact=True)).pixels.astype(np.float32)
-    wrong = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((448, 448), Image.BILINEAR), np.float32)
+    wrong = np.asarray(
+        Image.open(io.BytesIO(data)).convert("RGB").resize((448, 448), Image.BILINEAR), np.float32
+    )
     assert np.abs(ours - wrong).max() > 8
 
 

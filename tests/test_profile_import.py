@@ -14,12 +14,12 @@ import pytest
 from helpers import tiny_tagger, wd_bundle
 from typer.testing import CliRunner
 
-from pipeline.bundle import load_bundle
 from pipeline.cli import app
-from pipeline.errors import ConfigError
-from pipeline.incremental import profile_key
-from pipeline.profile_import import profile_data
-from pipeline.profiles import (
+from pipeline.core.errors import ConfigError
+from pipeline.job.incremental import profile_key
+from pipeline.model.bundle import load_bundle
+from pipeline.model.profile_import import profile_data
+from pipeline.model.profiles import (
     Activation,
     ResizeMode,
     Rounding,
@@ -29,15 +29,23 @@ from pipeline.profiles import (
 )
 
 runner = CliRunner()
-TIMM_CFG = {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 3}  # fmt: skip
+TIMM_CFG = {
+    "input_size": [3, 224, 224],
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "num_classes": 3,
+}
 
 
 def _timm_folder(tmp_path: Path, cfg: dict = TIMM_CFG, activation: str | None = "Sigmoid") -> Path:
     folder = tmp_path / "timm"
     tiny_tagger(folder / "model.onnx", size=224, nhwc=False, tags=3, activation=activation)
-    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny", "pretrained_cfg": cfg,
-                                                    "label_names": ["cat", "dog", "fox"]}))  # fmt: skip
+    (folder / "config.json").write_text(
+        json.dumps({"architecture": "vit_tiny", "pretrained_cfg": cfg, "label_names": ["cat", "dog", "fox"]})
+    )
     return folder
 
 
@@ -46,12 +54,20 @@ def test_model_profile_writes_a_profile_that_tag_and_inspect_then_use(tmp_path):
     result = runner.invoke(app, ["model", "profile", "--from", str(folder)])
     assert result.exit_code == 0, result.output
     written = tomllib.loads((folder / "tagpipe_profile.toml").read_text())
-    assert written["preprocess"]["crop_pct"] == 0.875 and written["model"]["output_activation"] == "sigmoid_probabilities"
+    assert (
+        written["preprocess"]["crop_pct"] == 0.875
+        and written["model"]["output_activation"] == "sigmoid_probabilities"
+    )
     profile = load_bundle(folder).profile
     assert profile.preprocess.resize_size == (256, 256) and profile.preprocess.rounding is Rounding.TIMM
     assert profile.preprocess.resize_mode is ResizeMode.RESIZE_CROP and profile.input_size == (224, 224)
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "model", "profile", "--from", str(folder)],
-                           capture_output=True, text=True, env=dict(os.environ), timeout=120)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "model", "profile", "--from", str(folder)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     assert again.stderr.strip().count("\n") == 0  # one line
     assert runner.invoke(app, ["model", "profile", "--from", str(folder), "--overwrite"]).exit_code == 0
@@ -65,13 +81,17 @@ def test_a_folder_with_only_a_config_is_imported_and_says_so(tmp_path, caplog):
     assert any("imported from" in r.getMessage() for r in caplog.records)
     assert bundle.vocabulary.tags == ("cat", "dog", "fox")
     result = runner.invoke(app, ["model", "inspect", str(folder)])
-    assert result.exit_code == 0 and "imported from" in result.output and "shortest side to 256" in result.output
+    assert (
+        result.exit_code == 0 and "imported from" in result.output and "shortest side to 256" in result.output
+    )
 
 
 def test_a_shipped_family_wins_over_its_pytorch_config(tmp_path):
     """WD v3 folders carry timm's config.json, but the ONNX export takes BGR 0-255 pad-square."""
     folder = wd_bundle(tmp_path / "wd")
-    (folder / "config.json").write_text(json.dumps({"pretrained_cfg": {**TIMM_CFG, "input_size": [3, 448, 448]}}))
+    (folder / "config.json").write_text(
+        json.dumps({"pretrained_cfg": {**TIMM_CFG, "input_size": [3, 448, 448]}})
+    )
     assert load_bundle(folder).profile.name == "wd_v3"
 
 
@@ -106,8 +126,15 @@ def test_timm_settings_tagpipe_cannot_reproduce_stop_the_import_by_name(tmp_path
 def test_hf_settings_tagpipe_cannot_reproduce_stop_the_import_by_name(tmp_path, config, field):
     folder = tmp_path / "hf"
     tiny_tagger(folder / "model.onnx", size=224, nhwc=False, tags=2, activation=None)
-    base = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224}, "do_center_crop": True, "resample": 3,
-            "crop_size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    base = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 224},
+        "do_center_crop": True,
+        "resample": 3,
+        "crop_size": {"height": 224, "width": 224},
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps({**base, **config}))
     (folder / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
     with pytest.raises(ConfigError, match=field):
@@ -128,7 +155,10 @@ def _profile_text(preprocess: str) -> str:
 @pytest.mark.parametrize(
     "preprocess,expected",
     [
-        ('input_size = 224\nresize_size = 256\nresize_mode = "resize_crop"\n', ((256, 256), ResizeMode.RESIZE_CROP)),
+        (
+            'input_size = 224\nresize_size = 256\nresize_mode = "resize_crop"\n',
+            ((256, 256), ResizeMode.RESIZE_CROP),
+        ),
         ('input_size = 224\nresize_size = 256\nresize_mode = "squash"\n', ((256, 256), ResizeMode.SQUASH)),
         ("input_size = 224\ncrop_pct = 0.875\n", ((256, 256), ResizeMode.RESIZE_CROP)),
         ('input_size = 224\ncrop_pct = 0.875\ncrop_mode = "squash"\n', ((256, 256), ResizeMode.SQUASH)),
@@ -139,7 +169,9 @@ def _profile_text(preprocess: str) -> str:
     ],
 )
 def test_the_three_vocabularies_land_on_the_same_fields(preprocess, expected):
-    pre = parse_profile(_profile_text(preprocess + 'interpolation = "bicubic"\nvalue_range = "0-1"\n'), "p").preprocess
+    pre = parse_profile(
+        _profile_text(preprocess + 'interpolation = "bicubic"\nvalue_range = "0-1"\n'), "p"
+    ).preprocess
     assert (pre.resize_size, pre.resize_mode) == expected and (pre.width, pre.height) == (224, 224)
 
 
@@ -172,8 +204,10 @@ def test_shipped_profiles_keep_the_keys_existing_tables_were_written_with(name):
 
 
 def test_new_geometry_joins_the_key():
-    text = _profile_text('input_size = 224\nresize_size = 256\nresize_mode = "resize_crop"\ninterpolation = "bicubic"\n'
-                         'value_range = "0-1"\n')  # fmt: skip
+    text = _profile_text(
+        'input_size = 224\nresize_size = 256\nresize_mode = "resize_crop"\ninterpolation = "bicubic"\n'
+        'value_range = "0-1"\n'
+    )
     assert parse_profile(text, "p").preprocess.extra_key() == {"resize_size": [256, 256]}
     assert profile_from_data(tomllib.loads(text), "p").activation is Activation.SIGMOID
 
@@ -181,11 +215,14 @@ def test_new_geometry_joins_the_key():
 def test_fast_decode_drafts_for_the_resize_size_and_stays_close_to_exact():
     """The DCT-scaled decode keeps draft_ratio times the size the image is resized to
     (256 for "resize 256, crop 224"), not the crop size."""
-    from pipeline.imaging import DecodeOptions, decode_image, draft_request
-    from pipeline.sample_photos import photo_paths
+    from sample_photos import photo_paths
 
-    text = _profile_text('input_size = 224\nresize_size = 448\nresize_mode = "resize_crop"\nrounding = "timm"\n'
-                         'interpolation = "bicubic"\nvalue_range = "0-1"\n')  # fmt: skip
+    from pipeline.image.imaging import DecodeOptions, decode_image, draft_request
+
+    text = _profile_text(
+        'input_size = 224\nresize_size = 448\nresize_mode = "resize_crop"\nrounding = "timm"\n'
+        'interpolation = "bicubic"\nvalue_range = "0-1"\n'
+    )
     pre = parse_profile(text, "p").preprocess
     cropped_only = parse_profile(text.replace("resize_size = 448\n", ""), "p").preprocess
     assert draft_request(pre, 4000, 3000, 2.0)[1] >= 2 * 448 > draft_request(cropped_only, 4000, 3000, 2.0)[1]
@@ -209,9 +246,18 @@ def test_an_integer_size_means_what_the_processor_class_means(tmp_path):
     """transformers reads `size: 224` as a shortest edge for CLIP and ConvNext, a square for ViT."""
     folder = tmp_path / "hf"
     tiny_tagger(folder / "model.onnx", size=224, nhwc=False, tags=2, activation=None)
-    (folder / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}, "architectures": ["X"]}))
-    clip = {"image_processor_type": "CLIPImageProcessor", "size": 224, "crop_size": 224, "do_center_crop": True,
-            "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    (folder / "config.json").write_text(
+        json.dumps({"id2label": {"0": "a", "1": "b"}, "architectures": ["X"]})
+    )
+    clip = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": 224,
+        "crop_size": 224,
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(clip))
     data = profile_data(folder)
     assert data["preprocess"]["size"] == {"shortest_edge": 224} and data["name"] == "X"
@@ -223,32 +269,43 @@ def test_an_integer_size_means_what_the_processor_class_means(tmp_path):
 
 def _key_as_0_2_computed_it(cfg, bundle, legacy_profile: str) -> str:
     """incremental.inference_key as the earlier code wrote it, for keys already in tables."""
-    from pipeline.incremental import _digest
+    from pipeline.job.incremental import _digest
 
-    return _digest({"model_sha256": bundle.fingerprint.model_sha256, "profile": legacy_profile,
-                    "exact_decode": cfg.exact_decode, "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
-                    "max_pixels": cfg.max_pixels, "dense_logits": cfg.dense_logits,
-                    "logit_floor": cfg.logit_floor})  # fmt: skip
+    return _digest(
+        {
+            "model_sha256": bundle.fingerprint.model_sha256,
+            "profile": legacy_profile,
+            "exact_decode": cfg.exact_decode,
+            "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
+            "max_pixels": cfg.max_pixels,
+            "dense_logits": cfg.dense_logits,
+            "logit_floor": cfg.logit_floor,
+        }
+    )
 
 
 @pytest.mark.parametrize("with_embedding", [True, False])
 def test_whole_inference_keys_of_existing_tables_stay(tmp_path, with_embedding):
     """The full key, for a CL bundle with and without its embedding output and a WD one
     (sparse logits: their vocabularies are far above 4,096 tags)."""
-    from pipeline.config import TagJobConfig
-    from pipeline.demo_model import write_demo_bundle
-    from pipeline.incremental import inference_key
+    from pipeline.demo.model import write_demo_bundle
+    from pipeline.job.incremental import inference_key
+    from pipeline.job.settings import TagJobConfig
 
     cfg = TagJobConfig(inputs=("x",), output="o", model="m", dense_logits=False)
     cl = load_bundle(write_demo_bundle(tmp_path / "cl", with_embedding_output=with_embedding))
     wd = load_bundle(wd_bundle(tmp_path / "wd"))
     for bundle in (cl, wd):
-        assert inference_key(cfg, bundle) == _key_as_0_2_computed_it(cfg, bundle, LEGACY_KEYS[bundle.profile.name])
+        assert inference_key(cfg, bundle) == _key_as_0_2_computed_it(
+            cfg, bundle, LEGACY_KEYS[bundle.profile.name]
+        )
 
 
 def test_a_bgr_profile_with_uneven_mean_joins_the_key_with_its_order():
-    text = _profile_text('input_size = 8\nresize_mode = "squash"\ninterpolation = "bicubic"\nvalue_range = "0-255"\n'
-                         'mean = [104, 117, 123]\nchannel_order = "BGR"\nmean_std_order = "{}"\n')  # fmt: skip
+    text = _profile_text(
+        'input_size = 8\nresize_mode = "squash"\ninterpolation = "bicubic"\nvalue_range = "0-255"\n'
+        'mean = [104, 117, 123]\nchannel_order = "BGR"\nmean_std_order = "{}"\n'
+    )
     keys = {order: parse_profile(text.format(order), "p").preprocess.extra_key() for order in ("RGB", "BGR")}
     assert keys == {"RGB": {"mean_std_order": "RGB"}, "BGR": {"mean_std_order": "BGR"}}
 
@@ -260,15 +317,16 @@ def test_fast_decode_keeps_the_exact_sizes_and_offsets(crop_mode):
     the DCT scaling (a pixel off, border mode differed by 3.5 levels on average)."""
     import io
 
-    import numpy as np
     from PIL import Image
+    from sample_photos import photo_paths
 
-    from pipeline.imaging import DecodeOptions, decode_image
-    from pipeline.sample_photos import photo_paths
+    from pipeline.image.imaging import DecodeOptions, decode_image
 
     retina = Image.open(next(p for p in photo_paths() if p.name == "retina.jpg")).convert("RGB")
-    text = _profile_text(f'input_size = 224\ncrop_pct = 0.9\ncrop_mode = "{crop_mode}"\ninterpolation = "bicubic"\n'
-                         'value_range = "0-1"\n')  # fmt: skip
+    text = _profile_text(
+        f'input_size = 224\ncrop_pct = 0.9\ncrop_mode = "{crop_mode}"\ninterpolation = "bicubic"\n'
+        'value_range = "0-1"\n'
+    )
     pre = parse_profile(text, "p").preprocess
     for size in ((3001, 2003), (1203, 4001)):
         out = io.BytesIO()
@@ -281,7 +339,7 @@ def test_fast_decode_keeps_the_exact_sizes_and_offsets(crop_mode):
 def test_a_profile_whose_input_size_differs_from_the_model_stops_before_work(tmp_path):
     """A fixed 224 model given a 256 profile answered through the in-graph path and failed
     every row through numpy; now the bundle is refused, naming the field."""
-    from pipeline.errors import BundleError
+    from pipeline.core.errors import BundleError
 
     folder = _timm_folder(tmp_path)
     (folder / "tagpipe_profile.toml").write_text(
@@ -289,14 +347,22 @@ def test_a_profile_whose_input_size_differs_from_the_model_stops_before_work(tmp
         'input_size = 256\nresize_size = 288\nresize_mode = "resize_crop"\ninterpolation = "bicubic"\n'
         'value_range = "0-1"\n'
     )
-    with pytest.raises(BundleError, match=r"takes 224x224 but profile wrong gives 256x256 \(preprocess.input_size\)"):
+    with pytest.raises(
+        BundleError, match=r"takes 224x224 but profile wrong gives 256x256 \(preprocess.input_size\)"
+    ):
         load_bundle(folder)
 
 
 def test_a_misspelt_required_field_is_named():
-    with pytest.raises(ConfigError, match=r"missing field preprocess.interpolation \(found preprocess.interpolaton"):
-        parse_profile(_profile_text('input_size = 8\nresize_mode = "squash"\ninterpolaton = "bicubic"\n'
-                                    'value_range = "0-1"\n'), "p")  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"missing field preprocess.interpolation \(found preprocess.interpolaton"
+    ):
+        parse_profile(
+            _profile_text(
+                'input_size = 8\nresize_mode = "squash"\ninterpolaton = "bicubic"\nvalue_range = "0-1"\n'
+            ),
+            "p",
+        )
 
 
 def test_imported_profiles_drop_alpha_as_timm_and_hf_do(tmp_path):
@@ -306,7 +372,7 @@ def test_imported_profiles_drop_alpha_as_timm_and_hf_do(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pipeline.imaging import DecodeOptions, decode_image
+    from pipeline.image.imaging import DecodeOptions, decode_image
 
     folder = _timm_folder(tmp_path)
     profile = profile_from_data(profile_data(folder), "imported")

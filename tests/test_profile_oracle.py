@@ -27,22 +27,27 @@ import numpy as np
 import pytest
 from helpers import feed_through_graph, identity_model
 from PIL import Image
+from sample_photos import photo_paths
 
-from pipeline.imaging import DecodeOptions, decode_image
-from pipeline.profile_import import profile_data
-from pipeline.profiles import (
+from pipeline.image.imaging import DecodeOptions, decode_image
+from pipeline.job.tagger import Normaliser
+from pipeline.model.profile_import import profile_data
+from pipeline.model.profiles import (
     ChannelOrder,
     Layout,
     ValueRange,
     parse_profile,
     profile_from_data,
 )
-from pipeline.sample_photos import photo_paths
-from pipeline.tagger import Normaliser
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+PIL_FILTERS = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+}
 
 
 def _photos() -> list[tuple[str, bytes]]:
@@ -59,15 +64,21 @@ def _photos() -> list[tuple[str, bytes]]:
         "2x1": (retina, (0, 350, 1411, 1055)),
         "3x1": (retina, (0, 470, 1411, 941)),
     }
-    cases = [("rocket.jpg", by_name["rocket"].read_bytes()), ("chelsea-451x300", by_name["chelsea"].read_bytes())]
+    cases = [
+        ("rocket.jpg", by_name["rocket"].read_bytes()),
+        ("chelsea-451x300", by_name["chelsea"].read_bytes()),
+    ]
     for label, (image, box) in crops.items():
         out = io.BytesIO()
         image.crop(box).save(out, "PNG")
         cases.append((label, out.getvalue()))
     chelsea = Image.open(by_name["chelsea"]).convert("RGB")  # transparency: both libraries drop alpha
     yy, xx = np.mgrid[0 : chelsea.height, 0 : chelsea.width]
-    chelsea.putalpha(Image.fromarray(np.clip((1.2 - np.hypot((xx - 225) / 200, (yy - 150) / 130)) * 400, 0, 255)
-                                     .astype(np.uint8)))  # fmt: skip
+    chelsea.putalpha(
+        Image.fromarray(
+            np.clip((1.2 - np.hypot((xx - 225) / 200, (yy - 150) / 130)) * 400, 0, 255).astype(np.uint8)
+        )
+    )
     out = io.BytesIO()
     chelsea.save(out, "PNG")
     cases.append(("chelsea-rgba", out.getvalue()))
@@ -106,8 +117,13 @@ def _timm_centre_crop_or_pad(image: Image.Image, height: int, width: int, fill) 
     """timm.data.transforms.center_crop_or_pad: pad (floor(d / 2) first), then centre crop."""
     if width > image.width or height > image.height:
         grown = Image.new("RGB", (max(width, image.width), max(height, image.height)), tuple(fill))
-        grown.paste(image, ((width - image.width) // 2 if width > image.width else 0,
-                            (height - image.height) // 2 if height > image.height else 0))  # fmt: skip
+        grown.paste(
+            image,
+            (
+                (width - image.width) // 2 if width > image.width else 0,
+                (height - image.height) // 2 if height > image.height else 0,
+            ),
+        )
         image = grown
     return _torchvision_centre_crop(image, height, width)
 
@@ -174,39 +190,99 @@ def library_hf(image: Image.Image, cfg: dict) -> np.ndarray:
 
 
 TIMM_CONFIGS = {
-    "imagenet-default": {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875,
-                         "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-    "crop_pct-0.95": {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.95,
-                      "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-    "bilinear-0.9-288": {"input_size": [3, 288, 288], "interpolation": "bilinear", "crop_pct": 0.9,
-                         "mean": [0.5] * 3, "std": [0.5] * 3},
-    "squash-256-crop-224": {"input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "squash",
-                            "interpolation": "bilinear"},
+    "imagenet-default": {
+        "input_size": [3, 224, 224],
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    },
+    "crop_pct-0.95": {
+        "input_size": [3, 224, 224],
+        "interpolation": "bicubic",
+        "crop_pct": 0.95,
+        "crop_mode": "center",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    },
+    "bilinear-0.9-288": {
+        "input_size": [3, 288, 288],
+        "interpolation": "bilinear",
+        "crop_pct": 0.9,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    },
+    "squash-256-crop-224": {
+        "input_size": [3, 224, 224],
+        "crop_pct": 0.875,
+        "crop_mode": "squash",
+        "interpolation": "bilinear",
+    },
     "squash-1.0": {"input_size": [3, 224, 224], "crop_pct": 1.0, "crop_mode": "squash"},
     "squash-0.9": {"input_size": [3, 256, 256], "crop_pct": 0.9, "crop_mode": "squash"},
     "border-1.0": {"input_size": [3, 224, 224], "crop_pct": 1.0, "crop_mode": "border"},
-    "border-0.9": {"input_size": [3, 224, 224], "crop_pct": 0.9, "crop_mode": "border",
-                   "mean": CLIP_MEAN, "std": CLIP_STD},
+    "border-0.9": {
+        "input_size": [3, 224, 224],
+        "crop_pct": 0.9,
+        "crop_mode": "border",
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+    },
     "center-non-square": {"input_size": [3, 192, 256], "crop_pct": 0.875, "interpolation": "bicubic"},
-    "wd-v3-style-448": {"input_size": [3, 448, 448], "interpolation": "bicubic", "crop_pct": 1.0,
-                        "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 4,
-                        "fixed_input_size": True, "pool_size": None, "first_conv": None, "classifier": None},
-}  # fmt: skip
+    "wd-v3-style-448": {
+        "input_size": [3, 448, 448],
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "num_classes": 4,
+        "fixed_input_size": True,
+        "pool_size": None,
+        "first_conv": None,
+        "classifier": None,
+    },
+}
 
 HF_CONFIGS = {
-    "clip-shortest-edge-crop": {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                                "size": {"shortest_edge": 224}, "resample": 3, "do_center_crop": True,
-                                "crop_size": {"height": 224, "width": 224}, "do_rescale": True,
-                                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-                                "image_std": CLIP_STD, "do_convert_rgb": True},
-    "vit-squash": {"image_processor_type": "ViTImageProcessor", "do_resize": True,
-                   "size": {"height": 224, "width": 224}, "resample": 2, "do_rescale": True,
-                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-    "convnext-crop_pct": {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,
-                          "size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3, "do_rescale": True,
-                          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN,
-                          "image_std": IMAGENET_STD},
-}  # fmt: skip
+    "clip-shortest-edge-crop": {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 224},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": True,
+    },
+    "vit-squash": {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": 224, "width": 224},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    },
+    "convnext-crop_pct": {
+        "image_processor_type": "ConvNextImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 224},
+        "crop_pct": 0.875,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+    },
+}
 
 
 def _bundle(tmp_path, config_name: str, config: dict, size_hw: tuple[int, int], nhwc: bool = False):
@@ -214,7 +290,9 @@ def _bundle(tmp_path, config_name: str, config: dict, size_hw: tuple[int, int], 
     folder = tmp_path / "bundle"
     folder.mkdir()
     (folder / config_name).write_text(json.dumps(config))
-    labels = {"id2label": {"0": "a", "1": "b"}} if config_name != "config.json" else {"label_names": ["a", "b"]}
+    labels = (
+        {"id2label": {"0": "a", "1": "b"}} if config_name != "config.json" else {"label_names": ["a", "b"]}
+    )
     if config_name != "config.json":
         (folder / "config.json").write_text(json.dumps(labels))
     else:
@@ -260,7 +338,9 @@ def _compare(folder, profile, oracle, cfg, mean, std) -> dict[str, float]:
 @pytest.mark.parametrize("config_name", sorted(TIMM_CONFIGS))
 def test_timm_config_import_matches_timm(tmp_path, config_name, oracle):
     cfg = TIMM_CONFIGS[config_name]
-    folder = _bundle(tmp_path, "config.json", {"architecture": "x", "pretrained_cfg": cfg}, tuple(cfg["input_size"][1:]))
+    folder = _bundle(
+        tmp_path, "config.json", {"architecture": "x", "pretrained_cfg": cfg}, tuple(cfg["input_size"][1:])
+    )
     profile = profile_from_data(profile_data(folder, activation="softmax"), "imported")
     run = reference_timm if oracle == "reference" else library_timm
     worst = _compare(folder, profile, run, cfg, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))

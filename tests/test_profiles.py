@@ -1,19 +1,36 @@
 import pytest
 
-from pipeline.bundle import load_bundle
-from pipeline.errors import ConfigError
-from pipeline.profiles import ChannelOrder, Layout, ResizeMode, ValueRange, load_profile, shipped_profile_names
+from pipeline.core.errors import ConfigError
+from pipeline.model.bundle import load_bundle
+from pipeline.model.profiles import (
+    ChannelOrder,
+    Layout,
+    ResizeMode,
+    ValueRange,
+    load_profile,
+    shipped_profile_names,
+)
 from tests.helpers import tiny_tagger
 
 
 def test_shipped_profiles_hold_each_family_recipe():
     assert shipped_profile_names() == ["cl_tagger_v2", "joytag", "jtp1", "wd_v3"]
     cl, wd, joy, jtp = (load_profile(n) for n in ("cl_tagger_v2", "wd_v3", "joytag", "jtp1"))
-    assert (cl.input_size, cl.preprocess.resize_mode, cl.preprocess.mean, cl.thresholds.default) == ((384, 384), ResizeMode.SQUASH, (0.5,) * 3, 0.55)
+    assert (cl.input_size, cl.preprocess.resize_mode, cl.preprocess.mean, cl.thresholds.default) == (
+        (384, 384),
+        ResizeMode.SQUASH,
+        (0.5,) * 3,
+        0.55,
+    )
     assert wd.preprocess.channel_order is ChannelOrder.BGR and wd.preprocess.layout is Layout.NHWC
-    assert wd.preprocess.value_range is ValueRange.BYTE and wd.thresholds.by_category == {"general": 0.35, "character": 0.85}
+    assert wd.preprocess.value_range is ValueRange.BYTE and wd.thresholds.by_category == {
+        "general": 0.35,
+        "character": 0.85,
+    }
     assert joy.preprocess.std == (0.26862954, 0.26130258, 0.27577711) and joy.thresholds.default == 0.4
-    assert jtp.preprocess.resize_mode is ResizeMode.FIT_PAD and jtp.preprocess.interpolation.value == "lanczos"
+    assert (
+        jtp.preprocess.resize_mode is ResizeMode.FIT_PAD and jtp.preprocess.interpolation.value == "lanczos"
+    )
     assert jtp.thresholds.default == 0.2
 
 
@@ -31,7 +48,7 @@ def test_shipped_profiles_hold_each_family_recipe():
 def test_bad_profile_names_the_field(tmp_path, edit, field):
     from importlib import resources
 
-    text = (resources.files("pipeline") / "profiles" / "cl_tagger_v2.toml").read_text()
+    text = (resources.files("pipeline.model") / "profiles" / "cl_tagger_v2.toml").read_text()
     assert edit[0] in text
     path = tmp_path / "bad.toml"
     path.write_text(text.replace(edit[0], edit[1], 1))
@@ -73,4 +90,6 @@ default = 0.3
     )
     loaded = load_bundle(bundle, profile)
     assert loaded.profile.name == "newfam" and loaded.vocabulary.tags == ("a", "b", "c", "d", "e")
-    assert loaded.profile.preprocess.mean == (0.5, 0.5, 0.5) and loaded.profile.preprocess.layout is Layout.NHWC
+    assert (
+        loaded.profile.preprocess.mean == (0.5, 0.5, 0.5) and loaded.profile.preprocess.layout is Layout.NHWC
+    )

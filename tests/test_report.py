@@ -13,19 +13,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import MAX_ERRORS, build_report
-from pipeline.table import read_current
+from pipeline.corpus.report import MAX_ERRORS, build_report
+from pipeline.table.tag_table import read_current
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SECTIONS = ["summary", "tags", "scores", "ood", "duplicates", "splits", "errors"]
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"), reason="headless Chromium not installed (.ci/run installs Debian's chromium)"
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="headless Chromium not installed (.ci/run installs Debian's chromium)",
 )
 
 
 def _chromium(*args: str, page) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0", *args, f"file://{page}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(page.parent)})
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+        f"file://{page}",
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(page.parent)}
+    )
 
 
 def console_errors(stderr: str) -> list[str]:
@@ -35,7 +48,7 @@ def console_errors(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo(ray_session, tmp_path_factory):
-    from pipeline.demo import run_demo
+    from pipeline.demo.end_to_end import run_demo
 
     return run_demo(tmp_path_factory.mktemp("demo"))
 
@@ -45,13 +58,19 @@ def test_demo_report_renders_with_every_section_and_no_console_errors(demo, tmp_
     assert CHROMIUM, "CI must have headless Chromium"
     page = demo.report
     text = page.read_text()
-    assert not re.search(r"""(src|href)=['"]?(https?:)?//""", text) and "<script" not in text and "<link" not in text  # nothing to fetch
+    assert (
+        not re.search(r"""(src|href)=['"]?(https?:)?//""", text)
+        and "<script" not in text
+        and "<link" not in text
+    )  # nothing to fetch
     screenshot = tmp_path / "report.png"
     shot = _chromium("--window-size=1280,4000", f"--screenshot={screenshot}", page=page)
     assert screenshot.exists(), shot.stderr[-2000:]
     pixels = np.asarray(Image.open(screenshot).convert("L"), np.float32)
     background = np.median(pixels)
-    assert pixels.std() > 20 and (np.abs(pixels - background) > 40).mean() > 0.05  # not blank: text, bars, thumbnails
+    assert (
+        pixels.std() > 20 and (np.abs(pixels - background) > 40).mean() > 0.05
+    )  # not blank: text, bars, thumbnails
     assert console_errors(shot.stderr) == []
 
     dom = _chromium("--dump-dom", page=page)
@@ -86,10 +105,19 @@ def test_report_figures_match_the_tables(demo):
     for kind, count in kinds.items():
         assert f"<td>{kind}</td><td>{count}</td>" in text
     errors = text[text.index("id='errors'") :]
-    assert sorted(re.findall(r"<tr><td>([^<]+)</td><td>[a-z_]+</td>", errors)) == sorted(r["uri"] for r in rows if r["error_kind"])
-    ood = sorted(((r["ood_distance"], r["uri"]) for r in rows if r["ood_distance"] is not None), reverse=True)[:12]
-    shown = re.findall(r"<figure title='([^']+)'>.*?<figcaption>([0-9.]+)</figcaption>", text[text.index("id='ood'") : text.index("id='duplicates'")])
-    assert [u for u, _ in shown] == [u for _, u in ood] and [float(d) for _, d in shown] == [round(d, 2) for d, _ in ood]
+    assert sorted(re.findall(r"<tr><td>([^<]+)</td><td>[a-z_]+</td>", errors)) == sorted(
+        r["uri"] for r in rows if r["error_kind"]
+    )
+    ood = sorted(
+        ((r["ood_distance"], r["uri"]) for r in rows if r["ood_distance"] is not None), reverse=True
+    )[:12]
+    shown = re.findall(
+        r"<figure title='([^']+)'>.*?<figcaption>([0-9.]+)</figcaption>",
+        text[text.index("id='ood'") : text.index("id='duplicates'")],
+    )
+    assert [u for u, _ in shown] == [u for _, u in ood] and [float(d) for _, d in shown] == [
+        round(d, 2) for d, _ in ood
+    ]
     sizes = json.loads((demo.workdir / "splits" / "_report.json").read_text())["sizes"]
     splits = text[text.index("id='splits'") : text.index("id='errors'")]
     for name, size in sizes.items():
@@ -127,10 +155,25 @@ def test_report_command_and_benchmark_script(demo, tmp_path):
     from pipeline.cli import app
 
     out = tmp_path / "cli.html"
-    result = CliRunner().invoke(app, ["report", "--tags", str(demo.tags_dir), "--dedup", str(demo.workdir / "dedup"), "-o", str(out), "--title", "cli run"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            "--tags",
+            str(demo.tags_dir),
+            "--dedup",
+            str(demo.workdir / "dedup"),
+            "-o",
+            str(out),
+            "--title",
+            "cli run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"report: {out}" in result.output and "<title>cli run</title>" in out.read_text()
-    assert "id='duplicates'" in out.read_text() and "id='splits'" not in out.read_text()  # only the sections given
+    assert (
+        "id='duplicates'" in out.read_text() and "id='splits'" not in out.read_text()
+    )  # only the sections given
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
     from report import main

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.config import make_tag_config
-from pipeline.errors import TagpipeError
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.core.errors import TagpipeError
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import read_current
 
 VOLATILE = {"run_id", "tagged_at"}
 
@@ -37,9 +37,22 @@ def staged_parts(path) -> list:
 def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bundle, demo_corpus, tmp_path):
     out = tmp_path / "killed"
     command = [
-        sys.executable, str(Path(__file__).parent.parent / "jobs" / "tag.py"), "-i", str(demo_corpus / "images"), "-o", str(out), "-m", str(demo_bundle),
-        "--rows-per-part", "8", "--batch-size", "4", "--decode-batch-size", "4", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        str(Path(__file__).parent.parent / "jobs" / "tag.py"),
+        "-i",
+        str(demo_corpus / "images"),
+        "-o",
+        str(out),
+        "-m",
+        str(demo_bundle),
+        "--rows-per-part",
+        "8",
+        "--batch-size",
+        "4",
+        "--decode-batch-size",
+        "4",
+        "--no-progress",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -60,7 +73,14 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bun
     assert f"{len(written)} reused from an interrupted run" in rerun.stdout
 
     clean_out = tmp_path / "clean"
-    run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=str(clean_out), model=str(demo_bundle), rows_per_part=8))
+    run_tag_job(
+        make_tag_config(
+            inputs=[str(demo_corpus / "images")],
+            output=str(clean_out),
+            model=str(demo_bundle),
+            rows_per_part=8,
+        )
+    )
     resumed, clean = _rows(read_current(str(out))), _rows(read_current(str(clean_out)))
     assert sorted(resumed) == sorted(clean) and len(clean) == total
     assert resumed == clean  # same tags, scores, logits, hashes, errors, row for row

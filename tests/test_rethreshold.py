@@ -6,14 +6,30 @@ import shutil
 
 import pytest
 
-from pipeline.config import make_tag_config, tag_rules
-from pipeline.errors import TagpipeError
-from pipeline.rethreshold import run_rethreshold
-from pipeline.table import TagTable, read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.core.errors import TagpipeError
+from pipeline.job.rethreshold import run_rethreshold
+from pipeline.job.settings import make_tag_config, tag_rules
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import TagTable, read_current
 
-RULES = dict(threshold=0.3, mcut_categories=["character"], exclude=["stripes"], max_tags=4, category_thresholds={"meta": 0.15})
-TAG_COLUMNS = ["tags", "tags_general", "tags_character", "scores", "rating", "quality", "ood", "ood_distance", "error"]
+RULES = dict(
+    threshold=0.3,
+    mcut_categories=["character"],
+    exclude=["stripes"],
+    max_tags=4,
+    category_thresholds={"meta": 0.15},
+)
+TAG_COLUMNS = [
+    "tags",
+    "tags_general",
+    "tags_character",
+    "scores",
+    "rating",
+    "quality",
+    "ood",
+    "ood_distance",
+    "error",
+]
 
 
 def _by_uri(path, columns):
@@ -24,17 +40,29 @@ def _by_uri(path, columns):
 @pytest.fixture(scope="module")
 def base_output(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "tags"
-    run_tag_job(make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16))
+    run_tag_job(
+        make_tag_config(
+            inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16
+        )
+    )
     return out
 
 
 def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, base_output, tmp_path):
-    cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(tmp_path / "rerun"), model=str(demo_bundle), rows_per_part=16, **RULES)
+    cfg = make_tag_config(
+        inputs=[str(demo_corpus / "images")],
+        output=str(tmp_path / "rerun"),
+        model=str(demo_bundle),
+        rows_per_part=16,
+        **RULES,
+    )
     run_tag_job(cfg)
     summary = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
     base_files = TagTable(str(base_output)).current().files
     assert summary.parts == len(base_files) and summary.rows_changed > 0 and summary.version == 1
-    rerun, rethresholded, base = (_by_uri(p, TAG_COLUMNS) for p in (tmp_path / "rerun", tmp_path / "re", base_output))
+    rerun, rethresholded, base = (
+        _by_uri(p, TAG_COLUMNS) for p in (tmp_path / "rerun", tmp_path / "re", base_output)
+    )
     assert rerun.keys() == rethresholded.keys()
     for uri, row in rerun.items():
         assert rethresholded[uri] == row, uri  # tags, scores, winners, ood: identical
@@ -67,8 +95,8 @@ def test_worker_bundle_cache_follows_replaced_calibration_files(demo_bundle, tmp
     name (same rules, same model) must not be served from the cache."""
     import numpy as np
 
-    from pipeline.bundle import load_bundle
-    from pipeline.rethreshold import _postprocessor
+    from pipeline.job.rethreshold import _postprocessor
+    from pipeline.model.bundle import load_bundle
 
     bundle_dir = tmp_path / "bundle"
     shutil.copytree(demo_bundle, bundle_dir)
@@ -79,4 +107,9 @@ def test_worker_bundle_cache_follows_replaced_calibration_files(demo_bundle, tmp
     np.savez(bundle_dir / "model_ood_ref.npz", **reference)
     second = load_bundle(bundle_dir).fingerprint
     new, _ = _postprocessor(str(bundle_dir), "{}", (second.model_sha256, second.calibration_sha256))
-    assert old.fingerprint.calibration_sha256 == first.calibration_sha256 != second.calibration_sha256 == new.fingerprint.calibration_sha256
+    assert (
+        old.fingerprint.calibration_sha256
+        == first.calibration_sha256
+        != second.calibration_sha256
+        == new.fingerprint.calibration_sha256
+    )

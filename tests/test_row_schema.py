@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import make_tag_config
-from pipeline.decode import DecodeStage
-from pipeline.demo_model import write_demo_bundle
-from pipeline.runtime import ProviderChoice
-from pipeline.schemas import part_schema, tag_row_schema
-from pipeline.table import TagTable, read_current
-from pipeline.tag_job import run_tag_job
-from pipeline.tagger import TaggerSettings, TaggerStage
+from pipeline.core.schemas import part_schema, tag_row_schema
+from pipeline.demo.model import write_demo_bundle
+from pipeline.image.decode import DecodeStage
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.job.tagger import TaggerSettings, TaggerStage
+from pipeline.model.runtime import ProviderChoice
+from pipeline.table.tag_table import TagTable, read_current
 
 HTML_ERROR_PAGE = (
     b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"

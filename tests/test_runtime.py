@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.runtime import ProviderChoice, create_session, cuda_device_count
+from pipeline.model.runtime import ProviderChoice, create_session, cuda_device_count
 
 
 @pytest.mark.skipif(cuda_device_count() > 0, reason="checks the CPU-only path")
@@ -19,8 +19,8 @@ def test_tagger_stage_gives_the_same_rows_from_concurrent_calls(demo_bundle, dem
 
     import numpy as np
 
-    from pipeline.decode import DecodeStage
-    from pipeline.tagger import TaggerSettings, TaggerStage
+    from pipeline.image.decode import DecodeStage
+    from pipeline.job.tagger import TaggerSettings, TaggerStage
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU, intra_op_threads=1))
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*") if p.is_file())

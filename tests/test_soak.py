@@ -20,10 +20,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from pipeline.config import make_tag_config
-from pipeline.synthetic import encode
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.demo.synthetic import encode
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import read_current
 
 IMAGES = int(os.environ.get("SOAK_IMAGES", "50000"))
 
@@ -72,10 +72,26 @@ class MemorySampler:
                         tagger = max(tagger, workers[-1])
             try:
                 text = memory_summary(stats_only=True)
-                used = next((float(line.split("Plasma memory usage ")[1].split(" MiB")[0]) for line in text.splitlines() if "Plasma memory usage" in line), 0.0)
+                used = next(
+                    (
+                        float(line.split("Plasma memory usage ")[1].split(" MiB")[0])
+                        for line in text.splitlines()
+                        if "Plasma memory usage" in line
+                    ),
+                    0.0,
+                )
             except Exception:
                 used = float("nan")
-            self.samples.append({"t": time.monotonic(), "driver_mib": _private(me.memory_info()) / 2**20, "worker_max_mib": max(workers, default=0) / 2**20, "tagger_mib": tagger / 2**20, "workers_total_mib": sum(workers) / 2**20, "object_store_mib": used})
+            self.samples.append(
+                {
+                    "t": time.monotonic(),
+                    "driver_mib": _private(me.memory_info()) / 2**20,
+                    "worker_max_mib": max(workers, default=0) / 2**20,
+                    "tagger_mib": tagger / 2**20,
+                    "workers_total_mib": sum(workers) / 2**20,
+                    "object_store_mib": used,
+                }
+            )
             self._stop.wait(2.0)
 
     def __enter__(self):
@@ -94,7 +110,9 @@ def test_soak_50k_images_flat_memory_every_row(ray_session, demo_bundle, tmp_pat
     _write_images(images, IMAGES)
     generated = time.monotonic() - started
     out = tmp_path / "tags"
-    cfg = make_tag_config(inputs=[str(images)], output=str(out), model=str(demo_bundle), rows_per_part=4096, batch_size=64)
+    cfg = make_tag_config(
+        inputs=[str(images)], output=str(out), model=str(demo_bundle), rows_per_part=4096, batch_size=64
+    )
     with MemorySampler() as sampler:
         summary = run_tag_job(cfg)
     table = read_current(str(out), columns=["uri", "error"])
@@ -116,11 +134,15 @@ def test_soak_50k_images_flat_memory_every_row(ray_session, demo_bundle, tmp_pat
         "worker_peak_mib": round(max(s["worker_max_mib"] for s in samples), 1),
         "workers_total_peak_mib": round(max(s["workers_total_mib"] for s in samples), 1),
         "object_store_peak_mib": round(float(np.nanmax([s["object_store_mib"] for s in samples])), 1),
-        "object_store_last_quarter_mean_mib": round(float(np.nanmean([s["object_store_mib"] for s in late])), 1),
+        "object_store_last_quarter_mean_mib": round(
+            float(np.nanmean([s["object_store_mib"] for s in late])), 1
+        ),
     }
     tagged = [s["tagger_mib"] for s in samples if s["tagger_mib"]]
     figures["tagger_timeline_mib"] = [round(v) for v in tagged]
-    figures["worker_peak_by_process_mib"] = {k: round(v, 1) for k, v in sorted(sampler.by_name.items(), key=lambda kv: -kv[1])[:6]}
+    figures["worker_peak_by_process_mib"] = {
+        k: round(v, 1) for k, v in sorted(sampler.by_name.items(), key=lambda kv: -kv[1])[:6]
+    }
     print(json.dumps(figures, indent=1))
     if os.environ.get("SOAK_REPORT"):
         with open(os.environ["SOAK_REPORT"], "w") as handle:

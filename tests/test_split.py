@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.audit import run_audit
-from pipeline.dedup import run_dedup
-from pipeline.split import HELD_OUT, run_split
+from pipeline.corpus.audit import run_audit
+from pipeline.corpus.dedup import run_dedup
+from pipeline.corpus.split import HELD_OUT, run_split
 
 R = 6
 RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -38,7 +38,14 @@ def _corpus(seed: int = 0, families: int = 800, pairs: int = 60):
         seeds[f] = base
         tags = list(rng.choice(TAGS, rng.integers(1, 5), replace=False))
         for c in range(int(rng.integers(1, 7))):
-            rows.append({"uri": f"s3://b/f{f:04d}/c{c}.jpg", "phash": base if c == 0 else _flip(base, rng, int(rng.integers(1, 3))), "family": f, "tags": tags})
+            rows.append(
+                {
+                    "uri": f"s3://b/f{f:04d}/c{c}.jpg",
+                    "phash": base if c == 0 else _flip(base, rng, int(rng.integers(1, 3))),
+                    "family": f,
+                    "tags": tags,
+                }
+            )
     return rows, seeds
 
 
@@ -85,12 +92,19 @@ def test_families_stay_whole_ratios_hold_and_runs_repeat(first, tmp_path):
     for r in rows:
         family_splits.setdefault(r["family"], set()).add(split[r["uri"]])
     assert all(len(s) == 1 for s in family_splits.values())  # no family crosses splits
-    for name, share in RATIOS.items():  # documented tolerance: 4 binomial sigmas at cluster level, x1.2 for cluster sizes
-        assert abs(report.fractions[name] - share) <= 4 * np.sqrt(share * (1 - share) / report.clusters) * 1.2, report.fractions
+    for (
+        name,
+        share,
+    ) in RATIOS.items():  # documented tolerance: 4 binomial sigmas at cluster level, x1.2 for cluster sizes
+        assert (
+            abs(report.fractions[name] - share) <= 4 * np.sqrt(share * (1 - share) / report.clusters) * 1.2
+        ), report.fractions
     shuffled = _write_tags(rows, tmp_path / "tags", shuffle_seed=1)
     run_dedup(str(shuffled), str(tmp_path / "dedup"), R)
     run_split(str(shuffled), str(tmp_path / "dedup"), str(tmp_path / "split"), RATIOS, seed=3)
-    assert pq.read_table(tmp_path / "split" / "splits.parquet").equals(pq.read_table(root / "split" / "splits.parquet"))
+    assert pq.read_table(tmp_path / "split" / "splits.parquet").equals(
+        pq.read_table(root / "split" / "splits.parquet")
+    )
     assert set(report.zero_positive_tags) == {"train", "val", "test"} and report.label_deviation["val"] < 0.05
 
 
@@ -101,7 +115,14 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
     grown = list(rows)
     families = 800
     for f in rng.choice(families, 300, replace=False):  # new copies joining existing families
-        grown.append({"uri": f"s3://b/f{f:04d}/new.jpg", "phash": _flip(seeds[int(f)], rng, 1), "family": int(f), "tags": ["tag_0"]})
+        grown.append(
+            {
+                "uri": f"s3://b/f{f:04d}/new.jpg",
+                "phash": _flip(seeds[int(f)], rng, 1),
+                "family": int(f),
+                "tags": ["tag_0"],
+            }
+        )
     crossing = 0
     for k in range(60):  # bridges: 4 bits from each seed of a pair 8 bits apart
         a, b = families + 2 * k, families + 2 * k + 1
@@ -115,12 +136,21 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
     assert len(grown) - len(rows) >= 0.1 * len(rows) and crossing > 0  # 10% new images, some bridging
     tags = _write_tags(grown, tmp_path / "tags")
     run_dedup(str(tags), str(tmp_path / "dedup"), R)
-    report = run_split(str(tags), str(tmp_path / "dedup"), str(tmp_path / "split"), RATIOS, seed=3, previous=str(root / "split" / "splits.parquet"))
+    report = run_split(
+        str(tags),
+        str(tmp_path / "dedup"),
+        str(tmp_path / "split"),
+        RATIOS,
+        seed=3,
+        previous=str(root / "split" / "splits.parquet"),
+    )
     after = _split_of(tmp_path / "split")
     assert all(after[u] == s for u, s in before.items())  # nothing previously assigned moves
     assert len(report.bridges) == crossing  # every bridge across splits reported
     assert sum(1 for u, s in after.items() if s == HELD_OUT) == crossing
-    _, audit_report = run_audit(str(tmp_path / "split" / "splits.parquet"), str(tmp_path / "split" / "splits.parquet"), R)
+    _, audit_report = run_audit(
+        str(tmp_path / "split" / "splits.parquet"), str(tmp_path / "split" / "splits.parquet"), R
+    )
     assert audit_report.leaks == 0 and audit_report.eval_images > 0
 
 
@@ -131,7 +161,14 @@ def test_exclude_keeps_an_existing_train_set_out_of_eval(first, tmp_path):
     rng = np.random.default_rng(4)
     external = pa.table({"phash": pa.array([f"{_flip(seeds[f], rng, 2):016x}" for f in eval_families])})
     pq.write_table(external, tmp_path / "old_train.parquet")
-    report = run_split(str(root / "tags"), str(root / "dedup"), str(tmp_path / "split"), RATIOS, seed=3, exclude=[str(tmp_path / "old_train.parquet")])
+    report = run_split(
+        str(root / "tags"),
+        str(root / "dedup"),
+        str(tmp_path / "split"),
+        RATIOS,
+        seed=3,
+        exclude=[str(tmp_path / "old_train.parquet")],
+    )
     after = _split_of(tmp_path / "split")
     moved = {r["family"] for r in rows if r["family"] in eval_families and after[r["uri"]] == "train"}
     assert moved == set(eval_families) and report.forced_train_by_exclude == len(eval_families)
@@ -141,7 +178,15 @@ def test_exclude_keeps_an_existing_train_set_out_of_eval(first, tmp_path):
 
 def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(first, tmp_path):
     root, rows, _, plain = first
-    report = run_split(str(root / "tags"), str(root / "dedup"), str(tmp_path / "strat"), RATIOS, seed=3, stratified=True, min_val_positives=5)
+    report = run_split(
+        str(root / "tags"),
+        str(root / "dedup"),
+        str(tmp_path / "strat"),
+        RATIOS,
+        seed=3,
+        stratified=True,
+        min_val_positives=5,
+    )
     split = _split_of(tmp_path / "strat")
     family_splits = {}
     for r in rows:
@@ -150,7 +195,19 @@ def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(
     totals = {t: sum(v.values()) for t, v in report.positives.items()}
     frequent = [t for t, n in totals.items() if n * RATIOS["val"] >= 5]
     assert frequent and all(report.positives[t].get("val", 0) >= 5 for t in frequent)
-    assert report.label_deviation["val"] <= plain.label_deviation["val"]  # closer to the overall label distribution
-    again = run_split(str(root / "tags"), str(root / "dedup"), str(tmp_path / "strat2"), RATIOS, seed=3, stratified=True, min_val_positives=5)
-    assert pq.read_table(tmp_path / "strat2" / "splits.parquet").equals(pq.read_table(tmp_path / "strat" / "splits.parquet"))
+    assert (
+        report.label_deviation["val"] <= plain.label_deviation["val"]
+    )  # closer to the overall label distribution
+    again = run_split(
+        str(root / "tags"),
+        str(root / "dedup"),
+        str(tmp_path / "strat2"),
+        RATIOS,
+        seed=3,
+        stratified=True,
+        min_val_positives=5,
+    )
+    assert pq.read_table(tmp_path / "strat2" / "splits.parquet").equals(
+        pq.read_table(tmp_path / "strat" / "splits.parquet")
+    )
     assert again.fractions == report.fractions

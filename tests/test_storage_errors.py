@@ -27,8 +27,12 @@ def strict_s3():
     """A second moto server that checks credentials (moto's IAM auth on from the first call)."""
     port = _free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -83,27 +87,36 @@ def test_missing_bucket_is_named_and_never_created(s3_server, demo_bundle, tmp_p
 
 def test_unreachable_endpoint_is_named(demo_bundle):
     endpoint = f"http://127.0.0.1:{_free_port()}"
-    done = _run(["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
-                AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing")  # fmt: skip
+    done = _run(
+        ["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+    )
     _one_line(done, f"cannot connect to the S3 endpoint {endpoint}", "AWS_ENDPOINT_URL")
 
 
 def test_missing_credentials_are_named(s3_server, demo_bundle, tmp_path):
     done = _run(
         ["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
-        AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_PROFILE=None,
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
-    )  # fmt: skip
+        AWS_ACCESS_KEY_ID=None,
+        AWS_SECRET_ACCESS_KEY=None,
+        AWS_PROFILE=None,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )
     _one_line(done, "no credentials for s3://some-bucket", "AWS_ACCESS_KEY_ID")
 
 
 def test_access_denied_is_named(strict_s3, demo_bundle):
-    done = _run(["tag", "-i", "s3://some-bucket/in", "-o", "s3://locked-bucket/out", "-m", str(demo_bundle)],
-                AWS_ENDPOINT_URL=strict_s3, AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000")  # fmt: skip
+    done = _run(
+        ["tag", "-i", "s3://some-bucket/in", "-o", "s3://locked-bucket/out", "-m", str(demo_bundle)],
+        AWS_ENDPOINT_URL=strict_s3,
+        AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000",
+    )
     _one_line(done, "access denied to", "s3://locked-bucket", strict_s3)
 
 
 def test_a_local_permission_error_is_not_called_a_store_error():
-    from pipeline.storage import storage_error_text
+    from pipeline.storage.filesystem import storage_error_text
 
     assert storage_error_text(PermissionError(13, "Permission denied", "/data/out"), ["/data/in"]) is None

@@ -2,16 +2,18 @@ import json
 
 import pytest
 
-from pipeline.config import load_config_file, make_tag_config
-from pipeline.demo import check_tags
-from pipeline.errors import ConfigError
-from pipeline.table import read_current
-from pipeline.tag_job import run_tag_job
+from pipeline.core.errors import ConfigError
+from pipeline.demo.end_to_end import check_tags
+from pipeline.job.settings import load_config_file, make_tag_config
+from pipeline.job.tag_job import run_tag_job
+from pipeline.table.tag_table import read_current
 
 
 def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, demo_corpus, tmp_path):
     out = tmp_path / "tags"
-    cfg = make_tag_config(inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16)
+    cfg = make_tag_config(
+        inputs=[str(demo_corpus / "images")], output=str(out), model=str(demo_bundle), rows_per_part=16
+    )
     summary = run_tag_job(cfg)
     images = sorted(str(p) for p in (demo_corpus / "images").rglob("*") if p.is_file())
     table = read_current(str(out))
@@ -26,20 +28,29 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     assert all((out / f).is_file() for f in snapshot["files"])
     row = table.filter(table.column("error").is_null()).slice(0, 1).to_pylist()[0]
     assert len(row["embedding"]) == 22 and row["ood_distance"] > 0 and len(row["phash_hex"]) == 16
-    from pipeline.bundle import load_bundle
+    from pipeline.model.bundle import load_bundle
 
     vocabulary = load_bundle(demo_bundle).vocabulary
     assert row["logit_indices"] == list(range(len(vocabulary)))  # a small vocabulary: every logit by default
     assert isinstance(row["ood"], bool)
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert manifest["summary"]["images"] == len(images) and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
+    assert (
+        manifest["summary"]["images"] == len(images)
+        and manifest["fingerprint"]["model_sha256"] == summary.model_sha256
+    )
 
     import duckdb  # the README's two DuckDB statements read the current version
 
-    duckdb.execute(f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{out}/' || f) FROM read_json('{out}/_current.json'))")
-    counts = duckdb.execute("select count(*), count(distinct uri), count(error) from read_parquet(getvariable('files'))").fetchone()
+    duckdb.execute(
+        f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{out}/' || f) FROM read_json('{out}/_current.json'))"
+    )
+    counts = duckdb.execute(
+        "select count(*), count(distinct uri), count(error) from read_parquet(getvariable('files'))"
+    ).fetchone()
     assert counts == (len(images), len(images), 4)
-    phash = duckdb.execute(f"select phash from read_parquet(getvariable('files')) where uri = '{row['uri']}'").fetchone()[0]
+    phash = duckdb.execute(
+        f"select phash from read_parquet(getvariable('files')) where uri = '{row['uri']}'"
+    ).fetchone()[0]
     assert phash == row["phash"] and f"{phash:016x}" == row["phash_hex"]
 
     # the README's one-liners read any tag's probability from every row
@@ -50,20 +61,33 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     ok = df[df.error.isna()]
     i = vocabulary.tags.index(next(t for tags in table.column("tags").to_pylist() if tags for t in tags))
     p = 1 / (1 + np.exp(-ok.logit_values.list[i].astype(float)))
-    want = [1 / (1 + np.exp(-float(r[i]))) for r in table.filter(table.column("error").is_null()).column("logit_values").to_pylist()]
+    want = [
+        1 / (1 + np.exp(-float(r[i])))
+        for r in table.filter(table.column("error").is_null()).column("logit_values").to_pylist()
+    ]
     np.testing.assert_allclose(p.to_numpy(float), want, rtol=1e-6)
     assert p.max() > 0.5 > p.min()
-    duck = duckdb.execute(f"select 1 / (1 + exp(-logit_values[{i} + 1])) from read_parquet(getvariable('files')) where error is null").fetchall()
+    duck = duckdb.execute(
+        f"select 1 / (1 + exp(-logit_values[{i} + 1])) from read_parquet(getvariable('files')) where error is null"
+    ).fetchall()
     np.testing.assert_allclose(sorted(v for (v,) in duck), sorted(want), rtol=1e-6)
 
     again = run_tag_job(cfg)  # everything is done: nothing recomputed, nothing added, no new version
-    assert again.images == 0 and again.skipped == len(images) and again.change == "no change" and again.version == 1
+    assert (
+        again.images == 0
+        and again.skipped == len(images)
+        and again.change == "no change"
+        and again.version == 1
+    )
     assert read_current(str(out)).num_rows == len(images)
 
 
 def test_config_file_and_field_errors(tmp_path, demo_bundle):
     path = tmp_path / "job.toml"
-    path.write_text('[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "%s"\nbatch_size = 8\nprovider = "cpu"\n' % demo_bundle)
+    path.write_text(
+        '[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "%s"\nbatch_size = 8\nprovider = "cpu"\n'
+        % demo_bundle
+    )
     cfg = make_tag_config(load_config_file(path), batch_size=4)
     assert cfg.batch_size == 4 and cfg.inputs == (str(tmp_path / "imgs"),) and cfg.provider.value == "cpu"
     with pytest.raises(ConfigError, match="field batch_size"):

@@ -1,0 +1,593 @@
+"""`tagpipe report`: one self-contained HTML file about a run's output.
+
+Sections: run summary (images, errors by kind, throughput, model fingerprint), tag
+frequency per category, score distribution and the tags the model is least sure of,
+OOD distance with the most out-of-distribution images as thumbnails, the largest
+duplicate clusters as thumbnail strips, split sizes and per-tag balance, and the error
+list. Charts are inline SVG and thumbnails inline JPEG (data: URIs): the file needs no
+network and no script.
+
+Memory is bounded for any table size: the tag table is read one part at a time, a few
+columns at a time, into running counts (tag counts, fixed-bin histograms, a top-k of
+OOD distances, the first errors). Only the thumbnails' images are read, a bounded
+number of them. What is cut (the error list, the tags shown) says so in the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import html
+import io
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
+
+log = logging.getLogger(__name__)
+
+TOP_TAGS = 25  # bars per category chart
+TOP_OOD = 12  # thumbnails of the most out-of-distribution images
+TOP_CLUSTERS = 6  # duplicate clusters shown
+CLUSTER_STRIP = 8  # thumbnails per cluster
+MAX_ERRORS = 200  # error rows listed
+THUMB_PX = 112
+THUMB_MAX_BYTES = 64 * 1024**2
+SCORE_BINS = np.linspace(0.0, 1.0, 51)
+BORDERLINE = 0.1  # a score within this of the threshold is "unsure"
+MIN_TAG_COUNT = 20  # tags rarer than this are not ranked by uncertainty
+
+
+@dataclass
+class Accumulator:
+    """Running figures over the table's parts."""
+
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)
+    first_errors: list = field(default_factory=list)
+    by_category: dict = field(default_factory=dict)  # category -> Counter
+    tag_counts: Counter = field(default_factory=Counter)
+    borderline: Counter = field(default_factory=Counter)
+    score_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, np.int64))
+    ood: list = field(default_factory=list)  # float32 arrays of distances
+    top_ood: list = field(default_factory=list)  # heap of (distance, uri)
+    ood_flagged: int = 0
+
+
+def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
+    """(column names, read) for a tag table's snapshot, or a Parquet file/dataset;
+    read(columns) yields one part (a table's file, or a dataset batch) at a time."""
+    import pyarrow.dataset as pads
+
+    if snapshot is not None:
+        files = snapshot.files
+        names = table.read_part_metadata(files[0]).schema.to_arrow_schema().names if files else []
+        return names, lambda columns: (table.read_part(file, columns) for file in files)
+    fs, path = filesystem_for(uri, storage_options)
+    dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
+    return dataset.schema.names, lambda columns: (
+        pa.Table.from_batches([b]) for b in dataset.to_batches(columns=columns, batch_size=65536)
+    )
+
+
+def _count_values(values) -> Counter:
+    if len(values) == 0:
+        return Counter()
+    counts = pc.value_counts(values)
+    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+
+
+def scan(uri: str, storage_options: dict | None, threshold: float, table=None, snapshot=None) -> Accumulator:
+    """One pass over the table's parts (the snapshot's, for a tag table), a few columns
+    at a time, into running figures."""
+    acc = Accumulator()
+    names, read = _source(uri, storage_options, table, snapshot)
+    categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
+    acc.by_category = {c: Counter() for c in categories}
+    wanted = [
+        "uri",
+        "error",
+        "error_kind",
+        "tags",
+        "scores",
+        "ood_distance",
+        "ood",
+        *(f"tags_{c}" for c in categories),
+    ]
+    for part in read([c for c in wanted if c in names]):
+        acc.rows += part.num_rows
+        failed = pc.is_valid(part.column("error_kind"))
+        if pc.any(failed).as_py():
+            bad = part.filter(failed).select(["uri", "error_kind", "error"])
+            acc.errors.update(bad.column("error_kind").to_pylist())
+            room = MAX_ERRORS - len(acc.first_errors)
+            if room > 0:
+                acc.first_errors.extend(bad.slice(0, room).to_pylist())
+        for category in categories:
+            acc.by_category[category].update(_count_values(pc.list_flatten(part.column(f"tags_{category}"))))
+        if "tags" in part.column_names:
+            tags = pc.list_flatten(part.column("tags"))
+            acc.tag_counts.update(_count_values(tags))
+            if "scores" in part.column_names:
+                scores = pc.list_flatten(part.column("scores")).to_numpy(zero_copy_only=False)
+                acc.score_hist += np.histogram(np.clip(scores, 0, 1), SCORE_BINS)[0]
+                unsure = (scores >= threshold) & (scores < threshold + BORDERLINE)
+                acc.borderline.update(_count_values(tags.filter(pa.array(unsure))))
+        if "ood_distance" in part.column_names:
+            distance = part.column("ood_distance")
+            valid = pc.is_valid(distance)
+            values = distance.filter(valid).to_numpy(zero_copy_only=False).astype(np.float32)
+            if len(values):
+                acc.ood.append(values)
+                uris = part.column("uri").filter(valid)
+                for k in np.argsort(values)[-TOP_OOD:]:
+                    item = (float(values[k]), uris[int(k)].as_py())
+                    (heapq.heappush if len(acc.top_ood) < TOP_OOD else heapq.heappushpop)(acc.top_ood, item)
+            if "ood" in part.column_names:
+                acc.ood_flagged += int(
+                    pc.sum(pc.cast(part.column("ood").fill_null(False), pa.int64())).as_py() or 0
+                )
+    return acc
+
+
+# ---- thumbnails ------------------------------------------------------------------
+def thumbnail(uri: str, storage_options: dict | None) -> str | None:
+    """A small JPEG of an image as a data: URI, or None when it cannot be read."""
+    from PIL import Image, ImageOps
+
+    try:
+        data = read_bytes(uri, storage_options, max_bytes=THUMB_MAX_BYTES)
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((THUMB_PX, THUMB_PX))
+            out = io.BytesIO()
+            image.save(out, "JPEG", quality=70)
+        return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    except Exception as exc:  # a thumbnail is decoration: its absence is shown, not fatal
+        log.debug("no thumbnail for %s: %s", uri, exc)
+        return None
+
+
+# ---- SVG charts ------------------------------------------------------------------
+def bar_chart(labels: list[str], values: list[float], *, width: int = 640, unit: str = "") -> str:
+    if not labels:
+        return "<p class='muted'>nothing to show</p>"
+    row, label_w = 18, 210
+    height = row * len(labels) + 6
+    top = max(values) or 1
+    bars = []
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = i * row + 3
+        w = max(1.0, (width - label_w - 70) * value / top)
+        bars.append(
+            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(_cut(label, 32))}</text>"
+            f"<rect x='{label_w}' y='{y}' width='{w:.1f}' height='{row - 4}' rx='2'/>"
+            f"<text x='{label_w + w + 4:.1f}' y='{y + 12}' class='v'>{_number(value)}{unit}</text>"
+        )
+    return f"<svg class='bars' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>{''.join(bars)}</svg>"
+
+
+def histogram(
+    counts: np.ndarray,
+    edges: np.ndarray,
+    *,
+    width: int = 640,
+    height: int = 160,
+    marker: float | None = None,
+    label: str = "",
+) -> str:
+    counts = np.asarray(counts)
+    if counts.sum() == 0:
+        return "<p class='muted'>nothing to show</p>"
+    top = counts.max()
+    left, bottom = 40, 22
+    plot_w, plot_h = width - left - 10, height - bottom - 8
+    step = plot_w / len(counts)
+    rects = "".join(
+        f"<rect x='{left + i * step:.1f}' y='{8 + plot_h * (1 - c / top):.1f}' width='{max(step - 1, 0.5):.1f}' height='{plot_h * c / top:.1f}'/>"
+        for i, c in enumerate(counts)
+        if c
+    )
+    axis = (
+        f"<line x1='{left}' y1='{8 + plot_h}' x2='{left + plot_w}' y2='{8 + plot_h}' class='axis'/>"
+        f"<text x='{left}' y='{height - 6}'>{_number(edges[0])}</text>"
+        f"<text x='{left + plot_w}' y='{height - 6}' text-anchor='end'>{_number(edges[-1])}</text>"
+        f"<text x='{left + plot_w / 2}' y='{height - 6}' text-anchor='middle' class='muted'>{html.escape(label)}</text>"
+        f"<text x='{left - 4}' y='16' text-anchor='end'>{_number(top)}</text>"
+    )
+    mark = ""
+    if marker is not None and edges[0] <= marker <= edges[-1]:
+        x = left + plot_w * (marker - edges[0]) / (edges[-1] - edges[0])
+        mark = f"<line x1='{x:.1f}' y1='8' x2='{x:.1f}' y2='{8 + plot_h}' class='mark'/>"
+    return f"<svg class='hist' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>{rects}{axis}{mark}</svg>"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, (int, np.integer)) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.3g}"
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list], classes: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table class='{classes}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(uri: str, caption: str, storage_options) -> str:
+    src = thumbnail(uri, storage_options)
+    image = f"<img src='{src}' alt='' loading='lazy'>" if src else "<div class='noimg'>no preview</div>"
+    return (
+        f"<figure title='{html.escape(uri)}'>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+# ---- the page --------------------------------------------------------------------
+@dataclass
+class ReportSummary:
+    output: str
+    rows: int
+    errors: int
+    bytes: int
+    thumbnails: int
+    seconds: float
+
+    def text(self) -> str:
+        return f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, {self.thumbnails} thumbnails, {self.seconds:.1f} s)"
+
+
+def _read_json(uri: str, storage_options) -> dict | None:
+    try:
+        return json.loads(read_bytes(uri, storage_options))
+    except Exception:
+        return None
+
+
+def build_report(
+    tags: str,
+    output: str,
+    dedup: str | None = None,
+    split: str | None = None,
+    storage_options: dict | None = None,
+    title: str | None = None,
+) -> ReportSummary:
+    started = time.monotonic()
+    from pipeline.table.tag_table import RUNS_DIR, TagTable, is_tag_table
+
+    table, snapshot, run = None, None, None
+    if is_tag_table(tags, storage_options):
+        table = TagTable(tags, storage_options)
+        snapshot = table.snapshot()
+        run = _read_json(table.full_uri(posixpath.join(RUNS_DIR, f"{snapshot.run_id}.json")), storage_options)
+    threshold, assumed = _threshold(snapshot, run)
+    acc = scan(tags, storage_options, threshold, table, snapshot)
+    thumbs = [0]
+
+    def figure(uri, caption):
+        thumbs[0] += 1
+        return _figure(uri, caption, storage_options)
+
+    sections = [
+        _summary_section(tags, acc, snapshot, run),
+        _tags_section(acc),
+        _scores_section(acc, threshold, assumed),
+        _ood_section(acc, figure),
+    ]
+    if dedup:
+        sections.append(_dedup_section(dedup, storage_options, figure))
+    if split:
+        sections.append(_split_section(split, storage_options, acc))
+    sections.append(_errors_section(acc))
+    page = _page(title or f"tagpipe report: {tags}", sections)
+    write_atomic(output, page.encode(), storage_options=storage_options if "://" in output else None)
+    return ReportSummary(
+        output=output,
+        rows=acc.rows,
+        errors=sum(acc.errors.values()),
+        bytes=len(page.encode()),
+        thumbnails=thumbs[0],
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def _threshold(snapshot, run) -> tuple[float, bool]:
+    """(the run's global threshold, whether it had to be assumed): the committed rules',
+    else the run's profile's default, else 0.5."""
+    rules = (snapshot.rules or {}) if snapshot else {}
+    if rules.get("default_threshold") is not None:
+        return float(rules["default_threshold"]), False
+    if run and run.get("profile"):
+        from pipeline.model.profiles import load_profile
+
+        try:
+            return float(load_profile(run["profile"]).thresholds.default), False
+        except Exception:
+            pass
+    return 0.5, True
+
+
+def _section(key: str, title: str, body: str) -> str:
+    return f"<section id='{key}'><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
+    errors = sum(acc.errors.values())
+    cards = [
+        ("images", f"{acc.rows:,}"),
+        ("errors", f"{errors:,} ({errors / acc.rows:.2%})" if acc.rows else "0"),
+        ("tags emitted", f"{sum(acc.tag_counts.values()):,}"),
+    ]
+    facts = [["tag table", tags]]
+    if snapshot:
+        facts += [
+            ["version", snapshot.version],
+            ["committed", snapshot.committed_at],
+            ["model", snapshot.model_name or "-"],
+            ["model sha256", snapshot.model_sha256],
+        ]
+    if run:
+        summary = run.get("summary", {})
+        fingerprint = run.get("fingerprint", {})
+        cards.append(("throughput", f"{summary.get('images_per_second', 0):,} img/s"))
+        facts += [
+            ["calibration sha256", fingerprint.get("calibration_sha256", "-")],
+            [
+                "last run",
+                f"{run.get('run_id')} ({summary.get('change', '-')}): {summary.get('images', 0):,} images tagged in {summary.get('seconds', 0):,} s",
+            ],
+            ["placement", summary.get("placement", "-")],
+        ]
+    card_html = "".join(
+        f"<div class='card'><div class='big'>{html.escape(v)}</div><div>{html.escape(k)}</div></div>"
+        for k, v in cards
+    )
+    kinds = (
+        _table(["error kind", "rows"], [[k, f"{n:,}"] for k, n in acc.errors.most_common()])
+        if acc.errors
+        else "<p>No errors.</p>"
+    )
+    return _section(
+        "summary",
+        "Run summary",
+        f"<div class='cards'>{card_html}</div>{_table(['', ''], facts, 'facts')}<h3>Errors by kind</h3>{kinds}",
+    )
+
+
+def _tags_section(acc: Accumulator) -> str:
+    parts = []
+    groups = acc.by_category or {"all": acc.tag_counts}
+    for category, counts in groups.items():
+        if not counts:
+            continue
+        top = counts.most_common(TOP_TAGS)
+        note = f" (top {TOP_TAGS} of {len(counts):,})" if len(counts) > TOP_TAGS else ""
+        parts.append(
+            f"<h3>{html.escape(category)}{note}</h3>" + bar_chart([t for t, _ in top], [n for _, n in top])
+        )
+    return _section("tags", "Tag frequency", "".join(parts) or "<p>No tags.</p>")
+
+
+def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
+    label = f"score of emitted tags (line: threshold {threshold:g}{', assumed: the run records none' if assumed else ''})"
+    chart = histogram(acc.score_hist, SCORE_BINS, marker=threshold, label=label)
+    ranked = [
+        (t, acc.borderline[t] / n, n)
+        for t, n in acc.tag_counts.items()
+        if n >= MIN_TAG_COUNT and acc.borderline[t]
+    ]
+    ranked.sort(key=lambda r: (-r[1], -r[2], r[0]))
+    table = (
+        _table(
+            ["tag", f"emitted with score < threshold + {BORDERLINE}", "emitted"],
+            [[t, f"{share:.0%}", f"{n:,}"] for t, share, n in ranked[:20]],
+        )
+        if ranked
+        else "<p>No tag is often near its threshold.</p>"
+    )
+    return _section(
+        "scores",
+        "Score distribution",
+        chart
+        + f"<h3>What the model is least sure of (tags emitted at least {MIN_TAG_COUNT} times)</h3>"
+        + table,
+    )
+
+
+def _ood_section(acc: Accumulator, figure) -> str:
+    if not acc.ood:
+        return _section(
+            "ood", "Out of distribution", "<p>No OOD distances (the bundle has no OOD reference).</p>"
+        )
+    distances = np.concatenate(acc.ood)
+    edges = np.linspace(0.0, float(np.percentile(distances, 99.9)) * 1.05 or 1.0, 41)
+    counts = np.histogram(np.clip(distances, edges[0], edges[-1]), edges)[0]
+    strip = "".join(figure(uri, f"{d:.2f}") for d, uri in sorted(acc.top_ood, reverse=True))
+    text = f"<p>{acc.ood_flagged:,} of {len(distances):,} images flagged as OOD; median distance {np.median(distances):.2f}.</p>"
+    return _section(
+        "ood",
+        "Out of distribution",
+        text
+        + histogram(counts, edges, label="Mahalanobis distance")
+        + "<h3>Most out-of-distribution images</h3>"
+        + f"<div class='strip'>{strip}</div>",
+    )
+
+
+def _signals_paragraph(summary: dict) -> str:
+    """Which signals joined images, what could not match, and the embedding threshold."""
+    edges = ", ".join(f"{k} {v:,}" for k, v in summary.get("edges", {}).items()) or "not recorded"
+    unmatched = (
+        ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.get("unmatched_hashes", {}).items() if v)
+        or "none"
+    )
+    from pipeline.corpus.dedup import describe_embedding
+
+    emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
+    return (
+        f"<p>Edges by signal: {edges}. Hashes that match nothing: {unmatched}. {emb_text}. Kept copy "
+        "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, then the smallest uri.</p>"
+    )
+
+
+def _dedup_section(dedup: str, storage_options, figure) -> str:
+    import pyarrow.parquet as pq
+
+    path = dedup.rstrip("/")
+    summary = _read_json(f"{path}/_summary.json", storage_options) or {}
+    fs, clusters_path = filesystem_for(f"{path}/clusters.parquet", storage_options)
+    sizes = (
+        pq.read_table(clusters_path, columns=["cluster_size"], filesystem=fs)
+        .column("cluster_size")
+        .to_numpy()
+    )
+    body = f"<p>{summary.get('clusters', 0):,} clusters over {summary.get('images', len(sizes)):,} images; {summary.get('duplicates', 0):,} duplicates ({summary.get('duplicate_rate', 0):.2%}); {summary.get('exact_duplicate_images', 0):,} exact copies; largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
+    body += _signals_paragraph(summary)
+    big = sizes[sizes > 1]
+    if not len(big):
+        return _section("duplicates", "Duplicate clusters", body + "<p>No duplicates.</p>")
+    # read only the rows of the largest clusters: the size reached by the TOP_CLUSTERS-th
+    sizes_seen, rows_seen = np.unique(big, return_counts=True)
+    clusters_from_largest = np.cumsum((rows_seen // sizes_seen)[::-1])
+    cut = sizes_seen[::-1][
+        min(int(np.searchsorted(clusters_from_largest, TOP_CLUSTERS)), len(sizes_seen) - 1)
+    ]
+    members = pq.read_table(
+        clusters_path,
+        columns=["uri", "cluster_id", "cluster_size", "is_representative"],
+        filesystem=fs,
+        filters=[("cluster_size", ">=", int(cut))],
+    )
+    rows = sorted(
+        members.to_pylist(),
+        key=lambda r: (-r["cluster_size"], r["cluster_id"], not r["is_representative"], r["uri"]),
+    )
+    strips, shown = [], []
+    for row in rows:
+        if row["cluster_id"] not in shown:
+            if len(shown) == TOP_CLUSTERS:
+                break
+            shown.append(row["cluster_id"])
+            strips.append([row["cluster_size"], row["cluster_id"], []])
+        if len(strips[-1][2]) < CLUSTER_STRIP:
+            strips[-1][2].append(row)
+    html_strips = "".join(
+        f"<h3>{size:,} images <span class='muted'>cluster {html.escape(cid[:16])}</span></h3><div class='strip'>"
+        + "".join(
+            figure(r["uri"], ("kept: " if r["is_representative"] else "") + posixpath.basename(r["uri"]))
+            for r in items
+        )
+        + "</div>"
+        for size, cid, items in strips
+    )
+    return _section("duplicates", "Duplicate clusters", body + html_strips)
+
+
+def _split_section(split: str, storage_options, acc: Accumulator) -> str:
+    path = split.rstrip("/")
+    report = _read_json(f"{path}/_report.json", storage_options)
+    if report is None:
+        import pyarrow.parquet as pq
+
+        fs, file = filesystem_for(f"{path}/splits.parquet", storage_options)
+        names = pq.read_table(file, columns=["split"], filesystem=fs).column("split")
+        counts = pc.value_counts(names)
+        report = {
+            "sizes": dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())),
+            "positives": {},
+        }
+    sizes = report.get("sizes", {})
+    total = sum(sizes.values()) or 1
+    chart = bar_chart(list(sizes), [sizes[s] for s in sizes])
+    positives = report.get("positives", {})
+    splits = [s for s in sizes if sizes[s]]
+    top = [t for t, _ in acc.tag_counts.most_common(20) if t in positives]
+    rows = []
+    for tag in top:
+        overall = sum(positives[tag].values()) / total
+        rows.append([tag, f"{overall:.1%}", *[f"{positives[tag].get(s, 0) / sizes[s]:.1%}" for s in splits]])
+    deviation = report.get("label_deviation", {})
+    text = "".join(
+        f"<p>{html.escape(s)}: mean label-rate deviation from the whole {deviation[s]:.4f}</p>"
+        for s in deviation
+    )
+    balance = (
+        _table(["tag", "all", *splits], rows, "num")
+        if rows
+        else "<p>No per-tag counts in the split report.</p>"
+    )
+    return _section(
+        "splits",
+        "Splits",
+        chart
+        + f"<p>{total:,} images.</p>"
+        + text
+        + "<h3>Per-tag balance: share of each split carrying the tag (top tags)</h3>"
+        + balance,
+    )
+
+
+def _errors_section(acc: Accumulator) -> str:
+    errors = sum(acc.errors.values())
+    if not errors:
+        return _section("errors", "Errors", "<p>No errors.</p>")
+    rows = [[r["uri"], r["error_kind"], _cut(r["error"] or "", 160)] for r in acc.first_errors]
+    more = (
+        f"<p class='muted'>The first {len(rows)} of {errors:,} error rows.</p>" if errors > len(rows) else ""
+    )
+    return _section("errors", "Errors", more + _table(["uri", "kind", "message"], rows, "errors"))
+
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
+header{background:#1d3557;color:#fff;padding:18px 28px}header h1{margin:0;font-size:20px}header p{margin:4px 0 0;opacity:.8}
+nav{padding:8px 28px;background:#e9edf3}nav a{margin-right:14px;color:#1d3557}
+section{background:#fff;margin:16px 28px;padding:8px 20px 16px;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+h2{font-size:17px;border-bottom:1px solid #e3e6ea;padding-bottom:6px}h3{font-size:14px;margin:14px 0 6px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#f1f4f8;border-radius:6px;padding:10px 16px;min-width:120px}
+.big{font-size:20px;font-weight:600}.muted{color:#6b7480}
+table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
+table.facts td:first-child{color:#6b7480}table.errors td{font-size:12px;word-break:break-all;max-width:520px}
+svg text{font-size:11px;fill:#333}svg rect{fill:#457b9d}svg text.v{fill:#6b7480}svg .axis{stroke:#999}svg .mark{stroke:#e63946;stroke-width:2}
+.strip{display:flex;gap:8px;flex-wrap:wrap}figure{margin:0;width:112px;text-align:center}
+figure img,.noimg{width:112px;height:112px;object-fit:cover;border-radius:4px;background:#ddd;display:block}
+.noimg{line-height:112px;font-size:11px;color:#666}figcaption{font-size:11px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+"""
+
+
+def _page(title: str, sections: list[str]) -> str:
+    links = "".join(
+        f"<a href='#{key}'>{name}</a>"
+        for key, name in [
+            ("summary", "Summary"),
+            ("tags", "Tags"),
+            ("scores", "Scores"),
+            ("ood", "OOD"),
+            ("duplicates", "Duplicates"),
+            ("splits", "Splits"),
+            ("errors", "Errors"),
+        ]
+        if f"id='{key}'" in "".join(sections)
+    )
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><p>made {made} by tagpipe</p></header><nav>{links}</nav>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )

@@ -1,0 +1,212 @@
+"""The CPU stage: read bytes, decode, preprocess, hash. One bad file never fails a batch.
+
+DecodeStage is a plain callable on a dict-of-arrays batch: run it in a loop in tests,
+or hand it to Dataset.map_batches. It emits uint8 pixels at the model's input size
+(4x less object-store traffic than float32); normalisation happens next to inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+from pipeline.core.errors import ErrorKind
+from pipeline.image.imaging import DecodeOptions, ImageError, decode_image
+from pipeline.image.phash import unreliable
+from pipeline.model.profiles import Preprocess
+from pipeline.storage.filesystem import read_bytes
+
+try:  # the per-image memory budget needs Linux (RLIMIT_AS and /proc); elsewhere decode runs without it
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+MEMORY_LIMIT_WORKS = resource is not None and os.path.exists("/proc/self/statm")
+TIME_LIMIT_WORKS = hasattr(signal, "setitimer")
+
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds per image
+DEFAULT_MAX_FILE_BYTES = 512 * 1024**2  # larger files are error rows, never read whole
+
+
+class DecodeTimeout(ImageError):
+    def __init__(self, seconds: float):
+        super().__init__(ErrorKind.DECODE_TIMEOUT, f"decoding took longer than the {seconds:g} s limit")
+
+
+def address_space() -> int:
+    """This process's virtual memory size in bytes (what RLIMIT_AS counts)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[0]) * resource.getpagesize()
+
+
+# glibc can hand a thread memory its arena reserved earlier and released with
+# MADV_DONTNEED: touching it again raises RSS without new address space. A heap of a
+# thread arena is at most 64 MiB (HEAP_MAX_SIZE), and in a Ray worker this slack was
+# measured at 56 MiB, so the address-space limit leaves that much of the budget aside.
+ALLOCATOR_SLACK = 64 * 1024**2
+
+
+@contextlib.contextmanager
+def memory_limit(budget: int):
+    """Let the code below raise this process's RSS by at most about `budget` bytes.
+
+    RLIMIT_AS is set to the current address space plus the budget (less the allocator's
+    slack), and restored after: an allocation past it fails, which Pillow, libjpeg,
+    libtiff, OpenJPEG and NumPy turn into MemoryError or a decoder error, and the process
+    lives on. Limiting address space also stops memory reserved and never touched.
+    Like time_limit, it acts on the main thread only (Ray runs task code there): the
+    limit is process-wide, and threads decoding side by side would share one budget."""
+    if not budget or not MEMORY_LIMIT_WORKS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = address_space() + max(budget - ALLOCATOR_SLACK, budget // 2)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)  # a tighter limit someone set stays
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        _always(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
+
+
+def _always(step) -> None:
+    """Run a clean-up step to the end even if the time limit's signal interrupts it (it
+    fires every 0.1 s until disarmed): a limit left in force would fail every later image."""
+    while True:
+        try:
+            step()
+            return
+        except DecodeTimeout:
+            continue
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise DecodeTimeout in the code below once it has run `seconds`.
+
+    A SIGALRM handler raises it between Python steps (Pillow feeds its decoders from a
+    Python loop, so a slow decode is interrupted within one chunk). It fires again every
+    0.1 s, so a handler that swallows one exception does not let the image run on. Ray
+    runs task code on the worker's main thread, where signals can be used; elsewhere
+    (a thread), the limit is checked when the decode returns instead."""
+    if not seconds or not TIME_LIMIT_WORKS or threading.current_thread() is not threading.main_thread():
+        started = time.monotonic()
+        yield
+        if seconds and time.monotonic() - started > seconds:
+            raise DecodeTimeout(seconds)
+        return
+
+    def expired(signum, frame):
+        raise DecodeTimeout(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)
+    try:
+        yield
+    finally:
+        _always(lambda: signal.setitimer(signal.ITIMER_REAL, 0))
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+
+
+class DecodeStage:
+    def __init__(
+        self,
+        preprocess: Preprocess,
+        options: DecodeOptions = DecodeOptions(),
+        storage_options: dict | None = None,
+        timeout: float = DEFAULT_DECODE_TIMEOUT,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ):
+        self.preprocess = preprocess
+        self.options = options
+        self.storage_options = storage_options or {}
+        self.timeout = timeout  # seconds per image's decode; 0: none
+        self.max_file_bytes = max_file_bytes  # at most this much of a file is read
+
+    def _decode(self, data: bytes):
+        """One image under the time limit and the memory budget. Raises ImageError.
+
+        The time limit's exception is raised wherever the decode happens to be, and code
+        there may turn it into another (an enum's constructor, a plugin's except clause):
+        whatever is raised once the limit has passed counts as the timeout."""
+        started = time.monotonic()
+        try:
+            # the memory limit outside the time limit: the timer is disarmed before the
+            # budget is restored, so its signal cannot cut that short
+            with memory_limit(self.options.max_memory), time_limit(self.timeout):
+                return decode_image(data, self.preprocess, self.options)
+        except MemoryError:
+            budget = f"the {self.options.max_memory / 2**20:.0f} MiB max_decode_memory budget"
+            raise ImageError(ErrorKind.TOO_LARGE, f"decoding needs more memory than {budget}") from None
+        except Exception as exc:
+            if (
+                self.timeout
+                and not isinstance(exc, DecodeTimeout)
+                and time.monotonic() - started >= self.timeout
+            ):
+                raise DecodeTimeout(self.timeout) from None
+            raise
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        uris = [str(u) for u in batch["uri"]]
+        n = len(uris)
+        pre = self.preprocess
+        pixels = np.zeros((n, pre.height, pre.width, 3), np.uint8)
+        width = np.zeros(n, np.int32)
+        height = np.zeros(n, np.int32)
+        size = np.zeros(n, np.int64)
+        phash = np.zeros(n, np.uint64)
+        degenerate = np.zeros(n, bool)
+        sha256 = np.empty(n, object)
+        error = np.full(n, None, object)
+        error_kind = np.full(n, None, object)
+        for i, uri in enumerate(uris):
+            try:
+                data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
+            except Exception as exc:  # a read that failed for good: a row, not a crash
+                error_kind[i] = (
+                    ErrorKind.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorKind.READ_ERROR
+                )
+                error[i] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            if len(data) > self.max_file_bytes:  # only the first max_file_bytes + 1 were read
+                error_kind[i] = ErrorKind.TOO_LARGE
+                error[i] = f"file is larger than the {self.max_file_bytes}-byte limit (max_file_bytes)"
+                continue
+            size[i] = len(data)
+            sha256[i] = hashlib.sha256(data).hexdigest()
+            try:
+                decoded = self._decode(data)
+            except ImageError as exc:
+                error_kind[i], error[i] = exc.kind, str(exc)[:500]
+                width[i], height[i] = exc.size or (0, 0)  # what the file declares, when it said
+                continue
+            except Exception as exc:  # a decoder bug must not take the batch down
+                error_kind[i], error[i] = ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            pixels[i] = decoded.pixels
+            width[i], height[i] = decoded.width, decoded.height
+            phash[i] = decoded.phash
+            degenerate[i] = unreliable(decoded.phash, decoded.phash_fragile_bits)
+        out = {key: np.asarray(batch[key]) for key in batch if key not in ("uri",)}
+        out.update(
+            uri=np.asarray(uris, object),
+            pixels=pixels,
+            width=width,
+            height=height,
+            size=size,
+            sha256=sha256,
+            phash=phash,
+            phash_degenerate=degenerate,
+            error=error,
+            error_kind=error_kind,
+        )
+        return out

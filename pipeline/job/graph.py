@@ -1,0 +1,150 @@
+"""The one place that builds the Ray Data graph and decides where work runs.
+
+manifest blocks -> read+decode+preprocess (CPU tasks) -> tagger actor pool (GPU, or
+CPU with intra-op threads when the cluster has no GPU) -> rows for the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.image.decode import DecodeStage
+from pipeline.image.imaging import DecodeOptions
+from pipeline.job.settings import TagJobConfig
+from pipeline.job.tagger import TaggerSettings, TaggerStage
+from pipeline.model.profiles import Preprocess
+
+log = logging.getLogger(__name__)
+# Where each row was decoded and tagged: counted by the driver into the run manifest
+# (work per node), dropped before the rows are written.
+DECODE_NODE = "_decode_node"
+TAGGER_NODE = "_tagger_node"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode_cpus: float
+    tagger_actors: int
+    tagger_gpus: float
+    tagger_cpus: float
+    intra_op_threads: int  # 0 on GPU
+    on_gpu: bool
+    batches_in_flight: int = 1  # concurrent calls per tagger actor
+
+    def describe(self) -> str:
+        where = (
+            f"{self.tagger_gpus:g} GPU" if self.on_gpu else f"CPU, {self.intra_op_threads} intra-op threads"
+        )
+        return f"{self.tagger_actors} tagger actor(s) on {where}, {self.batches_in_flight} batch(es) in flight each; decode tasks {self.decode_cpus:g} CPU each"
+
+
+def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
+    """GPU cluster: each tagger actor reserves its GPU(s) and tagger_cpus CPUs.
+
+    CPU fallback: the actor runs tagger_cpus intra-op threads but reserves no CPU slot,
+    so decode tasks can use every core and the OS shares them between decode and
+    inference as the load falls. Reserving a core for it left a core idle whenever
+    inference was lighter than decode: 0.84x a plain loop on 2 cores, against 1.2x
+    (docs/benchmarks.md).
+
+    Batches in flight: on a GPU, a second concurrent call does its CPU work (Ray's
+    batching, the 100k-wide output's screening, the Arrow rows) while the first is in
+    the session, which releases the GIL; one call at a time leaves the GPU idle for
+    that work. On CPU the session already uses the actor's threads, so one.
+    """
+    on_gpu = cfg.gpus_per_actor > 0 and cluster_gpus > 0
+    if cfg.gpus_per_actor > 0 and not on_gpu:
+        log.info("no GPU in the Ray cluster: tagger actors run ONNX Runtime on CPU")
+    return Placement(
+        decode_cpus=cfg.decode_cpus,
+        tagger_actors=cfg.tagger_actors,
+        tagger_gpus=cfg.gpus_per_actor if on_gpu else 0.0,
+        tagger_cpus=cfg.tagger_cpus if on_gpu else 0.0,
+        intra_op_threads=0 if on_gpu else max(1, int(cfg.tagger_cpus)),
+        on_gpu=on_gpu,
+        batches_in_flight=cfg.batches_in_flight or (2 if on_gpu else 1),
+    )
+
+
+def decode_batch(
+    batch,
+    preprocess: Preprocess,
+    options: DecodeOptions,
+    storage_options: dict,
+    timeout: float,
+    max_file_bytes: int,
+):
+    """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely."""
+    out = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)(batch)
+    out[DECODE_NODE] = np.full(len(out["uri"]), _node_id(), object)
+    return out
+
+
+class PlacedTagger(TaggerStage):
+    """TaggerStage that also says which node ran it (the stage itself knows nothing of Ray)."""
+
+    def __init__(self, settings: TaggerSettings):
+        super().__init__(settings)
+        self.node = _node_id()
+
+    def __call__(self, batch):
+        table = super().__call__(batch)
+        return table.append_column(TAGGER_NODE, pa.array([self.node] * table.num_rows, pa.string()))
+
+
+def build_tag_dataset(
+    blocks: list[pa.Table],
+    cfg: TagJobConfig,
+    preprocess: Preprocess,
+    settings: TaggerSettings,
+    placement: Placement,
+):
+    import ray.data
+
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs=dict(
+            preprocess=preprocess,
+            options=DecodeOptions(
+                exact=cfg.exact_decode,
+                max_pixels=cfg.max_pixels,
+                draft_ratio=cfg.draft_ratio,
+                max_memory=cfg.max_decode_memory,
+            ),
+            storage_options=cfg.storage_options,
+            timeout=cfg.decode_timeout,
+            max_file_bytes=cfg.max_file_bytes,
+        ),
+        batch_size=cfg.decode_batch_size,
+        batch_format="numpy",
+        # Ray Data retries a decode task lost with its worker (its default); decode is
+        # idempotent, and its per-image limits keep a file from killing the worker. The
+        # CPUs asked here differ from the tagger's on every placement, which keeps Ray
+        # from fusing decode into the tagger actors (serialising it behind inference).
+        num_cpus=placement.decode_cpus,
+    )
+    return ds.map_batches(
+        PlacedTagger,
+        fn_constructor_args=(settings,),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        # a fixed pool, one model session per actor, running batches_in_flight calls at once
+        compute=ray.data.ActorPoolStrategy(
+            size=placement.tagger_actors,
+            max_concurrent_calls_per_actor=placement.batches_in_flight,
+            enable_true_multi_threading=placement.batches_in_flight > 1,
+        ),
+        num_gpus=placement.tagger_gpus,
+        num_cpus=placement.tagger_cpus,
+    )

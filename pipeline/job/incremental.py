@@ -1,0 +1,258 @@
+"""What a run must do against the committed table: keys, change detection, reuse.
+
+Two keys decide how much work a changed setting costs:
+- the inference key (model weights + vocabulary, preprocessing profile, decode
+  settings, what logits are stored): a change re-tags every image;
+- the rules key (calibration, OOD reference, thresholds): a change rethresholds the
+  stored logits, with no inference.
+Within one inference key an image is redone when its source changed: etag (with
+size) where the store gives one, else size + mtime, else the sha256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.core.errors import RETRYABLE_ERROR_KINDS
+from pipeline.image.decode import DEFAULT_MAX_FILE_BYTES
+from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY
+from pipeline.model.bundle import ModelBundle
+from pipeline.model.profiles import Activation, Profile
+from pipeline.storage.filesystem import read_bytes
+
+log = logging.getLogger(__name__)
+
+SOURCE_COLUMNS = ["uri", "source_size", "etag", "mtime"]
+RETRY_ERROR_KINDS = RETRYABLE_ERROR_KINDS  # transient at the time: tried again next run
+NEW, CHANGED, UNCHANGED, DELETED, UNKNOWN, RETRY = (
+    "new",
+    "changed",
+    "unchanged",
+    "deleted",
+    "unknown",
+    "retry",
+)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(
+        json.dumps(
+            value, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else repr(v)
+        ).encode()
+    ).hexdigest()
+
+
+def inference_key(cfg, bundle: ModelBundle) -> str:
+    p = bundle.profile
+    return _digest(
+        {
+            "model_sha256": bundle.fingerprint.model_sha256,
+            "profile": profile_key(p),
+            "exact_decode": cfg.exact_decode,
+            "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
+            "max_pixels": cfg.max_pixels,
+            "dense_logits": cfg.dense_logits_for(len(bundle.vocabulary)),
+            "logit_floor": cfg.logit_floor,
+            # settings added later join the key only when changed, so the keys of
+            # existing tables (and their next nightly run) stay as they were
+            **(
+                {"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}
+            ),
+            **(
+                {"max_decode_memory": cfg.max_decode_memory}
+                if cfg.max_decode_memory != DEFAULT_MAX_DECODE_MEMORY
+                else {}
+            ),
+            **({"preprocess": p.preprocess.extra_key()} if p.preprocess.extra_key() else {}),
+            **(
+                {"embedding_output": bundle.embedding_output}
+                if bundle.embedding_output != _old_embedding(bundle)
+                else {}
+            ),
+        }
+    )
+
+
+def _old_embedding(bundle: ModelBundle) -> str | None:
+    """The embedding output earlier versions used: the profile's, when the model has it."""
+    name = bundle.profile.embedding_name
+    return name if name in bundle.output_names else None
+
+
+class _Spelt:
+    """A repr given as text: how a value was written into keys of existing tables."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+_KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>")}  # its earlier name
+
+
+def profile_key(p: Profile) -> str:
+    """The profile's part of the inference key, spelt as tables written by earlier
+    versions have it (tests/test_profile_import.py), so an upgrade re-tags nothing."""
+    activation = _KEYED_AS.get(p.activation, p.activation)
+    return repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, activation))
+
+
+def rules_key(bundle: ModelBundle, rules: dict) -> str:
+    return _digest(
+        {
+            "calibration_sha256": bundle.fingerprint.calibration_sha256,
+            "profile_thresholds": repr(bundle.profile.thresholds),
+            "rules": rules,
+        }
+    )
+
+
+def parts_dir_key(inference: str, rules: str) -> str:
+    return f"{inference[:16]}-{rules[:8]}"
+
+
+def part_name(key: str, rows: pa.Table) -> str:
+    """From the settings key and each row's uri and source identity: a rerun of the same
+    work rewrites the same name, and new content never takes an old part's name."""
+    digest = hashlib.sha256(key.encode())
+    for uri, size, etag, mtime in zip(*(rows.column(c).to_pylist() for c in SOURCE_COLUMNS)):
+        digest.update(f"\0{uri}\0{size}\0{etag}\0{mtime!r}".encode())
+    return f"part-{digest.hexdigest()[:24]}.parquet"
+
+
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    """Elementwise equality where two nulls are equal."""
+    equal = pc.fill_null(pc.equal(a, b), False)
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.or_(equal, both_null).to_numpy(zero_copy_only=False)
+
+
+def classify(manifest: pa.Table, view: pa.Table) -> pa.Table:
+    """One row per uri in either: uri, status, _file (the view part holding it, or -1),
+    v_sha256 (stored content hash). `view` has SOURCE_COLUMNS + sha256, error_kind, _file."""
+    m = manifest.select(SOURCE_COLUMNS).append_column("_m", pa.array(np.ones(manifest.num_rows, bool)))
+    v = view.select([*SOURCE_COLUMNS, "sha256", "error_kind", "_file"])
+    v = v.rename_columns(["uri", *(f"v_{c}" for c in v.column_names[1:])]).append_column(
+        "_v", pa.array(np.ones(view.num_rows, bool))
+    )
+    j = m.join(v, keys="uri", join_type="full outer").sort_by("uri")
+    in_m = j.column("_m").is_valid().to_numpy(zero_copy_only=False)
+    in_v = j.column("_v").is_valid().to_numpy(zero_copy_only=False)
+
+    def valid(name):
+        return j.column(name).is_valid().to_numpy(zero_copy_only=False)
+
+    size_known = valid("source_size") & valid("v_source_size")
+    size_same = _same(j.column("source_size"), j.column("v_source_size"))
+    etag_known = valid("etag") & valid("v_etag")
+    mtime_known = valid("mtime") & valid("v_mtime")
+    same_source = (
+        np.where(
+            etag_known,
+            _same(j.column("etag"), j.column("v_etag")),
+            _same(j.column("mtime"), j.column("v_mtime")),
+        )
+        & size_same
+    )
+    differs = size_known & ~size_same
+    status = np.full(j.num_rows, UNCHANGED, object)
+    status[~in_v] = NEW
+    status[~in_m] = DELETED
+    both = in_m & in_v
+    status[both & ~same_source] = CHANGED
+    status[both & ~(etag_known | mtime_known) & ~differs] = UNKNOWN
+    retry = (
+        both
+        & (status == UNCHANGED)
+        & pc.is_in(j.column("v_error_kind"), pa.array(RETRY_ERROR_KINDS)).to_numpy(zero_copy_only=False)
+    )
+    status[retry] = RETRY
+    return pa.table(
+        {
+            "uri": j.column("uri"),
+            "status": pa.array(status.tolist(), pa.string()),
+            "_file": j.column("v__file").fill_null(-1),
+            "v_sha256": j.column("v_sha256"),
+        }
+    )
+
+
+def sha256_of(uris: list[str], storage_options: dict | None) -> list[str | None]:
+    out = []
+    for uri in uris:
+        try:
+            out.append(hashlib.sha256(read_bytes(uri, storage_options)).hexdigest())
+        except FileNotFoundError:
+            out.append(None)
+    return out
+
+
+def resolve_unknown(status: pa.Table, storage_options: dict | None, chunk: int = 256) -> pa.Table:
+    """Rows the store gave no etag or mtime for: hash their bytes (Ray tasks) and compare
+    with the stored sha256."""
+    values = status.column("status").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(values == UNKNOWN)
+    if not len(rows):
+        return status
+    import ray
+
+    uris = status.column("uri").take(pa.array(rows)).to_pylist()
+    task = ray.remote(num_cpus=0.5, max_retries=3)(sha256_of)
+    hashes = [
+        h
+        for part in ray.get(
+            [task.remote(uris[i : i + chunk], storage_options) for i in range(0, len(uris), chunk)]
+        )
+        for h in part
+    ]
+    stored = status.column("v_sha256").take(pa.array(rows)).to_pylist()
+    values = values.copy()
+    values[rows] = [UNCHANGED if h is not None and h == s else CHANGED for h, s in zip(hashes, stored)]
+    log.info(
+        "compared %d images without etag/mtime by sha256: %d changed",
+        len(rows),
+        int((values[rows] == CHANGED).sum()),
+    )
+    return status.set_column(
+        status.schema.get_field_index("status"), "status", pa.array(values.tolist(), pa.string())
+    )
+
+
+@dataclass
+class Reuse:
+    files: list[str] = field(default_factory=list)
+    uris: set = field(default_factory=set)
+    rows: int = 0
+    errors: int = 0
+
+
+def reusable_parts(candidates: list[str], read_part, to_infer: pa.Table) -> Reuse:
+    """Parts an interrupted run wrote with the same settings whose every row is still
+    wanted with the same source identity: taken as they are, not tagged again."""
+    reuse = Reuse()
+    if not candidates or not to_infer.num_rows:
+        return reuse
+    wanted = to_infer.select(SOURCE_COLUMNS).rename_columns(["uri", *(f"w_{c}" for c in SOURCE_COLUMNS[1:])])
+    wanted = wanted.append_column("_w", pa.array(np.ones(wanted.num_rows, bool)))
+    for file in candidates:
+        part = read_part(file, [*SOURCE_COLUMNS, "error_kind"])
+        j = part.join(wanted, keys="uri", join_type="left outer")
+        ok = j.column("_w").is_valid().to_numpy(zero_copy_only=False)
+        for c in SOURCE_COLUMNS[1:]:
+            ok &= _same(j.column(c), j.column(f"w_{c}"))
+        uris = set(part.column("uri").to_pylist())
+        if part.num_rows and ok.all() and not (uris & reuse.uris):
+            reuse.files.append(file)
+            reuse.uris |= uris
+            reuse.rows += part.num_rows
+            reuse.errors += part.num_rows - part.column("error_kind").null_count
+    return reuse

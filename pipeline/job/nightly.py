@@ -1,0 +1,152 @@
+"""`tagpipe nightly`: bring the tag table up to date, then refresh what depends on it.
+
+1. tag: only new, changed and transiently failed images (a new model: all; new
+   thresholds: rethreshold), deleted ones dropped; one new version (pipeline/job/tag_job.py)
+2. dedup over the new version (pipeline/corpus/dedup.py)
+3. split with the previous splits as --previous, so assigned images never move
+   (pipeline/corpus/split.py); existing training sets in `exclude` stay out of val/test
+4. audit: the new split's val/test against its train, and against each `exclude` set
+
+Each step reads the previous step's committed output, so a crash anywhere leaves every
+output as the last good run left it, and a rerun finishes the job. The nightly record
+(`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from pipeline import __version__
+from pipeline.core.ray_session import new_run_id
+from pipeline.corpus.audit import run_audit
+from pipeline.corpus.dedup import parse_embedding_threshold, run_dedup
+from pipeline.corpus.split import parse_ratios, run_split
+from pipeline.job.settings import NightlyConfig
+from pipeline.job.tag_job import RunSummary, run_tag_job
+from pipeline.storage.filesystem import filesystem_for
+from pipeline.table.tag_table import TagTable, now_iso
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NightlySummary:
+    run_id: str
+    tag: RunSummary
+    dedup: dict = field(default_factory=dict)
+    split: dict = field(default_factory=dict)
+    audits: dict = field(default_factory=dict)  # name -> {"leaks": n, ...}
+    leaks: int = 0
+    timings: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        lines = [self.tag.text()]
+        if self.dedup:
+            lines.append(
+                f"dedup: {self.dedup['images']} images in {self.dedup['clusters']} clusters ({self.dedup['duplicates']} duplicates)"
+            )
+        if self.split:
+            sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
+            lines.append(
+                f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, {len(self.split['bridges'])} bridging clusters held out"
+            )
+        for name, audit in self.audits.items():
+            emb = audit.get("embedding", {})
+            used = (
+                f"embedding cosine >= {emb['threshold']:.4f}"
+                if emb.get("threshold") is not None
+                else "embedding not used"
+            )
+            lines.append(
+                f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) among {audit['eval_images']} "
+                f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}"
+            )
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {steps}")
+        return "\n".join(lines)
+
+
+def run_nightly(cfg: NightlyConfig) -> NightlySummary:
+    run_id = cfg.tag.run_id or new_run_id()
+    started = time.monotonic()
+    t = time.monotonic()
+    tag = run_tag_job(dataclasses.replace(cfg.tag, run_id=run_id))
+    summary = NightlySummary(run_id=run_id, tag=tag)
+    summary.timings["tag"] = _lap(t)
+    options = cfg.tag.storage_options
+
+    t = time.monotonic()
+    threshold = parse_embedding_threshold(cfg.embedding_threshold)
+    dedup = run_dedup(
+        cfg.tag.output, cfg.dedup_output, cfg.max_distance, options, cfg.tag.ray_address, threshold
+    )
+    summary.dedup = asdict(dedup)
+    audit_threshold = dedup.embedding.get("threshold")  # the audit checks what dedup kept together
+    summary.timings["dedup"] = _lap(t)
+
+    t = time.monotonic()
+    splits = cfg.splits_output.rstrip("/") + "/splits.parquet"
+    fs, path = filesystem_for(splits, options)
+    previous = splits if fs.exists(path) else None
+    report = run_split(
+        cfg.tag.output,
+        cfg.dedup_output,
+        cfg.splits_output,
+        parse_ratios(cfg.ratios),
+        cfg.seed,
+        previous,
+        list(cfg.exclude),
+        cfg.max_distance,
+        storage_options=options,
+        stratified=cfg.stratify,
+        min_val_positives=cfg.min_val_positives,
+        group_column=cfg.group_column or None,
+        metadata=cfg.metadata or None,
+    )
+    summary.split = {k: v for k, v in asdict(report).items() if k not in ("positives",)}
+    summary.timings["split"] = _lap(t)
+
+    t = time.monotonic()
+    audits = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.exclude]
+    for i, (name, train) in enumerate(audits):
+        target = cfg.splits_output.rstrip("/") + ("/audit" if i == 0 else f"/audit-exclude-{i}")
+        _, audit = run_audit(
+            train,
+            splits,
+            cfg.max_distance,
+            target,
+            options,
+            tags=cfg.tag.output,
+            embedding_threshold=audit_threshold,
+        )
+        summary.audits[name] = asdict(audit)
+        summary.leaks += audit.leaks
+        if audit.leaks:
+            log.warning("audit %s: %d leaks, listed in %s/leaks.parquet", name, audit.leaks, target)
+    summary.timings["audit"] = _lap(t)
+    summary.timings["total"] = _lap(started)
+    TagTable(cfg.tag.output, options).write_run_manifest(
+        f"{run_id}.nightly",
+        {
+            "run_id": run_id,
+            "tagpipe_version": __version__,
+            "finished_at": now_iso(),
+            "counts": tag.counts(),
+            "version": tag.version,
+            "change": tag.change,
+            "dedup": summary.dedup,
+            "split": summary.split,
+            "audits": summary.audits,
+            "leaks": summary.leaks,
+            "timings": {**{f"tag.{k}": v for k, v in tag.timings.items()}, **summary.timings},
+            "outputs": {"tags": cfg.tag.output, "dedup": cfg.dedup_output, "splits": cfg.splits_output},
+        },
+    )
+    return summary
+
+
+def _lap(t: float) -> float:
+    return round(time.monotonic() - t, 3)

@@ -1,0 +1,221 @@
+"""`tagpipe rethreshold`: new tags from stored logits, no model run.
+
+Every tag decision is a function of the stored float16 logits (pipeline/model/postprocess.py),
+so a part's rows can be re-tagged with other thresholds, calibration or OOD cut by
+reading the part alone. One Ray task per part writes the re-tagged part under a name
+derived from the source part and the new rules (so a rerun skips what is done); the
+new parts are committed as one new version (pipeline/table/tag_table.py). Rows with errors pass
+through. The bundle must be the one that made the logits (same model_sha256); its
+calibration and OOD reference may be new, which is what rethresholding is for.
+Rewriting parts is the table layer's (pipeline/table/rewrite.py); this module gives it the
+Retag transform.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.core.errors import TagpipeError
+from pipeline.job.incremental import parts_dir_key, rules_key
+from pipeline.model.bundle import load_bundle
+from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor, rules_record
+from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
+from pipeline.table.tag_table import Snapshot, TagTable, now_iso
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 256  # rows re-tagged per call: bounds the entry arrays, not the vocabulary
+
+
+@dataclass
+class RethresholdSummary:
+    parts: int = 0
+    parts_skipped: int = 0
+    rows: int = 0
+    rows_changed: int = 0
+    version: int = 0  # the committed version
+    seconds: float = 0.0
+    by_part: list = field(default_factory=list)
+
+    def text(self) -> str:
+        return (
+            f"rethreshold: {self.parts} parts ({self.parts_skipped} already done), {self.rows} rows, "
+            f"{self.rows_changed} with different tags, committed as version {self.version}, {self.seconds:.1f} s"
+        )
+
+
+def retag_table(
+    table: pa.Table, post: Postprocessor, calibration_sha256: str, run_id: str, recompute_ood: bool
+) -> tuple[pa.Table, int]:
+    """(re-tagged table, rows whose tags changed). Same schema and row order."""
+    n = table.num_rows
+    ok = np.asarray([e is None for e in table.column("error").to_pylist()])
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    changed = 0
+    rows = np.flatnonzero(ok & np.asarray([v is not None for v in columns["logit_indices"]]))
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = rows[start : start + CHUNK_ROWS]
+        indices = [np.asarray(columns["logit_indices"][r], np.int64) for r in chunk]
+        entry_rows = np.repeat(np.arange(len(chunk)), [len(i) for i in indices])
+        entry_cols = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+        values = np.concatenate([np.asarray(columns["logit_values"][r], np.float16) for r in chunk])
+        order = np.lexsort((entry_cols, entry_rows))
+        embeddings = None
+        if recompute_ood and post.ood is not None and columns["embedding"][chunk[0]] is not None:
+            embeddings = np.asarray([columns["embedding"][r] for r in chunk], np.float32)
+        out = post.from_entries(len(chunk), entry_rows[order], entry_cols[order], values[order], embeddings)
+        for j, r in enumerate(chunk):
+            changed += set(out["tags"][j]) != set(columns["tags"][r] or [])
+            for key in ("tags", "scores", *ARGMAX_CATEGORIES):
+                columns[key][r] = out[key][j]
+            for name in post.category_names:
+                columns[f"tags_{name}"][r] = out[f"tags_{name}"][j]
+            if embeddings is not None:
+                columns["ood_distance"][r] = out["ood_distance"][j]
+            distance = columns["ood_distance"][r]
+            columns["ood"][r] = (
+                None if distance is None or post.ood_cut is None else bool(distance > post.ood_cut)
+            )
+    columns["calibration_sha256"] = [calibration_sha256] * n
+    columns["run_id"] = [run_id] * n
+    arrays = []
+    for name in table.column_names:
+        kind = table.schema.field(name).type
+        values = columns[name]
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            values = [None if v is None else list(v) for v in values]
+        arrays.append(pa.array(values, kind))
+    return pa.Table.from_arrays(arrays, schema=table.schema), changed
+
+
+@dataclass(frozen=True)
+class Retag:
+    """The PartTransform rethreshold gives each part's rewrite: its rows re-tagged from
+    their stored logits with new rules. OOD distances are recomputed (from the stored
+    float16 embedding) only when the bundle's OOD reference differs from the one the part
+    was made with. `fingerprint` (model_sha256, calibration_sha256) is the bundle as the
+    driver loaded it."""
+
+    model_dir: str
+    rules: dict
+    run_id: str
+    fingerprint: tuple[str, str]
+
+    def __call__(self, table: pa.Table, source: str) -> tuple[pa.Table, int]:
+        rules_json = json.dumps(rules_record(self.rules), sort_keys=True)
+        bundle, post = _postprocessor(self.model_dir, rules_json, self.fingerprint)
+        fp = bundle.fingerprint
+        if (fp.model_sha256, fp.calibration_sha256) != tuple(self.fingerprint):
+            raise TagpipeError(
+                f"{self.model_dir}: the bundle's files changed while this run was working; rerun"
+            )
+        shas = set(table.column("model_sha256").drop_null().to_pylist())
+        if shas - {fp.model_sha256}:
+            raise TagpipeError(
+                f"{source}: made by model {sorted(shas)}, not by {self.model_dir} ({fp.model_sha256})"
+            )
+        made_with = set(table.column("calibration_sha256").drop_null().to_pylist())
+        return retag_table(
+            table,
+            post,
+            fp.calibration_sha256,
+            self.run_id,
+            recompute_ood=made_with != {fp.calibration_sha256},
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _postprocessor(model_dir: str, rules_json: str, fingerprint: tuple[str, str] | None):
+    """One bundle load (it hashes the model file) per worker process, not per part:
+    Ray runs many rewrite tasks in the same worker. Keyed by the bundle's fingerprint as
+    the driver loaded it, so a long-lived worker never serves a bundle whose model,
+    calibration or OOD file was replaced since."""
+    bundle = load_bundle(model_dir)
+    rules = json.loads(rules_json)  # back from JSON: lists to the TagRules types
+    if "mcut_categories" in rules:
+        rules["mcut_categories"] = tuple(rules["mcut_categories"])
+    if "exclude" in rules:
+        rules["exclude"] = frozenset(rules["exclude"])
+    return bundle, Postprocessor.for_bundle(bundle, **rules)
+
+
+def run_rethreshold(
+    tags: str,
+    model_dir: str,
+    output: str | None,
+    rules: dict,
+    storage_options: dict | None = None,
+    ray_address: str | None = None,
+    run_id: str | None = None,
+) -> RethresholdSummary:
+    """Re-tag a table's current version with new rules: into `output` as a new table,
+    or (output None or the same) in place as a new version of the same table."""
+    from pipeline.core.ray_session import ensure_ray, new_run_id
+
+    started = time.monotonic()
+    storage_options = storage_options or {}
+    bundle = load_bundle(model_dir)  # a bad bundle or bad rules stop here, before any work
+    Postprocessor.for_bundle(bundle, **rules)
+    source = TagTable(tags, storage_options)
+    base = source.snapshot()
+    if base.model_sha256 != bundle.fingerprint.model_sha256:
+        raise TagpipeError(
+            f"{tags}: made by model {base.model_sha256}, not by {model_dir} ({bundle.fingerprint.model_sha256}); rethreshold needs the same model"
+        )
+    target = (
+        source if output is None or output.rstrip("/") == source.uri else TagTable(output, storage_options)
+    )
+    target_base = target.sync_current()
+    if target is not source and target_base is not None and target_base.inference_key != base.inference_key:
+        raise TagpipeError(
+            f"{output} holds a table from other inference settings; rethreshold into a new directory or into {tags} itself"
+        )
+    new_rules_key = rules_key(bundle, rules)
+    key = parts_dir_key(base.inference_key, new_rules_key)
+    run_id = run_id or new_run_id()
+    retag = Retag(
+        model_dir, rules, run_id, (bundle.fingerprint.model_sha256, bundle.fingerprint.calibration_sha256)
+    )
+    jobs = [
+        RewriteJob(source.uri, f, target.uri, rewrite_name(f, key, ()), transform=retag) for f in base.files
+    ]
+    summary = RethresholdSummary(parts=len(jobs))
+    if jobs:
+        ensure_ray(ray_address)
+        for result in rewrite_parts(jobs, storage_options, "rethreshold"):
+            summary.rows += result.rows
+            summary.rows_changed += result.rows_changed
+            summary.parts_skipped += result.already_done
+            summary.by_part.append(result.file)
+    files = tuple(sorted(f for f in summary.by_part if f))
+    if target_base is not None and target_base.files == files:  # a repeat of a finished rethreshold
+        summary.version = target_base.version
+        summary.seconds = round(time.monotonic() - started, 3)
+        return summary
+    snapshot = Snapshot(
+        version=(target_base.version if target_base else 0) + 1,
+        files=files,
+        rows=summary.rows,
+        model_sha256=base.model_sha256,
+        inference_key=base.inference_key,
+        rules_key=new_rules_key,
+        run_id=run_id,
+        committed_at=now_iso(),
+        model_name=base.model_name,
+        rules=rules_record(rules),
+        counts={
+            "rethresholded": summary.rows,
+            "rows_changed": summary.rows_changed,
+            "source_version": base.version,
+        },
+    )
+    target.commit(target_base, snapshot)
+    summary.version = snapshot.version
+    summary.seconds = round(time.monotonic() - started, 3)
+    return summary

@@ -1,0 +1,276 @@
+"""Inputs -> a manifest table (uri, size, etag, mtime), listed in parallel by prefix.
+
+An input is a prefix on any fsspec filesystem, one image file, or a manifest file
+(.parquet, .csv with a uri column, or .txt/.lst with one URI per line). Prefixes are
+split at their first level and each part is listed by its own Ray task, so no single
+driver-side call walks millions of keys.
+
+Every file under a prefix is an input (one row each; what Pillow cannot read becomes
+an `unsupported` or `not_an_image` row), except the files skipped here, which are
+counted by reason so that files found = inputs + skipped, always:
+- os_debris: hidden files and folders (`.*`), `@eaDir`, `__MACOSX`, `Thumbs.db`, `desktop.ini`;
+- sidecar: a training set's text and metadata files beside its images (captions `.txt`
+  and `.caption`, `.json`, `.npz` latents, `.toml`, `.yaml`), unless asked to list them
+  (`--list-sidecars`): a captioned folder would otherwise become half error rows, and
+  exporting captions into it would add more on every run;
+- extension: not one of the extensions asked for (`--extension`; no sidecar rule then);
+- tagpipe_output: the run's own table files (data/, _versions/, _runs/, _manifests/,
+  _current.json, guard files) when the output lies inside an input;
+Single files and manifest entries are inputs as named: nothing is skipped from them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.storage.filesystem import filesystem_for, is_local, retry
+
+log = logging.getLogger(__name__)
+
+DEBRIS_NAMES = frozenset({"@eadir", "__macosx", "thumbs.db", "desktop.ini"})  # compared lower-cased
+SIDECAR_EXTENSIONS = frozenset({"txt", "caption", "json", "npz", "toml", "yaml", "yml"})
+OS_DEBRIS, SIDECAR, EXTENSION, TAGPIPE_OUTPUT = "os_debris", "sidecar", "extension", "tagpipe_output"
+MANIFEST_EXTENSIONS = frozenset({"parquet", "csv", "txt", "lst"})
+MANIFEST_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("source_size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())]
+)
+
+
+def _extension(path: str) -> str:
+    return posixpath.splitext(path)[1].lower().lstrip(".")
+
+
+def _join(protocol: str, path: str) -> str:
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def _protocol(fs) -> str:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "file" if proto in ("file", "local") else proto
+
+
+def _row(fs, info: dict) -> dict:
+    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    etag = info.get("ETag", info.get("etag"))
+    return {
+        "uri": _join(_protocol(fs), info["name"]),
+        "source_size": int(info.get("size") or 0),
+        "etag": str(etag).strip('"') if etag else None,
+        "mtime": float(mtime) if mtime is not None else None,
+    }
+
+
+SKIPPED_EXAMPLES = 20  # paths kept per reason for the run record
+
+
+@dataclass
+class Listing:
+    """The inputs (one row each) and the files left out of them, by reason."""
+
+    manifest: pa.Table
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # the first few paths per reason
+
+    @property
+    def found(self) -> int:
+        return self.manifest.num_rows + sum(self.skipped.values())
+
+
+@dataclass(frozen=True)
+class ListingRules:
+    """What a prefix listing leaves out. extensions: lower-case, no dot; empty: keep all.
+    excluded: filesystem paths (no protocol) whose files are never inputs."""
+
+    extensions: frozenset[str] = frozenset()
+    excluded: tuple[str, ...] = ()
+    skip_sidecars: bool = True
+
+    def skip_reason(self, root: str, path: str) -> str | None:
+        relative = path[len(root) :].strip("/") if path.startswith(root) else posixpath.basename(path)
+        if any(_is_debris(part) for part in relative.split("/")):
+            return OS_DEBRIS
+        if any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in self.excluded):
+            return TAGPIPE_OUTPUT
+        if self.extensions:
+            return EXTENSION if _extension(path) not in self.extensions else None
+        if self.skip_sidecars and _extension(path) in SIDECAR_EXTENSIONS:
+            return SIDECAR
+        return None
+
+
+def _is_debris(name: str) -> bool:
+    """A hidden file or folder (not the `.` and `..` that object keys may hold), or an
+    OS or sync tool's own file."""
+    return (name.startswith(".") and name not in (".", "..")) or name.lower() in DEBRIS_NAMES
+
+
+class Skipped:
+    """Files left out of a listing: counts and the first few paths, by reason."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, reason: str, path: str, count: int = 1) -> None:
+        self.counts[reason] += count
+        if len(self.examples[reason]) < SKIPPED_EXAMPLES:
+            self.examples[reason].append(path)
+
+    def update(self, other: Skipped) -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+            room = SKIPPED_EXAMPLES - len(self.examples[reason])
+            self.examples[reason].extend(other.examples[reason][:room])
+
+
+def _keep(fs, root: str, infos, rules: ListingRules, skipped: Skipped) -> list[dict]:
+    rows = []
+    for info in infos:
+        if info.get("type") == "directory":
+            continue
+        reason = rules.skip_reason(root, info["name"])
+        if reason:
+            skipped.add(reason, _join(_protocol(fs), info["name"]))
+        else:
+            rows.append(_row(fs, info))
+    return rows
+
+
+def list_prefix(
+    uri: str, storage_options: dict | None, rules: ListingRules, root: str
+) -> tuple[pa.Table, Skipped]:
+    """Every file under one prefix, recursively (one Ray task's share of a listing),
+    and those skipped, by reason. root: the input prefix it belongs to."""
+    fs, path = filesystem_for(uri, storage_options)
+    fs.invalidate_cache(path)  # a listing is tonight's truth, never a cached one
+    found = retry(lambda: fs.find(path, detail=True, withdirs=False), what=uri)
+    skipped = Skipped()
+    rows = _keep(fs, root, found.values(), rules, skipped)
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), skipped
+
+
+def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
+    fs, path = filesystem_for(uri, storage_options)
+    ext = _extension(path)
+    with fs.open(path, "rb") as handle:
+        if ext == "parquet":
+            table = pq.read_table(handle)
+        elif ext == "csv":
+            table = pacsv.read_csv(handle)
+        else:
+            lines = [line.strip() for line in handle.read().decode("utf-8").splitlines()]
+            table = pa.table({"uri": [line for line in lines if line and not line.startswith("#")]})
+    if "uri" not in table.column_names:
+        raise ConfigError(f"manifest {uri}: no 'uri' column (columns: {table.column_names})")
+    out = {"uri": table.column("uri").cast(pa.string())}
+    for name in ("source_size", "etag", "mtime"):
+        out[name] = (
+            table.column(name).cast(MANIFEST_SCHEMA.field(name).type)
+            if name in table.column_names
+            else pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type)
+        )
+    return pa.table(out, schema=MANIFEST_SCHEMA)
+
+
+def listing_path(uri: str, storage_options: dict | None = None) -> str:
+    """A URI as the names a listing gives (no protocol; absolute for local paths)."""
+    fs, _path = filesystem_for(uri, storage_options)
+    return fs._strip_protocol(uri).rstrip("/")
+
+
+def build_manifest(
+    inputs: list[str],
+    storage_options: dict | None = None,
+    rules: ListingRules = ListingRules(),
+    parallel: bool = True,
+    progress: ProgressSettings = ProgressSettings(),
+) -> Listing:
+    """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
+    tables, prefixes = [], []
+    skipped = Skipped()
+    for uri in inputs:
+        fs, path = filesystem_for(uri, storage_options)
+        if not retry(lambda: fs.exists(path), what=uri):
+            raise ConfigError(f"input not found: {uri}")
+        if retry(lambda: fs.isdir(path), what=uri):
+            prefixes.append((fs, path))
+        elif _extension(path) in MANIFEST_EXTENSIONS:
+            tables.append(_read_manifest_file(uri, storage_options))
+        else:
+            tables.append(pa.Table.from_pylist([_row(fs, fs.info(path))], schema=MANIFEST_SCHEMA))
+    for fs, path in prefixes:
+        for table, left_out in _list_in_parallel(fs, path, storage_options, rules, parallel, progress):
+            tables.append(table)
+            skipped.update(left_out)
+    manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    manifest = manifest.sort_by("uri")
+    if manifest.num_rows:  # drop repeats (overlapping inputs)
+        uris = manifest.column("uri").to_pylist()
+        keep = [i for i in range(len(uris)) if i == 0 or uris[i] != uris[i - 1]]
+        manifest = manifest.take(keep)
+    if skipped.counts:
+        log.info(
+            "listing skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.counts.items()))
+        )
+    return Listing(manifest, dict(skipped.counts), {k: v for k, v in skipped.examples.items() if v})
+
+
+def _list_in_parallel(
+    fs, path: str, storage_options, rules: ListingRules, parallel: bool, progress: ProgressSettings
+) -> list[tuple[pa.Table, Skipped]]:
+    protocol = _protocol(fs)
+    path = fs._strip_protocol(path)  # absolute, as the names the listing gives
+    root = path.rstrip("/") + "/"
+    fs.invalidate_cache(path)
+    top = retry(lambda: fs.ls(path, detail=True), what=path)
+    skipped = Skipped()
+    files = pa.Table.from_pylist(_keep(fs, root, top, rules, skipped), schema=MANIFEST_SCHEMA)
+    listed = [(files, skipped)]
+    subdirs = []
+    for info in top:
+        if info.get("type") != "directory":
+            continue
+        reason = rules.skip_reason(root, info["name"] + "/")
+        if reason in (None, EXTENSION, SIDECAR):  # a folder's name says nothing of its files' types
+            subdirs.append(_join(protocol, info["name"]))
+        else:  # a debris folder (or the output) is walked only to count what it holds
+            listed.append(_count_skipped(fs, info["name"], reason))
+    if not subdirs:
+        return listed
+    import ray
+
+    with Progress(f"listing {path}", len(subdirs), "folders", progress) as shown:
+        if (
+            parallel and ray.is_initialized() and len(subdirs) > 1 and not is_local(fs)
+        ):  # local disks list fast
+            task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
+            pending = [task.remote(sub, storage_options, rules, root) for sub in subdirs]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                listed.append(ray.get(ready[0]))
+                shown.update(1)
+        else:
+            for sub in subdirs:
+                listed.append(list_prefix(sub, storage_options, rules, root))
+                shown.update(1)
+    log.info("listed %s: %d files in %d folders", path, sum(t.num_rows for t, _ in listed), len(subdirs))
+    return listed
+
+
+def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, Skipped]:
+    files = retry(lambda: fs.find(path, withdirs=False), what=path)
+    skipped = Skipped()
+    for name in files:
+        skipped.add(reason, _join(_protocol(fs), name))
+    return MANIFEST_SCHEMA.empty_table(), skipped

@@ -1,0 +1,7 @@
+"""The versioned tag table: immutable Parquet parts, numbered versions, one exclusive commit.
+
+tag_table: TagTable, Snapshot and the commit protocol every writer shares. rewrite: copies
+of parts without dropped rows (and, given a function, transformed), as Ray tasks, named
+so a rerun finds them done. reading: any input a later stage accepts (a Parquet file, a
+folder of parts, or a tag table's current version) as one Arrow table.
+"""

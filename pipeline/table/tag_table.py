@@ -1,0 +1,416 @@
+"""The tag table: immutable Parquet parts plus versioned snapshots naming the current ones.
+
+A tag output directory holds
+
+    data/<key>/part-*.parquet   immutable parts; <key> names the model + settings that made them
+    _versions/<N>.json          snapshot N: the parts that make the table at version N
+    _current.json               a copy of the newest snapshot, replaced atomically: the commit point
+    _runs/, _manifests/         run manifests and input listings
+
+A run writes new parts first (they are invisible: no snapshot names them) and then
+commits once, by writing `_versions/<N+1>.json` and replacing `_current.json`. A run
+killed at any point before that leaves the previous table exactly as it was; the parts
+it wrote are found again and reused by the next run. Rows are never edited in place:
+a part losing rows (deleted or changed images) is rewritten under a new name, so every
+older snapshot stays readable until `vacuum` deletes the parts no kept version names.
+
+Readers take the file list from `_current.json` (`read_current`, or two SQL statements
+in DuckDB: see the README). Why not Delta Lake: docs/decisions.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.errors import TagpipeError
+from pipeline.storage.filesystem import (
+    create_exclusive,
+    filesystem_for,
+    is_local,
+    retry,
+    write_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+VERSIONS_DIR = "_versions"
+CURRENT = "_current.json"
+RUNS_DIR = "_runs"
+MANIFESTS_DIR = "_manifests"
+TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: .tagpipe.tmp-<uuid> beside their target
+# A file that is deliberately not Parquet, beside the parts: a plain read of the folder
+# (pandas, pyarrow.dataset, polars, DuckDB globs), which would mix every version's
+# parts, fails on it and names it instead (docs/decisions.md, "Plain reads").
+GUARD_FILE = "NOT_DATA-read_this_table_through__current.json.parquet"
+GUARD_TEXT = (
+    b"This folder is a tagpipe table: its part files belong to several versions, so reading them all\n"
+    b"mixes old rows with new ones. Read the current version with pipeline.table.tag_table.read_current(),\n"
+    b"or with the file list in _current.json (paths relative to this folder): see the README,\n"
+    b"'Reading results'. This file is not Parquet on purpose, so that a plain read fails here.\n"
+)
+READ_THREADS = 16  # parts are read concurrently (object stores are latency-bound)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One committed version of the table. `files` are relative to the table root."""
+
+    version: int
+    files: tuple[str, ...]
+    rows: int
+    model_sha256: str
+    inference_key: str  # model + everything that changes inference (profile, decode settings)
+    rules_key: str  # calibration + threshold rules: a change here means rethreshold only
+    run_id: str
+    committed_at: str
+    model_name: str = ""
+    rules: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The record, with `files` relative to the table root: a table copied or moved
+        (another disk, another machine, local disk to S3) reads the same."""
+        record = asdict(self)
+        record["files"] = list(self.files)
+        return json.dumps(record, indent=1, sort_keys=True, default=json_value).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Snapshot:
+        record = json.loads(data)
+        record.pop("paths", None)  # absolute paths, written by tables before 0.2
+        record["files"] = tuple(record["files"])
+        return cls(**record)
+
+
+def table_entries(uri: str) -> tuple[str, ...]:
+    """What a table writes at its root, as URIs: a listing of a folder that holds the
+    table leaves these out (and only these: an input may sit beside them)."""
+    root = uri.rstrip("/")
+    return tuple(
+        f"{root}/{name}" for name in (DATA_DIR, VERSIONS_DIR, RUNS_DIR, MANIFESTS_DIR, CURRENT, GUARD_FILE)
+    )
+
+
+class CommitConflict(TagpipeError):
+    """Another run committed the version this run was about to commit."""
+
+
+def version_record(version: int) -> str:
+    return posixpath.join(VERSIONS_DIR, f"{version:012d}.json")
+
+
+class TagTable:
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.path = filesystem_for(self.uri, storage_options)
+        self.local = is_local(self.fs)
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def full_uri(self, relative: str) -> str:
+        return posixpath.join(self.uri, relative)
+
+    # ---- snapshots -------------------------------------------------------------
+    def current(self) -> Snapshot | None:
+        """The committed table, or None before the first commit: `_current.json`, or a
+        newer version record when a commit stopped between writing its record (the
+        commit itself) and copying it to `_current.json`."""
+        snapshot = self._read_record(CURRENT)
+        if snapshot is None and self._has_legacy_parts():
+            raise TagpipeError(
+                f"{self.uri}: part files at the top level and no {CURRENT}: an output in the layout before versioned tables; tag into a new directory"
+            )
+        while True:
+            newer = self._read_record(version_record((snapshot.version if snapshot else 0) + 1), probe=True)
+            if newer is None:
+                return snapshot
+            snapshot = newer
+
+    def sync_current(self) -> Snapshot | None:
+        """current(), after writing it to `_current.json` when that file is behind (a
+        commit that stopped between its two writes). Writers call this; readers need not."""
+        recorded = self._read_record(CURRENT)
+        newest = self.current()
+        if newest is not None and (recorded is None or recorded.version < newest.version):
+            self._write_bytes(CURRENT, newest.to_json())
+        return newest
+
+    def _read_record(self, relative: str, probe: bool = False) -> Snapshot | None:
+        """A version record, or None if there is none. probe: a look for a record that
+        usually does not exist; a store that denies it (S3 answers 403 for a missing key
+        to a reader who may not list the bucket) has none to show either."""
+        path = self.join(relative)
+        for attempt in range(5):
+            try:
+                return Snapshot.from_json(retry(lambda: self.fs.cat_file(path), what=path))
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                if probe:
+                    return None
+                raise
+            except json.JSONDecodeError:  # a record being written where links are not to be had
+                time.sleep(0.1 * (attempt + 1))
+        raise TagpipeError(f"{self.uri}: {relative} does not parse")
+
+    def versions(self) -> list[int]:
+        directory = self.join(VERSIONS_DIR)
+        self.fs.invalidate_cache(directory)
+        if not self.fs.exists(directory):
+            return []
+        return sorted(
+            int(posixpath.basename(p).split(".")[0])
+            for p in self.fs.ls(directory, detail=False)
+            if p.endswith(".json")
+        )
+
+    def snapshot(self, version: int | None = None) -> Snapshot:
+        if version is None:
+            current = self.current()
+            if current is None:
+                raise TagpipeError(
+                    f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?"
+                )
+            return current
+        snapshot = self._read_record(version_record(version))
+        if snapshot is None:
+            raise TagpipeError(f"{self.uri}: no version {version} (have {self.versions()})")
+        return snapshot
+
+    def commit(self, base: Snapshot | None, snapshot: Snapshot) -> Snapshot:
+        """Make `snapshot` (version base + 1) the current table.
+
+        Creating its version record is the commit, and it is exclusive (an O_EXCL-style
+        link locally, a conditional PUT on S3): of two runs that worked from the same
+        base, exactly one creates it and the other is refused with CommitConflict.
+        `_current.json` is a copy written after it, for readers that read one file;
+        `current()` also finds a record that `_current.json` does not show yet."""
+        expected = (base.version if base else 0) + 1
+        if snapshot.version != expected:
+            raise ValueError(f"version {snapshot.version} cannot follow version {expected - 1}")
+        data = snapshot.to_json()
+        self.guard({posixpath.dirname(f) for f in snapshot.files})
+        now = self.current()
+        # a base older than the newest version lost already; checked first because vacuum
+        # may have deleted old records, which would let an exclusive create succeed
+        if (now.version if now else 0) >= snapshot.version or not create_exclusive(
+            self.full_uri(version_record(snapshot.version)), data, self.storage_options
+        ):
+            raise CommitConflict(self._conflict_text(snapshot))
+        self._write_bytes(CURRENT, data)
+        self.sync_current()  # a slower writer's copy must not move _current.json back
+        return snapshot
+
+    def guard(self, part_dirs: set[str]) -> None:
+        """Put GUARD_FILE at the root, in data/ and in each folder holding parts."""
+        for relative in sorted({"", DATA_DIR, *part_dirs}):
+            path = self.join(relative, GUARD_FILE)
+            if not self.fs.exists(path):
+                self._write_bytes(posixpath.join(relative, GUARD_FILE), GUARD_TEXT)
+
+    def _conflict_text(self, snapshot: Snapshot) -> str:
+        other = self._read_record(version_record(snapshot.version))
+        who = f"run {other.run_id} (committed {other.committed_at})" if other else "another run"
+        return (
+            f"{self.uri}: version {snapshot.version} was committed by {who} while run {snapshot.run_id} worked "
+            f"from version {snapshot.version - 1}; nothing of this run is lost: its parts are kept, and running the "
+            f"same command again commits on top of version {snapshot.version} without tagging them again"
+        )
+
+    # ---- parts -----------------------------------------------------------------
+    def paths(self, snapshot: Snapshot) -> list[str]:
+        return [self.join(f) for f in snapshot.files]
+
+    def read(
+        self, snapshot: Snapshot | None = None, columns: list[str] | None = None, with_file: bool = False
+    ) -> pa.Table:
+        """The table at a snapshot (default: current), optionally with `_file`, the index
+        of each row's part in snapshot.files."""
+        snapshot = snapshot or self.snapshot()
+
+        def one(index_and_path):
+            index, path = index_and_path
+            table = retry(lambda: self._read_part(path, columns), what=path)
+            return (
+                table.append_column("_file", pa.array([index] * table.num_rows, pa.int32()))
+                if with_file
+                else table
+            )
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            tables = list(pool.map(one, enumerate(self.paths(snapshot))))
+        if not tables:
+            return pa.table({})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def _read_part(self, path: str, columns: list[str] | None) -> pa.Table:
+        with self.fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def read_part(self, relative: str, columns: list[str] | None = None) -> pa.Table:
+        path = self.join(relative)
+        return retry(lambda: self._read_part(path, columns), what=path)
+
+    def read_part_metadata(self, relative: str):
+        with self.fs.open(self.join(relative), "rb") as handle:
+            return pq.read_metadata(handle)
+
+    def exists(self, relative: str) -> bool:
+        path = self.join(relative)
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return self.fs.exists(path)
+
+    def list_parts(self, key: str) -> list[dict]:
+        """Parts under data/<key>/ with their modification time (seconds since epoch)."""
+        directory = self.join(DATA_DIR, key)
+        self.fs.invalidate_cache(directory)
+        if not self.fs.exists(directory):
+            return []
+        found = []
+        for info in self.fs.ls(directory, detail=True):
+            name = posixpath.basename(info["name"])
+            if name.startswith("part-") and name.endswith(".parquet"):
+                found.append({"file": posixpath.join(DATA_DIR, key, name), "mtime": _mtime(info)})
+        return sorted(found, key=lambda f: f["file"])
+
+    def write_part(self, relative: str, table: pa.Table) -> str:
+        """Write one part atomically. Returns the relative path.
+
+        A part's name comes from its settings and its rows' sources, so two runs at once
+        on one table write parts of the same name for the same work. Locally the rename
+        replaces one with the other whole. On an object store a replaced object fails
+        every reader that opened the old one (s3fs checks the ETag), so there the first
+        part written stays: created exclusively, and an existing one (the same rows, from
+        the other run) is used as it is."""
+        uri = self.full_uri(relative)
+        if self.local:
+            write_atomic(uri, table=table, storage_options=self.storage_options)
+            return relative
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        if not create_exclusive(uri, buffer.getvalue().to_pybytes(), self.storage_options):
+            log.info("%s was written by another run for the same rows: using it", relative)
+        return relative
+
+    def _write_bytes(self, relative: str, data: bytes) -> None:
+        write_atomic(self.full_uri(relative), data, storage_options=self.storage_options)
+
+    def _has_legacy_parts(self) -> bool:
+        return self.fs.exists(self.path) and any(
+            posixpath.basename(p).startswith("part-") for p in self.fs.ls(self.path, detail=False)
+        )
+
+    # ---- vacuum --------------------------------------------------------------------
+    def vacuum(self, keep_versions: int = 2, grace_hours: float = 24.0, dry_run: bool = False) -> dict:
+        """Delete parts no kept version names. Kept: the newest `keep_versions` versions
+        (the current one always). Unnamed parts younger than `grace_hours` stay: they may
+        belong to a run in progress, which will commit or reuse them. Version records of
+        versions whose parts are gone are deleted too, so every listed version is readable."""
+        if keep_versions < 1:
+            raise TagpipeError("keep_versions must be >= 1 (the current version is always kept)")
+        current = self.sync_current() if not dry_run else self.current()
+        if current is None:
+            raise TagpipeError(
+                f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?"
+            )
+        versions = [v for v in self.versions() if v <= current.version]
+        kept = versions[-keep_versions:]
+        named = set(current.files)
+        for version in kept:
+            named |= set(self.snapshot(version).files)
+        cutoff = datetime.now(UTC).timestamp() - grace_hours * 3600
+        data = self.join(DATA_DIR)
+        doomed = []
+        if self.fs.exists(data):
+            self.fs.invalidate_cache(data)
+            for key in self.fs.ls(data, detail=False):
+                for part in self.list_parts(posixpath.basename(key)):
+                    if part["file"] not in named and part["mtime"] < cutoff:
+                        doomed.append(part["file"])
+        old_versions = [v for v in versions if v not in kept]
+        stale_tmp = []  # temp files of local writes a killed process left (object stores write in one PUT)
+        if self.local:
+            stale_tmp = [
+                name
+                for name, info in self.fs.find(self.path, detail=True).items()
+                if TMP_MARK in posixpath.basename(name) and _mtime(info) < cutoff
+            ]
+        if not dry_run:
+            for file in doomed:
+                self.fs.rm(self.join(file))
+            for version in old_versions:
+                self.fs.rm(self.join(version_record(version)))
+            for path in stale_tmp:
+                self.fs.rm(path)
+        return {
+            "parts_deleted": len(doomed),
+            "versions_deleted": old_versions,
+            "versions_kept": kept,
+            "tmp_deleted": len(stale_tmp),
+            "dry_run": dry_run,
+        }
+
+    # ---- run records -------------------------------------------------------------
+    def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
+        """The listing a run works from (uri, source_size, etag, mtime), written first."""
+        relative = posixpath.join(MANIFESTS_DIR, f"{run_id}.parquet")
+        write_atomic(self.full_uri(relative), table=manifest, storage_options=self.storage_options)
+        return self.join(relative)
+
+    def write_run_manifest(self, name: str, record: dict) -> str:
+        relative = posixpath.join(RUNS_DIR, f"{name}.json")
+        self._write_bytes(relative, json.dumps(record, indent=1, sort_keys=True, default=json_value).encode())
+        return self.join(relative)
+
+
+def json_value(value):
+    """JSON for what records hold besides plain data: enums by value, sets sorted."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def _mtime(info: dict) -> float:
+    mtime = info.get("mtime", info.get("LastModified"))
+    return mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def is_tag_table(uri: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.exists(posixpath.join(path.rstrip("/"), CURRENT))
+
+
+def read_current(
+    uri: str,
+    storage_options: dict | None = None,
+    columns: list[str] | None = None,
+    version: int | None = None,
+) -> pa.Table:
+    """The tag table at its current version (or at `version`): one row per image."""
+    table = TagTable(uri, storage_options)
+    return table.read(table.snapshot(version), columns)
+
+
+def current_files(uri: str, storage_options: dict | None = None, version: int | None = None) -> list[str]:
+    """Full URIs of the parts that make the table, for any Parquet reader."""
+    table = TagTable(uri, storage_options)
+    return [table.full_uri(f) for f in table.snapshot(version).files]
