@@ -111,11 +111,14 @@ def main() -> None:
     probe = Image.open(io.BytesIO(jpegs[0]))
     probe.draft("RGB", draft_request(pre, *probe.size, 2.0))
     print(
-        f"machine: {cpu_name()}, 1 core; Pillow {PIL.__version__}, libjpeg-turbo {features.version('libjpeg_turbo')}"
+        f"machine: {cpu_name()}, 1 core; Pillow {PIL.__version__}, "
+        f"libjpeg-turbo {features.version('libjpeg_turbo')}"
     )
     print(
-        f"input: {len(jpegs)} JPEGs 2048x1536 q90, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB; profile {args.profile} "
-        f"({pre.resize_mode.value} {pre.width}x{pre.height} {pre.interpolation.value}); fast path decodes at {probe.size[0]}x{probe.size[1]}"
+        f"input: {len(jpegs)} JPEGs 2048x1536 q90, "
+        f"mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB; profile {args.profile} "
+        f"({pre.resize_mode.value} {pre.width}x{pre.height} {pre.interpolation.value}); "
+        f"fast path decodes at {probe.size[0]}x{probe.size[1]}"
     )
     print(f"{'method':<14} {'img/s/core':>10}")
     for name in methods:
@@ -126,7 +129,8 @@ def main() -> None:
     print(f"fast-1x / bare-1x     = {rate['fast-1x'] / rate['bare-draft-1x']:.2f}")
     print(f"exact / naive         = {rate['exact'] / rate['naive']:.2f}x")
     print(
-        f"decode-1/8 / naive    = {rate['decode-1/8'] / rate['naive']:.2f}x   (the ceiling for any DCT-scaled path)"
+        f"decode-1/8 / naive    = {rate['decode-1/8'] / rate['naive']:.2f}x   "
+        "(the ceiling for any DCT-scaled path)"
     )
 
 

@@ -92,7 +92,8 @@ def main() -> None:
             r = json.loads(done.stdout.strip().splitlines()[-1])
             results[(n, radius)] = r
             print(
-                f"N={n:>11,} R={radius}: {r['seconds']:8.1f} s, peak {r['peak_mib']:6,} MiB, {r['pairs']:,} near pairs, {r['clusters']:,} clusters",
+                f"N={n:>11,} R={radius}: {r['seconds']:8.1f} s, peak {r['peak_mib']:6,} MiB, "
+                f"{r['pairs']:,} near pairs, {r['clusters']:,} clusters",
                 flush=True,
             )
     for radius in args.radii:
@@ -103,7 +104,9 @@ def main() -> None:
             b = json.loads(done.stdout.strip().splitlines()[-1])
             ours = results[(1_000_000, radius)]["seconds"]
             print(
-                f"brute force 1M R={radius}: ~{b['brute_seconds_estimated']:,.0f} s (numpy, 1 core, extrapolated from 20,000 rows) -> {b['brute_seconds_estimated'] / ours:,.0f}x slower than the table search"
+                f"brute force 1M R={radius}: ~{b['brute_seconds_estimated']:,.0f} s "
+                "(numpy, 1 core, extrapolated from 20,000 rows) -> "
+                f"{b['brute_seconds_estimated'] / ours:,.0f}x slower than the table search"
             )
 
 

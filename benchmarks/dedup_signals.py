@@ -108,7 +108,8 @@ def main() -> None:
     distance = np.bitwise_count(hashes[a] ^ hashes[b])
     both_reliable = reliable[a] & reliable[b]
     print(
-        f"{n} images ({n // (len(TRANSFORMS) + 1)} photos x {len(TRANSFORMS) + 1}), {int(positive.sum())} positive "
+        f"{n} images ({n // (len(TRANSFORMS) + 1)} photos x {len(TRANSFORMS) + 1}), "
+        f"{int(positive.sum())} positive "
         f"pairs, {int((~positive).sum())} negative; unreliable hashes: {int((~reliable).sum())}"
     )
     found = {"sha256": sha[a] == sha[b]}

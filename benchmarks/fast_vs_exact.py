@@ -37,7 +37,8 @@ def main() -> None:
     jpegs = large_variants(args.images, seed=11)
     exact_options = DecodeOptions(exact=True)
     print(
-        f"{len(jpegs)} JPEGs, long side 2200-4200 px, from {len({n.rsplit('-', 1)[0] for n, _ in jpegs})} photos"
+        f"{len(jpegs)} JPEGs, long side 2200-4200 px, "
+        f"from {len({n.rsplit('-', 1)[0] for n, _ in jpegs})} photos"
     )
 
     print("\npixels, fast vs exact (0-255 levels)")
@@ -62,7 +63,8 @@ def main() -> None:
             )
             bits = max(hamming(f.phash, e.phash) for f, e in zip(fast, exact))
             print(
-                f"{name:<14} {ratio:>5g} {drafted:>4}/{len(jpegs):<3} {diffs.mean():>9.3f} {np.percentile(diffs, 99):>8.0f} {bits:>15}"
+                f"{name:<14} {ratio:>5g} {drafted:>4}/{len(jpegs):<3} {diffs.mean():>9.3f} "
+                f"{np.percentile(diffs, 99):>8.0f} {bits:>15}"
             )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +80,8 @@ def main() -> None:
         p_exact, t_exact = tag(exact_options)
         print(f"\ndemo model ({stage.bundle.profile.name} preprocessing), fast vs exact")
         print(
-            f"{'ratio':>5} {'same tag set':>13} {'mean |dp| emitted':>18} {'mean |dp| all':>14} {'max |dp|':>9}"
+            f"{'ratio':>5} {'same tag set':>13} {'mean |dp| emitted':>18} "
+            f"{'mean |dp| all':>14} {'max |dp|':>9}"
         )
         for ratio in (2.0, 1.0):
             p_fast, t_fast = tag(DecodeOptions(draft_ratio=ratio))
@@ -87,7 +90,8 @@ def main() -> None:
             delta = np.abs(p_fast - p_exact)
             verdict = "ok" if same >= 0.99 and delta[relevant].mean() <= 0.01 else "BELOW TARGET"
             print(
-                f"{ratio:>5g} {same:>12.1%} {delta[relevant].mean():>18.4f} {delta.mean():>14.5f} {delta.max():>9.4f}  {verdict}"
+                f"{ratio:>5g} {same:>12.1%} {delta[relevant].mean():>18.4f} {delta.mean():>14.5f} "
+                f"{delta.max():>9.4f}  {verdict}"
             )
 
 

@@ -252,11 +252,11 @@ def session_throughput(
             for out in session.get_outputs():
                 binding.bind_output(out.name, "cuda")
 
-            def run():
+            def run(binding=binding):
                 session.run_with_iobinding(binding)
         else:
 
-            def run():
+            def run(x=x):
                 session.run(None, {input_name: x})
 
         run()  # warm-up (kernel selection, allocations)
@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     cores = available_cpus()
 
     print(
-        f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, {cfg.tags} tags), {dtype}, "
+        f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, "
+        f"{cfg.tags} tags), {dtype}, "
         f"{flops / 1e9:.2f} GFLOP/image; provider {provider}; {available_cpus()} CPUs"
     )
     print("| run | batch | img/s | TFLOP/s |")
@@ -426,16 +427,19 @@ def main(argv: list[str] | None = None) -> dict:
     for batch, rate in bound.items():
         print(f"| (a) session, IO binding | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
     print(
-        f"| (c) tagger host work outside the session, {cfg.tags} tags | {best_batch} | {1 / host:.1f} | host {host * 1e3:.3f} ms/img "
+        f"| (c) tagger host work outside the session, {cfg.tags} tags | {best_batch} | {1 / host:.1f} | "
+        f"host {host * 1e3:.3f} ms/img "
         f"= {host / (1 / rates[best_batch]):.1%} of the session's {1e3 / rates[best_batch]:.3f} ms/img |"
     )
     busy_text = f"{busy:.0%}" if busy is not None else "n/a (no nvidia-smi)"
     print(
-        f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | {job_rate * flops / 1e12:.3f} |"
+        f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | "
+        f"{job_rate * flops / 1e12:.3f} |"
     )
     print(f"placement (b): {summary.placement}")
     print(
-        f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); GPU busy during (b): {busy_text}; "
+        f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); "
+        f"GPU busy during (b): {busy_text}; "
         f"decode load {job_rate / cores:.1f} img/s per core ({cores} cores)"
     )
     return {

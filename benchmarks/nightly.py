@@ -80,10 +80,12 @@ def main() -> None:
     unchanged_kept = sum(1 for r in rows.to_pylist() if r["run_id"] == full.run_id)
 
     print(
-        f"{args.images} images + {count} new (3 MP JPEGs), demo model on CPU, {available_cpus()} CPUs, warm local Ray"
+        f"{args.images} images + {count} new (3 MP JPEGs), demo model on CPU, "
+        f"{available_cpus()} CPUs, warm local Ray"
     )
     print(
-        "run                     | through the model | tagging phase s | end to end s | list s | plan s | commit s"
+        "run                     | through the model | tagging phase s | end to end s | "
+        "list s | plan s | commit s"
     )
     for name, s, total in (
         ("full (creates v1)", full, full_s),
@@ -92,16 +94,20 @@ def main() -> None:
     ):
         t = s.timings
         print(
-            f"{name:23} | {s.images:17d} | {t.get('tag_seconds', 0):15.2f} | {total:12.2f} | {t['list_seconds']:6.2f} | "
+            f"{name:23} | {s.images:17d} | {t.get('tag_seconds', 0):15.2f} | {total:12.2f} | "
+            f"{t['list_seconds']:6.2f} | "
             f"{t['plan_seconds']:6.2f} | {t.get('commit_seconds', 0):8.2f}"
         )
     print(
         f"nightly/full: images through the model {nightly.images / full.images:.2%} (target <= 5%), "
-        f"tagging phase {nightly.timings['tag_seconds'] / full.timings['tag_seconds']:.2%}, end to end {nightly_s / full_s:.2%}"
+        f"tagging phase {nightly.timings['tag_seconds'] / full.timings['tag_seconds']:.2%}, "
+        f"end to end {nightly_s / full_s:.2%}"
     )
     print(
-        f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, skipped {nightly.skipped}; "
-        f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; versions {full.version} -> {nightly.version} -> {idle.version}"
+        f"nightly counts: new {nightly.new}, changed {nightly.changed}, deleted {nightly.deleted}, "
+        f"skipped {nightly.skipped}; "
+        f"rows kept from the full run unrecomputed: {unchanged_kept}/{rows.num_rows}; "
+        f"versions {full.version} -> {nightly.version} -> {idle.version}"
     )
     shutil.rmtree(new_dir, ignore_errors=True)
 
@@ -141,7 +147,8 @@ def plan_at_scale(n: int) -> None:
     seconds = time.perf_counter() - t
     new_count = sum(1 for s in status.column("status").to_pylist() if s == "new")
     print(
-        f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)"
+        f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, "
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)"
     )
 
 

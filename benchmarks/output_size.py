@@ -102,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = wide_bundle(Path(tmp) / "model", args.tags, args.dim)
         files = {}
-        for i, (name, data) in enumerate(large_variants(args.images, seed=5, long_side=(800, 1600))):
+        for i, (_name, data) in enumerate(large_variants(args.images, seed=5, long_side=(800, 1600))):
             files[f"{tmp}/img_{i:04d}.jpg"] = data
             Path(f"{tmp}/img_{i:04d}.jpg").write_bytes(data)
         uris = np.array(sorted(files), object)
@@ -121,7 +121,8 @@ def main() -> None:
             }
             label = "dense logits" if dense else "sparse logits (default, p >= 0.01)"
             print(
-                f"{label}: {size:,.0f} bytes/image on disk (zstd); {tags:.1f} tags and {kept:,.0f} logits kept per image; "
+                f"{label}: {size:,.0f} bytes/image on disk (zstd); "
+                f"{tags:.1f} tags and {kept:,.0f} logits kept per image; "
                 "in memory per image: " + ", ".join(f"{k} {v:,.0f} B" for k, v in per_column.items())
             )
         print(f"({len(uris)} images, {args.tags:,} tags, {args.dim}-d float16 embedding)")

@@ -59,7 +59,8 @@ COPIES = {
 
 def main() -> None:
     print(
-        f"fragile: |coefficient - median| < {FRAGILE_MARGIN:g}; unreliable: more than {LOW_DETAIL_BITS} fragile bits"
+        f"fragile: |coefficient - median| < {FRAGILE_MARGIN:g}; "
+        f"unreliable: more than {LOW_DETAIL_BITS} fragile bits"
     )
     photo_counts, flips_fragile, flips_firm, fragile_total = [], 0, 0, 0
     for path in photo_paths():
@@ -78,7 +79,8 @@ def main() -> None:
         f"unreliable {sum(c > LOW_DETAIL_BITS for c in photo_counts)}"
     )
     print(
-        f"their copies ({', '.join(COPIES)}): {flips_fragile} flips of fragile bits ({fragile_total} fragile), "
+        f"their copies ({', '.join(COPIES)}): "
+        f"{flips_fragile} flips of fragile bits ({fragile_total} fragile), "
         f"{flips_firm} of firm bits ({len(photo_counts) * len(COPIES) * 64 - fragile_total} firm)"
     )
     for kind in KINDS.values():

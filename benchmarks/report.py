@@ -88,7 +88,9 @@ def measure(root: Path, output: Path) -> dict:
         "from pipeline.corpus.report import build_report\n"
         "t = time.perf_counter()\n"
         "s = build_report(sys.argv[1], sys.argv[2])\n"
-        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'bytes': s.bytes, 'rows': s.rows}))\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t, "
+        "'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+        "'bytes': s.bytes, 'rows': s.rows}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(root), str(output)], capture_output=True, text=True, check=True
@@ -107,12 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
     made = time.perf_counter() - started
     result = measure(work / "tags", work / "report.html")
     print(
-        f"synthetic table: {args.rows:,} rows written in {made:.1f} s (peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)"
+        f"synthetic table: {args.rows:,} rows written in {made:.1f} s (peak RSS of this process "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)"
     )
     print("| rows | build time | target | peak RSS | target | page size |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     print(
-        f"| {result['rows']:,} | {result['seconds']:.1f} s | 60 s ({result['seconds'] / 60:.0%}) | {result['peak_rss_mib']:.0f} MiB | 2048 MiB ({result['peak_rss_mib'] / 2048:.0%}) | {result['bytes'] / 1024:.0f} KiB |"
+        f"| {result['rows']:,} | {result['seconds']:.1f} s | 60 s ({result['seconds'] / 60:.0%}) | "
+        f"{result['peak_rss_mib']:.0f} MiB | 2048 MiB ({result['peak_rss_mib'] / 2048:.0%}) | "
+        f"{result['bytes'] / 1024:.0f} KiB |"
     )
     return result
 

@@ -69,7 +69,8 @@ def main() -> None:
     )
     print(f"full re-run (decode + inference):  {rerun_seconds:7.2f} s  {n / rerun_seconds:8.1f} img/s")
     print(
-        f"rethreshold (stored logits):       {re_seconds:7.2f} s  {n / re_seconds:8.1f} img/s  ({summary.parts} parts, {summary.rows_changed} rows changed)"
+        f"rethreshold (stored logits):       {re_seconds:7.2f} s  {n / re_seconds:8.1f} img/s  "
+        f"({summary.parts} parts, {summary.rows_changed} rows changed)"
     )
     print(f"speed-up: {rerun_seconds / re_seconds:.1f}x (target >= 20x); same tags as the re-run: {same}")
 

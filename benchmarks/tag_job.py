@@ -136,19 +136,23 @@ def main() -> None:
 
     n = len(uris)
     print(
-        f"machine: {os.cpu_count()} CPUs visible, {cpus} usable; {n} JPEGs 2048x1536 q90 on local disk; demo model on CPU"
+        f"machine: {os.cpu_count()} CPUs visible, {cpus} usable; "
+        f"{n} JPEGs 2048x1536 q90 on local disk; demo model on CPU"
     )
     print(
-        f"{'run':<22} {'end to end img/s':>17} {'tagging img/s':>14} {'vs loop (e2e)':>14} {'vs loop (tagging)':>18}"
+        f"{'run':<22} {'end to end img/s':>17} {'tagging img/s':>14} "
+        f"{'vs loop (e2e)':>14} {'vs loop (tagging)':>18}"
     )
     print(f"{'plain loop':<22} {n / loop_total:>17.1f} {n / loop_tag:>14.1f} {'1.00':>14} {'1.00':>18}")
-    for name, (total, tag, summary) in results.items():
+    for name, (total, tag, _summary) in results.items():
         total_with_init = total + init_seconds + warmup_seconds  # what a cold `tagpipe tag` pays once
         print(
-            f"{name:<22} {n / total_with_init:>17.1f} {n / tag:>14.1f} {loop_total / total_with_init:>14.2f} {loop_tag / tag:>18.2f}"
+            f"{name:<22} {n / total_with_init:>17.1f} {n / tag:>14.1f} "
+            f"{loop_total / total_with_init:>14.2f} {loop_tag / tag:>18.2f}"
         )
     print(
-        f"(cold start added to each Ray end-to-end figure: Ray start {init_seconds:.1f} s + first-job warm-up {warmup_seconds:.1f} s incl. 32 images)"
+        f"(cold start added to each Ray end-to-end figure: Ray start {init_seconds:.1f} s + "
+        f"first-job warm-up {warmup_seconds:.1f} s incl. 32 images)"
     )
     for name in results:
         out = work / "out" / name.replace(" ", "").replace(",", "-")

@@ -36,10 +36,10 @@ def s3_server():
         try:
             urllib.request.urlopen(endpoint, timeout=1)
             break
-        except OSError:
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError("moto server did not start")
+                raise RuntimeError("moto server did not start") from exc
             time.sleep(0.2)
     env = {
         "AWS_ENDPOINT_URL": endpoint,

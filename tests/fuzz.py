@@ -317,9 +317,11 @@ class FuzzReport:
 
     def text(self) -> str:
         return (
-            f"{self.cases} cases in {self.seconds:.0f} s: {len(self.crashes)} crashed chunks, {len(self.hangs)} hangs, "
+            f"{self.cases} cases in {self.seconds:.0f} s: {len(self.crashes)} crashed chunks, "
+            f"{len(self.hangs)} hangs, "
             f"{len(self.row_mismatches)} row mismatches, {len(self.partial_pixel_rows)} partial-pixel rows, "
-            f"{len(self.inconsistent)} inconsistent, {len(self.over_budget)} over budget; peak decode RSS growth "
+            f"{len(self.inconsistent)} inconsistent, {len(self.over_budget)} over budget; "
+            "peak decode RSS growth "
             f"{self.peak_growth / 2**20:.0f} MiB; slowest decode {self.slowest:.2f} s; rows: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items(), key=lambda kv: -kv[1]))
         )

@@ -56,7 +56,8 @@ def photo_paths() -> list[Path]:
         ]
     if not found:
         raise RuntimeError(
-            "no sample photos: install the test extra (pip install -e '.[test]'), which brings scikit-image and scikit-learn"
+            "no sample photos: install the test extra (pip install -e '.[test]'), "
+            "which brings scikit-image and scikit-learn"
         )
     return found
 

@@ -18,6 +18,7 @@ from sample_photos import photo_paths
 from pipeline.image.decode import DecodeStage
 from pipeline.job.tagger import Normaliser, TaggerSettings, TaggerStage
 from pipeline.model.profiles import Activation
+from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice
 
 CLASSES = 5
@@ -89,7 +90,7 @@ def test_argmax_of_a_softmax_group(tmp_path):
         TaggerSettings(
             str(folder),
             provider=ProviderChoice.CPU,
-            rules={"default_threshold": 0.0, "logit_floor": 0.0, "max_tags": 1},
+            rules=RuleSettings(threshold=0.0, logit_floor=0.0, max_tags=1),
         )
     )
     batch = _photos_batch(stage)

@@ -78,7 +78,8 @@ def test_every_bomb_is_an_error_row_under_the_memory_budget(ray_session, bomb_fi
     for name, result in zip(names, results):
         mib = result["growth"] / 2**20
         print(
-            f"{name:26} {len(Path(bomb_files[name]).read_bytes()):>9} B  {str(result['kind']):12} peak RSS +{mib:.0f} MiB"
+            f"{name:26} {len(Path(bomb_files[name]).read_bytes()):>9} B  {str(result['kind']):12} "
+            f"peak RSS +{mib:.0f} MiB"
         )
         if result["growth"] > BUDGET:
             problems.append(f"{name}: peak RSS grew {mib:.0f} MiB, over the {BUDGET >> 20} MiB budget")

@@ -76,7 +76,6 @@ def test_version_and_short_help():
 def test_readme_option_table_matches_the_tag_command():
     """Every option of `tagpipe tag` is in the README's table and every name there is an
     option; each config field has an option of the same name."""
-    from dataclasses import fields
 
     from pipeline.job.settings import TagJobConfig
 
@@ -90,8 +89,8 @@ def test_readme_option_table_matches_the_tag_command():
         if line.startswith("| `"):
             documented |= set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line.split("|")[1]))
     assert documented == options, (sorted(options - documented), sorted(documented - options))
-    for field in fields(TagJobConfig):
-        assert "--" + field.name.replace("_", "-") in options, field.name
+    for name in TagJobConfig.model_fields:
+        assert "--" + name.replace("_", "-") in options, name
 
 
 def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ def _race(uri: str, rounds: int) -> list[tuple[str, str]]:
         barrier = threading.Barrier(2)
         results: dict[str, str] = {}
 
-        def commit(run: str):
+        def commit(run: str, barrier=barrier, base=base, results=results):
             barrier.wait()
             try:
                 TagTable(uri).commit(base, _snapshot((base.version if base else 0) + 1, run))
@@ -170,7 +170,8 @@ def _overlap_and_recover(output: str, folders: list[str], model: Path) -> None:
     if loser == "large":  # its inputs hold the winner's: every row of both
         assert final.num_rows == len(_listing(large))
     print(
-        f"pair {output}: {winner} committed version {expected_version}, {loser} refused; rerun -> {final.num_rows} rows"
+        f"pair {output}: {winner} committed version {expected_version}, {loser} refused; "
+        f"rerun -> {final.num_rows} rows"
     )
 
 

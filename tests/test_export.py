@@ -125,7 +125,8 @@ def test_text_options_and_dart_prompt():
     }
     assert dart_prompt(row, TextOptions()) == (
         "<|bos|><copyright>tagpipe demo</copyright><character>stripe chan (tagpipe)</character>"
-        "<|rating:explicit|><|aspect_ratio:tall|><|length:very_short|><general>red theme, stripes<|identity:none|><|input_end|>"
+        "<|rating:explicit|><|aspect_ratio:tall|><|length:very_short|>"
+        "<general>red theme, stripes<|identity:none|><|input_end|>"
     )
 
 

@@ -255,7 +255,8 @@ def test_a_huge_non_image_file_is_read_only_up_to_the_limit(tmp_path):
         "import sys, tracemalloc, numpy as np\n"
         "from pipeline.image.decode import DecodeStage\nfrom pipeline.model.profiles import load_profile\n"
         "tracemalloc.start()\n"
-        "out = DecodeStage(load_profile('joytag').preprocess, max_file_bytes=int(sys.argv[2]))({'uri': np.array([sys.argv[1]], object)})\n"
+        "out = DecodeStage(load_profile('joytag').preprocess, max_file_bytes=int(sys.argv[2]))"
+        "({'uri': np.array([sys.argv[1]], object)})\n"
         "print(out['error_kind'][0], tracemalloc.get_traced_memory()[1])\n"
     )
     for limit, kind, most in (

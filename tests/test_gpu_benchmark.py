@@ -81,7 +81,8 @@ def test_cpu_path_runs_end_to_end(tmp_path):
     assert max(rows, key=lambda r: float(r[1]))[0] == job.group(1)
     assert np.isclose(float(ratio.group(1)), 100 * float(job.group(2)) / float(session_rate), rtol=0.02)
     host = re.search(
-        r"^\| \(c\) tagger host work outside the session, 2000 tags \| (\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img",
+        r"^\| \(c\) tagger host work outside the session, 2000 tags \| "
+        r"(\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img",
         done.stdout,
         re.M,
     )

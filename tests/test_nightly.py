@@ -449,16 +449,19 @@ def test_table_commit_refuses_a_concurrent_writer(tmp_path):
     from pipeline.table.tag_table import CommitConflict, Snapshot
 
     table = TagTable(str(tmp_path / "t"))
-    snap = lambda v, run: Snapshot(
-        version=v,
-        files=(),
-        rows=0,
-        model_sha256="m",
-        inference_key="i",
-        rules_key="r",
-        run_id=run,
-        committed_at="2026-01-01T00:00:00+00:00",
-    )  # noqa: E731
+
+    def snap(v, run):
+        return Snapshot(
+            version=v,
+            files=(),
+            rows=0,
+            model_sha256="m",
+            inference_key="i",
+            rules_key="r",
+            run_id=run,
+            committed_at="2026-01-01T00:00:00+00:00",
+        )
+
     table.commit(None, snap(1, "r1"))
     base = table.current()
     table.commit(base, snap(2, "winner"))

@@ -70,7 +70,9 @@ def test_a_bgr_model_with_uneven_mean_must_say_the_order():
         _profile("BGR", "NHWC", None)
     with pytest.raises(ConfigError, match="mean_std_order = 'GBR'"):
         parse_profile(
-            'name = "n"\n[files]\nvocabulary = "v"\nvocabulary_format = "lines"\n[preprocess]\ninput_size = 8\n'
-            'resize_mode = "squash"\ninterpolation = "bilinear"\nvalue_range = "0-1"\nmean_std_order = "GBR"\n',
+            'name = "n"\n[files]\nvocabulary = "v"\nvocabulary_format = "lines"\n'
+            "[preprocess]\ninput_size = 8\n"
+            'resize_mode = "squash"\ninterpolation = "bilinear"\nvalue_range = "0-1"\n'
+            'mean_std_order = "GBR"\n',
             "p",
         )

@@ -55,7 +55,8 @@ def test_a_copied_table_reads_the_same_through_every_reader(two_versions, s3_ser
     assert _sorted(pads.dataset(files).to_table()) == expected
     assert _sorted(pl.read_parquet(files).to_arrow()) == expected
     duckdb.execute(
-        f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{copy}/' || f) FROM read_json('{copy}/_current.json'))"
+        f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{copy}/' || f) "
+        f"FROM read_json('{copy}/_current.json'))"
     )
     uris = [
         r[0]

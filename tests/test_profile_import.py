@@ -343,7 +343,8 @@ def test_a_profile_whose_input_size_differs_from_the_model_stops_before_work(tmp
 
     folder = _timm_folder(tmp_path)
     (folder / "tagpipe_profile.toml").write_text(
-        'name = "wrong"\n[files]\nvocabulary = "config.json"\nvocabulary_format = "config_labels"\n[preprocess]\n'
+        'name = "wrong"\n[files]\nvocabulary = "config.json"\nvocabulary_format = "config_labels"\n'
+        "[preprocess]\n"
         'input_size = 256\nresize_size = 288\nresize_mode = "resize_crop"\ninterpolation = "bicubic"\n'
         'value_range = "0-1"\n'
     )

@@ -368,7 +368,8 @@ def test_bgr_nhwc_profile_in_timm_terms_matches_timm(tmp_path):
     profile = parse_profile(
         'name = "caffe-style"\n[files]\nvocabulary = "config.json"\nvocabulary_format = "config_labels"\n'
         '[preprocess]\ninput_size = 224\ncrop_pct = 0.875\ncrop_mode = "center"\ninterpolation = "bicubic"\n'
-        'value_range = "0-1"\nmean = [0.406, 0.456, 0.485]\nstd = [0.225, 0.224, 0.229]\nmean_std_order = "BGR"\n'
+        'value_range = "0-1"\nmean = [0.406, 0.456, 0.485]\nstd = [0.225, 0.224, 0.229]\n'
+        'mean_std_order = "BGR"\n'
         'channel_order = "BGR"\nlayout = "NHWC"\nalpha_order = "drop"\n',
         "caffe-style",
     )

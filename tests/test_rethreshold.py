@@ -10,6 +10,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.job.rethreshold import run_rethreshold
 from pipeline.job.settings import make_tag_config, tag_rules
 from pipeline.job.tag_job import run_tag_job
+from pipeline.model.rules import RuleSettings
 from pipeline.table.tag_table import TagTable, read_current
 
 RULES = dict(
@@ -76,7 +77,7 @@ def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, 
 def test_rethreshold_in_place_commits_a_new_version(base_output, demo_bundle, tmp_path):
     table = tmp_path / "tags"
     shutil.copytree(base_output, table)
-    summary = run_rethreshold(str(table), str(demo_bundle), None, {"default_threshold": 0.9})
+    summary = run_rethreshold(str(table), str(demo_bundle), None, RuleSettings(threshold=0.9))
     assert summary.version == 2 and summary.rows_changed > 0
     before, after = _by_uri(table, ["tags"]), read_current(str(table), version=1)
     assert {r["uri"]: r for r in after.select(["uri", "tags"]).to_pylist()} == _by_uri(base_output, ["tags"])
@@ -87,7 +88,9 @@ def test_rethreshold_refuses_another_models_tags(base_output, demo_bundle, tmp_p
     from helpers import joytag_bundle
 
     with pytest.raises(TagpipeError, match="made by model"):
-        run_rethreshold(str(base_output), str(joytag_bundle(tmp_path / "joy")), str(tmp_path / "out"), {})
+        run_rethreshold(
+            str(base_output), str(joytag_bundle(tmp_path / "joy")), str(tmp_path / "out"), RuleSettings()
+        )
 
 
 def test_worker_bundle_cache_follows_replaced_calibration_files(demo_bundle, tmp_path):

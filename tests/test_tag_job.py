@@ -42,7 +42,8 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     import duckdb  # the README's two DuckDB statements read the current version
 
     duckdb.execute(
-        f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{out}/' || f) FROM read_json('{out}/_current.json'))"
+        f"SET VARIABLE files = (SELECT list_transform(files, lambda f: '{out}/' || f) "
+        f"FROM read_json('{out}/_current.json'))"
     )
     counts = duckdb.execute(
         "select count(*), count(distinct uri), count(error) from read_parquet(getvariable('files'))"
@@ -68,7 +69,8 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
     np.testing.assert_allclose(p.to_numpy(float), want, rtol=1e-6)
     assert p.max() > 0.5 > p.min()
     duck = duckdb.execute(
-        f"select 1 / (1 + exp(-logit_values[{i} + 1])) from read_parquet(getvariable('files')) where error is null"
+        f"select 1 / (1 + exp(-logit_values[{i} + 1])) from read_parquet(getvariable('files')) "
+        "where error is null"
     ).fetchall()
     np.testing.assert_allclose(sorted(v for (v,) in duck), sorted(want), rtol=1e-6)
 
@@ -85,8 +87,8 @@ def test_tag_job_writes_every_input_once_and_resumes(ray_session, demo_bundle, d
 def test_config_file_and_field_errors(tmp_path, demo_bundle):
     path = tmp_path / "job.toml"
     path.write_text(
-        '[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "%s"\nbatch_size = 8\nprovider = "cpu"\n'
-        % demo_bundle
+        f'[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "{demo_bundle}"\n'
+        'batch_size = 8\nprovider = "cpu"\n'
     )
     cfg = make_tag_config(load_config_file(path), batch_size=4)
     assert cfg.batch_size == 4 and cfg.inputs == (str(tmp_path / "imgs"),) and cfg.provider.value == "cpu"

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("pipeline.core.progress")
 DEFAULT_INTERVAL = 30.0  # seconds between progress lines off a terminal
@@ -47,7 +48,7 @@ class Progress:
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._bar = None
+        self._bar: Any = None  # rich's Progress, on a terminal
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Progress:

@@ -66,7 +66,10 @@ class AuditReport:
                 f"no leaks found, but {self.unchecked} eval images could not be checked for near-duplicates"
             )
         elif self.embedding.get("threshold") is None:
-            verdict = "no leaks found by sha256 and phash; the embedding was not used, so crops and edits went unchecked"
+            verdict = (
+                "no leaks found by sha256 and phash; the embedding was not used, "
+                "so crops and edits went unchecked"
+            )
         else:
             verdict = "clean"
         found = ", ".join(f"{k} {v}" for k, v in self.by_signal.items()) or "none"
@@ -78,7 +81,8 @@ class AuditReport:
             else f"not used ({emb.get('reason') or 'off'})"
         )
         return (
-            f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images are copies or near-duplicates of the "
+            f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images are copies "
+            "or near-duplicates of the "
             f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
             f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
         )

@@ -65,8 +65,10 @@ class DedupSummary:
         emb_text = describe_embedding(self.embedding)
         return (
             f"dedup: {self.images} images in {self.clusters} clusters; {self.duplicates} duplicates "
-            f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), largest cluster {self.largest_cluster}; "
-            f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, hashes matching "
+            f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), "
+            f"largest cluster {self.largest_cluster}; "
+            f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "
+            "hashes matching "
             f"nothing: {unmatched}; {emb_text}; {self.seconds:.1f} s"
         )
 

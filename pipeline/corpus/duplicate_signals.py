@@ -247,9 +247,9 @@ def embedding_edges(
     positives index vectors' rows. Returns the choice (threshold None: no edges) and
     the search's facts, with the usable mask (zero or non-finite vectors are not)."""
     unit, usable = unit_rows(vectors)
-    positives = tuple(np.asarray(p, np.int64) for p in positives)
-    ok = usable[positives[0]] & usable[positives[1]] if len(positives[0]) else np.zeros(0, bool)
-    positives = (positives[0][ok], positives[1][ok])
+    first, second = (np.asarray(p, np.int64) for p in positives)
+    ok = usable[first] & usable[second] if len(first) else np.zeros(0, bool)
+    positives = (first[ok], second[ok])
     if threshold == "auto":
         choice = auto_threshold(
             unit, negatives_from if negatives_from is not None else usable, positives, same_group

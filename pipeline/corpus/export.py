@@ -206,7 +206,8 @@ def dart_prompt(row: dict, text: TextOptions) -> str:
         "<|bos|>"
         f"<copyright>{', '.join(dart_text.format(row.get('tags_copyright')))}</copyright>"
         f"<character>{', '.join(dart_text.format(row.get('tags_character')))}</character>"
-        f"<|rating:{rating}|><|aspect_ratio:{aspect_bucket(row['width'], row['height'])}|><|length:{length_bucket(len(general))}|>"
+        f"<|rating:{rating}|><|aspect_ratio:{aspect_bucket(row['width'], row['height'])}|>"
+        f"<|length:{length_bucket(len(general))}|>"
         f"<general>{', '.join(general)}<|identity:none|><|input_end|>"
     )
 
@@ -279,7 +280,8 @@ def export_tags(
     if present and existing == "refuse" and not (fmt == "captions" and caption.append):
         example = ", ".join(sorted(present)[:3])
         raise TagpipeError(
-            f"{len(present)} of the {len(plan)} files to write already exist (e.g. {example}); nothing was written: "
+            f"{len(present)} of the {len(plan)} files to write already exist (e.g. {example}); "
+            "nothing was written: "
             f"pass --skip-existing to keep them, --overwrite to replace them"
             + (", or --append to merge captions" if fmt == "captions" else "")
         )
@@ -311,7 +313,8 @@ def _caption_plan(good: list[dict], relative_to: str | None, out_path: str, exte
         target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :], extension))
         if target in owners:
             raise TagpipeError(
-                f"{owners[target]} and {row['uri']} would write the same caption file {target}; nothing was written"
+                f"{owners[target]} and {row['uri']} would write the same caption file {target}; "
+                "nothing was written"
             )
         owners[target] = row["uri"]
         plan.append((target, _caption_content(row)))

@@ -119,8 +119,8 @@ def near_pairs(
         shared = ray.put(hashes)
         task = ray.remote(num_cpus=1)(_tables_pairs)
         chunks = [tables[i::workers] for i in range(workers)]
-        codes = ray.get([task.remote(shared, radius, bounds, chunk) for chunk in chunks if chunk])
-        codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+        found = ray.get([task.remote(shared, radius, bounds, chunk) for chunk in chunks if chunk])
+        codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     else:
         codes = _tables_pairs(hashes, radius, bounds, tables)
     log.info(

@@ -103,5 +103,6 @@ def fit_ood(
     reference = fit_reference(read_embeddings(tags, storage_options, model_sha256))
     fs, path = filesystem_for(output, storage_options)
     with fs.open(path, "wb") as handle:
-        np.savez(handle, **reference)
+        # numpy's stub reads **kwds as allow_pickle
+        np.savez(handle, **reference)  # type: ignore[arg-type]
     return reference

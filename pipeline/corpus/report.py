@@ -11,6 +11,11 @@ Memory is bounded for any table size: the tag table is read one part at a time, 
 columns at a time, into running counts (tag counts, fixed-bin histograms, a top-k of
 OOD distances, the first errors). Only the thumbnails' images are read, a bounded
 number of them. What is cut (the error list, the tags shown) says so in the page.
+
+Why this module is long: one self-contained HTML page: the passes that gather its
+figures (running counts over parts, a few columns at a time) and the inline SVG and
+thumbnails that show them are written against each other; apart, each half would be
+unreadable without the other.
 """
 
 from __future__ import annotations
@@ -148,10 +153,10 @@ def thumbnail(uri: str, storage_options: dict | None) -> str | None:
         data = read_bytes(uri, storage_options, max_bytes=THUMB_MAX_BYTES)
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((THUMB_PX, THUMB_PX))
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+            upright.thumbnail((THUMB_PX, THUMB_PX))
             out = io.BytesIO()
-            image.save(out, "JPEG", quality=70)
+            upright.save(out, "JPEG", quality=70)
         return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
     except Exception as exc:  # a thumbnail is decoration: its absence is shown, not fatal
         log.debug("no thumbnail for %s: %s", uri, exc)
@@ -174,7 +179,10 @@ def bar_chart(labels: list[str], values: list[float], *, width: int = 640, unit:
             f"<rect x='{label_w}' y='{y}' width='{w:.1f}' height='{row - 4}' rx='2'/>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 12}' class='v'>{_number(value)}{unit}</text>"
         )
-    return f"<svg class='bars' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>{''.join(bars)}</svg>"
+    return (
+        f"<svg class='bars' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>"
+        f"{''.join(bars)}</svg>"
+    )
 
 
 def histogram(
@@ -194,7 +202,8 @@ def histogram(
     plot_w, plot_h = width - left - 10, height - bottom - 8
     step = plot_w / len(counts)
     rects = "".join(
-        f"<rect x='{left + i * step:.1f}' y='{8 + plot_h * (1 - c / top):.1f}' width='{max(step - 1, 0.5):.1f}' height='{plot_h * c / top:.1f}'/>"
+        f"<rect x='{left + i * step:.1f}' y='{8 + plot_h * (1 - c / top):.1f}' "
+        f"width='{max(step - 1, 0.5):.1f}' height='{plot_h * c / top:.1f}'/>"
         for i, c in enumerate(counts)
         if c
     )
@@ -202,14 +211,18 @@ def histogram(
         f"<line x1='{left}' y1='{8 + plot_h}' x2='{left + plot_w}' y2='{8 + plot_h}' class='axis'/>"
         f"<text x='{left}' y='{height - 6}'>{_number(edges[0])}</text>"
         f"<text x='{left + plot_w}' y='{height - 6}' text-anchor='end'>{_number(edges[-1])}</text>"
-        f"<text x='{left + plot_w / 2}' y='{height - 6}' text-anchor='middle' class='muted'>{html.escape(label)}</text>"
+        f"<text x='{left + plot_w / 2}' y='{height - 6}' text-anchor='middle' class='muted'>"
+        f"{html.escape(label)}</text>"
         f"<text x='{left - 4}' y='16' text-anchor='end'>{_number(top)}</text>"
     )
     mark = ""
     if marker is not None and edges[0] <= marker <= edges[-1]:
         x = left + plot_w * (marker - edges[0]) / (edges[-1] - edges[0])
         mark = f"<line x1='{x:.1f}' y1='8' x2='{x:.1f}' y2='{8 + plot_h}' class='mark'/>"
-    return f"<svg class='hist' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>{rects}{axis}{mark}</svg>"
+    return (
+        f"<svg class='hist' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>"
+        f"{rects}{axis}{mark}</svg>"
+    )
 
 
 def _number(value: float) -> str:
@@ -247,7 +260,10 @@ class ReportSummary:
     seconds: float
 
     def text(self) -> str:
-        return f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, {self.thumbnails} thumbnails, {self.seconds:.1f} s)"
+        return (
+            f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, "
+            f"{self.thumbnails} thumbnails, {self.seconds:.1f} s)"
+        )
 
 
 def _read_json(uri: str, storage_options) -> dict | None:
@@ -347,7 +363,8 @@ def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
             ["calibration sha256", fingerprint.get("calibration_sha256", "-")],
             [
                 "last run",
-                f"{run.get('run_id')} ({summary.get('change', '-')}): {summary.get('images', 0):,} images tagged in {summary.get('seconds', 0):,} s",
+                f"{run.get('run_id')} ({summary.get('change', '-')}): {summary.get('images', 0):,} images "
+                f"tagged in {summary.get('seconds', 0):,} s",
             ],
             ["placement", summary.get("placement", "-")],
         ]
@@ -363,7 +380,8 @@ def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
     return _section(
         "summary",
         "Run summary",
-        f"<div class='cards'>{card_html}</div>{_table(['', ''], facts, 'facts')}<h3>Errors by kind</h3>{kinds}",
+        f"<div class='cards'>{card_html}</div>{_table(['', ''], facts, 'facts')}"
+        f"<h3>Errors by kind</h3>{kinds}",
     )
 
 
@@ -382,7 +400,10 @@ def _tags_section(acc: Accumulator) -> str:
 
 
 def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
-    label = f"score of emitted tags (line: threshold {threshold:g}{', assumed: the run records none' if assumed else ''})"
+    label = (
+        f"score of emitted tags (line: threshold {threshold:g}"
+        f"{', assumed: the run records none' if assumed else ''})"
+    )
     chart = histogram(acc.score_hist, SCORE_BINS, marker=threshold, label=label)
     ranked = [
         (t, acc.borderline[t] / n, n)
@@ -416,7 +437,10 @@ def _ood_section(acc: Accumulator, figure) -> str:
     edges = np.linspace(0.0, float(np.percentile(distances, 99.9)) * 1.05 or 1.0, 41)
     counts = np.histogram(np.clip(distances, edges[0], edges[-1]), edges)[0]
     strip = "".join(figure(uri, f"{d:.2f}") for d, uri in sorted(acc.top_ood, reverse=True))
-    text = f"<p>{acc.ood_flagged:,} of {len(distances):,} images flagged as OOD; median distance {np.median(distances):.2f}.</p>"
+    text = (
+        f"<p>{acc.ood_flagged:,} of {len(distances):,} images flagged as OOD; "
+        f"median distance {np.median(distances):.2f}.</p>"
+    )
     return _section(
         "ood",
         "Out of distribution",
@@ -439,7 +463,8 @@ def _signals_paragraph(summary: dict) -> str:
     emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
     return (
         f"<p>Edges by signal: {edges}. Hashes that match nothing: {unmatched}. {emb_text}. Kept copy "
-        "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, then the smallest uri.</p>"
+        "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, "
+        "then the smallest uri.</p>"
     )
 
 
@@ -454,7 +479,12 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         .column("cluster_size")
         .to_numpy()
     )
-    body = f"<p>{summary.get('clusters', 0):,} clusters over {summary.get('images', len(sizes)):,} images; {summary.get('duplicates', 0):,} duplicates ({summary.get('duplicate_rate', 0):.2%}); {summary.get('exact_duplicate_images', 0):,} exact copies; largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
+    body = (
+        f"<p>{summary.get('clusters', 0):,} clusters over {summary.get('images', len(sizes)):,} images; "
+        f"{summary.get('duplicates', 0):,} duplicates ({summary.get('duplicate_rate', 0):.2%}); "
+        f"{summary.get('exact_duplicate_images', 0):,} exact copies; "
+        f"largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
+    )
     body += _signals_paragraph(summary)
     big = sizes[sizes > 1]
     if not len(big):
@@ -475,7 +505,8 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         members.to_pylist(),
         key=lambda r: (-r["cluster_size"], r["cluster_id"], not r["is_representative"], r["uri"]),
     )
-    strips, shown = [], []
+    strips: list = []
+    shown: list = []
     for row in rows:
         if row["cluster_id"] not in shown:
             if len(shown) == TOP_CLUSTERS:
@@ -485,7 +516,8 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         if len(strips[-1][2]) < CLUSTER_STRIP:
             strips[-1][2].append(row)
     html_strips = "".join(
-        f"<h3>{size:,} images <span class='muted'>cluster {html.escape(cid[:16])}</span></h3><div class='strip'>"
+        f"<h3>{size:,} images <span class='muted'>cluster {html.escape(cid[:16])}</span></h3>"
+        "<div class='strip'>"
         + "".join(
             figure(r["uri"], ("kept: " if r["is_representative"] else "") + posixpath.basename(r["uri"]))
             for r in items
@@ -552,16 +584,22 @@ def _errors_section(acc: Accumulator) -> str:
 
 
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
-header{background:#1d3557;color:#fff;padding:18px 28px}header h1{margin:0;font-size:20px}header p{margin:4px 0 0;opacity:.8}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;\
+color:#1d232a;background:#f6f7f9}
+header{background:#1d3557;color:#fff;padding:18px 28px}header h1{margin:0;font-size:20px}\
+header p{margin:4px 0 0;opacity:.8}
 nav{padding:8px 28px;background:#e9edf3}nav a{margin-right:14px;color:#1d3557}
-section{background:#fff;margin:16px 28px;padding:8px 20px 16px;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+section{background:#fff;margin:16px 28px;padding:8px 20px 16px;border-radius:8px;\
+box-shadow:0 1px 3px rgba(0,0,0,.08)}
 h2{font-size:17px;border-bottom:1px solid #e3e6ea;padding-bottom:6px}h3{font-size:14px;margin:14px 0 6px}
-.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#f1f4f8;border-radius:6px;padding:10px 16px;min-width:120px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}\
+.card{background:#f1f4f8;border-radius:6px;padding:10px 16px;min-width:120px}
 .big{font-size:20px;font-weight:600}.muted{color:#6b7480}
-table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0}\
+td,th{padding:3px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
 table.facts td:first-child{color:#6b7480}table.errors td{font-size:12px;word-break:break-all;max-width:520px}
-svg text{font-size:11px;fill:#333}svg rect{fill:#457b9d}svg text.v{fill:#6b7480}svg .axis{stroke:#999}svg .mark{stroke:#e63946;stroke-width:2}
+svg text{font-size:11px;fill:#333}svg rect{fill:#457b9d}svg text.v{fill:#6b7480}svg .axis{stroke:#999}\
+svg .mark{stroke:#e63946;stroke-width:2}
 .strip{display:flex;gap:8px;flex-wrap:wrap}figure{margin:0;width:112px;text-align:center}
 figure img,.noimg{width:112px;height:112px;object-fit:cover;border-radius:4px;background:#ddd;display:block}
 .noimg{line-height:112px;font-size:11px;color:#666}figcaption{font-size:11px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}

@@ -60,7 +60,10 @@ class SplitReport:
 
     def text(self) -> str:
         sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
-        return f"split: {self.images} images in {self.clusters} clusters: {sizes}; {len(self.bridges)} bridged clusters held out"
+        return (
+            f"split: {self.images} images in {self.clusters} clusters: {sizes}; "
+            f"{len(self.bridges)} bridged clusters held out"
+        )
 
 
 def parse_ratios(text: str) -> dict[str, float]:

@@ -46,7 +46,7 @@ class DuplicateCheck:
     planted: int = 0
     with_original: int = 0  # copies in their original's cluster
     same_split: int = 0  # copies in their original's split
-    mixed_clusters: list = None  # clusters holding images of two kinds (must be none)
+    mixed_clusters: list | None = None  # clusters holding images of two kinds (must be none)
     leaks_planted: int = 0  # copies moved to val against their original in train (the leaky split)
     leaks_found: int = 0  # of those, what the audit found
     audit_text: str = ""
@@ -62,8 +62,10 @@ class DuplicateCheck:
     def text(self) -> str:
         return (
             f"duplicates: {self.with_original}/{self.planted} planted copies share their original's cluster, "
-            f"{self.same_split}/{self.planted} its split; {len(self.mixed_clusters or [])} clusters mix kinds; "
-            f"a deliberately leaky split: the audit found {self.leaks_found}/{self.leaks_planted} planted leaks"
+            f"{self.same_split}/{self.planted} its split; "
+            f"{len(self.mixed_clusters or [])} clusters mix kinds; "
+            f"a deliberately leaky split: the audit found "
+            f"{self.leaks_found}/{self.leaks_planted} planted leaks"
         )
 
 
@@ -149,8 +151,8 @@ def check_duplicates(
     splits = {rel(r["uri"]): r["split"] for r in splits_table.to_pylist()}
     copies = [e for e in expected.values() if e.duplicate_of]
     check = DuplicateCheck(planted=len(copies), mixed_clusters=[])
-    check.with_original = sum(clusters.get(c.path) == clusters.get(c.duplicate_of) for c in copies)
-    check.same_split = sum(splits.get(c.path) == splits.get(c.duplicate_of) for c in copies)
+    check.with_original = sum(clusters.get(c.path) == clusters.get(c.duplicate_of or "") for c in copies)
+    check.same_split = sum(splits.get(c.path) == splits.get(c.duplicate_of or "") for c in copies)
     kinds: dict[str, set] = {}
     for path, cluster in clusters.items():
         if expected[path].kind:

@@ -258,7 +258,10 @@ def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.Model
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Save as model.onnx + model.onnx.data, as CL Tagger v2 ships (weights external; shape constants stay inline)."""
+    """Save as model.onnx + model.onnx.data, as CL Tagger v2 ships.
+
+    The weights go in the external file; shape constants stay inline.
+    """
     data_name = path.name + ".data"
     (path.parent / data_name).unlink(missing_ok=True)  # onnx appends to an existing file
     onnx.save_model(
@@ -331,7 +334,7 @@ def write_demo_bundle(directory: str | Path, seed: int = 0, with_embedding_outpu
     )
 
     embeddings = features_numpy(reference_pixels(96, seed + 2))
-    np.savez(directory / "model_ood_ref.npz", **fit_ood_reference(embeddings))
+    np.savez(directory / "model_ood_ref.npz", **fit_ood_reference(embeddings))  # type: ignore[arg-type]
 
     metadata = {
         "name": "tagpipe-demo-tagger",

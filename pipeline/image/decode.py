@@ -25,7 +25,7 @@ from pipeline.storage.filesystem import read_bytes
 try:  # the per-image memory budget needs Linux (RLIMIT_AS and /proc); elsewhere decode runs without it
     import resource
 except ImportError:  # pragma: no cover - Windows
-    resource = None
+    resource = None  # type: ignore[assignment]
 MEMORY_LIMIT_WORKS = resource is not None and os.path.exists("/proc/self/statm")
 TIME_LIMIT_WORKS = hasattr(signal, "setitimer")
 

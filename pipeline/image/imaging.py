@@ -12,6 +12,10 @@ model profile and matches hashes users computed with imagehash. Exact mode equal
 imagehash bit for bit; fast mode hashes the drafted image (>= 128 px a side), within
 2 bits on real photos (tests/test_photos.py, benchmarks/fast_vs_exact.py). A
 reducing-gap resize would save 1.5 ms an image but drifts 4 bits now and then.
+
+Why this module is long: one image's decode path (open, bomb limits, byte-level checks,
+the budgeted load, EXIF, modes, alpha, geometry); each step guards the next, and keeping
+them together lets the order of the guards be read top to bottom.
 """
 
 from __future__ import annotations

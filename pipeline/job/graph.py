@@ -45,7 +45,11 @@ class Placement:
         where = (
             f"{self.tagger_gpus:g} GPU" if self.on_gpu else f"CPU, {self.intra_op_threads} intra-op threads"
         )
-        return f"{self.tagger_actors} tagger actor(s) on {where}, {self.batches_in_flight} batch(es) in flight each; decode tasks {self.decode_cpus:g} CPU each"
+        return (
+            f"{self.tagger_actors} tagger actor(s) on {where}, "
+            f"{self.batches_in_flight} batch(es) in flight each; "
+            f"decode tasks {self.decode_cpus:g} CPU each"
+        )
 
 
 def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
@@ -111,9 +115,10 @@ def build_tag_dataset(
 ):
     import ray.data
 
-    ds = ray.data.from_arrow(blocks)
+    ds: ray.data.Dataset = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        decode_batch,
+        # fn_kwargs gives the rest of its arguments
+        decode_batch,  # type: ignore[arg-type]
         fn_kwargs=dict(
             preprocess=preprocess,
             options=DecodeOptions(

@@ -15,17 +15,21 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import RETRYABLE_ERROR_KINDS
-from pipeline.image.decode import DEFAULT_MAX_FILE_BYTES
-from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY
+from pipeline.core.settings import KeyRole, settings_fields
 from pipeline.model.bundle import ModelBundle
 from pipeline.model.profiles import Activation, Profile
+from pipeline.model.rules import RuleSettings
 from pipeline.storage.filesystem import read_bytes
+
+if TYPE_CHECKING:
+    from pipeline.job.settings import TagJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +53,42 @@ def _digest(value) -> str:
     ).hexdigest()
 
 
-def inference_key(cfg, bundle: ModelBundle) -> str:
+INFERENCE_KEY_VERSION = 2  # 1: the first keyed settings; 2: max_file_bytes, max_decode_memory
+# Settings keyed as a value derived from them: what the model actually got.
+DERIVED_FOR_KEY = {
+    "draft_ratio": lambda cfg, tags: None if cfg.exact_decode else cfg.draft_ratio,
+    "dense_logits": lambda cfg, tags: cfg.dense_logits_for(tags),
+}
+
+
+def settings_record(cfg: TagJobConfig, role: KeyRole, tags: int) -> dict:
+    """The settings that join the `role` key, by their Setting markers (one definition in
+    pipeline/job/settings.py). A field of key version 1 is always recorded; a later one
+    only when it is not at its default, so adding a keyed setting leaves existing tables'
+    keys as they were, and changing it from its default changes them."""
+    record = {}
+    for name, info, setting in settings_fields(type(cfg)):
+        if not setting.key & role or setting.key_via:
+            continue
+        derive = DERIVED_FOR_KEY.get(name)
+        value = derive(cfg, tags) if derive else getattr(cfg, name)
+        if setting.key_since > 1 and value == info.get_default(call_default_factory=True):
+            continue
+        record[name] = value
+    return record
+
+
+def inference_key(cfg: TagJobConfig, bundle: ModelBundle) -> str:
+    """Everything that decides a row's stored values: the model, its profile and the
+    inference settings (settings_record); a change re-tags every image."""
     p = bundle.profile
     return _digest(
         {
             "model_sha256": bundle.fingerprint.model_sha256,
             "profile": profile_key(p),
-            "exact_decode": cfg.exact_decode,
-            "draft_ratio": None if cfg.exact_decode else cfg.draft_ratio,
-            "max_pixels": cfg.max_pixels,
-            "dense_logits": cfg.dense_logits_for(len(bundle.vocabulary)),
-            "logit_floor": cfg.logit_floor,
-            # settings added later join the key only when changed, so the keys of
-            # existing tables (and their next nightly run) stay as they were
-            **(
-                {"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}
-            ),
-            **(
-                {"max_decode_memory": cfg.max_decode_memory}
-                if cfg.max_decode_memory != DEFAULT_MAX_DECODE_MEMORY
-                else {}
-            ),
+            **settings_record(cfg, KeyRole.INFERENCE, len(bundle.vocabulary)),
+            # profile fields and outputs added later join only when they differ from what
+            # earlier versions did, so the keys of existing tables stay as they were
             **({"preprocess": p.preprocess.extra_key()} if p.preprocess.extra_key() else {}),
             **(
                 {"embedding_output": bundle.embedding_output}
@@ -106,12 +125,14 @@ def profile_key(p: Profile) -> str:
     return repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, activation))
 
 
-def rules_key(bundle: ModelBundle, rules: dict) -> str:
+def rules_key(bundle: ModelBundle, rules: RuleSettings) -> str:
+    """What decides tags from stored logits: calibration, the profile's thresholds and
+    the rule settings (RuleSettings.record); a change rethresholds, no inference."""
     return _digest(
         {
             "calibration_sha256": bundle.fingerprint.calibration_sha256,
             "profile_thresholds": repr(bundle.profile.thresholds),
-            "rules": rules,
+            "rules": rules.record(),
         }
     )
 
@@ -187,7 +208,7 @@ def classify(manifest: pa.Table, view: pa.Table) -> pa.Table:
 
 
 def sha256_of(uris: list[str], storage_options: dict | None) -> list[str | None]:
-    out = []
+    out: list[str | None] = []
     for uri in uris:
         try:
             out.append(hashlib.sha256(read_bytes(uri, storage_options)).hexdigest())

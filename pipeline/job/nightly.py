@@ -14,7 +14,6 @@ output as the last good run left it, and a rerun finishes the job. The nightly r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,12 +45,14 @@ class NightlySummary:
         lines = [self.tag.text()]
         if self.dedup:
             lines.append(
-                f"dedup: {self.dedup['images']} images in {self.dedup['clusters']} clusters ({self.dedup['duplicates']} duplicates)"
+                f"dedup: {self.dedup['images']} images in {self.dedup['clusters']} clusters "
+                f"({self.dedup['duplicates']} duplicates)"
             )
         if self.split:
             sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
             lines.append(
-                f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, {len(self.split['bridges'])} bridging clusters held out"
+                f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, "
+                f"{len(self.split['bridges'])} bridging clusters held out"
             )
         for name, audit in self.audits.items():
             emb = audit.get("embedding", {})
@@ -61,7 +62,8 @@ class NightlySummary:
                 else "embedding not used"
             )
             lines.append(
-                f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) among {audit['eval_images']} "
+                f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) "
+                f"among {audit['eval_images']} "
                 f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}"
             )
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
@@ -73,7 +75,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     run_id = cfg.tag.run_id or new_run_id()
     started = time.monotonic()
     t = time.monotonic()
-    tag = run_tag_job(dataclasses.replace(cfg.tag, run_id=run_id))
+    tag = run_tag_job(cfg.tag.model_copy(update={"run_id": run_id}))
     summary = NightlySummary(run_id=run_id, tag=tag)
     summary.timings["tag"] = _lap(t)
     options = cfg.tag.storage_options

@@ -14,10 +14,10 @@ Retag transform.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,8 @@ import pyarrow as pa
 from pipeline.core.errors import TagpipeError
 from pipeline.job.incremental import parts_dir_key, rules_key
 from pipeline.model.bundle import load_bundle
-from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor, rules_record
+from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor
+from pipeline.model.rules import RuleSettings
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import Snapshot, TagTable, now_iso
 
@@ -46,7 +47,8 @@ class RethresholdSummary:
     def text(self) -> str:
         return (
             f"rethreshold: {self.parts} parts ({self.parts_skipped} already done), {self.rows} rows, "
-            f"{self.rows_changed} with different tags, committed as version {self.version}, {self.seconds:.1f} s"
+            f"{self.rows_changed} with different tags, committed as version {self.version}, "
+            f"{self.seconds:.1f} s"
         )
 
 
@@ -56,7 +58,7 @@ def retag_table(
     """(re-tagged table, rows whose tags changed). Same schema and row order."""
     n = table.num_rows
     ok = np.asarray([e is None for e in table.column("error").to_pylist()])
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    columns: dict[str, Any] = {name: table.column(name).to_pylist() for name in table.column_names}
     changed = 0
     rows = np.flatnonzero(ok & np.asarray([v is not None for v in columns["logit_indices"]]))
     for start in range(0, len(rows), CHUNK_ROWS):
@@ -87,10 +89,10 @@ def retag_table(
     arrays = []
     for name in table.column_names:
         kind = table.schema.field(name).type
-        values = columns[name]
+        column: Any = columns[name]
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            values = [None if v is None else list(v) for v in values]
-        arrays.append(pa.array(values, kind))
+            column = [None if v is None else list(v) for v in column]
+        arrays.append(pa.array(column, kind))
     return pa.Table.from_arrays(arrays, schema=table.schema), changed
 
 
@@ -103,12 +105,12 @@ class Retag:
     driver loaded it."""
 
     model_dir: str
-    rules: dict
+    rules: RuleSettings
     run_id: str
     fingerprint: tuple[str, str]
 
     def __call__(self, table: pa.Table, source: str) -> tuple[pa.Table, int]:
-        rules_json = json.dumps(rules_record(self.rules), sort_keys=True)
+        rules_json = self.rules.model_dump_json()
         bundle, post = _postprocessor(self.model_dir, rules_json, self.fingerprint)
         fp = bundle.fingerprint
         if (fp.model_sha256, fp.calibration_sha256) != tuple(self.fingerprint):
@@ -137,19 +139,14 @@ def _postprocessor(model_dir: str, rules_json: str, fingerprint: tuple[str, str]
     the driver loaded it, so a long-lived worker never serves a bundle whose model,
     calibration or OOD file was replaced since."""
     bundle = load_bundle(model_dir)
-    rules = json.loads(rules_json)  # back from JSON: lists to the TagRules types
-    if "mcut_categories" in rules:
-        rules["mcut_categories"] = tuple(rules["mcut_categories"])
-    if "exclude" in rules:
-        rules["exclude"] = frozenset(rules["exclude"])
-    return bundle, Postprocessor.for_bundle(bundle, **rules)
+    return bundle, Postprocessor.for_bundle(bundle, RuleSettings.model_validate_json(rules_json))
 
 
 def run_rethreshold(
     tags: str,
     model_dir: str,
     output: str | None,
-    rules: dict,
+    rules: RuleSettings,
     storage_options: dict | None = None,
     ray_address: str | None = None,
     run_id: str | None = None,
@@ -161,12 +158,13 @@ def run_rethreshold(
     started = time.monotonic()
     storage_options = storage_options or {}
     bundle = load_bundle(model_dir)  # a bad bundle or bad rules stop here, before any work
-    Postprocessor.for_bundle(bundle, **rules)
+    Postprocessor.for_bundle(bundle, rules)
     source = TagTable(tags, storage_options)
     base = source.snapshot()
     if base.model_sha256 != bundle.fingerprint.model_sha256:
         raise TagpipeError(
-            f"{tags}: made by model {base.model_sha256}, not by {model_dir} ({bundle.fingerprint.model_sha256}); rethreshold needs the same model"
+            f"{tags}: made by model {base.model_sha256}, not by {model_dir} "
+            f"({bundle.fingerprint.model_sha256}); rethreshold needs the same model"
         )
     target = (
         source if output is None or output.rstrip("/") == source.uri else TagTable(output, storage_options)
@@ -174,7 +172,8 @@ def run_rethreshold(
     target_base = target.sync_current()
     if target is not source and target_base is not None and target_base.inference_key != base.inference_key:
         raise TagpipeError(
-            f"{output} holds a table from other inference settings; rethreshold into a new directory or into {tags} itself"
+            f"{output} holds a table from other inference settings; "
+            f"rethreshold into a new directory or into {tags} itself"
         )
     new_rules_key = rules_key(bundle, rules)
     key = parts_dir_key(base.inference_key, new_rules_key)
@@ -208,7 +207,7 @@ def run_rethreshold(
         run_id=run_id,
         committed_at=now_iso(),
         model_name=base.model_name,
-        rules=rules_record(rules),
+        rules=rules.record(),
         counts={
             "rethresholded": summary.rows,
             "rows_changed": summary.rows_changed,

@@ -1,140 +1,294 @@
-"""Job settings, parsed once into frozen dataclasses.
+"""The tag and nightly jobs' settings: one typed field per setting, defined here only.
 
-The same keys work in a TOML config file (a [tag] table, see configs/) and as CLI
-options; the CLI wins. Every bad value is reported with its field name.
+The same names are keys of a TOML config file ([tag] and [nightly], see configs/) and
+(for [tag]) options of `tagpipe tag`; the command line wins. pipeline/cli.py builds the
+options from these fields, and the README's options table and the example configs are
+generated from them (`python -m pipeline.cli.docs --write`; tests compare). Each
+field says which table key it joins (pipeline/core/settings.py, KeyRole). Every bad
+value is a one-line error naming the field.
+
+To add a tag setting: add one field below (type, default, constraints, description,
+Setting), regenerate the docs, and test what it does.
+
+Why this module is long: it is the settings themselves, one field each with its type,
+default, constraints, description and key role; the loading code around them is short.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import enum
-import json
 import os
 import tomllib
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import DEFAULT_INTERVAL
+from pipeline.core.settings import (
+    KeyRole,
+    Setting,
+    SettingsModel,
+    build,
+    json_table,
+    nearest,
+    one_or_many,
+    suggestion,
+)
 from pipeline.image.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+from pipeline.model import rules as rule_fields
+from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice
 
+NONE, INFERENCE = KeyRole.NONE, KeyRole.INFERENCE
 DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096  # vocabularies this small store every logit by default
 
 
-@dataclass(frozen=True)
-class TagJobConfig:
-    inputs: tuple[str, ...]
-    output: str
-    model: str
-    profile: str | None = None  # shipped name or .toml path; None: detected from the bundle
-    batch_size: int = 32  # images per model call
-    tagger_actors: int = 1  # tagger actor pool size (one ONNX session each)
-    gpus_per_actor: float = 1.0  # ignored (CPU fallback) when the cluster has no GPU
-    tagger_cpus: float = 1.0  # CPUs per tagger actor; its intra-op threads on CPU
-    batches_in_flight: int | None = (
-        None  # model calls one tagger actor runs at once; None: 2 on GPU, 1 on CPU
-    )
-    decode_cpus: float = 1.0  # CPUs per decode task
-    decode_batch_size: int = 16  # images per decode task call
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are error rows (too_large), never read whole
-    decode_timeout: float = (
-        DEFAULT_DECODE_TIMEOUT  # seconds one image may take to decode (then an error row); 0: no limit
-    )
-    batch_timeout: float = (
-        600.0  # seconds one model call may take (then its rows are error rows, retried next run); 0: no limit
-    )
-    rows_per_part: int = 4096  # rows per output part file (the commit unit)
-    ray_address: str | None = None  # None: a local Ray; "auto" or an address: a cluster
-    storage_options: dict = field(default_factory=dict)  # fsspec options for inputs and output
-    exact_decode: bool = False  # full-size decode instead of DCT-scaled JPEG decode
-    max_pixels: int = (
-        DEFAULT_MAX_PIXELS  # refuse images (or any frame, tile, sub-image) declaring more pixels
-    )
-    max_decode_memory: int = (
-        DEFAULT_MAX_DECODE_MEMORY  # bytes one image's decode may take (then too_large); 0: no limit
-    )
-    extensions: tuple[str, ...] = ()  # list only files with these extensions under a prefix; (): every file
-    list_sidecars: bool = False  # list caption/metadata sidecars (.txt, .json, .npz, ...) as inputs too
-    draft_ratio: float = 2.0  # fast decode keeps >= this times the model's resolution (1 = fastest)
-    normalise_in_graph: bool = True  # the model takes uint8; Cast/scale nodes are prepended to it
-    provider: ProviderChoice = ProviderChoice.AUTO
-    threshold: float | None = None  # global threshold; None: the profile's
-    logit_floor: float = 0.01  # store logits of tags with probability >= this
-    dense_logits: bool | None = (
-        None  # store every logit (T float16 per image); None: when T <= dense_logits_max_tags
-    )
-    dense_logits_max_tags: int = (
-        DEFAULT_DENSE_LOGITS_MAX_TAGS  # vocabularies this small store every logit by default
-    )
-    category_thresholds: dict = field(default_factory=dict)  # {"general": 0.35, ...}; beat the global one
-    per_tag_thresholds: bool = False  # the bundle's best_thr per tag
-    mcut_categories: tuple[str, ...] = ()  # categories thresholded by MCut
-    max_tags: int | None = None  # cap on threshold-selected tags per image
-    exclude: tuple[str, ...] = ()  # tags never emitted
-    calibrate: bool = True  # apply the bundle's calibration table when it has one
-    ood_cut: float | None = None  # ood flag above this distance; None: the reference's p95
-    run_id: str | None = None  # None: generated
-    max_delete_fraction: float = 0.2  # refuse a run that would delete more of the table (a lost input?)
-    progress: bool = True  # a bar on a terminal, else a line every progress_interval seconds
-    progress_interval: float = DEFAULT_INTERVAL  # seconds between progress lines off a terminal
+def _normalise_local(uris: tuple[str, ...]) -> tuple[str, ...]:
+    """One spelling per local input (absolute, no `..`): rows are keyed by uri, so the
+    same folder given as `imgs`, `./imgs` or `cfg/../imgs` must list the same uris."""
+    return tuple(u if "://" in u else os.path.normpath(os.path.abspath(u)) for u in uris)
 
-    def __post_init__(self):
-        checks = [
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("tagger_actors", self.tagger_actors >= 1, "at least 1"),
-            ("gpus_per_actor", self.gpus_per_actor >= 0, "0 or more"),
-            ("tagger_cpus", self.tagger_cpus > 0, "more than 0"),
-            (
-                "batches_in_flight",
-                self.batches_in_flight is None or 1 <= self.batches_in_flight <= 16,
-                "1 to 16",
-            ),
-            ("decode_cpus", self.decode_cpus > 0, "more than 0"),
-            ("decode_batch_size", self.decode_batch_size >= 1, "at least 1"),
-            ("max_file_bytes", self.max_file_bytes >= 1, "at least 1 (bytes)"),
-            ("decode_timeout", self.decode_timeout >= 0, "seconds, 0 or more (0: no limit)"),
-            ("batch_timeout", self.batch_timeout >= 0, "seconds, 0 or more (0: no limit)"),
-            ("rows_per_part", self.rows_per_part >= 1, "at least 1"),
-            ("max_pixels", self.max_pixels >= 1, "at least 1 (pixels)"),
-            (
-                "max_decode_memory",
-                self.max_decode_memory == 0 or self.max_decode_memory >= 2**20,
-                "bytes, at least 1048576 (1 MiB), or 0 for no limit",
-            ),
-            (
-                "extensions",
-                all(e.strip(". ") and "/" not in e for e in self.extensions),
-                "file extensions such as jpg",
-            ),
-            ("draft_ratio", 1.0 <= self.draft_ratio <= 16.0, "1 to 16"),
-            ("logit_floor", 0.0 <= self.logit_floor <= 1.0, "a probability, 0 to 1"),
-            ("dense_logits_max_tags", self.dense_logits_max_tags >= 0, "0 or more (0: never by default)"),
-            ("threshold", self.threshold is None or 0.0 <= self.threshold <= 1.0, "a probability, 0 to 1"),
-            ("max_tags", self.max_tags is None or self.max_tags >= 1, "at least 1"),
-            ("ood_cut", self.ood_cut is None or self.ood_cut >= 0, "0 or more"),
-            ("max_delete_fraction", 0.0 <= self.max_delete_fraction <= 1.0, "a fraction, 0 to 1"),
-            ("progress_interval", self.progress_interval > 0, "seconds, more than 0"),
-            (
-                "category_thresholds",
-                all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
-                    for v in self.category_thresholds.values()
-                ),
-                "a table of category = probability, e.g. { general = 0.35, character = 0.85 }",
-            ),
-            ("inputs", len(self.inputs) > 0, "at least one input"),
-            ("output", bool(self.output), "a directory or URI"),
-            ("model", bool(self.model), "a bundle directory"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                value = getattr(self, name)
-                shown = list(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"field {name} has a bad value: {shown!r} (must be {rule})")
+
+def _extensions(values: tuple[str, ...]) -> tuple[str, ...]:
+    if not all(e.strip(". ") and "/" not in e for e in values):
+        raise ValueError("must be file extensions such as jpg")
+    return values
+
+
+def _decode_memory(value: int) -> int:
+    if value != 0 and value < 2**20:
+        raise ValueError("must be bytes, at least 1048576 (1 MiB), or 0 for no limit")
+    return value
+
+
+class TagJobConfig(SettingsModel):
+    """Everything `tagpipe tag` does, as one frozen object (also [tag] of a config file)."""
+
+    inputs: Annotated[
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
+        AfterValidator(_normalise_local),
+        Field(
+            min_length=1,
+            description="a prefix on any fsspec filesystem (local, `s3://`), an image file, or a manifest "
+            "(`.parquet`/`.csv` with a `uri` column, `.txt` one URI per line), repeatable. Every file under "
+            "a prefix is an input and gets a row, except OS and sync debris (below)",
+        ),
+        Setting(NONE, flags=("--inputs", "--input", "-i"), metavar="URI"),
+    ]
+    output: Annotated[
+        str,
+        Field(min_length=1, description="output directory (local or `s3://`)"),
+        Setting(NONE, flags=("--output", "-o")),
+    ]
+    model: Annotated[
+        str,
+        Field(min_length=1, description="model bundle directory"),
+        Setting(INFERENCE, flags=("--model", "-m"), key_via="the bundle's fingerprint (model_sha256)"),
+    ]
+    profile: Annotated[
+        str | None,
+        Field(
+            description="shipped profile name (`cl_tagger_v2`, `wd_v3`, `joytag`, `jtp1`) or a `.toml` file"
+        ),
+        Setting(INFERENCE, default_text="detected", key_via="the resolved profile (profile_key)"),
+    ] = None
+    batch_size: Annotated[int, Field(ge=1, description="images per model call"), Setting(NONE)] = 32
+    tagger_actors: Annotated[
+        int,
+        Field(ge=1, description="tagger actors (one ONNX Runtime session each)"),
+        Setting(NONE, flags=("--tagger-actors", "--actors")),
+    ] = 1
+    gpus_per_actor: Annotated[
+        float,
+        Field(ge=0, description="GPUs per tagger actor; with no GPU in the cluster the actors run on CPU"),
+        Setting(NONE),
+    ] = 1.0
+    tagger_cpus: Annotated[
+        float,
+        Field(gt=0, description="CPUs per tagger actor (its intra-op threads on CPU)"),
+        Setting(NONE),
+    ] = 1.0
+    batches_in_flight: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=16,
+            description="model calls one tagger actor runs at once, so its CPU work overlaps the model's",
+        ),
+        Setting(NONE, default_text="2 on GPU, 1 on CPU"),
+    ] = None
+    decode_cpus: Annotated[float, Field(gt=0, description="CPUs per decode task"), Setting(NONE)] = 1.0
+    decode_batch_size: Annotated[int, Field(ge=1, description="images per decode call"), Setting(NONE)] = 16
+    rows_per_part: Annotated[
+        int, Field(ge=1, description="rows per output part file (the commit unit)"), Setting(NONE)
+    ] = 4096
+    max_delete_fraction: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=1.0,
+            description="refuse (changing nothing) a run that would drop more than this share of the table's "
+            "rows: a missing or misspelled input looks like a mass deletion",
+        ),
+        Setting(NONE),
+    ] = 0.2
+    ray_address: Annotated[
+        str | None,
+        Field(description="`auto` or an address joins an existing cluster; `RAY_ADDRESS` works too"),
+        Setting(NONE, default_text="local Ray"),
+    ] = None
+    storage_options: Annotated[
+        dict,
+        BeforeValidator(json_table),
+        Field(
+            default_factory=dict,
+            description="fsspec options as JSON; the standard `AWS_*` variables (incl. `AWS_ENDPOINT_URL`) "
+            "need no flag. A missing bucket, missing credentials, an unreachable endpoint "
+            "or a refused request "
+            "stops the command with one `error:` line naming the bucket and endpoint (exit 2); tagpipe never "
+            "creates a bucket",
+        ),
+        Setting(NONE),
+    ]
+    exact_decode: Annotated[
+        bool,
+        Field(
+            description="fast: large JPEGs decoded with DCT scaling (libjpeg-turbo) to >= `--draft-ratio` x "
+            "the model size; exact: full-size decode, the published recipe to within 1 level, "
+            "imagehash-exact phash"
+        ),
+        Setting(INFERENCE, negative="--fast-decode", default_text="fast"),
+    ] = False
+    draft_ratio: Annotated[
+        float,
+        Field(
+            ge=1.0,
+            le=16.0,
+            description="fast decode keeps at least this times the model's resolution; 1 is ~1.6x faster on "
+            "3 MP JPEGs and still agrees on tags (docs/benchmarks.md)",
+        ),
+        Setting(INFERENCE),  # keyed as None under exact_decode, where it does nothing
+    ] = 2.0
+    max_pixels: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="images declaring more pixels, in any frame, tile or sub-image (ICO, ICNS, GIF, "
+            "TIFF), are refused before decoding (decompression bombs)",
+        ),
+        Setting(INFERENCE),
+    ] = DEFAULT_MAX_PIXELS
+    max_decode_memory: Annotated[
+        int,
+        AfterValidator(_decode_memory),
+        Field(
+            description="bytes one image's decode may add to its worker (an address-space limit while it "
+            "decodes); over it the image is a `too_large` row and the worker lives on; 0: no limit"
+        ),
+        Setting(INFERENCE, key_since=2),
+    ] = DEFAULT_MAX_DECODE_MEMORY
+    max_file_bytes: Annotated[
+        int,
+        Field(ge=1, description="larger files are `too_large` rows, never read whole"),
+        Setting(INFERENCE, key_since=2),
+    ] = DEFAULT_MAX_FILE_BYTES
+    decode_timeout: Annotated[
+        float,
+        Field(
+            ge=0, description="seconds one image may take to decode, then a `decode_timeout` row; 0: no limit"
+        ),
+        Setting(NONE),
+    ] = DEFAULT_DECODE_TIMEOUT
+    batch_timeout: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="seconds one model call may take, then its rows are `model_timeout` rows (retried "
+            "by the next run); 0: no limit",
+        ),
+        Setting(NONE),
+    ] = 600.0
+    list_sidecars: Annotated[
+        bool,
+        Field(
+            description="list caption and metadata files beside the images as inputs (see "
+            "[What gets a row](#what-gets-a-row))"
+        ),
+        Setting(NONE, negative="--skip-sidecars", default_text="skip"),
+    ] = False
+    extensions: Annotated[
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
+        AfterValidator(_extensions),
+        Field(
+            description="list only files with this extension under a prefix, repeatable (e.g. `--extension "
+            "jpg --extension png`; case and a leading dot do not matter)"
+        ),
+        Setting(NONE, flags=("--extensions", "--extension"), metavar="EXT", default_text="every file"),
+    ] = ()
+    normalise_in_graph: Annotated[
+        bool,
+        Field(
+            description="the model is fed uint8: Cast/scale/transpose nodes are prepended to it in memory "
+            "(weights untouched), so normalisation runs on the GPU"
+        ),
+        Setting(NONE, negative="--normalise-in-numpy", default_text="in graph"),
+    ] = True
+    provider: Annotated[
+        ProviderChoice,
+        Field(
+            description="`auto` (CUDA where a GPU really works, else CPU), `cpu`, `cuda`, `tensorrt`",
+        ),
+        Setting(NONE),
+    ] = ProviderChoice.AUTO
+    threshold: rule_fields.Threshold
+    logit_floor: rule_fields.LogitFloor
+    dense_logits: Annotated[
+        bool | None,
+        Field(
+            description="store every logit (T float16 per image), so every tag's probability is in every row"
+        ),
+        Setting(
+            INFERENCE,
+            negative="--sparse-logits",
+            default_text="dense for at most `--dense-logits-max-tags` tags, else sparse",
+        ),  # keyed as resolved for the model (dense_logits_for)
+    ] = None
+    dense_logits_max_tags: Annotated[
+        int,
+        Field(ge=0, description="vocabularies this small store every logit by default"),
+        Setting(INFERENCE, key_via="dense_logits, as resolved for the model"),
+    ] = DEFAULT_DENSE_LOGITS_MAX_TAGS
+    run_id: Annotated[
+        str | None,
+        Field(description="run id recorded in rows and the run manifest"),
+        Setting(NONE, default_text="timestamp"),
+    ] = None
+    category_thresholds: rule_fields.CategoryThresholds
+    per_tag_thresholds: rule_fields.PerTagThresholds
+    mcut_categories: rule_fields.McutCategories
+    max_tags: rule_fields.MaxTags
+    exclude: rule_fields.Exclude
+    calibrate: rule_fields.Calibrate
+    ood_cut: rule_fields.OodCut
+    progress: Annotated[
+        bool,
+        Field(
+            description="a bar with rate and ETA on a terminal; elsewhere (a Ray job log, a pod log, a file) "
+            "a line every `--progress-interval` seconds"
+        ),
+        Setting(NONE, negative="--no-progress"),
+    ] = True
+    progress_interval: Annotated[
+        float, Field(gt=0, description="seconds between progress lines off a terminal"), Setting(NONE)
+    ] = DEFAULT_INTERVAL
+
+    @property
+    def rules(self) -> RuleSettings:
+        return RuleSettings.of(self)
 
     def dense_logits_for(self, tags: int) -> bool:
         """Whether rows store every logit: as asked, else for small vocabularies, where a
@@ -143,85 +297,137 @@ class TagJobConfig:
         return self.dense_logits if self.dense_logits is not None else tags <= self.dense_logits_max_tags
 
 
-def tag_rules(cfg) -> dict:
-    """The TagRules fields a tag or rethreshold config sets (None: the profile's)."""
-    rules = dict(
-        category_thresholds={k: float(v) for k, v in cfg.category_thresholds.items()} or None,
-        per_tag_thresholds=cfg.per_tag_thresholds,
-        mcut_categories=tuple(cfg.mcut_categories),
-        max_tags=cfg.max_tags,
-        exclude=frozenset(cfg.exclude),
-        calibrate=cfg.calibrate,
-        ood_cut=cfg.ood_cut,
-        default_threshold=cfg.threshold,
-        logit_floor=cfg.logit_floor,
-    )
-    return {k: v for k, v in rules.items() if v is not None}
+def tag_rules(cfg: TagJobConfig) -> RuleSettings:
+    """The rule settings of a tag config (what rethreshold takes)."""
+    return cfg.rules
 
 
-def _coerce(cls, name: str, value):
-    """Check and convert one value to a field's type; errors name the field."""
-    hint = typing.get_type_hints(cls)[name]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"field {name} must not be empty")
-    base = (
-        next((a for a in args if a is not type(None)), hint) if optional or origin is typing.Union else hint
+# Options of the command itself, not settings of the job: they have no config key.
+COMMAND_LINE_ONLY = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "version", "help"})
+
+
+def _command_line_hint(name: str) -> str:
+    if name.replace("-", "_") in COMMAND_LINE_ONLY:
+        return f" (--{name.replace('_', '-')} is a command-line option only)"
+    return ""
+
+
+def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfig:
+    """File values, then explicit overrides (None means 'not given')."""
+    merged = dict(file_values or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [name for name in ("inputs", "output", "model") if name not in merged]
+    if missing and set(merged) <= set(TagJobConfig.model_fields):  # unknown names are said first
+        flag = "--" + missing[0].rstrip("s")
+        raise ConfigError(f"field {missing[0]} is required (option {flag} or the config file)")
+    return build(TagJobConfig, merged, " in [tag]", hints=_command_line_hint)
+
+
+class NightlyConfig(SettingsModel):
+    """The [nightly] table: what runs after tagging. Paths default to siblings of the
+    tag output (<output>-dedup, <output>-splits)."""
+
+    tag: TagJobConfig
+    dedup_output: Annotated[
+        str,
+        Field(description="dedup's output folder; default: <output>-dedup"),
+        Setting(NONE, cli=False),
+    ] = ""
+    splits_output: Annotated[
+        str,
+        Field(
+            description="the splits' folder; default: <output>-splits; "
+            "its splits.parquet is the next --previous"
+        ),
+        Setting(NONE, cli=False),
+    ] = ""
+    ratios: Annotated[
+        str,
+        AfterValidator(lambda v: _ratios(v)),
+        Field(description="split names and shares"),
+        Setting(NONE, cli=False),
+    ] = "train=0.9,val=0.05,test=0.05"
+    seed: Annotated[int, Field(description="the split's seed"), Setting(NONE, cli=False)] = 0
+    stratify: Annotated[bool, Field(description="balance tags across splits"), Setting(NONE, cli=False)] = (
+        False
     )
-    base_origin = typing.get_origin(base)
+    min_val_positives: Annotated[
+        int,
+        Field(ge=0, description="rare tags get at least this many validation images"),
+        Setting(NONE, cli=False),
+    ] = 0
+    max_distance: Annotated[
+        int,
+        Field(ge=0, le=32, description="phash bits: dedup radius, split --exclude and audit radius"),
+        Setting(NONE, cli=False),
+    ] = 6
+    embedding_threshold: Annotated[
+        str,
+        BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v),
+        AfterValidator(lambda v: _embedding_threshold(v)),
+        Field(description='dedup and audit by embedding: a cosine (e.g. 0.95), "auto" or "off"'),
+        Setting(NONE, cli=False),
+    ] = "auto"
+    group_column: Annotated[
+        str,
+        Field(description="images sharing this metadata value never cross splits (needs metadata)"),
+        Setting(NONE, cli=False),
+    ] = ""
+    metadata: Annotated[
+        str,
+        Field(description="Parquet/CSV with uri and group_column; relative to the config file"),
+        Setting(NONE, cli=False),
+    ] = ""
+    exclude: Annotated[
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
+        Field(description="existing training sets (tag tables or Parquet/CSV with sha256/phash)"),
+        Setting(NONE, cli=False),
+    ] = ()
+    fail_on_leaks: Annotated[
+        bool,
+        Field(description="exit 1 when the audit finds leaks (after writing everything)"),
+        Setting(NONE, cli=False),
+    ] = True
+
+    @model_validator(mode="after")
+    def _defaults_and_pairs(self) -> NightlyConfig:
+        base = self.tag.output.rstrip("/")
+        if not self.dedup_output:
+            object.__setattr__(self, "dedup_output", f"{base}-dedup")
+        if not self.splits_output:
+            object.__setattr__(self, "splits_output", f"{base}-splits")
+        if bool(self.group_column) != bool(self.metadata):
+            raise ValueError("field nightly.group_column needs nightly.metadata (and the other way round)")
+        return self
+
+
+def _ratios(value: str) -> str:
+    from pipeline.corpus.split import parse_ratios
+
     try:
-        if isinstance(base, type) and issubclass(base, enum.Enum):
-            return base(value)
-        if base is bool:
-            if isinstance(value, str):
-                value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if base is str:
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if base is dict or base_origin is dict:
-            if isinstance(value, str):
-                value = json.loads(value)
-            if not isinstance(value, dict):
-                raise TypeError
-            return value
-        if base_origin is tuple:
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise TypeError
-            return tuple(value)
-    except (TypeError, ValueError, KeyError):
-        allowed = (
-            f" (allowed: {', '.join(m.value for m in base)})"
-            if isinstance(base, type) and issubclass(base, enum.Enum)
-            else ""
-        )
-        if base is dict or base_origin is dict:
-            allowed = (
-                " (must be a table of category = probability, e.g. { general = 0.35, character = 0.85 })"
-                if name == "category_thresholds"
-                else " (must be a table)"
-            )
-        raise ConfigError(f"field {name} has a bad value: {value!r}{allowed}") from None
+        parse_ratios(value)
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 
+def _embedding_threshold(value: str) -> str:
+    from pipeline.corpus.dedup import parse_embedding_threshold
+
+    try:
+        parse_embedding_threshold(value)
+    except Exception:
+        raise ValueError("must be a cosine in (0, 1], auto or off") from None
+    return value
+
+
+SECTIONS = ("tag", "nightly")
+
+
 def load_config_file(path: str | Path, table: str = "tag") -> dict:
+    """The [table] of a TOML config file as plain values, relative paths made relative
+    to the file, as users expect."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -233,177 +439,48 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [{table}] must be a table")
-    base = path.parent
-    # relative paths in a config file are relative to the file, as users expect
-    for key in ("output", "model"):
-        if (
-            isinstance(section.get(key), str)
-            and "://" not in section[key]
-            and not os.path.isabs(section[key])
-        ):
-            section[key] = str(base / section[key])
-    if isinstance(section.get("inputs"), str):
-        section["inputs"] = [section["inputs"]]
-    if isinstance(section.get("inputs"), list):
-        section["inputs"] = [
-            v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v)
-            for v in section["inputs"]
-        ]
-    return section
+    keys = ("output", "model") if table == "tag" else ("dedup_output", "splits_output", "metadata")
+    lists = ("inputs",) if table == "tag" else ("exclude",)
+    for key in keys:
+        section[key] = _relative_to(path.parent, section.get(key))
+    for key in lists:
+        value = one_or_many(section.get(key))
+        if isinstance(value, list):
+            section[key] = [_relative_to(path.parent, v) for v in value]
+    return {k: v for k, v in section.items() if v is not None or k not in keys}
 
 
-SECTIONS = ("tag", "nightly")
-
-
-def nearest(name: str, choices) -> str | None:
-    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def suggestion(name: str, choices) -> str:
-    """' (did you mean X?)' for the nearest valid name, or ''."""
-    close = nearest(name, choices)
-    return f" (did you mean {close}?)" if close else ""
+def _relative_to(base: Path, value):
+    if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        return str(base / value)
+    return value
 
 
 def _check_sections(data: dict, path: Path) -> None:
     """Every top-level name of a config file is a known table: a misspelled [nighlty]
     is an error, not a section silently ignored, and a key above any table says where
     it belongs."""
-    tag_fields = {f.name for f in dataclasses.fields(TagJobConfig)}
-    nightly_fields = {f.name for f in dataclasses.fields(NightlyConfig)} - {"tag"}
+    tag_fields = set(TagJobConfig.model_fields)
+    nightly_fields = set(NightlyConfig.model_fields) - {"tag"}
     for name, value in data.items():
         if name in SECTIONS:
             continue
         if isinstance(value, dict):
             close = nearest(name, SECTIONS)
-            hint = (
-                f"did you mean [{close}]?"
-                if close
-                else "the tables are " + ", ".join(f"[{t}]" for t in SECTIONS)
-            )
+            tables = ", ".join(f"[{t}]" for t in SECTIONS)
+            hint = f"did you mean [{close}]?" if close else f"the tables are {tables}"
             raise ConfigError(f"{path}: unknown table [{name}] ({hint})")
         home = "tag" if name in tag_fields else "nightly" if name in nightly_fields else None
         if home:
             raise ConfigError(f"{path}: key {name} is outside any table; it belongs under [{home}]")
-        raise ConfigError(
-            f"{path}: unknown key {name} outside any table{suggestion(name, tag_fields | nightly_fields)}"
-        )
-
-
-# Options of the command itself, not settings of the job: they have no config key.
-COMMAND_LINE_ONLY = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "version", "help"})
-
-
-def _unknown_fields(unknown: list[str], names: set[str], where: str) -> ConfigError:
-    def hint(name: str) -> str:
-        if name.replace("-", "_") in COMMAND_LINE_ONLY:
-            return f" (--{name.replace('_', '-')} is a command-line option only)"
-        return suggestion(name, names)
-
-    return ConfigError(f"unknown field(s){where}: {', '.join(f'{name}{hint(name)}' for name in unknown)}")
-
-
-def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfig:
-    """File values, then explicit overrides (None means 'not given')."""
-    merged = dict(file_values or {})
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(TagJobConfig)}
-    unknown = sorted(set(merged) - names)
-    if unknown:
-        raise _unknown_fields(unknown, names, " in [tag]")
-    for required in ("inputs", "output", "model"):
-        if required not in merged:
-            raise ConfigError(
-                f"field {required} is required (option --{required.rstrip('s')} or the config file)"
-            )
-    values = {name: _coerce(TagJobConfig, name, value) for name, value in merged.items()}
-    values["inputs"] = tuple(_normalise_local(v) for v in values["inputs"])
-    return TagJobConfig(**values)
-
-
-def _normalise_local(uri: str) -> str:
-    """One spelling per local input (absolute, no `..`): rows are keyed by uri, so the
-    same folder given as `imgs`, `./imgs` or `cfg/../imgs` must list the same uris."""
-    if "://" in uri:
-        return uri
-    return os.path.normpath(os.path.abspath(uri))
-
-
-@dataclass(frozen=True)
-class NightlyConfig:
-    """The [nightly] table: what runs after tagging. Paths default to siblings of the
-    tag output (<output>-dedup, <output>-splits)."""
-
-    tag: TagJobConfig
-    dedup_output: str = ""
-    splits_output: str = ""
-    ratios: str = "train=0.9,val=0.05,test=0.05"
-    seed: int = 0
-    stratify: bool = False
-    min_val_positives: int = 0
-    max_distance: int = 6  # dedup radius, also used by split --exclude and the audit
-    embedding_threshold: str = "auto"  # dedup and audit: a cosine, "auto" (from the data) or "off"
-    group_column: str = ""  # split: images sharing this metadata column's value never cross splits
-    metadata: str = ""  # Parquet/CSV with uri and group_column
-    exclude: tuple[str, ...] = ()  # existing training sets: kept out of val/test and audited against
-    fail_on_leaks: bool = True  # exit 1 when the audit finds leaks (after writing everything)
-
-    def __post_init__(self):
-        base = self.tag.output.rstrip("/")
-        if not self.dedup_output:
-            object.__setattr__(self, "dedup_output", f"{base}-dedup")
-        if not self.splits_output:
-            object.__setattr__(self, "splits_output", f"{base}-splits")
-        for name, ok in (
-            ("max_distance", 0 <= self.max_distance <= 32),
-            ("min_val_positives", self.min_val_positives >= 0),
-        ):
-            if not ok:
-                raise ConfigError(f"field nightly.{name} has a bad value: {getattr(self, name)!r}")
-        from pipeline.corpus.dedup import parse_embedding_threshold
-        from pipeline.corpus.split import parse_ratios
-
-        try:
-            parse_ratios(self.ratios)
-        except Exception as exc:
-            raise ConfigError(f"field nightly.ratios has a bad value: {self.ratios!r} ({exc})") from None
-        try:
-            parse_embedding_threshold(self.embedding_threshold)
-        except Exception:
-            raise ConfigError(
-                f"field nightly.embedding_threshold has a bad value: {self.embedding_threshold!r} "
-                "(must be a cosine in (0, 1], auto or off)"
-            ) from None
-        if bool(self.group_column) != bool(self.metadata):
-            raise ConfigError("field nightly.group_column needs nightly.metadata (and the other way round)")
+        known = tag_fields | nightly_fields
+        raise ConfigError(f"{path}: unknown key {name} outside any table{suggestion(name, known)}")
 
 
 def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
     """A config file with [tag] and [nightly] tables; relative paths are relative to it."""
     tag = make_tag_config(load_config_file(path, "tag"), **tag_overrides)
     section = load_config_file(path, "nightly")
-    base = Path(path).parent
-    if isinstance(section.get("embedding_threshold"), (int, float)) and not isinstance(
-        section.get("embedding_threshold"), bool
-    ):
-        section["embedding_threshold"] = str(section["embedding_threshold"])  # a number in TOML: a cosine
-    for key in ("dedup_output", "splits_output", "metadata"):
-        if (
-            isinstance(section.get(key), str)
-            and section[key]
-            and "://" not in section[key]
-            and not os.path.isabs(section[key])
-        ):
-            section[key] = str(base / section[key])
-    if isinstance(section.get("exclude"), list):
-        section["exclude"] = [
-            v if not isinstance(v, str) or "://" in v or os.path.isabs(v) else str(base / v)
-            for v in section["exclude"]
-        ]
-    names = {f.name for f in dataclasses.fields(NightlyConfig)} - {"tag"}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise _unknown_fields(unknown, names, " in [nightly]")
-    values = {name: _coerce(NightlyConfig, name, value) for name, value in section.items()}
-    return NightlyConfig(tag=tag, **values)
+    if "tag" in section:
+        raise ConfigError("unknown field(s) in [nightly]: tag")
+    return build(NightlyConfig, {**section, "tag": tag}, " in [nightly]", prefix="nightly.")

@@ -5,6 +5,10 @@ The driver only plans, routes finished rows into their slice's part file and com
 decode and inference run in Ray tasks and actors placed by pipeline/job/graph.py, part
 rewrites in Ray tasks (pipeline/job/rethreshold.py). Nothing is visible to readers until
 the commit (pipeline/table/tag_table.py), and parts written before a crash are reused.
+
+Why this module is long: it runs a whole tag job (listing, planning against the table,
+tagging through Ray, rewrites, the commit and the run summary); splitting it into plan,
+execute and commit modules is issue 23's part 4, still to do.
 """
 
 from __future__ import annotations
@@ -47,10 +51,10 @@ from pipeline.job.incremental import (
     rules_key,
 )
 from pipeline.job.rethreshold import Retag
-from pipeline.job.settings import TagJobConfig, tag_rules
+from pipeline.job.settings import TagJobConfig
 from pipeline.job.tagger import TaggerSettings
 from pipeline.model.bundle import load_bundle
-from pipeline.model.postprocess import Postprocessor, rules_record
+from pipeline.model.postprocess import Postprocessor
 from pipeline.storage.manifest import (
     MANIFEST_SCHEMA,
     ListingRules,
@@ -141,10 +145,11 @@ class RunSummary:
             else f"commit nothing: version {self.base_version} stays current"
         )
         return (
-            f"dry run ({self.change}): {self.listed} listed{self.skipped_text()}, {self.new} new, {self.changed} changed, "
-            f"{self.deleted} deleted, {self.skipped} unchanged, {self.retried} to retry, {self.retagged} to re-tag for new "
-            f"settings; would tag {self.to_tag} images ({self.reused} reused from an interrupted run), {outcome} of "
-            f"{self.output}; nothing was written"
+            f"dry run ({self.change}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
+            f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged, "
+            f"{self.retried} to retry, {self.retagged} to re-tag for new settings; "
+            f"would tag {self.to_tag} images ({self.reused} reused from an interrupted run), "
+            f"{outcome} of {self.output}; nothing was written"
         )
 
     def text(self) -> str:
@@ -163,9 +168,10 @@ class RunSummary:
         )
         skipped = self.skipped_text()
         return (
-            f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, {self.changed} changed, "
-            f"{self.deleted} deleted, {self.skipped} unchanged{extra}; {self.images} images tagged ({self.ok} ok, "
-            f"{self.errors} errors: {kinds}), {self.images_per_second:.1f} img/s; version {self.version} "
+            f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, "
+            f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
+            f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
+            f"{self.images_per_second:.1f} img/s; version {self.version} "
             f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
         )
 
@@ -179,8 +185,8 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     dry_run: list and classify, and return the plan; nothing is tagged or written."""
     started = time.monotonic()
     bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
-    rules = tag_rules(cfg)
-    Postprocessor.for_bundle(bundle, **rules)  # and so do rules the bundle cannot serve
+    rules = cfg.rules
+    Postprocessor.for_bundle(bundle, rules)  # and so do rules the bundle cannot serve
     run_id = cfg.run_id or new_run_id()
     fp = bundle.fingerprint
     summary = RunSummary(
@@ -216,7 +222,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
 
     t = time.monotonic()
     same_inference = base is not None and base.inference_key == keys[0]
-    same_rules = same_inference and base.rules_key == keys[1]
+    same_rules = same_inference and base is not None and base.rules_key == keys[1]
     view = table.read(base, [*SOURCE_COLUMNS, "sha256", "error_kind"], with_file=True) if base else None
     status = (
         classify(manifest, view) if view is not None and view.num_rows else classify(manifest, _empty_view())
@@ -265,7 +271,8 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     summary.timings["plan_seconds"] = _lap(t)
     summary.to_tag = pending.num_rows
     log.info(
-        "%s: %d listed; %d new, %d changed, %d deleted, %d unchanged; %d to tag (%d reused from an interrupted run)",
+        "%s: %d listed; %d new, %d changed, %d deleted, %d unchanged; "
+        "%d to tag (%d reused from an interrupted run)",
         summary.change,
         summary.listed,
         summary.new,
@@ -338,7 +345,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
             "fingerprint": asdict(fp),
             "inference_key": keys[0],
             "rules_key": keys[1],
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options",)},
+            "settings": cfg.model_dump(mode="json", exclude={"storage_options"}),
             "counts": summary.counts(),
             "skipped_examples": listing.skipped_examples,
             "timings": summary.timings,
@@ -407,10 +414,14 @@ def _interrupted_text(table: TagTable, summary: RunSummary) -> str:
         else f"{table.uri} has no table yet"
     )
     if not summary.parts:
-        return f"nothing was committed: {where}. No part was finished; running the same command again starts the tagging over."
+        return (
+            f"nothing was committed: {where}. No part was finished; "
+            "running the same command again starts the tagging over."
+        )
     return (
-        f"nothing was committed: {where}. This run wrote {len(summary.parts)} part(s) of {summary.images} tagged "
-        "images; they are kept, and running the same command again reuses them and tags the rest."
+        f"nothing was committed: {where}. This run wrote {len(summary.parts)} part(s) "
+        f"of {summary.images} tagged images; they are kept, "
+        "and running the same command again reuses them and tags the rest."
     )
 
 
@@ -439,9 +450,9 @@ def _check_deletions(cfg: TagJobConfig, summary: RunSummary, base) -> None:
     fraction = summary.deleted / base.rows
     if fraction > cfg.max_delete_fraction:
         raise TagpipeError(
-            f"this run would delete {summary.deleted} of the table's {base.rows} rows ({fraction:.0%}), more than "
-            f"max_delete_fraction={cfg.max_delete_fraction}: is an input missing or misspelled? Nothing was changed; "
-            f"to accept, rerun with --max-delete-fraction 1"
+            f"this run would delete {summary.deleted} of the table's {base.rows} rows ({fraction:.0%}), "
+            f"more than max_delete_fraction={cfg.max_delete_fraction}: is an input missing or misspelled? "
+            f"Nothing was changed; to accept, rerun with --max-delete-fraction 1"
         )
 
 
@@ -480,7 +491,7 @@ def _tag(
     dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
     buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
     counts: collections.Counter = collections.Counter()
-    nodes = {"decode": collections.Counter(), "tag": collections.Counter()}
+    nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
     written = []
     with Progress("tagging", pending.num_rows, "images", _progress_settings(cfg)) as progress:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -560,7 +571,7 @@ def _commit(table: TagTable, base, files: list[str], bundle, keys, rules, run_id
         run_id=run_id,
         committed_at=now_iso(),
         model_name=bundle.name,
-        rules=rules_record(rules),
+        rules=rules.record(),
         counts=summary.counts(),
     )
     return table.commit(base, snapshot)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from pipeline.model.profiles import (
     Profile,
     ValueRange,
 )
+from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice, create_session
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ class TaggerSettings:
     run_id: str = ""
     dense_logits: bool = False
     normalise_in_graph: bool = True  # feed uint8 to prepended Cast/scale nodes (see onnx_tools)
-    rules: dict = field(
-        default_factory=dict
-    )  # TagRules fields over the profile's (threshold, floor, MCut, ...)
+    rules: RuleSettings = RuleSettings.model_validate(
+        {}
+    )  # over the profile's thresholds (threshold, floor, MCut, ...)
     batch_timeout: float = 0.0  # seconds one session call may take; 0: no limit
 
 
@@ -113,7 +114,7 @@ class TaggerStage:
             fixed if isinstance(fixed, int) and fixed > 0 else None
         )  # some WD exports take batch 1
         self.postprocess = Postprocessor.for_bundle(
-            self.bundle, dense_logits=settings.dense_logits, **settings.rules
+            self.bundle, settings.rules, dense_logits=settings.dense_logits
         )
         width = self.bundle.embedding_width if self.embedding_name else None
         if self.embedding_name and width is None:
@@ -145,7 +146,8 @@ class TaggerStage:
         except Exception:
             if options.terminate:
                 raise ModelTimeout(
-                    f"model call on {len(x)} images took longer than the {self.settings.batch_timeout:g} s limit"
+                    f"model call on {len(x)} images took longer than the "
+                    f"{self.settings.batch_timeout:g} s limit"
                 ) from None
             raise
         finally:
@@ -212,6 +214,7 @@ class TaggerStage:
         pre = self.bundle.profile.preprocess
         blank = np.zeros((1, pre.height, pre.width, 3), np.uint8)
         _raw, emb = self._run(blank if self.normalise is None else self.normalise(blank))
+        assert emb is not None  # called only for a model with an embedding output
         return int(emb.shape[-1])
 
     def _table(self, batch, n, error, error_kind, results, embeddings, ok_rows) -> pa.Table:

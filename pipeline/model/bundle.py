@@ -3,6 +3,10 @@
 One loader serves every family; the profile says which file holds what. Optional
 files that are missing switch their feature off (said once in the log). Nothing is
 unpickled: .npz files load with allow_pickle=False and JSON with the json module.
+
+Why this module is long: a model folder holds many small file formats (five vocabulary
+formats, tag metrics, calibration, OOD reference, metadata) and the order in which its
+profile is found; each is a few lines and they share the folder's checks.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class ModelBundle:
     def optional_files(self) -> dict[str, bool]:
         files = self.profile.files
         return {
-            name: bool(path) and (self.directory / path).is_file()
+            name: bool(path) and (self.directory / str(path)).is_file()
             for name, path in (
                 ("tag_metrics", files.tag_metrics),
                 ("ood_reference", files.ood_reference),
@@ -144,7 +148,8 @@ def detect_profile(directory: Path) -> Profile:
         )
         return profile
     raise BundleError(
-        f"{directory}: cannot tell the model family (no model_vocabulary.json, selected_tags.csv, top_tags.txt, "
+        f"{directory}: cannot tell the model family "
+        "(no model_vocabulary.json, selected_tags.csv, top_tags.txt, "
         f"tags.json, {BUNDLE_PROFILE_FILE}, preprocessor_config.json or timm config.json); pass --profile"
     )
 
@@ -171,12 +176,14 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
     output_name = profile.output_name or output_names[0]
     if output_name not in output_names:
         raise BundleError(
-            f"{model_path}: profile {profile.name} expects output {output_name!r}; model has {list(output_names)}"
+            f"{model_path}: profile {profile.name} expects output {output_name!r}; "
+            f"model has {list(output_names)}"
         )
     input_name = profile.input_name or input_names[0]
     if input_name not in input_names:
         raise BundleError(
-            f"{model_path}: profile {profile.name} expects input {input_name!r}; model has {list(input_names)}"
+            f"{model_path}: profile {profile.name} expects input {input_name!r}; "
+            f"model has {list(input_names)}"
         )
     output_width = _static_last_dim(graph, output_name)
     _check_input_size(graph, input_name, profile, model_path)
@@ -363,7 +370,7 @@ def _from_index_map(index: dict[str, int], tag_to_category: dict[str, str], path
                 f"{path}: tag indices are not 0..{width - 1} without gaps or repeats (at {tag!r} -> {i})"
             )
         slots[i] = tag
-    tags = tuple(slots)  # type: ignore[arg-type]
+    tags = tuple(t for t in slots if t is not None)  # every slot is filled: width = len(index), no repeats
     return Vocabulary(tags, tuple(tag_to_category.get(t, "general") for t in tags))
 
 

@@ -57,7 +57,8 @@ def describe_bundle(directory: str | Path, profile: str | None = None) -> str:
         crop = f" (to {resize[0]}x{resize[1]}, centre crop or pad to)"
     lines.append(
         f"preprocess:  {pre.resize_mode.value}{crop} {pre.width}x{pre.height} {pre.interpolation.value} "
-        f"({pre.rounding.value} rounding), {pre.value_range.value} mean {pre.mean} std {pre.std} (RGB order), "
+        f"({pre.rounding.value} rounding), {pre.value_range.value} "
+        f"mean {pre.mean} std {pre.std} (RGB order), "
         f"{pre.channel_order.value} {pre.layout.value}; "
         f"activation {bundle.profile.activation.value}; threshold {bundle.profile.thresholds.default}"
     )

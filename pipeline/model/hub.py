@@ -49,7 +49,7 @@ KNOWN_REPOS = {
 class PullResult:
     repo_id: str
     revision: str | None
-    commit: str
+    commit: str | None  # the Hub's revision sha
     directory: str
     profile: str
     files: list = field(default_factory=list)  # {"path", "size", "sha256"}
@@ -57,7 +57,8 @@ class PullResult:
     def text(self) -> str:
         size = sum(f["size"] for f in self.files) / 2**20
         return (
-            f"pulled {self.repo_id} at {self.commit[:12]} ({self.profile}): {len(self.files)} files, {size:.1f} MiB "
+            f"pulled {self.repo_id} at {(self.commit or '?')[:12]} ({self.profile}): "
+            f"{len(self.files)} files, {size:.1f} MiB "
             f"-> {self.directory}"
         )
 

@@ -219,7 +219,8 @@ def uint8_input_model(model_path: str | Path, preprocess, input_name: str) -> tu
     offset = (-mean / std).astype(np.float32)
     if preprocess.channel_order is ChannelOrder.BGR:  # mean and std are RGB-ordered; the Gather runs first
         scale, offset = scale[::-1].copy(), offset[::-1].copy()
-    nodes, inits = [], []
+    nodes: list = []
+    inits: list = []
     current = new_input.name
 
     def step(op, inputs, **attrs):

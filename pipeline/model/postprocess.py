@@ -20,39 +20,15 @@ Selection, per row:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from pipeline.core.errors import ConfigError
 from pipeline.model.bundle import ModelBundle, OodReference, TagMetrics, Vocabulary
 from pipeline.model.profiles import Activation
+from pipeline.model.rules import RuleSettings, TagRules
 
 ARGMAX_CATEGORIES = ("rating", "quality")  # one winner each, no threshold
 NOISY_BIN, REPLACEMENT_BIN = 99, 98
-
-
-@dataclass(frozen=True)
-class TagRules:
-    default_threshold: float
-    category_thresholds: dict[str, float] = field(default_factory=dict)
-    per_tag_thresholds: bool = False  # the bundle's best_thr (maximises F1 per tag; over-tags)
-    mcut_categories: tuple[str, ...] = ()  # categories thresholded by MCut instead
-    max_tags: int | None = None  # cap on threshold-selected tags per image (by score)
-    exclude: frozenset[str] = frozenset()  # never emitted
-    calibrate: bool = True  # apply the bundle's calibration table when it has one
-    logit_floor: float = 0.01  # keep sparse logits of tags with probability >= this
-    dense_logits: bool = False
-    ood_cut: float | None = None  # ood flag above this distance; None: the reference's p95
-
-    @classmethod
-    def from_bundle(cls, bundle: ModelBundle, **overrides) -> TagRules:
-        thresholds = bundle.profile.thresholds
-        base = dict(default_threshold=thresholds.default, category_thresholds=dict(thresholds.by_category))
-        given = {k: v for k, v in overrides.items() if v is not None}
-        base["category_thresholds"] = {**base["category_thresholds"], **given.pop("category_thresholds", {})}
-        base.update(given)
-        return cls(**base)
 
 
 def stored_logits(raw: np.ndarray, activation: Activation) -> np.ndarray:
@@ -127,7 +103,8 @@ class Postprocessor:
         if rules.per_tag_thresholds:
             if metrics is None or metrics.best_thr is None:
                 raise ConfigError(
-                    "field per_tag_thresholds: the bundle has no per-tag thresholds (best_thr in its tag metrics)"
+                    "field per_tag_thresholds: the bundle has no per-tag thresholds "
+                    "(best_thr in its tag metrics)"
                 )
             thresholds = np.asarray(metrics.best_thr, np.float32).copy()
         self.table = None
@@ -149,13 +126,15 @@ class Postprocessor:
         self._probability_of_bits, self._raw_screen = _float16_tables(activation, rules.logit_floor)
 
     @classmethod
-    def for_bundle(cls, bundle: ModelBundle, **rules) -> Postprocessor:
+    def for_bundle(cls, bundle: ModelBundle, settings: RuleSettings | None = None, **rules) -> Postprocessor:
         """The bundle's vocabulary, activation, tag metrics and OOD reference, with the
-        profile's thresholds overridden by rules (TagRules fields; None: not given)."""
+        profile's thresholds overridden by the settings, then by TagRules fields given
+        here (dense_logits; None: not given)."""
+        overrides = {**(settings.overrides() if settings else {}), **rules}
         return cls(
             bundle.vocabulary,
             bundle.profile.activation,
-            TagRules.from_bundle(bundle, **rules),
+            TagRules.from_bundle(bundle, **overrides),
             bundle.ood_reference,
             bundle.tag_metrics,
         )
@@ -253,6 +232,7 @@ class Postprocessor:
             rows_out.setdefault(category, [None] * n)
         if embeddings is not None and self.ood is not None:
             distances = mahalanobis(embeddings, self.ood).astype(np.float32)
+            assert self.ood_cut is not None  # the reference's p95 when not given
             rows_out["ood_distance"] = distances.tolist()
             rows_out["ood"] = (distances > self.ood_cut).tolist()
         else:
@@ -264,6 +244,7 @@ class Postprocessor:
         """CL-style calibration: table[tag, clip(int(p*100), 0, 99)], the noisy last bin read as 98."""
         bins = np.clip((p * 100).astype(np.int64), 0, 99)
         bins[bins == NOISY_BIN] = REPLACEMENT_BIN
+        assert self.table is not None  # called only with a calibration table
         return self.table[cols, bins].astype(np.float32)
 
 
@@ -297,11 +278,3 @@ def sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     word_rows, offsets = np.nonzero(flat[:whole].view(np.uint8).reshape(-1, 8)[words])
     index = np.concatenate([words[word_rows] * 8 + offsets, np.flatnonzero(flat[whole:]) + whole])
     return np.divmod(index, mask.shape[1])
-
-
-def rules_record(rules: dict) -> dict:
-    """Rules as JSON-friendly values, for snapshots and run manifests."""
-    return {
-        k: sorted(v) if isinstance(v, (set, frozenset)) else list(v) if isinstance(v, tuple) else v
-        for k, v in rules.items()
-    }

@@ -6,6 +6,10 @@ mean/std); the ONNX graph says what it takes now (input name, layout, size) and,
 when it ends in a Sigmoid or Softmax, what its output holds. Settings that would
 change pixels but have no profile field stop the import by name: a profile that
 silently differs from its reference is the failure this module exists to prevent.
+
+Why this module is long: two foreign formats (timm's pretrained_cfg, Hugging Face's
+preprocessor_config.json) are read here, and each of their fields is either mapped or
+refused by name.
 """
 
 from __future__ import annotations

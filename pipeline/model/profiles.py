@@ -3,6 +3,9 @@
 A profile is a TOML file. The shipped ones live in pipeline/model/profiles/; a new model
 family needs only a new file (``--profile path/to/family.toml``), no code change.
 Every field is checked once here, and errors name the file and the field.
+
+Why this module is long: the profile schema in tagpipe's, timm's and Hugging Face's
+terms, with the checks that name the file and field of each mistake.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class Rounding(enum.Enum):
     (see README, "Profiles"), so a profile reproduces its reference to the pixel."""
 
     TAGPIPE = "tagpipe"  # round() long side, floor((d) / 2) offsets: profiles before this field
-    TIMM = "timm"  # torchvision Resize(int): int() long side; ResizeKeepRatio: round(); crop offset round((d) / 2)
+    # torchvision Resize(int): int() long side; ResizeKeepRatio: round(); crop offset round((d) / 2)
+    TIMM = "timm"
     HF = "hf"  # Hugging Face image processors: int() long side, floor((d) / 2) crop offset
 
 
@@ -410,7 +414,8 @@ def _rgb_mean_std(pre: _Fields, mean: tuple, std: tuple, channel_order: ChannelO
         uneven = len(set(mean)) > 1 or len(set(std)) > 1
         if channel_order is ChannelOrder.BGR and uneven:
             raise ConfigError(
-                f"{pre.where}: field preprocess.mean_std_order is required when channel_order is BGR and mean or "
+                f"{pre.where}: field preprocess.mean_std_order is required when channel_order is BGR "
+                "and mean or "
                 'std differ per channel: say "RGB" (the timm and Hugging Face convention) or "BGR" '
                 "(Caffe's order, e.g. mean = [104, 117, 123])"
             )
@@ -499,7 +504,7 @@ def _hf_geometry(pre: _Fields) -> tuple:
             f"{pre.where}: field preprocess.size = {{shortest_edge}} without a centre crop gives every "
             "image another size; add crop_size (a model takes one size)"
         )
-    width, height = crop if do_crop else size
+    width, height = crop if do_crop and crop is not None else size
     if "input_size" in pre.table and _size(pre, "input_size") != (width, height):
         raise ConfigError(
             f"{pre.where}: field preprocess.input_size disagrees with the size after "

@@ -102,6 +102,7 @@ def create_session(
     if providers == ["CPUExecutionProvider"]:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    source: bytes | str
     if isinstance(model, bytes):
         if external_data_dir is not None:
             options.add_session_config_entry(

@@ -100,10 +100,11 @@ def write_atomic(
                 with open(tmp, "rb+") as handle:  # durable before a commit can name it
                     os.fsync(handle.fileno())
             else:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())  # small files (commit points): durable before the rename
+                assert data is not None, "write_atomic needs data or a table"
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())  # small files (commit points): durable before the rename
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -191,7 +192,8 @@ def _check_conditional_put(fs) -> None:
     pipe = getattr(type(fs), "_pipe_file", None)
     if pipe is not None and "mode" not in inspect.signature(pipe).parameters:
         raise TagpipeError(
-            f"{type(fs).__module__} cannot write exclusively (needs s3fs >= 2025.9): a commit could overwrite "
+            f"{type(fs).__module__} cannot write exclusively (needs s3fs >= 2025.9): "
+            "a commit could overwrite "
             "another run's; upgrade it"
         )
 
@@ -218,7 +220,8 @@ def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
     import os
     import re
 
-    chain, seen = [], exc
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
@@ -235,7 +238,10 @@ def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
         )
     if "EndpointConnectionError" in text or "Could not connect to the endpoint" in text:
         found = re.search(r"https?://[^/\s\"']+", text)
-        return f"cannot connect to the S3 endpoint {found.group(0) if found else endpoint}: is it running, and is AWS_ENDPOINT_URL right?"
+        return (
+            f"cannot connect to the S3 endpoint {found.group(0) if found else endpoint}: "
+            "is it running, and is AWS_ENDPOINT_URL right?"
+        )
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return f"no such bucket: {where} (check the bucket name; tagpipe never creates buckets)"
     denied = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PermissionError")
@@ -243,7 +249,10 @@ def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
         word in text for word in ("botocore", "ClientError", "s3fs", "AccessDenied", "Forbidden")
     )
     if remote and any(word in text for word in denied):
-        return f"access denied to {where}: the credentials in use may not read or write there (or the key is wrong)"
+        return (
+            f"access denied to {where}: the credentials in use may not read or write there "
+            "(or the key is wrong)"
+        )
     return None
 
 

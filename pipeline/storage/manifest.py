@@ -25,6 +25,7 @@ import collections
 import logging
 import posixpath
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -59,7 +60,7 @@ def _protocol(fs) -> str:
 
 
 def _row(fs, info: dict) -> dict:
-    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    mtime: Any = info.get("mtime", info.get("LastModified", info.get("last_modified")))
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
     etag = info.get("ETag", info.get("etag"))
@@ -201,9 +202,9 @@ def build_manifest(
     skipped = Skipped()
     for uri in inputs:
         fs, path = filesystem_for(uri, storage_options)
-        if not retry(lambda: fs.exists(path), what=uri):
+        if not retry(lambda fs=fs, path=path: fs.exists(path), what=uri):
             raise ConfigError(f"input not found: {uri}")
-        if retry(lambda: fs.isdir(path), what=uri):
+        if retry(lambda fs=fs, path=path: fs.isdir(path), what=uri):
             prefixes.append((fs, path))
         elif _extension(path) in MANIFEST_EXTENSIONS:
             tables.append(_read_manifest_file(uri, storage_options))

@@ -16,6 +16,10 @@ older snapshot stays readable until `vacuum` deletes the parts no kept version n
 
 Readers take the file list from `_current.json` (`read_current`, or two SQL statements
 in DuckDB: see the README). Why not Delta Lake: docs/decisions.md.
+
+Why this module is long: the commit protocol (numbered versions created exclusively,
+guard files, parts, run manifests, vacuum) is one set of invariants that has to be read
+together.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,7 +136,8 @@ class TagTable:
         snapshot = self._read_record(CURRENT)
         if snapshot is None and self._has_legacy_parts():
             raise TagpipeError(
-                f"{self.uri}: part files at the top level and no {CURRENT}: an output in the layout before versioned tables; tag into a new directory"
+                f"{self.uri}: part files at the top level and no {CURRENT}: "
+                "an output in the layout before versioned tables; tag into a new directory"
             )
         while True:
             newer = self._read_record(version_record((snapshot.version if snapshot else 0) + 1), probe=True)
@@ -225,8 +231,9 @@ class TagTable:
         other = self._read_record(version_record(snapshot.version))
         who = f"run {other.run_id} (committed {other.committed_at})" if other else "another run"
         return (
-            f"{self.uri}: version {snapshot.version} was committed by {who} while run {snapshot.run_id} worked "
-            f"from version {snapshot.version - 1}; nothing of this run is lost: its parts are kept, and running the "
+            f"{self.uri}: version {snapshot.version} was committed by {who} "
+            f"while run {snapshot.run_id} worked from version {snapshot.version - 1}; "
+            "nothing of this run is lost: its parts are kept, and running the "
             f"same command again commits on top of version {snapshot.version} without tagging them again"
         )
 
@@ -386,7 +393,7 @@ def json_value(value):
 
 
 def _mtime(info: dict) -> float:
-    mtime = info.get("mtime", info.get("LastModified"))
+    mtime: Any = info.get("mtime", info.get("LastModified"))
     return mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
 
 

@@ -1,0 +1,227 @@
+"""What every command shares: the typer apps, the options several commands take (the tag
+settings' options are built from their fields), and how a command sets up logging,
+prints its result and fails.
+
+Help is rendered without rich markup (rich_markup_mode=None), so every bracket in a
+help text shows as written; defaults typer prints itself are not repeated in the text.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import json
+import re
+import sys
+import typing
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline import __version__
+from pipeline.core.errors import TagpipeError
+from pipeline.core.logs import LogFormat, Verbosity
+from pipeline.core.settings import SettingsModel, base_type, default_text, settings_fields
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+    help="Label image corpora with ONNX taggers on Ray.",
+)
+model_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+    help="Model bundles: pull from the Hub, inspect, build the demo, expose the embedding.",
+)
+app.add_typer(model_app, name="model")
+
+# Options several commands share, defined once. The tag settings' options (tag, rethreshold,
+# nightly) come from their fields: see settings_options.
+StorageOptions = Annotated[str | None, typer.Option(help="fsspec storage options as JSON.")]
+# How a command talks (pipeline/core/logs.py).
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also Ray's and the libraries' INFO lines.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the result; no progress.")
+]
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option("--log-format", help="text, or json: one JSON object per log line and for the result."),
+]
+
+
+def settings_options(model: type[SettingsModel], only: tuple[str, ...] = ()):
+    """A command decorator: one option per field of a settings model (or the `only`
+    ones), spelt, typed and explained as the field says, each None when not given. The
+    command receives the given ones as `given` (field name -> value), to lay over a
+    config file's values: the model then validates them all at once."""
+    fields = [f for f in settings_fields(model) if f[2].cli and (not only or f[0] in only)]
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "given"]
+        options = [_option(name, info, setting) for name, info, setting in fields]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            given = {}
+            for name, _info, setting in fields:
+                value = kwargs.pop(name)
+                if value is not None and value != []:
+                    given[name] = setting.from_cli(value) if setting.from_cli else value
+            return command(**kwargs, given=given)
+
+        parameters = own + options
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate
+
+
+def _option(name: str, info, setting) -> inspect.Parameter:
+    """A typer option for one settings field: bool flags in pairs, lists repeatable,
+    tables as JSON (or the field's own items), enums as their values."""
+    base = base_type(info)
+    flags = setting.flags or ("--" + name.replace("_", "-"),)
+    if setting.negative:
+        flags = (f"{flags[0]}/{setting.negative}", *flags[1:])
+    shown = default_text(info, setting)
+    text = info.description + (f" (default: {shown})" if shown else "")
+    kind: Any
+    if base is bool:
+        kind = bool
+    elif typing.get_origin(base) is tuple or setting.from_cli:
+        kind = list[str]
+    elif (
+        base is dict
+        or typing.get_origin(base) is dict
+        or (isinstance(base, type) and issubclass(base, enum.Enum))
+    ):
+        kind = str
+    else:
+        kind = base
+    plain = re.sub(r"\[([^]]+)\]\([^)]+\)", r"\1", text).replace("`", "")  # Markdown as plain text
+    option = typer.Option(None, *flags, help=plain, metavar=setting.metavar, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tagpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Label image corpora with ONNX taggers on Ray."""
+
+
+def _storage_options(text: str | None) -> dict | None:
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as exc:
+        raise TagpipeError(f"--storage-options is not valid JSON: {exc}") from None
+
+
+def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = LogFormat.TEXT) -> None:
+    from pipeline.core import logs
+
+    if verbose and quiet:
+        raise TagpipeError("--verbose and --quiet contradict each other: give one")
+    logs.configure(
+        Verbosity.VERBOSE if verbose else Verbosity.QUIET if quiet else Verbosity.NORMAL, log_format
+    )
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # tagpipe draws its own
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _emit(result) -> None:
+    """A command's result: its text line, or with --log-format json one JSON object."""
+    from pipeline.core import logs
+    from pipeline.table.tag_table import json_value
+
+    if logs.json_output():
+        is_record = is_dataclass(result) and not isinstance(result, type)
+        payload = asdict(result) if is_record else {"text": result.text()}
+        typer.echo(json.dumps({"result": type(result).__name__, **payload}, default=json_value))
+    else:
+        typer.echo(result.text())
+
+
+def _interruptible(run, *args, **kwargs):
+    """Run a job; on Ctrl-C print what was kept and how to resume, and exit 130."""
+    from pipeline.job.tag_job import RunInterrupted
+
+    try:
+        return run(*args, **kwargs)
+    except KeyboardInterrupt:  # before tagging began, or after (dedup, split, audit)
+        from pipeline.core import logs
+
+        text = (
+            "interrupted: nothing more was committed; the table is at its last completed version. "
+            "Run the same command again to go on."
+        )
+        typer.echo(json.dumps({"level": "error", "message": text}) if logs.json_output() else text, err=True)
+        raise typer.Exit(130) from None
+    except RunInterrupted as stopped:
+        from pipeline.core import logs
+
+        line = (
+            json.dumps({"level": "error", "message": f"interrupted: {stopped}"})
+            if logs.json_output()
+            else f"interrupted: {stopped}"
+        )
+        typer.echo(line, err=True)
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    try:
+        app(prog_name="tagpipe")
+    except TagpipeError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # an object store's failure becomes one line, others stay tracebacks
+        from pipeline.storage.filesystem import storage_error_text
+
+        text = storage_error_text(exc, [a for a in sys.argv[1:] if "://" in a] + _config_uris(sys.argv[1:]))
+        if text is None:
+            raise
+        _fail(text)
+
+
+def _fail(text: str) -> None:
+    """One line on stderr, `error: ...` (a JSON object with --log-format json), exit 2."""
+    from pipeline.core import logs
+
+    if logs.json_output():
+        typer.echo(json.dumps({"level": "error", "message": text}), err=True)
+    else:
+        typer.echo(f"error: {text}", err=True)
+    sys.exit(2)
+
+
+def _config_uris(args: list[str]) -> list[str]:
+    """URIs named in a --config/-c file, so storage errors can name their buckets."""
+    import re
+
+    for flag, value in zip(args, args[1:]):
+        if flag in ("--config", "-c"):
+            try:
+                return re.findall(r"[a-z0-9]+://[^\s\"',\]]+", Path(value).read_text(encoding="utf-8"))
+            except OSError:
+                return []
+    return []

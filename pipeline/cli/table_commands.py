@@ -1,0 +1,151 @@
+"""The commands that write tag tables: tag, rethreshold, nightly, vacuum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.cli.common import (
+    LogFormatOption,
+    Quiet,
+    StorageOptions,
+    Verbose,
+    _emit,
+    _interruptible,
+    _setup,
+    _storage_options,
+    app,
+    settings_options,
+)
+from pipeline.core.logs import LogFormat
+from pipeline.job.settings import TagJobConfig
+from pipeline.model.rules import RuleSettings
+
+
+@app.command(short_help="Tag images into a versioned Parquet table.")
+@settings_options(TagJobConfig)
+def tag(
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="TOML config file with a `[tag]` table; its keys are these options' long names in snake_case "
+        "(`--tagger-actors` is `tagger_actors`), all but the command's own (`--config`, `--dry-run`, `-v`, "
+        "`-q`, `--log-format`); an option given on the command line wins. Relative paths in the file are "
+        "relative to the file",
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="list and compare with the table, print the plan (new, changed, deleted, to retry, to re-tag, "
+        "parts to rewrite, the version it would commit); tag and write nothing",
+    ),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
+    """Tag every image under the inputs into a versioned Parquet table, one row per image.
+
+    Against an existing table only new, changed and transiently failed images are
+    tagged, deleted ones are dropped, and a new version is committed at the end; a
+    new model (or decode settings) re-tags everything, new thresholds rethreshold."""
+    from pipeline.job.settings import load_config_file, make_tag_config
+    from pipeline.job.tag_job import run_tag_job
+
+    _setup(verbose, quiet, log_format)
+    given = dict(given or {})
+    if quiet:
+        given["progress"] = False
+    cfg = make_tag_config(load_config_file(config) if config else {}, **given)
+    _emit(_interruptible(run_tag_job, cfg, dry_run=dry_run))
+
+
+@app.command(short_help="Re-tag stored rows with new thresholds (no model run).")
+@settings_options(TagJobConfig, only=(*RuleSettings.model_fields, "storage_options", "ray_address"))
+def rethreshold(
+    tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."
+    ),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="A new table for the result; default: a new version of --tags itself."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."
+    ),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
+    """Re-tag stored rows from their sparse logits with new thresholds: no model run."""
+    from pipeline.job.rethreshold import run_rethreshold
+    from pipeline.job.settings import load_config_file, make_tag_config
+
+    _setup(verbose, quiet, log_format)
+    file_values = load_config_file(config) if config else {}
+    cfg = make_tag_config(file_values, **(given or {}), inputs=[tags], output=output or tags, model=model)
+    _emit(run_rethreshold(tags, model, output, cfg.rules, cfg.storage_options, cfg.ray_address))
+
+
+@app.command(short_help="Tag what changed, then dedup, split and audit.")
+@settings_options(TagJobConfig, only=("run_id", "ray_address", "max_delete_fraction", "progress"))
+def nightly(
+    config: Path = typer.Option(
+        ...,
+        "--config",
+        "-c",
+        help="TOML file with [tag] and [nightly] tables (configs/nightly.example.toml).",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the tag step's plan; tag, dedup, split and write nothing."
+    ),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
+    """Tag what is new or changed, drop what is gone, then refresh dedup, splits
+    (stable: --previous) and the leakage audit. Exits 1 when the audit finds leaks."""
+    from pipeline.job.nightly import run_nightly
+    from pipeline.job.settings import load_nightly_config
+    from pipeline.job.tag_job import run_tag_job
+
+    _setup(verbose, quiet, log_format)
+    given = dict(given or {})
+    if quiet:
+        given["progress"] = False
+    cfg = load_nightly_config(config, **given)
+    if dry_run:
+        _emit(_interruptible(run_tag_job, cfg.tag, dry_run=True))
+        return
+    summary = _interruptible(run_nightly, cfg)
+    _emit(summary)
+    if summary.leaks and cfg.fail_on_leaks:
+        raise typer.Exit(1)
+
+
+@app.command(short_help="Delete parts no kept version uses.")
+def vacuum(
+    tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
+    keep_versions: int = typer.Option(
+        2, help="Keep the parts of this many newest versions (the current one always)."
+    ),
+    grace_hours: float = typer.Option(
+        24.0, help="Never delete unnamed parts younger than this: a running job may still commit them."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
+    storage_options: StorageOptions = None,
+) -> None:
+    """Delete parts (and version records) that no kept version of the table uses."""
+    from pipeline.table.tag_table import TagTable
+
+    _setup()
+    result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"vacuum: {verb} {result['parts_deleted']} parts, versions {result['versions_deleted'] or 'none'}, "
+        f"{result['tmp_deleted']} temp files; kept versions {result['versions_kept']}"
+    )

@@ -1,0 +1,257 @@
+"""Typed settings: each setting is defined once, as a field of a pydantic model.
+
+A settings model (TagJobConfig, NightlyConfig, RuleSettings) declares each field's type,
+default, constraints and one-line description, plus a `Setting` marker that says how the
+field shows outside Python: its command-line spellings, and which table key it joins
+(see docs/decisions.md for pydantic over msgspec). From that one definition come:
+- validation with one-line errors that name the field (`build`);
+- the command's options (pipeline/cli.py builds them from the model);
+- the README's options table and the example config files (`options_table`,
+  `example_toml`; tests compare them with the files);
+- the inference and rules keys (pipeline/job/keys.py reads each field's `KeyRole`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pydantic
+from pydantic.fields import FieldInfo
+
+from pipeline.core.errors import ConfigError
+
+
+class KeyRole(enum.Flag):
+    """What changing a setting does to rows already in a table (a setting may do both)."""
+
+    NONE = 0  # how the work is carried out; never changes a row
+    INFERENCE = enum.auto()  # the model sees other pixels or rows store other values: re-tag every image
+    RULES = enum.auto()  # other tags from the same stored logits: rethreshold, no inference
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one settings field shows outside Python. Every field of a settings model has
+    one (tests/test_settings.py), so a new field cannot skip saying what it does to keys.
+
+    flags: the command-line spellings, long name first; () means --field-name.
+    negative: for a boolean, the spelling that sets it false (--fast-decode).
+    key_since: the key version a keyed field joined. Fields of version 1 are always in
+        the key; later ones only when not at their default, so adding one leaves the keys
+        of existing tables (and their next nightly run) as they were.
+    cli: False for a config-file-only field.
+    default_text: the default as the README shows it, when the value itself says little.
+    metavar: the value's name in the README (EXT, TAG).
+    """
+
+    key: KeyRole
+    flags: tuple[str, ...] = ()
+    negative: str | None = None
+    key_since: int = 1
+    cli: bool = True
+    default_text: str | None = None
+    metavar: str | None = None
+    from_cli: Callable | None = None  # the command line's values -> the field's (CATEGORY=VALUE items)
+    key_via: str | None = None  # keyed, but as a value derived from it (named here), not as given
+
+
+def setting_of(field: FieldInfo) -> Setting:
+    marker = next((m for m in field.metadata if isinstance(m, Setting)), None)
+    if marker is None:
+        raise TypeError(f"settings field without a Setting marker: {field}")
+    return marker
+
+
+def settings_fields(model: type[pydantic.BaseModel]) -> Iterator[tuple[str, FieldInfo, Setting]]:
+    """(name, field, its Setting) for every field of a settings model, in order."""
+    for name, field in model.model_fields.items():
+        if any(isinstance(m, Setting) for m in field.metadata):
+            yield name, field, setting_of(field)
+
+
+def long_flag(name: str, setting: Setting) -> str:
+    return setting.flags[0] if setting.flags else "--" + name.replace("_", "-")
+
+
+class SettingsModel(pydantic.BaseModel):
+    """Frozen, no unknown fields, defaults validated too."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def nearest(name: str, choices) -> str | None:
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def suggestion(name: str, choices) -> str:
+    """' (did you mean X?)' for the nearest valid name, or ''."""
+    close = nearest(name, choices)
+    return f" (did you mean {close}?)" if close else ""
+
+
+def build(model: type[SettingsModel], values: dict, where: str = "", prefix: str = "", hints=None):
+    """A model from plain values; the first problem is one ConfigError naming the field.
+    where: ' in [tag]' for unknown-field errors; prefix: 'nightly.' before field names;
+    hints: name -> text appended for an unknown name (e.g. a command-line-only option)."""
+    names = set(model.model_fields)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        hints = hints or (lambda _name: "")
+        shown = ", ".join(f"{n}{hints(n) or suggestion(n, names)}" for n in unknown)
+        raise ConfigError(f"unknown field(s){where}: {shown}")
+    try:
+        return model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(describe_error(model, exc, prefix)) from None
+
+
+def describe_error(model: type[pydantic.BaseModel], exc: pydantic.ValidationError, prefix: str = "") -> str:
+    error = exc.errors()[0]
+    if not error["loc"]:  # a rule between fields: its own words
+        return _rule(model, "", error)
+    name = ".".join(str(p) for p in error["loc"] if not isinstance(p, int)) or "value"
+    if error["type"] == "missing":
+        return f"field {prefix}{name} is required"
+    value = error.get("input")
+    shown = list(value) if isinstance(value, tuple) else value
+    return f"field {prefix}{name} has a bad value: {shown!r} ({_rule(model, name, error)})"
+
+
+def _rule(model: type[pydantic.BaseModel], name: str, error) -> str:
+    field = model.model_fields.get(name.split(".")[0])
+    base = _base_type(field.annotation) if field else None
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return "allowed: " + ", ".join(str(m.value) for m in base)
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message.replace("Input should be", "must be")
+
+
+def _base_type(annotation):
+    """X for X, X | None, Annotated[X, ...]."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _base_type(args[0])
+    return annotation
+
+
+def base_type(field: FieldInfo):
+    return _base_type(field.annotation)
+
+
+def one_or_many(value):
+    """A list setting given as one string (TOML `inputs = "a"`, one CLI value) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+def json_table(value):
+    """A table setting given as JSON text (the command line's --storage-options)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON object ({exc.msg})") from None
+    return value
+
+
+def default_text(field: FieldInfo, setting: Setting) -> str:
+    """A field's default as the README's options table shows it."""
+    if setting.default_text is not None:
+        return setting.default_text
+    value = field.get_default(call_default_factory=True)
+    if value is pydantic_core_undefined() or value is None:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (tuple, list)) and not value:
+        return ""
+    return f"`{json.dumps(value)}`" if isinstance(value, dict) else str(value)
+
+
+def pydantic_core_undefined():
+    from pydantic_core import PydanticUndefined
+
+    return PydanticUndefined
+
+
+def option_spellings(name: str, setting: Setting) -> str:
+    """`--a/--b/-c EXT` as the README writes a field's options."""
+    flags = setting.flags or ("--" + name.replace("_", "-"),)
+    text = f"{flags[0]}/{setting.negative}" if setting.negative else "/".join(flags)
+    return f"{text} {setting.metavar}" if setting.metavar else text
+
+
+def options_table(
+    models: list[type[SettingsModel]], extra_rows: tuple[tuple[str, str, str], ...] = ()
+) -> str:
+    """The README's options table for the command-line fields of these models, then
+    the command's own options (extra_rows: option, default, meaning)."""
+    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for model in models:
+        for name, field, setting in settings_fields(model):
+            if setting.cli:
+                default = default_text(field, setting)
+                lines.append(f"| `{option_spellings(name, setting)}` | {default} | {field.description} |")
+    lines += [f"| `{option}` | {default} | {meaning} |" for option, default, meaning in extra_rows]
+    return "\n".join(lines)
+
+
+def example_toml(
+    model: type[SettingsModel],
+    section: str,
+    examples: dict[str, str],
+    header: str,
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
+) -> str:
+    """An example config file: every field of the model in its [section], with its one-line
+    description; `examples` gives TOML text for values worth showing, else the default is
+    written (or, for a field with no default, the line is commented out)."""
+    lines = [header.rstrip(), f"[{section}]"]
+    for name, field, _setting in settings_fields(model):
+        if name in skip or (only and name not in only):
+            continue
+        if name in examples:  # "# value": shown commented out, as an example of what to write
+            example = examples[name]
+            text = f"# {name} = {example[2:]}" if example.startswith("# ") else f"{name} = {example}"
+        else:
+            value = field.get_default(call_default_factory=True)
+            text = f"# {name} = ..." if value is None else f"{name} = {_toml_value(value)}"
+        lines.append(f"{text:<40} # {_one_line(field.description or '')}")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def _toml_value(value) -> str:
+    import tomli_w
+
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _one_line(text: str) -> str:
+    """A description's first clause as a TOML comment, without Markdown."""
+    text = text.replace("`", "")
+    text = re.split(r"; |\. (?=[A-Z])| \(see ", text)[0]
+    if text.count("(") > text.count(")"):  # cut inside a parenthesis: leave it out
+        text = text[: text.rfind("(")].rstrip()
+    return text

@@ -1,0 +1,229 @@
+"""Settings are defined once (pipeline/job/settings.py, pipeline/model/rules.py), and
+everything else derives from them: the command's options, the README's table, the
+example configs, and the inference and rules keys.
+
+The key tests are table-driven over every field: a field's KeyRole says which keys a
+change of it moves, and each field is changed from its default to check that it moves
+exactly those. A field added without a Setting marker, or whose role is wrong, fails
+here; a field added later to the key (key_since > 1) leaves existing keys as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from pydantic import Field
+
+from pipeline.cli.docs import generated_docs
+from pipeline.core.errors import ConfigError
+from pipeline.core.settings import KeyRole, Setting, settings_fields
+from pipeline.job.incremental import inference_key, rules_key
+from pipeline.job.settings import NightlyConfig, TagJobConfig, make_tag_config
+from pipeline.model.bundle import load_bundle
+from pipeline.model.rules import RuleSettings
+from pipeline.model.runtime import ProviderChoice
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"inputs": ["imgs"], "output": "out", "model": "m"}
+
+# A value other than the default for each field (None: derived from the field's type).
+CHANGED = {
+    "inputs": ("other",),
+    "output": "other",
+    "provider": ProviderChoice.CPU,
+    "extensions": ("jpg",),
+    "max_decode_memory": 0,
+    "dense_logits": False,  # the demo's 73 tags are dense by default
+    "dense_logits_max_tags": 8,  # below 73 tags: resolved sparse
+    "category_thresholds": {"general": 0.5},
+    "mcut_categories": ("general",),
+    "exclude": ("red_theme",),
+    "storage_options": {"anon": True},
+    "batches_in_flight": 2,
+    "threshold": 0.5,
+    "max_tags": 3,
+    "ood_cut": 10.0,
+    "run_id": "r",
+    "ray_address": "auto",
+}
+# Keyed only as a value derived from them, checked by their own tests (test_bundle: a new
+# model file re-tags; test_profiles / test_profile_import: the profile's key).
+KEYED_ELSEWHERE = {"model", "profile"}
+
+
+def _changed(name: str, info):
+    if name in CHANGED:
+        return CHANGED[name]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return default * 1.5 if default < 0.5 else default / 2 if default < 2 else default + 1
+    raise AssertionError(f"no changed value for {name}: add it to CHANGED")
+
+
+@pytest.mark.parametrize("model", [TagJobConfig, NightlyConfig, RuleSettings])
+def test_every_field_says_what_it_does_to_keys(model):
+    """A settings field without a Setting marker has not said whether it changes rows."""
+    for name, info in model.model_fields.items():
+        if name == "tag":  # NightlyConfig's [tag] table
+            continue
+        assert any(isinstance(m, Setting) for m in info.metadata), f"{model.__name__}.{name}"
+        assert info.description, f"{model.__name__}.{name} has no description"
+
+
+@pytest.fixture(scope="module")
+def bundle(demo_bundle):
+    return load_bundle(str(demo_bundle))
+
+
+def _keys(cfg: TagJobConfig, bundle) -> tuple[str, str]:
+    return inference_key(cfg, bundle), rules_key(bundle, cfg.rules)
+
+
+FIELDS = [(name, info, setting) for name, info, setting in settings_fields(TagJobConfig)]
+
+
+@pytest.mark.parametrize("name,info,setting", FIELDS, ids=[f[0] for f in FIELDS])
+def test_a_change_moves_exactly_the_keys_its_role_names(name, info, setting, bundle):
+    if name in KEYED_ELSEWHERE:
+        pytest.skip("keyed through the bundle it loads")
+    base = make_tag_config(BASE)
+    changed = make_tag_config({**BASE, name: _changed(name, info)})
+    assert getattr(changed, name) != getattr(base, name)
+    before, after = _keys(base, bundle), _keys(changed, bundle)
+    moved = KeyRole.NONE
+    if before[0] != after[0]:
+        moved |= KeyRole.INFERENCE
+    if before[1] != after[1]:
+        moved |= KeyRole.RULES
+    assert moved == setting.key, f"{name}: declared {setting.key}, a change moved {moved}"
+
+
+INF, RUL = KeyRole.INFERENCE, KeyRole.RULES
+# The record of what each setting does to a table's rows, as of key versions 2
+# (inference) and 1 (rules). Changing a role here is changing which runs re-tag or
+# rethreshold: it must be a decision, made in the field's Setting and here.
+KEYED = {
+    "model": (INF, 1),
+    "profile": (INF, 1),
+    "exact_decode": (INF, 1),
+    "draft_ratio": (INF, 1),
+    "max_pixels": (INF, 1),
+    "max_decode_memory": (INF, 2),
+    "max_file_bytes": (INF, 2),
+    "logit_floor": (INF | RUL, 1),
+    "dense_logits": (INF, 1),
+    "dense_logits_max_tags": (INF, 1),
+    **{name: (RUL, 1) for name in RuleSettings.model_fields if name != "logit_floor"},
+}
+
+
+def test_the_keyed_fields_are_the_ones_on_record():
+    declared = {
+        name: (setting.key, setting.key_since)
+        for name, _info, setting in FIELDS
+        if setting.key != KeyRole.NONE
+    }
+    assert declared == KEYED
+
+
+def test_a_setting_added_later_keeps_existing_keys_until_it_is_changed(bundle):
+    """Adding a keyed setting (key_since > 1) cannot silently re-tag existing tables,
+    and changing it from its default cannot silently fail to."""
+
+    class Later(TagJobConfig):
+        sharpen: Annotated[
+            float, Field(ge=0, description="unsharp mask amount"), Setting(KeyRole.INFERENCE, key_since=3)
+        ] = 0.0
+
+    base = make_tag_config(BASE)
+    later = Later(**base.model_dump())
+    assert inference_key(later, bundle) == inference_key(base, bundle)
+    assert inference_key(later.model_copy(update={"sharpen": 0.5}), bundle) != inference_key(base, bundle)
+
+
+def test_a_setting_of_the_first_key_version_is_always_keyed(bundle):
+    class FromTheStart(TagJobConfig):
+        sharpen: Annotated[
+            float, Field(ge=0, description="unsharp mask amount"), Setting(KeyRole.INFERENCE)
+        ] = 0.0
+
+    base = make_tag_config(BASE)
+    assert inference_key(FromTheStart(**base.model_dump()), bundle) != inference_key(base, bundle)
+
+
+def test_draft_ratio_does_nothing_under_exact_decode(bundle):
+    exact = make_tag_config({**BASE, "exact_decode": True})
+    assert _keys(exact, bundle) == _keys(exact.model_copy(update={"draft_ratio": 4.0}), bundle)
+
+
+def test_rule_settings_travel_as_one_object():
+    cfg = make_tag_config({**BASE, "threshold": 0.4, "exclude": ["a"], "mcut_categories": "General"})
+    rules = cfg.rules
+    assert isinstance(rules, RuleSettings) and rules.mcut_categories == ("general",)
+    assert RuleSettings.model_validate_json(rules.model_dump_json()) == rules
+    assert rules.record() == {
+        "default_threshold": 0.4,
+        "per_tag_thresholds": False,
+        "mcut_categories": ["general"],
+        "exclude": ["a"],
+        "calibrate": True,
+        "logit_floor": 0.01,
+    }
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"batch_size": 0}, r"field batch_size has a bad value: 0 \(must be greater than or equal to 1\)"),
+        ({"threshold": 1.5}, r"field threshold has a bad value: 1.5"),
+        ({"provider": "gpu"}, r"allowed: auto, cpu, cuda, tensorrt"),
+        ({"max_decode_memory": 5}, r"at least 1048576 \(1 MiB\), or 0 for no limit"),
+        (
+            {"storage_options": "{nope"},
+            r"field storage_options has a bad value: '\{nope' \(must be a JSON object",
+        ),
+        ({"batchsize": 2}, r"unknown field\(s\) in \[tag\]: batchsize \(did you mean batch_size\?\)"),
+        ({"inputs": []}, r"field inputs has a bad value: \[\]"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_field(values, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        make_tag_config({**BASE, **values})
+    assert "\n" not in str(caught.value)
+
+
+def test_generated_docs_are_up_to_date():
+    """The README's options table and the example configs are generated from the
+    settings; `python -m pipeline.cli.docs --write` refreshes them."""
+    for path, text in generated_docs(ROOT).items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(ROOT)} is stale: run the writer"
+
+
+def test_the_example_configs_hold_every_key_and_parse():
+    from pipeline.job.settings import load_config_file, load_nightly_config
+
+    tag = load_config_file(ROOT / "configs" / "tag.example.toml")
+    text = (ROOT / "configs" / "tag.example.toml").read_text()
+    for name in TagJobConfig.model_fields:
+        assert f"\n{name} = " in text or f"\n# {name} = " in text, name
+    assert make_tag_config(tag).batch_size == 64
+    assert load_nightly_config(ROOT / "configs" / "nightly.example.toml").max_distance == 6
+
+
+def test_the_command_line_wins_and_lists_become_tables():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["tag", "-i", "x", "-o", "y", "-m", "m", "--category-threshold", "general", "--dry-run"],
+    )
+    assert result.exit_code != 0
+    assert "expected CATEGORY=VALUE" in (result.output + str(result.exception))
