@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-import pipeline.job.tag_job
+import pipeline.job.slices
 import pipeline.storage.manifest
 import pipeline.table.tag_table
 
@@ -36,7 +36,7 @@ point, args = sys.argv[1], sys.argv[2:]
 if point == "listing":
     after(pipeline.storage.manifest, "_list_in_parallel")
 elif point == "tagging":
-    after(pipeline.job.tag_job, "_write_slice")
+    after(pipeline.job.slices.SliceWriter, "_write")
 elif point == "commit-version":
     write = pipeline.table.tag_table.TagTable._write_bytes
 

@@ -138,9 +138,12 @@ def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = L
 
     if verbose and quiet:
         raise TagpipeError("--verbose and --quiet contradict each other: give one")
-    logs.configure(
-        Verbosity.VERBOSE if verbose else Verbosity.QUIET if quiet else Verbosity.NORMAL, log_format
-    )
+    verbosity = Verbosity.NORMAL
+    if verbose:
+        verbosity = Verbosity.VERBOSE
+    elif quiet:
+        verbosity = Verbosity.QUIET
+    logs.configure(verbosity, log_format)
     try:
         import ray.data
 

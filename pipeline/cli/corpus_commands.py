@@ -275,7 +275,11 @@ def export(
         raise TagpipeError(f"--without-rating leaves the rating out: it cannot also go --rating {rating}")
     if sum((append, overwrite, skip_existing)) > 1:
         raise TagpipeError("--append, --overwrite and --skip-existing exclude each other: give one")
-    existing = "overwrite" if overwrite else "skip" if skip_existing else "refuse"
+    existing = "refuse"
+    if overwrite:
+        existing = "overwrite"
+    elif skip_existing:
+        existing = "skip"
     _emit(
         export_tags(
             tags, output, format, text, relative_to, _storage_options(storage_options), caption, existing

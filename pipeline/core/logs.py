@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 
 class LogFormat(enum.StrEnum):
@@ -51,7 +52,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-_state = {"verbosity": Verbosity.NORMAL, "format": LogFormat.TEXT}
+_state: dict[str, Any] = {"verbosity": Verbosity.NORMAL, "format": LogFormat.TEXT}
 
 
 def configure(verbosity: Verbosity = Verbosity.NORMAL, fmt: LogFormat = LogFormat.TEXT) -> None:
@@ -73,13 +74,8 @@ def configure(verbosity: Verbosity = Verbosity.NORMAL, fmt: LogFormat = LogForma
 def ray_logging_level() -> int:
     """The level for ray.init: Ray's own INFO lines only when verbose."""
     verbosity = _state["verbosity"]
-    return (
-        logging.INFO
-        if verbosity is Verbosity.VERBOSE
-        else logging.ERROR
-        if verbosity is Verbosity.QUIET
-        else logging.WARNING
-    )
+    levels = {Verbosity.VERBOSE: logging.INFO, Verbosity.QUIET: logging.ERROR}
+    return levels.get(verbosity, logging.WARNING)
 
 
 def json_output() -> bool:

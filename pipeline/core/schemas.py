@@ -1,8 +1,15 @@
-"""The tag table's row contract: one Arrow type per column, whatever a batch holds.
+"""The contract of every table that crosses a boundary: one module, one type per column.
 
-A batch where every image failed, a batch of one, a model with no embedding output:
-each gives columns of exactly these types, so parts always concatenate. The columns
-that depend on the model are the per-category tag lists (from its vocabulary) and the
+- the manifest (listing -> planning and decode), MANIFEST_SCHEMA;
+- the decoded batch (decode tasks -> tagger actors), DECODED_COLUMNS and decoded_batch;
+- the tag row and a written part (tagger -> parts), tag_row_schema and part_schema;
+- clusters and edges (dedup), splits (split), leaks (audit).
+
+Each stage builds or casts its output to its schema at its edge (`conform`), so a batch
+where every image failed, a batch of one, or a model with no embedding output gives
+columns of exactly these types, and parts always concatenate. The README's column
+tables are checked against these (tests/test_contracts.py). The tag row columns that
+depend on the model are the per-category tag lists (from its vocabulary) and the
 embedding width (a fixed-size list when the width is known, as every model with a
 static output shape and every probed model gives; a plain list otherwise).
 """
@@ -11,9 +18,100 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 
 EMBEDDING_VALUE = pa.float16()
+
+# What the listing found: one row per input.
+MANIFEST_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("source_size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())]
+)
+
+# The decode stage's output columns (numpy, as Ray Data batches carry them); pixels are
+# [N, height, width, 3] uint8 at the model's input size. Manifest columns pass through.
+DECODED_COLUMNS: dict[str, type] = {
+    "uri": np.object_,
+    "pixels": np.uint8,
+    "width": np.int32,  # upright original size; on an error row what the file declared, else 0
+    "height": np.int32,
+    "size": np.int64,  # bytes read
+    "sha256": np.object_,  # None when the file could not be read
+    "phash": np.uint64,
+    "phash_degenerate": np.bool_,
+    "error": np.object_,  # None when fine
+    "error_kind": np.object_,  # an ErrorKind value (pipeline/core/errors.py)
+}
+
+
+def decoded_batch(n: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """An empty decoded batch of n rows, every column of its declared dtype."""
+    batch: dict[str, np.ndarray] = {}
+    for name, dtype in DECODED_COLUMNS.items():
+        if name == "pixels":
+            batch[name] = np.zeros((n, height, width, 3), dtype)
+        elif dtype is np.object_:
+            batch[name] = np.full(n, None, object)
+        else:
+            batch[name] = np.zeros(n, dtype)
+    return batch
+
+
+# dedup: clusters.parquet, one row per image, and edges.parquet, one row per duplicate pair.
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        ("sha256", pa.string()),
+        ("phash", pa.uint64()),
+        ("cluster_id", pa.string()),  # the smallest sha256 in the cluster (row:<uri> when none)
+        ("cluster_size", pa.int64()),
+        ("is_representative", pa.bool_()),  # the cluster's best copy
+    ]
+)
+EDGES_SCHEMA = pa.schema(
+    [
+        ("uri_a", pa.string()),
+        ("uri_b", pa.string()),
+        ("signal", pa.string()),  # sha256 | phash | embedding
+        ("phash_distance", pa.int32()),  # null unless signal is phash
+        ("cosine", pa.float32()),  # null unless signal is embedding
+    ]
+)
+# split: splits.parquet, one row per image.
+SPLITS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        ("sha256", pa.string()),
+        ("phash", pa.uint64()),
+        ("cluster_id", pa.string()),
+        ("split_unit", pa.string()),  # what moves as one: the cluster, joined by metadata groups
+        ("phash_degenerate", pa.bool_()),
+        ("split", pa.string()),  # a ratio's name, or held_out
+    ]
+)
+# audit: leaks.parquet, one row per (eval image, signal) that found a train copy.
+LEAKS_SCHEMA = pa.schema(
+    [
+        ("eval_uri", pa.string()),
+        ("train_uri", pa.string()),
+        ("signal", pa.string()),
+        ("distance", pa.int32()),  # phash bits (0 for sha256); null for embedding
+        ("cosine", pa.float32()),  # null unless signal is embedding
+        ("exact", pa.bool_()),  # same bytes
+    ]
+)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table as its contract says: exactly the schema's columns, in order, cast to
+    its types. A missing or extra column is a bug in the stage, said by name."""
+    names = set(table.column_names)
+    missing, extra = [f.name for f in schema if f.name not in names], sorted(names - set(schema.names))
+    if missing or extra:
+        raise ValueError(f"table does not match its schema: missing {missing}, extra {extra}")
+    return table.select(schema.names).cast(schema)
+
+
 # Where the listing found each input: appended to tag rows when a part is written.
 SOURCE_FIELDS = (
     pa.field("source_size", pa.int64()),

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import LEAKS_SCHEMA, conform
 from pipeline.corpus.duplicate_signals import (
     EMBEDDING,
     PHASH,
@@ -304,7 +305,7 @@ def _leak_table(train, evaluation, found, report) -> pa.Table:
     for distance in nearest.values():
         report.histogram[str(distance)] = report.histogram.get(str(distance), 0) + 1
     rows = [found[k] for k in keys]
-    return pa.table(
+    table = pa.table(
         {
             "eval_uri": pa.array([eval_uris[e] for e, _ in keys], pa.string()),
             "train_uri": pa.array([train_uris[r[1]] for r in rows], pa.string()),
@@ -318,6 +319,7 @@ def _leak_table(train, evaluation, found, report) -> pa.Table:
             "exact": pa.array([s == SHA256 for _, s in keys], pa.bool_()),
         }
     )
+    return conform(table, LEAKS_SCHEMA)
 
 
 def run_audit(

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import CLUSTERS_SCHEMA, EDGES_SCHEMA, conform
 from pipeline.corpus.duplicate_signals import (
     Edges,
     embedding_edges,
@@ -169,14 +170,17 @@ def run_dedup(
         summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest]
     _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance)
     uris = table.column("uri").to_numpy(zero_copy_only=False)
-    edge_table = pa.table(
-        {
-            "uri_a": pa.array(uris[a], pa.string()),
-            "uri_b": pa.array(uris[b], pa.string()),
-            "signal": pa.array(signal, pa.string()),
-            "phash_distance": pa.array(distance.astype(np.int32), mask=distance < 0),
-            "cosine": pa.array(cosine, mask=np.isnan(cosine)),
-        }
+    edge_table = conform(
+        pa.table(
+            {
+                "uri_a": pa.array(uris[a], pa.string()),
+                "uri_b": pa.array(uris[b], pa.string()),
+                "signal": pa.array(signal, pa.string()),
+                "phash_distance": pa.array(distance.astype(np.int32), mask=distance < 0),
+                "cosine": pa.array(cosine, mask=np.isnan(cosine)),
+            }
+        ),
+        EDGES_SCHEMA,
     )
     out_path = output.rstrip("/")
     write_atomic(f"{out_path}/clusters.parquet", table=out, storage_options=storage_options)
@@ -272,15 +276,18 @@ def _clusters(table: pa.Table, labels: np.ndarray) -> tuple:
     ids = np.asarray(
         [m if m != "~" else f"row:{uris[int(order[starts[c]])]}" for c, m in enumerate(min_sha)], object
     )
-    out = pa.table(
-        {
-            "uri": table.column("uri"),
-            "sha256": table.column("sha256"),
-            "phash": table.column("phash"),
-            "cluster_id": pa.array(ids[cluster_index].tolist(), pa.string()),
-            "cluster_size": pa.array(sizes[cluster_index].astype(np.int64)),
-            "is_representative": pa.array(representative),
-        }
+    out = conform(
+        pa.table(
+            {
+                "uri": table.column("uri"),
+                "sha256": table.column("sha256"),
+                "phash": table.column("phash"),
+                "cluster_id": pa.array(ids[cluster_index].tolist(), pa.string()),
+                "cluster_size": pa.array(sizes[cluster_index].astype(np.int64)),
+                "is_representative": pa.array(representative),
+            }
+        ),
+        CLUSTERS_SCHEMA,
     )
     return out, order, starts, sizes, min_sha
 

@@ -120,13 +120,10 @@ def caption_tags(row: dict, text: TextOptions, caption: CaptionOptions) -> list[
         tags = [t for t in tags if t in characters] + [t for t in tags if t not in characters]
     if caption.rating != "inline" and rating in tags:
         tags.remove(rating)
-        tags = (
-            [rating, *tags]
-            if caption.rating == "first"
-            else [*tags, rating]
-            if caption.rating == "last"
-            else tags
-        )
+        if caption.rating == "first":
+            tags = [rating, *tags]
+        elif caption.rating == "last":
+            tags = [*tags, rating]
     replacements = dict(caption.replace)
     written: list[str] = []
     for tag in tags:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import SPLITS_SCHEMA, conform
 from pipeline.corpus.audit import audit, read_signals
 from pipeline.storage.filesystem import write_atomic
 from pipeline.table.reading import read_parquet
@@ -269,19 +270,22 @@ def run_split(
         report.kept_from_previous = sum(1 for r in rows if r["uri"] in before)
 
     _fill_report(report, rows, split, tag_of, min_count)
-    out = pa.table(
-        {
-            "uri": pa.array([r["uri"] for r in rows], pa.string()),
-            "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
-            "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
-            "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
-            "split_unit": pa.array([r["split_unit"] for r in rows], pa.string()),
-            # the hash's reliability travels with it, so an audit of this file alone knows it
-            "phash_degenerate": pa.array(
-                [bool(tag_of[r["uri"]].get("phash_degenerate")) for r in rows], pa.bool_()
-            ),
-            "split": pa.array(split, pa.string()),
-        }
+    out = conform(
+        pa.table(
+            {
+                "uri": pa.array([r["uri"] for r in rows], pa.string()),
+                "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
+                "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
+                "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
+                "split_unit": pa.array([r["split_unit"] for r in rows], pa.string()),
+                # the hash's reliability travels with it, so an audit of this file alone knows it
+                "phash_degenerate": pa.array(
+                    [bool(tag_of[r["uri"]].get("phash_degenerate")) for r in rows], pa.bool_()
+                ),
+                "split": pa.array(split, pa.string()),
+            }
+        ),
+        SPLITS_SCHEMA,
     )
     path = output.rstrip("/")  # replaced atomically: the next run reads it as --previous
     write_atomic(f"{path}/splits.parquet", table=out, storage_options=storage_options)

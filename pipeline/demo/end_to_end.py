@@ -159,10 +159,14 @@ def check_duplicates(
             kinds.setdefault(cluster, set()).add(expected[path].kind)
     check.mixed_clusters = sorted(c for c, k in kinds.items() if len(k) > 1)
     copy_paths, originals = {c.path for c in copies}, {c.duplicate_of for c in copies}
-    leaky = [
-        ("val" if rel(u) in copy_paths else "train" if rel(u) in originals else s)
-        for u, s in zip(splits_table.column("uri").to_pylist(), splits_table.column("split").to_pylist())
-    ]
+
+    def leak(uri: str, split: str) -> str:  # copies to val, their originals to train
+        if rel(uri) in copy_paths:
+            return "val"
+        return "train" if rel(uri) in originals else split
+
+    uris, splits_now = splits_table.column("uri").to_pylist(), splits_table.column("split").to_pylist()
+    leaky = [leak(u, s) for u, s in zip(uris, splits_now)]
     leaky_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         splits_table.set_column(splits_table.column_names.index("split"), "split", pa.array(leaky)),

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from pipeline.core.errors import ErrorKind
+from pipeline.core.schemas import decoded_batch
 from pipeline.image.imaging import DecodeOptions, ImageError, decode_image
 from pipeline.image.phash import unreliable
 from pipeline.model.profiles import Preprocess
@@ -158,16 +159,10 @@ class DecodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         uris = [str(u) for u in batch["uri"]]
         n = len(uris)
-        pre = self.preprocess
-        pixels = np.zeros((n, pre.height, pre.width, 3), np.uint8)
-        width = np.zeros(n, np.int32)
-        height = np.zeros(n, np.int32)
-        size = np.zeros(n, np.int64)
-        phash = np.zeros(n, np.uint64)
-        degenerate = np.zeros(n, bool)
-        sha256 = np.empty(n, object)
-        error = np.full(n, None, object)
-        error_kind = np.full(n, None, object)
+        out = decoded_batch(n, self.preprocess.height, self.preprocess.width)  # the declared columns
+        pixels, width, height, size = out["pixels"], out["width"], out["height"], out["size"]
+        phash, degenerate, sha256 = out["phash"], out["phash_degenerate"], out["sha256"]
+        error, error_kind = out["error"], out["error_kind"]
         for i, uri in enumerate(uris):
             try:
                 data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
@@ -196,17 +191,6 @@ class DecodeStage:
             width[i], height[i] = decoded.width, decoded.height
             phash[i] = decoded.phash
             degenerate[i] = unreliable(decoded.phash, decoded.phash_fragile_bits)
-        out = {key: np.asarray(batch[key]) for key in batch if key not in ("uri",)}
-        out.update(
-            uri=np.asarray(uris, object),
-            pixels=pixels,
-            width=width,
-            height=height,
-            size=size,
-            sha256=sha256,
-            phash=phash,
-            phash_degenerate=degenerate,
-            error=error,
-            error_kind=error_kind,
-        )
-        return out
+        out["uri"] = np.asarray(uris, object)
+        passed = {key: np.asarray(batch[key]) for key in batch if key not in out}  # the manifest's columns
+        return {**passed, **out}

@@ -28,7 +28,7 @@ from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor
 from pipeline.model.rules import RuleSettings
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
-from pipeline.table.tag_table import Snapshot, TagTable, now_iso
+from pipeline.table.tag_table import TagTable, commit_version
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # rows re-tagged per call: bounds the entry arrays, not the vocabulary
@@ -197,15 +197,14 @@ def run_rethreshold(
         summary.version = target_base.version
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
-    snapshot = Snapshot(
-        version=(target_base.version if target_base else 0) + 1,
-        files=files,
-        rows=summary.rows,
+    snapshot = commit_version(
+        target,
+        target_base,
+        files,
         model_sha256=base.model_sha256,
         inference_key=base.inference_key,
         rules_key=new_rules_key,
         run_id=run_id,
-        committed_at=now_iso(),
         model_name=base.model_name,
         rules=rules.record(),
         counts={
@@ -213,8 +212,8 @@ def run_rethreshold(
             "rows_changed": summary.rows_changed,
             "source_version": base.version,
         },
+        expected_rows=summary.rows,
     )
-    target.commit(target_base, snapshot)
     summary.version = snapshot.version
     summary.seconds = round(time.monotonic() - started, 3)
     return summary

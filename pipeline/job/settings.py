@@ -470,9 +470,9 @@ def _check_sections(data: dict, path: Path) -> None:
             tables = ", ".join(f"[{t}]" for t in SECTIONS)
             hint = f"did you mean [{close}]?" if close else f"the tables are {tables}"
             raise ConfigError(f"{path}: unknown table [{name}] ({hint})")
-        home = "tag" if name in tag_fields else "nightly" if name in nightly_fields else None
-        if home:
-            raise ConfigError(f"{path}: key {name} is outside any table; it belongs under [{home}]")
+        for home, fields in (("tag", tag_fields), ("nightly", nightly_fields)):
+            if name in fields:
+                raise ConfigError(f"{path}: key {name} is outside any table; it belongs under [{home}]")
         known = tag_fields | nightly_fields
         raise ConfigError(f"{path}: unknown key {name} outside any table{suggestion(name, known)}")
 

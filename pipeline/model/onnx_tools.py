@@ -193,11 +193,11 @@ def uint8_input_model(model_path: str | Path, preprocess, input_name: str) -> tu
     tensor_type = original.type.tensor_type
     dims = list(tensor_type.shape.dim)
     batch = dims[0] if dims else None
-    batch_dim = (
-        batch.dim_value
-        if batch is not None and batch.HasField("dim_value")
-        else (batch.dim_param if batch is not None and batch.dim_param else "batch")
-    )
+    batch_dim: int | str = "batch"
+    if batch is not None and batch.HasField("dim_value"):
+        batch_dim = batch.dim_value
+    elif batch is not None and batch.dim_param:
+        batch_dim = batch.dim_param
     taken = (
         {i.name for i in graph.input}
         | {o for n in graph.node for o in n.output}

@@ -120,7 +120,9 @@ class Postprocessor:
         self.excluded = (
             np.isin(self.tags, list(rules.exclude)) if rules.exclude else np.zeros(len(self.tags), bool)
         )
-        self.ood_cut = rules.ood_cut if rules.ood_cut is not None else (ood.p95 if ood is not None else None)
+        self.ood_cut = rules.ood_cut  # None: the reference's p95
+        if self.ood_cut is None and ood is not None:
+            self.ood_cut = ood.p95
         self.argmax_masks = {c: categories == c for c in ARGMAX_CATEGORIES if (categories == c).any()}
         self._always_kept_idx = np.flatnonzero(argmax)
         self._probability_of_bits, self._raw_screen = _float16_tables(activation, rules.logit_floor)

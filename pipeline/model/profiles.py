@@ -456,7 +456,11 @@ def _geometry(pre: _Fields, mean: tuple, value_range: ValueRange) -> dict:
         rounding = pre.enum("rounding", Rounding, rounding)
     border_fill = [round(255 * m) if value_range is ValueRange.UNIT else round(m) for m in mean]
     pad_default = border_fill if timm_terms and mode is ResizeMode.FIT_PAD else [255, 255, 255]
-    resize_field = "crop_pct" if timm_terms else ("size" if hf_terms else "resize_size")
+    resize_field = "resize_size"
+    if timm_terms:
+        resize_field = "crop_pct"
+    elif hf_terms:
+        resize_field = "size"
     _check_geometry(where, mode, rounding, (width, height), resize, resize_field)
     return dict(
         width=width,

@@ -161,10 +161,13 @@ class RuleSettings(SettingsModel):
         """The settings as the rules key hashes them and snapshots store them (version
         RULES_KEY_VERSION): TagRules names, unset ones left out, lists sorted where order
         means nothing."""
-        return {
-            k: sorted(v) if isinstance(v, frozenset) else list(v) if isinstance(v, tuple) else v
-            for k, v in self.overrides().items()
-        }
+        record = self.overrides()
+        for name, value in record.items():
+            if isinstance(value, frozenset):
+                record[name] = sorted(value)
+            elif isinstance(value, tuple):
+                record[name] = list(value)
+        return record
 
 
 class TagRules(pydantic.BaseModel):

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ DEBRIS_NAMES = frozenset({"@eadir", "__macosx", "thumbs.db", "desktop.ini"})  # 
 SIDECAR_EXTENSIONS = frozenset({"txt", "caption", "json", "npz", "toml", "yaml", "yml"})
 OS_DEBRIS, SIDECAR, EXTENSION, TAGPIPE_OUTPUT = "os_debris", "sidecar", "extension", "tagpipe_output"
 MANIFEST_EXTENSIONS = frozenset({"parquet", "csv", "txt", "lst"})
-MANIFEST_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("source_size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())]
-)
 
 
 def _extension(path: str) -> str:

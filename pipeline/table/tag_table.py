@@ -397,6 +397,45 @@ def _mtime(info: dict) -> float:
     return mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
 
 
+def commit_version(
+    table: TagTable,
+    base: Snapshot | None,
+    files: list[str] | tuple[str, ...],
+    *,
+    model_sha256: str,
+    inference_key: str,
+    rules_key: str,
+    run_id: str,
+    model_name: str,
+    rules: dict,
+    counts: dict,
+    expected_rows: int | None = None,
+) -> Snapshot:
+    """The one way every writer (tag, rethreshold) commits a version on top of `base`:
+    the rows are counted from the parts' footers (and must equal expected_rows when it
+    is given: one row per listed image), then the record is created exclusively."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
+        rows = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
+    if expected_rows is not None and rows != expected_rows:
+        raise RuntimeError(
+            f"the new version would hold {rows} rows for {expected_rows} listed images; nothing committed"
+        )
+    snapshot = Snapshot(
+        version=(base.version if base else 0) + 1,
+        files=tuple(sorted(files)),
+        rows=rows,
+        model_sha256=model_sha256,
+        inference_key=inference_key,
+        rules_key=rules_key,
+        run_id=run_id,
+        committed_at=now_iso(),
+        model_name=model_name,
+        rules=rules,
+        counts=counts,
+    )
+    return table.commit(base, snapshot)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 

@@ -1,0 +1,107 @@
+"""What a tag run did, in numbers: the result line, the run manifest's counts, and the
+dry run's plan line. Built by the tag job from what its plan and each step returned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    change: str = ""  # first run | incremental | model changed | rules changed | no change
+    files_found: int = 0  # files the listing found: listed + skipped files
+    skipped_files: dict = field(
+        default_factory=dict
+    )  # found but not inputs, by reason (pipeline/storage/manifest.py)
+    listed: int = 0  # inputs: one row each in the committed version
+    new: int = 0  # listed, not in the table
+    changed: int = 0  # in the table, source changed (etag / size+mtime / sha256)
+    deleted: int = 0  # in the table, no longer listed: dropped from the new version
+    skipped: int = 0  # unchanged, kept as they are (not recomputed)
+    retried: int = 0  # unchanged but stored with a transient error (read_error, not_found)
+    retagged: int = 0  # unchanged but re-tagged because the inference settings changed
+    rethresholded: int = 0  # rows re-tagged from stored logits (rules changed), no inference
+    reused: int = 0  # rows an interrupted run had already tagged
+    images: int = 0  # rows tagged (model run) by this run
+    ok: int = 0
+    errors: int = 0  # error rows among those tagged by this run
+    errors_by_kind: dict = field(default_factory=dict)
+    rewritten_parts: int = 0  # parts copied without deleted/changed rows, or rethresholded
+    parts: list = field(default_factory=list)  # parts written by tagging
+    base_version: int = 0
+    version: int = 0  # the committed version (= base_version when nothing changed)
+    rows: int = 0  # rows in the committed version
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    placement: str = ""
+    model_name: str = ""
+    model_sha256: str = ""
+    timings: dict = field(default_factory=dict)
+    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    to_tag: int = 0  # images the plan sends to the model (listed work less what is reused)
+    planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
+    dry_run: bool = False  # the plan only: nothing was tagged or written
+
+    def counts(self) -> dict:
+        names = (
+            "files_found",
+            "listed",
+            "new",
+            "changed",
+            "deleted",
+            "skipped",
+            "retried",
+            "retagged",
+            "rethresholded",
+            "reused",
+            "images",
+            "errors",
+            "rewritten_parts",
+            "rows",
+        )
+        return {**{name: getattr(self, name) for name in names}, "skipped_files": dict(self.skipped_files)}
+
+    def skipped_text(self) -> str:
+        if not self.skipped_files:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
+        return f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
+
+    def plan_text(self) -> str:
+        outcome = (
+            f"rewrite {self.rewritten_parts} part(s) and commit version {self.planned_version}"
+            if self.planned_version
+            else f"commit nothing: version {self.base_version} stays current"
+        )
+        return (
+            f"dry run ({self.change}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
+            f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged, "
+            f"{self.retried} to retry, {self.retagged} to re-tag for new settings; "
+            f"would tag {self.to_tag} images ({self.reused} reused from an interrupted run), "
+            f"{outcome} of {self.output}; nothing was written"
+        )
+
+    def text(self) -> str:
+        if self.dry_run:
+            return self.plan_text()
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
+        extra = "".join(
+            f", {n} {name}"
+            for name, n in (
+                ("retried", self.retried),
+                ("re-tagged for new settings", self.retagged),
+                ("rethresholded", self.rethresholded),
+                ("reused from an interrupted run", self.reused),
+            )
+            if n
+        )
+        skipped = self.skipped_text()
+        return (
+            f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, "
+            f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
+            f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
+            f"{self.images_per_second:.1f} img/s; version {self.version} "
+            f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
+        )

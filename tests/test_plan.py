@@ -1,0 +1,184 @@
+"""plan_run, table-driven: what a run tags, reuses, keeps, rewrites and how it names the
+change, for every case a nightly run meets. No Ray, no files: tables in memory.
+
+The base table has two parts: p0 holds a.jpg and b.jpg, p1 holds c.jpg and d.jpg.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import MANIFEST_SCHEMA
+from pipeline.job.incremental import classify
+from pipeline.job.plan import Change, Counts, PartRewrite, empty_view, plan_run
+from pipeline.table.tag_table import Snapshot
+
+KEYS = ("inference-1", "rules-1")
+SOURCES = {u: (100 + i, f"etag-{u}", 1.0) for i, u in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])}
+PARTS = {"p0": ["a.jpg", "b.jpg"], "p1": ["c.jpg", "d.jpg"]}
+
+
+def _manifest(sources: dict) -> pa.Table:
+    rows = [{"uri": u, "source_size": s, "etag": e, "mtime": m} for u, (s, e, m) in sorted(sources.items())]
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def _view(errors: dict | None = None) -> pa.Table:
+    rows = []
+    for index, (_part, uris) in enumerate(PARTS.items()):
+        for u in uris:
+            size, etag, mtime = SOURCES[u]
+            rows.append({"uri": u, "source_size": size, "etag": etag, "mtime": mtime, "sha256": "s" + u,
+                         "error_kind": (errors or {}).get(u), "_file": index})  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=empty_view().schema)
+
+
+def _base(keys=KEYS) -> Snapshot:
+    return Snapshot(1, tuple(PARTS), 4, "m", keys[0], keys[1], "r0", "2026-12-01T00:00:00+00:00")
+
+
+def _plan(sources=None, base=True, keys=KEYS, errors=None, candidates=None, max_delete_fraction=1.0):
+    manifest = _manifest(SOURCES if sources is None else sources)
+    status = classify(manifest, _view(errors) if base else empty_view())
+    parts = candidates or {}
+    return plan_run(
+        manifest,
+        status,
+        _base() if base else None,
+        keys,
+        list(parts),
+        lambda file, columns=None: parts[file].select(columns) if columns else parts[file],
+        max_delete_fraction,
+    )
+
+
+def _uris(table: pa.Table) -> list[str]:
+    return sorted(table.column("uri").to_pylist())
+
+
+def _changed(uri: str) -> dict:
+    size, etag, mtime = SOURCES[uri]
+    return {**SOURCES, uri: (size + 1, etag + "-new", mtime)}
+
+
+def _without(uri: str) -> dict:
+    return {u: s for u, s in SOURCES.items() if u != uri}
+
+
+CASES = {
+    # name: (plan_run inputs, change, to_tag, kept parts, rewrites, rethreshold, counts)
+    "first run": (dict(base=False), Change.FIRST_RUN, list(SOURCES), (), (), True, Counts(new=4)),
+    "no change": (dict(), Change.NO_CHANGE, [], ("p0", "p1"), (), False, Counts(skipped=4)),
+    "new image": (
+        dict(sources={**SOURCES, "e.jpg": (5, "etag-e", 1.0)}),
+        Change.INCREMENTAL,
+        ["e.jpg"],
+        ("p0", "p1"),
+        (),
+        False,
+        Counts(new=1, skipped=4),
+    ),
+    "changed image": (
+        dict(sources=_changed("a.jpg")),
+        Change.INCREMENTAL,
+        ["a.jpg"],
+        ("p1",),
+        (PartRewrite("p0", ("a.jpg",)),),
+        False,
+        Counts(changed=1, skipped=3),
+    ),
+    "deleted image": (
+        dict(sources=_without("d.jpg")),
+        Change.INCREMENTAL,
+        [],
+        ("p0",),
+        (PartRewrite("p1", ("d.jpg",)),),
+        False,
+        Counts(deleted=1, skipped=3),
+    ),
+    "transient error retried": (
+        dict(errors={"c.jpg": "read_error"}),
+        Change.INCREMENTAL,
+        ["c.jpg"],
+        ("p0",),
+        (PartRewrite("p1", ("c.jpg",)),),
+        False,
+        Counts(skipped=3, retried=1),
+    ),
+    "lasting error kept": (
+        dict(errors={"c.jpg": "not_an_image"}),
+        Change.NO_CHANGE,
+        [],
+        ("p0", "p1"),
+        (),
+        False,
+        Counts(skipped=4),
+    ),
+    "model change": (
+        dict(keys=("inference-2", "rules-1"), sources=_without("d.jpg")),
+        Change.INFERENCE_CHANGED,
+        ["a.jpg", "b.jpg", "c.jpg"],
+        (),
+        (),
+        True,
+        Counts(deleted=1, retagged=3),
+    ),
+    "rules change": (
+        dict(keys=("inference-1", "rules-2")),
+        Change.RULES_CHANGED,
+        [],
+        (),
+        (PartRewrite("p0", ()), PartRewrite("p1", ())),
+        True,
+        Counts(skipped=4),
+    ),
+    "rules change and a deletion": (
+        dict(keys=("inference-1", "rules-2"), sources=_without("a.jpg")),
+        Change.RULES_CHANGED,
+        [],
+        (),
+        (PartRewrite("p0", ("a.jpg",)), PartRewrite("p1", ())),
+        True,
+        Counts(deleted=1, skipped=3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan(name):
+    inputs, change, to_tag, keep, rewrites, rethreshold, counts = CASES[name]
+    plan = _plan(**inputs)
+    assert plan.change is change
+    assert _uris(plan.to_tag) == sorted(to_tag)
+    assert plan.keep == keep
+    assert plan.rewrites == rewrites
+    assert plan.rethreshold is rethreshold
+    assert plan.counts == counts
+    assert plan.commits is (change is not Change.NO_CHANGE)
+
+
+def _part(uris: list[str], sources=SOURCES) -> pa.Table:
+    table = _manifest({u: sources[u] for u in uris})
+    return table.append_column("error_kind", pa.nulls(len(uris), pa.string()))
+
+
+def test_an_interrupted_run_s_parts_are_reused():
+    """A part a killed first run wrote, with the same sources: its rows are not tagged again."""
+    plan = _plan(base=False, candidates={"killed": _part(["a.jpg", "b.jpg"])})
+    assert plan.reuse.files == ["killed"] and plan.reuse.rows == 2
+    assert _uris(plan.to_tag) == ["c.jpg", "d.jpg"]
+    assert plan.change is Change.FIRST_RUN and plan.commits
+
+
+def test_a_part_whose_sources_changed_since_is_not_reused():
+    stale = _part(["a.jpg", "b.jpg"], _changed("a.jpg"))
+    plan = _plan(base=False, candidates={"killed": stale})
+    assert plan.reuse.rows == 0 and _uris(plan.to_tag) == sorted(SOURCES)
+
+
+def test_a_mass_deletion_is_refused_before_any_work():
+    with pytest.raises(TagpipeError, match=r"would delete 3 of the table's 4 rows \(75%\)"):
+        _plan(sources={"a.jpg": SOURCES["a.jpg"]}, max_delete_fraction=0.2)
+    assert _plan(sources={"a.jpg": SOURCES["a.jpg"]}, max_delete_fraction=1.0).counts.deleted == 3
