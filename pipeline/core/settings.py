@@ -5,10 +5,11 @@ default, constraints and one-line description, plus a `Setting` marker that says
 field shows outside Python: its command-line spellings, and which table key it joins
 (see docs/decisions.md for pydantic over msgspec). From that one definition come:
 - validation with one-line errors that name the field (`build`);
-- the command's options (pipeline/cli.py builds them from the model);
-- the README's options table and the example config files (`options_table`,
-  `example_toml`; tests compare them with the files);
-- the inference and rules keys (pipeline/job/keys.py reads each field's `KeyRole`).
+- the command's options (pipeline/cli/common.py builds them from the model);
+- the README's options table and the example config files (pipeline/cli/docs.py, with
+  `option_spellings`, `default_text`, `example_toml`; tests compare them with the files);
+- the inference key (pipeline/job/incremental.py reads each field's `KeyRole`); the
+  rules key hashes RuleSettings.record(), whose fields the tests hold to their RULES role.
 """
 
 from __future__ import annotations
@@ -81,9 +82,25 @@ def long_flag(name: str, setting: Setting) -> str:
 
 
 class SettingsModel(pydantic.BaseModel):
-    """Frozen, no unknown fields, defaults validated too."""
+    """Frozen, no unknown fields, defaults validated too; booleans and numbers as strict
+    as a config file should be (pydantic alone would read `batch_size = true` as 1)."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value, info: pydantic.ValidationInfo):
+        base = _base_type(cls.model_fields[info.field_name].annotation) if info.field_name else None
+        if value is None:
+            return value  # optional fields take None; pydantic refuses it for the others
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        if base is bool and not isinstance(value, bool):
+            words = {"true": True, "false": False, "1": True, "0": False}
+            if not isinstance(value, str) or value.lower() not in words:
+                raise ValueError("must be true or false")
+            return words[value.lower()]
+        return value
 
 
 def nearest(name: str, choices) -> str | None:
@@ -121,6 +138,8 @@ def describe_error(model: type[pydantic.BaseModel], exc: pydantic.ValidationErro
     if error["type"] == "missing":
         return f"field {prefix}{name} is required"
     value = error.get("input")
+    if value is None:
+        return f"field {prefix}{name} must not be empty"
     shown = list(value) if isinstance(value, tuple) else value
     return f"field {prefix}{name} has a bad value: {shown!r} ({_rule(model, name, error)})"
 
@@ -130,10 +149,50 @@ def _rule(model: type[pydantic.BaseModel], name: str, error) -> str:
     base = _base_type(field.annotation) if field else None
     if isinstance(base, type) and issubclass(base, enum.Enum):
         return "allowed: " + ", ".join(str(m.value) for m in base)
+    if field is not None and error["type"] in BOUND_ERRORS:
+        return "must be " + _bounds(field)
+    if error["type"] in ("too_short", "string_too_short"):
+        return "must not be empty"
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     return message.replace("Input should be", "must be")
+
+
+BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
+def _bounds(field: FieldInfo) -> str:
+    """A field's numeric constraints in words: '1 to 16', 'at least 1', 'more than 0'."""
+    limits = {}
+    for item in _metadata(field.metadata, field.annotation):
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                limits[name] = getattr(item, name)
+    low = f"{limits['ge']:g}" if "ge" in limits else None
+    high = f"{limits['le']:g}" if "le" in limits else None
+    if low is not None and high is not None:
+        return f"{low} to {high}"
+    words = []
+    if low is not None:
+        words.append(f"at least {low}")
+    if "gt" in limits:
+        words.append(f"more than {limits['gt']:g}")
+    if high is not None:
+        words.append(f"at most {high}")
+    if "lt" in limits:
+        words.append(f"less than {limits['lt']:g}")
+    return " and ".join(words)
+
+
+def _metadata(metadata: list, annotation) -> list:
+    """A field's constraints, also those inside an optional's Annotated arm (X | None)."""
+    found = list(metadata)
+    for arm in typing.get_args(annotation):
+        if typing.get_origin(arm) is typing.Annotated:
+            for item in typing.get_args(arm)[1:]:
+                found += [item, *getattr(item, "metadata", [])]
+    return found
 
 
 def _base_type(annotation):
@@ -194,21 +253,6 @@ def option_spellings(name: str, setting: Setting) -> str:
     flags = setting.flags or ("--" + name.replace("_", "-"),)
     text = f"{flags[0]}/{setting.negative}" if setting.negative else "/".join(flags)
     return f"{text} {setting.metavar}" if setting.metavar else text
-
-
-def options_table(
-    models: list[type[SettingsModel]], extra_rows: tuple[tuple[str, str, str], ...] = ()
-) -> str:
-    """The README's options table for the command-line fields of these models, then
-    the command's own options (extra_rows: option, default, meaning)."""
-    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for model in models:
-        for name, field, setting in settings_fields(model):
-            if setting.cli:
-                default = default_text(field, setting)
-                lines.append(f"| `{option_spellings(name, setting)}` | {default} | {field.description} |")
-    lines += [f"| `{option}` | {default} | {meaning} |" for option, default, meaning in extra_rows]
-    return "\n".join(lines)
 
 
 def example_toml(

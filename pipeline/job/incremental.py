@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from pipeline.core.errors import RETRYABLE_ERROR_KINDS
 from pipeline.core.settings import KeyRole, settings_fields
 from pipeline.model.bundle import ModelBundle
-from pipeline.model.profiles import Activation, Profile
+from pipeline.model.profiles import Activation, BundleFiles, Preprocess, Profile, Thresholds
 from pipeline.model.rules import RuleSettings
 from pipeline.storage.filesystem import read_bytes
 
@@ -117,12 +117,42 @@ class _Spelt:
 
 _KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>")}  # its earlier name
 
+# The profile fields in the keys, by class, in the order tagpipe 0.2 spelt them. Fields
+# added since join through Preprocess.extra_key (PROFILE_EXTRA_KEY_FIELDS) only when not
+# at their default; tests/test_settings.py fails on a profile field in neither list.
+PROFILE_KEY_FIELDS: dict[type, tuple[str, ...]] = {
+    BundleFiles: ("model", "vocabulary", "vocabulary_format", "tag_metrics", "ood_reference", "metadata"),
+    Preprocess: (
+        "width",
+        "height",
+        "resize_mode",
+        "interpolation",
+        "pad_color",
+        "alpha_background",
+        "value_range",
+        "mean",
+        "std",
+        "channel_order",
+        "layout",
+        "alpha_order",
+    ),
+    Thresholds: ("default", "by_category"),  # the rules key's
+}
+PROFILE_EXTRA_KEY_FIELDS = ("resize_width", "resize_height", "rounding", "mean_std_order")
+
+
+def _spell(value) -> _Spelt:
+    """A profile record as the key spells it: Class(field=repr, ...) over its keyed fields."""
+    fields = PROFILE_KEY_FIELDS[type(value)]
+    return _Spelt(f"{type(value).__name__}({', '.join(f'{n}={getattr(value, n)!r}' for n in fields)})")
+
 
 def profile_key(p: Profile) -> str:
-    """The profile's part of the inference key, spelt as tables written by earlier
-    versions have it (tests/test_profile_import.py), so an upgrade re-tags nothing."""
+    """The profile's part of the inference key, spelt field by field as tables written by
+    earlier versions have it (tests/test_profile_import.py), so an upgrade re-tags nothing."""
     activation = _KEYED_AS.get(p.activation, p.activation)
-    return repr((p.name, p.files, p.preprocess, p.input_name, p.output_name, p.embedding_name, activation))
+    keyed = (p.name, _spell(p.files), _spell(p.preprocess), p.input_name, p.output_name, p.embedding_name)
+    return repr((*keyed, activation))
 
 
 def rules_key(bundle: ModelBundle, rules: RuleSettings) -> str:
@@ -131,7 +161,7 @@ def rules_key(bundle: ModelBundle, rules: RuleSettings) -> str:
     return _digest(
         {
             "calibration_sha256": bundle.fingerprint.calibration_sha256,
-            "profile_thresholds": repr(bundle.profile.thresholds),
+            "profile_thresholds": repr(_spell(bundle.profile.thresholds)),
             "rules": rules.record(),
         }
     )

@@ -212,7 +212,7 @@ def run_rethreshold(
             "rows_changed": summary.rows_changed,
             "source_version": base.version,
         },
-        expected_rows=summary.rows,
+        rows=summary.rows,
     )
     summary.version = snapshot.version
     summary.seconds = round(time.monotonic() - started, 3)

@@ -1,7 +1,7 @@
 """The tag and nightly jobs' settings: one typed field per setting, defined here only.
 
 The same names are keys of a TOML config file ([tag] and [nightly], see configs/) and
-(for [tag]) options of `tagpipe tag`; the command line wins. pipeline/cli.py builds the
+(for [tag]) options of `tagpipe tag`; the command line wins. pipeline/cli/common.py builds the
 options from these fields, and the README's options table and the example configs are
 generated from them (`python -m pipeline.cli.docs --write`; tests compare). Each
 field says which table key it joins (pipeline/core/settings.py, KeyRole). Every bad

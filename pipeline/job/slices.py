@@ -57,8 +57,9 @@ class SliceWriter:
             self.buffers[shard].append(batch.filter(pa.array(mask)))
             self.received[shard] += int(mask.sum())
             if self.received[shard] == self.expected[shard]:
-                done.append(self._write(shard, self.buffers.pop(shard)))
-        self.written += done
+                part = self._write(shard, self.buffers.pop(shard))
+                self.written.append(part)  # before the next write: a Ctrl-C there must count it
+                done.append(part)
         return done
 
     def finish(self) -> list[WrittenPart]:

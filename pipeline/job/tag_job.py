@@ -167,7 +167,7 @@ def _planned_summary(cfg, run_id, bundle, base, listing, plan: Plan, dry_run: bo
         model_name=bundle.name,
         model_sha256=bundle.fingerprint.model_sha256,
         to_tag=plan.to_tag.num_rows,
-        planned_version=base_version + 1 if plan.commits else 0,
+        planned_version=base_version + 1 if dry_run and plan.commits else 0,
         dry_run=dry_run,
     )
 

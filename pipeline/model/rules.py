@@ -9,10 +9,11 @@ settings as the rules key and snapshots spell them.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated
 
 import pydantic
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
@@ -23,19 +24,25 @@ if TYPE_CHECKING:
 RULES_KEY_VERSION = 1  # the spelling of record(): bump it and every table is rethresholded
 
 
-def _lowercase_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(v.strip().lower() for v in values)
+def lowercase_items(items: list[str]) -> list[str]:
+    """The command line's category names, lowercased (config files keep what they say)."""
+    return [item.lower() for item in items]
 
 
 def _category_table(value):
-    """{category: probability}, category names in lower case."""
+    """{category: probability}; JSON text is read as the table it spells."""
     rule = "must be a table of category = probability, e.g. { general = 0.35, character = 0.85 }"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(rule) from None
     if not isinstance(value, dict):
         raise ValueError(rule)
     for v in value.values():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ValueError(rule)
-    return {str(k).strip().lower(): float(v) for k, v in value.items()}
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def category_items(items: list[str]) -> dict[str, float]:
@@ -63,7 +70,11 @@ Threshold = Annotated[
 ]
 LogitFloor = Annotated[
     Probability,
-    Field(default=0.01, description="sparse logits keep tags with probability >= this"),
+    Field(
+        default=0.01,
+        description="sparse logits keep tags with probability >= this; for rethreshold, only tags stored "
+        "at or above it are candidates",
+    ),
     # what rows store (inference), and the candidates every rule chooses from (rules)
     Setting(KeyRole.INFERENCE | KeyRole.RULES),
 ]
@@ -90,12 +101,17 @@ PerTagThresholds = Annotated[
 McutCategories = Annotated[
     tuple[str, ...],
     BeforeValidator(one_or_many),
-    AfterValidator(_lowercase_names),
     Field(
         default=(),
         description="threshold category C by MCut (midpoint of the largest score gap), repeatable",
     ),
-    Setting(KeyRole.RULES, flags=("--mcut-categories", "--mcut"), default_text="off", metavar="C"),
+    Setting(
+        KeyRole.RULES,
+        flags=("--mcut-categories", "--mcut"),
+        default_text="off",
+        metavar="C",
+        from_cli=lowercase_items,
+    ),
 ]
 MaxTags = Annotated[
     int | None,

@@ -4,4 +4,10 @@ tag_table: TagTable, Snapshot and the commit protocol every writer shares. rewri
 of parts without dropped rows (and, given a function, transformed), as Ray tasks, named
 so a rerun finds them done. reading: any input a later stage accepts (a Parquet file, a
 folder of parts, or a tag table's current version) as one Arrow table.
+
+Readers of a table need only `from pipeline.table import read_current, current_files`.
 """
+
+from pipeline.table.tag_table import current_files, read_current
+
+__all__ = ["current_files", "read_current"]

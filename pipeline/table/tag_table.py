@@ -410,16 +410,17 @@ def commit_version(
     rules: dict,
     counts: dict,
     expected_rows: int | None = None,
+    rows: int | None = None,
 ) -> Snapshot:
-    """The one way every writer (tag, rethreshold) commits a version on top of `base`:
-    the rows are counted from the parts' footers (and must equal expected_rows when it
-    is given: one row per listed image), then the record is created exclusively."""
-    with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
-        rows = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
+    """The one way every writer (tag, rethreshold) commits a version on top of `base`,
+    then creates its record exclusively. expected_rows: the rows are counted from the
+    parts' footers and must be these (the tag job: one row per listed image); rows: the
+    count the writer already knows (rethreshold's parts reported theirs)."""
+    if rows is None:
+        with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
+            rows = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
     if expected_rows is not None and rows != expected_rows:
-        raise RuntimeError(
-            f"the new version would hold {rows} rows for {expected_rows} listed images; nothing committed"
-        )
+        raise RuntimeError(f"the new version would hold {rows} rows, not {expected_rows}; nothing committed")
     snapshot = Snapshot(
         version=(base.version if base else 0) + 1,
         files=tuple(sorted(files)),
