@@ -41,11 +41,8 @@ CHANGED = {
     "mcut_categories": ("general",),
     "exclude": ("red_theme",),
     "storage_options": {"anon": True},
-    "batches_in_flight": 2,
-    "threshold": 0.5,
     "max_tags": 3,
     "ood_cut": 10.0,
-    "run_id": "r",
     "ray_address": "auto",
 }
 # Keyed only as a value derived from them, checked by their own tests (test_bundle: a new
@@ -57,6 +54,10 @@ def _changed(name: str, info):
     if name in CHANGED:
         return CHANGED[name]
     default = info.get_default(call_default_factory=True)
+    if default is None:  # an optional setting: a plain value of its type
+        from pipeline.core.settings import base_type
+
+        return {int: 2, float: 0.5, str: "x", bool: True}[base_type(info)]
     if isinstance(default, bool):
         return not default
     if isinstance(default, int):
