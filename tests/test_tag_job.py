@@ -113,3 +113,23 @@ def test_example_config_parses_and_names_bad_decode_fields(tmp_path):
     assert cfg.draft_ratio == 2.0 and cfg.normalise_in_graph and not cfg.exact_decode
     with pytest.raises(ConfigError, match="field draft_ratio"):
         make_tag_config(load_config_file(example), draft_ratio=0.5)
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_max_decode_tasks_caps_the_decode_pool(ray_session, cap):
+    """The cap reaches Ray Data as the decode stage's task pool size; unset, Ray Data
+    scales the pool itself."""
+    import pyarrow as pa
+    import ray.data
+
+    from pipeline.job.graph import build_tag_dataset, plan_placement
+    from pipeline.job.tagger import TaggerSettings
+    from pipeline.model.profiles import load_profile
+
+    cfg = make_tag_config({"inputs": ["x"], "output": "o", "model": "m", "max_decode_tasks": cap})
+    blocks = [pa.table({"uri": ["a.jpg"], "_shard": [0]})]
+    dataset = build_tag_dataset(
+        blocks, cfg, load_profile("wd_v3").preprocess, TaggerSettings(model_dir="m"), plan_placement(cfg, 0)
+    )
+    decode = dataset._logical_plan.dag.input_dependencies[0]  # tagger <- decode <- blocks
+    assert decode.compute == ray.data.TaskPoolStrategy(size=cap)

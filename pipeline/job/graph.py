@@ -133,6 +133,7 @@ def build_tag_dataset(
         ),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=cfg.max_decode_tasks),  # None: Ray Data scales it
         # Ray Data retries a decode task lost with its worker (its default); decode is
         # idempotent, and its per-image limits keep a file from killing the worker. The
         # CPUs asked here differ from the tagger's on every placement, which keeps Ray

@@ -121,6 +121,15 @@ class TagJobConfig(SettingsModel):
         Setting(NONE, default_text="2 on GPU, 1 on CPU"),
     ] = None
     decode_cpus: Annotated[float, Field(gt=0, description="CPUs per decode task"), Setting(NONE)] = 1.0
+    max_decode_tasks: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="decode tasks running at once, at most; a cap bounds the memory decode takes and the "
+            "requests it makes of the object store (a rate-limited bucket)",
+        ),
+        Setting(NONE, default_text="one per free CPU"),
+    ] = None
     decode_batch_size: Annotated[int, Field(ge=1, description="images per decode call"), Setting(NONE)] = 16
     rows_per_part: Annotated[
         int, Field(ge=1, description="rows per output part file (the commit unit)"), Setting(NONE)
