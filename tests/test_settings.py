@@ -239,13 +239,12 @@ def test_the_command_line_wins_and_lists_become_tables():
 def test_every_profile_field_is_keyed_or_says_why_not():
     """A field added to a profile record must be classified: in the key as 0.2 spelt it,
     in Preprocess.extra_key (keyed when not default), or here as not changing rows."""
-    import dataclasses
 
     from pipeline.job.incremental import PROFILE_EXTRA_KEY_FIELDS, PROFILE_KEY_FIELDS
     from pipeline.model.profiles import Profile
 
     for record, keyed in PROFILE_KEY_FIELDS.items():
-        names = {f.name for f in dataclasses.fields(record)}
+        names = set(record.model_fields)
         extra = set(PROFILE_EXTRA_KEY_FIELDS) if record.__name__ == "Preprocess" else set()
         assert names == set(keyed) | extra, (record.__name__, names ^ (set(keyed) | extra))
     # Profile itself: name, files, preprocess, model names and activation are keyed;
@@ -253,7 +252,7 @@ def test_every_profile_field_is_keyed_or_says_why_not():
     # thresholds are the rules key's
     not_keyed = {"description", "source", "thresholds"}
     keyed = {"name", "files", "preprocess", "input_name", "output_name", "embedding_name", "activation"}
-    assert {f.name for f in dataclasses.fields(Profile)} == keyed | not_keyed
+    assert set(Profile.model_fields) == keyed | not_keyed
 
 
 def test_profile_keys_are_spelt_from_the_field_list_not_repr():

@@ -2,7 +2,10 @@
 
 A profile is a TOML file. The shipped ones live in pipeline/model/profiles/; a new model
 family needs only a new file (``--profile path/to/family.toml``), no code change.
-Every field is checked once here, and errors name the file and the field.
+A file is read table by table (`_Fields`: names, types, misspellings, the three
+vocabularies of geometry) into frozen pydantic records whose constraints are declared on
+their fields, so a profile built in code (profile_import) is checked as a file's is.
+Every error names the file and the field.
 
 Why this module is long: the profile schema in tagpipe's, timm's and Hugging Face's
 terms, with the checks that name the file and field of each mistake.
@@ -13,12 +16,13 @@ from __future__ import annotations
 import enum
 import math
 import tomllib
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 from PIL import Image
+from pydantic import Field, PositiveFloat
 
 from pipeline.core.errors import ConfigError
 
@@ -101,33 +105,43 @@ class VocabularyFormat(enum.Enum):
     CONFIG_LABELS = "config_labels"  # a model config.json: id2label (Hugging Face) or label_names (timm)
 
 
-Color = tuple[int, int, int]
+Byte = Annotated[int, Field(ge=0, le=255)]
+Color = tuple[Byte, Byte, Byte]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass(frozen=True)
-class Preprocess:
+class _Record(pydantic.BaseModel):
+    """A frozen, validated record: a profile built in code (profile_import) is checked
+    as a file's is. No field may be left out or added."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+class Preprocess(_Record):
     """A model's pixel recipe. mean and std are always in RGB order (timm and Hugging
     Face write them so), whatever channel_order the model takes; both normalisation
-    paths flip them with the pixels. Fields added later (resize, rounding, order) are left out of repr, which
-    the table's inference key is built from, and join the key only when not default
-    (extra_key), so existing tables are not re-tagged by an upgrade."""
+    paths flip them with the pixels. Fields added later (resize, rounding, order) join
+    the inference key only when not default (extra_key), so existing tables are not
+    re-tagged by an upgrade (pipeline/job/incremental.py lists the keyed fields)."""
 
-    width: int  # the model's input size (the crop size)
-    height: int
+    width: Annotated[int, Field(gt=0)]  # the model's input size (the crop size)
+    height: Annotated[int, Field(gt=0)]
     resize_mode: ResizeMode
     interpolation: Interpolation
     pad_color: Color
     alpha_background: Color
     value_range: ValueRange
     mean: tuple[float, float, float]  # RGB order
-    std: tuple[float, float, float]  # RGB order
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]  # RGB order
     channel_order: ChannelOrder
     layout: Layout
     alpha_order: AlphaOrder = AlphaOrder.BEFORE_RESIZE
-    resize_width: int | None = field(default=None, repr=False)  # None: the input size (no crop)
-    resize_height: int | None = field(default=None, repr=False)
-    rounding: Rounding = field(default=Rounding.TAGPIPE, repr=False)
-    mean_std_order: str | None = field(default=None, repr=False)  # as written; None: not given
+    resize_width: Annotated[int, Field(gt=0)] | None = Field(default=None, repr=False)  # None: input size
+    resize_height: Annotated[int, Field(gt=0)] | None = Field(default=None, repr=False)
+    rounding: Rounding = Field(default=Rounding.TAGPIPE, repr=False)
+    mean_std_order: Literal["RGB", "BGR"] | None = Field(
+        default=None, repr=False
+    )  # as written; None: not given
 
     @property
     def resize_size(self) -> tuple[int, int]:
@@ -135,7 +149,7 @@ class Preprocess:
         return (self.resize_width or self.width, self.resize_height or self.height)
 
     def extra_key(self) -> dict:
-        """The fields repr leaves out, when they differ from their defaults."""
+        """The fields added after the first key version, when they differ from their defaults."""
         extra: dict = {}
         if self.resize_size != (self.width, self.height):
             extra["resize_size"] = list(self.resize_size)
@@ -149,27 +163,24 @@ class Preprocess:
         return extra
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    default: float
-    by_category: dict[str, float] = field(default_factory=dict)
+class Thresholds(_Record):
+    default: Probability
+    by_category: dict[str, Probability] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class BundleFiles:
+class BundleFiles(_Record):
     """Which files of a model directory hold what; names are relative to the directory."""
 
-    model: str
-    vocabulary: str
+    model: Annotated[str, Field(min_length=1)]
+    vocabulary: Annotated[str, Field(min_length=1)]
     vocabulary_format: VocabularyFormat
     tag_metrics: str | None = None
     ood_reference: str | None = None
     metadata: str | None = None
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
+class Profile(_Record):
+    name: Annotated[str, Field(min_length=1)]
     description: str
     source: str  # the file it came from
     files: BundleFiles
@@ -183,6 +194,19 @@ class Profile:
     @property
     def input_size(self) -> tuple[int, int]:
         return (self.preprocess.width, self.preprocess.height)
+
+
+def _record(kind: type[_Record], where: str, prefix: str, **values):
+    """A record from a file's values; a value its model refuses is a ConfigError naming
+    the file and the field (the reader has checked names and types already)."""
+    try:
+        return kind(**values)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+        field = f"{prefix}.{name}" if prefix else name
+        message = str(error["msg"]).replace("Input should be", "must be")
+        raise ConfigError(f"{where}: field {field} = {error.get('input')!r}: {message}") from None
 
 
 def _profiles_dir():
@@ -283,7 +307,10 @@ def profile_from_data(data: dict[str, Any], where: str) -> Profile:
     description = top.get("description", str, "")
 
     files = _Fields(top.get("files", dict), where, "files")
-    bundle_files = BundleFiles(
+    bundle_files = _record(
+        BundleFiles,
+        where,
+        "files",
         model=files.get("model", str, "model.onnx"),
         vocabulary=files.get("vocabulary", str),
         vocabulary_format=files.enum("vocabulary_format", VocabularyFormat),
@@ -310,11 +337,13 @@ def profile_from_data(data: dict[str, Any], where: str) -> Profile:
             by_category[key] = value = float(value)
         if not isinstance(value, float) or not 0.0 <= value <= 1.0:
             raise ConfigError(f"{where}: field thresholds.category.{key} must be a number in [0, 1]")
-    if not 0.0 <= default <= 1.0:
-        raise ConfigError(f"{where}: field thresholds.default must be in [0, 1]")
+    thresholds = _record(Thresholds, where, "thresholds", default=default, by_category=dict(by_category))
     thr.done()
     top.done()
-    return Profile(
+    return _record(
+        Profile,
+        where,
+        "",
         name=name,
         description=description,
         source=where,
@@ -324,7 +353,7 @@ def profile_from_data(data: dict[str, Any], where: str) -> Profile:
         output_name=output_name,
         embedding_name=embedding_name,
         activation=activation,
-        thresholds=Thresholds(default=default, by_category=dict(by_category)),
+        thresholds=thresholds,
     )
 
 
@@ -389,7 +418,10 @@ def parse_preprocess(pre: _Fields) -> Preprocess:
     mean_std_order = pre.table.get("mean_std_order")
     value_range = pre.enum("value_range", ValueRange)
     geometry = _geometry(pre, mean, value_range)
-    preprocess = Preprocess(
+    preprocess = _record(
+        Preprocess,
+        where,
+        "preprocess",
         **geometry,
         interpolation=pre.enum("interpolation", Interpolation),
         alpha_background=pre.triple("alpha_background", int, [255, 255, 255]),
