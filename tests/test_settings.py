@@ -185,7 +185,7 @@ def test_rule_settings_travel_as_one_object():
         ({"batches_in_flight": 17}, r"field batches_in_flight has a bad value: 17 \(must be 1 to 16\)"),
         ({"threshold": 1.5}, r"field threshold has a bad value: 1.5 \(must be 0 to 1\)"),
         ({"tagger_cpus": 0}, r"field tagger_cpus has a bad value: 0 \(must be more than 0\)"),
-        ({"batch_size": True}, r"field batch_size has a bad value: True \(must be a number, not true\)"),
+        ({"batch_size": True}, r"field batch_size has a bad value: true \(must be a number, not true\)"),
         ({"exact_decode": "yes"}, r"field exact_decode has a bad value: 'yes' \(must be true or false\)"),
         ({"batch_size": None}, r"field batch_size must not be empty"),
         ({"output": ""}, r"field output has a bad value: '' \(must not be empty\)"),
@@ -299,3 +299,18 @@ def test_category_names_are_kept_as_a_file_writes_them_and_lowercased_from_the_c
         command.main(args, standalone_mode=False)
     assert seen["cfg"].category_thresholds == {"character": 0.8}
     assert seen["cfg"].mcut_categories == ("general",)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"category_thresholds": {"charcter": 0.85}}, {"mcut_categories": ("genral",)}],
+    ids=["category_thresholds", "mcut_categories"],
+)
+def test_a_category_the_model_lacks_stops_the_run_before_any_work(settings, bundle):
+    """A misspelt category matched no tag and changed nothing, silently; now the rules
+    are refused when the postprocessor is built (the tag job's first step)."""
+    from pipeline.model.postprocess import Postprocessor
+
+    with pytest.raises(ConfigError, match=r"is not a category of this model \(did you mean"):
+        Postprocessor.for_bundle(bundle, RuleSettings(**settings))
+    Postprocessor.for_bundle(bundle, RuleSettings(category_thresholds={"character": 0.85}))

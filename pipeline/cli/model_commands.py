@@ -35,7 +35,7 @@ def demo(
     typer.echo(f"model:   {result.model_dir}")
     typer.echo(f"corpus:  {result.corpus_dir / 'images'}")
     typer.echo(
-        f"tags:    {result.tags_dir}  (a versioned Parquet table: pipeline.table.tag_table.read_current, "
+        f"tags:    {result.tags_dir}  (a versioned Parquet table: pipeline.table.read_current, "
         "or DuckDB via _current.json; see README)"
     )
     typer.echo(

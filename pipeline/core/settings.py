@@ -140,8 +140,10 @@ def describe_error(model: type[pydantic.BaseModel], exc: pydantic.ValidationErro
     value = error.get("input")
     if value is None:
         return f"field {prefix}{name} must not be empty"
-    shown = list(value) if isinstance(value, tuple) else value
-    return f"field {prefix}{name} has a bad value: {shown!r} ({_rule(model, name, error)})"
+    shown = repr(list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, bool):  # as a config file writes it
+        shown = str(value).lower()
+    return f"field {prefix}{name} has a bad value: {shown} ({_rule(model, name, error)})"
 
 
 def _rule(model: type[pydantic.BaseModel], name: str, error) -> str:

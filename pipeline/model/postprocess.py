@@ -23,12 +23,30 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.settings import suggestion
 from pipeline.model.bundle import ModelBundle, OodReference, TagMetrics, Vocabulary
 from pipeline.model.profiles import Activation
 from pipeline.model.rules import RuleSettings, TagRules
 
 ARGMAX_CATEGORIES = ("rating", "quality")  # one winner each, no threshold
 NOISY_BIN, REPLACEMENT_BIN = 99, 98
+
+
+def _check_categories(settings: RuleSettings, vocabulary: Vocabulary) -> None:
+    """Category names a user gave must be the model's: a misspelt one would otherwise
+    match no tag and change nothing, silently (a run would still commit a version)."""
+    known = vocabulary.category_names()
+    for field, names in (
+        ("category_thresholds", list(settings.category_thresholds)),
+        ("mcut_categories", list(settings.mcut_categories)),
+    ):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            near = suggestion(unknown[0], known)
+            raise ConfigError(
+                f"field {field}: {unknown[0]!r} is not a category of this model{near}; "
+                f"its categories are {', '.join(known)}"
+            )
 
 
 def stored_logits(raw: np.ndarray, activation: Activation) -> np.ndarray:
@@ -132,6 +150,8 @@ class Postprocessor:
         """The bundle's vocabulary, activation, tag metrics and OOD reference, with the
         profile's thresholds overridden by the settings, then by TagRules fields given
         here (dense_logits; None: not given)."""
+        if settings is not None:
+            _check_categories(settings, bundle.vocabulary)
         overrides = {**(settings.overrides() if settings else {}), **rules}
         return cls(
             bundle.vocabulary,

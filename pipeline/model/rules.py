@@ -39,9 +39,11 @@ def _category_table(value):
             raise ValueError(rule) from None
     if not isinstance(value, dict):
         raise ValueError(rule)
-    for v in value.values():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(rule)
+        if not 0 <= v <= 1:
+            raise ValueError(f"{k} = {v}: a threshold must be 0 to 1")
     return {str(k): float(v) for k, v in value.items()}
 
 
