@@ -1,0 +1,205 @@
+"""Where the cores go: a user's minimal loop, tagpipe's stages in a loop, and `tagpipe tag`.
+
+    python benchmarks/efficiency.py [--images 3000] [--rounds 2] [--workdir /tmp/tagpipe-efficiency]
+
+Same images (3 MP JPEGs on local disk, tests/sample_photos.py), same demo model (CL v2
+contract, 384x384) on CPU, all in one process tree:
+  (a) the minimal loop a user writes: Pillow draft decode towards the model size, a
+      squash resize, the normalisation, the ONNX session, tags over the threshold, one
+      Parquet file; one core (affinity) and one intra-op thread;
+  (b) tagpipe's own stages in a plain loop: DecodeStage (read, sha256, fast decode at
+      2x the model size, EXIF, phash, guards) then TaggerStage (uint8 in-graph
+      normalisation, session, postprocess, Arrow rows); one core, one thread;
+  (c) `run_tag_job` with defaults on every core: end to end (Ray start-up, listing,
+      planning, commit included) and its tagging phase alone.
+(a) and (b) alternate over --rounds rounds (the best round counts), so drift between them
+cancels. Prints b/a (the price of tagpipe's extra per-image work), c/(cores x b) (what
+distribution costs) and c/a, and a cProfile breakdown of (b) by stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import os
+import pstats
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/tag_job.py
+from tag_job import make_images, start_local_ray  # noqa: E402
+
+from pipeline.demo.model import write_demo_bundle  # noqa: E402
+from pipeline.image.decode import DecodeStage  # noqa: E402
+from pipeline.image.imaging import DecodeOptions  # noqa: E402
+from pipeline.job.settings import make_tag_config  # noqa: E402
+from pipeline.job.tagger import TaggerSettings, TaggerStage  # noqa: E402
+from pipeline.model.bundle import load_bundle  # noqa: E402
+from pipeline.model.runtime import ProviderChoice, available_cpus  # noqa: E402
+
+BATCH = 32
+
+
+def minimal_loop(uris: list[str], model_dir: Path, out: Path) -> float:
+    """(a): what a user writes in twenty lines. Returns seconds."""
+    bundle = load_bundle(str(model_dir))
+    size = bundle.profile.input_size
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    session = ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+    name, tags = session.get_inputs()[0].name, np.asarray(bundle.vocabulary.tags, object)
+    started = time.perf_counter()
+    rows = {"uri": [], "tags": []}
+    for i in range(0, len(uris), BATCH):
+        batch = []
+        for uri in uris[i : i + BATCH]:
+            with Image.open(uri) as image:
+                image.draft("RGB", size)
+                batch.append(np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC)))
+        x = (np.stack(batch).astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+        logits = session.run([bundle.profile.output_name or "logits"], {name: x})[0]
+        for uri, row in zip(uris[i : i + BATCH], logits):
+            rows["uri"].append(uri)
+            rows["tags"].append(tags[row > 0.0].tolist())  # p > 0.5
+    pq.write_table(pa.table(rows), out / "minimal.parquet", compression="zstd")
+    return time.perf_counter() - started
+
+
+def stages_loop(
+    uris: list[str], model_dir: Path, out: Path, profile: cProfile.Profile | None = None
+) -> float:
+    """(b): DecodeStage then TaggerStage over batches, as a test runs them. Returns seconds."""
+    tagger = TaggerStage(TaggerSettings(str(model_dir), provider=ProviderChoice.CPU, intra_op_threads=1))
+    decode = DecodeStage(tagger.bundle.profile.preprocess, DecodeOptions())
+    started = time.perf_counter()
+    if profile:
+        profile.enable()
+    tables = [
+        tagger(decode({"uri": np.asarray(uris[i : i + BATCH], object)})) for i in range(0, len(uris), BATCH)
+    ]
+    pq.write_table(pa.concat_tables(tables), out / "stages.parquet", compression="zstd")
+    if profile:
+        profile.disable()
+    return time.perf_counter() - started
+
+
+# cProfile functions -> the stage they belong to (by file and function name), in order
+STAGE_OF = [
+    ("read", ("filesystem.py:", "read_bytes", "'read' of '_io")),
+    ("sha256", ("openssl_sha256",)),
+    ("phash", ("phash.py",)),
+    (
+        "decode + resize (Pillow)",
+        (
+            "ImagingDecoder",
+            "ImagingCore",
+            "ImagingEncoder",
+            "PIL._imaging",
+            "ImageFile.py",
+            "Image.py",
+            "JpegImagePlugin",
+            "imaging.py",
+            "geometry.py",
+        ),
+    ),  # fmt: skip
+    ("model session", ("onnxruntime",)),
+    ("postprocess", ("postprocess.py",)),
+    ("rows (Arrow, Parquet)", ("pyarrow", "schemas.py", "tagger.py")),
+    ("imports (first call)", ("_imp.", "marshal.loads", "importlib", "<frozen")),
+]
+
+
+def stage_breakdown(profile: cProfile.Profile) -> dict[str, float]:
+    """Own CPU seconds per stage (tottime of each function, assigned by its file)."""
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    totals: dict[str, float] = {stage: 0.0 for stage, _ in STAGE_OF} | {"other": 0.0}
+    for (filename, _line, function), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{filename}:{function}"
+        stage = next((s for s, keys in STAGE_OF if any(k in where for k in keys)), "other")
+        totals[stage] += tottime
+    return totals
+
+
+def one_core() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/tagpipe-efficiency")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir)
+    uris = make_images(work / f"images-{args.images}", args.images)
+    model_dir = write_demo_bundle(work / "model")
+    n, cores = len(uris), available_cpus()
+
+    # (c) first, on every core, from a cold Ray (what `tagpipe tag` pays)
+    from pipeline.job.tag_job import run_tag_job
+
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    ray = start_local_ray(cores)
+    ray_start = time.perf_counter() - started
+    cfg = make_tag_config(
+        inputs=[str(uris[0].rsplit("/", 1)[0])], output=str(out / "job"), model=str(model_dir)
+    )
+    summary = run_tag_job(cfg)
+    job_total = time.perf_counter() - started
+    job_tagging = summary.timings["tag_seconds"]
+    ray.shutdown()
+
+    # (a) and (b), alternating, on one core
+    original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    one_core()
+    a_times, b_times = [], []
+    profile = cProfile.Profile()
+    for r in range(args.rounds):
+        a_times.append(minimal_loop(uris, model_dir, out))
+        b_times.append(stages_loop(uris, model_dir, out, profile if r == 0 else None))
+    if original:
+        os.sched_setaffinity(0, original)
+    a, b = n / min(a_times), n / min(b_times)
+    c_total, c_tag = n / job_total, n / job_tagging
+
+    print(f"machine: {cores} usable CPUs ({os.cpu_count()} visible); {n} JPEGs 2048x1536 q90 on local disk;")
+    print("demo model (CL v2 contract, 384x384) on CPU, one intra-op thread per session")
+    print("| run | img/s | ratio |")
+    print("| --- | ---: | --- |")
+    print(f"| (a) minimal loop, 1 core | {a:.1f} | |")
+    print(f"| (b) tagpipe stages loop, 1 core | {b:.1f} | b/a = {b / a:.2f} |")
+    spread = c_tag / (cores * b)
+    print(f"| (c) tagpipe tag, {cores} cores, tagging phase | {c_tag:.1f} | c/(cores x b) = {spread:.2f} |")
+    print(f"| (c) tagpipe tag, {cores} cores, end to end | {c_total:.1f} | c/a = {c_total / a:.2f} |")
+    print(
+        f"(c) end to end {job_total:.1f} s: Ray start {ray_start:.1f} s, then "
+        + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in summary.timings.items())
+    )
+    rounds_a, rounds_b = (", ".join(f"{t:.1f}" for t in times) for times in (a_times, b_times))
+    print(f"(a) rounds {rounds_a} s; (b) rounds {rounds_b} s")
+    totals = stage_breakdown(profile)
+    spent = sum(totals.values())
+    print(f"(b) CPU by stage (cProfile, round 1, {spent:.1f} s profiled; profiling slows it):")
+    print("| stage | ms/image | share |")
+    print("| --- | ---: | ---: |")
+    for stage, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {stage} | {1e3 * seconds / n:.2f} | {seconds / spent:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
