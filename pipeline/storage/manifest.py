@@ -117,7 +117,7 @@ def _is_debris(name: str) -> bool:
 class Skipped:
     """Files left out of a listing: counts and the first few paths, by reason."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
 
