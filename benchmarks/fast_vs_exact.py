@@ -33,7 +33,9 @@ from pipeline.job.tagger import TaggerSettings, TaggerStage
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--ratios", default="2,1", help="draft ratios to compare, e.g. 2,1.5,1")
     args = parser.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
     jpegs = large_variants(args.images, seed=11)
     exact_options = DecodeOptions(exact=True)
     print(
@@ -48,7 +50,7 @@ def main() -> None:
     for name in shipped_profile_names():
         pre = load_profile(name).preprocess
         exact = [decode_image(d, pre, exact_options) for _, d in jpegs]
-        for ratio in (2.0, 1.0):
+        for ratio in ratios:
             options = DecodeOptions(draft_ratio=ratio)
             fast = [decode_image(d, pre, options) for _, d in jpegs]
             drafted = sum(
@@ -83,7 +85,7 @@ def main() -> None:
             f"{'ratio':>5} {'same tag set':>13} {'mean |dp| emitted':>18} "
             f"{'mean |dp| all':>14} {'max |dp|':>9}"
         )
-        for ratio in (2.0, 1.0):
+        for ratio in ratios:
             p_fast, t_fast = tag(DecodeOptions(draft_ratio=ratio))
             same = np.mean([a == b for a, b in zip(t_fast, t_exact)])
             relevant = (p_fast >= 0.05) | (p_exact >= 0.05)
