@@ -23,7 +23,7 @@ from tag_job import make_images, start_local_ray  # noqa: E402
 
 from pipeline.demo.model import write_demo_bundle  # noqa: E402
 from pipeline.job.rethreshold import run_rethreshold  # noqa: E402
-from pipeline.job.settings import make_tag_config, tag_rules  # noqa: E402
+from pipeline.job.settings import make_tag_config  # noqa: E402
 from pipeline.job.tag_job import run_tag_job  # noqa: E402
 from pipeline.model.runtime import available_cpus  # noqa: E402
 from pipeline.table.tag_table import read_current  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     run_tag_job(cfg)
     rerun_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    summary = run_rethreshold(str(outs["base"]), str(model), str(outs["re"]), tag_rules(cfg))
+    summary = run_rethreshold(str(outs["base"]), str(model), str(outs["re"]), cfg.rules)
     re_seconds = time.perf_counter() - t
     ray.shutdown()
 

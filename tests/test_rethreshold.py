@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.core.errors import TagpipeError
 from pipeline.job.rethreshold import run_rethreshold
-from pipeline.job.settings import make_tag_config, tag_rules
+from pipeline.job.settings import make_tag_config
 from pipeline.job.tag_job import run_tag_job
 from pipeline.model.rules import RuleSettings
 from pipeline.table.tag_table import TagTable, read_current
@@ -58,7 +58,7 @@ def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, 
         **RULES,
     )
     run_tag_job(cfg)
-    summary = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
+    summary = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), cfg.rules)
     base_files = TagTable(str(base_output)).current().files
     assert summary.parts == len(base_files) and summary.rows_changed > 0 and summary.version == 1
     rerun, rethresholded, base = (
@@ -70,7 +70,7 @@ def test_rethreshold_equals_a_full_rerun(ray_session, demo_bundle, demo_corpus, 
     assert any(rethresholded[u]["tags"] != base[u]["tags"] for u in base)  # the rules did change things
     assert len(TagTable(str(tmp_path / "re")).current().files) == len(base_files)
 
-    again = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), tag_rules(cfg))
+    again = run_rethreshold(str(base_output), str(demo_bundle), str(tmp_path / "re"), cfg.rules)
     assert again.parts_skipped == again.parts and again.version == 1  # all done already: no new version
 
 

@@ -24,7 +24,7 @@ import typer
 from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.logs import LogFormat, Verbosity
-from pipeline.core.settings import SettingsModel, base_type, default_text, settings_fields
+from pipeline.core.settings import SettingsModel, base_type, default_text, option_flags, settings_fields
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
@@ -88,9 +88,7 @@ def _option(name: str, info, setting) -> inspect.Parameter:
     """A typer option for one settings field: bool flags in pairs, lists repeatable,
     tables as JSON (or the field's own items), enums as their values."""
     base = base_type(info)
-    flags = setting.flags or ("--" + name.replace("_", "-"),)
-    if setting.negative:
-        flags = (f"{flags[0]}/{setting.negative}", *flags[1:])
+    flags = option_flags(name, setting)
     shown = default_text(info, setting)
     text = info.description + (f" (default: {shown})" if shown else "")
     kind: Any

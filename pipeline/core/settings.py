@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import pydantic
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from pipeline.core.errors import ConfigError
 
@@ -77,8 +78,11 @@ def settings_fields(model: type[pydantic.BaseModel]) -> Iterator[tuple[str, Fiel
             yield name, field, setting_of(field)
 
 
-def long_flag(name: str, setting: Setting) -> str:
-    return setting.flags[0] if setting.flags else "--" + name.replace("_", "-")
+def option_flags(name: str, setting: Setting) -> tuple[str, ...]:
+    """A field's command-line declarations: its spellings (default --field-name), the
+    first paired with the spelling that sets a boolean false (--exact-decode/--fast-decode)."""
+    flags = setting.flags or ("--" + name.replace("_", "-"),)
+    return (f"{flags[0]}/{setting.negative}", *flags[1:]) if setting.negative else flags
 
 
 class SettingsModel(pydantic.BaseModel):
@@ -231,7 +235,7 @@ def default_text(field: FieldInfo, setting: Setting) -> str:
     if setting.default_text is not None:
         return setting.default_text
     value = field.get_default(call_default_factory=True)
-    if value is pydantic_core_undefined() or value is None:
+    if value is PydanticUndefined or value is None:
         return ""
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -244,16 +248,9 @@ def default_text(field: FieldInfo, setting: Setting) -> str:
     return f"`{json.dumps(value)}`" if isinstance(value, dict) else str(value)
 
 
-def pydantic_core_undefined():
-    from pydantic_core import PydanticUndefined
-
-    return PydanticUndefined
-
-
 def option_spellings(name: str, setting: Setting) -> str:
     """`--a/--b/-c EXT` as the README writes a field's options."""
-    flags = setting.flags or ("--" + name.replace("_", "-"),)
-    text = f"{flags[0]}/{setting.negative}" if setting.negative else "/".join(flags)
+    text = "/".join(option_flags(name, setting))
     return f"{text} {setting.metavar}" if setting.metavar else text
 
 

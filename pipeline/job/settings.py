@@ -306,11 +306,6 @@ class TagJobConfig(SettingsModel):
         return self.dense_logits if self.dense_logits is not None else tags <= self.dense_logits_max_tags
 
 
-def tag_rules(cfg: TagJobConfig) -> RuleSettings:
-    """The rule settings of a tag config (what rethreshold takes)."""
-    return cfg.rules
-
-
 # Options of the command itself, not settings of the job: they have no config key.
 COMMAND_LINE_ONLY = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "version", "help"})
 

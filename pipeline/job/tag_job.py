@@ -19,8 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-import pyarrow as pa
-
 from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import Progress, ProgressSettings
@@ -75,7 +73,8 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     manifest_path = None if dry_run else table.write_input_manifest(run_id, listing.manifest)
     timings["list_seconds"] = _lap(t)
     t = time.monotonic()
-    plan = _plan(cfg, table, base, keys, key, listing.manifest)
+    taken = set(base.files) if base else set()  # parts a version names: never reused, never overwritten
+    plan = _plan(cfg, table, base, taken, key, keys, listing.manifest)
     timings["plan_seconds"] = _lap(t)
     summary = _planned_summary(cfg, run_id, bundle, base, listing, plan, dry_run)
     _log_plan(summary)
@@ -84,7 +83,6 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
 
-    taken = set(base.files) if base else set()
     writer = SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id)
     try:
         t = time.monotonic()
@@ -133,14 +131,15 @@ def _list_inputs(cfg: TagJobConfig, table: TagTable):
     return build_manifest(list(cfg.inputs), cfg.storage_options, rules, progress=_progress_settings(cfg))
 
 
-def _plan(cfg: TagJobConfig, table: TagTable, base, keys: tuple[str, str], key: str, manifest: pa.Table):
+def _plan(
+    cfg: TagJobConfig, table: TagTable, base, taken: set[str], key: str, keys: tuple[str, str], manifest
+):
     """The table's side of the plan read (the base's source columns, parts an interrupted
     run left), unknown sources hashed, then plan_run decides."""
     view = table.read(base, [*SOURCE_COLUMNS, "sha256", "error_kind"], with_file=True) if base else None
     status = classify(manifest, view if view is not None and view.num_rows else empty_view())
     status = resolve_unknown(status, cfg.storage_options)
     since = _reuse_since(table, base)
-    taken = set(base.files) if base else set()
     candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]
     return plan_run(manifest, status, base, keys, candidates, table.read_part, cfg.max_delete_fraction)
 
