@@ -6,7 +6,10 @@
    32: a 108k-tag vocabulary stored sparse (300 logits a row, int32 + float16), 30 tags in 7
    categories, a 1152-d float16 embedding. They go through the real SliceWriter (buffer per
    slice, concatenate, sort, check, zstd Parquet part on local disk, 4,096 rows a part),
-   on the driver's one thread. Prints rows/s and the peak RSS growth.
+   side by side: written on the driver's one thread (as before issue 24), and written by
+   Ray tasks (`in_tasks`, as a run does now) with the driver only routing. Prints wall
+   rows/s, the driver thread's rows per CPU second (its ceiling: on a cluster the tasks
+   run on other cores), and the peak RSS growth.
 2. Planning: classify() and plan_run() of a listing of N objects against a table of N
    rows (1% changed), uris of 60 characters. Prints seconds and peak RSS growth per N, and
    a linear extrapolation to 10M and 100M.
@@ -71,7 +74,7 @@ def _batch(rng: np.random.Generator, uris: list[str], shard: int, schema: pa.Sch
     return table.append_column("_shard", pa.array(np.full(n, shard, np.int64)))
 
 
-def routing(rows: int) -> dict:
+def routing(rows: int, in_tasks: bool = False) -> dict:
     from pipeline.core.schemas import MANIFEST_SCHEMA, tag_row_schema
     from pipeline.job.slices import SliceWriter
     from pipeline.table.tag_table import TagTable
@@ -84,16 +87,22 @@ def routing(rows: int) -> dict:
     )
     # Ray's batches, built before the clock starts: the driver only routes and writes them
     batches = [_batch(rng, uris[i : i + 32], i // 4096, schema) for i in range(0, rows, 32)]
+    if in_tasks:
+        import ray
+
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.get(ray.remote(num_cpus=0)(lambda: None).remote())  # a worker up before the clock
     before = _peak_mib()
     with tempfile.TemporaryDirectory() as root:
-        writer = SliceWriter(TagTable(root), pending, 4096, "bench", set(), "bench")
-        started = time.perf_counter()
+        writer = SliceWriter(TagTable(root), pending, 4096, "bench", set(), "bench", in_tasks=in_tasks)
+        started, driver_cpu = time.perf_counter(), time.thread_time()
         for batch in batches:
             writer.add(batch)
         parts = writer.finish()
-        seconds = time.perf_counter() - started
+        seconds, driver_cpu = time.perf_counter() - started, time.thread_time() - driver_cpu
         size = sum(p.stat().st_size for p in Path(root).rglob("*.parquet"))
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "parts": len(parts),
+            "driver_rows_per_cpu_s": rows / driver_cpu,
             "bytes_per_row": size / rows, "peak_growth_mib": _peak_mib() - before}  # fmt: skip
 
 
@@ -138,13 +147,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         kind, rows = args.one
-        print(json.dumps((routing if kind == "routing" else planning)(int(rows))))
+        if kind == "planning":
+            print(json.dumps(planning(int(rows))))
+        else:
+            print(json.dumps(routing(int(rows), in_tasks=kind == "routing-tasks")))
         return
-    r = _in_subprocess("routing", args.rows)
     print(f"routing + part writing, CL v2-sized rows ({TAGS:,} tags, {LOGITS} sparse logits, {EMBEDDING}-d):")
-    rate = f"{r['rows']:,} rows in {r['seconds']:.1f} s = {r['rows_per_s']:,.0f} rows/s on one driver thread"
-    shape = f"{r['parts']} parts, {r['bytes_per_row']:,.0f} bytes/row"
-    print(f"  {rate}; {shape}, peak RSS +{r['peak_growth_mib']:,.0f} MiB")
+    for kind, where in (("routing", "on the driver"), ("routing-tasks", "in Ray tasks")):
+        r = _in_subprocess(kind, args.rows)
+        rate = f"{r['rows']:,} rows in {r['seconds']:.1f} s = {r['rows_per_s']:,.0f} rows/s wall"
+        ceiling = f"driver thread {r['driver_rows_per_cpu_s']:,.0f} rows per CPU second"
+        shape = f"{r['parts']} parts, {r['bytes_per_row']:,.0f} bytes/row"
+        peak = f"peak RSS +{r['peak_growth_mib']:,.0f} MiB"
+        print(f"  parts written {where}: {rate}; {ceiling}; {shape}, {peak}")
     print("planning (classify + plan_run), 1% changed:")
     results = [_in_subprocess("planning", int(n)) for n in args.plan_rows.split(",")]
     for p in results:

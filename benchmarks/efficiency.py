@@ -1,6 +1,7 @@
 """Where the cores go: a user's minimal loop, tagpipe's stages in a loop, and `tagpipe tag`.
 
-    python benchmarks/efficiency.py [--images 3000] [--rounds 2] [--workdir /tmp/tagpipe-efficiency]
+    python benchmarks/efficiency.py [--images 3000] [--rounds 2] [--draft-ratios 2,1]
+                                    [--workdir /tmp/tagpipe-efficiency]
 
 Same images (3 MP JPEGs on local disk, tests/sample_photos.py), same demo model (CL v2
 contract, 384x384) on CPU, all in one process tree:
@@ -8,13 +9,14 @@ contract, 384x384) on CPU, all in one process tree:
       squash resize, the normalisation, the ONNX session, tags over the threshold, one
       Parquet file; one core (affinity) and one intra-op thread;
   (b) tagpipe's own stages in a plain loop: DecodeStage (read, sha256, fast decode at
-      2x the model size, EXIF, phash, guards) then TaggerStage (uint8 in-graph
+      draft ratio x the model size, EXIF, phash, guards) then TaggerStage (uint8 in-graph
       normalisation, session, postprocess, Arrow rows); one core, one thread;
   (c) `run_tag_job` with defaults on every core: end to end (Ray start-up, listing,
       planning, commit included) and its tagging phase alone.
 (a) and (b) alternate over --rounds rounds (the best round counts), so drift between them
-cancels. Prints b/a (the price of tagpipe's extra per-image work), c/(cores x b) (what
-distribution costs) and c/a, and a cProfile breakdown of (b) by stage.
+cancels. (b) and (c) run at each of --draft-ratios. Prints b/a (the price of tagpipe's
+extra per-image work), c/(cores x b) (what distribution costs) and c/a, and a cProfile
+breakdown of (b) by stage.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def minimal_loop(uris: list[str], model_dir: Path, out: Path) -> float:
 
 
 def stages_loop(
-    uris: list[str], model_dir: Path, out: Path, profile: cProfile.Profile | None = None
+    uris: list[str], model_dir: Path, out: Path, draft_ratio: float, profile: cProfile.Profile | None = None
 ) -> float:
     """(b): DecodeStage then TaggerStage over batches, as a test runs them. Returns seconds."""
     tagger = TaggerStage(TaggerSettings(str(model_dir), provider=ProviderChoice.CPU, intra_op_threads=1))
-    decode = DecodeStage(tagger.bundle.profile.preprocess, DecodeOptions())
+    decode = DecodeStage(tagger.bundle.profile.preprocess, DecodeOptions(draft_ratio=draft_ratio))
     started = time.perf_counter()
     if profile:
         profile.enable()
@@ -135,10 +137,31 @@ def one_core() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_ratio: float) -> dict:
+    """(c) from a cold Ray (what `tagpipe tag` pays): seconds end to end and by phase."""
+    from pipeline.job.tag_job import run_tag_job
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    ray = start_local_ray(cores)
+    ray_start = time.perf_counter() - started
+    folder = str(uris[0].rsplit("/", 1)[0])
+    cfg = make_tag_config(
+        inputs=[folder], output=str(out / "job"), model=str(model_dir), draft_ratio=draft_ratio
+    )
+    summary = run_tag_job(cfg)
+    total = time.perf_counter() - started
+    ray.shutdown()
+    return {"total": total, "ray_start": ray_start, "tagging": summary.timings["tag_seconds"],
+            "timings": summary.timings}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--draft-ratios", default="2", help="comma-separated; the first is profiled")
     parser.add_argument("--workdir", default="/tmp/tagpipe-efficiency")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -146,55 +169,55 @@ def main() -> None:
     uris = make_images(work / f"images-{args.images}", args.images)
     model_dir = write_demo_bundle(work / "model")
     n, cores = len(uris), available_cpus()
-
-    # (c) first, on every core, from a cold Ray (what `tagpipe tag` pays)
-    from pipeline.job.tag_job import run_tag_job
-
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    started = time.perf_counter()
-    ray = start_local_ray(cores)
-    ray_start = time.perf_counter() - started
-    cfg = make_tag_config(
-        inputs=[str(uris[0].rsplit("/", 1)[0])], output=str(out / "job"), model=str(model_dir)
-    )
-    summary = run_tag_job(cfg)
-    job_total = time.perf_counter() - started
-    job_tagging = summary.timings["tag_seconds"]
-    ray.shutdown()
+    ratios = [float(r) for r in args.draft_ratios.split(",")]
+    jobs = {ratio: tag_job_run(uris, model_dir, work / "out", cores, ratio) for ratio in ratios}
 
     # (a) and (b), alternating, on one core
     original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     one_core()
-    a_times, b_times = [], []
+    a_times: list[float] = []
+    b_times: dict[float, list[float]] = {ratio: [] for ratio in ratios}
     profile = cProfile.Profile()
     for r in range(args.rounds):
-        a_times.append(minimal_loop(uris, model_dir, out))
-        b_times.append(stages_loop(uris, model_dir, out, profile if r == 0 else None))
+        a_times.append(minimal_loop(uris, model_dir, work / "out"))
+        for ratio in ratios:
+            watched = profile if r == 0 and ratio == ratios[0] else None
+            b_times[ratio].append(stages_loop(uris, model_dir, work / "out", ratio, watched))
     if original:
         os.sched_setaffinity(0, original)
-    a, b = n / min(a_times), n / min(b_times)
-    c_total, c_tag = n / job_total, n / job_tagging
+    a = n / min(a_times)
 
     print(f"machine: {cores} usable CPUs ({os.cpu_count()} visible); {n} JPEGs 2048x1536 q90 on local disk;")
     print("demo model (CL v2 contract, 384x384) on CPU, one intra-op thread per session")
     print("| run | img/s | ratio |")
     print("| --- | ---: | --- |")
     print(f"| (a) minimal loop, 1 core | {a:.1f} | |")
-    print(f"| (b) tagpipe stages loop, 1 core | {b:.1f} | b/a = {b / a:.2f} |")
-    spread = c_tag / (cores * b)
-    print(f"| (c) tagpipe tag, {cores} cores, tagging phase | {c_tag:.1f} | c/(cores x b) = {spread:.2f} |")
-    print(f"| (c) tagpipe tag, {cores} cores, end to end | {c_total:.1f} | c/a = {c_total / a:.2f} |")
-    print(
-        f"(c) end to end {job_total:.1f} s: Ray start {ray_start:.1f} s, then "
-        + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in summary.timings.items())
-    )
-    rounds_a, rounds_b = (", ".join(f"{t:.1f}" for t in times) for times in (a_times, b_times))
-    print(f"(a) rounds {rounds_a} s; (b) rounds {rounds_b} s")
+    for ratio in ratios:
+        b, job = n / min(b_times[ratio]), jobs[ratio]
+        c_tag, c_total = n / job["tagging"], n / job["total"]
+        at = f"draft ratio {ratio:g}"
+        print(f"| (b) tagpipe stages loop, 1 core, {at} | {b:.1f} | b/a = {b / a:.2f} |")
+        spread = c_tag / (cores * b)
+        phase = f"(c) tagpipe tag, {cores} cores, {at}, tagging phase"
+        print(f"| {phase} | {c_tag:.1f} | c/(cores x b) = {spread:.2f} |")
+        print(
+            f"| (c) tagpipe tag, {cores} cores, {at}, end to end | {c_total:.1f} | c/a = {c_total / a:.2f} |"
+        )
+    for ratio in ratios:
+        job = jobs[ratio]
+        head = (
+            f"(c) draft ratio {ratio:g}, end to end {job['total']:.1f} s: Ray start {job['ray_start']:.1f} s"
+        )
+        print(
+            f"{head}, then "
+            + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in job["timings"].items())
+        )
+    rounds_b = "; ".join(f"{r:g}: " + ", ".join(f"{t:.1f}" for t in times) for r, times in b_times.items())
+    print(f"(a) rounds {', '.join(f'{t:.1f}' for t in a_times)} s; (b) rounds {rounds_b} s")
     totals = stage_breakdown(profile)
     spent = sum(totals.values())
-    print(f"(b) CPU by stage (cProfile, round 1, {spent:.1f} s profiled; profiling slows it):")
+    watched = f"round 1, draft ratio {ratios[0]:g}, {spent:.1f} s profiled"
+    print(f"(b) CPU by stage (cProfile, {watched}; profiling slows it):")
     print("| stage | ms/image | share |")
     print("| --- | ---: | ---: |")
     for stage, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):

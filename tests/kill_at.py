@@ -32,11 +32,25 @@ def after(module, name):
     setattr(module, name, wrapped)
 
 
+def after_a_part(name):
+    """Die as soon as a SliceWriter method reports a part written (inline or by a task)."""
+    original = getattr(pipeline.job.slices.SliceWriter, name)
+
+    def wrapped(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        if parts:
+            die()
+        return parts
+
+    setattr(pipeline.job.slices.SliceWriter, name, wrapped)
+
+
 point, args = sys.argv[1], sys.argv[2:]
 if point == "listing":
     after(pipeline.storage.manifest, "_list_in_parallel")
 elif point == "tagging":
-    after(pipeline.job.slices.SliceWriter, "_write")
+    after_a_part("_write")
+    after_a_part("_collect")
 elif point == "commit-version":
     write = pipeline.table.tag_table.TagTable._write_bytes
 

@@ -5,6 +5,12 @@ in any order and batch size, so the SliceWriter buffers each slice's rows until 
 them are back, then writes the slice as one immutable Parquet part (named from the
 settings key and the rows' sources, so a rerun finds it) and returns what it wrote. A
 slice that never completes is never written: nothing partial reaches the table.
+
+Encoding a part is most of the driver's work per row (zstd Parquet of 3.5 KB rows: 85%
+of it, benchmarks/driver_ceiling.py), so in a run the slice goes to a Ray task that
+checks, encodes and writes it (`in_tasks`), at most `max_in_flight` at once; the driver
+only routes rows. A part counts as written when its task has returned; one written by a
+task a crash cut off is found and reused by the next run like any other.
 """
 
 from __future__ import annotations
@@ -33,10 +39,20 @@ class SliceWriter:
     """Owns the slices' buffers and expected counts for one run's `pending` rows."""
 
     def __init__(
-        self, table: TagTable, pending: pa.Table, rows_per_part: int, key: str, taken: set[str], run_id: str
+        self,
+        table: TagTable,
+        pending: pa.Table,
+        rows_per_part: int,
+        key: str,
+        taken: set[str],
+        run_id: str,
+        in_tasks: bool = False,
+        max_in_flight: int = 8,
     ):
         self.table, self.pending, self.rows_per_part = table, pending, rows_per_part
-        self.key, self.taken, self.run_id = key, taken, run_id
+        self.naming = PartNaming(key, frozenset(taken), run_id)
+        self.in_tasks, self.max_in_flight = in_tasks, max_in_flight
+        self.in_flight: list = []  # Ray refs of parts being written
         shard_ids = np.arange(pending.num_rows, dtype=np.int64) // rows_per_part
         self.expected = collections.Counter(shard_ids.tolist())
         self.shard_ids = pa.array(shard_ids)
@@ -57,13 +73,42 @@ class SliceWriter:
             self.buffers[shard].append(batch.filter(pa.array(mask)))
             self.received[shard] += int(mask.sum())
             if self.received[shard] == self.expected[shard]:
-                part = self._write(shard, self.buffers.pop(shard))
-                self.written.append(part)  # before the next write: a Ctrl-C there must count it
-                done.append(part)
+                done += self._write(shard, self.buffers.pop(shard))
         return done
+
+    def _write(self, shard: int, tables: list[pa.Table]) -> list[WrittenPart]:
+        source = self.pending.slice(shard * self.rows_per_part, self.rows_per_part)  # slices are cut in order
+        if not self.in_tasks:
+            part = write_slice(self.table, self.naming, shard, tables, source)
+            self.written.append(part)  # before the next write: a Ctrl-C there must count it
+            return [part]
+        import ray
+
+        task = ray.remote(num_cpus=0, max_retries=3)(write_slice)
+        self.in_flight.append(task.remote(self.table, self.naming, shard, tables, source))
+        return self._collect(wait_for=max(0, len(self.in_flight) - self.max_in_flight))
+
+    def _collect(self, wait_for: int) -> list[WrittenPart]:
+        """Parts whose tasks have returned (waiting for at least `wait_for` of them)."""
+        import ray
+
+        if not self.in_flight:
+            return []
+        ready, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
+        if len(ready) < wait_for:
+            more, self.in_flight = ray.wait(self.in_flight, num_returns=wait_for - len(ready))
+            ready += more
+        parts = []
+        for ref in ready:
+            part = ray.get(ref)
+            self.written.append(part)
+            parts.append(part)
+        return parts
 
     def finish(self) -> list[WrittenPart]:
         """Every part written; a slice Ray returned short of is an error, never a part."""
+        if self.in_flight:
+            self._collect(wait_for=len(self.in_flight))
         if self.buffers:
             missing = {s: f"{self.received[s]}/{self.expected[s]}" for s in sorted(self.buffers)}
             raise RuntimeError(
@@ -71,17 +116,31 @@ class SliceWriter:
             )
         return self.written
 
-    def _write(self, shard: int, tables: list[pa.Table]) -> WrittenPart:
-        rows = pa.concat_tables(tables, promote_options="default").sort_by("uri")
-        source = self.pending.slice(shard * self.rows_per_part, self.rows_per_part)  # slices are cut in order
-        if source.column("uri").to_pylist() != rows.column("uri").to_pylist():
-            raise RuntimeError(f"slice {shard}: the rows that came back do not match the rows sent")
-        rows = rows.drop_columns([SHARD])
-        for name in ("source_size", "etag", "mtime"):
-            rows = rows.append_column(name, source.column(name))
-        file = posixpath.join(DATA_DIR, self.key, part_name(self.key, rows))
-        if file in self.taken:  # the same sources retried with the same settings: never overwrite
-            file = file.replace(".parquet", f"-{self.run_id}.parquet")
-        self.table.write_part(file, rows)
-        errors = collections.Counter(rows.column("error_kind").drop_null().to_pylist())
-        return WrittenPart(file, rows.num_rows, dict(errors))
+
+@dataclass(frozen=True)
+class PartNaming:
+    """What a part's name comes from: the settings key; `taken`, names a version holds
+    (never overwritten); the run id that makes a retried name new."""
+
+    key: str
+    taken: frozenset[str]
+    run_id: str
+
+
+def write_slice(
+    table: TagTable, naming: PartNaming, shard: int, tables: list[pa.Table], source: pa.Table
+) -> WrittenPart:
+    """A complete slice's rows, checked against the rows sent, as one part (on the driver,
+    or in a Ray task)."""
+    rows = pa.concat_tables(tables, promote_options="default").sort_by("uri")
+    if source.column("uri").to_pylist() != rows.column("uri").to_pylist():
+        raise RuntimeError(f"slice {shard}: the rows that came back do not match the rows sent")
+    rows = rows.drop_columns([SHARD])
+    for name in ("source_size", "etag", "mtime"):
+        rows = rows.append_column(name, source.column(name))
+    file = posixpath.join(DATA_DIR, naming.key, part_name(naming.key, rows))
+    if file in naming.taken:  # the same sources retried with the same settings: never overwrite
+        file = file.replace(".parquet", f"-{naming.run_id}.parquet")
+    table.write_part(file, rows)
+    errors = collections.Counter(rows.column("error_kind").drop_null().to_pylist())
+    return WrittenPart(file, rows.num_rows, dict(errors))

@@ -83,7 +83,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
 
-    writer = SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id)
+    writer = SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id, in_tasks=True)
     try:
         t = time.monotonic()
         tagged = _tag(cfg, bundle, rules, run_id, writer) if plan.to_tag.num_rows else Tagged()

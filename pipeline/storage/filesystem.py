@@ -19,6 +19,9 @@ from pipeline.core.errors import TagpipeError
 
 log = logging.getLogger(__name__)
 
+# Virtual objects for listing at scale (benchmarks/listing_scale.py); by name, imported on use.
+fsspec.register_implementation("simstore", "pipeline.storage.simulated.SimulatedStore", clobber=True)
+
 # Errors worth another try: the network and the store's own "slow down" answers.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 TRANSIENT_WORDS = (

@@ -17,6 +17,7 @@ counted by reason so that files found = inputs + skipped, always:
 - tagpipe_output: the run's own table files (data/, _versions/, _runs/, _manifests/,
   _current.json, guard files) when the output lies inside an input;
 Single files and manifest entries are inputs as named: nothing is skipped from them.
+An S3 Inventory report (its manifest.json) gives its current objects, these rules applied (inventory.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from __future__ import annotations
 import collections
 import logging
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -35,6 +39,8 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
+from pipeline.storage.inventory import read_inventory
+from pipeline.storage.key_ranges import KeyRangeSettings, key_pages_for, list_keys
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,23 @@ class ListingRules:
         if self.skip_sidecars and _extension(path) in SIDECAR_EXTENSIONS:
             return SIDECAR
         return None
+
+    def may_skip(self, paths: pa.Array) -> np.ndarray:
+        """True where skip_reason may give a reason; False only where it gives none. A
+        listing of millions asks skip_reason of these few only (tests/test_key_ranges.py
+        fuzzes that this never misses one)."""
+        lower = pc.utf8_lower(paths)
+        debris = "|".join(re.escape(name) for name in sorted(DEBRIS_NAMES))
+        maybe = pc.match_substring_regex(lower, rf"(^|/)\.|{debris}")
+        for prefix in self.excluded:
+            maybe = pc.or_(maybe, pc.starts_with(paths, prefix.rstrip("/")))
+        if self.extensions:
+            wanted = "|".join(re.escape(e) for e in sorted(self.extensions))
+            maybe = pc.or_(maybe, pc.invert(pc.match_substring_regex(lower, rf"\.({wanted})$")))
+        elif self.skip_sidecars:
+            sidecars = "|".join(sorted(SIDECAR_EXTENSIONS))
+            maybe = pc.or_(maybe, pc.match_substring_regex(lower, rf"\.({sidecars})$"))
+        return maybe.to_numpy(zero_copy_only=False)
 
 
 def _is_debris(name: str) -> bool:
@@ -194,6 +217,7 @@ def build_manifest(
     rules: ListingRules = ListingRules(),
     parallel: bool = True,
     progress: ProgressSettings = ProgressSettings(),
+    key_ranges: KeyRangeSettings = KeyRangeSettings(),
 ) -> Listing:
     """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
     tables, prefixes = [], []
@@ -204,12 +228,16 @@ def build_manifest(
             raise ConfigError(f"input not found: {uri}")
         if retry(lambda fs=fs, path=path: fs.isdir(path), what=uri):
             prefixes.append((fs, path))
+        elif posixpath.basename(path) == "manifest.json":  # an S3 Inventory report
+            tables.append(read_inventory(uri, storage_options, rules.skip_reason, skipped.add))
         elif _extension(path) in MANIFEST_EXTENSIONS:
             tables.append(_read_manifest_file(uri, storage_options))
         else:
             tables.append(pa.Table.from_pylist([_row(fs, fs.info(path))], schema=MANIFEST_SCHEMA))
     for fs, path in prefixes:
-        for table, left_out in _list_in_parallel(fs, path, storage_options, rules, parallel, progress):
+        for table, left_out in _list_in_parallel(
+            fs, path, storage_options, rules, parallel, progress, key_ranges
+        ):
             tables.append(table)
             skipped.update(left_out)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
@@ -226,11 +254,20 @@ def build_manifest(
 
 
 def _list_in_parallel(
-    fs, path: str, storage_options, rules: ListingRules, parallel: bool, progress: ProgressSettings
+    fs,
+    path: str,
+    storage_options,
+    rules: ListingRules,
+    parallel: bool,
+    progress: ProgressSettings,
+    key_ranges: KeyRangeSettings,
 ) -> list[tuple[pa.Table, Skipped]]:
     protocol = _protocol(fs)
     path = fs._strip_protocol(path)  # absolute, as the names the listing gives
     root = path.rstrip("/") + "/"
+    ranged = key_pages_for(fs, path)
+    if ranged is not None:  # an object store: every key under the prefix, by key ranges
+        return [_list_by_key_ranges(protocol, root, ranged, rules, progress, key_ranges)]
     fs.invalidate_cache(path)
     top = retry(lambda: fs.ls(path, detail=True), what=path)
     skipped = Skipped()
@@ -265,6 +302,38 @@ def _list_in_parallel(
                 shown.update(1)
     log.info("listed %s: %d files in %d folders", path, sum(t.num_rows for t, _ in listed), len(subdirs))
     return listed
+
+
+def _list_by_key_ranges(
+    protocol: str,
+    root: str,
+    ranged,
+    rules: ListingRules,
+    progress: ProgressSettings,
+    settings: KeyRangeSettings,
+) -> tuple[pa.Table, Skipped]:
+    pages, bucket, prefix = ranged
+    with Progress(f"listing {root}", 0, "keys", progress) as shown:
+        listed = list_keys(pages, prefix, settings, on_keys=lambda n: shown.update(n))
+    keys = listed.table.column("key").combine_chunks()
+    names = pc.binary_join_element_wise(bucket, keys, "/") if bucket else keys
+    keep = pc.invert(pc.ends_with(names, "/")).to_numpy(zero_copy_only=False)  # folder markers: no object
+    skipped = Skipped()
+    for i in np.flatnonzero(keep & rules.may_skip(names)).tolist():
+        reason = rules.skip_reason(root, names[i].as_py())
+        if reason:
+            skipped.add(reason, _join(protocol, names[i].as_py()))
+            keep[i] = False
+    kept = listed.table.filter(pa.array(keep))
+    uris = names.filter(pa.array(keep))
+    if protocol != "file":
+        uris = pc.binary_join_element_wise(f"{protocol}:/", uris, "/")
+    table = pa.table(
+        {"uri": uris, "source_size": kept["size"], "etag": kept["etag"], "mtime": kept["mtime"]},
+        schema=MANIFEST_SCHEMA,
+    )
+    log.info("listed %s: %d keys, %d requests, %d ranges", root, len(keys), listed.requests, listed.ranges)
+    return table, skipped
 
 
 def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, Skipped]:
