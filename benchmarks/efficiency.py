@@ -137,6 +137,41 @@ def one_core() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds so far (user + system), from /proc."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(entry.name)] = (cmd, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def where_cpu_went(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, by kind of process."""
+    spent: dict[str, float] = {}
+    for pid, (cmd, seconds) in after.items():
+        used = seconds - before.get(pid, (cmd, 0.0))[1]
+        if pid == os.getpid():
+            kind = "driver (this process)"
+        elif cmd.startswith("ray::"):
+            kind = "Ray workers (decode tasks, tagger actor, part writers)"
+        elif any(
+            name in cmd for name in ("raylet", "gcs_server", "plasma", "dashboard", "log_monitor", "ray/")
+        ):
+            kind = "Ray system (raylet, GCS, monitors)"
+        else:
+            kind = "other"
+        spent[kind] = spent.get(kind, 0.0) + used
+    return spent
+
+
 def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_ratio: float) -> dict:
     """(c) from a cold Ray (what `tagpipe tag` pays): seconds end to end and by phase."""
     from pipeline.job.tag_job import run_tag_job
@@ -150,11 +185,13 @@ def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_r
     cfg = make_tag_config(
         inputs=[folder], output=str(out / "job"), model=str(model_dir), draft_ratio=draft_ratio
     )
+    before = cpu_by_process()
     summary = run_tag_job(cfg)
     total = time.perf_counter() - started
+    cpu = where_cpu_went(before, cpu_by_process())
     ray.shutdown()
     return {"total": total, "ray_start": ray_start, "tagging": summary.timings["tag_seconds"],
-            "timings": summary.timings}  # fmt: skip
+            "timings": summary.timings, "cpu": cpu}  # fmt: skip
 
 
 def main() -> None:
@@ -212,6 +249,13 @@ def main() -> None:
             f"{head}, then "
             + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in job["timings"].items())
         )
+    for ratio in ratios:
+        job = jobs[ratio]
+        cpu = ", ".join(
+            f"{kind} {seconds:.1f} s" for kind, seconds in sorted(job["cpu"].items(), key=lambda kv: -kv[1])
+        )
+        run = f"{job['total']:.1f} s x {cores} cores"
+        print(f"(c) draft ratio {ratio:g}, CPU seconds by process during the run ({run}): {cpu}")
     rounds_b = "; ".join(f"{r:g}: " + ", ".join(f"{t:.1f}" for t in times) for r, times in b_times.items())
     print(f"(a) rounds {', '.join(f'{t:.1f}' for t in a_times)} s; (b) rounds {rounds_b} s")
     totals = stage_breakdown(profile)

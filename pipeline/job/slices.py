@@ -9,8 +9,10 @@ slice that never completes is never written: nothing partial reaches the table.
 Encoding a part is most of the driver's work per row (zstd Parquet of 3.5 KB rows: 85%
 of it, benchmarks/driver_ceiling.py), so in a run the slice goes to a Ray task that
 checks, encodes and writes it (`in_tasks`), at most `max_in_flight` at once; the driver
-only routes rows. A part counts as written when its task has returned; one written by a
-task a crash cut off is found and reused by the next run like any other.
+only routes rows. More in flight than the cores can encode made things slower (2 cores:
+12k rows/s wall with 2, 3.5k with 8), so a run allows one per 8 CPUs, at least 2. A
+part counts as written when its task has returned; one written by a task a crash cut
+off is found and reused by the next run like any other.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class SliceWriter:
         taken: set[str],
         run_id: str,
         in_tasks: bool = False,
-        max_in_flight: int = 8,
+        max_in_flight: int = 2,
     ):
         self.table, self.pending, self.rows_per_part = table, pending, rows_per_part
         self.naming = PartNaming(key, frozenset(taken), run_id)
@@ -84,8 +86,11 @@ class SliceWriter:
             return [part]
         import ray
 
+        # one contiguous table: Ray serialises a list of small sliced batches column by
+        # column and copies their offsets, which costs the driver as much as encoding
+        rows = pa.concat_tables(tables, promote_options="default").combine_chunks()
         task = ray.remote(num_cpus=0, max_retries=3)(write_slice)
-        self.in_flight.append(task.remote(self.table, self.naming, shard, tables, source))
+        self.in_flight.append(task.remote(self.table, self.naming, shard, [rows], source))
         return self._collect(wait_for=max(0, len(self.in_flight) - self.max_in_flight))
 
     def _collect(self, wait_for: int) -> list[WrittenPart]:
@@ -98,6 +103,8 @@ class SliceWriter:
         if len(ready) < wait_for:
             more, self.in_flight = ray.wait(self.in_flight, num_returns=wait_for - len(ready))
             ready += more
+        if ready:  # written by other processes: this one's listing cache does not know them
+            self.table.fs.invalidate_cache(self.table.join(DATA_DIR, self.naming.key))
         parts = []
         for ref in ready:
             part = ray.get(ref)

@@ -65,13 +65,9 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     key = parts_dir_key(*keys)
     table = TagTable(cfg.output, cfg.storage_options)
     base = table.current() if dry_run else table.sync_current()
-    ensure_ray(cfg.ray_address)
     timings: dict[str, float] = {}
-
-    t = time.monotonic()
-    listing = _list_inputs(cfg, table)
+    listing = _list_while_ray_starts(cfg, table, timings)
     manifest_path = None if dry_run else table.write_input_manifest(run_id, listing.manifest)
-    timings["list_seconds"] = _lap(t)
     t = time.monotonic()
     taken = set(base.files) if base else set()  # parts a version names: never reused, never overwritten
     plan = _plan(cfg, table, base, taken, key, keys, listing.manifest)
@@ -83,10 +79,10 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
 
-    writer = SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id, in_tasks=True)
+    writer = _slice_writer(cfg, table, plan, key, taken, run_id)
     try:
         t = time.monotonic()
-        tagged = _tag(cfg, bundle, rules, run_id, writer) if plan.to_tag.num_rows else Tagged()
+        tagged = _tag(cfg, bundle, rules, run_id, writer, started) if plan.to_tag.num_rows else Tagged()
         timings["tag_seconds"] = _lap(t)
         t = time.monotonic()
         jobs = _rewrite_jobs(plan, table, key, bundle, rules, run_id)
@@ -129,6 +125,37 @@ def _list_inputs(cfg: TagJobConfig, table: TagTable):
     own = tuple(listing_path(entry, cfg.storage_options) for entry in table_entries(cfg.output))
     rules = ListingRules(extensions, own, skip_sidecars=not cfg.list_sidecars)
     return build_manifest(list(cfg.inputs), cfg.storage_options, rules, progress=_progress_settings(cfg))
+
+
+def _slice_writer(cfg: TagJobConfig, table: TagTable, plan: Plan, key: str, taken: set[str], run_id: str):
+    """Parts encoded and written by Ray tasks, one in flight per 8 CPUs (at least 2)."""
+    import ray
+
+    in_flight = max(2, int(ray.cluster_resources().get("CPU", 0)) // 8)
+    return SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id, True, in_flight)
+
+
+def _list_while_ray_starts(cfg: TagJobConfig, table: TagTable, timings: dict[str, float]):
+    """The listing, on a thread while Ray starts (a cold local Ray takes ~4 s; a big
+    listing much longer: neither waits for the other). Planning needs Ray (unknown sources
+    are hashed in tasks), so it comes after both."""
+    import concurrent.futures
+
+    def timed_listing():
+        t = time.monotonic()
+        listing = _list_inputs(cfg, table)
+        timings["list_seconds"] = _lap(t)
+        return listing
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, "listing")
+    try:
+        listed = pool.submit(timed_listing)
+        t = time.monotonic()
+        ensure_ray(cfg.ray_address)
+        timings["ray_start_seconds"] = _lap(t)
+        return listed.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _plan(
@@ -196,6 +223,8 @@ def _add_results(summary: RunSummary, tagged: Tagged, rewritten: list, plan: Pla
     summary.errors_by_kind, summary.errors = dict(errors), sum(errors.values())
     summary.ok = summary.images - summary.errors
     summary.placement, summary.rows_by_node = tagged.placement, tagged.rows_by_node
+    if tagged.first_rows_seconds is not None:
+        timings["first_rows_seconds"] = tagged.first_rows_seconds
     summary.rethresholded = sum(r.rows for r in rewritten) if plan.rethreshold else 0
     seconds = timings.get("tag_seconds", 0.0)
     summary.images_per_second = round(summary.images / seconds, 2) if summary.images and seconds else 0.0
@@ -283,11 +312,12 @@ class Tagged:
     parts: list[WrittenPart] = field(default_factory=list)
     placement: str = ""
     rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    first_rows_seconds: float | None = None  # from the run's start to the first tagged rows
 
 
-def _tag(cfg: TagJobConfig, bundle, rules, run_id: str, writer: SliceWriter) -> Tagged:
+def _tag(cfg: TagJobConfig, bundle, rules, run_id: str, writer: SliceWriter, run_started: float) -> Tagged:
     """Tag the writer's pending rows on Ray; every complete slice becomes one part (not
-    yet committed)."""
+    yet committed). first_rows_seconds: from the run's start to the first tagged rows."""
     import ray
 
     placement = plan_placement(cfg, ray.cluster_resources().get("GPU", 0))
@@ -307,12 +337,15 @@ def _tag(cfg: TagJobConfig, bundle, rules, run_id: str, writer: SliceWriter) -> 
     blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
     dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
     nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
+    first_rows = None
     with Progress("tagging", work.num_rows, "images", _progress_settings(cfg)) as progress:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            first_rows = first_rows or _lap(run_started)
             for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
                 nodes[stage].update(batch.column(column).to_pylist())
             batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
             progress.update(batch.num_rows, batch.num_rows - batch.column("error_kind").null_count)
             writer.add(batch)
     parts = writer.finish()  # Ray returned fewer rows than sent: nothing partial; a rerun redoes them
-    return Tagged(parts, placement.describe(), {stage: dict(counter) for stage, counter in nodes.items()})
+    rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
+    return Tagged(parts, placement.describe(), rows_by_node, first_rows)
