@@ -182,3 +182,37 @@ def test_a_mass_deletion_is_refused_before_any_work():
     with pytest.raises(TagpipeError, match=r"would delete 3 of the table's 4 rows \(75%\)"):
         _plan(sources={"a.jpg": SOURCES["a.jpg"]}, max_delete_fraction=0.2)
     assert _plan(sources={"a.jpg": SOURCES["a.jpg"]}, max_delete_fraction=1.0).counts.deleted == 3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_classifying_by_uri_range_is_one_join(seed):
+    """Ranges of a few rows (cut at listed uris, the view read from overlapping batches)
+    give the rows a single join gives: same uris, statuses, parts, hashes, in uri order."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    uris = sorted({f"s3://b/{rng.integers(0, 10**6):06d}.jpg" for _ in range(900)})
+    listed = [u for u in uris if rng.random() < 0.8]
+    sources = {}
+    for u in listed:  # etag known, or only size+mtime, or nothing (unknown)
+        kind = rng.integers(0, 3)
+        sources[u] = (int(rng.integers(1, 4)), None if kind else "e", None if kind == 2 else 1.0)
+    manifest = pa.Table.from_pylist(
+        [{"uri": u, "source_size": s, "etag": e, "mtime": m} for u, (s, e, m) in sources.items()],
+        schema=MANIFEST_SCHEMA,
+    )
+    stored = [u for u in uris if rng.random() < 0.7]
+    parts = np.array_split(np.array(stored, object), 5)  # each part sorted; parts overlap none
+    batches = []
+    for index in rng.permutation(len(parts)):  # the view's batches in any order
+        rows = [{"uri": u, "source_size": int(rng.integers(1, 4)), "etag": "e" if rng.random() < 0.5 else None,
+                 "mtime": 1.0, "sha256": f"h{u}", "error_kind": "read_error" if rng.random() < 0.1 else None,
+                 "_file": int(index)} for u in parts[index]]  # fmt: skip
+        batches.append(pa.Table.from_pylist(rows, schema=empty_view().schema))
+    view = pa.concat_tables(batches)
+    shuffled = manifest.take(pa.array(rng.permutation(manifest.num_rows)))
+    whole = classify(manifest, view, range_rows=10**9)
+    for range_rows in (1, 7, 50):
+        assert classify(shuffled, view, range_rows=range_rows).to_pylist() == whole.to_pylist()
+    assert whole.column("uri").to_pylist() == sorted(set(listed) | set(stored))
+    assert set(whole.column("status").to_pylist()) >= {"new", "deleted", "unchanged", "changed"}

@@ -187,9 +187,61 @@ def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
     return pc.or_(equal, both_null).to_numpy(zero_copy_only=False)
 
 
-def classify(manifest: pa.Table, view: pa.Table) -> pa.Table:
-    """One row per uri in either: uri, status, _file (the view part holding it, or -1),
-    v_sha256 (stored content hash). `view` has SOURCE_COLUMNS + sha256, error_kind, _file."""
+CLASSIFY_RANGE_ROWS = 200_000  # listed rows joined at a time
+
+
+def classify(manifest: pa.Table, view: pa.Table, range_rows: int = CLASSIFY_RANGE_ROWS) -> pa.Table:
+    """One row per uri in either, in uri order: uri, status, _file (the view part holding
+    it, or -1), v_sha256 (stored content hash). `view` has SOURCE_COLUMNS + sha256,
+    error_kind, _file.
+
+    Joined by uri range, range_rows listed rows at a time: one join of 2M rows peaked at
+    630 bytes a row (+1,257 MiB), in 200k-row ranges at +156 MiB, and took half the
+    time. Ranges are cut at the listing's own uris (sorted); the view's rows for a range
+    come from its record batches whose uris overlap it (parts are sorted by uri)."""
+    manifest = manifest.sort_by("uri") if not _sorted(manifest.column("uri")) else manifest
+    if manifest.num_rows <= range_rows:
+        return _classify_range(manifest, view)
+    cuts = list(range(range_rows, manifest.num_rows, range_rows))
+    bounds = [manifest.column("uri")[i].as_py() for i in cuts]
+    batches = [b for b in view.to_batches() if b.num_rows]
+    spans = [_min_max(b.column("uri")) for b in batches]
+    out = []
+    for start, stop, lo, hi in zip([0, *cuts], [*cuts, manifest.num_rows], [None, *bounds], [*bounds, None]):
+        listed = manifest.slice(start, stop - start)
+        stored = _view_range(batches, spans, lo, hi, view.schema)
+        out.append(_classify_range(listed, stored))
+    return pa.concat_tables(out)
+
+
+def _sorted(uris: pa.ChunkedArray) -> bool:
+    if len(uris) < 2:
+        return True
+    earlier, later = uris.slice(0, len(uris) - 1), uris.slice(1)
+    return bool(pc.all(pc.less_equal(earlier, later)).as_py())
+
+
+def _min_max(uris: pa.Array) -> tuple[str, str]:
+    extremes = pc.min_max(uris)
+    return extremes["min"].as_py(), extremes["max"].as_py()
+
+
+def _view_range(batches, spans, lo: str | None, hi: str | None, schema: pa.Schema) -> pa.Table:
+    """The view's rows with lo <= uri < hi (None: unbounded)."""
+    picked = []
+    for batch, (least, most) in zip(batches, spans, strict=True):
+        if (hi is not None and least >= hi) or (lo is not None and most < lo):
+            continue
+        keep = pa.array(np.ones(batch.num_rows, bool))
+        if lo is not None:
+            keep = pc.and_(keep, pc.greater_equal(batch.column("uri"), lo))
+        if hi is not None:
+            keep = pc.and_(keep, pc.less(batch.column("uri"), hi))
+        picked.append(batch.filter(keep))
+    return pa.Table.from_batches(picked, schema=schema)
+
+
+def _classify_range(manifest: pa.Table, view: pa.Table) -> pa.Table:
     m = manifest.select(SOURCE_COLUMNS).append_column("_m", pa.array(np.ones(manifest.num_rows, bool)))
     v = view.select([*SOURCE_COLUMNS, "sha256", "error_kind", "_file"])
     v = v.rename_columns(["uri", *(f"v_{c}" for c in v.column_names[1:])]).append_column(
@@ -230,7 +282,7 @@ def classify(manifest: pa.Table, view: pa.Table) -> pa.Table:
     return pa.table(
         {
             "uri": j.column("uri"),
-            "status": pa.array(status.tolist(), pa.string()),
+            "status": pa.array(status, pa.string()),
             "_file": j.column("v__file").fill_null(-1),
             "v_sha256": j.column("v_sha256"),
         }

@@ -109,15 +109,21 @@ def plan_run(
     anything is written."""
     same_inference = base is not None and base.inference_key == keys[0]
     same_rules = same_inference and base is not None and base.rules_key == keys[1]
-    state = status.column("status").to_numpy(zero_copy_only=False)
-    tally = collections.Counter(state.tolist())
+    state = status.column("status")
+    tally = collections.Counter(
+        {row["values"]: row["counts"] for row in pc.value_counts(state).to_pylist()}
+    )  # no Python object per row: at 10M rows those are gigabytes
+
+    def state_in(*states: str) -> np.ndarray:
+        return pc.is_in(state, pa.array(states, pa.string())).to_numpy(zero_copy_only=False)
+
     if same_inference:
         counts = Counts(tally[NEW], tally[CHANGED], tally[DELETED], tally[UNCHANGED], tally[RETRY], 0)
-        redo = np.isin(state, [NEW, CHANGED, RETRY])
-        drop = np.isin(state, [CHANGED, RETRY, DELETED])
+        redo = state_in(NEW, CHANGED, RETRY)
+        drop = state_in(CHANGED, RETRY, DELETED)
     else:  # a new model (or decode/profile settings): every listed image is tagged again
         counts = Counts(tally[NEW], tally[CHANGED], tally[DELETED], retagged=tally[UNCHANGED] + tally[RETRY])
-        redo = state != DELETED
+        redo = ~state_in(DELETED)
         drop = np.ones(len(state), bool)
     share = counts.deleted / base.rows if base is not None and base.rows else 0.0
     if base is not None and counts.deleted and share > max_delete_fraction:
@@ -149,10 +155,12 @@ def _base_parts(
     if base is None or not same_inference:
         return (), ()
     files = status.column("_file").to_numpy(zero_copy_only=False)
-    uris = status.column("uri").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(drop & (files >= 0))  # only these rows' uris become Python strings
     dropped: dict[int, list[str]] = collections.defaultdict(list)
-    for i in np.flatnonzero(drop & (files >= 0)):
-        dropped[int(files[i])].append(uris[i])
+    for file, uri in zip(
+        files[rows].tolist(), status.column("uri").take(pa.array(rows)).to_pylist(), strict=True
+    ):
+        dropped[file].append(uri)
     keep, rewrites = [], []
     for index, file in enumerate(base.files):
         if same_rules and index not in dropped:
