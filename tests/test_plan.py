@@ -206,7 +206,8 @@ def test_classifying_by_uri_range_is_one_join(seed):
     batches = []
     for index in rng.permutation(len(parts)):  # the view's batches in any order
         rows = [{"uri": u, "source_size": int(rng.integers(1, 4)),
-                 "etag": "e" if rng.random() < 0.5 else None, "mtime": 1.0, "sha256": f"h{u}", "error_kind": "read_error" if rng.random() < 0.1 else None,
+                 "etag": "e" if rng.random() < 0.5 else None, "mtime": 1.0, "sha256": f"h{u}",
+                 "error_kind": "read_error" if rng.random() < 0.1 else None,
                  "_file": int(index)} for u in parts[index]]  # fmt: skip
         batches.append(pa.Table.from_pylist(rows, schema=empty_view().schema))
     view = pa.concat_tables(batches)
