@@ -217,3 +217,25 @@ def test_classifying_by_uri_range_is_one_join(seed):
         assert classify(shuffled, view, range_rows=range_rows).to_pylist() == whole.to_pylist()
     assert whole.column("uri").to_pylist() == sorted(set(listed) | set(stored))
     assert set(whole.column("status").to_pylist()) >= {"new", "deleted", "unchanged", "changed"}
+
+
+def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_session):
+    """A manifest file gives neither etag nor mtime: the bytes' sha256 decides."""
+    import hashlib
+
+    from pipeline.job.incremental import resolve_unknown
+
+    same, edited = tmp_path / "same.jpg", tmp_path / "edited.jpg"
+    same.write_bytes(b"same bytes")
+    edited.write_bytes(b"new bytes")
+    listed = [{"uri": str(p), "source_size": 10, "etag": None, "mtime": None} for p in (edited, same)]
+    manifest = pa.Table.from_pylist(listed, schema=MANIFEST_SCHEMA)
+    stored = [{**row, "sha256": hashlib.sha256(b"same bytes").hexdigest(), "error_kind": None, "_file": 0}
+              for row in listed]  # fmt: skip
+    status = classify(manifest, pa.Table.from_pylist(stored, schema=empty_view().schema))
+    assert status.column("status").to_pylist() == ["unknown", "unknown"]
+    resolved = resolve_unknown(status, None)
+    assert dict(zip(resolved["uri"].to_pylist(), resolved["status"].to_pylist(), strict=True)) == {
+        str(edited): "changed",
+        str(same): "unchanged",
+    }

@@ -192,7 +192,7 @@ CLASSIFY_RANGE_ROWS = 200_000  # listed rows joined at a time
 
 def classify(manifest: pa.Table, view: pa.Table, range_rows: int = CLASSIFY_RANGE_ROWS) -> pa.Table:
     """One row per uri in either, in uri order: uri, status, _file (the view part holding
-    it, or -1), v_sha256 (stored content hash). `view` has SOURCE_COLUMNS + sha256,
+    it, or -1), v_sha256 (stored content hash, for unknown sources). `view` has SOURCE_COLUMNS + sha256,
     error_kind, _file.
 
     Joined by uri range, range_rows listed rows at a time: one join of 2M rows peaked at
@@ -284,7 +284,8 @@ def _classify_range(manifest: pa.Table, view: pa.Table) -> pa.Table:
             "uri": j.column("uri"),
             "status": pa.array(status, pa.string()),
             "_file": j.column("v__file").fill_null(-1),
-            "v_sha256": j.column("v_sha256"),
+            # only unknown sources are compared by content: no 64-byte hash per row kept
+            "v_sha256": pc.if_else(pa.array(status == UNKNOWN), j.column("v_sha256"), None),
         }
     )
 
@@ -302,12 +303,13 @@ def sha256_of(uris: list[str], storage_options: dict | None) -> list[str | None]
 def resolve_unknown(status: pa.Table, storage_options: dict | None, chunk: int = 256) -> pa.Table:
     """Rows the store gave no etag or mtime for: hash their bytes (Ray tasks) and compare
     with the stored sha256."""
-    values = status.column("status").to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(values == UNKNOWN)
+    unknown = pc.equal(status.column("status"), UNKNOWN).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(unknown)
     if not len(rows):
         return status
     import ray
 
+    values = status.column("status").to_numpy(zero_copy_only=False)
     uris = status.column("uri").take(pa.array(rows)).to_pylist()
     task = ray.remote(num_cpus=0.5, max_retries=3)(sha256_of)
     hashes = [
