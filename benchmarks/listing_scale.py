@@ -8,9 +8,12 @@ The store (pipeline/storage/simulated.py, `simstore://`) serves N virtual keys a
 --latency seconds per listing request of up to 1,000 keys, as S3's LIST round trip does
 (50-300 ms). Each case runs in a fresh subprocess and goes through the code a run uses:
 build_manifest (key ranges in parallel, skip rules, the manifest table), then classify()
-+ plan_run() twice: as a first run (no table) and as a nightly run against a table of the
-same N rows (1% changed). It prints the seconds and requests of the listing, the seconds
-of each plan, and the peak RSS growth of the driver over the store's own key array.
++ plan_run() twice: as a first run (no table) and as a nightly run against a real table of
+the same N rows on local disk (1% changed; parts of 4,096 rows with a 64-character sha256
+each, written by a subprocess before), read part by part as a run reads it. It prints the
+seconds and requests of the listing, the seconds of each plan, and the driver's peak RSS
+growth over the store's own key array: after listing, during the nightly plan (sampled
+every 5 ms), and overall.
 
 --folder-walk N also times the old way on a flat prefix of N keys: one `ls` paging
 through every key in a row (what the folder walk does with a flat prefix), as a baseline.
@@ -19,20 +22,27 @@ through every key in a row (what the folder walk does with a flat prefix), as a 
 from __future__ import annotations
 
 import argparse
+import binascii
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.job.incremental import classify
+from pipeline.job.incremental import StoredSources, classify
 from pipeline.job.plan import empty_view, plan_run
 from pipeline.storage.filesystem import filesystem_for
 from pipeline.storage.manifest import build_manifest
-from pipeline.table.tag_table import Snapshot
+from pipeline.storage.simulated import MTIME, virtual_keys
+from pipeline.table.tag_table import Snapshot, TagTable
 
 PART_ROWS = 4096
 
@@ -41,42 +51,75 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _table_view(manifest: pa.Table) -> pa.Table:
-    """The table's side of a nightly plan: the same rows, 1% with another size."""
-    rows = manifest.num_rows
-    changed = np.zeros(rows, bool)
-    changed[::100] = True
-    size = pa.array(np.where(changed, 999, manifest["source_size"].to_numpy()).astype(np.int64))
-    return pa.table(
-        {"uri": manifest["uri"], "source_size": size, "etag": manifest["etag"], "mtime": manifest["mtime"],
-         "sha256": pa.nulls(rows, pa.string()), "error_kind": pa.nulls(rows, pa.string()),
-         "_file": pa.array((np.arange(rows) // PART_ROWS).astype(np.int32))}
-    ).cast(empty_view().schema)  # fmt: skip
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one_case(objects: int, layout: str, names: str, latency: float) -> dict:
+class _PeakSampler:
+    """The highest resident size while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def write_table(objects: int, layout: str, names: str, root: str) -> dict:
+    """The table a nightly run plans against, on local disk: one row per object, sorted
+    parts of 4,096 rows with the columns planning reads (a 64-character sha256 each), 1%
+    of rows with another size (changed since). Written in its own process, before."""
+    keys = virtual_keys(objects, layout, names)
+    rows = len(keys)
+    uris = pc.binary_join_element_wise("simstore://bucket", pa.array(keys.astype(object), pa.string()), "/")
+    digests = np.random.default_rng(0).integers(0, 256, (rows, 32), dtype=np.uint8)
+    hexes = np.frombuffer(binascii.hexlify(digests.tobytes()), dtype="S64")
+    size = np.full(rows, 1000, np.int64)
+    size[::100] = 999
+    view = pa.table({"uri": uris, "source_size": size, "etag": pa.nulls(rows, pa.string()),
+                     "mtime": np.full(rows, MTIME), "sha256": pa.array(hexes.astype(object), pa.string()),
+                     "error_kind": pa.nulls(rows, pa.string())})  # fmt: skip
+    table, files = TagTable(root), []
+    for start in range(0, rows, PART_ROWS):
+        files.append(table.write_part(f"data/bench/part-{start:09d}.parquet", view.slice(start, PART_ROWS)))
+    Path(root, "files.json").write_text(json.dumps(files))
+    return {"rows": rows, "parts": len(files)}
+
+
+def one_case(objects: int, layout: str, names: str, latency: float, table_root: str) -> dict:
     options = {"objects": objects, "layout": layout, "names": names, "page_latency": latency}
     fs, _ = filesystem_for("simstore://bucket/", options)
     assert len(fs.keys) == objects  # the store's own memory, before the measurement
     fs.requests = 0
-    before = _peak_mib()
+    before, rss_before = _peak_mib(), _rss_mib()
     started = time.perf_counter()
     manifest = build_manifest(["simstore://bucket/"], options).manifest
     listed_s, listed_peak, requests = time.perf_counter() - started, _peak_mib(), fs.requests
     started = time.perf_counter()
     first = plan_run(manifest, classify(manifest, empty_view()), None, ("i", "r"))
     first_s = time.perf_counter() - started
-    parts = tuple(f"p{i}" for i in range(-(-objects // PART_ROWS)))
-    base = Snapshot(1, parts, objects, "m", "i", "r", "run", "t")
+    files = tuple(json.loads(Path(table_root, "files.json").read_text()))
+    base = Snapshot(1, files, objects, "m", "i", "r", "run", "t")
     started = time.perf_counter()
-    nightly = plan_run(manifest, classify(manifest, _table_view(manifest)), base, ("i", "r"))
+    with _PeakSampler() as sampler:  # the table's side read part by part, as a run reads it
+        status = classify(manifest, StoredSources.of_table(TagTable(table_root), base))
+        nightly = plan_run(manifest, status, base, ("i", "r"))
     nightly_s = time.perf_counter() - started
     return {
         "objects": objects, "layout": layout, "names": names, "latency": latency,
         "rows": manifest.num_rows, "list_s": listed_s, "requests": requests,
         "list_peak_mib": listed_peak - before, "first_plan_s": first_s, "to_tag_first": first.to_tag.num_rows,
         "nightly_plan_s": nightly_s, "to_tag_nightly": nightly.to_tag.num_rows,
-        "peak_mib": _peak_mib() - before,
+        "nightly_peak_mib": sampler.peak - rss_before, "peak_mib": _peak_mib() - before,
     }  # fmt: skip
 
 
@@ -103,14 +146,19 @@ def main() -> None:
     parser.add_argument("--layouts", default="flat,nested")
     parser.add_argument("--names", default="numbered")
     parser.add_argument("--folder-walk", type=int, default=0)
+    parser.add_argument(
+        "--workdir", default=None, help="where the tables are written (default: the temp dir)"
+    )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         kind, *rest = args.one
         if kind == "walk":
             print(json.dumps(folder_walk(int(rest[0]), float(rest[1]))))
+        elif kind == "table":
+            print(json.dumps(write_table(int(rest[0]), rest[1], rest[2], rest[3])))
         else:
-            print(json.dumps(one_case(int(rest[0]), rest[1], rest[2], float(rest[3]))))
+            print(json.dumps(one_case(int(rest[0]), rest[1], rest[2], float(rest[3]), rest[4])))
         return
     print(f"simulated store, {args.latency * 1000:.0f} ms per listing request of up to 1,000 keys")
     if args.folder_walk:
@@ -118,16 +166,19 @@ def main() -> None:
         walk = f"flat {w['objects']:,}: {w['seconds']:.1f} s, {w['requests']:,} requests"
         print(f"  folder walk (one paged ls), {walk}")
     print("objects     layout  names     list s  requests  1st plan s  nightly plan s  "
-          "to tag (nightly)  list MiB  peak MiB")  # fmt: skip
+          "to tag (nightly)  list MiB  nightly plan MiB  peak MiB")  # fmt: skip
     results = []
     for objects in [int(n) for n in args.objects.split(",")]:
         for layout in args.layouts.split(","):
             for names in args.names.split(","):
-                r = _in_subprocess("case", str(objects), layout, names, str(args.latency))
+                with tempfile.TemporaryDirectory(dir=args.workdir) as root:
+                    _in_subprocess("table", str(objects), layout, names, root)
+                    r = _in_subprocess("case", str(objects), layout, names, str(args.latency), root)
                 results.append(r)
                 print(f"{r['objects']:>10,}  {layout:6}  {names:8}  {r['list_s']:6.1f}  {r['requests']:8,}  "
                       f"{r['first_plan_s']:10.1f}  {r['nightly_plan_s']:14.1f}  {r['to_tag_nightly']:16,}  "
-                      f"{r['list_peak_mib']:8,.0f}  {r['peak_mib']:8,.0f}", flush=True)  # fmt: skip
+                      f"{r['list_peak_mib']:8,.0f}  {r['nightly_peak_mib']:16,.0f}  "
+                      f"{r['peak_mib']:8,.0f}", flush=True)  # fmt: skip
     flat = sorted((r["objects"], r["peak_mib"]) for r in results if r["layout"] == "flat")
     if len(flat) >= 2 and flat[-1][0] > flat[0][0]:
         (n1, m1), (n2, m2) = flat[0], flat[-1]

@@ -65,6 +65,7 @@ RULES = [
     ListingRules(),
     ListingRules(skip_sidecars=False),
     ListingRules(frozenset({"jpg", "png"})),
+    ListingRules(frozenset({"gif"})),
     ListingRules(excluded=("b/out", "b/a/out/")),
 ]
 
@@ -91,6 +92,20 @@ def test_dense_prefixes_fan_out_and_run_at_once():
         assert sorted(listed.table.column("key").to_pylist()) == store.keys
         assert listed.ranges > 20 and store.most_in_flight > 1
         assert listed.requests < 3 * (len(store.keys) / 20)  # cuts cost some requests, not many
+
+
+class IgnoresStartAfter(SortedKeys):
+    """An S3-compatible server that ignores StartAfter: every request gets the first page."""
+
+    def list_page(self, prefix: str, start_after: str, max_keys: int) -> Page:
+        return super().list_page(prefix, "", max_keys)
+
+
+def test_a_store_that_ignores_start_after_is_refused_not_trusted():
+    from pipeline.storage.key_ranges import UnorderedListing
+
+    with pytest.raises(UnorderedListing, match="asked for keys after"):
+        list_keys(IgnoresStartAfter([f"k{i:03d}" for i in range(50)]), "", SMALL)
 
 
 def test_split_covers_the_rest_of_the_range_in_order():

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import MANIFEST_SCHEMA
-from pipeline.job.incremental import classify
+from pipeline.job.incremental import StoredSources, classify
 from pipeline.job.plan import Change, Counts, PartRewrite, empty_view, plan_run
 from pipeline.table.tag_table import Snapshot
 
@@ -193,12 +193,13 @@ def test_classifying_by_uri_range_is_one_join(seed):
     rng = np.random.default_rng(seed)
     uris = sorted({f"s3://b/{rng.integers(0, 10**6):06d}.jpg" for _ in range(900)})
     listed = [u for u in uris if rng.random() < 0.8]
+    listed[40:40] = [listed[39]] * 9  # a uri listed ten times falls across cuts
     sources = {}
     for u in listed:  # etag known, or only size+mtime, or nothing (unknown)
         kind = rng.integers(0, 3)
         sources[u] = (int(rng.integers(1, 4)), None if kind else "e", None if kind == 2 else 1.0)
     manifest = pa.Table.from_pylist(
-        [{"uri": u, "source_size": s, "etag": e, "mtime": m} for u, (s, e, m) in sources.items()],
+        [dict(zip(MANIFEST_SCHEMA.names, (u, *sources[u]), strict=True)) for u in listed],
         schema=MANIFEST_SCHEMA,
     )
     stored = [u for u in uris if rng.random() < 0.7]
@@ -211,12 +212,40 @@ def test_classifying_by_uri_range_is_one_join(seed):
                  "_file": int(index)} for u in parts[index]]  # fmt: skip
         batches.append(pa.Table.from_pylist(rows, schema=empty_view().schema))
     view = pa.concat_tables(batches)
+    by_index = {b["_file"][0].as_py(): b for b in batches if b.num_rows}
+    spans = [  # a footer without statistics (None) is read for its span
+        None
+        if i % 2 or i not in by_index
+        else (min(by_index[i]["uri"].to_pylist()), max(by_index[i]["uri"].to_pylist()))
+        for i in range(len(parts))
+    ]
+    from_parts = StoredSources(spans, lambda i: by_index.get(i, empty_view()))
     shuffled = manifest.take(pa.array(rng.permutation(manifest.num_rows)))
     whole = classify(manifest, view, range_rows=10**9)
+
+    def rows(status: pa.Table) -> list:  # repeats of a uri may come in any order
+        return sorted(status.to_pylist(), key=lambda row: [str(v) for v in row.values()])
+
     for range_rows in (1, 7, 50):
-        assert classify(shuffled, view, range_rows=range_rows).to_pylist() == whole.to_pylist()
-    assert whole.column("uri").to_pylist() == sorted(set(listed) | set(stored))
+        assert rows(classify(shuffled, view, range_rows=range_rows)) == rows(whole)
+        assert rows(classify(shuffled, from_parts, range_rows=range_rows)) == rows(whole)
+    assert sorted(set(whole.column("uri").to_pylist())) == sorted(set(listed) | set(stored))
     assert set(whole.column("status").to_pylist()) >= {"new", "deleted", "unchanged", "changed"}
+
+
+def test_a_listing_row_without_uri_is_refused(tmp_path):
+    from pipeline.core.errors import ConfigError
+    from pipeline.storage.manifest import build_manifest
+
+    listing = pa.table({"uri": ["s3://b/a.jpg", None]}).cast(pa.schema([("uri", pa.string())]))
+    no_uri = [{"uri": None, "source_size": 1, "etag": "e", "mtime": 1.0}]
+    with pytest.raises(ValueError, match="no uri"):
+        classify(pa.Table.from_pylist(no_uri, schema=MANIFEST_SCHEMA), empty_view())
+    import pyarrow.parquet as pq
+
+    pq.write_table(listing, tmp_path / "list.parquet")
+    with pytest.raises(ConfigError, match=r"list.parquet: 1 row\(s\) with no uri"):
+        build_manifest([str(tmp_path / "list.parquet")])
 
 
 def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_session):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import RETRYABLE_ERROR_KINDS
+from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.core.settings import KeyRole, settings_fields
 from pipeline.model.bundle import ModelBundle
 from pipeline.model.profiles import Activation, BundleFiles, Preprocess, Profile, Thresholds
 from pipeline.model.rules import RuleSettings
 from pipeline.storage.filesystem import read_bytes
+from pipeline.table.tag_table import READ_THREADS, Snapshot, TagTable
 
 if TYPE_CHECKING:
     from pipeline.job.settings import TagJobConfig
@@ -190,7 +193,55 @@ def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
 CLASSIFY_RANGE_ROWS = 200_000  # listed rows joined at a time
 
 
-def classify(manifest: pa.Table, view: pa.Table, range_rows: int = CLASSIFY_RANGE_ROWS) -> pa.Table:
+VIEW_COLUMNS = [*SOURCE_COLUMNS, "sha256", "error_kind"]
+# the table's side of classify: its rows' sources, content hash, error, and part index
+VIEW_SCHEMA = (
+    MANIFEST_SCHEMA.append(pa.field("sha256", pa.string()))
+    .append(pa.field("error_kind", pa.string()))
+    .append(pa.field("_file", pa.int32()))
+)
+
+
+class StoredSources:
+    """The table's side of classify, read part by part as the uri ranges need it: the
+    source columns of a 100M-row table are ~14 GiB, and no range needs more than the few
+    parts whose uris overlap it (each part is sorted by uri; its span is in its footer).
+    read(index) gives a part's VIEW_COLUMNS with `_file` = index."""
+
+    def __init__(self, spans: list[tuple[str, str] | None], read):
+        self.read = read
+        self.spans = [span if span is not None else self._span_of(i) for i, span in enumerate(spans)]
+        self.schema = VIEW_SCHEMA
+
+    @classmethod
+    def of_table(cls, table: TagTable, snapshot: Snapshot) -> StoredSources:
+        def read(index: int) -> pa.Table:
+            part = table.read_part(snapshot.files[index], VIEW_COLUMNS)
+            return part.append_column("_file", pa.array(np.full(part.num_rows, index, np.int32)))
+
+        return cls(table.uri_spans(snapshot), read)
+
+    def _span_of(self, index: int) -> tuple[str, str] | None:
+        uris = self.read(index).column("uri")
+        return _min_max(uris.combine_chunks()) if len(uris) else None
+
+    def rows_in(self, lo: str | None, hi: str | None) -> pa.Table:
+        """Rows with lo <= uri < hi, from the parts whose spans overlap the range."""
+        wanted = [i for i, span in enumerate(self.spans) if span is not None and _overlaps(span, lo, hi)]
+        with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores are latency-bound
+            parts = list(pool.map(self.read, wanted))
+        batches = [b for part in parts for b in part.cast(self.schema).to_batches() if b.num_rows]
+        return _view_range(batches, [_min_max(b.column("uri")) for b in batches], lo, hi, self.schema)
+
+
+def _overlaps(span: tuple[str, str], lo: str | None, hi: str | None) -> bool:
+    least, most = span
+    return not ((hi is not None and least >= hi) or (lo is not None and most < lo))
+
+
+def classify(
+    manifest: pa.Table, view: pa.Table | StoredSources, range_rows: int = CLASSIFY_RANGE_ROWS
+) -> pa.Table:
     """One row per uri in either, in uri order: uri, status, _file (the view part holding
     it, or -1), v_sha256 (stored content hash, for unknown sources). `view` has SOURCE_COLUMNS + sha256,
     error_kind, _file.
@@ -199,19 +250,39 @@ def classify(manifest: pa.Table, view: pa.Table, range_rows: int = CLASSIFY_RANG
     630 bytes a row (+1,257 MiB), in 200k-row ranges at +156 MiB, and took half the
     time. Ranges are cut at the listing's own uris (sorted); the view's rows for a range
     come from its record batches whose uris overlap it (parts are sorted by uri)."""
+    if manifest.column("uri").null_count:
+        raise ValueError("classify: the listing has rows with no uri")
     manifest = manifest.sort_by("uri") if not _sorted(manifest.column("uri")) else manifest
-    if manifest.num_rows <= range_rows:
-        return _classify_range(manifest, view)
-    cuts = list(range(range_rows, manifest.num_rows, range_rows))
-    bounds = [manifest.column("uri")[i].as_py() for i in cuts]
-    batches = [b for b in view.to_batches() if b.num_rows]
-    spans = [_min_max(b.column("uri")) for b in batches]
+    if isinstance(view, pa.Table):
+        batches = [b for b in view.to_batches() if b.num_rows]
+        spans = [_min_max(b.column("uri")) for b in batches]
+
+        def rows_in(lo: str | None, hi: str | None) -> pa.Table:
+            return _view_range(batches, spans, lo, hi, view.schema)
+    else:
+        rows_in = view.rows_in
+    cuts, bounds = _cuts(manifest.column("uri"), range_rows)
     out = []
     for start, stop, lo, hi in zip([0, *cuts], [*cuts, manifest.num_rows], [None, *bounds], [*bounds, None]):
-        listed = manifest.slice(start, stop - start)
-        stored = _view_range(batches, spans, lo, hi, view.schema)
-        out.append(_classify_range(listed, stored))
+        out.append(_classify_range(manifest.slice(start, stop - start), rows_in(lo, hi)))
     return pa.concat_tables(out)
+
+
+def _cuts(uris: pa.ChunkedArray, range_rows: int) -> tuple[list[int], list[str]]:
+    """Row positions every range_rows rows, each moved past repeats of the uri before it
+    (a uri listed twice stays in one range), and the uri each range starts at."""
+    cuts: list[int] = []
+    bounds: list[str] = []
+    at = range_rows
+    while at < len(uris):
+        before, uri = uris[at - 1].as_py(), uris[at].as_py()
+        if uri != before:
+            cuts.append(at)
+            bounds.append(uri)
+            at += range_rows
+        else:
+            at += 1
+    return cuts, bounds
 
 
 def _sorted(uris: pa.ChunkedArray) -> bool:
@@ -229,8 +300,8 @@ def _min_max(uris: pa.Array) -> tuple[str, str]:
 def _view_range(batches, spans, lo: str | None, hi: str | None, schema: pa.Schema) -> pa.Table:
     """The view's rows with lo <= uri < hi (None: unbounded)."""
     picked = []
-    for batch, (least, most) in zip(batches, spans, strict=True):
-        if (hi is not None and least >= hi) or (lo is not None and most < lo):
+    for batch, span in zip(batches, spans, strict=True):
+        if not _overlaps(span, lo, hi):
             continue
         keep = pa.array(np.ones(batch.num_rows, bool))
         if lo is not None:

@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.job.incremental import (
     CHANGED,
     DELETED,
     NEW,
     RETRY,
     UNCHANGED,
+    VIEW_SCHEMA,
     Reuse,
     reusable_parts,
 )
@@ -77,12 +77,7 @@ class Plan:
 
 def empty_view() -> pa.Table:
     """The table side of classify when there is no table yet."""
-    schema = (
-        MANIFEST_SCHEMA.append(pa.field("sha256", pa.string()))
-        .append(pa.field("error_kind", pa.string()))
-        .append(pa.field("_file", pa.int32()))
-    )
-    return schema.empty_table()
+    return VIEW_SCHEMA.empty_table()
 
 
 def _change(base: Snapshot | None, same_inference: bool, same_rules: bool) -> Change:

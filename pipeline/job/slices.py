@@ -55,6 +55,7 @@ class SliceWriter:
         self.naming = PartNaming(key, frozenset(taken), run_id)
         self.in_tasks, self.max_in_flight = in_tasks, max_in_flight
         self.in_flight: list = []  # Ray refs of parts being written
+        self._task = self._naming_ref = None
         shard_ids = np.arange(pending.num_rows, dtype=np.int64) // rows_per_part
         self.expected = collections.Counter(shard_ids.tolist())
         self.shard_ids = pa.array(shard_ids)
@@ -84,14 +85,24 @@ class SliceWriter:
             part = write_slice(self.table, self.naming, shard, tables, source)
             self.written.append(part)  # before the next write: a Ctrl-C there must count it
             return [part]
-        import ray
-
         # one contiguous table: Ray serialises a list of small sliced batches column by
         # column and copies their offsets, which costs the driver as much as encoding
         rows = pa.concat_tables(tables, promote_options="default").combine_chunks()
-        task = ray.remote(num_cpus=0, max_retries=3)(write_slice)
-        self.in_flight.append(task.remote(self.table, self.naming, shard, [rows], source))
+        self.in_flight.append(self._writer().remote(self.table, self._naming_ref, shard, [rows], source))
         return self._collect(wait_for=max(0, len(self.in_flight) - self.max_in_flight))
+
+    def _writer(self):
+        """write_slice as a Ray task, made once: the naming (with `taken`) put once; on a
+        local table pinned to this node, whose disk it is."""
+        if self._task is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = ray.get_runtime_context().get_node_id()
+            strategy = NodeAffinitySchedulingStrategy(here, soft=False) if self.table.local else "DEFAULT"
+            self._task = ray.remote(num_cpus=0, max_retries=3, scheduling_strategy=strategy)(write_slice)
+            self._naming_ref = ray.put(self.naming)
+        return self._task
 
     def _collect(self, wait_for: int) -> list[WrittenPart]:
         """Parts whose tasks have returned (waiting for at least `wait_for` of them)."""
@@ -105,11 +116,8 @@ class SliceWriter:
             ready += more
         if ready:  # written by other processes: this one's listing cache does not know them
             self.table.fs.invalidate_cache(self.table.join(DATA_DIR, self.naming.key))
-        parts = []
-        for ref in ready:
-            part = ray.get(ref)
-            self.written.append(part)
-            parts.append(part)
+        parts = ray.get(ready)  # all at once: none finished is left out of `written`
+        self.written.extend(parts)
         return parts
 
     def finish(self) -> list[WrittenPart]:

@@ -25,7 +25,7 @@ from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
 from pipeline.job.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
 from pipeline.job.incremental import (
-    SOURCE_COLUMNS,
+    StoredSources,
     classify,
     inference_key,
     parts_dir_key,
@@ -40,7 +40,7 @@ from pipeline.job.slices import SliceWriter, WrittenPart
 from pipeline.job.tagger import TaggerSettings
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import Postprocessor
-from pipeline.storage.manifest import ListingRules, build_manifest, listing_path
+from pipeline.storage.manifest import ListingRules, build_manifest, listing_path, lists_without_ray
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import TagTable, commit_version, now_iso, table_entries
 
@@ -137,25 +137,34 @@ def _slice_writer(cfg: TagJobConfig, table: TagTable, plan: Plan, key: str, take
 
 def _list_while_ray_starts(cfg: TagJobConfig, table: TagTable, timings: dict[str, float]):
     """The listing, on a thread while Ray starts (a cold local Ray takes ~4 s; a big
-    listing much longer: neither waits for the other). Planning needs Ray (unknown sources
-    are hashed in tasks), so it comes after both."""
-    import concurrent.futures
+    listing much longer: neither waits for the other), when it needs no Ray itself (a
+    folder walk on other stores runs Ray tasks: then Ray first). Planning needs Ray
+    (unknown sources are hashed in tasks), so it comes after both. The thread is a daemon:
+    Ctrl-C or a failed Ray start ends the process without waiting for the listing."""
+    import threading
 
     def timed_listing():
         t = time.monotonic()
-        listing = _list_inputs(cfg, table)
+        try:
+            result["listing"] = _list_inputs(cfg, table)
+        except BaseException as exc:  # re-raised on the main thread
+            result["error"] = exc
         timings["list_seconds"] = _lap(t)
-        return listing
 
-    pool = concurrent.futures.ThreadPoolExecutor(1, "listing")
-    try:
-        listed = pool.submit(timed_listing)
-        t = time.monotonic()
-        ensure_ray(cfg.ray_address)
-        timings["ray_start_seconds"] = _lap(t)
-        return listed.result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    result: dict = {}
+    thread = threading.Thread(target=timed_listing, name="listing", daemon=True)
+    meanwhile = lists_without_ray(list(cfg.inputs), cfg.storage_options)
+    if meanwhile:
+        thread.start()
+    t = time.monotonic()
+    ensure_ray(cfg.ray_address)
+    timings["ray_start_seconds"] = _lap(t)
+    if not meanwhile:
+        thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["listing"]
 
 
 def _plan(
@@ -163,8 +172,7 @@ def _plan(
 ):
     """The table's side of the plan read (the base's source columns, parts an interrupted
     run left), unknown sources hashed, then plan_run decides."""
-    view = table.read(base, [*SOURCE_COLUMNS, "sha256", "error_kind"], with_file=True) if base else None
-    status = classify(manifest, view if view is not None and view.num_rows else empty_view())
+    status = classify(manifest, StoredSources.of_table(table, base) if base else empty_view())
     status = resolve_unknown(status, cfg.storage_options)
     since = _reuse_since(table, base)
     candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]

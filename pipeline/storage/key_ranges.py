@@ -27,6 +27,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from pipeline.core.errors import TagpipeError
 from pipeline.storage.filesystem import retry
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,13 @@ class S3KeyPages:
 def key_pages_for(fs, path: str) -> tuple[KeyPages, str, str] | None:
     """(pages, bucket or root, key prefix) when the store lists by key ranges; None when it
     does not (local disks and other stores keep the folder walk)."""
-    bucket, _, key = path.strip("/").partition("/")
-    prefix = key.rstrip("/") + "/" if key else ""
-    if hasattr(fs, "list_page"):
-        return fs, bucket, prefix
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "s3" in protocols and hasattr(fs, "call_s3"):  # s3fs
-        return S3KeyPages(fs, bucket), bucket, prefix
+    if hasattr(fs, "list_page"):
+        bucket, _, key = path.strip("/").partition("/")
+        return fs, bucket, key.rstrip("/") + "/" if key else ""
+    if "s3" in protocols and hasattr(fs, "call_s3"):  # s3fs: its own split knows access-point ARNs
+        bucket, key, _version = fs.split_path(path)
+        return S3KeyPages(fs, bucket), bucket, key.rstrip("/") + "/" if key else ""
     return None
 
 
@@ -111,6 +112,7 @@ def list_range(pages: KeyPages, prefix: str, span: KeyRange, settings: KeyRangeS
     start = span.after
     for request in range(1, settings.pages_per_range + 1):
         page = pages.list_page(prefix, start, settings.page_keys)
+        _check_order(page, start)
         if span.upto is not None and page.keys and page.keys[-1] > span.upto:
             found.append(_cut(page, span.upto))
             return RangeListing(found, request, None)
@@ -119,6 +121,20 @@ def list_range(pages: KeyPages, prefix: str, span: KeyRange, settings: KeyRangeS
             return RangeListing(found, request, None)
         start = page.keys[-1]
     return RangeListing(found, settings.pages_per_range, start)
+
+
+class UnorderedListing(TagpipeError):
+    """The store ignored StartAfter or listed keys out of order (some S3-compatible
+    servers, S3 Express directory buckets): key ranges cannot be trusted there."""
+
+
+def _check_order(page: Page, start: str) -> None:
+    if page.truncated and not page.keys:
+        raise UnorderedListing("the store said more keys follow but sent none")
+    if page.keys and start and page.keys[0] <= start:
+        raise UnorderedListing(f"asked for keys after {start!r}, the store sent {page.keys[0]!r}")
+    if any(a >= b for a, b in zip(page.keys, page.keys[1:])):
+        raise UnorderedListing("the store listed keys out of order")
 
 
 def _cut(page: Page, upto: str) -> Page:

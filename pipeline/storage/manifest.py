@@ -40,7 +40,7 @@ from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
 from pipeline.storage.inventory import read_inventory
-from pipeline.storage.key_ranges import KeyRangeSettings, key_pages_for, list_keys
+from pipeline.storage.key_ranges import KeyRangeSettings, UnorderedListing, key_pages_for, list_keys
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,11 @@ class ListingRules:
         """True where skip_reason may give a reason; False only where it gives none. A
         listing of millions asks skip_reason of these few only (tests/test_key_ranges.py
         fuzzes that this never misses one)."""
-        lower = pc.utf8_lower(paths)
+        lower = pc.utf8_lower(paths)  # Arrow's lower-casing differs from Python's off ASCII:
         debris = "|".join(re.escape(name) for name in sorted(DEBRIS_NAMES))
-        maybe = pc.match_substring_regex(lower, rf"(^|/)\.|{debris}")
+        maybe = pc.or_(
+            pc.invert(pc.string_is_ascii(paths)), pc.match_substring_regex(lower, rf"(^|/)\.|{debris}")
+        )
         for prefix in self.excluded:
             maybe = pc.or_(maybe, pc.starts_with(paths, prefix.rstrip("/")))
         if self.extensions:
@@ -195,6 +197,8 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
             table = pa.table({"uri": [line for line in lines if line and not line.startswith("#")]})
     if "uri" not in table.column_names:
         raise ConfigError(f"manifest {uri}: no 'uri' column (columns: {table.column_names})")
+    if table.column("uri").null_count:
+        raise ConfigError(f"manifest {uri}: {table.column('uri').null_count} row(s) with no uri")
     out = {"uri": table.column("uri").cast(pa.string())}
     for name in ("source_size", "etag", "mtime"):
         out[name] = (
@@ -203,6 +207,16 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
             else pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type)
         )
     return pa.table(out, schema=MANIFEST_SCHEMA)
+
+
+def lists_without_ray(inputs: list[str], storage_options: dict | None = None) -> bool:
+    """Whether listing these inputs starts no Ray task: local paths, and object stores
+    listed by key ranges (threads). Other stores' folders are walked by Ray tasks."""
+    for uri in inputs:
+        fs, path = filesystem_for(uri, storage_options)
+        if not is_local(fs) and key_pages_for(fs, fs._strip_protocol(path)) is None:
+            return False
+    return True
 
 
 def listing_path(uri: str, storage_options: dict | None = None) -> str:
@@ -267,7 +281,10 @@ def _list_in_parallel(
     root = path.rstrip("/") + "/"
     ranged = key_pages_for(fs, path)
     if ranged is not None:  # an object store: every key under the prefix, by key ranges
-        return [_list_by_key_ranges(protocol, root, ranged, rules, progress, key_ranges)]
+        try:
+            return [_list_by_key_ranges(protocol, root, ranged, rules, progress, key_ranges)]
+        except UnorderedListing as exc:
+            log.warning("%s: %s; listing it folder by folder instead", path, exc)
     fs.invalidate_cache(path)
     top = retry(lambda: fs.ls(path, detail=True), what=path)
     skipped = Skipped()

@@ -271,6 +271,22 @@ class TagTable:
         path = self.join(relative)
         return retry(lambda: self._read_part(path, columns), what=path)
 
+    def uri_spans(self, snapshot: Snapshot) -> list[tuple[str, str] | None]:
+        """Each part's least and greatest uri, from its footer's statistics (exact when
+        present: Parquet drops, never truncates, statistics over its size limit); None
+        where a footer has none, or the part has no rows."""
+
+        def span(relative: str) -> tuple[str, str] | None:
+            meta = retry(lambda: self.read_part_metadata(relative), what=relative)
+            column = meta.schema.names.index("uri") if "uri" in meta.schema.names else -1
+            stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            if column < 0 or not stats or not all(s is not None and s.has_min_max for s in stats):
+                return None
+            return min(s.min for s in stats), max(s.max for s in stats)
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            return list(pool.map(span, snapshot.files))
+
     def read_part_metadata(self, relative: str):
         with self.fs.open(self.join(relative), "rb") as handle:
             return pq.read_metadata(handle)
