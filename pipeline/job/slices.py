@@ -120,6 +120,23 @@ class SliceWriter:
         self.written.extend(parts)
         return parts
 
+    def settle(self, timeout: float) -> None:
+        """After an interrupt: parts whose tasks finish within `timeout` seconds count as
+        written, so the message says what is kept (a second Ctrl-C stops waiting)."""
+        if not self.in_flight:
+            return
+        import ray
+
+        try:
+            ready, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=timeout)
+            for ref in ready:
+                try:
+                    self.written.append(ray.get(ref))
+                except Exception:  # a write that failed is not kept; the rerun redoes it
+                    continue
+        except KeyboardInterrupt:
+            return
+
     def finish(self) -> list[WrittenPart]:
         """Every part written; a slice Ray returned short of is an error, never a part."""
         if self.in_flight:

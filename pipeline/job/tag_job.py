@@ -46,6 +46,7 @@ from pipeline.table.tag_table import TagTable, commit_version, now_iso, table_en
 
 log = logging.getLogger(__name__)
 SHARD = "_shard"
+INTERRUPT_SETTLE_SECONDS = 10.0  # on Ctrl-C, parts being written get this long to finish
 
 
 class RunInterrupted(TagpipeError):
@@ -90,6 +91,7 @@ def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
         rewritten = rewrite_parts(jobs, cfg.storage_options, "rewriting", progress) if jobs else []
         timings["rewrite_seconds"] = _lap(t)
     except KeyboardInterrupt:
+        writer.settle(timeout=INTERRUPT_SETTLE_SECONDS)
         raise RunInterrupted(_interrupted_text(table, base, writer.written)) from None
     _add_results(summary, tagged, rewritten, plan, timings)
 
