@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +78,11 @@ def test_cpu_path_runs_end_to_end(tmp_path):
     ratio = re.search(r"b / a \(same batch, numpy in/out\): ([0-9.]+)%", done.stdout)
     assert ratio and 0 < float(ratio.group(1)) < 100 and "CPUExecutionProvider" in done.stdout
     assert max(rows, key=lambda r: float(r[1]))[0] == job.group(1)
-    assert np.isclose(float(ratio.group(1)), 100 * float(job.group(2)) / float(session_rate), rtol=0.02)
+    # both figures are printed rounded (the rate to 0.1 img/s, the ratio to 0.01 points): at
+    # 2 img/s the rate's rounding alone is 2.5%, so the slack is what the rounding allows
+    printed_ratio, expected = float(ratio.group(1)), 100 * float(job.group(2)) / float(session_rate)
+    slack = 100 * 0.05 / float(session_rate) + 0.005 + 0.02 * printed_ratio
+    assert abs(printed_ratio - expected) <= slack, (printed_ratio, expected)
     host = re.search(
         r"^\| \(c\) tagger host work outside the session, 2000 tags \| "
         r"(\d+) \| [0-9.]+ \| host ([0-9.]+) ms/img",
