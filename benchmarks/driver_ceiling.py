@@ -110,7 +110,7 @@ def routing(rows: int, in_tasks: bool = False) -> dict:
 
 
 def planning(rows: int) -> dict:
-    from pipeline.job.incremental import classify
+    from pipeline.job.changes import classify
     from pipeline.job.plan import empty_view, plan_run
     from pipeline.table.tag_table import Snapshot
 

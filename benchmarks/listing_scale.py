@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.job.incremental import StoredSources, classify
+from pipeline.job.changes import StoredSources, classify
 from pipeline.job.plan import empty_view, plan_run
 from pipeline.storage.filesystem import filesystem_for
 from pipeline.storage.manifest import build_manifest

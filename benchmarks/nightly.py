@@ -118,7 +118,7 @@ def plan_at_scale(n: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.job.incremental import classify
+    from pipeline.job.changes import classify
 
     uris = pa.array([f"s3://bucket/images/{i:09d}.jpg" for i in range(n)])
     view = pa.table(

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.core.errors import TagpipeError
 from pipeline.demo.model import build_graph, save_with_external_data
+from pipeline.job.changes import classify
 from pipeline.job.incremental import (
     CHANGED,
     DELETED,
@@ -30,7 +31,6 @@ from pipeline.job.incremental import (
     RETRY,
     UNCHANGED,
     UNKNOWN,
-    classify,
 )
 from pipeline.job.nightly import run_nightly
 from pipeline.job.settings import load_nightly_config, make_tag_config

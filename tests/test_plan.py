@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import MANIFEST_SCHEMA
-from pipeline.job.incremental import StoredSources, classify
+from pipeline.job.changes import StoredSources, classify
 from pipeline.job.plan import Change, Counts, PartRewrite, empty_view, plan_run
 from pipeline.table.tag_table import Snapshot
 
@@ -252,7 +252,7 @@ def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_ses
     """A manifest file gives neither etag nor mtime: the bytes' sha256 decides."""
     import hashlib
 
-    from pipeline.job.incremental import resolve_unknown
+    from pipeline.job.changes import resolve_unknown
 
     same, edited = tmp_path / "same.jpg", tmp_path / "edited.jpg"
     same.write_bytes(b"same bytes")

@@ -5,6 +5,7 @@ a committed table: tests/test_nightly.py.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,10 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(ray_session, demo_bun
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{len(written)} reused from an interrupted run" in rerun.stdout
+    # parts are written by Ray tasks, and one may finish after the driver was killed (its
+    # write is atomic): the rerun reuses every part on disk when it plans, at least these
+    reused = int(re.search(r"(\d+) reused from an interrupted run", rerun.stdout).group(1))
+    assert len(written) <= reused < total, rerun.stdout
 
     clean_out = tmp_path / "clean"
     run_tag_job(

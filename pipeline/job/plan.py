@@ -1,7 +1,7 @@
 """What a tag run must do, decided before any work: a pure function of data.
 
 plan_run compares the listing with the table's current version (classified by
-incremental.classify) and with the keys of this run's settings, and says what to tag,
+changes.classify) and with the keys of this run's settings, and says what to tag,
 what an interrupted run already tagged (reused), which of the base's parts to keep as
 they are, which to rewrite without dropped rows (and rethreshold, when the rules
 changed), and the kind of change. It reads nothing itself but the parts it is given a
@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.job.changes import VIEW_SCHEMA
 from pipeline.job.incremental import (
     CHANGED,
     DELETED,
     NEW,
     RETRY,
     UNCHANGED,
-    VIEW_SCHEMA,
     Reuse,
     reusable_parts,
 )

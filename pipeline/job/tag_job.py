@@ -23,15 +23,9 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
-from pipeline.job.incremental import (
-    StoredSources,
-    classify,
-    inference_key,
-    parts_dir_key,
-    resolve_unknown,
-    rules_key,
-)
+from pipeline.job.incremental import inference_key, parts_dir_key, rules_key
 from pipeline.job.plan import Plan, empty_view, plan_run
 from pipeline.job.rethreshold import Retag
 from pipeline.job.run_summary import RunSummary
