@@ -164,9 +164,10 @@ def split_range(span: KeyRange, first_key: str, last_key: str, prefix: str, seen
 class KeyListing:
     """Every key under a prefix, as columns (in no particular order), and what it cost."""
 
-    table: pa.Table  # key, size, etag, mtime
+    table: pa.Table  # key, size, etag, mtime; or what `transform` made of them
     requests: int
     ranges: int
+    keys: int  # keys listed, before any transform
 
 
 KEY_LISTING_SCHEMA = pa.schema(
@@ -175,11 +176,17 @@ KEY_LISTING_SCHEMA = pa.schema(
 
 
 def list_keys(
-    pages: KeyPages, prefix: str, settings: KeyRangeSettings = KeyRangeSettings(), on_keys=None
+    pages: KeyPages,
+    prefix: str,
+    settings: KeyRangeSettings = KeyRangeSettings(),
+    on_keys=None,
+    transform=None,
 ) -> KeyListing:
-    """All keys under `prefix`, listed by ranges in parallel. on_keys(n): progress."""
+    """All keys under `prefix`, listed by ranges in parallel. on_keys(n): progress;
+    transform(table): applied to each range's keys as they arrive (so a caller's rows are
+    built one range at a time, never all keys twice)."""
     tables: list[pa.Table] = []
-    requests = ranges = 0
+    requests = ranges = keys_listed = 0
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(settings.concurrency, "list-range") as pool:
         pending = {pool.submit(list_range, pages, prefix, KeyRange("", None), settings): KeyRange("", None)}
@@ -190,20 +197,26 @@ def list_keys(
                 listed = future.result()
                 requests += listed.requests
                 ranges += 1
-                tables.append(_as_table(listed.pages))
-                if on_keys is not None:
-                    on_keys(tables[-1].num_rows)
                 if listed.resume_after is not None:
-                    keys = tables[-1].column("key").to_pylist()
+                    keys = [key for page in listed.pages for key in page.keys]
                     seen = "".join(key[len(prefix) :] for key in keys)
                     for piece in split_range(span, keys[0], keys[-1], prefix, seen):
                         pending[pool.submit(list_range, pages, prefix, piece, settings)] = piece
-    table = pa.concat_tables(tables) if tables else KEY_LISTING_SCHEMA.empty_table()
+                found = _as_table(listed.pages)
+                keys_listed += found.num_rows
+                if on_keys is not None:
+                    on_keys(found.num_rows)
+                tables.append(transform(found) if transform is not None else found)
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
+        empty = KEY_LISTING_SCHEMA.empty_table()
+        table = transform(empty) if transform is not None else empty
     log.debug(
         "listed %d keys under %r: %d requests, %d ranges, %.1f s",
-        table.num_rows, prefix, requests, ranges, time.monotonic() - started,
+        keys_listed, prefix, requests, ranges, time.monotonic() - started,
     )  # fmt: skip
-    return KeyListing(table, requests, ranges)
+    return KeyListing(table, requests, ranges, keys_listed)
 
 
 def _as_table(pages: list[Page]) -> pa.Table:

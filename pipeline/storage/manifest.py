@@ -256,10 +256,12 @@ def build_manifest(
             skipped.update(left_out)
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     manifest = manifest.sort_by("uri")
-    if manifest.num_rows:  # drop repeats (overlapping inputs)
-        uris = manifest.column("uri").to_pylist()
-        keep = [i for i in range(len(uris)) if i == 0 or uris[i] != uris[i - 1]]
-        manifest = manifest.take(keep)
+    if manifest.num_rows > 1:  # drop repeats (overlapping inputs), with no Python string a row
+        uris = manifest.column("uri")
+        differs = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
+        keep = np.concatenate([[True], differs.to_numpy(zero_copy_only=False)])
+        if not keep.all():
+            manifest = manifest.filter(pa.array(keep))
     if skipped.counts:
         log.info(
             "listing skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.counts.items()))
@@ -330,27 +332,36 @@ def _list_by_key_ranges(
     settings: KeyRangeSettings,
 ) -> tuple[pa.Table, Skipped]:
     pages, bucket, prefix = ranged
-    with Progress(f"listing {root}", 0, "keys", progress) as shown:
-        listed = list_keys(pages, prefix, settings, on_keys=lambda n: shown.update(n))
-    keys = listed.table.column("key").combine_chunks()
-    names = pc.binary_join_element_wise(bucket, keys, "/") if bucket else keys
-    keep = pc.invert(pc.ends_with(names, "/")).to_numpy(zero_copy_only=False)  # folder markers: no object
     skipped = Skipped()
+
+    def as_manifest(keys: pa.Table) -> pa.Table:  # each range as it arrives: one copy at a time
+        return _manifest_rows(keys, protocol, bucket, root, rules, skipped)
+
+    with Progress(f"listing {root}", 0, "keys", progress) as shown:
+        listed = list_keys(pages, prefix, settings, on_keys=lambda n: shown.update(n), transform=as_manifest)
+    log.info("listed %s: %d keys, %d requests, %d ranges", root, listed.keys, listed.requests, listed.ranges)
+    return listed.table, skipped
+
+
+def _manifest_rows(
+    keys: pa.Table, protocol: str, bucket: str, root: str, rules: ListingRules, skipped: Skipped
+) -> pa.Table:
+    """One range's keys as manifest rows; folder markers dropped, skipped files counted."""
+    key = keys.column("key").combine_chunks()
+    names = pc.binary_join_element_wise(bucket, key, "/") if bucket else key
+    keep = pc.invert(pc.ends_with(names, "/")).to_numpy(zero_copy_only=False)  # folder markers: no object
     for i in np.flatnonzero(keep & rules.may_skip(names)).tolist():
         reason = rules.skip_reason(root, names[i].as_py())
         if reason:
             skipped.add(reason, _join(protocol, names[i].as_py()))
             keep[i] = False
-    kept = listed.table.filter(pa.array(keep))
-    uris = names.filter(pa.array(keep))
+    kept, uris = keys.filter(pa.array(keep)), names.filter(pa.array(keep))
     if protocol != "file":
         uris = pc.binary_join_element_wise(f"{protocol}:/", uris, "/")
-    table = pa.table(
+    return pa.table(
         {"uri": uris, "source_size": kept["size"], "etag": kept["etag"], "mtime": kept["mtime"]},
         schema=MANIFEST_SCHEMA,
     )
-    log.info("listed %s: %d keys, %d requests, %d ranges", root, len(keys), listed.requests, listed.ranges)
-    return table, skipped
 
 
 def _count_skipped(fs, path: str, reason: str) -> tuple[pa.Table, Skipped]:
