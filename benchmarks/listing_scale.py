@@ -188,7 +188,7 @@ def main() -> None:
     flat = sorted(
         (r["objects"], max(r["peak_mib"], r["nightly_peak_mib"])) for r in results if r["layout"] == "flat"
     )
-    if len(flat) >= 2 and flat[-1][0] > flat[0][0]:
+    if len(flat) >= 2 and flat[-1][0] > flat[0][0] and flat[-1][0] >= 1_000_000:  # small N: fixed costs
         (n1, m1), (n2, m2) = flat[0], flat[-1]
         at_100m = m2 + (m2 - m1) / (n2 - n1) * (100_000_000 - n2)
         print(f"driver peak extrapolated to 100,000,000 objects (linear, flat): {at_100m / 1024:,.1f} GiB")

@@ -8,7 +8,8 @@ model, CPU), two ways:
   joined: a local Ray already running (`ray start --head` once, as on a workstation or a
           node that runs nightly jobs), joined with --ray-address auto.
 It prints, per way, the best round of: imports, Ray start (joining), listing (which runs
-while Ray starts), and first tagged rows, counted from the process's start.
+while Ray starts), and first tagged rows, counted from the process's start. The images,
+model and output stay in --workdir for the next run (delete it when done).
 """
 
 from __future__ import annotations

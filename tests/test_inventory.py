@@ -267,6 +267,10 @@ def test_a_downloaded_report_reads_the_same(store, tmp_path):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["part-0.csv.gz", "part-1.csv.gz"]
     local = build_manifest([str(manifest)], parallel=False)  # AWS's layout: <stamp>/../data/
     assert local.manifest.equals(from_s3.manifest) and local.skipped == from_s3.skipped
+    # no LIST reaches the bucket: one object is read first, so a store it cannot reach stops
+    # the listing, not every image's read later
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        build_manifest([str(manifest)], {"endpoint_url": "http://127.0.0.1:9"}, parallel=False)
     shutil.move(tmp_path / "data", tmp_path / STAMP / "data")  # or the files beside manifest.json
     assert build_manifest([str(manifest)], parallel=False).manifest.equals(from_s3.manifest)
     (tmp_path / STAMP / "data" / "part-1.csv.gz").unlink()

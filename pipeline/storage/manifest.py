@@ -219,6 +219,20 @@ def lists_without_ray(inputs: list[str], storage_options: dict | None = None) ->
     return True
 
 
+def _probe_one(rows: pa.Table, storage_options: dict | None) -> None:
+    """An inventory lists its bucket without reading it: ask for one object, so missing
+    credentials or a wrong endpoint stop the run here with one line (as a listing would),
+    not as one read_error row per image. An object deleted since the report is fine."""
+    if not rows.num_rows:
+        return
+    uri = rows.column("uri")[0].as_py()
+    fs, path = filesystem_for(uri, storage_options)
+    try:
+        retry(lambda: fs.info(path), what=uri)
+    except FileNotFoundError:
+        return
+
+
 def listing_path(uri: str, storage_options: dict | None = None) -> str:
     """A URI as the names a listing gives (no protocol; absolute for local paths)."""
     fs, _path = filesystem_for(uri, storage_options)
@@ -244,6 +258,7 @@ def build_manifest(
             prefixes.append((fs, path))
         elif posixpath.basename(path) == "manifest.json":  # an S3 Inventory report
             tables.append(read_inventory(uri, storage_options, rules.skip_reason, skipped.add))
+            _probe_one(tables[-1], storage_options)
         elif _extension(path) in MANIFEST_EXTENSIONS:
             tables.append(_read_manifest_file(uri, storage_options))
         else:
