@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
 
 TAGS, LOGITS, EMBEDDING, TAG_NAMES = 108_000, 300, 1152, 30
 CATEGORIES = ["general", "character", "copyright", "artist", "meta", "rating", "quality"]
@@ -127,7 +126,7 @@ def planning(rows: int) -> dict:
                      "sha256": pa.nulls(rows, pa.string()), "error_kind": pa.nulls(rows, pa.string()),
                      "_file": files}).cast(empty_view().schema)  # fmt: skip
     base = Snapshot(1, tuple(f"p{i}" for i in range((rows + 4095) // 4096)), rows, "m", "i", "r", "run", "t")
-    before, sampler = _rss_mib(), _PeakSampler()
+    before, sampler = rss_mib(), PeakSampler()
     started = time.perf_counter()
     with sampler:
         plan = plan_run(listing, classify(listing, view), base, ("i", "r"))
@@ -135,29 +134,10 @@ def planning(rows: int) -> dict:
     return {"rows": rows, "seconds": seconds, "to_tag": plan.to_tag.num_rows,
             "rewrites": len(plan.rewrites), "peak_growth_mib": sampler.peak - before}  # fmt: skip
 
-
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _PeakSampler:
-    """The highest resident size while the block runs, sampled every 5 ms: the process's
-    lifetime peak (ru_maxrss) is set earlier, by building the inputs, and hides it."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss_mib(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_mib())
-
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mib())
+        self.peak = max(self.peak, rss_mib())
 
 
 def _in_subprocess(kind: str, rows: int) -> dict:

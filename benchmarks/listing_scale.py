@@ -26,18 +26,17 @@ from __future__ import annotations
 import argparse
 import binascii
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
 
 from pipeline.job.changes import StoredSources, classify
 from pipeline.job.plan import empty_view, plan_run
@@ -52,28 +51,10 @@ PART_ROWS = 4096
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _PeakSampler:
-    """The highest resident size while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss_mib(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_mib())
-
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mib())
+        self.peak = max(self.peak, rss_mib())
 
 
 def write_table(objects: int, layout: str, names: str, root: str) -> dict:
@@ -102,7 +83,7 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
     fs, _ = filesystem_for("simstore://bucket/", options)
     assert len(fs.keys) == objects  # the store's own memory, before the measurement
     fs.requests = 0
-    before, rss_before = _peak_mib(), _rss_mib()
+    before, rss_before = _peak_mib(), rss_mib()
     started = time.perf_counter()
     manifest = build_manifest(["simstore://bucket/"], options).manifest
     listed_s, listed_peak, requests = time.perf_counter() - started, _peak_mib(), fs.requests
@@ -111,11 +92,11 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
     first_s, to_tag_first = time.perf_counter() - started, first.to_tag.num_rows
     del first  # a run makes one plan: the first run's copy of every row is not the nightly's
     pa.default_memory_pool().release_unused()  # and what Arrow's allocator kept of it goes back
-    before_nightly = _rss_mib() - rss_before
+    before_nightly = rss_mib() - rss_before
     files = tuple(json.loads(Path(table_root, "files.json").read_text()))
     base = Snapshot(1, files, objects, "m", "i", "r", "run", "t")
     started = time.perf_counter()
-    with _PeakSampler() as sampler:  # the table's side read part by part, as a run reads it
+    with PeakSampler() as sampler:  # the table's side read part by part, as a run reads it
         status = classify(manifest, StoredSources.of_table(TagTable(table_root), base))
         nightly = plan_run(manifest, status, base, ("i", "r"))
     nightly_s = time.perf_counter() - started
