@@ -101,7 +101,7 @@ def test_conform_casts_and_names_what_is_missing():
 
 
 def test_decoded_batch_has_the_declared_dtypes():
-    batch = decoded_batch(3, 4, 5)
+    batch = decoded_batch(3, [(4, 5)])
     assert list(batch) == list(DECODED_COLUMNS)
     assert batch["pixels"].shape == (3, 4, 5, 3) and batch["pixels"].dtype == np.uint8
     for name, dtype in DECODED_COLUMNS.items():

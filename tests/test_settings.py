@@ -292,7 +292,7 @@ def test_category_names_are_kept_as_a_file_writes_them_and_lowercased_from_the_c
         seen["cfg"] = cfg
         raise _Stop
 
-    monkeypatch.setattr(pipeline.job.tag_job, "run_tag_job", record)
+    monkeypatch.setattr(pipeline.job.tag_job, "run_tag_pass", record)
     command = typer.main.get_command(app).commands["tag"]  # type: ignore[attr-defined]
     args = ["-i", "x", "-o", "o", "-m", "m", "--category-threshold", "Character=0.8", "--mcut", "General"]
     with pytest.raises(_Stop):

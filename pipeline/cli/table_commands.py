@@ -52,14 +52,14 @@ def tag(
     tagged, deleted ones are dropped, and a new version is committed at the end; a
     new model (or decode settings) re-tags everything, new thresholds rethreshold."""
     from pipeline.job.settings import load_config_file, make_tag_config
-    from pipeline.job.tag_job import run_tag_job
+    from pipeline.job.tag_job import run_tag_pass
 
     _setup(verbose, quiet, log_format)
     given = dict(given or {})
     if quiet:
         given["progress"] = False
     cfg = make_tag_config(load_config_file(config) if config else {}, **given)
-    _emit(_interruptible(run_tag_job, cfg, dry_run=dry_run))
+    _emit(_interruptible(run_tag_pass, cfg, dry_run=dry_run))
 
 
 @app.command(short_help="Re-tag stored rows with new thresholds (no model run).")

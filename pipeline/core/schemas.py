@@ -44,16 +44,30 @@ DECODED_COLUMNS: dict[str, type] = {
 }
 
 
-def decoded_batch(n: int, height: int, width: int) -> dict[str, np.ndarray]:
-    """An empty decoded batch of n rows, every column of its declared dtype."""
+# Several models in one pass: the file's columns once, the rest once per distinct
+# preprocessing (geometry g), named `<column>@<g>` (geometry_column).
+FILE_COLUMNS = ("uri", "size", "sha256")
+GEOMETRY_COLUMNS = tuple(name for name in DECODED_COLUMNS if name not in FILE_COLUMNS)
+
+
+def geometry_column(name: str, geometry: int | None) -> str:
+    """A decoded column's name for one geometry of a multi-model pass (None: one model)."""
+    return name if geometry is None or name in FILE_COLUMNS else f"{name}@{geometry}"
+
+
+def decoded_batch(n: int, sizes: Sequence[tuple[int, int]], suffixed: bool = False) -> dict[str, np.ndarray]:
+    """An empty decoded batch of n rows, every column of its declared dtype; sizes:
+    (height, width) per geometry; suffixed: name the geometry's columns `<column>@<g>`."""
     batch: dict[str, np.ndarray] = {}
-    for name, dtype in DECODED_COLUMNS.items():
-        if name == "pixels":
-            batch[name] = np.zeros((n, height, width, 3), dtype)
-        elif dtype is np.object_:
-            batch[name] = np.full(n, None, object)
-        else:
-            batch[name] = np.zeros(n, dtype)
+    for g, (height, width) in enumerate(sizes):
+        for name, dtype in DECODED_COLUMNS.items():
+            column = geometry_column(name, g if suffixed else None)
+            if name == "pixels":
+                batch[column] = np.zeros((n, height, width, 3), dtype)
+            elif dtype is np.object_:
+                batch[column] = np.full(n, None, object)
+            else:
+                batch[column] = np.zeros(n, dtype)
     return batch
 
 

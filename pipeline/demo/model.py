@@ -146,11 +146,13 @@ def features_numpy(pixel_values: np.ndarray) -> np.ndarray:
     return np.concatenate([levels, np.ones((b, 1))], axis=1)
 
 
-def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.ModelProto:
-    """The demo tagger as an ONNX model (opset 17)."""
+def build_graph(
+    with_embedding_output: bool = True, seed: int = 0, input_size: int = INPUT_SIZE
+) -> onnx.ModelProto:
+    """The demo tagger as an ONNX model (opset 17), taking input_size square pixels."""
     weights, bias = head_weights(seed)
     tags, _ = vocabulary()
-    half = INPUT_SIZE // 2
+    half = input_size // 2
     inits = [
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.array(0.5, np.float32), "half"),
@@ -243,7 +245,7 @@ def build_graph(with_embedding_output: bool = True, seed: int = 0) -> onnx.Model
         "tagpipe_demo_tagger",
         [
             helper.make_tensor_value_info(
-                "pixel_values", TensorProto.FLOAT, ["batch", 3, INPUT_SIZE, INPUT_SIZE]
+                "pixel_values", TensorProto.FLOAT, ["batch", 3, input_size, input_size]
             )
         ],
         outputs,
@@ -305,12 +307,24 @@ def fit_ood_reference(embeddings: np.ndarray, shrinkage: float = 0.1) -> dict[st
     }
 
 
-def write_demo_bundle(directory: str | Path, seed: int = 0, with_embedding_output: bool = True) -> Path:
-    """Write the five CL Tagger v2 files (plus external weights) into directory."""
+def write_demo_bundle(
+    directory: str | Path,
+    seed: int = 0,
+    with_embedding_output: bool = True,
+    input_size: int = INPUT_SIZE,
+    resize_mode: str = "squash",
+    name: str = "tagpipe-demo-tagger",
+) -> Path:
+    """Write the five CL Tagger v2 files (plus external weights) into directory. Another
+    input size or resize mode (`pad_square`, `fit_pad`) is written as the bundle's own
+    profile (tagpipe_profile.toml): a second model of another geometry for tests of
+    several models in one pass."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tags, categories = vocabulary()
-    model = build_graph(with_embedding_output=with_embedding_output, seed=seed)
+    model = build_graph(with_embedding_output=with_embedding_output, seed=seed, input_size=input_size)
+    if (input_size, resize_mode) != (INPUT_SIZE, "squash"):
+        _write_own_profile(directory, input_size, resize_mode)
     save_with_external_data(model, directory / "model.onnx")
 
     vocab = {
@@ -337,14 +351,29 @@ def write_demo_bundle(directory: str | Path, seed: int = 0, with_embedding_outpu
     np.savez(directory / "model_ood_ref.npz", **fit_ood_reference(embeddings))  # type: ignore[arg-type]
 
     metadata = {
-        "name": "tagpipe-demo-tagger",
+        "name": name,
         "version": "demo-1",
         "architecture": "pooled pixel statistics + linear head (demo)",
         "num_tags": len(tags),
         "embedding_dim": EMBED_DIM,
-        "input_size": INPUT_SIZE,
+        "input_size": input_size,
         "features": EMBEDDING_FEATURES,
         "note": "built in-process by tagpipe model demo; tags are checkable from pixel statistics",
     }
     (directory / "model_metadata.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
     return directory
+
+
+def _write_own_profile(directory: Path, input_size: int, resize_mode: str) -> None:
+    """CL Tagger v2's shipped profile at another input size or resize mode."""
+    from importlib import resources
+
+    from pipeline.model.bundle import BUNDLE_PROFILE_FILE
+    from pipeline.model.profiles import load_profile
+
+    text = (resources.files("pipeline.model") / "profiles" / "cl_tagger_v2.toml").read_text(encoding="utf-8")
+    text = text.replace('name = "cl_tagger_v2"', f'name = "demo_{resize_mode}_{input_size}"')
+    text = text.replace("input_size = 384", f"input_size = {input_size}")
+    text = text.replace('resize_mode = "squash"', f'resize_mode = "{resize_mode}"')
+    (directory / BUNDLE_PROFILE_FILE).write_text(text, encoding="utf-8")
+    load_profile(directory / BUNDLE_PROFILE_FILE)  # a profile that does not load fails here

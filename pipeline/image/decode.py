@@ -13,12 +13,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from pipeline.core.errors import ErrorKind
-from pipeline.core.schemas import decoded_batch
-from pipeline.image.imaging import DecodeOptions, ImageError, decode_image
+from pipeline.core.schemas import decoded_batch, geometry_column
+from pipeline.image.imaging import DecodeOptions, ImageError, Loaded, decode_image
 from pipeline.image.phash import unreliable
 from pipeline.model.profiles import Preprocess
 from pipeline.storage.filesystem import read_bytes
@@ -118,21 +119,31 @@ def time_limit(seconds: float):
 
 
 class DecodeStage:
+    """preprocess: one (the decoded columns as DECODED_COLUMNS names them) or several,
+    for several models in one pass: each file is read and hashed once and decoded once
+    per distinct draft (imaging.open_image), and each preprocessing's columns are named
+    `<column>@<g>` (schemas.geometry_column)."""
+
     def __init__(
         self,
-        preprocess: Preprocess,
+        preprocess: Preprocess | Sequence[Preprocess],
         options: DecodeOptions = DecodeOptions(),
         storage_options: dict | None = None,
         timeout: float = DEFAULT_DECODE_TIMEOUT,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
-        self.preprocess = preprocess
+        self.suffixed = not isinstance(preprocess, Preprocess)
+        self.preprocesses = tuple(preprocess) if not isinstance(preprocess, Preprocess) else (preprocess,)
         self.options = options
         self.storage_options = storage_options or {}
         self.timeout = timeout  # seconds per image's decode; 0: none
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
 
-    def _decode(self, data: bytes):
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.preprocesses[0]
+
+    def _decode(self, data: bytes, pre: Preprocess, loaded: Loaded):
         """One image under the time limit and the memory budget. Raises ImageError.
 
         The time limit's exception is raised wherever the decode happens to be, and code
@@ -143,7 +154,7 @@ class DecodeStage:
             # the memory limit outside the time limit: the timer is disarmed before the
             # budget is restored, so its signal cannot cut that short
             with memory_limit(self.options.max_memory), time_limit(self.timeout):
-                return decode_image(data, self.preprocess, self.options)
+                return decode_image(data, pre, self.options, loaded)
         except MemoryError:
             budget = f"the {self.options.max_memory / 2**20:.0f} MiB max_decode_memory budget"
             raise ImageError(ErrorKind.TOO_LARGE, f"decoding needs more memory than {budget}") from None
@@ -156,41 +167,60 @@ class DecodeStage:
                 raise DecodeTimeout(self.timeout) from None
             raise
 
+    def _read(self, uri: str) -> tuple[bytes | None, tuple[str, str] | None]:
+        """The file's bytes, or (error kind, message): a read that failed for good is a row."""
+        try:
+            data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
+        except Exception as exc:
+            kind = ErrorKind.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorKind.READ_ERROR
+            return None, (kind, f"{type(exc).__name__}: {exc}"[:500])
+        if len(data) > self.max_file_bytes:  # only the first max_file_bytes + 1 were read
+            limit = f"the {self.max_file_bytes}-byte limit (max_file_bytes)"
+            return None, (ErrorKind.TOO_LARGE, f"file is larger than {limit}")
+        return data, None
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         uris = [str(u) for u in batch["uri"]]
-        n = len(uris)
-        out = decoded_batch(n, self.preprocess.height, self.preprocess.width)  # the declared columns
-        pixels, width, height, size = out["pixels"], out["width"], out["height"], out["size"]
-        phash, degenerate, sha256 = out["phash"], out["phash_degenerate"], out["sha256"]
-        error, error_kind = out["error"], out["error_kind"]
+        sizes = [(pre.height, pre.width) for pre in self.preprocesses]
+        out = decoded_batch(len(uris), sizes, self.suffixed)  # the declared columns
         for i, uri in enumerate(uris):
-            try:
-                data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
-            except Exception as exc:  # a read that failed for good: a row, not a crash
-                error_kind[i] = (
-                    ErrorKind.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorKind.READ_ERROR
-                )
-                error[i] = f"{type(exc).__name__}: {exc}"[:500]
+            data, failure = self._read(uri)
+            for g in range(len(self.preprocesses)):
+                if failure is not None:
+                    self._column(out, "error_kind", g)[i], self._column(out, "error", g)[i] = failure
+            if data is None:
                 continue
-            if len(data) > self.max_file_bytes:  # only the first max_file_bytes + 1 were read
-                error_kind[i] = ErrorKind.TOO_LARGE
-                error[i] = f"file is larger than the {self.max_file_bytes}-byte limit (max_file_bytes)"
-                continue
-            size[i] = len(data)
-            sha256[i] = hashlib.sha256(data).hexdigest()
-            try:
-                decoded = self._decode(data)
-            except ImageError as exc:
-                error_kind[i], error[i] = exc.kind, str(exc)[:500]
-                width[i], height[i] = exc.size or (0, 0)  # what the file declares, when it said
-                continue
-            except Exception as exc:  # a decoder bug must not take the batch down
-                error_kind[i], error[i] = ErrorKind.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
-                continue
-            pixels[i] = decoded.pixels
-            width[i], height[i] = decoded.width, decoded.height
-            phash[i] = decoded.phash
-            degenerate[i] = unreliable(decoded.phash, decoded.phash_fragile_bits)
+            out["size"][i] = len(data)
+            out["sha256"][i] = hashlib.sha256(data).hexdigest()
+            loaded = Loaded()  # the file's decodes, shared by profiles whose draft is the same
+            for g, pre in enumerate(self.preprocesses):
+                self._decode_into(out, i, g, data, pre, loaded)
         out["uri"] = np.asarray(uris, object)
         passed = {key: np.asarray(batch[key]) for key in batch if key not in out}  # the manifest's columns
         return {**passed, **out}
+
+    def _column(self, out: dict[str, np.ndarray], name: str, g: int) -> np.ndarray:
+        return out[geometry_column(name, g if self.suffixed else None)]
+
+    def _decode_into(self, out, i: int, g: int, data: bytes, pre: Preprocess, loaded: Loaded) -> None:
+        """Row i of geometry g's columns: the decoded image, or its error."""
+
+        def column(name):
+            return self._column(out, name, g)
+
+        try:
+            decoded = self._decode(data, pre, loaded)
+        except ImageError as exc:
+            column("error_kind")[i], column("error")[i] = exc.kind, str(exc)[:500]
+            column("width")[i], column("height")[i] = exc.size or (0, 0)  # what the file declares, if said
+            return
+        except Exception as exc:  # a decoder bug must not take the batch down
+            column("error_kind")[i], column("error")[i] = (
+                ErrorKind.DECODE_ERROR,
+                f"{type(exc).__name__}: {exc}"[:500],
+            )
+            return
+        column("pixels")[i] = decoded.pixels
+        column("width")[i], column("height")[i] = decoded.width, decoded.height
+        column("phash")[i] = decoded.phash
+        column("phash_degenerate")[i] = unreliable(decoded.phash, decoded.phash_fragile_bits)

@@ -289,16 +289,42 @@ def _open(data: bytes) -> Image.Image:
         raise ImageError(ErrorKind.NOT_AN_IMAGE, "not a recognised image format") from None
 
 
-def open_image(data: bytes, options: DecodeOptions, pre: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
+class Loaded:
+    """One file's decodes, shared by the profiles of a multi-model pass: the loaded
+    upright image by draft state, and the phash of each image hashed so far."""
+
+    def __init__(self) -> None:
+        self.images: dict[tuple, tuple[Image.Image, tuple[int, int]]] = {}
+        self.hashes: dict[int, tuple[int, int]] = {}  # id(image) -> (phash, fragile bits)
+
+    def phash(self, image: Image.Image) -> tuple[int, int]:
+        """phash_with_fragile_bits, once per image this file loaded (pad and fit
+        profiles, and every profile in exact mode, hash the image itself)."""
+        shared = any(image is loaded for loaded, _ in self.images.values())
+        if not shared:
+            return phash_with_fragile_bits(image)
+        if id(image) not in self.hashes:
+            self.hashes[id(image)] = phash_with_fragile_bits(image)
+        return self.hashes[id(image)]
+
+
+def open_image(
+    data: bytes, options: DecodeOptions, pre: Preprocess, loaded: Loaded | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """Open, check sizes, draft (fast path), load, rotate upright; also the upright
-    original size. Every check on sizes runs before any pixel is decoded."""
+    original size. Every check on sizes runs before any pixel is decoded.
+
+    loaded: the same file's earlier decodes, for several models in one pass. Opening and
+    drafting are cheap (a header parse); a profile whose draft comes out the same as an
+    earlier one's (same size, mode and DCT scale, as Pillow itself set them) takes that
+    decode instead of loading again: the pixels are the ones its own decode would give."""
     if not data:
         raise ImageError(ErrorKind.EMPTY, "zero-byte file")
     image = None
     with pillow_pixel_limit(options.max_pixels):
         try:
             image = _open(data)  # some plugins (ICO) decode here: Pillow's checks stay on
-            return _load_upright(image, data, options, pre)
+            return _load_upright(image, data, options, pre, Loaded() if loaded is None else loaded)
         except ImageError as exc:
             exc.size = exc.size or _declared_size(image)
             raise
@@ -333,7 +359,7 @@ def _bomb_message(exc: BaseException, max_pixels: int) -> str:
 
 
 def _load_upright(
-    image: Image.Image, data: bytes, options: DecodeOptions, pre: Preprocess
+    image: Image.Image, data: bytes, options: DecodeOptions, pre: Preprocess, loaded: Loaded
 ) -> tuple[Image.Image, tuple[int, int]]:
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -356,6 +382,9 @@ def _load_upright(
             want = (want[1], want[0])
         image.draft(None, want)
     _check_memory(image, options)
+    state = (image.size, image.mode, getattr(image, "decoderconfig", ()))
+    if state in loaded.images:
+        return loaded.images[state]
     drafted = image.size != (width, height)
     image.load()
     if not jpeg:
@@ -364,9 +393,10 @@ def _load_upright(
         orientation = _orientation(image)
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
-    if drafted:  # the loaded image is smaller than the file's: its declared size, upright
-        return image, ((height, width) if orientation in _SWAPS_AXES else (width, height))
-    return image, image.size
+    # drafted: the loaded image is smaller than the file's: its declared size, upright
+    upright = ((height, width) if orientation in _SWAPS_AXES else (width, height)) if drafted else image.size
+    loaded.images[state] = image, upright
+    return image, upright
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -481,9 +511,13 @@ def _fill(image: Image.Image, color: tuple[int, int, int]) -> tuple[int, ...]:
     return (*color, 255) if image.mode == "RGBA" else color
 
 
-def decode_image(data: bytes, pre: Preprocess, options: DecodeOptions = DecodeOptions()) -> DecodedImage:
-    """Bytes to model-ready uint8 pixels, original size and phash. Raises ImageError."""
-    image, (width, height) = open_image(data, options, pre)
+def decode_image(
+    data: bytes, pre: Preprocess, options: DecodeOptions = DecodeOptions(), loaded: Loaded | None = None
+) -> DecodedImage:
+    """Bytes to model-ready uint8 pixels, original size and phash. Raises ImageError.
+    loaded: the file's decodes for other profiles of the same pass (see open_image)."""
+    loaded = Loaded() if loaded is None else loaded
+    image, (width, height) = open_image(data, options, pre, loaded)
     try:
         image = to_8bit(image)
         alpha = has_alpha(image)
@@ -500,7 +534,7 @@ def decode_image(data: bytes, pre: Preprocess, options: DecodeOptions = DecodeOp
         )
         if model_input.mode == "RGBA":
             model_input = composite(model_input, pre.alpha_background)
-        value, fragile = phash_with_fragile_bits(_hash_source(image, resampled, pre, options, alpha))
+        value, fragile = loaded.phash(_hash_source(image, resampled, pre, options, alpha))
         pixels = np.asarray(model_input, dtype=np.uint8)
     except (ImageError, MemoryError):
         raise

@@ -2,6 +2,12 @@
 
 manifest blocks -> read+decode+preprocess (CPU tasks) -> tagger actor pool (GPU, or
 CPU with intra-op threads when the cluster has no GPU) -> rows for the writer.
+
+Several models in one pass: the decode tasks emit each distinct preprocessing's
+columns (`pixels@g`, ...), then one actor pool per model, chained: model i tags the
+rows its table needs (`_shard_i` set) from its geometry's columns and adds its rows as
+one struct column (`_tagged_i`), null on rows it skipped; pixels no later model needs
+are dropped there. The driver unpacks each model's rows for that model's writer.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core.schemas import FILE_COLUMNS, GEOMETRY_COLUMNS, geometry_column
 from pipeline.image.decode import DecodeStage
 from pipeline.image.imaging import DecodeOptions
 from pipeline.job.settings import TagJobConfig
@@ -80,9 +87,20 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     )
 
 
+def shard_column(model: int) -> str:
+    """The slice of model i's table a row goes to (-1: that model does not need it; not
+    null, which a numpy batch would turn into a float NaN)."""
+    return f"_shard_{model}"
+
+
+def tagged_column(model: int) -> str:
+    """Model i's tag rows, one struct per row it tagged."""
+    return f"_tagged_{model}"
+
+
 def decode_batch(
     batch,
-    preprocess: Preprocess,
+    preprocess: Preprocess | tuple[Preprocess, ...],
     options: DecodeOptions,
     storage_options: dict,
     timeout: float,
@@ -106,6 +124,57 @@ class PlacedTagger(TaggerStage):
         return table.append_column(TAGGER_NODE, pa.array([self.node] * table.num_rows, pa.string()))
 
 
+@dataclass(frozen=True)
+class ModelInPass:
+    """One model of a multi-model pass: its tagger, where its pixels are, its pool."""
+
+    settings: TaggerSettings
+    geometry: int  # index into the pass's distinct preprocessings
+    placement: Placement
+    drop: tuple[str, ...] = ()  # columns no later model needs, dropped after this one
+
+
+class PassTagger:
+    """Model `index` of a multi-model pass, as an actor pool's callable: Arrow in, Arrow
+    out (the earlier models' struct columns pass through untouched)."""
+
+    def __init__(self, index: int, model: ModelInPass):
+        self.index, self.model = index, model
+        self.tagger = PlacedTagger(model.settings)
+        fields = [*self.tagger.schema, pa.field(TAGGER_NODE, pa.string())]
+        self.struct_type = pa.struct(fields)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        mask = _numpy(batch.column(shard_column(self.index))) >= 0
+        rows = batch.filter(pa.array(mask))
+        if rows.num_rows:
+            tagged = self.tagger(self._decoded(rows)).combine_chunks()
+            struct = pa.StructArray.from_arrays(
+                [tagged.column(f.name).chunk(0) for f in self.struct_type], fields=list(self.struct_type)
+            )
+            positions = np.where(mask, np.cumsum(mask) - 1, 0)
+            column = struct.take(pa.array(positions, pa.int64(), mask=~mask))
+        else:
+            column = pa.nulls(batch.num_rows, self.struct_type)
+        return batch.drop_columns(list(self.model.drop)).append_column(tagged_column(self.index), column)
+
+    def _decoded(self, rows: pa.Table) -> dict[str, np.ndarray]:
+        """The decoded columns of this model's geometry, under the names TaggerStage reads."""
+        return {
+            name: _numpy(rows.column(geometry_column(name, self.model.geometry)))
+            for name in (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
+        }
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: Ray's tensor columns (pixels) as one ndarray, strings as objects."""
+    chunks = [
+        c.to_numpy() if isinstance(c.type, pa.ExtensionType) else c.to_numpy(zero_copy_only=False)
+        for c in column.chunks
+    ]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
 def build_tag_dataset(
     blocks: list[pa.Table],
     cfg: TagJobConfig,
@@ -113,10 +182,53 @@ def build_tag_dataset(
     settings: TaggerSettings,
     placement: Placement,
 ):
+    ds = _decoded_dataset(blocks, cfg, preprocess, placement.decode_cpus)
+    return ds.map_batches(
+        PlacedTagger,
+        fn_constructor_args=(settings,),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        # a fixed pool, one model session per actor, running batches_in_flight calls at once
+        compute=_pool(placement),
+        num_gpus=placement.tagger_gpus,
+        num_cpus=placement.tagger_cpus,
+    )
+
+
+def build_pass_dataset(
+    blocks: list[pa.Table], cfg: TagJobConfig, preprocesses: tuple[Preprocess, ...], models: list[ModelInPass]
+):
+    """Decode once for every model, then each model's pool in turn (see the module's text)."""
+    ds = _decoded_dataset(blocks, cfg, preprocesses, models[0].placement.decode_cpus)
+    for index, model in enumerate(models):
+        ds = ds.map_batches(
+            PassTagger,
+            fn_constructor_args=(index, model),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=_pool(model.placement),
+            num_gpus=model.placement.tagger_gpus,
+            num_cpus=model.placement.tagger_cpus,
+        )
+    return ds
+
+
+def _pool(placement: Placement):
+    """A fixed pool, one model session per actor, running batches_in_flight calls at once."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(
+        size=placement.tagger_actors,
+        max_concurrent_calls_per_actor=placement.batches_in_flight,
+        enable_true_multi_threading=placement.batches_in_flight > 1,
+    )
+
+
+def _decoded_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess, decode_cpus: float):
     import ray.data
 
     ds: ray.data.Dataset = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
+    return ds.map_batches(
         # fn_kwargs gives the rest of its arguments
         decode_batch,  # type: ignore[arg-type]
         fn_kwargs=dict(
@@ -138,19 +250,5 @@ def build_tag_dataset(
         # idempotent, and its per-image limits keep a file from killing the worker. The
         # CPUs asked here differ from the tagger's on every placement, which keeps Ray
         # from fusing decode into the tagger actors (serialising it behind inference).
-        num_cpus=placement.decode_cpus,
-    )
-    return ds.map_batches(
-        PlacedTagger,
-        fn_constructor_args=(settings,),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        # a fixed pool, one model session per actor, running batches_in_flight calls at once
-        compute=ray.data.ActorPoolStrategy(
-            size=placement.tagger_actors,
-            max_concurrent_calls_per_actor=placement.batches_in_flight,
-            enable_true_multi_threading=placement.batches_in_flight > 1,
-        ),
-        num_gpus=placement.tagger_gpus,
-        num_cpus=placement.tagger_cpus,
+        num_cpus=decode_cpus,
     )

@@ -105,3 +105,16 @@ class RunSummary:
             f"{self.images_per_second:.1f} img/s; version {self.version} "
             f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
         )
+
+
+@dataclass
+class PassSummary:
+    """Several models tagged in one pass: each table's RunSummary, in --model order."""
+
+    runs: list[RunSummary]
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [f"{len(self.runs)} models in one pass, {self.seconds:.1f} s:"]
+        lines += [f"  {run.model_name}: {run.text()}" for run in self.runs]
+        return "\n".join(lines)

@@ -84,17 +84,30 @@ class TagJobConfig(SettingsModel):
         Setting(NONE, flags=("--output", "-o")),
     ]
     model: Annotated[
-        str,
-        Field(min_length=1, description="model bundle directory"),
-        Setting(INFERENCE, flags=("--model", "-m"), key_via="the bundle's fingerprint (model_sha256)"),
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
+        Field(
+            min_length=1,
+            description="model bundle directory, repeatable: several models tag in one pass, each into its "
+            "own table `OUTPUT/<model name>/`, and each image is read once and decoded once per distinct "
+            "preprocessing",
+        ),
+        Setting(
+            INFERENCE,
+            flags=("--model", "-m"),
+            metavar="DIR",
+            key_via="the bundle's fingerprint (model_sha256)",
+        ),
     ]
     profile: Annotated[
-        str | None,
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
         Field(
-            description="shipped profile name (`cl_tagger_v2`, `wd_v3`, `joytag`, `jtp1`) or a `.toml` file"
+            description="shipped profile name (`cl_tagger_v2`, `wd_v3`, `joytag`, `jtp1`) or a `.toml` file; "
+            "with several models, one per `--model`, in order"
         ),
         Setting(INFERENCE, default_text="detected", key_via="the resolved profile (profile_key)"),
-    ] = None
+    ] = ()
     batch_size: Annotated[int, Field(ge=1, description="images per model call"), Setting(NONE)] = 32
     tagger_actors: Annotated[
         int,
@@ -295,9 +308,25 @@ class TagJobConfig(SettingsModel):
         float, Field(gt=0, description="seconds between progress lines off a terminal"), Setting(NONE)
     ] = DEFAULT_INTERVAL
 
+    @model_validator(mode="after")
+    def _profiles_per_model(self) -> TagJobConfig:
+        if self.profile and len(self.profile) != len(self.model):
+            raise ValueError(
+                f"profile: {len(self.profile)} given for {len(self.model)} models; give one per --model, "
+                "in order, or none (detected)"
+            )
+        if len(set(self.model)) != len(self.model):
+            raise ValueError("model: the same bundle is given twice")
+        return self
+
     @property
     def rules(self) -> RuleSettings:
         return RuleSettings.of(self)
+
+    def for_model(self, index: int, output: str) -> TagJobConfig:
+        """The settings of one model of a multi-model run: its bundle, its profile, its table."""
+        profile = (self.profile[index],) if self.profile else ()
+        return self.model_copy(update={"model": (self.model[index],), "profile": profile, "output": output})
 
     def dense_logits_for(self, tags: int) -> bool:
         """Whether rows store every logit: as asked, else for small vocabularies, where a
@@ -443,8 +472,8 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [{table}] must be a table")
-    keys = ("output", "model") if table == "tag" else ("dedup_output", "splits_output", "metadata")
-    lists = ("inputs",) if table == "tag" else ("exclude",)
+    keys = ("output",) if table == "tag" else ("dedup_output", "splits_output", "metadata")
+    lists = ("inputs", "model") if table == "tag" else ("exclude",)
     for key in keys:
         section[key] = _relative_to(path.parent, section.get(key))
     for key in lists:

@@ -8,30 +8,32 @@ the commit (pipeline/table/tag_table.py), and parts written before a crash are r
 
 The plan is pipeline/job/plan.py's (pure, table-driven tests), the slices' buffers
 pipeline/job/slices.py's, the commit pipeline/table/tag_table.py's `commit_version`; this
-module runs them in order and builds the RunSummary from what each returned.
+module runs them in order and builds the RunSummary from what each returned. Several
+models: each gets a ModelRun (its table, plan and writer), tagged in one pass by
+pipeline/job/model_runs.py.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import posixpath
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 
 from pipeline import __version__
 from pipeline.core.errors import TagpipeError
-from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
-from pipeline.job.graph import DECODE_NODE, TAGGER_NODE, build_tag_dataset, plan_placement
-from pipeline.job.incremental import inference_key, parts_dir_key, rules_key
+from pipeline.job.incremental import inference_key, rules_key
+from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Plan, empty_view, plan_run
 from pipeline.job.rethreshold import Retag
-from pipeline.job.run_summary import RunSummary
+from pipeline.job.run_summary import PassSummary, RunSummary
 from pipeline.job.settings import TagJobConfig
 from pipeline.job.slices import SliceWriter, WrittenPart
-from pipeline.job.tagger import TaggerSettings
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import Postprocessor
 from pipeline.storage.manifest import ListingRules, build_manifest, listing_path, lists_without_ray
@@ -39,7 +41,6 @@ from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import TagTable, commit_version, now_iso, table_entries
 
 log = logging.getLogger(__name__)
-SHARD = "_shard"
 INTERRUPT_SETTLE_SECONDS = 10.0  # on Ctrl-C, parts being written get this long to finish
 
 
@@ -50,88 +51,166 @@ class RunInterrupted(TagpipeError):
 def run_tag_job(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary:
     """Bring the table at cfg.output up to date with the inputs, then commit one version:
     plan (pure, pipeline/job/plan.py), execute (tag on Ray, rewrite parts), commit.
-    dry_run: list and plan, and return the plan; nothing is tagged or written."""
-    started = time.monotonic()
-    bundle = load_bundle(cfg.model, cfg.profile)  # a bad bundle stops here, before any image
-    rules = cfg.rules
-    Postprocessor.for_bundle(bundle, rules)  # and so do rules the bundle cannot serve
-    run_id = cfg.run_id or new_run_id()
-    keys = (inference_key(cfg, bundle), rules_key(bundle, rules))
-    key = parts_dir_key(*keys)
-    table = TagTable(cfg.output, cfg.storage_options)
-    base = table.current() if dry_run else table.sync_current()
-    timings: dict[str, float] = {}
-    listing = _list_while_ray_starts(cfg, table, timings)
-    manifest_path = None if dry_run else table.write_input_manifest(run_id, listing.manifest)
-    t = time.monotonic()
-    taken = set(base.files) if base else set()  # parts a version names: never reused, never overwritten
-    plan = _plan(cfg, table, base, taken, key, keys, listing.manifest)
-    timings["plan_seconds"] = _lap(t)
-    summary = _planned_summary(cfg, run_id, bundle, base, listing, plan, dry_run)
-    _log_plan(summary)
-    if dry_run:
-        summary.timings = timings
-        summary.seconds = round(time.monotonic() - started, 3)
-        return summary
+    dry_run: list and plan, and return the plan; nothing is tagged or written.
+    One model; several: run_tag_pass."""
+    if len(cfg.model) != 1:
+        raise TagpipeError(
+            f"model: {len(cfg.model)} given where one is taken (`tagpipe tag` takes several; nightly one)"
+        )
+    summary = run_tag_pass(cfg, dry_run)
+    assert isinstance(summary, RunSummary)
+    return summary
 
-    writer = _slice_writer(cfg, table, plan, key, taken, run_id)
+
+def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassSummary:
+    """run_tag_job for one or several models. Several: one table each under cfg.output,
+    each planned on its own, tagged in one pass (pipeline/job/model_runs.py), and
+    committed each on its own; a PassSummary of their RunSummaries."""
+    started = time.monotonic()
+    run_id = cfg.run_id or new_run_id()
+    runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
+    timings: dict[str, float] = {}
+    listing = _list_while_ray_starts(cfg, [r.table for r in runs], timings)
+    for run in runs:
+        _plan_model(run, listing, dry_run, timings)
+    if dry_run:
+        return _summaries(runs, started, timings)
+    for run in runs:
+        run.writer = _slice_writer(run)
     try:
         t = time.monotonic()
-        tagged = _tag(cfg, bundle, rules, run_id, writer, started) if plan.to_tag.num_rows else Tagged()
+        tagging = [r for r in runs if r.plan.to_tag.num_rows]
+        if len(runs) == 1:
+            tagged = {0: tag_one(runs[0], started, _progress_settings(cfg))} if tagging else {}
+        else:
+            tagged = tag_in_one_pass(cfg, runs, started, _progress_settings(cfg)) if tagging else {}
         timings["tag_seconds"] = _lap(t)
         t = time.monotonic()
-        jobs = _rewrite_jobs(plan, table, key, bundle, rules, run_id)
-        progress = _progress_settings(cfg)
-        rewritten = rewrite_parts(jobs, cfg.storage_options, "rewriting", progress) if jobs else []
+        for run in runs:
+            run.rewritten = _rewrite(run)
         timings["rewrite_seconds"] = _lap(t)
     except KeyboardInterrupt:
-        writer.settle(timeout=INTERRUPT_SETTLE_SECONDS)
-        raise RunInterrupted(_interrupted_text(table, base, writer.written)) from None
-    _add_results(summary, tagged, rewritten, plan, timings)
+        for run in runs:
+            run.writer.settle(timeout=INTERRUPT_SETTLE_SECONDS)
+        raise RunInterrupted(
+            " ".join(_interrupted_text(r.table, r.base, r.writer.written) for r in runs)
+        ) from None
+    for index, run in enumerate(runs):
+        _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, timings)
+        _commit(run, listing, timings, started)
+    return _summaries(runs, started, None)
 
+
+def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
+    """Every model's bundle loaded and checked against the rules, and its table opened,
+    before any image is read. One model: its table is cfg.output; several: one table
+    each, cfg.output/<model name>/ (two bundles of one name are refused)."""
+    bundles = [
+        load_bundle(model, cfg.profile[i] if cfg.profile else None) for i, model in enumerate(cfg.model)
+    ]
+    names = [b.name for b in bundles]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TagpipeError(
+            f"model: two bundles are named {twice[0]!r}; with several models each writes its table "
+            "to OUTPUT/<model name>/, so their names (model_metadata.json's name, else the folder) "
+            "must differ"
+        )
+    runs = []
+    for index, bundle in enumerate(bundles):
+        output = cfg.output if len(bundles) == 1 else posixpath.join(cfg.output.rstrip("/"), bundle.name)
+        one = cfg.for_model(index, output)
+        Postprocessor.for_bundle(bundle, one.rules)  # rules the bundle cannot serve stop here
+        table = TagTable(one.output, one.storage_options)
+        base = table.current() if dry_run else table.sync_current()
+        keys = (inference_key(one, bundle), rules_key(bundle, one.rules))
+        runs.append(
+            ModelRun(one, bundle, keys, table, base, run_id, taken=set(base.files) if base else set())
+        )
+    return runs
+
+
+def _plan_model(run: ModelRun, listing, dry_run: bool, timings: dict) -> None:
+    """One model's plan from the shared listing, its summary, and (unless dry) the
+    listing's copy in its table."""
+    run.manifest_path = None if dry_run else run.table.write_input_manifest(run.run_id, listing.manifest)
+    t = time.monotonic()
+    run.plan = _plan(run.cfg, run.table, run.base, run.taken, run.key, run.keys, listing.manifest)
+    timings["plan_seconds"] = round(timings.get("plan_seconds", 0.0) + _lap(t), 3)
+    run.summary = _planned_summary(run.cfg, run.run_id, run.bundle, run.base, listing, run.plan, dry_run)
+    _log_plan(run.summary)
+
+
+def _rewrite(run: ModelRun) -> list:
+    jobs = _rewrite_jobs(run.plan, run.table, run.key, run.bundle, run.cfg.rules, run.run_id)
+    return (
+        rewrite_parts(jobs, run.cfg.storage_options, "rewriting", _progress_settings(run.cfg)) if jobs else []
+    )
+
+
+def _commit(run: ModelRun, listing, timings: dict, started: float) -> None:
+    """Commit the model's new version (when its plan changes anything), then its run manifest."""
+    summary, plan, base = run.summary, run.plan, run.base
+    run_timings = dict(timings)
     if plan.commits:
         t = time.monotonic()
-        files = [*plan.keep, *(r.file for r in rewritten if r.file), *plan.reuse.files, *summary.parts]
+        rewritten = [r.file for r in run.rewritten if r.file]
+        files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
         snapshot = commit_version(
-            table,
+            run.table,
             base,
             files,
-            model_sha256=bundle.fingerprint.model_sha256,
-            inference_key=keys[0],
-            rules_key=keys[1],
-            run_id=run_id,
-            model_name=bundle.name,
-            rules=rules.record(),
+            model_sha256=run.bundle.fingerprint.model_sha256,
+            inference_key=run.keys[0],
+            rules_key=run.keys[1],
+            run_id=run.run_id,
+            model_name=run.bundle.name,
+            rules=run.cfg.rules.record(),
             counts=summary.counts() | {"rows": summary.listed},
             expected_rows=summary.listed,
         )
         summary.version, summary.rows = snapshot.version, snapshot.rows
-        timings["commit_seconds"] = _lap(t)
+        run_timings["commit_seconds"] = _lap(t)
     else:
         summary.rows = base.rows if base else 0
-    summary.timings = timings
+    summary.timings = run_timings
     summary.seconds = round(time.monotonic() - started, 3)
-    table.write_run_manifest(run_id, _run_record(cfg, bundle, keys, listing, manifest_path, summary))
-    return summary
+    record = _run_record(run.cfg, run.bundle, run.keys, listing, run.manifest_path, summary)
+    run.table.write_run_manifest(run.run_id, record)
 
 
-def _list_inputs(cfg: TagJobConfig, table: TagTable):
-    """Every input, with the table's own folder and the listing rules left out."""
+def _summaries(runs: list[ModelRun], started: float, timings: dict | None) -> RunSummary | PassSummary:
+    """One model: its RunSummary; several: a PassSummary of them (timings: a dry run's)."""
+    for run in runs:
+        if timings is not None:
+            run.summary.timings = dict(timings)
+            run.summary.seconds = round(time.monotonic() - started, 3)
+    if len(runs) == 1:
+        return runs[0].summary
+    return PassSummary([r.summary for r in runs], round(time.monotonic() - started, 3))
+
+
+def _list_inputs(cfg: TagJobConfig, tables: list[TagTable]):
+    """Every input, with the tables' own folders and the listing rules left out."""
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
-    own = tuple(listing_path(entry, cfg.storage_options) for entry in table_entries(cfg.output))
+    entries = [entry for table in tables for entry in table_entries(table.uri)]
+    own = tuple(listing_path(entry, cfg.storage_options) for entry in entries)
     rules = ListingRules(extensions, own, skip_sidecars=not cfg.list_sidecars)
     return build_manifest(list(cfg.inputs), cfg.storage_options, rules, progress=_progress_settings(cfg))
 
 
-def _slice_writer(cfg: TagJobConfig, table: TagTable, plan: Plan, key: str, taken: set[str], run_id: str):
+def _slice_writer(run: ModelRun) -> SliceWriter:
     """Parts encoded and written by Ray tasks, one in flight per 8 CPUs (at least 2)."""
     import ray
 
     in_flight = max(2, int(ray.cluster_resources().get("CPU", 0)) // 8)
-    return SliceWriter(table, plan.to_tag, cfg.rows_per_part, key, taken, run_id, True, in_flight)
+    plan, cfg = run.plan, run.cfg
+    return SliceWriter(
+        run.table, plan.to_tag, cfg.rows_per_part, run.key, run.taken, run.run_id, True, in_flight
+    )
 
 
-def _list_while_ray_starts(cfg: TagJobConfig, table: TagTable, timings: dict[str, float]):
+def _list_while_ray_starts(cfg: TagJobConfig, tables: list[TagTable], timings: dict[str, float]):
     """The listing, on a thread while Ray starts (a cold local Ray takes ~4 s; a big
     listing much longer: neither waits for the other), when it needs no Ray itself (a
     folder walk on other stores runs Ray tasks: then Ray first). Planning needs Ray
@@ -142,7 +221,7 @@ def _list_while_ray_starts(cfg: TagJobConfig, table: TagTable, timings: dict[str
     def timed_listing():
         t = time.monotonic()
         try:
-            result["listing"] = _list_inputs(cfg, table)
+            result["listing"] = _list_inputs(cfg, tables)
         except BaseException as exc:  # re-raised on the main thread
             result["error"] = exc
         timings["list_seconds"] = _lap(t)
@@ -307,49 +386,3 @@ def _progress_settings(cfg: TagJobConfig) -> ProgressSettings:
 
 def _lap(t: float) -> float:
     return round(time.monotonic() - t, 3)
-
-
-@dataclass
-class Tagged:
-    """What tagging returned: the parts written, where the work ran."""
-
-    parts: list[WrittenPart] = field(default_factory=list)
-    placement: str = ""
-    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
-    first_rows_seconds: float | None = None  # from the run's start to the first tagged rows
-
-
-def _tag(cfg: TagJobConfig, bundle, rules, run_id: str, writer: SliceWriter, run_started: float) -> Tagged:
-    """Tag the writer's pending rows on Ray; every complete slice becomes one part (not
-    yet committed). first_rows_seconds: from the run's start to the first tagged rows."""
-    import ray
-
-    placement = plan_placement(cfg, ray.cluster_resources().get("GPU", 0))
-    settings = TaggerSettings(
-        model_dir=str(bundle.directory),
-        profile=bundle.profile,
-        provider=cfg.provider,
-        intra_op_threads=placement.intra_op_threads,
-        run_id=run_id,
-        dense_logits=cfg.dense_logits_for(len(bundle.vocabulary)),
-        normalise_in_graph=cfg.normalise_in_graph,
-        rules=rules,
-        batch_timeout=cfg.batch_timeout,
-    )
-    block_rows = max(cfg.decode_batch_size, 64)
-    work = writer.work()  # the rest of the manifest is joined back when a slice is written
-    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
-    dataset = build_tag_dataset(blocks, cfg, bundle.profile.preprocess, settings, placement)
-    nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
-    first_rows = None
-    with Progress("tagging", work.num_rows, "images", _progress_settings(cfg)) as progress:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            first_rows = first_rows or _lap(run_started)
-            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
-                nodes[stage].update(batch.column(column).to_pylist())
-            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
-            progress.update(batch.num_rows, batch.num_rows - batch.column("error_kind").null_count)
-            writer.add(batch)
-    parts = writer.finish()  # Ray returned fewer rows than sent: nothing partial; a rerun redoes them
-    rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
-    return Tagged(parts, placement.describe(), rows_by_node, first_rows)

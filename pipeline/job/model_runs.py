@@ -1,0 +1,239 @@
+"""Each model's table in a tag run, and its tagging: one model (tag_one), or several in one
+pass (tag_in_one_pass).
+
+A run with several `--model`s plans each model's table on its own (its base, its keys,
+its plan), then tags in one pass: the union of what the tables need is read once,
+decoded once per distinct preprocessing, and each model's actor pool tags only the rows
+its table needs (pipeline/job/graph.py). The driver hands each model's rows to that
+model's SliceWriter, so each table gets exactly the parts a run of that model alone
+would write. Each table then commits on its own (pipeline/job/tag_job.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.job.graph import (
+    DECODE_NODE,
+    TAGGER_NODE,
+    ModelInPass,
+    Placement,
+    build_pass_dataset,
+    build_tag_dataset,
+    plan_placement,
+    shard_column,
+    tagged_column,
+)
+from pipeline.job.incremental import parts_dir_key
+from pipeline.job.plan import Plan
+from pipeline.job.run_summary import RunSummary
+from pipeline.job.settings import TagJobConfig
+from pipeline.job.slices import SHARD, SliceWriter, WrittenPart
+from pipeline.job.tagger import TaggerSettings
+from pipeline.model.bundle import ModelBundle
+from pipeline.model.profiles import Preprocess
+from pipeline.table.tag_table import Snapshot, TagTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRun:
+    """One model's table in a run: what it was given, its plan, then its outcome."""
+
+    cfg: TagJobConfig  # this model's settings (one bundle, its own output)
+    bundle: ModelBundle
+    keys: tuple[str, str]  # (inference, rules)
+    table: TagTable
+    base: Snapshot | None
+    run_id: str
+    taken: set[str] = field(default_factory=set)  # parts a version names: never reused, never overwritten
+    plan: Plan = None  # type: ignore[assignment]
+    summary: RunSummary = None  # type: ignore[assignment]
+    manifest_path: str | None = None
+    writer: SliceWriter = None  # type: ignore[assignment]
+    rewritten: list = field(default_factory=list)  # RewriteJob results
+
+    @property
+    def key(self) -> str:
+        return parts_dir_key(*self.keys)
+
+
+@dataclass
+class Tagged:
+    """What tagging returned for one model: the parts written, where the work ran."""
+
+    parts: list[WrittenPart] = field(default_factory=list)
+    placement: str = ""
+    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    first_rows_seconds: float | None = None  # from the run's start to the first tagged rows
+
+
+def tagger_settings(run: ModelRun, placement: Placement) -> TaggerSettings:
+    cfg, bundle = run.cfg, run.bundle
+    return TaggerSettings(
+        model_dir=str(bundle.directory),
+        profile=bundle.profile,
+        provider=cfg.provider,
+        intra_op_threads=placement.intra_op_threads,
+        run_id=run.run_id,
+        dense_logits=cfg.dense_logits_for(len(bundle.vocabulary)),
+        normalise_in_graph=cfg.normalise_in_graph,
+        rules=cfg.rules,
+        batch_timeout=cfg.batch_timeout,
+    )
+
+
+def tag_one(run: ModelRun, run_started: float, progress_settings: ProgressSettings) -> Tagged:
+    """Tag one model's pending rows on Ray; every complete slice becomes one part (not
+    yet committed). first_rows_seconds: from the run's start to the first tagged rows."""
+    import ray
+
+    cfg, writer = run.cfg, run.writer
+    placement = plan_placement(cfg, ray.cluster_resources().get("GPU", 0))
+    settings = tagger_settings(run, placement)
+    block_rows = max(cfg.decode_batch_size, 64)
+    work = writer.work()  # the rest of the manifest is joined back when a slice is written
+    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
+    dataset = build_tag_dataset(blocks, cfg, run.bundle.profile.preprocess, settings, placement)
+    nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
+    first_rows = None
+    with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            first_rows = first_rows or round(time.monotonic() - run_started, 3)
+            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
+                nodes[stage].update(batch.column(column).to_pylist())
+            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
+            progress.update(batch.num_rows, batch.num_rows - batch.column("error_kind").null_count)
+            writer.add(batch)
+    parts = writer.finish()  # Ray returned fewer rows than sent: nothing partial; a rerun redoes them
+    rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
+    return Tagged(parts, placement.describe(), rows_by_node, first_rows)
+
+
+def pass_placements(runs: list[ModelRun], cluster_gpus: float) -> list[Placement]:
+    """Each model's pool placed as its settings say; when the pools together ask for
+    more GPUs than the cluster has, each actor's share is scaled down so they all fit
+    (two models on one GPU: half each), since a pool that cannot start stalls the pass."""
+    placements = [plan_placement(run.cfg, cluster_gpus) for run in runs]
+    wanted = sum(p.tagger_gpus * p.tagger_actors for p in placements)
+    if wanted > cluster_gpus > 0:
+        share = cluster_gpus / wanted
+        log.info(
+            "the models' pools ask for %g GPUs of %g: each actor gets %.2g of its ask",
+            wanted,
+            cluster_gpus,
+            share,
+        )
+        placements = [_scaled(p, share) for p in placements]
+    return placements
+
+
+def _scaled(placement: Placement, share: float) -> Placement:
+    from dataclasses import replace
+
+    return replace(placement, tagger_gpus=placement.tagger_gpus * share)
+
+
+def geometries(runs: list[ModelRun]) -> tuple[tuple[Preprocess, ...], list[int]]:
+    """The distinct preprocessings of the models, and each model's index among them."""
+    distinct: list[Preprocess] = []
+    index = []
+    for run in runs:
+        pre = run.bundle.profile.preprocess
+        if pre not in distinct:
+            distinct.append(pre)
+        index.append(distinct.index(pre))
+    return tuple(distinct), index
+
+
+def pass_work(runs: list[ModelRun]) -> pa.Table:
+    """The union of what the models' tables need: one row per uri, with each model's
+    slice number (-1 where that model's table does not need the uri)."""
+    uris = pa.concat_arrays([run.writer.work().column("uri").combine_chunks() for run in runs])
+    union = pa.table({"uri": uris}).group_by("uri").aggregate([]).sort_by("uri")
+    for index, run in enumerate(runs):
+        work = run.writer.work().rename_columns(["uri", shard_column(index)])
+        joined = union.join(work, "uri", join_type="left outer").sort_by("uri")
+        shards = joined.column(shard_column(index)).fill_null(-1)
+        union = union.append_column(shard_column(index), shards)
+    return union
+
+
+def tag_in_one_pass(
+    cfg: TagJobConfig, runs: list[ModelRun], run_started: float, progress_settings: ProgressSettings
+) -> dict[int, Tagged]:
+    """Tag every model's pending rows in one pass; each model's complete slices become
+    its parts (not yet committed). Returns what each model (by index) wrote."""
+    import ray
+
+    placements = pass_placements(runs, ray.cluster_resources().get("GPU", 0))
+    preprocesses, geometry = geometries(runs)
+    models = [
+        ModelInPass(tagger_settings(run, placements[i]), geometry[i], placements[i], _dropped(i, geometry))
+        for i, run in enumerate(runs)
+    ]
+    work = pass_work(runs)
+    block_rows = max(cfg.decode_batch_size, 64)
+    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
+    log.info(
+        "one pass for %d models: %d images, decoded for %d distinct preprocessing(s)",
+        len(runs),
+        work.num_rows,
+        len(preprocesses),
+    )
+    dataset = build_pass_dataset(blocks, cfg, preprocesses, models)
+    nodes: list[dict[str, collections.Counter]] = [
+        {"decode": collections.Counter(), "tag": collections.Counter()} for _ in runs
+    ]
+    first_rows: list[float | None] = [None] * len(runs)
+    with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for index, run in enumerate(runs):
+                rows = _model_rows(batch, index)
+                if rows is None:
+                    continue
+                first_rows[index] = first_rows[index] or round(time.monotonic() - run_started, 3)
+                nodes[index]["decode"].update(rows.column(DECODE_NODE).to_pylist())
+                nodes[index]["tag"].update(rows.column(TAGGER_NODE).to_pylist())
+                run.writer.add(rows.drop_columns([DECODE_NODE, TAGGER_NODE]))
+            progress.update(batch.num_rows, batch.num_rows)
+    tagged = {}
+    for index, run in enumerate(runs):
+        parts = run.writer.finish()  # a slice Ray returned short of: nothing partial; a rerun redoes it
+        rows_by_node = {stage: dict(counter) for stage, counter in nodes[index].items()}
+        tagged[index] = Tagged(parts, placements[index].describe(), rows_by_node, first_rows[index])
+    return tagged
+
+
+def _dropped(index: int, geometry: list[int]) -> tuple[str, ...]:
+    """The pixels no model after this one needs: dropped after it, off the object store."""
+    from pipeline.core.schemas import geometry_column
+
+    later = set(geometry[index + 1 :])
+    return () if geometry[index] in later else (geometry_column("pixels", geometry[index]),)
+
+
+def _model_rows(batch: pa.Table, index: int) -> pa.Table | None:
+    """Model `index`'s tag rows in a batch of the pass, with their slice number and the
+    node that decoded them; None when it tagged none of the batch."""
+    column = batch.column(tagged_column(index))
+    valid = column.is_valid()
+    if column.null_count == len(column):
+        return None
+    rows = pa.Table.from_batches(
+        [pa.RecordBatch.from_struct_array(chunk) for chunk in column.filter(valid).chunks]
+    )
+    shards = batch.column(shard_column(index)).filter(valid)
+    decoded_on = batch.column(DECODE_NODE).filter(valid)
+    rows = rows.append_column(SHARD, shards.cast(pa.int64())).append_column(DECODE_NODE, decoded_on)
+    if np.any(rows.column(SHARD).to_numpy() < 0):
+        raise RuntimeError(f"model {index} tagged a row its table did not ask for")
+    return rows

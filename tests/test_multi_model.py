@@ -1,0 +1,175 @@
+"""Several models in one pass: each image read once and decoded once per distinct
+draft, and each model's table equal, row for row, to a run of that model alone."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageFile
+
+from pipeline.core.errors import ConfigError, TagpipeError
+from pipeline.core.schemas import geometry_column
+from pipeline.image.decode import DecodeStage
+from pipeline.image.imaging import DecodeOptions
+from pipeline.job.run_summary import PassSummary
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job, run_tag_pass
+from pipeline.model.profiles import load_profile
+from pipeline.table.tag_table import read_current
+from tests.sample_photos import jpeg, load_photos, mosaic_3mp
+
+SQUASH_384 = load_profile("cl_tagger_v2").preprocess
+PAD_448 = load_profile("wd_v3").preprocess
+FIT_PAD = SQUASH_384.model_copy(update={"resize_mode": type(SQUASH_384.resize_mode)("fit_pad")})
+# what a run writes that differs between two runs of the same rows
+PER_RUN = ["run_id", "tagged_at"]
+
+
+def _files(tmp_path) -> list[str]:
+    """Real photos as JPEG (some EXIF-rotated) and PNG, a 3 MP JPEG, and broken files."""
+    files = {}
+    for i, (name, image) in enumerate(load_photos()[:6]):
+        rgb = image.convert("RGB")
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i % 2 else 1
+        files[f"{name}.jpg"] = jpeg(rgb, exif=exif.tobytes())
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        files[f"{name}.png"] = buffer.getvalue()
+    files["mosaic.jpg"] = mosaic_3mp(1)[0]
+    files["truncated.jpg"] = files["mosaic.jpg"][:5000]
+    files["empty.jpg"] = b""
+    uris = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        uris.append(str(tmp_path / name))
+    return uris
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_decoding_for_several_profiles_equals_decoding_for_each(tmp_path, exact):
+    uris = _files(tmp_path)
+    batch = {"uri": np.asarray(uris, object)}
+    profiles = (SQUASH_384, PAD_448, FIT_PAD)
+    options = DecodeOptions(exact=exact)
+    together = DecodeStage(profiles, options)(batch)
+    for g, pre in enumerate(profiles):
+        alone = DecodeStage(pre, options)(batch)
+        for name, values in alone.items():
+            column = together[geometry_column(name, g)]
+            if values.dtype == object:
+                assert list(column) == list(values), (pre.resize_mode, name)
+            else:
+                np.testing.assert_array_equal(column, values, err_msg=f"{pre.resize_mode} {name}")
+    assert sum(e is not None for e in together["error@0"]) == 2  # truncated, empty: rows, not a crash
+
+
+def test_profiles_whose_draft_is_the_same_share_one_decode(tmp_path, monkeypatch):
+    """A 3 MP JPEG for squash 384 and pad 448 drafts to the same DCT scale: loaded once.
+    Exact decoding (no draft) is loaded once for any number of profiles."""
+    data = mosaic_3mp(1)[0]
+    (tmp_path / "a.jpg").write_bytes(data)
+    loads = []
+    original = ImageFile.ImageFile.load
+
+    def counted(self):
+        if self.tile:  # pixels still to decode (a loaded image's load() is a no-op)
+            loads.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    batch = {"uri": np.asarray([str(tmp_path / "a.jpg")], object)}
+    DecodeStage((SQUASH_384, PAD_448), DecodeOptions())(batch)
+    assert len(loads) == 1, loads
+    loads.clear()
+    DecodeStage((SQUASH_384, PAD_448, FIT_PAD), DecodeOptions(exact=True))(batch)
+    assert len(loads) == 1, loads
+    loads.clear()
+    DecodeStage((SQUASH_384,), DecodeOptions(draft_ratio=1.0))(batch)
+    DecodeStage((PAD_448,), DecodeOptions(draft_ratio=8.0))(batch)
+    assert len(loads) == 2  # the counter counts: one decode per stage
+
+
+@pytest.fixture(scope="module")
+def three_bundles(tmp_path_factory, demo_bundle):
+    """The demo model (squash 384), one of another geometry (pad 448) and one sharing
+    the first's geometry with other weights."""
+    from pipeline.demo.model import write_demo_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    pad = write_demo_bundle(
+        root / "pad", seed=1, input_size=448, resize_mode="pad_square", name="demo-pad-448"
+    )
+    same = write_demo_bundle(root / "same", seed=2, name="demo-squash-b")
+    return [demo_bundle, pad, same]
+
+
+def _rows(uri: str) -> pa.Table:
+    table = read_current(uri)
+    return table.drop_columns(PER_RUN).sort_by("uri")
+
+
+@pytest.fixture(scope="module")
+def alone(ray_session, demo_corpus, three_bundles, tmp_path_factory):
+    """Each model's table from a run of that model alone, by model name."""
+    root = tmp_path_factory.mktemp("alone")
+    images = str(demo_corpus / "images")
+    tables = {}
+    for model in three_bundles:
+        summary = run_tag_job(
+            make_tag_config(inputs=[images], output=str(root / model.name), model=str(model))
+        )
+        tables[summary.model_name] = (root / model.name, summary)
+    return tables
+
+
+def test_models_in_one_pass_write_what_each_writes_alone(demo_corpus, three_bundles, alone, tmp_path):
+    images = str(demo_corpus / "images")
+    models = [str(b) for b in three_bundles]
+    summary = run_tag_pass(make_tag_config(inputs=[images], output=str(tmp_path), model=models))
+    assert isinstance(summary, PassSummary) and len(summary.runs) == 3
+    names = ["tagpipe-demo-tagger", "demo-pad-448", "demo-squash-b"]
+    assert [run.model_name for run in summary.runs] == names
+    for name, run in zip(names, summary.runs, strict=True):
+        single_path, single = alone[name]
+        assert run.images == single.images and run.errors_by_kind == single.errors_by_kind
+        together, by_itself = _rows(str(tmp_path / name)), _rows(str(single_path))
+        assert together.schema == by_itself.schema
+        assert together.equals(by_itself), name  # row for row, every stored value
+
+
+def test_a_pass_tags_for_each_model_only_what_its_table_needs(demo_corpus, three_bundles, alone, tmp_path):
+    """A table already up to date is not tagged again when another model joins it."""
+    import shutil
+
+    images = str(demo_corpus / "images")
+    shutil.copytree(alone["tagpipe-demo-tagger"][0], tmp_path / "tagpipe-demo-tagger")
+    models = [str(three_bundles[0]), str(three_bundles[1])]
+    summary = run_tag_pass(make_tag_config(inputs=[images], output=str(tmp_path), model=models))
+    assert isinstance(summary, PassSummary)
+    assert summary.runs[0].change == "no change" and summary.runs[0].images == 0
+    assert summary.runs[1].change == "first run" and summary.runs[1].images == alone["demo-pad-448"][1].images
+    assert _rows(str(tmp_path / "demo-pad-448")).equals(_rows(str(alone["demo-pad-448"][0])))
+
+
+def test_several_models_are_checked_before_any_work(demo_bundle, tmp_path):
+    with pytest.raises(TagpipeError, match="named 'tagpipe-demo-tagger'"):
+        copy = tmp_path / "copy"
+        import shutil
+
+        shutil.copytree(demo_bundle, copy)
+        run_tag_pass(
+            make_tag_config(
+                inputs=[str(tmp_path)], output=str(tmp_path / "o"), model=[str(demo_bundle), str(copy)]
+            )
+        )
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="profile"):
+        make_tag_config(inputs=["x"], output="o", model=["a", "b"], profile=["wd_v3"])
+    with pytest.raises(ConfigError, match="model"):
+        make_tag_config(inputs=["x"], output="o", model=["a", "a"])
+    with pytest.raises(TagpipeError, match="nightly one"):
+        run_tag_job(make_tag_config(inputs=["x"], output="o", model=["a", "b"]))
