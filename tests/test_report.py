@@ -17,7 +17,7 @@ from pipeline.corpus.report import MAX_ERRORS, build_report
 from pipeline.table.tag_table import read_current
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-SECTIONS = ["summary", "tags", "scores", "ood", "duplicates", "splits", "errors"]
+SECTIONS = ["summary", "drift", "tags", "scores", "ood", "duplicates", "splits", "errors"]
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"),
     reason="headless Chromium not installed (.ci/run installs Debian's chromium)",

@@ -13,9 +13,11 @@ from pipeline.cli.common import (
     _setup,
     _storage_options,
     app,
+    settings_options,
 )
 from pipeline.core.errors import TagpipeError
 from pipeline.core.logs import LogFormat
+from pipeline.corpus.drift import DriftSettings
 
 
 @app.command(short_help="Exact and near-duplicate clusters.")
@@ -125,6 +127,7 @@ def split(
 
 
 @app.command(short_help="One self-contained HTML report.")
+@settings_options(DriftSettings)
 def report(
     tags: str = typer.Option(..., "--tags", help="A tag output (tag table or Parquet)."),
     output: str = typer.Option(
@@ -137,16 +140,26 @@ def report(
         None, "--split", help="A split output directory: sizes and per-tag balance."
     ),
     title: str | None = typer.Option(None, help="Page title; default names the tag output."),
+    compare_version: int | None = typer.Option(
+        None,
+        "--compare-version",
+        help="Drift from this version of the table to the current one (default: the version before it).",
+    ),
     storage_options: StorageOptions = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
     log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
 ) -> None:
-    """One self-contained HTML report: summary, tag frequency, scores, OOD, duplicates, splits, errors."""
+    """One self-contained HTML report: summary, drift from the previous version (or
+    --compare-version), tag frequency, scores, OOD, duplicates, splits, errors."""
+    from pipeline.core.settings import build
     from pipeline.corpus.report import build_report
 
     _setup(verbose, quiet, log_format)
-    _emit(build_report(tags, output, dedup, split, _storage_options(storage_options), title))
+    settings = build(DriftSettings, given or {})
+    options = _storage_options(storage_options)
+    _emit(build_report(tags, output, dedup, split, options, title, compare_version, settings))
 
 
 @app.command(short_help="Eval images that copy or nearly copy train images.")

@@ -19,7 +19,7 @@ from pipeline.cli.common import (
     settings_options,
 )
 from pipeline.core.logs import LogFormat
-from pipeline.job.settings import TagJobConfig
+from pipeline.job.settings import DRIFT_EXIT_STATUS, TagJobConfig
 from pipeline.model.rules import RuleSettings
 
 
@@ -108,7 +108,9 @@ def nightly(
     given: dict | None = None,
 ) -> None:
     """Tag what is new or changed, drop what is gone, then refresh dedup, splits
-    (stable: --previous) and the leakage audit. Exits 1 when the audit finds leaks."""
+    (stable: --previous) and the leakage audit, and write the report with the drift from
+    the version before. Exits 1 when the audit finds leaks, else 3 on drift past the
+    [nightly.drift] limits."""
     from pipeline.job.nightly import run_nightly
     from pipeline.job.settings import load_nightly_config
     from pipeline.job.tag_job import run_tag_job
@@ -125,6 +127,8 @@ def nightly(
     _emit(summary)
     if summary.leaks and cfg.fail_on_leaks:
         raise typer.Exit(1)
+    if summary.drift is not None and summary.drift.drift and cfg.fail_on_drift:
+        raise typer.Exit(DRIFT_EXIT_STATUS)
 
 
 @app.command(short_help="Delete parts no kept version uses.")

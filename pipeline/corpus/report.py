@@ -1,11 +1,12 @@
 """`tagpipe report`: one self-contained HTML file about a run's output.
 
-Sections: run summary (images, errors by kind, throughput, model fingerprint), tag
-frequency per category, score distribution and the tags the model is least sure of,
-OOD distance with the most out-of-distribution images as thumbnails, the largest
-duplicate clusters as thumbnail strips, split sizes and per-tag balance, and the error
-list. Charts are inline SVG and thumbnails inline JPEG (data: URIs): the file needs no
-network and no script.
+Sections: run summary (images, errors by kind, throughput, model fingerprint), drift
+from an earlier version (pipeline/corpus/drift.py: the tags, OOD and error rates that
+moved beyond sampling noise), tag frequency per category, score distribution and the
+tags the model is least sure of, OOD distance with the most out-of-distribution images
+as thumbnails, the largest duplicate clusters as thumbnail strips, split sizes and
+per-tag balance, and the error list. Charts are inline SVG and thumbnails inline JPEG
+(data: URIs): the file needs no network and no script.
 
 Memory is bounded for any table size: the tag table is read one part at a time, a few
 columns at a time, into running counts (tag counts, fixed-bin histograms, a top-k of
@@ -29,6 +30,7 @@ import logging
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -36,7 +38,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.errors import TagpipeError
+from pipeline.corpus.drift import (
+    DriftScan,
+    DriftSettings,
+    DriftSummary,
+    RateChange,
+    nothing_to_compare,
+    previous_version,
+    why_nothing_to_compare,
+)
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
+from pipeline.table.tag_table import CURRENT as _CURRENT
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +83,18 @@ class Accumulator:
 
 def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
     """(column names, read) for a tag table's snapshot, or a Parquet file/dataset;
-    read(columns) yields one part (a table's file, or a dataset batch) at a time."""
+    read(columns) yields (the part's file, or None for a dataset batch, and the part)
+    one part at a time."""
     import pyarrow.dataset as pads
 
     if snapshot is not None:
         files = snapshot.files
         names = table.read_part_metadata(files[0]).schema.to_arrow_schema().names if files else []
-        return names, lambda columns: (table.read_part(file, columns) for file in files)
+        return names, lambda columns: ((file, table.read_part(file, columns)) for file in files)
     fs, path = filesystem_for(uri, storage_options)
     dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
     return dataset.schema.names, lambda columns: (
-        pa.Table.from_batches([b]) for b in dataset.to_batches(columns=columns, batch_size=65536)
+        (None, pa.Table.from_batches([b])) for b in dataset.to_batches(columns=columns, batch_size=65536)
     )
 
 
@@ -91,9 +105,17 @@ def _count_values(values) -> Counter:
     return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
-def scan(uri: str, storage_options: dict | None, threshold: float, table=None, snapshot=None) -> Accumulator:
+def scan(
+    uri: str,
+    storage_options: dict | None,
+    threshold: float,
+    table=None,
+    snapshot=None,
+    on_part: Callable[[str, pa.Table], None] | None = None,
+) -> Accumulator:
     """One pass over the table's parts (the snapshot's, for a tag table), a few columns
-    at a time, into running figures."""
+    at a time, into running figures. on_part: also handed each tag-table part read
+    (the drift's counts: pipeline/corpus/drift.py)."""
     acc = Accumulator()
     names, read = _source(uri, storage_options, table, snapshot)
     categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
@@ -108,7 +130,9 @@ def scan(uri: str, storage_options: dict | None, threshold: float, table=None, s
         "ood",
         *(f"tags_{c}" for c in categories),
     ]
-    for part in read([c for c in wanted if c in names]):
+    for file, part in read([c for c in wanted if c in names]):
+        if on_part is not None and file is not None:
+            on_part(file, part)
         acc.rows += part.num_rows
         failed = pc.is_valid(part.column("error_kind"))
         if pc.any(failed).as_py():
@@ -258,12 +282,14 @@ class ReportSummary:
     bytes: int
     thumbnails: int
     seconds: float
+    drift: DriftSummary | None = None
 
     def text(self) -> str:
-        return (
+        line = (
             f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, "
             f"{self.thumbnails} thumbnails, {self.seconds:.1f} s)"
         )
+        return line + ("\n" + self.drift.text() if self.drift else "")
 
 
 def _read_json(uri: str, storage_options) -> dict | None:
@@ -280,17 +306,29 @@ def build_report(
     split: str | None = None,
     storage_options: dict | None = None,
     title: str | None = None,
+    compare_version: int | None = None,
+    drift_settings: DriftSettings | None = None,
+    version: int | None = None,
+    drift_note: str | None = None,
 ) -> ReportSummary:
+    """The page for a tag table's version (default: current), with its drift from
+    compare_version (default: the version before); drift_note: why not to compare
+    (nightly: the run committed no version). A Parquet file or folder: no drift."""
     started = time.monotonic()
     from pipeline.table.tag_table import RUNS_DIR, TagTable, is_tag_table
 
     table, snapshot, run = None, None, None
     if is_tag_table(tags, storage_options):
         table = TagTable(tags, storage_options)
-        snapshot = table.snapshot()
+        snapshot = table.snapshot(version)
         run = _read_json(table.full_uri(posixpath.join(RUNS_DIR, f"{snapshot.run_id}.json")), storage_options)
+    elif compare_version is not None or version is not None:
+        raise TagpipeError(f"{tags}: not a tag table (no {_CURRENT}), so it has no versions to compare")
+    drift_scan, drift = _drift_plan(tags, table, snapshot, compare_version, drift_note)
     threshold, assumed = _threshold(snapshot, run)
-    acc = scan(tags, storage_options, threshold, table, snapshot)
+    acc = scan(tags, storage_options, threshold, table, snapshot, drift_scan.take if drift_scan else None)
+    if drift_scan is not None:
+        drift = drift_scan.finish(drift_settings or DriftSettings())
     thumbs = [0]
 
     def figure(uri, caption):
@@ -299,6 +337,7 @@ def build_report(
 
     sections = [
         _summary_section(tags, acc, snapshot, run),
+        _drift_section(drift),
         _tags_section(acc),
         _scores_section(acc, threshold, assumed),
         _ood_section(acc, figure),
@@ -317,7 +356,23 @@ def build_report(
         bytes=len(page.encode()),
         thumbnails=thumbs[0],
         seconds=round(time.monotonic() - started, 2),
+        drift=drift,
     )
+
+
+def _drift_plan(tags: str, table, snapshot, compare_version: int | None, note: str | None):
+    """(a DriftScan to feed while the page's pass reads the parts, or None with the
+    summary that says why there is nothing to compare)."""
+    if table is None:
+        return None, nothing_to_compare(tags, "not a versioned tag table")
+    if note:
+        return None, nothing_to_compare(tags, note, snapshot.version)
+    before = compare_version if compare_version is not None else previous_version(table, snapshot.version)
+    if before is None:
+        return None, nothing_to_compare(tags, why_nothing_to_compare(snapshot.version), snapshot.version)
+    if before == snapshot.version:
+        raise TagpipeError(f"{tags}: --compare-version {before} is the version reported: give another one")
+    return DriftScan(table, table.snapshot(before), snapshot), None
 
 
 def _threshold(snapshot, run) -> tuple[float, bool]:
@@ -382,6 +437,86 @@ def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
         "Run summary",
         f"<div class='cards'>{card_html}</div>{_table(['', ''], facts, 'facts')}"
         f"<h3>Errors by kind</h3>{kinds}",
+    )
+
+
+def change_chart(labels: list[str], changes: list[float], *, width: int = 640) -> str:
+    """Horizontal bars either side of a zero line: rises right, falls left (red)."""
+    row, label_w = 18, 210
+    height = row * len(labels) + 6
+    half = (width - label_w - 20) / 2
+    zero = label_w + half
+    top = max(abs(c) for c in changes) or 1
+    bars = []
+    for i, (label, change) in enumerate(zip(labels, changes)):
+        y = i * row + 3
+        w = max(1.0, (half - 60) * abs(change) / top)
+        x, anchor, end = (zero, "start", zero + w + 4) if change >= 0 else (zero - w, "end", zero - w - 4)
+        fall = "" if change >= 0 else " class='down'"
+        bars.append(
+            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(_cut(label, 32))}</text>"
+            f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{row - 4}' rx='2'"
+            f"{fall}/>"
+            f"<text x='{end:.1f}' y='{y + 12}' text-anchor='{anchor}' class='v'>{change * 100:+.2f}</text>"
+        )
+    axis = f"<line x1='{zero:.1f}' y1='0' x2='{zero:.1f}' y2='{height}' class='axis'/>"
+    return (
+        f"<svg class='bars' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img'>"
+        f"{axis}{''.join(bars)}</svg>"
+    )
+
+
+def _rate_row(change: RateChange) -> list:
+    return [
+        change.name,
+        f"{change.before:.2%} ({change.count_before:,} of {change.of_before:,})",
+        f"{change.after:.2%} ({change.count_after:,} of {change.of_after:,})",
+        f"{change.change * 100:+.2f}",
+        f"{change.adjusted_p:.2g}",
+        "moved" if change.moved else "within noise",
+    ]
+
+
+RATE_HEADER = ["", "before", "after", "change (points)", "adjusted p", ""]
+
+
+def _drift_section(drift: DriftSummary | None) -> str:
+    if drift is None:
+        return ""
+    if not drift.compared:
+        return _section("drift", "Drift", f"<p>Nothing to compare with: {html.escape(drift.note)}.</p>")
+    rule = drift.settings
+    intro = (
+        f"<p>Version {drift.after_version} ({drift.rows_after:,} rows, {drift.decoded_after:,} decoded) "
+        f"against version {drift.before_version} ({drift.rows_before:,} rows, {drift.decoded_before:,} "
+        "decoded). A rate moved when its change is beyond sampling noise (two-proportion z-test, "
+        f"Benjamini-Hochberg adjusted p &le; {rule['significance']:g} over the tags, and over the "
+        f"error rates) and at least {rule['min_rate_change'] * 100:g} percentage points. Tag rates are "
+        "shares of decoded rows; the OOD rate of rows with an OOD flag; error rates of all rows. "
+        f"{drift.parts_read:,} parts read, {drift.parts_shared:,} of them named by both versions.</p>"
+    )
+    verdict = (
+        "<p class='alert'><b>Drift</b> past the limits: " + html.escape("; ".join(drift.reasons)) + ".</p>"
+        if drift.drift
+        else "<p class='ok'>No drift past the limits.</p>"
+    )
+    if drift.movers:
+        note = f" (the {len(drift.movers)} largest)" if drift.tag_movers > len(drift.movers) else ""
+        movers = (
+            f"<h3>Tags that moved: {drift.tag_movers:,} of {drift.tags_compared:,}{note}</h3>"
+            + change_chart([m.name for m in drift.movers], [m.change for m in drift.movers])
+            + _table(["tag", *RATE_HEADER[1:]], [_rate_row(m) for m in drift.movers], "num")
+        )
+    else:
+        largest = drift.largest_change
+        movers = f"<h3>No tag moved (of {drift.tags_compared:,} compared)</h3>" + (
+            _table(["largest change", *RATE_HEADER[1:]], [_rate_row(largest)], "num") if largest else ""
+        )
+    rates = [drift.ood] if drift.ood else []
+    ood_note = "" if drift.ood else "<p class='muted'>No OOD flags in one of the versions.</p>"
+    table = _table(["rate", *RATE_HEADER[1:]], [_rate_row(r) for r in [*rates, *drift.errors]], "num")
+    return _section(
+        "drift", "Drift", intro + verdict + movers + "<h3>OOD and error rates</h3>" + ood_note + table
     )
 
 
@@ -599,7 +734,8 @@ table{border-collapse:collapse;margin:6px 0}\
 td,th{padding:3px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
 table.facts td:first-child{color:#6b7480}table.errors td{font-size:12px;word-break:break-all;max-width:520px}
 svg text{font-size:11px;fill:#333}svg rect{fill:#457b9d}svg text.v{fill:#6b7480}svg .axis{stroke:#999}\
-svg .mark{stroke:#e63946;stroke-width:2}
+svg .mark{stroke:#e63946;stroke-width:2}svg rect.down{fill:#e63946}
+.alert{color:#b00020}.ok{color:#2a7d2e}
 .strip{display:flex;gap:8px;flex-wrap:wrap}figure{margin:0;width:112px;text-align:center}
 figure img,.noimg{width:112px;height:112px;object-fit:cover;border-radius:4px;background:#ddd;display:block}
 .noimg{line-height:112px;font-size:11px;color:#666}figcaption{font-size:11px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
@@ -611,6 +747,7 @@ def _page(title: str, sections: list[str]) -> str:
         f"<a href='#{key}'>{name}</a>"
         for key, name in [
             ("summary", "Summary"),
+            ("drift", "Drift"),
             ("tags", "Tags"),
             ("scores", "Scores"),
             ("ood", "OOD"),

@@ -6,10 +6,14 @@
 3. split with the previous splits as --previous, so assigned images never move
    (pipeline/corpus/split.py); existing training sets in `exclude` stay out of val/test
 4. audit: the new split's val/test against its train, and against each `exclude` set
+5. report: the HTML page of the run's version, with its drift from the version before
+   the run's commit (pipeline/corpus/drift.py), as `_runs/<run_id>.report.html`; a run
+   that committed no version has no drift
 
 Each step reads the previous step's committed output, so a crash anywhere leaves every
 output as the last good run left it, and a rerun finishes the job. The nightly record
-(`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step.
+(`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step
+and the drift summary; the command exits 1 on leaks, else 3 on drift past the limits.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from pipeline import __version__
 from pipeline.core.ray_session import new_run_id
 from pipeline.corpus.audit import run_audit
 from pipeline.corpus.dedup import parse_embedding_threshold, run_dedup
+from pipeline.corpus.drift import DriftSummary
+from pipeline.corpus.report import build_report
 from pipeline.corpus.split import parse_ratios, run_split
 from pipeline.job.settings import NightlyConfig
 from pipeline.job.tag_job import RunSummary, run_tag_job
 from pipeline.storage.filesystem import filesystem_for
-from pipeline.table.tag_table import TagTable, now_iso
+from pipeline.table.tag_table import RUNS_DIR, TagTable, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ class NightlySummary:
     split: dict = field(default_factory=dict)
     audits: dict = field(default_factory=dict)  # name -> {"leaks": n, ...}
     leaks: int = 0
+    drift: DriftSummary | None = None
+    report: str = ""  # the HTML page, with the drift section
     timings: dict = field(default_factory=dict)
 
     def text(self) -> str:
@@ -66,8 +74,13 @@ class NightlySummary:
                 f"among {audit['eval_images']} "
                 f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}"
             )
+        if self.drift is not None:
+            lines.append(self.drift.text())
+        if self.report:
+            lines.append(f"report: {self.report}")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
-        lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {steps}")
+        drifted = "DRIFT" if self.drift is not None and self.drift.drift else "no drift"
+        lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {drifted}; {steps}")
         return "\n".join(lines)
 
 
@@ -129,6 +142,10 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
         if audit.leaks:
             log.warning("audit %s: %d leaks, listed in %s/leaks.parquet", name, audit.leaks, target)
     summary.timings["audit"] = _lap(t)
+
+    t = time.monotonic()
+    summary.report, summary.drift = _report(cfg, run_id, tag)
+    summary.timings["report"] = _lap(t)
     summary.timings["total"] = _lap(started)
     TagTable(cfg.tag.output, options).write_run_manifest(
         f"{run_id}.nightly",
@@ -143,11 +160,40 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
             "split": summary.split,
             "audits": summary.audits,
             "leaks": summary.leaks,
+            "drift": asdict(summary.drift) if summary.drift else None,
+            "report": summary.report,
             "timings": {**{f"tag.{k}": v for k, v in tag.timings.items()}, **summary.timings},
             "outputs": {"tags": cfg.tag.output, "dedup": cfg.dedup_output, "splits": cfg.splits_output},
         },
     )
     return summary
+
+
+def _report(cfg: NightlyConfig, run_id: str, tag: RunSummary) -> tuple[str, DriftSummary | None]:
+    """The run's version's page, beside the run's record, with its drift from the version
+    the run started from (explicit: another writer may have committed since)."""
+    table = TagTable(cfg.tag.output, cfg.tag.storage_options)
+    committed = tag.version > tag.base_version
+    if not tag.version:
+        return "", None  # no table to report on
+    output = table.full_uri(f"{RUNS_DIR}/{run_id}.report.html")
+    page = build_report(
+        cfg.tag.output,
+        output,
+        cfg.dedup_output,
+        cfg.splits_output,
+        cfg.tag.storage_options,
+        title=f"tagpipe nightly {run_id}: version {tag.version}",
+        compare_version=tag.base_version if committed and tag.base_version else None,
+        drift_settings=cfg.drift,
+        version=tag.version,
+        drift_note=None
+        if committed
+        else f"this run committed no new version: the table is still at {tag.version}",
+    )
+    if page.drift is not None and page.drift.drift:
+        log.warning("drift past the limits: %s", "; ".join(page.drift.reasons))
+    return output, page.drift
 
 
 def _lap(t: float) -> float:

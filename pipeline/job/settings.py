@@ -35,6 +35,7 @@ from pipeline.core.settings import (
     one_or_many,
     suggestion,
 )
+from pipeline.corpus.drift import DriftSettings
 from pipeline.image.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.model import rules as rule_fields
@@ -42,6 +43,7 @@ from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice
 
 NONE, INFERENCE = KeyRole.NONE, KeyRole.INFERENCE
+DRIFT_EXIT_STATUS = 3  # nightly's drift; 1 is leaks, 2 a run that failed, 130 Ctrl-C
 DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096  # vocabularies this small store every logit by default
 
 
@@ -422,6 +424,22 @@ class NightlyConfig(SettingsModel):
         Field(description="exit 1 when the audit finds leaks (after writing everything)"),
         Setting(NONE, cli=False),
     ] = True
+    drift: Annotated[
+        DriftSettings,
+        Field(
+            description="the [nightly.drift] table: when a rate moved between the run's version and "
+            "the one before, and which moves are drift (pipeline/corpus/drift.py)"
+        ),
+        Setting(NONE, cli=False),
+    ] = DriftSettings()
+    fail_on_drift: Annotated[
+        bool,
+        Field(
+            description=f"exit {DRIFT_EXIT_STATUS} when the run's version drifted past the [nightly.drift] "
+            "limits (after writing everything; leaks' exit 1 comes first)"
+        ),
+        Setting(NONE, cli=False),
+    ] = True
 
     @model_validator(mode="after")
     def _defaults_and_pairs(self) -> NightlyConfig:
@@ -516,4 +534,10 @@ def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
     section = load_config_file(path, "nightly")
     if "tag" in section:
         raise ConfigError("unknown field(s) in [nightly]: tag")
+    if "drift" in section:  # its own table: errors name [nightly.drift] and its fields
+        if not isinstance(section["drift"], dict):
+            raise ConfigError(f"{path}: [nightly.drift] must be a table")
+        section["drift"] = build(
+            DriftSettings, section["drift"], " in [nightly.drift]", prefix="nightly.drift."
+        )
     return build(NightlyConfig, {**section, "tag": tag}, " in [nightly]", prefix="nightly.")
