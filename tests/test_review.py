@@ -4,6 +4,9 @@ Chromium, and a reviewer's decisions round-tripped into the supplement export.""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ from PIL import Image
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import part_schema, tag_row_schema
-from pipeline.corpus.review import LABEL_FIELDS, ReviewSettings, rank_queue
+from pipeline.corpus.review import LABEL_FIELDS, ReviewSettings, rank_queue, run_review
 from pipeline.table.tag_table import TagTable, commit_version
 
 CATEGORIES = ("character", "general", "rating")
@@ -199,3 +202,274 @@ def test_a_table_without_label_columns_is_one_line_error(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error: ") and "compare-tags" in done.stderr
     assert not (tmp_path / "q.jsonl").exists()
+
+
+def _p(logit: float) -> float:
+    """The probability of a logit as rows store it (float16)."""
+    return 1 / (1 + np.exp(-float(np.float16(logit))))
+
+
+@pytest.fixture(scope="module")
+def demo_model(demo_bundle):
+    from pipeline.model.bundle import load_bundle
+
+    bundle = load_bundle(demo_bundle)
+    return str(demo_bundle), bundle.fingerprint.model_sha256, list(bundle.vocabulary.tags)
+
+
+def test_uncertain_is_ranked_by_distance_to_the_runs_thresholds(demo_model, tmp_path):
+    model, sha, vocab = demo_model
+    at = vocab.index
+    rating = next(t for t in ("general", "sensitive") if t in vocab)
+
+    def logits(uri, pairs, **values):
+        return row(uri, logit_indices=[at(t) for t, _ in pairs], logit_values=[v for _, v in pairs], **values)
+
+    rules = {
+        "calibrate": False,
+        "default_threshold": 0.5,
+        "category_thresholds": {"character": 0.8},
+        "exclude": ["blue_theme"],
+    }
+    parts = [
+        [
+            logits("a", [("red_theme", 0.2), ("green_theme", -0.1)]),  # margins 0.0498, 0.025
+            logits("b", [("monochrome", 0.05), ("stripe_chan_(tagpipe)", 1.5)]),  # 0.0125; 0.8176 vs 0.8
+        ],
+        [
+            logits("c", [("blue_theme", 0.0), (rating, 0.0), ("red_theme", 3.0)]),  # excluded, argmax, far
+            logits("d", [("red_theme", -0.1)]),  # a's smallest margin, but one tag in the band, not two
+            logits("e", [("red_theme", 0.0)], error="boom", error_kind="decode_error"),
+        ],
+    ]
+    table = write_table(tmp_path / "t", parts, rules=rules, model=sha)
+    got = queue(table, "uncertain", model=model)
+    assert [r["uri"] for r in got] == ["b", "a", "d"]
+    assert [r["score"] for r in got] == pytest.approx(
+        [_p(0.05) - 0.5, 0.5 - _p(-0.1), 0.5 - _p(-0.1)], abs=1e-4
+    )
+    assert got[0]["tags"] == ["monochrome", "stripe_chan_(tagpipe)"] and got[0]["thresholds"] == [0.5, 0.8]
+    assert got[0]["tag_scores"] == pytest.approx([_p(0.05), _p(1.5)], abs=1e-4)
+    assert "monochrome 0.512 vs 0.500 (in)" in got[0]["reason"]
+    assert "green_theme 0.475 vs 0.500 (out)" in got[1]["reason"]
+    by_tag = queue(table, "uncertain", model=model, tag="red_theme")
+    assert [(r["uri"], r["tags"]) for r in by_tag] == [("d", ["red_theme"]), ("a", ["red_theme"])]
+    with pytest.raises(TagpipeError, match="not in the vocabulary.*did you mean red_theme"):
+        queue(table, "uncertain", model=model, tag="red_thme")
+    with pytest.raises(TagpipeError, match="pass --model DIR"):
+        queue(table, "uncertain")  # no run manifest names the bundle
+    (tmp_path / "t" / "_runs").mkdir()
+    (tmp_path / "t" / "_runs" / "run.json").write_text(json.dumps({"model_dir": model}))
+    assert [r["uri"] for r in queue(table, "uncertain")] == ["b", "a", "d"]  # the run's bundle
+    other = write_table(tmp_path / "other", parts, rules=rules)
+    with pytest.raises(TagpipeError, match="made by model m+, not by"):
+        queue(other, "uncertain", model=model)
+
+
+def test_uncertain_scores_are_calibrated_as_the_run_calibrated_them(demo_model, tmp_path):
+    from pipeline.model.bundle import load_bundle
+
+    model, sha, vocab = demo_model
+    bundle = load_bundle(model)
+    table_cal = bundle.tag_metrics.calibration_table
+    threshold = bundle.profile.thresholds.default
+    grid = np.linspace(-3, 3, 25)
+    rows, expected = [], []
+    for i, logit in enumerate(grid):
+        tag = i % 8  # general tags
+        p = np.float32(1 / (1 + np.exp(-np.float32(np.float16(logit)))))
+        b = min(int(p * 100), 99)
+        score = table_cal[tag, 98 if b == 99 else b]  # the noisy last bin is read as 98
+        rows.append(row(f"r{i:02d}", logit_indices=[tag], logit_values=[logit]))
+        if abs(score - threshold) < 0.1:
+            expected.append((abs(float(score) - threshold), f"r{i:02d}", float(score)))
+    assert len(expected) >= 2
+    got = queue(write_table(tmp_path / "t", [rows], model=sha), "uncertain", model=model)
+    assert [r["uri"] for r in got] == [uri for _, uri, _ in sorted(expected)]
+    assert [r["tag_scores"][0] for r in got] == pytest.approx([s for *_, s in sorted(expected)], abs=1e-4)
+    assert [r["thresholds"][0] for r in got] == pytest.approx([threshold] * len(got))
+
+
+def _cli(*args: str):
+    """A command in-process (CliRunner: Ray is imported once, not per command); a
+    TagpipeError stays the exception, which `tagpipe` prints as one `error:` line."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def reviewed(tmp_path):
+    """Four images with human tags, the label check's flags and the model's tags; one error row."""
+    uris = [
+        image(tmp_path / "images" / f"i{n}.png", colour)
+        for n, colour in enumerate(["red", "green", "blue", "black"], start=1)
+    ]
+    i1, i2, i3, i4 = uris
+    rows = [
+        row(
+            i1,
+            source_tags=["cat", "dog", "outdoors"],
+            likely_wrong=["dog"],
+            likely_wrong_scores=[0.02],
+            likely_missing=["sky"],
+            likely_missing_scores=[0.95],
+            tags=["cat", "sky", "outdoors"],
+            scores=[0.9, 0.95, 0.7],
+            label_quality=0.5,
+            width=40,
+            height=30,
+        ),
+        row(
+            i2,
+            source_tags=["cat", "hat"],
+            likely_wrong=["hat"],
+            likely_wrong_scores=[0.05],
+            likely_missing=["tree"],
+            likely_missing_scores=[0.9],
+            tags=["cat"],
+            scores=[0.8],
+            width=40,
+            height=30,
+        ),
+        row(
+            i3,
+            source_tags=["cat", "ball"],
+            likely_wrong=["ball"],
+            likely_wrong_scores=[0.1],
+            likely_missing=[],
+            likely_missing_scores=[],
+            tags=["cat"],
+            scores=[0.85],
+            width=40,
+            height=30,
+        ),
+        row(i4, tags=["dog"], scores=[0.6], width=40, height=30),  # no human tags
+        row(
+            str(tmp_path / "images" / "broken.png"),
+            error="bad",
+            error_kind="decode_error",
+            likely_wrong=["x"],
+            likely_wrong_scores=[0.0],
+        ),
+    ]
+    return write_table(tmp_path / "tags", [rows[:2], rows[2:]]), uris
+
+
+def test_queue_file_and_page_one_thumbnail_per_image(reviewed, tmp_path):
+    from test_report import CHROMIUM, _chromium, console_errors, needs_chromium
+
+    table, (i1, i2, i3, _) = reviewed
+    settings = ReviewSettings(tags=table, kind="likely-wrong", out=str(tmp_path / "q.jsonl"))
+    summary = run_review(settings)
+    assert (summary.queued, summary.thumbnails) == (3, 3)
+    lines = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert [(r["rank"], r["uri"], r["tags"], r["decision"]) for r in lines] == [
+        (1, i1, ["dog"], ""),
+        (2, i2, ["hat"], ""),
+        (3, i3, ["ball"], ""),
+    ]
+    page = tmp_path / "q.html"
+    text = page.read_text()
+    assert len(re.findall(r"<img src='data:image/jpeg;base64,", text)) == 3
+    assert "<script" not in text and not re.search(r"""(src|href)=['"]?(https?:)?//""", text)
+    with pytest.raises(TagpipeError, match="q.jsonl exists; nothing was written: pass --overwrite"):
+        run_review(settings)
+    (tmp_path / "q.jsonl").unlink()
+    with pytest.raises(TagpipeError, match="q.html exists"):  # the page is guarded too
+        run_review(settings)
+    assert not (tmp_path / "q.jsonl").exists()
+    run_review(settings.model_copy(update={"overwrite": True, "limit": 2}))
+    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 2
+    if needs_chromium.args[0]:  # skipif condition: no Chromium here
+        pytest.skip("headless Chromium not installed")
+    assert CHROMIUM
+    dom = _chromium("--dump-dom", page=page)
+    assert console_errors(dom.stderr) == []
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', dom.stdout)) == 2
+    shot = tmp_path / "q.png"
+    done = _chromium("--window-size=1000,700", f"--screenshot={shot}", page=page)
+    assert shot.exists(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), np.float32)
+    assert pixels.std() > 20  # text and thumbnails, not a blank page
+
+
+def test_decisions_round_trip_into_the_supplement_export(reviewed, tmp_path):
+    table, (i1, i2, i3, i4) = reviewed
+    wrong_q, missing_q = tmp_path / "wrong.jsonl", tmp_path / "missing.csv"
+    for kind, out in (("likely-wrong", wrong_q), ("likely-missing", missing_q)):
+        done = _cli("review", "--tags", table, "--kind", kind, "--out", str(out))
+        assert done.exit_code == 0, done.output
+    # the reviewer: dog on i1 is wrong, hat on i2 is right, ball on i3 left undecided;
+    # sky on i1 is not there (a per-tag decision, in CSV as a JSON object), tree on i2 is
+    rows = [json.loads(line) for line in wrong_q.read_text().splitlines()]
+    assert [r["uri"] for r in rows] == [i1, i2, i3]
+    rows[0]["decision"], rows[1]["decision"] = "reject", "accept"
+    wrong_q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with missing_q.open(newline="") as handle:
+        table_rows = list(csv.DictReader(handle))
+    assert [(r["uri"], json.loads(r["tags"])) for r in table_rows] == [(i1, ["sky"]), (i2, ["tree"])]
+    table_rows[0]["decision"], table_rows[1]["decision"] = '{"sky": "reject"}', "Accept"
+    with missing_q.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(table_rows[0]))
+        writer.writeheader()
+        writer.writerows(table_rows)
+
+    out = tmp_path / "export"
+    done = _cli("export", "--tags", table, "-o", str(out), "-f", "jsonl", "--supplement",
+                "--decisions", str(wrong_q), "--decisions", str(missing_q))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "4 reviewer decisions applied" in done.output and "1 error rows skipped" in done.output
+    got = {r["uri"]: r for r in map(json.loads, (out / "tags.jsonl").read_text().splitlines())}
+    assert (got[i1]["tags"], got[i1]["provenance"]) == (["cat", "outdoors"], ["both", "both"])
+    assert got[i1]["reviewed"] == {"dog": "reject", "sky": "reject"}
+    assert (got[i2]["tags"], got[i2]["provenance"]) == (["cat", "hat", "tree"], ["both", "source", "model"])
+    assert got[i2]["scores"] == [0.8, None, None]
+    assert (got[i3]["tags"], got[i3]["provenance"]) == (["cat"], ["both"])  # ball: doubted, undecided
+    assert (got[i4]["tags"], got[i4]["provenance"]) == (["dog"], ["model"])  # no human tags
+
+    captions = tmp_path / "captions"
+    done = _cli("export", "--tags", table, "-o", str(captions), "--supplement",
+                "--decisions", str(wrong_q), "--decisions", str(missing_q))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert (captions / "i2.txt").read_text() == "cat, hat, tree\n"
+    assert (captions / "i1.txt").read_text() == "cat, outdoors\n"
+    # without decisions: doubted human tags out, the model's tags in
+    plain = tmp_path / "plain"
+    assert _cli("export", "--tags", table, "-o", str(plain), "-f", "jsonl", "--supplement").exit_code == 0
+    got = {r["uri"]: r for r in map(json.loads, (plain / "tags.jsonl").read_text().splitlines())}
+    assert (got[i1]["tags"], got[i1]["provenance"]) == (["cat", "sky", "outdoors"], ["both", "model", "both"])
+    assert got[i2]["tags"] == ["cat"] and got[i2]["reviewed"] == {}
+
+
+def test_decisions_that_cannot_be_applied_are_one_line_errors(reviewed, tmp_path):
+    table, (i1, *_) = reviewed
+    plain_table = write_table(tmp_path / "plain", [[row(i1, tags=["cat"], scores=[0.9])]], labels=False)
+    queue_file = tmp_path / "q.jsonl"
+
+    def refused(*args, decision=None) -> str:
+        if decision is not None:
+            rows = [
+                {"rank": 1, "uri": i1, "kind": "likely-wrong", "tags": ["dog"], "decision": d}
+                for d in decision
+            ]
+            queue_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        done = _cli("export", "--tags", table, "-o", str(tmp_path / "out"), "-f", "jsonl", *args)
+        assert isinstance(done.exception, TagpipeError) and "\n" not in str(done.exception), done.output
+        assert not (tmp_path / "out").exists()
+        return str(done.exception)
+
+    assert "add --supplement" in refused("--decisions", str(queue_file), decision=["accept"])
+    assert "q.jsonl:1: decision 'maybe'" in refused(
+        "--supplement", "--decisions", str(queue_file), decision=["maybe"]
+    )
+    text = refused("--supplement", "--decisions", str(queue_file), decision=["accept", "reject"])
+    assert "'dog' is accepted and rejected (" in text and "q.jsonl:1 and " in text
+    text = refused("--supplement", "--decisions", str(queue_file), decision=[{"cat": "accept"}])
+    assert "names 'cat', which is not one of the row's tags" in text
+    done = _cli("export", "--tags", plain_table, "-o", str(tmp_path / "out"), "--supplement")
+    assert isinstance(done.exception, TagpipeError)
+    assert "--source-tags" in str(done.exception) and "compare-tags" in str(done.exception)
+    assert "Dart prompts" in refused("--supplement", "-f", "dart")

@@ -150,29 +150,42 @@ EXPLAIN = {
 PAGE_STYLE = (
     STYLE
     + """
-.queue{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
+.queue{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
 .item{display:flex;gap:10px;border:1px solid #e3e6ea;border-radius:6px;padding:8px}
-.item .text{font-size:12px;min-width:0}.item .rank{font-weight:600;font-size:14px}
-.item .uri{word-break:break-all;color:#6b7480}.item td{padding:1px 6px;font-size:12px}
+.item .text{font-size:12px;min-width:0;flex:1}.item .rank{font-weight:600;font-size:14px}
+.item .uri{word-break:break-all;color:#6b7480}.item p{margin:4px 0}
+.item table{width:100%;table-layout:fixed}
+.item td,.item th{padding:1px 4px;font-size:12px;word-break:break-all}
+.item th{color:#6b7480;font-weight:normal}
 """
 )
 
 
 def _item(record: dict, storage_options: dict | None) -> tuple[str, bool]:
+    """One queued image: thumbnail, rank, name, and its evidence (a table of the tags when
+    it has tags, else the reason in words)."""
     src = thumbnail(record["uri"], storage_options)
     image = f"<img src='{src}' alt=''>" if src else "<div class='noimg'>no preview</div>"
-    scores = record.get("tag_scores") or []
-    rows = "".join(
-        f"<tr><td>{html.escape(tag)}</td><td>{scores[i]:.3f}</td></tr>" if i < len(scores) else ""
-        for i, tag in enumerate(record.get("tags") or [])
-    )
+    tags, scores = record.get("tags") or [], record.get("tag_scores") or []
+    thresholds = record.get("thresholds") or []
+    reason = record.get("reason") or ""
+    evidence = f"<p>{html.escape(reason)}</p>"
+    if scores:
+        named = "<th>score</th><th>threshold</th>" if thresholds else "<th>model p</th>"
+        head = f"<tr><th>tag</th>{named}</tr>"
+        rows = "".join(
+            f"<tr><td>{html.escape(t)}</td><td>{s:.3f}</td>"
+            + (f"<td>{thresholds[i]:.3f}</td>" if i < len(thresholds) else "")
+            + "</tr>"
+            for i, (t, s) in enumerate(zip(tags, scores))
+        )
+        evidence = f"<p>{html.escape(reason.split(':')[0])}:</p><table>{head}{rows}</table>"
     uri = html.escape(record["uri"])
     body = (
-        f"<figure>{image}</figure><div class='text'><div class='rank'>#{record['rank']}</div>"
+        f"<figure>{image}</figure><div class='text'><div class='rank'>#{record['rank']}"
+        f" <span class='muted'>{record.get('score')}</span></div>"
         f"<div class='uri' title='{uri}'>{html.escape(posixpath.basename(record['uri']))}</div>"
-        f"<p>{html.escape(record.get('reason') or '')}</p>"
-        + (f"<table><tbody>{rows}</tbody></table>" if rows else "")
-        + "</div>"
+        f"{evidence}</div>"
     )
     return f"<div class='item'>{body}</div>", src is not None
 
