@@ -86,28 +86,28 @@ def wrong(uri: str, tags: list[str], scores: list[float], **values) -> dict:
 
 def test_likely_wrong_is_ranked_by_expected_wrong_tags_then_the_strongest(tmp_path):
     # evidence per doubted tag: 1 - p (binary fractions: the sums are exact). a: 0.875 + 0.75;
-    # b: 0.75; c: 0.5 + 0.25 = 0.75 too, but b's strongest (0.75) beats c's (0.5); d and e:
-    # 0.625 each with the same strongest: by uri
+    # c: 0.75; b: 0.5 + 0.25 = 0.75 too, but c's strongest (0.75) beats b's (0.5), whatever
+    # the uris say; d and e: 0.625 each with the same strongest: by uri
     parts = [
-        [wrong("e", ["x"], [0.375]), wrong("c", ["x", "y"], [0.5, 0.75])],
+        [wrong("e", ["x"], [0.375]), wrong("b", ["x", "y"], [0.5, 0.75])],
         [
-            wrong("b", ["x"], [0.25]),
+            wrong("c", ["x"], [0.25]),
             wrong("z-error", ["x", "y", "w"], [0.0, 0.0, 0.0], error="boom", error_kind="decode_error"),
         ],
         [wrong("a", ["x", "y"], [0.125, 0.25]), wrong("d", ["y"], [0.375]), wrong("f", [], [])],
     ]
     got = queue(write_table(tmp_path / "t", parts), "likely-wrong")
-    assert [r["uri"] for r in got] == ["a", "b", "c", "d", "e"]  # no error row, no row without doubts
+    assert [r["uri"] for r in got] == ["a", "c", "b", "d", "e"]  # no error row, no row without doubts
     assert [r["rank"] for r in got] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in got] == [1.625, 0.75, 0.75, 0.625, 0.625]
     assert got[0]["tags"] == ["x", "y"] and got[0]["tag_scores"] == [0.125, 0.25] and got[0]["decision"] == ""
     assert got[0]["source_tags"] == ["x", "y"] and "x (p=0.125)" in got[0]["reason"]
-    # --tag y: only y's evidence, ranked by it: a 0.75 > d 0.625 > c 0.25
+    # --tag y: only y's evidence, ranked by it: a 0.75 > d 0.625 > b 0.25
     by_y = queue(write_table(tmp_path / "t2", parts), "likely-wrong", tag="y")
     assert [(r["uri"], r["tags"], r["score"]) for r in by_y] == [
         ("a", ["y"], 0.75),
         ("d", ["y"], 0.625),
-        ("c", ["y"], 0.25),
+        ("b", ["y"], 0.25),
     ]
 
 
