@@ -473,3 +473,17 @@ def test_decisions_that_cannot_be_applied_are_one_line_errors(reviewed, tmp_path
     assert isinstance(done.exception, TagpipeError)
     assert "--source-tags" in str(done.exception) and "compare-tags" in str(done.exception)
     assert "Dart prompts" in refused("--supplement", "-f", "dart")
+
+
+def test_parts_from_before_the_table_had_source_tags_queue_nothing(tmp_path):
+    table = write_table(tmp_path / "t", [[wrong("a", ["x"], [0.25])]])
+    old = pa.Table.from_pylist(
+        [{k: v for k, v in row("b").items() if k in schema(False).names}], schema(False)
+    )
+    snapshot = TagTable(table).snapshot()
+    files = [*snapshot.files, TagTable(table).write_part("data/k/part-old.parquet", old)]
+    commit_version(
+        TagTable(table), snapshot, files, model_sha256="m" * 64, inference_key="i", rules_key="r",
+        run_id="run2", model_name="test", rules={}, counts={},
+    )  # fmt: skip
+    assert [r["uri"] for r in queue(table, "likely-wrong")] == ["a"]

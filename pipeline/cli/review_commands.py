@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.cli.common import LogFormatOption, Quiet, Verbose, _emit, _setup, app, settings_options
+from pipeline.core.errors import TagpipeError
 from pipeline.core.logs import LogFormat
 from pipeline.core.settings import build
 from pipeline.corpus.review import ReviewSettings
@@ -22,4 +23,8 @@ def review(
     from pipeline.corpus.review import run_review
 
     _setup(verbose, quiet, log_format)
-    _emit(run_review(build(ReviewSettings, dict(given or {}))))
+    given = dict(given or {})
+    for name in ("tags", "kind", "out"):
+        if name not in given:
+            raise TagpipeError(f"--{name} is required (tagpipe review -h)")
+    _emit(run_review(build(ReviewSettings, given)))

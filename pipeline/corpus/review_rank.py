@@ -95,7 +95,7 @@ class Source:
         """The rows, a part (a table's file, or a batch of a Parquet file) at a time."""
         if self.table is not None and self.snapshot is not None:
             for relative in self.snapshot.files:
-                yield self.table.read_part(relative, columns)
+                yield self._read_part(relative, columns)
             return
         import pyarrow.parquet as pq
 
@@ -104,6 +104,22 @@ class Source:
             with fs.open(path, "rb") as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(BATCH_ROWS, columns=columns):
                     yield pa.Table.from_batches([batch])
+
+    def _read_part(self, relative: str, columns: list[str]) -> pa.Table:
+        """One part; label-check columns a part lacks (written before the table had source
+        tags) read as nulls: such rows have nothing to queue."""
+        assert self.table is not None
+        try:
+            return self.table.read_part(relative, columns)
+        except pa.ArrowInvalid as exc:
+            if "No match for FieldRef" not in str(exc):
+                raise
+        names = set(self.table.read_part_metadata(relative).schema.to_arrow_schema().names)
+        part = self.table.read_part(relative, [c for c in columns if c in names])
+        for f in LABEL_FIELDS:
+            if f.name in columns and f.name not in names:
+                part = part.append_column(f, pa.nulls(part.num_rows, f.type))
+        return part.select(columns)
 
 
 # ---- the best rows so far -------------------------------------------------------------
