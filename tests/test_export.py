@@ -357,3 +357,58 @@ def test_long_names_fit_any_extension_and_bad_captions_stop_before_writing(tmp_p
     with pytest.raises(TagpipeError, match="not UTF-8"):
         export_tags(tags, str(out), "captions", relative_to="/imgs", caption=CaptionOptions(append=True))
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+@pytest.mark.parametrize(
+    ("row", "decided", "tags", "provenance"),
+    [
+        # no human tags: the model's, as they are
+        ({"tags": ["a", "b"]}, {}, ["a", "b"], ["model", "model"]),
+        # human tags beside the model's; the doubted one (y) left out
+        (
+            {"tags": ["a", "b"], "source_tags": ["b", "x", "y"], "likely_wrong": ["y"]},
+            {},
+            ["a", "b", "x"],
+            ["model", "both", "source"],
+        ),
+        # a reviewer keeps the doubted y, drops the undoubted x and the model's a, and adds z
+        (
+            {"tags": ["a", "b"], "source_tags": ["b", "x", "y"], "likely_wrong": ["y"]},
+            {"y": True, "x": False, "a": False, "z": True},
+            ["b", "y", "z"],
+            ["both", "source", "model"],
+        ),
+        # a repeated human tag counts once; rejecting a tag both gave removes it from both
+        ({"tags": ["a"], "source_tags": ["a", "a", "b"]}, {"a": False}, ["b"], ["source"]),
+    ],
+)
+def test_supplement_merge_rules(row, decided, tags, provenance):
+    from pipeline.corpus.supplement import SupplementCounts, merge_tags
+
+    assert merge_tags(row, decided, SupplementCounts()) == (tags, provenance)
+
+
+def test_supplement_jsonl_keeps_provenance_beside_each_written_tag():
+    from pipeline.corpus.supplement import Decisions, supplement_record, supplement_rows
+
+    rows = [
+        {
+            "uri": "u",
+            "tags": ["long_hair", "cat"],
+            "scores": [0.9, 0.8],
+            "source_tags": ["dog", "cat"],
+            "likely_wrong": [],
+            "width": 1,
+            "height": 1,
+        }
+    ]
+    merged, counts = supplement_rows(rows, Decisions({"u": {"dog": True}, "gone": {"x": True}}))
+    assert (counts.source_tags_kept, counts.decisions_applied, counts.decisions_unmatched) == (2, 1, 1)
+    text = TextOptions(spaces=True, exclude=frozenset({"cat"}))
+    record = supplement_record(merged[0], lambda t: text.format([t])[0], text.exclude)
+    assert (record["tags"], record["provenance"], record["scores"]) == (
+        ["long hair", "dog"],
+        ["model", "source"],
+        [0.9, None],
+    )
+    assert record["reviewed"] == {"dog": "accept"}

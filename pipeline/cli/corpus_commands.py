@@ -1,4 +1,4 @@
-"""The commands over a tagged corpus: dedup, split, report, audit, export."""
+"""The commands over a tagged corpus: dedup, split, report, audit, export (and its supplement mode)."""
 
 from __future__ import annotations
 
@@ -256,10 +256,22 @@ def export(
     skip_existing: bool = typer.Option(
         False, "--skip-existing", help="Leave files that already exist as they are."
     ),
+    supplement: bool = typer.Option(
+        False,
+        "--supplement",
+        help="The human tags (source_tags) merged with the model's, with provenance per tag in JSONL; "
+        "tags the label check doubts (likely_wrong) left out unless a reviewer accepted them.",
+    ),
+    decisions: list[str] = typer.Option(
+        None,
+        "--decisions",
+        help="With --supplement: a `tagpipe review` queue file with its decision field filled; repeatable.",
+    ),
     storage_options: StorageOptions = None,
 ) -> None:
     """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
     from pipeline.corpus.export import CaptionOptions, TextOptions, export_tags
+    from pipeline.corpus.supplement import Decisions
 
     _setup()
     text = TextOptions(
@@ -288,13 +300,13 @@ def export(
         raise TagpipeError(f"--without-rating leaves the rating out: it cannot also go --rating {rating}")
     if sum((append, overwrite, skip_existing)) > 1:
         raise TagpipeError("--append, --overwrite and --skip-existing exclude each other: give one")
+    if decisions and not supplement:
+        raise TagpipeError("--decisions applies to --supplement exports: add --supplement")
+    options = _storage_options(storage_options)
+    merge = Decisions.read(list(decisions or []), options) if supplement else None
     existing = "refuse"
     if overwrite:
         existing = "overwrite"
     elif skip_existing:
         existing = "skip"
-    _emit(
-        export_tags(
-            tags, output, format, text, relative_to, _storage_options(storage_options), caption, existing
-        )
-    )
+    _emit(export_tags(tags, output, format, text, relative_to, options, caption, existing, merge))

@@ -7,6 +7,10 @@
             <|bos|><copyright>..</copyright><character>..</character>
             <|rating:R|><|aspect_ratio:A|><|length:L|><general>..<|identity:none|><|input_end|>
 
+Supplement mode (pipeline/corpus/supplement.py) writes the human tags merged with the
+model's: captions get the merged list, JSONL rows each tag's provenance (source, model,
+both), applying a reviewer's decisions from `tagpipe review` queue files.
+
 Rows with errors are skipped (and counted). Tag text options: underscores or spaces,
 escaped parentheses (for prompt syntaxes where "(" means emphasis), an exclude list.
 Tags keep the stored order (by score).
@@ -26,6 +30,13 @@ import posixpath
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.corpus.supplement import (
+    Decisions,
+    SupplementCounts,
+    check_supplement,
+    supplement_record,
+    supplement_rows,
+)
 from pipeline.storage.filesystem import filesystem_for, is_local, write_atomic
 from pipeline.table.reading import read_parquet
 
@@ -167,10 +178,12 @@ class ExportSummary:
     skipped_existing: int = 0  # files already there, left as they were (--skip-existing)
     skipped_errors: int = 0  # error rows: nothing to write for them
     files: list = field(default_factory=list)
+    supplement: SupplementCounts | None = None  # supplement mode's counts
 
     def text(self) -> str:
         kept = f", {self.skipped_existing} existing files left as they were" if self.skipped_existing else ""
-        return f"export: {self.written} files written{kept}, {self.skipped_errors} error rows skipped"
+        line = f"export: {self.written} files written{kept}, {self.skipped_errors} error rows skipped"
+        return line + (self.supplement.text() if self.supplement else "")
 
 
 def aspect_bucket(width: int, height: int) -> str:
@@ -256,17 +269,24 @@ def export_tags(
     storage_options: dict | None = None,
     caption: CaptionOptions = CaptionOptions(),
     existing: str = "refuse",
+    supplement: Decisions | None = None,
 ) -> ExportSummary:
     """Plan every output file, refuse collisions and files already there (unless told to
-    overwrite, skip or append to them) before writing any, then write each atomically."""
+    overwrite, skip or append to them) before writing any, then write each atomically.
+    supplement: merge the source tags with the model's, with these reviewer decisions."""
     if fmt not in FORMATS:
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if existing not in EXISTING_FILES:
         raise TagpipeError(f"existing={existing!r}: choose one of {', '.join(EXISTING_FILES)}")
-    rows = read_parquet(tags, storage_options).sort_by("uri").to_pylist()
+    table = read_parquet(tags, storage_options)
+    if supplement is not None:
+        check_supplement(table.column_names, tags, fmt)
+    rows = table.sort_by("uri").to_pylist()
     summary = ExportSummary()
     good = [r for r in rows if r["error"] is None]
     summary.skipped_errors = len(rows) - len(good)
+    if supplement is not None:
+        good, summary.supplement = supplement_rows(good, supplement)
     out_fs, out_path = filesystem_for(output, storage_options)
     plan = (
         _caption_plan(good, relative_to, out_path, caption.extension)
@@ -332,7 +352,9 @@ def _file_plan(good: list[dict], fmt: str, out_path: str) -> list:
     def content(text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:
         lines = []
         for row in good:
-            if fmt == "jsonl":
+            if fmt == "jsonl" and "provenance" in row:
+                record = supplement_record(row, lambda tag: text.format([tag])[0], text.exclude)
+            elif fmt == "jsonl":
                 record = {k: v for k, v in row.items() if k == "tags" or k.startswith("tags_")}
                 record = {k: text.format(v) for k, v in record.items()}
                 record.update(
