@@ -453,3 +453,13 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
     data = CliRunner().invoke(app, [*command, "--label-rule", "data", "-q"])
     assert data.exit_code == 0 and "compare-tags (data rule):" in data.output, data.output
     assert pq.read_schema(table / TagTable(str(table)).current().files[0]).names.count("likely_wrong") == 1
+
+
+def test_readme_table_says_what_label_fields_declare():
+    from tests.test_contracts import _check as check_readme_table
+
+    check_readme_table("Label-check columns, appended", pa.schema(list(LABEL_FIELDS)))
+    with pytest.raises(AssertionError):
+        check_readme_table(
+            "Label-check columns, appended", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
+        )
