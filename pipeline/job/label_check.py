@@ -94,12 +94,17 @@ def check_labels(
     source_tags: str | pa.Table,
     aliases: str | None = None,
     progress: ProgressSettings | None = None,
+    ray_address: str | None = None,
 ) -> tuple[list[str], LabelCheckSummary]:
     """The parts `files` (relative to `table`) rewritten with the label columns: the new
     files in the same order, and what was found. source_tags: a file (Parquet or CSV,
-    pipeline/corpus/source_tags.py) or a table read already (uri, source_tags). Ray must
-    be running. Nothing is committed; rows keep their run_id (their tags are unchanged)."""
+    pipeline/corpus/source_tags.py) or a table read already (uri, source_tags). Every
+    check of the settings and the file comes before Ray is joined (or started, when none
+    runs: ray_address as ensure_ray takes it). Nothing is committed; rows keep their
+    run_id (their tags are unchanged)."""
     import ray
+
+    from pipeline.core.ray_session import ensure_ray
 
     started = time.monotonic()
     post = Postprocessor.for_bundle(bundle, rules)
@@ -116,6 +121,7 @@ def check_labels(
         )
     indexed, source_counts = index_source_tags(source_tags, post, judged)
     summary = LabelCheckSummary(rule=rule.value, parts=len(files), source=source_counts)
+    ensure_ray(ray_address)
     statistics = None
     if rule is LabelRule.DATA:
         statistics = _statistics(table, files, _Context(post, indexed, judged), progress)
@@ -240,7 +246,7 @@ def run_compare_tags(
 ) -> LabelCheckSummary:
     """`tagpipe compare-tags`: the current version checked against source tags, committed
     as a new version of the same table (no new version when nothing changed)."""
-    from pipeline.core.ray_session import ensure_ray, new_run_id
+    from pipeline.core.ray_session import new_run_id
 
     settings = settings or LabelCheckSettings.model_validate({})
     bundle = load_bundle(model_dir)
@@ -263,8 +269,9 @@ def run_compare_tags(
         }
     )
     run_id = run_id or new_run_id()
-    ensure_ray(ray_address)
-    files, summary = check_labels(table, base.files, bundle, rules, settings, source_tags, aliases, progress)
+    files, summary = check_labels(
+        table, base.files, bundle, rules, settings, source_tags, aliases, progress, ray_address
+    )
     if tuple(sorted(files)) == base.files:  # a repeat of a finished check
         summary.version = base.version
         return summary
