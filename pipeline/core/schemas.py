@@ -3,7 +3,8 @@
 - the manifest (listing -> planning and decode), MANIFEST_SCHEMA;
 - the decoded batch (decode tasks -> tagger actors), DECODED_COLUMNS and decoded_batch;
 - the tag row and a written part (tagger -> parts), tag_row_schema and part_schema;
-- clusters and edges (dedup), splits (split), leaks (audit).
+- clusters and edges (dedup), splits (split), leaks (audit);
+- the label-check columns a part gains when source (human) tags are compared, LABEL_FIELDS.
 
 Each stage builds or casts its output to its schema at its edge (`conform`), so a batch
 where every image failed, a batch of one, or a model with no embedding output gives
@@ -132,6 +133,21 @@ SOURCE_FIELDS = (
     pa.field("etag", pa.string()),
     pa.field("mtime", pa.float64()),
 )
+
+
+# Source (human) tags compared with the model (pipeline/corpus/label_quality.py): appended
+# after the source columns of every part of a table checked against source tags. Lists are
+# null, and label_quality too, where the row has no source tags or is an error row
+# (source_tags is null only where the source file has no row for the uri).
+LABEL_FIELDS = (
+    pa.field("source_tags", pa.list_(pa.string())),  # aliases applied, the vocabulary's spelling
+    pa.field("likely_missing", pa.list_(pa.string())),  # model confident, humans did not tag: surest first
+    pa.field("likely_missing_scores", pa.list_(pa.float32())),  # the model's probability of each
+    pa.field("likely_wrong", pa.list_(pa.string())),  # humans tagged, model confident absent: surest first
+    pa.field("likely_wrong_scores", pa.list_(pa.float32())),  # the model's probability of each (low)
+    pa.field("label_quality", pa.float32()),  # 0..1, higher: the human tags agree with the model
+)
+LABEL_COLUMNS = tuple(field.name for field in LABEL_FIELDS)
 
 
 def embedding_type(width: int | None) -> pa.DataType:

@@ -262,6 +262,18 @@ class Postprocessor:
             rows_out["ood"] = [None] * n
         return rows_out
 
+    def probabilities_of(self, stored: np.ndarray) -> np.ndarray:
+        """The model's probability of stored float16 logits (bit-identical to
+        stored_to_probabilities), for readers of stored rows (the label check)."""
+        return self._probability_of_bits[np.asarray(stored, np.float16).view(np.uint16)]
+
+    def score(self, cols: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """The score tags are decided on: the calibrated probability of tag cols[k] at
+        probability p[k] when the bundle's calibration applies, else p itself."""
+        if self.table is None:
+            return np.asarray(p, np.float32)
+        return self._table_scores(np.asarray(cols, np.int64), np.asarray(p, np.float32))
+
     def _table_scores(self, cols: np.ndarray, p: np.ndarray) -> np.ndarray:
         """CL-style calibration: table[tag, clip(int(p*100), 0, 99)], the noisy last bin read as 98."""
         bins = np.clip((p * 100).astype(np.int64), 0, 99)

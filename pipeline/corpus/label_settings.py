@@ -1,0 +1,172 @@
+"""The label check's settings (`tagpipe compare-tags`, and a tag run given source tags):
+one field each, from which the command's options derive (pipeline/cli/common.py).
+
+None of them changes a tag row (KeyRole.NONE): they decide the six label columns only.
+The rules they set are documented in pipeline/corpus/label_quality.py and the README.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import pydantic
+from pydantic import BeforeValidator, Field
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
+
+NONE = KeyRole.NONE
+
+
+class LabelRule(enum.StrEnum):
+    AUTO = "auto"  # calibrated when the bundle has a calibration table, else data
+    CALIBRATED = "calibrated"  # the calibrated probability against per-category cut-offs
+    DATA = "data"  # per-tag thresholds from the data (confident learning, one-vs-rest)
+
+
+def _cutoff_table(value):
+    """{category: probability}; JSON text is read as the table it spells."""
+    import json
+
+    rule = "must be a table of category = probability, e.g. { character = 0.02 }"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(rule) from None
+    if not isinstance(value, dict) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values()
+    ):
+        raise ValueError(rule)
+    for k, v in value.items():
+        if not 0 <= v <= 1:
+            raise ValueError(f"{k} = {v}: a cut-off must be 0 to 1")
+    return {str(k).lower(): float(v) for k, v in value.items()}
+
+
+def _cutoff_items(flag: str):
+    def parse(items: list[str]) -> dict[str, float]:
+        table = {}
+        for item in items:
+            name, sep, number = item.partition("=")
+            try:
+                table[name.strip().lower()] = float(number)
+            except ValueError:
+                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. character=0.02") from None
+            if not sep or not name.strip():
+                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. character=0.02")
+        return table
+
+    return parse
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Category cut-offs when nothing is given: character, copyright and artist tags are often
+# given from what the uploader knows (the source, who drew it), not from the pixels, and a
+# tagger is weakest on rare names, so its low score there is weaker evidence of a wrong tag.
+DEFAULT_WRONG_CUTOFFS = {"character": 0.01, "copyright": 0.01, "artist": 0.01}
+
+
+class LabelCheckSettings(SettingsModel):
+    """How source (human) tags are read and compared with the model's probabilities."""
+
+    source_tags_column: Annotated[
+        str | None,
+        Field(default=None, description="the source file's tags column (a list, or a separated string)"),
+        Setting(NONE, default_text="source_tags, tags or tag_string", metavar="NAME"),
+    ]
+    source_uri_column: Annotated[
+        str,
+        Field(default="uri", min_length=1, description="the source file's column matched to the table's uri"),
+        Setting(NONE, metavar="NAME"),
+    ]
+    tag_separator: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="what separates tags in a string column (' ' = any whitespace); by default ',' "
+            "when any value holds ', ', else whitespace",
+        ),
+        Setting(NONE, default_text="auto", metavar="SEP"),
+    ]
+    label_rule: Annotated[
+        LabelRule,
+        Field(
+            default=LabelRule.AUTO,
+            description="calibrated: the calibrated probability against the cut-offs; data: per-tag "
+            "thresholds from the data (confident learning); auto: calibrated when the bundle has calibration",
+        ),
+        Setting(NONE),
+    ]
+    missing_cutoff: Annotated[
+        Probability,
+        Field(
+            default=0.85,
+            description="calibrated rule: a tag the humans did not give is likely missing "
+            "at or above this probability",
+        ),
+        Setting(NONE, metavar="P"),
+    ]
+    wrong_cutoff: Annotated[
+        Probability,
+        Field(
+            default=0.05,
+            description="calibrated rule: a human tag is likely wrong at or below this probability",
+        ),
+        Setting(NONE, metavar="P"),
+    ]
+    category_missing_cutoffs: Annotated[
+        dict[str, float],
+        BeforeValidator(_cutoff_table),
+        Field(default_factory=dict, description="per-category missing cut-off, repeatable (e.g. `meta=0.9`)"),
+        Setting(
+            NONE,
+            flags=("--category-missing-cutoffs", "--category-missing-cutoff"),
+            default_text="none",
+            metavar="C=V",
+            from_cli=_cutoff_items("--category-missing-cutoff"),
+        ),
+    ]
+    category_wrong_cutoffs: Annotated[
+        dict[str, float],
+        BeforeValidator(_cutoff_table),
+        Field(
+            default_factory=dict,
+            description="per-category wrong cut-off, repeatable (e.g. `artist=0.02`); laid over the defaults",
+        ),
+        Setting(
+            NONE,
+            flags=("--category-wrong-cutoffs", "--category-wrong-cutoff"),
+            default_text="character, copyright, artist 0.01",
+            metavar="C=V",
+            from_cli=_cutoff_items("--category-wrong-cutoff"),
+        ),
+    ]
+    label_categories: Annotated[
+        tuple[str, ...],
+        BeforeValidator(one_or_many),
+        Field(default=(), description="judge only category C's tags, repeatable"),
+        Setting(
+            NONE,
+            flags=("--label-categories", "--label-category"),
+            default_text="all but rating, quality",
+            metavar="C",
+        ),
+    ]
+    quality_alpha: Annotated[
+        float,
+        Field(
+            default=0.8,
+            gt=0.0,
+            le=1.0,
+            description="label_quality: the exponential moving average's "
+            "weight on each lower per-tag score (cleanlab's default)",
+        ),
+        Setting(NONE, metavar="A"),
+    ]
+
+    @classmethod
+    def of(cls, settings: pydantic.BaseModel) -> LabelCheckSettings:
+        """The label fields of a larger settings model (a tag job's config)."""
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields if hasattr(settings, name)})
