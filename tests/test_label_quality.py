@@ -463,3 +463,40 @@ def test_readme_table_says_what_label_fields_declare():
         check_readme_table(
             "Label-check columns, appended", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
         )
+
+
+def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundle, tmp_path):
+    """`tagpipe tag --source-tags`: the first run's version carries the columns; a rerun
+    with the same sources commits nothing; changed sources commit a relabelled version."""
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
+    from pipeline.table.tag_table import TagTable, read_current
+
+    _, corpus = tagged
+    root = _source_file(corpus, tmp_path / "source.csv")
+    out = tmp_path / "tags"
+
+    def run():
+        cfg = make_tag_config(
+            inputs=[str(corpus / "images")],
+            output=str(out),
+            model=str(demo_bundle),
+            rows_per_part=16,
+            source_tags=str(tmp_path / "source.csv"),
+            labels={"label_rule": "calibrated"},
+        )
+        return run_tag_job(cfg)
+
+    first = run()
+    assert first.version == 1 and first.label_check["likely_missing"] == 1
+    assert "1 likely missing, 1 likely wrong" in first.text()
+    rows = {r["uri"][len(root) + 1 :]: r for r in read_current(str(out)).to_pylist()}
+    assert rows["red/red_000.jpg"]["likely_missing"] == ["red_theme"]
+    assert rows["blue/blue_000.jpg"]["likely_wrong"] == ["noise"]
+    assert rows["green/green_001.png"]["source_tags"] is None  # not in the source file
+    assert run().version == 1  # same sources, nothing tagged: no new version
+    text = (tmp_path / "source.csv").read_text().replace("noise made_up_tag", "made_up_tag")
+    (tmp_path / "source.csv").write_text(text)
+    third = run()
+    assert third.version == 2 and third.images == 0 and third.label_check["likely_wrong"] == 0
+    assert TagTable(str(out)).current().counts["label_check"]["likely_wrong"] == 0

@@ -43,6 +43,7 @@ class RunSummary:
     to_tag: int = 0  # images the plan sends to the model (listed work less what is reused)
     planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
+    label_check: dict = field(default_factory=dict)  # --source-tags: the check's counts
 
     def counts(self) -> dict:
         names = (
@@ -102,8 +103,17 @@ class RunSummary:
             f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
             f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
-            f"{self.images_per_second:.1f} img/s; version {self.version} "
+            f"{self.images_per_second:.1f} img/s;{self._label_text()} version {self.version} "
             f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
+        )
+
+    def _label_text(self) -> str:
+        c = self.label_check
+        if not c:
+            return ""
+        return (
+            f" source tags on {c['with_source']} rows ({c['rule']} rule): {c['likely_missing']} likely "
+            f"missing, {c['likely_wrong']} likely wrong;"
         )
 
 

@@ -36,6 +36,7 @@ from pipeline.core.settings import (
     suggestion,
 )
 from pipeline.corpus.drift import DriftSettings
+from pipeline.corpus.label_settings import LabelCheckSettings
 from pipeline.image.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.model import rules as rule_fields
@@ -309,6 +310,29 @@ class TagJobConfig(SettingsModel):
     progress_interval: Annotated[
         float, Field(gt=0, description="seconds between progress lines off a terminal"), Setting(NONE)
     ] = DEFAULT_INTERVAL
+    source_tags: Annotated[
+        str | None,
+        Field(
+            description="human tags to check against the model's (Parquet or CSV: a uri column and a list "
+            "or separated string of tags): every row gets `source_tags`, `likely_missing`, `likely_wrong` "
+            "and `label_quality` (see [Source tags](#source-tags)); each run rewrites every part, since "
+            "the data rule's thresholds are the whole table's"
+        ),
+        Setting(NONE, metavar="FILE", default_text="none"),
+    ] = None
+    tag_aliases: Annotated[
+        str | None,
+        Field(description="tag alias map applied to the source tags (Danbooru's CSV, or a JSON object)"),
+        Setting(NONE, metavar="FILE", default_text="none"),
+    ] = None
+    labels: Annotated[
+        LabelCheckSettings,
+        Field(
+            description="the [tag.labels] table: how source tags are read and judged (the options of "
+            "`tagpipe compare-tags`)"
+        ),
+        Setting(NONE, cli=False),
+    ] = LabelCheckSettings.model_validate({})
 
     @model_validator(mode="after")
     def _profiles_per_model(self) -> TagJobConfig:
@@ -490,8 +514,18 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [{table}] must be a table")
-    keys = ("output",) if table == "tag" else ("dedup_output", "splits_output", "metadata")
+    keys = (
+        ("output", "source_tags", "tag_aliases")
+        if table == "tag"
+        else ("dedup_output", "splits_output", "metadata")
+    )
     lists = ("inputs", "model") if table == "tag" else ("exclude",)
+    if table == "tag" and "labels" in section:  # its own table: errors name [tag.labels] and its fields
+        if not isinstance(section["labels"], dict):
+            raise ConfigError(f"{path}: [tag.labels] must be a table")
+        section["labels"] = build(
+            LabelCheckSettings, section["labels"], " in [tag.labels]", prefix="tag.labels."
+        )
     for key in keys:
         section[key] = _relative_to(path.parent, section.get(key))
     for key in lists:

@@ -26,8 +26,10 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.corpus.source_tags import read_source_tags
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.incremental import inference_key, rules_key
+from pipeline.job.label_check import check_labels
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Plan, empty_view, plan_run
 from pipeline.job.rethreshold import Retag
@@ -69,6 +71,7 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
+    source = _source_tags(cfg)  # and so does a bad source tags file
     timings: dict[str, float] = {}
     listing = _list_while_ray_starts(cfg, [r.table for r in runs], timings)
     for run in runs:
@@ -97,8 +100,43 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
         ) from None
     for index, run in enumerate(runs):
         _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, timings)
-        _commit(run, listing, timings, started)
+        _commit(run, listing, timings, started, source)
     return _summaries(runs, started, None)
+
+
+def _source_tags(cfg: TagJobConfig):
+    """The human tags to check the model against, read and normalised once for every
+    model (None without --source-tags)."""
+    if not cfg.source_tags:
+        return None
+    labels = cfg.labels
+    return read_source_tags(
+        cfg.source_tags,
+        cfg.storage_options,
+        cfg.tag_aliases,
+        labels.source_uri_column,
+        labels.source_tags_column,
+        labels.tag_separator,
+    )
+
+
+def _label_check(run: ModelRun, files: list[str], source) -> list[str]:
+    """The version's parts with the label columns (each part rewritten: the data rule's
+    thresholds are the whole table's); the summary gets the check's counts."""
+    cfg = run.cfg
+    files, labels = check_labels(
+        run.table,
+        files,
+        run.bundle,
+        cfg.rules,
+        cfg.labels,
+        source,
+        None,
+        _progress_settings(cfg),
+        cfg.ray_address,
+    )
+    run.summary.label_check = labels.record()
+    return files
 
 
 def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
@@ -148,14 +186,19 @@ def _rewrite(run: ModelRun) -> list:
     )
 
 
-def _commit(run: ModelRun, listing, timings: dict, started: float) -> None:
-    """Commit the model's new version (when its plan changes anything), then its run manifest."""
+def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> None:
+    """Commit the model's new version (when its plan, or the label check, changes
+    anything), then its run manifest."""
     summary, plan, base = run.summary, run.plan, run.base
     run_timings = dict(timings)
-    if plan.commits:
+    rewritten = [r.file for r in run.rewritten if r.file]
+    files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
+    if source is not None and files:
         t = time.monotonic()
-        rewritten = [r.file for r in run.rewritten if r.file]
-        files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
+        files = _label_check(run, files, source)
+        run_timings["label_check_seconds"] = _lap(t)
+    if plan.commits or (base is not None and sorted(files) != sorted(base.files)):
+        t = time.monotonic()
         snapshot = commit_version(
             run.table,
             base,
@@ -166,7 +209,9 @@ def _commit(run: ModelRun, listing, timings: dict, started: float) -> None:
             run_id=run.run_id,
             model_name=run.bundle.name,
             rules=run.cfg.rules.record(),
-            counts=summary.counts() | {"rows": summary.listed},
+            counts=summary.counts()
+            | {"rows": summary.listed}
+            | ({"label_check": summary.label_check} if summary.label_check else {}),
             expected_rows=summary.listed,
         )
         summary.version, summary.rows = snapshot.version, snapshot.rows
