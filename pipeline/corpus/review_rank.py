@@ -263,7 +263,7 @@ def uncertain_ranking(part: pa.Table, rules: Thresholds) -> Ranked:
     _, values = _flat(part.column("logit_values"))
     cols = indices.to_numpy(zero_copy_only=False).astype(np.int64)
     p = stored_to_probabilities(values.to_numpy(zero_copy_only=False).astype(np.float16), post.activation)
-    scores = post._table_scores(cols, p) if post.table is not None else p.astype(np.float32)
+    scores = post.score(cols, p)
     threshold = post.thresholds[cols]
     margin = np.abs(scores.astype(np.float64) - threshold)
     keep = np.isfinite(threshold) & ~post.excluded[cols] & (p >= post.rules.logit_floor)
