@@ -172,7 +172,7 @@ def test_worker_groups_fit_the_pipeline_settings(tmp_path):
         assert _quantity(gpu["nvidia.com/gpu"]) == tag.gpus_per_actor == 1  # one actor per GPU pod
         assert _quantity(gpu["cpu"]) >= tag.tagger_cpus + tag.decode_cpus  # the actor plus decode beside it
         assert groups["gpu-tag"]["maxReplicas"] >= tag.tagger_actors  # the autoscaler can place every actor
-        assert tag.model.startswith("/models/") and tag.ray_address == "auto"
+        assert tag.model[0].startswith("/models/") and tag.ray_address == "auto"
     for group in [spec["headGroupSpec"], *groups.values()]:
         pod = group["template"]["spec"]
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}

@@ -173,3 +173,56 @@ def test_several_models_are_checked_before_any_work(demo_bundle, tmp_path):
         make_tag_config(inputs=["x"], output="o", model=["a", "a"])
     with pytest.raises(TagpipeError, match="nightly one"):
         run_tag_job(make_tag_config(inputs=["x"], output="o", model=["a", "b"]))
+
+
+@pytest.mark.parametrize("budget_mib", [40, 70, 100])
+def test_a_shared_decode_counts_against_each_profiles_memory_budget(tmp_path, budget_mib):
+    """A profile that takes a decode an earlier profile paid for is charged its memory,
+    so at any budget each profile's row is what decoding for it alone gives."""
+    values = (np.arange(3000 * 2000, dtype=np.uint32).reshape(2000, 3000) % 65536).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    batch = {"uri": np.asarray([str(tmp_path / "deep.png")], object)}
+    options = DecodeOptions(max_memory=budget_mib * 2**20)
+    profiles = (SQUASH_384, PAD_448)
+    together = DecodeStage(profiles, options)(batch)
+    kinds = [DecodeStage(pre, options)(batch)["error_kind"][0] for pre in profiles]
+    assert [together[f"error_kind@{g}"][0] for g in range(2)] == kinds
+
+
+def test_rows_no_model_of_a_preprocessing_needs_are_not_decoded_for_it(tmp_path):
+    uris = _files(tmp_path)[:4]
+    batch = {"uri": np.asarray(uris, object)}
+    needed = [np.array([True, False, True, False]), np.array([False, False, True, True])]
+    out = DecodeStage((SQUASH_384, PAD_448), DecodeOptions())(batch, needed)
+    alone = DecodeStage((SQUASH_384, PAD_448), DecodeOptions())(batch)
+    for g in range(2):
+        for i in range(4):
+            same = np.array_equal(out[f"pixels@{g}"][i], alone[f"pixels@{g}"][i])
+            assert same == bool(needed[g][i]) and (out[f"phash@{g}"][i] != 0) == bool(needed[g][i])
+
+
+def test_pools_that_ask_for_more_gpus_than_the_cluster_has_share_them_in_whole_fractions():
+    from types import SimpleNamespace
+
+    from pipeline.job.model_runs import pass_placements
+
+    runs = [SimpleNamespace(cfg=make_tag_config(inputs=["x"], output="o", model=f"m{i}")) for i in range(3)]
+    assert [p.tagger_gpus for p in pass_placements(runs, 2.0)] == [0.5, 0.5, 0.5]  # packs 2 per GPU
+    assert [p.tagger_gpus for p in pass_placements(runs[:2], 2.0)] == [1.0, 1.0]
+    assert [p.tagger_gpus for p in pass_placements(runs, 0.0)] == [0.0, 0.0, 0.0]  # CPU
+
+
+def test_a_bundle_name_that_cannot_be_a_folder_is_refused(demo_bundle, tmp_path):
+    import json
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(demo_bundle, odd)
+    metadata = json.loads((odd / "model_metadata.json").read_text())
+    (odd / "model_metadata.json").write_text(json.dumps({**metadata, "name": "org/model"}))
+    with pytest.raises(TagpipeError, match="'org/model' cannot name its table's folder"):
+        run_tag_pass(
+            make_tag_config(
+                inputs=[str(tmp_path)], output=str(tmp_path / "o"), model=[str(demo_bundle), str(odd)]
+            )
+        )

@@ -486,7 +486,7 @@ def test_example_nightly_config_parses_and_names_bad_fields(tmp_path):
     bad.write_text(example.read_text().replace('ratios = "train=0.9,val=0.05,test=0.05"', 'ratios = "val=1"'))
     with pytest.raises(Exception, match="field nightly.ratios"):
         load_nightly_config(bad)
-    bad.write_text(example.read_text() + "max_distanse = 3\n")
+    bad.write_text(example.read_text().replace("\n[nightly.drift]", "max_distanse = 3\n\n[nightly.drift]"))
     with pytest.raises(Exception, match=r"unknown field\(s\) in \[nightly\]: max_distanse"):
         load_nightly_config(bad)
 

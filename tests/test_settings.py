@@ -44,6 +44,7 @@ CHANGED = {
     "max_tags": 3,
     "ood_cut": 10.0,
     "ray_address": "auto",
+    "labels": {"label_rule": "data"},
 }
 # Keyed only as a value derived from them, checked by their own tests (test_bundle: a new
 # model file re-tags; test_profiles / test_profile_import: the profile's key).
@@ -218,7 +219,7 @@ def test_the_example_configs_hold_every_key_and_parse():
     tag = load_config_file(ROOT / "configs" / "tag.example.toml")
     text = (ROOT / "configs" / "tag.example.toml").read_text()
     for name in TagJobConfig.model_fields:
-        assert f"\n{name} = " in text or f"\n# {name} = " in text, name
+        assert f"\n{name} = " in text or f"\n# {name} = " in text or f"\n[tag.{name}]" in text, name
     assert make_tag_config(tag).batch_size == 64
     assert load_nightly_config(ROOT / "configs" / "nightly.example.toml").max_distance == 6
 

@@ -118,6 +118,11 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _meter() -> tuple[float, int]:
+    """Now, and this process's address space (what the memory limit counts)."""
+    return time.monotonic(), address_space() if MEMORY_LIMIT_WORKS else 0
+
+
 class DecodeStage:
     """preprocess: one (the decoded columns as DECODED_COLUMNS names them) or several,
     for several models in one pass: each file is read and hashed once and decoded once
@@ -179,7 +184,10 @@ class DecodeStage:
             return None, (ErrorKind.TOO_LARGE, f"file is larger than {limit}")
         return data, None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], needed: list[np.ndarray] | None = None):
+        """The batch decoded (the manifest's columns passed through). needed: per
+        preprocessing, the rows to decode for it (None: all); a row no model of that
+        preprocessing needs keeps its empty columns."""
         uris = [str(u) for u in batch["uri"]]
         sizes = [(pre.height, pre.width) for pre in self.preprocesses]
         out = decoded_batch(len(uris), sizes, self.suffixed)  # the declared columns
@@ -192,14 +200,32 @@ class DecodeStage:
                 continue
             out["size"][i] = len(data)
             out["sha256"][i] = hashlib.sha256(data).hexdigest()
-            loaded = Loaded()  # the file's decodes, shared by profiles whose draft is the same
+            loaded = Loaded(_meter, self._charge)  # shared by profiles whose draft is the same
             for g, pre in enumerate(self.preprocesses):
-                self._decode_into(out, i, g, data, pre, loaded)
+                if needed is None or needed[g][i]:
+                    self._decode_into(out, i, g, data, pre, loaded)
         out["uri"] = np.asarray(uris, object)
         passed = {key: np.asarray(batch[key]) for key in batch if key not in out}  # the manifest's columns
         return {**passed, **out}
 
+    def _charge(self, seconds: float, grown: int) -> None:
+        """A profile takes a load an earlier profile of the same file paid for: the time
+        and memory that load took come off this profile's limits, as if it had loaded."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if TIME_LIMIT_WORKS and self.timeout:
+            remaining, interval = signal.getitimer(signal.ITIMER_REAL)
+            if remaining > 0:
+                if remaining - seconds <= 0:
+                    raise DecodeTimeout(self.timeout)
+                signal.setitimer(signal.ITIMER_REAL, remaining - seconds, interval)
+        if MEMORY_LIMIT_WORKS and self.options.max_memory and grown:
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            if soft != resource.RLIM_INFINITY:
+                resource.setrlimit(resource.RLIMIT_AS, (max(soft - grown, address_space()), hard))
+
     def _column(self, out: dict[str, np.ndarray], name: str, g: int) -> np.ndarray:
+        """Geometry g's column `name` (its plain name with one preprocessing)."""
         return out[geometry_column(name, g if self.suffixed else None)]
 
     def _decode_into(self, out, i: int, g: int, data: bytes, pre: Preprocess, loaded: Loaded) -> None:

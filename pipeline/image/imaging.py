@@ -27,6 +27,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,11 +292,30 @@ def _open(data: bytes) -> Image.Image:
 
 class Loaded:
     """One file's decodes, shared by the profiles of a multi-model pass: the loaded
-    upright image by draft state, and the phash of each image hashed so far."""
+    upright image by draft state, and the phash of each image hashed so far.
 
-    def __init__(self) -> None:
+    meter: () -> (seconds, address-space bytes) now; charge(seconds, bytes): called when
+    a profile takes a decode an earlier profile paid for, so the per-image time and memory
+    limits (pipeline/image/decode.py) count that load for it too, as its own decode would."""
+
+    def __init__(self, meter: Callable[[], tuple[float, int]] | None = None, charge=None) -> None:
         self.images: dict[tuple, tuple[Image.Image, tuple[int, int]]] = {}
         self.hashes: dict[int, tuple[int, int]] = {}  # id(image) -> (phash, fragile bits)
+        self.costs: dict[tuple, tuple[float, int]] = {}  # draft state -> what its load took
+        self.meter, self.charge = meter, charge
+
+    def take(self, state: tuple) -> tuple[Image.Image, tuple[int, int]] | None:
+        """An earlier profile's decode of this draft state, its cost charged; None: none."""
+        if state not in self.images:
+            return None
+        if self.charge is not None:
+            self.charge(*self.costs[state])
+        return self.images[state]
+
+    def keep(self, state: tuple, decoded: tuple[Image.Image, tuple[int, int]], before) -> None:
+        after = self.meter() if self.meter else (0.0, 0)
+        self.costs[state] = (after[0] - before[0], max(0, after[1] - before[1]))
+        self.images[state] = decoded
 
     def phash(self, image: Image.Image) -> tuple[int, int]:
         """phash_with_fragile_bits, once per image this file loaded (pad and fit
@@ -383,8 +403,10 @@ def _load_upright(
         image.draft(None, want)
     _check_memory(image, options)
     state = (image.size, image.mode, getattr(image, "decoderconfig", ()))
-    if state in loaded.images:
-        return loaded.images[state]
+    shared = loaded.take(state)
+    if shared is not None:
+        return shared
+    before = loaded.meter() if loaded.meter else (0.0, 0)
     drafted = image.size != (width, height)
     image.load()
     if not jpeg:
@@ -395,7 +417,7 @@ def _load_upright(
         image = ImageOps.exif_transpose(image)
     # drafted: the loaded image is smaller than the file's: its declared size, upright
     upright = ((height, width) if orientation in _SWAPS_AXES else (width, height)) if drafted else image.size
-    loaded.images[state] = image, upright
+    loaded.keep(state, (image, upright), before)
     return image, upright
 
 

@@ -87,10 +87,19 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     )
 
 
+NOT_NEEDED = -1  # a row's shard for a model whose table does not need it (null would
+# become a float NaN in a numpy batch)
+
+
 def shard_column(model: int) -> str:
-    """The slice of model i's table a row goes to (-1: that model does not need it; not
-    null, which a numpy batch would turn into a float NaN)."""
+    """The slice of model i's table a row goes to (NOT_NEEDED: that model does not need it)."""
     return f"_shard_{model}"
+
+
+def work_blocks(work: pa.Table, cfg: TagJobConfig) -> list[pa.Table]:
+    """The work as the dataset's input blocks: a few decode batches each."""
+    rows = max(cfg.decode_batch_size, 64)
+    return [work.slice(i, rows) for i in range(0, work.num_rows, rows)]
 
 
 def tagged_column(model: int) -> str:
@@ -105,11 +114,22 @@ def decode_batch(
     storage_options: dict,
     timeout: float,
     max_file_bytes: int,
+    needed_by: tuple[tuple[str, ...], ...] = (),
 ):
-    """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely."""
-    out = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)(batch)
+    """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely.
+    needed_by: per preprocessing, the shard columns of the models that use it (a row no
+    such model needs is not decoded for it)."""
+    stage = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)
+    out = stage(batch, _needed(batch, needed_by))
     out[DECODE_NODE] = np.full(len(out["uri"]), _node_id(), object)
     return out
+
+
+def _needed(batch, needed_by: tuple[tuple[str, ...], ...]) -> list[np.ndarray] | None:
+    """Per preprocessing, the rows some model using it needs (None: every row)."""
+    if not needed_by:
+        return None
+    return [np.any([np.asarray(batch[c]) != NOT_NEEDED for c in columns], axis=0) for columns in needed_by]
 
 
 class PlacedTagger(TaggerStage):
@@ -145,7 +165,7 @@ class PassTagger:
         self.struct_type = pa.struct(fields)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        mask = _numpy(batch.column(shard_column(self.index))) >= 0
+        mask = batch.column(shard_column(self.index)).to_numpy() != NOT_NEEDED
         rows = batch.filter(pa.array(mask))
         if rows.num_rows:
             tagged = self.tagger(self._decoded(rows)).combine_chunks()
@@ -159,20 +179,15 @@ class PassTagger:
         return batch.drop_columns(list(self.model.drop)).append_column(tagged_column(self.index), column)
 
     def _decoded(self, rows: pa.Table) -> dict[str, np.ndarray]:
-        """The decoded columns of this model's geometry, under the names TaggerStage reads."""
-        return {
-            name: _numpy(rows.column(geometry_column(name, self.model.geometry)))
-            for name in (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
+        """The decoded columns of this model's geometry, under the names TaggerStage reads
+        (converted by Ray itself: its tensor columns, whichever tensor format is set)."""
+        from ray.data.block import BlockAccessor
+
+        names = {
+            geometry_column(name, self.model.geometry): name for name in (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
         }
-
-
-def _numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy: Ray's tensor columns (pixels) as one ndarray, strings as objects."""
-    chunks = [
-        c.to_numpy() if isinstance(c.type, pa.ExtensionType) else c.to_numpy(zero_copy_only=False)
-        for c in column.chunks
-    ]
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        arrays = BlockAccessor.for_block(rows.select(list(names))).to_batch_format("numpy")
+        return {names[column]: values for column, values in arrays.items()}
 
 
 def build_tag_dataset(
@@ -199,7 +214,11 @@ def build_pass_dataset(
     blocks: list[pa.Table], cfg: TagJobConfig, preprocesses: tuple[Preprocess, ...], models: list[ModelInPass]
 ):
     """Decode once for every model, then each model's pool in turn (see the module's text)."""
-    ds = _decoded_dataset(blocks, cfg, preprocesses, models[0].placement.decode_cpus)
+    needed_by = tuple(
+        tuple(shard_column(i) for i, m in enumerate(models) if m.geometry == g)
+        for g in range(len(preprocesses))
+    )
+    ds = _decoded_dataset(blocks, cfg, preprocesses, models[0].placement.decode_cpus, needed_by)
     for index, model in enumerate(models):
         ds = ds.map_batches(
             PassTagger,
@@ -224,7 +243,9 @@ def _pool(placement: Placement):
     )
 
 
-def _decoded_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess, decode_cpus: float):
+def _decoded_dataset(
+    blocks: list[pa.Table], cfg: TagJobConfig, preprocess, decode_cpus: float, needed_by: tuple = ()
+):
     import ray.data
 
     ds: ray.data.Dataset = ray.data.from_arrow(blocks)
@@ -242,6 +263,7 @@ def _decoded_dataset(blocks: list[pa.Table], cfg: TagJobConfig, preprocess, deco
             storage_options=cfg.storage_options,
             timeout=cfg.decode_timeout,
             max_file_bytes=cfg.max_file_bytes,
+            needed_by=needed_by,
         ),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",

@@ -290,3 +290,19 @@ def run_compare_tags(
     )
     summary.version = snapshot.version
     return summary
+
+
+def configured_source_tags(cfg) -> pa.Table | None:
+    """A tag run's --source-tags, read and normalised once for every model (None
+    without); a bad file stops the run here, before any image. cfg: a TagJobConfig."""
+    if not cfg.source_tags:
+        return None
+    labels = cfg.labels
+    return read_source_tags(
+        cfg.source_tags,
+        cfg.storage_options,
+        cfg.tag_aliases,
+        labels.source_uri_column,
+        labels.source_tags_column,
+        labels.tag_separator,
+    )

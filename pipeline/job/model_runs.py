@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.core.schemas import geometry_column
 from pipeline.job.graph import (
     DECODE_NODE,
+    NOT_NEEDED,
     TAGGER_NODE,
     ModelInPass,
     Placement,
@@ -30,6 +34,7 @@ from pipeline.job.graph import (
     plan_placement,
     shard_column,
     tagged_column,
+    work_blocks,
 )
 from pipeline.job.incremental import parts_dir_key
 from pipeline.job.plan import Plan
@@ -77,6 +82,7 @@ class Tagged:
 
 
 def tagger_settings(run: ModelRun, placement: Placement) -> TaggerSettings:
+    """What the model's tagger actors are built with: its bundle, rules and placement."""
     cfg, bundle = run.cfg, run.bundle
     return TaggerSettings(
         model_dir=str(bundle.directory),
@@ -99,10 +105,10 @@ def tag_one(run: ModelRun, run_started: float, progress_settings: ProgressSettin
     cfg, writer = run.cfg, run.writer
     placement = plan_placement(cfg, ray.cluster_resources().get("GPU", 0))
     settings = tagger_settings(run, placement)
-    block_rows = max(cfg.decode_batch_size, 64)
     work = writer.work()  # the rest of the manifest is joined back when a slice is written
-    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
-    dataset = build_tag_dataset(blocks, cfg, run.bundle.profile.preprocess, settings, placement)
+    dataset = build_tag_dataset(
+        work_blocks(work, cfg), cfg, run.bundle.profile.preprocess, settings, placement
+    )
     nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
     first_rows = None
     with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
@@ -120,26 +126,18 @@ def tag_one(run: ModelRun, run_started: float, progress_settings: ProgressSettin
 
 def pass_placements(runs: list[ModelRun], cluster_gpus: float) -> list[Placement]:
     """Each model's pool placed as its settings say; when the pools together ask for
-    more GPUs than the cluster has, each actor's share is scaled down so they all fit
-    (two models on one GPU: half each), since a pool that cannot start stalls the pass."""
+    more GPUs than the cluster has, each actor's ask is divided by the same whole number
+    (two models on one GPU: half each), since a pool that cannot start stalls the pass.
+    A whole divisor keeps the shares packing into whole GPUs on every node."""
     placements = [plan_placement(run.cfg, cluster_gpus) for run in runs]
     wanted = sum(p.tagger_gpus * p.tagger_actors for p in placements)
     if wanted > cluster_gpus > 0:
-        share = cluster_gpus / wanted
+        divisor = math.ceil(wanted / cluster_gpus)
         log.info(
-            "the models' pools ask for %g GPUs of %g: each actor gets %.2g of its ask",
-            wanted,
-            cluster_gpus,
-            share,
+            "the pools ask for %g GPUs of %g: each actor gets 1/%d of its ask", wanted, cluster_gpus, divisor
         )
-        placements = [_scaled(p, share) for p in placements]
+        placements = [replace(p, tagger_gpus=p.tagger_gpus / divisor) for p in placements]
     return placements
-
-
-def _scaled(placement: Placement, share: float) -> Placement:
-    from dataclasses import replace
-
-    return replace(placement, tagger_gpus=placement.tagger_gpus * share)
 
 
 def geometries(runs: list[ModelRun]) -> tuple[tuple[Preprocess, ...], list[int]]:
@@ -156,13 +154,13 @@ def geometries(runs: list[ModelRun]) -> tuple[tuple[Preprocess, ...], list[int]]
 
 def pass_work(runs: list[ModelRun]) -> pa.Table:
     """The union of what the models' tables need: one row per uri, with each model's
-    slice number (-1 where that model's table does not need the uri)."""
+    slice number (NOT_NEEDED where that model's table does not need the uri)."""
     uris = pa.concat_arrays([run.writer.work().column("uri").combine_chunks() for run in runs])
     union = pa.table({"uri": uris}).group_by("uri").aggregate([]).sort_by("uri")
     for index, run in enumerate(runs):
         work = run.writer.work().rename_columns(["uri", shard_column(index)])
         joined = union.join(work, "uri", join_type="left outer").sort_by("uri")
-        shards = joined.column(shard_column(index)).fill_null(-1)
+        shards = joined.column(shard_column(index)).fill_null(NOT_NEEDED)
         union = union.append_column(shard_column(index), shards)
     return union
 
@@ -181,30 +179,30 @@ def tag_in_one_pass(
         for i, run in enumerate(runs)
     ]
     work = pass_work(runs)
-    block_rows = max(cfg.decode_batch_size, 64)
-    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
     log.info(
         "one pass for %d models: %d images, decoded for %d distinct preprocessing(s)",
         len(runs),
         work.num_rows,
         len(preprocesses),
     )
-    dataset = build_pass_dataset(blocks, cfg, preprocesses, models)
+    dataset = build_pass_dataset(work_blocks(work, cfg), cfg, preprocesses, models)
     nodes: list[dict[str, collections.Counter]] = [
         {"decode": collections.Counter(), "tag": collections.Counter()} for _ in runs
     ]
     first_rows: list[float | None] = [None] * len(runs)
     with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            failed = np.zeros(batch.num_rows, bool)  # rows an error row in some table
             for index, run in enumerate(runs):
-                rows = _model_rows(batch, index)
+                rows, failed_here = _model_rows(batch, index)
                 if rows is None:
                     continue
+                failed |= failed_here
                 first_rows[index] = first_rows[index] or round(time.monotonic() - run_started, 3)
                 nodes[index]["decode"].update(rows.column(DECODE_NODE).to_pylist())
                 nodes[index]["tag"].update(rows.column(TAGGER_NODE).to_pylist())
                 run.writer.add(rows.drop_columns([DECODE_NODE, TAGGER_NODE]))
-            progress.update(batch.num_rows, batch.num_rows)
+            progress.update(batch.num_rows, int(failed.sum()))
     tagged = {}
     for index, run in enumerate(runs):
         parts = run.writer.finish()  # a slice Ray returned short of: nothing partial; a rerun redoes it
@@ -215,25 +213,25 @@ def tag_in_one_pass(
 
 def _dropped(index: int, geometry: list[int]) -> tuple[str, ...]:
     """The pixels no model after this one needs: dropped after it, off the object store."""
-    from pipeline.core.schemas import geometry_column
-
     later = set(geometry[index + 1 :])
     return () if geometry[index] in later else (geometry_column("pixels", geometry[index]),)
 
 
-def _model_rows(batch: pa.Table, index: int) -> pa.Table | None:
+def _model_rows(batch: pa.Table, index: int) -> tuple[pa.Table | None, np.ndarray]:
     """Model `index`'s tag rows in a batch of the pass, with their slice number and the
-    node that decoded them; None when it tagged none of the batch."""
+    node that decoded them (None when it tagged none of the batch), and which of the
+    batch's rows are error rows in its table."""
     column = batch.column(tagged_column(index))
     valid = column.is_valid()
+    errors = pc.is_valid(pc.struct_field(column, "error_kind")).to_numpy(zero_copy_only=False)
     if column.null_count == len(column):
-        return None
+        return None, np.zeros(len(column), bool)
     rows = pa.Table.from_batches(
         [pa.RecordBatch.from_struct_array(chunk) for chunk in column.filter(valid).chunks]
     )
     shards = batch.column(shard_column(index)).filter(valid)
     decoded_on = batch.column(DECODE_NODE).filter(valid)
     rows = rows.append_column(SHARD, shards.cast(pa.int64())).append_column(DECODE_NODE, decoded_on)
-    if np.any(rows.column(SHARD).to_numpy() < 0):
+    if np.any(rows.column(SHARD).to_numpy() == NOT_NEEDED):
         raise RuntimeError(f"model {index} tagged a row its table did not ask for")
-    return rows
+    return rows, errors & valid.to_numpy(zero_copy_only=False)

@@ -467,6 +467,11 @@ class NightlyConfig(SettingsModel):
 
     @model_validator(mode="after")
     def _defaults_and_pairs(self) -> NightlyConfig:
+        if len(self.tag.model) != 1:
+            raise ValueError(
+                f"tag.model: nightly takes one model, {len(self.tag.model)} were given (`tagpipe tag` takes "
+                "several; dedup, split and audit read one table's embeddings)"
+            )
         base = self.tag.output.rstrip("/")
         if not self.dedup_output:
             object.__setattr__(self, "dedup_output", f"{base}-dedup")

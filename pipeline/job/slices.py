@@ -120,11 +120,11 @@ class SliceWriter:
         self.written.extend(parts)
         return parts
 
-    def settle(self, timeout: float) -> None:
+    def settle(self, timeout: float) -> bool:
         """After an interrupt: parts whose tasks finish within `timeout` seconds count as
-        written, so the message says what is kept (a second Ctrl-C stops waiting)."""
+        written, so the message says what is kept. False: a second Ctrl-C stopped the wait."""
         if not self.in_flight:
-            return
+            return True
         import ray
 
         try:
@@ -135,7 +135,8 @@ class SliceWriter:
                 except Exception:  # a write that failed is not kept; the rerun redoes it
                     continue
         except KeyboardInterrupt:
-            return
+            return False
+        return True
 
     def finish(self) -> list[WrittenPart]:
         """Every part written; a slice Ray returned short of is an error, never a part."""

@@ -11,6 +11,10 @@ pipeline/job/slices.py's, the commit pipeline/table/tag_table.py's `commit_versi
 module runs them in order and builds the RunSummary from what each returned. Several
 models: each gets a ModelRun (its table, plan and writer), tagged in one pass by
 pipeline/job/model_runs.py.
+
+Why this module is long: it is every step of a run in order (list, plan, tag, rewrite,
+label check, commit, record), for one model or several, each a short function; what each
+step does is in its own module.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import posixpath
+import re
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -26,10 +31,9 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
-from pipeline.corpus.source_tags import read_source_tags
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.incremental import inference_key, rules_key
-from pipeline.job.label_check import check_labels
+from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Plan, empty_view, plan_run
 from pipeline.job.rethreshold import Retag
@@ -43,6 +47,7 @@ from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import TagTable, commit_version, now_iso, table_entries
 
 log = logging.getLogger(__name__)
+SAFE_FOLDER_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a model's table folder under OUTPUT
 INTERRUPT_SETTLE_SECONDS = 10.0  # on Ctrl-C, parts being written get this long to finish
 
 
@@ -71,9 +76,9 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
-    source = _source_tags(cfg)  # and so does a bad source tags file
+    source = configured_source_tags(cfg)  # and so does a bad source tags file
     timings: dict[str, float] = {}
-    listing = _list_while_ray_starts(cfg, [r.table for r in runs], timings)
+    listing = _list_while_ray_starts(cfg, runs, timings)
     for run in runs:
         _plan_model(run, listing, dry_run, timings)
     if dry_run:
@@ -82,42 +87,61 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
         run.writer = _slice_writer(run)
     try:
         t = time.monotonic()
-        tagging = [r for r in runs if r.plan.to_tag.num_rows]
-        if len(runs) == 1:
-            tagged = {0: tag_one(runs[0], started, _progress_settings(cfg))} if tagging else {}
-        else:
-            tagged = tag_in_one_pass(cfg, runs, started, _progress_settings(cfg)) if tagging else {}
+        tagged = _tag(cfg, runs, started)
         timings["tag_seconds"] = _lap(t)
         t = time.monotonic()
         for run in runs:
             run.rewritten = _rewrite(run)
         timings["rewrite_seconds"] = _lap(t)
     except KeyboardInterrupt:
-        for run in runs:
-            run.writer.settle(timeout=INTERRUPT_SETTLE_SECONDS)
+        _settle(runs)
         raise RunInterrupted(
             " ".join(_interrupted_text(r.table, r.base, r.writer.written) for r in runs)
         ) from None
-    for index, run in enumerate(runs):
-        _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, timings)
-        _commit(run, listing, timings, started, source)
+    _commit_each(runs, tagged, listing, timings, started, source)
     return _summaries(runs, started, None)
 
 
-def _source_tags(cfg: TagJobConfig):
-    """The human tags to check the model against, read and normalised once for every
-    model (None without --source-tags)."""
-    if not cfg.source_tags:
-        return None
-    labels = cfg.labels
-    return read_source_tags(
-        cfg.source_tags,
-        cfg.storage_options,
-        cfg.tag_aliases,
-        labels.source_uri_column,
-        labels.source_tags_column,
-        labels.tag_separator,
-    )
+def _tag(cfg: TagJobConfig, runs: list[ModelRun], started: float) -> dict[int, Tagged]:
+    """What each model (by index) tagged: only models with work take part; one model
+    alone runs the one-model graph."""
+    active = [i for i, run in enumerate(runs) if run.plan.to_tag.num_rows]
+    progress = _progress_settings(cfg)
+    if len(active) == 1:
+        return {active[0]: tag_one(runs[active[0]], started, progress)}
+    if not active:
+        return {}
+    tagged = tag_in_one_pass(cfg, [runs[i] for i in active], started, progress)
+    return {active[k]: result for k, result in tagged.items()}
+
+
+def _settle(runs: list[ModelRun]) -> None:
+    """After Ctrl-C: every writer's parts in flight get one shared deadline to finish."""
+    deadline = time.monotonic() + INTERRUPT_SETTLE_SECONDS
+    for run in runs:
+        if not run.writer.settle(timeout=max(0.0, deadline - time.monotonic())):
+            return  # a second Ctrl-C: stop waiting
+
+
+def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, started: float, source) -> None:
+    """Each table's commit, on its own: a table that fails to commit does not stop the
+    others'; the failures are raised together after, naming each table."""
+    failures = []
+    for index, run in enumerate(runs):
+        try:
+            run_timings = dict(timings)  # each table's own first_rows_seconds
+            _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, run_timings)
+            _commit(run, listing, run_timings, started, source)
+        except Exception as exc:
+            if len(runs) == 1:
+                raise
+            failures.append(f"{run.table.uri}: {exc}")
+    if failures:
+        done = [r.table.uri for r in runs if r.summary.version != r.summary.base_version]
+        raise TagpipeError(
+            f"{len(failures)} of {len(runs)} tables did not commit ({'; '.join(failures)}); "
+            f"committed: {', '.join(done) or 'none'}. Running the same command again finishes the rest"
+        )
 
 
 def _label_check(run: ModelRun, files: list[str], source) -> list[str]:
@@ -153,6 +177,12 @@ def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
             f"model: two bundles are named {twice[0]!r}; with several models each writes its table "
             "to OUTPUT/<model name>/, so their names (model_metadata.json's name, else the folder) "
             "must differ"
+        )
+    unsafe = [n for n in names if len(bundles) > 1 and not SAFE_FOLDER_NAME.fullmatch(n) or n in (".", "..")]
+    if unsafe:
+        raise TagpipeError(
+            f"model: the bundle name {unsafe[0]!r} cannot name its table's folder under OUTPUT; give "
+            "model_metadata.json a name of letters, digits, '.', '_' and '-'"
         )
     runs = []
     for index, bundle in enumerate(bundles):
@@ -235,10 +265,11 @@ def _summaries(runs: list[ModelRun], started: float, timings: dict | None) -> Ru
     return PassSummary([r.summary for r in runs], round(time.monotonic() - started, 3))
 
 
-def _list_inputs(cfg: TagJobConfig, tables: list[TagTable]):
-    """Every input, with the tables' own folders and the listing rules left out."""
+def _list_inputs(cfg: TagJobConfig, runs: list[ModelRun]):
+    """Every input, with the table's own folder and the listing rules left out (several
+    models: all of OUTPUT, which holds their tables, past and present)."""
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
-    entries = [entry for table in tables for entry in table_entries(table.uri)]
+    entries = table_entries(runs[0].table.uri) if len(runs) == 1 else (cfg.output.rstrip("/"),)
     own = tuple(listing_path(entry, cfg.storage_options) for entry in entries)
     rules = ListingRules(extensions, own, skip_sidecars=not cfg.list_sidecars)
     return build_manifest(list(cfg.inputs), cfg.storage_options, rules, progress=_progress_settings(cfg))
@@ -255,7 +286,7 @@ def _slice_writer(run: ModelRun) -> SliceWriter:
     )
 
 
-def _list_while_ray_starts(cfg: TagJobConfig, tables: list[TagTable], timings: dict[str, float]):
+def _list_while_ray_starts(cfg: TagJobConfig, runs: list[ModelRun], timings: dict[str, float]):
     """The listing, on a thread while Ray starts (a cold local Ray takes ~4 s; a big
     listing much longer: neither waits for the other), when it needs no Ray itself (a
     folder walk on other stores runs Ray tasks: then Ray first). Planning needs Ray
@@ -266,7 +297,7 @@ def _list_while_ray_starts(cfg: TagJobConfig, tables: list[TagTable], timings: d
     def timed_listing():
         t = time.monotonic()
         try:
-            result["listing"] = _list_inputs(cfg, tables)
+            result["listing"] = _list_inputs(cfg, runs)
         except BaseException as exc:  # re-raised on the main thread
             result["error"] = exc
         timings["list_seconds"] = _lap(t)
