@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,6 +53,7 @@ def test_built_model_has_the_configured_shape_and_matmul_cost():
     )
 
 
+@pytest.mark.slow  # 30 s: the whole GPU benchmark script, run on CPU (`pytest -m slow`)
 def test_cpu_path_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [

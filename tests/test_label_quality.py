@@ -239,6 +239,7 @@ def test_reader_formats_separators_and_aliases(tmp_path):
         ({"uri": ["x"], "tags": [3]}, {}, "column 'tags' is int64, expected a list of strings or a string"),
         ({"uri": ["x"], "tags": [[1]]}, {}, "column 'tags' is list<element: int64>"),
         ({"uri": [None, "y"], "tags": ["a", "b"]}, {}, "column 'uri' has 1 empty values"),
+        ({"uri": ["", "y"], "tags": ["a", "b"]}, {}, "column 'uri' has 1 empty values"),
         ({"uri": ["x"], "tags": ["a"]}, {"tags_column": "tag"}, "no tags column 'tag'"),
     ],
 )
@@ -500,3 +501,34 @@ def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundl
     third = run()
     assert third.version == 2 and third.images == 0 and third.label_check["likely_wrong"] == 0
     assert TagTable(str(out)).current().counts["label_check"]["likely_wrong"] == 0
+
+
+def test_an_empty_uri_cell_in_a_csv_is_refused(tmp_path):
+    path = tmp_path / "source.csv"
+    path.write_text("uri,tags\n,a\ny,b\n", encoding="utf-8")
+    with pytest.raises(TagpipeError, match="column 'uri' has 1 empty values"):
+        read_source_tags(str(path))
+
+
+def test_the_uncertain_queue_finds_the_model_past_a_compare_tags_version(tagged, tmp_path):
+    """compare-tags writes no run manifest of its own: the review finds the bundle in the
+    manifest of the tag run before it."""
+    import shutil
+
+    from pipeline.corpus.review import ReviewSettings, rank_queue
+    from pipeline.job.label_check import run_compare_tags
+    from pipeline.table.tag_table import TagTable
+
+    tagged_table, corpus = tagged
+    table = tmp_path / "tags"
+    shutil.copytree(tagged_table, table)
+    _source_file(corpus, tmp_path / "source.csv")
+    model = json.loads(next((table / "_runs").glob("*.json")).read_text())["model_dir"]
+    assert run_compare_tags(str(table), model, str(tmp_path / "source.csv")).version == 2
+    assert TagTable(str(table)).current().version == 2
+    rows, read = rank_queue(
+        ReviewSettings.model_validate(
+            {"tags": str(table), "kind": "uncertain", "out": str(tmp_path / "q.jsonl")}
+        )
+    )
+    assert read > 0

@@ -377,6 +377,9 @@ def test_unchanged_bytes_without_metadata_are_compared_by_sha256(
     assert (again.changed, again.skipped, again.images) == (1, 5, 1)
 
 
+# slow (70 s): tests/test_reliability.py kills the driver at each point of a nightly run
+# in the default suite; this one kills a real `tagpipe nightly` mid-tagging end to end
+@pytest.mark.slow
 def test_sigkill_mid_nightly_keeps_the_current_version_and_rerun_completes(
     ray_session, demo_bundle, demo_corpus, tmp_path
 ):

@@ -180,3 +180,14 @@ def test_report_command_and_benchmark_script(demo, tmp_path):
 
     figures = main(["--rows", "3000", "--workdir", str(tmp_path / "bench")])
     assert figures["rows"] == 3000 and figures["seconds"] > 0 and figures["peak_rss_mib"] > 0
+
+
+def test_a_folder_holding_tables_is_refused_not_read_as_every_version(demo, tmp_path):
+    """The parent of a table (where several models' tables sit), or a table's data/ folder,
+    holds every version's parts: a report of them would count rows several times."""
+    from pipeline.core.errors import TagpipeError
+
+    shutil.copytree(demo.tags_dir, tmp_path / "out" / "model-a")
+    for folder in (tmp_path / "out", tmp_path / "out" / "model-a" / "data"):
+        with pytest.raises(TagpipeError, match="not one table"):
+            build_report(str(folder), str(tmp_path / "r.html"))

@@ -50,7 +50,8 @@ def tag(
 
     Against an existing table only new, changed and transiently failed images are
     tagged, deleted ones are dropped, and a new version is committed at the end; a
-    new model (or decode settings) re-tags everything, new thresholds rethreshold."""
+    new model (or decode settings) re-tags everything, new thresholds rethreshold.
+    Several --model: one table each under the output, tagged in one pass."""
     from pipeline.job.settings import load_config_file, make_tag_config
     from pipeline.job.tag_job import run_tag_pass
 

@@ -50,6 +50,7 @@ from pipeline.corpus.drift import (
 )
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
 from pipeline.table.tag_table import CURRENT as _CURRENT
+from pipeline.table.tag_table import GUARD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
         names = table.read_part_metadata(files[0]).schema.to_arrow_schema().names if files else []
         return names, lambda columns: ((file, table.read_part(file, columns)) for file in files)
     fs, path = filesystem_for(uri, storage_options)
+    if fs.isdir(path) and any(f.endswith(GUARD_FILE) for f in fs.find(path)):
+        raise TagpipeError(
+            f"{uri}: holds tag tables' parts (every version's), not one table: give a table's own folder "
+            "(the one with _current.json), e.g. OUTPUT/<model name> after a run of several models"
+        )
     dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
     return dataset.schema.names, lambda columns: (
         (None, pa.Table.from_batches([b])) for b in dataset.to_batches(columns=columns, batch_size=65536)

@@ -342,13 +342,21 @@ def uncertain_rules(source: Source, model: str | None, tag: str | None) -> Thres
 
 
 def _run_manifest(source: Source) -> dict:
+    """The run manifest of the newest version a tag run made with this model: a version
+    from rethreshold or compare-tags has none of its own, an earlier one names the bundle."""
     if source.snapshot is None or source.table is None:
         return {}
-    uri = source.table.full_uri(posixpath.join(RUNS_DIR, f"{source.snapshot.run_id}.json"))
-    try:
-        return json.loads(read_bytes(uri, source.storage_options))
-    except Exception:  # no manifest (a rethreshold's version): --model says which bundle
-        return {}
+    table, model = source.table, source.snapshot.model_sha256
+    for version in sorted((v for v in table.versions() if v <= source.snapshot.version), reverse=True):
+        snapshot = table.snapshot(version)
+        if snapshot.model_sha256 != model:
+            break
+        uri = table.full_uri(posixpath.join(RUNS_DIR, f"{snapshot.run_id}.json"))
+        try:
+            return json.loads(read_bytes(uri, source.storage_options))
+        except Exception:  # no manifest of its own: look further back
+            continue
+    return {}
 
 
 def _one_model(source: Source) -> str | None:

@@ -66,8 +66,9 @@ def read_source_tags(
     uris = table.column(uri_column)
     if not (pa.types.is_string(uris.type) or pa.types.is_large_string(uris.type)):
         raise TagpipeError(f"{path}: column {uri_column!r} is {uris.type}, expected strings")
-    if uris.null_count:
-        raise TagpipeError(f"{path}: column {uri_column!r} has {uris.null_count} empty values")
+    empty = uris.null_count + (pc.sum(pc.equal(uris, "")).as_py() or 0)
+    if empty:
+        raise TagpipeError(f"{path}: column {uri_column!r} has {empty} empty values")
     rows, tags = _tag_pairs(path, column, table.column(column), separator)
     alias_map = read_aliases(aliases, storage_options) if isinstance(aliases, str) else aliases or {}
     if alias_map:

@@ -245,6 +245,8 @@ def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> No
             expected_rows=summary.listed,
         )
         summary.version, summary.rows = snapshot.version, snapshot.rows
+        if not plan.commits:  # nothing to tag or drop: the source tags' check changed the version
+            summary.change = "source tags changed"
         run_timings["commit_seconds"] = _lap(t)
     else:
         summary.rows = base.rows if base else 0
