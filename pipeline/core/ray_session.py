@@ -12,6 +12,7 @@ import secrets
 from datetime import UTC, datetime
 
 from pipeline.core.logs import ray_logging_level
+from pipeline.core.progress import Progress, ProgressSettings
 
 
 def new_run_id() -> str:
@@ -30,3 +31,19 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address=address, logging_level=ray_logging_level())
     else:
         ray.init(address="local", include_dashboard=False, logging_level=ray_logging_level())
+
+
+def results_in_order(refs: list, label: str, progress: ProgressSettings | None = None) -> list:
+    """The Ray tasks' results in the order of `refs`, counted on a progress line as each
+    finishes (the part rewrites, the label check's passes)."""
+    import ray
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    waiting = list(refs)
+    with Progress(label, len(refs), "parts", progress or ProgressSettings()) as shown:
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            results[index[ready[0]]] = ray.get(ready[0])
+            shown.update(1)
+    return results

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.core.progress import ProgressSettings
+from pipeline.core.ray_session import results_in_order
 from pipeline.core.schemas import LABEL_COLUMNS
 from pipeline.corpus.label_quality import (
     LabelRules,
@@ -131,7 +132,7 @@ def check_labels(
     task = ray.remote(num_cpus=1, max_retries=3)(_label_part)
     pending = [task.remote(table.uri, table.storage_options, f, _labelled_name(f, key), ref) for f in files]
     new_files, matched = [], 0
-    for file, counts, done, uris_matched in _gather(pending, "label check", progress):
+    for file, counts, done, uris_matched in results_in_order(pending, "label check", progress):
         new_files.append(file)
         summary.counts += counts
         summary.parts_skipped += done
@@ -151,24 +152,9 @@ def _statistics(
     task = ray.remote(num_cpus=1, max_retries=3)(_part_statistics)
     pending = [task.remote(table.uri, table.storage_options, f, ref) for f in files]
     total = TagStatistics.empty(len(context.post.tags))
-    for partial in _gather(pending, "label statistics", progress):
+    for partial in results_in_order(pending, "label statistics", progress):
         total += partial
     return total
-
-
-def _gather(pending: list, label: str, progress: ProgressSettings | None) -> list:
-    """Results in task order, with progress."""
-    import ray
-
-    index = {ref: i for i, ref in enumerate(pending)}
-    results: list = [None] * len(pending)
-    waiting = list(pending)
-    with Progress(label, len(pending), "parts", progress or ProgressSettings()) as shown:
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1)
-            results[index[ready[0]]] = ray.get(ready[0])
-            shown.update(1)
-    return results
 
 
 def _labels_key(

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.progress import Progress, ProgressSettings
+from pipeline.core.progress import ProgressSettings
+from pipeline.core.ray_session import results_in_order
 from pipeline.table.tag_table import DATA_DIR, TagTable
 
 # (rows of one part, "URI/FILE" for messages) -> (transformed rows, rows whose tags changed)
@@ -83,12 +84,4 @@ def rewrite_parts(
 
     task = ray.remote(num_cpus=1, max_retries=3)(rewrite_part)
     refs = [task.remote(job, storage_options) for job in jobs]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[RewriteResult | None] = [None] * len(refs)
-    pending = list(refs)
-    with Progress(progress_label, len(refs), "parts", progress or ProgressSettings()) as shown:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            results[index[ready[0]]] = ray.get(ready[0])
-            shown.update(1)
-    return [r for r in results if r is not None]
+    return [r for r in results_in_order(refs, progress_label, progress) if r is not None]
