@@ -189,3 +189,30 @@ def test_budget_is_restored_after_each_decode():
     script = f"BUDGET = {BUDGET}\n" + RESTORED
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+DEEP_PNG_NEAR_THE_BUDGET = """
+import numpy as np
+from PIL import Image
+from pipeline.image.decode import DecodeStage
+from pipeline.image.imaging import DecodeOptions
+from pipeline.model.profiles import load_profile
+values = (np.arange(3000 * 2000, dtype=np.uint32).reshape(2000, 3000) % 65536).astype(np.uint16)
+Image.fromarray(values).save(PATH)
+stage = DecodeStage(load_profile("wd_v3").preprocess, DecodeOptions(max_memory=MIB * 2**20))
+print(stage({"uri": np.asarray([PATH], object)})["error_kind"][0])
+"""
+
+
+@pytest.mark.parametrize("mib", [100, 120])
+def test_an_image_filling_the_budget_is_a_row_not_a_dead_worker(tmp_path, mib):
+    """OpenBLAS aborts the process when its first matrix product cannot allocate its
+    buffers; a 16-bit PNG that filled the budget left exactly that for the phash. In a
+    fresh process (nothing has warmed BLAS up), as a new Ray worker is."""
+    import subprocess
+    import sys
+
+    script = f"PATH = {str(tmp_path / 'deep.png')!r}\nMIB = {mib}\n" + DEEP_PNG_NEAR_THE_BUDGET
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("too_large", "None")

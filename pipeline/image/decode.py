@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.core.errors import ErrorKind
 from pipeline.core.schemas import decoded_batch, geometry_column
 from pipeline.image.imaging import DecodeOptions, ImageError, Loaded, decode_image
-from pipeline.image.phash import unreliable
+from pipeline.image.phash import unreliable, warm_up_blas
 from pipeline.model.profiles import Preprocess
 from pipeline.storage.filesystem import read_bytes
 
@@ -143,6 +143,7 @@ class DecodeStage:
         self.storage_options = storage_options or {}
         self.timeout = timeout  # seconds per image's decode; 0: none
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
+        warm_up_blas()  # before any memory limit: see phash.warm_up_blas
 
     @property
     def preprocess(self) -> Preprocess:

@@ -16,6 +16,16 @@ _N = HASH_SIZE * HIGHFREQ_FACTOR
 _k = np.arange(_N)[:, None]
 _n = np.arange(_N)[None, :]
 DCT_MATRIX = 2.0 * np.cos(np.pi * _k * (2 * _n + 1) / (2 * _N))  # scipy dct type II, norm=None
+
+
+def warm_up_blas() -> None:
+    """One matrix product like the hash's. OpenBLAS allocates its work buffers on a
+    process's first product and, when that allocation fails, aborts the whole process
+    (no MemoryError). Under a decode's memory limit that killed the worker: the decode
+    stage calls this before any image's limit, so the buffers exist outside it."""
+    DCT_MATRIX @ np.ones((_N, _N)) @ DCT_MATRIX.T
+
+
 SOLID_HASH = 1 << 63  # every solid-colour image
 BLACK_HASH = 0
 # A bit is fragile when its DCT coefficient lies within FRAGILE_MARGIN of the median it
