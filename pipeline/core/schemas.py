@@ -63,6 +63,8 @@ def decoded_batch(n: int, sizes: Sequence[tuple[int, int]], suffixed: bool = Fal
     for g, (height, width) in enumerate(sizes):
         for name, dtype in DECODED_COLUMNS.items():
             column = geometry_column(name, g if suffixed else None)
+            if column in batch:  # a file column, made for the first geometry
+                continue
             if name == "pixels":
                 batch[column] = np.zeros((n, height, width, 3), dtype)
             elif dtype is np.object_:

@@ -13,8 +13,8 @@ from typing import Annotated
 import pydantic
 from pydantic import BeforeValidator, Field
 
-from pipeline.core.errors import ConfigError
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
+from pipeline.model.rules import Probability, category_items_parser, category_table
 
 NONE = KeyRole.NONE
 
@@ -26,42 +26,15 @@ class LabelRule(enum.StrEnum):
 
 
 def _cutoff_table(value):
-    """{category: probability}; JSON text is read as the table it spells."""
-    import json
-
-    rule = "must be a table of category = probability, e.g. { character = 0.02 }"
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(rule) from None
-    if not isinstance(value, dict) or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values()
-    ):
-        raise ValueError(rule)
-    for k, v in value.items():
-        if not 0 <= v <= 1:
-            raise ValueError(f"{k} = {v}: a cut-off must be 0 to 1")
-    return {str(k).lower(): float(v) for k, v in value.items()}
+    """{category: cut-off}, category names lowercased (as the vocabulary's categories)."""
+    table = category_table(value, "cut-off", "{ character = 0.02 }")
+    return {name.lower(): cutoff for name, cutoff in table.items()}
 
 
 def _cutoff_items(flag: str):
-    def parse(items: list[str]) -> dict[str, float]:
-        table = {}
-        for item in items:
-            name, sep, number = item.partition("=")
-            try:
-                table[name.strip().lower()] = float(number)
-            except ValueError:
-                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. character=0.02") from None
-            if not sep or not name.strip():
-                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. character=0.02")
-        return table
-
-    return parse
+    return category_items_parser(flag, "character=0.02")
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # Category cut-offs when nothing is given: character, copyright and artist tags are often
 # given from what the uploader knows (the source, who drew it), not from the pixels, and a
 # tagger is weakest on rare names, so its low score there is weaker evidence of a wrong tag.

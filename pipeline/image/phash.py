@@ -18,12 +18,18 @@ _n = np.arange(_N)[None, :]
 DCT_MATRIX = 2.0 * np.cos(np.pi * _k * (2 * _n + 1) / (2 * _N))  # scipy dct type II, norm=None
 
 
+_blas_warm = False
+
+
 def warm_up_blas() -> None:
-    """One matrix product like the hash's. OpenBLAS allocates its work buffers on a
-    process's first product and, when that allocation fails, aborts the whole process
-    (no MemoryError). Under a decode's memory limit that killed the worker: the decode
-    stage calls this before any image's limit, so the buffers exist outside it."""
-    DCT_MATRIX @ np.ones((_N, _N)) @ DCT_MATRIX.T
+    """One matrix product like the hash's, once per process. OpenBLAS allocates its work
+    buffers on a process's first product and, when that allocation fails, aborts the
+    whole process (no MemoryError). Under a decode's memory limit that killed the worker:
+    the decode stage calls this before any image's limit, so the buffers exist outside it."""
+    global _blas_warm
+    if not _blas_warm:
+        DCT_MATRIX @ np.ones((_N, _N)) @ DCT_MATRIX.T
+        _blas_warm = True
 
 
 SOLID_HASH = 1 << 63  # every solid-colour image

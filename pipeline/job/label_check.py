@@ -112,14 +112,7 @@ def check_labels(
     judged = judged_mask(post, settings.label_categories)
     rule = LabelRules.resolve(post, settings, TagStatistics.empty(len(judged))).rule  # a bad rule stops here
     if isinstance(source_tags, str):
-        source_tags = read_source_tags(
-            source_tags,
-            table.storage_options,
-            aliases,
-            settings.source_uri_column,
-            settings.source_tags_column,
-            settings.tag_separator,
-        )
+        source_tags = read_source_file(source_tags, table.storage_options, aliases, settings)
     indexed, source_counts = index_source_tags(source_tags, post, judged)
     summary = LabelCheckSummary(rule=rule.value, parts=len(files), source=source_counts)
     ensure_ray(ray_address)
@@ -278,17 +271,23 @@ def run_compare_tags(
     return summary
 
 
+def read_source_file(
+    path: str, storage_options: dict | None, aliases: str | None, settings: LabelCheckSettings
+) -> pa.Table:
+    """A source tags file read as the settings say (its columns, its separator)."""
+    return read_source_tags(
+        path,
+        storage_options,
+        aliases,
+        settings.source_uri_column,
+        settings.source_tags_column,
+        settings.tag_separator,
+    )
+
+
 def configured_source_tags(cfg) -> pa.Table | None:
     """A tag run's --source-tags, read and normalised once for every model (None
     without); a bad file stops the run here, before any image. cfg: a TagJobConfig."""
     if not cfg.source_tags:
         return None
-    labels = cfg.labels
-    return read_source_tags(
-        cfg.source_tags,
-        cfg.storage_options,
-        cfg.tag_aliases,
-        labels.source_uri_column,
-        labels.source_tags_column,
-        labels.tag_separator,
-    )
+    return read_source_file(cfg.source_tags, cfg.storage_options, cfg.tag_aliases, cfg.labels)

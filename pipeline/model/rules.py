@@ -29,9 +29,10 @@ def lowercase_items(items: list[str]) -> list[str]:
     return [item.lower() for item in items]
 
 
-def _category_table(value):
-    """{category: probability}; JSON text is read as the table it spells."""
-    rule = "must be a table of category = probability, e.g. { general = 0.35, character = 0.85 }"
+def category_table(value, noun: str = "threshold", example: str = "{ general = 0.35, character = 0.85 }"):
+    """{category: probability}; JSON text is read as the table it spells. noun and example
+    word the errors (a threshold here; the label check's cut-offs too)."""
+    rule = f"must be a table of category = probability, e.g. {example}"
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -43,24 +44,29 @@ def _category_table(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(rule)
         if not 0 <= v <= 1:
-            raise ValueError(f"{k} = {v}: a threshold must be 0 to 1")
+            raise ValueError(f"{k} = {v}: a {noun} must be 0 to 1")
     return {str(k): float(v) for k, v in value.items()}
 
 
-def category_items(items: list[str]) -> dict[str, float]:
-    """The command line's repeatable CATEGORY=VALUE items as one table."""
-    table = {}
-    for item in items:
-        name, sep, number = item.partition("=")
-        try:
-            table[name.strip().lower()] = float(number)
-        except ValueError:
-            raise ConfigError(
-                f"--category-threshold {item!r}: expected CATEGORY=VALUE, e.g. character=0.85"
-            ) from None
-        if not sep or not name.strip():
-            raise ConfigError(f"--category-threshold {item!r}: expected CATEGORY=VALUE, e.g. character=0.85")
-    return table
+def category_items_parser(flag: str, example: str):
+    """The parser of a repeatable CATEGORY=VALUE option (`flag`): its items as one table."""
+
+    def parse(items: list[str]) -> dict[str, float]:
+        table = {}
+        for item in items:
+            name, sep, number = item.partition("=")
+            try:
+                table[name.strip().lower()] = float(number)
+            except ValueError:
+                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. {example}") from None
+            if not sep or not name.strip():
+                raise ConfigError(f"{flag} {item!r}: expected CATEGORY=VALUE, e.g. {example}")
+        return table
+
+    return parse
+
+
+category_items = category_items_parser("--category-threshold", "character=0.85")
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -82,7 +88,7 @@ LogitFloor = Annotated[
 ]
 CategoryThresholds = Annotated[
     dict[str, float],
-    BeforeValidator(_category_table),
+    BeforeValidator(category_table),
     Field(
         default_factory=dict,
         description="per-category threshold, repeatable (e.g. `character=0.85`)",
