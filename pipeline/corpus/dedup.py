@@ -1,13 +1,19 @@
-"""`tagpipe dedup`: clusters of copies and near-duplicates from a tag output.
+"""`tagpipe dedup`: clusters of copies and near-duplicates from a tag output, kept up to date.
 
-Edges come from three signals (pipeline/corpus/duplicate_signals.py): the same sha256; phash
-within R bits between hashes that carry detail (low-detail hashes match nothing and
-are counted by reason); and cosine similarity of the tagger's embedding at or above a
-threshold, given or chosen from the data (--embedding-threshold auto). Connected
-components of all edges are the clusters (scipy's C implementation); edges.parquet
-records each edge with its signal. cluster_id is the smallest sha256 in the cluster,
-stable as long as that file stays. The representative is the best copy: the most
-pixels, then a lossless format, then the most bytes, then the smallest uri.
+Three signals join images: the same sha256; phash within R bits between hashes that carry
+detail (low-detail hashes match nothing and are counted by reason); and the tagger's
+embedding at cosine >= a threshold, given or chosen per corpus (`auto`:
+pipeline/corpus/embedding_threshold.py). The clusters are the connected components of a
+graph whose nodes are the rows, their sha256 groups, their distinct hashes and their
+distinct vectors, so K identical rows cost K edges, never K^2.
+
+The output folder keeps a versioned index (pipeline/corpus/duplicate_index.py): the next
+run reads only new and changed rows' embeddings and searches only their vectors and new
+hashes (pipeline/corpus/dedup_vectors.py); the graph is then solved again over every
+row (scipy, linear in rows and edges, seconds at 10M), so a deleted bridge splits its
+cluster. `--full` rebuilds from scratch. cluster_id is the smallest sha256 in the
+cluster, stable as long as that file stays; the representative is the best copy: the
+most pixels, then a lossless format, then the most bytes, then the smallest uri.
 """
 
 from __future__ import annotations
@@ -19,26 +25,41 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import CLUSTERS_SCHEMA, EDGES_SCHEMA, conform
+from pipeline.corpus.corpus_rows import CorpusRows
+from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
+from pipeline.corpus.duplicate_index import (
+    ENTRIES_SCHEMA,
+    INDEX_EDGES_SCHEMA,
+    STATE_SCHEMA,
+    DuplicateIndex,
+    IndexVersion,
+    record_table,
+)
 from pipeline.corpus.duplicate_signals import (
+    EMBEDDING,
+    PHASH,
+    SHA256,
     Edges,
-    embedding_edges,
-    embedding_matrix,
+    ExactSignals,
+    exact_signals,
     hash_reliability,
     phash_edges,
     sha256_edges,
-    table_hashes,
 )
+from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.corpus.hamming_search import near_pairs
 from pipeline.storage.filesystem import write_atomic
-from pipeline.table.reading import read_parquet
+from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_DISTANCE = 6
 GIANT_CLUSTER = 1000  # clusters this large are reported: chaining through near-duplicates
-LOSSLESS_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".tga", ".qoi")
+LOSSLESS = r"\.(png|bmp|tif|tiff|gif|ppm|pgm|pbm|tga|qoi)$"
 
 
 @dataclass
@@ -56,33 +77,38 @@ class DedupSummary:
     max_distance: int = DEFAULT_MAX_DISTANCE
     unmatched_hashes: dict = field(default_factory=dict)  # reason -> rows whose phash matches nothing
     edges: dict = field(default_factory=dict)  # signal -> edges
-    embedding: dict = field(
-        default_factory=dict
-    )  # threshold, chosen_by, recall and rate, search facts; {} if off
+    embedding: dict = field(default_factory=dict)  # the threshold decision (ThresholdDecision.record())
+    index: dict = field(default_factory=dict)  # version, full or incremental (and why), what was searched
     seconds: float = 0.0
 
     def text(self) -> str:
         unmatched = ", ".join(f"{k} {v}" for k, v in self.unmatched_hashes.items() if v) or "none"
-        emb_text = describe_embedding(self.embedding)
         return (
             f"dedup: {self.images} images in {self.clusters} clusters; {self.duplicates} duplicates "
             f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), "
             f"largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "
-            "hashes matching "
-            f"nothing: {unmatched}; {emb_text}; {self.seconds:.1f} s"
+            f"hashes matching nothing: {unmatched}; {describe_embedding(self.embedding)}; "
+            f"{describe_index(self.index)}; {self.seconds:.1f} s"
         )
 
 
 def describe_embedding(emb: dict) -> str:
     """The embedding entry of a dedup summary in words (the CLI line and the report)."""
-    if emb.get("threshold") is None:
+    if not emb or emb.get("threshold") is None:
         return f"embedding not used ({emb.get('reason') or 'not asked'})"
-    recall = "n/a" if emb.get("positive_recall") is None else f"{emb['positive_recall']:.3f}"
-    rate = "n/a" if emb.get("negative_rate") is None else f"{emb['negative_rate']:.2g}"
+    known = {k: v for k, v in emb.items() if k in ThresholdDecision.__dataclass_fields__}
+    return ThresholdDecision(**{"chosen_by": "given", **known}).text()
+
+
+def describe_index(index: dict) -> str:
+    if not index:
+        return "no index"
+    searched = f"{index.get('entries_searched', 0)} of {index.get('entries', 0)} vectors searched"
+    why = f" ({index['reason']})" if index.get("mode") == "full" and index.get("reason") else ""
     return (
-        f"embedding cosine >= {emb['threshold']:.4f} ({emb['chosen_by']}; recall of hash-confirmed "
-        f"pairs {recall}, random-pair rate {rate})"
+        f"index version {index.get('version')}: {index.get('mode')}{why}, {index.get('rows_read', 0)} "
+        f"embeddings read, {searched}, {index.get('hashes_searched', 0)} hashes searched"
     )
 
 
@@ -111,13 +137,303 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def parse_embedding_threshold(text: str | float | None) -> float | str | None:
+    """--embedding-threshold: a cosine in (0, 1], "auto", or "off" (None)."""
+    if text is None or text == "off":
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise TagpipeError(f"--embedding-threshold {text!r}: give a cosine in (0, 1], auto or off") from None
+    if not 0 < value <= 1:
+        raise TagpipeError(f"--embedding-threshold {text!r}: a cosine in (0, 1], auto or off")
+    return value
+
+
+def run_dedup(
+    tags: str,
+    output: str,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    storage_options: dict | None = None,
+    ray_address: str | None = None,
+    embedding_threshold: float | str | None = "auto",
+    full: bool = False,
+) -> DedupSummary:
+    """Clusters of a tag output into output/clusters.parquet, edges.parquet, _summary.json,
+    updating the index in output/_index from its last version (full: from scratch).
+
+    embedding_threshold: a cosine, "auto" (chosen from the data), or None (phash and
+    sha256 only). Rows without an embedding join by sha256 and phash only. ray_address
+    is accepted for the command line's sake; the search runs in this process."""
+    del ray_address
+    started = time.monotonic()
+    if not 0 <= max_distance <= 32:
+        raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
+    run_id = new_run_id()
+    rows = CorpusRows.read(tags, storage_options)
+    index = DuplicateIndex(output, storage_options)
+    base = index.current()
+    why = reuse_reason(base, rows, embedding_threshold, full)
+    usable_base = base if not why else None
+    timings: dict[str, float] = {}
+    exact = _exact(rows, index, usable_base, max_distance)
+    known = _graph(rows, exact, None, None)
+    timings["exact"] = _lap(started)
+    vectors = update_vectors(rows, index, usable_base, embedding_threshold, known, run_id, _edits(rows))
+    timings["embedding"] = _lap(started) - timings["exact"]
+    labels = _graph(rows, exact, vectors, vectors.decision.threshold)
+    summary = _summary(rows, exact, vectors, labels, max_distance)
+    version = _commit(index, base, tags, rows, exact, vectors, run_id, max_distance, summary)
+    summary.index = {
+        "version": version.version,
+        "mode": "incremental" if usable_base else "full",
+        "reason": why,
+        "hashes_searched": exact.searched,
+        **vectors.facts,
+        "timings": timings,
+    }
+    summary.seconds = round(time.monotonic() - started, 3)
+    _write_outputs(output, storage_options, rows, exact, vectors, labels, summary)
+    return summary
+
+
+def _lap(started: float) -> float:
+    return round(time.monotonic() - started, 3)
+
+
+def _edits(rows: CorpusRows) -> dict[str, np.ndarray] | None:
+    """The table's planted-edit cosines by edit kind (tagged at tag time), if it has them."""
+    snapshot = rows.parts.snapshot
+    if snapshot is None:
+        return None
+    from pipeline.table.tag_table import TagTable
+
+    table = TagTable(rows.parts.uri, rows.parts.storage_options)
+    reader = getattr(table, "edit_calibration", None)
+    calibration = reader(snapshot) if reader else None
+    if calibration is None or not calibration.num_rows:
+        return None
+    out: dict[str, list] = {}
+    for edit, cosine in zip(calibration.column("edit").to_pylist(), calibration.column("cosine").to_pylist()):
+        if cosine is not None:
+            out.setdefault(edit, []).append(cosine)
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def _exact(
+    rows: CorpusRows, index: DuplicateIndex, base: IndexVersion | None, max_distance: int
+) -> ExactSignals:
+    previous = None
+    if base is not None and base.max_distance == max_distance:
+        state = index.read_table(base.state, ["phash", "phash_usable"])
+        usable = state.column("phash_usable").fill_null(False).to_numpy(zero_copy_only=False)
+        old = np.unique(state.column("phash").fill_null(0).to_numpy().astype(np.uint64)[usable])
+        edges = index.read_table(base.edges)
+        pairs = edges.filter(pc.equal(edges.column("signal"), PHASH))
+        a, b = (pairs.column(c).to_numpy().astype(np.int64).view(np.uint64) for c in ("a", "b"))
+        previous = (old, a, b, pairs.column("distance").to_numpy())
+    return exact_signals(rows.sha256, rows.phash, rows.has_hash, rows.degenerate, max_distance, previous)
+
+
+def _graph(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate | None, threshold) -> np.ndarray:
+    """Each row's component: rows, sha256 groups, distinct hashes and distinct vectors are
+    nodes; a row joins its group, its hash and its vector; hashes within R and vectors at or
+    above the threshold join each other."""
+    n, g, h = rows.count, exact.groups, len(exact.hashes)
+    idx = np.arange(n)
+    parts_a = [idx[exact.sha_group >= 0], idx[exact.hash_node >= 0], n + g + exact.pair_a]
+    parts_b = [n + exact.sha_group[exact.sha_group >= 0], n + g + exact.hash_node[exact.hash_node >= 0]]
+    parts_b.append(n + g + exact.pair_b)
+    nodes = n + g + h
+    if vectors is not None and threshold is not None:
+        live, entry_node = np.unique(vectors.entry[vectors.entry >= 0], return_inverse=True)
+        strong = vectors.cosine >= threshold
+        a = np.searchsorted(live, vectors.pair_a[strong])
+        b = np.searchsorted(live, vectors.pair_b[strong])
+        parts_a += [idx[vectors.entry >= 0], nodes + a]
+        parts_b += [nodes + entry_node.reshape(-1), nodes + b]
+        nodes += len(live)
+    labels = components(nodes, np.concatenate(parts_a), np.concatenate(parts_b))
+    return labels[:n]
+
+
+def _first_rows(node: np.ndarray, count: int) -> np.ndarray:
+    """The first row (in uri order) of each node (index count: a slot for rows without one)."""
+    first = np.full(count + 1, np.iinfo(np.int64).max, np.int64)
+    have = np.flatnonzero(node >= 0)
+    np.minimum.at(first, node[have], have)
+    return first
+
+
+def public_edges(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate) -> Edges:
+    """Row-level edges for edges.parquet: each row to its node's first row, and between the
+    first rows of joined hashes and vectors."""
+    edges = Edges()
+    idx = np.arange(rows.count)
+    first_sha = _first_rows(exact.sha_group, exact.groups)
+    same = (exact.sha_group >= 0) & (first_sha[exact.sha_group] != idx)
+    edges.add(idx[same], first_sha[exact.sha_group[same]], SHA256)
+    first_hash = _first_rows(exact.hash_node, len(exact.hashes))
+    same = (exact.hash_node >= 0) & (first_hash[exact.hash_node] != idx)
+    edges.add(idx[same], first_hash[exact.hash_node[same]], PHASH, distance=np.zeros(int(same.sum())))
+    edges.add(first_hash[exact.pair_a], first_hash[exact.pair_b], PHASH, distance=exact.distance)
+    threshold = vectors.decision.threshold
+    if threshold is not None and (vectors.entry >= 0).any():
+        live, node = np.unique(vectors.entry[vectors.entry >= 0], return_inverse=True)
+        entry_node = np.full(rows.count, -1, np.int64)
+        entry_node[vectors.entry >= 0] = node.reshape(-1)
+        first = _first_rows(entry_node, len(live))
+        same = (entry_node >= 0) & (first[entry_node] != idx)
+        edges.add(idx[same], first[entry_node[same]], EMBEDDING, cosine=np.ones(int(same.sum())))
+        strong = vectors.cosine >= threshold
+        a = first[np.searchsorted(live, vectors.pair_a[strong])]
+        b = first[np.searchsorted(live, vectors.pair_b[strong])]
+        edges.add(a, b, EMBEDDING, cosine=vectors.cosine[strong])
+    return edges
+
+
+def _summary(rows, exact: ExactSignals, vectors: VectorUpdate, labels, max_distance) -> DedupSummary:
+    summary = DedupSummary(max_distance=max_distance, images=rows.count)
+    summary.hashed = int(rows.has_hash.sum())
+    with_sha = int((exact.sha_group >= 0).sum())
+    summary.exact_duplicate_images = with_sha - len(np.unique(exact.sha_group[exact.sha_group >= 0]))
+    summary.near_pairs = int(len(exact.pair_a))
+    summary.unmatched_hashes = exact.unmatched
+    summary.embedding = vectors.decision.record()
+    return summary
+
+
+def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_distance, summary):
+    """The index's next version: this run's state, entries and edges, then the record."""
+    state = pa.table(
+        {
+            "uri": rows.uri,
+            "sha256": rows.sha256,
+            "phash": pa.array(rows.phash, pa.uint64(), mask=~rows.has_hash),
+            "phash_usable": pa.array(exact.usable),
+            "entry": pa.array(vectors.entry, pa.int64(), mask=vectors.entry < 0),
+        },
+        schema=STATE_SCHEMA,
+    )
+    hashes = exact.hashes.view(np.int64)
+    edges = pa.table(
+        {
+            "signal": pa.array([EMBEDDING] * len(vectors.pair_a) + [PHASH] * len(exact.pair_a), pa.string()),
+            "a": pa.array(np.r_[vectors.pair_a, hashes[exact.pair_a]], pa.int64()),
+            "b": pa.array(np.r_[vectors.pair_b, hashes[exact.pair_b]], pa.int64()),
+            "cosine": pa.array(np.r_[vectors.cosine, np.full(len(exact.pair_a), np.nan, np.float32)]),
+            "distance": pa.array(np.r_[np.full(len(vectors.pair_a), -1), exact.distance].astype(np.int16)),
+        },
+        schema=INDEX_EDGES_SCHEMA,
+    )
+    entries = vectors.entries if vectors.entries is not None else ENTRIES_SCHEMA.empty_table()
+    version = IndexVersion(
+        version=(base.version if base else 0) + 1,
+        run_id=run_id,
+        committed_at=now_iso(),
+        table=record_table(tags, rows.parts.snapshot),
+        layout=vectors.layout.record() if vectors.layout else {},
+        trained=vectors.trained,
+        segments=tuple(vectors.segments),
+        state=index.write_table(f"state-{run_id}.parquet", state),
+        entries=index.write_table(f"entries-{run_id}.parquet", entries),
+        edges=index.write_table(f"edges-{run_id}.parquet", edges),
+        next_entry=vectors.next_entry,
+        threshold=vectors.decision.record(),
+        max_distance=max_distance,
+        counts={"rows": rows.count, "entries": int(len(np.unique(vectors.entry[vectors.entry >= 0])))},
+    )
+    return index.commit(base, version)
+
+
+def _write_outputs(output, storage_options, rows, exact, vectors, labels, summary: DedupSummary) -> None:
+    out, order, starts, sizes, min_sha = _clusters(rows, labels)
+    summary.clusters = len(starts)
+    summary.duplicates = rows.count - len(starts)
+    summary.duplicate_rate = round(summary.duplicates / rows.count, 6) if rows.count else 0.0
+    if rows.count:
+        biggest = int(np.argmax(sizes))
+        summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest].as_py()
+    _report_giants(summary, exact, rows, order, starts, sizes, min_sha)
+    a, b, signal, distance, cosine = public_edges(rows, exact, vectors).arrays()
+    summary.edges = {s: int((signal == s).sum()) for s in (SHA256, PHASH, EMBEDDING)}
+    edge_table = conform(
+        pa.table(
+            {
+                "uri_a": rows.uri.take(pa.array(a)),
+                "uri_b": rows.uri.take(pa.array(b)),
+                "signal": pa.array(signal, pa.string()),
+                "phash_distance": pa.array(distance.astype(np.int32), mask=distance < 0),
+                "cosine": pa.array(cosine, mask=np.isnan(cosine)),
+            }
+        ),
+        EDGES_SCHEMA,
+    )
+    path = output.rstrip("/")
+    write_atomic(f"{path}/clusters.parquet", table=out, storage_options=storage_options)
+    write_atomic(f"{path}/edges.parquet", table=edge_table, storage_options=storage_options)
+    write_atomic(
+        f"{path}/_summary.json",
+        json.dumps(asdict(summary), indent=1).encode(),
+        storage_options=storage_options,
+    )
+
+
+def _clusters(rows: CorpusRows, labels: np.ndarray) -> tuple:
+    """clusters.parquet rows, and the per-cluster order the giant check reuses."""
+    n = rows.count
+    lossless = pc.match_substring_regex(pc.utf8_lower(rows.uri), LOSSLESS).to_numpy(zero_copy_only=False)
+    keys = [rows.pixels, lossless.astype(np.int64), rows.size]
+    order = np.lexsort((np.arange(n), *[-k for k in keys][::-1], labels))
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]]) if n else np.zeros(0, int)
+    sizes = np.diff(np.r_[starts, n])
+    cluster_index = np.empty(n, np.int64)
+    cluster_index[order] = np.repeat(np.arange(len(starts)), sizes)
+    representative = np.zeros(n, bool)
+    representative[order[starts]] = True
+    min_sha = _cluster_ids(rows, order[starts], cluster_index, len(starts))
+    out = conform(
+        pa.table(
+            {
+                "uri": rows.uri,
+                "sha256": rows.sha256,
+                "phash": pa.array(rows.phash, pa.uint64(), mask=~rows.has_hash),
+                "cluster_id": min_sha.take(pa.array(cluster_index)),
+                "cluster_size": pa.array(sizes[cluster_index].astype(np.int64)),
+                "is_representative": pa.array(representative),
+            }
+        ),
+        CLUSTERS_SCHEMA,
+    )
+    return out, order, starts, sizes, min_sha
+
+
+def _cluster_ids(rows: CorpusRows, first_rows: np.ndarray, cluster_index: np.ndarray, count: int) -> pa.Array:
+    """Per cluster the smallest sha256 of its rows ("row:<uri>" of its representative when none
+    has one), as an Arrow array: ten million clusters stay ten million strings in one buffer."""
+    n = rows.count
+    rank = pc.rank(rows.sha256, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
+    rank[~rows.sha256.is_valid().to_numpy(zero_copy_only=False)] = n + 1  # after every digest
+    smallest = np.full(count, n + 1, np.int64)
+    np.minimum.at(smallest, cluster_index, rank)
+    holder = np.zeros(n + 2, np.int64)  # a row holding each rank
+    holder[rank] = np.arange(n)
+    has_sha = smallest <= n
+    row = np.where(has_sha, holder[np.minimum(smallest, n + 1)], first_rows)
+    sha = rows.sha256.take(pa.array(row))
+    fallback = pc.binary_join_element_wise("row:", rows.uri.take(pa.array(row)), "")
+    return pc.if_else(pa.array(has_sha), sha, fallback)
+
+
 def _hop_diameter(members: np.ndarray, phash: np.ndarray, max_distance: int) -> tuple[int, int]:
     """Double-sweep BFS estimate of a cluster's diameter in hops, and the Hamming
     distance between the two ends (how far chaining carried it)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import breadth_first_order
 
-    hashes, inverse = np.unique(phash[members], return_inverse=True)
+    hashes = np.unique(phash[members])
     a, b = near_pairs(hashes, max_distance, parallel=False)
     m = len(hashes)
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(m, m)).tocsr()
@@ -135,191 +451,25 @@ def _hop_diameter(members: np.ndarray, phash: np.ndarray, max_distance: int) -> 
     return hops, int(np.bitwise_count(hashes[end1] ^ hashes[end2]))
 
 
-def run_dedup(
-    tags: str,
-    output: str,
-    max_distance: int = DEFAULT_MAX_DISTANCE,
-    storage_options: dict | None = None,
-    ray_address: str | None = None,
-    embedding_threshold: float | str | None = "auto",
-) -> DedupSummary:
-    """Clusters of a tag output into output/clusters.parquet, edges.parquet, _summary.json.
-
-    embedding_threshold: a cosine, "auto" (chosen from the data), or None (phash and
-    sha256 only). Rows without an embedding (errors, models without one) join by
-    sha256 and phash only."""
-    started = time.monotonic()
-    if not 0 <= max_distance <= 32:
-        raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
-    table = _read_rows(tags, storage_options)
-    n = table.num_rows
-    if n >= 1_000_000:  # the searches run as Ray tasks
-        from pipeline.core.ray_session import ensure_ray
-
-        ensure_ray(ray_address)
-    hashes = table_hashes(table, "phash_degenerate")
-    edges, summary = _edges(table, hashes, max_distance, embedding_threshold)
-    a, b, signal, distance, cosine = edges.arrays()
-    labels = components(n, a, b)
-    out, order, starts, sizes, min_sha = _clusters(table, labels)
-    summary.images, summary.clusters = n, len(starts)
-    summary.duplicates = n - len(starts)
-    summary.duplicate_rate = round(summary.duplicates / n, 6) if n else 0.0
-    if n:
-        biggest = int(np.argmax(sizes))
-        summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest]
-    _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance)
-    uris = table.column("uri").to_numpy(zero_copy_only=False)
-    edge_table = conform(
-        pa.table(
-            {
-                "uri_a": pa.array(uris[a], pa.string()),
-                "uri_b": pa.array(uris[b], pa.string()),
-                "signal": pa.array(signal, pa.string()),
-                "phash_distance": pa.array(distance.astype(np.int32), mask=distance < 0),
-                "cosine": pa.array(cosine, mask=np.isnan(cosine)),
-            }
-        ),
-        EDGES_SCHEMA,
-    )
-    out_path = output.rstrip("/")
-    write_atomic(f"{out_path}/clusters.parquet", table=out, storage_options=storage_options)
-    write_atomic(f"{out_path}/edges.parquet", table=edge_table, storage_options=storage_options)
-    summary.seconds = round(time.monotonic() - started, 3)
-    write_atomic(
-        f"{out_path}/_summary.json",
-        json.dumps(asdict(summary), indent=1).encode(),
-        storage_options=storage_options,
-    )
-    return summary
-
-
-def parse_embedding_threshold(text: str | float | None) -> float | str | None:
-    """--embedding-threshold: a cosine in (0, 1], "auto", or "off" (None)."""
-    if text is None or text == "off":
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise TagpipeError(f"--embedding-threshold {text!r}: give a cosine in (0, 1], auto or off") from None
-    if not 0 < value <= 1:
-        raise TagpipeError(f"--embedding-threshold {text!r}: a cosine in (0, 1], auto or off")
-    return value
-
-
-def _read_rows(tags: str, storage_options: dict | None) -> pa.Table:
-    columns = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "size", "error", "embedding"]
-    table = read_parquet(tags, storage_options, columns, only_present=True).sort_by("uri")
-    if len(set(table.column("uri").to_pylist())) != table.num_rows:
-        raise TagpipeError(
-            f"{tags}: a uri appears more than once (mixed model runs?); dedup one model's output"
-        )
-    return table
-
-
-def _edges(
-    table: pa.Table, hashes: tuple, max_distance: int, embedding_threshold
-) -> tuple[Edges, DedupSummary]:
-    """Every signal's edges over the table's rows, and the summary's figures about them."""
-    summary = DedupSummary(max_distance=max_distance)
-    edges = Edges()
-    phash, has_hash, usable, summary.unmatched_hashes = hashes
-    summary.hashed = int(has_hash.sum())
-    summary.exact_duplicate_images = sha256_edges(table.column("sha256").to_pylist(), edges)
-    summary.near_pairs = phash_edges(phash, usable, max_distance, edges)
-    summary.embedding = _embedding(table, edges, embedding_threshold)
-    summary.edges = dict(edges.counts)
-    return edges, summary
-
-
-def _embedding(table: pa.Table, edges: Edges, threshold) -> dict:
-    """Embedding edges into edges; the summary's embedding entry."""
-    if threshold is None:
-        return {"threshold": None, "reason": "--embedding-threshold off"}
-    if "embedding" not in table.column_names:
-        return {"threshold": None, "reason": "the table has no embedding column"}
-    rows, vectors = embedding_matrix(table.column("embedding"))
-    if len(rows) < 2:
-        return {"threshold": None, "reason": f"{len(rows)} rows carry an embedding"}
-    a, b, *_ = edges.arrays()
-    groups = components(table.num_rows, a, b)  # what sha256 and phash joined
-    local = np.full(table.num_rows, -1, np.int64)
-    local[rows] = np.arange(len(rows))
-    both = (local[a] >= 0) & (local[b] >= 0)
-    choice, facts = embedding_edges(
-        vectors, rows, threshold, groups[rows], (local[a][both], local[b][both]), edges
-    )
-    facts.pop("usable")
-    if choice.threshold is None:
-        log.warning("dedup: no embedding threshold: %s", choice.reason)
-    return {**asdict(choice), **facts}
-
-
-def _clusters(table: pa.Table, labels: np.ndarray) -> tuple:
-    """clusters.parquet rows, and the per-cluster order the giant check reuses."""
-    n = table.num_rows
-    sha = table.column("sha256").to_pylist()
-    uris = table.column("uri").to_pylist()
-    order = np.lexsort((np.arange(n), *[-key for key in _best_copy_keys(table)][::-1], labels))
-    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    cluster_index = np.empty(n, np.int64)
-    cluster_index[order] = np.repeat(np.arange(len(starts)), sizes)
-    representative = np.zeros(n, bool)
-    representative[order[starts]] = True
-    sha_values, sha_rank = np.unique(np.asarray([s or "~" for s in sha], object), return_inverse=True)
-    smallest = np.full(len(starts), len(sha_values) - 1, np.int64)
-    np.minimum.at(smallest, cluster_index, sha_rank)
-    min_sha = sha_values[smallest]  # per cluster; "~" sorts after every hex digest
-    ids = np.asarray(
-        [m if m != "~" else f"row:{uris[int(order[starts[c]])]}" for c, m in enumerate(min_sha)], object
-    )
-    out = conform(
-        pa.table(
-            {
-                "uri": table.column("uri"),
-                "sha256": table.column("sha256"),
-                "phash": table.column("phash"),
-                "cluster_id": pa.array(ids[cluster_index].tolist(), pa.string()),
-                "cluster_size": pa.array(sizes[cluster_index].astype(np.int64)),
-                "is_representative": pa.array(representative),
-            }
-        ),
-        CLUSTERS_SCHEMA,
-    )
-    return out, order, starts, sizes, min_sha
-
-
-def _best_copy_keys(table: pa.Table) -> list[np.ndarray]:
-    """Larger is better, in order: pixels, a lossless format, bytes (rows are uri-sorted,
-    so the smallest uri wins what is left)."""
-
-    def ints(name):
-        if name not in table.column_names:
-            return np.zeros(table.num_rows, np.int64)
-        return table.column(name).fill_null(0).to_numpy().astype(np.int64)
-
-    lossless = np.asarray(
-        [str(u).lower().endswith(LOSSLESS_EXTENSIONS) for u in table.column("uri").to_pylist()], np.int64
-    )
-    return [ints("width") * ints("height"), lossless, ints("size")]
-
-
-def _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance) -> None:
-    phash, has_hash = hashes[0], hashes[1]
+def _report_giants(summary, exact: ExactSignals, rows, order, starts, sizes, min_sha) -> None:
     for c in np.flatnonzero(sizes >= GIANT_CLUSTER):
         members = order[starts[c] : starts[c] + sizes[c]]
-        members = members[has_hash[members]]
-        hops, spread = _hop_diameter(members, phash, max_distance) if len(members) > 1 else (0, 0)
+        members = members[rows.has_hash[members]]
+        hops, spread = (
+            _hop_diameter(members, rows.phash, summary.max_distance) if len(members) > 1 else (0, 0)
+        )
         summary.giant_clusters.append(
-            {"cluster_id": min_sha[c], "size": int(sizes[c]), "diameter_hops": hops, "spread_bits": spread}
+            {
+                "cluster_id": min_sha[int(c)].as_py(),
+                "size": int(sizes[c]),
+                "diameter_hops": hops,
+                "spread_bits": spread,
+            }
         )
         if hops:
             log.warning(
                 "giant cluster %s: %d images, phash diameter %d hops, ends %d bits apart (chaining?)",
-                min_sha[c],
+                min_sha[int(c)].as_py(),
                 sizes[c],
                 hops,
                 spread,
@@ -328,6 +478,6 @@ def _report_giants(summary, hashes, order, starts, sizes, min_sha, max_distance)
             log.warning(
                 "giant cluster %s: %d images joined by sha256 or embedding (one picture, or an embedding "
                 "threshold too low for this model?)",
-                min_sha[c],
+                min_sha[int(c)].as_py(),
                 sizes[c],
             )

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.corpus.embedding_search import cosine_pairs_of_units, unit_rows
-from pipeline.corpus.hamming_search import near_pairs
+from pipeline.corpus.hamming_search import near_pairs, pairs_touching
 from pipeline.image.phash import near_blank
 
 SHA256, PHASH, EMBEDDING = "sha256", "phash", "embedding"
@@ -263,3 +264,71 @@ def embedding_edges(
     edges.add(rows[found.a], rows[found.b], EMBEDDING, cosine=found.similarity)
     facts.update(method=found.method, partitions=found.partitions, pairs=int(len(found.a)))
     return choice, facts
+
+
+@dataclass
+class ExactSignals:
+    """sha256 and phash over a corpus's rows, as graph nodes: per row its sha256 group and
+    its distinct reliable hash (-1: none), and the pairs of distinct hashes within R."""
+
+    sha_group: np.ndarray  # int64 per row
+    groups: int
+    hash_node: np.ndarray  # int64 per row: index into hashes
+    hashes: np.ndarray  # distinct reliable hashes, sorted
+    pair_a: np.ndarray  # indices into hashes
+    pair_b: np.ndarray
+    distance: np.ndarray
+    usable: np.ndarray  # rows whose hash can match
+    unmatched: dict  # reason -> rows whose hash matches nothing
+    searched: int  # distinct hashes searched this run (new ones, or all)
+
+
+def exact_signals(
+    sha256: pa.Array,
+    phash: np.ndarray,
+    has_hash: np.ndarray,
+    degenerate: np.ndarray,
+    max_distance: int,
+    previous: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> ExactSignals:
+    """previous: (hashes the last run had, its pairs as hash values a, b, distance): only
+    hashes new since then are searched, against all; its pairs of hashes still present stay."""
+    encoded = pc.dictionary_encode(sha256) if len(sha256) else None
+    sha_group = (
+        encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
+        if encoded is not None
+        else np.zeros(0, np.int64)
+    )
+    usable, unmatched = hash_reliability(phash, has_hash, degenerate)
+    hashes, inverse = np.unique(phash[usable], return_inverse=True)
+    hash_node = np.full(len(phash), -1, np.int64)
+    hash_node[usable] = inverse.reshape(-1)
+    if previous is None:
+        a, b = near_pairs(hashes, max_distance)
+        searched = len(hashes)
+    else:
+        old_hashes, old_a, old_b, old_d = previous
+        fresh = ~np.isin(hashes, old_hashes)
+        a, b = pairs_touching(hashes, fresh, max_distance)
+        keep_a, keep_b = _present(hashes, old_a), _present(hashes, old_b)
+        a = np.r_[a, keep_a[0][keep_a[1] & keep_b[1]]]
+        b = np.r_[b, keep_b[0][keep_a[1] & keep_b[1]]]
+        searched = int(fresh.sum())
+    distance = np.bitwise_count(hashes[a] ^ hashes[b]).astype(np.int16)
+    return ExactSignals(
+        sha_group,
+        int(len(encoded.dictionary)) if encoded is not None else 0,
+        hash_node,
+        hashes,
+        a.astype(np.int64),
+        b.astype(np.int64),
+        distance,
+        usable,
+        unmatched,
+        searched,
+    )
+
+
+def _present(hashes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    at = np.minimum(np.searchsorted(hashes, values), max(len(hashes) - 1, 0))
+    return at, (hashes[at] == values) if len(hashes) else np.zeros(len(values), bool)

@@ -148,3 +148,50 @@ def brute_force_pairs(hashes: np.ndarray, radius: int, chunk: int = 2048) -> tup
         found_a.append(rows[keep])
         found_b.append(cols[keep])
     return np.concatenate(found_a).astype(np.int64), np.concatenate(found_b).astype(np.int64)
+
+
+def pairs_touching(
+    hashes: np.ndarray, fresh: np.ndarray, radius: int, t: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of near_pairs(hashes, radius) with at least one hash in `fresh` (a mask),
+    without looking at pairs of two old hashes: a nightly's new hashes against all. Each
+    table's keys are sorted once; a fresh hash is compared with the hashes sharing its key."""
+    hashes = np.ascontiguousarray(hashes, np.uint64)
+    queries = np.flatnonzero(fresh)
+    n = len(hashes)
+    if n < 2 or radius < 0 or not len(queries):
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    if radius >= 32:
+        return _brute_touching(hashes, queries, radius)
+    t = t or choose_t(n, radius)
+    bounds = block_bounds(radius + t)
+    found = []
+    for chosen in itertools.combinations(range(radius + t), t):
+        key = table_keys(hashes, bounds, chosen)
+        order = np.argsort(key, kind="stable")
+        ranked = key[order]
+        lo = np.searchsorted(ranked, key[queries], "left")
+        hi = np.searchsorted(ranked, key[queries], "right")
+        count = hi - lo
+        left = np.repeat(queries, count)
+        offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        right = order[np.repeat(lo, count) + offsets]
+        close = (left != right) & (np.bitwise_count(hashes[left] ^ hashes[right]) <= radius)
+        a, b = np.minimum(left[close], right[close]), np.maximum(left[close], right[close])
+        found.append(np.unique(a.astype(np.int64) * n + b))
+    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    return codes // n, codes % n
+
+
+def _brute_touching(hashes: np.ndarray, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    found = []
+    for start in range(0, len(queries), 2048):
+        rows = queries[start : start + 2048]
+        dist = np.bitwise_count(hashes[rows][:, None] ^ hashes[None, :])
+        x, y = np.nonzero(dist <= radius)
+        a, b = rows[x], y
+        keep = a != b
+        found.append(np.unique(np.minimum(a[keep], b[keep]) * len(hashes) + np.maximum(a[keep], b[keep])))
+    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    return codes // len(hashes), codes % len(hashes)

@@ -68,3 +68,64 @@ def _read_parquet(uri: str, storage_options: dict | None, columns: list[str] | N
     if only_present and columns:
         columns = [c for c in columns if c in dataset.schema.names]
     return dataset.to_table(columns=columns)
+
+
+class Parts:
+    """Any input a later stage accepts, as a list of Parquet parts read one at a time:
+    a tag table's current parts, a folder's Parquet files, or one file. Stages that must
+    not hold a corpus's wide columns (embeddings) read those part by part."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri
+        self.storage_options = storage_options
+        self.fs, path = filesystem_for(uri, storage_options)
+        self.snapshot = None
+        if is_tag_table(uri, storage_options):
+            table = TagTable(uri, storage_options)
+            self.snapshot = table.snapshot()
+            self.paths = table.paths(self.snapshot)
+        elif self.fs.isfile(path):
+            self.paths = [path]
+        elif self.fs.isdir(path):
+            self.paths = sorted(
+                f
+                for f in self.fs.find(path)
+                if f.endswith(".parquet")
+                and not any(part.startswith(("_", ".")) for part in f[len(path) :].split("/"))
+            )
+            if not self.paths:
+                raise TagpipeError(f"{uri}: no Parquet files")
+        else:
+            raise TagpipeError(f"{uri}: no such file or folder")
+
+    def names(self) -> list[str]:
+        """The columns the parts have (the first part's schema)."""
+        import pyarrow.parquet as pq
+
+        with self.fs.open(self.paths[0], "rb") as handle:
+            return pq.read_schema(handle).names
+
+    def read(self, index: int, columns: list[str] | None = None):
+        import pyarrow.parquet as pq
+
+        from pipeline.storage.filesystem import retry
+
+        def one():
+            with self.fs.open(self.paths[index], "rb") as handle:
+                return pq.read_table(handle, columns=columns)
+
+        return retry(one, what=self.paths[index])
+
+    def read_all(self, columns: list[str]):
+        """These columns of every part, in part order, with `_part` (the part's index)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow as pa
+
+        def one(index: int):
+            table = self.read(index, columns)
+            return table.append_column("_part", pa.array([index] * table.num_rows, pa.int32()))
+
+        with ThreadPoolExecutor(16) as pool:
+            tables = list(pool.map(one, range(len(self.paths))))
+        return pa.concat_tables(tables, promote_options="default")

@@ -1,0 +1,486 @@
+"""Dedup's embedding signal, brought up to date from the index's last version.
+
+Only rows that are new or changed since the index's version have their embeddings read;
+their vectors are collapsed by digest (identical vectors share an entry, in this run and
+with every earlier one), the new entries are coded into a new segment with the index's
+trained codebooks, and only they are searched (against every live entry). Edges of the
+earlier versions are kept while both ends live. A full build (`--full`, no usable index,
+another model's table, an index outgrown 4x, or a threshold below the one searched at)
+reads every row and searches every entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.corpus import embedding_threshold as thresholds
+from pipeline.corpus import vector_index
+from pipeline.corpus.corpus_rows import CorpusRows
+from pipeline.corpus.duplicate_index import (
+    ENTRIES_SCHEMA,
+    INDEX_FORMAT,
+    DuplicateIndex,
+    IndexVersion,
+    SegmentVectors,
+)
+from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.vector_index import IndexLayout
+
+log = logging.getLogger(__name__)
+POSITIVE_PAIRS = 100_000  # hash-confirmed pairs whose cosines measure recall, at most
+RECALL_QUERIES = 500  # sampled queries checked against every vector, exactly
+
+
+@dataclass
+class VectorUpdate:
+    """Per row its entry (-1: none), the live entries' edges, and how they were found."""
+
+    entry: np.ndarray
+    pair_a: np.ndarray
+    pair_b: np.ndarray
+    cosine: np.ndarray
+    decision: ThresholdDecision
+    layout: IndexLayout | None = None
+    trained: str = ""
+    segments: list[str] = field(default_factory=list)
+    entries: pa.Table | None = None
+    next_entry: int = 0
+    facts: dict = field(default_factory=dict)  # mode, reason, rows read, entries searched, ...
+
+
+def reuse_reason(base: IndexVersion | None, rows: CorpusRows, setting, full: bool) -> str:
+    """Why the index's last version cannot be updated in place ("" when it can)."""
+    if full:
+        return "--full asked"
+    if base is None:
+        return "no index yet"
+    if base.format != vector_index_format():
+        return "an index of an older format"
+    key = (rows.parts.snapshot.inference_key if rows.parts.snapshot else "") or ""
+    if base.table.get("inference_key", "") != key:
+        return "the table's model or preprocessing changed"
+    kept = base.threshold.get("threshold")
+    if kept is None:
+        return "the last index has no embedding threshold"
+    if setting != "auto" and setting < (base.threshold.get("floor") or kept) - 1e-9:
+        return f"--embedding-threshold {setting} is below the {kept:.4f} the index was searched at"
+    if setting == "auto" and base.threshold.get("chosen_by") == "given":
+        return "auto asked of an index built with a given threshold"
+    return ""
+
+
+def vector_index_format() -> int:
+    return INDEX_FORMAT
+
+
+def update_vectors(
+    rows: CorpusRows,
+    index: DuplicateIndex,
+    base: IndexVersion | None,
+    setting: float | str | None,
+    groups: np.ndarray,
+    run_id: str,
+    edits: dict[str, np.ndarray] | None = None,
+) -> VectorUpdate:
+    """The embedding side of a dedup run. groups: each row's component by sha256 and phash
+    (known copies: left out of the negatives, and the positives when no edits exist)."""
+    if setting is None or not rows.has_embedding:
+        reason = "--embedding-threshold off" if setting is None else "the table has no embedding column"
+        empty = np.zeros(0, np.int64)
+        off = ThresholdDecision(None, "off", reason=reason)
+        return VectorUpdate(np.full(rows.count, -1, np.int64), empty, empty, np.zeros(0, np.float32), off)
+    previous = _previous(index, base, rows)
+    read = np.flatnonzero(previous.needs)
+    entry, staged = _collapse(rows, read, previous, index)
+    new_ids = staged.new_ids
+    alive = np.unique(entry[entry >= 0])
+    update = VectorUpdate(entry, *_empty_pairs(), ThresholdDecision(None, "auto"))
+    update.next_entry = previous.next_entry + len(new_ids)
+    update.facts = {"rows": rows.count, "rows_read": int(len(read)), "new_entries": int(len(new_ids))}
+    if not len(alive):
+        _discard(staged)
+        update.decision = ThresholdDecision(None, "off", reason="no row has a usable embedding")
+        return update
+    started = time.monotonic()
+    layout = _index_segments(update, index, base if previous.base_used else None, staged, len(alive), run_id)
+    reader = SegmentVectors(index, update.segments, layout.dim)
+    faiss_index = vector_index.open_index([index.read_bytes(f"segments/{s}.faiss") for s in update.segments])
+    update.facts["index_seconds"] = round(time.monotonic() - started, 2)
+    is_live = _membership(alive)
+    if not previous.base_used:
+        layout = update.layout = _screened(faiss_index, layout, alive, reader)
+    update.decision = _decide(
+        setting,
+        base if previous.base_used else None,
+        faiss_index,
+        layout,
+        alive,
+        reader,
+        entry,
+        groups,
+        rows.count,
+        edits,
+    )
+    update.entries = _entries_table(entry, previous, staged, update.segments)
+    queries = alive if not previous.base_used else np.intersect1d(new_ids, alive)
+    if update.decision.threshold is None:
+        return update
+    if update.decision.floor is None:
+        update.decision.floor = update.decision.threshold
+    floor = update.decision.floor
+    started = time.monotonic()
+    found = vector_index.search(faiss_index, layout, queries, reader, floor, is_live)
+    update.facts.update(
+        search_seconds=round(time.monotonic() - started, 2),
+        entries=int(len(alive)),
+        entries_searched=int(len(queries)),
+        pairs_compared=found.compared,
+        reranked=found.reranked,
+        mode="incremental" if previous.base_used else "full",
+    )
+    _merge_pairs(update, previous, found, is_live, floor)
+    started = time.monotonic()
+    update.decision.search_recall = {
+        **_sampled_recall(layout, queries, alive, reader, found, floor),
+        **_positives_found(update, entry, groups, reader),
+    }
+    update.facts["recall_check_seconds"] = round(time.monotonic() - started, 2)
+    return update
+
+
+# ---- the previous version -------------------------------------------------------------
+DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u8")])
+
+
+@dataclass
+class _Previous:
+    needs: np.ndarray  # rows whose embedding must be read
+    entry: np.ndarray  # rows' entries kept from the previous version (-1: none)
+    digests: np.ndarray  # DIGEST of every earlier entry, sorted
+    digest_entries: np.ndarray  # their entry ids, in that order
+    entries: pa.Table | None
+    pairs: tuple
+    next_entry: int
+    base_used: bool
+
+
+def _previous(index: DuplicateIndex, base: IndexVersion | None, rows: CorpusRows) -> _Previous:
+    n = rows.count
+    if base is None or not base.trained:
+        nothing = np.zeros(0, DIGEST)
+        return _Previous(
+            np.ones(n, bool),
+            np.full(n, -1, np.int64),
+            nothing,
+            np.zeros(0, np.int64),
+            None,
+            _empty_pairs(),
+            0,
+            False,
+        )
+    state = index.read_table(base.state, ["uri", "sha256", "entry"])
+    at = pc.index_in(rows.uri, state.column("uri"))
+    known = at.is_valid().to_numpy(zero_copy_only=False)
+    position = at.fill_null(0).to_numpy().astype(np.int64)
+    old_sha = state.column("sha256").take(pa.array(position))
+    same = known & pc.fill_null(pc.equal(old_sha, rows.sha256), False).to_numpy(zero_copy_only=False)
+    old_entry = state.column("entry").fill_null(-1).to_numpy()[position]
+    entry = np.where(same, old_entry, -1)
+    needs = ~same | ((entry < 0) & rows.ok)
+    entries = index.read_table(base.entries)
+    digests = np.empty(entries.num_rows, DIGEST)
+    digests["hi"] = entries.column("digest_hi").to_numpy()
+    digests["lo"] = entries.column("digest_lo").to_numpy()
+    order = np.argsort(digests, order=("hi", "lo"))
+    edges = index.read_table(base.edges)
+    emb = edges.filter(pc.equal(edges.column("signal"), "embedding"))
+    pairs = tuple(emb.column(c).to_numpy(zero_copy_only=False) for c in ("a", "b", "cosine"))
+    return _Previous(
+        needs,
+        entry,
+        digests[order],
+        entries.column("entry").to_numpy()[order],
+        entries,
+        pairs,
+        base.next_entry,
+        True,
+    )
+
+
+def _empty_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+
+
+# ---- entries: read, collapse, stage ---------------------------------------------------
+@dataclass
+class _Staged:
+    folder: str
+    path: str  # every usable vector read, in read order (float16 unit rows)
+    dim: int
+    new_ids: np.ndarray  # new entries, ascending
+    new_rows: np.ndarray  # the row of path holding each new entry's vector
+    new_digests: np.ndarray  # DIGEST per new entry
+
+
+def _collapse(rows: CorpusRows, read: np.ndarray, previous: _Previous, index: DuplicateIndex):
+    """Each read row's entry (an earlier one for a vector seen before, else a new one shared by
+    the rows with its digest), and the staged vectors."""
+    folder = index.staging()
+    path = os.path.join(folder, "vectors")
+    row_parts, digest_parts, dim = [], [], 0
+    with open(path, "wb") as out:
+        for positions, matrix, valid in rows.embeddings(read):
+            unit, usable = vector_index.unit_rows(matrix)
+            usable &= valid
+            dim = dim or unit.shape[1]
+            out.write(np.ascontiguousarray(unit[usable]).tobytes())
+            row_parts.append(positions[usable])
+            digest_parts.append(_digests(unit[usable]))
+    read_rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+    digests = np.concatenate(digest_parts) if digest_parts else np.zeros(0, DIGEST)
+    entry = previous.entry.copy()
+    at = np.minimum(np.searchsorted(previous.digests, digests), max(len(previous.digests) - 1, 0))
+    seen = (previous.digests[at] == digests) if len(previous.digests) else np.zeros(len(digests), bool)
+    entry[read_rows[seen]] = previous.digest_entries[at[seen]]
+    fresh, first, inverse = np.unique(digests[~seen], return_index=True, return_inverse=True)
+    new_ids = previous.next_entry + np.arange(len(fresh), dtype=np.int64)
+    entry[read_rows[~seen]] = new_ids[inverse.reshape(-1)]
+    staged_rows = np.flatnonzero(~seen)[first]
+    return entry, _Staged(folder, path, dim, new_ids, staged_rows, fresh)
+
+
+def _digests(unit: np.ndarray) -> np.ndarray:
+    out = np.empty(len(unit), DIGEST)
+    for i, vec in enumerate(unit):
+        digest = hashlib.blake2b(vec.tobytes(), digest_size=16).digest()
+        out[i] = (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"))
+    return out
+
+
+def _index_segments(update, index, base, staged: _Staged, alive: int, run_id: str) -> IndexLayout:
+    """The layout, trained file and segment list after this run's new segment is added."""
+    dim = staged.dim or (IndexLayout.from_record(base.layout).dim if base else 0)
+    name = f"seg-{run_id}-{uuid.uuid4().hex[:8]}"
+    count = os.path.getsize(staged.path) // (2 * dim) if dim else 0
+    stored = np.memmap(staged.path, np.float16, "r", shape=(count, dim)) if count else None
+    if base is not None:
+        update.layout = IndexLayout.from_record(base.layout)
+        update.trained, update.segments = base.trained, list(base.segments)
+    else:
+        update.layout = vector_index.layout_for(alive, dim)
+        update.trained = f"trained-{run_id}.faiss"
+        sample = _sample_rows(
+            stored, staged.new_rows, vector_index.TRAIN_PER_LIST * max(update.layout.lists, 1)
+        )
+        index.write_bytes(update.trained, vector_index.train(update.layout, sample))
+    if stored is None or not len(staged.new_ids):
+        del stored
+        _discard(staged)
+        return update.layout
+    trained = index.read_bytes(update.trained)
+    blob = vector_index.encode_rows(trained, staged.new_ids, stored, staged.new_rows)
+    index.write_bytes(f"segments/{name}.faiss", blob)
+    del stored
+    ids_path = os.path.join(staged.folder, "ids.npy")
+    np.save(ids_path, np.stack([staged.new_ids, staged.new_rows.astype(np.int64)], axis=1))
+    index.put_file(staged.path, f"segments/{name}.vectors")
+    index.put_file(ids_path, f"segments/{name}.ids.npy")
+    _discard(staged)
+    update.segments.append(name)
+    return update.layout
+
+
+def _sample_rows(stored, rows: np.ndarray, size: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(rows, size=min(size, len(rows)), replace=False))
+    return np.asarray(stored[pick], np.float32)
+
+
+def _discard(staged: _Staged) -> None:
+    for leftover in (staged.path,):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    if os.path.isdir(staged.folder) and not os.listdir(staged.folder):
+        os.rmdir(staged.folder)
+
+
+def _membership(alive: np.ndarray):
+    def is_live(ids: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(alive, ids)
+        return (at < len(alive)) & (alive[np.minimum(at, len(alive) - 1)] == ids)
+
+    return is_live
+
+
+def _screened(faiss_index, layout: IndexLayout, alive: np.ndarray, reader) -> IndexLayout:
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(alive, size=min(len(alive), 1_000), replace=False))
+    return vector_index.calibrate_screen(faiss_index, layout, sample, reader)
+
+
+# ---- the threshold ------------------------------------------------------------------------
+def _decide(
+    setting, base, faiss_index, layout, alive, reader, entry, groups, rows, edits
+) -> ThresholdDecision:
+    positives, kind = _positive_cosines(entry, groups, reader, edits)
+    pairs = int(len(alive) * vector_index.compared_per_query(layout, len(alive)))
+    if base is not None:
+        decision = ThresholdDecision.from_record(base.threshold)
+        decision.chosen_by = "kept" if decision.chosen_by != "given" else "given"
+        if setting not in ("auto", None):
+            decision.threshold, decision.chosen_by = float(setting), "given"
+        decision.pairs_compared = pairs
+        return thresholds.measured(decision, positives, kind, _edit_cosines(edits))
+    negatives, denominator = _negative_cosines(faiss_index, layout, alive, reader, entry, groups)
+    if setting == "auto":
+        decision = thresholds.choose(
+            negatives, denominator, pairs, rows, positives, kind, _edit_cosines(edits)
+        )
+    else:
+        decision = ThresholdDecision(
+            min(float(setting), thresholds.MAX_THRESHOLD), "given", pairs_compared=pairs
+        )
+        decision.negatives_sampled = int(len(negatives))
+        decision.tail = thresholds.tail_fit(negatives, denominator)
+        decision = thresholds.measured(decision, positives, kind, _edit_cosines(edits))
+    return decision
+
+
+def _edit_cosines(edits) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32) for k, v in (edits or {}).items()}
+
+
+def _positive_cosines(entry, groups, reader, edits) -> tuple[np.ndarray, str]:
+    if edits:
+        values = [np.asarray(v, np.float32) for v in edits.values()]
+        return np.concatenate(values) if values else np.zeros(0, np.float32), "planted edits"
+    a, b = hash_confirmed_pairs(entry, groups)
+    if not len(a):
+        return np.zeros(0, np.float32), "hash-confirmed pairs"
+    return _pair_cosines(a, b, reader), "hash-confirmed pairs"
+
+
+def hash_confirmed_pairs(entry: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct entries that sha256 or phash joined: each to its group's first entry (at most
+    POSITIVE_PAIRS, the first groups in uri order)."""
+    have = np.flatnonzero(entry >= 0)
+    if not len(have):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    g, e = groups[have], entry[have]
+    order = np.lexsort((e, g))
+    g, e = g[order], e[order]
+    first = np.r_[True, g[1:] != g[:-1]]
+    head = e[np.maximum.accumulate(np.where(first, np.arange(len(g)), 0))]
+    keep = (head != e) & np.r_[True, (g[1:] != g[:-1]) | (e[1:] != e[:-1])]
+    return head[keep][:POSITIVE_PAIRS], e[keep][:POSITIVE_PAIRS]
+
+
+def _pair_cosines(a: np.ndarray, b: np.ndarray, reader) -> np.ndarray:
+    out = np.empty(len(a), np.float32)
+    for start in range(0, len(a), 20_000):
+        x = reader(a[start : start + 20_000]).astype(np.float32)
+        y = reader(b[start : start + 20_000]).astype(np.float32)
+        out[start : start + 20_000] = np.einsum("ij,ij->i", x, y)
+    return out
+
+
+def _negative_cosines(faiss_index, layout, alive, reader, entry, groups) -> tuple[np.ndarray, float]:
+    """Exact cosines of sampled queries' top candidates (the tail of the pairs the search
+    compares), without pairs sha256 or phash joined; and the compared pairs they top."""
+    rng = np.random.default_rng(1)
+    sample = np.sort(rng.choice(alive, size=min(len(alive), thresholds.SAMPLE_QUERIES), replace=False))
+    wide = replace(layout, neighbours=min(thresholds.SAMPLE_NEIGHBOURS, len(alive) - 1))
+    found = vector_index.search(faiss_index, wide, sample, reader, -1.0)
+    group_of = np.full(int(entry.max()) + 1, -1, np.int64)
+    group_of[entry[entry >= 0]] = groups[entry >= 0]
+    keep = group_of[found.query] != group_of[found.found]
+    per_query = vector_index.compared_per_query(layout, len(alive))
+    return found.cosine[keep], len(sample) * per_query
+
+
+# ---- what the search found, against the truth ------------------------------------------
+def _sampled_recall(layout, queries, alive, reader, found, floor: float) -> dict:
+    """For sampled queries, their true neighbours (exact, against every live vector: the
+    `neighbours` nearest at or above the floor) and how many of them the search returned."""
+    rng = np.random.default_rng(2)
+    sample = np.sort(rng.choice(queries, size=min(RECALL_QUERIES, len(queries)), replace=False))
+    q = reader(sample).astype(np.float32)
+    best = np.full((len(sample), layout.neighbours), -np.inf, np.float32)
+    best_id = np.full((len(sample), layout.neighbours), -1, np.int64)
+    for start in range(0, len(alive), 50_000):
+        ids = alive[start : start + 50_000]
+        sims = q @ reader(ids).astype(np.float32).T
+        sims[sample[:, None] == ids[None, :]] = -np.inf
+        both = np.concatenate([best, sims], axis=1)
+        both_id = np.concatenate([best_id, np.broadcast_to(ids, sims.shape)], axis=1)
+        keep = np.argsort(-both, axis=1)[:, : layout.neighbours]
+        best, best_id = np.take_along_axis(both, keep, 1), np.take_along_axis(both_id, keep, 1)
+    true = best >= floor
+    mine = np.isin(found.query, sample)
+    got = set(zip(found.query[mine].tolist(), found.found[mine].tolist()))
+    hits = sum((int(a), int(b)) in got for a, b in zip(np.repeat(sample, true.sum(1)), best_id[true]))
+    return {"queries": int(len(sample)), "sampled_true": int(true.sum()), "sampled_found": int(hits)}
+
+
+def _positives_found(update: VectorUpdate, entry, groups, reader) -> dict:
+    """Of the pairs sha256 or phash joined whose cosine reaches the threshold, the share the
+    embedding search returned as an edge: the search's recall on copies known by other means."""
+    a, b = hash_confirmed_pairs(entry, groups)
+    if not len(a):
+        return {}
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    reach = _pair_cosines(low, high, reader) >= update.decision.threshold
+    width = int(max(update.pair_b.max(initial=0), high.max(initial=0))) + 1
+    found = np.isin(low[reach] * width + high[reach], update.pair_a * width + update.pair_b)
+    return {"hash_confirmed_reaching": int(reach.sum()), "hash_confirmed_found": int(found.sum())}
+
+
+# ---- edges --------------------------------------------------------------------------------
+def _merge_pairs(update: VectorUpdate, previous: _Previous, found, is_live, floor: float) -> None:
+    a0, b0, c0 = previous.pairs
+    keep = is_live(a0) & is_live(b0) & (c0 >= floor) if len(a0) else np.zeros(0, bool)
+    low, high = np.minimum(found.query, found.found), np.maximum(found.query, found.found)
+    a = np.r_[a0[keep], low]
+    b = np.r_[b0[keep], high]
+    c = np.r_[c0[keep], np.minimum(found.cosine, 1.0)].astype(np.float32)
+    if len(a):
+        _, first = np.unique(a * (int(b.max()) + 1) + b, return_index=True)
+        a, b, c = a[first], b[first], c[first]
+    update.pair_a, update.pair_b, update.cosine = a, b, c
+    update.facts["edges_kept"] = int(keep.sum())
+    update.facts["edges_new"] = int(len(a) - keep.sum())
+
+
+def _entries_table(entry, previous: _Previous, staged: _Staged, segments) -> pa.Table:
+    """Every entry ever indexed (dead ones with 0 rows stay: their codes are in a segment)."""
+    new_ids = staged.new_ids
+    live = np.bincount(entry[entry >= 0], minlength=previous.next_entry + len(new_ids))
+    old = previous.entries
+
+    def old_column(name, dtype):
+        return old.column(name).to_numpy() if old is not None else np.zeros(0, dtype)
+
+    ids = np.r_[old_column("entry", np.int64), new_ids]
+    return pa.table(
+        {
+            "entry": pa.array(ids, pa.int64()),
+            "digest_hi": pa.array(np.r_[old_column("digest_hi", np.uint64), staged.new_digests["hi"]]),
+            "digest_lo": pa.array(np.r_[old_column("digest_lo", np.uint64), staged.new_digests["lo"]]),
+            "rows": pa.array(live[ids].astype(np.int32)),
+            "segment": pa.array(
+                np.r_[old_column("segment", np.int32), np.full(len(new_ids), len(segments) - 1)].astype(
+                    np.int32
+                )
+            ),
+        },
+        schema=ENTRIES_SCHEMA,
+    )

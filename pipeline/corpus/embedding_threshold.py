@@ -1,0 +1,252 @@
+"""The embedding cosine at which two images count as copies: given, or chosen (auto) per corpus.
+
+A threshold is judged by two numbers, each measured for what it is named:
+
+- **expected false edges**: over the (query, vector) pairs the search actually scores,
+  how many unrelated pairs would reach the cosine. The budget is for the whole corpus,
+  `budget_per_row` x rows (default 1 per 10,000 rows), not a per-pair rate: a per-pair
+  rate of 1e-6 over a million rows' comparisons is thousands of false edges. Below 10,000
+  rows the budget is one edge: a small corpus has too few pairs to show a stricter bar.
+- **recall** of known copies at the threshold: planted edits of the corpus's own images
+  (crops, flips, borders... tagged at tag time: `TagTable.edit_calibration`), per edit
+  kind, or else pairs that sha256 or phash already joined. This is the share of copies
+  a threshold *accepts*; what the search *found* is measured separately
+  (`search_recall`, an exact check of sampled queries).
+
+Negatives are the compared pairs themselves: sampled queries' top candidates, re-ranked
+exactly, give the upper tail of the cosines the search scores. Copies sit in that tail
+too (a duplicate-heavy corpus has many), so the pairs sha256 or phash joined are left
+out, and so is everything at or above the cosine where the known copies start (their 5%
+quantile): the rest is fitted with a generalised Pareto distribution over a high level
+(the peaks-over-threshold method of extreme-value statistics), extrapolated to the
+budget (`budget_threshold`). With no known copies nothing is cut: copies nobody found
+then thicken the fitted tail, which raises the threshold (fewer edges, never more).
+
+auto then takes the highest recall within the budget, and, among thresholds that keep
+it to within one point, sits half-way between the budget's edge and the copies: the
+margin on both sides. When even that recall is poor, the embedding does not separate
+copies from unrelated images on this corpus: said plainly, with the numbers, and the
+budget's threshold is used all the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DEFAULT_BUDGET_PER_ROW = 1e-4  # expected false edges per row: 1 per 10,000 rows
+# and at least one in any corpus: a smaller corpus has too few pairs to show a stricter bar
+MIN_BUDGET_EDGES = 1.0
+MAX_THRESHOLD = 0.999  # float16 unit rows give identical vectors ~0.9998: nothing above is meaningful
+SAMPLE_QUERIES = 2_000
+SAMPLE_NEIGHBOURS = 256  # candidates per sampled query: the tail of its compared pairs
+RECALL_SLACK = 0.01  # recall given up to move away from the budget's edge
+POOR_RECALL = 0.5  # below this at the budget's edge, the embedding does not separate copies
+MIN_TAIL_PAIRS = 30  # the deepest level read: fewer pairs are noise
+COPIES_QUANTILE = 0.05  # known copies' cosines from this quantile up are left out of the negatives
+JUMP = 3.0
+JUMP_REACH = 0.2  # a jump landing this far below the known copies still starts the copies
+MIN_EXCEEDANCES = 50  # sampled pairs above u, at least, to fit the tail
+FIT_DECADES = 1.0  # the tail fitted: this much survival above its deepest clean level
+
+
+@dataclass
+class ThresholdDecision:
+    """How the embedding threshold was set, and what it was measured to do."""
+
+    threshold: float | None
+    chosen_by: str  # given | auto | kept (an earlier run's, from the index) | off
+    floor: float | None = None  # the cosine the index's edges were searched at (<= threshold)
+    budget_per_row: float = DEFAULT_BUDGET_PER_ROW
+    budget_threshold: float | None = None  # the lowest cosine within the budget (auto)
+    pairs_compared: int = 0  # (query, vector) pairs the full search scores
+    expected_false_edges: float | None = None  # at the threshold, over pairs_compared
+    negatives_sampled: int = 0  # compared pairs whose exact cosine fitted the tail
+    tail: dict = field(default_factory=dict)  # slope, intercept, cosine range of the fit
+    positives: str = "none"  # planted edits | hash-confirmed pairs | none
+    positive_pairs: int = 0
+    threshold_recall: float | None = None  # share of positives at or above the threshold
+    recall_by_edit: dict = field(default_factory=dict)  # edit -> share at or above (planted edits)
+    search_recall: dict = field(default_factory=dict)  # measured after the search (dedup)
+    reason: str = ""  # why it is off, or a plain warning about it
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> ThresholdDecision:
+        return cls(**record)
+
+    def text(self) -> str:
+        if self.threshold is None:
+            return f"embedding not used ({self.reason or 'not asked'})"
+        parts = [f"embedding cosine >= {self.threshold:.4f} ({self.chosen_by})"]
+        if self.expected_false_edges is not None:
+            parts.append(
+                f"expected false edges {self.expected_false_edges:.2g} over {self.pairs_compared:,} "
+                f"pairs compared (budget {self.budget_per_row:g} a row)"
+            )
+        if self.threshold_recall is not None:
+            parts.append(
+                f"{self.positives} at or above it {self.threshold_recall:.3f} of {self.positive_pairs}"
+            )
+        if self.recall_by_edit:
+            parts.append(
+                "by edit " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.recall_by_edit.items()))
+            )
+        s = self.search_recall
+        if s.get("hash_confirmed_reaching"):
+            parts.append(
+                f"search found {s['hash_confirmed_found']} of {s['hash_confirmed_reaching']} hash-confirmed "
+                "pairs at or above it"
+            )
+        if s.get("sampled_true"):
+            parts.append(
+                f"search recall {s['sampled_found'] / s['sampled_true']:.3f} "
+                f"({s['sampled_found']} of {s['sampled_true']} true neighbours "
+                f"of {s['queries']} sampled queries)"
+            )
+        if self.reason:
+            parts.append(f"warning: {self.reason}")
+        return "; ".join(parts)
+
+
+def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None = None) -> dict:
+    """The unrelated pairs' upper tail, as a generalised Pareto distribution over the sampled
+    cosines above a high level u (peaks over threshold: scipy's genpareto, fitted by maximum
+    likelihood), leaving out the copies' part of the tail.
+
+    cosines: sampled queries' top candidates, exact; denominator: the compared pairs they
+    are the top of. copies_from: where known copies start (None: nothing is left out).
+    Copies of copies sit a little lower (two 0.95 edits are 0.90 apart), so the cut moves
+    down to the first jump in the tail that lands within JUMP_REACH of copies_from: read
+    every quarter decade of survival, a jump is a step over JUMP x the median of the four
+    before it (and over 0.05). A jump landing lower is unrelated images crowding (a
+    cluster of one subject), kept in. u is FIT_DECADES of survival above the deepest
+    clean level, and at most a quarter of the sample's coverage, so that every sampled
+    query's kept candidates reach it."""
+    from scipy.stats import genpareto
+
+    ranked = np.sort(np.asarray(cosines, np.float64))[::-1]
+    top = len(ranked) / denominator
+    if len(ranked) < MIN_EXCEEDANCES or top <= MIN_TAIL_PAIRS / denominator * 10:
+        return {}
+    cut = np.inf if copies_from is None else _copies_cut(ranked, denominator, float(copies_from))
+    clean = ranked[ranked < cut]
+    deepest = (len(ranked) - len(clean) + MIN_TAIL_PAIRS) / denominator
+    if len(clean) < MIN_EXCEEDANCES or deepest * 10**FIT_DECADES > top:
+        return {}
+    level_u = min(deepest * 10**FIT_DECADES, top / 4)
+    u = float(ranked[min(int(level_u * denominator), len(ranked) - 1)])
+    excess = clean[clean > u] - u
+    if len(excess) < MIN_EXCEEDANCES:
+        return {}
+    shape, _, scale = genpareto.fit(excess, floc=0)
+    return {
+        "model": "generalised Pareto over u",
+        "u": u,
+        "survival_u": float(level_u),
+        "shape": float(shape),
+        "scale": float(scale),
+        "exceedances": int(len(excess)),
+        "copies_from": None if copies_from is None else float(cut),
+    }
+
+
+def _copies_cut(ranked: np.ndarray, denominator: float, copies_from: float) -> float:
+    top, bottom = len(ranked) / denominator, MIN_TAIL_PAIRS / denominator
+    levels = 10 ** np.arange(math.log10(top), math.log10(bottom), -0.25)
+    at = ranked[np.minimum((levels * denominator).astype(np.int64), len(ranked) - 1)]
+    steps = np.diff(at)
+    for j in range(2, len(steps)):
+        usual = float(np.median(steps[max(0, j - 4) : j]))
+        if steps[j] > max(JUMP * usual, 0.05) and at[j + 1] >= copies_from - JUMP_REACH:
+            return min(copies_from, float(at[j] + at[j + 1]) / 2)
+    return copies_from
+
+
+def expected_false_edges(fit: dict, threshold: float, pairs: float) -> float:
+    """Pairs x the fitted survival at the threshold."""
+    from scipy.stats import genpareto
+
+    if threshold <= fit["u"]:
+        return float("inf")
+    tail = genpareto.sf(threshold - fit["u"], fit["shape"], 0, fit["scale"])
+    return float(pairs * fit["survival_u"] * tail)
+
+
+def budget_threshold(fit: dict, budget_edges: float, pairs: float) -> float:
+    """The cosine where the fitted tail expects budget_edges false edges over pairs."""
+    from scipy.stats import genpareto
+
+    share = budget_edges / (pairs * fit["survival_u"])
+    if share >= 1:
+        return fit["u"]
+    return float(fit["u"] + genpareto.isf(share, fit["shape"], 0, fit["scale"]))
+
+
+def choose(
+    negatives: np.ndarray,
+    negatives_denominator: float,
+    pairs_compared: int,
+    rows: int,
+    positives: np.ndarray,
+    positive_kind: str,
+    edits: dict[str, np.ndarray] | None = None,
+    budget_per_row: float = DEFAULT_BUDGET_PER_ROW,
+) -> ThresholdDecision:
+    """auto: the threshold from the compared pairs' tail, the budget and the known copies."""
+    decision = ThresholdDecision(None, "auto", budget_per_row=budget_per_row, pairs_compared=pairs_compared)
+    decision.negatives_sampled = int(len(negatives))
+    copies_from = float(np.quantile(positives, COPIES_QUANTILE)) if len(positives) else None
+    decision.tail = tail_fit(negatives, negatives_denominator, copies_from)
+    if not decision.tail:
+        decision.reason = (
+            f"{len(negatives)} sampled pairs cannot show the unrelated pairs' tail; "
+            "give --embedding-threshold"
+        )
+        return decision
+    budget = max(budget_per_row * rows, MIN_BUDGET_EDGES)
+    edge = min(budget_threshold(decision.tail, budget, max(pairs_compared, 1)), MAX_THRESHOLD)
+    decision.budget_threshold = float(edge)
+    chosen = edge
+    if len(positives):
+        ranked = np.sort(positives)[::-1]
+        best = float((ranked >= edge).mean())
+        keep = max(1, math.ceil((best - RECALL_SLACK) * len(ranked)))
+        chosen = max(edge, (edge + float(ranked[keep - 1])) / 2) if best > RECALL_SLACK else edge
+        if best < POOR_RECALL:
+            decision.reason = (
+                "this embedding does not separate copies from unrelated images here: at cosine "
+                f"{edge:.3f}, the lowest within the false-edge budget, it reaches {best:.0%} of "
+                f"{len(ranked)} {positive_kind}"
+            )
+    if edge >= MAX_THRESHOLD:
+        decision.reason = (
+            "unrelated pairs reach near-identical cosines: only near-identical vectors are joined"
+        )
+    decision.threshold = float(min(chosen, MAX_THRESHOLD))
+    return measured(decision, positives, positive_kind, edits)
+
+
+def measured(
+    decision: ThresholdDecision,
+    positives: np.ndarray,
+    positive_kind: str,
+    edits: dict[str, np.ndarray] | None = None,
+) -> ThresholdDecision:
+    """Fill the figures at the decided threshold: expected false edges, recall of positives."""
+    t = decision.threshold
+    if t is None:
+        return decision
+    if decision.tail:
+        decision.expected_false_edges = expected_false_edges(
+            decision.tail, t, max(decision.pairs_compared, 1)
+        )
+    decision.positives = positive_kind if len(positives) else "none"
+    decision.positive_pairs = int(len(positives))
+    decision.threshold_recall = float((positives >= t).mean()) if len(positives) else None
+    decision.recall_by_edit = {k: float((v >= t).mean()) for k, v in (edits or {}).items() if len(v)}
+    return decision
