@@ -142,7 +142,8 @@ def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.corpus.dedup import GIANT_CLUSTER, run_dedup
+    from pipeline.corpus.cluster_table import GIANT_CLUSTER
+    from pipeline.corpus.dedup import run_dedup
 
     rng = np.random.default_rng(3)
     h, walk = 0x5A5A5A5A5A5A5A5A, []

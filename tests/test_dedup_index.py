@@ -16,7 +16,13 @@ from pipeline.core.errors import TagpipeError
 from pipeline.corpus import vector_index
 from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.duplicate_index import DuplicateIndex
-from pipeline.demo.planted_table import Increment, PlantedSpec, apply_increment, near_copy, write_planted_table
+from pipeline.demo.planted_table import (
+    Increment,
+    PlantedSpec,
+    apply_increment,
+    near_copy,
+    write_planted_table,
+)
 from pipeline.table.tag_table import TagTable, commit_version
 
 
@@ -114,8 +120,16 @@ def _table_of(tmp_path, vectors: np.ndarray, uris: list[str]) -> str:
     rows = _rows(uris, vectors)
     file = table.write_part("data/k/part-0.parquet", rows)
     commit_version(
-        table, None, [file], model_sha256="m", inference_key="k", rules_key="r", run_id="r1",
-        model_name="m", rules={}, counts={},
+        table,
+        None,
+        [file],
+        model_sha256="m",
+        inference_key="k",
+        rules_key="r",
+        run_id="r1",
+        model_name="m",
+        rules={},
+        counts={},
     )
     return uri
 
@@ -150,8 +164,16 @@ def test_deleting_a_bridge_splits_its_cluster(tmp_path):
     kept = _rows(uris[:200] + uris[201:], np.vstack([base, c]))
     file = table.write_part("data/k/part-1.parquet", kept)
     commit_version(
-        table, table.snapshot(), [file], model_sha256="m", inference_key="k", rules_key="r",
-        run_id="r2", model_name="m", rules={}, counts={},
+        table,
+        table.snapshot(),
+        [file],
+        model_sha256="m",
+        inference_key="k",
+        rules_key="r",
+        run_id="r2",
+        model_name="m",
+        rules={},
+        counts={},
     )
     summary = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.93)
     clusters = _clusters(tmp_path / "out")
@@ -203,8 +225,16 @@ def test_a_new_model_or_a_lower_threshold_rebuilds(tmp_path):
     table = TagTable(tags)
     snapshot = table.snapshot()
     commit_version(
-        table, snapshot, list(snapshot.files), model_sha256="other", inference_key="another-model",
-        rules_key="r", run_id="r9", model_name="other", rules={}, counts={},
+        table,
+        snapshot,
+        list(snapshot.files),
+        model_sha256="other",
+        inference_key="another-model",
+        rules_key="r",
+        run_id="r9",
+        model_name="other",
+        rules={},
+        counts={},
     )
     retagged = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.85)
     assert retagged.index["mode"] == "full" and "model or preprocessing changed" in retagged.index["reason"]

@@ -24,18 +24,18 @@ import pyarrow.csv as pcsv
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
+from pipeline.corpus.audit_vectors import Batches, column_batches, embedding_leaks, part_batches
 from pipeline.corpus.duplicate_signals import (
     EMBEDDING,
     PHASH,
     SHA256,
-    Edges,
-    embedding_edges,
-    embedding_matrix,
+    exact_signals,
+    known_copies,
     table_hashes,
 )
-from pipeline.corpus.hamming_search import near_pairs
+from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import filesystem_for, write_atomic
-from pipeline.table.reading import read_parquet
+from pipeline.table.reading import Parts, is_tag_table, read_parquet
 
 log = logging.getLogger(__name__)
 SIGNAL_COLUMNS = ["uri", "sha256", "phash", "phash_hex", "phash_degenerate", "embedding", "split", "error"]
@@ -89,17 +89,57 @@ class AuditReport:
         )
 
 
-def read_hashes(uri: str, storage_options: dict | None = None, role: str = "train") -> pa.Table:
-    """read_signals without a tag table to join (the name split and older code use)."""
-    return read_signals(uri, storage_options, role)
+@dataclass
+class Side:
+    """One side of an audit: its rows' narrow signals, and where their embeddings are read
+    (part by part) when the table does not carry them in memory."""
+
+    table: pa.Table  # uri, sha256, phash, phash_unreliable (and embedding, when in memory)
+    parts: Parts | None = None
+
+    def batches(self) -> Batches | None:
+        if "embedding" in self.table.column_names:
+            return column_batches(self.table)
+        if self.parts is not None:
+            return part_batches(self.parts, self.table.column("uri").combine_chunks())
+        return None
+
+
+def read_side(
+    uri: str, storage_options: dict | None = None, role: str = "train", tags: str | None = None
+) -> Side:
+    """read_signals without the embedding column: the side's embeddings stay in their parts
+    (the tag table given with a split output, else the input's own), read one at a time."""
+    table = read_signals(uri, storage_options, role, tags, with_embedding=False)
+    source = tags if tags and _is_split(uri, storage_options) else uri
+    parts = None
+    if not source.endswith(".csv"):
+        candidate = Parts(source, storage_options)
+        parts = candidate if "embedding" in candidate.names() else None
+    return Side(table, parts)
+
+
+def _is_split(uri: str, storage_options: dict | None) -> bool:
+    fs, path = filesystem_for(uri, storage_options)
+    if path.endswith("splits.parquet"):
+        return True
+    return (
+        fs.isdir(path)
+        and fs.isfile(path.rstrip("/") + "/splits.parquet")
+        and not is_tag_table(uri, storage_options)
+    )
 
 
 def read_signals(
-    uri: str, storage_options: dict | None = None, role: str = "train", tags: str | None = None
+    uri: str,
+    storage_options: dict | None = None,
+    role: str = "train",
+    tags: str | None = None,
+    with_embedding: bool = True,
 ) -> pa.Table:
     """uri, sha256, phash (uint64, null where unknown), phash_unreliable, embedding (or
     null) from any supported input; a split output's train or eval rows, with hashes
-    and embeddings joined from tags when given."""
+    (and embeddings) joined from tags when given."""
     fs, path = filesystem_for(uri, storage_options)
     if fs.isdir(path) and fs.isfile(
         path.rstrip("/") + "/splits.parquet"
@@ -114,7 +154,8 @@ def read_signals(
                 "or drop the embedding column"
             )
     else:
-        table = read_parquet(uri, storage_options, SIGNAL_COLUMNS, only_present=True)
+        wanted = SIGNAL_COLUMNS if with_embedding else [c for c in SIGNAL_COLUMNS if c != "embedding"]
+        table = read_parquet(uri, storage_options, wanted, only_present=True)
     names = set(table.column_names)
     if not names & {"sha256", "phash", "phash_hex", "embedding"}:
         raise TagpipeError(f"{uri}: needs sha256, phash or embedding columns (has {sorted(names)})")
@@ -127,19 +168,17 @@ def read_signals(
         )
         table = table.filter(keep)
         if tags:
-            table = _join_tags(table, tags, storage_options)
+            table = _join_tags(table, tags, storage_options, with_embedding)
     elif "error" in names:
         table = table.filter(pc.is_null(table.column("error")))
     return _normalised(table, uri)
 
 
-def _join_tags(table: pa.Table, tags: str, storage_options: dict | None) -> pa.Table:
-    """A split's rows with the tag table's phash flag and embedding, by uri."""
-    extra = read_parquet(tags, storage_options, ["uri", "phash_degenerate", "embedding"], only_present=True)
-    position = {u: i for i, u in enumerate(extra.column("uri").to_pylist())}
-    take = pa.array(
-        [position.get(u) for u in table.column("uri").to_pylist()], pa.int64()
-    )  # null: not tagged
+def _join_tags(table: pa.Table, tags: str, storage_options: dict | None, with_embedding: bool) -> pa.Table:
+    """A split's rows with the tag table's phash flag (and embedding), by uri."""
+    wanted = ["uri", "phash_degenerate", "embedding"] if with_embedding else ["uri", "phash_degenerate"]
+    extra = read_parquet(tags, storage_options, wanted, only_present=True)
+    take = pc.index_in(table.column("uri"), extra.column("uri"))  # null: not tagged
     for name in extra.column_names:
         if name != "uri":  # Arrow joins do not carry fixed-size lists: taken by position
             column = extra.column(name).take(take)
@@ -178,34 +217,49 @@ def _normalised(table: pa.Table, uri: str) -> pa.Table:
     return pa.table(columns)
 
 
+@dataclass
+class _Found:
+    """Leaks by one signal: eval rows, their train rows, and how close."""
+
+    signal: str
+    eval_row: np.ndarray
+    train_row: np.ndarray
+    distance: np.ndarray  # phash bits (0 for sha256); -1 for embedding
+    cosine: np.ndarray  # embedding; nan for the others
+
+
 def audit(
-    train: pa.Table, evaluation: pa.Table, max_distance: int, embedding_threshold: float | str | None = "auto"
+    train: pa.Table | Side,
+    evaluation: pa.Table | Side,
+    max_distance: int,
+    embedding_threshold: float | str | None = "auto",
 ) -> tuple[pa.Table, AuditReport]:
     """(leaks: eval_uri, train_uri, signal, distance, cosine, exact; per eval image and
     signal, its nearest train image), report."""
-    report = AuditReport(
-        train_images=train.num_rows, eval_images=evaluation.num_rows, max_distance=max_distance
-    )
-    found: dict[
-        tuple[int, str], tuple[float, int, int, float]
-    ] = {}  # (eval, signal) -> (rank key, train, distance, cosine)
-    _sha256_leaks(train, evaluation, found)
-    phash_checked = _phash_leaks(train, evaluation, max_distance, found, report)
-    emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, found, report)
+    train, evaluation = _side(train), _side(evaluation)
+    t, e = train.table, evaluation.table
+    report = AuditReport(train_images=t.num_rows, eval_images=e.num_rows, max_distance=max_distance)
+    found = [_sha256_leaks(t, e)]
+    phash, phash_checked = _phash_leaks(t, e, max_distance, report)
+    emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
     report.unchecked = int((~(phash_checked | emb_checked)).sum())
-    return _leak_table(train, evaluation, found, report), report
+    return _leak_table(t, e, found + [phash, emb], report), report
 
 
-def _sha256_leaks(train: pa.Table, evaluation: pa.Table, found: dict) -> None:
-    train_sha = {s: i for i, s in enumerate(train.column("sha256").to_pylist()) if s}
-    for j, s in enumerate(evaluation.column("sha256").to_pylist()):
-        if s and s in train_sha:
-            found[(j, SHA256)] = (0.0, train_sha[s], 0, 1.0)
+def _side(side: pa.Table | Side) -> Side:
+    return side if isinstance(side, Side) else Side(side)
 
 
-def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
-    """Nearest reliable train hash within max_distance, per eval image; returns which
-    eval images phash could check."""
+def _sha256_leaks(train: pa.Table, evaluation: pa.Table) -> _Found:
+    at = pc.index_in(evaluation.column("sha256"), train.column("sha256"))  # the first train row
+    rows = np.flatnonzero(at.is_valid().to_numpy(zero_copy_only=False))
+    train_rows = at.to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+    return _Found(SHA256, rows, train_rows, np.zeros(len(rows), np.int64), np.full(len(rows), np.nan))
+
+
+def _phash_leaks(train, evaluation, max_distance, report) -> tuple[_Found, np.ndarray]:
+    """Nearest reliable train hash within max_distance, per eval image (only pairs with an
+    eval hash are searched); and which eval images phash could check."""
     t_hash, _, t_ok, _ = table_hashes(train, "phash_unreliable")
     e_hash, _, e_ok, reasons = table_hashes(evaluation, "phash_unreliable")
     report.train_not_usable[PHASH] = int((~t_ok).sum())
@@ -215,108 +269,91 @@ def _phash_leaks(train, evaluation, max_distance, found, report) -> np.ndarray:
     report.not_checked[PHASH] = int((~e_ok).sum())
     report.not_checked.update({f"{PHASH}:{k}": v for k, v in reasons.items() if v})
     t_rows, e_rows = np.flatnonzero(t_ok), np.flatnonzero(e_ok)
+    nothing = _Found(PHASH, *(np.zeros(0, np.int64),) * 3, np.zeros(0))
     if not (len(t_rows) and len(e_rows)):
-        return e_ok
-    hashes, inverse = np.unique(np.concatenate([t_hash[t_rows], e_hash[e_rows]]), return_inverse=True)
+        return nothing, e_ok
+    hashes, inverse = np.unique(np.r_[t_hash[t_rows], e_hash[e_rows]], return_inverse=True)
     t_of, e_of = inverse[: len(t_rows)], inverse[len(t_rows) :]
     first_train = np.full(len(hashes), -1, np.int64)
     first_train[t_of[::-1]] = t_rows[::-1]  # a train row per distinct hash (the first)
-    a, b = near_pairs(hashes, max_distance)
-    same = np.unique(t_of)
-    x = np.concatenate([a, b, same])  # eval-side hash, train-side hash, distance
-    y = np.concatenate([b, a, same])
-    d = np.concatenate(
-        [np.bitwise_count(hashes[a] ^ hashes[b])] * 2 + [np.zeros(len(same), np.uint8)]
-    ).astype(np.int64)
-    hit = first_train[y] >= 0
-    x, y, d = x[hit], y[hit], d[hit]
-    order = np.lexsort((np.arange(len(d)), d))
-    h, first = np.unique(x[order], return_index=True)
-    nearest = dict(zip(h.tolist(), zip(d[order][first].tolist(), first_train[y[order][first]].tolist())))
-    for row, code in zip(e_rows.tolist(), e_of.tolist()):
-        if code in nearest:
-            distance, t = nearest[code]
-            found[(row, PHASH)] = (float(distance), t, distance, float("nan"))
-    return e_ok
+    fresh = np.zeros(len(hashes), bool)
+    fresh[e_of] = True
+    a, b = pairs_touching(hashes, fresh, max_distance)
+    same = np.unique(e_of)
+    x, y = np.r_[a, b, same], np.r_[b, a, same]  # eval-side hash, train-side hash
+    hit = fresh[x] & (first_train[y] >= 0)
+    x, y = x[hit], y[hit]
+    d = np.bitwise_count(hashes[x] ^ hashes[y]).astype(np.int64)
+    order = np.lexsort((y, d, x))
+    x, y, d = x[order], y[order], d[order]
+    first = np.r_[True, x[1:] != x[:-1]] if len(x) else np.zeros(0, bool)
+    nearest = np.full(len(hashes), -1, np.int64)
+    nearest[x[first]] = np.flatnonzero(first)
+    pick = nearest[e_of]
+    rows = e_rows[pick >= 0]
+    chosen = pick[pick >= 0]
+    found = _Found(PHASH, rows, first_train[y[chosen]], d[chosen], np.full(len(rows), np.nan))
+    return found, e_ok
 
 
-def _embedding_leaks(train, evaluation, threshold, found, report) -> np.ndarray:
-    """Train images at cosine >= threshold, per eval image; returns which eval images
-    the embedding checked (a usable vector, and a threshold to check with)."""
-    checked = np.zeros(evaluation.num_rows, bool)
-    have = "embedding" in train.column_names and "embedding" in evaluation.column_names
-    if threshold is None or not have:
-        report.not_checked[EMBEDDING] = evaluation.num_rows
+def _embedding_leaks(
+    train: Side, evaluation: Side, threshold, max_distance, report
+) -> tuple[_Found, np.ndarray]:
+    """Each eval image's nearest train image at cosine >= the threshold, searched in an index
+    of the train images only (pipeline/corpus/audit_vectors.py)."""
+    n_eval = evaluation.table.num_rows
+    nothing = _Found(EMBEDDING, *(np.zeros(0, np.int64),) * 3, np.zeros(0))
+    train_batches, eval_batches = train.batches(), evaluation.batches()
+    if threshold is None or train_batches is None or eval_batches is None:
+        report.not_checked[EMBEDDING] = n_eval
         report.embedding = {
             "threshold": None,
             "reason": "off" if threshold is None else "no embedding column",
         }
-        return checked
-    t_rows, t_vec = embedding_matrix(train.column("embedding"))
-    e_rows, e_vec = embedding_matrix(evaluation.column("embedding"))
-    if not len(t_rows) or not len(e_rows) or t_vec.shape[1] != e_vec.shape[1]:
-        report.not_checked[EMBEDDING] = evaluation.num_rows
-        report.embedding = {"threshold": None, "reason": "no comparable embeddings on both sides"}
-        return checked
-    vectors = np.vstack([t_vec, e_vec])
-    side = np.r_[np.zeros(len(t_rows), bool), np.ones(len(e_rows), bool)]
-    index = np.r_[t_rows, e_rows]
-    edges = Edges()
-    groups = np.arange(len(vectors))
-    # auto: negatives from train pairs only, so the leaks being looked for cannot raise the bar
-    choice, facts = embedding_edges(
-        vectors,
-        np.arange(len(vectors)),
-        threshold,
-        groups,
-        (np.zeros(0), np.zeros(0)),
-        edges,
-        negatives_from=~side,
+        return nothing, np.zeros(n_eval, bool)
+    t = train.table
+    exact = exact_signals(
+        t.column("sha256").combine_chunks(),
+        *table_hashes(t, "phash_unreliable")[:2],
+        t.column("phash_unreliable").fill_null(False).to_numpy(zero_copy_only=False),
+        max_distance,
     )
-    usable = facts.pop("usable")
-    report.embedding = {**asdict(choice), **facts}
-    report.train_not_usable[EMBEDDING] = int(len(train) - (usable & ~side).sum())
-    if choice.threshold is None:
-        report.not_checked[EMBEDDING] = evaluation.num_rows
-        return checked
-    a, b, _, _, cosine = edges.arrays()
-    cross = side[a] != side[b]
-    for x, y, c in zip(a[cross].tolist(), b[cross].tolist(), cosine[cross].tolist()):
-        e, t = (x, y) if side[x] else (y, x)
-        key = (int(index[e]), EMBEDDING)
-        if key not in found or -c < found[key][0]:
-            found[key] = (-c, int(index[t]), -1, c)
-    checked[index[side & usable]] = (usable & ~side).any()
+    found = embedding_leaks(train_batches, t.num_rows, eval_batches, n_eval, threshold, known_copies(exact))
+    report.embedding = found.decision.record()
+    report.train_not_usable[EMBEDDING] = t.num_rows - found.train_usable
+    checked = found.checked if found.decision.threshold is not None else np.zeros(n_eval, bool)
     report.not_checked[EMBEDDING] = int((~checked).sum())
-    return checked
+    distance = np.full(len(found.eval_row), -1, np.int64)
+    return _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine), checked
 
 
-def _leak_table(train, evaluation, found, report) -> pa.Table:
-    eval_uris, train_uris = evaluation.column("uri").to_pylist(), train.column("uri").to_pylist()
-    keys = sorted(found, key=lambda k: (k[0], [SHA256, PHASH, EMBEDDING].index(k[1])))
-    leaking = {e for e, _ in keys}
-    report.leaks = len(leaking)
-    report.exact_leaks = sum(1 for e, s in keys if s == SHA256)
-    report.by_signal = {s: sum(1 for _, k in keys if k == s) for s in (SHA256, PHASH, EMBEDDING)}
-    nearest: dict[int, int] = {}  # eval image -> bits to its nearest train image (same bytes: 0)
-    for (e, s), (_, _, distance, _) in found.items():
-        if s in (SHA256, PHASH):
-            nearest[e] = min(nearest.get(e, 99), distance)
-    for distance in nearest.values():
-        report.histogram[str(distance)] = report.histogram.get(str(distance), 0) + 1
-    rows = [found[k] for k in keys]
+def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], report) -> pa.Table:
+    signal_rank = {SHA256: 0, PHASH: 1, EMBEDDING: 2}
+    e = np.concatenate([f.eval_row for f in found]).astype(np.int64)
+    t = np.concatenate([f.train_row for f in found]).astype(np.int64)
+    d = np.concatenate([f.distance for f in found]).astype(np.int64)
+    c = np.concatenate([f.cosine for f in found]).astype(np.float32)
+    kind = np.concatenate([np.full(len(f.eval_row), signal_rank[f.signal]) for f in found])
+    order = np.lexsort((kind, e))
+    e, t, d, c, kind = e[order], t[order], d[order], c[order], kind[order]
+    names = np.array([SHA256, PHASH, EMBEDDING], object)
+    report.leaks = int(len(np.unique(e)))
+    report.exact_leaks = int((kind == 0).sum())
+    report.by_signal = {str(names[k]): int((kind == k).sum()) for k in range(3)}
+    hashed = kind < 2  # the nearest train image by sha256 or phash, in bits
+    if hashed.any():
+        nearest = np.full(evaluation.num_rows, 99, np.int64)
+        np.minimum.at(nearest, e[hashed], d[hashed])
+        bits, counts = np.unique(nearest[nearest < 99], return_counts=True)
+        report.histogram = {str(int(b)): int(n) for b, n in zip(bits, counts)}
     table = pa.table(
         {
-            "eval_uri": pa.array([eval_uris[e] for e, _ in keys], pa.string()),
-            "train_uri": pa.array([train_uris[r[1]] for r in rows], pa.string()),
-            "signal": pa.array([s for _, s in keys], pa.string()),
-            "distance": pa.array(
-                [r[2] if s != EMBEDDING else None for (_, s), r in zip(keys, rows)], pa.int32()
-            ),
-            "cosine": pa.array(
-                [r[3] if s == EMBEDDING else None for (_, s), r in zip(keys, rows)], pa.float32()
-            ),
-            "exact": pa.array([s == SHA256 for _, s in keys], pa.bool_()),
+            "eval_uri": evaluation.column("uri").take(pa.array(e)),
+            "train_uri": train.column("uri").take(pa.array(t)),
+            "signal": pa.array(names[kind].tolist(), pa.string()),
+            "distance": pa.array(d, pa.int32(), mask=kind == 2),
+            "cosine": pa.array(c, pa.float32(), mask=kind != 2),
+            "exact": pa.array(kind == 0),
         }
     )
     return conform(table, LEAKS_SCHEMA)
@@ -334,8 +371,8 @@ def run_audit(
     if not 0 <= max_distance <= 32:
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
     leaks, report = audit(
-        read_signals(train, storage_options, "train", tags),
-        read_signals(evaluation, storage_options, "eval", tags),
+        read_side(train, storage_options, "train", tags),
+        read_side(evaluation, storage_options, "eval", tags),
         max_distance,
         embedding_threshold,
     )

@@ -98,11 +98,11 @@ class CorpusRows:
             )
             column = table.column("embedding").combine_chunks().take(pa.array(at))
             valid = column.is_valid().to_numpy(zero_copy_only=False)
-            yield mine, _matrix(column, valid), valid
+            yield mine, matrix_of(column, valid), valid
             del table, column
 
 
-def _matrix(column: pa.Array, valid: np.ndarray) -> np.ndarray:
+def matrix_of(column: pa.Array, valid: np.ndarray) -> np.ndarray:
     """A list column as [rows, width] float32 (zeros where null)."""
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size

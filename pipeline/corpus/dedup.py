@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.ray_session import new_run_id
-from pipeline.core.schemas import CLUSTERS_SCHEMA, EDGES_SCHEMA, conform
+from pipeline.core.schemas import EDGES_SCHEMA, conform
+from pipeline.corpus.cluster_table import cluster_table, public_edges, report_giants
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
@@ -46,20 +47,18 @@ from pipeline.corpus.duplicate_signals import (
     SHA256,
     Edges,
     ExactSignals,
+    exact_graph,
     exact_signals,
     hash_reliability,
     phash_edges,
     sha256_edges,
 )
 from pipeline.corpus.embedding_threshold import ThresholdDecision
-from pipeline.corpus.hamming_search import near_pairs
 from pipeline.storage.filesystem import write_atomic
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_DISTANCE = 6
-GIANT_CLUSTER = 1000  # clusters this large are reported: chaining through near-duplicates
-LOSSLESS = r"\.(png|bmp|tif|tiff|gif|ppm|pgm|pbm|tga|qoi)$"
 
 
 @dataclass
@@ -241,57 +240,17 @@ def _graph(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate | None, 
     """Each row's component: rows, sha256 groups, distinct hashes and distinct vectors are
     nodes; a row joins its group, its hash and its vector; hashes within R and vectors at or
     above the threshold join each other."""
-    n, g, h = rows.count, exact.groups, len(exact.hashes)
-    idx = np.arange(n)
-    parts_a = [idx[exact.sha_group >= 0], idx[exact.hash_node >= 0], n + g + exact.pair_a]
-    parts_b = [n + exact.sha_group[exact.sha_group >= 0], n + g + exact.hash_node[exact.hash_node >= 0]]
-    parts_b.append(n + g + exact.pair_b)
-    nodes = n + g + h
+    a, b, nodes = exact_graph(exact)
+    parts_a, parts_b = [a], [b]
     if vectors is not None and threshold is not None:
+        idx = np.arange(rows.count)
         live, entry_node = np.unique(vectors.entry[vectors.entry >= 0], return_inverse=True)
         strong = vectors.cosine >= threshold
-        a = np.searchsorted(live, vectors.pair_a[strong])
-        b = np.searchsorted(live, vectors.pair_b[strong])
-        parts_a += [idx[vectors.entry >= 0], nodes + a]
-        parts_b += [nodes + entry_node.reshape(-1), nodes + b]
+        parts_a += [idx[vectors.entry >= 0], nodes + np.searchsorted(live, vectors.pair_a[strong])]
+        parts_b += [nodes + entry_node.reshape(-1), nodes + np.searchsorted(live, vectors.pair_b[strong])]
         nodes += len(live)
     labels = components(nodes, np.concatenate(parts_a), np.concatenate(parts_b))
-    return labels[:n]
-
-
-def _first_rows(node: np.ndarray, count: int) -> np.ndarray:
-    """The first row (in uri order) of each node (index count: a slot for rows without one)."""
-    first = np.full(count + 1, np.iinfo(np.int64).max, np.int64)
-    have = np.flatnonzero(node >= 0)
-    np.minimum.at(first, node[have], have)
-    return first
-
-
-def public_edges(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate) -> Edges:
-    """Row-level edges for edges.parquet: each row to its node's first row, and between the
-    first rows of joined hashes and vectors."""
-    edges = Edges()
-    idx = np.arange(rows.count)
-    first_sha = _first_rows(exact.sha_group, exact.groups)
-    same = (exact.sha_group >= 0) & (first_sha[exact.sha_group] != idx)
-    edges.add(idx[same], first_sha[exact.sha_group[same]], SHA256)
-    first_hash = _first_rows(exact.hash_node, len(exact.hashes))
-    same = (exact.hash_node >= 0) & (first_hash[exact.hash_node] != idx)
-    edges.add(idx[same], first_hash[exact.hash_node[same]], PHASH, distance=np.zeros(int(same.sum())))
-    edges.add(first_hash[exact.pair_a], first_hash[exact.pair_b], PHASH, distance=exact.distance)
-    threshold = vectors.decision.threshold
-    if threshold is not None and (vectors.entry >= 0).any():
-        live, node = np.unique(vectors.entry[vectors.entry >= 0], return_inverse=True)
-        entry_node = np.full(rows.count, -1, np.int64)
-        entry_node[vectors.entry >= 0] = node.reshape(-1)
-        first = _first_rows(entry_node, len(live))
-        same = (entry_node >= 0) & (first[entry_node] != idx)
-        edges.add(idx[same], first[entry_node[same]], EMBEDDING, cosine=np.ones(int(same.sum())))
-        strong = vectors.cosine >= threshold
-        a = first[np.searchsorted(live, vectors.pair_a[strong])]
-        b = first[np.searchsorted(live, vectors.pair_b[strong])]
-        edges.add(a, b, EMBEDDING, cosine=vectors.cosine[strong])
-    return edges
+    return labels[: rows.count]
 
 
 def _summary(rows, exact: ExactSignals, vectors: VectorUpdate, labels, max_distance) -> DedupSummary:
@@ -349,14 +308,14 @@ def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_d
 
 
 def _write_outputs(output, storage_options, rows, exact, vectors, labels, summary: DedupSummary) -> None:
-    out, order, starts, sizes, min_sha = _clusters(rows, labels)
+    out, order, starts, sizes, min_sha = cluster_table(rows, labels)
     summary.clusters = len(starts)
     summary.duplicates = rows.count - len(starts)
     summary.duplicate_rate = round(summary.duplicates / rows.count, 6) if rows.count else 0.0
     if rows.count:
         biggest = int(np.argmax(sizes))
         summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest].as_py()
-    _report_giants(summary, exact, rows, order, starts, sizes, min_sha)
+    report_giants(summary, rows, order, starts, sizes, min_sha)
     a, b, signal, distance, cosine = public_edges(rows, exact, vectors).arrays()
     summary.edges = {s: int((signal == s).sum()) for s in (SHA256, PHASH, EMBEDDING)}
     edge_table = conform(
@@ -379,105 +338,3 @@ def _write_outputs(output, storage_options, rows, exact, vectors, labels, summar
         json.dumps(asdict(summary), indent=1).encode(),
         storage_options=storage_options,
     )
-
-
-def _clusters(rows: CorpusRows, labels: np.ndarray) -> tuple:
-    """clusters.parquet rows, and the per-cluster order the giant check reuses."""
-    n = rows.count
-    lossless = pc.match_substring_regex(pc.utf8_lower(rows.uri), LOSSLESS).to_numpy(zero_copy_only=False)
-    keys = [rows.pixels, lossless.astype(np.int64), rows.size]
-    order = np.lexsort((np.arange(n), *[-k for k in keys][::-1], labels))
-    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]]) if n else np.zeros(0, int)
-    sizes = np.diff(np.r_[starts, n])
-    cluster_index = np.empty(n, np.int64)
-    cluster_index[order] = np.repeat(np.arange(len(starts)), sizes)
-    representative = np.zeros(n, bool)
-    representative[order[starts]] = True
-    min_sha = _cluster_ids(rows, order[starts], cluster_index, len(starts))
-    out = conform(
-        pa.table(
-            {
-                "uri": rows.uri,
-                "sha256": rows.sha256,
-                "phash": pa.array(rows.phash, pa.uint64(), mask=~rows.has_hash),
-                "cluster_id": min_sha.take(pa.array(cluster_index)),
-                "cluster_size": pa.array(sizes[cluster_index].astype(np.int64)),
-                "is_representative": pa.array(representative),
-            }
-        ),
-        CLUSTERS_SCHEMA,
-    )
-    return out, order, starts, sizes, min_sha
-
-
-def _cluster_ids(rows: CorpusRows, first_rows: np.ndarray, cluster_index: np.ndarray, count: int) -> pa.Array:
-    """Per cluster the smallest sha256 of its rows ("row:<uri>" of its representative when none
-    has one), as an Arrow array: ten million clusters stay ten million strings in one buffer."""
-    n = rows.count
-    rank = pc.rank(rows.sha256, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
-    rank[~rows.sha256.is_valid().to_numpy(zero_copy_only=False)] = n + 1  # after every digest
-    smallest = np.full(count, n + 1, np.int64)
-    np.minimum.at(smallest, cluster_index, rank)
-    holder = np.zeros(n + 2, np.int64)  # a row holding each rank
-    holder[rank] = np.arange(n)
-    has_sha = smallest <= n
-    row = np.where(has_sha, holder[np.minimum(smallest, n + 1)], first_rows)
-    sha = rows.sha256.take(pa.array(row))
-    fallback = pc.binary_join_element_wise("row:", rows.uri.take(pa.array(row)), "")
-    return pc.if_else(pa.array(has_sha), sha, fallback)
-
-
-def _hop_diameter(members: np.ndarray, phash: np.ndarray, max_distance: int) -> tuple[int, int]:
-    """Double-sweep BFS estimate of a cluster's diameter in hops, and the Hamming
-    distance between the two ends (how far chaining carried it)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import breadth_first_order
-
-    hashes = np.unique(phash[members])
-    a, b = near_pairs(hashes, max_distance, parallel=False)
-    m = len(hashes)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(m, m)).tocsr()
-
-    def farthest(start: int) -> tuple[int, int]:
-        order, pred = breadth_first_order(graph, start, directed=False, return_predecessors=True)
-        depth = np.zeros(m, np.int64)
-        for node in order[1:]:
-            depth[node] = depth[pred[node]] + 1
-        end = int(order[np.argmax(depth[order])])
-        return end, int(depth[end])
-
-    end1, _ = farthest(0)
-    end2, hops = farthest(end1)
-    return hops, int(np.bitwise_count(hashes[end1] ^ hashes[end2]))
-
-
-def _report_giants(summary, exact: ExactSignals, rows, order, starts, sizes, min_sha) -> None:
-    for c in np.flatnonzero(sizes >= GIANT_CLUSTER):
-        members = order[starts[c] : starts[c] + sizes[c]]
-        members = members[rows.has_hash[members]]
-        hops, spread = (
-            _hop_diameter(members, rows.phash, summary.max_distance) if len(members) > 1 else (0, 0)
-        )
-        summary.giant_clusters.append(
-            {
-                "cluster_id": min_sha[int(c)].as_py(),
-                "size": int(sizes[c]),
-                "diameter_hops": hops,
-                "spread_bits": spread,
-            }
-        )
-        if hops:
-            log.warning(
-                "giant cluster %s: %d images, phash diameter %d hops, ends %d bits apart (chaining?)",
-                min_sha[int(c)].as_py(),
-                sizes[c],
-                hops,
-                spread,
-            )
-        else:
-            log.warning(
-                "giant cluster %s: %d images joined by sha256 or embedding (one picture, or an embedding "
-                "threshold too low for this model?)",
-                min_sha[int(c)].as_py(),
-                sizes[c],
-            )

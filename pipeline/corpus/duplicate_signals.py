@@ -1,16 +1,15 @@
-"""The evidence that two images are the same picture, one signal at a time.
+"""The exact evidence that two images are the same picture: sha256 and phash.
 
 - sha256: the same bytes.
 - phash: Hamming distance <= R between hashes that carry detail. A hash is unreliable
   when its row says so (phash_degenerate: blank, or more than LOW_DETAIL_BITS fragile
   bits, pipeline/image/phash.py) or, for rows written before that count existed, when it lies
   within NEAR_BLANK_BITS of a blank image's hash. Unreliable hashes match nothing.
-- embedding: cosine similarity >= a threshold on the tagger's own pooled embedding
-  (pipeline/corpus/embedding_search.py), which survives crops, borders and colour edits that
-  move phash. The threshold is given, or chosen from the data (auto_threshold).
 
-Each signal gives edges (row a, row b, signal, phash distance or cosine); dedup, split
-and audit take the union.
+The third signal, the tagger's embedding, is approximate and lives in its own modules
+(pipeline/corpus/vector_index.py, dedup_vectors.py, embedding_threshold.py). dedup takes
+these as graph nodes (`exact_signals`, `exact_graph`); `Edges` lists row-level edges for
+edges.parquet and the benchmarks.
 """
 
 from __future__ import annotations
@@ -21,16 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.corpus.embedding_search import cosine_pairs_of_units, unit_rows
 from pipeline.corpus.hamming_search import near_pairs, pairs_touching
 from pipeline.image.phash import near_blank
 
 SHA256, PHASH, EMBEDDING = "sha256", "phash", "embedding"
-DEFAULT_TARGET_RATE = 1e-6  # auto threshold: false matches per random pair
-# float16 unit rows (as stored) give an identical pair a cosine of ~0.9998, not 1: no
-# threshold above this can be told apart from "identical", so none is used
-MAX_THRESHOLD = 0.999
-RANDOM_PAIRS = 2_000_000  # random pairs sampled to estimate that rate
 
 
 @dataclass
@@ -128,145 +121,6 @@ def phash_edges(phash: np.ndarray, usable: np.ndarray, max_distance: int, edges:
 
 
 @dataclass
-class ThresholdChoice:
-    """How the embedding threshold was chosen, for the summary and the report."""
-
-    threshold: float | None  # None: auto could not choose one (see reason); embedding edges are off
-    chosen_by: str  # "auto" or "given"
-    target_rate: float | None = None
-    positive_pairs: int = 0  # sha256/phash-confirmed pairs between rows with embeddings
-    positive_recall: float | None = None  # of those, the share at or above the threshold
-    negative_pairs: int = 0  # random pairs not joined by sha256/phash
-    negative_rate: float | None = None  # of those, the share at or above the threshold
-    reason: str = ""  # why auto chose none
-
-
-def auto_threshold(
-    unit: np.ndarray,
-    usable: np.ndarray,
-    positives: tuple[np.ndarray, np.ndarray],
-    same_group: np.ndarray,
-    target_rate: float = DEFAULT_TARGET_RATE,
-    seed: int = 0,
-) -> ThresholdChoice:
-    """The cosine at which random pairs would match at target_rate, from the data.
-
-    Negatives: random pairs of usable rows (all pairs when there are few) that sha256
-    and phash did not already join (same_group), so known copies do not count. Copies
-    nobody has found yet are among them too, and at 1e-6 they would set the bar (a
-    corpus with 5% copies has 0.05 / n of its pairs copies: 1.7e-5 at n = 3,000). So the
-    threshold is not read at 1e-6 directly: log10 of the negatives' survival is fitted,
-    as a line in the cosine, between survival 1e-2 and 1e-4 (or 10 pairs), where copies
-    are too rare to matter, and extrapolated to target_rate. Real similarity tails fall
-    faster than that line, so the estimate errs towards fewer false matches. Positives
-    (pairs sha256 and phash joined) do not choose it; they report its recall."""
-    negatives = _negative_cosines(unit, usable, same_group, seed)
-    choice = ThresholdChoice(None, "auto", target_rate, negative_pairs=int(len(negatives)))
-    if len(negatives) < 100:
-        choice.reason = f"{len(negatives)} random pairs, too few to estimate a false-match rate"
-        return choice
-    ranked = np.sort(negatives)[::-1]
-    levels = np.logspace(-2, np.log10(max(1e-4, 10 / len(ranked))), 12)
-    at = ranked[np.minimum((levels * len(ranked)).astype(np.int64), len(ranked) - 1)].astype(np.float64)
-    fitted = 1.0
-    if float(at[-1] - at[0]) >= 1e-6:
-        slope, intercept = np.polyfit(at, np.log10(levels), 1)
-        fitted = (np.log10(target_rate) - intercept) / slope if slope < 0 else 1.0
-    if fitted > MAX_THRESHOLD:
-        # the random pairs' own tail is near-identical: unfound copies are too common
-        # (over ~1e-4 of pairs) or the embedding does not separate images; a cosine read
-        # off such a tail would find nothing and look clean
-        near = int((negatives >= 0.99).sum())
-        choice.reason = (
-            f"random pairs are near-identical too often ({near} of {len(negatives)} at cosine >= 0.99): "
-            "give --embedding-threshold a cosine"
-        )
-        choice.negative_rate = float((negatives >= MAX_THRESHOLD).mean())
-        return choice
-    choice.threshold = float(fitted)
-    choice.negative_rate = float((negatives >= choice.threshold).mean())
-    return _with_recall(choice, unit, positives)
-
-
-def _negative_cosines(unit: np.ndarray, usable: np.ndarray, same_group: np.ndarray, seed: int) -> np.ndarray:
-    """Cosines of random pairs of usable rows not already joined (all such pairs when few)."""
-    rows = np.flatnonzero(usable)
-    m = len(rows)
-    if m < 2:
-        return np.zeros(0, np.float32)
-    if m * (m - 1) // 2 <= RANDOM_PAIRS:
-        a, b = np.triu_indices(m, 1)
-    else:
-        rng = np.random.default_rng(seed)
-        a, b = rng.integers(0, m, RANDOM_PAIRS), rng.integers(0, m, RANDOM_PAIRS)
-    a, b = rows[a], rows[b]
-    keep = (a != b) & (same_group[a] != same_group[b])
-    return _cosines(unit, a[keep], b[keep])
-
-
-def _with_recall(choice: ThresholdChoice, unit: np.ndarray, positives) -> ThresholdChoice:
-    sims = _cosines(unit, *positives)
-    choice.positive_pairs = int(len(sims))
-    choice.positive_recall = float((sims >= choice.threshold).mean()) if len(sims) else None
-    return choice
-
-
-def _cosines(unit: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 65_536) -> np.ndarray:
-    out = np.empty(len(a), np.float32)
-    for start in range(0, len(a), block):
-        x = unit[a[start : start + block]].astype(np.float32)
-        y = unit[b[start : start + block]].astype(np.float32)
-        out[start : start + block] = np.einsum("ij,ij->i", x, y)
-    return out
-
-
-def embedding_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows that have an embedding, their vectors [m, d] float16) from the table's column."""
-    array = column.combine_chunks()
-    valid = np.flatnonzero(array.is_valid().to_numpy(zero_copy_only=False))
-    if not len(valid):
-        return valid, np.zeros((0, 0), np.float16)
-    present = array.take(pa.array(valid))
-    width = present.type.list_size if pa.types.is_fixed_size_list(present.type) else len(present[0])
-    values = present.flatten().to_numpy(zero_copy_only=False)
-    return valid, values.reshape(len(valid), width).astype(np.float16, copy=False)
-
-
-def embedding_edges(
-    vectors: np.ndarray,
-    rows: np.ndarray,
-    threshold: float | str,
-    same_group: np.ndarray,
-    positives: tuple[np.ndarray, np.ndarray],
-    edges: Edges,
-    negatives_from: np.ndarray | None = None,
-) -> tuple[ThresholdChoice, dict]:
-    """Cosine edges between rows (the table rows of vectors' rows).
-
-    threshold: a cosine (at most MAX_THRESHOLD is used), or "auto" (auto_threshold;
-    its random pairs from negatives_from, default every usable row). same_group and
-    positives index vectors' rows. Returns the choice (threshold None: no edges) and
-    the search's facts, with the usable mask (zero or non-finite vectors are not)."""
-    unit, usable = unit_rows(vectors)
-    first, second = (np.asarray(p, np.int64) for p in positives)
-    ok = usable[first] & usable[second] if len(first) else np.zeros(0, bool)
-    positives = (first[ok], second[ok])
-    if threshold == "auto":
-        choice = auto_threshold(
-            unit, negatives_from if negatives_from is not None else usable, positives, same_group
-        )
-    else:
-        choice = _with_recall(ThresholdChoice(min(float(threshold), MAX_THRESHOLD), "given"), unit, positives)
-    facts = {"rows": int(len(rows)), "unusable": int((~usable).sum()), "usable": usable}
-    if choice.threshold is None:
-        return choice, {**facts, "method": "none", "partitions": 0, "pairs": 0}
-    found = cosine_pairs_of_units(unit, usable, choice.threshold)
-    edges.add(rows[found.a], rows[found.b], EMBEDDING, cosine=found.similarity)
-    facts.update(method=found.method, partitions=found.partitions, pairs=int(len(found.a)))
-    return choice, facts
-
-
-@dataclass
 class ExactSignals:
     """sha256 and phash over a corpus's rows, as graph nodes: per row its sha256 group and
     its distinct reliable hash (-1: none), and the pairs of distinct hashes within R."""
@@ -332,3 +186,26 @@ def exact_signals(
 def _present(hashes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     at = np.minimum(np.searchsorted(hashes, values), max(len(hashes) - 1, 0))
     return at, (hashes[at] == values) if len(hashes) else np.zeros(len(values), bool)
+
+
+def exact_graph(exact: ExactSignals) -> tuple[np.ndarray, np.ndarray, int]:
+    """The exact signals as a graph (a, b, nodes): rows 0..n-1, then sha256 groups, then
+    distinct hashes; a row joins its group and its hash, hashes within R join each other."""
+    n, g = len(exact.sha_group), exact.groups
+    idx = np.arange(n)
+    has_sha, has_hash = exact.sha_group >= 0, exact.hash_node >= 0
+    a = np.concatenate([idx[has_sha], idx[has_hash], n + g + exact.pair_a])
+    b = np.concatenate(
+        [n + exact.sha_group[has_sha], n + g + exact.hash_node[has_hash], n + g + exact.pair_b]
+    )
+    return a, b, n + g + len(exact.hashes)
+
+
+def known_copies(exact: ExactSignals) -> np.ndarray:
+    """Each row's component by sha256 and phash alone."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b, nodes = exact_graph(exact)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(nodes, nodes))
+    return connected_components(graph, directed=False)[1][: len(exact.sha_group)]

@@ -5,8 +5,8 @@ A threshold is judged by two numbers, each measured for what it is named:
 - **expected false edges**: over the (query, vector) pairs the search actually scores,
   how many unrelated pairs would reach the cosine. The budget is for the whole corpus,
   `budget_per_row` x rows (default 1 per 10,000 rows), not a per-pair rate: a per-pair
-  rate of 1e-6 over a million rows' comparisons is thousands of false edges. Below 10,000
-  rows the budget is one edge: a small corpus has too few pairs to show a stricter bar.
+  rate of 1e-6 over a million rows' comparisons is thousands of false edges. Below 1,000
+  rows the budget is 0.1 edge: a small corpus has too few pairs to show a stricter bar.
 - **recall** of known copies at the threshold: planted edits of the corpus's own images
   (crops, flips, borders... tagged at tag time: `TagTable.edit_calibration`), per edit
   kind, or else pairs that sha256 or phash already joined. This is the share of copies
@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 DEFAULT_BUDGET_PER_ROW = 1e-4  # expected false edges per row: 1 per 10,000 rows
-# and at least one in any corpus: a smaller corpus has too few pairs to show a stricter bar
-MIN_BUDGET_EDGES = 1.0
+# and 0.1 in a corpus under 1,000 rows: a stricter bar than that is more than a small
+# corpus's pairs can show
+MIN_BUDGET_EDGES = 0.1
 MAX_THRESHOLD = 0.999  # float16 unit rows give identical vectors ~0.9998: nothing above is meaningful
 SAMPLE_QUERIES = 2_000
 SAMPLE_NEIGHBOURS = 256  # candidates per sampled query: the tail of its compared pairs
@@ -126,7 +127,10 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     before it (and over 0.05). A jump landing lower is unrelated images crowding (a
     cluster of one subject), kept in. u is FIT_DECADES of survival above the deepest
     clean level, and at most a quarter of the sample's coverage, so that every sampled
-    query's kept candidates reach it."""
+    query's kept candidates reach it. A fitted shape below 0 (a bounded tail, lighter than
+    exponential) is replaced by the exponential: a few hundred exceedances cannot show a
+    bound, and a light tail assumed wrongly lets false edges through (a Gaussian's tail fits
+    at about -0.2 and then underestimates the pairs past 4 sigma forty-fold)."""
     from scipy.stats import genpareto
 
     ranked = np.sort(np.asarray(cosines, np.float64))[::-1]
@@ -144,6 +148,8 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     if len(excess) < MIN_EXCEEDANCES:
         return {}
     shape, _, scale = genpareto.fit(excess, floc=0)
+    if shape < 0:  # a bounded tail is never assumed: the exponential (shape 0) at the lightest
+        shape, scale = 0.0, float(excess.mean())
     return {
         "model": "generalised Pareto over u",
         "u": u,
@@ -201,7 +207,11 @@ def choose(
     decision = ThresholdDecision(None, "auto", budget_per_row=budget_per_row, pairs_compared=pairs_compared)
     decision.negatives_sampled = int(len(negatives))
     copies_from = float(np.quantile(positives, COPIES_QUANTILE)) if len(positives) else None
-    decision.tail = tail_fit(negatives, negatives_denominator, copies_from)
+    # known copies among the unrelated pairs' own cosines (an embedding that does not separate
+    # them) would cut the tail away: then it is fitted whole, and the recall below says why
+    decision.tail = tail_fit(negatives, negatives_denominator, copies_from) or tail_fit(
+        negatives, negatives_denominator
+    )
     if not decision.tail:
         decision.reason = (
             f"{len(negatives)} sampled pairs cannot show the unrelated pairs' tail; "
@@ -224,8 +234,13 @@ def choose(
                 f"{len(ranked)} {positive_kind}"
             )
     if edge >= MAX_THRESHOLD:
-        decision.reason = (
-            "unrelated pairs reach near-identical cosines: only near-identical vectors are joined"
+        decision.reason = "; ".join(
+            r
+            for r in (
+                "unrelated pairs reach near-identical cosines: only near-identical vectors are joined",
+                decision.reason,
+            )
+            if r
         )
     decision.threshold = float(min(chosen, MAX_THRESHOLD))
     return measured(decision, positives, positive_kind, edits)

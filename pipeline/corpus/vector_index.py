@@ -48,7 +48,7 @@ class IndexLayout:
     subquantizers: int = 0  # 4-bit PQ codes: subquantizers / 2 bytes a vector
     neighbours: int = NEIGHBOURS
     designed_for: int = 0  # vectors when trained; an index grown far past this is retrained
-    screen: tuple[float, float, float] = (1.0, 0.0, 0.0)  # exact ~ a * estimate + b, residual sd
+    screen: tuple[float, ...] = ()  # (a, b, sd): exact ~ a * estimate + b; () keeps every candidate
 
     def record(self) -> dict:
         return {**self.__dict__, "screen": list(self.screen)}
@@ -158,16 +158,18 @@ def search(
     vectors_of: Callable[[np.ndarray], np.ndarray],
     floor: float,
     live: Callable[[np.ndarray], np.ndarray] | None = None,
+    queries_of: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Neighbours:
     """Each query's nearest neighbours (not itself, only `live` ones) with exact cosine >= floor.
 
-    query_ids: indexed ids, searched a block at a time; vectors_of(ids): the unit float16
-    vectors of any indexed ids (the queries', and the candidates' for exact re-ranking)."""
+    query_ids: ids searched a block at a time; vectors_of(ids): the unit float16 vectors of
+    any indexed ids (the candidates', for the exact re-ranking, and the queries' unless
+    queries_of gives them: queries that are not in the index, under ids apart from its own)."""
     parts: tuple[list, list, list] = ([], [], [])
     reranked = 0
     for start in range(0, len(query_ids), QUERY_BLOCK):
         q_ids = np.asarray(query_ids[start : start + QUERY_BLOCK], np.int64)
-        q = np.ascontiguousarray(vectors_of(q_ids), np.float32)
+        q = np.ascontiguousarray((queries_of or vectors_of)(q_ids), np.float32)
         a, b, estimate = _candidates(index, layout, q_ids, q)
         keep = b != a
         if live is not None:
@@ -198,6 +200,8 @@ def _candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray):
 
 
 def _may_reach(layout: IndexLayout, estimate: np.ndarray, floor: float) -> np.ndarray:
+    if not layout.screen:
+        return np.ones(len(estimate), bool)
     slope, intercept, spread = layout.screen
     return slope * estimate + intercept >= floor - max(4 * spread, SCREEN_MARGIN)
 
@@ -228,7 +232,7 @@ def calibrate_screen(index, layout: IndexLayout, sample_ids, vectors_of) -> Inde
     if layout.kind == "flat" or not len(sample_ids):
         return layout
     q = np.ascontiguousarray(vectors_of(sample_ids), np.float32)
-    a, b, estimate = _candidates(index, replace(layout, screen=(1.0, 0.0, 0.0)), sample_ids, q)
+    a, b, estimate = _candidates(index, replace(layout, screen=()), sample_ids, q)
     exact = _exact(q, np.asarray(sample_ids, np.int64), a, b, vectors_of)
     slope, intercept = np.polyfit(estimate.astype(np.float64), exact.astype(np.float64), 1)
     spread = float(np.std(exact - (slope * estimate + intercept)))
