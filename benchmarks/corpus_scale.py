@@ -1,0 +1,276 @@
+"""Dedup, split and audit at corpus scale: wall time, peak memory and planted truth.
+
+    python benchmarks/corpus_scale.py dedup --rows 1000000 --kind random
+    python benchmarks/corpus_scale.py dedup --rows 1000000 --kind clustered
+    python benchmarks/corpus_scale.py nightly --rows 1000000 [--kind random]
+    python benchmarks/corpus_scale.py identical --rows 30000 --identical 20000
+    python benchmarks/corpus_scale.py audit --rows 1000000
+
+Tables are written through the project's table API (pipeline/demo/planted_table.py):
+1152-d float16 unit embeddings, 1% planted near-copies at cosine 0.95-0.99, half of them
+sharing their source's phash to 3 bits (the other half findable only by the embedding);
+`identical` adds rows that all carry one vector (blank images). A table is made once per
+(rows, kind) under --workdir and reused. Every measured step runs in its own process, so
+its peak RSS (ru_maxrss, read by wait4) is its own; the parent only orchestrates.
+
+Reported against the planted truth:
+  planted recall       planted pairs whose rows ended in one cluster / planted pairs
+  embedding-only       the same, for the half phash cannot find
+  search found         planted pairs returned by the embedding search as an edge
+  false merges         clusters holding rows of two or more planted families
+                       (a family: a row with its planted copies, or the identical rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import cpu_name  # noqa: E402
+
+
+def _child(*args: str) -> dict:
+    """Run this script's hidden step in a fresh process; its JSON, wall time and peak RSS."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--step", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    out, err = process.stdout.read().decode(), process.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"step {args} failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result["peak_mib"] = round(usage.ru_maxrss / 1024)
+    return result
+
+
+# ---- steps (each in its own process) --------------------------------------------------
+def step_make(table: str, rows: int, kind: str, identical: int) -> dict:
+    from pipeline.demo.planted_table import PlantedSpec, write_planted_table
+
+    truth = write_planted_table(table, PlantedSpec(rows=rows, kind=kind, identical=identical))
+    _save_truth(table, truth)
+    return {"rows": rows, "planted": len(truth.source)}
+
+
+def _save_truth(table: str, truth) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(truth.table(), f"{table}.truth.parquet")
+    Path(f"{table}.identical.json").write_text(json.dumps(truth.identical))
+
+
+def _load_truth(table: str):
+    import pyarrow.parquet as pq
+
+    from pipeline.demo.planted_table import Truth
+
+    t = pq.read_table(f"{table}.truth.parquet")
+    return Truth(
+        source=t.column("source").to_pylist(),
+        copy=t.column("copy").to_pylist(),
+        cosine=t.column("cosine").to_pylist(),
+        phash_findable=t.column("phash_findable").to_pylist(),
+        identical=json.loads(Path(f"{table}.identical.json").read_text()),
+    )
+
+
+def step_dedup(table: str, output: str, full: str) -> dict:
+    from pipeline.corpus.dedup import run_dedup
+
+    summary = run_dedup(table, output, full=full == "full")
+    return {
+        "seconds": summary.seconds,
+        "threshold": summary.embedding.get("threshold"),
+        "budget_threshold": summary.embedding.get("budget_threshold"),
+        "expected_false_edges": summary.embedding.get("expected_false_edges"),
+        "search_recall": summary.embedding.get("search_recall"),
+        "index": {k: v for k, v in summary.index.items()},
+        "clusters": summary.clusters,
+        "edges": summary.edges,
+    }
+
+
+def step_increment(table: str, added: int, changed: int, deleted: int, kind: str, rows: int) -> dict:
+    from pipeline.demo.planted_table import Increment, PlantedSpec, apply_increment
+
+    truth = _load_truth(table)
+    spec = PlantedSpec(rows=rows, kind=kind)
+    done = apply_increment(table, spec, Increment(added=added, changed=changed, deleted=deleted), truth)
+    _save_truth(table, truth)
+    return done
+
+
+def step_score(table: str, output: str) -> dict:
+    """The dedup output against the planted truth."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    truth = _load_truth(table)
+    clusters = pq.read_table(f"{output}/clusters.parquet", columns=["uri", "cluster_id"])
+    uris = clusters.column("uri")
+    label = pc.dictionary_encode(clusters.column("cluster_id")).combine_chunks().indices.to_numpy()
+
+    def rows_of(names):
+        return pc.index_in(pa_strings(names), uris).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    source, copy = rows_of(truth.source), rows_of(truth.copy)
+    together = label[source] == label[copy]
+    embedding_only = ~np.asarray(truth.phash_findable, bool)
+    edges = pq.read_table(f"{output}/edges.parquet", columns=["uri_a", "uri_b", "signal"])
+    emb = edges.filter(pc.equal(edges.column("signal"), "embedding"))
+    a, b = rows_of(emb.column("uri_a").to_pylist()), rows_of(emb.column("uri_b").to_pylist())
+    width = len(uris) + 1
+    direct = np.isin(
+        np.minimum(source, copy) * width + np.maximum(source, copy), np.minimum(a, b) * width + np.maximum(a, b)
+    )
+    return {
+        "planted": int(len(source)),
+        "planted_recall": round(float(together.mean()), 5),
+        "embedding_only_recall": round(float(together[embedding_only].mean()), 5),
+        "search_found": round(float(direct[embedding_only].mean()), 5),
+        "false_merges": _false_merges(label, source, copy, rows_of(truth.identical)),
+    }
+
+
+def pa_strings(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
+def _false_merges(label, source, copy, identical) -> int:
+    """Clusters holding rows of two or more planted families."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(label)
+    a = np.r_[source, identical[1:]] if len(identical) else source
+    b = np.r_[copy, np.full(max(len(identical) - 1, 0), identical[0] if len(identical) else 0)]
+    family = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
+    pairs = np.unique(np.stack([label, family], axis=1), axis=0)
+    per_cluster = np.bincount(pairs[:, 0])
+    return int((per_cluster > 1).sum())
+
+
+# ---- commands ----------------------------------------------------------------------------
+def _table(args) -> str:
+    name = f"planted-{args.kind}-{args.rows}" + (f"-identical{args.identical}" if args.identical else "")
+    table = str(Path(args.workdir) / name)
+    if not Path(table, "_current.json").exists():
+        shutil.rmtree(table, ignore_errors=True)
+        made = _child("make", table, str(args.rows), args.kind, str(args.identical))
+        print(f"made {table}: {made['wall_seconds']} s, {made['planted']} planted pairs", flush=True)
+    return table
+
+
+def _print_dedup(name: str, r: dict, score: dict) -> None:
+    idx = r["index"]
+    print(
+        f"{name}: {r['wall_seconds']} s wall, peak {r['peak_mib']} MiB; threshold {r['threshold']:.4f} "
+        f"(budget edge {r['budget_threshold']}); planted recall {score['planted_recall']}, embedding-only "
+        f"{score['embedding_only_recall']}, search found {score['search_found']}, false merges "
+        f"{score['false_merges']}; {idx['mode']}: {idx.get('rows_read')} embeddings read, "
+        f"{idx.get('entries_searched')} of {idx.get('entries')} vectors searched; timings {idx.get('timings')}",
+        flush=True,
+    )
+    print(f"  search recall (sampled): {r['search_recall']}; index facts: {json.dumps(idx)}", flush=True)
+
+
+def command_dedup(args) -> None:
+    table = _table(args)
+    output = str(Path(args.workdir) / f"dedup-{Path(table).name}")
+    shutil.rmtree(output, ignore_errors=True)
+    r = _child("dedup", table, output, "full")
+    _print_dedup(f"dedup {args.rows} {args.kind}", r, _child("score", table, output))
+
+
+def command_identical(args) -> None:
+    import pyarrow.parquet as pq
+
+    table = _table(args)
+    output = str(Path(args.workdir) / f"dedup-{Path(table).name}")
+    shutil.rmtree(output, ignore_errors=True)
+    r = _child("dedup", table, output, "full")
+    _print_dedup(f"identical {args.identical} among {args.rows + args.identical}", r, _child("score", table, output))
+    edges = pq.read_metadata(f"{output}/edges.parquet").num_rows
+    print(f"  edges {edges} for {args.rows + args.identical} rows ({edges / (args.rows + args.identical):.3f} a row)")
+
+
+def command_nightly(args) -> None:
+    table = _table(args)
+    work = Path(args.workdir) / f"nightly-{Path(table).name}"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(table, work / "tags")
+    for suffix in (".truth.parquet", ".identical.json"):
+        shutil.copy(f"{table}{suffix}", f"{work / 'tags'}{suffix}")
+    tags = str(work / "tags")
+    full = _child("dedup", tags, str(work / "dedup"), "full")
+    _print_dedup("full build", full, _child("score", tags, str(work / "dedup")))
+    change = max(1, args.rows // 100)
+    done = _child("increment", tags, str(change // 2), str(change // 4), str(change // 4), args.kind, str(args.rows))
+    print(f"nightly change: {done}", flush=True)
+    nightly = _child("dedup", tags, str(work / "dedup"), "incremental")
+    _print_dedup("nightly (incremental)", nightly, _child("score", tags, str(work / "dedup")))
+    rebuilt = _child("dedup", tags, str(work / "rebuilt"), "full")
+    _print_dedup("rebuild after it (--full)", rebuilt, _child("score", tags, str(work / "rebuilt")))
+    same = _child("compare", str(work / "dedup"), str(work / "rebuilt"))
+    ratio = nightly["wall_seconds"] / rebuilt["wall_seconds"]
+    print(f"nightly / rebuild wall: {ratio:.3f}; clusters equal: {same}", flush=True)
+
+
+def step_compare(a: str, b: str) -> dict:
+    import pyarrow.parquet as pq
+
+    def partition(folder):
+        t = pq.read_table(f"{folder}/clusters.parquet", columns=["uri", "cluster_id"])
+        groups: dict = {}
+        for uri, cluster in zip(t.column("uri").to_pylist(), t.column("cluster_id").to_pylist()):
+            groups.setdefault(cluster, []).append(uri)
+        return {frozenset(g) for g in groups.values()}
+
+    left, right = partition(a), partition(b)
+    return {"equal": left == right, "clusters_differing": len(left ^ right)}
+
+
+STEPS = {
+    "make": lambda a: step_make(a[0], int(a[1]), a[2], int(a[3])),
+    "dedup": lambda a: step_dedup(*a),
+    "score": lambda a: step_score(*a),
+    "increment": lambda a: step_increment(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], int(a[5])),
+    "compare": lambda a: step_compare(*a),
+}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--step":
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(STEPS[sys.argv[2]](sys.argv[3:]), default=str))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["dedup", "nightly", "identical"])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--kind", default="random", choices=["random", "clustered"])
+    parser.add_argument("--identical", type=int, default=0)
+    parser.add_argument("--workdir", default="/tmp/tagpipe-scale")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores", flush=True)
+    {"dedup": command_dedup, "nightly": command_nightly, "identical": command_identical}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
