@@ -32,6 +32,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
+from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
@@ -218,7 +219,8 @@ def _rewrite(run: ModelRun) -> list:
 
 def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> None:
     """Commit the model's new version (when its plan, or the label check, changes
-    anything), then its run manifest."""
+    anything), calibrate its inference key's edits if not yet done, then write its run
+    manifest."""
     summary, plan, base = run.summary, run.plan, run.base
     run_timings = dict(timings)
     rewritten = [r.file for r in run.rewritten if r.file]
@@ -248,6 +250,9 @@ def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> No
         if not plan.commits:  # nothing to tag or drop: the source tags' check changed the version
             summary.change = "source tags changed"
         run_timings["commit_seconds"] = _lap(t)
+        summary.edit_calibration = calibrate_edits(run, snapshot)  # never raises
+        if summary.edit_calibration:
+            run_timings["edit_calibration_seconds"] = summary.edit_calibration["seconds"]
     else:
         summary.rows = base.rows if base else 0
     summary.timings = run_timings
