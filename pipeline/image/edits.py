@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 from pipeline.image.imaging import has_alpha, to_8bit
 
 EDIT_SEED = 0  # the crops' offsets; changing it changes every table's calibration
-PNG_LEVEL = 1  # lossless either way: the fastest zlib level, the same pixels
+PNG_LEVEL = 0  # lossless either way: stored, not compressed (the bytes never leave the task)
 TEXT_BAND = "tagpipe calibration copy"
 EDITABLE_MODES = ("RGB", "RGBA", "L", "LA")
 
