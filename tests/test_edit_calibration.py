@@ -9,6 +9,7 @@ import hashlib
 import io
 import logging
 import shutil
+from datetime import datetime
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -310,6 +311,9 @@ def test_several_models_each_calibrate_and_one_without_embedding_is_skipped(
     calibration = table.edit_calibration(table.snapshot())
     assert calibration is not None and calibration.num_rows == 2 * 12 and first.edit_calibration["rows"] == 24
     assert second.edit_calibration == {} and _calibration_files(tmp_path / "out" / "plain") == []
+    # the second table committed before the first's calibration ended: it did not wait on it
+    committed = datetime.fromisoformat(TagTable(second.output).snapshot().committed_at).timestamp()
+    assert committed < _calibration_files(tmp_path / "out" / "tagpipe-demo-tagger")[0].stat().st_mtime
     assert any("plain has no embedding output" in r.getMessage() for r in caplog.records)
 
 

@@ -62,15 +62,11 @@ class CalibrationWork:
 def calibrate_edits(run: ModelRun, snapshot: Snapshot) -> dict:
     """After `snapshot` was committed: calibrate its inference key if no file has it yet.
     Returns what ran, for the run summary ({} when nothing ran); never raises."""
-    size = run.cfg.edit_calibration_images
-    if not size or run.table.has_edit_calibration(snapshot.inference_key):
-        return {}
-    if not run.bundle.has_embedding_output:
-        log.info("edit calibration skipped: model %s has no embedding output", run.bundle.name)
+    if not run.cfg.edit_calibration_images:
         return {}
     started = time.monotonic()
     try:
-        record = _calibrate(run, snapshot, size)
+        record = _calibrate(run, snapshot)
     except Exception as exc:
         log.warning(
             "edit calibration failed, version %d committed without it: %s", snapshot.version, _line(exc)
@@ -79,8 +75,13 @@ def calibrate_edits(run: ModelRun, snapshot: Snapshot) -> dict:
     return record | {"seconds": round(time.monotonic() - started, 3)} if record else {}
 
 
-def _calibrate(run: ModelRun, snapshot: Snapshot, size: int) -> dict:
-    uris = sample_uris(run.table, snapshot.files, size)
+def _calibrate(run: ModelRun, snapshot: Snapshot) -> dict:
+    if run.table.has_edit_calibration(snapshot.inference_key):
+        return {}
+    if not run.bundle.has_embedding_output:
+        log.info("edit calibration skipped: model %s has no embedding output", run.bundle.name)
+        return {}
+    uris = sample_uris(run.table, snapshot.files, run.cfg.edit_calibration_images)
     if not uris:
         log.info("edit calibration skipped: no decoded image in version %d", snapshot.version)
         return {}

@@ -44,9 +44,8 @@ class RunSummary:
     planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
     label_check: dict = field(default_factory=dict)  # --source-tags: the check's counts
-    edit_calibration: dict = field(
-        default_factory=dict
-    )  # images, edits, rows, failed, file, seconds (or error)
+    # edit calibration, when it ran: images, edits, rows, failed, file, seconds (or error, seconds)
+    edit_calibration: dict = field(default_factory=dict)
 
     def counts(self) -> dict:
         names = (
