@@ -14,6 +14,7 @@ from pipeline.core.schemas import (
     CLUSTERS_SCHEMA,
     DECODED_COLUMNS,
     EDGES_SCHEMA,
+    EDIT_CALIBRATION_SCHEMA,
     LEAKS_SCHEMA,
     SPLITS_SCHEMA,
     conform,
@@ -66,12 +67,13 @@ def _check(marker: str, schema: pa.Schema) -> None:
     "marker,schema",
     [
         ("| uri | string | the input |", part_schema(tag_row_schema(CATEGORIES, 8))),
+        ("`_calibration/<inference_key>.parquet` (tag, one row", EDIT_CALIBRATION_SCHEMA),
         ("`clusters.parquet` (dedup, one row per image)", CLUSTERS_SCHEMA),
         ("`edges.parquet` (dedup, one row per duplicate pair)", EDGES_SCHEMA),
         ("`splits.parquet` (split, one row per image)", SPLITS_SCHEMA),
         ("`leaks.parquet` (audit,", LEAKS_SCHEMA),
     ],
-    ids=["tag row", "clusters", "edges", "splits", "leaks"],
+    ids=["tag row", "edit calibration", "clusters", "edges", "splits", "leaks"],
 )
 def test_readme_tables_match_the_schemas(marker, schema):
     if marker.startswith("| uri |"):  # the tag row table has no marker line of its own

@@ -4,6 +4,7 @@
 - the decoded batch (decode tasks -> tagger actors), DECODED_COLUMNS and decoded_batch;
 - the tag row and a written part (tagger -> parts), tag_row_schema and part_schema;
 - clusters and edges (dedup), splits (split), leaks (audit);
+- a tag table's edit calibration (tag time -> dedup's threshold), EDIT_CALIBRATION_SCHEMA;
 - the label-check columns a part gains when source (human) tags are compared, LABEL_FIELDS.
 
 Each stage builds or casts its output to its schema at its edge (`conform`), so a batch
@@ -72,6 +73,26 @@ def decoded_batch(n: int, sizes: Sequence[tuple[int, int]], suffixed: bool = Fal
             else:
                 batch[column] = np.zeros(n, dtype)
     return batch
+
+
+# A tag table's edit calibration, _calibration/<inference_key>.parquet: one row per sampled
+# image and standard edit (pipeline/image/edits.py), written once per inference key at tag time
+# (pipeline/job/edit_calibration.py); its key-value metadata: EDIT_CALIBRATION_METADATA.
+EDIT_CALIBRATION_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),  # the original image
+        pa.field("edit", pa.string(), nullable=False),  # the edit's name (STANDARD_EDITS)
+        ("cosine", pa.float32()),  # edited copy's embedding . original's; null when either failed
+        ("error", pa.string()),  # null when fine
+    ]
+)
+EDIT_CALIBRATION_METADATA = (  # keys of the file's metadata, values as UTF-8 text
+    b"tagpipe.model_name",
+    b"tagpipe.model_sha256",
+    b"tagpipe.inference_key",
+    b"tagpipe.sample_size",  # originals sampled (rows = sample_size x len(edits))
+    b"tagpipe.edits",  # the edits' names, comma-separated, in row order
+)
 
 
 # dedup: clusters.parquet, one row per image, and edges.parquet, one row per duplicate pair.

@@ -173,14 +173,17 @@ class DecodeStage:
                 raise DecodeTimeout(self.timeout) from None
             raise
 
-    def _read(self, uri: str) -> tuple[bytes | None, tuple[str, str] | None]:
+    def read(self, uri: str) -> tuple[bytes | None, tuple[str, str] | None]:
         """The file's bytes, or (error kind, message): a read that failed for good is a row."""
         try:
             data = read_bytes(uri, self.storage_options, max_bytes=self.max_file_bytes + 1)
         except Exception as exc:
             kind = ErrorKind.NOT_FOUND if isinstance(exc, FileNotFoundError) else ErrorKind.READ_ERROR
             return None, (kind, f"{type(exc).__name__}: {exc}"[:500])
-        if len(data) > self.max_file_bytes:  # only the first max_file_bytes + 1 were read
+        return self._within_limit(data)
+
+    def _within_limit(self, data: bytes) -> tuple[bytes | None, tuple[str, str] | None]:
+        if len(data) > self.max_file_bytes:  # from a store, only the first max_file_bytes + 1 were read
             limit = f"the {self.max_file_bytes}-byte limit (max_file_bytes)"
             return None, (ErrorKind.TOO_LARGE, f"file is larger than {limit}")
         return data, None
@@ -190,10 +193,23 @@ class DecodeStage:
         preprocessing, the rows to decode for it (None: all); a row no model of that
         preprocessing needs keeps its empty columns."""
         uris = [str(u) for u in batch["uri"]]
+        return self._decoded(batch, uris, lambda i: self.read(uris[i]), needed)
+
+    def decode_bytes(self, uris: Sequence[str], contents: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """Files already in memory, named by `uris` (tag-time calibration's edited copies,
+        pipeline/job/edit_calibration.py): the same size limit, decode, limits and columns
+        as files read from a store, so a copy is decoded exactly as the corpus was."""
+        names = [str(u) for u in uris]
+        return self._decoded(
+            {"uri": np.asarray(names, object)}, names, lambda i: self._within_limit(contents[i])
+        )
+
+    def _decoded(self, batch, uris: list[str], read, needed: list[np.ndarray] | None = None):
+        """Each row's bytes from read(i), decoded per preprocessing into the declared columns."""
         sizes = [(pre.height, pre.width) for pre in self.preprocesses]
         out = decoded_batch(len(uris), sizes, self.suffixed)  # the declared columns
-        for i, uri in enumerate(uris):
-            data, failure = self._read(uri)
+        for i in range(len(uris)):
+            data, failure = read(i)
             for g in range(len(self.preprocesses)):
                 if failure is not None:
                     self._column(out, "error_kind", g)[i], self._column(out, "error", g)[i] = failure

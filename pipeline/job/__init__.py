@@ -3,6 +3,7 @@
 settings: the typed settings of the tag and nightly jobs. incremental: what to tag, reuse,
 drop and rewrite against the table's current version. graph: the Ray Data graph (decode
 tasks, tagger actor pool) and where resources go. tagger: the stage that runs the model.
-tag_job: plan, execute, commit. rethreshold: new rules over stored logits. nightly: tag,
+tag_job: plan, execute, commit. edit_calibration: after a new inference key's first commit,
+how far the embedding moves under standard edits. rethreshold: new rules over stored logits. nightly: tag,
 dedup, split and audit in one run.
 """

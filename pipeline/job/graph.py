@@ -87,6 +87,16 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     )
 
 
+def decode_options(cfg: TagJobConfig) -> DecodeOptions:
+    """How the run decodes each image (the decode tasks, and tag-time edit calibration)."""
+    return DecodeOptions(
+        exact=cfg.exact_decode,
+        max_pixels=cfg.max_pixels,
+        draft_ratio=cfg.draft_ratio,
+        max_memory=cfg.max_decode_memory,
+    )
+
+
 NOT_NEEDED = -1  # a row's shard for a model whose table does not need it (null would
 # become a float NaN in a numpy batch)
 
@@ -258,12 +268,7 @@ def _decoded_dataset(
         decode_batch,  # type: ignore[arg-type]
         fn_kwargs=dict(
             preprocess=preprocess,
-            options=DecodeOptions(
-                exact=cfg.exact_decode,
-                max_pixels=cfg.max_pixels,
-                draft_ratio=cfg.draft_ratio,
-                max_memory=cfg.max_decode_memory,
-            ),
+            options=decode_options(cfg),
             storage_options=cfg.storage_options,
             timeout=cfg.decode_timeout,
             max_file_bytes=cfg.max_file_bytes,

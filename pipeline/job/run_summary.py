@@ -44,6 +44,8 @@ class RunSummary:
     planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
     label_check: dict = field(default_factory=dict)  # --source-tags: the check's counts
+    # edit calibration, when it ran: images, edits, rows, failed, file, seconds (or error, seconds)
+    edit_calibration: dict = field(default_factory=dict)
 
     def counts(self) -> dict:
         names = (
@@ -103,9 +105,19 @@ class RunSummary:
             f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
             f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
-            f"{self.images_per_second:.1f} img/s;{self._label_text()} version {self.version} "
+            f"{self.images_per_second:.1f} img/s;{self._label_text()}{self._calibration_text()} "
+            f"version {self.version} "
             f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
         )
+
+    def _calibration_text(self) -> str:
+        """Only when calibration ran (the first version of an inference key)."""
+        c = self.edit_calibration
+        if not c:
+            return ""
+        if "error" in c:
+            return f" edit calibration failed after {c['seconds']:.1f} s (see the warning);"
+        return f" edit calibration: {c['images']} images x {c['edits']} edits, {c['seconds']:.1f} s;"
 
     def _label_text(self) -> str:
         c = self.label_check

@@ -236,6 +236,18 @@ class TagJobConfig(SettingsModel):
         ),
         Setting(NONE),
     ] = 600.0
+    edit_calibration_images: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="images sampled (the same ones every run) when the first version of an inference "
+            "key is committed: each gets 12 standard edits (crops, flip, half size, JPEG q30, border, text "
+            "band, greyscale, brightness, 5-degree turn), tagged with the run's decode and model; each "
+            "copy's embedding cosine to its original goes to `OUTPUT/_calibration/<inference key>.parquet`, "
+            "for dedup's threshold; 0: off",
+        ),
+        Setting(NONE),
+    ] = 200
     list_sidecars: Annotated[
         bool,
         Field(

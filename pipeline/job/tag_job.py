@@ -32,6 +32,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
+from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
@@ -44,7 +45,7 @@ from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import Postprocessor
 from pipeline.storage.manifest import ListingRules, build_manifest, listing_path, lists_without_ray
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
-from pipeline.table.tag_table import TagTable, commit_version, now_iso, table_entries
+from pipeline.table.tag_table import Snapshot, TagTable, commit_version, now_iso, table_entries
 
 log = logging.getLogger(__name__)
 SAFE_FOLDER_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a model's table folder under OUTPUT
@@ -125,13 +126,22 @@ def _settle(runs: list[ModelRun]) -> None:
 
 def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, started: float, source) -> None:
     """Each table's commit, on its own: a table that fails to commit does not stop the
-    others'; the failures are raised together after, naming each table."""
-    failures = []
+    others'; the failures are raised together after, naming each table. Edit calibration
+    and the run manifests come after every commit, so no table's commit waits on another
+    model's calibration."""
+    failures, committed = [], []
     for index, run in enumerate(runs):
         try:
             run_timings = dict(timings)  # each table's own first_rows_seconds
             _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, run_timings)
-            _commit(run, listing, run_timings, started, source)
+            committed.append((run, _commit(run, run_timings, source)))
+        except Exception as exc:
+            if len(runs) == 1:
+                raise
+            failures.append(f"{run.table.uri}: {exc}")
+    for run, snapshot in committed:
+        try:
+            _finish(run, snapshot, listing, started)
         except Exception as exc:
             if len(runs) == 1:
                 raise
@@ -216,10 +226,11 @@ def _rewrite(run: ModelRun) -> list:
     )
 
 
-def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> None:
-    """Commit the model's new version (when its plan, or the label check, changes
-    anything), then its run manifest."""
+def _commit(run: ModelRun, timings: dict, source) -> Snapshot | None:
+    """Commit the model's new version when its plan, or the label check, changes
+    anything; the snapshot committed, or None."""
     summary, plan, base = run.summary, run.plan, run.base
+    snapshot: Snapshot | None = None
     run_timings = dict(timings)
     rewritten = [r.file for r in run.rewritten if r.file]
     files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
@@ -251,6 +262,17 @@ def _commit(run: ModelRun, listing, timings: dict, started: float, source) -> No
     else:
         summary.rows = base.rows if base else 0
     summary.timings = run_timings
+    return snapshot
+
+
+def _finish(run: ModelRun, snapshot: Snapshot | None, listing, started: float) -> None:
+    """After the commit: a new inference key's edit calibration (never raises), then the
+    run manifest."""
+    summary = run.summary
+    if snapshot is not None:
+        summary.edit_calibration = calibrate_edits(run, snapshot)
+        if summary.edit_calibration:
+            summary.timings["edit_calibration_seconds"] = summary.edit_calibration["seconds"]
     summary.seconds = round(time.monotonic() - started, 3)
     record = _run_record(run.cfg, run.bundle, run.keys, listing, run.manifest_path, summary)
     run.table.write_run_manifest(run.run_id, record)

@@ -6,6 +6,8 @@ A tag output directory holds
     _versions/<N>.json          snapshot N: the parts that make the table at version N
     _current.json               a copy of the newest snapshot, replaced atomically: the commit point
     _runs/, _manifests/         run manifests and input listings
+    _calibration/<inference key>.parquet  how far the embedding moves under standard edits,
+                                written once per inference key at tag time (never vacuumed)
 
 A run writes new parts first (they are invisible: no snapshot names them) and then
 commits once, by writing `_versions/<N+1>.json` and replacing `_current.json`. A run
@@ -53,6 +55,7 @@ VERSIONS_DIR = "_versions"
 CURRENT = "_current.json"
 RUNS_DIR = "_runs"
 MANIFESTS_DIR = "_manifests"
+CALIBRATION_DIR = "_calibration"  # edit calibration, one file per inference key
 TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: .tagpipe.tmp-<uuid> beside their target
 # A file that is deliberately not Parquet, beside the parts: a plain read of the folder
 # (pandas, pyarrow.dataset, polars, DuckDB globs), which would mix every version's
@@ -103,7 +106,8 @@ def table_entries(uri: str) -> tuple[str, ...]:
     table leaves these out (and only these: an input may sit beside them)."""
     root = uri.rstrip("/")
     return tuple(
-        f"{root}/{name}" for name in (DATA_DIR, VERSIONS_DIR, RUNS_DIR, MANIFESTS_DIR, CURRENT, GUARD_FILE)
+        f"{root}/{name}"
+        for name in (DATA_DIR, VERSIONS_DIR, RUNS_DIR, MANIFESTS_DIR, CALIBRATION_DIR, CURRENT, GUARD_FILE)
     )
 
 
@@ -113,6 +117,11 @@ class CommitConflict(TagpipeError):
 
 def version_record(version: int) -> str:
     return posixpath.join(VERSIONS_DIR, f"{version:012d}.json")
+
+
+def calibration_record(inference_key: str) -> str:
+    """The edit calibration of every version with this inference key, relative to the root."""
+    return posixpath.join(CALIBRATION_DIR, f"{inference_key}.parquet")
 
 
 class TagTable:
@@ -385,6 +394,25 @@ class TagTable:
             "tmp_deleted": len(stale_tmp),
             "dry_run": dry_run,
         }
+
+    # ---- edit calibration -----------------------------------------------------------
+    def edit_calibration(self, snapshot: Snapshot) -> pa.Table | None:
+        """The edit calibration for the snapshot's inference key (EDIT_CALIBRATION_SCHEMA,
+        pipeline/core/schemas.py, with its metadata), or None when none was written."""
+        path = self.join(calibration_record(snapshot.inference_key))
+        try:
+            return retry(lambda: self._read_part(path, None), what=path)
+        except FileNotFoundError:
+            return None
+
+    def has_edit_calibration(self, inference_key: str) -> bool:
+        return self.exists(calibration_record(inference_key))
+
+    def write_edit_calibration(self, inference_key: str, table: pa.Table) -> str:
+        """Write (atomically, replacing any) the calibration file of an inference key."""
+        relative = calibration_record(inference_key)
+        write_atomic(self.full_uri(relative), table=table, storage_options=self.storage_options)
+        return relative
 
     # ---- run records -------------------------------------------------------------
     def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
