@@ -132,7 +132,8 @@ def step_score(table: str, output: str) -> dict:
     a, b = rows_of(emb.column("uri_a").to_pylist()), rows_of(emb.column("uri_b").to_pylist())
     width = len(uris) + 1
     direct = np.isin(
-        np.minimum(source, copy) * width + np.maximum(source, copy), np.minimum(a, b) * width + np.maximum(a, b)
+        np.minimum(source, copy) * width + np.maximum(source, copy),
+        np.minimum(a, b) * width + np.maximum(a, b),
     )
     return {
         "planted": int(len(source)),
@@ -203,9 +204,13 @@ def command_identical(args) -> None:
     output = str(Path(args.workdir) / f"dedup-{Path(table).name}")
     shutil.rmtree(output, ignore_errors=True)
     r = _child("dedup", table, output, "full")
-    _print_dedup(f"identical {args.identical} among {args.rows + args.identical}", r, _child("score", table, output))
+    _print_dedup(
+        f"identical {args.identical} among {args.rows + args.identical}", r, _child("score", table, output)
+    )
     edges = pq.read_metadata(f"{output}/edges.parquet").num_rows
-    print(f"  edges {edges} for {args.rows + args.identical} rows ({edges / (args.rows + args.identical):.3f} a row)")
+    print(
+        f"  edges {edges} for {args.rows + args.identical} rows ({edges / (args.rows + args.identical):.3f} a row)"
+    )
 
 
 def command_nightly(args) -> None:
@@ -219,7 +224,9 @@ def command_nightly(args) -> None:
     full = _child("dedup", tags, str(work / "dedup"), "full")
     _print_dedup("full build", full, _child("score", tags, str(work / "dedup")))
     change = max(1, args.rows // 100)
-    done = _child("increment", tags, str(change // 2), str(change // 4), str(change // 4), args.kind, str(args.rows))
+    done = _child(
+        "increment", tags, str(change // 2), str(change // 4), str(change // 4), args.kind, str(args.rows)
+    )
     print(f"nightly change: {done}", flush=True)
     nightly = _child("dedup", tags, str(work / "dedup"), "incremental")
     _print_dedup("nightly (incremental)", nightly, _child("score", tags, str(work / "dedup")))

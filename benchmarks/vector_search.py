@@ -169,14 +169,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--kinds", nargs="+", default=["random", "clustered"])
-    parser.add_argument("--methods", nargs="+", default=["handwritten", "faiss-ivfpq", "faiss-ivfsq8", "usearch"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["handwritten", "faiss-ivfpq", "faiss-ivfsq8", "usearch"]
+    )
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.one[2])))
         return
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; threshold {THRESHOLD}")
-    print(f"{'rows':>9} {'kind':>9} {'method':>13} {'seconds':>8} {'recall':>7} {'peak MiB':>9} {'vectors':>8}")
+    print(
+        f"{'rows':>9} {'kind':>9} {'method':>13} {'seconds':>8} {'recall':>7} {'peak MiB':>9} {'vectors':>8}"
+    )
     for rows in args.rows:
         for kind in args.kinds:
             for method in args.methods:

@@ -13,6 +13,18 @@ import urllib.request
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _edit_calibration_only_where_tested(request, monkeypatch):
+    """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
+    to 200 images: minutes over the suite), except in tests marked `edit_calibration`,
+    which test it (tests/test_edit_calibration.py) or need its file. Runs in subprocesses
+    (the CLI tests) calibrate as users' runs do."""
+    if request.node.get_closest_marker("edit_calibration") is None:
+        import pipeline.job.tag_job as tag_job
+
+        monkeypatch.setattr(tag_job, "calibrate_edits", lambda run, snapshot: {})
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

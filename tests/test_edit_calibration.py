@@ -27,6 +27,8 @@ from pipeline.model.profiles import load_profile
 from pipeline.table.tag_table import TagTable, read_current
 from tests.sample_photos import photo_paths
 
+pytestmark = pytest.mark.edit_calibration  # these tag runs calibrate (tests/conftest.py)
+
 NAMES = [
     "crop_5",
     "crop_10",
@@ -341,3 +343,37 @@ def test_calibration_rows_say_why_a_copy_has_no_cosine(demo_bundle, tmp_path):
         assert np.isfinite(found[(photo, edit)]["cosine"]) and found[(photo, edit)]["error"] is None
     missing = [r for r in rows if r["uri"].endswith("missing.png")]
     assert all(r["cosine"] is None and r["error"].startswith("original: FileNotFoundError") for r in missing)
+
+
+def _quarters(folder, photos: int):
+    """Each photo's four quarters as images of their own: four times the distinct images."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in photo_paths()[:photos]:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        w, h = rgb.size
+        for q, (x, y) in enumerate([(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]):
+            rgb.crop((x, y, x + w // 2, y + h // 2)).save(folder / f"{path.stem}-{q}.png")
+    return folder
+
+
+def test_dedup_measures_its_threshold_on_the_planted_edits(ray_session, demo_bundle, tmp_path):
+    """A calibrated table: auto's known copies are the planted edits, and the summary gives
+    each edit kind's share at the chosen cosine (what the threshold accepts, named so)."""
+    from pipeline.corpus.dedup import run_dedup
+
+    images = _quarters(tmp_path / "corpus", 19)
+    out = tmp_path / "tags"
+    run_tag_job(_config(images, out, demo_bundle, edit_calibration_images=16))
+    summary = run_dedup(str(out), str(tmp_path / "dedup"))
+    emb = summary.embedding
+    assert emb["positives"] == "planted edits" and emb["positive_pairs"] == 16 * 12
+    assert emb["threshold"] is not None and set(emb["recall_by_edit"]) == set(NAMES)
+    table = TagTable(str(out))
+    calibration = table.edit_calibration(table.snapshot())
+    edits, cosines = calibration.column("edit").to_pylist(), calibration.column("cosine").to_pylist()
+    flips = np.asarray([c for e, c in zip(edits, cosines) if e == "flip"])
+    assert emb["recall_by_edit"]["flip"] == pytest.approx(np.mean(flips >= emb["threshold"]))
+    assert "by edit" in summary.text() and "planted edits at or above it" in summary.text()

@@ -143,3 +143,16 @@ def test_auto_sits_between_the_budget_and_the_copies_and_says_when_it_cannot():
     weak = rng.uniform(0.05, 0.2, 500).astype(np.float32)  # an embedding that cannot tell copies apart
     poor = thresholds.choose(sample, denominator, 10**9, 100_000, weak, "planted edits")
     assert poor.threshold == pytest.approx(poor.budget_threshold) and "does not separate" in poor.reason
+
+
+def test_a_cut_into_the_unrelated_tail_narrows_the_fit_without_bending_it():
+    """Known copies that start inside the unrelated pairs' tail (an edit the embedding barely
+    tells apart) cut it short; the fit is told where the data stop, so its threshold still
+    keeps the true false edges within the budget."""
+    rng = np.random.default_rng(6)
+    sample, denominator = _sampled_tail(rng, 0.03, copies=0)
+    low_cut = float(np.quantile(sample, 0.999))  # well inside the unrelated pairs' tail
+    fit = thresholds.tail_fit(sample, denominator, copies_from=low_cut)
+    pairs, budget = 1_000_000 * 50_000, 100.0
+    t = thresholds.budget_threshold(fit, budget, pairs)
+    assert fit["copies_from"] == pytest.approx(low_cut) and pairs * norm.sf(t, scale=0.03) <= budget

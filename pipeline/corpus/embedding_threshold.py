@@ -16,8 +16,9 @@ A threshold is judged by two numbers, each measured for what it is named:
 Negatives are the compared pairs themselves: sampled queries' top candidates, re-ranked
 exactly, give the upper tail of the cosines the search scores. Copies sit in that tail
 too (a duplicate-heavy corpus has many), so the pairs sha256 or phash joined are left
-out, and so is everything at or above the cosine where the known copies start (their 5%
-quantile): the rest is fitted with a generalised Pareto distribution over a high level
+out, and so is everything from where the known copies start (the 5% quantile of the kinds
+of copy the embedding tells apart at all), or lower, from the jump in the tail that leads
+up to it (copies of copies: see `tail_fit`). The rest is fitted with a generalised Pareto distribution over a high level
 (the peaks-over-threshold method of extreme-value statistics), extrapolated to the
 budget (`budget_threshold`). With no known copies nothing is cut: copies nobody found
 then thicken the fitted tail, which raises the threshold (fewer edges, never more).
@@ -46,7 +47,7 @@ SAMPLE_NEIGHBOURS = 256  # candidates per sampled query: the tail of its compare
 RECALL_SLACK = 0.01  # recall given up to move away from the budget's edge
 POOR_RECALL = 0.5  # below this at the budget's edge, the embedding does not separate copies
 MIN_TAIL_PAIRS = 30  # the deepest level read: fewer pairs are noise
-COPIES_QUANTILE = 0.05  # known copies' cosines from this quantile up are left out of the negatives
+COPIES_QUANTILE = 0.05  # known copies from this quantile up (or a jump below it) are left out
 JUMP = 3.0
 JUMP_REACH = 0.2  # a jump landing this far below the known copies still starts the copies
 MIN_EXCEEDANCES = 50  # sampled pairs above u, at least, to fit the tail
@@ -128,9 +129,10 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     cluster of one subject), kept in. u is FIT_DECADES of survival above the deepest
     clean level, and at most a quarter of the sample's coverage, so that every sampled
     query's kept candidates reach it. A fitted shape below 0 (a bounded tail, lighter than
-    exponential) is replaced by the exponential: a few hundred exceedances cannot show a
-    bound, and a light tail assumed wrongly lets false edges through (a Gaussian's tail fits
-    at about -0.2 and then underestimates the pairs past 4 sigma forty-fold)."""
+    exponential) is not taken: a few hundred exceedances cannot show a bound, and a light
+    tail assumed wrongly lets false edges through (a Gaussian's tail fits at about -0.2 and
+    then underestimates the pairs past 4 sigma forty-fold). The fit knows the data stop at
+    the cut (`_truncated_fit`)."""
     from scipy.stats import genpareto
 
     ranked = np.sort(np.asarray(cosines, np.float64))[::-1]
@@ -147,9 +149,7 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     excess = clean[clean > u] - u
     if len(excess) < MIN_EXCEEDANCES:
         return {}
-    shape, _, scale = genpareto.fit(excess, floc=0)
-    if shape < 0:  # a bounded tail is never assumed: the exponential (shape 0) at the lightest
-        shape, scale = 0.0, float(excess.mean())
+    shape, scale = _truncated_fit(excess, cut - u)
     return {
         "model": "generalised Pareto over u",
         "u": u,
@@ -159,6 +159,30 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
         "exceedances": int(len(excess)),
         "copies_from": None if copies_from is None else float(cut),
     }
+
+
+def _truncated_fit(excess: np.ndarray, limit: float) -> tuple[float, float]:
+    """Maximum likelihood (shape, scale) of a generalised Pareto distribution for exceedances
+    observed only below `limit` (the copies' cut): each density divided by the chance of
+    falling below it, so a cut into the tail narrows the evidence without bending the fit.
+    The shape is kept at 0 or above: a bounded tail is never assumed."""
+    from scipy.optimize import minimize
+    from scipy.stats import genpareto
+
+    shape, _, scale = genpareto.fit(excess, floc=0)
+    start = np.array([max(shape, 0.0), max(scale, 1e-6)])
+    if not np.isfinite(limit):
+        if shape >= 0:
+            return float(shape), float(scale)
+        return 0.0, float(excess.mean())
+
+    def cost(p):
+        logpdf = genpareto.logpdf(excess, p[0], 0, p[1])
+        below = genpareto.cdf(limit, p[0], 0, p[1])
+        return -(logpdf.sum() - len(excess) * np.log(max(below, 1e-300)))
+
+    best = minimize(cost, start, bounds=[(0.0, 1.0), (1e-6, 1.0)], method="L-BFGS-B")
+    return float(best.x[0]), float(best.x[1])
 
 
 def _copies_cut(ranked: np.ndarray, denominator: float, copies_from: float) -> float:
@@ -206,7 +230,11 @@ def choose(
     """auto: the threshold from the compared pairs' tail, the budget and the known copies."""
     decision = ThresholdDecision(None, "auto", budget_per_row=budget_per_row, pairs_compared=pairs_compared)
     decision.negatives_sampled = int(len(negatives))
-    copies_from = float(np.quantile(positives, COPIES_QUANTILE)) if len(positives) else None
+    decision.positives, decision.positive_pairs = (
+        (positive_kind if len(positives) else "none"),
+        int(len(positives)),
+    )
+    copies_from = _copies_from(positives)
     # known copies among the unrelated pairs' own cosines (an embedding that does not separate
     # them) would cut the tail away: then it is fitted whole, and the recall below says why
     decision.tail = tail_fit(negatives, negatives_denominator, copies_from) or tail_fit(
@@ -244,6 +272,12 @@ def choose(
         )
     decision.threshold = float(min(chosen, MAX_THRESHOLD))
     return measured(decision, positives, positive_kind, edits)
+
+
+def _copies_from(positives: np.ndarray) -> float | None:
+    """Where known copies start: their 5% quantile (the fit below is told the data stop there,
+    so a cut into the unrelated pairs' own tail loses information, not accuracy)."""
+    return float(np.quantile(positives, COPIES_QUANTILE)) if len(positives) else None
 
 
 def measured(
