@@ -133,7 +133,6 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     tail assumed wrongly lets false edges through (a Gaussian's tail fits at about -0.2 and
     then underestimates the pairs past 4 sigma forty-fold). The fit knows the data stop at
     the cut (`_truncated_fit`)."""
-    from scipy.stats import genpareto
 
     ranked = np.sort(np.asarray(cosines, np.float64))[::-1]
     top = len(ranked) / denominator
