@@ -183,7 +183,8 @@ def _print_dedup(name: str, r: dict, score: dict) -> None:
         f"(budget edge {r['budget_threshold']}); planted recall {score['planted_recall']}, embedding-only "
         f"{score['embedding_only_recall']}, search found {score['search_found']}, false merges "
         f"{score['false_merges']}; {idx['mode']}: {idx.get('rows_read')} embeddings read, "
-        f"{idx.get('entries_searched')} of {idx.get('entries')} vectors searched; timings {idx.get('timings')}",
+        f"{idx.get('entries_searched')} of {idx.get('entries')} vectors searched; "
+        f"timings {idx.get('timings')}",
         flush=True,
     )
     print(f"  search recall (sampled): {r['search_recall']}; index facts: {json.dumps(idx)}", flush=True)
