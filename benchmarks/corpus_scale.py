@@ -209,9 +209,8 @@ def command_identical(args) -> None:
         f"identical {args.identical} among {args.rows + args.identical}", r, _child("score", table, output)
     )
     edges = pq.read_metadata(f"{output}/edges.parquet").num_rows
-    print(
-        f"  edges {edges} for {args.rows + args.identical} rows ({edges / (args.rows + args.identical):.3f} a row)"
-    )
+    rows = args.rows + args.identical
+    print(f"  edges {edges} for {rows} rows ({edges / rows:.3f} a row)")
 
 
 def command_nightly(args) -> None:
