@@ -16,10 +16,10 @@ A threshold is judged by two numbers, each measured for what it is named:
 Negatives are the compared pairs themselves: sampled queries' top candidates, re-ranked
 exactly, give the upper tail of the cosines the search scores. Copies sit in that tail
 too (a duplicate-heavy corpus has many), so the pairs sha256 or phash joined are left
-out, and so is everything from where the known copies start (the 5% quantile of the kinds
-of copy the embedding tells apart at all), or lower, from the jump in the tail that leads
-up to it (copies of copies: see `tail_fit`). The rest is fitted with a generalised Pareto distribution over a high level
-(the peaks-over-threshold method of extreme-value statistics), extrapolated to the
+out, and so is everything from where the known copies start (their 5% quantile), or
+lower, from the jump in the tail that leads up to it (copies of copies: see `tail_fit`).
+The rest is fitted with a generalised Pareto distribution over a high level, told where
+the data stop (the peaks-over-threshold method of extreme-value statistics), extrapolated to the
 budget (`budget_threshold`). With no known copies nothing is cut: copies nobody found
 then thicken the fitted tail, which raises the threshold (fewer edges, never more).
 
