@@ -251,3 +251,108 @@ def test_supplement_export_merges_and_counts_over_every_part(tmp_path, small_sli
     want = "\n".join(row_line(row, "jsonl", TextOptions()) for row in merged) + "\n"
     assert (tmp_path / "out" / "tags.jsonl").read_text() == want and summary.supplement == counts
     assert counts.decisions_applied == 2 and counts.decisions_unmatched == 1 and small_slices
+
+
+# ---- split -----------------------------------------------------------------------------
+
+
+def _split_case(tmp_path):
+    """A two-part tag table (interleaved uris), clusters A-D, and a previous split:
+    A all seen before (kept as they were, though A's own draw may differ), B seen in val
+    (its new image joins val), C seen in train and test (its new image bridges them:
+    held out), D all new (drawn). c2 was in the previous split with other bytes (new
+    again); b3 is an error row; a9 is clustered but not tagged; c3 was held out."""
+    uri = {name: f"/corpus/{name}.jpg" for name in "a1 a2 b1 b2 c1 c2 c3 c4 d1 d2 b3 a9".split()}
+    tagged = [uri[n] for n in "a1 a2 b1 b2 c1 c2 c3 c4 d1 d2 b3".split()]
+    parts = {
+        "data/k/p0.parquet": tag_rows(tagged[0::2], seed=1, error_every=99),
+        "data/k/p1.parquet": tag_rows(tagged[1::2], seed=2, error_every=99),
+    }
+    parts["data/k/p0.parquet"] = parts["data/k/p0.parquet"].set_column(
+        1, "sha256", pa.array([f"sha-{u}" for u in tagged[0::2]])
+    )
+    parts["data/k/p1.parquet"] = parts["data/k/p1.parquet"].set_column(
+        1, "sha256", pa.array([f"sha-{u}" for u in tagged[1::2]])
+    )
+    errors = [None if u != uri["b3"] else "OSError: planted" for u in tagged[0::2]]
+    parts["data/k/p0.parquet"] = parts["data/k/p0.parquet"].set_column(
+        8, "error", pa.array(errors, pa.string())
+    )
+    tags = commit(tmp_path / "tags", parts)
+    cluster = {n: "cluster-" + n[0].upper() for n in uri}
+    pq.write_table(
+        pa.table(
+            {
+                "uri": list(uri.values()),
+                "sha256": [f"sha-{u}" for u in uri.values()],
+                "phash": pa.array(range(len(uri)), pa.uint64()),
+                "cluster_id": [cluster[n] for n in uri],
+            }
+        ),
+        tmp_path / "clusters.parquet",
+    )
+    before = {
+        "a1": "test",
+        "a2": "val",
+        "b1": "val",
+        "c1": "train",
+        "c2": "test",
+        "c3": "held_out",
+        "c4": "test",
+    }
+    before_sha = {n: f"sha-{uri[n]}" if n != "c2" else "other bytes" for n in before}
+    pq.write_table(
+        pa.table(
+            {
+                "uri": [uri[n] for n in before],
+                "split": list(before.values()),
+                "sha256": [before_sha[n] for n in before],
+            }
+        ),
+        tmp_path / "previous.parquet",
+    )
+    return tags, uri
+
+
+def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path):
+    from pipeline.corpus.split import HELD_OUT, assign, cluster_unit, run_split
+
+    tags, uri = _split_case(tmp_path)
+    ratios = {"train": 0.5, "val": 0.25, "test": 0.25}
+    clusters, previous = str(tmp_path / "clusters.parquet"), str(tmp_path / "previous.parquet")
+    report = run_split(tags, clusters, str(tmp_path / "out"), ratios, seed=7, previous=previous)
+    drawn = assign(cluster_unit(7, "cluster-D"), ratios)
+    want = {"a1": "test", "a2": "val", "b1": "val", "b2": "val", "c1": "train", "c2": HELD_OUT}
+    want |= {"c3": HELD_OUT, "c4": "test", "d1": drawn, "d2": drawn}
+    out = pq.read_table(tmp_path / "out" / "splits.parquet")
+    assert out.column("uri").to_pylist() == sorted(uri[n] for n in want)
+    assert dict(zip(out.column("uri").to_pylist(), out.column("split").to_pylist())) == {
+        uri[n]: s for n, s in want.items()
+    }
+    assert report.bridges == [  # A is reported too: its earlier images sit in two splits, none new
+        {"cluster_id": "cluster-A", "previous_splits": ["test", "val"], "held_out": 0},
+        {"cluster_id": "cluster-C", "previous_splits": ["test", "train"], "held_out": 1},
+    ]
+    assert report.kept_from_previous == 6 and report.clusters == 4 and report.images == 10
+    rows = {r["uri"]: r for r in read_parquet(tags).to_pylist()}
+    positives: dict = {}
+    for u, s in zip(out.column("uri").to_pylist(), out.column("split").to_pylist()):
+        for t in rows[u]["tags"]:
+            positives.setdefault(t, {}).setdefault(s, 0)
+            positives[t][s] += 1
+    assert report.positives == positives and list(report.positives) == list(positives)
+
+
+def test_split_never_reads_the_embeddings(tmp_path):
+    from pipeline.corpus.split import run_split
+
+    tags, _ = _split_case(tmp_path)
+    args = (str(tmp_path / "clusters.parquet"), {"train": 0.5, "val": 0.25, "test": 0.25}, 7)
+    run_split(tags, args[0], str(tmp_path / "before"), *args[1:], previous=str(tmp_path / "previous.parquet"))
+    for part in TagTable(tags).snapshot().files:
+        _corrupt_column(tmp_path / "tags" / part, "embedding")
+    with pytest.raises((OSError, pa.ArrowException)):
+        read_parquet(tags)
+    run_split(tags, args[0], str(tmp_path / "after"), *args[1:], previous=str(tmp_path / "previous.parquet"))
+    for name in ("splits.parquet", "_report.json"):
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes()

@@ -73,31 +73,34 @@ class GoodRows:
         return [place[a:b] for a, b in zip(self.starts[:-1], self.starts[1:])]
 
 
-def piece_rows(
-    source: Pieces, index: int, columns: list[str], mask: np.ndarray, take: np.ndarray | None = None
-) -> Iterator[list[dict]]:
-    """Piece `index`'s good rows (`take`: these of them, in this order), a slice at a time."""
-    piece = source.read(index, columns).filter(pa.array(mask))
-    if take is not None:
-        piece = piece.take(pa.array(take))
+def good_pieces(
+    source: Pieces, good: GoodRows, columns: list[str], indices: list[int] | None = None
+) -> Iterator[tuple[int, pa.Table]]:
+    """(index, its good rows) for these pieces (default: all with any), read ahead."""
+    chosen = [i for i, m in enumerate(good.masks) if m.any()] if indices is None else indices
+    for index, piece in source.stream(columns, chosen):
+        yield index, piece.filter(pa.array(good.masks[index]))
+
+
+def slices(piece: pa.Table) -> Iterator[list[dict]]:
+    """A piece's rows as Python dicts, SLICE_ROWS at a time."""
     for start in range(0, piece.num_rows, SLICE_ROWS):
         yield piece.slice(start, SLICE_ROWS).to_pylist()
 
 
 def rows_by_piece(source: Pieces, good: GoodRows, columns: list[str]) -> Iterator[list[dict]]:
     """Every good row, in no particular order (captions: one file each)."""
-    for index, mask in enumerate(good.masks):
-        if mask.any():
-            yield from piece_rows(source, index, columns, mask)
+    for _, piece in good_pieces(source, good, columns):
+        yield from slices(piece)
 
 
 def lines_in_uri_order(source: Pieces, good: GoodRows, columns: list[str], render: Render) -> Iterator[str]:
     """render(rows) of every good row, the lines in uri order."""
     places = good.positions()
     if all(len(p) == 0 or int(p.max() - p.min()) + 1 == len(p) for p in places):
-        runs = sorted((int(p.min()), i) for i, p in enumerate(places) if len(p))
-        for _, index in runs:
-            for rows in piece_rows(source, index, columns, good.masks[index], np.argsort(places[index])):
+        runs = [i for _, i in sorted((int(p.min()), i) for i, p in enumerate(places) if len(p))]
+        for index, piece in good_pieces(source, good, columns, runs):
+            for rows in slices(piece.take(pa.array(np.argsort(places[index])))):
                 yield from render(rows)
         return
     yield from _bucketed(source, good, columns, render, places)
@@ -111,9 +114,9 @@ def _bucketed(
     with tempfile.TemporaryDirectory(prefix="tagpipe-export-") as tmp:
         writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
         try:
-            for index, mask in enumerate(good.masks):
+            for index, piece in good_pieces(source, good, columns):
                 done = 0
-                for rows in piece_rows(source, index, columns, mask) if mask.any() else ():
+                for rows in slices(piece):
                     place = places[index][done : done + len(rows)]
                     done += len(rows)
                     _spill(writers, Path(tmp), size, place, render(rows))

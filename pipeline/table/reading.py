@@ -139,6 +139,21 @@ class Pieces:
             schema=pa.schema(fields),
         )
 
+    def stream(self, columns: list[str], indices=None, ahead: int = 4):
+        """(index, piece) for these pieces (default: all) in order, up to `ahead` read
+        ahead on threads: reading (I/O, decompression) overlaps the caller's work on the
+        piece before, and memory holds at most ahead + 1 pieces."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = list(range(len(self)) if indices is None else indices)
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = [pool.submit(self.read, i, columns) for i in order[:ahead]]
+            for k, index in enumerate(order):
+                piece = pending.pop(0).result()
+                if k + ahead < len(order):
+                    pending.append(pool.submit(self.read, order[k + ahead], columns))
+                yield index, piece
+
     def read_all(self, columns: list[str]) -> list:
         """Every piece, in order, with these columns (read concurrently: object stores are
         latency-bound). For the few narrow columns a stage needs of every row."""
