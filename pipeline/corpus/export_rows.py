@@ -12,7 +12,8 @@ piece holds one run of that order (a table's first run cuts its parts from the s
 listing), the pieces are read in the order of their runs and each is sorted. Otherwise
 (parts of later runs interleave with earlier ones; an unsorted Parquet file) each
 piece's lines go to temporary bucket files by their place in the order, and each bucket
-is sorted in turn: memory holds a piece and a bucket, disk the lines once more.
+is sorted in turn: memory holds a piece and a bucket, disk the lines once more (in the
+system's temporary folder; TMPDIR moves it).
 """
 
 from __future__ import annotations

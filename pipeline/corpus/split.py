@@ -312,13 +312,14 @@ def _keep_previous(
     names: list,
 ) -> None:
     """Images in the previous split keep theirs; a unit's new images take its previous
-    members' split, or are held out when those sit in more than one (a bridge)."""
+    members' split, or are held out when those sit in more than one (a bridge). `split`
+    is changed in place; `names` gains the previous split's names this run lacks."""
     names += sorted(set(pc.unique(before).drop_null().to_pylist()) - set(names))
     kept = pc.is_valid(before).to_numpy(zero_copy_only=False)
     prior = pc.fill_null(pc.index_in(before, value_set=pa.array(names)), 0).to_numpy(zero_copy_only=False)
     split[kept] = prior[kept]
     old = kept & (prior != names.index(HELD_OUT))
-    pairs = np.unique(unit[old] * len(names) + prior[old])
+    pairs = np.unique(unit[old] * len(names) + prior[old])  # (unit, previous split), by unit
     pair_unit, pair_split = pairs // len(names), pairs % len(names)
     count = np.bincount(pair_unit, minlength=len(cluster_ids))
     only = np.zeros(len(cluster_ids), np.int64)
@@ -327,20 +328,19 @@ def _keep_previous(
     split[new & (count[unit] == 1)] = only[unit[new & (count[unit] == 1)]]
     split[new & (count[unit] > 1)] = names.index(HELD_OUT)
     held = np.bincount(unit[new], minlength=len(cluster_ids))
-    order, first = np.unique(unit, return_index=True)
-    for u in order[np.argsort(first)][count[order[np.argsort(first)]] > 1].tolist():
-        old_splits = sorted(names[s] for s in pair_split[pair_unit == u].tolist())
-        cluster_id = cluster_ids[u].as_py()
-        report.bridges.append(
-            {"cluster_id": cluster_id, "previous_splits": old_splits, "held_out": int(held[u])}
-        )
-        log.warning(
-            "cluster %s: new images bridge previous splits %s; %d held out",
-            cluster_id[:16],
-            old_splits,
-            held[u],
-        )
+    units, first = np.unique(unit, return_index=True)
+    for u in units[np.argsort(first)].tolist():  # in the order of each unit's first image
+        if count[u] > 1:
+            lo, hi = np.searchsorted(pair_unit, [u, u + 1])
+            _bridge(report, cluster_ids[u].as_py(), sorted(names[s] for s in pair_split[lo:hi]), int(held[u]))
     report.kept_from_previous = int(kept.sum())
+
+
+def _bridge(report: SplitReport, cluster_id: str, previous: list[str], held_out: int) -> None:
+    report.bridges.append({"cluster_id": cluster_id, "previous_splits": previous, "held_out": held_out})
+    log.warning(
+        "cluster %s: new images bridge previous splits %s; %d held out", cluster_id[:16], previous, held_out
+    )
 
 
 def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:

@@ -93,9 +93,9 @@ def join_images(clusters: pa.Table, tagged: Tagged) -> tuple[pa.Table, np.ndarra
     return clusters.filter(pa.array(keep)).combine_chunks(), row[keep]
 
 
-def cluster_codes(cluster_id) -> tuple[np.ndarray, pa.Array]:
+def cluster_codes(cluster_id: pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(each image's cluster as a code, the cluster ids sorted): code order is id order."""
-    encoded = pa.chunked_array(cluster_id).combine_chunks().dictionary_encode()
+    encoded = cluster_id.dictionary_encode()
     order = pc.sort_indices(encoded.dictionary).to_numpy()
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
