@@ -314,9 +314,11 @@ def _split_case(tmp_path):
     return tags, uri
 
 
-def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path):
+def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path, monkeypatch):
+    from pipeline.corpus import split_columns
     from pipeline.corpus.split import HELD_OUT, assign, cluster_unit, run_split
 
+    monkeypatch.setattr(split_columns, "BLOCK_ROWS", 3)  # tags counted over several blocks
     tags, uri = _split_case(tmp_path)
     ratios = {"train": 0.5, "val": 0.25, "test": 0.25}
     clusters, previous = str(tmp_path / "clusters.parquet"), str(tmp_path / "previous.parquet")

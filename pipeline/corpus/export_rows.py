@@ -127,7 +127,9 @@ def _bucketed(
         for bucket in sorted(writers):
             with pa.ipc.open_stream(Path(tmp) / f"{bucket}.arrow") as reader:
                 lines = reader.read_all()
-            yield from lines.column("line").take(pc.sort_indices(lines.column("position"))).to_pylist()
+            ordered = lines.column("line").take(pc.sort_indices(lines.column("position")))
+            for start in range(0, len(ordered), SLICE_ROWS):
+                yield from ordered.slice(start, SLICE_ROWS).to_pylist()
 
 
 def _spill(writers: dict, tmp: Path, size: int, place: np.ndarray, lines: list[str]) -> None:

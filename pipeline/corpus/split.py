@@ -201,13 +201,10 @@ def run_split(
     """Images as columns (pipeline/corpus/split_columns.py): the tag table read a part at
     a time, only uri, error, tags and the phash flag; decisions per unit, not per image."""
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
-    clusters = read_parquet(
-        dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup,
-        storage_options,
-        ["uri", "sha256", "phash", "cluster_id"],
-    )
     tagged = read_tagged(tags, storage_options)
-    images, rows = join_images(clusters, tagged)
+    clusters = dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup
+    columns = ["uri", "sha256", "phash", "cluster_id"]  # the table as read is not kept: only its join
+    images, rows = join_images(read_parquet(clusters, storage_options, columns), tagged)
     if not images.num_rows:
         raise TagpipeError(f"{dedup} and {tags} share no images without errors")
     uris = images.column("uri").combine_chunks()

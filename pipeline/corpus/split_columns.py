@@ -28,6 +28,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.table.reading import Pieces, read_parquet
 
 log = logging.getLogger(__name__)
+BLOCK_ROWS = 1 << 18  # images whose tags are counted at once
 
 
 @dataclass
@@ -86,11 +87,13 @@ def last_index_in(values, of: pa.Array) -> np.ndarray:
 
 
 def join_images(clusters: pa.Table, tagged: Tagged) -> tuple[pa.Table, np.ndarray]:
-    """The clustered images with a tag row without error, sorted by uri, and each one's tag row."""
-    clusters = clusters.take(pc.sort_indices(clusters.column("uri")))
+    """The clustered images with a tag row without error, sorted by uri, and each one's
+    tag row (one copy of the clusters' columns: sorted and filtered in one take)."""
     row = last_index_in(clusters.column("uri"), tagged.uri)
     keep = (row >= 0) & tagged.good[np.maximum(row, 0)] if len(tagged.good) else row >= 0
-    return clusters.filter(pa.array(keep)).combine_chunks(), row[keep]
+    order = pc.sort_indices(clusters.column("uri")).to_numpy()
+    order = order[keep[order]]
+    return clusters.take(pa.array(order)).combine_chunks(), row[order]
 
 
 def cluster_codes(cluster_id: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -185,18 +188,24 @@ def previous_splits(
 
 def tag_split_counts(tagged: Tagged, rows: np.ndarray, split: np.ndarray, names: list) -> dict:
     """tag -> {split: images with it}, tags in the order they first appear (images in uri
-    order, each one's tags in stored order), splits likewise per tag."""
-    lists = tagged.tags.take(pa.array(rows))
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    key = pc.list_flatten(lists).to_numpy(zero_copy_only=False) * len(names)  # int32: tags x splits
-    key += np.repeat(split.astype(np.int32), lengths)
-    counts = np.bincount(key, minlength=len(tagged.vocab) * len(names))
-    first = np.full(len(counts), len(key), np.int64)
-    np.minimum.at(first, key, np.arange(len(key), dtype=np.int64))
-    seen = np.flatnonzero(counts)
+    order, each one's tags in stored order), splits likewise per tag. Counted a block of
+    images at a time, so the temporaries stay small whatever the corpus."""
+    width = len(names)
+    counts = np.zeros(len(tagged.vocab) * width, np.int64)
+    first = np.full(len(counts), np.iinfo(np.int64).max, np.int64)
+    seen = 0
+    for start in range(0, len(rows), BLOCK_ROWS):
+        lists = tagged.tags.take(pa.array(rows[start : start + BLOCK_ROWS]))
+        lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        key = pc.list_flatten(lists).to_numpy(zero_copy_only=False) * width  # int32: tags x splits
+        key += np.repeat(split[start : start + BLOCK_ROWS].astype(np.int32), lengths)
+        counts += np.bincount(key, minlength=len(counts))
+        np.minimum.at(first, key, np.arange(seen, seen + len(key), dtype=np.int64))
+        seen += len(key)
+    present = np.flatnonzero(counts)
     out: dict = {}
-    for k in seen[np.argsort(first[seen], kind="stable")].tolist():
-        out.setdefault(tagged.vocab[k // len(names)], {})[names[k % len(names)]] = int(counts[k])
+    for k in present[np.argsort(first[present], kind="stable")].tolist():
+        out.setdefault(tagged.vocab[k // width], {})[names[k % width]] = int(counts[k])
     return out
 
 
