@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total = args.rows + args.grow_rows
         print(f"| {total:,} (grown: interleaved parts) | jsonl | - | {row(grown, total)} |", flush=True)
         results.append({"rows": total, "grown": True, **grown})
+        shutil.rmtree(work / "out-grown", ignore_errors=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
