@@ -332,7 +332,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    old = old_modules(args.old_rev, Path(tempfile.mkdtemp(prefix="tagpipe-old-")))
+    with tempfile.TemporaryDirectory(prefix="tagpipe-old-") as folder:
+        results = run_all(args, work, old_modules(args.old_rev, Path(folder)))
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_all(args, work: Path, old: Path) -> list[dict]:
+    """Both sizes, old code and new, then the grown table with the new code."""
     results = []
     print(f"machine: {machine()}; old code: {args.old_rev[:12]}", flush=True)
     for label, rows in (("small", args.small_rows), ("large", args.rows)):
@@ -347,7 +354,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {total:,} (grown: interleaved parts) | jsonl | - | {row(grown, total)} |", flush=True)
         results.append({"rows": total, "grown": True, **grown})
         shutil.rmtree(work / "out-grown", ignore_errors=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
