@@ -35,7 +35,8 @@ from pipeline.corpus.duplicate_signals import (
 )
 from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import filesystem_for, write_atomic
-from pipeline.table.reading import Parts, is_tag_table, read_parquet
+from pipeline.table.reading import Pieces, read_parquet
+from pipeline.table.tag_table import is_tag_table
 
 log = logging.getLogger(__name__)
 SIGNAL_COLUMNS = ["uri", "sha256", "phash", "phash_hex", "phash_degenerate", "embedding", "split", "error"]
@@ -95,7 +96,7 @@ class Side:
     (part by part) when the table does not carry them in memory."""
 
     table: pa.Table  # uri, sha256, phash, phash_unreliable (and embedding, when in memory)
-    parts: Parts | None = None
+    parts: Pieces | None = None
 
     def batches(self) -> Batches | None:
         if "embedding" in self.table.column_names:
@@ -114,8 +115,8 @@ def read_side(
     source = tags if tags and _is_split(uri, storage_options) else uri
     parts = None
     if not source.endswith(".csv"):
-        candidate = Parts(source, storage_options)
-        parts = candidate if "embedding" in candidate.names() else None
+        candidate = Pieces(source, storage_options)
+        parts = candidate if "embedding" in candidate.names else None
     return Side(table, parts)
 
 

@@ -3,7 +3,7 @@
 Only eval-to-train pairs are leaks, so only the train vectors are indexed (collapsed by
 digest: identical train vectors are one entry) and only eval vectors are queries: no
 train-train and no eval-eval pair is ever scored. Vectors come from the side's own
-embedding column, or, for a split output, from the tag table part by part (`Parts`),
+embedding column, or, for a split output, from the tag table part by part (`Pieces`),
 and are staged in a local temporary file, so a million-row split holds its vectors on
 disk, never as a column in memory.
 
@@ -30,7 +30,7 @@ from pipeline.corpus.corpus_rows import matrix_of
 from pipeline.corpus.dedup_vectors import DIGEST, digests_of
 from pipeline.corpus.embedding_evidence import hash_confirmed_pairs
 from pipeline.corpus.embedding_threshold import ThresholdDecision
-from pipeline.table.reading import Parts
+from pipeline.table.reading import Pieces
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # row positions, vectors, valid
 
@@ -44,10 +44,9 @@ def column_batches(table: pa.Table, block: int = 20_000) -> Batches:
         yield np.arange(start, start + len(part)), matrix_of(part, valid), valid
 
 
-def part_batches(parts: Parts, uris: pa.Array) -> Batches:
+def part_batches(parts: Pieces, uris: pa.Array) -> Batches:
     """The embeddings of these uris from a table's parts, one part at a time."""
-    for index in range(len(parts.paths)):
-        table = parts.read(index, ["uri", "embedding"])
+    for _, table in parts.stream(["uri", "embedding"], ahead=2):
         at = pc.index_in(table.column("uri"), uris)
         mine = at.is_valid().to_numpy(zero_copy_only=False)
         if not mine.any():

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
-from pipeline.table.reading import Parts
+from pipeline.table.reading import Pieces
 
 NARROW = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "size", "error"]
 
@@ -25,7 +25,7 @@ NARROW = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "size
 class CorpusRows:
     """One table's rows, sorted by uri: Arrow strings and numpy columns, no per-row objects."""
 
-    parts: Parts
+    parts: Pieces  # a tag table's parts, or a Parquet input's row groups
     uri: pa.Array
     sha256: pa.Array
     phash: np.ndarray  # uint64, 0 where missing
@@ -43,11 +43,17 @@ class CorpusRows:
 
     @classmethod
     def read(cls, uri: str, storage_options: dict | None = None) -> CorpusRows:
-        parts = Parts(uri, storage_options)
-        names = parts.names()
+        parts = Pieces(uri, storage_options)
+        names = parts.names
         if "uri" not in names:
             raise TagpipeError(f"{uri}: not a tag output (no uri column; it has {names[:8]})")
-        table = parts.read_all([c for c in NARROW if c in names])
+        pieces = parts.read_all([c for c in NARROW if c in names])
+        table = pa.concat_tables(
+            [
+                p.append_column("_part", pa.array(np.full(p.num_rows, i, np.int32)))
+                for i, p in enumerate(pieces)
+            ]
+        )
         table = table.take(pc.sort_indices(table, [("uri", "ascending")]))
         uris = table.column("uri").combine_chunks()
         if len(uris) and pc.count_distinct(uris).as_py() != len(uris):

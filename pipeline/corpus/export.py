@@ -20,156 +20,81 @@ rely on (CaptionOptions): the file extension, the separator, tags always first (
 words), character tags first, the rating tag first, last or left out, tag replacements,
 character tags expanded (`name_(series)` -> `name, series`), and appending to existing
 captions without repeating a tag.
+
+A row's text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
+tag table's part), only the columns the format needs: pipeline/corpus/export_rows.py.
+Memory holds a piece, a slice of rows as Python objects, and the uris of every row
+(for the checks that need them all: collisions, files already there, uri order).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.corpus.export_rows import GoodRows, lines_in_uri_order, rows_by_piece
+from pipeline.corpus.export_text import (
+    MAX_NAME_BYTES,
+    CaptionOptions,
+    TextOptions,
+    aspect_bucket,
+    caption_path,
+    caption_tags,
+    caption_text,
+    dart_prompt,
+    length_bucket,
+    merge_caption,
+    row_line,
+)
 from pipeline.corpus.supplement import (
+    NEEDED_COLUMNS,
     Decisions,
     SupplementCounts,
     check_supplement,
-    supplement_record,
-    supplement_rows,
+    merge_rows,
+    unmatched_decisions,
 )
-from pipeline.storage.filesystem import filesystem_for, is_local, write_atomic
-from pipeline.table.reading import read_parquet
+from pipeline.storage.filesystem import atomic_output, filesystem_for, is_local, write_atomic
+from pipeline.table.reading import Pieces
+
+__all__ = [  # the row-text helpers live in export_text; importable from here as before
+    "MAX_NAME_BYTES",
+    "CaptionOptions",
+    "ExportSummary",
+    "TextOptions",
+    "aspect_bucket",
+    "caption_path",
+    "caption_tags",
+    "dart_prompt",
+    "export_tags",
+    "length_bucket",
+    "merge_caption",
+]
 
 FORMATS = ("captions", "jsonl", "dart")
-# Danbooru tags that are emoticons keep their underscores (as the wd-tagger demo does)
-KAOMOJIS = frozenset(
-    {
-        "0_0",
-        "(o)_(o)",
-        "+_+",
-        "+_-",
-        "._.",
-        "<o>_<o>",
-        "<|>_<|>",
-        "=_=",
-        ">_<",
-        "3_3",
-        "6_9",
-        ">_o",
-        "@_@",
-        "^_^",
-        "o_o",
-        "u_u",
-        "x_x",
-        "|_|",
-        "||_||",
-    }
-)
-DART_RATINGS = {
-    "safe": "general",
-    "general": "general",
-    "sensitive": "sensitive",
-    "questionable": "questionable",
-    "explicit": "explicit",
+EXISTING_FILES = ("refuse", "overwrite", "skip")  # what to do with output files already there
+# what each format reads of a row (of those the input has); JSONL also every tags_<category>
+COLUMNS = {
+    "captions": ("tags", "tags_character", "rating", "quality"),
+    "jsonl": ("tags", "scores", "rating", "quality", "width", "height"),
+    "dart": ("tags_general", "tags_copyright", "tags_character", "rating", "width", "height"),
 }
-
-
-@dataclass(frozen=True)
-class TextOptions:
-    spaces: bool = False  # "long_hair" -> "long hair"
-    escape_parentheses: bool = False  # "(" -> "\\("
-    exclude: frozenset[str] = frozenset()
-    with_rating: bool = True  # keep rating/quality winners in captions
-
-    def format(self, tags: list[str] | None) -> list[str]:
-        out = []
-        for tag in tags or []:
-            if tag in self.exclude:
-                continue
-            text = tag.replace("_", " ") if self.spaces and tag not in KAOMOJIS else tag
-            if self.escape_parentheses:
-                text = text.replace("(", "\\(").replace(")", "\\)")
-            out.append(text)
-        return out
-
-
-RATING_PLACES = ("inline", "first", "last", "omit")
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How a caption file is written, beyond the tag text (kohya sd-scripts' options).
-
-    Order of work: rating placement and character-first reorder the stored tags; then
-    each tag is dropped (exclude, either spelling), replaced, expanded and formatted;
-    always-first tags move to the front in the order given; repeats are dropped."""
-
-    extension: str = ".txt"
-    separator: str = ", "
-    always_first: tuple[str, ...] = ()
-    character_first: bool = False
-    rating: str = "inline"  # inline (stored order) | first | last | omit
-    replace: tuple[tuple[str, str], ...] = ()  # (old, new): a stored tag name or its written form
-    character_expand: bool = False
-    append: bool = False  # merge into an existing caption file: its tags first, then new ones
-
-    def __post_init__(self):
-        if self.rating not in RATING_PLACES:
-            raise TagpipeError(f"--rating {self.rating!r}: choose one of {', '.join(RATING_PLACES)}")
-        if not self.extension.startswith(".") or "/" in self.extension:
-            raise TagpipeError(f"--caption-extension {self.extension!r}: expected an extension such as .txt")
-        if not self.separator.strip():
-            raise TagpipeError(f"--separator {self.separator!r}: needs a visible character, e.g. ', '")
-
-
-def caption_tags(row: dict, text: TextOptions, caption: CaptionOptions) -> list[str]:
-    """The written tags of one row's caption, in order."""
-    rating, quality = row.get("rating"), row.get("quality")
-    tags = [t for t in (row["tags"] or []) if text.with_rating or t not in (rating, quality)]
-    characters = set(row.get("tags_character") or [])
-    if caption.character_first:
-        tags = [t for t in tags if t in characters] + [t for t in tags if t not in characters]
-    if caption.rating != "inline" and rating in tags:
-        tags.remove(rating)
-        if caption.rating == "first":
-            tags = [rating, *tags]
-        elif caption.rating == "last":
-            tags = [*tags, rating]
-    replacements = dict(caption.replace)
-    written: list[str] = []
-    for tag in tags:
-        (shown,) = TextOptions(spaces=text.spaces).format([tag]) or [tag]
-        if tag in text.exclude or shown in text.exclude:
-            continue
-        tag = replacements.get(tag, replacements.get(shown, tag))
-        parts = _expand_character(tag) if caption.character_expand and tag in characters else [tag]
-        written.extend(text.format(parts))
-    for tag in reversed(caption.always_first):
-        for form in (
-            tag,
-            *TextOptions(spaces=text.spaces, escape_parentheses=text.escape_parentheses).format([tag]),
-        ):
-            if form in written:
-                written.remove(form)
-                written.insert(0, form)
-                break
-    return list(dict.fromkeys(written))
-
-
-def _expand_character(tag: str) -> list[str]:
-    """kohya's --character_tag_expand: `name_(series)` -> `name`, `series`;
-    `name_(costume)_(series)` -> `name_(costume)`, `series`."""
-    if not tag.endswith(")") or "(" not in tag:
-        return [tag]
-    head, _, series = tag.rpartition("(")
-    return [head.rstrip("_"), series.rstrip(")")]
-
-
-def merge_caption(existing: str, new: list[str], separator: str) -> list[str]:
-    """kohya's --append_tags: the existing caption's tags, then the new ones it lacks."""
-    old = [t.strip() for t in existing.strip("\n").split(separator.strip()) if t.strip()]
-    seen = {t.replace("_", " ") for t in old}  # long_hair and long hair are one tag
-    return old + [t for t in new if t.replace("_", " ") not in seen]
+REQUIRED = {
+    "captions": ("tags",),
+    "jsonl": ("tags", "scores", "width", "height"),
+    "dart": ("width", "height"),
+}
+# caption files written at once: a local write waits on its fsync, a store's on a round trip
+WRITE_THREADS = 8
 
 
 @dataclass
@@ -186,78 +111,26 @@ class ExportSummary:
         return line + (self.supplement.text() if self.supplement else "")
 
 
-def aspect_bucket(width: int, height: int) -> str:
-    ratio = width / height
-    if ratio >= 2:
-        return "ultra_wide"
-    if ratio > 9 / 8:
-        return "wide"
-    if ratio >= 8 / 9:
-        return "square"
-    if ratio > 1 / 2:
-        return "tall"
-    return "ultra_tall"
+@dataclass
+class _Job:
+    """One export: its input, its good rows' uris, where it writes and how."""
 
+    source: Pieces
+    good: GoodRows
+    columns: list[str]
+    fs: Any
+    out_path: str
+    text: TextOptions
+    caption: CaptionOptions
+    existing: str
+    storage_options: dict | None
+    summary: ExportSummary
+    merge: Callable[[list[dict]], list[dict]] | None = None
 
-def length_bucket(count: int) -> str:
-    for limit, name in ((10, "very_short"), (20, "short"), (30, "medium"), (40, "long")):
-        if count <= limit:
-            return name
-    return "very_long"
-
-
-def dart_prompt(row: dict, text: TextOptions) -> str:
-    dart_text = TextOptions(
-        spaces=True, escape_parentheses=False, exclude=text.exclude
-    )  # Dart's vocabulary uses spaces
-    general = dart_text.format(row.get("tags_general"))
-    rating = DART_RATINGS.get((row.get("rating") or "general").lower(), "general")
-    return (
-        "<|bos|>"
-        f"<copyright>{', '.join(dart_text.format(row.get('tags_copyright')))}</copyright>"
-        f"<character>{', '.join(dart_text.format(row.get('tags_character')))}</character>"
-        f"<|rating:{rating}|><|aspect_ratio:{aspect_bucket(row['width'], row['height'])}|>"
-        f"<|length:{length_bucket(len(general))}|>"
-        f"<general>{', '.join(general)}<|identity:none|><|input_end|>"
-    )
-
-
-MAX_NAME_BYTES = 255  # one path component on common filesystems
-
-
-def caption_path(relative_key: str, extension: str = ".txt") -> str:
-    """The caption file for an image key, relative to the export root, that can never
-    leave it. Object keys may hold `..`, `.`, empty segments (`a//b`, a leading slash)
-    and names longer than a filesystem allows: those segments become "%2E%2E", "%2E"
-    and "%2F", and long names are cut and given a hash of themselves. Ordinary keys
-    keep their path, so a caption still sits beside its image; a key that would meet
-    another's caption is refused by the caller, never overwritten."""
-    *folders, name = relative_key.split("/")
-    stem = _safe_segment(name) if name in ("", ".", "..") else posixpath.splitext(name)[0]
-    return posixpath.join(*[_safe_segment(s) for s in folders], _shorten(stem, extension))
-
-
-def _safe_segment(segment: str) -> str:
-    if segment in ("", ".", ".."):
-        return segment.replace(".", "%2E") or "%2F"
-    return _shorten(segment, "")
-
-
-def _shorten(stem: str, suffix: str) -> str:
-    if len((stem + suffix).encode()) <= MAX_NAME_BYTES:
-        return stem + suffix
-    import hashlib
-
-    digest = hashlib.sha256(stem.encode()).hexdigest()[:16]
-    room = MAX_NAME_BYTES - len(f"-{digest}") - len(suffix.encode())
-    return stem.encode()[:room].decode(errors="ignore") + f"-{digest}" + suffix
-
-
-def _common_root(uris: list[str]) -> str:
-    return posixpath.dirname(os.path.commonprefix(uris)) if len(uris) > 1 else posixpath.dirname(uris[0])
-
-
-EXISTING_FILES = ("refuse", "overwrite", "skip")  # what to do with output files already there
+    def rows(self):
+        """The good rows, a slice at a time, merged in supplement mode (in no order)."""
+        for rows in rows_by_piece(self.source, self.good, self.columns):
+            yield self.merge(rows) if self.merge else rows
 
 
 def export_tags(
@@ -271,118 +144,179 @@ def export_tags(
     existing: str = "refuse",
     supplement: Decisions | None = None,
 ) -> ExportSummary:
-    """Plan every output file, refuse collisions and files already there (unless told to
-    overwrite, skip or append to them) before writing any, then write each atomically.
+    """Check every output file before writing any (two images meeting in one caption file,
+    files already there unless told to overwrite, skip or append to them), then write:
+    captions each atomically, JSONL and Dart into one file that appears only whole.
     supplement: merge the source tags with the model's, with these reviewer decisions."""
     if fmt not in FORMATS:
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if existing not in EXISTING_FILES:
         raise TagpipeError(f"existing={existing!r}: choose one of {', '.join(EXISTING_FILES)}")
-    table = read_parquet(tags, storage_options)
+    source = Pieces(tags, storage_options)
     if supplement is not None:
-        check_supplement(table.column_names, tags, fmt)
-    rows = table.sort_by("uri").to_pylist()
-    summary = ExportSummary()
-    good = [r for r in rows if r["error"] is None]
-    summary.skipped_errors = len(rows) - len(good)
-    if supplement is not None:
-        good, summary.supplement = supplement_rows(good, supplement)
+        check_supplement(source.names, tags, fmt)
+    columns = _columns(tags, source.names, fmt, supplement is not None)
+    good = GoodRows.read(source)
     out_fs, out_path = filesystem_for(output, storage_options)
-    plan = (
-        _caption_plan(good, relative_to, out_path, caption.extension)
-        if fmt == "captions"
-        else _file_plan(good, fmt, out_path)
-    )
-    present = _present(out_fs, out_path, [target for target, _ in plan])
-    if present and existing == "refuse" and not (fmt == "captions" and caption.append):
-        example = ", ".join(sorted(present)[:3])
-        raise TagpipeError(
-            f"{len(present)} of the {len(plan)} files to write already exist (e.g. {example}); "
-            "nothing was written: "
-            f"pass --skip-existing to keep them, --overwrite to replace them"
-            + (", or --append to merge captions" if fmt == "captions" else "")
+    summary = ExportSummary(skipped_errors=good.errors)
+    job = _Job(source, good, columns, out_fs, out_path, text, caption, existing, storage_options, summary)
+    if supplement is not None:
+        counts = summary.supplement = SupplementCounts(
+            decisions_unmatched=unmatched_decisions(supplement, good.uris)
         )
-    merging = fmt == "captions" and caption.append
-    earlier = (
-        {t: _read_text(out_fs, t) for t, _ in plan if t in present} if merging else {}
-    )  # read all before any write
-    for target, content in plan:
-        if target in present and existing == "skip":
-            summary.skipped_existing += 1
-            continue
-        data = content(text, caption, earlier.get(target))
-        write_atomic(_uri(out_fs, target), data.encode(), storage_options=storage_options)
-        summary.files.append(target)
-        summary.written += 1
+        job.merge = lambda rows: merge_rows(rows, supplement, counts)
+    if fmt == "captions":
+        _export_captions(job, relative_to)
+    else:
+        _export_lines(job, fmt)
     return summary
 
 
-def _caption_plan(good: list[dict], relative_to: str | None, out_path: str, extension: str) -> list:
-    """(target, content) for every caption; two images meeting in one file are refused here."""
+def _columns(tags: str, names: list[str], fmt: str, supplement: bool) -> list[str]:
+    """The columns to read, in the input's order (a JSONL record lists its tags_ columns so)."""
+    missing = [c for c in ("uri", "error", *REQUIRED[fmt]) if c not in names]
+    if missing:
+        raise TagpipeError(f"{tags}: no {missing[0]!r} column, which a {fmt} export needs: not a tag table?")
+    wanted = {"uri", "error", *COLUMNS[fmt]}
+    if supplement:
+        wanted |= {"tags", "scores", *NEEDED_COLUMNS}
+    elif fmt == "jsonl":
+        wanted |= {n for n in names if n.startswith("tags_")}
+    return [n for n in names if n in wanted]
+
+
+def _export_lines(job: _Job, fmt: str) -> None:
+    """JSONL or Dart: one file, its lines in uri order, streamed into place."""
+    target = posixpath.join(job.out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
+    present = _present(job.fs, job.out_path, pa.chunked_array([[target]], pa.string()))
+    _refuse_present(job, fmt, present, 1)
+    if len(present) and job.existing == "skip":
+        job.summary.skipped_existing += 1
+        for _ in job.rows() if job.merge else ():
+            pass  # the supplement counts a written file would have given
+        return
+
+    def render(rows: list[dict]) -> list[str]:
+        return [row_line(row, fmt, job.text) for row in (job.merge(rows) if job.merge else rows)]
+
+    with atomic_output(_uri(job.fs, target), job.storage_options) as out:
+        lines = 0
+        for line in lines_in_uri_order(job.source, job.good, job.columns, render):
+            out.write(line.encode() + b"\n")
+            lines += 1
+        if not lines:
+            out.write(b"\n")
+    job.summary.files.append(target)
+    job.summary.written += 1
+
+
+def _export_captions(job: _Job, relative_to: str | None) -> None:
+    """One caption file per good row, a slice of rows at a time, after every check."""
     if relative_to and "://" not in relative_to:
         relative_to = os.path.abspath(relative_to)  # image URIs of local inputs are absolute
-    root = (relative_to or (_common_root([r["uri"] for r in good]) if good else "")).rstrip("/")
-    owners: dict[str, str] = {}
-    plan = []
-    for row in good:
-        if not row["uri"].startswith(root + "/"):
-            raise TagpipeError(f"{row['uri']} is not under --relative-to {root}; nothing was written")
-        target = posixpath.join(out_path, caption_path(row["uri"][len(root) + 1 :], extension))
-        if target in owners:
-            raise TagpipeError(
-                f"{owners[target]} and {row['uri']} would write the same caption file {target}; "
-                "nothing was written"
-            )
-        owners[target] = row["uri"]
-        plan.append((target, _caption_content(row)))
-    return plan
+    root = (relative_to or _common_root(job.good.uris)).rstrip("/")
+    targets = _caption_targets(job.good, root, job.out_path, job.caption.extension)
+    present = _present(job.fs, job.out_path, targets)
+    if not job.caption.append:
+        _refuse_present(job, "captions", present, len(targets))
+    elif len(present):
+        _check_text(job.fs, present.to_pylist())  # every caption to merge into is read before any write
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        for rows in job.rows():
+            files = [
+                posixpath.join(job.out_path, caption_path(row["uri"][len(root) + 1 :], job.caption.extension))
+                for row in rows
+            ]
+            there = pc.is_in(pa.array(files, pa.string()), value_set=present).to_numpy(zero_copy_only=False)
+            work = [(f, r, t) for f, r, t in zip(files, rows, there) if not (t and job.existing == "skip")]
+            job.summary.skipped_existing += len(rows) - len(work)
+            for written in pool.map(lambda w: _write_caption(job, *w), work):
+                job.summary.files.append(written)
+                job.summary.written += 1
 
 
-def _caption_content(row: dict):
-    def content(text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:
-        tags_text = caption_tags(row, text, caption)
-        if existing is not None:
-            tags_text = merge_caption(existing, tags_text, caption.separator)
-        return caption.separator.join(tags_text) + "\n"
-
-    return content
+def _write_caption(job: _Job, target: str, row: dict, there: bool) -> str:
+    earlier = _read_text(job.fs, target) if there and job.caption.append else None
+    data = caption_text(row, job.text, job.caption, earlier)
+    write_atomic(_uri(job.fs, target), data.encode(), storage_options=job.storage_options)
+    return target
 
 
-def _file_plan(good: list[dict], fmt: str, out_path: str) -> list:
-    def content(text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:
-        lines = []
-        for row in good:
-            if fmt == "jsonl" and "provenance" in row:
-                record = supplement_record(row, lambda tag: text.format([tag])[0], text.exclude)
-            elif fmt == "jsonl":
-                record = {k: v for k, v in row.items() if k == "tags" or k.startswith("tags_")}
-                record = {k: text.format(v) for k, v in record.items()}
-                record.update(
-                    uri=row["uri"],
-                    rating=row.get("rating"),
-                    quality=row.get("quality"),
-                    width=row["width"],
-                    height=row["height"],
-                )
-                record["scores"] = [
-                    round(float(s), 4) for t, s in zip(row["tags"], row["scores"]) if t not in text.exclude
-                ]
-            else:
-                record = {"uri": row["uri"], "prompt": dart_prompt(row, text)}
-            lines.append(json.dumps(record, ensure_ascii=False))
-        return "\n".join(lines) + "\n"
-
-    return [(posixpath.join(out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl"), content)]
+def _common_root(uris: pa.ChunkedArray) -> str:
+    """The folder all uris share (os.path.commonprefix of all is that of the least and greatest)."""
+    if not len(uris):
+        return ""
+    bounds = pc.min_max(uris)
+    return posixpath.dirname(os.path.commonprefix([bounds["min"].as_py(), bounds["max"].as_py()]))
 
 
-def _present(fs, root: str, targets: list[str]) -> set[str]:
-    """Which targets exist, from one listing of the output (not a request per file)."""
+def _caption_targets(good: GoodRows, root: str, out_path: str, extension: str) -> pa.ChunkedArray:
+    """Every good row's caption file, in uri order; refused (naming the first row in uri
+    order, as a row-by-row plan would) when a uri is not under the root or two images
+    would write one file."""
+    uris = good.uris.take(pa.array(good.order()))
+    outside = np.flatnonzero(~pc.starts_with(uris, root + "/").to_numpy(zero_copy_only=False))
+    limit = int(outside[0]) if len(outside) else len(uris)
+    chunks = []
+    for start in range(0, limit, 65536):
+        keys = uris.slice(start, min(65536, limit - start)).to_pylist()
+        chunks.append([posixpath.join(out_path, caption_path(u[len(root) + 1 :], extension)) for u in keys])
+    targets = pa.chunked_array(chunks, pa.string())
+    clash = _first_clash(targets)
+    if clash is not None:
+        owner, later = clash
+        raise TagpipeError(
+            f"{uris[owner]} and {uris[later]} would write the same caption file {targets[later]}; "
+            "nothing was written"
+        )
+    if limit < len(uris):
+        raise TagpipeError(f"{uris[limit]} is not under --relative-to {root}; nothing was written")
+    return targets
+
+
+def _first_clash(targets: pa.ChunkedArray) -> tuple[int, int] | None:
+    """(first, second) index of the earliest row whose file an earlier row writes too."""
+    if len(targets) < 2:
+        return None
+    order = pc.sort_indices(targets).to_numpy()
+    ordered = targets.take(pa.array(order))
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(zero_copy_only=False)
+    if not same.any():
+        return None
+    later = int(order[1:][same].min())
+    return pc.index(targets, targets[later]).as_py(), later
+
+
+def _refuse_present(job: _Job, fmt: str, present: pa.Array, planned: int) -> None:
+    if not len(present) or job.existing != "refuse":
+        return
+    example = ", ".join(present.take(pc.sort_indices(present)).slice(0, 3).to_pylist())
+    raise TagpipeError(
+        f"{len(present)} of the {planned} files to write already exist (e.g. {example}); "
+        "nothing was written: "
+        f"pass --skip-existing to keep them, --overwrite to replace them"
+        + (", or --append to merge captions" if fmt == "captions" else "")
+    )
+
+
+def _present(fs, root: str, targets: pa.ChunkedArray) -> pa.Array:
+    """The targets that exist (in their order), from one listing of the output (not a
+    request per file)."""
     fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return set()
-    norm = os.path.abspath if is_local(fs) else (lambda p: p)
-    found = {norm(p) for p in fs.find(root, withdirs=False)}
-    return {t for t in targets if norm(t) in found}
+    found = fs.find(root, withdirs=False) if fs.exists(root) else []
+    if not found:
+        return pa.array([], pa.string())
+    norm: Callable[[str], str] = os.path.abspath if is_local(fs) else (lambda p: p)
+    listed = pa.array([norm(p) for p in found], pa.string())
+    names = pa.chunked_array([[norm(t) for t in c.to_pylist()] for c in targets.chunks], pa.string())
+    return targets.filter(pc.is_in(names, value_set=listed)).combine_chunks()
+
+
+def _check_text(fs, paths: list[str]) -> None:
+    """Every existing caption decodes (the first one that does not, in order, is named)."""
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        for start in range(0, len(paths), 4096):
+            list(pool.map(lambda path: _read_text(fs, path), paths[start : start + 4096]))
 
 
 def _read_text(fs, path: str) -> str:

@@ -18,6 +18,9 @@ sha256) force their whole cluster into train, so none of it reaches val or test.
 share a value of COL (a source post, a parent, an artist) are joined like duplicates,
 so a group never crosses splits. The unit assigned is the connected component of
 clusters and groups (split_unit in the output).
+
+Images are columns, never a Python object each (pipeline/corpus/split_columns.py): the
+tag table is read a part at a time, and only what the split uses of it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ import pyarrow.compute as pc
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import SPLITS_SCHEMA, conform
 from pipeline.corpus.audit import audit, read_signals
+from pipeline.corpus.split_columns import (
+    Tagged,
+    cluster_codes,
+    join_images,
+    last_index_in,
+    previous_splits,
+    read_groups,
+    read_tagged,
+    tag_split_counts,
+    unit_labels,
+    unit_of_cluster,
+)
 from pipeline.storage.filesystem import write_atomic
 from pipeline.table.reading import read_parquet
 
@@ -183,118 +198,146 @@ def run_split(
     group_column: str | None = None,
     metadata: str | None = None,
 ) -> SplitReport:
+    """Images as columns (pipeline/corpus/split_columns.py): the tag table read a part at
+    a time, only uri, error, tags and the phash flag; decisions per unit, not per image."""
     ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
-    clusters = read_parquet(
-        dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup,
-        storage_options,
-        ["uri", "sha256", "phash", "cluster_id"],
-    )
-    tagged = read_parquet(
-        tags, storage_options, ["uri", "tags", "error", "phash_degenerate"], only_present=True
-    )
-    tag_of = {r["uri"]: r for r in tagged.to_pylist()}
-    rows = [
-        r
-        for r in clusters.sort_by("uri").to_pylist()
-        if r["uri"] in tag_of and tag_of[r["uri"]]["error"] is None
-    ]
-    if not rows:
+    tagged = read_tagged(tags, storage_options)
+    clusters = dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup
+    columns = ["uri", "sha256", "phash", "cluster_id"]  # the table as read is not kept: only its join
+    images, rows = join_images(read_parquet(clusters, storage_options, columns), tagged)
+    if not images.num_rows:
         raise TagpipeError(f"{dedup} and {tags} share no images without errors")
-    unit_of = _split_units(rows, group_column, metadata, storage_options)
-    for r in rows:
-        r["split_unit"] = unit_of[r["cluster_id"]]
-    cluster_ids = sorted({r["split_unit"] for r in rows})
-    members: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        members.setdefault(r["split_unit"], []).append(i)
-    if stratified:
-        labels: dict[str, dict[str, int]] = {}
-        for c, idx in members.items():
-            for i in idx:
-                for t in tag_of[rows[i]["uri"]]["tags"] or []:
-                    labels.setdefault(c, {}).setdefault(t, 0)
-                    labels[c][t] += 1
-        split_of_cluster = stratify(
-            cluster_ids, labels, {c: len(idx) for c, idx in members.items()}, ratios, seed, min_val_positives
-        )
-    else:
-        split_of_cluster = {c: assign(cluster_unit(seed, c), ratios) for c in cluster_ids}
-    report = SplitReport(images=len(rows), clusters=len(cluster_ids))
+    uris = images.column("uri").combine_chunks()
+    codes, cluster_ids = cluster_codes(images.column("cluster_id").combine_chunks())
+    groups = _groups(group_column, metadata, storage_options)
+    unit = unit_of_cluster(codes, len(cluster_ids), uris, groups, metadata, group_column)[codes]
+    units = np.unique(unit)
+    names = list(dict.fromkeys([*ratios, "train", HELD_OUT]))  # an image's split: an index into these
+    unit_split = _drawn(
+        tagged, rows, unit, units, cluster_ids, names, ratios, seed, stratified, min_val_positives
+    )
+    report = SplitReport(images=images.num_rows, clusters=len(units))
     dedup_summary = _dedup_summary(dedup, storage_options)
     report.unmatched_hashes = dedup_summary.get("unmatched_hashes", {})
-
     if exclude:
-        wanted = pa.array([r["uri"] for r in rows])
-        corpus = read_signals(tags, storage_options, "eval")
-        corpus = corpus.filter(pc.is_in(corpus.column("uri"), wanted))
-        # the threshold dedup used: exclusions match what dedup would have joined
-        threshold = dedup_summary.get("embedding", {}).get("threshold")
-        forced = set()
-        for uri in exclude:
-            leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
-            index = {r["uri"]: r["split_unit"] for r in rows}
-            forced |= {index[u] for u in leaks.column("eval_uri").to_pylist()}
-        for c in forced:
-            split_of_cluster[c] = "train"
+        forced = _forced_train(tags, exclude, uris, unit, dedup_summary, max_distance, storage_options)
+        unit_split[forced] = names.index("train")
         report.forced_train_by_exclude = len(forced)
-
-    split = [split_of_cluster[r["split_unit"]] for r in rows]
+    split = unit_split[unit]
     if previous:
-        # an image keeps its split only while its bytes are the same: a file replaced
-        # under the same name is a new image (its content may belong to another cluster)
-        sha_now = {r["uri"]: r["sha256"] for r in rows}
-        before = {
-            r["uri"]: r["split"]
-            for r in read_parquet(previous, storage_options, ["uri", "split", "sha256"]).to_pylist()
-            if r["sha256"] is None or r["uri"] not in sha_now or r["sha256"] == sha_now[r["uri"]]
-        }
-        for c, idx in members.items():
-            old = {before[rows[i]["uri"]] for i in idx if rows[i]["uri"] in before} - {HELD_OUT}
-            new = [i for i in idx if rows[i]["uri"] not in before]
-            for i in idx:
-                if rows[i]["uri"] in before:
-                    split[i] = before[rows[i]["uri"]]
-            if len(old) == 1:
-                for i in new:
-                    split[i] = next(iter(old))
-            elif len(old) > 1:
-                for i in new:
-                    split[i] = HELD_OUT
-                report.bridges.append({"cluster_id": c, "previous_splits": sorted(old), "held_out": len(new)})
-                log.warning(
-                    "cluster %s: new images bridge previous splits %s; %d held out",
-                    c[:16],
-                    sorted(old),
-                    len(new),
-                )
-        report.kept_from_previous = sum(1 for r in rows if r["uri"] in before)
-
-    _fill_report(report, rows, split, tag_of, min_count)
-    out = conform(
-        pa.table(
-            {
-                "uri": pa.array([r["uri"] for r in rows], pa.string()),
-                "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
-                "phash": pa.array([r["phash"] for r in rows], pa.uint64()),
-                "cluster_id": pa.array([r["cluster_id"] for r in rows], pa.string()),
-                "split_unit": pa.array([r["split_unit"] for r in rows], pa.string()),
-                # the hash's reliability travels with it, so an audit of this file alone knows it
-                "phash_degenerate": pa.array(
-                    [bool(tag_of[r["uri"]].get("phash_degenerate")) for r in rows], pa.bool_()
-                ),
-                "split": pa.array(split, pa.string()),
-            }
-        ),
-        SPLITS_SCHEMA,
-    )
+        before = previous_splits(previous, storage_options, uris, images.column("sha256").combine_chunks())
+        _keep_previous(report, before, unit, cluster_ids, split, names)
+    _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, min_count)
+    out = images.append_column("split_unit", cluster_ids.take(pa.array(unit)))
+    # the hash's reliability travels with it, so an audit of this file alone knows it
+    out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
+    out = out.append_column("split", pa.array(names, pa.string()).take(pa.array(split)))
     path = output.rstrip("/")  # replaced atomically: the next run reads it as --previous
-    write_atomic(f"{path}/splits.parquet", table=out, storage_options=storage_options)
+    write_atomic(f"{path}/splits.parquet", table=conform(out, SPLITS_SCHEMA), storage_options=storage_options)
     write_atomic(
         f"{path}/_report.json",
         json.dumps(asdict(report), indent=1, sort_keys=True).encode(),
         storage_options=storage_options,
     )
     return report
+
+
+def _drawn(
+    tagged: Tagged,
+    rows: np.ndarray,
+    unit: np.ndarray,
+    units: np.ndarray,
+    cluster_ids: pa.Array,
+    names: list,
+    ratios: dict[str, float],
+    seed: int,
+    stratified: bool,
+    min_val_positives: int,
+) -> np.ndarray:
+    """Each unit's split (by unit code), hashed or stratified: the one loop over units."""
+    unit_ids = cluster_ids.take(pa.array(units)).to_pylist()  # sorted, as the units' codes are
+    if stratified:
+        labels = unit_labels(tagged, rows, unit, dict(zip(units.tolist(), unit_ids)))
+        sizes = dict(zip(unit_ids, np.bincount(unit)[units].tolist()))
+        chosen = stratify(unit_ids, labels, sizes, ratios, seed, min_val_positives)
+    else:
+        chosen = {c: assign(cluster_unit(seed, c), ratios) for c in unit_ids}
+    index = {name: i for i, name in enumerate(names)}
+    drawn = np.zeros(len(cluster_ids), np.int64)
+    drawn[units] = [index[chosen[c]] for c in unit_ids]
+    return drawn
+
+
+def _groups(group_column: str | None, metadata: str | None, storage_options: dict | None):
+    """(uri, group) of the metadata, or None without --group-column."""
+    if metadata and not group_column:
+        raise TagpipeError("--metadata needs --group-column: which of its columns groups images")
+    if not group_column:
+        return None
+    if not metadata:
+        raise TagpipeError("--group-column needs --metadata FILE (Parquet or CSV with uri and the column)")
+    return read_groups(metadata, group_column, storage_options)
+
+
+def _forced_train(
+    tags: str,
+    exclude: list[str],
+    uris: pa.Array,
+    unit: np.ndarray,
+    dedup_summary: dict,
+    max_distance: int,
+    storage_options: dict | None,
+) -> np.ndarray:
+    """The units (codes) with an image within the dedup radius of an excluded train set."""
+    corpus = read_signals(tags, storage_options, "eval")
+    corpus = corpus.filter(pc.is_in(corpus.column("uri"), value_set=uris))
+    # the threshold dedup used: exclusions match what dedup would have joined
+    threshold = dedup_summary.get("embedding", {}).get("threshold")
+    forced: set[int] = set()
+    for uri in exclude:
+        leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
+        forced |= set(unit[last_index_in(leaks.column("eval_uri"), uris)].tolist())
+    return np.array(sorted(forced), np.int64)
+
+
+def _keep_previous(
+    report: SplitReport,
+    before: pa.Array,
+    unit: np.ndarray,
+    cluster_ids: pa.Array,
+    split: np.ndarray,
+    names: list,
+) -> None:
+    """Images in the previous split keep theirs; a unit's new images take its previous
+    members' split, or are held out when those sit in more than one (a bridge). `split`
+    is changed in place; `names` gains the previous split's names this run lacks."""
+    names += sorted(set(pc.unique(before).drop_null().to_pylist()) - set(names))
+    kept = pc.is_valid(before).to_numpy(zero_copy_only=False)
+    prior = pc.fill_null(pc.index_in(before, value_set=pa.array(names)), 0).to_numpy(zero_copy_only=False)
+    split[kept] = prior[kept]
+    old = kept & (prior != names.index(HELD_OUT))
+    pairs = np.unique(unit[old] * len(names) + prior[old])  # (unit, previous split), by unit
+    pair_unit, pair_split = pairs // len(names), pairs % len(names)
+    count = np.bincount(pair_unit, minlength=len(cluster_ids))
+    only = np.zeros(len(cluster_ids), np.int64)
+    only[pair_unit] = pair_split  # the one previous split of units that have one
+    new = ~kept
+    split[new & (count[unit] == 1)] = only[unit[new & (count[unit] == 1)]]
+    split[new & (count[unit] > 1)] = names.index(HELD_OUT)
+    held = np.bincount(unit[new], minlength=len(cluster_ids))
+    units, first = np.unique(unit, return_index=True)
+    for u in units[np.argsort(first)].tolist():  # in the order of each unit's first image
+        if count[u] > 1:
+            lo, hi = np.searchsorted(pair_unit, [u, u + 1])
+            _bridge(report, cluster_ids[u].as_py(), sorted(names[s] for s in pair_split[lo:hi]), int(held[u]))
+    report.kept_from_previous = int(kept.sum())
+
+
+def _bridge(report: SplitReport, cluster_id: str, previous: list[str], held_out: int) -> None:
+    report.bridges.append({"cluster_id": cluster_id, "previous_splits": previous, "held_out": held_out})
+    log.warning(
+        "cluster %s: new images bridge previous splits %s; %d held out", cluster_id[:16], previous, held_out
+    )
 
 
 def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:
@@ -308,83 +351,18 @@ def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:
         return json.loads(handle.read())
 
 
-def _split_units(
-    rows: list[dict], group_column: str | None, metadata: str | None, storage_options: dict | None
-) -> dict[str, str]:
-    """cluster_id -> the unit it is split with: itself, or (with groups) the smallest
-    cluster_id of the clusters its group values connect it to."""
-    clusters = sorted({r["cluster_id"] for r in rows})
-    if metadata and not group_column:
-        raise TagpipeError("--metadata needs --group-column: which of its columns groups images")
-    if not group_column:
-        return {c: c for c in clusters}
-    if not metadata:
-        raise TagpipeError("--group-column needs --metadata FILE (Parquet or CSV with uri and the column)")
-    groups = _read_groups(metadata, group_column, storage_options)
-    matched = sum(1 for r in rows if groups.get(r["uri"]) is not None)
-    if not matched:
-        raise TagpipeError(
-            f"--metadata {metadata}: none of its uris is in the table (it must name images as the "
-            f"table does, e.g. {rows[0]['uri']!r})"
-        )
-    log.info("split: %d of %d images have a %s", matched, len(rows), group_column)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    index = {c: i for i, c in enumerate(clusters)}
-    values = sorted({groups[r["uri"]] for r in rows if groups.get(r["uri"]) is not None})
-    value_index = {v: len(clusters) + i for i, v in enumerate(values)}
-    a = [index[r["cluster_id"]] for r in rows if groups.get(r["uri"]) is not None]
-    b = [value_index[groups[r["uri"]]] for r in rows if groups.get(r["uri"]) is not None]
-    n = len(clusters) + len(values)
-    labels = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
-    first: dict[int, str] = {}
-    for c in clusters:  # sorted: the smallest cluster_id names its unit
-        first.setdefault(int(labels[index[c]]), c)
-    return {c: first[int(labels[index[c]])] for c in clusters}
-
-
-def _read_groups(metadata: str, column: str, storage_options: dict | None) -> dict[str, str]:
-    import pyarrow.csv as pcsv
-
-    from pipeline.storage.filesystem import filesystem_for
-
-    fs, path = filesystem_for(metadata, storage_options)
-    if not fs.exists(path):
-        raise TagpipeError(f"--metadata {metadata}: no such file")
-    if path.endswith(".csv"):
-        with fs.open(path, "rb") as handle:  # strings: "007" and "7" are different groups
-            table = pcsv.read_csv(
-                handle,
-                convert_options=pcsv.ConvertOptions(
-                    strings_can_be_null=True, column_types={column: pa.string()}
-                ),
-            )
-    else:
-        table = read_parquet(metadata, storage_options)
-    missing = [c for c in ("uri", column) if c not in table.column_names]
-    if missing:
-        what = "the images, as the table names them" if missing[0] == "uri" else "the groups (--group-column)"
-        raise TagpipeError(f"{metadata}: no column {missing[0]!r} for {what}; it has {table.column_names}")
-    values = table.column(column).cast(pa.string()).to_pylist()
-    return {u: v for u, v in zip(table.column("uri").to_pylist(), values) if v not in (None, "")}
-
-
-def _fill_report(report: SplitReport, rows, split, tag_of, min_count: int) -> None:
-    names = sorted(set(split))
-    report.sizes = {s: split.count(s) for s in names}
-    report.fractions = {s: round(report.sizes[s] / len(rows), 6) for s in names}
-    counts: dict[str, dict[str, int]] = {}
-    for r, s in zip(rows, split):
-        for t in tag_of[r["uri"]]["tags"] or []:
-            counts.setdefault(t, {}).setdefault(s, 0)
-            counts[t][s] += 1
+def _fill_report(report: SplitReport, counts: dict, split: np.ndarray, names: list, min_count: int) -> None:
+    """Sizes, positives per tag and split, tags missing from a split, label deviation."""
+    images = np.bincount(split, minlength=len(names))
+    present = sorted(names[i] for i in np.flatnonzero(images))
+    report.sizes = {s: int(images[names.index(s)]) for s in present}
+    report.fractions = {s: round(report.sizes[s] / len(split), 6) for s in present}
     report.positives = counts
     total = {t: sum(v.values()) for t, v in counts.items()}
-    for s in names:
+    for s in present:
         if s == HELD_OUT:
             continue
         frequent = [t for t, n in total.items() if n >= min_count]
         report.zero_positive_tags[s] = sorted(t for t in frequent if counts[t].get(s, 0) == 0)
-        rates = [abs(counts[t].get(s, 0) / report.sizes[s] - total[t] / len(rows)) for t in total]
+        rates = [abs(counts[t].get(s, 0) / report.sizes[s] - total[t] / len(split)) for t in total]
         report.label_deviation[s] = round(float(np.mean(rates)), 6) if rates else 0.0

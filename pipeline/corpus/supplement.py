@@ -111,9 +111,30 @@ def merge_tags(row: dict, decided: dict[str, bool], counts: SupplementCounts) ->
 
 
 def supplement_rows(rows: list[dict], decisions: Decisions) -> tuple[list[dict], SupplementCounts]:
-    """The rows with `tags` merged, and `provenance`, `scores` (the model's, None for a tag
-    it did not emit) and `reviewed` (tag -> accept|reject) to match."""
+    """The rows with `tags` merged, as merge_rows, and the counts over them."""
     counts = SupplementCounts()
+    out = merge_rows(rows, decisions, counts)
+    counts.decisions_unmatched = len(set(decisions.by_uri) - {row["uri"] for row in rows})
+    return out, counts
+
+
+def unmatched_decisions(decisions: Decisions, uris) -> int:
+    """Decided images not among `uris` (an Arrow array of the table's images): the count
+    supplement_rows gives, from one column instead of every row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not decisions.by_uri:
+        return 0
+    decided = pa.array(list(decisions.by_uri), pa.string())
+    found = set(uris.filter(pc.is_in(uris, value_set=decided)).to_pylist())
+    return len(decisions.by_uri) - len(found)
+
+
+def merge_rows(rows: list[dict], decisions: Decisions, counts: SupplementCounts) -> list[dict]:
+    """The rows with `tags` merged, and `provenance`, `scores` (the model's, None for a tag
+    it did not emit) and `reviewed` (tag -> accept|reject) to match; counts added to
+    `counts` (an export merges its rows a slice at a time)."""
     out = []
     for row in rows:
         decided = decisions.by_uri.get(row["uri"], {})
@@ -128,8 +149,7 @@ def supplement_rows(rows: list[dict], decisions: Decisions) -> tuple[list[dict],
                 "reviewed": {t: "accept" if belongs else "reject" for t, belongs in decided.items()},
             }
         )
-    counts.decisions_unmatched = len(set(decisions.by_uri) - {row["uri"] for row in rows})
-    return out, counts
+    return out
 
 
 def supplement_record(row: dict, write: Callable[[str], str], exclude: frozenset[str]) -> dict:

@@ -124,6 +124,38 @@ def write_atomic(
     retry(put, what=uri)
 
 
+@contextlib.contextmanager
+def atomic_output(uri: str, storage_options: dict | None = None):
+    """A binary file to write `uri` from a piece at a time, for files too large to hold
+    (write_atomic takes the whole content). The file appears under its name only whole:
+    locally a temp file beside it, fsynced and renamed; on an object store a local temp
+    file uploaded once it is complete (a multipart upload shows nothing before it ends).
+    An exception leaves nothing new under the name, and whatever was there as it was."""
+    import os
+    import tempfile
+    import uuid
+
+    fs, path = filesystem_for(uri, storage_options)
+    if is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tagpipe.tmp-{uuid.uuid4().hex}")
+    else:
+        handle, tmp = tempfile.mkstemp(prefix="tagpipe-upload-")
+        os.close(handle)
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        if is_local(fs):
+            os.replace(tmp, path)
+        else:
+            retry(lambda: fs.put_file(tmp, path), what=uri)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None) -> bool:
     """Write `data` at `uri` only if nothing is there yet, in one step; False if something
     was. The test-and-set of a commit: locally a fsynced temp file hard-linked into place

@@ -3,7 +3,8 @@
 tag_table: TagTable, Snapshot and the commit protocol every writer shares. rewrite: copies
 of parts without dropped rows (and, given a function, transformed), as Ray tasks, named
 so a rerun finds them done. reading: any input a later stage accepts (a Parquet file, a
-folder of parts, or a tag table's current version) as one Arrow table.
+folder of parts, or a tag table's current version) as one Arrow table, or a piece (a part,
+a row group) at a time.
 
 Readers of a table need only `from pipeline.table import read_current, current_files`.
 """

@@ -1,4 +1,5 @@
-"""Any input a later stage accepts, as one Arrow table.
+"""Any input a later stage accepts, as one Arrow table (read_parquet) or a piece at a
+time (Pieces).
 
 A Parquet file, a folder of Parquet files, or a tag table (its current version). The
 storage layer below reads bytes and knows nothing of tag tables; this is where the two
@@ -7,8 +8,10 @@ meet, so dedup, split, audit, export and OOD fitting take any of the three.
 
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.core.errors import TagpipeError
-from pipeline.storage.filesystem import filesystem_for
+from pipeline.storage.filesystem import filesystem_for, retry
 from pipeline.table.tag_table import TagTable, is_tag_table
 
 
@@ -22,10 +25,17 @@ def read_parquet(
     directory of Parquet files (`_`-prefixed paths skipped), as one pyarrow Table.
     only_present: read those of `columns` the data has (others are not an error).
     A missing path or a file that is not Parquet is a one-line TagpipeError."""
+    with _input_errors(uri):
+        return _read_parquet(uri, storage_options, columns, only_present)
+
+
+@contextlib.contextmanager
+def _input_errors(uri: str):
+    """A missing input, or one that is not Parquet, as a one-line TagpipeError."""
     import pyarrow as pa
 
     try:
-        return _read_parquet(uri, storage_options, columns, only_present)
+        yield
     except FileNotFoundError:
         raise TagpipeError(f"{uri}: no such file or folder") from None
     except pa.ArrowInvalid as exc:
@@ -53,9 +63,132 @@ def _read_parquet(uri: str, storage_options: dict | None, columns: list[str] | N
                 columns = [c for c in columns if c in names]
                 handle.seek(0)
             return pq.read_table(handle, columns=columns)
+    files = _parquet_files(uri, storage_options)
+    dataset = pads.dataset(files, format="parquet", filesystem=fs)
+    if only_present and columns:
+        columns = [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
+
+
+class Pieces:
+    """An input read one piece at a time: a tag table's parts (its current version), or
+    each row group of a Parquet file or of a folder's Parquet files. A whole read
+    (read_parquet) of a large table holds every row; a stage that can work piece by piece
+    holds one piece (a part is rows_per_part rows) and reads only the columns it needs.
+
+    Each piece reads as that whole read would show it: the same column names and types,
+    nulls where a piece lacks a column (a tag table's columns are its parts' union, a
+    folder's those of its first file, as pyarrow.dataset takes them). Every footer is read
+    once, here."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        import pyarrow as pa
+
+        self.uri, self.storage_options = uri, storage_options
+        with _input_errors(uri):
+            self.table = TagTable(uri, storage_options) if is_tag_table(uri, storage_options) else None
+            snapshot = self.table.snapshot() if self.table is not None else None
+            self.snapshot = snapshot  # the version read (None: not a tag table)
+            if self.table is not None and snapshot is not None:
+                files = list(snapshot.files)
+                footers = _map(lambda f: retry(lambda: self.table.read_part_metadata(f), what=f), files)
+                self.keys: list = files
+            else:
+                files = _parquet_files(uri, storage_options)
+                footers = _map(lambda path: _footer(self.fs, path), files)
+                self.keys = [
+                    (f, group) for f, meta in zip(files, footers) for group in range(meta.num_row_groups)
+                ]
+        schemas = {file: meta.schema.to_arrow_schema() for file, meta in zip(files, footers)}
+        self.has = [set(schemas[key if self.table is not None else key[0]].names) for key in self.keys]
+        if self.table is None:
+            self.schema = schemas[files[0]]
+        else:  # a whole read concatenates the parts, promoting their schemas
+            self.schema = pa.unify_schemas(list(schemas.values())) if schemas else pa.schema([])
+
+    @property
+    def fs(self):
+        return filesystem_for(self.uri, self.storage_options)[0]
+
+    @property
+    def names(self) -> list[str]:
+        return self.schema.names
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, index: int, columns: list[str]):
+        """Piece `index`, these columns (each one the input has), in this order."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        key, present = self.keys[index], [c for c in columns if c in self.has[index]]
+        if self.table is not None:
+            piece = self.table.read_part(key, present)
+        else:
+
+            def read_group():
+                with self.fs.open(key[0], "rb") as handle:
+                    return pq.ParquetFile(handle).read_row_group(key[1], columns=present)
+
+            piece = retry(read_group, what=key[0])
+        fields = [self.schema.field(c) for c in columns]
+        return pa.table(
+            [
+                piece.column(f.name).cast(f.type) if f.name in present else pa.nulls(piece.num_rows, f.type)
+                for f in fields
+            ],
+            schema=pa.schema(fields),
+        )
+
+    def stream(self, columns: list[str], indices=None, ahead: int = 4):
+        """(index, piece) for these pieces (default: all) in order, up to `ahead` read
+        ahead on threads: reading (I/O, decompression) overlaps the caller's work on the
+        piece before, and memory holds at most ahead + 1 pieces."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = list(range(len(self)) if indices is None else indices)
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = [pool.submit(self.read, i, columns) for i in order[:ahead]]
+            for k, index in enumerate(order):
+                piece = pending.pop(0).result()
+                if k + ahead < len(order):
+                    pending.append(pool.submit(self.read, order[k + ahead], columns))
+                yield index, piece
+
+    def read_all(self, columns: list[str]) -> list:
+        """Every piece, in order, with these columns (read concurrently: object stores are
+        latency-bound). For the few narrow columns a stage needs of every row."""
+        return _map(lambda index: self.read(index, columns), range(len(self)))
+
+
+def _map(call, items) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.table.tag_table import READ_THREADS
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(call, items))
+
+
+def _footer(fs, path: str):
+    import pyarrow.parquet as pq
+
+    def read():
+        with fs.open(path, "rb") as handle:
+            return pq.read_metadata(handle)
+
+    return retry(read, what=path)
+
+
+def _parquet_files(uri: str, storage_options: dict | None) -> list[str]:
+    """A Parquet file, or a folder's Parquet files: only those, since a folder also holds
+    summaries (audit/audit.json, _summary.json); `_`- and `.`-prefixed paths skipped."""
+    fs, path = filesystem_for(uri, storage_options)
+    if fs.isfile(path):
+        return [path]
     if not fs.isdir(path):
         raise FileNotFoundError(path)
-    # only Parquet files: a folder also holds summaries (audit/audit.json, _summary.json)
     files = sorted(
         f
         for f in fs.find(path)
@@ -64,68 +197,4 @@ def _read_parquet(uri: str, storage_options: dict | None, columns: list[str] | N
     )
     if not files:
         raise FileNotFoundError(f"{path}: no Parquet files")
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    if only_present and columns:
-        columns = [c for c in columns if c in dataset.schema.names]
-    return dataset.to_table(columns=columns)
-
-
-class Parts:
-    """Any input a later stage accepts, as a list of Parquet parts read one at a time:
-    a tag table's current parts, a folder's Parquet files, or one file. Stages that must
-    not hold a corpus's wide columns (embeddings) read those part by part."""
-
-    def __init__(self, uri: str, storage_options: dict | None = None):
-        self.uri = uri
-        self.storage_options = storage_options
-        self.fs, path = filesystem_for(uri, storage_options)
-        self.snapshot = None
-        if is_tag_table(uri, storage_options):
-            table = TagTable(uri, storage_options)
-            self.snapshot = table.snapshot()
-            self.paths = table.paths(self.snapshot)
-        elif self.fs.isfile(path):
-            self.paths = [path]
-        elif self.fs.isdir(path):
-            self.paths = sorted(
-                f
-                for f in self.fs.find(path)
-                if f.endswith(".parquet")
-                and not any(part.startswith(("_", ".")) for part in f[len(path) :].split("/"))
-            )
-            if not self.paths:
-                raise TagpipeError(f"{uri}: no Parquet files")
-        else:
-            raise TagpipeError(f"{uri}: no such file or folder")
-
-    def names(self) -> list[str]:
-        """The columns the parts have (the first part's schema)."""
-        import pyarrow.parquet as pq
-
-        with self.fs.open(self.paths[0], "rb") as handle:
-            return pq.read_schema(handle).names
-
-    def read(self, index: int, columns: list[str] | None = None):
-        import pyarrow.parquet as pq
-
-        from pipeline.storage.filesystem import retry
-
-        def one():
-            with self.fs.open(self.paths[index], "rb") as handle:
-                return pq.read_table(handle, columns=columns)
-
-        return retry(one, what=self.paths[index])
-
-    def read_all(self, columns: list[str]):
-        """These columns of every part, in part order, with `_part` (the part's index)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        import pyarrow as pa
-
-        def one(index: int):
-            table = self.read(index, columns)
-            return table.append_column("_part", pa.array([index] * table.num_rows, pa.int32()))
-
-        with ThreadPoolExecutor(16) as pool:
-            tables = list(pool.map(one, range(len(self.paths))))
-        return pa.concat_tables(tables, promote_options="default")
+    return files
