@@ -28,6 +28,7 @@ from pipeline.corpus import embedding_threshold as thresholds
 from pipeline.corpus import vector_index
 from pipeline.corpus.corpus_rows import matrix_of
 from pipeline.corpus.dedup_vectors import DIGEST, digests_of
+from pipeline.corpus.duplicate_index import RowFile
 from pipeline.corpus.embedding_evidence import hash_confirmed_pairs
 from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.table.reading import Pieces
@@ -70,11 +71,7 @@ class Staged:
     first_row: np.ndarray
 
     def vectors_of(self, entries: np.ndarray) -> np.ndarray:
-        size = os.path.getsize(self.path) // (2 * self.dim)
-        stored = np.memmap(self.path, np.float16, "r", shape=(size, self.dim))
-        out = np.asarray(stored[self.at[np.asarray(entries, np.int64)]])
-        del stored
-        return out
+        return RowFile(self.path, self.dim)[self.at[np.asarray(entries, np.int64)]]
 
 
 def stage(batches: Batches, rows: int, folder: str, name: str, collapse: bool) -> Staged:
@@ -136,14 +133,12 @@ def embedding_leaks(
             )
         layout = vector_index.layout_for(len(t.first_row), t.dim)
         ids = np.arange(len(t.first_row), dtype=np.int64)
-        size = os.path.getsize(t.path) // (2 * t.dim)
-        stored = np.memmap(t.path, np.float16, "r", shape=(size, t.dim))
+        stored = RowFile(t.path, t.dim)
         sample = np.sort(
             np.random.default_rng(0).choice(ids, min(len(ids), 40 * max(layout.lists, 1)), False)
         )
         trained = vector_index.train(layout, np.asarray(stored[t.at[sample]], np.float32))
         index = vector_index.open_index([vector_index.encode_rows(trained, ids, stored, t.at)])
-        del stored
         layout = vector_index.calibrate_screen(index, layout, sample[:1000], t.vectors_of)
         decision = _decide(threshold, index, layout, t, train_groups, eval_rows)
         if decision.threshold is None:

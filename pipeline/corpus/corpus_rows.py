@@ -19,6 +19,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.table.reading import Pieces
 
 NARROW = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "size", "error"]
+BLOCK_ROWS = 20_000  # embeddings widened to float32 at a time (92 MB at 1152-d)
 
 
 @dataclass
@@ -102,10 +103,12 @@ class CorpusRows:
             at = pc.index_in(self.uri.take(pa.array(mine)), table.column("uri")).to_numpy(
                 zero_copy_only=False
             )
-            column = table.column("embedding").combine_chunks().take(pa.array(at))
-            valid = column.is_valid().to_numpy(zero_copy_only=False)
-            yield mine, matrix_of(column, valid), valid
-            del table, column
+            embedding = table.column("embedding")
+            for start in range(0, len(mine), BLOCK_ROWS):  # float32 blocks, not a whole part
+                column = embedding.take(pa.array(at[start : start + BLOCK_ROWS])).combine_chunks()
+                valid = column.is_valid().to_numpy(zero_copy_only=False)
+                yield mine[start : start + BLOCK_ROWS], matrix_of(column, valid), valid
+            del table, embedding
 
 
 def matrix_of(column: pa.Array, valid: np.ndarray) -> np.ndarray:

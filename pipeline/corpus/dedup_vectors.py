@@ -29,6 +29,7 @@ from pipeline.corpus.duplicate_index import (
     INDEX_FORMAT,
     DuplicateIndex,
     IndexVersion,
+    RowFile,
     SegmentVectors,
 )
 from pipeline.corpus.embedding_evidence import decide, positives_found, sampled_recall
@@ -269,8 +270,7 @@ def _index_segments(update, index, base, staged: _Staged, alive: int, run_id: st
     """The layout, trained file and segment list after this run's new segment is added."""
     dim = staged.dim or (IndexLayout.from_record(base.layout).dim if base else 0)
     name = f"seg-{run_id}-{uuid.uuid4().hex[:8]}"
-    count = os.path.getsize(staged.path) // (2 * dim) if dim else 0
-    stored = np.memmap(staged.path, np.float16, "r", shape=(count, dim)) if count else None
+    stored = RowFile(staged.path, dim) if dim and os.path.getsize(staged.path) else None
     if base is not None:
         update.layout = IndexLayout.from_record(base.layout)
         update.trained, update.segments = base.trained, list(base.segments)
@@ -282,13 +282,11 @@ def _index_segments(update, index, base, staged: _Staged, alive: int, run_id: st
         )
         index.write_bytes(update.trained, vector_index.train(update.layout, sample))
     if stored is None or not len(staged.new_ids):
-        del stored
         _discard(staged)
         return update.layout
     trained = index.read_bytes(update.trained)
     blob = vector_index.encode_rows(trained, staged.new_ids, stored, staged.new_rows)
     index.write_bytes(f"segments/{name}.faiss", blob)
-    del stored
     ids_path = os.path.join(staged.folder, "ids.npy")
     np.save(ids_path, np.stack([staged.new_ids, staged.new_rows.astype(np.int64)], axis=1))
     index.put_file(staged.path, f"segments/{name}.vectors")

@@ -218,6 +218,35 @@ def record_table(uri: str, snapshot) -> dict:
     }
 
 
+class RowFile:
+    """A raw file of float16 rows, read on demand with positioned reads: only the rows asked
+    for enter memory (a memory map would count every page it touched as resident)."""
+
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim = path, dim
+        self.row_bytes = 2 * dim
+
+    def __len__(self) -> int:
+        return os.path.getsize(self.path) // self.row_bytes if self.dim else 0
+
+    def __getitem__(self, positions) -> np.ndarray:
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        out = np.empty((len(positions), self.dim), np.float16)
+        if not len(positions):
+            return out
+        order = np.argsort(positions, kind="stable")
+        ranked = positions[order]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1] + 1])  # runs of consecutive rows
+        ends = np.r_[starts[1:], len(ranked)]
+        with open(self.path, "rb", buffering=0) as handle:
+            for first, last in zip(starts.tolist(), ends.tolist()):
+                data = os.pread(
+                    handle.fileno(), (last - first) * self.row_bytes, int(ranked[first]) * self.row_bytes
+                )
+                out[order[first:last]] = np.frombuffer(data, np.float16).reshape(last - first, self.dim)
+        return out
+
+
 class SegmentVectors:
     """Reads the float16 unit vectors of any entries from the version's segment files,
     row by row (only the rows asked for enter memory)."""
@@ -238,10 +267,7 @@ class SegmentVectors:
             position = np.minimum(np.searchsorted(ids, entries), len(ids) - 1)
             inside = remaining & (ids[position] == entries)
             if inside.any():
-                size = os.path.getsize(path) // (2 * self.dim)
-                rows = np.memmap(path, np.float16, "r", shape=(size, self.dim))
-                out[inside] = rows[rows_at[position[inside]]]
-                del rows
+                out[inside] = RowFile(path, self.dim)[rows_at[position[inside]]]
                 remaining &= ~inside
         if remaining.any():
             raise RuntimeError(f"{int(remaining.sum())} index entries have no stored vector")

@@ -34,6 +34,9 @@ PROBES = 16  # cells an IVF query visits (recall: benchmarks/vector_search.py)
 ROWS_PER_LIST = 256  # IVF cells sized so a probe scans about this many codes
 TRAIN_PER_LIST = 40  # k-means sample per cell (FAISS warns below 39)
 QUERY_BLOCK = 20_000  # queries searched and re-ranked at a time
+PAIR_BLOCK = 50_000  # candidate pairs whose vectors are read at a time (230 MB as float32 at 1152-d)
+MAX_LISTS = 16_384  # cells, at most: beyond ~4M vectors the cells grow instead (scan ~ sqrt growth)
+COARSE_DIM = 128  # cells are found in this many PCA dimensions (9x cheaper than 1152 to assign)
 SCREEN_MARGIN = 0.05  # cosine below the floor that a candidate's estimate may still reach
 
 
@@ -68,7 +71,7 @@ def layout_for(vectors: int, dim: int, neighbours: int = NEIGHBOURS, probes: int
     """Flat for few vectors; else an IVF with cells of ~ROWS_PER_LIST vectors (room to grow 4x)."""
     if vectors <= EXACT_LIMIT:
         return IndexLayout("flat", dim, neighbours=neighbours, designed_for=vectors)
-    lists = 2 ** round(math.log2(max(vectors / ROWS_PER_LIST, 64)))
+    lists = min(2 ** round(math.log2(max(vectors / ROWS_PER_LIST, 64))), MAX_LISTS)
     return IndexLayout(
         "ivf-pq",
         dim,
@@ -91,30 +94,59 @@ def _faiss():
     return faiss
 
 
-def _empty(layout: IndexLayout):
-    faiss = _faiss()
-    if layout.kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(layout.dim))
-    spec = f"IVF{layout.lists},PQ{layout.subquantizers}x4fs"
-    return faiss.index_factory(layout.dim, spec, faiss.METRIC_INNER_PRODUCT)
-
-
 def train(layout: IndexLayout, sample: np.ndarray, seed: int = 0) -> bytes:
     """The trained, empty index (cells and codebooks) from unit vectors, serialised."""
     faiss = _faiss()
-    index = _empty(layout)
-    if layout.kind != "flat":
-        rng = np.random.default_rng(seed)
-        take = min(len(sample), TRAIN_PER_LIST * layout.lists)
-        rows = np.sort(rng.choice(len(sample), size=take, replace=False))
-        faiss.extract_index_ivf(index).cp.seed = seed
-        index.train(np.ascontiguousarray(sample[rows], np.float32))
+    if layout.kind == "flat":
+        return bytes(faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatIP(layout.dim))))
+    rng = np.random.default_rng(seed)
+    take = min(len(sample), TRAIN_PER_LIST * layout.lists)
+    points = np.ascontiguousarray(
+        sample[np.sort(rng.choice(len(sample), size=take, replace=False))], np.float32
+    )
+    quantizer = _cells(layout, points, seed)
+    index = faiss.IndexIVFPQFastScan(
+        quantizer, layout.dim, layout.lists, layout.subquantizers, 4, faiss.METRIC_INNER_PRODUCT
+    )
+    index.by_residual = False  # codes of the vectors themselves: the cells live in PCA space
+    index.own_fields = True
+    quantizer.this.disown()  # the index frees it
+    index.train(points)  # the cells are trained: only the PQ codebooks are
     return bytes(faiss.serialize_index(index))
 
 
-def encode_rows(trained: bytes, ids: np.ndarray, stored: np.ndarray, rows: np.ndarray) -> bytes:
+def _cells(layout: IndexLayout, points: np.ndarray, seed: int):
+    """The coarse quantizer: k-means cells, found in the top COARSE_DIM principal directions
+    when the vectors are wider (assigning a vector costs lists x COARSE_DIM, not lists x dim;
+    a near-copy stays near in the projection)."""
+    faiss = _faiss()
+    kmeans = faiss.Kmeans(
+        min(layout.dim, COARSE_DIM) if layout.dim > 2 * COARSE_DIM else layout.dim,
+        layout.lists,
+        niter=10,
+        seed=seed,
+        max_points_per_centroid=TRAIN_PER_LIST,
+    )
+    if layout.dim <= 2 * COARSE_DIM:
+        kmeans.train(points)
+        flat = faiss.IndexFlatL2(layout.dim)
+        flat.add(kmeans.centroids)
+        return flat
+    pca = faiss.PCAMatrix(layout.dim, COARSE_DIM)
+    pca.train(points[: min(len(points), 65_536)])
+    kmeans.train(pca.apply(points))
+    flat = faiss.IndexFlatL2(COARSE_DIM)
+    flat.add(kmeans.centroids)
+    quantizer = faiss.IndexPreTransform(pca, flat)
+    quantizer.own_fields = True
+    pca.this.disown()
+    flat.this.disown()
+    return quantizer
+
+
+def encode_rows(trained: bytes, ids: np.ndarray, stored, rows: np.ndarray) -> bytes:
     """A segment: stored[rows] (unit vectors) under ids, coded with the trained index's
-    codebooks, a block at a time (stored may be a memory map of a file larger than memory)."""
+    codebooks, a block at a time (stored: an array, or a RowFile larger than memory)."""
     faiss = _faiss()
     index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
     for start in range(0, len(ids), QUERY_BLOCK):
@@ -214,9 +246,14 @@ def _exact(q: np.ndarray, q_ids: np.ndarray, a: np.ndarray, b: np.ndarray, vecto
     if not len(a):
         return np.zeros(0, np.float32)
     position = np.searchsorted(q_ids, a) if _sorted(q_ids) else _positions(q_ids, a)
-    wanted, inverse = np.unique(b, return_inverse=True)
-    found = np.asarray(vectors_of(wanted), np.float32)
-    return np.einsum("ij,ij->i", q[position], found[inverse]).astype(np.float32)
+    out = np.empty(len(a), np.float32)
+    for start in range(0, len(a), PAIR_BLOCK):  # candidates' vectors a block at a time
+        wanted, inverse = np.unique(b[start : start + PAIR_BLOCK], return_inverse=True)
+        found = np.asarray(vectors_of(wanted), np.float32)
+        out[start : start + PAIR_BLOCK] = np.einsum(
+            "ij,ij->i", q[position[start : start + PAIR_BLOCK]], found[inverse.reshape(-1)]
+        )
+    return out
 
 
 def _sorted(ids: np.ndarray) -> bool:
