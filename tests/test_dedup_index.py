@@ -58,6 +58,8 @@ def test_nightly_increments_equal_a_full_rebuild(tmp_path, layout_kind):
     truth = write_planted_table(tags, spec)
     first = run_dedup(tags, str(out))
     assert first.index["mode"] == "full" and first.index["entries_searched"] == first.index["entries"]
+    checked = first.embedding["search_recall"]  # sampled queries against every vector, exactly
+    assert checked["sampled_true"] > 0 and checked["sampled_found"] >= 0.95 * checked["sampled_true"]
     kind = json.loads((out / "_index" / "_current.json").read_text())["layout"]["kind"]
     assert kind == layout_kind
     for night in range(4):

@@ -272,3 +272,17 @@ class SegmentVectors:
         if remaining.any():
             raise RuntimeError(f"{int(remaining.sum())} index entries have no stored vector")
         return out
+
+    def scan(self, wanted: np.ndarray, block: int = 50_000):
+        """(ids, vectors) of the wanted entries (sorted ids), reading each segment's file
+        in order, a block of rows at a time: every vector once, no random reads."""
+        for path, mapping in zip(self.paths, self.maps):
+            file = RowFile(path, self.dim)
+            row_to_id = np.full(len(file), -1, np.int64)
+            row_to_id[mapping[:, 1]] = mapping[:, 0]
+            at = np.minimum(np.searchsorted(wanted, row_to_id), max(len(wanted) - 1, 0))
+            keep = (row_to_id >= 0) & (wanted[at] == row_to_id) if len(wanted) else row_to_id < -1
+            for start in range(0, len(file), block):
+                mine = np.flatnonzero(keep[start : start + block]) + start
+                if len(mine):
+                    yield row_to_id[mine], file[mine]

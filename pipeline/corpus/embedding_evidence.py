@@ -109,21 +109,21 @@ def sampled_recall(layout, queries, alive, reader, found, floor: float) -> dict:
     rng = np.random.default_rng(2)
     sample = np.sort(rng.choice(queries, size=min(RECALL_QUERIES, len(queries)), replace=False))
     q = reader(sample).astype(np.float32)
-    best = np.full((len(sample), layout.neighbours), -np.inf, np.float32)
-    best_id = np.full((len(sample), layout.neighbours), -1, np.int64)
-    for start in range(0, len(alive), 50_000):
-        ids = alive[start : start + 50_000]
-        sims = q @ reader(ids).astype(np.float32).T
+    parts: tuple[list, list, list] = ([], [], [])
+    for ids, vectors in reader.scan(alive):
+        sims = q @ vectors.astype(np.float32).T
         sims[sample[:, None] == ids[None, :]] = -np.inf
-        both = np.concatenate([best, sims], axis=1)
-        both_id = np.concatenate([best_id, np.broadcast_to(ids, sims.shape)], axis=1)
-        keep = np.argsort(-both, axis=1)[:, : layout.neighbours]
-        best, best_id = np.take_along_axis(both, keep, 1), np.take_along_axis(both_id, keep, 1)
-    true = best >= floor
-    mine = np.isin(found.query, sample)
-    got = set(zip(found.query[mine].tolist(), found.found[mine].tolist()))
-    hits = sum((int(a), int(b)) in got for a, b in zip(np.repeat(sample, true.sum(1)), best_id[true]))
-    return {"queries": int(len(sample)), "sampled_true": int(true.sum()), "sampled_found": int(hits)}
+        rows, cols = np.nonzero(sims >= floor)
+        for out, values in zip(parts, (sample[rows], ids[cols], sims[rows, cols])):
+            out.append(values)
+    query, other, cosine = (np.concatenate(p) for p in parts)
+    order = np.lexsort((-cosine, query))
+    query, other = query[order], other[order]
+    start = np.searchsorted(query, query, "left")  # each query's nearest first: keep `neighbours`
+    true = (np.arange(len(query)) - start) < layout.neighbours
+    width = int(max(other.max(initial=0), found.found.max(initial=0), sample.max(initial=0))) + 1
+    hits = np.isin(query[true] * width + other[true], found.query * width + found.found)
+    return {"queries": int(len(sample)), "sampled_true": int(true.sum()), "sampled_found": int(hits.sum())}
 
 
 def positives_found(update, entry, groups, reader) -> dict:
