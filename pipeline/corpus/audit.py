@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
-from pipeline.corpus.audit_vectors import Batches, column_batches, embedding_leaks, part_batches
+from pipeline.corpus.audit_index import leaks_in_index
+from pipeline.corpus.audit_sides import Side, read_side
+from pipeline.corpus.audit_vectors import embedding_leaks
 from pipeline.corpus.duplicate_signals import (
     EMBEDDING,
     PHASH,
@@ -34,12 +35,9 @@ from pipeline.corpus.duplicate_signals import (
     table_hashes,
 )
 from pipeline.corpus.hamming_search import pairs_touching
-from pipeline.storage.filesystem import filesystem_for, write_atomic
-from pipeline.table.reading import Pieces, read_parquet
-from pipeline.table.tag_table import is_tag_table
+from pipeline.storage.filesystem import write_atomic
 
 log = logging.getLogger(__name__)
-SIGNAL_COLUMNS = ["uri", "sha256", "phash", "phash_hex", "phash_degenerate", "embedding", "split", "error"]
 
 
 @dataclass
@@ -91,134 +89,6 @@ class AuditReport:
 
 
 @dataclass
-class Side:
-    """One side of an audit: its rows' narrow signals, and where their embeddings are read
-    (part by part) when the table does not carry them in memory."""
-
-    table: pa.Table  # uri, sha256, phash, phash_unreliable (and embedding, when in memory)
-    parts: Pieces | None = None
-
-    def batches(self) -> Batches | None:
-        if "embedding" in self.table.column_names:
-            return column_batches(self.table)
-        if self.parts is not None:
-            return part_batches(self.parts, self.table.column("uri").combine_chunks())
-        return None
-
-
-def read_side(
-    uri: str, storage_options: dict | None = None, role: str = "train", tags: str | None = None
-) -> Side:
-    """read_signals without the embedding column: the side's embeddings stay in their parts
-    (the tag table given with a split output, else the input's own), read one at a time."""
-    table = read_signals(uri, storage_options, role, tags, with_embedding=False)
-    source = tags if tags and _is_split(uri, storage_options) else uri
-    parts = None
-    if not source.endswith(".csv"):
-        candidate = Pieces(source, storage_options)
-        parts = candidate if "embedding" in candidate.names else None
-    return Side(table, parts)
-
-
-def _is_split(uri: str, storage_options: dict | None) -> bool:
-    fs, path = filesystem_for(uri, storage_options)
-    if path.endswith("splits.parquet"):
-        return True
-    return (
-        fs.isdir(path)
-        and fs.isfile(path.rstrip("/") + "/splits.parquet")
-        and not is_tag_table(uri, storage_options)
-    )
-
-
-def read_signals(
-    uri: str,
-    storage_options: dict | None = None,
-    role: str = "train",
-    tags: str | None = None,
-    with_embedding: bool = True,
-) -> pa.Table:
-    """uri, sha256, phash (uint64, null where unknown), phash_unreliable, embedding (or
-    null) from any supported input; a split output's train or eval rows, with hashes
-    (and embeddings) joined from tags when given."""
-    fs, path = filesystem_for(uri, storage_options)
-    if fs.isdir(path) and fs.isfile(
-        path.rstrip("/") + "/splits.parquet"
-    ):  # a split output folder (it may hold audits)
-        uri, path = uri.rstrip("/") + "/splits.parquet", path.rstrip("/") + "/splits.parquet"
-    if path.endswith(".csv"):
-        with fs.open(path, "rb") as handle:
-            table = pcsv.read_csv(handle)
-        if "embedding" in table.column_names:
-            raise TagpipeError(
-                f"{uri}: a CSV cannot hold embedding vectors; give Parquet with a list column, "
-                "or drop the embedding column"
-            )
-    else:
-        wanted = SIGNAL_COLUMNS if with_embedding else [c for c in SIGNAL_COLUMNS if c != "embedding"]
-        table = read_parquet(uri, storage_options, wanted, only_present=True)
-    names = set(table.column_names)
-    if not names & {"sha256", "phash", "phash_hex", "embedding"}:
-        raise TagpipeError(f"{uri}: needs sha256, phash or embedding columns (has {sorted(names)})")
-    if "split" in names:
-        split = table.column("split")
-        keep = (
-            pc.equal(split, "train")
-            if role == "train"
-            else pc.invert(pc.is_in(split, pa.array(["train", "held_out"])))
-        )
-        table = table.filter(keep)
-        if tags:
-            table = _join_tags(table, tags, storage_options, with_embedding)
-    elif "error" in names:
-        table = table.filter(pc.is_null(table.column("error")))
-    return _normalised(table, uri)
-
-
-def _join_tags(table: pa.Table, tags: str, storage_options: dict | None, with_embedding: bool) -> pa.Table:
-    """A split's rows with the tag table's phash flag (and embedding), by uri."""
-    wanted = ["uri", "phash_degenerate", "embedding"] if with_embedding else ["uri", "phash_degenerate"]
-    extra = read_parquet(tags, storage_options, wanted, only_present=True)
-    take = pc.index_in(table.column("uri"), extra.column("uri"))  # null: not tagged
-    for name in extra.column_names:
-        if name != "uri":  # Arrow joins do not carry fixed-size lists: taken by position
-            column = extra.column(name).take(take)
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, column)
-            else:
-                table = table.append_column(name, column)
-    return table
-
-
-def _normalised(table: pa.Table, uri: str) -> pa.Table:
-    names = set(table.column_names)
-    n = table.num_rows
-    if "phash" in names and pa.types.is_integer(table.schema.field("phash").type):
-        phash = table.column("phash").cast(pa.uint64())
-    elif "phash" in names or "phash_hex" in names:
-        text = table.column("phash" if "phash" in names else "phash_hex").to_pylist()
-        phash = pa.array([int(h, 16) if h else None for h in text], pa.uint64())
-    else:
-        phash = pa.nulls(n, pa.uint64())
-    flagged = (
-        table.column("phash_degenerate").fill_null(False)
-        if "phash_degenerate" in names
-        else pa.array([False] * n)
-    )
-    columns = {
-        "uri": table.column("uri")
-        if "uri" in names
-        else pa.array([f"{uri}#{i}" for i in range(n)], pa.string()),
-        "sha256": table.column("sha256").cast(pa.string()) if "sha256" in names else pa.nulls(n, pa.string()),
-        "phash": phash,
-        "phash_unreliable": flagged,
-    }
-    if "embedding" in names:
-        columns["embedding"] = table.column("embedding")
-    return pa.table(columns)
-
-
-@dataclass
 class _Found:
     """Leaks by one signal: eval rows, their train rows, and how close."""
 
@@ -234,15 +104,29 @@ def audit(
     evaluation: pa.Table | Side,
     max_distance: int,
     embedding_threshold: float | str | None = "auto",
+    dedup: str | None = None,
+    output: str | None = None,
+    storage_options: dict | None = None,
 ) -> tuple[pa.Table, AuditReport]:
     """(leaks: eval_uri, train_uri, signal, distance, cosine, exact; per eval image and
-    signal, its nearest train image), report."""
+    signal, its nearest train image), report. dedup: a dedup output whose index holds both
+    sides' embeddings (a split made from it): searched there, and with output, only what
+    changed since the audit last wrote there (pipeline/corpus/audit_index.py)."""
     train, evaluation = _side(train), _side(evaluation)
     t, e = train.table, evaluation.table
     report = AuditReport(train_images=t.num_rows, eval_images=e.num_rows, max_distance=max_distance)
     found = [_sha256_leaks(t, e)]
     phash, phash_checked = _phash_leaks(t, e, max_distance, report)
-    emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
+    indexed = None
+    if dedup and isinstance(embedding_threshold, float):
+        indexed = leaks_in_index(
+            dedup, t.column("uri").combine_chunks(), e.column("uri").combine_chunks(), embedding_threshold,
+            output, storage_options,
+        )  # fmt: skip
+    if indexed is not None:
+        emb, emb_checked = _indexed(indexed, report)
+    else:
+        emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
     report.unchecked = int((~(phash_checked | emb_checked)).sum())
     return _leak_table(t, e, found + [phash, emb], report), report
 
@@ -328,6 +212,14 @@ def _embedding_leaks(
     return _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine), checked
 
 
+def _indexed(found, report) -> tuple[_Found, np.ndarray]:
+    report.embedding = {**found.decision.record(), "index": found.facts}
+    report.train_not_usable[EMBEDDING] = report.train_images - found.train_usable
+    report.not_checked[EMBEDDING] = int((~found.checked).sum())
+    distance = np.full(len(found.eval_row), -1, np.int64)
+    return _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine), found.checked
+
+
 def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], report) -> pa.Table:
     signal_rank = {SHA256: 0, PHASH: 1, EMBEDDING: 2}
     e = np.concatenate([f.eval_row for f in found]).astype(np.int64)
@@ -368,6 +260,7 @@ def run_audit(
     storage_options: dict | None = None,
     tags: str | None = None,
     embedding_threshold: float | str | None = "auto",
+    dedup: str | None = None,
 ) -> tuple[pa.Table, AuditReport]:
     if not 0 <= max_distance <= 32:
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
@@ -376,6 +269,9 @@ def run_audit(
         read_side(evaluation, storage_options, "eval", tags),
         max_distance,
         embedding_threshold,
+        dedup,
+        output,
+        storage_options,
     )
     if output:
         path = output.rstrip("/")

@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import SPLITS_SCHEMA, conform
-from pipeline.corpus.audit import audit, read_signals
+from pipeline.corpus.audit import audit
+from pipeline.corpus.audit_sides import read_signals
 from pipeline.corpus.split_columns import (
     Tagged,
     cluster_codes,

@@ -191,18 +191,22 @@ def search(
     floor: float,
     live: Callable[[np.ndarray], np.ndarray] | None = None,
     queries_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    allowed: np.ndarray | None = None,
 ) -> Neighbours:
     """Each query's nearest neighbours (not itself, only `live` ones) with exact cosine >= floor.
 
     query_ids: ids searched a block at a time; vectors_of(ids): the unit float16 vectors of
     any indexed ids (the candidates', for the exact re-ranking, and the queries' unless
-    queries_of gives them: queries that are not in the index, under ids apart from its own)."""
+    queries_of gives them: queries that are not in the index, under ids apart from its own).
+    allowed: only these indexed ids are candidates (FAISS's IDSelectorBatch, applied while
+    scanning, so the nearest allowed vectors are found, not the nearest filtered after)."""
+    selector = _faiss().IDSelectorBatch(np.asarray(allowed, np.int64)) if allowed is not None else None
     parts: tuple[list, list, list] = ([], [], [])
     reranked = 0
     for start in range(0, len(query_ids), QUERY_BLOCK):
         q_ids = np.asarray(query_ids[start : start + QUERY_BLOCK], np.int64)
         q = np.ascontiguousarray((queries_of or vectors_of)(q_ids), np.float32)
-        a, b, estimate = _candidates(index, layout, q_ids, q)
+        a, b, estimate = _candidates(index, layout, q_ids, q, selector)
         keep = b != a
         if live is not None:
             keep &= live(b)
@@ -223,10 +227,13 @@ def search(
     )
 
 
-def _candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray):
+def _candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray, selector=None):
     faiss = _faiss()
     k = min(layout.neighbours + 1, index.ntotal)  # +1: a query usually finds itself
-    params = faiss.SearchParametersIVF(nprobe=layout.probes) if layout.kind != "flat" else None
+    if layout.kind != "flat":
+        params = faiss.SearchParametersIVF(nprobe=layout.probes, sel=selector)
+    else:
+        params = faiss.SearchParameters(sel=selector) if selector is not None else None
     scores, found = index.search(q, k, params=params)
     a = np.repeat(q_ids, k)
     b, estimate = found.reshape(-1), scores.reshape(-1)

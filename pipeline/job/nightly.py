@@ -136,6 +136,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
             options,
             tags=cfg.tag.output,
             embedding_threshold=audit_threshold,
+            dedup=cfg.dedup_output if i == 0 else None,  # the split's rows are in dedup's index
         )
         summary.audits[name] = asdict(audit)
         summary.leaks += audit.leaks
