@@ -233,7 +233,24 @@ def command_identical(args) -> None:
     print(f"  edges {edges} for {rows} rows ({edges / rows:.3f} a row)")
 
 
+def _chain(work: Path, tags: str, name: str, mode: str, previous: str | None) -> dict:
+    """dedup, split, audit as a nightly runs them (each in its own process), into work/name."""
+    dedup, splits = str(work / name / "dedup"), str(work / name / "splits")
+    d = _child("dedup", tags, dedup, mode)
+    _print_dedup(f"{name}: dedup ({mode})", d, _child("score", tags, dedup))
+    s = _child("split", tags, dedup, splits, previous or "")
+    a = _child("audit", splits, tags, dedup, str(d["threshold"]))
+    print(
+        f"{name}: split {s['wall_seconds']} s, peak {s['peak_mib']} MiB; audit {a['wall_seconds']} s, "
+        f"peak {a['peak_mib']} MiB, {a['leaks']} leaks, {a['embedding']}",
+        flush=True,
+    )
+    return {"seconds": d["wall_seconds"] + s["wall_seconds"] + a["wall_seconds"]}
+
+
 def command_nightly(args) -> None:
+    """A full build, a nightly's change (1% of rows: half new, a quarter changed, a quarter
+    deleted), the incremental dedup + split + audit, and a rebuild of all three after it."""
     table = _table(args)
     work = Path(args.workdir) / f"nightly-{Path(table).name}"
     shutil.rmtree(work, ignore_errors=True)
@@ -241,34 +258,66 @@ def command_nightly(args) -> None:
     for suffix in (".truth.parquet", ".identical.json"):
         shutil.copy(f"{table}{suffix}", f"{work / 'tags'}{suffix}")
     tags = str(work / "tags")
-    full = _child("dedup", tags, str(work / "dedup"), "full")
-    _print_dedup("full build", full, _child("score", tags, str(work / "dedup")))
+    _chain(work, tags, "run", "full", None)
     change = max(1, args.rows // 100)
-    done = _child(
-        "increment", tags, str(change // 2), str(change // 4), str(change // 4), args.kind, str(args.rows)
+    step = (str(change // 2), str(change // 4), str(change // 4))
+    print(f"nightly change: {_child('increment', tags, *step, args.kind, str(args.rows))}", flush=True)
+    previous = str(work / "previous-splits.parquet")
+    shutil.copy(work / "run" / "splits" / "splits.parquet", previous)
+    nightly = _chain(work, tags, "run", "incremental", previous)
+    rebuilt = _chain(work, tags, "rebuilt", "full", previous)
+    same = _child("compare", str(work / "run"), str(work / "rebuilt"))
+    ratio = nightly["seconds"] / rebuilt["seconds"]
+    print(
+        f"nightly / rebuild (dedup + split + audit): {nightly['seconds']:.1f} / {rebuilt['seconds']:.1f} s "
+        f"= {ratio:.3f}; equal: {same}",
+        flush=True,
     )
-    print(f"nightly change: {done}", flush=True)
-    nightly = _child("dedup", tags, str(work / "dedup"), "incremental")
-    _print_dedup("nightly (incremental)", nightly, _child("score", tags, str(work / "dedup")))
-    rebuilt = _child("dedup", tags, str(work / "rebuilt"), "full")
-    _print_dedup("rebuild after it (--full)", rebuilt, _child("score", tags, str(work / "rebuilt")))
-    same = _child("compare", str(work / "dedup"), str(work / "rebuilt"))
-    ratio = nightly["wall_seconds"] / rebuilt["wall_seconds"]
-    print(f"nightly / rebuild wall: {ratio:.3f}; clusters equal: {same}", flush=True)
+
+
+def step_split(tags: str, dedup: str, output: str, previous: str) -> dict:
+    from pipeline.corpus.split import run_split
+
+    report = run_split(tags, dedup, output, previous=previous or None)
+    return {"sizes": report.sizes}
+
+
+def step_audit(splits: str, tags: str, dedup: str, threshold: str) -> dict:
+    from pipeline.corpus.audit import run_audit
+
+    _, report = run_audit(
+        splits, splits, output=f"{splits}/audit", tags=tags, embedding_threshold=float(threshold), dedup=dedup
+    )
+    return {"leaks": report.leaks, "embedding": report.embedding.get("index", {})}
 
 
 def step_compare(a: str, b: str) -> dict:
     import pyarrow.parquet as pq
 
     def partition(folder):
-        t = pq.read_table(f"{folder}/clusters.parquet", columns=["uri", "cluster_id"])
+        t = pq.read_table(f"{folder}/dedup/clusters.parquet", columns=["uri", "cluster_id"])
         groups: dict = {}
         for uri, cluster in zip(t.column("uri").to_pylist(), t.column("cluster_id").to_pylist()):
             groups.setdefault(cluster, []).append(uri)
         return {frozenset(g) for g in groups.values()}
 
+    def table(folder, name, columns):
+        t = pq.read_table(f"{folder}/{name}", columns=columns)
+        return t.sort_by([(c, "ascending") for c in columns])
+
     left, right = partition(a), partition(b)
-    return {"equal": left == right, "clusters_differing": len(left ^ right)}
+    splits = table(a, "splits/splits.parquet", ["uri", "split"]).equals(
+        table(b, "splits/splits.parquet", ["uri", "split"])
+    )
+    leaks = table(a, "splits/audit/leaks.parquet", ["eval_uri", "train_uri", "signal"]).equals(
+        table(b, "splits/audit/leaks.parquet", ["eval_uri", "train_uri", "signal"])
+    )
+    return {
+        "clusters": left == right,
+        "clusters_differing": len(left ^ right),
+        "splits": splits,
+        "leaks": leaks,
+    }
 
 
 STEPS = {
@@ -277,6 +326,8 @@ STEPS = {
     "score": lambda a: step_score(*a),
     "increment": lambda a: step_increment(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], int(a[5])),
     "compare": lambda a: step_compare(*a),
+    "split": lambda a: step_split(*a),
+    "audit": lambda a: step_audit(*a),
 }
 
 

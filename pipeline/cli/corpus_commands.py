@@ -195,6 +195,12 @@ def audit(
     output: str | None = typer.Option(
         None, "--output", "-o", help="Also write leaks.parquet and audit.json here."
     ),
+    dedup: str | None = typer.Option(
+        None,
+        "--dedup",
+        help="The dedup output the split was made from: embeddings are searched in its index (with a "
+        "cosine threshold), and with --output only what changed since the last audit written there.",
+    ),
     storage_options: StorageOptions = None,
     show: int = typer.Option(20, help="Leaks to list on the terminal."),
 ) -> None:
@@ -206,7 +212,7 @@ def audit(
     _setup()
     threshold = parse_embedding_threshold(embedding_threshold)
     leaks, report = run_audit(
-        train, eval, max_distance, output, _storage_options(storage_options), tags, threshold
+        train, eval, max_distance, output, _storage_options(storage_options), tags, threshold, dedup
     )
     for row in leaks.slice(0, show).to_pylist():
         if row["signal"] == "sha256":

@@ -1,9 +1,16 @@
 """Work over a whole tagged corpus, after tagging: read tables, write new tables.
 
-Near-duplicate signals (duplicate_signals, with hamming_search for phashes and
-embedding_search for embeddings) feed dedup's clusters; split builds leakage-free splits
-from them and audit checks a split against a train set; export writes captions and JSONL
-(supplement merges human tags with the model's); report renders one HTML page; ood fits
-the out-of-distribution reference; review ranks images for a human look (review_rank the
-rankings, review_output the queue file and its page).
+Rows come in as narrow columns (corpus_rows) with embeddings read part by part. dedup's
+exact signals (duplicate_signals, with hamming_search for phashes) and its embedding
+signal (vector_index, the FAISS index; duplicate_index, that index kept between runs;
+dedup_vectors, bringing it up to date; embedding_evidence and embedding_threshold, the
+threshold and what the search found) give clusters (cluster_table writes them). split
+builds leakage-free splits from them (split_columns); audit checks a split against a
+train set (audit_sides reads its inputs; audit_vectors and audit_index search eval
+embeddings among train ones). export writes captions and JSONL (export_rows,
+export_text; supplement merges human tags with the model's); report renders one HTML
+page; ood fits the out-of-distribution reference; review ranks images for a human look
+(review_rank the rankings, review_output the queue file and its page); source_tags,
+label_settings and label_quality compare source tags with the model; drift compares
+versions.
 """

@@ -248,7 +248,8 @@ def apply_increment(uri: str, spec: PlantedSpec, step: Increment, truth: Truth) 
         truth,
         sources,
     )
-    replaced = _block(spec, start + step.added, step.changed, rng, None, Truth())
+    unplanted = PlantedSpec(**{**spec.__dict__, "copy_share": 0.0})  # new bytes, no new copies
+    replaced = _block(unplanted, start + step.added, step.changed, rng, _centres(spec), Truth())
     replaced = replaced.set_column(0, "uri", pa.array(changed_uris, pa.string()))
     new_rows = pa.concat_tables([block, replaced])
     files.append(table.write_part(f"data/planted/part-v{base.version + 1}-new.parquet", new_rows))
