@@ -180,7 +180,10 @@ def run_dedup(
     exact = _exact(rows, index, usable_base, max_distance)
     known = _graph(rows, exact, None, None)
     timings["exact"] = _lap(started)
-    vectors = update_vectors(rows, index, usable_base, embedding_threshold, known, run_id, _edits(rows))
+    next_version = (base.version if base else 0) + 1
+    vectors = update_vectors(
+        rows, index, usable_base, embedding_threshold, known, run_id, _edits(rows), next_version
+    )
     timings["embedding"] = _lap(started) - timings["exact"]
     labels = _graph(rows, exact, vectors, vectors.decision.threshold)
     summary = _summary(rows, exact, vectors, labels, max_distance)

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,7 @@ from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.corpus.vector_index import IndexLayout
 
 log = logging.getLogger(__name__)
+INCREMENTAL_PROBES = 4
 
 
 @dataclass
@@ -89,9 +90,11 @@ def update_vectors(
     groups: np.ndarray,
     run_id: str,
     edits: dict[str, np.ndarray] | None = None,
+    version: int = 1,
 ) -> VectorUpdate:
     """The embedding side of a dedup run. groups: each row's component by sha256 and phash
-    (known copies: left out of the negatives, and the positives when no edits exist)."""
+    (known copies: left out of the negatives, and the positives when no edits exist);
+    version: the index version this run will commit (where a recall check was made)."""
     if setting is None or not rows.has_embedding:
         reason = "--embedding-threshold off" if setting is None else "the table has no embedding column"
         empty = np.zeros(0, np.int64)
@@ -137,7 +140,9 @@ def update_vectors(
         update.decision.floor = update.decision.threshold
     floor = update.decision.floor
     started = time.monotonic()
-    found = vector_index.search(faiss_index, layout, queries, reader, floor, is_live)
+    found = vector_index.search(
+        faiss_index, _searching(layout, previous.base_used), queries, reader, floor, is_live
+    )
     update.facts.update(
         search_seconds=round(time.monotonic() - started, 2),
         entries=int(len(alive)),
@@ -148,12 +153,23 @@ def update_vectors(
     )
     _merge_pairs(update, previous, found, is_live, floor)
     started = time.monotonic()
-    update.decision.search_recall = {
-        **sampled_recall(layout, queries, alive, reader, found, floor),
-        **positives_found(update, entry, groups, reader),
-    }
+    measured = base.threshold.get("search_recall", {}) if previous.base_used and base else {}
+    if not measured.get("queries"):  # an exact check reads every vector: at full builds only
+        measured = {**sampled_recall(layout, queries, alive, reader, found, floor), "index_version": version}
+    if previous.base_used and measured.get("hash_confirmed_reaching") is not None:
+        update.decision.search_recall = measured  # an update carries the full build's checks
+    else:
+        update.decision.search_recall = {**measured, **positives_found(update, entry, groups, reader)}
     update.facts["recall_check_seconds"] = round(time.monotonic() - started, 2)
     return update
+
+
+def _searching(layout: IndexLayout, incremental: bool) -> IndexLayout:
+    """An update's few queries probe INCREMENTAL_PROBES x the cells: a full build finds a pair
+    from either row's query, an update only from the new row's, so it looks wider."""
+    if not incremental or layout.kind == "flat":
+        return layout
+    return replace(layout, probes=min(layout.lists, INCREMENTAL_PROBES * layout.probes))
 
 
 # ---- the previous version -------------------------------------------------------------

@@ -27,15 +27,21 @@ RECALL_QUERIES = 500  # sampled queries checked against every vector, exactly
 def decide(
     setting, base, faiss_index, layout, alive, reader, entry, groups, rows, edits
 ) -> ThresholdDecision:
-    positives, kind = _positive_cosines(entry, groups, reader, edits)
     pairs = int(len(alive) * vector_index.compared_per_query(layout, len(alive)))
-    if base is not None:
+    if base is not None:  # an update keeps the threshold and what was measured of it
         decision = ThresholdDecision.from_record(base.threshold)
         decision.chosen_by = "kept" if decision.chosen_by != "given" else "given"
-        if setting not in ("auto", None):
-            decision.threshold, decision.chosen_by = float(setting), "given"
         decision.pairs_compared = pairs
+        if setting in ("auto", None) or float(setting) == decision.threshold:
+            if decision.tail and decision.threshold is not None:
+                decision.expected_false_edges = thresholds.expected_false_edges(
+                    decision.tail, decision.threshold, max(pairs, 1)
+                )
+            return decision
+        decision.threshold, decision.chosen_by = float(setting), "given"
+        positives, kind = _positive_cosines(entry, groups, reader, edits)
         return thresholds.measured(decision, positives, kind, _edit_cosines(edits))
+    positives, kind = _positive_cosines(entry, groups, reader, edits)
     negatives, denominator = _negative_cosines(faiss_index, layout, alive, reader, entry, groups)
     if setting == "auto":
         decision = thresholds.choose(

@@ -19,8 +19,8 @@ too (a duplicate-heavy corpus has many), so the pairs sha256 or phash joined are
 out, and so is everything from where the known copies start (their 5% quantile), or
 lower, from the jump in the tail that leads up to it (copies of copies: see `tail_fit`).
 The rest is fitted with a generalised Pareto distribution over a high level, told where
-the data stop (the peaks-over-threshold method of extreme-value statistics), extrapolated to the
-budget (`budget_threshold`). With no known copies nothing is cut: copies nobody found
+the data stop (the peaks-over-threshold method of extreme-value statistics), extrapolated
+to the budget (`budget_threshold`). With no known copies nothing is cut: copies nobody found
 then thicken the fitted tail, which raises the threshold (fewer edges, never more).
 
 auto then takes the highest recall within the budget, and, among thresholds that keep
@@ -110,6 +110,8 @@ class ThresholdDecision:
                 f"({s['sampled_found']} of {s['sampled_true']} true neighbours "
                 f"of {s['queries']} sampled queries)"
             )
+        if s.get("index_version"):
+            parts.append(f"searches checked at index version {s['index_version']}")
         if self.reason:
             parts.append(f"warning: {self.reason}")
         return "; ".join(parts)
