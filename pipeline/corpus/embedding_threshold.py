@@ -51,6 +51,7 @@ COPIES_QUANTILE = 0.05  # known copies from this quantile up (or a jump below it
 JUMP = 3.0
 JUMP_REACH = 0.2  # a jump landing this far below the known copies still starts the copies
 MIN_EXCEEDANCES = 50  # sampled pairs above u, at least, to fit the tail
+MIN_SHAPE = 30  # planted edits, at least, to take copies out by their shape
 FIT_DECADES = 1.0  # the tail fitted: this much survival above its deepest clean level
 
 
@@ -117,7 +118,12 @@ class ThresholdDecision:
         return "; ".join(parts)
 
 
-def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None = None) -> dict:
+def tail_fit(
+    cosines: np.ndarray,
+    denominator: float,
+    copies_from: float | None = None,
+    copies_shape: np.ndarray | None = None,
+) -> dict:
     """The unrelated pairs' upper tail, as a generalised Pareto distribution over the sampled
     cosines above a high level u (peaks over threshold: scipy's genpareto, fitted by maximum
     likelihood), leaving out the copies' part of the tail.
@@ -134,13 +140,25 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
     exponential) is not taken: a few hundred exceedances cannot show a bound, and a light
     tail assumed wrongly lets false edges through (a Gaussian's tail fits at about -0.2 and
     then underestimates the pairs past 4 sigma forty-fold). The fit knows the data stop at
-    the cut (`_truncated_fit`)."""
+    the cut (`_truncated_fit`).
+
+    copies_shape: the planted edits' cosines (how copies of this corpus's images look to
+    this model). Then the copies are taken out by their expected count instead: as many
+    sampled pairs as copies of that shape would put in each cosine bin below its median,
+    scaled by the pairs above the median (nearly all copies), are left out, and the cut is
+    at the median (`_without_copies`). A corpus that is a tenth copies, whose heavy edits
+    reach down among unrelated pairs, keeps its unrelated tail."""
 
     ranked = np.sort(np.asarray(cosines, np.float64))[::-1]
     top = len(ranked) / denominator
     if len(ranked) < MIN_EXCEEDANCES or top <= MIN_TAIL_PAIRS / denominator * 10:
         return {}
-    cut = np.inf if copies_from is None else _copies_cut(ranked, denominator, float(copies_from))
+    removed = 0
+    if copies_shape is not None and len(copies_shape) >= MIN_SHAPE:
+        cut = float(np.median(copies_shape))
+        ranked, removed = _without_copies(ranked, np.asarray(copies_shape, np.float64), cut)
+    else:
+        cut = np.inf if copies_from is None else _copies_cut(ranked, denominator, float(copies_from))
     clean = ranked[ranked < cut]
     deepest = (len(ranked) - len(clean) + MIN_TAIL_PAIRS) / denominator
     if len(clean) < MIN_EXCEEDANCES or deepest * 10**FIT_DECADES > top:
@@ -158,8 +176,31 @@ def tail_fit(cosines: np.ndarray, denominator: float, copies_from: float | None 
         "shape": float(shape),
         "scale": float(scale),
         "exceedances": int(len(excess)),
-        "copies_from": None if copies_from is None else float(cut),
+        "copies_from": None if not np.isfinite(cut) else float(cut),
+        "copies_removed": int(removed),
     }
+
+
+def _without_copies(ranked: np.ndarray, shape: np.ndarray, cut: float) -> tuple[np.ndarray, int]:
+    """The sampled cosines (descending) less the copies expected below `cut`: copies of the
+    planted edits' shape number (pairs at or above cut) / (share of the shape at or above
+    it); each of 50 bins below the cut loses its expected share of them, at random (seeded)."""
+    above = int((ranked >= cut).sum())
+    share = float((shape >= cut).mean())
+    if not above or share <= 0:
+        return ranked, 0
+    copies = above / share
+    low = float(min(ranked.min(initial=cut), shape.min()))
+    edges = np.linspace(low, cut, 51)
+    expected = copies * np.histogram(shape[shape < cut], edges)[0] / len(shape)
+    rng = np.random.default_rng(0)
+    keep = np.ones(len(ranked), bool)
+    bins = np.clip(np.searchsorted(edges, ranked, "right") - 1, 0, 49)
+    for b in np.flatnonzero(expected >= 0.5):
+        members = np.flatnonzero((bins == b) & (ranked < cut))
+        drop = min(len(members), int(round(expected[b])))
+        keep[rng.choice(members, size=drop, replace=False)] = False
+    return ranked[keep], int((~keep).sum())
 
 
 def _truncated_fit(excess: np.ndarray, limit: float) -> tuple[float, float]:
@@ -238,7 +279,8 @@ def choose(
     copies_from = _copies_from(positives)
     # known copies among the unrelated pairs' own cosines (an embedding that does not separate
     # them) would cut the tail away: then it is fitted whole, and the recall below says why
-    decision.tail = tail_fit(negatives, negatives_denominator, copies_from) or tail_fit(
+    shape = np.concatenate(list(edits.values())) if edits else None
+    decision.tail = tail_fit(negatives, negatives_denominator, copies_from, shape) or tail_fit(
         negatives, negatives_denominator
     )
     if not decision.tail:
