@@ -41,9 +41,15 @@ def dedup(
         help="Rebuild the index in OUTPUT/_index from scratch (default: update it with the rows that "
         "changed since its last version).",
     ),
+    partitions: int = typer.Option(
+        1,
+        min=1,
+        help="Search the index as this many partitions, each a Ray actor on the node that holds it "
+        "(a full build cuts its vectors into this many segments); 1: in this process, no Ray.",
+    ),
     storage_options: StorageOptions = None,
     ray_address: str | None = typer.Option(
-        None, help="Accepted for scripts that pass it; dedup runs in this process."
+        None, help="The Ray cluster the partitions run on (default: a local Ray; only with --partitions > 1)."
     ),
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -55,7 +61,14 @@ def dedup(
     _setup(verbose, quiet, log_format)
     threshold = parse_embedding_threshold(embedding_threshold)
     summary = run_dedup(
-        tags, output, max_distance, _storage_options(storage_options), ray_address, threshold, full
+        tags,
+        output,
+        max_distance,
+        _storage_options(storage_options),
+        ray_address,
+        threshold,
+        full,
+        partitions,
     )
     _emit(summary)
     for giant in summary.giant_clusters:

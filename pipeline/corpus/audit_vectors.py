@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 from pipeline.corpus import embedding_threshold as thresholds
 from pipeline.corpus import vector_index
 from pipeline.corpus.corpus_rows import matrix_of
-from pipeline.corpus.dedup_vectors import DIGEST, digests_of
 from pipeline.corpus.duplicate_index import RowFile
 from pipeline.corpus.embedding_evidence import hash_confirmed_pairs
 from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.index_segments import DIGEST, digests_of
 from pipeline.table.reading import Pieces
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # row positions, vectors, valid

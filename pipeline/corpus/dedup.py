@@ -159,17 +159,20 @@ def run_dedup(
     ray_address: str | None = None,
     embedding_threshold: float | str | None = "auto",
     full: bool = False,
+    partitions: int = 1,
 ) -> DedupSummary:
     """Clusters of a tag output into output/clusters.parquet, edges.parquet, _summary.json,
     updating the index in output/_index from its last version (full: from scratch).
 
     embedding_threshold: a cosine, "auto" (chosen from the data), or None (phash and
-    sha256 only). Rows without an embedding join by sha256 and phash only. ray_address
-    is accepted for the command line's sake; the search runs in this process."""
-    del ray_address
+    sha256 only). Rows without an embedding join by sha256 and phash only. partitions:
+    the index is searched as this many partitions, Ray actors on ray_address's cluster
+    (default a local Ray) when more than one (pipeline/corpus/index_partitions.py)."""
     started = time.monotonic()
     if not 0 <= max_distance <= 32:
         raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
+    if partitions < 1:
+        raise TagpipeError(f"--partitions must be 1 or more, got {partitions}")
     run_id = new_run_id()
     rows = CorpusRows.read(tags, storage_options)
     index = DuplicateIndex(output, storage_options)
@@ -182,7 +185,16 @@ def run_dedup(
     timings["exact"] = _lap(started)
     next_version = (base.version if base else 0) + 1
     vectors = update_vectors(
-        rows, index, usable_base, embedding_threshold, known, run_id, _edits(rows), next_version
+        rows,
+        index,
+        usable_base,
+        embedding_threshold,
+        known,
+        run_id,
+        _edits(rows),
+        next_version,
+        partitions,
+        ray_address,
     )
     timings["embedding"] = _lap(started) - timings["exact"]
     labels = _graph(rows, exact, vectors, vectors.decision.threshold)

@@ -11,11 +11,8 @@ reads every row and searches every entry.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,11 +26,12 @@ from pipeline.corpus.duplicate_index import (
     INDEX_FORMAT,
     DuplicateIndex,
     IndexVersion,
-    RowFile,
     SegmentVectors,
 )
 from pipeline.corpus.embedding_evidence import decide, positives_found, sampled_recall
 from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.index_partitions import PartitionedIndex
+from pipeline.corpus.index_segments import DIGEST, Staged, discard, stage_rows, write_segments
 from pipeline.corpus.vector_index import IndexLayout
 
 log = logging.getLogger(__name__)
@@ -91,10 +89,14 @@ def update_vectors(
     run_id: str,
     edits: dict[str, np.ndarray] | None = None,
     version: int = 1,
+    partitions: int = 1,
+    ray_address: str | None = None,
 ) -> VectorUpdate:
     """The embedding side of a dedup run. groups: each row's component by sha256 and phash
     (known copies: left out of the negatives, and the positives when no edits exist);
-    version: the index version this run will commit (where a recall check was made)."""
+    version: the index version this run will commit (where a recall check was made);
+    partitions: the index's segments are searched as this many partitions, Ray actors
+    spread over the cluster when more than one (pipeline/corpus/index_partitions.py)."""
     if setting is None or not rows.has_embedding:
         reason = "--embedding-threshold off" if setting is None else "the table has no embedding column"
         empty = np.zeros(0, np.int64)
@@ -102,46 +104,62 @@ def update_vectors(
         return VectorUpdate(np.full(rows.count, -1, np.int64), empty, empty, np.zeros(0, np.float32), off)
     previous = _previous(index, base, rows)
     read = np.flatnonzero(previous.needs)
-    entry, staged = _collapse(rows, read, previous, index)
+    entry, staged = stage_rows(rows, read, previous, index)
     new_ids = staged.new_ids
     alive = np.unique(entry[entry >= 0])
     update = VectorUpdate(entry, *_empty_pairs(), ThresholdDecision(None, "auto"))
     update.next_entry = previous.next_entry + len(new_ids)
     update.facts = {"rows": rows.count, "rows_read": int(len(read)), "new_entries": int(len(new_ids))}
     if not len(alive):
-        _discard(staged)
+        discard(staged)
         update.decision = ThresholdDecision(None, "off", reason="no row has a usable embedding")
         return update
     started = time.monotonic()
-    layout = _index_segments(update, index, base if previous.base_used else None, staged, len(alive), run_id)
+    pieces = 1 if previous.base_used else partitions
+    base_used = base if previous.base_used else None
+    layout, segment_of = write_segments(update, index, base_used, staged, len(alive), run_id, pieces)
     reader = SegmentVectors(index, update.segments, layout.dim)
-    faiss_index = vector_index.open_index([index.read_bytes(f"segments/{s}.faiss") for s in update.segments])
-    update.facts["index_seconds"] = round(time.monotonic() - started, 2)
-    is_live = _membership(alive)
-    if not previous.base_used:
-        layout = update.layout = _screened(faiss_index, layout, alive, reader)
-    update.decision = decide(
-        setting,
-        base if previous.base_used else None,
-        faiss_index,
-        layout,
-        alive,
-        reader,
-        entry,
-        groups,
-        rows.count,
-        edits,
+    update.entries = _entries_table(entry, previous, segment_of, staged)
+    sizes = np.bincount(update.entries.column("segment").to_numpy(), minlength=len(update.segments))
+    searched = PartitionedIndex.open(
+        index, update.segments, sizes.tolist(), layout.dim, partitions, ray_address
     )
-    update.entries = _entries_table(entry, previous, staged, update.segments)
-    queries = alive if not previous.base_used else np.intersect1d(new_ids, alive)
-    if update.decision.threshold is None:
-        return update
-    if update.decision.floor is None:
-        update.decision.floor = update.decision.threshold
-    floor = update.decision.floor
+    update.facts["index_seconds"] = round(time.monotonic() - started, 2)
+    update.facts["partitions"] = searched.placement()
+    try:
+        if not previous.base_used:
+            layout = update.layout = _screened(searched, layout, alive, reader)
+        update.decision = decide(
+            setting, base_used, searched, layout, alive, reader, entry, groups, rows.count, edits
+        )
+        queries = alive if not previous.base_used else np.intersect1d(new_ids, alive)
+        if update.decision.threshold is None:
+            return update
+        if update.decision.floor is None:
+            update.decision.floor = update.decision.threshold
+        found = _search(update, searched, layout, queries, reader, alive, previous)
+    finally:
+        searched.close()
     started = time.monotonic()
+    measured = base.threshold.get("search_recall", {}) if previous.base_used and base else {}
+    if not measured.get("queries"):  # an exact check reads every vector: at full builds only
+        floor = update.decision.floor
+        measured = {**sampled_recall(layout, queries, alive, reader, found, floor), "index_version": version}
+    if previous.base_used and measured.get("hash_confirmed_reaching") is not None:
+        update.decision.search_recall = measured  # an update carries the full build's checks
+    else:
+        update.decision.search_recall = {**measured, **positives_found(update, entry, groups, reader)}
+    update.facts["recall_check_seconds"] = round(time.monotonic() - started, 2)
+    return update
+
+
+def _search(update: VectorUpdate, searched, layout, queries, reader, alive, previous: _Previous):
+    """The queries' neighbours at the floor; the update's edges, merged with the kept ones."""
+    started = time.monotonic()
+    is_live = _membership(alive)
+    floor = float(update.decision.floor or 0.0)  # set by the caller before the search
     found = vector_index.search(
-        faiss_index, _searching(layout, previous.base_used), queries, reader, floor, is_live
+        searched, _searching(layout, previous.base_used), queries, reader, floor, is_live
     )
     update.facts.update(
         search_seconds=round(time.monotonic() - started, 2),
@@ -152,16 +170,7 @@ def update_vectors(
         mode="incremental" if previous.base_used else "full",
     )
     _merge_pairs(update, previous, found, is_live, floor)
-    started = time.monotonic()
-    measured = base.threshold.get("search_recall", {}) if previous.base_used and base else {}
-    if not measured.get("queries"):  # an exact check reads every vector: at full builds only
-        measured = {**sampled_recall(layout, queries, alive, reader, found, floor), "index_version": version}
-    if previous.base_used and measured.get("hash_confirmed_reaching") is not None:
-        update.decision.search_recall = measured  # an update carries the full build's checks
-    else:
-        update.decision.search_recall = {**measured, **positives_found(update, entry, groups, reader)}
-    update.facts["recall_check_seconds"] = round(time.monotonic() - started, 2)
-    return update
+    return found
 
 
 def _searching(layout: IndexLayout, incremental: bool) -> IndexLayout:
@@ -173,7 +182,6 @@ def _searching(layout: IndexLayout, incremental: bool) -> IndexLayout:
 
 
 # ---- the previous version -------------------------------------------------------------
-DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
 
 @dataclass
@@ -235,97 +243,6 @@ def _empty_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
 
 
-# ---- entries: read, collapse, stage ---------------------------------------------------
-@dataclass
-class _Staged:
-    folder: str
-    path: str  # every usable vector read, in read order (float16 unit rows)
-    dim: int
-    new_ids: np.ndarray  # new entries, ascending
-    new_rows: np.ndarray  # the row of path holding each new entry's vector
-    new_digests: np.ndarray  # DIGEST per new entry
-
-
-def _collapse(rows: CorpusRows, read: np.ndarray, previous: _Previous, index: DuplicateIndex):
-    """Each read row's entry (an earlier one for a vector seen before, else a new one shared by
-    the rows with its digest), and the staged vectors."""
-    folder = index.staging()
-    path = os.path.join(folder, "vectors")
-    row_parts, digest_parts, dim = [], [], 0
-    with open(path, "wb") as out:
-        for positions, matrix, valid in rows.embeddings(read):
-            unit, usable = vector_index.unit_rows(matrix)
-            usable &= valid
-            dim = dim or unit.shape[1]
-            out.write(np.ascontiguousarray(unit[usable]).tobytes())
-            row_parts.append(positions[usable])
-            digest_parts.append(digests_of(unit[usable]))
-    read_rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
-    digests = np.concatenate(digest_parts) if digest_parts else np.zeros(0, DIGEST)
-    entry = previous.entry.copy()
-    at = np.minimum(np.searchsorted(previous.digests, digests), max(len(previous.digests) - 1, 0))
-    seen = (previous.digests[at] == digests) if len(previous.digests) else np.zeros(len(digests), bool)
-    entry[read_rows[seen]] = previous.digest_entries[at[seen]]
-    fresh, first, inverse = np.unique(digests[~seen], return_index=True, return_inverse=True)
-    new_ids = previous.next_entry + np.arange(len(fresh), dtype=np.int64)
-    entry[read_rows[~seen]] = new_ids[inverse.reshape(-1)]
-    staged_rows = np.flatnonzero(~seen)[first]
-    return entry, _Staged(folder, path, dim, new_ids, staged_rows, fresh)
-
-
-def digests_of(unit: np.ndarray) -> np.ndarray:
-    """blake2b-128 of each float16 row's bytes, as sortable (hi, lo) pairs."""
-    out = np.empty(len(unit), DIGEST)
-    for i, vec in enumerate(unit):
-        digest = hashlib.blake2b(vec.tobytes(), digest_size=16).digest()
-        out[i] = (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"))
-    return out
-
-
-def _index_segments(update, index, base, staged: _Staged, alive: int, run_id: str) -> IndexLayout:
-    """The layout, trained file and segment list after this run's new segment is added."""
-    dim = staged.dim or (IndexLayout.from_record(base.layout).dim if base else 0)
-    name = f"seg-{run_id}-{uuid.uuid4().hex[:8]}"
-    stored = RowFile(staged.path, dim) if dim and os.path.getsize(staged.path) else None
-    if base is not None:
-        update.layout = IndexLayout.from_record(base.layout)
-        update.trained, update.segments = base.trained, list(base.segments)
-    else:
-        update.layout = vector_index.layout_for(alive, dim)
-        update.trained = f"trained-{run_id}.faiss"
-        sample = _sample_rows(
-            stored, staged.new_rows, vector_index.TRAIN_PER_LIST * max(update.layout.lists, 1)
-        )
-        index.write_bytes(update.trained, vector_index.train(update.layout, sample))
-    if stored is None or not len(staged.new_ids):
-        _discard(staged)
-        return update.layout
-    trained = index.read_bytes(update.trained)
-    blob = vector_index.encode_rows(trained, staged.new_ids, stored, staged.new_rows)
-    index.write_bytes(f"segments/{name}.faiss", blob)
-    ids_path = os.path.join(staged.folder, "ids.npy")
-    np.save(ids_path, np.stack([staged.new_ids, staged.new_rows.astype(np.int64)], axis=1))
-    index.put_file(staged.path, f"segments/{name}.vectors")
-    index.put_file(ids_path, f"segments/{name}.ids.npy")
-    _discard(staged)
-    update.segments.append(name)
-    return update.layout
-
-
-def _sample_rows(stored, rows: np.ndarray, size: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    pick = np.sort(rng.choice(rows, size=min(size, len(rows)), replace=False))
-    return np.asarray(stored[pick], np.float32)
-
-
-def _discard(staged: _Staged) -> None:
-    for leftover in (staged.path,):
-        if os.path.exists(leftover):
-            os.unlink(leftover)
-    if os.path.isdir(staged.folder) and not os.listdir(staged.folder):
-        os.rmdir(staged.folder)
-
-
 def _membership(alive: np.ndarray):
     def is_live(ids: np.ndarray) -> np.ndarray:
         at = np.searchsorted(alive, ids)
@@ -356,7 +273,7 @@ def _merge_pairs(update: VectorUpdate, previous: _Previous, found, is_live, floo
     update.facts["edges_new"] = int(len(a) - keep.sum())
 
 
-def _entries_table(entry, previous: _Previous, staged: _Staged, segments) -> pa.Table:
+def _entries_table(entry, previous: _Previous, segment_of: np.ndarray, staged: Staged) -> pa.Table:
     """Every entry ever indexed (dead ones with 0 rows stay: their codes are in a segment)."""
     new_ids = staged.new_ids
     live = np.bincount(entry[entry >= 0], minlength=previous.next_entry + len(new_ids))
@@ -372,11 +289,7 @@ def _entries_table(entry, previous: _Previous, staged: _Staged, segments) -> pa.
             "digest_hi": pa.array(np.r_[old_column("digest_hi", np.uint64), staged.new_digests["hi"]]),
             "digest_lo": pa.array(np.r_[old_column("digest_lo", np.uint64), staged.new_digests["lo"]]),
             "rows": pa.array(live[ids].astype(np.int32)),
-            "segment": pa.array(
-                np.r_[old_column("segment", np.int32), np.full(len(new_ids), len(segments) - 1)].astype(
-                    np.int32
-                )
-            ),
+            "segment": pa.array(np.r_[old_column("segment", np.int32), segment_of].astype(np.int32)),
         },
         schema=ENTRIES_SCHEMA,
     )

@@ -106,6 +106,7 @@ class DuplicateIndex:
     """The `_index` folder of a dedup output: versions, and the files they name."""
 
     def __init__(self, output: str, storage_options: dict | None = None, cache: str | None = None):
+        self.output = output
         self.uri = posixpath.join(output.rstrip("/"), INDEX_DIR)
         self.storage_options = storage_options or {}
         self.fs, self.path = filesystem_for(self.uri, storage_options)

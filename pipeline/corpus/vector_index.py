@@ -201,23 +201,22 @@ def search(
     allowed: only these indexed ids are candidates (FAISS's IDSelectorBatch, applied while
     scanning, so the nearest allowed vectors are found, not the nearest filtered after)."""
     selector = _faiss().IDSelectorBatch(np.asarray(allowed, np.int64)) if allowed is not None else None
+    if selector is not None and hasattr(index, "scored"):
+        raise ValueError("a partitioned index takes no `allowed` selector")
     parts: tuple[list, list, list] = ([], [], [])
     reranked = 0
+    k = min(layout.neighbours + 1, int(index.ntotal))  # +1: a query usually finds itself
     for start in range(0, len(query_ids), QUERY_BLOCK):
         q_ids = np.asarray(query_ids[start : start + QUERY_BLOCK], np.int64)
         q = np.ascontiguousarray((queries_of or vectors_of)(q_ids), np.float32)
-        a, b, estimate = _candidates(index, layout, q_ids, q, selector)
-        keep = b != a
-        if live is not None:
-            keep &= live(b)
-        keep &= _may_reach(layout, estimate, floor)
-        a, b = a[keep], b[keep]
-        if layout.kind == "flat":  # its scores are exact already
-            cosine = estimate[keep]
+        if hasattr(index, "scored"):  # pipeline/corpus/index_partitions.py: scored where held
+            a, b, _, cosine = index.scored(layout, q_ids, q, floor, k)
         else:
-            reranked += len(a)
-            cosine = _exact(q, q_ids, a, b, vectors_of)
-        ok = cosine >= floor
+            a, b, _, cosine = scored_candidates(index, layout, q_ids, q, vectors_of, floor, selector, k)
+        reranked += int(np.count_nonzero(~np.isnan(cosine))) if layout.kind != "flat" else 0
+        ok = cosine >= floor  # NaN (not scored: itself, or cannot reach the floor) is never
+        if live is not None:
+            ok &= live(b)
         for out, values in zip(parts, (a[ok], b[ok], cosine[ok])):
             out.append(values)
     query, found, cosine = (np.concatenate(p) if p else np.zeros(0) for p in parts)
@@ -227,9 +226,12 @@ def search(
     )
 
 
-def _candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray, selector=None):
+def candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray, selector=None, k=None):
+    """(query id, found id, estimated cosine) of each query's k nearest (default: neighbours+1)."""
+    k = k or min(layout.neighbours + 1, int(index.ntotal))
+    if hasattr(index, "scored"):  # partitioned: pipeline/corpus/index_partitions.py
+        return index.candidates(layout, q_ids, q, k)
     faiss = _faiss()
-    k = min(layout.neighbours + 1, index.ntotal)  # +1: a query usually finds itself
     if layout.kind != "flat":
         params = faiss.SearchParametersIVF(nprobe=layout.probes, sel=selector)
     else:
@@ -239,6 +241,24 @@ def _candidates(index, layout: IndexLayout, q_ids: np.ndarray, q: np.ndarray, se
     b, estimate = found.reshape(-1), scores.reshape(-1)
     real = b >= 0
     return a[real], b[real].astype(np.int64), estimate[real]
+
+
+def scored_candidates(index, layout, q_ids, q, vectors_of, floor: float, selector=None, k=None):
+    """candidates() and a fourth array: exact cosines of those that may reach the floor (not
+    the query itself), NaN for the rest. vectors_of reads the candidates' vectors."""
+    a, b, estimate = candidates(index, layout, q_ids, q, selector, k)
+    exact = np.full(len(a), np.nan, np.float32)
+    want = (b != a) & _may_reach(layout, estimate, floor)
+    if layout.kind == "flat":  # its scores are exact already
+        exact[want] = estimate[want]
+    else:
+        exact[want] = _exact(q, q_ids, a[want], b[want], vectors_of)
+    return a, b, estimate, exact
+
+
+def set_threads(threads: int) -> None:
+    """FAISS's OpenMP threads in this process (a Ray actor holding one CPU: 1)."""
+    _faiss().omp_set_num_threads(threads)
 
 
 def _may_reach(layout: IndexLayout, estimate: np.ndarray, floor: float) -> np.ndarray:
@@ -279,7 +299,7 @@ def calibrate_screen(index, layout: IndexLayout, sample_ids, vectors_of) -> Inde
     if layout.kind == "flat" or not len(sample_ids):
         return layout
     q = np.ascontiguousarray(vectors_of(sample_ids), np.float32)
-    a, b, estimate = _candidates(index, replace(layout, screen=()), sample_ids, q)
+    a, b, estimate = candidates(index, replace(layout, screen=()), sample_ids, q)
     exact = _exact(q, np.asarray(sample_ids, np.int64), a, b, vectors_of)
     slope, intercept = np.polyfit(estimate.astype(np.float64), exact.astype(np.float64), 1)
     spread = float(np.std(exact - (slope * estimate + intercept)))
