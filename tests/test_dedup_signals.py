@@ -176,3 +176,22 @@ def test_auto_holds_when_copies_are_common(tmp_path):
     }
     together = sum(clusters[uris[i]] == clusters[uris[300 + i]] for i in range(300))
     assert together >= 297 and summary.clusters >= 300 - 3  # nothing else merged wholesale
+
+
+@pytest.mark.parametrize("fresh_share", [0.01, 0.5])
+def test_pairs_touching_fresh_hashes_equal_the_brute_force_pairs(fresh_share):
+    """The nightly's hash search (few fresh hashes: only keys they share are sorted; many:
+    every key) returns exactly the brute-force pairs with a fresh end, planted near pairs
+    included."""
+    from pipeline.corpus.hamming_search import brute_force_pairs, pairs_touching
+
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(0, 2**63, 6000, dtype=np.uint64)
+    flips = np.bitwise_left_shift(np.uint64(1), rng.integers(0, 64, (600, 4)).astype(np.uint64))
+    hashes[:600] = hashes[600:1200] ^ np.bitwise_xor.reduce(flips, axis=1)  # within 4 bits
+    fresh = rng.random(len(hashes)) < fresh_share
+    a, b = pairs_touching(hashes, fresh, 6)
+    want_a, want_b = brute_force_pairs(hashes, 6)
+    keep = fresh[want_a] | fresh[want_b]
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(want_a[keep].tolist(), want_b[keep].tolist()))
+    assert keep.sum() >= 3

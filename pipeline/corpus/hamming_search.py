@@ -55,11 +55,18 @@ def table_keys(hashes: np.ndarray, bounds: list[tuple[int, int]], chosen: tuple[
     return key
 
 
+def key_order(key: np.ndarray) -> np.ndarray:
+    """The stable sort order of a table's keys, in the narrowest type that holds them: keys
+    of 16 bits or less (t = 2 blocks of 8, up to ~5M hashes at R = 6) radix-sort ~5x faster
+    than as uint64, 32-bit ones ~20%."""
+    top = int(key.max()) if len(key) else 0
+    narrow = key.astype(np.uint16) if top < 2**16 else key.astype(np.uint32) if top < 2**32 else key
+    return np.argsort(narrow, kind="stable")
+
+
 def pairs_in_table(hashes: np.ndarray, key: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Verified pairs (i < j) among hashes that share a key."""
-    order = np.argsort(
-        key.astype(np.uint32) if len(key) and int(key.max()) < 2**32 else key
-    )  # 32-bit sorts ~20% faster
+    order = key_order(key)
     k = key[order]
     n = len(k)
     same_next = k[1:] == k[:-1]  # position p and p+1 share a key
@@ -169,7 +176,7 @@ def pairs_touching(
     found = []
     for chosen in itertools.combinations(range(radius + t), t):
         key = table_keys(hashes, bounds, chosen)
-        order = np.argsort(key, kind="stable")
+        order = key_order(key)
         ranked = key[order]
         lo = np.searchsorted(ranked, key[queries], "left")
         hi = np.searchsorted(ranked, key[queries], "right")
