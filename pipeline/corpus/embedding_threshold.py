@@ -290,8 +290,15 @@ def choose(
         )
         return decision
     budget = max(budget_per_row * rows, MIN_BUDGET_EDGES)
-    edge = min(budget_threshold(decision.tail, budget, max(pairs_compared, 1)), MAX_THRESHOLD)
+    unbounded = budget_threshold(decision.tail, budget, max(pairs_compared, 1))
+    edge = min(unbounded, MAX_THRESHOLD)
     decision.budget_threshold = float(edge)
+    where = (
+        f"at cosine {edge:.3f}, the lowest within the false-edge budget"
+        if unbounded <= MAX_THRESHOLD
+        else f"no cosine up to {MAX_THRESHOLD} keeps the expected false edges within the budget "
+        f"({budget:.2g} expected false edges); at {MAX_THRESHOLD}"
+    )
     chosen = edge
     if len(positives):
         ranked = np.sort(positives)[::-1]
@@ -300,15 +307,16 @@ def choose(
         chosen = max(edge, (edge + float(ranked[keep - 1])) / 2) if best > RECALL_SLACK else edge
         if best < POOR_RECALL:
             decision.reason = (
-                "this embedding does not separate copies from unrelated images here: at cosine "
-                f"{edge:.3f}, the lowest within the false-edge budget, it reaches {best:.0%} of "
-                f"{len(ranked)} {positive_kind}"
+                f"this embedding does not separate copies from unrelated images here: {where}, it "
+                f"reaches {best:.0%} of {len(ranked)} {positive_kind}"
             )
     if edge >= MAX_THRESHOLD:
         decision.reason = "; ".join(
             r
             for r in (
-                "unrelated pairs reach near-identical cosines: only near-identical vectors are joined",
+                "unrelated pairs reach near-identical cosines: only near-identical vectors are joined "
+                "(pairs count as unrelated unless sha256 or phash joins them, so in a corpus of many "
+                "copies, two edits of one image the hashes miss count as unrelated too)",
                 decision.reason,
             )
             if r
