@@ -56,16 +56,19 @@ LogFormatOption = Annotated[
 ]
 
 
-def settings_options(model: type[SettingsModel], only: tuple[str, ...] = ()):
+def settings_options(model: type[SettingsModel], only: tuple[str, ...] = (), required: bool = False):
     """A command decorator: one option per field of a settings model (or the `only`
     ones), spelt, typed and explained as the field says, each None when not given. The
     command receives the given ones as `given` (field name -> value), to lay over a
-    config file's values: the model then validates them all at once."""
+    config file's values: the model then validates them all at once. required: the
+    fields without a default are required options (a command without a config file)."""
     fields = [f for f in settings_fields(model) if f[2].cli and (not only or f[0] in only)]
 
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "given"]
-        options = [_option(name, info, setting) for name, info, setting in fields]
+        options = [
+            _option(name, info, setting, required and info.is_required()) for name, info, setting in fields
+        ]
 
         @functools.wraps(command)
         def run(**kwargs):
@@ -84,7 +87,7 @@ def settings_options(model: type[SettingsModel], only: tuple[str, ...] = ()):
     return decorate
 
 
-def _option(name: str, info, setting) -> inspect.Parameter:
+def _option(name: str, info, setting, required: bool = False) -> inspect.Parameter:
     """A typer option for one settings field: bool flags in pairs, lists repeatable,
     tables as JSON (or the field's own items), enums as their values."""
     base = base_type(info)
@@ -105,7 +108,8 @@ def _option(name: str, info, setting) -> inspect.Parameter:
     else:
         kind = base
     plain = re.sub(r"\[([^]]+)\]\([^)]+\)", r"\1", text).replace("`", "")  # Markdown as plain text
-    option = typer.Option(None, *flags, help=plain, metavar=setting.metavar, show_default=False)
+    default = ... if required else None
+    option = typer.Option(default, *flags, help=plain, metavar=setting.metavar, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
 
 
