@@ -1,6 +1,6 @@
-"""What every command shares: the typer apps, the options several commands take (the tag
-settings' options are built from their fields), and how a command sets up logging,
-prints its result and fails.
+"""What every command shares: the typer apps, the options several commands take (a
+command's settings options are built from its settings model's fields: settings_options),
+and how a command sets up logging, prints its result and fails.
 
 Help is rendered without rich markup (rich_markup_mode=None), so every bracket in a
 help text shows as written; defaults typer prints itself are not repeated in the text.
@@ -42,8 +42,9 @@ model_app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 
-# Options several commands share, defined once. The tag settings' options (tag, rethreshold,
-# nightly) come from their fields: see settings_options.
+# Options several commands share, defined once. The settings' options (tag, rethreshold,
+# nightly, review, dedup, split, audit, export, report's drift) come from their fields: see
+# settings_options.
 StorageOptions = Annotated[str | None, typer.Option(help="fsspec storage options as JSON.")]
 # How a command talks (pipeline/core/logs.py).
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also Ray's and the libraries' INFO lines.")]

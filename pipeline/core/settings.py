@@ -1,6 +1,7 @@
 """Typed settings: each setting is defined once, as a field of a pydantic model.
 
-A settings model (TagJobConfig, NightlyConfig, RuleSettings) declares each field's type,
+A settings model (TagJobConfig, NightlyConfig, RuleSettings, the corpus commands' DedupSettings,
+SplitSettings, AuditSettings, ExportSettings, ReviewSettings) declares each field's type,
 default, constraints and one-line description, plus a `Setting` marker that says how the
 field shows outside Python: its command-line spellings, and which table key it joins
 (see docs/decisions.md for pydantic over msgspec). From that one definition come:

@@ -1,6 +1,8 @@
 """The tag and nightly jobs' settings: one typed field per setting, defined here only.
 
-The same names are keys of a TOML config file ([tag] and [nightly], see configs/) and
+The same names are keys of a TOML config file ([tag] and [nightly], see configs/; the
+nightly's [nightly.dedup], [nightly.split], [nightly.audit] and [nightly.drift] tables are
+the corpus stages' own settings models, pipeline/corpus/*_settings.py and drift.py) and
 (for [tag]) options of `tagpipe tag`; the command line wins. pipeline/cli/common.py builds the
 options from these fields, and the README's options table and the example configs are
 generated from them (`python -m pipeline.cli.docs --write`; tests compare). Each
