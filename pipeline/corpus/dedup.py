@@ -32,7 +32,11 @@ from pipeline.core.schemas import EDGES_SCHEMA, conform
 from pipeline.core.settings import build
 from pipeline.corpus.cluster_table import cluster_table, public_edges, report_giants
 from pipeline.corpus.corpus_rows import CorpusRows
-from pipeline.corpus.dedup_settings import DEFAULT_MAX_DISTANCE, DedupSettings, parse_embedding_threshold
+from pipeline.corpus.dedup_settings import (
+    DEFAULT_MAX_DISTANCE,
+    DedupSettings,
+    parse_embedding_threshold,  # noqa: F401  (importable here as before)
+)
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
     ENTRIES_SCHEMA,
@@ -59,7 +63,6 @@ from pipeline.storage.filesystem import write_atomic
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
-__all__ = ["DEFAULT_MAX_DISTANCE", "DedupSettings", "DedupSummary", "parse_embedding_threshold", "run_dedup"]
 
 
 @dataclass

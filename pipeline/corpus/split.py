@@ -51,13 +51,12 @@ from pipeline.corpus.split_columns import (
     unit_labels,
     unit_of_cluster,
 )
-from pipeline.corpus.split_settings import SplitSettings, parse_ratios
+from pipeline.corpus.split_settings import SplitSettings
 from pipeline.storage.filesystem import write_atomic
 from pipeline.table.reading import read_parquet
 
 log = logging.getLogger(__name__)
 HELD_OUT = "held_out"
-__all__ = ["HELD_OUT", "SplitReport", "SplitSettings", "parse_ratios", "run_split"]
 
 
 @dataclass
