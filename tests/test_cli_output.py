@@ -73,17 +73,18 @@ def test_version_and_short_help():
         assert "..." not in commands and "…" not in commands, commands
 
 
-def test_readme_option_table_matches_the_tag_command():
-    """Every option of `tagpipe tag` is in the README's table and every name there is an
-    option; each config field has an option of the same name."""
+@pytest.mark.parametrize("name", ["tag", "review", "dedup", "split", "audit", "export"])
+def test_readme_option_table_matches_the_command(name):
+    """Every option of the command is in the README's table and every name there is an
+    option; each settings field has an option of the same name."""
 
-    from pipeline.job.settings import TagJobConfig
+    from pipeline.cli.docs import OPTION_TABLES, table_markers
 
-    command = typer.main.get_command(app).commands["tag"]
+    command = typer.main.get_command(app).commands[name]
     options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("`tagpipe tag` options") :]
-    table = table[: table.index("\n\n", table.index("| option |"))]
+    start, end = table_markers(name)
+    table = text[text.index(start) : text.index(end)]
     documented = set()
     for line in table.splitlines():
         if line.startswith("| `"):
@@ -91,9 +92,9 @@ def test_readme_option_table_matches_the_tag_command():
     assert documented == options, (sorted(options - documented), sorted(documented - options))
     from pipeline.core.settings import settings_fields
 
-    for name, _, setting in settings_fields(TagJobConfig):
+    for field, _, setting in settings_fields(OPTION_TABLES[name]):
         if setting.cli:  # [tag.labels] is a table of the config file only
-            assert "--" + name.replace("_", "-") in options, name
+            assert "--" + field.replace("_", "-") in options, field
 
 
 def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monkeypatch):

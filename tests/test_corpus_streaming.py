@@ -322,7 +322,7 @@ def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path, monkeypatch
     tags, uri = _split_case(tmp_path)
     ratios = {"train": 0.5, "val": 0.25, "test": 0.25}
     clusters, previous = str(tmp_path / "clusters.parquet"), str(tmp_path / "previous.parquet")
-    report = run_split(tags, clusters, str(tmp_path / "out"), ratios, seed=7, previous=previous)
+    report = run_split(tags, clusters, str(tmp_path / "out"), ratios=ratios, seed=7, previous=previous)
     drawn = assign(cluster_unit(7, "cluster-D"), ratios)
     want = {"a1": "test", "a2": "val", "b1": "val", "b2": "val", "c1": "train", "c2": HELD_OUT}
     want |= {"c3": HELD_OUT, "c4": "test", "d1": drawn, "d2": drawn}
@@ -349,12 +349,13 @@ def test_split_never_reads_the_embeddings(tmp_path):
     from pipeline.corpus.split import run_split
 
     tags, _ = _split_case(tmp_path)
-    args = (str(tmp_path / "clusters.parquet"), {"train": 0.5, "val": 0.25, "test": 0.25}, 7)
-    run_split(tags, args[0], str(tmp_path / "before"), *args[1:], previous=str(tmp_path / "previous.parquet"))
+    clusters = str(tmp_path / "clusters.parquet")
+    given = {"ratios": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 7}
+    run_split(tags, clusters, str(tmp_path / "before"), **given, previous=str(tmp_path / "previous.parquet"))
     for part in TagTable(tags).snapshot().files:
         _corrupt_column(tmp_path / "tags" / part, "embedding")
     with pytest.raises((OSError, pa.ArrowException)):
         read_parquet(tags)
-    run_split(tags, args[0], str(tmp_path / "after"), *args[1:], previous=str(tmp_path / "previous.parquet"))
+    run_split(tags, clusters, str(tmp_path / "after"), **given, previous=str(tmp_path / "previous.parquet"))
     for name in ("splits.parquet", "_report.json"):
         assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes()

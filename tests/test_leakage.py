@@ -53,7 +53,7 @@ def test_a_metadata_group_never_crosses_splits(tmp_path):
         tags,
         str(tmp_path / "dedup"),
         str(tmp_path / "split"),
-        {"train": 0.5, "val": 0.25, "test": 0.25},
+        ratios={"train": 0.5, "val": 0.25, "test": 0.25},
         group_column="post",
         metadata=str(tmp_path / "meta.parquet"),
     )
@@ -68,7 +68,10 @@ def test_a_metadata_group_never_crosses_splits(tmp_path):
     assert len({r["split_unit"] for r in rows}) == 100 + 200
     # without the groups the same posts would cross splits: the check can fail
     run_split(
-        tags, str(tmp_path / "dedup"), str(tmp_path / "plain"), {"train": 0.5, "val": 0.25, "test": 0.25}
+        tags,
+        str(tmp_path / "dedup"),
+        str(tmp_path / "plain"),
+        ratios={"train": 0.5, "val": 0.25, "test": 0.25},
     )
     plain = {r["uri"]: r["split"] for r in pq.read_table(tmp_path / "plain" / "splits.parquet").to_pylist()}
     assert sum(len({plain[u] for u in posts if posts[u] == p}) > 1 for p in by_post) > 50
@@ -206,7 +209,7 @@ def test_missing_or_foreign_inputs_are_one_line_errors_and_split_folders_read_af
         read_parquet(str(tmp_path / "meta.csv"))
     tags, _ = _tags(tmp_path / "tags", 40)
     run_dedup(tags, str(tmp_path / "dedup"), embedding_threshold=None)
-    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"), {"train": 0.5, "val": 0.5})
+    run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "split"), ratios={"train": 0.5, "val": 0.5})
     with pytest.raises(TagpipeError, match="--metadata needs --group-column"):
         run_split(tags, str(tmp_path / "dedup"), str(tmp_path / "s2"), metadata=str(tmp_path / "meta.csv"))
     run_audit(str(tmp_path / "split"), str(tmp_path / "split"), output=str(tmp_path / "split" / "audit"))

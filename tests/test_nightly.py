@@ -486,10 +486,12 @@ def test_example_nightly_config_parses_and_names_bad_fields(tmp_path):
         and cfg.fail_on_leaks
     )
     bad = tmp_path / "bad.toml"
-    bad.write_text(example.read_text().replace('ratios = "train=0.9,val=0.05,test=0.05"', 'ratios = "val=1"'))
-    with pytest.raises(Exception, match="field nightly.ratios"):
+    ratios = "ratios = { train = 0.9, val = 0.05, test = 0.05 }"
+    assert ratios in example.read_text()
+    bad.write_text(example.read_text().replace(ratios, 'ratios = "val=1"'))
+    with pytest.raises(Exception, match=r"field nightly.split.ratios has a bad value: 'val=1'"):
         load_nightly_config(bad)
-    bad.write_text(example.read_text().replace("\n[nightly.drift]", "max_distanse = 3\n\n[nightly.drift]"))
+    bad.write_text(example.read_text().replace("\n[nightly.dedup]", "max_distanse = 3\n\n[nightly.dedup]"))
     with pytest.raises(Exception, match=r"unknown field\(s\) in \[nightly\]: max_distanse"):
         load_nightly_config(bad)
 

@@ -19,6 +19,10 @@ from pydantic import Field
 from pipeline.cli.docs import generated_docs
 from pipeline.core.errors import ConfigError
 from pipeline.core.settings import KeyRole, Setting, settings_fields
+from pipeline.corpus.audit_settings import AuditSettings
+from pipeline.corpus.dedup_settings import DedupSettings
+from pipeline.corpus.export_settings import ExportSettings
+from pipeline.corpus.split_settings import SplitSettings
 from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.settings import NightlyConfig, TagJobConfig, make_tag_config
 from pipeline.model.bundle import load_bundle
@@ -68,7 +72,10 @@ def _changed(name: str, info):
     raise AssertionError(f"no changed value for {name}: add it to CHANGED")
 
 
-@pytest.mark.parametrize("model", [TagJobConfig, NightlyConfig, RuleSettings])
+@pytest.mark.parametrize(
+    "model",
+    [TagJobConfig, NightlyConfig, RuleSettings, DedupSettings, SplitSettings, AuditSettings, ExportSettings],
+)
 def test_every_field_says_what_it_does_to_keys(model):
     """A settings field without a Setting marker has not said whether it changes rows."""
     for name, info in model.model_fields.items():
@@ -221,7 +228,7 @@ def test_the_example_configs_hold_every_key_and_parse():
     for name in TagJobConfig.model_fields:
         assert f"\n{name} = " in text or f"\n# {name} = " in text or f"\n[tag.{name}]" in text, name
     assert make_tag_config(tag).batch_size == 64
-    assert load_nightly_config(ROOT / "configs" / "nightly.example.toml").max_distance == 6
+    assert load_nightly_config(ROOT / "configs" / "nightly.example.toml").dedup.max_distance == 6
 
 
 def test_the_command_line_wins_and_lists_become_tables():

@@ -80,8 +80,8 @@ def first(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     rows, seeds = _corpus()
     tags = _write_tags(rows, root / "tags")
-    run_dedup(str(tags), str(root / "dedup"), R)
-    report = run_split(str(tags), str(root / "dedup"), str(root / "split"), RATIOS, seed=3)
+    run_dedup(str(tags), str(root / "dedup"), max_distance=R)
+    report = run_split(str(tags), str(root / "dedup"), str(root / "split"), ratios=RATIOS, seed=3)
     return root, rows, seeds, report
 
 
@@ -100,8 +100,8 @@ def test_families_stay_whole_ratios_hold_and_runs_repeat(first, tmp_path):
             abs(report.fractions[name] - share) <= 4 * np.sqrt(share * (1 - share) / report.clusters) * 1.2
         ), report.fractions
     shuffled = _write_tags(rows, tmp_path / "tags", shuffle_seed=1)
-    run_dedup(str(shuffled), str(tmp_path / "dedup"), R)
-    run_split(str(shuffled), str(tmp_path / "dedup"), str(tmp_path / "split"), RATIOS, seed=3)
+    run_dedup(str(shuffled), str(tmp_path / "dedup"), max_distance=R)
+    run_split(str(shuffled), str(tmp_path / "dedup"), str(tmp_path / "split"), ratios=RATIOS, seed=3)
     assert pq.read_table(tmp_path / "split" / "splits.parquet").equals(
         pq.read_table(root / "split" / "splits.parquet")
     )
@@ -135,12 +135,12 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
         crossing += before[f"s3://b/f{a:04d}/c0.jpg"] != before[f"s3://b/f{b:04d}/c0.jpg"]
     assert len(grown) - len(rows) >= 0.1 * len(rows) and crossing > 0  # 10% new images, some bridging
     tags = _write_tags(grown, tmp_path / "tags")
-    run_dedup(str(tags), str(tmp_path / "dedup"), R)
+    run_dedup(str(tags), str(tmp_path / "dedup"), max_distance=R)
     report = run_split(
         str(tags),
         str(tmp_path / "dedup"),
         str(tmp_path / "split"),
-        RATIOS,
+        ratios=RATIOS,
         seed=3,
         previous=str(root / "split" / "splits.parquet"),
     )
@@ -149,7 +149,7 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
     assert len(report.bridges) == crossing  # every bridge across splits reported
     assert sum(1 for u, s in after.items() if s == HELD_OUT) == crossing
     _, audit_report = run_audit(
-        str(tmp_path / "split" / "splits.parquet"), str(tmp_path / "split" / "splits.parquet"), R
+        str(tmp_path / "split" / "splits.parquet"), str(tmp_path / "split" / "splits.parquet"), max_distance=R
     )
     assert audit_report.leaks == 0 and audit_report.eval_images > 0
 
@@ -165,14 +165,16 @@ def test_exclude_keeps_an_existing_train_set_out_of_eval(first, tmp_path):
         str(root / "tags"),
         str(root / "dedup"),
         str(tmp_path / "split"),
-        RATIOS,
+        ratios=RATIOS,
         seed=3,
         exclude=[str(tmp_path / "old_train.parquet")],
     )
     after = _split_of(tmp_path / "split")
     moved = {r["family"] for r in rows if r["family"] in eval_families and after[r["uri"]] == "train"}
     assert moved == set(eval_families) and report.forced_train_by_exclude == len(eval_families)
-    _, leaks = run_audit(str(tmp_path / "old_train.parquet"), str(tmp_path / "split" / "splits.parquet"), R)
+    _, leaks = run_audit(
+        str(tmp_path / "old_train.parquet"), str(tmp_path / "split" / "splits.parquet"), max_distance=R
+    )
     assert leaks.leaks == 0
 
 
@@ -182,9 +184,9 @@ def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(
         str(root / "tags"),
         str(root / "dedup"),
         str(tmp_path / "strat"),
-        RATIOS,
+        ratios=RATIOS,
         seed=3,
-        stratified=True,
+        stratify=True,
         min_val_positives=5,
     )
     split = _split_of(tmp_path / "strat")
@@ -202,9 +204,9 @@ def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(
         str(root / "tags"),
         str(root / "dedup"),
         str(tmp_path / "strat2"),
-        RATIOS,
+        ratios=RATIOS,
         seed=3,
-        stratified=True,
+        stratify=True,
         min_val_positives=5,
     )
     assert pq.read_table(tmp_path / "strat2" / "splits.parquet").equals(

@@ -1,6 +1,6 @@
-"""What every command shares: the typer apps, the options several commands take (the tag
-settings' options are built from their fields), and how a command sets up logging,
-prints its result and fails.
+"""What every command shares: the typer apps, the options several commands take (a
+command's settings options are built from its settings model's fields: settings_options),
+and how a command sets up logging, prints its result and fails.
 
 Help is rendered without rich markup (rich_markup_mode=None), so every bracket in a
 help text shows as written; defaults typer prints itself are not repeated in the text.
@@ -42,8 +42,9 @@ model_app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 
-# Options several commands share, defined once. The tag settings' options (tag, rethreshold,
-# nightly) come from their fields: see settings_options.
+# Options several commands share, defined once. The settings' options (tag, rethreshold,
+# nightly, review, dedup, split, audit, export, report's drift) come from their fields: see
+# settings_options.
 StorageOptions = Annotated[str | None, typer.Option(help="fsspec storage options as JSON.")]
 # How a command talks (pipeline/core/logs.py).
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also Ray's and the libraries' INFO lines.")]
@@ -56,16 +57,19 @@ LogFormatOption = Annotated[
 ]
 
 
-def settings_options(model: type[SettingsModel], only: tuple[str, ...] = ()):
+def settings_options(model: type[SettingsModel], only: tuple[str, ...] = (), required: bool = False):
     """A command decorator: one option per field of a settings model (or the `only`
     ones), spelt, typed and explained as the field says, each None when not given. The
     command receives the given ones as `given` (field name -> value), to lay over a
-    config file's values: the model then validates them all at once."""
+    config file's values: the model then validates them all at once. required: the
+    fields without a default are required options (a command without a config file)."""
     fields = [f for f in settings_fields(model) if f[2].cli and (not only or f[0] in only)]
 
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "given"]
-        options = [_option(name, info, setting) for name, info, setting in fields]
+        options = [
+            _option(name, info, setting, required and info.is_required()) for name, info, setting in fields
+        ]
 
         @functools.wraps(command)
         def run(**kwargs):
@@ -84,7 +88,7 @@ def settings_options(model: type[SettingsModel], only: tuple[str, ...] = ()):
     return decorate
 
 
-def _option(name: str, info, setting) -> inspect.Parameter:
+def _option(name: str, info, setting, required: bool = False) -> inspect.Parameter:
     """A typer option for one settings field: bool flags in pairs, lists repeatable,
     tables as JSON (or the field's own items), enums as their values."""
     base = base_type(info)
@@ -105,7 +109,8 @@ def _option(name: str, info, setting) -> inspect.Parameter:
     else:
         kind = base
     plain = re.sub(r"\[([^]]+)\]\([^)]+\)", r"\1", text).replace("`", "")  # Markdown as plain text
-    option = typer.Option(None, *flags, help=plain, metavar=setting.metavar, show_default=False)
+    default = ... if required else None
+    option = typer.Option(default, *flags, help=plain, metavar=setting.metavar, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
 
 

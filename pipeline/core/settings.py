@@ -1,6 +1,7 @@
 """Typed settings: each setting is defined once, as a field of a pydantic model.
 
-A settings model (TagJobConfig, NightlyConfig, RuleSettings) declares each field's type,
+A settings model (TagJobConfig, NightlyConfig, RuleSettings, the corpus commands' DedupSettings,
+SplitSettings, AuditSettings, ExportSettings, ReviewSettings) declares each field's type,
 default, constraints and one-line description, plus a `Setting` marker that says how the
 field shows outside Python: its command-line spellings, and which table key it joins
 (see docs/decisions.md for pydantic over msgspec). From that one definition come:
@@ -118,7 +119,10 @@ def suggestion(name: str, choices) -> str:
     return f" (did you mean {close}?)" if close else ""
 
 
-def build(model: type[SettingsModel], values: dict, where: str = "", prefix: str = "", hints=None):
+M = typing.TypeVar("M", bound="SettingsModel")
+
+
+def build(model: type[M], values: dict, where: str = "", prefix: str = "", hints=None) -> M:
     """A model from plain values; the first problem is one ConfigError naming the field.
     where: ' in [tag]' for unknown-field errors; prefix: 'nightly.' before field names;
     hints: name -> text appended for an unknown name (e.g. a command-line-only option)."""
@@ -136,8 +140,8 @@ def build(model: type[SettingsModel], values: dict, where: str = "", prefix: str
 
 def describe_error(model: type[pydantic.BaseModel], exc: pydantic.ValidationError, prefix: str = "") -> str:
     error = exc.errors()[0]
-    if not error["loc"]:  # a rule between fields: its own words
-        return _rule(model, "", error)
+    if not error["loc"]:  # a rule between fields: its own words, its flags as a config file names them
+        return _config_names(model, _rule(model, "", error), prefix)
     name = ".".join(str(p) for p in error["loc"] if not isinstance(p, int)) or "value"
     if error["type"] == "missing":
         return f"field {prefix}{name} is required"
@@ -163,6 +167,20 @@ def _rule(model: type[pydantic.BaseModel], name: str, error) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     return message.replace("Input should be", "must be")
+
+
+def _config_names(model: type[pydantic.BaseModel], text: str, prefix: str) -> str:
+    """A rule's words name fields by their options (--group-column); in a config file
+    (prefix 'nightly.split.') each such option is the key: nightly.split.group_column."""
+    if not prefix:
+        return text
+    spelt: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        setting = next((m for m in field.metadata if isinstance(m, Setting)), None)
+        for declared in option_flags(name, setting) if setting else ():
+            for flag in declared.split("/"):
+                spelt.setdefault(flag, prefix + name)
+    return re.sub(r"(?<![\w-])--?[a-z][a-z0-9-]*", lambda m: spelt.get(m.group(0), m.group(0)), text)
 
 
 BOUND_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})

@@ -12,5 +12,6 @@ export_text; supplement merges human tags with the model's); report renders one 
 page; ood fits the out-of-distribution reference; review ranks images for a human look
 (review_rank the rankings, review_output the queue file and its page); source_tags,
 label_settings and label_quality compare source tags with the model; drift compares
-versions.
+versions. dedup_settings, split_settings, audit_settings and export_settings hold what
+each of those commands takes, one field per option.
 """

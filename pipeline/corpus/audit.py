@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
+from pipeline.core.settings import build
 from pipeline.corpus.audit_index import leaks_in_index
+from pipeline.corpus.audit_settings import AuditSettings
 from pipeline.corpus.audit_sides import Side, read_side
 from pipeline.corpus.audit_vectors import embedding_leaks
 from pipeline.corpus.duplicate_signals import (
@@ -253,23 +254,19 @@ def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], repo
 
 
 def run_audit(
-    train: str,
-    evaluation: str,
-    max_distance: int = 6,
-    output: str | None = None,
-    storage_options: dict | None = None,
-    tags: str | None = None,
-    embedding_threshold: float | str | None = "auto",
-    dedup: str | None = None,
+    settings: AuditSettings | str, evaluation: str | None = None, **values
 ) -> tuple[pa.Table, AuditReport]:
-    if not 0 <= max_distance <= 32:
-        raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
+    """The leaks of `settings.eval` into `settings.train`, written under `settings.output`
+    if given. `run_audit(train, evaluation, max_distance=...)`: the settings from keywords."""
+    if not isinstance(settings, AuditSettings):
+        settings = build(AuditSettings, {"train": settings, "eval": evaluation, **values})
+    output, storage_options, tags = settings.output, settings.storage_options, settings.tags
     leaks, report = audit(
-        read_side(train, storage_options, "train", tags),
-        read_side(evaluation, storage_options, "eval", tags),
-        max_distance,
-        embedding_threshold,
-        dedup,
+        read_side(settings.train, storage_options, "train", tags),
+        read_side(settings.eval, storage_options, "eval", tags),
+        settings.max_distance,
+        settings.embedding_threshold,
+        settings.dedup,
         output,
         storage_options,
     )

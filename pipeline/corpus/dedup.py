@@ -27,11 +27,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core.errors import TagpipeError
 from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import EDGES_SCHEMA, conform
+from pipeline.core.settings import build
 from pipeline.corpus.cluster_table import cluster_table, public_edges, report_giants
 from pipeline.corpus.corpus_rows import CorpusRows
+from pipeline.corpus.dedup_settings import (
+    DEFAULT_MAX_DISTANCE,
+    DedupSettings,
+    parse_embedding_threshold,  # noqa: F401  (importable here as before)
+)
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
     ENTRIES_SCHEMA,
@@ -58,7 +63,6 @@ from pipeline.storage.filesystem import write_atomic
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_DISTANCE = 6
 
 
 @dataclass
@@ -136,43 +140,21 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def parse_embedding_threshold(text: str | float | None) -> float | str | None:
-    """--embedding-threshold: a cosine in (0, 1], "auto", or "off" (None)."""
-    if text is None or text == "off":
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise TagpipeError(f"--embedding-threshold {text!r}: give a cosine in (0, 1], auto or off") from None
-    if not 0 < value <= 1:
-        raise TagpipeError(f"--embedding-threshold {text!r}: a cosine in (0, 1], auto or off")
-    return value
-
-
-def run_dedup(
-    tags: str,
-    output: str,
-    max_distance: int = DEFAULT_MAX_DISTANCE,
-    storage_options: dict | None = None,
-    ray_address: str | None = None,
-    embedding_threshold: float | str | None = "auto",
-    full: bool = False,
-    partitions: int = 1,
-) -> DedupSummary:
+def run_dedup(settings: DedupSettings | str, output: str | None = None, **values) -> DedupSummary:
     """Clusters of a tag output into output/clusters.parquet, edges.parquet, _summary.json,
     updating the index in output/_index from its last version (full: from scratch).
+    `run_dedup(tags, output, max_distance=...)`: the settings from keywords.
 
     embedding_threshold: a cosine, "auto" (chosen from the data), or None (phash and
     sha256 only). Rows without an embedding join by sha256 and phash only. partitions:
     the index is searched as this many partitions, Ray actors on ray_address's cluster
     (default a local Ray) when more than one (pipeline/corpus/index_partitions.py)."""
+    if not isinstance(settings, DedupSettings):
+        settings = build(DedupSettings, {"tags": settings, "output": output, **values})
+    tags, output, storage_options = settings.tags, settings.output, settings.storage_options
+    max_distance, embedding_threshold = settings.max_distance, settings.embedding_threshold
+    full = settings.full
     started = time.monotonic()
-    if not 0 <= max_distance <= 32:
-        raise TagpipeError(f"--max-distance must be 0-32 bits, got {max_distance}")
-    if partitions < 1:
-        raise TagpipeError(f"--partitions must be 1 or more, got {partitions}")
     run_id = new_run_id()
     rows = CorpusRows.read(tags, storage_options)
     index = DuplicateIndex(output, storage_options)
@@ -193,8 +175,8 @@ def run_dedup(
         run_id,
         _edits(rows),
         next_version,
-        partitions,
-        ray_address,
+        settings.partitions,
+        settings.ray_address,
     )
     timings["embedding"] = _lap(started) - timings["exact"]
     labels = _graph(rows, exact, vectors, vectors.decision.threshold)

@@ -21,7 +21,8 @@ words), character tags first, the rating tag first, last or left out, tag replac
 character tags expanded (`name_(series)` -> `name, series`), and appending to existing
 captions without repeating a tag.
 
-A row's text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
+`run_export` takes the settings (ExportSettings, pipeline/corpus/export_settings.py). A row's
+text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
 tag table's part), only the columns the format needs: pipeline/corpus/export_rows.py.
 Memory holds a piece, a slice of rows as Python objects, and the uris of every row
 (for the checks that need them all: collisions, files already there, uri order).
@@ -42,6 +43,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.corpus.export_rows import GoodRows, lines_in_uri_order, rows_by_piece
+from pipeline.corpus.export_settings import ExportFormat, ExportSettings
 from pipeline.corpus.export_text import (
     MAX_NAME_BYTES,
     CaptionOptions,
@@ -69,6 +71,7 @@ from pipeline.table.reading import Pieces
 __all__ = [  # the row-text helpers live in export_text; importable from here as before
     "MAX_NAME_BYTES",
     "CaptionOptions",
+    "ExportSettings",
     "ExportSummary",
     "TextOptions",
     "aspect_bucket",
@@ -78,9 +81,10 @@ __all__ = [  # the row-text helpers live in export_text; importable from here as
     "export_tags",
     "length_bucket",
     "merge_caption",
+    "run_export",
 ]
 
-FORMATS = ("captions", "jsonl", "dart")
+FORMATS = tuple(f.value for f in ExportFormat)
 EXISTING_FILES = ("refuse", "overwrite", "skip")  # what to do with output files already there
 # what each format reads of a row (of those the input has); JSONL also every tags_<category>
 COLUMNS = {
@@ -131,6 +135,23 @@ class _Job:
         """The good rows, a slice at a time, merged in supplement mode (in no order)."""
         for rows in rows_by_piece(self.source, self.good, self.columns):
             yield self.merge(rows) if self.merge else rows
+
+
+def run_export(settings: ExportSettings) -> ExportSummary:
+    """`tagpipe export`: the settings' files (supplement mode reads the decisions first)."""
+    options = settings.storage_options
+    merge = Decisions.read(list(settings.decisions), options) if settings.supplement else None
+    return export_tags(
+        settings.tags,
+        settings.output,
+        settings.format.value,
+        settings.text_options(),
+        settings.relative_to,
+        options,
+        settings.caption_options(),
+        settings.existing_files(),
+        merge,
+    )
 
 
 def export_tags(

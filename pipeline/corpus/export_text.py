@@ -10,6 +10,7 @@ also take the options kohya sd-scripts' tag_images_by_wd14_tagger.py users rely 
 
 from __future__ import annotations
 
+import enum
 import json
 import posixpath
 from dataclasses import dataclass
@@ -69,7 +70,16 @@ class TextOptions:
         return out
 
 
-RATING_PLACES = ("inline", "first", "last", "omit")
+class RatingPlace(enum.StrEnum):
+    """Where a caption puts the rating tag: as stored (by score), first, last, or nowhere."""
+
+    INLINE = "inline"
+    FIRST = "first"
+    LAST = "last"
+    OMIT = "omit"
+
+
+RATING_PLACES = tuple(p.value for p in RatingPlace)
 
 
 @dataclass(frozen=True)
@@ -92,10 +102,27 @@ class CaptionOptions:
     def __post_init__(self):
         if self.rating not in RATING_PLACES:
             raise TagpipeError(f"--rating {self.rating!r}: choose one of {', '.join(RATING_PLACES)}")
-        if not self.extension.startswith(".") or "/" in self.extension:
-            raise TagpipeError(f"--caption-extension {self.extension!r}: expected an extension such as .txt")
-        if not self.separator.strip():
-            raise TagpipeError(f"--separator {self.separator!r}: needs a visible character, e.g. ', '")
+        for flag, check, value in (
+            ("--caption-extension", check_extension, self.extension),
+            ("--separator", check_separator, self.separator),
+        ):
+            try:
+                check(value)
+            except ValueError as exc:
+                raise TagpipeError(f"{flag} {value!r}: {exc}") from None
+
+
+def check_extension(value: str) -> str:
+    """A caption file's extension (also the export settings' check)."""
+    if not value.startswith(".") or "/" in value:
+        raise ValueError("expected an extension such as .txt")
+    return value
+
+
+def check_separator(value: str) -> str:
+    if not value.strip():
+        raise ValueError("needs a visible character, e.g. ', '")
+    return value
 
 
 def caption_tags(row: dict, text: TextOptions, caption: CaptionOptions) -> list[str]:

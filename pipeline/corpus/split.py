@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import SPLITS_SCHEMA, conform
+from pipeline.core.settings import build
 from pipeline.corpus.audit import audit
 from pipeline.corpus.audit_sides import read_signals
 from pipeline.corpus.split_columns import (
@@ -50,6 +51,7 @@ from pipeline.corpus.split_columns import (
     unit_labels,
     unit_of_cluster,
 )
+from pipeline.corpus.split_settings import SplitSettings
 from pipeline.storage.filesystem import write_atomic
 from pipeline.table.reading import read_parquet
 
@@ -81,25 +83,6 @@ class SplitReport:
             f"split: {self.images} images in {self.clusters} clusters: {sizes}; "
             f"{len(self.bridges)} bridged clusters held out"
         )
-
-
-def parse_ratios(text: str) -> dict[str, float]:
-    ratios = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            ratios[name.strip()] = float(value)
-        except ValueError:
-            raise TagpipeError(
-                f"--ratios {text!r}: expected NAME=FRACTION,..., e.g. train=0.9,val=0.05,test=0.05"
-            ) from None
-        if not sep or not name.strip():
-            raise TagpipeError(f"--ratios {text!r}: expected NAME=FRACTION,...")
-    if "train" not in ratios or any(v < 0 for v in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
-        raise TagpipeError(
-            f"--ratios {text!r}: needs a train share, no negative shares, and shares summing to 1"
-        )
-    return ratios
 
 
 def cluster_unit(seed: int, cluster_id: str) -> float:
@@ -184,24 +167,20 @@ def stratify(
 
 
 def run_split(
-    tags: str,
-    dedup: str,
-    output: str,
-    ratios: dict[str, float] | None = None,
-    seed: int = 0,
-    previous: str | None = None,
-    exclude: list[str] | None = None,
-    max_distance: int = 6,
-    min_count: int = 5,
-    storage_options: dict | None = None,
-    stratified: bool = False,
-    min_val_positives: int = 0,
-    group_column: str | None = None,
-    metadata: str | None = None,
+    settings: SplitSettings | str, dedup: str | None = None, output: str | None = None, **values
 ) -> SplitReport:
     """Images as columns (pipeline/corpus/split_columns.py): the tag table read a part at
-    a time, only uri, error, tags and the phash flag; decisions per unit, not per image."""
-    ratios = ratios or {"train": 0.9, "val": 0.05, "test": 0.05}
+    a time, only uri, error, tags and the phash flag; decisions per unit, not per image.
+    `run_split(tags, dedup, output, seed=...)`: the settings from keywords."""
+    if not isinstance(settings, SplitSettings):
+        settings = build(SplitSettings, {"tags": settings, "dedup": dedup, "output": output, **values})
+    tags, dedup, output, storage_options = (
+        settings.tags,
+        settings.dedup,
+        settings.output,
+        settings.storage_options,
+    )
+    group_column, metadata, ratios = settings.group_column, settings.metadata, settings.ratios
     tagged = read_tagged(tags, storage_options)
     clusters = dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup
     columns = ["uri", "sha256", "phash", "cluster_id"]  # the table as read is not kept: only its join
@@ -214,21 +193,23 @@ def run_split(
     unit = unit_of_cluster(codes, len(cluster_ids), uris, groups, metadata, group_column)[codes]
     units = np.unique(unit)
     names = list(dict.fromkeys([*ratios, "train", HELD_OUT]))  # an image's split: an index into these
-    unit_split = _drawn(
-        tagged, rows, unit, units, cluster_ids, names, ratios, seed, stratified, min_val_positives
-    )
+    unit_split = _drawn(tagged, rows, unit, units, cluster_ids, names, settings)
     report = SplitReport(images=images.num_rows, clusters=len(units))
     dedup_summary = _dedup_summary(dedup, storage_options)
     report.unmatched_hashes = dedup_summary.get("unmatched_hashes", {})
-    if exclude:
-        forced = _forced_train(tags, exclude, uris, unit, dedup_summary, max_distance, storage_options)
+    if settings.exclude:
+        forced = _forced_train(
+            tags, list(settings.exclude), uris, unit, dedup_summary, settings.max_distance, storage_options
+        )
         unit_split[forced] = names.index("train")
         report.forced_train_by_exclude = len(forced)
     split = unit_split[unit]
-    if previous:
-        before = previous_splits(previous, storage_options, uris, images.column("sha256").combine_chunks())
+    if settings.previous:
+        before = previous_splits(
+            settings.previous, storage_options, uris, images.column("sha256").combine_chunks()
+        )
         _keep_previous(report, before, unit, cluster_ids, split, names)
-    _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, min_count)
+    _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, settings.min_count)
     out = images.append_column("split_unit", cluster_ids.take(pa.array(unit)))
     # the hash's reliability travels with it, so an audit of this file alone knows it
     out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
@@ -250,17 +231,15 @@ def _drawn(
     units: np.ndarray,
     cluster_ids: pa.Array,
     names: list,
-    ratios: dict[str, float],
-    seed: int,
-    stratified: bool,
-    min_val_positives: int,
+    settings: SplitSettings,
 ) -> np.ndarray:
     """Each unit's split (by unit code), hashed or stratified: the one loop over units."""
     unit_ids = cluster_ids.take(pa.array(units)).to_pylist()  # sorted, as the units' codes are
-    if stratified:
+    ratios, seed = settings.ratios, settings.seed
+    if settings.stratify:
         labels = unit_labels(tagged, rows, unit, dict(zip(units.tolist(), unit_ids)))
         sizes = dict(zip(unit_ids, np.bincount(unit)[units].tolist()))
-        chosen = stratify(unit_ids, labels, sizes, ratios, seed, min_val_positives)
+        chosen = stratify(unit_ids, labels, sizes, ratios, seed, settings.min_val_positives)
     else:
         chosen = {c: assign(cluster_unit(seed, c), ratios) for c in unit_ids}
     index = {name: i for i, name in enumerate(names)}
@@ -270,13 +249,9 @@ def _drawn(
 
 
 def _groups(group_column: str | None, metadata: str | None, storage_options: dict | None):
-    """(uri, group) of the metadata, or None without --group-column."""
-    if metadata and not group_column:
-        raise TagpipeError("--metadata needs --group-column: which of its columns groups images")
-    if not group_column:
+    """(uri, group) of the metadata, or None without --group-column (the settings pair them)."""
+    if not group_column or not metadata:
         return None
-    if not metadata:
-        raise TagpipeError("--group-column needs --metadata FILE (Parquet or CSV with uri and the column)")
     return read_groups(metadata, group_column, storage_options)
 
 

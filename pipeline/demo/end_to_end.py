@@ -122,7 +122,7 @@ def run_demo(workdir: str | Path = "tagpipe-demo", images_per_kind: int = 3, **t
 
     dedup_dir, split_dir, report = workdir / "dedup", workdir / "splits", workdir / "report.html"
     run_dedup(str(tags_dir), str(dedup_dir), embedding_threshold=DEMO_EMBEDDING_THRESHOLD)
-    run_split(str(tags_dir), str(dedup_dir), str(split_dir), {"train": 0.8, "val": 0.1, "test": 0.1})
+    run_split(str(tags_dir), str(dedup_dir), str(split_dir), ratios={"train": 0.8, "val": 0.1, "test": 0.1})
     build_report(str(tags_dir), str(report), dedup=str(dedup_dir), split=str(split_dir), title="tagpipe demo")
     duplicates = check_duplicates(corpus_dir, tags_dir, dedup_dir, split_dir, workdir / "leaky-splits")
     return DemoResult(

@@ -10,6 +10,9 @@
    the run's commit (pipeline/corpus/drift.py), as `_runs/<run_id>.report.html`; a run
    that committed no version has no drift
 
+Steps 2-4 take their settings from [nightly.dedup], [nightly.split] and [nightly.audit]
+(NightlyConfig.dedup_settings(), split_settings(), audit_settings()).
+
 Each step reads the previous step's committed output, so a crash anywhere leaves every
 output as the last good run left it, and a rerun finishes the job. The nightly record
 (`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step
@@ -25,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pipeline import __version__
 from pipeline.core.ray_session import new_run_id
 from pipeline.corpus.audit import run_audit
-from pipeline.corpus.dedup import parse_embedding_threshold, run_dedup
+from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.drift import DriftSummary
 from pipeline.corpus.report import build_report
-from pipeline.corpus.split import parse_ratios, run_split
+from pipeline.corpus.split import run_split
 from pipeline.job.settings import NightlyConfig
 from pipeline.job.tag_job import RunSummary, run_tag_job
 from pipeline.storage.filesystem import filesystem_for
@@ -94,10 +97,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     options = cfg.tag.storage_options
 
     t = time.monotonic()
-    threshold = parse_embedding_threshold(cfg.embedding_threshold)
-    dedup = run_dedup(
-        cfg.tag.output, cfg.dedup_output, cfg.max_distance, options, cfg.tag.ray_address, threshold
-    )
+    dedup = run_dedup(cfg.dedup_settings())
     summary.dedup = asdict(dedup)
     audit_threshold = dedup.embedding.get("threshold")  # the audit checks what dedup kept together
     summary.timings["dedup"] = _lap(t)
@@ -105,39 +105,22 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     t = time.monotonic()
     splits = cfg.splits_output.rstrip("/") + "/splits.parquet"
     fs, path = filesystem_for(splits, options)
-    previous = splits if fs.exists(path) else None
-    report = run_split(
-        cfg.tag.output,
-        cfg.dedup_output,
-        cfg.splits_output,
-        parse_ratios(cfg.ratios),
-        cfg.seed,
-        previous,
-        list(cfg.exclude),
-        cfg.max_distance,
-        storage_options=options,
-        stratified=cfg.stratify,
-        min_val_positives=cfg.min_val_positives,
-        group_column=cfg.group_column or None,
-        metadata=cfg.metadata or None,
-    )
+    report = run_split(cfg.split_settings(previous=splits if fs.exists(path) else None))
     summary.split = {k: v for k, v in asdict(report).items() if k not in ("positives",)}
     summary.timings["split"] = _lap(t)
 
     t = time.monotonic()
-    audits = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.exclude]
+    audits = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.split.exclude]
     for i, (name, train) in enumerate(audits):
         target = cfg.splits_output.rstrip("/") + ("/audit" if i == 0 else f"/audit-exclude-{i}")
-        _, audit = run_audit(
+        settings = cfg.audit_settings(
             train,
             splits,
-            cfg.max_distance,
             target,
-            options,
-            tags=cfg.tag.output,
             embedding_threshold=audit_threshold,
             dedup=cfg.dedup_output if i == 0 else None,  # the split's rows are in dedup's index
         )
+        _, audit = run_audit(settings)
         summary.audits[name] = asdict(audit)
         summary.leaks += audit.leaks
         if audit.leaks:

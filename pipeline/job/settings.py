@@ -1,6 +1,8 @@
 """The tag and nightly jobs' settings: one typed field per setting, defined here only.
 
-The same names are keys of a TOML config file ([tag] and [nightly], see configs/) and
+The same names are keys of a TOML config file ([tag] and [nightly], see configs/; the
+nightly's [nightly.dedup], [nightly.split], [nightly.audit] and [nightly.drift] tables are
+the corpus stages' own settings models, pipeline/corpus/*_settings.py and drift.py) and
 (for [tag]) options of `tagpipe tag`; the command line wins. pipeline/cli/common.py builds the
 options from these fields, and the README's options table and the example configs are
 generated from them (`python -m pipeline.cli.docs --write`; tests compare). Each
@@ -35,8 +37,11 @@ from pipeline.core.settings import (
     one_or_many,
     suggestion,
 )
+from pipeline.corpus.audit_settings import AuditOptions, AuditSettings
+from pipeline.corpus.dedup_settings import DedupOptions, DedupSettings
 from pipeline.corpus.drift import DriftSettings
 from pipeline.corpus.label_settings import LabelCheckSettings
+from pipeline.corpus.split_settings import SplitOptions, SplitSettings
 from pipeline.image.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_FILE_BYTES
 from pipeline.image.imaging import DEFAULT_MAX_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from pipeline.model import rules as rule_fields
@@ -412,49 +417,27 @@ class NightlyConfig(SettingsModel):
         ),
         Setting(NONE, cli=False),
     ] = ""
-    ratios: Annotated[
-        str,
-        AfterValidator(lambda v: _ratios(v)),
-        Field(description="split names and shares"),
+    dedup: Annotated[
+        DedupOptions,
+        Field(description="the [nightly.dedup] table: how dedup joins copies (options of `tagpipe dedup`)"),
         Setting(NONE, cli=False),
-    ] = "train=0.9,val=0.05,test=0.05"
-    seed: Annotated[int, Field(description="the split's seed"), Setting(NONE, cli=False)] = 0
-    stratify: Annotated[bool, Field(description="balance tags across splits"), Setting(NONE, cli=False)] = (
-        False
-    )
-    min_val_positives: Annotated[
-        int,
-        Field(ge=0, description="rare tags get at least this many validation images"),
+    ] = DedupOptions.model_validate({})
+    split: Annotated[
+        SplitOptions,
+        Field(
+            description="the [nightly.split] table: how the split is drawn (options of `tagpipe split`); "
+            "its max_distance is [nightly.dedup]'s unless given"
+        ),
         Setting(NONE, cli=False),
-    ] = 0
-    max_distance: Annotated[
-        int,
-        Field(ge=0, le=32, description="phash bits: dedup radius, split --exclude and audit radius"),
+    ] = SplitOptions.model_validate({})
+    audit: Annotated[
+        AuditOptions,
+        Field(
+            description="the [nightly.audit] table (options of `tagpipe audit`; the embedding threshold is "
+            "the one dedup used); its max_distance is [nightly.dedup]'s unless given"
+        ),
         Setting(NONE, cli=False),
-    ] = 6
-    embedding_threshold: Annotated[
-        str,
-        BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v),
-        AfterValidator(lambda v: _embedding_threshold(v)),
-        Field(description='dedup and audit by embedding: a cosine (e.g. 0.95), "auto" or "off"'),
-        Setting(NONE, cli=False),
-    ] = "auto"
-    group_column: Annotated[
-        str,
-        Field(description="images sharing this metadata value never cross splits (needs metadata)"),
-        Setting(NONE, cli=False),
-    ] = ""
-    metadata: Annotated[
-        str,
-        Field(description="Parquet/CSV with uri and group_column; relative to the config file"),
-        Setting(NONE, cli=False),
-    ] = ""
-    exclude: Annotated[
-        tuple[str, ...],
-        BeforeValidator(one_or_many),
-        Field(description="existing training sets (tag tables or Parquet/CSV with sha256/phash)"),
-        Setting(NONE, cli=False),
-    ] = ()
+    ] = AuditOptions.model_validate({})
     fail_on_leaks: Annotated[
         bool,
         Field(description="exit 1 when the audit finds leaks (after writing everything)"),
@@ -489,29 +472,50 @@ class NightlyConfig(SettingsModel):
             object.__setattr__(self, "dedup_output", f"{base}-dedup")
         if not self.splits_output:
             object.__setattr__(self, "splits_output", f"{base}-splits")
-        if bool(self.group_column) != bool(self.metadata):
-            raise ValueError("field nightly.group_column needs nightly.metadata (and the other way round)")
+        for name in ("split", "audit"):  # the radius dedup joined at, unless the table says otherwise
+            table = getattr(self, name)
+            if "max_distance" not in table.model_fields_set:
+                radius = {"max_distance": self.dedup.max_distance}
+                object.__setattr__(self, name, table.model_copy(update=radius))
         return self
 
+    def dedup_settings(self) -> DedupSettings:
+        """Dedup of the tag table into dedup_output, as [nightly.dedup] says."""
+        paths = {"tags": self.tag.output, "output": self.dedup_output, "ray_address": self.tag.ray_address}
+        values = {**self.dedup.model_dump(), **paths, "storage_options": self.tag.storage_options}
+        return DedupSettings.model_validate(values)
 
-def _ratios(value: str) -> str:
-    from pipeline.corpus.split import parse_ratios
+    def split_settings(self, previous: str | None) -> SplitSettings:
+        """The split of the tag table by dedup's clusters into splits_output, as [nightly.split] says."""
+        paths = {"tags": self.tag.output, "dedup": self.dedup_output, "output": self.splits_output}
+        values = {**self.split.model_dump(), **paths, "previous": previous}
+        return SplitSettings.model_validate({**values, "storage_options": self.tag.storage_options})
 
-    try:
-        parse_ratios(value)
-    except Exception as exc:
-        raise ValueError(str(exc)) from None
-    return value
+    def audit_settings(self, train: str, evaluation: str, output: str, **values) -> AuditSettings:
+        """An audit of the split's eval rows against `train`, as [nightly.audit] says."""
+        sides = {"train": train, "eval": evaluation, "output": output, "tags": self.tag.output}
+        values = {**self.audit.model_dump(), **sides, **values, "storage_options": self.tag.storage_options}
+        return AuditSettings.model_validate(values)
 
 
-def _embedding_threshold(value: str) -> str:
-    from pipeline.corpus.dedup import parse_embedding_threshold
-
-    try:
-        parse_embedding_threshold(value)
-    except Exception:
-        raise ValueError("must be a cosine in (0, 1], auto or off") from None
-    return value
+# [nightly] keys of older configs, each now a key of these tables (max_distance of all three)
+OLD_NIGHTLY_KEYS = {
+    "ratios": ("split",),
+    "seed": ("split",),
+    "stratify": ("split",),
+    "min_val_positives": ("split",),
+    "group_column": ("split",),
+    "metadata": ("split",),
+    "exclude": ("split",),
+    "max_distance": ("dedup", "split", "audit"),
+    "embedding_threshold": ("dedup",),
+}
+NIGHTLY_TABLES: dict[str, type[SettingsModel]] = {
+    "dedup": DedupOptions,
+    "split": SplitOptions,
+    "audit": AuditOptions,
+    "drift": DriftSettings,
+}
 
 
 SECTIONS = ("tag", "nightly")
@@ -543,13 +547,20 @@ def load_config_file(path: str | Path, table: str = "tag") -> dict:
         section["labels"] = build(
             LabelCheckSettings, section["labels"], " in [tag.labels]", prefix="tag.labels."
         )
+    _relative_paths(section, keys, lists, path.parent)
+    if table == "nightly" and isinstance(section.get("split"), dict):
+        _relative_paths(section["split"], ("metadata",), ("exclude",), path.parent)
+    return section
+
+
+def _relative_paths(section: dict, keys: tuple[str, ...], lists: tuple[str, ...], base: Path) -> None:
     for key in keys:
-        section[key] = _relative_to(path.parent, section.get(key))
+        if section.get(key) is not None:
+            section[key] = _relative_to(base, section[key])
     for key in lists:
         value = one_or_many(section.get(key))
         if isinstance(value, list):
-            section[key] = [_relative_to(path.parent, v) for v in value]
-    return {k: v for k, v in section.items() if v is not None or k not in keys}
+            section[key] = [_relative_to(base, v) for v in value]
 
 
 def _relative_to(base: Path, value):
@@ -563,7 +574,7 @@ def _check_sections(data: dict, path: Path) -> None:
     is an error, not a section silently ignored, and a key above any table says where
     it belongs."""
     tag_fields = set(TagJobConfig.model_fields)
-    nightly_fields = set(NightlyConfig.model_fields) - {"tag"}
+    nightly_fields = set(NightlyConfig.model_fields) - {"tag"} | set(OLD_NIGHTLY_KEYS)
     for name, value in data.items():
         if name in SECTIONS:
             continue
@@ -580,15 +591,28 @@ def _check_sections(data: dict, path: Path) -> None:
 
 
 def load_nightly_config(path: str | Path, **tag_overrides) -> NightlyConfig:
-    """A config file with [tag] and [nightly] tables; relative paths are relative to it."""
+    """A config file with [tag] and [nightly] tables; relative paths are relative to it.
+    A key of an older config's [nightly] (ratios, max_distance, ...) is read into the
+    table it now belongs to; given in both places, it is an error."""
     tag = make_tag_config(load_config_file(path, "tag"), **tag_overrides)
     section = load_config_file(path, "nightly")
     if "tag" in section:
         raise ConfigError("unknown field(s) in [nightly]: tag")
-    if "drift" in section:  # its own table: errors name [nightly.drift] and its fields
-        if not isinstance(section["drift"], dict):
-            raise ConfigError(f"{path}: [nightly.drift] must be a table")
-        section["drift"] = build(
-            DriftSettings, section["drift"], " in [nightly.drift]", prefix="nightly.drift."
-        )
+    old = {key: section.pop(key) for key in OLD_NIGHTLY_KEYS if key in section}
+    for name, model in NIGHTLY_TABLES.items():  # its own table: errors name [nightly.x] and its fields
+        table = section.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [nightly.{name}] must be a table")
+        moved = {key: value for key, value in old.items() if name in OLD_NIGHTLY_KEYS[key]}
+        if moved:
+            build(model, moved, " in [nightly]", prefix="nightly.")  # errors name the key as written
+        both = sorted(set(moved) & set(table))
+        if both:
+            raise ConfigError(
+                f"{path}: nightly.{both[0]} and nightly.{name}.{both[0]} are one setting: give it once, "
+                f"in [nightly.{name}]"
+            )
+        if table or moved:
+            where, prefix = f" in [nightly.{name}]", f"nightly.{name}."
+            section[name] = build(model, {**moved, **table}, where, prefix=prefix)
     return build(NightlyConfig, {**section, "tag": tag}, " in [nightly]", prefix="nightly.")
