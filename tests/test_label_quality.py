@@ -439,10 +439,10 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
 def test_readme_table_says_what_label_fields_declare():
     from tests.test_contracts import _check as check_readme_table
 
-    check_readme_table("Label-check columns, appended", pa.schema(list(LABEL_FIELDS)))
+    check_readme_table("Label-check columns, in the label sidecar", pa.schema(list(LABEL_FIELDS)))
     with pytest.raises(AssertionError):
         check_readme_table(
-            "Label-check columns, appended", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
+            "Label-check columns, in the label sidecar", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
         )
 
 

@@ -93,6 +93,22 @@ def test_readers_join_the_labels_by_uri(labelled):
     assert present.column_names == ["uri", "label_quality"]
 
 
+def test_the_readmes_duckdb_join_reads_the_sidecar(labelled):
+    import duckdb
+
+    root = labelled.uri
+    for name, field in (("files", "f"), ("labels", "f.file")):
+        duckdb.execute(
+            f"SET VARIABLE {name} = (SELECT list_transform({name}, lambda f: '{root}/' || {field}) "
+            f"FROM read_json('{root}/_current.json'))"
+        )
+    rows = duckdb.execute(
+        "select t.uri, l.likely_wrong from read_parquet(getvariable('files')) t "
+        "left join read_parquet(getvariable('labels')) l using (uri) order by t.uri"
+    ).fetchall()
+    assert rows == [("a", []), ("b", ["cat"]), ("c", None)]
+
+
 def test_parts_labelled_before_the_sidecar_read_as_written(tmp_path):
     """An old table (the columns inside its parts, no labels in the record) reads as it did;
     once the version names a labels file for a part, the sidecar's columns replace them."""
