@@ -99,3 +99,27 @@ def demo_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     make_corpus(root, images_per_kind=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
+    """Three kinds of the demo corpus (with their planted copies) and its broken files,
+    tagged by the real tag job into three parts: (table, corpus). Tests of the label check
+    (tests/test_label_quality.py, tests/test_label_sidecar.py) copy what they change."""
+    import shutil
+
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
+
+    work = tmp_path_factory.mktemp("labels")
+    for folder in ("red", "green", "blue", "broken"):
+        shutil.copytree(demo_corpus / "images" / folder, work / "corpus" / "images" / folder)
+    shutil.copy(demo_corpus / "expected.jsonl", work / "corpus" / "expected.jsonl")
+    cfg = make_tag_config(
+        inputs=[str(work / "corpus" / "images")],
+        output=str(work / "tags"),
+        model=str(demo_bundle),
+        rows_per_part=8,
+    )
+    run_tag_job(cfg)
+    return work / "tags", work / "corpus"

@@ -1,6 +1,7 @@
 """Source (human) tags compared with the model: the rules worked by hand, the reader's
 formats and errors, planted noise found on the demo model's real outputs, and the Ray
-check over a real table, committed by `compare-tags`."""
+check over a real table, committed by `compare-tags` (its label sidecar, beside the parts:
+tests/test_label_sidecar.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.errors import ConfigError, TagpipeError
-from pipeline.core.schemas import LABEL_FIELDS
+from pipeline.core.schemas import LABEL_COLUMNS, LABEL_FIELDS, LABELS_SCHEMA
 from pipeline.corpus.label_quality import (
     LabelRules,
     TagStatistics,
@@ -335,29 +336,6 @@ def test_planted_noise_is_found_on_the_demo_models_outputs(demo_rows, rule):
 # ---- the Ray check over a real table, and readers of labelled parts ------------------
 
 
-@pytest.fixture(scope="module")
-def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
-    """Three kinds of the demo corpus (with their planted copies) and its broken files,
-    tagged by the real tag job into three parts."""
-    import shutil
-
-    from pipeline.job.settings import make_tag_config
-    from pipeline.job.tag_job import run_tag_job
-
-    work = tmp_path_factory.mktemp("labels")
-    for folder in ("red", "green", "blue", "broken"):
-        shutil.copytree(demo_corpus / "images" / folder, work / "corpus" / "images" / folder)
-    shutil.copy(demo_corpus / "expected.jsonl", work / "corpus" / "expected.jsonl")
-    cfg = make_tag_config(
-        inputs=[str(work / "corpus" / "images")],
-        output=str(work / "tags"),
-        model=str(demo_bundle),
-        rows_per_part=8,
-    )
-    run_tag_job(cfg)
-    return work / "tags", work / "corpus"
-
-
 def _source_file(corpus, path):
     """Every image's true tags as a booru CSV, but: one image left out, one tag removed from
     `red_000`, `noise` added to `blue_000`, an unknown tag, and the broken files tagged."""
@@ -414,9 +392,12 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
     )
     snapshot = TagTable(str(table)).current()
     assert snapshot.version == 2 and snapshot.counts["label_check"]["likely_wrong"] == 1
-    schema = pq.read_schema(table / snapshot.files[0])
-    assert schema.names[-len(LABEL_FIELDS) - 3 :][:3] == ["source_size", "etag", "mtime"]
-    assert [schema.field(f.name).type for f in LABEL_FIELDS] == [f.type for f in LABEL_FIELDS]
+    # the parts as they were; the columns in the label sidecar, one labels file per part
+    assert snapshot.files == TagTable(str(tagged)).current().files
+    assert not set(LABEL_COLUMNS) & set(pq.read_schema(table / snapshot.files[0]).names)
+    assert sorted(snapshot.labels) == list(snapshot.files)
+    assert pq.read_schema(table / snapshot.labels[snapshot.files[0]]).equals(LABELS_SCHEMA)
+    assert f"{len(snapshot.files)} of {len(snapshot.files)} label files new" in result.output
     rows = {r["uri"][len(root) + 1 :]: r for r in read_current(str(table)).to_pylist()}
     assert rows["red/red_000.jpg"]["likely_missing"] == ["red_theme"]
     assert rows["blue/blue_000.jpg"]["likely_wrong"] == ["noise"]
@@ -432,12 +413,9 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
         and broken["likely_wrong"] is None
         and broken["label_quality"] is None
     )
-    assert (
-        len(set(snapshot.files) & set(TagTable(str(tagged)).current().files)) == 0
-    )  # new parts, none overwritten
-
     again = CliRunner().invoke(app, [*command, "--label-rule", "calibrated", "-q"])
     assert again.exit_code == 0 and "version 2" in again.output  # done already: no new version
+    assert "0 of" in again.output
 
     # readers of labelled parts: rethreshold keeps the columns; export, report, dedup read them
     summary = run_rethreshold(
@@ -453,16 +431,18 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
     # the data rule over the same table: a new version, labels replaced (not stacked)
     data = CliRunner().invoke(app, [*command, "--label-rule", "data", "-q"])
     assert data.exit_code == 0 and "compare-tags (data rule):" in data.output, data.output
-    assert pq.read_schema(table / TagTable(str(table)).current().files[0]).names.count("likely_wrong") == 1
+    current = TagTable(str(table)).current()
+    assert current.version == 4 and not set(current.labels.values()) & set(snapshot.labels.values())
+    assert read_current(str(table)).column_names.count("likely_wrong") == 1
 
 
 def test_readme_table_says_what_label_fields_declare():
     from tests.test_contracts import _check as check_readme_table
 
-    check_readme_table("Label-check columns, appended", pa.schema(list(LABEL_FIELDS)))
+    check_readme_table("Label-check columns, in the label sidecar", pa.schema(list(LABEL_FIELDS)))
     with pytest.raises(AssertionError):
         check_readme_table(
-            "Label-check columns, appended", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
+            "Label-check columns, in the label sidecar", pa.schema([*LABEL_FIELDS, pa.field("x", pa.int8())])
         )
 
 
@@ -501,6 +481,11 @@ def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundl
     third = run()
     assert third.version == 2 and third.images == 0 and third.label_check["likely_wrong"] == 0
     assert TagTable(str(out)).current().counts["label_check"]["likely_wrong"] == 0
+    # one source row changed, one labels file rewritten (the calibrated rule's cut-offs are
+    # fixed); every part as it was (tests/test_label_sidecar.py checks their bytes)
+    assert third.label_check["label_files_written"] == 1
+    v1, v2 = TagTable(str(out)).snapshot(1), TagTable(str(out)).snapshot(2)
+    assert v1.files == v2.files and len(set(v2.labels.items()) - set(v1.labels.items())) == 1
 
 
 def test_an_empty_uri_cell_in_a_csv_is_refused(tmp_path):

@@ -1,6 +1,8 @@
 """`tagpipe review` (issue 25 part 3): the queues ranked as their rules say (hand-worked),
 --tag and --limit across parts, error rows kept out, the page rendered in headless
-Chromium, and a reviewer's decisions round-tripped into the supplement export."""
+Chromium, and a reviewer's decisions round-tripped into the supplement export. Tables keep
+their label columns in the label sidecar, as the label check writes them; some tests also
+run on tables from before it (the columns inside the parts)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.schemas import part_schema, tag_row_schema
+from pipeline.core.schemas import LABELS_SCHEMA, part_schema, tag_row_schema
 from pipeline.corpus.review import LABEL_FIELDS, ReviewSettings, rank_queue, run_review
+from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import TagTable, commit_version
 
 CATEGORIES = ("character", "general", "rating")
@@ -38,11 +41,17 @@ def row(uri: str, **values) -> dict:
 
 
 def write_table(
-    root, parts: list[list[dict]], rules: dict | None = None, labels: bool = True, model: str = "m" * 64
+    root,
+    parts: list[list[dict]],
+    rules: dict | None = None,
+    labels: bool = True,
+    model: str = "m" * 64,
+    sidecar: bool = True,
 ) -> str:
-    """A committed tag table, one part per list of rows."""
+    """A committed tag table, one part per list of rows; labels: with the label columns,
+    in the label sidecar (one labels file per part), or, not sidecar, inside the parts."""
     table = TagTable(str(root))
-    target = schema(labels)
+    target = schema(labels and not sidecar)
     files = [
         table.write_part(
             f"data/k/part-{i:03d}.parquet",
@@ -52,6 +61,14 @@ def write_table(
         )
         for i, rows in enumerate(parts)
     ]
+    sidecars = {
+        file: table.write_part(
+            labels_file(f"{i:032x}"),
+            pa.Table.from_pylist([{k: r.get(k) for k in LABELS_SCHEMA.names} for r in rows], LABELS_SCHEMA),
+        )
+        for i, (file, rows) in enumerate(zip(files, parts))
+        if labels and sidecar
+    }
     commit_version(
         table,
         None,
@@ -63,6 +80,7 @@ def write_table(
         model_name="test",
         rules=rules or {},
         counts={},
+        labels=sidecars,
     )
     return str(root)
 
@@ -84,7 +102,8 @@ def wrong(uri: str, tags: list[str], scores: list[float], **values) -> dict:
     )
 
 
-def test_likely_wrong_is_ranked_by_expected_wrong_tags_then_the_strongest(tmp_path):
+@pytest.mark.parametrize("sidecar", [True, False], ids=["sidecar", "inside parts"])
+def test_likely_wrong_is_ranked_by_expected_wrong_tags_then_the_strongest(tmp_path, sidecar):
     # evidence per doubted tag: 1 - p (binary fractions: the sums are exact). a: 0.875 + 0.75;
     # c: 0.75; b: 0.5 + 0.25 = 0.75 too, but c's strongest (0.75) beats b's (0.5), whatever
     # the uris say; d and e: 0.625 each with the same strongest: by uri
@@ -96,14 +115,14 @@ def test_likely_wrong_is_ranked_by_expected_wrong_tags_then_the_strongest(tmp_pa
         ],
         [wrong("a", ["x", "y"], [0.125, 0.25]), wrong("d", ["y"], [0.375]), wrong("f", [], [])],
     ]
-    got = queue(write_table(tmp_path / "t", parts), "likely-wrong")
+    got = queue(write_table(tmp_path / "t", parts, sidecar=sidecar), "likely-wrong")
     assert [r["uri"] for r in got] == ["a", "c", "b", "d", "e"]  # no error row, no row without doubts
     assert [r["rank"] for r in got] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in got] == [1.625, 0.75, 0.75, 0.625, 0.625]
     assert got[0]["tags"] == ["x", "y"] and got[0]["tag_scores"] == [0.125, 0.25] and got[0]["decision"] == ""
     assert got[0]["source_tags"] == ["x", "y"] and "x (p=0.125)" in got[0]["reason"]
     # --tag y: only y's evidence, ranked by it: a 0.75 > d 0.625 > b 0.25
-    by_y = queue(write_table(tmp_path / "t2", parts), "likely-wrong", tag="y")
+    by_y = queue(write_table(tmp_path / "t2", parts, sidecar=sidecar), "likely-wrong", tag="y")
     assert [(r["uri"], r["tags"], r["score"]) for r in by_y] == [
         ("a", ["y"], 0.75),
         ("d", ["y"], 0.625),
@@ -475,8 +494,9 @@ def test_decisions_that_cannot_be_applied_are_one_line_errors(reviewed, tmp_path
     assert "Dart prompts" in refused("--supplement", "-f", "dart")
 
 
-def test_parts_from_before_the_table_had_source_tags_queue_nothing(tmp_path):
-    table = write_table(tmp_path / "t", [[wrong("a", ["x"], [0.25])]])
+@pytest.mark.parametrize("sidecar", [True, False], ids=["sidecar", "inside parts"])
+def test_parts_from_before_the_table_had_source_tags_queue_nothing(tmp_path, sidecar):
+    table = write_table(tmp_path / "t", [[wrong("a", ["x"], [0.25])]], sidecar=sidecar)
     old = pa.Table.from_pylist(
         [{k: v for k, v in row("b").items() if k in schema(False).names}], schema(False)
     )
@@ -484,6 +504,6 @@ def test_parts_from_before_the_table_had_source_tags_queue_nothing(tmp_path):
     files = [*snapshot.files, TagTable(table).write_part("data/k/part-old.parquet", old)]
     commit_version(
         TagTable(table), snapshot, files, model_sha256="m" * 64, inference_key="i", rules_key="r",
-        run_id="run2", model_name="test", rules={}, counts={},
+        run_id="run2", model_name="test", rules={}, counts={}, labels=snapshot.labels,
     )  # fmt: skip
     assert [r["uri"] for r in queue(table, "likely-wrong")] == ["a"]

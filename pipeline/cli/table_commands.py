@@ -132,7 +132,7 @@ def nightly(
         raise typer.Exit(DRIFT_EXIT_STATUS)
 
 
-@app.command(short_help="Delete parts no kept version uses.")
+@app.command(short_help="Delete parts (and label files) no kept version uses.")
 def vacuum(
     tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
     keep_versions: int = typer.Option(
@@ -144,13 +144,14 @@ def vacuum(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
     storage_options: StorageOptions = None,
 ) -> None:
-    """Delete parts (and version records) that no kept version of the table uses."""
+    """Delete parts, label files and version records that no kept version of the table uses."""
     from pipeline.table.tag_table import TagTable
 
     _setup()
     result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
-        f"vacuum: {verb} {result['parts_deleted']} parts, versions {result['versions_deleted'] or 'none'}, "
+        f"vacuum: {verb} {result['parts_deleted']} parts, {result['label_files_deleted']} label files, "
+        f"versions {result['versions_deleted'] or 'none'}, "
         f"{result['tmp_deleted']} temp files; kept versions {result['versions_kept']}"
     )

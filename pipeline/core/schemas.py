@@ -5,7 +5,8 @@
 - the tag row and a written part (tagger -> parts), tag_row_schema and part_schema;
 - clusters and edges (dedup), splits (split), leaks (audit);
 - a tag table's edit calibration (tag time -> dedup's threshold), EDIT_CALIBRATION_SCHEMA;
-- the label-check columns a part gains when source (human) tags are compared, LABEL_FIELDS.
+- the label-check columns (LABEL_FIELDS) that comparing source (human) tags gives, kept in a
+  tag table's label sidecar keyed by uri (LABELS_SCHEMA), not in its parts.
 
 Each stage builds or casts its output to its schema at its edge (`conform`), so a batch
 where every image failed, a batch of one, or a model with no embedding output gives
@@ -158,10 +159,10 @@ SOURCE_FIELDS = (
 )
 
 
-# Source (human) tags compared with the model (pipeline/corpus/label_quality.py): appended
-# after the source columns of every part of a table checked against source tags. Lists are
+# Source (human) tags compared with the model (pipeline/corpus/label_quality.py). Lists are
 # null, and label_quality too, where the row has no source tags or is an error row
-# (source_tags is null only where the source file has no row for the uri).
+# (source_tags is null only where the source file has no row for the uri). Tables written
+# before the sidecar carry these columns after the source columns of their parts.
 LABEL_FIELDS = (
     pa.field("source_tags", pa.list_(pa.string())),  # aliases applied, the vocabulary's spelling
     pa.field("likely_missing", pa.list_(pa.string())),  # model confident, humans did not tag: surest first
@@ -171,6 +172,10 @@ LABEL_FIELDS = (
     pa.field("label_quality", pa.float32()),  # 0..1, higher: the human tags agree with the model
 )
 LABEL_COLUMNS = tuple(field.name for field in LABEL_FIELDS)
+# A tag table's label sidecar, _labels/labels-*.parquet (pipeline/table/labels.py): one file
+# per labelled part, holding exactly that part's rows (by uri), written by the label check
+# (pipeline/job/label_check.py) and named in the version record beside its part.
+LABELS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False), *LABEL_FIELDS])
 
 
 def embedding_type(width: int | None) -> pa.DataType:

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.schemas import LABEL_COLUMNS, LABEL_FIELDS
+from pipeline.core.schemas import LABELS_SCHEMA
 from pipeline.core.settings import suggestion
 from pipeline.corpus.label_settings import DEFAULT_WRONG_CUTOFFS, LabelCheckSettings, LabelRule
 from pipeline.corpus.source_tags import MERGED_ROWS_KEY, normalise_tag, read_source_tags
@@ -307,7 +307,9 @@ def part_statistics(
 def label_table(
     part: pa.Table, source: pa.Table, post: Postprocessor, rules: LabelRules
 ) -> tuple[pa.Table, PartLabelCounts]:
-    """The part with the six label columns (LABEL_FIELDS) set, replacing any it had."""
+    """The part's label-check columns, one row per part row (LABELS_SCHEMA: uri and the
+    six LABEL_FIELDS), as the label sidecar keeps them; `part` needs uri, error and the
+    stored logits only."""
     n, where = part.num_rows, join_source(part.column("uri"), source)
     missing, wrong, scored = [], [], np.zeros(n, bool)
     quality = np.zeros(n, np.float32)
@@ -327,17 +329,16 @@ def label_table(
         rows, values = np.concatenate([rows, padded]), np.concatenate([values, np.ones(len(padded))])
         quality[c.rows] = ema_scores(rows, values, len(c.rows), rules.alpha)
         scored[c.rows] = True
-    table = part.drop_columns([name for name in LABEL_COLUMNS if name in part.column_names])
     has_source = where >= 0
     source_tags = pc.take(source.column("source_tags"), pa.array(np.where(has_source, where, 0)))
     columns = [
+        part.column("uri"),
         pc.if_else(pa.array(has_source), source_tags, pa.nulls(n, pa.list_(pa.string()))),
         *_flag_lists(missing, n, scored, post, descending=True),
         *_flag_lists(wrong, n, scored, post, descending=False),
         pa.array(quality, pa.float32(), mask=~scored),
     ]
-    for spec, column in zip(LABEL_FIELDS, columns):
-        table = table.append_column(spec, column)
+    table = pa.Table.from_arrays(columns, schema=LABELS_SCHEMA)
     counts = PartLabelCounts(
         rows=n,
         with_source=int(has_source.sum()),

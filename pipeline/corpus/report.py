@@ -89,9 +89,9 @@ def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
     import pyarrow.dataset as pads
 
     if snapshot is not None:
-        files = snapshot.files
-        names = table.read_part_metadata(files[0]).schema.to_arrow_schema().names if files else []
-        return names, lambda columns: ((file, table.read_part(file, columns)) for file in files)
+        files = snapshot.files  # read as every reader reads them: the label sidecar joined
+        names = table.column_names(snapshot)
+        return names, lambda columns: ((file, table.read_rows(snapshot, file, columns)) for file in files)
     fs, path = filesystem_for(uri, storage_options)
     if fs.isdir(path) and any(f.endswith(GUARD_FILE) for f in fs.find(path)):
         raise TagpipeError(

@@ -22,8 +22,8 @@ by it alone. Error rows never enter a queue. The table is read part by part with
 the columns the kind needs, and only the best `limit` rows are held (`TopRows`), so a
 10M-row table needs no more memory than its largest part.
 
-The label-check columns are issue 25's contract (LABEL_FIELDS in review_rank.py, a copy: the
-declaration in pipeline/core/schemas.py is the source of truth once it lands).
+The label-check columns are LABEL_FIELDS (pipeline/core/schemas.py); a tag table keeps them
+in its label sidecar, joined to each part by uri as it is read (TagTable.read_rows).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 from pydantic import BeforeValidator, Field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import LABEL_FIELDS
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
 from pipeline.corpus.review_rank import (
-    LABEL_FIELDS,
     ReviewKind,
     Source,
     TopRows,

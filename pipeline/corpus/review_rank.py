@@ -21,15 +21,6 @@ from pipeline.core.settings import suggestion
 from pipeline.storage.filesystem import filesystem_for, read_bytes
 from pipeline.table.tag_table import RUNS_DIR, Snapshot, TagTable, is_tag_table
 
-LABEL_FIELDS = (
-    pa.field("source_tags", pa.list_(pa.string())),
-    pa.field("likely_missing", pa.list_(pa.string())),
-    pa.field("likely_missing_scores", pa.list_(pa.float32())),
-    pa.field("likely_wrong", pa.list_(pa.string())),
-    pa.field("likely_wrong_scores", pa.list_(pa.float32())),
-    pa.field("label_quality", pa.float32()),
-)
-
 UNCERTAIN_BAND = 0.1  # a tag whose score is within this of its threshold is uncertain
 REASON_TAGS = 5  # tags an uncertain row lists, closest to their threshold first
 BATCH_ROWS = 65_536  # rows per batch when the input is a Parquet file or folder
@@ -45,7 +36,8 @@ class ReviewKind(enum.StrEnum):
 # ---- reading part by part --------------------------------------------------------------
 @dataclass
 class Source:
-    """A tag table's current version, a Parquet file or a folder of them, read part by part."""
+    """A tag table's current version (its label sidecar joined: TagTable.read_rows), a
+    Parquet file or a folder of them, read part by part."""
 
     uri: str
     storage_options: dict
@@ -60,12 +52,7 @@ class Source:
         if is_tag_table(uri, options):
             table = TagTable(uri, options)
             snapshot = table.snapshot()
-            names = (
-                table.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema().names
-                if snapshot.files
-                else []
-            )
-            return cls(uri, options, names, snapshot, table)
+            return cls(uri, options, table.column_names(snapshot), snapshot, table)
         import pyarrow.parquet as pq
 
         fs, path = filesystem_for(uri, options)
@@ -106,20 +93,11 @@ class Source:
                     yield pa.Table.from_batches([batch])
 
     def _read_part(self, relative: str, columns: list[str]) -> pa.Table:
-        """One part; label-check columns a part lacks (written before the table had source
-        tags) read as nulls: such rows have nothing to queue."""
-        assert self.table is not None
-        try:
-            return self.table.read_part(relative, columns)
-        except pa.ArrowInvalid as exc:
-            if "No match for FieldRef" not in str(exc):
-                raise
-        names = set(self.table.read_part_metadata(relative).schema.to_arrow_schema().names)
-        part = self.table.read_part(relative, [c for c in columns if c in names])
-        for f in LABEL_FIELDS:
-            if f.name in columns and f.name not in names:
-                part = part.append_column(f, pa.nulls(part.num_rows, f.type))
-        return part.select(columns)
+        """One part with its labels joined; label-check columns neither it nor the sidecar
+        has (written before the table had source tags) read as nulls: such rows have
+        nothing to queue."""
+        assert self.table is not None and self.snapshot is not None
+        return self.table.read_rows(self.snapshot, relative, columns)
 
 
 # ---- the best rows so far -------------------------------------------------------------

@@ -2,25 +2,30 @@
 
 check_labels is the step a tag run given source tags takes before its commit, and what
 `tagpipe compare-tags` runs on a table's current version before committing one. Two
-passes over the parts (the rules are pipeline/corpus/label_quality.py's):
+passes over the parts, reading only uri, error and the stored logits (the rules are
+pipeline/corpus/label_quality.py's):
 1. the data rule only: per part, per-tag sums (TagStatistics), added up on the driver
    into the per-tag thresholds (they depend on every row);
-2. per part, a NEW part: the rows with the six label columns (LABEL_FIELDS) set. Its name
-   comes from the source part and a digest of the source tags, the rules and the
-   thresholds (data/<key>-L<digest>/part-*.parquet), so a rerun finds it done; no part is
-   ever overwritten. The source tags travel once through Ray's object store.
-check_labels never commits: run_compare_tags commits one version, as rethreshold does.
+2. per part, a labels file of the table's label sidecar (pipeline/table/labels.py): the
+   part's rows' six label columns (LABEL_FIELDS) by uri. Its name is a digest of the part,
+   the resolved rules (thresholds included), the settings and the source tags of that
+   part's rows only, so a rerun finds it done, and a source file with one row changed
+   writes one new labels file under the calibrated rule (every file under the data rule,
+   whose thresholds move). No part is rewritten, no file overwritten. The source tags
+   travel once through Ray's object store.
+check_labels never commits: run_compare_tags commits one version (the same parts, new
+labels files), as does the tag run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import posixpath
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
@@ -32,6 +37,7 @@ from pipeline.corpus.label_quality import (
     SourceTagCounts,
     TagStatistics,
     index_source_tags,
+    join_source,
     judged_mask,
     label_table,
     part_statistics,
@@ -41,21 +47,20 @@ from pipeline.corpus.source_tags import read_source_tags
 from pipeline.model.bundle import ModelBundle, load_bundle
 from pipeline.model.postprocess import Postprocessor
 from pipeline.model.rules import RuleSettings
-from pipeline.table.rewrite import rewrite_name
+from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import TagTable, commit_version
-
-LABELLED_DIR = re.compile(r"-L[0-9a-f]{8}$")  # the suffix a labelled part's folder carries
 
 
 @dataclass
 class LabelCheckSummary:
     rule: str = ""  # calibrated | data
     parts: int = 0
-    parts_skipped: int = 0  # written by an earlier attempt
+    parts_skipped: int = 0  # labels file written before (an earlier attempt, or the same labels)
     counts: PartLabelCounts = field(default_factory=PartLabelCounts)
     source: SourceTagCounts = field(default_factory=SourceTagCounts)
     source_unmatched: int = 0  # source rows whose uri no table row has
     version: int = 0  # the committed version (compare-tags)
+    labels_written: int = 0  # labels files written (the others were written before: unchanged)
     seconds: float = 0.0
 
     def text(self) -> str:
@@ -67,13 +72,19 @@ class LabelCheckSummary:
             f"{c.likely_missing} likely missing and {c.likely_wrong} likely wrong tags on {c.flagged_rows} "
             f"rows; {s.unknown} source tags ({s.unknown_tags} distinct) not in the model's vocabulary"
             + (f": {unknown}" if unknown else "")
-            + (f"; version {self.version}" if self.version else "")
+            + f"; {self.labels_written} of {self.parts} label files new"
+            + (f", version {self.version}" if self.version else "")
             + f", {self.seconds:.1f} s"
         )
 
     def record(self) -> dict:
         """What a version's counts keep of the check."""
-        return {"rule": self.rule, **asdict(self.counts), "unknown_source_tags": self.source.unknown}
+        return {
+            "rule": self.rule,
+            **asdict(self.counts),
+            "unknown_source_tags": self.source.unknown,
+            "label_files_written": self.labels_written,
+        }
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,12 @@ def check_labels(
     aliases: str | None = None,
     progress: ProgressSettings | None = None,
     ray_address: str | None = None,
-) -> tuple[list[str], LabelCheckSummary]:
-    """The parts `files` (relative to `table`) rewritten with the label columns: the new
-    files in the same order, and what was found. source_tags: a file (Parquet or CSV,
-    pipeline/corpus/source_tags.py) or a table read already (uri, source_tags). Every
-    check of the settings and the file comes before Ray is joined (or started, when none
-    runs: ray_address as ensure_ray takes it). Nothing is committed; rows keep their
-    run_id (their tags are unchanged)."""
+) -> tuple[dict[str, str], LabelCheckSummary]:
+    """Each of the parts `files` (relative to `table`) with its labels file, written (part
+    -> labels file, as Snapshot.labels), and what was found. source_tags: a file (Parquet
+    or CSV, pipeline/corpus/source_tags.py) or a table read already (uri, source_tags).
+    Every check of the settings and the file comes before Ray is joined (or started, when
+    none runs: ray_address as ensure_ray takes it). Nothing is committed, no part written."""
     import ray
 
     from pipeline.core.ray_session import ensure_ray
@@ -120,19 +130,20 @@ def check_labels(
     if rule is LabelRule.DATA:
         statistics = _statistics(table, files, _Context(post, indexed, judged), progress)
     resolved = LabelRules.resolve(post, settings, statistics)
-    key = _labels_key(resolved, indexed, bundle, rules, settings)
+    key = _labels_key(resolved, bundle, rules, settings)
     ref = ray.put(_Context(post, indexed, judged, resolved))
     task = ray.remote(num_cpus=1, max_retries=3)(_label_part)
-    pending = [task.remote(table.uri, table.storage_options, f, _labelled_name(f, key), ref) for f in files]
-    new_files, matched = [], 0
-    for file, counts, done, uris_matched in results_in_order(pending, "label check", progress):
-        new_files.append(file)
+    pending = [task.remote(table.uri, table.storage_options, f, key, ref) for f in files]
+    labels, matched = {}, 0
+    for file, (written, counts, done) in zip(files, results_in_order(pending, "label check", progress)):
+        labels[file] = written
         summary.counts += counts
         summary.parts_skipped += done
-        matched += uris_matched
+        matched += counts.with_source
+    summary.labels_written = len(files) - summary.parts_skipped
     summary.source_unmatched = indexed.num_rows - matched
     summary.seconds = round(time.monotonic() - started, 3)
-    return new_files, summary
+    return labels, summary
 
 
 def _statistics(
@@ -150,30 +161,34 @@ def _statistics(
     return total
 
 
-def _labels_key(
-    rules: LabelRules, indexed: pa.Table, bundle: ModelBundle, tag_rules: RuleSettings, settings
-) -> str:
-    """What decides the label columns: the source tags (as indexed), the resolved rules
-    (thresholds included), the calibration and the settings."""
+def _labels_key(rules: LabelRules, bundle: ModelBundle, tag_rules: RuleSettings, settings) -> str:
+    """What decides every part's label columns but its rows' source tags: the resolved
+    rules (thresholds included), the model and its calibration, and the settings."""
     digest = hashlib.sha256(rules.key().encode())
+    digest.update(bundle.fingerprint.model_sha256.encode())
     digest.update(bundle.fingerprint.calibration_sha256.encode())
     digest.update(repr(sorted(tag_rules.record().items())).encode())
     digest.update(settings.model_dump_json().encode())
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, indexed.schema) as writer:
-        writer.write_table(indexed)
-    digest.update(sink.getvalue())
     return digest.hexdigest()
 
 
-def _labelled_name(file: str, key: str) -> str:
-    """data/<the source part's key>-L<labels digest>/part-<digest>.parquet (a part labelled
-    before keeps its original key: labels are replaced, not stacked). A part labelled with
-    these very labels already is its own answer, so a repeated check changes nothing."""
-    folder = posixpath.basename(posixpath.dirname(file))
-    if folder.endswith(f"-L{key[:8]}"):
-        return file
-    return rewrite_name(file, f"{LABELLED_DIR.sub('', folder)}-L{key[:8]}", ())
+def _part_labels_file(key: str, file: str, uris: pa.ChunkedArray, source: pa.Table) -> str:
+    """A part's labels file: named from the labels key, the part (immutable: its name
+    says its rows) and its rows' source tags (as indexed), in row order, so only a part
+    whose rows' source tags changed (or whose thresholds moved) gets a new file."""
+    where = join_source(uris, source)
+    digest = hashlib.sha256(f"{key}\0{file}\0".encode())
+    digest.update(np.packbits(where >= 0).tobytes())
+    matched = pa.array(where[where >= 0], pa.int64())
+    for name in ("source_tags", "source_index"):
+        lists = pc.take(source.column(name), matched)
+        digest.update(np.asarray(pc.fill_null(pc.list_value_length(lists), -1), np.int64).tobytes())
+        flat = pc.list_flatten(lists)
+        if pa.types.is_string(flat.type):
+            digest.update("\x1f".join(flat.to_pylist()).encode())
+        else:
+            digest.update(np.asarray(flat.to_numpy(zero_copy_only=False), np.int64).tobytes())
+    return labels_file(digest.hexdigest())
 
 
 def _part_statistics(uri: str, storage_options: dict, file: str, context: _Context) -> TagStatistics:
@@ -182,18 +197,18 @@ def _part_statistics(uri: str, storage_options: dict, file: str, context: _Conte
 
 
 def _label_part(
-    uri: str, storage_options: dict, file: str, target: str, context: _Context
-) -> tuple[str, PartLabelCounts, bool, int]:
-    """(new file, counts, already written, rows whose uri the source has)."""
+    uri: str, storage_options: dict, file: str, key: str, context: _Context
+) -> tuple[str, PartLabelCounts, bool]:
+    """(the part's labels file, counts, written before). Only the labels file is written."""
     table = TagTable(uri, storage_options)
     assert context.rules is not None
+    target = _part_labels_file(key, file, table.read_part(file, ["uri"]).column("uri"), context.source)
     if table.exists(target):
-        done = table.read_part(target, ["uri", "error", *LABEL_COLUMNS])
-        counts = _counts_of(done)
-        return target, counts, True, counts.with_source
-    labelled, counts = label_table(table.read_part(file), context.source, context.post, context.rules)
-    table.write_part(target, labelled)
-    return target, counts, False, counts.with_source
+        return target, _counts_of(table.read_part(target, list(LABEL_COLUMNS))), True
+    part = table.read_part(file, ["uri", "error", "logit_indices", "logit_values"])
+    labels, counts = label_table(part, context.source, context.post, context.rules)
+    table.write_part(target, labels)
+    return target, counts, False
 
 
 def _counts_of(part: pa.Table) -> PartLabelCounts:
@@ -224,7 +239,8 @@ def run_compare_tags(
     progress: ProgressSettings | None = None,
 ) -> LabelCheckSummary:
     """`tagpipe compare-tags`: the current version checked against source tags, committed
-    as a new version of the same table (no new version when nothing changed)."""
+    as a new version of the same table: the same parts, new labels files (no new version
+    when nothing changed)."""
     from pipeline.core.ray_session import new_run_id
 
     settings = settings or LabelCheckSettings.model_validate({})
@@ -248,16 +264,16 @@ def run_compare_tags(
         }
     )
     run_id = run_id or new_run_id()
-    files, summary = check_labels(
+    labels, summary = check_labels(
         table, base.files, bundle, rules, settings, source_tags, aliases, progress, ray_address
     )
-    if tuple(sorted(files)) == base.files:  # a repeat of a finished check
+    if labels == base.labels:  # a repeat of a finished check
         summary.version = base.version
         return summary
     snapshot = commit_version(
         table,
         base,
-        files,
+        base.files,
         model_sha256=base.model_sha256,
         inference_key=base.inference_key,
         rules_key=base.rules_key,
@@ -266,6 +282,7 @@ def run_compare_tags(
         rules=base.rules,
         counts={"label_check": summary.record(), "source_version": base.version},
         rows=base.rows,
+        labels=labels,
     )
     summary.version = snapshot.version
     return summary

@@ -8,7 +8,8 @@ new parts are committed as one new version (pipeline/table/tag_table.py). Rows w
 through. The bundle must be the one that made the logits (same model_sha256); its
 calibration and OOD reference may be new, which is what rethresholding is for.
 Rewriting parts is the table layer's (pipeline/table/rewrite.py); this module gives it the
-Retag transform.
+Retag transform. Labels files (the label sidecar) go along unchanged: the same files in
+place, copies into another table; `compare-tags` checks the new tags again.
 """
 
 from __future__ import annotations
@@ -182,9 +183,12 @@ def run_rethreshold(
         model_dir, rules, run_id, (bundle.fingerprint.model_sha256, bundle.fingerprint.calibration_sha256)
     )
     jobs = [
-        RewriteJob(source.uri, f, target.uri, rewrite_name(f, key, ()), transform=retag) for f in base.files
+        RewriteJob(
+            source.uri, f, target.uri, rewrite_name(f, key, ()), transform=retag, labels=base.labels.get(f)
+        )
+        for f in base.files
     ]
-    summary = RethresholdSummary(parts=len(jobs))
+    summary, labels = RethresholdSummary(parts=len(jobs)), {}
     if jobs:
         ensure_ray(ray_address)
         for result in rewrite_parts(jobs, storage_options, "rethreshold"):
@@ -192,8 +196,10 @@ def run_rethreshold(
             summary.rows_changed += result.rows_changed
             summary.parts_skipped += result.already_done
             summary.by_part.append(result.file)
+            if result.file and result.labels:
+                labels[result.file] = result.labels
     files = tuple(sorted(f for f in summary.by_part if f))
-    if target_base is not None and target_base.files == files:  # a repeat of a finished rethreshold
+    if target_base is not None and (target_base.files, target_base.labels) == (files, labels):  # a repeat
         summary.version = target_base.version
         summary.seconds = round(time.monotonic() - started, 3)
         return summary
@@ -213,6 +219,7 @@ def run_rethreshold(
             "source_version": base.version,
         },
         rows=summary.rows,
+        labels=labels,
     )
     summary.version = snapshot.version
     summary.seconds = round(time.monotonic() - started, 3)

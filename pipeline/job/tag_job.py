@@ -154,11 +154,12 @@ def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, sta
         )
 
 
-def _label_check(run: ModelRun, files: list[str], source) -> list[str]:
-    """The version's parts with the label columns (each part rewritten: the data rule's
-    thresholds are the whole table's); the summary gets the check's counts."""
+def _label_check(run: ModelRun, files: list[str], source) -> dict[str, str]:
+    """Each of the version's parts with its labels file (the label sidecar: no part is
+    rewritten; the data rule's thresholds are the whole table's, so every part is read);
+    the summary gets the check's counts."""
     cfg = run.cfg
-    files, labels = check_labels(
+    labels, summary = check_labels(
         run.table,
         files,
         run.bundle,
@@ -169,8 +170,8 @@ def _label_check(run: ModelRun, files: list[str], source) -> list[str]:
         _progress_settings(cfg),
         cfg.ray_address,
     )
-    run.summary.label_check = labels.record()
-    return files
+    run.summary.label_check = summary.record()
+    return labels
 
 
 def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
@@ -220,7 +221,9 @@ def _plan_model(run: ModelRun, listing, dry_run: bool, timings: dict) -> None:
 
 
 def _rewrite(run: ModelRun) -> list:
-    jobs = _rewrite_jobs(run.plan, run.table, run.key, run.bundle, run.cfg.rules, run.run_id)
+    # with source tags every part of the version is checked anew: no labels to take along
+    labels = run.base.labels if run.base is not None and not run.cfg.source_tags else {}
+    jobs = _rewrite_jobs(run.plan, run.table, run.key, run.bundle, run.cfg.rules, run.run_id, labels)
     return (
         rewrite_parts(jobs, run.cfg.storage_options, "rewriting", _progress_settings(run.cfg)) if jobs else []
     )
@@ -228,17 +231,21 @@ def _rewrite(run: ModelRun) -> list:
 
 def _commit(run: ModelRun, timings: dict, source) -> Snapshot | None:
     """Commit the model's new version when its plan, or the label check, changes
-    anything; the snapshot committed, or None."""
+    anything; the snapshot committed, or None. Without source tags the labels files of
+    kept and rewritten parts go along (new rows have none); with them every part is checked."""
     summary, plan, base = run.summary, run.plan, run.base
     snapshot: Snapshot | None = None
     run_timings = dict(timings)
     rewritten = [r.file for r in run.rewritten if r.file]
     files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
+    labels = {f: base.labels[f] for f in plan.keep if base is not None and f in base.labels}
+    labels |= {r.file: r.labels for r in run.rewritten if r.file and r.labels}
     if source is not None and files:
         t = time.monotonic()
-        files = _label_check(run, files, source)
+        labels = _label_check(run, files, source)
         run_timings["label_check_seconds"] = _lap(t)
-    if plan.commits or (base is not None and sorted(files) != sorted(base.files)):
+    relabelled = base is not None and labels != base.labels
+    if plan.commits or relabelled or (base is not None and sorted(files) != sorted(base.files)):
         t = time.monotonic()
         snapshot = commit_version(
             run.table,
@@ -254,6 +261,7 @@ def _commit(run: ModelRun, timings: dict, source) -> Snapshot | None:
             | {"rows": summary.listed}
             | ({"label_check": summary.label_check} if summary.label_check else {}),
             expected_rows=summary.listed,
+            labels=labels,
         )
         summary.version, summary.rows = snapshot.version, snapshot.rows
         if not plan.commits:  # nothing to tag or drop: the source tags' check changed the version
@@ -434,9 +442,12 @@ def _run_record(cfg, bundle, keys, listing, manifest_path, summary: RunSummary) 
     }
 
 
-def _rewrite_jobs(plan: Plan, table: TagTable, key: str, bundle, rules, run_id: str) -> list[RewriteJob]:
-    """The plan's rewrites as RewriteJobs: each part copied without its dropped rows,
-    and re-tagged from its stored logits when the rules changed."""
+def _rewrite_jobs(
+    plan: Plan, table: TagTable, key: str, bundle, rules, run_id: str, labels: dict[str, str]
+) -> list[RewriteJob]:
+    """The plan's rewrites as RewriteJobs: each part copied without its dropped rows (and
+    its labels file, `labels`, without their labels), re-tagged from its stored logits
+    when the rules changed."""
     fp = bundle.fingerprint
     retag = Retag(str(bundle.directory), rules, run_id, (fp.model_sha256, fp.calibration_sha256))
     return [
@@ -447,6 +458,7 @@ def _rewrite_jobs(plan: Plan, table: TagTable, key: str, bundle, rules, run_id: 
             rewrite_name(r.file, key, r.drop),
             r.drop,
             retag if plan.rethreshold else None,
+            labels.get(r.file),
         )
         for r in plan.rewrites
     ]

@@ -1,10 +1,11 @@
 """The versioned tag table: immutable Parquet parts, numbered versions, one exclusive commit.
 
-tag_table: TagTable, Snapshot and the commit protocol every writer shares. rewrite: copies
-of parts without dropped rows (and, given a function, transformed), as Ray tasks, named
-so a rerun finds them done. reading: any input a later stage accepts (a Parquet file, a
-folder of parts, or a tag table's current version) as one Arrow table, or a piece (a part,
-a row group) at a time.
+tag_table: TagTable, Snapshot and the commit protocol every writer shares. labels: the
+label sidecar (the source-tag check's columns, one file per part, keyed by uri) and its
+join, which every read of a table goes through. rewrite: copies of parts without dropped
+rows (and, given a function, transformed), as Ray tasks, named so a rerun finds them done.
+reading: any input a later stage accepts (a Parquet file, a folder of parts, or a tag
+table's current version) as one Arrow table, or a piece (a part, a row group) at a time.
 
 Readers of a table need only `from pipeline.table import read_current, current_files`.
 """

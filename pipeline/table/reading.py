@@ -1,9 +1,10 @@
 """Any input a later stage accepts, as one Arrow table (read_parquet) or a piece at a
 time (Pieces).
 
-A Parquet file, a folder of Parquet files, or a tag table (its current version). The
-storage layer below reads bytes and knows nothing of tag tables; this is where the two
-meet, so dedup, split, audit, export and OOD fitting take any of the three.
+A Parquet file, a folder of Parquet files, or a tag table (its current version, with
+its label sidecar's columns joined by uri: pipeline/table/labels.py). The storage layer
+below reads bytes and knows nothing of tag tables; this is where the two meet, so dedup,
+split, audit, export and OOD fitting take any of the three.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _read_parquet(uri: str, storage_options: dict | None, columns: list[str] | N
         table = TagTable(uri, storage_options)
         snapshot = table.snapshot()
         if only_present and columns and snapshot.files:
-            names = table.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema().names
+            names = table.column_names(snapshot)
             columns = [c for c in columns if c in names]
         return table.read(snapshot, columns)
     if fs.isfile(path):
@@ -100,6 +101,10 @@ class Pieces:
                     (f, group) for f, meta in zip(files, footers) for group in range(meta.num_row_groups)
                 ]
         schemas = {file: meta.schema.to_arrow_schema() for file, meta in zip(files, footers)}
+        if self.table is not None and snapshot is not None:  # label columns from the sidecar
+            schemas = {
+                file: self.table.row_schema(snapshot, file, schema) for file, schema in schemas.items()
+            }
         self.has = [set(schemas[key if self.table is not None else key[0]].names) for key in self.keys]
         if self.table is None:
             self.schema = schemas[files[0]]
@@ -123,8 +128,8 @@ class Pieces:
         import pyarrow.parquet as pq
 
         key, present = self.keys[index], [c for c in columns if c in self.has[index]]
-        if self.table is not None:
-            piece = self.table.read_part(key, present)
+        if self.table is not None and self.snapshot is not None:
+            piece = self.table.read_rows(self.snapshot, key, present)
         else:
 
             def read_group():

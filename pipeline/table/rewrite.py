@@ -5,7 +5,9 @@ re-tags parts from their stored logits; both are a RewriteJob per part, run as R
 tasks. A rewritten part's name comes from its source, what it drops and the settings
 key, so a rerun finds the parts an interrupted run already wrote and skips them.
 The transform (rethreshold's) is any picklable callable: this layer knows nothing of
-models or rules.
+models or rules. A part with a labels file (pipeline/table/labels.py) takes its rows'
+labels along: the same file where the rows and the table are the same, else a copy of
+the kept rows' labels, written before the part (so a part found written has its labels).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import results_in_order
+from pipeline.table.labels import copied_labels_file, labels_of_rows
 from pipeline.table.tag_table import DATA_DIR, TagTable
 
 # (rows of one part, "URI/FILE" for messages) -> (transformed rows, rows whose tags changed)
@@ -36,6 +39,7 @@ class RewriteJob:
     target_file: str
     drop: tuple[str, ...] = ()  # uris of rows left out
     transform: PartTransform | None = None
+    labels: str | None = None  # the source part's labels file, relative to the source table
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class RewriteResult:
     rows: int
     rows_changed: int  # rows the transform changed
     already_done: bool  # written by an earlier attempt, left as it was
+    labels: str | None = None  # the target part's labels file (None: it has none)
 
 
 def rewrite_name(source_file: str, key: str, drop: list[str] | tuple[str, ...]) -> str:
@@ -59,7 +64,10 @@ def rewrite_part(job: RewriteJob, storage_options: dict) -> RewriteResult:
     """One part, copied without the job's `drop` rows and through its transform."""
     target = TagTable(job.target_uri, storage_options)
     if target.exists(job.target_file):
-        return RewriteResult(job.target_file, target.read_part_metadata(job.target_file).num_rows, 0, True)
+        uris = target.read_part(job.target_file, ["uri"]).column("uri") if job.labels else None
+        labels = _labels(job, target, storage_options, uris)
+        rows = target.read_part_metadata(job.target_file).num_rows
+        return RewriteResult(job.target_file, rows, 0, True, labels)
     table = TagTable(job.source_uri, storage_options).read_part(job.source_file)
     if job.drop:
         dropped = pc.is_in(table.column("uri"), pa.array(list(job.drop), pa.string()))
@@ -69,8 +77,23 @@ def rewrite_part(job: RewriteJob, storage_options: dict) -> RewriteResult:
     changed = 0
     if job.transform is not None:
         table, changed = job.transform(table, f"{job.source_uri}/{job.source_file}")
+    labels = _labels(job, target, storage_options, table.column("uri"))
     target.write_part(job.target_file, table)
-    return RewriteResult(job.target_file, table.num_rows, changed, False)
+    return RewriteResult(job.target_file, table.num_rows, changed, False, labels)
+
+
+def _labels(job: RewriteJob, target: TagTable, storage_options: dict, uris) -> str | None:
+    """The target part's labels file: the source part's when the rows and the table are
+    the same, else the kept rows' labels copied (deleted rows never come back)."""
+    if job.labels is None:
+        return None
+    if not job.drop and job.source_uri == job.target_uri:
+        return job.labels
+    name = copied_labels_file(job.target_file, job.labels)
+    if not target.exists(name):
+        labels = TagTable(job.source_uri, storage_options).read_part(job.labels)
+        target.write_part(name, labels_of_rows(labels, uris))
+    return name
 
 
 def rewrite_parts(

@@ -8,6 +8,8 @@ A tag output directory holds
     _runs/, _manifests/         run manifests and input listings
     _calibration/<inference key>.parquet  how far the embedding moves under standard edits,
                                 written once per inference key at tag time (never vacuumed)
+    _labels/labels-*.parquet    the label sidecar: the source-tag check's columns, one
+                                immutable file per labelled part, keyed by uri (labels.py)
 
 A run writes new parts first (they are invisible: no snapshot names them) and then
 commits once, by writing `_versions/<N+1>.json` and replacing `_current.json`. A run
@@ -15,13 +17,15 @@ killed at any point before that leaves the previous table exactly as it was; the
 it wrote are found again and reused by the next run. Rows are never edited in place:
 a part losing rows (deleted or changed images) is rewritten under a new name, so every
 older snapshot stays readable until `vacuum` deletes the parts no kept version names.
+A snapshot also names each labelled part's labels file (`labels`), written before the
+commit in the same way; readers join them by uri (`read_rows`).
 
 Readers take the file list from `_current.json` (`read_current`, or two SQL statements
 in DuckDB: see the README). Why not Delta Lake: docs/decisions.md.
 
 Why this module is long: the commit protocol (numbered versions created exclusively,
-guard files, parts, run manifests, vacuum) is one set of invariants that has to be read
-together.
+guard files, parts and the label files beside them, run manifests, vacuum) is one set of
+invariants that has to be read together.
 """
 
 from __future__ import annotations
@@ -40,12 +44,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.schemas import LABELS_SCHEMA
 from pipeline.storage.filesystem import (
     create_exclusive,
     filesystem_for,
     is_local,
     retry,
     write_atomic,
+)
+from pipeline.table.labels import (
+    LABELS_DIR,
+    is_labels_file,
+    labels_from_record,
+    labels_record,
+    read_rows,
+    row_schema,
 )
 
 log = logging.getLogger(__name__)
@@ -85,12 +98,18 @@ class Snapshot:
     model_name: str = ""
     rules: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)  # part -> its labels file (labels.py), both relative
 
     def to_json(self) -> bytes:
         """The record, with `files` relative to the table root: a table copied or moved
-        (another disk, another machine, local disk to S3) reads the same."""
+        (another disk, another machine, local disk to S3) reads the same. `labels` only
+        when there are some, so a table never checked keeps the record earlier versions read."""
         record = asdict(self)
         record["files"] = list(self.files)
+        if self.labels:
+            record["labels"] = labels_record(self.labels)
+        else:
+            record.pop("labels")
         return json.dumps(record, indent=1, sort_keys=True, default=json_value).encode()
 
     @classmethod
@@ -98,6 +117,7 @@ class Snapshot:
         record = json.loads(data)
         record.pop("paths", None)  # absolute paths, written by tables before 0.2
         record["files"] = tuple(record["files"])
+        record["labels"] = labels_from_record(record.get("labels"))
         return cls(**record)
 
 
@@ -107,7 +127,16 @@ def table_entries(uri: str) -> tuple[str, ...]:
     root = uri.rstrip("/")
     return tuple(
         f"{root}/{name}"
-        for name in (DATA_DIR, VERSIONS_DIR, RUNS_DIR, MANIFESTS_DIR, CALIBRATION_DIR, CURRENT, GUARD_FILE)
+        for name in (
+            DATA_DIR,
+            VERSIONS_DIR,
+            RUNS_DIR,
+            MANIFESTS_DIR,
+            CALIBRATION_DIR,
+            LABELS_DIR,
+            CURRENT,
+            GUARD_FILE,
+        )
     )
 
 
@@ -217,7 +246,7 @@ class TagTable:
         if snapshot.version != expected:
             raise ValueError(f"version {snapshot.version} cannot follow version {expected - 1}")
         data = snapshot.to_json()
-        self.guard({posixpath.dirname(f) for f in snapshot.files})
+        self.guard({posixpath.dirname(f) for f in (*snapshot.files, *snapshot.labels.values())})
         now = self.current()
         # a base older than the newest version lost already; checked first because vacuum
         # may have deleted old records, which would let an exclusive create succeed
@@ -253,13 +282,14 @@ class TagTable:
     def read(
         self, snapshot: Snapshot | None = None, columns: list[str] | None = None, with_file: bool = False
     ) -> pa.Table:
-        """The table at a snapshot (default: current), optionally with `_file`, the index
-        of each row's part in snapshot.files."""
+        """The table at a snapshot (default: current), its label columns joined
+        (`read_rows`), optionally with `_file`, the index of each row's part in snapshot.files."""
         snapshot = snapshot or self.snapshot()
+        version = snapshot
 
-        def one(index_and_path):
-            index, path = index_and_path
-            table = retry(lambda: self._read_part(path, columns), what=path)
+        def one(index_and_file):
+            index, relative = index_and_file
+            table = self.read_rows(version, relative, columns)
             return (
                 table.append_column("_file", pa.array([index] * table.num_rows, pa.int32()))
                 if with_file
@@ -267,10 +297,36 @@ class TagTable:
             )
 
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            tables = list(pool.map(one, enumerate(self.paths(snapshot))))
+            tables = list(pool.map(one, enumerate(snapshot.files)))
         if not tables:
             return pa.table({})
         return pa.concat_tables(tables, promote_options="default")
+
+    def read_rows(self, snapshot: Snapshot, relative: str, columns: list[str] | None = None) -> pa.Table:
+        """One part of a version as readers see it: its label columns joined by uri from
+        the labels file the version names for it (labels.read_rows says the rest)."""
+        return read_rows(self, snapshot.labels.get(relative), relative, columns)
+
+    def row_schema(self, snapshot: Snapshot, relative: str, part: pa.Schema) -> pa.Schema:
+        """A part's schema (`part`, from its footer) as `read_rows` gives its rows."""
+        return row_schema(part, relative in snapshot.labels)
+
+    def column_names(self, snapshot: Snapshot) -> list[str]:
+        """A version's columns as read: its first part's, and the label columns when the
+        version names labels files (a whole read may add those of other parts)."""
+        if not snapshot.files:
+            return []
+        footer = self.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema()
+        labelled = [f.name for f in LABELS_SCHEMA][1:] if snapshot.labels else []
+        return [n for n in footer.names if n not in labelled] + labelled
+
+    def labels(self, version: int | Snapshot | None = None) -> pa.Table:
+        """The label-check columns of every row of a version (default: current), by uri
+        (LABELS_SCHEMA; nulls on rows never checked), from its labels files or, in a table
+        labelled before the sidecar, its parts."""
+        snapshot = version if isinstance(version, Snapshot) else self.snapshot(version)
+        table = self.read(snapshot, list(LABELS_SCHEMA.names))
+        return table.cast(LABELS_SCHEMA) if table.num_columns else LABELS_SCHEMA.empty_table()
 
     def _read_part(self, path: str, columns: list[str] | None) -> pa.Table:
         with self.fs.open(path, "rb") as handle:
@@ -318,6 +374,21 @@ class TagTable:
                 found.append({"file": posixpath.join(DATA_DIR, key, name), "mtime": _mtime(info)})
         return sorted(found, key=lambda f: f["file"])
 
+    def list_label_files(self) -> list[dict]:
+        """Files of the label sidecar (_labels/) with their modification time."""
+        directory = self.join(LABELS_DIR)
+        self.fs.invalidate_cache(directory)
+        if not self.fs.exists(directory):
+            return []
+        return sorted(
+            (
+                {"file": posixpath.join(LABELS_DIR, posixpath.basename(info["name"])), "mtime": _mtime(info)}
+                for info in self.fs.ls(directory, detail=True)
+                if is_labels_file(info["name"])
+            ),
+            key=lambda f: f["file"],
+        )
+
     def write_part(self, relative: str, table: pa.Table) -> str:
         """Write one part atomically. Returns the relative path.
 
@@ -360,9 +431,10 @@ class TagTable:
             )
         versions = [v for v in self.versions() if v <= current.version]
         kept = versions[-keep_versions:]
-        named = set(current.files)
+        named = {*current.files, *current.labels.values()}
         for version in kept:
-            named |= set(self.snapshot(version).files)
+            snapshot = self.snapshot(version)
+            named |= {*snapshot.files, *snapshot.labels.values()}
         cutoff = datetime.now(UTC).timestamp() - grace_hours * 3600
         data = self.join(DATA_DIR)
         doomed = []
@@ -372,6 +444,9 @@ class TagTable:
                 for part in self.list_parts(posixpath.basename(key)):
                     if part["file"] not in named and part["mtime"] < cutoff:
                         doomed.append(part["file"])
+        doomed_labels = [  # label files no kept version names, as parts
+            f["file"] for f in self.list_label_files() if f["file"] not in named and f["mtime"] < cutoff
+        ]
         old_versions = [v for v in versions if v not in kept]
         stale_tmp = []  # temp files of local writes a killed process left (object stores write in one PUT)
         if self.local:
@@ -381,7 +456,7 @@ class TagTable:
                 if TMP_MARK in posixpath.basename(name) and _mtime(info) < cutoff
             ]
         if not dry_run:
-            for file in doomed:
+            for file in [*doomed, *doomed_labels]:
                 self.fs.rm(self.join(file))
             for version in old_versions:
                 self.fs.rm(self.join(version_record(version)))
@@ -389,6 +464,7 @@ class TagTable:
                 self.fs.rm(path)
         return {
             "parts_deleted": len(doomed),
+            "label_files_deleted": len(doomed_labels),
             "versions_deleted": old_versions,
             "versions_kept": kept,
             "tmp_deleted": len(stale_tmp),
@@ -455,11 +531,17 @@ def commit_version(
     counts: dict,
     expected_rows: int | None = None,
     rows: int | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Snapshot:
-    """The one way every writer (tag, rethreshold) commits a version on top of `base`,
-    then creates its record exclusively. expected_rows: the rows are counted from the
-    parts' footers and must be these (the tag job: one row per listed image); rows: the
-    count the writer already knows (rethreshold's parts reported theirs)."""
+    """The one way every writer (tag, rethreshold, compare-tags) commits a version on top
+    of `base`, then creates its record exclusively. expected_rows: the rows are counted
+    from the parts' footers and must be these (the tag job: one row per listed image);
+    rows: the count the writer already knows (rethreshold's parts reported theirs);
+    labels: each labelled part's labels file (labels.py), written already."""
+    labels = labels or {}
+    strays = sorted(set(labels) - set(files))
+    if strays:
+        raise ValueError(f"labels name parts the version does not have ({strays[0]}); nothing committed")
     if rows is None:
         with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
             rows = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
@@ -477,6 +559,7 @@ def commit_version(
         model_name=model_name,
         rules=rules,
         counts=counts,
+        labels=dict(labels),
     )
     return table.commit(base, snapshot)
 
