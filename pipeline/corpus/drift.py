@@ -342,20 +342,20 @@ class DriftScan:
             self.columns[snapshot.version] = [c for c in COLUMNS if c in names]
         return self.columns[snapshot.version]
 
-    def take_counts(self, file: str, counts: RateCounts) -> None:
-        """A part's counts, made by another (the report, pipeline/corpus/report_scan.py)."""
-        if file in self.side and file not in self.seen:
-            self.seen.add(file)
-            self.counts[self.side[file]] += counts
+    def take_counts(self, files: list[str], counts: RateCounts) -> None:
+        """Counts of these parts (of one side) made by another: the report's pass."""
+        sides = {self.side[f] for f in files}
+        assert len(sides) <= 1 and not self.seen & set(files), "parts of one side, each counted once"
+        self.seen.update(files)
+        self.counts[sides.pop() if sides else "shared"] += counts
 
-    def pending(self) -> list[str]:
-        """The parts nobody has handed over: `finish` reads them."""
+    def pending(self) -> list[str]:  # the parts nobody has handed over: `finish` reads them
         return sorted(f for f in self.side if f not in self.seen)
 
     def finish(self, settings: DriftSettings) -> DriftSummary:
         for file in self.pending():
             version = self.before if self.side[file] == "before" else self.after
-            self.take_counts(file, RateCounts().add(self.table.read_part(file, self._columns(version))))
+            self.take_counts([file], RateCounts().add(self.table.read_part(file, self._columns(version))))
         before, after = RateCounts(), RateCounts()
         for total, own in ((before, "before"), (after, "after")):
             total += self.counts["shared"]

@@ -46,7 +46,7 @@ from pipeline.corpus.drift import (
     previous_version,
     why_nothing_to_compare,
 )
-from pipeline.corpus.report_figures import BORDERLINE, ERROR_CHARS, SCORE_BINS, Accumulator, cut
+from pipeline.corpus.report_figures import BORDERLINE, ERROR_CHARS, SCORE_BINS, Figures, cut
 from pipeline.corpus.report_scan import PartSummaries, ScanCounts, scan
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
 from pipeline.table.tag_table import CURRENT as _CURRENT
@@ -223,16 +223,8 @@ def build_report(
     drift_scan, drift = _drift_plan(tags, table, snapshot, compare_version, drift_note)
     threshold, assumed = _threshold(snapshot, run)
     summaries = PartSummaries(table, threshold) if table is not None and keep_summaries else None
-    on_counts = drift_scan.take_counts if drift_scan else None
-    acc, counts = scan(tags, storage_options, threshold, table, snapshot, summaries, on_counts)
+    acc, counts = scan(tags, storage_options, threshold, table, snapshot, summaries, drift_scan)
     if drift_scan is not None:
-        # the earlier version's own parts: their counts from the summaries kept of them
-        if summaries is not None:
-            for file, kept in summaries.load_many(drift_scan.pending()):
-                if kept is not None and kept.counts is not None:
-                    drift_scan.take_counts(file, kept.counts)
-                    counts.summaries_reused += 1
-        counts.parts_read += len(drift_scan.pending())
         drift = drift_scan.finish(drift_settings or DriftSettings())
     thumbs = [0]
 
@@ -301,7 +293,7 @@ def _section(key: str, title: str, body: str) -> str:
     return f"<section id='{key}'><h2>{html.escape(title)}</h2>{body}</section>"
 
 
-def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
+def _summary_section(tags: str, acc: Figures, snapshot, run) -> str:
     errors = sum(acc.errors.values())
     cards = [
         ("images", f"{acc.rows:,}"),
@@ -426,7 +418,7 @@ def _drift_section(drift: DriftSummary | None) -> str:
     )
 
 
-def _tags_section(acc: Accumulator) -> str:
+def _tags_section(acc: Figures) -> str:
     parts = []
     groups = acc.by_category or {"all": acc.tag_counts}
     for category, counts in groups.items():
@@ -440,7 +432,7 @@ def _tags_section(acc: Accumulator) -> str:
     return _section("tags", "Tag frequency", "".join(parts) or "<p>No tags.</p>")
 
 
-def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
+def _scores_section(acc: Figures, threshold: float, assumed: bool) -> str:
     label = (
         f"score of emitted tags (line: threshold {threshold:g}"
         f"{', assumed: the run records none' if assumed else ''})"
@@ -469,7 +461,7 @@ def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
     )
 
 
-def _ood_section(acc: Accumulator, figure) -> str:
+def _ood_section(acc: Figures, figure) -> str:
     if not acc.ood_count:
         return _section(
             "ood", "Out of distribution", "<p>No OOD distances (the bundle has no OOD reference).</p>"
@@ -569,7 +561,7 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
     return _section("duplicates", "Duplicate clusters", body + html_strips)
 
 
-def _split_section(split: str, storage_options, acc: Accumulator) -> str:
+def _split_section(split: str, storage_options, acc: Figures) -> str:
     path = split.rstrip("/")
     report = _read_json(f"{path}/_report.json", storage_options)
     if report is None:
@@ -613,7 +605,7 @@ def _split_section(split: str, storage_options, acc: Accumulator) -> str:
     )
 
 
-def _errors_section(acc: Accumulator) -> str:
+def _errors_section(acc: Figures) -> str:
     errors = sum(acc.errors.values())
     if not errors:
         return _section("errors", "Errors", "<p>No errors.</p>")

@@ -8,10 +8,14 @@ the part's most out-of-distribution rows, its OOD flags, and the drift's rate co
 the sum is the same whether a part was read now or its figures were kept from an
 earlier report (pipeline/corpus/report_scan.py keeps them, one small file a part).
 
+A part's tag counts are arrays over the part's own list of tag names (`vocab`), so
+adding one is a dictionary pass over its names and numpy sums, not a Counter update
+per count: a report of many kept parts costs little more than reading their files.
+
 OOD distances are kept as a sketch, not as values: counts per bucket of the float32's
 order-preserving bits, the top OOD_SKETCH_BITS of its mantissa kept (buckets 2^-10 of a
 value wide), so a part's sketch is small, sketches add exactly, and the page's median,
-99.9th percentile and histogram come from it within 0.05% of a value.
+99.9th percentile and histogram come from it within 0.1% of a value.
 """
 
 from __future__ import annotations
@@ -34,27 +38,21 @@ BORDERLINE = 0.1  # a score within this of the threshold is "unsure"
 OOD_SKETCH_BITS = 10  # mantissa bits of a float32 kept in an OOD bucket's id
 _SHIFT = 23 - OOD_SKETCH_BITS
 _SIGN = np.uint32(0x80000000)
+_EMPTY = np.zeros(0, np.int64)
 
 
 def cut(text: str, length: int) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
 
-def count_values(values) -> Counter:
-    if len(values) == 0:
-        return Counter()
-    counts = pc.value_counts(values)
-    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-
-
 # ---- the OOD sketch ----------------------------------------------------------------
-def ood_sketch(values: np.ndarray) -> Counter:
-    """Bucket id -> count of the finite values: ids follow the values' order."""
+def ood_sketch(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket ids, counts) of the finite values: ids follow the values' order."""
     finite = np.ascontiguousarray(values[np.isfinite(values)], np.float32)
     bits = finite.view(np.uint32)
     key = np.where(bits & _SIGN, ~bits, bits | _SIGN)  # larger float, larger key
     ids, counts = np.unique(key >> np.uint32(_SHIFT), return_counts=True)
-    return Counter(dict(zip(ids.tolist(), counts.tolist())))
+    return ids.astype(np.int64), counts.astype(np.int64)
 
 
 def bucket_bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +69,39 @@ def bucket_bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- one part's figures ------------------------------------------------------------
+Tally = tuple[np.ndarray, np.ndarray]  # (indices into a part's vocab, counts)
+
+
+class _Names:
+    """A part's tag names, each given an index the first time it is seen."""
+
+    def __init__(self) -> None:
+        self.index: dict = {}
+
+    def tally(self, values) -> Tally:
+        """The counts of an array of names (flattened tags)."""
+        if len(values) == 0:
+            return _EMPTY, _EMPTY
+        counts = pc.value_counts(values)
+        return self.of(counts.field("values").to_pylist(), counts.field("counts").to_numpy())
+
+    def of(self, names: list, counts) -> Tally:
+        ids = [self.index.setdefault(n, len(self.index)) for n in names]
+        return np.asarray(ids, np.int64), np.asarray(counts, np.int64)
+
+
+@dataclass
+class DriftFigures:
+    """RateCounts (pipeline/corpus/drift.py) of one part, its tags as a Tally."""
+
+    rows: int = 0
+    decoded: int = 0
+    ood_known: int = 0
+    ood: int = 0
+    errors: Counter = field(default_factory=Counter)
+    tags: Tally | None = None  # None: the part's tag counts (its error rows carry no tags)
+
+
 @dataclass
 class PartFigures:
     """What one part adds to the page (and to the drift, for a tag table's part)."""
@@ -78,21 +109,21 @@ class PartFigures:
     rows: int = 0
     errors: Counter = field(default_factory=Counter)
     first_errors: list = field(default_factory=list)  # [uri, error_kind, error cut to ERROR_CHARS]
-    by_category: dict = field(default_factory=dict)  # category -> Counter
-    tag_counts: Counter = field(default_factory=Counter)
-    borderline: Counter = field(default_factory=Counter)
+    vocab: list = field(default_factory=list)  # the tag names the tallies index
+    tags: Tally = (_EMPTY, _EMPTY)
+    borderline: Tally = (_EMPTY, _EMPTY)
+    by_category: dict = field(default_factory=dict)  # category -> Tally
     score_hist: list = field(default_factory=lambda: [0] * (len(SCORE_BINS) - 1))
     ood_count: int = 0  # rows with a distance
-    ood_sketch: Counter = field(default_factory=Counter)
+    ood_sketch: Tally = (_EMPTY, _EMPTY)  # (bucket ids, counts)
     top_ood: list = field(default_factory=list)  # [distance, uri], the part's TOP_OOD, in push order
     ood_flagged: int = 0
-    counts: RateCounts | None = None  # the drift's
+    drift: DriftFigures | None = None
 
     @classmethod
     def of_part(cls, part: pa.Table, threshold: float, drift: bool = True) -> PartFigures:
-        figures = cls(rows=part.num_rows)
-        names = part.column_names
-        if "error_kind" in names:
+        figures, names, columns = cls(rows=part.num_rows), _Names(), part.column_names
+        if "error_kind" in columns:
             failed = pc.is_valid(part.column("error_kind"))
             if pc.any(failed).as_py():
                 bad = part.filter(failed).select(["uri", "error_kind", "error"])
@@ -101,19 +132,21 @@ class PartFigures:
                     [r["uri"], r["error_kind"], cut(r["error"] or "", ERROR_CHARS)]
                     for r in bad.slice(0, MAX_ERRORS).to_pylist()
                 ]
-        for name in sorted(n for n in names if n.startswith("tags_")):
-            figures.by_category[name.removeprefix("tags_")] = count_values(pc.list_flatten(part.column(name)))
-        if "tags" in names:
+        if "tags" in columns:
             tags = pc.list_flatten(part.column("tags"))
-            figures.tag_counts = count_values(tags)
-            if "scores" in names:
+            figures.tags = names.tally(tags)
+            if "scores" in columns:
                 scores = pc.list_flatten(part.column("scores")).to_numpy(zero_copy_only=False)
                 figures.score_hist = np.histogram(np.clip(scores, 0, 1), SCORE_BINS)[0].tolist()
                 unsure = (scores >= threshold) & (scores < threshold + BORDERLINE)
-                figures.borderline = count_values(tags.filter(pa.array(unsure)))
-        if "ood_distance" in names:
+                figures.borderline = names.tally(tags.filter(pa.array(unsure)))
+        for name in sorted(n for n in columns if n.startswith("tags_")):
+            figures.by_category[name.removeprefix("tags_")] = names.tally(pc.list_flatten(part.column(name)))
+        if "ood_distance" in columns:
             figures._ood(part)
-        figures.counts = RateCounts().add(part) if drift else None
+        if drift:
+            figures.drift = _drift(part, figures, names)
+        figures.vocab = list(names.index)
         return figures
 
     def _ood(self, part: pa.Table) -> None:
@@ -132,74 +165,88 @@ class PartFigures:
 
     # ---- as a record (JSON) -----------------------------------------------------------
     def record(self) -> dict:
-        counts = self.counts
+        drift = self.drift
         return {
             "rows": self.rows,
             "errors": _pairs(self.errors),
             "first_errors": self.first_errors,
-            "by_category": {c: _pairs(n) for c, n in self.by_category.items()},
-            "tag_counts": _pairs(self.tag_counts),
-            "borderline": _pairs(self.borderline),
+            "vocab": self.vocab,
+            "tags": _lists(self.tags),
+            "borderline": _lists(self.borderline),
+            "by_category": {c: _lists(t) for c, t in self.by_category.items()},
             "score_hist": self.score_hist,
             "ood_count": self.ood_count,
-            "ood_sketch": _pairs(self.ood_sketch),
+            "ood_sketch": _lists(self.ood_sketch),
             "top_ood": self.top_ood,
             "ood_flagged": self.ood_flagged,
-            "counts": None
-            if counts is None
+            "drift": None
+            if drift is None
             else {
-                "rows": counts.rows,
-                "decoded": counts.decoded,
-                # most tables' error rows carry no tags: then the decoded rows' counts are all of them
-                "tags": None if counts.tags == self.tag_counts else _pairs(counts.tags),
-                "ood_known": counts.ood_known,
-                "ood": counts.ood,
-                "errors": _pairs(counts.errors),
+                "rows": drift.rows,
+                "decoded": drift.decoded,
+                "ood_known": drift.ood_known,
+                "ood": drift.ood,
+                "errors": _pairs(drift.errors),
+                "tags": None if drift.tags is None else _lists(drift.tags),
             },
         }
 
     @classmethod
     def from_record(cls, record: dict) -> PartFigures:
-        figures = cls(
+        drift = record["drift"]
+        return cls(
             rows=record["rows"],
-            errors=_counter(record["errors"]),
+            errors=Counter(dict(zip(*record["errors"]))),
             first_errors=record["first_errors"],
-            by_category={c: _counter(n) for c, n in record["by_category"].items()},
-            tag_counts=_counter(record["tag_counts"]),
-            borderline=_counter(record["borderline"]),
+            vocab=record["vocab"],
+            tags=_tally(record["tags"]),
+            borderline=_tally(record["borderline"]),
+            by_category={c: _tally(t) for c, t in record["by_category"].items()},
             score_hist=record["score_hist"],
             ood_count=record["ood_count"],
-            ood_sketch=_counter(record["ood_sketch"]),
+            ood_sketch=_tally(record["ood_sketch"]),
             top_ood=record["top_ood"],
             ood_flagged=record["ood_flagged"],
+            drift=None
+            if drift is None
+            else DriftFigures(
+                rows=drift["rows"],
+                decoded=drift["decoded"],
+                ood_known=drift["ood_known"],
+                ood=drift["ood"],
+                errors=Counter(dict(zip(*drift["errors"]))),
+                tags=None if drift["tags"] is None else _tally(drift["tags"]),
+            ),
         )
-        counts = record["counts"]
-        if counts is not None:
-            tags = figures.tag_counts.copy() if counts["tags"] is None else _counter(counts["tags"])
-            figures.counts = RateCounts(
-                rows=counts["rows"],
-                decoded=counts["decoded"],
-                tags=tags,
-                ood_known=counts["ood_known"],
-                ood=counts["ood"],
-                errors=_counter(counts["errors"]),
-            )
-        return figures
+
+
+def _drift(part: pa.Table, figures: PartFigures, names: _Names) -> DriftFigures:
+    """The drift's counts of the part (RateCounts.add's own, so they are the drift's)."""
+    counts = RateCounts().add(part)
+    vocab = list(names.index)
+    ids, n = figures.tags
+    same = counts.tags == Counter(dict(zip((vocab[i] for i in ids.tolist()), n.tolist())))
+    tags = None if same else names.of(list(counts.tags), list(counts.tags.values()))
+    return DriftFigures(counts.rows, counts.decoded, counts.ood_known, counts.ood, counts.errors, tags)
 
 
 def _pairs(counts: Counter) -> list:
-    """[keys, counts]: JSON keeps a None or an integer key as it is in a list, not as an object key."""
+    """[keys, counts]: JSON keeps a None key as it is in a list, not as an object key."""
     return [list(counts), list(counts.values())]
 
 
-def _counter(pairs: list) -> Counter:
-    return Counter(dict(zip(*pairs)))
+def _lists(tally: Tally) -> list:
+    return [tally[0].tolist(), tally[1].tolist()]
+
+
+def _tally(lists: list) -> Tally:
+    return np.asarray(lists[0], np.int64), np.asarray(lists[1], np.int64)
 
 
 # ---- the sum -----------------------------------------------------------------------
 @dataclass
-class Accumulator:
-    """Running figures over the table's parts (PartFigures added in part order)."""
+class Figures:
+    """The page's figures over the table's parts."""
 
     rows: int = 0
     errors: Counter = field(default_factory=Counter)
@@ -209,57 +256,100 @@ class Accumulator:
     borderline: Counter = field(default_factory=Counter)
     score_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, np.int64))
     ood_count: int = 0
-    ood_sketch: Counter = field(default_factory=Counter)
-    top_ood: list = field(default_factory=list)  # heap of (distance, uri)
+    top_ood: list = field(default_factory=list)  # (distance, uri), a heap
     ood_flagged: int = 0
-
-    def add(self, part: PartFigures) -> None:
-        self.rows += part.rows
-        self.errors.update(part.errors)
-        room = MAX_ERRORS - len(self.first_errors)
-        if room > 0:
-            self.first_errors.extend(
-                {"uri": u, "error_kind": k, "error": e} for u, k, e in part.first_errors[:room]
-            )
-        if set(part.by_category) - set(self.by_category):
-            merged = {c: Counter() for c in part.by_category} | self.by_category
-            self.by_category = dict(sorted(merged.items()))
-        for category, counts in part.by_category.items():
-            self.by_category[category].update(counts)
-        self.tag_counts.update(part.tag_counts)
-        self.borderline.update(part.borderline)
-        self.score_hist += np.asarray(part.score_hist, np.int64)
-        self.ood_count += part.ood_count
-        self.ood_sketch.update(part.ood_sketch)
-        for distance, uri in part.top_ood:
-            item = (distance, uri)
-            (heapq.heappush if len(self.top_ood) < TOP_OOD else heapq.heappushpop)(self.top_ood, item)
-        self.ood_flagged += part.ood_flagged
-
-    def _ood_cdf(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, how many distances are below each): each bucket's count spread evenly
-        over its range, so a bin edge inside a bucket takes its share, not all or nothing."""
-        ids = np.array(sorted(self.ood_sketch), np.int64)
-        counts = np.array([self.ood_sketch[i] for i in ids.tolist()], np.float64)
-        low, high = bucket_bounds(ids)
-        ends = np.cumsum(counts)
-        values = np.stack([low, high], axis=1).ravel()
-        below = np.stack([ends - counts, ends], axis=1).ravel()
-        return values, below
+    ood_cdf: tuple = (_EMPTY, _EMPTY)  # (values, how many distances are below each)
 
     def ood_quantile(self, q: float) -> float:
         """The q-quantile of the OOD distances: where the (q * n)th distance lies,
         within its bucket's range (0.1% of the value)."""
-        if not self.ood_sketch:
-            return float("nan")
-        values, below = self._ood_cdf()
-        return float(np.interp(q * below[-1], below, values))
+        values, below = self.ood_cdf
+        return float(np.interp(q * below[-1], below, values)) if len(below) else float("nan")
 
     def ood_histogram(self, edges: np.ndarray) -> np.ndarray:
         """Counts of the OOD distances in these bins, those outside in the end bins."""
-        if not self.ood_sketch:
+        values, below = self.ood_cdf
+        if not len(below):
             return np.zeros(len(edges) - 1, np.int64)
-        values, below = self._ood_cdf()
         at_edges = np.interp(edges, values, below)
         at_edges[0], at_edges[-1] = 0, below[-1]
         return np.diff(np.round(at_edges)).astype(np.int64)
+
+
+class Accumulator:
+    """PartFigures added up, in part order: tag counts as arrays over one list of names;
+    with `side` (DriftScan's: shared, before, after), the part's drift counts too."""
+
+    def __init__(self) -> None:
+        self.figures = Figures()
+        self.index: dict = {}  # tag name -> its position in the arrays
+        self.tallies: dict[str, np.ndarray] = {}  # "tags", "borderline", "tags_<category>", "drift <side>"
+        self.categories: set[str] = set()
+        self.ood_buckets = np.zeros(1 << (32 - _SHIFT), np.int64)
+        self.drift: dict[str, RateCounts] = {}
+
+    def add(self, part: PartFigures, side: str | None = None, page: bool = True) -> None:
+        """page False: the drift's counts only (a part of the version compared with)."""
+        ids = np.fromiter((self.index.setdefault(n, len(self.index)) for n in part.vocab), np.int64)
+        if page:
+            self._page(part, ids)
+        if side is not None and part.drift is not None:
+            drift = self.drift.setdefault(side, RateCounts())
+            drift.rows, drift.decoded = drift.rows + part.drift.rows, drift.decoded + part.drift.decoded
+            drift.ood_known, drift.ood = drift.ood_known + part.drift.ood_known, drift.ood + part.drift.ood
+            drift.errors.update(part.drift.errors)
+            self._tally(f"drift {side}", ids, part.tags if part.drift.tags is None else part.drift.tags)
+
+    def _page(self, part: PartFigures, ids: np.ndarray) -> None:
+        acc = self.figures
+        acc.rows += part.rows
+        acc.errors.update(part.errors)
+        room = MAX_ERRORS - len(acc.first_errors)
+        if room > 0:
+            acc.first_errors.extend(
+                {"uri": u, "error_kind": k, "error": e} for u, k, e in part.first_errors[:room]
+            )
+        self._tally("tags", ids, part.tags)
+        self._tally("borderline", ids, part.borderline)
+        for category, tally in part.by_category.items():
+            self.categories.add(category)
+            self._tally(f"tags_{category}", ids, tally)
+        acc.score_hist += np.asarray(part.score_hist, np.int64)
+        acc.ood_count += part.ood_count
+        self.ood_buckets[part.ood_sketch[0]] += part.ood_sketch[1]
+        for distance, uri in part.top_ood:
+            item = (distance, uri)
+            (heapq.heappush if len(acc.top_ood) < TOP_OOD else heapq.heappushpop)(acc.top_ood, item)
+        acc.ood_flagged += part.ood_flagged
+
+    def _tally(self, name: str, ids: np.ndarray, tally: Tally) -> None:
+        counts = self.tallies.get(name, _EMPTY)
+        if len(counts) < len(self.index):  # room for the new names, doubling
+            counts = np.concatenate(
+                [counts, np.zeros(max(len(self.index), 2 * len(counts)) - len(counts), np.int64)]
+            )
+            self.tallies[name] = counts
+        counts[ids[tally[0]]] += tally[1]  # a part's tally names each tag once
+
+    def _counter(self, name: str) -> Counter:
+        counts = self.tallies.get(name, _EMPTY)
+        names = list(self.index)
+        return Counter({names[i]: int(counts[i]) for i in np.flatnonzero(counts).tolist()})
+
+    def result(self) -> Figures:
+        """The page's figures (Counters, in the order the names were first seen)."""
+        acc = self.figures
+        acc.tag_counts, acc.borderline = self._counter("tags"), self._counter("borderline")
+        acc.by_category = {c: self._counter(f"tags_{c}") for c in sorted(self.categories)}
+        ids = np.flatnonzero(self.ood_buckets)
+        if len(ids):
+            low, high = bucket_bounds(ids)
+            counts = self.ood_buckets[ids].astype(np.float64)
+            ends = np.cumsum(counts)
+            acc.ood_cdf = (np.stack([low, high], 1).ravel(), np.stack([ends - counts, ends], 1).ravel())
+        return acc
+
+    def drift_counts(self, side: str) -> RateCounts:
+        counts = self.drift.get(side, RateCounts())
+        counts.tags = self._counter(f"drift {side}")
+        return counts

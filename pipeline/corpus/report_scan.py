@@ -23,8 +23,7 @@ import gzip
 import hashlib
 import json
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
-from pipeline.corpus.drift import RateCounts
+from pipeline.corpus.drift import DriftScan
 from pipeline.corpus.report_figures import (
     BORDERLINE,
     ERROR_CHARS,
@@ -41,6 +40,7 @@ from pipeline.corpus.report_figures import (
     SCORE_BINS,
     TOP_OOD,
     Accumulator,
+    Figures,
     PartFigures,
 )
 from pipeline.storage.filesystem import create_exclusive, filesystem_for, retry
@@ -113,7 +113,10 @@ class PartSummaries:
             record = json.loads(gzip.decompress(data))
             if record.get("key") != self.key or record.get("part") != file:
                 raise ValueError("another part's or key's summary")
-            return PartFigures.from_record(record["figures"])
+            figures = PartFigures.from_record(record["figures"])
+            if figures.drift is None:
+                raise ValueError("a summary without the drift's counts")
+            return figures
         except Exception as exc:
             log.debug("summary of %s does not parse (read the part instead): %s", file, exc)
             return None
@@ -130,7 +133,7 @@ class PartSummaries:
         if not self.writable:
             return False
         record = {"format": FORMAT, "key": self.key, "part": file, "figures": figures.record()}
-        data = gzip.compress(json.dumps(record, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
+        data = gzip.compress(json.dumps(record, separators=(",", ":")).encode(), compresslevel=1, mtime=0)
         try:
             # False: another report wrote the same figures first
             return create_exclusive(self._uri(file), data, self.table.storage_options)
@@ -161,20 +164,22 @@ def scan(
     table: TagTable | None = None,
     snapshot=None,
     summaries: PartSummaries | None = None,
-    on_counts: Callable[[str, RateCounts], None] | None = None,
-) -> tuple[Accumulator, ScanCounts]:
+    drift: DriftScan | None = None,
+) -> tuple[Figures, ScanCounts]:
     """The figures of the snapshot's parts (a tag table's), each from its summary when
     one is kept, else read (and its summary kept); or of a Parquet file or dataset, read
-    batch by batch. on_counts: handed each tag-table part's drift counts
-    (pipeline/corpus/drift.py, DriftScan.take_counts)."""
+    batch by batch. drift: handed the counts of the parts it compares (pipeline/corpus/
+    drift.py), the earlier version's own parts' from their summaries where kept."""
     acc, counts = Accumulator(), ScanCounts()
     if snapshot is None:
         for batch in _plain_batches(uri, storage_options, acc):
             acc.add(PartFigures.of_part(batch, threshold, drift=False))
-        return acc, counts
+        return acc.result(), counts
     assert table is not None
     files = list(snapshot.files)
     counts.parts = len(files)
+    sides = drift.side if drift is not None else {}
+    counted: dict[str, list[str]] = {}  # the drift's side -> its parts counted here
     kept = summaries.load_many(files) if summaries else ((f, None) for f in files)
     for file, figures in kept:
         if figures is not None:
@@ -184,12 +189,22 @@ def scan(
             counts.parts_read += 1
             if summaries is not None and summaries.store(file, figures):
                 counts.summaries_written += 1
-        acc.add(figures)
-        if on_counts is not None and figures.counts is not None:
-            on_counts(file, figures.counts)
+        acc.add(figures, sides.get(file))
+        if file in sides:
+            counted.setdefault(sides[file], []).append(file)
+    if drift is not None:
+        before = [f for f in drift.pending() if sides[f] == "before"]
+        for file, figures in summaries.load_many(before) if summaries else ():
+            if figures is not None and figures.drift is not None:
+                acc.add(figures, "before", page=False)
+                counted.setdefault("before", []).append(file)
+                counts.summaries_reused += 1
+        for side, parts in counted.items():
+            drift.take_counts(parts, acc.drift_counts(side))
+        counts.parts_read += len(drift.pending())  # read by drift.finish
     if summaries is not None:
         counts.cache = summaries.why_not
-    return acc, counts
+    return acc.result(), counts
 
 
 def _plain_batches(uri: str, storage_options: dict | None, acc: Accumulator) -> Iterator[pa.Table]:
@@ -205,7 +220,7 @@ def _plain_batches(uri: str, storage_options: dict | None, acc: Accumulator) -> 
     dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
     names = dataset.schema.names
     categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
-    acc.by_category = {c: Counter() for c in categories}
+    acc.categories.update(categories)
     columns = [n for n in names if n in COLUMNS or n.startswith("tags_")]
     for batch in dataset.to_batches(columns=columns, batch_size=65536):
         yield pa.Table.from_batches([batch])
