@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 import pipeline.corpus.report_scan as report_scan
+from pipeline.corpus.drift import version_drift
 from pipeline.corpus.report import build_report
 from pipeline.corpus.report_figures import TOP_OOD, Accumulator, Figures, PartFigures
 from pipeline.storage.filesystem import filesystem_for
@@ -25,12 +26,13 @@ CATEGORIES = ["general", "character"]
 KINDS = ["not_found", "decode_error"]
 
 
-def _part(n: int, seed: int, error_rate: float = 0.05) -> pa.Table:
+def _part(n: int, seed: int, error_rate: float = 0.05, tagged_errors: bool = False) -> pa.Table:
     """Tag rows with every column the report reads: tags with scores, per-category tags,
     OOD distances and flags, error rows (no tags, no distance)."""
     rng = np.random.default_rng(seed)
     error = rng.random(n) < error_rate
-    per_row = np.where(error, 0, rng.integers(1, 8, n))
+    per_row = np.where(error & ~tagged_errors, 0, rng.integers(1, 8, n))  # tagged_errors: the drift counts
+    # only decoded rows' tags, so a part's drift tags are not its tag counts
     offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
     weights = 1 / np.arange(1, len(VOCAB) + 1) ** 1.4  # a few common tags, a long tail; once a row
     index = np.concatenate(
@@ -107,21 +109,21 @@ def test_a_report_reads_only_the_parts_added_and_its_page_is_a_full_scans(tmp_pa
     root = tmp_path / "tags"
     table = TagTable(str(root))
     files = [f"data/a/part-{i}.parquet" for i in range(4)]
-    _commit(table, files, {f: _part(400, seed=i) for i, f in enumerate(files)})
+    _commit(table, files, {f: _part(400, seed=i, tagged_errors=i == 0) for i, f in enumerate(files)})
     first = build_report(str(root), str(tmp_path / "1.html"))
     assert (first.scan.parts_read, first.scan.summaries_written, first.scan.summaries_reused) == (4, 4, 0)
     assert len(_summaries(root)) == 4 and "4 parts read, 0 part summaries reused" in first.text()
 
     # a nightly's shape: a new part (1% of a real table), and one part rewritten without some rows
     new = "data/b/part-new.parquet"
-    _commit(table, [*files, new], {new: _part(50, seed=9)})
+    _commit(table, [*files, new], {new: _part(50, seed=9, tagged_errors=True)})
     opened.clear()
     second = build_report(str(tmp_path / "tags"), str(tmp_path / "2.html"))
     assert opened == [new], opened  # not even an old part's footer
     assert (second.scan.parts_read, second.scan.summaries_reused, second.scan.summaries_written) == (1, 4, 1)
     assert second.drift.compared and second.drift.parts_read == 5
 
-    kept = _part(400, seed=0).slice(100)
+    kept = _part(400, seed=0, tagged_errors=True).slice(100)
     rewritten = "data/c/part-0-rewritten.parquet"
     _commit(table, [rewritten, *files[1:], new], {rewritten: kept})
     opened.clear()
@@ -139,6 +141,7 @@ def test_a_report_reads_only_the_parts_added_and_its_page_is_a_full_scans(tmp_pa
     assert _page(tmp_path / "3.html") == _page(tmp_path / "scratch.html")
     assert (third.rows, third.errors, third.thumbnails) == (scratch.rows, scratch.errors, scratch.thumbnails)
     assert asdict(third.drift) == asdict(scratch.drift)
+    assert asdict(third.drift) == asdict(version_drift(str(root)))  # the drift's own reading
 
     # the figures themselves, field by field
     snapshot = table.current()
