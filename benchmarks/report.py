@@ -28,7 +28,7 @@ PART_ROWS = 100_000
 CATEGORIES = ["general", "character", "copyright", "artist", "meta"]
 
 
-def make_table(root: Path, rows: int, seed: int = 0) -> None:
+def make_table(root: Path, rows: int, seed: int = 0, part_rows: int = PART_ROWS) -> None:
     from pipeline.table.tag_table import Snapshot, TagTable, now_iso
 
     shutil.rmtree(root, ignore_errors=True)
@@ -37,8 +37,8 @@ def make_table(root: Path, rows: int, seed: int = 0) -> None:
     category_of = np.arange(20_000) % len(CATEGORIES)
     table = TagTable(str(root))
     files = []
-    for start in range(0, rows, PART_ROWS):
-        n = min(PART_ROWS, rows - start)
+    for start in range(0, rows, part_rows):
+        n = min(part_rows, rows - start)
         per_row = rng.integers(10, 50, n)
         offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
         index = np.minimum(rng.zipf(1.3, offsets[-1]) - 1, 19_999)
@@ -63,7 +63,7 @@ def make_table(root: Path, rows: int, seed: int = 0) -> None:
             columns[f"tags_{name}"] = pa.ListArray.from_arrays(
                 np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pc.take(vocab, index[keep])
             )
-        file = f"data/bench/part-{start // PART_ROWS:05d}.parquet"
+        file = f"data/bench/part-{start // part_rows:05d}.parquet"
         table.write_part(file, pa.table(columns))
         files.append(file)
     snapshot = Snapshot(

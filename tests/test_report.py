@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.corpus.report import MAX_ERRORS, build_report
+from pipeline.corpus.report import build_report
+from pipeline.corpus.report_figures import MAX_ERRORS
 from pipeline.table.tag_table import read_current
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

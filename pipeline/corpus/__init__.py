@@ -9,9 +9,11 @@ builds leakage-free splits from them (split_columns); audit checks a split again
 train set (audit_sides reads its inputs; audit_vectors and audit_index search eval
 embeddings among train ones). export writes captions and JSONL (export_rows,
 export_text; supplement merges human tags with the model's); report renders one HTML
-page; ood fits the out-of-distribution reference; review ranks images for a human look
-(review_rank the rankings, review_output the queue file and its page); source_tags,
-label_settings and label_quality compare source tags with the model; drift compares
-versions. dedup_settings, split_settings, audit_settings and export_settings hold what
-each of those commands takes, one field per option.
+page (report_figures counts a part, report_scan keeps each part's counts beside the
+table so the next report reads only new parts); ood fits the out-of-distribution
+reference; review ranks images for a human look (review_rank the rankings, review_output
+the queue file and its page); source_tags, label_settings and label_quality compare
+source tags with the model; drift compares versions. dedup_settings, split_settings,
+audit_settings and export_settings hold what each of those commands takes, one field per
+option.
 """

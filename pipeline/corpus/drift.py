@@ -12,9 +12,9 @@ version; the error rates), AND it is at least `min_rate_change` in absolute term
 past which nightly calls it drift (its own exit status) are `DriftSettings` too.
 
 It streams: a version is read part by part, three columns at a time, into running counts
-(`RateCounts`); a part both versions name is read once and counts for both (parts are
-immutable, pipeline/table/tag_table.py). The report reads the newer version's parts
-anyway: `DriftScan.take` counts the parts it is handed, and `finish` reads the rest.
+(`RateCounts`); a part both versions name counts once for both (parts are immutable,
+pipeline/table/tag_table.py). `DriftScan.take_counts` takes the counts the report made
+(of the parts it read, or the summaries it kept of them); `finish` reads the rest.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class RateCounts:
     ood: int = 0
     errors: Counter = field(default_factory=Counter)  # error_kind -> rows
 
-    def add(self, part: pa.Table) -> None:
+    def add(self, part: pa.Table) -> RateCounts:
         """Count one part (any of COLUMNS it has; other columns are ignored). Each tag is
         counted once per row that holds it: the tag job writes a tag at most once."""
         self.rows += part.num_rows
@@ -114,6 +114,7 @@ class RateCounts:
             ood = part.column("ood")
             self.ood_known += len(ood) - ood.null_count
             self.ood += int(pc.sum(pc.cast(ood, pa.int64())).as_py() or 0)
+        return self
 
     def __iadd__(self, other: RateCounts) -> RateCounts:
         self.rows += other.rows
@@ -322,9 +323,8 @@ def _limits_passed(summary: DriftSummary, settings: DriftSettings) -> list[str]:
 
 
 class DriftScan:
-    """The counts of two versions of one table, each part read once. Parts both versions
-    name count for both; `take` counts a part someone else read (the report's pass over
-    the newer version), `finish` reads the parts nobody handed over and compares."""
+    """The counts of two versions of one table, each part counted once (for both versions
+    when both name it); `finish` reads the parts nobody handed over and compares."""
 
     def __init__(self, table: TagTable, before: Snapshot, after: Snapshot):
         self.table, self.before, self.after = table, before, after
@@ -333,28 +333,29 @@ class DriftScan:
         self.side.update({f: "before" for f in before_files - after_files})
         self.side.update({f: "after" for f in after_files - before_files})
         self.counts = {side: RateCounts() for side in ("shared", "before", "after")}
-        self.columns = {v.version: self._columns(v) for v in (before, after)}
+        self.columns: dict[int, list[str]] = {}  # version -> COLUMNS it has, when a part is read
         self.seen: set[str] = set()
 
     def _columns(self, snapshot: Snapshot) -> list[str]:
-        if not snapshot.files:
-            return []
-        names = self.table.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema().names
-        return [c for c in COLUMNS if c in names]
+        if snapshot.version not in self.columns:
+            names = self.table.read_part_metadata(snapshot.files[0]).schema.to_arrow_schema().names
+            self.columns[snapshot.version] = [c for c in COLUMNS if c in names]
+        return self.columns[snapshot.version]
 
-    def take(self, file: str, part: pa.Table) -> None:
-        """Count a part of either version already read (with at least COLUMNS it has)."""
-        side = self.side.get(file)
-        if side is None or file in self.seen:
-            return
-        self.seen.add(file)
-        self.counts[side].add(part)
+    def take_counts(self, files: list[str], counts: RateCounts) -> None:
+        """Counts of these parts (of one side) made by another: the report's pass."""
+        sides = {self.side[f] for f in files}
+        assert len(sides) <= 1 and not self.seen & set(files), "parts of one side, each counted once"
+        self.seen.update(files)
+        self.counts[sides.pop() if sides else "shared"] += counts
+
+    def pending(self) -> list[str]:  # the parts nobody has handed over: `finish` reads them
+        return sorted(f for f in self.side if f not in self.seen)
 
     def finish(self, settings: DriftSettings) -> DriftSummary:
-        for file, side in sorted(self.side.items()):
-            if file not in self.seen:
-                version = self.before if side == "before" else self.after
-                self.take(file, self.table.read_part(file, self.columns[version.version]))
+        for file in self.pending():
+            version = self.before if self.side[file] == "before" else self.after
+            self.take_counts([file], RateCounts().add(self.table.read_part(file, self._columns(version))))
         before, after = RateCounts(), RateCounts()
         for total, own in ((before, "before"), (after, "after")):
             total += self.counts["shared"]

@@ -9,9 +9,11 @@ per-tag balance, and the error list. Charts are inline SVG and thumbnails inline
 (data: URIs): the file needs no network and no script.
 
 Memory is bounded for any table size: the tag table is read one part at a time, a few
-columns at a time, into running counts (tag counts, fixed-bin histograms, a top-k of
-OOD distances, the first errors). Only the thumbnails' images are read, a bounded
-number of them. What is cut (the error list, the tags shown) says so in the page.
+columns at a time, into running counts (tag counts, fixed-bin histograms, a sketch and a
+top-k of OOD distances, the first errors: pipeline/corpus/report_figures.py). Each part's
+figures are kept beside the table, so the next report reads only the parts added since
+(pipeline/corpus/report_scan.py). Only the thumbnails' images are read, a bounded number
+of them. What is cut (the error list, the tags shown) says so in the page.
 
 Why this module is long: one self-contained HTML page: the passes that gather its
 figures (running counts over parts, a few columns at a time) and the inline SVG and
@@ -22,20 +24,16 @@ unreadable without the other.
 from __future__ import annotations
 
 import base64
-import heapq
 import html
 import io
 import json
 import logging
 import posixpath
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
@@ -48,130 +46,19 @@ from pipeline.corpus.drift import (
     previous_version,
     why_nothing_to_compare,
 )
+from pipeline.corpus.report_figures import BORDERLINE, ERROR_CHARS, SCORE_BINS, Figures, cut
+from pipeline.corpus.report_scan import PartSummaries, ScanCounts, scan
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
 from pipeline.table.tag_table import CURRENT as _CURRENT
-from pipeline.table.tag_table import GUARD_FILE
 
 log = logging.getLogger(__name__)
 
 TOP_TAGS = 25  # bars per category chart
-TOP_OOD = 12  # thumbnails of the most out-of-distribution images
 TOP_CLUSTERS = 6  # duplicate clusters shown
 CLUSTER_STRIP = 8  # thumbnails per cluster
-MAX_ERRORS = 200  # error rows listed
 THUMB_PX = 112
 THUMB_MAX_BYTES = 64 * 1024**2
-SCORE_BINS = np.linspace(0.0, 1.0, 51)
-BORDERLINE = 0.1  # a score within this of the threshold is "unsure"
 MIN_TAG_COUNT = 20  # tags rarer than this are not ranked by uncertainty
-
-
-@dataclass
-class Accumulator:
-    """Running figures over the table's parts."""
-
-    rows: int = 0
-    errors: Counter = field(default_factory=Counter)
-    first_errors: list = field(default_factory=list)
-    by_category: dict = field(default_factory=dict)  # category -> Counter
-    tag_counts: Counter = field(default_factory=Counter)
-    borderline: Counter = field(default_factory=Counter)
-    score_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, np.int64))
-    ood: list = field(default_factory=list)  # float32 arrays of distances
-    top_ood: list = field(default_factory=list)  # heap of (distance, uri)
-    ood_flagged: int = 0
-
-
-def _source(uri: str, storage_options: dict | None, table=None, snapshot=None):
-    """(column names, read) for a tag table's snapshot, or a Parquet file/dataset;
-    read(columns) yields (the part's file, or None for a dataset batch, and the part)
-    one part at a time."""
-    import pyarrow.dataset as pads
-
-    if snapshot is not None:
-        files = snapshot.files  # read as every reader reads them: the label sidecar joined
-        names = table.column_names(snapshot)
-        return names, lambda columns: ((file, table.read_rows(snapshot, file, columns)) for file in files)
-    fs, path = filesystem_for(uri, storage_options)
-    if fs.isdir(path) and any(f.endswith(GUARD_FILE) for f in fs.find(path)):
-        raise TagpipeError(
-            f"{uri}: holds tag tables' parts (every version's), not one table: give a table's own folder "
-            "(the one with _current.json), e.g. OUTPUT/<model name> after a run of several models"
-        )
-    dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
-    return dataset.schema.names, lambda columns: (
-        (None, pa.Table.from_batches([b])) for b in dataset.to_batches(columns=columns, batch_size=65536)
-    )
-
-
-def _count_values(values) -> Counter:
-    if len(values) == 0:
-        return Counter()
-    counts = pc.value_counts(values)
-    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-
-
-def scan(
-    uri: str,
-    storage_options: dict | None,
-    threshold: float,
-    table=None,
-    snapshot=None,
-    on_part: Callable[[str, pa.Table], None] | None = None,
-) -> Accumulator:
-    """One pass over the table's parts (the snapshot's, for a tag table), a few columns
-    at a time, into running figures. on_part: also handed each tag-table part read
-    (the drift's counts: pipeline/corpus/drift.py)."""
-    acc = Accumulator()
-    names, read = _source(uri, storage_options, table, snapshot)
-    categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
-    acc.by_category = {c: Counter() for c in categories}
-    wanted = [
-        "uri",
-        "error",
-        "error_kind",
-        "tags",
-        "scores",
-        "ood_distance",
-        "ood",
-        *(f"tags_{c}" for c in categories),
-    ]
-    for file, part in read([c for c in wanted if c in names]):
-        if on_part is not None and file is not None:
-            on_part(file, part)
-        acc.rows += part.num_rows
-        failed = pc.is_valid(part.column("error_kind"))
-        if pc.any(failed).as_py():
-            bad = part.filter(failed).select(["uri", "error_kind", "error"])
-            acc.errors.update(bad.column("error_kind").to_pylist())
-            room = MAX_ERRORS - len(acc.first_errors)
-            if room > 0:
-                acc.first_errors.extend(bad.slice(0, room).to_pylist())
-        for category in categories:
-            acc.by_category[category].update(_count_values(pc.list_flatten(part.column(f"tags_{category}"))))
-        if "tags" in part.column_names:
-            tags = pc.list_flatten(part.column("tags"))
-            acc.tag_counts.update(_count_values(tags))
-            if "scores" in part.column_names:
-                scores = pc.list_flatten(part.column("scores")).to_numpy(zero_copy_only=False)
-                acc.score_hist += np.histogram(np.clip(scores, 0, 1), SCORE_BINS)[0]
-                unsure = (scores >= threshold) & (scores < threshold + BORDERLINE)
-                acc.borderline.update(_count_values(tags.filter(pa.array(unsure))))
-        if "ood_distance" in part.column_names:
-            distance = part.column("ood_distance")
-            valid = pc.is_valid(distance)
-            values = distance.filter(valid).to_numpy(zero_copy_only=False).astype(np.float32)
-            if len(values):
-                acc.ood.append(values)
-                uris = part.column("uri").filter(valid)
-                for k in np.argsort(values)[-TOP_OOD:]:
-                    item = (float(values[k]), uris[int(k)].as_py())
-                    (heapq.heappush if len(acc.top_ood) < TOP_OOD else heapq.heappushpop)(acc.top_ood, item)
-            if "ood" in part.column_names:
-                acc.ood_flagged += int(
-                    pc.sum(pc.cast(part.column("ood").fill_null(False), pa.int64())).as_py() or 0
-                )
-    return acc
 
 
 # ---- thumbnails ------------------------------------------------------------------
@@ -205,7 +92,7 @@ def bar_chart(labels: list[str], values: list[float], *, width: int = 640, unit:
         y = i * row + 3
         w = max(1.0, (width - label_w - 70) * value / top)
         bars.append(
-            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(_cut(label, 32))}</text>"
+            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(cut(label, 32))}</text>"
             f"<rect x='{label_w}' y='{y}' width='{w:.1f}' height='{row - 4}' rx='2'/>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 12}' class='v'>{_number(value)}{unit}</text>"
         )
@@ -261,10 +148,6 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cut(text: str, length: int) -> str:
-    return text if len(text) <= length else text[: length - 1] + "…"
-
-
 def _table(header: list[str], rows: list[list], classes: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -289,12 +172,15 @@ class ReportSummary:
     thumbnails: int
     seconds: float
     drift: DriftSummary | None = None
+    scan: ScanCounts | None = None  # a tag table's: parts read, part summaries reused and written
 
     def text(self) -> str:
         line = (
             f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, "
             f"{self.thumbnails} thumbnails, {self.seconds:.1f} s)"
         )
+        if self.scan is not None:
+            line += f"\n{self.scan.text()}"
         return line + ("\n" + self.drift.text() if self.drift else "")
 
 
@@ -316,10 +202,14 @@ def build_report(
     drift_settings: DriftSettings | None = None,
     version: int | None = None,
     drift_note: str | None = None,
+    keep_summaries: bool = True,
 ) -> ReportSummary:
     """The page for a tag table's version (default: current), with its drift from
     compare_version (default: the version before); drift_note: why not to compare
-    (nightly: the run committed no version). A Parquet file or folder: no drift."""
+    (nightly: the run committed no version). A Parquet file or folder: no drift.
+    keep_summaries: a tag table's parts' figures are taken from the summaries earlier
+    reports kept, and kept for the parts read (pipeline/corpus/report_scan.py); False
+    reads every part and keeps nothing."""
     started = time.monotonic()
     from pipeline.table.tag_table import RUNS_DIR, TagTable, is_tag_table
 
@@ -332,7 +222,8 @@ def build_report(
         raise TagpipeError(f"{tags}: not a tag table (no {_CURRENT}), so it has no versions to compare")
     drift_scan, drift = _drift_plan(tags, table, snapshot, compare_version, drift_note)
     threshold, assumed = _threshold(snapshot, run)
-    acc = scan(tags, storage_options, threshold, table, snapshot, drift_scan.take if drift_scan else None)
+    summaries = PartSummaries(table, threshold) if table is not None and keep_summaries else None
+    acc, counts = scan(tags, storage_options, threshold, table, snapshot, summaries, drift_scan)
     if drift_scan is not None:
         drift = drift_scan.finish(drift_settings or DriftSettings())
     thumbs = [0]
@@ -363,6 +254,7 @@ def build_report(
         thumbnails=thumbs[0],
         seconds=round(time.monotonic() - started, 2),
         drift=drift,
+        scan=counts if table is not None else None,
     )
 
 
@@ -401,7 +293,7 @@ def _section(key: str, title: str, body: str) -> str:
     return f"<section id='{key}'><h2>{html.escape(title)}</h2>{body}</section>"
 
 
-def _summary_section(tags: str, acc: Accumulator, snapshot, run) -> str:
+def _summary_section(tags: str, acc: Figures, snapshot, run) -> str:
     errors = sum(acc.errors.values())
     cards = [
         ("images", f"{acc.rows:,}"),
@@ -460,7 +352,7 @@ def change_chart(labels: list[str], changes: list[float], *, width: int = 640) -
         x, anchor, end = (zero, "start", zero + w + 4) if change >= 0 else (zero - w, "end", zero - w - 4)
         fall = "" if change >= 0 else " class='down'"
         bars.append(
-            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(_cut(label, 32))}</text>"
+            f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{html.escape(cut(label, 32))}</text>"
             f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{row - 4}' rx='2'"
             f"{fall}/>"
             f"<text x='{end:.1f}' y='{y + 12}' text-anchor='{anchor}' class='v'>{change * 100:+.2f}</text>"
@@ -499,7 +391,7 @@ def _drift_section(drift: DriftSummary | None) -> str:
         f"Benjamini-Hochberg adjusted p &le; {rule['significance']:g} over the tags, and over the "
         f"error rates) and at least {rule['min_rate_change'] * 100:g} percentage points. Tag rates are "
         "shares of decoded rows; the OOD rate of rows with an OOD flag; error rates of all rows. "
-        f"{drift.parts_read:,} parts read, {drift.parts_shared:,} of them named by both versions.</p>"
+        f"{drift.parts_read:,} parts counted, {drift.parts_shared:,} of them named by both versions.</p>"
     )
     verdict = (
         "<p class='alert'><b>Drift</b> past the limits: " + html.escape("; ".join(drift.reasons)) + ".</p>"
@@ -526,7 +418,7 @@ def _drift_section(drift: DriftSummary | None) -> str:
     )
 
 
-def _tags_section(acc: Accumulator) -> str:
+def _tags_section(acc: Figures) -> str:
     parts = []
     groups = acc.by_category or {"all": acc.tag_counts}
     for category, counts in groups.items():
@@ -540,7 +432,7 @@ def _tags_section(acc: Accumulator) -> str:
     return _section("tags", "Tag frequency", "".join(parts) or "<p>No tags.</p>")
 
 
-def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
+def _scores_section(acc: Figures, threshold: float, assumed: bool) -> str:
     label = (
         f"score of emitted tags (line: threshold {threshold:g}"
         f"{', assumed: the run records none' if assumed else ''})"
@@ -569,18 +461,18 @@ def _scores_section(acc: Accumulator, threshold: float, assumed: bool) -> str:
     )
 
 
-def _ood_section(acc: Accumulator, figure) -> str:
-    if not acc.ood:
+def _ood_section(acc: Figures, figure) -> str:
+    if not acc.ood_count:
         return _section(
             "ood", "Out of distribution", "<p>No OOD distances (the bundle has no OOD reference).</p>"
         )
-    distances = np.concatenate(acc.ood)
-    edges = np.linspace(0.0, float(np.percentile(distances, 99.9)) * 1.05 or 1.0, 41)
-    counts = np.histogram(np.clip(distances, edges[0], edges[-1]), edges)[0]
+    top = acc.ood_quantile(0.999)
+    edges = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
+    counts = acc.ood_histogram(edges)
     strip = "".join(figure(uri, f"{d:.2f}") for d, uri in sorted(acc.top_ood, reverse=True))
     text = (
-        f"<p>{acc.ood_flagged:,} of {len(distances):,} images flagged as OOD; "
-        f"median distance {np.median(distances):.2f}.</p>"
+        f"<p>{acc.ood_flagged:,} of {acc.ood_count:,} images flagged as OOD; "
+        f"median distance {acc.ood_quantile(0.5):.2f}.</p>"
     )
     return _section(
         "ood",
@@ -669,7 +561,7 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
     return _section("duplicates", "Duplicate clusters", body + html_strips)
 
 
-def _split_section(split: str, storage_options, acc: Accumulator) -> str:
+def _split_section(split: str, storage_options, acc: Figures) -> str:
     path = split.rstrip("/")
     report = _read_json(f"{path}/_report.json", storage_options)
     if report is None:
@@ -713,11 +605,11 @@ def _split_section(split: str, storage_options, acc: Accumulator) -> str:
     )
 
 
-def _errors_section(acc: Accumulator) -> str:
+def _errors_section(acc: Figures) -> str:
     errors = sum(acc.errors.values())
     if not errors:
         return _section("errors", "Errors", "<p>No errors.</p>")
-    rows = [[r["uri"], r["error_kind"], _cut(r["error"] or "", 160)] for r in acc.first_errors]
+    rows = [[r["uri"], r["error_kind"], cut(r["error"] or "", ERROR_CHARS)] for r in acc.first_errors]
     more = (
         f"<p class='muted'>The first {len(rows)} of {errors:,} error rows.</p>" if errors > len(rows) else ""
     )

@@ -10,6 +10,9 @@ A tag output directory holds
                                 written once per inference key at tag time (never vacuumed)
     _labels/labels-*.parquet    the label sidecar: the source-tag check's columns, one
                                 immutable file per labelled part, keyed by uri (labels.py)
+    _summaries/<part>.<key>.json.gz  what `tagpipe report` found in a part, written by the
+                                report (pipeline/corpus/report_scan.py); vacuum deletes a
+                                part's summaries with it
 
 A run writes new parts first (they are invisible: no snapshot names them) and then
 commits once, by writing `_versions/<N+1>.json` and replacing `_current.json`. A run
@@ -69,6 +72,7 @@ CURRENT = "_current.json"
 RUNS_DIR = "_runs"
 MANIFESTS_DIR = "_manifests"
 CALIBRATION_DIR = "_calibration"  # edit calibration, one file per inference key
+SUMMARIES_DIR = "_summaries"  # the report's per-part summaries: _summaries/<part, no .parquet>.<key>...
 TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: .tagpipe.tmp-<uuid> beside their target
 # A file that is deliberately not Parquet, beside the parts: a plain read of the folder
 # (pandas, pyarrow.dataset, polars, DuckDB globs), which would mix every version's
@@ -134,6 +138,7 @@ def table_entries(uri: str) -> tuple[str, ...]:
             MANIFESTS_DIR,
             CALIBRATION_DIR,
             LABELS_DIR,
+            SUMMARIES_DIR,
             CURRENT,
             GUARD_FILE,
         )
@@ -146,6 +151,17 @@ class CommitConflict(TagpipeError):
 
 def version_record(version: int) -> str:
     return posixpath.join(VERSIONS_DIR, f"{version:012d}.json")
+
+
+def summary_record(file: str, key: str) -> str:
+    """Where the report keeps its summary of a part under a key (the figures' settings),
+    relative to the root: _summaries/<the part's path without .parquet>.<key>.json.gz."""
+    return posixpath.join(SUMMARIES_DIR, f"{posixpath.splitext(file)[0]}.{key}.json.gz")
+
+
+def summarised_part(relative: str) -> str:
+    """The part (its path without .parquet) of a summary path under _summaries/."""
+    return relative.removesuffix(".json.gz").rsplit(".", 1)[0]
 
 
 def calibration_record(inference_key: str) -> str:
@@ -421,7 +437,8 @@ class TagTable:
         """Delete parts no kept version names. Kept: the newest `keep_versions` versions
         (the current one always). Unnamed parts younger than `grace_hours` stay: they may
         belong to a run in progress, which will commit or reuse them. Version records of
-        versions whose parts are gone are deleted too, so every listed version is readable."""
+        versions whose parts are gone are deleted too, so every listed version is readable,
+        and the report's summaries of the deleted parts."""
         if keep_versions < 1:
             raise TagpipeError("keep_versions must be >= 1 (the current version is always kept)")
         current = self.sync_current() if not dry_run else self.current()
@@ -455,9 +472,12 @@ class TagTable:
                 for name, info in self.fs.find(self.path, detail=True).items()
                 if TMP_MARK in posixpath.basename(name) and _mtime(info) < cutoff
             ]
+        summaries = self._summaries_of(doomed)
         if not dry_run:
             for file in [*doomed, *doomed_labels]:
                 self.fs.rm(self.join(file))
+            for path in summaries:
+                self.fs.rm(path)
             for version in old_versions:
                 self.fs.rm(self.join(version_record(version)))
             for path in stale_tmp:
@@ -468,8 +488,18 @@ class TagTable:
             "versions_deleted": old_versions,
             "versions_kept": kept,
             "tmp_deleted": len(stale_tmp),
+            "summaries_deleted": len(summaries),
             "dry_run": dry_run,
         }
+
+    def _summaries_of(self, parts: list[str]) -> list[str]:
+        """The report's summaries (summary_record) of these parts, as paths."""
+        root = self.join(SUMMARIES_DIR)
+        if not parts or not self.fs.exists(root):
+            return []
+        self.fs.invalidate_cache(root)
+        doomed = {posixpath.splitext(p)[0] for p in parts}
+        return [path for path in self.fs.find(root) if summarised_part(path[len(root) + 1 :]) in doomed]
 
     # ---- edit calibration -----------------------------------------------------------
     def edit_calibration(self, snapshot: Snapshot) -> pa.Table | None:
