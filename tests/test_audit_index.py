@@ -59,6 +59,8 @@ def test_an_audit_in_dedups_index_follows_the_change(tmp_path):
     facts = report.embedding["index"]
     assert facts["mode"] == "incremental"
     assert facts["eval_searched"] < 0.2 * facts["eval_vectors"] and facts["train_searched"] <= 100
+    said = f"searched in dedup's index (incremental: {facts['eval_searched']} eval and "
+    assert said in report.text() and "searched in" not in own.text()  # the terminal line says so
     assert _embedding_leaks(leaks) == _embedding_leaks(own)
     assert not {train for _, train in _embedding_leaks(leaks)} & gone
 

@@ -192,3 +192,13 @@ def test_a_folder_holding_tables_is_refused_not_read_as_every_version(demo, tmp_
     for folder in (tmp_path / "out", tmp_path / "out" / "model-a" / "data"):
         with pytest.raises(TagpipeError, match="not one table"):
             build_report(str(folder), str(tmp_path / "r.html"))
+
+
+@pytest.mark.parametrize("option", ["tags", "dedup", "split"])
+def test_a_missing_input_is_one_line_naming_its_option(demo, tmp_path, option):
+    """A path that does not exist stops the report before any work, naming the option."""
+    from pipeline.core.errors import TagpipeError
+
+    paths = {"tags": str(demo.tags_dir), option: str(tmp_path / "nope")}
+    with pytest.raises(TagpipeError, match=f"--{option} .*nope: no such file or folder"):
+        build_report(paths.pop("tags"), str(tmp_path / "r.html"), **paths)

@@ -292,3 +292,12 @@ def test_the_nightly_tables_reach_the_stages(tmp_path, monkeypatch):
     assert excluded.train == str(tmp_path / "old_train") and excluded.dedup is None
     assert {first.max_distance, excluded.max_distance} == {2}
     assert {first.embedding_threshold, excluded.embedding_threshold} == {0.91}  # the cosine dedup used
+
+
+def test_a_bad_ratios_table_is_shown_once_with_its_rule():
+    """A config file's ratios table that does not sum to 1: the value once, then the rule."""
+    with pytest.raises(ConfigError) as caught:
+        build(SplitSettings, {"tags": "t", "dedup": "d", "output": "o", "ratios": {"train": 0.8, "val": 0.3}})
+    message = str(caught.value)
+    assert message.count("'val'") == 1 and "(needs a train share" in message
+    assert "field ratios" in message

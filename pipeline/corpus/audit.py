@@ -86,7 +86,19 @@ class AuditReport:
             "or near-duplicates of the "
             f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
             f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
+            + _searched_text(emb.get("index", {}))
         )
+
+
+def _searched_text(index: dict) -> str:
+    """How much of dedup's index this audit searched (one that updates its last audit
+    searches only what changed); "" when it searched an index of its own."""
+    if not index:
+        return ""
+    return (
+        f"; searched in dedup's index ({index.get('mode', 'full')}: {index.get('eval_searched', 0)} eval "
+        f"and {index.get('train_searched', 0)} train vectors)"
+    )
 
 
 @dataclass

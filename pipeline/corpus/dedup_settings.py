@@ -105,7 +105,10 @@ class _DedupData(SettingsModel):
     ]
     output: Annotated[
         str,
-        Field(min_length=1, description="directory for clusters.parquet and _summary.json"),
+        Field(
+            min_length=1,
+            description="directory for clusters.parquet, edges.parquet, _summary.json and the _index/",
+        ),
         Setting(NONE, flags=("--output", "-o")),
     ]
 

@@ -213,6 +213,12 @@ def build_report(
     started = time.monotonic()
     from pipeline.table.tag_table import RUNS_DIR, TagTable, is_tag_table
 
+    _must_exist(tags, "", storage_options, "--tags")
+    if dedup:
+        _must_exist(dedup, "clusters.parquet", storage_options, "--dedup")
+    if split:
+        _must_exist(split, "splits.parquet", storage_options, "--split")
+
     table, snapshot, run = None, None, None
     if is_tag_table(tags, storage_options):
         table = TagTable(tags, storage_options)
@@ -256,6 +262,16 @@ def build_report(
         drift=drift,
         scan=counts if table is not None else None,
     )
+
+
+def _must_exist(given: str, inside: str, storage_options, option: str) -> None:
+    """A missing input is one line before any work, not a traceback from deep in a read.
+    inside: the file a folder given must hold (a dedup output's clusters.parquet)."""
+    fs, path = filesystem_for(given, storage_options)
+    if not fs.exists(path):
+        raise TagpipeError(f"{option} {given}: no such file or folder")
+    if inside and not fs.exists(posixpath.join(path, inside)):
+        raise TagpipeError(f"{option} {given}: holds no {inside}, so it is not what {option} takes")
 
 
 def _drift_plan(tags: str, table, snapshot, compare_version: int | None, note: str | None):

@@ -54,7 +54,7 @@ def _ratios(value):
                 raise ValueError("must be shares, not true or false")
             return _check_ratios({str(k): float(v) for k, v in value.items()}, value)
     except TagpipeError as exc:
-        raise ValueError(str(exc).split(": ", 1)[1]) from None
+        raise ValueError(str(exc).rsplit(": ", 1)[1]) from None  # the rule, not the value shown again
     return value  # pydantic says what is wrong with it
 
 
