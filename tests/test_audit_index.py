@@ -55,12 +55,12 @@ def test_an_audit_in_dedups_index_follows_the_change(tmp_path):
     leaks, report = run_audit(
         split, split, output=audit_out, tags=tags, embedding_threshold=0.8, dedup=str(tmp_path / "dedup")
     )
-    own, _ = run_audit(split, split, tags=tags, embedding_threshold=0.8)
+    own, own_report = run_audit(split, split, tags=tags, embedding_threshold=0.8)
     facts = report.embedding["index"]
     assert facts["mode"] == "incremental"
     assert facts["eval_searched"] < 0.2 * facts["eval_vectors"] and facts["train_searched"] <= 100
     said = f"searched in dedup's index (incremental: {facts['eval_searched']} eval and "
-    assert said in report.text() and "searched in" not in own.text()  # the terminal line says so
+    assert said in report.text() and "searched in" not in own_report.text()  # the terminal line says so
     assert _embedding_leaks(leaks) == _embedding_leaks(own)
     assert not {train for _, train in _embedding_leaks(leaks)} & gone
 
