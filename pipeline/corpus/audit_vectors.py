@@ -36,7 +36,10 @@ from pipeline.table.reading import Pieces
 Batches = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # row positions, vectors, valid
 
 
-def column_batches(table: pa.Table, block: int = 20_000) -> Batches:
+BLOCK = 20_000  # rows whose embeddings are widened to floats at a time
+
+
+def column_batches(table: pa.Table, block: int = BLOCK) -> Batches:
     """A side's own embedding column, a block at a time."""
     column = table.column("embedding")
     for start in range(0, table.num_rows, block):
@@ -55,7 +58,9 @@ def part_batches(parts: Pieces, uris: pa.Array) -> Batches:
         rows = at.to_numpy(zero_copy_only=False)[mine].astype(np.int64)
         column = table.column("embedding").combine_chunks().filter(pa.array(mine))
         valid = column.is_valid().to_numpy(zero_copy_only=False)
-        yield rows, matrix_of(column, valid), valid
+        for start in range(0, len(rows), BLOCK):  # a large part's float copies a block at a time
+            end = start + BLOCK
+            yield rows[start:end], matrix_of(column.slice(start, BLOCK), valid[start:end]), valid[start:end]
 
 
 @dataclass
