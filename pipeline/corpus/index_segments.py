@@ -86,12 +86,14 @@ def write_segments(update, index, base, staged: Staged, alive: int, run_id: str,
         sample = _sample_rows(
             stored, staged.new_rows, vector_index.TRAIN_PER_LIST * max(update.layout.lists, 1)
         )
-        index.write_bytes(update.trained, vector_index.train(update.layout, sample))
+        trained = vector_index.train(update.layout, sample)
+        index.write_bytes(update.trained, trained)
     segment_of = np.zeros(len(staged.new_ids), np.int32)
     if stored is None or not len(staged.new_ids):
         discard(staged)
         return update.layout, segment_of
-    trained = index.read_bytes(update.trained)
+    if base is not None:  # a full build codes with the bytes it just trained, not a re-read
+        trained = index.read_bytes(update.trained)
     if pieces < 2:
         _add_segment(
             update, index, trained, staged, stored, np.arange(len(staged.new_ids)), run_id, whole=True
@@ -137,8 +139,7 @@ def _sample_rows(stored, rows: np.ndarray, size: int) -> np.ndarray:
 
 
 def discard(staged: Staged) -> None:
-    for leftover in (staged.path,):
-        if os.path.exists(leftover):
-            os.unlink(leftover)
+    if os.path.exists(staged.path):
+        os.unlink(staged.path)
     if os.path.isdir(staged.folder) and not os.listdir(staged.folder):
         os.rmdir(staged.folder)

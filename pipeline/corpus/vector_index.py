@@ -99,11 +99,11 @@ def train(layout: IndexLayout, sample: np.ndarray, seed: int = 0) -> bytes:
     faiss = _faiss()
     if layout.kind == "flat":
         return bytes(faiss.serialize_index(faiss.IndexIDMap2(faiss.IndexFlatIP(layout.dim))))
-    rng = np.random.default_rng(seed)
-    take = min(len(sample), TRAIN_PER_LIST * layout.lists)
-    points = np.ascontiguousarray(
-        sample[np.sort(rng.choice(len(sample), size=take, replace=False))], np.float32
-    )
+    take = TRAIN_PER_LIST * layout.lists
+    if len(sample) > take:  # callers that sampled already pass no more: no copy of it is made
+        rng = np.random.default_rng(seed)
+        sample = sample[np.sort(rng.choice(len(sample), size=take, replace=False))]
+    points = np.ascontiguousarray(sample, np.float32)
     quantizer = _cells(layout, points, seed)
     index = faiss.IndexIVFPQFastScan(
         quantizer, layout.dim, layout.lists, layout.subquantizers, 4, faiss.METRIC_INNER_PRODUCT
