@@ -154,6 +154,41 @@ def test_growth_keeps_every_split_and_holds_out_bridges(first, tmp_path):
     assert audit_report.leaks == 0 and audit_report.eval_images > 0
 
 
+def test_growth_draws_only_units_with_a_new_image(first, tmp_path, monkeypatch):
+    """A nightly's split hashes the clusters that gained an image, not every cluster: its
+    cost follows the change. New families get the split a split from scratch gives them."""
+    import pipeline.corpus.split as split_module
+
+    root, rows, seeds, _ = first
+    rng = np.random.default_rng(11)
+    joined = [int(f) for f in rng.choice(800, 30, replace=False)]
+    grown = list(rows) + [
+        {"uri": f"s3://b/f{f:04d}/late.jpg", "phash": _flip(seeds[f], rng, 1), "family": f, "tags": ["tag_0"]}
+        for f in joined
+    ]
+    fresh, _ = _corpus(seed=5, families=40, pairs=0)
+    grown += [{**r, "uri": r["uri"].replace("s3://b/", "s3://n/")} for r in fresh]
+    tags = _write_tags(grown, tmp_path / "tags")
+    run_dedup(str(tags), str(tmp_path / "dedup"), max_distance=R)
+    drawn = []
+    real = split_module.cluster_unit
+    monkeypatch.setattr(split_module, "cluster_unit", lambda seed, c: drawn.append(c) or real(seed, c))
+    previous = str(root / "split" / "splits.parquet")
+    args = (str(tags), str(tmp_path / "dedup"))
+    run_split(*args, str(tmp_path / "nightly"), ratios=RATIOS, seed=3, previous=previous)
+    clusters = pq.read_table(tmp_path / "dedup" / "clusters.parquet").to_pylist()
+    new_units = {
+        r["cluster_id"] for r in clusters if "/late.jpg" in r["uri"] or r["uri"].startswith("s3://n/")
+    }
+    assert sorted(drawn) == sorted(new_units) and len(drawn) < 0.1 * len({r["cluster_id"] for r in clusters})
+    drawn.clear()
+    run_split(*args, str(tmp_path / "scratch"), ratios=RATIOS, seed=3)
+    nightly, scratch = _split_of(tmp_path / "nightly"), _split_of(tmp_path / "scratch")
+    assert len(drawn) > 800  # from scratch: every cluster
+    fresh_uris = [r["uri"] for r in grown if r["uri"].startswith("s3://n/")]
+    assert [nightly[u] for u in fresh_uris] == [scratch[u] for u in fresh_uris]
+
+
 def test_exclude_keeps_an_existing_train_set_out_of_eval(first, tmp_path):
     root, rows, seeds, _ = first
     before = _split_of(root / "split")

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
 from pipeline.core.settings import build
 from pipeline.corpus.audit_index import leaks_in_index
@@ -177,7 +178,7 @@ def _phash_leaks(train, evaluation, max_distance, report) -> tuple[_Found, np.nd
     fresh = np.zeros(len(hashes), bool)
     fresh[e_of] = True
     a, b = pairs_touching(hashes, fresh, max_distance)
-    same = np.unique(e_of)
+    same = unique_sorted(e_of)
     x, y = np.r_[a, b, same], np.r_[b, a, same]  # eval-side hash, train-side hash
     hit = fresh[x] & (first_train[y] >= 0)
     x, y = x[hit], y[hit]
@@ -243,7 +244,7 @@ def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], repo
     order = np.lexsort((kind, e))
     e, t, d, c, kind = e[order], t[order], d[order], c[order], kind[order]
     names = np.array([SHA256, PHASH, EMBEDDING], object)
-    report.leaks = int(len(np.unique(e)))
+    report.leaks = int(len(unique_sorted(e)))
     report.exact_leaks = int((kind == 0).sum())
     report.by_signal = {str(names[k]): int((kind == k).sum()) for k in range(3)}
     hashed = kind < 2  # the nearest train image by sha256 or phash, in bits

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.corpus import vector_index
 from pipeline.corpus.duplicate_index import DuplicateIndex, SegmentVectors
 from pipeline.corpus.embedding_threshold import ThresholdDecision
@@ -63,7 +64,7 @@ def leaks_in_index(
         return None
     state = index.read_table(version.state, ["uri", "entry"])
     t_entry, e_entry = (_entries(state, uris) for uris in (train_uris, eval_uris))
-    train, evaluation = np.unique(t_entry[t_entry >= 0]), np.unique(e_entry[e_entry >= 0])
+    train, evaluation = unique_sorted(t_entry[t_entry >= 0]), unique_sorted(e_entry[e_entry >= 0])
     layout = IndexLayout.from_record(version.layout)
     reader = SegmentVectors(index, list(version.segments), layout.dim)
     faiss_index = vector_index.open_index([index.read_bytes(f"segments/{s}.faiss") for s in version.segments])
@@ -103,12 +104,12 @@ def _update(faiss_index, layout, reader, train, evaluation, threshold, previous)
     old_train, old = previous if previous else (np.zeros(0, np.int64), _empty())
     known, at = old.lookup(evaluation)
     partner = np.where(known, old.train[at] if len(old.entry) else -1, -1)
-    lost = known & np.isin(partner, np.setdiff1d(old_train, train))
-    fresh_train = np.setdiff1d(train, old_train)
+    lost = known & np.isin(partner, np.setdiff1d(old_train, train, assume_unique=True))
+    fresh_train = np.setdiff1d(train, old_train, assume_unique=True)
     near_new = np.zeros(0, np.int64)
     if len(fresh_train) and previous:  # eval vectors a new train vector reaches
         found = vector_index.search(faiss_index, layout, fresh_train, reader, threshold, allowed=evaluation)
-        near_new = np.unique(found.found)
+        near_new = unique_sorted(found.found)
     redo = ~known | lost | np.isin(evaluation, near_new)
     queries = evaluation[redo]
     result = _Nearest(

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.core.schemas import CLUSTERS_SCHEMA, conform
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_vectors import VectorUpdate
@@ -115,7 +116,7 @@ def _hop_diameter(members: np.ndarray, phash: np.ndarray, max_distance: int) -> 
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import breadth_first_order
 
-    hashes = np.unique(phash[members])
+    hashes = unique_sorted(phash[members])
     a, b = near_pairs(hashes, max_distance, parallel=False)
     m = len(hashes)
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(m, m)).tocsr()

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import EDGES_SCHEMA, conform
 from pipeline.core.settings import build
@@ -225,7 +226,7 @@ def _exact(
     if base is not None and base.max_distance == max_distance:
         state = index.read_table(base.state, ["phash", "phash_usable"])
         usable = state.column("phash_usable").fill_null(False).to_numpy(zero_copy_only=False)
-        old = np.unique(state.column("phash").fill_null(0).to_numpy().astype(np.uint64)[usable])
+        old = unique_sorted(state.column("phash").fill_null(0).to_numpy().astype(np.uint64)[usable])
         edges = index.read_table(base.edges)
         pairs = edges.filter(pc.equal(edges.column("signal"), PHASH))
         a, b = (pairs.column(c).to_numpy().astype(np.int64).view(np.uint64) for c in ("a", "b"))
@@ -254,7 +255,7 @@ def _summary(rows, exact: ExactSignals, vectors: VectorUpdate, labels, max_dista
     summary = DedupSummary(max_distance=max_distance, images=rows.count)
     summary.hashed = int(rows.has_hash.sum())
     with_sha = int((exact.sha_group >= 0).sum())
-    summary.exact_duplicate_images = with_sha - len(np.unique(exact.sha_group[exact.sha_group >= 0]))
+    summary.exact_duplicate_images = with_sha - len(unique_sorted(exact.sha_group[exact.sha_group >= 0]))
     summary.near_pairs = int(len(exact.pair_a))
     summary.unmatched_hashes = exact.unmatched
     summary.embedding = vectors.decision.record()
@@ -299,7 +300,7 @@ def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_d
         next_entry=vectors.next_entry,
         threshold=vectors.decision.record(),
         max_distance=max_distance,
-        counts={"rows": rows.count, "entries": int(len(np.unique(vectors.entry[vectors.entry >= 0])))},
+        counts={"rows": rows.count, "entries": int(len(unique_sorted(vectors.entry[vectors.entry >= 0])))},
     )
     return index.commit(base, version)
 

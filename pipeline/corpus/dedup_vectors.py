@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.corpus import vector_index
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.duplicate_index import (
@@ -106,7 +107,7 @@ def update_vectors(
     read = np.flatnonzero(previous.needs)
     entry, staged = stage_rows(rows, read, previous, index)
     new_ids = staged.new_ids
-    alive = np.unique(entry[entry >= 0])
+    alive = unique_sorted(entry[entry >= 0])
     update = VectorUpdate(entry, *_empty_pairs(), ThresholdDecision(None, "auto"))
     update.next_entry = previous.next_entry + len(new_ids)
     update.facts = {"rows": rows.count, "rows_read": int(len(read)), "new_entries": int(len(new_ids))}

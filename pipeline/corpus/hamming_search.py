@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from pipeline.core.arrays import unique_sorted
+
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +96,8 @@ def _tables_pairs(hashes: np.ndarray, radius: int, bounds, tables) -> np.ndarray
     for chosen in tables:
         a, b = pairs_in_table(hashes, table_keys(hashes, bounds, chosen), radius)
         if len(a):
-            found.append(np.unique(a * len(hashes) + b))
-    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+            found.append(unique_sorted(a * len(hashes) + b))
+    return unique_sorted(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
 def near_pairs(
@@ -127,7 +129,7 @@ def near_pairs(
         task = ray.remote(num_cpus=1)(_tables_pairs)
         chunks = [tables[i::workers] for i in range(workers)]
         found = ray.get([task.remote(shared, radius, bounds, chunk) for chunk in chunks if chunk])
-        codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        codes = unique_sorted(np.concatenate(found)) if found else np.zeros(0, np.int64)
     else:
         codes = _tables_pairs(hashes, radius, bounds, tables)
     log.info(
@@ -186,8 +188,8 @@ def pairs_touching(
         right = order[np.repeat(lo, count) + offsets]
         close = (left != right) & (np.bitwise_count(hashes[left] ^ hashes[right]) <= radius)
         a, b = np.minimum(left[close], right[close]), np.maximum(left[close], right[close])
-        found.append(np.unique(a.astype(np.int64) * n + b))
-    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        found.append(unique_sorted(a.astype(np.int64) * n + b))
+    codes = unique_sorted(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return codes // n, codes % n
 
 
@@ -199,6 +201,6 @@ def _brute_touching(hashes: np.ndarray, queries: np.ndarray, radius: int) -> tup
         x, y = np.nonzero(dist <= radius)
         a, b = rows[x], y
         keep = a != b
-        found.append(np.unique(np.minimum(a[keep], b[keep]) * len(hashes) + np.maximum(a[keep], b[keep])))
-    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        found.append(unique_sorted(np.minimum(a[keep], b[keep]) * len(hashes) + np.maximum(a[keep], b[keep])))
+    codes = unique_sorted(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return codes // len(hashes), codes % len(hashes)

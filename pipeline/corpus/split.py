@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core.arrays import unique_sorted
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import SPLITS_SCHEMA, conform
 from pipeline.core.settings import build
@@ -191,9 +192,16 @@ def run_split(
     codes, cluster_ids = cluster_codes(images.column("cluster_id").combine_chunks())
     groups = _groups(group_column, metadata, storage_options)
     unit = unit_of_cluster(codes, len(cluster_ids), uris, groups, metadata, group_column)[codes]
-    units = np.unique(unit)
+    units = unique_sorted(unit)
     names = list(dict.fromkeys([*ratios, "train", HELD_OUT]))  # an image's split: an index into these
-    unit_split = _drawn(tagged, rows, unit, units, cluster_ids, names, settings)
+    before = (
+        previous_splits(settings.previous, storage_options, uris, images.column("sha256").combine_chunks())
+        if settings.previous
+        else None
+    )
+    unit_split = _drawn(
+        tagged, rows, unit, _to_draw(units, unit, before, settings), cluster_ids, names, settings
+    )
     report = SplitReport(images=images.num_rows, clusters=len(units))
     dedup_summary = _dedup_summary(dedup, storage_options)
     report.unmatched_hashes = dedup_summary.get("unmatched_hashes", {})
@@ -204,10 +212,7 @@ def run_split(
         unit_split[forced] = names.index("train")
         report.forced_train_by_exclude = len(forced)
     split = unit_split[unit]
-    if settings.previous:
-        before = previous_splits(
-            settings.previous, storage_options, uris, images.column("sha256").combine_chunks()
-        )
+    if before is not None:
         _keep_previous(report, before, unit, cluster_ids, split, names)
     _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, settings.min_count)
     out = images.append_column("split_unit", cluster_ids.take(pa.array(unit)))
@@ -233,7 +238,8 @@ def _drawn(
     names: list,
     settings: SplitSettings,
 ) -> np.ndarray:
-    """Each unit's split (by unit code), hashed or stratified: the one loop over units."""
+    """Each drawn unit's split (by unit code), hashed or stratified: the one loop over
+    units. Units not in `units` stay 0: every image of theirs keeps a previous split."""
     unit_ids = cluster_ids.take(pa.array(units)).to_pylist()  # sorted, as the units' codes are
     ratios, seed = settings.ratios, settings.seed
     if settings.stratify:
@@ -246,6 +252,19 @@ def _drawn(
     drawn = np.zeros(len(cluster_ids), np.int64)
     drawn[units] = [index[chosen[c]] for c in unit_ids]
     return drawn
+
+
+def _to_draw(
+    units: np.ndarray, unit: np.ndarray, before: pa.Array | None, settings: SplitSettings
+) -> np.ndarray:
+    """The units whose draw can matter. Hashed draws are independent, and an image in the
+    previous split keeps its split, so after a nightly only units with a new image are
+    drawn (their number follows the change, not the corpus). Stratified draws balance
+    every unit against the others: all of them."""
+    if before is None or settings.stratify:
+        return units
+    new = ~pc.is_valid(before).to_numpy(zero_copy_only=False)
+    return unique_sorted(unit[new])
 
 
 def _groups(group_column: str | None, metadata: str | None, storage_options: dict | None):
@@ -292,7 +311,7 @@ def _keep_previous(
     prior = pc.fill_null(pc.index_in(before, value_set=pa.array(names)), 0).to_numpy(zero_copy_only=False)
     split[kept] = prior[kept]
     old = kept & (prior != names.index(HELD_OUT))
-    pairs = np.unique(unit[old] * len(names) + prior[old])  # (unit, previous split), by unit
+    pairs = unique_sorted(unit[old] * len(names) + prior[old])  # (unit, previous split), by unit
     pair_unit, pair_split = pairs // len(names), pairs % len(names)
     count = np.bincount(pair_unit, minlength=len(cluster_ids))
     only = np.zeros(len(cluster_ids), np.int64)
@@ -302,10 +321,10 @@ def _keep_previous(
     split[new & (count[unit] > 1)] = names.index(HELD_OUT)
     held = np.bincount(unit[new], minlength=len(cluster_ids))
     units, first = np.unique(unit, return_index=True)
-    for u in units[np.argsort(first)].tolist():  # in the order of each unit's first image
-        if count[u] > 1:
-            lo, hi = np.searchsorted(pair_unit, [u, u + 1])
-            _bridge(report, cluster_ids[u].as_py(), sorted(names[s] for s in pair_split[lo:hi]), int(held[u]))
+    bridged = count[units] > 1
+    for u in units[bridged][np.argsort(first[bridged])].tolist():  # in the order of each unit's first image
+        lo, hi = np.searchsorted(pair_unit, [u, u + 1])
+        _bridge(report, cluster_ids[u].as_py(), sorted(names[s] for s in pair_split[lo:hi]), int(held[u]))
     report.kept_from_previous = int(kept.sum())
 
 
