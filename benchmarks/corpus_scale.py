@@ -272,6 +272,8 @@ def command_nightly(args) -> None:
         f"peak {alone['peak_mib']} MiB, {alone['leaks']} leaks",
         flush=True,
     )
+    floor = sum(_child("imports", stage)["wall_seconds"] for stage in ("dedup", "split", "audit"))
+    print(f"the three processes' start and imports alone (no work): {floor:.1f} s", flush=True)
     ratio = nightly["seconds"] / rebuilt["seconds"]
     print(
         f"nightly / rebuild (dedup + split + audit): {nightly['seconds']:.1f} / {rebuilt['seconds']:.1f} s "
@@ -296,6 +298,18 @@ def step_audit(splits: str, tags: str, dedup: str, threshold: str) -> dict:
         splits, splits, output=output, tags=tags, embedding_threshold=cosine, dedup=dedup or None
     )
     return {"leaks": report.leaks, "embedding": report.embedding.get("index", {})}
+
+
+def step_imports(stage: str) -> dict:
+    """What a stage's process costs before any work: the modules its run imports."""
+    import importlib
+
+    for name in {
+        "dedup": ["pipeline.corpus.dedup", "faiss", "scipy.stats"],
+        "split": ["pipeline.corpus.split"],
+    }.get(stage, ["pipeline.corpus.audit", "faiss"]):
+        importlib.import_module(name)
+    return {"stage": stage}
 
 
 def step_compare(a: str, b: str) -> dict:
@@ -335,6 +349,7 @@ STEPS = {
     "compare": lambda a: step_compare(*a),
     "split": lambda a: step_split(*a),
     "audit": lambda a: step_audit(*a),
+    "imports": lambda a: step_imports(*a),
 }
 
 
