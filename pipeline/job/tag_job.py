@@ -31,6 +31,7 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.corpus.source_match import check_source_match
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import inference_key, rules_key
@@ -81,6 +82,9 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     timings: dict[str, float] = {}
     listing = _list_while_ray_starts(cfg, runs, timings)
+    if source is not None:  # a source file that names almost none of the listed images stops here
+        uris = [listing.manifest.column("uri").combine_chunks()]
+        check_source_match(str(cfg.source_tags), source.column("uri"), uris, cfg.labels.source_match)
     for run in runs:
         _plan_model(run, listing, dry_run, timings)
     if dry_run:
