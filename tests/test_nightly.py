@@ -542,3 +542,17 @@ def test_the_nightly_audit_line_reads_its_record_and_an_unchecked_audit_never_ex
     assert audit["asked"] == ["sha256", "phash", "embedding"] and missing and not audit["complete"], audit
     assert missing_text(missing, audit["eval_images"]) in result.output
     assert result.exit_code == 4 and "NOT FULLY CHECKED" in result.output, result.output
+
+
+def test_the_nightly_audit_is_asked_for_the_embedding_unless_dedup_turned_it_off(demo_bundle, tmp_path):
+    """dedup's threshold when it had one; when it was asked for one and found none, the
+    audit asks too (so it cannot read as checked); `off` in [nightly.dedup] is off."""
+    from pipeline.corpus.audit import asked_signals
+    from pipeline.job.nightly import _audit_threshold
+
+    cfg = load_nightly_config(_config(tmp_path, tmp_path, demo_bundle))
+    assert _audit_threshold(cfg, {"threshold": 0.93}) == 0.93
+    assert _audit_threshold(cfg, {"threshold": None, "reason": "too few rows"}) == "auto"
+    assert "embedding" in asked_signals(_audit_threshold(cfg, {"threshold": None}))
+    off = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"embedding_threshold": None})})
+    assert _audit_threshold(off, {"threshold": None}) is None and asked_signals(None) == ["sha256", "phash"]
