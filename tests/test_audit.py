@@ -98,14 +98,15 @@ def test_audit_command_exit_status_gates(tmp_path):
         ),
         tmp_path / "clean.csv",
     )
-    clean = _cli(
-        "--train",
-        str(tmp_path / "train.parquet"),
-        "--eval",
-        str(tmp_path / "clean.csv"),
-        "--max-distance",
-        "4",
+    sides = ("--train", str(tmp_path / "train.parquet"), "--eval", str(tmp_path / "clean.csv"))
+    # no threshold given is `auto`: the embedding was asked for, and these files have none
+    unchecked = _cli(*sides, "--max-distance", "4")
+    assert unchecked.returncode == 4, unchecked.stdout
+    assert (
+        "NOT FULLY CHECKED" in unchecked.stdout and "not checked by embedding 500 of 500" in unchecked.stdout
     )
+    assert "clean" not in unchecked.stdout
+    clean = _cli(*sides, "--max-distance", "4", "--embedding-threshold", "off")  # hashes only, as asked
     assert (
         clean.returncode == 0
         and "no leaks found by sha256 and phash" in clean.stdout

@@ -168,3 +168,43 @@ def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
     (giant,) = summary.giant_clusters
     assert giant["size"] >= GIANT_CLUSTER and summary.largest_cluster == giant["size"]
     assert giant["diameter_hops"] >= 10 and giant["spread_bits"] > 2  # chaining carried it far beyond R
+
+
+def test_the_original_represents_its_cluster_over_a_later_edited_copy_with_more_bytes(
+    ray_session, demo_bundle, tmp_path
+):
+    """Version 1 holds the original; version 2 adds a copy with a caption drawn on it, saved
+    at a higher quality (same pixels, more bytes, a uri that sorts first). first-seen (the
+    default) keeps the original; best-copy, the rule alone, picks the copy."""
+    from PIL import ImageDraw
+    from sample_photos import load_photos
+
+    from pipeline.corpus.dedup import run_dedup
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
+
+    photos = dict(load_photos())
+    images = tmp_path / "images"
+    images.mkdir()
+    photos["astronaut"].convert("RGB").save(images / "photo.jpg", quality=75)
+    photos["coffee"].convert("RGB").save(images / "other.jpg", quality=75)
+    cfg = make_tag_config(inputs=[str(images)], output=str(tmp_path / "tags"), model=str(demo_bundle))
+    assert run_tag_job(cfg).version == 1
+    edited = Image.open(images / "photo.jpg").convert("RGB")
+    ImageDraw.Draw(edited).text((20, 20), "tagpipe", fill=(255, 255, 255))
+    edited.save(images / "a_copy.jpg", quality=95)
+    assert (images / "a_copy.jpg").stat().st_size > (images / "photo.jpg").stat().st_size
+    assert run_tag_job(cfg).version == 2
+
+    def representatives(rule: str) -> dict[str, bool]:
+        run_dedup(str(tmp_path / "tags"), str(tmp_path / rule), representative=rule)
+        rows = pq.read_table(tmp_path / rule / "clusters.parquet").to_pylist()
+        pair = [r for r in rows if r["uri"].endswith(("photo.jpg", "a_copy.jpg"))]
+        assert len(pair) == 2 and pair[0]["cluster_id"] == pair[1]["cluster_id"]  # one cluster
+        return {r["uri"].rsplit("/", 1)[1]: r["is_representative"] for r in pair}
+
+    assert representatives("first-seen") == {"photo.jpg": True, "a_copy.jpg": False}
+    assert representatives("best-copy") == {"photo.jpg": False, "a_copy.jpg": True}
+    # new thresholds rewrite every part in version 3: the history still knows the original
+    assert run_tag_job(cfg.model_copy(update={"threshold": 0.9})).change == "rules changed"
+    assert representatives("first-seen") == {"photo.jpg": True, "a_copy.jpg": False}

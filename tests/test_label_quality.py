@@ -517,3 +517,73 @@ def test_the_uncertain_queue_finds_the_model_past_a_compare_tags_version(tagged,
         )
     )
     assert read > 0
+
+
+def test_a_source_file_that_names_almost_no_image_is_refused_and_nothing_is_committed(
+    tagged, demo_bundle, tmp_path
+):
+    """Relative uris against the table's absolute ones: exit 2, one line naming the cause
+    with an example uri of each side, before any work; the table stays at its version."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.table.tag_table import TagTable
+
+    tagged, corpus = tagged
+    table = tmp_path / "tags"
+    shutil.copytree(tagged, table)
+    root = _source_file(corpus, tmp_path / "absolute.csv")
+    relative = (tmp_path / "absolute.csv").read_text(encoding="utf-8").replace(root + "/", "")
+    (tmp_path / "relative.csv").write_text(relative, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "compare-tags", "--tags", str(table), "-m", str(demo_bundle),
+         "--source-tags", str(tmp_path / "relative.csv")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "likely relative paths" in lines[0] and "0 of its" in lines[0], lines[0]
+    assert "'red/red_000" in lines[0] or "'blue/" in lines[0] or "'green/" in lines[0], lines[0]
+    assert f"'{root}/" in lines[0], lines[0]  # the table's side, absolute
+    assert TagTable(str(table)).current().version == 1 and not (table / "_labels").exists()
+    # a tag run given the same file stops after listing, before any image is tagged
+    from pipeline.job.settings import make_tag_config
+    from pipeline.job.tag_job import run_tag_job
+
+    cfg = make_tag_config(
+        inputs=[str(corpus / "images")], output=str(tmp_path / "new"), model=str(demo_bundle),
+        source_tags=str(tmp_path / "relative.csv"),
+    )  # fmt: skip
+    with pytest.raises(TagpipeError, match="likely relative paths"):
+        run_tag_job(cfg)
+    assert not (tmp_path / "new" / "_current.json").exists()
+
+
+def test_a_mismatch_names_the_prefix_and_the_share_is_a_setting():
+    from pipeline.corpus.source_match import check_source_match, likely_cause
+
+    table = [f"/data/set/{k}/{i}.jpg" for k in ("a", "b") for i in range(5)]
+    moved = [u.replace("/data/set/", "/mnt/old/set/") for u in table]
+    cause = likely_cause(moved, table)
+    assert "another prefix" in cause and "'/mnt/old/' in place of '/data/'" in cause, cause
+    half = pa.array(table[:4] + moved[:6])  # 4 of 10 rows match
+    with pytest.raises(TagpipeError, match="only 4 of its 10 rows"):
+        check_source_match("src.csv", half, [pa.array(table)], 0.5)
+    assert check_source_match("src.csv", half, [pa.array(table)], 0.4) == 4
+    assert check_source_match("src.csv", half, [pa.array(table[:5]), pa.array(table[5:])], 0.4) == 4
+
+
+def test_a_file_that_mixes_separators_is_refused_unless_one_is_given(tmp_path):
+    """The issue's file: booru rows and one comma row; auto split everything on commas and
+    made `monochrome man camera` one tag."""
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(
+        'uri,tags\n/a.jpg,monochrome man camera\n/b.jpg,"long hair, 1girl"\n/c.jpg,solo\n', encoding="utf-8"
+    )
+    with pytest.raises(TagpipeError, match=r"mixed.csv: column 'tags' mixes separators: row 2 .*row 1"):
+        read_source_tags(str(mixed))
+    per_row = read_source_tags(str(mixed), separator="per-row").column("source_tags").to_pylist()
+    assert per_row == [["monochrome", "man", "camera"], ["long_hair", "1girl"], ["solo"]]
+    given = read_source_tags(str(mixed), separator=" ").column("source_tags").to_pylist()
+    assert given[0] == ["monochrome", "man", "camera"] and given[1] == ["long", "hair,", "1girl"]

@@ -218,3 +218,29 @@ def test_missing_or_foreign_inputs_are_one_line_errors_and_split_folders_read_af
         str(tmp_path / "split"), str(tmp_path / "split")
     )  # the folder still reads: only Parquet
     assert again.eval_images + again.train_images == 40
+
+
+def test_an_audit_that_could_not_check_every_eval_image_never_exits_0():
+    """0 only when every eval image was checked by every signal the run was asked to use:
+    the embedding is asked for unless its threshold is off (`auto`, the default, asks)."""
+    rng = np.random.default_rng(8)
+    train_vec, eval_vec = rng.normal(size=(40, 8)), list(rng.normal(size=(4, 8)))
+    train_hash = [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 40)]
+    eval_hash = [int(h) * 2 + 1 for h in rng.integers(0, 2**62, 4)]
+    train = _side("t", train_hash, list(train_vec))
+    _, full = audit(train, _side("e", eval_hash, eval_vec), 6, 0.99)
+    assert (full.exit_status(), full.complete, full.text().startswith("audit: clean")) == (0, True, True)
+    low_detail = _side("e", eval_hash, eval_vec, degenerate=[True, False, False, False])
+    _, phash_short = audit(train, low_detail, 6, 0.99)  # the embedding checked it; phash did not
+    assert phash_short.exit_status() == 4 and phash_short.short_of() == {"phash": 1}
+    assert "not checked by phash 1 of 4" in phash_short.text()
+    no_vectors = _side("e", eval_hash, [None] * 4)
+    for threshold in ("auto", 0.99):  # asked for, given or not, but nothing to compare
+        _, short = audit(train, no_vectors, 6, threshold)
+        assert short.exit_status() == 4 and short.short_of() == {"embedding": 4}, threshold
+        assert "NOT FULLY CHECKED" in short.text() and "clean" not in short.text()
+    _, hashes_only = audit(train, no_vectors, 6, None)  # `off`: only sha256 and phash were asked for
+    assert hashes_only.exit_status() == 0 and hashes_only.asked == ["sha256", "phash"]
+    copy = _side("e", [train_hash[0]], [None])
+    _, leaky = audit(train, copy, 6, 0.99)
+    assert leaky.exit_status() == 1  # leaks come first

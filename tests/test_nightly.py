@@ -520,3 +520,39 @@ def test_demo_reruns_change_nothing_and_a_smaller_demo_drops_the_rest(ray_sessio
         smaller.summary.deleted == first.summary.listed - smaller.summary.listed > 0
     )  # (other sizes drawn: many changed)
     assert smaller.checked == smaller.correct == smaller.summary.listed
+
+
+def test_the_nightly_audit_line_reads_its_record_and_an_unchecked_audit_never_exits_0(
+    ray_session, demo_bundle, demo_corpus, tmp_path
+):
+    """The audit's line and the exit status come from the record the nightly file keeps:
+    an audit that left val/test images unchecked by a signal it was asked to use (the
+    demo's flat colours carry too little detail for phash) says how many, and the nightly
+    exits 4, not 0."""
+    from pipeline.corpus.audit import missing_text, short_of
+
+    corpus = tmp_path / "images"
+    shutil.copytree(demo_corpus / "images", corpus)
+    cfg_path = _config(tmp_path, corpus, demo_bundle)
+    result = CliRunner().invoke(app, ["nightly", "-c", str(cfg_path), "--no-progress"])
+    run_id = next(p.name.split(".")[0] for p in (tmp_path / "tags" / "_runs").glob("*.nightly.json"))
+    record = json.loads((tmp_path / "tags" / "_runs" / f"{run_id}.nightly.json").read_text())
+    audit = record["audits"]["split"]
+    missing = short_of(audit["asked"], audit["not_checked"])
+    assert audit["asked"] == ["sha256", "phash", "embedding"] and missing and not audit["complete"], audit
+    assert missing_text(missing, audit["eval_images"]) in result.output
+    assert result.exit_code == 4 and "NOT FULLY CHECKED" in result.output, result.output
+
+
+def test_the_nightly_audit_is_asked_for_the_embedding_unless_dedup_turned_it_off(demo_bundle, tmp_path):
+    """dedup's threshold when it had one; when it was asked for one and found none, the
+    audit asks too (so it cannot read as checked); `off` in [nightly.dedup] is off."""
+    from pipeline.corpus.audit import asked_signals
+    from pipeline.job.nightly import _audit_threshold
+
+    cfg = load_nightly_config(_config(tmp_path, tmp_path, demo_bundle))
+    assert _audit_threshold(cfg, {"threshold": 0.93}) == 0.93
+    assert _audit_threshold(cfg, {"threshold": None, "reason": "too few rows"}) == "auto"
+    assert "embedding" in asked_signals(_audit_threshold(cfg, {"threshold": None}))
+    off = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"embedding_threshold": None})})
+    assert _audit_threshold(off, {"threshold": None}) is None and asked_signals(None) == ["sha256", "phash"]

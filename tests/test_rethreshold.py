@@ -116,3 +116,28 @@ def test_worker_bundle_cache_follows_replaced_calibration_files(demo_bundle, tmp
         != second.calibration_sha256
         == new.fingerprint.calibration_sha256
     )
+
+
+def test_a_logit_floor_change_on_dense_logits_re_infers_nothing(
+    base_output, demo_bundle, demo_corpus, tmp_path
+):
+    """Dense logits hold every tag's logit whatever the floor: a new floor is a rethreshold
+    (no image sent to the model), and the dry run names it, old -> new, with its cost."""
+    table = tmp_path / "tags"
+    shutil.copytree(base_output, table)
+    settings = dict(inputs=[str(demo_corpus / "images")], output=str(table), model=str(demo_bundle))
+    parts = len(TagTable(str(table)).current().files)
+    plan = run_tag_job(make_tag_config(**settings, rows_per_part=16, logit_floor=0.2), dry_run=True)
+    assert plan.change == "rules changed" and plan.to_tag == 0 and plan.retagged == 0, plan.text()
+    assert "logit_floor 0.01 -> 0.2" in plan.text() and f"rewrite {parts} part(s)" in plan.text()
+    before = _by_uri(table, ["logit_values", "tags", "scores"])
+    done = run_tag_job(make_tag_config(**settings, rows_per_part=16, logit_floor=0.2))
+    assert (done.images, done.rows_by_node, done.rethresholded) == (0, {}, done.listed), done.text()
+    after = _by_uri(table, ["logit_values", "tags", "scores"])
+    assert all(after[u]["logit_values"] == before[u]["logit_values"] for u in before)  # not re-inferred
+    assert all(min(r["scores"] or [1.0]) >= 0.2 for r in after.values())  # tags decided at the new floor
+    back = run_tag_job(make_tag_config(**settings, rows_per_part=16), dry_run=True)  # the logits still serve
+    assert back.change == "rules changed" and back.to_tag == 0 and "logit_floor 0.2 -> 0.01" in back.text()
+    other = run_tag_job(make_tag_config(**settings, rows_per_part=16, exact_decode=True), dry_run=True)
+    assert other.change == "inference settings changed" and other.to_tag == other.listed
+    assert "exact_decode False -> True" in other.text(), other.text()

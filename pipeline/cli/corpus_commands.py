@@ -105,7 +105,8 @@ def report(
 @settings_options(AuditSettings, required=True)
 def audit(given: dict | None = None) -> None:
     """List eval images that are copies or near-duplicates of train images, by sha256,
-    phash and embedding, and what could not be checked; exit status 1 on leaks."""
+    phash and embedding, and what could not be checked; exit status 1 on leaks, 4 when
+    some eval image went unchecked by a signal the run was asked to use (README, "Exit statuses")."""
     from pipeline.corpus.audit import run_audit
 
     _setup()
@@ -120,8 +121,8 @@ def audit(given: dict | None = None) -> None:
             how = f"cosine {row['cosine']:.4f}"
         typer.echo(f"leak ({how}): {row['eval_uri']} ~ {row['train_uri']}")
     _emit(report)
-    if report.leaks:
-        raise typer.Exit(1)
+    if report.exit_status():
+        raise typer.Exit(report.exit_status())
 
 
 @app.command(short_help="Captions, JSONL or Dart v2 prompts from a table.")

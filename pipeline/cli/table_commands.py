@@ -19,7 +19,7 @@ from pipeline.cli.common import (
     settings_options,
 )
 from pipeline.core.logs import LogFormat
-from pipeline.job.settings import DRIFT_EXIT_STATUS, TagJobConfig
+from pipeline.job.settings import TagJobConfig
 from pipeline.model.rules import RuleSettings
 
 
@@ -110,9 +110,9 @@ def nightly(
 ) -> None:
     """Tag what is new or changed, drop what is gone, then refresh dedup, splits
     (stable: --previous) and the leakage audit, and write the report with the drift from
-    the version before. Exits 1 when the audit finds leaks, else 3 on drift past the
-    [nightly.drift] limits."""
-    from pipeline.job.nightly import run_nightly
+    the version before. Exits 1 when the audit finds leaks, else 4 when it could not check
+    every val/test image, else 3 on drift past the [nightly.drift] limits (README, "Exit statuses")."""
+    from pipeline.job.nightly import nightly_exit_status, run_nightly
     from pipeline.job.settings import load_nightly_config
     from pipeline.job.tag_job import run_tag_job
 
@@ -126,10 +126,9 @@ def nightly(
         return
     summary = _interruptible(run_nightly, cfg)
     _emit(summary)
-    if summary.leaks and cfg.fail_on_leaks:
-        raise typer.Exit(1)
-    if summary.drift is not None and summary.drift.drift and cfg.fail_on_drift:
-        raise typer.Exit(DRIFT_EXIT_STATUS)
+    status = nightly_exit_status(summary, cfg)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command(short_help="Delete parts (and label files) no kept version uses.")

@@ -10,6 +10,19 @@ from __future__ import annotations
 import enum
 
 
+class ExitStatus(enum.IntEnum):
+    """What the command line's exit status means, the same for every command (README,
+    "Exit statuses"): a script gating on it never reads a failure or an incomplete
+    check as success."""
+
+    OK = 0
+    LEAKS = 1  # audit, nightly: eval images that copy train images (also Python's status for a crash)
+    ERROR = 2  # one `error:` line: nothing (more) was done; also a usage error
+    DRIFT = 3  # nightly: the run's version drifted past the [nightly.drift] limits
+    UNCHECKED = 4  # audit, nightly: no leak found, but some eval images could not be checked
+    INTERRUPTED = 130  # Ctrl-C
+
+
 class TagpipeError(Exception):
     """Base class: the CLI prints these as one line, without a traceback."""
 

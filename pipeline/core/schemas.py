@@ -104,7 +104,7 @@ CLUSTERS_SCHEMA = pa.schema(
         ("phash", pa.uint64()),
         ("cluster_id", pa.string()),  # the smallest sha256 in the cluster (row:<uri> when none)
         ("cluster_size", pa.int64()),
-        ("is_representative", pa.bool_()),  # the cluster's best copy
+        ("is_representative", pa.bool_()),  # the copy first seen in the table, then the best (dedup)
     ]
 )
 EDGES_SCHEMA = pa.schema(

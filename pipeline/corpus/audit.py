@@ -7,8 +7,11 @@ split outputs) or Parquet/CSV files with sha256, phash (uint64 or 16 hex digits)
 optionally, embedding columns. A split output is read for its train rows (--train) or
 its val/test rows (--eval); its hashes and embeddings come from the tag table given
 with --tags. The report says how many eval images each signal could not check
-(no hash, a low-detail hash, no embedding); "clean" is printed only when no leak was
-found and every eval image was checked by phash or embedding. Exit status 1 on leaks.
+(no hash, a low-detail hash, no embedding). A run is asked to use sha256 and phash always,
+and the embedding unless its threshold is `off` (the default, `auto`, asks for it): it is
+complete only when every eval image was checked by every signal it was asked to use.
+"clean" and exit status 0 need a complete run; leaks exit 1; a run with no leak that is not
+complete exits 4 (ExitStatus.UNCHECKED), so "unchecked" is never read as clean.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.arrays import unique_sorted
+from pipeline.core.errors import ExitStatus
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
 from pipeline.core.settings import build
 from pipeline.corpus.audit_index import leaks_in_index
@@ -57,20 +61,35 @@ class AuditReport:
     histogram: dict = field(
         default_factory=dict
     )  # bits -> eval images whose nearest train image (sha256 or phash) is that far
+    asked: list = field(default_factory=list)  # the signals the run was asked to use
+    complete: bool = False  # every eval image checked by every signal in `asked`
+
+    def short_of(self) -> dict:
+        """signal -> eval images it could not check, for the asked signals that missed some."""
+        return short_of(self.asked, self.not_checked)
+
+    def exit_status(self) -> int:
+        """1 on leaks; else 4 when some eval image went unchecked by an asked signal; else 0."""
+        if self.leaks:
+            return int(ExitStatus.LEAKS)
+        return int(ExitStatus.OK if self.complete else ExitStatus.UNCHECKED)
 
     def text(self) -> str:
+        missing = self.short_of()
+        gaps = ": " + missing_text(missing, self.eval_images) if missing else ""
         if self.leaks:
             verdict = "LEAKS FOUND" + (
                 f" ({self.unchecked} eval images could not be checked)" if self.unchecked else ""
             )
-        elif self.unchecked:
+        elif missing:
             verdict = (
-                f"no leaks found, but {self.unchecked} eval images could not be checked for near-duplicates"
+                f"NOT FULLY CHECKED (exit {int(ExitStatus.UNCHECKED)}): no leaks found, but some eval "
+                f"images could not be checked{gaps}"
+                + ("; --embedding-threshold off audits by hashes only" if EMBEDDING in missing else "")
             )
-        elif self.embedding.get("threshold") is None:
+        elif EMBEDDING not in self.asked:
             verdict = (
-                "no leaks found by sha256 and phash; the embedding was not used, "
-                "so crops and edits went unchecked"
+                "no leaks found by sha256 and phash; the embedding was off, so crops and edits went unchecked"
             )
         else:
             verdict = "clean"
@@ -89,6 +108,25 @@ class AuditReport:
             f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
             + _searched_text(emb.get("index", {}))
         )
+
+
+def short_of(asked: list, not_checked: dict) -> dict:
+    """signal -> eval images it could not check, for each asked signal that missed some
+    (an audit record's `asked` and `not_checked`: the nightly reads its records so)."""
+    return {s: int(not_checked.get(s, 0)) for s in asked if not_checked.get(s, 0)}
+
+
+def missing_text(missing: dict, eval_images: int) -> str:
+    """'phash could not check 3, embedding 33 of 33 eval images', or '' when none missed."""
+    if not missing:
+        return ""
+    listed = ", ".join(f"{signal} {n}" for signal, n in missing.items())
+    return f"not checked by {listed} of {eval_images} eval images"
+
+
+def asked_signals(embedding_threshold) -> list[str]:
+    """sha256 and phash always; the embedding unless its threshold is off (None)."""
+    return [SHA256, PHASH] + ([EMBEDDING] if embedding_threshold is not None else [])
 
 
 def _searched_text(index: dict) -> str:
@@ -128,7 +166,12 @@ def audit(
     changed since the audit last wrote there (pipeline/corpus/audit_index.py)."""
     train, evaluation = _side(train), _side(evaluation)
     t, e = train.table, evaluation.table
-    report = AuditReport(train_images=t.num_rows, eval_images=e.num_rows, max_distance=max_distance)
+    report = AuditReport(
+        train_images=t.num_rows,
+        eval_images=e.num_rows,
+        max_distance=max_distance,
+        asked=asked_signals(embedding_threshold),
+    )
     found = [_sha256_leaks(t, e)]
     phash, phash_checked = _phash_leaks(t, e, max_distance, report)
     indexed = None
@@ -142,6 +185,7 @@ def audit(
     else:
         emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
     report.unchecked = int((~(phash_checked | emb_checked)).sum())
+    report.complete = not report.short_of()
     return _leak_table(t, e, found + [phash, emb], report), report
 
 

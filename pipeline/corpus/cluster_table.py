@@ -4,9 +4,10 @@ The graph dedup solves has rows, sha256 groups, distinct hashes and distinct vec
 nodes; users read rows. So each edge becomes a row-level edge here: a row to the first
 row (in uri order) of its group, hash or vector, and joined hashes and vectors through
 their first rows. cluster_id is the smallest sha256 in the cluster ("row:<uri>" of its
-representative when none has one); the representative is the best copy: the most pixels,
-then a lossless format, then the most bytes, then the smallest uri. Giant clusters are
-reported with their phash diameter (chaining).
+representative when none has one); the representative is the copy first seen in the tag
+table (its earliest version, pipeline/corpus/first_seen.py), then the best copy: the most
+pixels, then a lossless format, then the most bytes, then the smallest uri (`best-copy`:
+the best copy alone). Giant clusters are reported with their phash diameter (chaining).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.core.schemas import CLUSTERS_SCHEMA, conform
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_vectors import VectorUpdate
 from pipeline.corpus.duplicate_signals import EMBEDDING, PHASH, SHA256, Edges, ExactSignals
+from pipeline.corpus.first_seen import first_versions
 from pipeline.corpus.hamming_search import near_pairs
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,14 @@ def public_edges(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate) -
     return edges
 
 
-def cluster_table(rows: CorpusRows, labels: np.ndarray) -> tuple:
-    """clusters.parquet rows, and the per-cluster order the giant check reuses."""
+def cluster_table(rows: CorpusRows, labels: np.ndarray, first_seen: np.ndarray | None = None) -> tuple:
+    """clusters.parquet rows, and the per-cluster order the giant check reuses. first_seen:
+    each row's first table version (earlier first), before the best-copy rules; None: those alone."""
     n = rows.count
     lossless = pc.match_substring_regex(pc.utf8_lower(rows.uri), LOSSLESS).to_numpy(zero_copy_only=False)
-    keys = [rows.pixels, lossless.astype(np.int64), rows.size]
+    keys = [rows.pixels, lossless.astype(np.int64), rows.size]  # larger first
+    if first_seen is not None:
+        keys.insert(0, -first_seen)  # earlier first
     order = np.lexsort((np.arange(n), *[-k for k in keys][::-1], labels))
     starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]]) if n else np.zeros(0, int)
     sizes = np.diff(np.r_[starts, n])
@@ -164,3 +169,13 @@ def report_giants(summary, rows, order, starts, sizes, min_sha) -> None:
                 min_sha[int(c)].as_py(),
                 sizes[c],
             )
+
+
+def first_seen(rows: CorpusRows, labels: np.ndarray) -> np.ndarray | None:
+    """Each row's first version in its tag table, looked up only for rows that share a
+    cluster; None when the input is not a tag table (plain Parquet has no history)."""
+    table, snapshot = rows.parts.table, rows.parts.snapshot
+    if table is None or snapshot is None:
+        return None
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    return first_versions(table, snapshot.version, rows.uri, sizes[labels] > 1)

@@ -12,8 +12,10 @@ run reads only new and changed rows' embeddings and searches only their vectors 
 hashes (pipeline/corpus/dedup_vectors.py); the graph is then solved again over every
 row (scipy, linear in rows and edges, seconds at 10M), so a deleted bridge splits its
 cluster. `--full` rebuilds from scratch. cluster_id is the smallest sha256 in the
-cluster, stable as long as that file stays; the representative is the best copy: the
-most pixels, then a lossless format, then the most bytes, then the smallest uri.
+cluster, stable as long as that file stays; the representative is, by default
+(`--representative first-seen`), the copy first seen in the tag table (its earliest
+version: the original, not an edited copy made later), then the best copy: the most
+pixels, then a lossless format, then the most bytes, then the smallest uri.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from pipeline.core.arrays import unique_sorted
 from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import EDGES_SCHEMA, conform
 from pipeline.core.settings import build
-from pipeline.corpus.cluster_table import cluster_table, public_edges, report_giants
+from pipeline.corpus.cluster_table import cluster_table, first_seen, public_edges, report_giants
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_settings import (
     DEFAULT_MAX_DISTANCE,
     DedupSettings,
+    Representative,
     parse_embedding_threshold,  # noqa: F401  (importable here as before)
 )
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
@@ -192,7 +195,8 @@ def run_dedup(settings: DedupSettings | str, output: str | None = None, **values
         "timings": timings,
     }
     summary.seconds = round(time.monotonic() - started, 3)
-    _write_outputs(output, storage_options, rows, exact, vectors, labels, summary)
+    first = first_seen(rows, labels) if settings.representative == Representative.FIRST_SEEN else None
+    _write_outputs(output, storage_options, rows, exact, vectors, labels, summary, first)
     return summary
 
 
@@ -305,8 +309,10 @@ def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_d
     return index.commit(base, version)
 
 
-def _write_outputs(output, storage_options, rows, exact, vectors, labels, summary: DedupSummary) -> None:
-    out, order, starts, sizes, min_sha = cluster_table(rows, labels)
+def _write_outputs(
+    output, storage_options, rows, exact, vectors, labels, summary: DedupSummary, first: np.ndarray | None
+) -> None:
+    out, order, starts, sizes, min_sha = cluster_table(rows, labels, first)
     summary.clusters = len(starts)
     summary.duplicates = rows.count - len(starts)
     summary.duplicate_rate = round(summary.duplicates / rows.count, 6) if rows.count else 0.0

@@ -9,6 +9,7 @@ these fields (pipeline/cli/common.py, pipeline/cli/docs.py).
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 from pydantic import BeforeValidator, Field
@@ -19,6 +20,13 @@ from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
 NONE = KeyRole.NONE
 DEFAULT_MAX_DISTANCE = 6
 AUTO = "auto"
+
+
+class Representative(enum.StrEnum):
+    """How a cluster's representative (is_representative) is chosen."""
+
+    FIRST_SEEN = "first-seen"  # the copy in the table's earliest version; ties by best-copy
+    BEST_COPY = "best-copy"  # the most pixels, then lossless, then the most bytes, then the smallest uri
 
 
 def parse_embedding_threshold(text: str | float | None) -> float | str | None:
@@ -88,6 +96,16 @@ class DedupOptions(SettingsModel):
         ),
         Setting(NONE),
     ] = False
+    representative: Annotated[
+        Representative,
+        Field(
+            description="each cluster's representative: `first-seen`, the copy that entered the tag table "
+            "first (its earliest version: an original before the edited copies made of it later), ties "
+            "broken as `best-copy` does; `best-copy`: the most pixels, then a lossless format, then the "
+            "most bytes, then the smallest uri"
+        ),
+        Setting(NONE),
+    ] = Representative.FIRST_SEEN
     partitions: Annotated[
         int,
         Field(

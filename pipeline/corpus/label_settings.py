@@ -58,10 +58,22 @@ class LabelCheckSettings(SettingsModel):
         str | None,
         Field(
             default=None,
-            description="what separates tags in a string column (' ' = any whitespace); by default ',' "
-            "when any value holds ', ', else whitespace",
+            description="what separates tags in a string column (' ' = any whitespace); `per-row`: ',' in "
+            "each row that holds ', ', whitespace in the others; by default the one the whole file uses, "
+            "and a file that mixes them is refused (give one, or per-row)",
         ),
         Setting(NONE, default_text="auto", metavar="SEP"),
+    ]
+    source_match: Annotated[
+        float,
+        Field(
+            default=0.5,
+            ge=0.0,
+            le=1.0,
+            description="refuse (committing nothing) a source file whose uris name an image of the table "
+            "in fewer than this share of its rows: relative paths or another prefix; 0: never",
+        ),
+        Setting(NONE, metavar="SHARE"),
     ]
     label_rule: Annotated[
         LabelRule,

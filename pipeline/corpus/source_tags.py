@@ -4,9 +4,12 @@ The file has a uri column (`uri` unless named) and a tags column (named, or the 
 `source_tags`, `tags`, `tag_string` it has: Danbooru's post export calls it `tag_string`).
 The tags column is a list of strings, or one string per row split by the separator rule:
 - `separator` given: split on it (" " means any run of whitespace);
-- not given: if any value holds ", " the file is comma-separated ("long hair, 1girl",
-  as captions and WD-style lists write it), else whitespace-separated (booru style:
-  "long_hair 1girl", underscores inside a tag).
+- `per-row`: a row that holds ", " is comma-separated ("long hair, 1girl", as captions
+  and WD-style lists write it), any other whitespace-separated (booru style:
+  "long_hair 1girl", underscores inside a tag);
+- not given: the one the whole file uses, by that rule. A file with comma-separated rows
+  and rows of several whitespace-separated tags mixes them, and is refused with an
+  example of each: one comma row must not turn every booru row into one long tag.
 Each tag is normalised to the booru spelling: surrounding whitespace dropped and inner
 runs of whitespace turned into one underscore ("long hair" -> "long_hair"), case kept
 (Danbooru has both `o_o` and `O_O`). The vocabulary is matched the same way
@@ -114,11 +117,7 @@ def _tag_pairs(path: str, column: str, values: pa.ChunkedArray, separator: str |
         lists = values.combine_chunks().cast(pa.list_(pa.string()))
     elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = values.combine_chunks().cast(pa.string())
-        if separator is None:
-            separator = "," if pc.any(pc.match_substring(text, ", ")).as_py() else " "
-        lists = (
-            pc.utf8_split_whitespace(text) if separator.strip() == "" else pc.split_pattern(text, separator)
-        )
+        lists = _split(path, column, text, separator)
     else:
         raise TagpipeError(f"{path}: column {column!r} is {kind}, expected a list of strings or a string")
     lists = pc.fill_null(lists, pa.scalar([], pa.list_(pa.string())))
@@ -126,6 +125,42 @@ def _tag_pairs(path: str, column: str, values: pa.ChunkedArray, separator: str |
     tags = pc.replace_substring_regex(pc.utf8_trim_whitespace(pc.list_flatten(lists)), r"\s+", "_")
     keep = pc.greater(pc.utf8_length(pc.fill_null(tags, "")), 0)
     return rows[keep.to_numpy(zero_copy_only=False)], tags.filter(keep)
+
+
+PER_ROW = "per-row"
+
+
+def _split(path: str, column: str, text: pa.Array, separator: str | None) -> pa.Array:
+    """Each row's tags as a list, by the separator rule (module docstring)."""
+    if separator not in (None, PER_ROW):
+        return (
+            pc.utf8_split_whitespace(text) if separator.strip() == "" else pc.split_pattern(text, separator)
+        )
+    commas = pc.fill_null(pc.match_substring(text, ", "), False)
+    spaced = _several_words(text)
+    if separator is None and pc.any(commas).as_py() and pc.any(pc.and_(spaced, pc.invert(commas))).as_py():
+        comma_row = int(np.flatnonzero(commas.to_numpy(zero_copy_only=False))[0])
+        word_row = int(np.flatnonzero(pc.and_(spaced, pc.invert(commas)).to_numpy(zero_copy_only=False))[0])
+        raise TagpipeError(
+            f"{path}: column {column!r} mixes separators: row {comma_row + 1} is comma-separated "
+            f"({_example(text, comma_row)}), row {word_row + 1} whitespace-separated "
+            f"({_example(text, word_row)}); "
+            "give --tag-separator ',' or ' ', or per-row to decide row by row"
+        )
+    by_comma, by_space = pc.split_pattern(text, ","), pc.utf8_split_whitespace(text)
+    if separator is None:  # one rule for the whole file, as it does not mix them
+        return by_comma if pc.any(commas).as_py() else by_space
+    return pc.if_else(commas, by_comma, by_space)
+
+
+def _several_words(text: pa.Array) -> pa.Array:
+    """Rows of two or more whitespace-separated words."""
+    return pc.fill_null(pc.greater(pc.list_value_length(pc.utf8_split_whitespace(text)), 1), False)
+
+
+def _example(text: pa.Array, row: int, width: int = 40) -> str:
+    value = text[row].as_py()
+    return repr(value if len(value) <= width else value[:width] + "...")
 
 
 def _group(uris: pa.Array, rows: np.ndarray, tags: pa.Array) -> pa.Table:

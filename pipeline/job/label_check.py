@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -43,12 +44,13 @@ from pipeline.corpus.label_quality import (
     part_statistics,
 )
 from pipeline.corpus.label_settings import LabelCheckSettings, LabelRule
+from pipeline.corpus.source_match import check_source_match
 from pipeline.corpus.source_tags import read_source_tags
 from pipeline.model.bundle import ModelBundle, load_bundle
 from pipeline.model.postprocess import Postprocessor
 from pipeline.model.rules import RuleSettings
 from pipeline.table.labels import labels_file
-from pipeline.table.tag_table import TagTable, commit_version
+from pipeline.table.tag_table import READ_THREADS, TagTable, commit_version
 
 
 @dataclass
@@ -264,8 +266,12 @@ def run_compare_tags(
         }
     )
     run_id = run_id or new_run_id()
+    source = read_source_file(source_tags, storage_options, aliases, settings)
+    check_source_match(
+        source_tags, source.column("uri"), _table_uris(table, base.files), settings.source_match
+    )
     labels, summary = check_labels(
-        table, base.files, bundle, rules, settings, source_tags, aliases, progress, ray_address
+        table, base.files, bundle, rules, settings, source, aliases, progress, ray_address
     )
     if labels == base.labels:  # a repeat of a finished check
         summary.version = base.version
@@ -286,6 +292,18 @@ def run_compare_tags(
     )
     summary.version = snapshot.version
     return summary
+
+
+def _table_uris(table: TagTable, files: tuple[str, ...]):
+    """The uri column of each part, READ_THREADS parts at a time (one part's uris held)."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for start in range(0, len(files), READ_THREADS):
+            chunk = files[start : start + READ_THREADS]
+            yield from (t.column("uri").combine_chunks() for t in pool.map(_uri_column(table), chunk))
+
+
+def _uri_column(table: TagTable):
+    return lambda file: table.read_part(file, ["uri"])
 
 
 def read_source_file(

@@ -16,7 +16,9 @@ Steps 2-4 take their settings from [nightly.dedup], [nightly.split] and [nightly
 Each step reads the previous step's committed output, so a crash anywhere leaves every
 output as the last good run left it, and a rerun finishes the job. The nightly record
 (`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step
-and the drift summary; the command exits 1 on leaks, else 3 on drift past the limits.
+and the drift summary; the command exits 1 on leaks, else 4 when an audit could not check
+every val/test image by every signal it was asked to use (nightly_exit_status), else 3 on
+drift past the limits. The audit's line is made from the same record the file keeps.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline import __version__
+from pipeline.core.errors import ExitStatus
 from pipeline.core.ray_session import new_run_id
-from pipeline.corpus.audit import run_audit
+from pipeline.corpus.audit import missing_text, run_audit, short_of
 from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.drift import DriftSummary
 from pipeline.corpus.report import build_report
@@ -65,26 +68,50 @@ class NightlySummary:
                 f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, "
                 f"{len(self.split['bridges'])} bridging clusters held out"
             )
-        for name, audit in self.audits.items():
-            emb = audit.get("embedding", {})
-            used = (
-                f"embedding cosine >= {emb['threshold']:.4f}"
-                if emb.get("threshold") is not None
-                else "embedding not used"
-            )
-            lines.append(
-                f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) "
-                f"among {audit['eval_images']} "
-                f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}"
-            )
+        lines += [_audit_line(name, audit) for name, audit in self.audits.items()]
         if self.drift is not None:
             lines.append(self.drift.text())
         if self.report:
             lines.append(f"report: {self.report}")
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         drifted = "DRIFT" if self.drift is not None and self.drift.drift else "no drift"
-        lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {drifted}; {steps}")
+        incomplete = self.incomplete_audits()
+        checked = f"{len(incomplete)} audit(s) NOT FULLY CHECKED" if incomplete else "fully checked"
+        lines.append(f"{'LEAKS FOUND' if self.leaks else 'no leaks'}; {checked}; {drifted}; {steps}")
         return "\n".join(lines)
+
+    def incomplete_audits(self) -> list[str]:
+        """The audits that left a val/test image unchecked by a signal they were asked to use."""
+        return [name for name, audit in self.audits.items() if short_of(audit["asked"], audit["not_checked"])]
+
+
+def _audit_line(name: str, audit: dict) -> str:
+    """One audit's line, from its record (the nightly file's `audits`): the same figures."""
+    emb = audit.get("embedding", {})
+    if emb.get("threshold") is not None:
+        used = f"embedding cosine >= {emb['threshold']:.4f}"
+    elif "embedding" in audit["asked"]:
+        used = f"embedding asked for but not used ({emb.get('reason') or 'no threshold'})"
+    else:
+        used = "embedding off"
+    missing = short_of(audit["asked"], audit["not_checked"])
+    checked = missing_text(missing, audit["eval_images"]) if missing else "every image checked"
+    return (
+        f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) "
+        f"among {audit['eval_images']} val/test images; {checked}; {used}"
+    )
+
+
+def nightly_exit_status(summary: NightlySummary, cfg: NightlyConfig) -> int:
+    """1 on leaks, else 4 when an audit is not complete, else 3 on drift, else 0 (each as
+    fail_on_leaks, fail_on_unchecked and fail_on_drift allow)."""
+    if summary.leaks and cfg.fail_on_leaks:
+        return int(ExitStatus.LEAKS)
+    if summary.incomplete_audits() and cfg.fail_on_unchecked:
+        return int(ExitStatus.UNCHECKED)
+    if summary.drift is not None and summary.drift.drift and cfg.fail_on_drift:
+        return int(ExitStatus.DRIFT)
+    return int(ExitStatus.OK)
 
 
 def run_nightly(cfg: NightlyConfig) -> NightlySummary:
@@ -99,7 +126,7 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     t = time.monotonic()
     dedup = run_dedup(cfg.dedup_settings())
     summary.dedup = asdict(dedup)
-    audit_threshold = dedup.embedding.get("threshold")  # the audit checks what dedup kept together
+    audit_threshold = _audit_threshold(cfg, dedup.embedding)
     summary.timings["dedup"] = _lap(t)
 
     t = time.monotonic()
@@ -151,6 +178,16 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
         },
     )
     return summary
+
+
+def _audit_threshold(cfg: NightlyConfig, used: dict):
+    """The threshold dedup used, so the audit checks what dedup kept together; when dedup
+    was asked for one but had none (auto found none, no embeddings), the audit is asked
+    for the embedding all the same (auto, or the given cosine): an audit that cannot use
+    it says so and exits 4, instead of reading as checked."""
+    if used.get("threshold") is not None:
+        return used["threshold"]
+    return cfg.dedup.embedding_threshold  # None: [nightly.dedup] turned the embedding off
 
 
 def _report(cfg: NightlyConfig, run_id: str, tag: RunSummary) -> tuple[str, DriftSummary | None]:

@@ -44,6 +44,8 @@ class RunSummary:
     planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
     label_check: dict = field(default_factory=dict)  # --source-tags: the check's counts
+    # keyed settings changed against the table's version, each "name old -> new"
+    settings_changed: list = field(default_factory=list)
     # edit calibration, when it ran: images, edits, rows, failed, file, seconds (or error, seconds)
     edit_calibration: dict = field(default_factory=dict)
 
@@ -72,14 +74,19 @@ class RunSummary:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
         return f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
 
+    def change_text(self) -> str:
+        """The kind of change, with each changed setting named old -> new."""
+        return self.change + (": " + "; ".join(self.settings_changed) if self.settings_changed else "")
+
     def plan_text(self) -> str:
+        how = " (re-tagged from stored logits, no model run)" if self.change == "rules changed" else ""
         outcome = (
-            f"rewrite {self.rewritten_parts} part(s) and commit version {self.planned_version}"
+            f"rewrite {self.rewritten_parts} part(s){how} and commit version {self.planned_version}"
             if self.planned_version
             else f"commit nothing: version {self.base_version} stays current"
         )
         return (
-            f"dry run ({self.change}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
+            f"dry run ({self.change_text()}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged, "
             f"{self.retried} to retry, {self.retagged} to re-tag for new settings; "
             f"would tag {self.to_tag} images ({self.reused} reused from an interrupted run), "
@@ -102,7 +109,7 @@ class RunSummary:
         )
         skipped = self.skipped_text()
         return (
-            f"run {self.run_id} ({self.change}): {self.listed} listed{skipped}, {self.new} new, "
+            f"run {self.run_id} ({self.change_text()}): {self.listed} listed{skipped}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
             f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
             f"{self.images_per_second:.1f} img/s;{self._label_text()}{self._calibration_text()} "

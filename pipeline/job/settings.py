@@ -25,7 +25,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, ExitStatus
 from pipeline.core.progress import DEFAULT_INTERVAL
 from pipeline.core.settings import (
     KeyRole,
@@ -49,7 +49,7 @@ from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice
 
 NONE, INFERENCE = KeyRole.NONE, KeyRole.INFERENCE
-DRIFT_EXIT_STATUS = 3  # nightly's drift; 1 is leaks, 2 a run that failed, 130 Ctrl-C
+DRIFT_EXIT_STATUS = int(ExitStatus.DRIFT)  # nightly's drift (every status: core/errors.py ExitStatus)
 DEFAULT_DENSE_LOGITS_MAX_TAGS = 4096  # vocabularies this small store every logit by default
 
 
@@ -441,6 +441,15 @@ class NightlyConfig(SettingsModel):
     fail_on_leaks: Annotated[
         bool,
         Field(description="exit 1 when the audit finds leaks (after writing everything)"),
+        Setting(NONE, cli=False),
+    ] = True
+    fail_on_unchecked: Annotated[
+        bool,
+        Field(
+            description=f"exit {int(ExitStatus.UNCHECKED)} when an audit found no leak but could not check "
+            "every val/test image by every signal it was asked to use (after writing everything; leaks' "
+            "exit 1 comes first, drift's after)"
+        ),
         Setting(NONE, cli=False),
     ] = True
     drift: Annotated[

@@ -31,14 +31,16 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.corpus.source_match import check_source_match
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
-from pipeline.job.plan import Plan, empty_view, plan_run
+from pipeline.job.plan import Change, Plan, empty_view, plan_run
 from pipeline.job.rethreshold import Retag
 from pipeline.job.run_summary import PassSummary, RunSummary
+from pipeline.job.setting_changes import changed_settings, served_keys
 from pipeline.job.settings import TagJobConfig
 from pipeline.job.slices import SliceWriter, WrittenPart
 from pipeline.model.bundle import load_bundle
@@ -80,6 +82,9 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     timings: dict[str, float] = {}
     listing = _list_while_ray_starts(cfg, runs, timings)
+    if source is not None:  # a source file that names almost none of the listed images stops here
+        uris = [listing.manifest.column("uri").combine_chunks()]
+        check_source_match(str(cfg.source_tags), source.column("uri"), uris, cfg.labels.source_match)
     for run in runs:
         _plan_model(run, listing, dry_run, timings)
     if dry_run:
@@ -202,7 +207,9 @@ def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
         Postprocessor.for_bundle(bundle, one.rules)  # rules the bundle cannot serve stop here
         table = TagTable(one.output, one.storage_options)
         base = table.current() if dry_run else table.sync_current()
-        keys = (inference_key(one, bundle), rules_key(bundle, one.rules))
+        keys = served_keys(
+            one, bundle, table, base, (inference_key(one, bundle), rules_key(bundle, one.rules))
+        )
         runs.append(
             ModelRun(one, bundle, keys, table, base, run_id, taken=set(base.files) if base else set())
         )
@@ -217,6 +224,8 @@ def _plan_model(run: ModelRun, listing, dry_run: bool, timings: dict) -> None:
     run.plan = _plan(run.cfg, run.table, run.base, run.taken, run.key, run.keys, listing.manifest)
     timings["plan_seconds"] = round(timings.get("plan_seconds", 0.0) + _lap(t), 3)
     run.summary = _planned_summary(run.cfg, run.run_id, run.bundle, run.base, listing, run.plan, dry_run)
+    if run.plan.change in (Change.RULES_CHANGED, Change.INFERENCE_CHANGED):
+        run.summary.settings_changed = changed_settings(run.cfg, run.bundle, run.table, run.base)
     _log_plan(run.summary)
 
 
