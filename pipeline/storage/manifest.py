@@ -16,7 +16,8 @@ counted by reason so that files found = inputs + skipped, always:
 - extension: not one of the extensions asked for (`--extension`; no sidecar rule then);
 - tagpipe_output: the run's own table files (data/, _versions/, _runs/, _manifests/,
   _current.json, guard files) when the output lies inside an input;
-Single files and manifest entries are inputs as named: nothing is skipped from them.
+Single files and manifest entries are inputs as named: nothing is skipped from them. A
+manifest's relative uris are taken against its own folder (absolute, as a folder's files are).
 An S3 Inventory report (its manifest.json) gives its current objects, these rules applied (inventory.py).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -199,7 +201,7 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
         raise ConfigError(f"manifest {uri}: no 'uri' column (columns: {table.column_names})")
     if table.column("uri").null_count:
         raise ConfigError(f"manifest {uri}: {table.column('uri').null_count} row(s) with no uri")
-    out = {"uri": table.column("uri").cast(pa.string())}
+    out = {"uri": _absolute_uris(table.column("uri").cast(pa.string()), fs, path)}
     for name in ("source_size", "etag", "mtime"):
         out[name] = (
             table.column(name).cast(MANIFEST_SCHEMA.field(name).type)
@@ -207,6 +209,26 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
             else pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type)
         )
     return pa.table(out, schema=MANIFEST_SCHEMA)
+
+
+def _absolute_uris(uris: pa.ChunkedArray, fs, manifest_path: str) -> pa.ChunkedArray:
+    """A manifest's relative uris, taken against the manifest's own folder, as a folder
+    input's files are named absolutely: the same image gets one uri whoever lists it, and
+    a run from another working directory finds the same files. A uri with a protocol
+    (`s3://...`, `file://...`) or an absolute path is kept as written."""
+    relative = pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))
+    if not pc.any(relative).as_py():
+        return uris
+    local = is_local(fs)
+    folder = posixpath.dirname(manifest_path)
+    folder = os.path.abspath(folder) if local else folder
+
+    def absolute(uri: str) -> str:
+        joined = posixpath.normpath(posixpath.join(folder, uri))
+        return joined if local else _join(_protocol(fs), joined)
+
+    pairs = zip(uris.to_pylist(), relative.to_pylist())
+    return pa.chunked_array([pa.array([absolute(u) if rel else u for u, rel in pairs], pa.string())])
 
 
 def lists_without_ray(inputs: list[str], storage_options: dict | None = None) -> bool:
