@@ -37,6 +37,7 @@ from pipeline.corpus.duplicate_signals import (
 )
 from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import write_atomic
+from pipeline.storage.outputs import mark_output
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ def run_audit(
     )
     if output:
         path = output.rstrip("/")
+        mark_output(path, "audit", storage_options)
         write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)
         write_atomic(
             f"{path}/audit.json",

@@ -60,6 +60,7 @@ from pipeline.corpus.duplicate_signals import (
 )
 from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.storage.filesystem import write_atomic
+from pipeline.storage.outputs import mark_output
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,7 @@ def _write_outputs(output, storage_options, rows, exact, vectors, labels, summar
         EDGES_SCHEMA,
     )
     path = output.rstrip("/")
+    mark_output(path, "dedup", storage_options)  # the index marked it already, unless it wrote nothing
     write_atomic(f"{path}/clusters.parquet", table=out, storage_options=storage_options)
     write_atomic(f"{path}/edges.parquet", table=edge_table, storage_options=storage_options)
     write_atomic(
