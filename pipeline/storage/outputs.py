@@ -45,6 +45,7 @@ TABLE_ENTRIES = (
     "_calibration",
     "_labels",
     "_summaries",
+    "_leases",
     "_current.json",
     GUARD_FILE,
 )

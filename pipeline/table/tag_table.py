@@ -6,6 +6,8 @@ A tag output directory holds
     _versions/<N>.json          snapshot N: the parts that make the table at version N
     _current.json               a copy of the newest snapshot, replaced atomically: the commit point
     _runs/, _manifests/         run manifests and input listings
+    _leases/<run_id>.json       runs at work on the table, with a heartbeat: advisory (lease.py)
+    _tagpipe_output.json        the mark that keeps listings off the table's files (storage/outputs.py)
     _calibration/<inference key>.parquet  how far the embedding moves under standard edits,
                                 written once per inference key at tag time (never vacuumed)
     _labels/labels-*.parquet    the label sidecar: the source-tag check's columns, one
@@ -400,21 +402,16 @@ class TagTable:
         )
 
     def write_part(self, relative: str, table: pa.Table) -> str:
-        """Write one part atomically. Returns the relative path.
+        """Write one part, whole, and never over another. Returns the relative path.
 
         A part's name comes from its settings and its rows' sources, so two runs at once
-        on one table write parts of the same name for the same work. Locally the rename
-        replaces one with the other whole. On an object store a replaced object fails
-        every reader that opened the old one (s3fs checks the ETag), so there the first
-        part written stays: created exclusively, and an existing one (the same rows, from
+        on one table write parts of the same name for the same work. A part a version
+        names is immutable: replacing it would give that version the other run's rows
+        (its run id, with no run record), and on an object store fail every reader that
+        opened the old one (s3fs checks the ETag). So the first part written stays,
+        locally and on S3: created exclusively, and an existing one (the same rows, from
         the other run) is used as it is."""
-        uri = self.full_uri(relative)
-        if self.local:
-            write_atomic(uri, table=table, storage_options=self.storage_options)
-            return relative
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, compression="zstd")
-        if not create_exclusive(uri, buffer.getvalue().to_pybytes(), self.storage_options):
+        if not create_exclusive(self.full_uri(relative), storage_options=self.storage_options, table=table):
             log.info("%s was written by another run for the same rows: using it", relative)
         return relative
 
