@@ -17,7 +17,7 @@ from pipeline.job.nightly import run_nightly
 from pipeline.job.settings import load_nightly_config
 from pipeline.storage.key_ranges import KeyRangeSettings
 from pipeline.storage.manifest import ListingRules, build_manifest
-from pipeline.storage.outputs import OUTPUT_MARKER, mark_file, mark_output
+from pipeline.storage.outputs import GUARD_FILE, OUTPUT_MARKER, mark_file, mark_output
 from pipeline.table.tag_table import read_current
 
 
@@ -78,6 +78,7 @@ def test_a_nightly_with_its_outputs_inside_its_input_never_tags_them(
         assert failed == first_failed  # the demo's own broken files only, every night
     for folder in outputs[1:]:
         assert json.loads((folder / OUTPUT_MARKER).read_text())["whole"]
+    assert not (corpus / "tags" / "_runs" / OUTPUT_MARKER).exists()  # the table's marker names _runs/
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> None:
@@ -134,6 +135,8 @@ def test_marked_outputs_on_s3_are_left_out_whatever_range_lists_them(s3_server):
     client.create_bucket(Bucket=bucket)
     keys = [f"photos/{i:03d}.png" for i in range(40)] + [f"photos/out/{i:03d}.parquet" for i in range(30)]
     keys += ["photos/out/_summary.json", "photos/zz.html"]
+    # a table from before the marker: its guard file names its entries
+    keys += [f"photos/old/{GUARD_FILE}", "photos/old/data/k/part-0.parquet", "photos/old/_current.json"]
     for key in keys:
         client.put_object(Bucket=bucket, Key=key, Body=b"x")
     s3fs.S3FileSystem().invalidate_cache()
@@ -146,7 +149,7 @@ def test_marked_outputs_on_s3_are_left_out_whatever_range_lists_them(s3_server):
     listing = build_manifest([f"s3://{bucket}/photos"], parallel=False, key_ranges=ranges)
     uris = listing.manifest.column("uri").to_pylist()
     assert uris == [f"s3://{bucket}/photos/{i:03d}.png" for i in range(40)]
-    assert listing.skipped == {"tagpipe_output": 30 + 1 + 1 + 2}
+    assert listing.skipped == {"tagpipe_output": 30 + 1 + 1 + 2 + 2, "sidecar": 1}
 
 
 @pytest.mark.parametrize("where", ["beside", "above"])

@@ -130,7 +130,8 @@ class ListingRules:
         listing of millions asks skip_reason of these few only (tests/test_key_ranges.py
         fuzzes that this never misses one)."""
         lower = pc.utf8_lower(paths)  # Arrow's lower-casing differs from Python's off ASCII:
-        debris = "|".join(re.escape(name) for name in sorted(DEBRIS_NAMES | MARKER_NAMES))
+        names = DEBRIS_NAMES | {name.lower() for name in MARKER_NAMES}
+        debris = "|".join(re.escape(name) for name in sorted(names))
         maybe = pc.or_(
             pc.invert(pc.string_is_ascii(paths)), pc.match_substring_regex(lower, rf"(^|/)\.|{debris}")
         )

@@ -137,10 +137,16 @@ def mark_output(
 
 
 def mark_file(uri: str, kind: str, storage_options: dict | None = None) -> None:
-    """Mark one output file (a report, a JSONL export) in its folder."""
+    """Mark one output file (a report, a JSONL export) in its folder, unless the marker
+    one folder up names it already (a nightly's report in its table's _runs/)."""
     folder, name = posixpath.split(uri.rstrip("/"))
     if "://" not in uri:
         folder = posixpath.dirname(_absolute(uri))
+    above = posixpath.dirname(folder)
+    record = _read_record(posixpath.join(above, OUTPUT_MARKER), storage_options)
+    fs = filesystem_for(folder, _options(folder, storage_options))[0]
+    if record and _owned(fs._strip_protocol(above), record).covers(f"{fs._strip_protocol(folder)}/{name}"):
+        return
     mark_output(folder, kind, storage_options, names=(name,))
 
 
@@ -153,6 +159,10 @@ def owned(marker: str, storage_options: dict | None = None) -> Owned:
     record = _read_record(marker, storage_options)
     if not record:
         log.warning("%s: not a tagpipe output marker that can be read; only it is left out", marker)
+    return _owned(folder, record)
+
+
+def _owned(folder: str, record: dict) -> Owned:
     return Owned(
         folder,
         whole=bool(record.get("whole")),
