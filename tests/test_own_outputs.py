@@ -167,3 +167,25 @@ def test_a_tag_table_marks_only_its_own_entries(tmp_path, where):
     names = {tag_table.DATA_DIR, tag_table.VERSIONS_DIR, tag_table.RUNS_DIR, tag_table.MANIFESTS_DIR}
     names |= {tag_table.CALIBRATION_DIR, tag_table.SUMMARIES_DIR, tag_table.CURRENT, tag_table.GUARD_FILE}
     assert names | {tag_table.LABELS_DIR} <= set(TABLE_ENTRIES)
+
+
+def test_reports_exports_and_review_queues_inside_an_input_are_left_out(tagged, tmp_path):
+    from pipeline.corpus.export import export_tags
+    from pipeline.corpus.report import build_report
+    from pipeline.corpus.review import ReviewSettings, run_review
+
+    table, corpus = tagged
+    photos = tmp_path / "photos"
+    mine = [photos / "a.png", photos / "sub" / "b.png"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+    build_report(str(table), str(photos / "report.html"))
+    export_tags(str(table), str(photos / "sub"), "jsonl")  # beside an image of the user's
+    export_tags(str(table), str(photos / "captions"), "captions", relative_to=str(corpus / "images"))
+    run_review(ReviewSettings(tags=str(table), kind="uncertain", out=str(photos / "queue.jsonl")))
+    written = _files(photos) - {str(p) for p in mine}
+    assert len(written) > 8  # report, JSONL, captions, queue and page, markers
+    listing = build_manifest([str(photos)], rules=ListingRules(skip_sidecars=False), parallel=False)
+    assert listing.manifest.column("uri").to_pylist() == sorted(str(p) for p in mine)
+    assert listing.skipped == {"tagpipe_output": len(written)}
