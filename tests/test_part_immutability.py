@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,6 +132,22 @@ def test_a_live_lease_warns_and_a_stale_one_does_not(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.table.lease"):
         assert lease.warn_if_active(table, "me", known={"live-run"}) == {"live-run"}
     assert not _warnings(caplog)  # said once
+
+
+def test_a_lease_of_a_process_gone_from_this_machine_is_stale_at_once(tmp_path, caplog):
+    root = tmp_path / "t"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _lease(root, "killed-run", heartbeat_age=1)
+    record = json.loads((root / lease.LEASES_DIR / "killed-run.json").read_text())
+    record.update(host=socket.gethostname(), pid=gone.pid)
+    (root / lease.LEASES_DIR / "killed-run.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="pipeline.table.lease"):
+        assert lease.warn_if_active(TagTable(str(root)), "me") == set()
+    assert not _warnings(caplog)
+    record.update(pid=os.getpid())  # a live process of this machine: its run is at work
+    (root / lease.LEASES_DIR / "killed-run.json").write_text(json.dumps(record))
+    assert lease.warn_if_active(TagTable(str(root)), "me") == {"killed-run"}
 
 
 def test_a_held_lease_beats_and_goes_at_the_end(tmp_path):

@@ -4,7 +4,8 @@ on the same table can warn at its start instead of both doing all the work unawa
 A lease is `_leases/<run_id>.json` in the table (who, where, since when, and a
 heartbeat rewritten every HEARTBEAT_SECONDS by a daemon thread while the run works). A
 lease whose heartbeat is older than TIMEOUT_SECONDS is stale: its run crashed or was
-killed, and the lease outlives it only by that timeout (the next run removes it).
+killed, and the lease outlives it only by that timeout (the next run removes it); on the
+same machine, a lease whose process is gone is stale at once.
 
 A lease never blocks anything and never decides anything: the exclusive commit of the
 version record (tag_table.py) stays the only arbiter of which run's work becomes the
@@ -67,7 +68,7 @@ def live_leases(table, run_id: str = "", timeout: float = TIMEOUT_SECONDS) -> li
         lease = _read(table, path)
         if lease is None or lease.run_id == run_id:
             continue
-        if lease.age(now) <= timeout:
+        if lease.age(now) <= timeout and not _ended_here(lease):
             live.append(lease)
         else:
             _remove(table, path)
@@ -118,6 +119,20 @@ def held(table, run_id: str, heartbeat: float = HEARTBEAT_SECONDS) -> Iterator[N
         stop.set()
         thread.join(timeout=heartbeat + 5)
         _remove(table, table.join(relative))
+
+
+def _ended_here(lease: Lease) -> bool:
+    """A lease of this machine whose process is gone: a killed run, stale at once (the
+    usual rerun after a crash need not wait out the timeout)."""
+    if lease.host != socket.gethostname():
+        return False
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, but another user's
+        return False
+    return False
 
 
 def _beat(table, relative: str, run_id: str, started: float) -> None:
