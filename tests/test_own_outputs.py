@@ -189,3 +189,22 @@ def test_reports_exports_and_review_queues_inside_an_input_are_left_out(tagged, 
     listing = build_manifest([str(photos)], rules=ListingRules(skip_sidecars=False), parallel=False)
     assert listing.manifest.column("uri").to_pylist() == sorted(str(p) for p in mine)
     assert listing.skipped == {"tagpipe_output": len(written)}
+
+
+def test_an_output_pointed_at_a_folder_of_images_marks_only_its_own_files(tmp_path):
+    """`split -o photos` by mistake: the split's files are left out, the images stay inputs."""
+    _tree(tmp_path, {"photos/a.png": b"x", "photos/sub/b.png": b"x", "photos/.DS_Store": b"x"})
+    mark_output(str(tmp_path / "photos"), "split", writes=("splits.parquet", "_report.json"))
+    _tree(tmp_path, {"photos/splits.parquet": b"x", "photos/_report.json": b"{}"})
+    listing = build_manifest([str(tmp_path / "photos")], parallel=False)
+    assert listing.manifest.column("uri").to_pylist() == [
+        str(tmp_path / "photos/a.png"),
+        str(tmp_path / "photos/sub/b.png"),
+    ]
+    assert listing.skipped == {
+        "tagpipe_output": 2,
+        "os_debris": 1,
+        "sidecar": 1,
+    }  # _report.json: a sidecar first
+    mark_output(str(tmp_path / "new"), "split", writes=("splits.parquet",))  # a new folder: all of it
+    assert json.loads((tmp_path / "new" / OUTPUT_MARKER).read_text())["whole"]

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
 from pipeline.core.settings import build
-from pipeline.corpus.audit_index import leaks_in_index
+from pipeline.corpus.audit_index import AUDIT_ENTRIES, leaks_in_index
 from pipeline.corpus.audit_settings import AuditSettings
 from pipeline.corpus.audit_sides import Side, read_side
 from pipeline.corpus.audit_vectors import embedding_leaks
@@ -285,7 +285,7 @@ def run_audit(
     )
     if output:
         path = output.rstrip("/")
-        mark_output(path, "audit", storage_options)
+        mark_output(path, "audit", storage_options, writes=AUDIT_ENTRIES)
         write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)
         write_atomic(
             f"{path}/audit.json",

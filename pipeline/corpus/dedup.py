@@ -39,6 +39,7 @@ from pipeline.corpus.dedup_settings import (
 )
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
+    DEDUP_ENTRIES,
     ENTRIES_SCHEMA,
     INDEX_EDGES_SCHEMA,
     STATE_SCHEMA,
@@ -329,7 +330,7 @@ def _write_outputs(output, storage_options, rows, exact, vectors, labels, summar
         EDGES_SCHEMA,
     )
     path = output.rstrip("/")
-    mark_output(path, "dedup", storage_options)  # the index marked it already, unless it wrote nothing
+    mark_output(path, "dedup", storage_options, writes=DEDUP_ENTRIES)  # the index marked it, if it wrote
     write_atomic(f"{path}/clusters.parquet", table=out, storage_options=storage_options)
     write_atomic(f"{path}/edges.parquet", table=edge_table, storage_options=storage_options)
     write_atomic(

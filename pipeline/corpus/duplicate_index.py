@@ -103,6 +103,10 @@ class IndexVersion:
         return cls(**record)
 
 
+# what a dedup output holds at its root (dedup.py writes the first three)
+DEDUP_ENTRIES = ("clusters.parquet", "edges.parquet", "_summary.json", INDEX_DIR)
+
+
 class DuplicateIndex:
     """The `_index` folder of a dedup output: versions, and the files they name."""
 
@@ -119,7 +123,7 @@ class DuplicateIndex:
         """The dedup output is tagpipe's, all of it: marked before its first file, so no
         listing of a folder holding it takes the index for images (storage/outputs.py)."""
         if not self._marked:
-            mark_output(self.output, "dedup", self.storage_options)
+            mark_output(self.output, "dedup", self.storage_options, writes=DEDUP_ENTRIES)
             self._marked = True
 
     def join(self, relative: str) -> str:

@@ -216,7 +216,7 @@ def run_split(
     out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
     out = out.append_column("split", pa.array(names, pa.string()).take(pa.array(split)))
     path = output.rstrip("/")  # replaced atomically: the next run reads it as --previous
-    mark_output(path, "split", storage_options)
+    mark_output(path, "split", storage_options, writes=("splits.parquet", "_report.json"))
     write_atomic(f"{path}/splits.parquet", table=conform(out, SPLITS_SCHEMA), storage_options=storage_options)
     write_atomic(
         f"{path}/_report.json",

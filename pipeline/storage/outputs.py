@@ -118,12 +118,18 @@ def mark_output(
     storage_options: dict | None = None,
     names: tuple[str, ...] | None = None,
     extensions: tuple[str, ...] = (),
+    writes: tuple[str, ...] = (),
 ) -> None:
     """Mark `folder` as holding tagpipe's output `kind`: all of it (names None and no
     extensions), or only these entries, or files of these extensions under it. Written
-    once; a folder marked already keeps what it had and gains what this adds."""
+    once; a folder marked already keeps what it had and gains what this adds.
+    writes: the entries a whole-folder output writes at its root; a folder that holds
+    anything else when first marked (an output pointed at a folder of images) is marked
+    for those entries only, so its other files stay inputs."""
     uri = posixpath.join(folder.rstrip("/"), OUTPUT_MARKER)
     record = _read_record(uri, storage_options)
+    if names is None and not extensions and not record and _holds_others(folder, writes, storage_options):
+        names = writes
     wanted = {
         "tagpipe_output": sorted({*record.get("tagpipe_output", []), kind}),
         "whole": bool(record.get("whole")) or (names is None and not extensions),
@@ -148,6 +154,19 @@ def mark_file(uri: str, kind: str, storage_options: dict | None = None) -> None:
     if record and _owned(fs._strip_protocol(above), record).covers(f"{fs._strip_protocol(folder)}/{name}"):
         return
     mark_output(folder, kind, storage_options, names=(name,))
+
+
+def _holds_others(folder: str, writes: tuple[str, ...], storage_options: dict | None) -> bool:
+    """Whether `folder` holds an entry other than `writes`, the marker and hidden files."""
+    fs, path = filesystem_for(folder, _options(folder, storage_options))
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    mine = {*writes, OUTPUT_MARKER}
+    return any(
+        not (n := posixpath.basename(e.rstrip("/"))).startswith(".") and n not in mine for e in entries
+    )
 
 
 def owned(marker: str, storage_options: dict | None = None) -> Owned:
