@@ -102,7 +102,9 @@ def test_marks_name_whole_folders_files_and_extensions(tmp_path):
             "captions/d.png": b"x",
         },
     )
-    mark_output(str(tmp_path / "out" / "dedup"), "dedup")
+    mark_output(
+        str(tmp_path / "out" / "dedup"), "dedup", writes=("clusters.parquet", "_summary.json", "_index")
+    )
     mark_file(str(tmp_path / "report.html"), "report")
     mark_output(str(tmp_path / "captions"), "captions export", names=(), extensions=(".txt",))
     for rules in (ListingRules(), ListingRules(skip_sidecars=False), ListingRules(frozenset({"png"}))):
@@ -124,7 +126,7 @@ def test_marks_name_whole_folders_files_and_extensions(tmp_path):
 
 def test_a_listing_of_the_output_itself_lists_nothing(tmp_path):
     _tree(tmp_path, {"splits/splits.parquet": b"x", "splits/_report.json": b"{}"})
-    mark_output(str(tmp_path / "splits"), "split")
+    mark_output(str(tmp_path / "splits"), "split", writes=("splits.parquet", "_report.json"))
     listing = build_manifest([str(tmp_path / "splits")], parallel=False)
     assert listing.manifest.num_rows == 0 and listing.skipped == {"tagpipe_output": 3}
 
@@ -133,6 +135,7 @@ def test_marked_outputs_on_s3_are_left_out_whatever_range_lists_them(s3_server):
     bucket = "tagpipe-own-outputs"
     client = boto3.client("s3")
     client.create_bucket(Bucket=bucket)
+    mark_output(f"s3://{bucket}/photos/out", "dedup")  # before its first file, as dedup marks it
     keys = [f"photos/{i:03d}.png" for i in range(40)] + [f"photos/out/{i:03d}.parquet" for i in range(30)]
     keys += ["photos/out/_summary.json", "photos/zz.html"]
     # a table from before the marker: its guard file names its entries
@@ -140,7 +143,6 @@ def test_marked_outputs_on_s3_are_left_out_whatever_range_lists_them(s3_server):
     for key in keys:
         client.put_object(Bucket=bucket, Key=key, Body=b"x")
     s3fs.S3FileSystem().invalidate_cache()
-    mark_output(f"s3://{bucket}/photos/out", "dedup")
     mark_file(f"s3://{bucket}/photos/zz.html", "report")
     s3fs.S3FileSystem().invalidate_cache()
     # pages of 5 keys, ranges cut after 2 pages: the marker is listed in another range
