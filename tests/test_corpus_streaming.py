@@ -20,6 +20,7 @@ from pipeline.core.schemas import part_schema, tag_row_schema
 from pipeline.corpus import export_rows
 from pipeline.corpus.export import CaptionOptions, TextOptions, caption_path, export_tags
 from pipeline.corpus.export_text import caption_text, row_line
+from pipeline.storage.outputs import OUTPUT_MARKER
 from pipeline.table.reading import read_parquet
 from pipeline.table.tag_table import TagTable, commit_version
 
@@ -205,7 +206,8 @@ def test_a_failed_line_export_leaves_no_half_file(runs_table, tmp_path, monkeypa
     monkeypatch.setattr("pipeline.corpus.export.row_line", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         export_tags(runs_table, str(out), "jsonl", existing="overwrite")
-    assert [p.name for p in out.iterdir()] == ["tags.jsonl"]  # no temp file left beside it
+    # no temp file left beside it (the mark that names tags.jsonl as tagpipe's output stays)
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "tags.jsonl"]
     assert (out / "tags.jsonl").read_text() == "the previous export\n"
 
 

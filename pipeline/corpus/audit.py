@@ -28,7 +28,7 @@ from pipeline.core.arrays import unique_sorted
 from pipeline.core.errors import ExitStatus
 from pipeline.core.schemas import LEAKS_SCHEMA, conform
 from pipeline.core.settings import build
-from pipeline.corpus.audit_index import leaks_in_index
+from pipeline.corpus.audit_index import AUDIT_ENTRIES, leaks_in_index
 from pipeline.corpus.audit_settings import AuditSettings
 from pipeline.corpus.audit_sides import Side, read_side
 from pipeline.corpus.audit_vectors import embedding_leaks
@@ -42,6 +42,7 @@ from pipeline.corpus.duplicate_signals import (
 )
 from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import write_atomic
+from pipeline.storage.outputs import mark_output
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,7 @@ def run_audit(
     )
     if output:
         path = output.rstrip("/")
+        mark_output(path, "audit", storage_options, writes=AUDIT_ENTRIES)
         write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)
         write_atomic(
             f"{path}/audit.json",

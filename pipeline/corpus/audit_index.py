@@ -31,8 +31,10 @@ from pipeline.corpus.duplicate_index import DuplicateIndex, SegmentVectors
 from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.corpus.vector_index import IndexLayout
 from pipeline.storage.filesystem import filesystem_for, write_atomic
+from pipeline.storage.outputs import mark_output
 
 STATE = "_state"
+AUDIT_ENTRIES = ("leaks.parquet", "audit.json", STATE)  # what an audit output holds at its root
 
 
 @dataclass
@@ -200,6 +202,7 @@ def _write_state(output: str, storage_options, key: dict, train: np.ndarray, nea
     root = posixpath.join(output.rstrip("/"), STATE)
     fs, record_path = filesystem_for(posixpath.join(root, "audit.json"), storage_options)
     before = json.loads(fs.cat_file(record_path)).get("file") if fs.exists(record_path) else None
+    mark_output(output, "audit", storage_options, writes=AUDIT_ENTRIES)  # before its first file
     write_atomic(posixpath.join(root, name), table=table, storage_options=storage_options)
     record = json.dumps({"key": key, "file": name}).encode()
     write_atomic(posixpath.join(root, "audit.json"), record, storage_options=storage_options)

@@ -43,6 +43,7 @@ from pipeline.corpus.dedup_settings import (
 )
 from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
+    DEDUP_ENTRIES,
     ENTRIES_SCHEMA,
     INDEX_EDGES_SCHEMA,
     STATE_SCHEMA,
@@ -64,6 +65,7 @@ from pipeline.corpus.duplicate_signals import (
 )
 from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.storage.filesystem import write_atomic
+from pipeline.storage.outputs import mark_output
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
@@ -335,6 +337,7 @@ def _write_outputs(
         EDGES_SCHEMA,
     )
     path = output.rstrip("/")
+    mark_output(path, "dedup", storage_options, writes=DEDUP_ENTRIES)  # the index marked it, if it wrote
     write_atomic(f"{path}/clusters.parquet", table=out, storage_options=storage_options)
     write_atomic(f"{path}/edges.parquet", table=edge_table, storage_options=storage_options)
     write_atomic(

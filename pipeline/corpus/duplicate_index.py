@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
 from pipeline.storage.filesystem import create_exclusive, filesystem_for, is_local, retry, write_atomic
+from pipeline.storage.outputs import mark_output
 
 INDEX_DIR = "_index"
 CURRENT = "_current.json"
@@ -102,6 +103,10 @@ class IndexVersion:
         return cls(**record)
 
 
+# what a dedup output holds at its root (dedup.py writes the first three)
+DEDUP_ENTRIES = ("clusters.parquet", "edges.parquet", "_summary.json", INDEX_DIR)
+
+
 class DuplicateIndex:
     """The `_index` folder of a dedup output: versions, and the files they name."""
 
@@ -112,6 +117,14 @@ class DuplicateIndex:
         self.fs, self.path = filesystem_for(self.uri, storage_options)
         self.local = is_local(self.fs)
         self.cache = cache or os.environ.get("TAGPIPE_CACHE") or os.path.expanduser("~/.cache/tagpipe")
+        self._marked = False
+
+    def _mark(self) -> None:
+        """The dedup output is tagpipe's, all of it: marked before its first file, so no
+        listing of a folder holding it takes the index for images (storage/outputs.py)."""
+        if not self._marked:
+            mark_output(self.output, "dedup", self.storage_options, writes=DEDUP_ENTRIES)
+            self._marked = True
 
     def join(self, relative: str) -> str:
         return posixpath.join(self.path, relative)
@@ -142,6 +155,7 @@ class DuplicateIndex:
         if version.version != expected:
             raise ValueError(f"index version {version.version} cannot follow {expected - 1}")
         data = version.to_json()
+        self._mark()
         if not create_exclusive(self.full_uri(_version_name(version.version)), data, self.storage_options):
             raise TagpipeError(
                 f"{self.uri}: another dedup run committed index version {version.version} while this one "
@@ -152,6 +166,7 @@ class DuplicateIndex:
 
     # ---- files ---------------------------------------------------------------------
     def write_table(self, relative: str, table: pa.Table) -> str:
+        self._mark()
         write_atomic(self.full_uri(relative), table=table, storage_options=self.storage_options)
         return relative
 
@@ -163,6 +178,7 @@ class DuplicateIndex:
         return retry(read, what=relative)
 
     def write_bytes(self, relative: str, data: bytes) -> str:
+        self._mark()
         write_atomic(self.full_uri(relative), data, storage_options=self.storage_options)
         return relative
 

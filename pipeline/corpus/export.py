@@ -66,6 +66,7 @@ from pipeline.corpus.supplement import (
     unmatched_decisions,
 )
 from pipeline.storage.filesystem import atomic_output, filesystem_for, is_local, write_atomic
+from pipeline.storage.outputs import mark_file, mark_output
 from pipeline.table.reading import Pieces
 
 __all__ = [  # the row-text helpers live in export_text; importable from here as before
@@ -220,6 +221,7 @@ def _export_lines(job: _Job, fmt: str) -> None:
     def render(rows: list[dict]) -> list[str]:
         return [row_line(row, fmt, job.text) for row in (job.merge(rows) if job.merge else rows)]
 
+    mark_file(_uri(job.fs, target), f"{fmt} export", job.storage_options)
     with atomic_output(_uri(job.fs, target), job.storage_options) as out:
         lines = 0
         for line in lines_in_uri_order(job.source, job.good, job.columns, render):
@@ -242,6 +244,11 @@ def _export_captions(job: _Job, relative_to: str | None) -> None:
         _refuse_present(job, "captions", present, len(targets))
     elif len(present):
         _check_text(job.fs, present.to_pylist())  # every caption to merge into is read before any write
+    # caption files, often beside the images: only files of the caption extension are tagpipe's
+    extension = (job.caption.extension,)
+    mark_output(
+        _uri(job.fs, job.out_path), "captions export", job.storage_options, names=(), extensions=extension
+    )
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
         for rows in job.rows():
             files = [

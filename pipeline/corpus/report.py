@@ -49,6 +49,7 @@ from pipeline.corpus.drift import (
 from pipeline.corpus.report_figures import BORDERLINE, ERROR_CHARS, SCORE_BINS, Figures, cut
 from pipeline.corpus.report_scan import PartSummaries, ScanCounts, scan
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
+from pipeline.storage.outputs import mark_file
 from pipeline.table.tag_table import CURRENT as _CURRENT
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ def build_report(
         sections.append(_split_section(split, storage_options, acc))
     sections.append(_errors_section(acc))
     page = _page(title or f"tagpipe report: {tags}", sections)
+    mark_file(output, "report", storage_options)
     write_atomic(output, page.encode(), storage_options=storage_options if "://" in output else None)
     return ReportSummary(
         output=output,

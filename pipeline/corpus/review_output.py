@@ -23,6 +23,7 @@ import posixpath
 from pipeline.core.errors import TagpipeError
 from pipeline.corpus.report import STYLE, thumbnail
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
+from pipeline.storage.outputs import mark_file
 
 QUEUE_FIELDS = (
     "rank",
@@ -77,6 +78,7 @@ def write_queue(records: list[dict], path: str, fmt: str, storage_options: dict 
                 }
             )
         text = out.getvalue()
+    mark_file(path, "review queue", storage_options)
     write_atomic(path, text.encode(), storage_options=_options(path, storage_options))
 
 
@@ -214,5 +216,6 @@ def review_page(
         f"<section id='queue'><h2>Queue</h2><div class='queue'>{queue}</div></section>"
         "</body></html>\n"
     )
+    mark_file(path, "review page", storage_options)
     write_atomic(path, page.encode(), storage_options=_options(path, storage_options))
     return sum(shown for _, shown in items)

@@ -54,6 +54,7 @@ from pipeline.corpus.split_columns import (
 )
 from pipeline.corpus.split_settings import SplitSettings
 from pipeline.storage.filesystem import write_atomic
+from pipeline.storage.outputs import mark_output
 from pipeline.table.reading import read_parquet
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def run_split(
     out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
     out = out.append_column("split", pa.array(names, pa.string()).take(pa.array(split)))
     path = output.rstrip("/")  # replaced atomically: the next run reads it as --previous
+    mark_output(path, "split", storage_options, writes=("splits.parquet", "_report.json"))
     write_atomic(f"{path}/splits.parquet", table=conform(out, SPLITS_SCHEMA), storage_options=storage_options)
     write_atomic(
         f"{path}/_report.json",

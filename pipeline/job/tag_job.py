@@ -20,6 +20,7 @@ step does is in its own module.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import posixpath
 import re
@@ -46,6 +47,7 @@ from pipeline.job.slices import SliceWriter, WrittenPart
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import Postprocessor
 from pipeline.storage.manifest import ListingRules, build_manifest, listing_path, lists_without_ray
+from pipeline.table.lease import held, warn_if_active
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import Snapshot, TagTable, commit_version, now_iso, table_entries
 
@@ -80,6 +82,9 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     run_id = cfg.run_id or new_run_id()
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
     source = configured_source_tags(cfg)  # and so does a bad source tags file
+    warned: set[str] = set()  # other runs active on a table: said at the start, and never twice
+    for run in runs:
+        warned |= warn_if_active(run.table, run_id)
     timings: dict[str, float] = {}
     listing = _list_while_ray_starts(cfg, runs, timings)
     if source is not None:  # a source file that names almost none of the listed images stops here
@@ -89,6 +94,15 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
         _plan_model(run, listing, dry_run, timings)
     if dry_run:
         return _summaries(runs, started, timings)
+    with contextlib.ExitStack() as leases:  # advisory: the commit is the arbiter (table/lease.py)
+        for run in runs:
+            leases.enter_context(held(run.table, run_id))
+            warned |= warn_if_active(run.table, run_id, warned)  # one that started while this one listed
+        return _tag_and_commit(cfg, runs, listing, timings, started, source)
+
+
+def _tag_and_commit(cfg, runs: list[ModelRun], listing, timings: dict, started: float, source):
+    """Tag, rewrite and commit each model's table (run_tag_pass, its leases held)."""
     for run in runs:
         run.writer = _slice_writer(run)
     try:

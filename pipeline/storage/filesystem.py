@@ -156,11 +156,15 @@ def atomic_output(uri: str, storage_options: dict | None = None):
             os.remove(tmp)
 
 
-def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None) -> bool:
-    """Write `data` at `uri` only if nothing is there yet, in one step; False if something
-    was. The test-and-set of a commit: locally a fsynced temp file hard-linked into place
-    (link fails on an existing name); on S3 a PUT with If-None-Match: * (s3fs's
-    mode="create"), which the store refuses with 412 when the key exists."""
+def create_exclusive(
+    uri: str, data: bytes | None = None, storage_options: dict | None = None, table=None
+) -> bool:
+    """Write `data` (or a pyarrow `table`, as zstd Parquet) at `uri` only if nothing is
+    there yet, in one step; False if something was, which is left as it was. The
+    test-and-set of a commit, and how every part is written: locally a fsynced temp file
+    hard-linked into place (link fails on an existing name: never a replace); on S3 a PUT
+    with If-None-Match: * (s3fs's mode="create"), which the store refuses with 412 when
+    the key exists."""
     import os
     import uuid
 
@@ -169,20 +173,26 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None)
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), f".tagpipe.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_durably(tmp, data, table)
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
             except OSError:  # a filesystem without hard links (FAT, some FUSE and SMB mounts)
-                return _create_by_open(path, data)
+                with open(tmp, "rb") as written:
+                    return _create_by_open(path, written.read())
             _fsync_dir(os.path.dirname(path))
             return True
         finally:
             os.remove(tmp)
+    if table is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        data = buffer.getvalue().to_pybytes()
+    assert data is not None, "create_exclusive needs data or a table"
     _check_conditional_put(fs)
     attempts = {"count": 0}
 
@@ -201,6 +211,22 @@ def create_exclusive(uri: str, data: bytes, storage_options: dict | None = None)
         return attempts["count"] > 1 and fs.cat_file(path) == data
 
     return retry(put, what=uri)
+
+
+def _write_durably(path: str, data: bytes | None, table) -> None:
+    """A new local file with these bytes (or this table as zstd Parquet), fsynced."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    if table is not None:
+        pq.write_table(table, path, compression="zstd")
+    else:
+        assert data is not None, "create_exclusive needs data or a table"
+        with open(path, "wb") as handle:
+            handle.write(data)
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _create_by_open(path: str, data: bytes) -> bool:

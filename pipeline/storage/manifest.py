@@ -15,15 +15,24 @@ counted by reason so that files found = inputs + skipped, always:
   exporting captions into it would add more on every run;
 - extension: not one of the extensions asked for (`--extension`; no sidecar rule then);
 - tagpipe_output: the run's own table files (data/, _versions/, _runs/, _manifests/,
-  _current.json, guard files) when the output lies inside an input;
-Single files and manifest entries are inputs as named: nothing is skipped from them.
+  _current.json, guard files) when the output lies inside an input, and whatever any
+  tagpipe command wrote there, as its marker says (outputs.py): tables, dedup, split and
+  audit folders, reports, review queues, exports;
+Single files and manifest entries are inputs as named: nothing is skipped from them. A
+manifest's relative uris are taken against its own folder (absolute, as a folder's files are).
 An S3 Inventory report (its manifest.json) gives its current objects, these rules applied (inventory.py).
+
+Why this module is long: files found = inputs + skipped holds only if every way of
+listing (a local walk, folders on Ray tasks, key ranges on threads, an inventory) applies
+the same rules and counts the same way, markers' reclassification included; they are read
+together here.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -41,6 +50,7 @@ from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
 from pipeline.storage.inventory import read_inventory
 from pipeline.storage.key_ranges import KeyRangeSettings, UnorderedListing, key_pages_for, list_keys
+from pipeline.storage.outputs import MARKER_NAMES, Owned, is_marker, listing_path_of, marked_rows, owned
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +117,8 @@ class ListingRules:
             return OS_DEBRIS
         if any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in self.excluded):
             return TAGPIPE_OUTPUT
+        if is_marker(path):  # what else of its folder is tagpipe's: build_manifest's last step
+            return TAGPIPE_OUTPUT
         if self.extensions:
             return EXTENSION if _extension(path) not in self.extensions else None
         if self.skip_sidecars and _extension(path) in SIDECAR_EXTENSIONS:
@@ -118,7 +130,8 @@ class ListingRules:
         listing of millions asks skip_reason of these few only (tests/test_key_ranges.py
         fuzzes that this never misses one)."""
         lower = pc.utf8_lower(paths)  # Arrow's lower-casing differs from Python's off ASCII:
-        debris = "|".join(re.escape(name) for name in sorted(DEBRIS_NAMES))
+        names = DEBRIS_NAMES | {name.lower() for name in MARKER_NAMES}
+        debris = "|".join(re.escape(name) for name in sorted(names))
         maybe = pc.or_(
             pc.invert(pc.string_is_ascii(paths)), pc.match_substring_regex(lower, rf"(^|/)\.|{debris}")
         )
@@ -140,22 +153,64 @@ def _is_debris(name: str) -> bool:
 
 
 class Skipped:
-    """Files left out of a listing: counts and the first few paths, by reason."""
+    """Files left out of a listing: counts and the first few paths, by reason; the tagpipe
+    output markers found; and counts by (reason, folder, extension), so that files skipped
+    for another reason before a marker was seen can be counted as tagpipe's after."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.markers: list[str] = []
+        self.by_folder: collections.Counter = collections.Counter()
 
     def add(self, reason: str, path: str, count: int = 1) -> None:
         self.counts[reason] += count
         if len(self.examples[reason]) < SKIPPED_EXAMPLES:
             self.examples[reason].append(path)
+        if reason == TAGPIPE_OUTPUT and is_marker(path):
+            self.markers.append(path)
+        elif reason != TAGPIPE_OUTPUT:
+            folder, name = posixpath.split(listing_path_of(path))
+            self.by_folder[reason, folder, _extension(name)] += count
 
     def update(self, other: Skipped) -> None:
         for reason, count in other.counts.items():
             self.counts[reason] += count
             room = SKIPPED_EXAMPLES - len(self.examples[reason])
             self.examples[reason].extend(other.examples[reason][:room])
+        self.markers.extend(other.markers)
+        self.by_folder.update(other.by_folder)
+
+    def count_as_output(self, marked: list[Owned]) -> None:
+        """Files skipped for another reason in what the markers name: tagpipe's output."""
+        for (reason, folder, extension), count in list(self.by_folder.items()):
+            if any(mark.covers_skipped(folder, extension) for mark in marked):
+                del self.by_folder[reason, folder, extension]
+                self.counts[reason] -= count
+                if not self.counts[reason]:
+                    del self.counts[reason]
+                self.examples[reason] = [p for p in self.examples[reason] if not _covered(p, marked)]
+                self.add(TAGPIPE_OUTPUT, f"{folder}/*.{extension}" if extension else f"{folder}/*", count)
+
+
+def _covered(uri: str, marked: list[Owned]) -> bool:
+    return any(mark.covers(listing_path_of(uri)) for mark in marked)
+
+
+def _leave_out_marked(listed: pa.Table, skipped: Skipped, storage_options: dict | None) -> pa.Table:
+    """What tagpipe's output markers name, out of the listed rows and counted as
+    tagpipe_output (a marker may be listed after the files it names: key ranges in
+    parallel, folders in any order, so this runs once the whole listing is in)."""
+    if not skipped.markers:
+        return listed
+    marked = [owned(uri, storage_options) for uri in sorted(set(skipped.markers))]
+    skipped.count_as_output(marked)
+    out = marked_rows(listed.column("uri"), marked)
+    dropped = listed.column("uri").filter(out)
+    for uri in dropped.slice(0, SKIPPED_EXAMPLES).to_pylist():
+        skipped.add(TAGPIPE_OUTPUT, uri)
+    skipped.counts[TAGPIPE_OUTPUT] += max(0, len(dropped) - SKIPPED_EXAMPLES)
+    return listed.filter(pc.invert(out))
 
 
 def _keep(fs, root: str, infos, rules: ListingRules, skipped: Skipped) -> list[dict]:
@@ -199,7 +254,7 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
         raise ConfigError(f"manifest {uri}: no 'uri' column (columns: {table.column_names})")
     if table.column("uri").null_count:
         raise ConfigError(f"manifest {uri}: {table.column('uri').null_count} row(s) with no uri")
-    out = {"uri": table.column("uri").cast(pa.string())}
+    out = {"uri": _absolute_uris(table.column("uri").cast(pa.string()), fs, path)}
     for name in ("source_size", "etag", "mtime"):
         out[name] = (
             table.column(name).cast(MANIFEST_SCHEMA.field(name).type)
@@ -207,6 +262,26 @@ def _read_manifest_file(uri: str, storage_options: dict | None) -> pa.Table:
             else pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type)
         )
     return pa.table(out, schema=MANIFEST_SCHEMA)
+
+
+def _absolute_uris(uris: pa.ChunkedArray, fs, manifest_path: str) -> pa.ChunkedArray:
+    """A manifest's relative uris, taken against the manifest's own folder, as a folder
+    input's files are named absolutely: the same image gets one uri whoever lists it, and
+    a run from another working directory finds the same files. A uri with a protocol
+    (`s3://...`, `file://...`) or an absolute path is kept as written."""
+    relative = pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))
+    if not pc.any(relative).as_py():
+        return uris
+    local = is_local(fs)
+    folder = posixpath.dirname(manifest_path)
+    folder = os.path.abspath(folder) if local else folder
+
+    def absolute(uri: str) -> str:
+        joined = posixpath.normpath(posixpath.join(folder, uri))
+        return joined if local else _join(_protocol(fs), joined)
+
+    pairs = zip(uris.to_pylist(), relative.to_pylist())
+    return pa.chunked_array([pa.array([absolute(u) if rel else u for u, rel in pairs], pa.string())])
 
 
 def lists_without_ray(inputs: list[str], storage_options: dict | None = None) -> bool:
@@ -248,7 +323,7 @@ def build_manifest(
     key_ranges: KeyRangeSettings = KeyRangeSettings(),
 ) -> Listing:
     """All inputs as one manifest, sorted by uri, without duplicates; and what was skipped."""
-    tables, prefixes = [], []
+    tables, listed, prefixes = [], [], []  # named files and manifests; what listings found
     skipped = Skipped()
     for uri in inputs:
         fs, path = filesystem_for(uri, storage_options)
@@ -257,8 +332,8 @@ def build_manifest(
         if retry(lambda fs=fs, path=path: fs.isdir(path), what=uri):
             prefixes.append((fs, path))
         elif posixpath.basename(path) == "manifest.json":  # an S3 Inventory report
-            tables.append(read_inventory(uri, storage_options, rules.skip_reason, skipped.add))
-            _probe_one(tables[-1], storage_options)
+            listed.append(read_inventory(uri, storage_options, rules.skip_reason, skipped.add))
+            _probe_one(listed[-1], storage_options)
         elif _extension(path) in MANIFEST_EXTENSIONS:
             tables.append(_read_manifest_file(uri, storage_options))
         else:
@@ -267,8 +342,10 @@ def build_manifest(
         for table, left_out in _list_in_parallel(
             fs, path, storage_options, rules, parallel, progress, key_ranges
         ):
-            tables.append(table)
+            listed.append(table)
             skipped.update(left_out)
+    if listed:
+        tables.append(_leave_out_marked(pa.concat_tables(listed), skipped, storage_options))
     manifest = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     manifest = manifest.sort_by("uri")
     if manifest.num_rows > 1:  # drop repeats (overlapping inputs), with no Python string a row

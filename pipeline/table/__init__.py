@@ -6,6 +6,8 @@ join, which every read of a table goes through. rewrite: copies of parts without
 rows (and, given a function, transformed), as Ray tasks, named so a rerun finds them done.
 reading: any input a later stage accepts (a Parquet file, a folder of parts, or a tag
 table's current version) as one Arrow table, or a piece (a part, a row group) at a time.
+lease: the advisory lease a run holds on a table while it works, so that another run
+starting on it warns (the commit still decides).
 
 Readers of a table need only `from pipeline.table import read_current, current_files`.
 """

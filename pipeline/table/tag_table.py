@@ -6,6 +6,8 @@ A tag output directory holds
     _versions/<N>.json          snapshot N: the parts that make the table at version N
     _current.json               a copy of the newest snapshot, replaced atomically: the commit point
     _runs/, _manifests/         run manifests and input listings
+    _leases/<run_id>.json       runs at work on the table, with a heartbeat: advisory (lease.py)
+    _tagpipe_output.json        the mark that keeps listings off the table's files (storage/outputs.py)
     _calibration/<inference key>.parquet  how far the embedding moves under standard edits,
                                 written once per inference key at tag time (never vacuumed)
     _labels/labels-*.parquet    the label sidecar: the source-tag check's columns, one
@@ -55,6 +57,7 @@ from pipeline.storage.filesystem import (
     retry,
     write_atomic,
 )
+from pipeline.storage.outputs import GUARD_FILE, TABLE_ENTRIES, mark_output
 from pipeline.table.labels import (
     LABELS_DIR,
     is_labels_file,
@@ -77,7 +80,6 @@ TMP_MARK = ".tmp-"  # storage.write_atomic's temp files: .tagpipe.tmp-<uuid> bes
 # A file that is deliberately not Parquet, beside the parts: a plain read of the folder
 # (pandas, pyarrow.dataset, polars, DuckDB globs), which would mix every version's
 # parts, fails on it and names it instead (docs/decisions.md, "Plain reads").
-GUARD_FILE = "NOT_DATA-read_this_table_through__current.json.parquet"
 GUARD_TEXT = (
     b"This folder is a tagpipe table: its part files belong to several versions, so reading them all\n"
     b"mixes old rows with new ones. Read the current version with pipeline.table.tag_table.read_current(),\n"
@@ -129,20 +131,7 @@ def table_entries(uri: str) -> tuple[str, ...]:
     """What a table writes at its root, as URIs: a listing of a folder that holds the
     table leaves these out (and only these: an input may sit beside them)."""
     root = uri.rstrip("/")
-    return tuple(
-        f"{root}/{name}"
-        for name in (
-            DATA_DIR,
-            VERSIONS_DIR,
-            RUNS_DIR,
-            MANIFESTS_DIR,
-            CALIBRATION_DIR,
-            LABELS_DIR,
-            SUMMARIES_DIR,
-            CURRENT,
-            GUARD_FILE,
-        )
-    )
+    return tuple(f"{root}/{name}" for name in TABLE_ENTRIES)
 
 
 class CommitConflict(TagpipeError):
@@ -274,8 +263,15 @@ class TagTable:
         self.sync_current()  # a slower writer's copy must not move _current.json back
         return snapshot
 
+    def mark(self) -> None:
+        """Mark the table's own entries at its root as tagpipe's output (storage/outputs.py),
+        so that a listing of a folder holding it leaves them out (only them: an input may sit
+        beside them). Before a run's first write, and again at each commit."""
+        mark_output(self.uri, "tag table", self.storage_options, names=TABLE_ENTRIES)
+
     def guard(self, part_dirs: set[str]) -> None:
         """Put GUARD_FILE at the root, in data/ and in each folder holding parts."""
+        self.mark()
         for relative in sorted({"", DATA_DIR, *part_dirs}):
             path = self.join(relative, GUARD_FILE)
             if not self.fs.exists(path):
@@ -406,21 +402,16 @@ class TagTable:
         )
 
     def write_part(self, relative: str, table: pa.Table) -> str:
-        """Write one part atomically. Returns the relative path.
+        """Write one part, whole, and never over another. Returns the relative path.
 
         A part's name comes from its settings and its rows' sources, so two runs at once
-        on one table write parts of the same name for the same work. Locally the rename
-        replaces one with the other whole. On an object store a replaced object fails
-        every reader that opened the old one (s3fs checks the ETag), so there the first
-        part written stays: created exclusively, and an existing one (the same rows, from
+        on one table write parts of the same name for the same work. A part a version
+        names is immutable: replacing it would give that version the other run's rows
+        (its run id, with no run record), and on an object store fail every reader that
+        opened the old one (s3fs checks the ETag). So the first part written stays,
+        locally and on S3: created exclusively, and an existing one (the same rows, from
         the other run) is used as it is."""
-        uri = self.full_uri(relative)
-        if self.local:
-            write_atomic(uri, table=table, storage_options=self.storage_options)
-            return relative
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, compression="zstd")
-        if not create_exclusive(uri, buffer.getvalue().to_pybytes(), self.storage_options):
+        if not create_exclusive(self.full_uri(relative), storage_options=self.storage_options, table=table):
             log.info("%s was written by another run for the same rows: using it", relative)
         return relative
 
@@ -524,6 +515,7 @@ class TagTable:
     def write_input_manifest(self, run_id: str, manifest: pa.Table) -> str:
         """The listing a run works from (uri, source_size, etag, mtime), written first."""
         relative = posixpath.join(MANIFESTS_DIR, f"{run_id}.parquet")
+        self.mark()
         write_atomic(self.full_uri(relative), table=manifest, storage_options=self.storage_options)
         return self.join(relative)
 
