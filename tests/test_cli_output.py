@@ -61,6 +61,35 @@ def test_help_renders_every_word_and_each_default_once(path, command):
         assert flat.count(f"[{value}]") == 0, f"{' '.join(path)}: default {value} shown twice"
 
 
+PYTHON_TYPE = re.compile(r"<(str|int|float|path|bool|list\[\w+\]|dict)>|\{[a-z_]+\}")
+
+
+@pytest.mark.parametrize(
+    "path,command", list(_commands()), ids=lambda v: "-".join(v) if isinstance(v, tuple) else ""
+)
+def test_help_names_each_value_and_marks_required_options(path, command):
+    """Help says what a value is (URI, DIR, N), never a Python type (<str>, {directory});
+    an option the command needs says [required], also where a config file may give it."""
+    from typer.testing import CliRunner
+
+    from pipeline.core.settings import option_flags, settings_fields
+    from pipeline.corpus.review import ReviewSettings
+    from pipeline.job.settings import TagJobConfig
+
+    shown = CliRunner().invoke(app, [*path, "-h"], prog_name="tagpipe", env={"COLUMNS": "100"}).output
+    assert not PYTHON_TYPE.findall(shown), f"{' '.join(path)}: {PYTHON_TYPE.findall(shown)}"
+    options = shown[shown.index("Options:") :]
+    blocks = re.split(r"\n  (?=-)", options)  # one block per option
+    needed = {"tag": TagJobConfig, "review": ReviewSettings}.get(path[-1])
+    flags = (
+        [option_flags(n, s)[0] for n, i, s in settings_fields(needed) if i.is_required()] if needed else []
+    )
+    flags += [p.opts[-1] for p in command.params if p.required and p.opts[-1].startswith("--")]
+    for flag in flags:
+        block = next(b for b in blocks if re.search(rf"(^|, ){re.escape(flag)}\b", b))
+        assert "[required" in " ".join(block.split()), f"{' '.join(path)} {flag}: not marked required"
+
+
 def test_version_and_short_help():
     from pipeline import __version__
 

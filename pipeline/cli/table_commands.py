@@ -24,7 +24,7 @@ from pipeline.model.rules import RuleSettings
 
 
 @app.command(short_help="Tag images into a versioned Parquet table.")
-@settings_options(TagJobConfig)
+@settings_options(TagJobConfig, elsewhere="here or in --config")
 def tag(
     config: Path | None = typer.Option(
         None,
