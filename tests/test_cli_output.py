@@ -229,7 +229,7 @@ def test_progress_lines_off_a_terminal(folder, demo_bundle, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "pipeline.core.progress: tagging:" in line]
     assert len(lines) >= 2, done.stderr[-2000:]
-    assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 errors, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
+    assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 error, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
     assert all(re.search(r"\d+/49 images \([\d.]+%\)", line) for line in lines)
 
 
@@ -281,7 +281,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_pat
         r"dry run \(incremental\): 50 listed, 1 new, 0 changed, 0 deleted, 49 unchanged, 0 to retry",
         plan.stdout,
     )
-    assert "would tag 1 images" in plan.stdout and "commit version 2" in plan.stdout
+    assert "would tag 1 image (" in plan.stdout and "commit version 2" in plan.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     same = _run(
         "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json"

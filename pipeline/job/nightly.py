@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline import __version__
 from pipeline.core.ray_session import new_run_id
+from pipeline.core.words import counted
 from pipeline.corpus.audit import run_audit
 from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.drift import DriftSummary
@@ -56,8 +57,9 @@ class NightlySummary:
         lines = [self.tag.text()]
         if self.dedup:
             lines.append(
-                f"dedup: {self.dedup['images']} images in {self.dedup['clusters']} clusters "
-                f"({self.dedup['duplicates']} duplicates)"
+                f"dedup: {counted(self.dedup['images'], 'images')} in "
+                f"{counted(self.dedup['clusters'], 'clusters')} "
+                f"({counted(self.dedup['duplicates'], 'duplicates')})"
             )
         if self.split:
             sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
@@ -73,7 +75,7 @@ class NightlySummary:
                 else "embedding not used"
             )
             lines.append(
-                f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) "
+                f"audit {name}: {counted(audit['leaks'], 'leaks')} ({audit['exact_leaks']} byte-identical) "
                 f"among {audit['eval_images']} "
                 f"val/test images; {audit.get('unchecked', 0)} could not be checked; {used}"
             )

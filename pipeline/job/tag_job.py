@@ -32,6 +32,7 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.core.words import counted
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import inference_key, rules_key
@@ -152,7 +153,7 @@ def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, sta
     if failures:
         done = [r.table.uri for r in runs if r.summary.version != r.summary.base_version]
         raise TagpipeError(
-            f"{len(failures)} of {len(runs)} tables did not commit ({'; '.join(failures)}); "
+            f"{len(failures)} of {counted(len(runs), 'tables')} did not commit ({'; '.join(failures)}); "
             f"committed: {', '.join(done) or 'none'}. Running the same command again finishes the rest"
         )
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from pipeline.core.errors import BundleError
+from pipeline.core.words import counted
 from pipeline.model.profile_import import find_config, import_profile
 from pipeline.model.profiles import Profile, VocabularyFormat, load_profile
 
@@ -191,7 +192,7 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
     vocabulary = load_vocabulary(directory / profile.files.vocabulary, profile.files.vocabulary_format)
     if output_width is not None and output_width != len(vocabulary):
         raise BundleError(
-            f"{directory}: the model's output {output_name!r} has {output_width} tags but "
+            f"{directory}: the model's output {output_name!r} has {counted(output_width, 'tags')} but "
             f"{profile.files.vocabulary} lists {len(vocabulary)}: model and vocabulary do not belong together"
         )
     tag_metrics = _load_tag_metrics(directory, profile, len(vocabulary))
