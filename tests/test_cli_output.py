@@ -359,6 +359,32 @@ def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_pat
     assert reused >= 32 and "version 1 (400 rows)" in again.stdout
 
 
+WORKER_LINE = """
+import sys, time
+import ray
+from pipeline.cli.common import _setup
+from pipeline.core.ray_session import ensure_ray
+
+_setup()
+ensure_ray(None)
+print_line = ray.remote(lambda: print("a worker's line", file=sys.stderr, flush=True))
+ray.get(print_line.remote())
+time.sleep(3)  # the log monitor forwards the line
+ray.shutdown()
+"""
+
+
+def test_worker_lines_carry_no_colour_codes_off_a_terminal():
+    """What Ray's workers print (a traceback on Ctrl-C, a library's warning) reaches the
+    command's stderr; in a log file it must be plain text, not Ray's colour escapes."""
+    env = {k: v for k, v in ENV.items() if k != "RAY_COLOR_PREFIX"}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_LINE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a worker's line" in done.stderr and "\x1b" not in done.stderr, done.stderr[-2000:]
+
+
 def test_nightly_dry_run_prints_the_tag_plan_only(folder, demo_bundle, tmp_path):
     config = tmp_path / "nightly.toml"
     out = tmp_path / "tags"
