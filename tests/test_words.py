@@ -9,11 +9,14 @@ from pipeline.core.words import counted
 from pipeline.job.run_summary import RunSummary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-NOUNS = "errors|files|rows|images|parts|tags|clusters|duplicates|leaks|tables|copies|edits|versions"
+NOUNS = (
+    "errors|files|rows|images|parts|tags|clusters|duplicates|leaks|tables|copies|edits|versions|thumbnails"
+)
 # a number then a plural noun inside an f-string's text: "{n} errors" (not "{n} of {m} rows")
 BARE_COUNT = re.compile(r"\{[^{}]+\} (" + NOUNS + r")\b")
 ALLOWED = {
     'f"{name} files are not supported',  # a format's name, not a count
+    "{layout} images",  # a layout's name
     "{result.correct}/{result.checked} rows",  # a ratio: "33/33 rows match"
 }
 

@@ -179,7 +179,7 @@ class ReportSummary:
         line = (
             f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {counted(self.rows, 'rows')}, "
             f"{counted(self.errors, 'errors')}, "
-            f"{self.thumbnails} thumbnails, {self.seconds:.1f} s)"
+            f"{counted(self.thumbnails, 'thumbnails')}, {self.seconds:.1f} s)"
         )
         if self.scan is not None:
             line += f"\n{self.scan.text()}"

@@ -150,7 +150,7 @@ class ReviewSummary:
         return (
             f"review: {counted(self.queued, 'images')} queued ({self.kind}, of "
             f"{counted(self.rows, 'rows')}) -> {self.output}, "
-            f"page {self.page} ({self.thumbnails} thumbnails), {self.seconds:.1f} s"
+            f"page {self.page} ({counted(self.thumbnails, 'thumbnails')}), {self.seconds:.1f} s"
         )
 
 

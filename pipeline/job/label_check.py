@@ -73,7 +73,7 @@ class LabelCheckSummary:
             f"{c.likely_missing} likely missing and {c.likely_wrong} likely wrong tags on {c.flagged_rows} "
             f"rows; {s.unknown} source tags ({s.unknown_tags} distinct) not in the model's vocabulary"
             + (f": {unknown}" if unknown else "")
-            + f"; {self.labels_written} of {self.parts} label files new"
+            + f"; {self.labels_written} of {counted(self.parts, 'label files')} new"
             + (f", version {self.version}" if self.version else "")
             + f", {self.seconds:.1f} s"
         )
