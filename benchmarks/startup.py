@@ -7,9 +7,9 @@ model, CPU), two ways:
   cold:   the default, a private local Ray started by the run (`ray.init(address="local")`);
   joined: a local Ray already running (`ray start --head` once, as on a workstation or a
           node that runs nightly jobs), joined with --ray-address auto.
-It prints, per way, the best round of: imports, Ray start (joining), listing (which runs
-while Ray starts), and first tagged rows, counted from the process's start. The images,
-model and output stay in --workdir for the next run (delete it when done).
+It prints, per way, the best round of: imports, Ray start (joining), listing (before Ray
+starts since issue 32; alongside it before), and first tagged rows, counted from the
+process's start. The images, model and output stay in --workdir for the next run (delete it when done).
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ def main() -> None:
     finally:
         _ray_cli("stop", "--force")
     print(f"{args.images} JPEGs 2048x1536, demo model on CPU, {available_cpus()} CPUs; best of {args.rounds}")
-    print(
-        "| Ray | imports s | Ray start s | listing s (meanwhile) | first tagged rows s (from process start) |"
-    )
+    print("| Ray | imports s | Ray start s | listing s | first tagged rows s (from process start) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for way, results in runs.items():
         best = min(results, key=lambda r: r["imports"] + r["first_rows_seconds"])

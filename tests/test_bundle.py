@@ -110,3 +110,13 @@ def test_fingerprint_follows_content_not_names(demo_bundle, tmp_path):
         recalibrated.model_sha256 == base.model_sha256
         and recalibrated.calibration_sha256 != base.calibration_sha256
     )
+
+
+def test_a_shipped_profile_for_another_model_is_blamed_by_name(demo_bundle):
+    """`--profile wd_v3` (NHWC) on a CL-style bundle (NCHW): the error names the profile
+    as the mistake, not a setting inside it (issue 32)."""
+    with pytest.raises(BundleError) as info:
+        load_bundle(demo_bundle, "wd_v3")
+    message = str(info.value)
+    assert "profile wd_v3 does not fit this model" in message and "takes NCHW" in message
+    assert "preprocess.layout" not in message

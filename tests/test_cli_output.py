@@ -61,6 +61,35 @@ def test_help_renders_every_word_and_each_default_once(path, command):
         assert flat.count(f"[{value}]") == 0, f"{' '.join(path)}: default {value} shown twice"
 
 
+PYTHON_TYPE = re.compile(r"<(str|int|float|path|bool|list\[\w+\]|dict)>|\{[a-z_]+\}")
+
+
+@pytest.mark.parametrize(
+    "path,command", list(_commands()), ids=lambda v: "-".join(v) if isinstance(v, tuple) else ""
+)
+def test_help_names_each_value_and_marks_required_options(path, command):
+    """Help says what a value is (URI, DIR, N), never a Python type (<str>, {directory});
+    an option the command needs says [required], also where a config file may give it."""
+    from typer.testing import CliRunner
+
+    from pipeline.core.settings import option_flags, settings_fields
+    from pipeline.corpus.review import ReviewSettings
+    from pipeline.job.settings import TagJobConfig
+
+    shown = CliRunner().invoke(app, [*path, "-h"], prog_name="tagpipe", env={"COLUMNS": "100"}).output
+    assert not PYTHON_TYPE.findall(shown), f"{' '.join(path)}: {PYTHON_TYPE.findall(shown)}"
+    options = shown[shown.index("Options:") :]
+    blocks = re.split(r"\n  (?=-)", options)  # one block per option
+    needed = {"tag": TagJobConfig, "review": ReviewSettings}.get(path[-1])
+    flags = (
+        [option_flags(n, s)[0] for n, i, s in settings_fields(needed) if i.is_required()] if needed else []
+    )
+    flags += [p.opts[-1] for p in command.params if p.required and p.opts[-1].startswith("--")]
+    for flag in flags:
+        block = next(b for b in blocks if re.search(rf"(^|, ){re.escape(flag)}\b", b))
+        assert "[required" in " ".join(block.split()), f"{' '.join(path)} {flag}: not marked required"
+
+
 def test_version_and_short_help():
     from pipeline import __version__
 
@@ -200,7 +229,7 @@ def test_progress_lines_off_a_terminal(folder, demo_bundle, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "pipeline.core.progress: tagging:" in line]
     assert len(lines) >= 2, done.stderr[-2000:]
-    assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 errors, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
+    assert re.search(r"tagging: 49/49 images \(100\.0%\), 1 error, [\d.]+ images/s, ETA 0:00:00$", lines[-1])
     assert all(re.search(r"\d+/49 images \([\d.]+%\)", line) for line in lines)
 
 
@@ -252,7 +281,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_pat
         r"dry run \(incremental\): 50 listed, 1 new, 0 changed, 0 deleted, 49 unchanged, 0 to retry",
         plan.stdout,
     )
-    assert "would tag 1 images" in plan.stdout and "commit version 2" in plan.stdout
+    assert "would tag 1 image (" in plan.stdout and "commit version 2" in plan.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     same = _run(
         "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json"
@@ -328,6 +357,32 @@ def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_pat
     assert again.returncode == 0, again.stderr[-2000:]
     reused = int(re.search(r"(\d+) reused from an interrupted run", again.stdout).group(1))
     assert reused >= 32 and "version 1 (400 rows)" in again.stdout
+
+
+WORKER_LINE = """
+import sys, time
+import ray
+from pipeline.cli.common import _setup
+from pipeline.core.ray_session import ensure_ray
+
+_setup()
+ensure_ray(None)
+print_line = ray.remote(lambda: print("a worker's line", file=sys.stderr, flush=True))
+ray.get(print_line.remote())
+time.sleep(3)  # the log monitor forwards the line
+ray.shutdown()
+"""
+
+
+def test_worker_lines_carry_no_colour_codes_off_a_terminal():
+    """What Ray's workers print (a traceback on Ctrl-C, a library's warning) reaches the
+    command's stderr; in a log file it must be plain text, not Ray's colour escapes."""
+    env = {k: v for k, v in ENV.items() if k != "RAY_COLOR_PREFIX"}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_LINE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a worker's line" in done.stderr and "\x1b" not in done.stderr, done.stderr[-2000:]
 
 
 def test_nightly_dry_run_prints_the_tag_plan_only(folder, demo_bundle, tmp_path):

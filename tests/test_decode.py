@@ -103,3 +103,35 @@ def test_phash_matches_imagehash_on_symmetric_patterns(name):
     """Symmetric images have DCT coefficients that are exactly zero; float noise must not flip bits."""
     image = Image.fromarray(SYMMETRIC[name].astype(np.uint8)).convert("RGB")
     assert f"{phash(image):016x}" == str(imagehash.phash(image))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, ">f4"])
+def test_a_float_tiff_pillow_cannot_open_is_unsupported(dtype):
+    """The README's kind for a format the installed Pillow cannot read is `unsupported`:
+    a well-formed TIFF of float samples is that, not a corrupt file (decode_error)."""
+    import tifffile
+
+    from pipeline.image.imaging import ImageError
+
+    data = io.BytesIO()
+    tifffile.imwrite(data, np.random.default_rng(0).random((8, 8, 3)).astype(dtype))
+    with pytest.raises(ImageError) as info:
+        decode_image(data.getvalue(), CL, DecodeOptions())
+    assert info.value.kind == "unsupported" and "floating-point samples" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data,kind",
+    [
+        (b"GIF89a", "truncated"),  # cut off within its 13-byte header
+        (b"\x89PNG\r\n\x1a\n", "truncated"),
+        (b"GIF89a" + bytes(20), "decode_error"),  # whole header, nonsense in it: corrupt
+        (b"II*\x00\x08\x00\x00\x00" + b"not an image directory", "decode_error"),
+    ],
+)
+def test_a_file_cut_within_its_header_is_truncated(data, kind):
+    from pipeline.image.imaging import ImageError
+
+    with pytest.raises(ImageError) as info:
+        decode_image(data, CL, DecodeOptions())
+    assert info.value.kind == kind

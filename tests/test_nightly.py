@@ -201,7 +201,7 @@ def test_nightly_tags_only_new_and_changed_and_drops_deleted(ray_session, demo_b
     assert result.exit_code == 1, result.output
     assert (
         "LEAKS FOUND" in result.output
-        and f"audit exclude:{tmp_path / 'external_train.parquet'}: 1 leaks" in result.output
+        and f"audit exclude:{tmp_path / 'external_train.parquet'}: 1 leak " in result.output
     )
 
 

@@ -248,8 +248,10 @@ def test_a_listing_row_without_uri_is_refused(tmp_path):
         build_manifest([str(tmp_path / "list.parquet")])
 
 
-def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_session):
-    """A manifest file gives neither etag nor mtime: the bytes' sha256 decides."""
+@pytest.mark.parametrize("chunk", [256, 1], ids=["in the driver", "in Ray tasks"])
+def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_session, chunk):
+    """A manifest file gives neither etag nor mtime: the bytes' sha256 decides (a few
+    hashed in the driver, so planning needs no Ray; more in Ray tasks)."""
     import hashlib
 
     from pipeline.job.changes import resolve_unknown
@@ -263,7 +265,7 @@ def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_ses
               for row in listed]  # fmt: skip
     status = classify(manifest, pa.Table.from_pylist(stored, schema=empty_view().schema))
     assert status.column("status").to_pylist() == ["unknown", "unknown"]
-    resolved = resolve_unknown(status, None)
+    resolved = resolve_unknown(status, None, chunk=chunk)
     assert dict(zip(resolved["uri"].to_pylist(), resolved["status"].to_pylist(), strict=True)) == {
         str(edited): "changed",
         str(same): "unchanged",

@@ -440,7 +440,7 @@ def test_decisions_round_trip_into_the_supplement_export(reviewed, tmp_path):
     done = _cli("export", "--tags", table, "-o", str(out), "-f", "jsonl", "--supplement",
                 "--decisions", str(wrong_q), "--decisions", str(missing_q))  # fmt: skip
     assert done.exit_code == 0, done.output
-    assert "4 reviewer decisions applied" in done.output and "1 error rows skipped" in done.output
+    assert "4 reviewer decisions applied" in done.output and "1 error row skipped" in done.output
     got = {r["uri"]: r for r in map(json.loads, (out / "tags.jsonl").read_text().splitlines())}
     assert (got[i1]["tags"], got[i1]["provenance"]) == (["cat", "outdoors"], ["both", "both"])
     assert got[i1]["reviewed"] == {"dog": "reject", "sky": "reject"}

@@ -133,3 +133,40 @@ def test_max_decode_tasks_caps_the_decode_pool(ray_session, cap):
     )
     decode = dataset._logical_plan.dag.input_dependencies[0]  # tagger <- decode <- blocks
     assert decode.compute == ray.data.TaskPoolStrategy(size=cap)
+
+
+PLAN_WITHOUT_RAY = """
+import json, sys
+import ray
+from pipeline.job.settings import make_tag_config
+from pipeline.job.tag_job import run_tag_job
+
+inputs, out, model = sys.argv[1:4]
+cfg = make_tag_config(inputs=[inputs], output=out, model=model, progress=False)
+dry = run_tag_job(cfg, dry_run=True)
+after_dry = ray.is_initialized()
+again = run_tag_job(cfg)
+print(json.dumps([dry.change, after_dry, again.change, again.version, ray.is_initialized()]))
+"""
+
+
+def test_a_dry_run_and_a_no_change_run_never_start_ray(ray_session, demo_bundle, demo_corpus, tmp_path):
+    """Listing, classifying and planning need no Ray, so a dry run or a run with nothing
+    to do answers in about a second instead of waiting ~4-9 s for a local Ray to start
+    (issue 32, item 11). A fresh process, so no Ray from another test is there already."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tags"
+    images = str(demo_corpus / "images")
+    version = run_tag_job(make_tag_config(inputs=[images], output=str(out), model=str(demo_bundle))).version
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_WITHOUT_RAY, images, str(out), str(demo_bundle)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dry_change, ray_after_dry, change, committed, ray_after = json.loads(done.stdout.splitlines()[-1])
+    assert dry_change == change == "no change" and committed == version
+    assert not ray_after_dry and not ray_after

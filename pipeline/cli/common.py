@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from pipeline import __version__
 from pipeline.core.errors import TagpipeError
@@ -27,7 +28,87 @@ from pipeline.core.logs import LogFormat, Verbosity
 from pipeline.core.settings import SettingsModel, base_type, default_text, option_flags, settings_fields
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+# What a value is, by parameter name, where its type alone would show `<str>` or `<path>`;
+# other numbers show N (whole) or X, other text the option's name (--kind KIND).
+VALUE_NAMES = {
+    "aliases": "FILE",
+    "caption_extension": "EXT",
+    "config": "FILE",
+    "dedup": "URI",
+    "directory": "DIR",
+    "dst": "DST",
+    "embedding_threshold": "COSINE",
+    "eval": "URI",
+    "label_rule": "RULE",
+    "model": "DIR",
+    "model_file": "FILE",
+    "out": "URI",
+    "output": "URI",
+    "previous": "URI",
+    "profile": "PROFILE",
+    "ray_address": "ADDRESS",
+    "relative_to": "PREFIX",
+    "revision": "REV",
+    "run_id": "ID",
+    "separator": "SEP",
+    "source_tags": "FILE",
+    "split": "URI",
+    "src": "SRC",
+    "storage_options": "JSON",
+    "subfolder": "PATH",
+    "tags": "URI",
+    "tensor": "NAME",
+    "title": "TEXT",
+    "train": "URI",
+    "vocabulary": "FILE",
+    "vocabulary_format": "FORMAT",
+    "workdir": "DIR",
+}
+
+
+class _NamedArgument(typer.core.TyperArgument):
+    """An argument shown by what it is (`model pull REPO_ID DIR`), not as `{directory} <path>`."""
+
+    def _usage_display_name(self) -> str:
+        return str(self.metavar)
+
+    def display_type_rich(self, ctx) -> str | None:
+        return None
+
+
+def _value_name(param) -> str:
+    if param.name in VALUE_NAMES:
+        return VALUE_NAMES[param.name]
+    kind = param.bare_type()
+    return {"int": "N", "float": "X", "Path": "PATH"}.get(kind, str(param.name).upper())
+
+
+def name_values(command: Any) -> None:
+    """Every option and argument of a command (and a group's commands) that would show a
+    Python type in its help (<str>, {directory}) gets a name for its value instead (URI,
+    DIR, N, ...); flags, choices (<text|json>) and options that name their own keep theirs."""
+    for sub in getattr(command, "commands", {}).values():
+        name_values(sub)
+    for param in command.params:
+        if not isinstance(param, typer.core.TyperOption | typer.core.TyperArgument):
+            continue
+        if param.metavar is not None or getattr(param, "is_flag", False) or param.type_descriptor.is_choice:
+            continue
+        if isinstance(param, typer.core.TyperArgument):
+            param.__class__ = _NamedArgument
+        param.metavar = _value_name(param)
+
+
+class _Group(typer.core.TyperGroup):
+    """tagpipe's command groups: every value in help named (name_values)."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        name_values(self)
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -35,6 +116,7 @@ app = typer.Typer(
     help="Label image corpora with ONNX taggers on Ray.",
 )
 model_app = typer.Typer(
+    cls=_Group,
     no_args_is_help=True,
     rich_markup_mode=None,
     context_settings=CONTEXT,
@@ -57,18 +139,22 @@ LogFormatOption = Annotated[
 ]
 
 
-def settings_options(model: type[SettingsModel], only: tuple[str, ...] = (), required: bool = False):
+def settings_options(
+    model: type[SettingsModel], only: tuple[str, ...] = (), required: bool = False, elsewhere: str = ""
+):
     """A command decorator: one option per field of a settings model (or the `only`
     ones), spelt, typed and explained as the field says, each None when not given. The
     command receives the given ones as `given` (field name -> value), to lay over a
     config file's values: the model then validates them all at once. required: the
-    fields without a default are required options (a command without a config file)."""
+    fields without a default are required options (a command without a config file);
+    else their help says so, and where else they may come from (`elsewhere`)."""
     fields = [f for f in settings_fields(model) if f[2].cli and (not only or f[0] in only)]
 
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "given"]
         options = [
-            _option(name, info, setting, required and info.is_required()) for name, info, setting in fields
+            _option(name, info, setting, required and info.is_required(), elsewhere)
+            for name, info, setting in fields
         ]
 
         @functools.wraps(command)
@@ -88,13 +174,17 @@ def settings_options(model: type[SettingsModel], only: tuple[str, ...] = (), req
     return decorate
 
 
-def _option(name: str, info, setting, required: bool = False) -> inspect.Parameter:
+def _option(name: str, info, setting, required: bool = False, elsewhere: str = "") -> inspect.Parameter:
     """A typer option for one settings field: bool flags in pairs, lists repeatable,
-    tables as JSON (or the field's own items), enums as their values."""
+    tables as JSON (or the field's own items), enums as their values. A field without a
+    default that the command line need not give (a config file may) is marked required
+    in its help all the same."""
     base = base_type(info)
     flags = option_flags(name, setting)
     shown = default_text(info, setting)
     text = info.description + (f" (default: {shown})" if shown else "")
+    if info.is_required() and not required:
+        text += f"  [required{': ' + elsewhere if elsewhere else ''}]"
     kind: Any
     if base is bool:
         kind = bool

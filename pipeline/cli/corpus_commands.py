@@ -21,6 +21,7 @@ from pipeline.cli.common import (
 )
 from pipeline.core.logs import LogFormat
 from pipeline.core.settings import build
+from pipeline.core.words import counted
 from pipeline.corpus.audit_settings import AuditSettings
 from pipeline.corpus.dedup_settings import DedupSettings
 from pipeline.corpus.drift import DriftSettings
@@ -44,7 +45,7 @@ def dedup(
     _emit(summary)
     for giant in summary.giant_clusters:
         typer.echo(
-            f"warning: giant cluster {giant['cluster_id'][:16]}: {giant['size']} images, "
+            f"warning: giant cluster {giant['cluster_id'][:16]}: {counted(giant['size'], 'images')}, "
             f"{giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart"
         )
 

@@ -7,6 +7,7 @@ themselves. Tests compare the files with what this makes; `python -m pipeline.cl
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import typer
@@ -92,25 +93,69 @@ NIGHTLY_EXAMPLE_HEADER = """\
 """
 
 
+ROW_WIDTH = 200  # a table row a terminal shows whole; a longer meaning goes below the table
+NOTE_WIDTH = 90
+
+
 def options_table(name: str, model: type[SettingsModel]) -> str:
     """One row per option of `tagpipe NAME`: a setting's row from its field (Markdown
-    description, default as the README says it), the command's own from its help."""
+    description, default as the README says it), the command's own from its help. A row
+    too long to read in a terminal keeps the meaning's first clause; the whole meaning is
+    a wrapped note under the table."""
     fields = {name: (info, setting) for name, info, setting in settings_fields(model)}
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
-    own = []
+    own: list[str] = []
+    notes: list[str] = []
+    own_notes: list[str] = []  # in the table's order: the settings' rows, then the command's
     for param in command.params:
         if param.name in fields:
             info, setting = fields[param.name]
-            rows.append(
-                f"| `{option_spellings(param.name, setting)}` | {_cell(default_text(info, setting))} | "
-                f"{_cell(info.description)} |"
+            spelt, default, meaning = (
+                option_spellings(param.name, setting),
+                default_text(info, setting),
+                info.description,
             )
+            rows.append(_row(spelt, _cell(default), meaning, notes))
         elif param.name != "help":
-            spellings = "/".join(param.opts + param.secondary_opts)
+            spelt = "/".join(param.opts + param.secondary_opts)
             default = "off" if param.default is False else str(getattr(param.default, "value", param.default))
-            own.append(f"| `{spellings}` | {'' if param.default is None else default} | {param.help} |")
-    return "\n".join(rows + own)
+            own.append(_row(spelt, "" if param.default is None else default, param.help, own_notes))
+    table = "\n".join(rows + own)
+    notes += own_notes
+    return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _row(spelt: str, default: str, meaning: str | None, notes: list[str]) -> str:
+    """A table row; a meaning too long for it is cut at a clause, its whole text a note."""
+    row = f"| `{spelt}` | {default} | {_cell(meaning)} |"
+    if len(row) <= ROW_WIDTH:
+        return row
+    room = ROW_WIDTH - len(row) + len(_cell(meaning)) - len(" (more below)")
+    notes.append(
+        textwrap.fill(
+            f"- `{spelt}`: {meaning}",
+            NOTE_WIDTH,
+            subsequent_indent="  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
+    return f"| `{spelt}` | {default} | {_cell(_head(meaning or '', room))} (more below) |"
+
+
+def _head(text: str, room: int) -> str:
+    """The text's first clauses that fit `room`: cut at the last '; ', '. ', ': ' or ', '
+    that fits (else a space), never inside `code`."""
+    for marks in (("; ", ". ", ": "), (", ",), (" ",)):
+        cuts = [
+            i
+            for i in range(min(room, len(text)))
+            if text.startswith(marks, i) and text[:i].count("`") % 2 == 0
+        ]
+        if cuts:
+            return text[: cuts[-1]].rstrip(" ,;:.")
+    return text[:room]
 
 
 def _cell(text: str | None) -> str:

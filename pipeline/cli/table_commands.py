@@ -19,12 +19,13 @@ from pipeline.cli.common import (
     settings_options,
 )
 from pipeline.core.logs import LogFormat
+from pipeline.core.words import counted
 from pipeline.job.settings import TagJobConfig
 from pipeline.model.rules import RuleSettings
 
 
 @app.command(short_help="Tag images into a versioned Parquet table.")
-@settings_options(TagJobConfig)
+@settings_options(TagJobConfig, elsewhere="here or in --config")
 def tag(
     config: Path | None = typer.Option(
         None,
@@ -150,7 +151,8 @@ def vacuum(
     result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
-        f"vacuum: {verb} {result['parts_deleted']} parts, {result['label_files_deleted']} label files, "
+        f"vacuum: {verb} {counted(result['parts_deleted'], 'parts')}, "
+        f"{counted(result['label_files_deleted'], 'label files')}, "
         f"versions {result['versions_deleted'] or 'none'}, "
-        f"{result['tmp_deleted']} temp files; kept versions {result['versions_kept']}"
+        f"{counted(result['tmp_deleted'], 'temp files')}; kept versions {result['versions_kept']}"
     )

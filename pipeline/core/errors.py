@@ -68,8 +68,9 @@ _RETRYABLE = frozenset({ErrorKind.NOT_FOUND, ErrorKind.READ_ERROR, ErrorKind.MOD
 _MEANINGS = {
     ErrorKind.EMPTY: "zero-byte file",
     ErrorKind.NOT_AN_IMAGE: "no image format recognised (an HTML error page, a text file)",
-    ErrorKind.UNSUPPORTED: "a format the installed Pillow cannot read (HEIC, JPEG XL, SVG, PDF, ...)",
-    ErrorKind.TRUNCATED: "the file ends before its image data does",
+    ErrorKind.UNSUPPORTED: "a format the installed Pillow cannot read (HEIC, JPEG XL, SVG, PDF, float "
+    "TIFF, ...)",
+    ErrorKind.TRUNCATED: "the file ends before its image data does, or within its header (a 6-byte GIF)",
     ErrorKind.DECODE_ERROR: "corrupt: a header, chunk, checksum or data stream the decoder rejects",
     ErrorKind.BAD_SIZE: "a declared width or height of zero or less",
     ErrorKind.TOO_LARGE: "over --max-file-bytes, --max-pixels (any frame, tile or sub-image), or the "

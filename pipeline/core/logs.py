@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,10 @@ def configure(verbosity: Verbosity = Verbosity.NORMAL, fmt: LogFormat = LogForma
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root_level = logging.INFO if verbosity is Verbosity.VERBOSE else logging.WARNING
     logging.basicConfig(level=root_level, handlers=[handler], force=True)
+    if fmt is LogFormat.JSON or not sys.stderr.isatty():
+        # Ray wraps each line a worker prints (a traceback on Ctrl-C, a library's warning)
+        # in colour codes; in a log file or a pipe those are raw escapes. Read at each line.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.getLogger("pipeline").setLevel(logging.WARNING if verbosity is Verbosity.QUIET else logging.INFO)
     if verbosity is not Verbosity.VERBOSE:
         for name, level in RAY_NOISE.items():

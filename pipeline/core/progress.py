@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.words import counted
+
 log = logging.getLogger("pipeline.core.progress")
 DEFAULT_INTERVAL = 30.0  # seconds between progress lines off a terminal
 
@@ -68,7 +70,10 @@ class Progress:
         self._stop.set()
         if self._bar is not None:  # the last frame shows the final figures
             self._bar.update(
-                self._task, completed=self.done, errors=self.errors, rate=f"{self.rate():.1f} {self.unit}/s"
+                self._task,
+                completed=self.done,
+                errors=counted(self.errors, "errors"),
+                rate=f"{self.rate():.1f} {self.unit}/s",
             )
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -85,7 +90,10 @@ class Progress:
             self.errors += errors
         if self._bar is not None:
             self._bar.update(
-                self._task, completed=self.done, errors=self.errors, rate=f"{self.rate():.1f} {self.unit}/s"
+                self._task,
+                completed=self.done,
+                errors=counted(self.errors, "errors"),
+                rate=f"{self.rate():.1f} {self.unit}/s",
             )
 
     def rate(self) -> float:
@@ -97,7 +105,7 @@ class Progress:
 
     def line(self) -> str:
         share = 100.0 * self.done / self.total if self.total else 100.0
-        errors = f", {self.errors} errors" if self.errors else ""
+        errors = f", {counted(self.errors, 'errors')}" if self.errors else ""
         return (
             f"{self.what}: {self.done:,}/{self.total:,} {self.unit} ({share:.1f}%){errors}, "
             f"{self.rate():.1f} {self.unit}/s, ETA {eta_text(self.eta())}"
@@ -126,10 +134,10 @@ class Progress:
             TextColumn("{task.fields[rate]}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[errors]} errors"),
+            TextColumn("{task.fields[errors]}"),
         )
         self._bar = Bar(*columns, console=Console(stderr=True), refresh_per_second=2, transient=False)
-        self._task = self._bar.add_task(self.what, total=self.total, errors=0, rate="")
+        self._task = self._bar.add_task(self.what, total=self.total, errors=counted(0, "errors"), rate="")
         self._bar.start()
         self._ticker = threading.Thread(target=self._refresh_rate, name=f"progress-{self.what}", daemon=True)
         self._ticker.start()

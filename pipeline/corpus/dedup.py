@@ -33,6 +33,7 @@ from pipeline.core.arrays import unique_sorted
 from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import EDGES_SCHEMA, conform
 from pipeline.core.settings import build
+from pipeline.core.words import counted
 from pipeline.corpus.cluster_table import cluster_table, first_seen, public_edges, report_giants
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_settings import (
@@ -93,7 +94,8 @@ class DedupSummary:
     def text(self) -> str:
         unmatched = ", ".join(f"{k} {v}" for k, v in self.unmatched_hashes.items() if v) or "none"
         return (
-            f"dedup: {self.images} images in {self.clusters} clusters; {self.duplicates} duplicates "
+            f"dedup: {counted(self.images, 'images')} in {counted(self.clusters, 'clusters')}; "
+            f"{counted(self.duplicates, 'duplicates')} "
             f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), "
             f"largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "

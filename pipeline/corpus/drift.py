@@ -30,6 +30,7 @@ from pydantic import Field
 
 from pipeline.core.errors import ErrorKind, TagpipeError
 from pipeline.core.settings import KeyRole, Setting, SettingsModel
+from pipeline.core.words import counted
 from pipeline.table.tag_table import Snapshot, TagTable
 
 COLUMNS = ("tags", "ood", "error_kind")  # all drift reads of a part
@@ -224,8 +225,9 @@ class DriftSummary:
         if not self.compared:
             return f"drift: nothing to compare with ({self.note})"
         head = (
-            f"drift: version {self.before_version} ({self.rows_before:,} rows) -> version "
-            f"{self.after_version} ({self.rows_after:,} rows): {self.tag_movers} of {self.tags_compared} "
+            f"drift: version {self.before_version} ({counted(self.rows_before, 'rows', ',')}) -> version "
+            f"{self.after_version} ({counted(self.rows_after, 'rows', ',')}): {self.tag_movers} of "
+            f"{self.tags_compared} "
             "tags moved"
         )
         if self.movers:
@@ -307,7 +309,7 @@ def compare_counts(
 def _limits_passed(summary: DriftSummary, settings: DriftSettings) -> list[str]:
     reasons = []
     if summary.tag_movers > settings.max_tag_movers:
-        reasons.append(f"{summary.tag_movers} tags moved (limit {settings.max_tag_movers})")
+        reasons.append(f"{counted(summary.tag_movers, 'tags')} moved (limit {settings.max_tag_movers})")
     ood = summary.ood
     if ood is not None and ood.moved and abs(ood.change) > settings.max_ood_rate_change:
         reasons.append(

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.corpus.export_rows import GoodRows, lines_in_uri_order, rows_by_piece
 from pipeline.corpus.export_settings import ExportFormat, ExportSettings
 from pipeline.corpus.export_text import (
@@ -112,7 +113,8 @@ class ExportSummary:
 
     def text(self) -> str:
         kept = f", {self.skipped_existing} existing files left as they were" if self.skipped_existing else ""
-        line = f"export: {self.written} files written{kept}, {self.skipped_errors} error rows skipped"
+        written, skipped = counted(self.written, "files"), counted(self.skipped_errors, "error rows")
+        line = f"export: {written} written{kept}, {skipped} skipped"
         return line + (self.supplement.text() if self.supplement else "")
 
 
@@ -320,7 +322,7 @@ def _refuse_present(job: _Job, fmt: str, present: pa.Array, planned: int) -> Non
         return
     example = ", ".join(present.take(pc.sort_indices(present)).slice(0, 3).to_pylist())
     raise TagpipeError(
-        f"{len(present)} of the {planned} files to write already exist (e.g. {example}); "
+        f"{len(present)} of the {counted(planned, 'files')} to write already exist (e.g. {example}); "
         "nothing was written: "
         f"pass --skip-existing to keep them, --overwrite to replace them"
         + (", or --append to merge captions" if fmt == "captions" else "")

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.corpus.drift import (
     DriftScan,
     DriftSettings,
@@ -177,8 +178,9 @@ class ReportSummary:
 
     def text(self) -> str:
         line = (
-            f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {self.rows} rows, {self.errors} errors, "
-            f"{self.thumbnails} thumbnails, {self.seconds:.1f} s)"
+            f"report: {self.output} ({self.bytes / 1024:.0f} KiB, {counted(self.rows, 'rows')}, "
+            f"{counted(self.errors, 'errors')}, "
+            f"{counted(self.thumbnails, 'thumbnails')}, {self.seconds:.1f} s)"
         )
         if self.scan is not None:
             line += f"\n{self.scan.text()}"
@@ -334,7 +336,8 @@ def _summary_section(tags: str, acc: Figures, snapshot, run) -> str:
             ["calibration sha256", fingerprint.get("calibration_sha256", "-")],
             [
                 "last run",
-                f"{run.get('run_id')} ({summary.get('change', '-')}): {summary.get('images', 0):,} images "
+                f"{run.get('run_id')} ({summary.get('change', '-')}): "
+                f"{counted(summary.get('images', 0), 'images', ',')} "
                 f"tagged in {summary.get('seconds', 0):,} s",
             ],
             ["placement", summary.get("placement", "-")],
@@ -403,13 +406,16 @@ def _drift_section(drift: DriftSummary | None) -> str:
         return _section("drift", "Drift", f"<p>Nothing to compare with: {html.escape(drift.note)}.</p>")
     rule = drift.settings
     intro = (
-        f"<p>Version {drift.after_version} ({drift.rows_after:,} rows, {drift.decoded_after:,} decoded) "
-        f"against version {drift.before_version} ({drift.rows_before:,} rows, {drift.decoded_before:,} "
+        f"<p>Version {drift.after_version} ({counted(drift.rows_after, 'rows', ',')}, "
+        f"{drift.decoded_after:,} decoded) "
+        f"against version {drift.before_version} ({counted(drift.rows_before, 'rows', ',')}, "
+        f"{drift.decoded_before:,} "
         "decoded). A rate moved when its change is beyond sampling noise (two-proportion z-test, "
         f"Benjamini-Hochberg adjusted p &le; {rule['significance']:g} over the tags, and over the "
         f"error rates) and at least {rule['min_rate_change'] * 100:g} percentage points. Tag rates are "
         "shares of decoded rows; the OOD rate of rows with an OOD flag; error rates of all rows. "
-        f"{drift.parts_read:,} parts counted, {drift.parts_shared:,} of them named by both versions.</p>"
+        f"{counted(drift.parts_read, 'parts', ',')} counted, {drift.parts_shared:,} of them named "
+        f"by both versions.</p>"
     )
     verdict = (
         "<p class='alert'><b>Drift</b> past the limits: " + html.escape("; ".join(drift.reasons)) + ".</p>"
@@ -489,7 +495,7 @@ def _ood_section(acc: Figures, figure) -> str:
     counts = acc.ood_histogram(edges)
     strip = "".join(figure(uri, f"{d:.2f}") for d, uri in sorted(acc.top_ood, reverse=True))
     text = (
-        f"<p>{acc.ood_flagged:,} of {acc.ood_count:,} images flagged as OOD; "
+        f"<p>{acc.ood_flagged:,} of {counted(acc.ood_count, 'images', ',')} flagged as OOD; "
         f"median distance {acc.ood_quantile(0.5):.2f}.</p>"
     )
     return _section(
@@ -531,8 +537,10 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         .to_numpy()
     )
     body = (
-        f"<p>{summary.get('clusters', 0):,} clusters over {summary.get('images', len(sizes)):,} images; "
-        f"{summary.get('duplicates', 0):,} duplicates ({summary.get('duplicate_rate', 0):.2%}); "
+        f"<p>{counted(summary.get('clusters', 0), 'clusters', ',')} over "
+        f"{counted(summary.get('images', len(sizes)), 'images', ',')}; "
+        f"{counted(summary.get('duplicates', 0), 'duplicates', ',')} "
+        f"({summary.get('duplicate_rate', 0):.2%}); "
         f"{summary.get('exact_duplicate_images', 0):,} exact copies; "
         f"largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
     )
@@ -567,7 +575,7 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         if len(strips[-1][2]) < CLUSTER_STRIP:
             strips[-1][2].append(row)
     html_strips = "".join(
-        f"<h3>{size:,} images <span class='muted'>cluster {html.escape(cid[:16])}</span></h3>"
+        f"<h3>{counted(size, 'images', ',')} <span class='muted'>cluster {html.escape(cid[:16])}</span></h3>"
         "<div class='strip'>"
         + "".join(
             figure(r["uri"], ("kept: " if r["is_representative"] else "") + posixpath.basename(r["uri"]))
@@ -616,7 +624,7 @@ def _split_section(split: str, storage_options, acc: Figures) -> str:
         "splits",
         "Splits",
         chart
-        + f"<p>{total:,} images.</p>"
+        + f"<p>{counted(total, 'images', ',')}.</p>"
         + text
         + "<h3>Per-tag balance: share of each split carrying the tag (top tags)</h3>"
         + balance,

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.corpus.drift import DriftScan
 from pipeline.corpus.report_figures import (
     BORDERLINE,
@@ -83,7 +84,8 @@ class ScanCounts:
     def text(self) -> str:
         kept = f"; summaries not kept ({self.cache})" if self.cache else ""
         return (
-            f"report: {self.parts_read} parts read, {self.summaries_reused} part summaries reused, "
+            f"report: {counted(self.parts_read, 'parts')} read, {self.summaries_reused} part "
+            f"summaries reused, "
             f"{self.summaries_written} written{kept}"
         )
 

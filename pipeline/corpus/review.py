@@ -40,6 +40,7 @@ from pydantic import BeforeValidator, Field
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LABEL_FIELDS
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
+from pipeline.core.words import counted
 from pipeline.corpus.review_rank import (
     ReviewKind,
     Source,
@@ -147,8 +148,9 @@ class ReviewSummary:
 
     def text(self) -> str:
         return (
-            f"review: {self.queued} images queued ({self.kind}, of {self.rows} rows) -> {self.output}, "
-            f"page {self.page} ({self.thumbnails} thumbnails), {self.seconds:.1f} s"
+            f"review: {counted(self.queued, 'images')} queued ({self.kind}, of "
+            f"{counted(self.rows, 'rows')}) -> {self.output}, "
+            f"page {self.page} ({counted(self.thumbnails, 'thumbnails')}), {self.seconds:.1f} s"
         )
 
 

@@ -21,6 +21,7 @@ import json
 import posixpath
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.corpus.report import STYLE, thumbnail
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
 from pipeline.storage.outputs import mark_file
@@ -202,7 +203,8 @@ def review_page(
     items = [_item(r, storage_options) for r in records]
     queue = "".join(text for text, _ in items) or "<p>No images in this queue.</p>"
     intro = (
-        f"<p>{html.escape(EXPLAIN[kind])}</p><p>{len(records)} images from {html.escape(tags_uri)}; "
+        f"<p>{html.escape(EXPLAIN[kind])}</p><p>{counted(len(records), 'images')} from "
+        f"{html.escape(tags_uri)}; "
         f"queue file {html.escape(out)}: fill its <code>decision</code> field with accept (the "
         "row's tags belong on the image) or reject, and pass it to <code>tagpipe export --supplement "
         "--decisions</code>.</p>"

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 
 EXAMPLES = 2000  # table uris kept to explain a mismatch, and source uris tried against them
 
@@ -39,7 +40,8 @@ def check_source_match(
     unmatched = source_uris.filter(pa.array(~hit)).slice(0, EXAMPLES).to_pylist()
     cause = likely_cause(unmatched, examples) if examples else "the table has no rows"
     raise TagpipeError(
-        f"{path}: only {matched} of its {rows} rows ({matched / rows:.0%}) name an image of the table, "
+        f"{path}: only {matched} of its {counted(rows, 'rows')} ({matched / rows:.0%}) "
+        "name an image of the table, "
         f"under the {min_share:.0%} needed (--source-match); {cause}; nothing was committed"
     )
 

@@ -38,6 +38,7 @@ from pipeline.core.arrays import unique_sorted
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import SPLITS_SCHEMA, conform
 from pipeline.core.settings import build
+from pipeline.core.words import counted
 from pipeline.corpus.audit import audit
 from pipeline.corpus.audit_sides import read_signals
 from pipeline.corpus.split_columns import (
@@ -82,7 +83,7 @@ class SplitReport:
     def text(self) -> str:
         sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
         return (
-            f"split: {self.images} images in {self.clusters} clusters: {sizes}; "
+            f"split: {counted(self.images, 'images')} in {counted(self.clusters, 'clusters')}: {sizes}; "
             f"{len(self.bridges)} bridged clusters held out"
         )
 

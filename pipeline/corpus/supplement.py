@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.corpus.review_output import read_queue, row_decisions
 
 SOURCE, MODEL, BOTH = "source", "model", "both"
@@ -78,9 +79,10 @@ class SupplementCounts:
     decisions_unmatched: int = 0  # decided images the table does not hold (a uri written otherwise?)
 
     def text(self) -> str:
-        unmatched = f" ({self.decisions_unmatched} images decided are not in the table)"
+        unmatched = f" ({counted(self.decisions_unmatched, 'images')} decided are not in the table)"
         return (
-            f"; supplement: {self.images_with_source_tags} images with source tags, {self.source_tags_kept} "
+            f"; supplement: {counted(self.images_with_source_tags, 'images')} with source tags, "
+            f"{self.source_tags_kept} "
             f"source tags kept, {self.source_tags_dropped} dropped, {self.decisions_applied} reviewer "
             f"decisions applied" + (unmatched if self.decisions_unmatched else "")
         )

@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.words import counted
 from pipeline.demo.model import write_demo_bundle
 from pipeline.demo.synthetic import load_expected, make_corpus
 from pipeline.job.settings import make_tag_config
@@ -63,7 +64,7 @@ class DuplicateCheck:
         return (
             f"duplicates: {self.with_original}/{self.planted} planted copies share their original's cluster, "
             f"{self.same_split}/{self.planted} its split; "
-            f"{len(self.mixed_clusters or [])} clusters mix kinds; "
+            f"{counted(len(self.mixed_clusters or []), 'clusters')} mix kinds; "
             f"a deliberately leaky split: the audit found "
             f"{self.leaks_found}/{self.leaks_planted} planted leaks"
         )

@@ -284,10 +284,54 @@ def _open(data: bytes) -> Image.Image:
             ) from None
         name = _signature(data, _KNOWN_SIGNATURES)
         if name:
-            raise ImageError(
-                ErrorKind.DECODE_ERROR, f"corrupt {name} file: its header does not parse"
-            ) from None
+            raise _unopened(name, data) from None
         raise ImageError(ErrorKind.NOT_AN_IMAGE, "not a recognised image format") from None
+
+
+# The bytes a format's header takes: a file shorter than this with the format's signature
+# was cut off (a 6-byte "GIF89a" is truncated, not corrupt).
+_HEADER_BYTES = {"GIF": 13, "PNG": 33, "BMP": 26, "TIFF": 8, "WebP": 30}
+
+
+def _unopened(name: str, data: bytes) -> ImageError:
+    """Why a file with a known format's signature did not open: cut off within its
+    header (truncated), a TIFF whose header parses but whose layout Pillow does not
+    read (float samples: unsupported, as the README's kinds say), else corrupt."""
+    if len(data) < _HEADER_BYTES.get(name, 0):
+        return ImageError(ErrorKind.TRUNCATED, f"{name} file of {len(data)} bytes ends within its header")
+    layout = _tiff_layout(data) if name == "TIFF" else None
+    if layout:
+        return ImageError(
+            ErrorKind.UNSUPPORTED, f"TIFF files of {layout} are not supported by the installed Pillow"
+        )
+    return ImageError(ErrorKind.DECODE_ERROR, f"corrupt {name} file: its header does not parse")
+
+
+_TIFF_SAMPLE_FORMATS = {1: "unsigned", 2: "signed", 3: "floating-point", 6: "complex floating-point"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """A TIFF's first image described ("floating-point samples (32 bits)") when its
+    directory parses; None when it does not (the file is corrupt)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (offset,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, offset)
+        tags = {}
+        for i in range(count):
+            tag, _kind, n, value = struct.unpack_from(order + "HHI4s", data, offset + 2 + 12 * i)
+            where = struct.unpack(order + "I", value)[0] if n > 2 else None
+            tags[tag] = (
+                struct.unpack_from(order + "H", data, where)[0]
+                if where
+                else struct.unpack(order + "H", value[:2])[0]
+            )
+    except struct.error:
+        return None
+    if 256 not in tags or 257 not in tags:  # no width or height: not an image directory
+        return None
+    sample = _TIFF_SAMPLE_FORMATS.get(tags.get(339, 1), f"sample format {tags.get(339)}")
+    return f"{sample} samples ({tags.get(258, 1)} bits)"
 
 
 class Loaded:

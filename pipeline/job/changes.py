@@ -217,25 +217,34 @@ def sha256_of(uris: list[str], storage_options: dict | None) -> list[str | None]
     return out
 
 
-def resolve_unknown(status: pa.Table, storage_options: dict | None, chunk: int = 256) -> pa.Table:
-    """Rows the store gave no etag or mtime for: hash their bytes (Ray tasks) and compare
-    with the stored sha256."""
+def _hash_in_ray(uris: list[str], storage_options: dict | None, ray_address: str | None, chunk: int) -> list:
+    import ray
+
+    from pipeline.core.ray_session import ensure_ray
+
+    ensure_ray(ray_address)
+    task = ray.remote(num_cpus=0.5, max_retries=3)(sha256_of)
+    refs = [task.remote(uris[i : i + chunk], storage_options) for i in range(0, len(uris), chunk)]
+    return [h for part in ray.get(refs) for h in part]
+
+
+def resolve_unknown(
+    status: pa.Table, storage_options: dict | None, ray_address: str | None = None, chunk: int = 256
+) -> pa.Table:
+    """Rows the store gave no etag or mtime for: hash their bytes and compare with the
+    stored sha256. Up to `chunk` of them are hashed here, so planning starts no Ray for a
+    few; more in Ray tasks (ray_address as ensure_ray takes it)."""
     unknown = pc.equal(status.column("status"), UNKNOWN).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(unknown)
     if not len(rows):
         return status
-    import ray
-
     values = status.column("status").to_numpy(zero_copy_only=False)
     uris = status.column("uri").take(pa.array(rows)).to_pylist()
-    task = ray.remote(num_cpus=0.5, max_retries=3)(sha256_of)
-    hashes = [
-        h
-        for part in ray.get(
-            [task.remote(uris[i : i + chunk], storage_options) for i in range(0, len(uris), chunk)]
-        )
-        for h in part
-    ]
+    hashes = (
+        sha256_of(uris, storage_options)
+        if len(uris) <= chunk
+        else _hash_in_ray(uris, storage_options, ray_address, chunk)
+    )
     stored = status.column("v_sha256").take(pa.array(rows)).to_pylist()
     values = values.copy()
     values[rows] = [UNCHANGED if h is not None and h == s else CHANGED for h, s in zip(hashes, stored)]

@@ -32,6 +32,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import results_in_order
 from pipeline.core.schemas import LABEL_COLUMNS
+from pipeline.core.words import counted
 from pipeline.corpus.label_quality import (
     LabelRules,
     PartLabelCounts,
@@ -69,12 +70,12 @@ class LabelCheckSummary:
         c, s = self.counts, self.source
         unknown = ", ".join(f"{tag} ({n})" for tag, n in s.unknown_examples[:3])
         return (
-            f"compare-tags ({self.rule} rule): {c.with_source} of {c.rows} rows have source tags "
+            f"compare-tags ({self.rule} rule): {c.with_source} of {counted(c.rows, 'rows')} have source tags "
             f"({c.judged} judged, {self.source_unmatched} source rows match no image); "
             f"{c.likely_missing} likely missing and {c.likely_wrong} likely wrong tags on {c.flagged_rows} "
             f"rows; {s.unknown} source tags ({s.unknown_tags} distinct) not in the model's vocabulary"
             + (f": {unknown}" if unknown else "")
-            + f"; {self.labels_written} of {self.parts} label files new"
+            + f"; {self.labels_written} of {counted(self.parts, 'label files')} new"
             + (f", version {self.version}" if self.version else "")
             + f", {self.seconds:.1f} s"
         )

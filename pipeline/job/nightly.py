@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline import __version__
 from pipeline.core.errors import ExitStatus
 from pipeline.core.ray_session import new_run_id
+from pipeline.core.words import counted
 from pipeline.corpus.audit import missing_text, run_audit, short_of
 from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.drift import DriftSummary
@@ -59,8 +60,9 @@ class NightlySummary:
         lines = [self.tag.text()]
         if self.dedup:
             lines.append(
-                f"dedup: {self.dedup['images']} images in {self.dedup['clusters']} clusters "
-                f"({self.dedup['duplicates']} duplicates)"
+                f"dedup: {counted(self.dedup['images'], 'images')} in "
+                f"{counted(self.dedup['clusters'], 'clusters')} "
+                f"({counted(self.dedup['duplicates'], 'duplicates')})"
             )
         if self.split:
             sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
@@ -97,7 +99,7 @@ def _audit_line(name: str, audit: dict) -> str:
     missing = short_of(audit["asked"], audit["not_checked"])
     checked = missing_text(missing, audit["eval_images"]) if missing else "every image checked"
     return (
-        f"audit {name}: {audit['leaks']} leaks ({audit['exact_leaks']} byte-identical) "
+        f"audit {name}: {counted(audit['leaks'], 'leaks')} ({audit['exact_leaks']} byte-identical) "
         f"among {audit['eval_images']} val/test images; {checked}; {used}"
     )
 

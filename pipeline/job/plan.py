@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.job.changes import VIEW_SCHEMA
 from pipeline.job.incremental import (
     CHANGED,
@@ -123,7 +124,8 @@ def plan_run(
     share = counts.deleted / base.rows if base is not None and base.rows else 0.0
     if base is not None and counts.deleted and share > max_delete_fraction:
         raise TagpipeError(
-            f"this run would delete {counts.deleted} of the table's {base.rows} rows ({share:.0%}), "
+            f"this run would delete {counts.deleted} of the table's {counted(base.rows, 'rows')} "
+            f"({share:.0%}), "
             f"more than max_delete_fraction={max_delete_fraction}: is an input missing or misspelled? "
             f"Nothing was changed; to accept, rerun with --max-delete-fraction 1"
         )

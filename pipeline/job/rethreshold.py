@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.job.incremental import parts_dir_key, rules_key
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor
@@ -47,7 +48,8 @@ class RethresholdSummary:
 
     def text(self) -> str:
         return (
-            f"rethreshold: {self.parts} parts ({self.parts_skipped} already done), {self.rows} rows, "
+            f"rethreshold: {counted(self.parts, 'parts')} ({self.parts_skipped} already done), "
+            f"{counted(self.rows, 'rows')}, "
             f"{self.rows_changed} with different tags, committed as version {self.version}, "
             f"{self.seconds:.1f} s"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.core.words import counted
+
 
 @dataclass
 class RunSummary:
@@ -72,7 +74,8 @@ class RunSummary:
         if not self.skipped_files:
             return ""
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_files.items()))
-        return f" ({self.files_found} files found, {sum(self.skipped_files.values())} skipped: {reasons})"
+        found = counted(self.files_found, "files")
+        return f" ({found} found, {sum(self.skipped_files.values())} skipped: {reasons})"
 
     def change_text(self) -> str:
         """The kind of change, with each changed setting named old -> new."""
@@ -89,7 +92,7 @@ class RunSummary:
             f"dry run ({self.change_text()}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged, "
             f"{self.retried} to retry, {self.retagged} to re-tag for new settings; "
-            f"would tag {self.to_tag} images ({self.reused} reused from an interrupted run), "
+            f"would tag {counted(self.to_tag, 'images')} ({self.reused} reused from an interrupted run), "
             f"{outcome} of {self.output}; nothing was written"
         )
 
@@ -111,10 +114,11 @@ class RunSummary:
         return (
             f"run {self.run_id} ({self.change_text()}): {self.listed} listed{skipped}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
-            f"{self.images} images tagged ({self.ok} ok, {self.errors} errors: {kinds}), "
+            f"{counted(self.images, 'images')} tagged ({self.ok} ok, "
+            f"{counted(self.errors, 'errors')}: {kinds}), "
             f"{self.images_per_second:.1f} img/s;{self._label_text()}{self._calibration_text()} "
             f"version {self.version} "
-            f"({self.rows} rows), {self.seconds:.1f} s -> {self.output}"
+            f"({counted(self.rows, 'rows')}), {self.seconds:.1f} s -> {self.output}"
         )
 
     def _calibration_text(self) -> str:
@@ -124,14 +128,16 @@ class RunSummary:
             return ""
         if "error" in c:
             return f" edit calibration failed after {c['seconds']:.1f} s (see the warning);"
-        return f" edit calibration: {c['images']} images x {c['edits']} edits, {c['seconds']:.1f} s;"
+        images, edits = counted(c["images"], "images"), counted(c["edits"], "edits")
+        return f" edit calibration: {images} x {edits}, {c['seconds']:.1f} s;"
 
     def _label_text(self) -> str:
         c = self.label_check
         if not c:
             return ""
         return (
-            f" source tags on {c['with_source']} rows ({c['rule']} rule): {c['likely_missing']} likely "
+            f" source tags on {counted(c['with_source'], 'rows')} ({c['rule']} rule): "
+            f"{c['likely_missing']} likely "
             f"missing, {c['likely_wrong']} likely wrong;"
         )
 

@@ -332,7 +332,8 @@ class TagJobConfig(SettingsModel):
         Field(
             description="human tags to check against the model's (Parquet or CSV: a uri column and a list "
             "or separated string of tags): every row gets `source_tags`, `likely_missing`, `likely_wrong` "
-            "and `label_quality` (see [Source tags](#source-tags)), kept in the table's label sidecar "
+            "and `label_quality` (see [Source tags](#source-tags-where-humans-and-the-model-disagree)), "
+            "kept in the table's label sidecar "
             "(`_labels/`, joined by uri): a changed source file rewrites label files, never a part"
         ),
         Setting(NONE, metavar="FILE", default_text="none"),

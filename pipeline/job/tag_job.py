@@ -1,7 +1,8 @@
 """`tagpipe tag`: list inputs, compare with the committed table, tag what is new or
 changed, drop what is gone, commit one new version.
 
-The driver only plans, routes finished rows into their slice's part file and commits;
+The driver lists and plans before Ray starts (a dry run or a run with nothing to do
+never starts it), routes finished rows into their slice's part file and commits;
 decode and inference run in Ray tasks and actors placed by pipeline/job/graph.py, part
 rewrites in Ray tasks (pipeline/job/rethreshold.py). Nothing is visible to readers until
 the commit (pipeline/table/tag_table.py), and parts written before a crash are reused.
@@ -32,6 +33,7 @@ from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
 from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.core.words import counted
 from pipeline.corpus.source_match import check_source_match
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
@@ -86,7 +88,7 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     for run in runs:
         warned |= warn_if_active(run.table, run_id)
     timings: dict[str, float] = {}
-    listing = _list_while_ray_starts(cfg, runs, timings)
+    listing = _list_before_ray(cfg, runs, timings)
     if source is not None:  # a source file that names almost none of the listed images stops here
         uris = [listing.manifest.column("uri").combine_chunks()]
         check_source_match(str(cfg.source_tags), source.column("uri"), uris, cfg.labels.source_match)
@@ -103,6 +105,8 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
 
 def _tag_and_commit(cfg, runs: list[ModelRun], listing, timings: dict, started: float, source):
     """Tag, rewrite and commit each model's table (run_tag_pass, its leases held)."""
+    if any(run.plan.commits for run in runs):  # only a run with work starts Ray
+        _start_ray(cfg, timings)
     for run in runs:
         run.writer = _slice_writer(run)
     try:
@@ -168,7 +172,7 @@ def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, sta
     if failures:
         done = [r.table.uri for r in runs if r.summary.version != r.summary.base_version]
         raise TagpipeError(
-            f"{len(failures)} of {len(runs)} tables did not commit ({'; '.join(failures)}); "
+            f"{len(failures)} of {counted(len(runs), 'tables')} did not commit ({'; '.join(failures)}); "
             f"committed: {', '.join(done) or 'none'}. Running the same command again finishes the rest"
         )
 
@@ -331,46 +335,35 @@ def _list_inputs(cfg: TagJobConfig, runs: list[ModelRun]):
 
 
 def _slice_writer(run: ModelRun) -> SliceWriter:
-    """Parts encoded and written by Ray tasks, one in flight per 8 CPUs (at least 2)."""
+    """Parts encoded and written by Ray tasks, one in flight per 8 CPUs (at least 2; a
+    run with nothing to tag started no Ray and writes none)."""
     import ray
 
-    in_flight = max(2, int(ray.cluster_resources().get("CPU", 0)) // 8)
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    in_flight = max(2, int(cpus) // 8)
     plan, cfg = run.plan, run.cfg
     return SliceWriter(
         run.table, plan.to_tag, cfg.rows_per_part, run.key, run.taken, run.run_id, True, in_flight
     )
 
 
-def _list_while_ray_starts(cfg: TagJobConfig, runs: list[ModelRun], timings: dict[str, float]):
-    """The listing, on a thread while Ray starts (a cold local Ray takes ~4 s; a big
-    listing much longer: neither waits for the other), when it needs no Ray itself (a
-    folder walk on other stores runs Ray tasks: then Ray first). Planning needs Ray
-    (unknown sources are hashed in tasks), so it comes after both. The thread is a daemon:
-    Ctrl-C or a failed Ray start ends the process without waiting for the listing."""
-    import threading
+def _list_before_ray(cfg: TagJobConfig, runs: list[ModelRun], timings: dict[str, float]):
+    """The listing, before Ray: a dry run, a run with nothing to do and a missing input
+    answer without starting Ray (a cold local Ray takes ~4 s, ~9 s on 2 cores). Only a
+    folder walk on a store without key ranges lists in Ray tasks, so Ray starts first there."""
+    if not lists_without_ray(list(cfg.inputs), cfg.storage_options):
+        _start_ray(cfg, timings)
+    t = time.monotonic()
+    listing = _list_inputs(cfg, runs)
+    timings["list_seconds"] = _lap(t)
+    return listing
 
-    def timed_listing():
-        t = time.monotonic()
-        try:
-            result["listing"] = _list_inputs(cfg, runs)
-        except BaseException as exc:  # re-raised on the main thread
-            result["error"] = exc
-        timings["list_seconds"] = _lap(t)
 
-    result: dict = {}
-    thread = threading.Thread(target=timed_listing, name="listing", daemon=True)
-    meanwhile = lists_without_ray(list(cfg.inputs), cfg.storage_options)
-    if meanwhile:
-        thread.start()
+def _start_ray(cfg: TagJobConfig, timings: dict[str, float]) -> None:
+    """Join or start Ray once there is work for it (a second call costs nothing)."""
     t = time.monotonic()
     ensure_ray(cfg.ray_address)
-    timings["ray_start_seconds"] = _lap(t)
-    if not meanwhile:
-        thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["listing"]
+    timings["ray_start_seconds"] = round(timings.get("ray_start_seconds", 0.0) + _lap(t), 3)
 
 
 def _plan(
@@ -379,7 +372,7 @@ def _plan(
     """The table's side of the plan read (the base's source columns, parts an interrupted
     run left), unknown sources hashed, then plan_run decides."""
     status = classify(manifest, StoredSources.of_table(table, base) if base else empty_view())
-    status = resolve_unknown(status, cfg.storage_options)
+    status = resolve_unknown(status, cfg.storage_options, cfg.ray_address)
     since = _reuse_since(table, base)
     candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]
     return plan_run(manifest, status, base, keys, candidates, table.read_part, cfg.max_delete_fraction)

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipeline.core.errors import ErrorKind
 from pipeline.core.schemas import tag_row_schema
+from pipeline.core.words import counted
 from pipeline.model.bundle import ModelBundle, load_bundle
 from pipeline.model.onnx_tools import uint8_input_model
 from pipeline.model.postprocess import Postprocessor
@@ -146,7 +147,7 @@ class TaggerStage:
         except Exception:
             if options.terminate:
                 raise ModelTimeout(
-                    f"model call on {len(x)} images took longer than the "
+                    f"model call on {counted(len(x), 'images')} took longer than the "
                     f"{self.settings.batch_timeout:g} s limit"
                 ) from None
             raise

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from pipeline.core.errors import BundleError
+from pipeline.core.words import counted
 from pipeline.model.profile_import import find_config, import_profile
 from pipeline.model.profiles import Profile, VocabularyFormat, load_profile
 
@@ -191,7 +192,7 @@ def load_bundle(directory: str | Path, profile: Profile | str | Path | None = No
     vocabulary = load_vocabulary(directory / profile.files.vocabulary, profile.files.vocabulary_format)
     if output_width is not None and output_width != len(vocabulary):
         raise BundleError(
-            f"{directory}: the model's output {output_name!r} has {output_width} tags but "
+            f"{directory}: the model's output {output_name!r} has {counted(output_width, 'tags')} but "
             f"{profile.files.vocabulary} lists {len(vocabulary)}: model and vocabulary do not belong together"
         )
     tag_metrics = _load_tag_metrics(directory, profile, len(vocabulary))
@@ -233,16 +234,32 @@ def _check_input_size(graph: onnx.ModelProto, input_name: str, profile: Profile,
     height, width = (dims[1], dims[2]) if nhwc else (dims[2], dims[3])
     channels = dims[3] if nhwc else dims[1]
     if channels not in (None, 3):
-        raise BundleError(
-            f"{model_path}: input {input_name!r} has {channels} channels where the profile's "
-            f"{profile.preprocess.layout.value} layout puts them; check preprocess.layout"
-        )
+        raise BundleError(_layout_mismatch(dims, nhwc, input_name, profile, model_path))
     want = profile.input_size
     if (width and width != want[0]) or (height and height != want[1]):
         raise BundleError(
             f"{model_path}: input {input_name!r} takes {width}x{height} but profile {profile.name} "
             f"gives {want[0]}x{want[1]} (preprocess.input_size): model and profile do not belong together"
         )
+
+
+def _layout_mismatch(dims: list, nhwc: bool, input_name: str, profile: Profile, model_path: Path) -> str:
+    """A model whose channels sit where the other layout puts them was given a profile
+    made for another model (`--profile wd_v3` on a CL bundle): say so, naming the profile,
+    not the layout setting inside it; only a model that fits neither layout is the layout's."""
+    layout = profile.preprocess.layout.value
+    other_channels = dims[1] if nhwc else dims[3]
+    if other_channels != 3:
+        return (
+            f"{model_path}: input {input_name!r} has {dims[3] if nhwc else dims[1]} channels where the "
+            f"profile's {layout} layout puts them; check preprocess.layout"
+        )
+    model_layout = "NCHW" if nhwc else "NHWC"
+    return (
+        f"{model_path}: profile {profile.name} does not fit this model: it feeds {layout} images, the "
+        f"model's input {input_name!r} takes {model_layout}; give the model's own profile (--profile, "
+        "or none to detect it)"
+    )
 
 
 def _embedding_width(graph: onnx.ModelProto, profile: Profile, output_names: tuple[str, ...]) -> int | None:

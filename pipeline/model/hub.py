@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.words import counted
 from pipeline.model.bundle import LAYOUT_HINTS, file_sha256, load_bundle
 from pipeline.storage.filesystem import staged_folder
 
@@ -58,7 +59,7 @@ class PullResult:
         size = sum(f["size"] for f in self.files) / 2**20
         return (
             f"pulled {self.repo_id} at {(self.commit or '?')[:12]} ({self.profile}): "
-            f"{len(self.files)} files, {size:.1f} MiB "
+            f"{counted(len(self.files), 'files')}, {size:.1f} MiB "
             f"-> {self.directory}"
         )
 

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LABELS_SCHEMA
+from pipeline.core.words import counted
 from pipeline.storage.filesystem import (
     create_exclusive,
     filesystem_for,
@@ -568,7 +569,9 @@ def commit_version(
         with ThreadPoolExecutor(READ_THREADS) as pool:  # footers only; object stores are latency-bound
             rows = sum(pool.map(lambda file: table.read_part_metadata(file).num_rows, files))
     if expected_rows is not None and rows != expected_rows:
-        raise RuntimeError(f"the new version would hold {rows} rows, not {expected_rows}; nothing committed")
+        raise RuntimeError(
+            f"the new version would hold {counted(rows, 'rows')}, not {expected_rows}; nothing committed"
+        )
     snapshot = Snapshot(
         version=(base.version if base else 0) + 1,
         files=tuple(sorted(files)),
