@@ -37,6 +37,7 @@ from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Plan, empty_view, plan_run
+from pipeline.job.preflight import check_tag_paths, empty_listing_text
 from pipeline.job.rethreshold import Retag
 from pipeline.job.run_summary import PassSummary, RunSummary
 from pipeline.job.settings import TagJobConfig
@@ -76,10 +77,13 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     committed each on its own; a PassSummary of their RunSummaries."""
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
+    check_tag_paths(cfg, dry_run)  # before bundles load, the listing, or Ray: one line, nothing written
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     timings: dict[str, float] = {}
     listing = _list_while_ray_starts(cfg, runs, timings)
+    if not listing.manifest.num_rows and not cfg.allow_empty:
+        raise TagpipeError(empty_listing_text(cfg.inputs, listing.skipped))
     for run in runs:
         _plan_model(run, listing, dry_run, timings)
     if dry_run:
