@@ -152,6 +152,7 @@ WRONG_TABLES = {
     "photos": "is a folder of images, not a tag table: tag it first",
     "multi": "holds tag tables cl/ and wd/ (one per model): pass one of them",
     "missing": "no such file or folder",
+    "empty": "is an empty folder, not a tag table",
 }
 
 

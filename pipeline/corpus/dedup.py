@@ -158,7 +158,8 @@ def run_dedup(settings: DedupSettings | str, output: str | None = None, **values
     full = settings.full
     expect(tags, "table", "--tags", storage_options)  # before any work: one line, nothing written
     check_writable(output, "--output")
-    expect_output(output, DEDUP, "--output", storage_options)
+    if expect_output(output, DEDUP, "--output", storage_options).kind == DEDUP:
+        log.info("updating the dedup output at %s: its clusters, edges and summary are replaced", output)
     started = time.monotonic()
     run_id = new_run_id()
     rows = CorpusRows.read(tags, storage_options)

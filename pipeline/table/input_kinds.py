@@ -78,9 +78,11 @@ def expect(uri: str, want: str, option: str, storage_options: dict | None = None
     a tag table, a split output, or Parquet/CSV)."""
     found = kind_of(uri, storage_options)
     accepted, wanted, how = WANTS[want]
+    named = f"{option} {uri}"
+    if found.kind == OTHER and not found.names:
+        raise TagpipeError(f"{named} is an empty folder, not {wanted}: give {how}")
     if found.kind in accepted:
         return found
-    named = f"{option} {uri}"
     if found.kind == MISSING:
         raise TagpipeError(f"{named}: no such file or folder")
     if found.kind == TABLES:
