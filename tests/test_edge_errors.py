@@ -68,12 +68,14 @@ def _tree(*roots: str) -> dict:
 def _refused(monkeypatch, capsys, world, args: list[str], *words: str) -> str:
     """Run `tagpipe ARGS`; assert one stderr line `error: ...` holding each word, exit 2,
     nothing written anywhere in the world, and Ray never asked to start."""
+    import pipeline.core.ray_session as ray_session
     import pipeline.job.tag_job as tag_job
 
     def no_ray(*_args, **_kwargs):
         raise AssertionError("Ray was started before the check")
 
     monkeypatch.setattr(tag_job, "ensure_ray", no_ray)
+    monkeypatch.setattr(ray_session, "ensure_ray", no_ray)  # those that import it when they run
     monkeypatch.setattr(sys, "argv", ["tagpipe", *args])
     watched = [os.path.dirname(world["dedup"]), world["table"]]
     before = _tree(*watched)
@@ -264,3 +266,34 @@ def test_an_input_that_lists_nothing_commits_nothing_unless_allowed(
     assert stopped.value.code == 0, capsys.readouterr().err
     current = TagTable(str(out)).current()
     assert current is not None and current.version == 1 and current.rows == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "kind", "words"),
+    [
+        ("vacuum", "dedup", "is a dedup output, not a tag table"),
+        ("rethreshold", "splits", "is a split output, not a tag table"),
+        ("compare-tags", "multi", "holds tag tables cl/ and wd/ (one per model): pass one of them"),
+        ("rethreshold", "photos", "is a folder of images, not a tag table"),
+    ],
+)
+def test_commands_on_a_tag_table_name_the_wrong_kind(
+    command, kind, words, world, tmp_path, monkeypatch, capsys
+):
+    """The commands that change a tag table in place (rethreshold, compare-tags, vacuum)
+    name what they were given instead."""
+    (tmp_path / "source.csv").write_text("uri,tags\na.png,cat\n")
+    args = {
+        "vacuum": ["vacuum", "--tags", world[kind]],
+        "rethreshold": ["rethreshold", "--tags", world[kind], "-m", world["bundle"]],
+        "compare-tags": [
+            "compare-tags",
+            "--tags",
+            world[kind],
+            "-m",
+            world["bundle"],
+            "--source-tags",
+            str(tmp_path / "source.csv"),
+        ],
+    }[command]
+    _refused(monkeypatch, capsys, world, args, world[kind], words)

@@ -34,7 +34,9 @@ WANTS = {
     "dedup": ({DEDUP, FILE}, "a dedup output", "the folder `tagpipe dedup -o` wrote (clusters.parquet)"),
     "split": ({SPLIT, FILE}, "a split output", "the folder `tagpipe split -o` wrote (splits.parquet)"),
     "side": ({TAG_TABLE, SPLIT, PARQUET, FILE, OTHER}, "a tag table or split output", "one of those"),
+    "versioned": ({TAG_TABLE}, "a tag table", "the folder `tagpipe tag -o` wrote"),
 }
+NAMED_KINDS = (TAG_TABLE, DEDUP, SPLIT, AUDIT, TABLES, IMAGES)  # what tagpipe can name a folder as
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def expect(uri: str, want: str, option: str, storage_options: dict | None = None
     a tag table, a split output, or Parquet/CSV)."""
     found = kind_of(uri, storage_options)
     accepted, wanted, how = WANTS[want]
-    named = f"{option} {uri}"
+    named = f"{option} {uri}".strip()
     if found.kind == OTHER and not found.names:
         raise TagpipeError(f"{named} is an empty folder, not {wanted}: give {how}")
     if found.kind in accepted:
