@@ -297,3 +297,24 @@ def test_commands_on_a_tag_table_name_the_wrong_kind(
         ],
     }[command]
     _refused(monkeypatch, capsys, world, args, world[kind], words)
+
+
+@pytest.mark.parametrize(
+    ("key", "where", "words"),
+    [
+        ("splits_output", "afile", "is a file, not a folder"),
+        ("dedup_output", "table", "is a tag table, not a dedup output"),
+    ],
+)
+def test_a_nightly_checks_its_later_outputs_before_it_tags(
+    key, where, words, world, tmp_path, monkeypatch, capsys
+):
+    """A splits folder that cannot be written is found before the tag step, not after it."""
+    config = tmp_path / "nightly.toml"
+    out = tmp_path / "tags"
+    config.write_text(
+        f'[tag]\ninputs = ["{world["photos"]}"]\noutput = "{out}"\nmodel = "{world["bundle"]}"\n'
+        f'[nightly]\n{key} = "{world[where]}"\n'
+    )
+    _refused(monkeypatch, capsys, world, ["nightly", "-c", str(config)], f"{key} {world[where]}", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly.toml"]

@@ -11,7 +11,7 @@ import os
 
 from pipeline.core.errors import TagpipeError
 from pipeline.storage.writable import check_writable
-from pipeline.table.input_kinds import AUDIT, DEDUP, SPLIT, TABLES, kind_of
+from pipeline.table.input_kinds import AUDIT, DEDUP, SPLIT, TABLES, expect_output, kind_of
 
 ALLOW = "pass --allow-empty to commit it anyway"
 
@@ -37,6 +37,18 @@ def check_tag_paths(cfg, dry_run: bool) -> None:
             f"--output {cfg.output} holds one tag table per model ({', '.join(found.tables)}), from a "
             "pass with several --model: give one of them, or the same models again"
         )
+
+
+def check_nightly_paths(cfg) -> None:
+    """A nightly's later outputs (dedup's, and the splits' with their audits) checked
+    before its tag step: a read-only splits folder found after hours of tagging is late."""
+    options = cfg.tag.storage_options
+    for option, uri, own in (
+        ("dedup_output", cfg.dedup_output, DEDUP),
+        ("splits_output", cfg.splits_output, SPLIT),
+    ):
+        check_writable(uri, option)
+        expect_output(uri, own, option, options)
 
 
 def _empty(folder: str) -> bool:
