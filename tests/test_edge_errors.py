@@ -318,3 +318,19 @@ def test_a_nightly_checks_its_later_outputs_before_it_tags(
     )
     _refused(monkeypatch, capsys, world, ["nightly", "-c", str(config)], f"{key} {world[where]}", words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly.toml"]
+
+
+def test_a_local_error_that_slips_past_the_checks_is_one_line():
+    """main()'s last line of defence: a local OSError naming its path (here wrapped, as a
+    library re-raises it) is one line; anything else stays a traceback."""
+    from pipeline.storage.writable import local_error_text
+
+    try:
+        try:
+            raise PermissionError(13, "Permission denied", "/data/out/part.parquet")
+        except OSError as exc:
+            raise RuntimeError("write failed") from exc
+    except RuntimeError as wrapped:
+        assert local_error_text(wrapped) == "/data/out/part.parquet: permission denied"
+    assert local_error_text(ValueError("no path here")) is None
+    assert local_error_text(OSError("no filename")) is None
