@@ -126,3 +126,40 @@ def test_a_bundle_that_fails_its_check_leaves_nothing(hub, tmp_path):
     assert done.returncode == 2 and "model and vocabulary do not belong together" in done.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "hf"] or not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".bad", "bad"))]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: a connection to it is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["connection-refused", "HF_HUB_OFFLINE"])
+def test_no_reachable_hub_is_one_line_naming_the_ways_round_it(offline, tmp_path):
+    env = dict(
+        os.environ,
+        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    target = tmp_path / "wd"
+    done = subprocess.run(
+        [*TAGPIPE, "model", "pull", "SmilingWolf/wd-vit-tagger-v3", str(target)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: SmilingWolf/wd-vit-tagger-v3: ")
+    assert ("HF_HUB_OFFLINE is set" if offline else f"cannot reach the Hub at {env['HF_ENDPOINT']}") in lines[
+        0
+    ]
+    assert "copy a bundle folder by hand" in lines[0] and (offline or "HF_ENDPOINT" in lines[0])
+    assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".wd")]

@@ -189,9 +189,10 @@ def test_a_folder_holding_tables_is_refused_not_read_as_every_version(demo, tmp_
     from pipeline.core.errors import TagpipeError
 
     shutil.copytree(demo.tags_dir, tmp_path / "out" / "model-a")
-    for folder in (tmp_path / "out", tmp_path / "out" / "model-a" / "data"):
-        with pytest.raises(TagpipeError, match="not one table"):
-            build_report(str(folder), str(tmp_path / "r.html"))
+    with pytest.raises(TagpipeError, match="holds tag tables model-a/ .*: pass one of them"):
+        build_report(str(tmp_path / "out"), str(tmp_path / "r.html"))
+    with pytest.raises(TagpipeError, match="not one table"):
+        build_report(str(tmp_path / "out" / "model-a" / "data"), str(tmp_path / "r.html"))
 
 
 @pytest.mark.parametrize("option", ["tags", "dedup", "split"])

@@ -76,7 +76,7 @@ def test_missing_bucket_is_named_and_never_created(s3_server, demo_bundle, tmp_p
 
     images = tmp_path / "in"
     images.mkdir()
-    (images / "a.txt").write_text("not an image")
+    (images / "a.bin").write_text("not an image")  # listed (a .txt is a sidecar, and lists nothing)
     done = _run(
         ["tag", "-i", str(images), "-o", "s3://tagpipe-no-such-bucket/out", "-m", str(demo_bundle), "-q"]
     )

@@ -290,10 +290,14 @@ def main() -> None:
         app(prog_name="tagpipe")
     except TagpipeError as exc:
         _fail(str(exc))
-    except Exception as exc:  # an object store's failure becomes one line, others stay tracebacks
+    except Exception as exc:  # a store's or a local path's failure becomes one line, others tracebacks
         from pipeline.storage.filesystem import storage_error_text
 
         text = storage_error_text(exc, [a for a in sys.argv[1:] if "://" in a] + _config_uris(sys.argv[1:]))
+        if text is None:
+            from pipeline.storage.writable import local_error_text
+
+            text = local_error_text(exc)  # a local path's failure, as one line too
         if text is None:
             raise
         _fail(text)

@@ -43,6 +43,8 @@ from pipeline.corpus.duplicate_signals import (
 from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import write_atomic
 from pipeline.storage.outputs import mark_output
+from pipeline.storage.writable import check_writable
+from pipeline.table.input_kinds import AUDIT, expect, expect_output
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +321,7 @@ def run_audit(
     if not isinstance(settings, AuditSettings):
         settings = build(AuditSettings, {"train": settings, "eval": evaluation, **values})
     output, storage_options, tags = settings.output, settings.storage_options, settings.tags
+    _check_paths(settings)
     leaks, report = audit(
         read_side(settings.train, storage_options, "train", tags),
         read_side(settings.eval, storage_options, "eval", tags),
@@ -338,3 +341,17 @@ def run_audit(
             storage_options=storage_options,
         )
     return leaks, report
+
+
+def _check_paths(settings: AuditSettings) -> None:
+    """Every input of the kind its option takes, and the output writable, before any work."""
+    options = settings.storage_options
+    expect(settings.train, "side", "--train", options)
+    expect(settings.eval, "side", "--eval", options)
+    if settings.tags:
+        expect(settings.tags, "table", "--tags", options)
+    if settings.dedup:
+        expect(settings.dedup, "dedup", "--dedup", options)
+    if settings.output:
+        check_writable(settings.output, "--output")
+        expect_output(settings.output, AUDIT, "--output", options)

@@ -67,6 +67,8 @@ from pipeline.corpus.duplicate_signals import (
 from pipeline.corpus.embedding_threshold import ThresholdDecision
 from pipeline.storage.filesystem import write_atomic
 from pipeline.storage.outputs import mark_output
+from pipeline.storage.writable import check_writable
+from pipeline.table.input_kinds import DEDUP, expect, expect_output
 from pipeline.table.tag_table import now_iso
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,10 @@ def run_dedup(settings: DedupSettings | str, output: str | None = None, **values
     tags, output, storage_options = settings.tags, settings.output, settings.storage_options
     max_distance, embedding_threshold = settings.max_distance, settings.embedding_threshold
     full = settings.full
+    expect(tags, "table", "--tags", storage_options)  # before any work: one line, nothing written
+    check_writable(output, "--output")
+    if expect_output(output, DEDUP, "--output", storage_options).kind == DEDUP:
+        log.info("updating the dedup output at %s: its clusters, edges and summary are replaced", output)
     started = time.monotonic()
     run_id = new_run_id()
     rows = CorpusRows.read(tags, storage_options)

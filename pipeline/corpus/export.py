@@ -68,6 +68,8 @@ from pipeline.corpus.supplement import (
 )
 from pipeline.storage.filesystem import atomic_output, filesystem_for, is_local, write_atomic
 from pipeline.storage.outputs import mark_file, mark_output
+from pipeline.storage.writable import FILE, FOLDER, check_writable
+from pipeline.table.input_kinds import expect
 from pipeline.table.reading import Pieces
 
 __all__ = [  # the row-text helpers live in export_text; importable from here as before
@@ -176,6 +178,7 @@ def export_tags(
         raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if existing not in EXISTING_FILES:
         raise TagpipeError(f"existing={existing!r}: choose one of {', '.join(EXISTING_FILES)}")
+    _check_paths(tags, output, fmt, storage_options)
     source = Pieces(tags, storage_options)
     if supplement is not None:
         check_supplement(source.names, tags, fmt)
@@ -196,6 +199,22 @@ def export_tags(
     return summary
 
 
+def _single_file(output: str) -> bool:
+    """An output named like a file (out/x.jsonl) is that file, not a folder of that name."""
+    return output.rstrip("/").lower().endswith(".jsonl")
+
+
+def _check_paths(tags: str, output: str, fmt: str, storage_options: dict | None) -> None:
+    """The input a table, the output writable as what it will be, before any work."""
+    expect(tags, "table", "--tags", storage_options)
+    if fmt == "captions" and _single_file(output):
+        raise TagpipeError(
+            f"--output {output}: captions are one .txt per image under a folder; give a folder "
+            "(a .jsonl output is for --format jsonl or dart)"
+        )
+    check_writable(output, "--output", FILE if _single_file(output) else FOLDER)
+
+
 def _columns(tags: str, names: list[str], fmt: str, supplement: bool) -> list[str]:
     """The columns to read, in the input's order (a JSONL record lists its tags_ columns so)."""
     missing = [c for c in ("uri", "error", *REQUIRED[fmt]) if c not in names]
@@ -210,9 +229,14 @@ def _columns(tags: str, names: list[str], fmt: str, supplement: bool) -> list[st
 
 
 def _export_lines(job: _Job, fmt: str) -> None:
-    """JSONL or Dart: one file, its lines in uri order, streamed into place."""
-    target = posixpath.join(job.out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
-    present = _present(job.fs, job.out_path, pa.chunked_array([[target]], pa.string()))
+    """JSONL or Dart: one file, its lines in uri order, streamed into place: the output
+    itself when it is named .jsonl, else a file of the format's name inside it."""
+    if _single_file(job.out_path):
+        target = job.out_path
+        present = pa.array([target] if job.fs.exists(target) else [], pa.string())
+    else:
+        target = posixpath.join(job.out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
+        present = _present(job.fs, job.out_path, pa.chunked_array([[target]], pa.string()))
     _refuse_present(job, fmt, present, 1)
     if len(present) and job.existing == "skip":
         job.summary.skipped_existing += 1

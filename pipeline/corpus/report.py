@@ -51,6 +51,8 @@ from pipeline.corpus.report_figures import BORDERLINE, ERROR_CHARS, SCORE_BINS, 
 from pipeline.corpus.report_scan import PartSummaries, ScanCounts, scan
 from pipeline.storage.filesystem import filesystem_for, read_bytes, write_atomic
 from pipeline.storage.outputs import mark_file
+from pipeline.storage.writable import FILE, check_writable
+from pipeline.table.input_kinds import expect
 from pipeline.table.tag_table import CURRENT as _CURRENT
 
 log = logging.getLogger(__name__)
@@ -216,11 +218,12 @@ def build_report(
     started = time.monotonic()
     from pipeline.table.tag_table import RUNS_DIR, TagTable, is_tag_table
 
-    _must_exist(tags, "", storage_options, "--tags")
+    expect(tags, "table", "--tags", storage_options)  # before any work: one line, nothing written
     if dedup:
-        _must_exist(dedup, "clusters.parquet", storage_options, "--dedup")
+        expect(dedup, "dedup", "--dedup", storage_options)
     if split:
-        _must_exist(split, "splits.parquet", storage_options, "--split")
+        expect(split, "split", "--split", storage_options)
+    check_writable(output, "--output", FILE)
 
     table, snapshot, run = None, None, None
     if is_tag_table(tags, storage_options):
@@ -266,16 +269,6 @@ def build_report(
         drift=drift,
         scan=counts if table is not None else None,
     )
-
-
-def _must_exist(given: str, inside: str, storage_options, option: str) -> None:
-    """A missing input is one line before any work, not a traceback from deep in a read.
-    inside: the file a folder given must hold (a dedup output's clusters.parquet)."""
-    fs, path = filesystem_for(given, storage_options)
-    if not fs.exists(path):
-        raise TagpipeError(f"{option} {given}: no such file or folder")
-    if inside and not fs.exists(posixpath.join(path, inside)):
-        raise TagpipeError(f"{option} {given}: holds no {inside}, so it is not what {option} takes")
 
 
 def _drift_plan(tags: str, table, snapshot, compare_version: int | None, note: str | None):

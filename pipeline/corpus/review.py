@@ -50,6 +50,8 @@ from pipeline.corpus.review_rank import (
     uncertain_ranking,
     uncertain_rules,
 )
+from pipeline.storage.writable import FILE, check_writable
+from pipeline.table.input_kinds import expect
 
 __all__ = ["LABEL_FIELDS", "ReviewKind", "ReviewSettings", "rank_queue", "run_review"]
 
@@ -188,6 +190,9 @@ def run_review(settings: ReviewSettings) -> ReviewSummary:
 
     started = time.monotonic()
     queue_format, page = settings.queue_format(), settings.page()
+    expect(settings.tags, "table", "--tags", settings.storage_options)  # before any work: one line
+    for path in (settings.out, page):
+        check_writable(path, "--out", FILE)
     if not settings.overwrite:
         check_free([settings.out, page], settings.storage_options)
     records, rows = rank_queue(settings)

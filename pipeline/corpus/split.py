@@ -56,6 +56,8 @@ from pipeline.corpus.split_columns import (
 from pipeline.corpus.split_settings import SplitSettings
 from pipeline.storage.filesystem import write_atomic
 from pipeline.storage.outputs import mark_output
+from pipeline.storage.writable import check_writable
+from pipeline.table.input_kinds import SPLIT, expect, expect_output
 from pipeline.table.reading import read_parquet
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,10 @@ def run_split(
         settings.storage_options,
     )
     group_column, metadata, ratios = settings.group_column, settings.metadata, settings.ratios
+    expect(tags, "table", "--tags", storage_options)  # before any work: one line, nothing written
+    expect(dedup, "dedup", "--dedup", storage_options)
+    check_writable(output, "--output")
+    expect_output(output, SPLIT, "--output", storage_options)
     tagged = read_tagged(tags, storage_options)
     clusters = dedup.rstrip("/") + "/clusters.parquet" if not dedup.endswith(".parquet") else dedup
     columns = ["uri", "sha256", "phash", "cluster_id"]  # the table as read is not kept: only its join

@@ -251,9 +251,7 @@ def run_compare_tags(
     table = TagTable(tags, storage_options)
     base = table.sync_current()
     if base is None:
-        raise TagpipeError(
-            f"{tags}: no committed table (_current.json missing): has a tag run finished here?"
-        )
+        raise table.not_a_table()
     if base.model_sha256 != bundle.fingerprint.model_sha256:
         raise TagpipeError(
             f"{tags}: made by model {base.model_sha256}, not by {model_dir} "

@@ -36,6 +36,7 @@ from pipeline.corpus.dedup import run_dedup
 from pipeline.corpus.drift import DriftSummary
 from pipeline.corpus.report import build_report
 from pipeline.corpus.split import run_split
+from pipeline.job.preflight import check_nightly_paths
 from pipeline.job.settings import NightlyConfig
 from pipeline.job.tag_job import RunSummary, run_tag_job
 from pipeline.storage.filesystem import filesystem_for
@@ -117,6 +118,7 @@ def nightly_exit_status(summary: NightlySummary, cfg: NightlyConfig) -> int:
 
 
 def run_nightly(cfg: NightlyConfig) -> NightlySummary:
+    check_nightly_paths(cfg)  # and the tag step checks its own: all before any work
     run_id = cfg.tag.run_id or new_run_id()
     started = time.monotonic()
     t = time.monotonic()

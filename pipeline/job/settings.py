@@ -165,6 +165,14 @@ class TagJobConfig(SettingsModel):
         ),
         Setting(NONE),
     ] = 0.2
+    allow_empty: Annotated[
+        bool,
+        Field(
+            description="commit a version when the inputs list no file at all (by default such a run is "
+            "refused, exit 2, committing nothing: an empty folder or a typo looks like success)"
+        ),
+        Setting(NONE, default_text="refuse"),
+    ] = False
     ray_address: Annotated[
         str | None,
         Field(description="`auto` or an address joins an existing cluster; `RAY_ADDRESS` works too"),

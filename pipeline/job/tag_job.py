@@ -41,6 +41,7 @@ from pipeline.job.incremental import inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Change, Plan, empty_view, plan_run
+from pipeline.job.preflight import check_tag_paths, empty_listing_text
 from pipeline.job.rethreshold import Retag
 from pipeline.job.run_summary import PassSummary, RunSummary
 from pipeline.job.setting_changes import changed_settings, served_keys
@@ -82,6 +83,7 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     committed each on its own; a PassSummary of their RunSummaries."""
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
+    check_tag_paths(cfg, dry_run)  # before bundles load, the listing, or Ray: one line, nothing written
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     warned: set[str] = set()  # other runs active on a table: said at the start, and never twice
@@ -89,6 +91,8 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
         warned |= warn_if_active(run.table, run_id)
     timings: dict[str, float] = {}
     listing = _list_before_ray(cfg, runs, timings)
+    if not listing.manifest.num_rows and not cfg.allow_empty:
+        raise TagpipeError(empty_listing_text(cfg.inputs, listing.skipped))
     if source is not None:  # a source file that names almost none of the listed images stops here
         uris = [listing.manifest.column("uri").combine_chunks()]
         check_source_match(str(cfg.source_tags), source.column("uri"), uris, cfg.labels.source_match)

@@ -12,6 +12,7 @@ revision asked for, the commit it resolved to, and each file's size and sha256.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import shutil
@@ -23,6 +24,7 @@ from pipeline.core.errors import TagpipeError
 from pipeline.core.words import counted
 from pipeline.model.bundle import LAYOUT_HINTS, file_sha256, load_bundle
 from pipeline.storage.filesystem import staged_folder
+from pipeline.storage.writable import check_writable
 
 SOURCE_FILE = "tagpipe_source.json"
 # Files a family's bundle may hold besides its model and vocabulary (taken when present).
@@ -111,6 +113,57 @@ def _wanted(files: list[str], folder: str, vocabulary: str) -> list[str]:
 def pull_model(
     repo_id: str, directory: str | Path, revision: str | None = None, subfolder: str | None = None
 ) -> PullResult:
+    """The repository's bundle into `directory` (new or empty), checked before it lands."""
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise TagpipeError(f"{target} exists and is not empty: pull into a new folder")
+    check_writable(str(target), "DIR")
+    with _hub_reachable(repo_id):
+        return _pull(repo_id, target, revision, subfolder)
+
+
+@contextlib.contextmanager
+def _hub_reachable(repo_id: str):
+    """No Hub to reach (offline mode, a refused connection, a name that does not resolve,
+    a timeout) is one line saying where tagpipe looked and the two ways round it: a mirror
+    through HF_ENDPOINT, or a bundle folder copied by hand."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    by_hand = "or copy a bundle folder by hand (README, 'Model bundles and profiles') and pass it as --model"
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise TagpipeError(
+            f"{repo_id}: HF_HUB_OFFLINE is set, so the Hub cannot be asked: unset it, {by_hand}"
+        ) from None
+    except Exception as exc:
+        reason = _unreachable(exc)
+        if reason is None:
+            raise
+        raise TagpipeError(
+            f"{repo_id}: cannot reach the Hub at {constants.ENDPOINT} ({reason}): set HF_ENDPOINT to a "
+            f"mirror you can reach, {by_hand}"
+        ) from None
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """The network's reason when exc (or what caused it) is a failure to reach a server,
+    whichever HTTP client huggingface_hub uses; None for any other failure."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        name = type(seen).__name__
+        if isinstance(seen, ConnectionError | TimeoutError) or any(
+            word in name for word in ("Connect", "Timeout", "NetworkError", "NameResolution", "gaierror")
+        ):
+            return str(seen).splitlines()[0][:160] or name
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _pull(repo_id: str, target: Path, revision: str | None, subfolder: str | None) -> PullResult:
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -119,9 +172,6 @@ def pull_model(
         RevisionNotFoundError,
     )
 
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()):
-        raise TagpipeError(f"{target} exists and is not empty: pull into a new folder")
     try:
         info = HfApi().model_info(repo_id, revision=revision)
     except RevisionNotFoundError:

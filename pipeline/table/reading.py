@@ -10,6 +10,7 @@ split, audit, export and OOD fitting take any of the three.
 from __future__ import annotations
 
 import contextlib
+import posixpath
 
 from pipeline.core.errors import TagpipeError
 from pipeline.storage.filesystem import filesystem_for, retry
@@ -194,12 +195,22 @@ def _parquet_files(uri: str, storage_options: dict | None) -> list[str]:
         return [path]
     if not fs.isdir(path):
         raise FileNotFoundError(path)
+    found = fs.find(path)
     files = sorted(
         f
-        for f in fs.find(path)
+        for f in found
         if f.endswith(".parquet")
         and not any(part.startswith(("_", ".")) for part in f[len(path) :].split("/"))
     )
     if not files:
-        raise FileNotFoundError(f"{path}: no Parquet files")
+        raise TagpipeError(_no_parquet(uri, found))
     return files
+
+
+def _no_parquet(uri: str, found: list[str]) -> str:
+    """Why a folder without Parquet files is not an input: named by what it does hold."""
+    from pipeline.table.input_kinds import IMAGE_EXTENSIONS
+
+    if any(posixpath.splitext(f)[1].lower().lstrip(".") in IMAGE_EXTENSIONS for f in found):
+        return f"{uri} is a folder of images, not a tag table: tag it first (tagpipe tag -i {uri} -o TABLE)"
+    return f"{uri} holds no Parquet files: not a tag table, a Parquet file or a folder of them"

@@ -227,13 +227,25 @@ class TagTable:
             if p.endswith(".json")
         )
 
+    def not_a_table(self) -> TagpipeError:
+        """Why there is no table here: what the folder is instead when tagpipe wrote it (a
+        dedup output, a multi-model pass's folder of tables, ...), else no commit yet."""
+        from pipeline.table.input_kinds import MISSING, NAMED_KINDS, expect, kind_of
+
+        if kind_of(self.uri, self.storage_options).kind in (MISSING, *NAMED_KINDS):
+            try:
+                expect(self.uri, "versioned", "", self.storage_options)
+            except TagpipeError as exc:
+                return exc
+        return TagpipeError(
+            f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?"
+        )
+
     def snapshot(self, version: int | None = None) -> Snapshot:
         if version is None:
             current = self.current()
             if current is None:
-                raise TagpipeError(
-                    f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?"
-                )
+                raise self.not_a_table()
             return current
         snapshot = self._read_record(version_record(version))
         if snapshot is None:
@@ -435,9 +447,7 @@ class TagTable:
             raise TagpipeError("keep_versions must be >= 1 (the current version is always kept)")
         current = self.sync_current() if not dry_run else self.current()
         if current is None:
-            raise TagpipeError(
-                f"{self.uri}: no committed table ({CURRENT} missing): has a tag run finished here?"
-            )
+            raise self.not_a_table()
         versions = [v for v in self.versions() if v <= current.version]
         kept = versions[-keep_versions:]
         named = {*current.files, *current.labels.values()}
