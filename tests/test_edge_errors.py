@@ -5,14 +5,17 @@ it is, exit 2, with nothing written, and before Ray starts.
 
 Commands run in this process through the CLI's own entry point (pipeline.cli.main), with
 Ray's start replaced by a failure, so a check that came after Ray would show. The
-read-only cases need a user the folder's mode binds: root may write anyway (and then it
-really can), so under root those cases are skipped, by name, with that reason.
+read-only cases need a folder this user cannot write: a chmod binds a plain user; root
+may write anyway, so under root the folder is made a read-only bind mount of itself
+(a read-only filesystem binds root too). Where root may not mount (a container without
+the capability), those cases are skipped, by name, with that reason.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -20,7 +23,26 @@ import pytest
 from pipeline.cli import main
 
 ROOT = os.geteuid() == 0
-READ_ONLY = pytest.mark.skipif(ROOT, reason="runs as root: a chmod'd folder is writable to root")
+
+
+def _read_only(folder) -> bool:
+    """Make `folder` read-only for this user: its mode, and for root (whom modes do not
+    bind) a read-only bind mount of itself. False when root cannot mount."""
+    folder.chmod(0o555)
+    if not ROOT:
+        return True
+    mount = ["mount", "--bind", str(folder), str(folder)]
+    remount = ["mount", "-o", "remount,bind,ro", str(folder)]
+    for command in (mount, remount):
+        if subprocess.run(command, capture_output=True).returncode:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+            return False
+    return True
+
+
+def _read_only_or_skip(world) -> None:
+    if not world["ro_binds"]:
+        pytest.skip("runs as root without the right to mount: no folder is read-only to root")
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +64,16 @@ def world(tagged, demo_bundle, tmp_path_factory):
     (root / "page.html").mkdir()  # folders named as the files report and review write
     (root / "queue.jsonl").mkdir()
     (root / "ro").mkdir()
-    (root / "ro").chmod(0o555)
+    binds = _read_only(root / "ro")
     paths = {
         "table": table,
         "bundle": demo_bundle,
         **{n: root / n for n in ("dedup", "splits", "multi", "photos", "empty", "afile", "ro")},
         **{n: root / n for n in ("page.html", "queue.jsonl")},
     }
-    yield {k: str(v) for k, v in paths.items()}
+    yield {**{k: str(v) for k, v in paths.items()}, "ro_binds": binds}
+    if ROOT and binds:
+        subprocess.run(["umount", str(root / "ro")], check=True)
     (root / "ro").chmod(0o755)
 
 
@@ -130,17 +154,17 @@ def test_a_folder_given_as_the_output_file_is_one_line(command, folder, world, m
     _refused(monkeypatch, capsys, world, args, f"{world[folder]} is a folder, not a file")
 
 
-@READ_ONLY
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_read_only_output_folder_is_one_line(command, world, monkeypatch, capsys):
+    _read_only_or_skip(world)
     inside = os.path.join(world["ro"], "out")
     args = _commands(world, world["ro"], inside)[command]
     _refused(monkeypatch, capsys, world, args, world["ro"], "read-only")
 
 
-@READ_ONLY
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_output_under_a_read_only_parent_is_one_line(command, world, monkeypatch, capsys):
+    _read_only_or_skip(world)
     inside = os.path.join(world["ro"], "new", "out")
     args = _commands(world, inside, inside)[command]
     _refused(monkeypatch, capsys, world, args, "cannot create it", world["ro"], "read-only")
