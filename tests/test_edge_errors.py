@@ -244,6 +244,13 @@ def test_an_output_holding_something_else_is_refused(command, output, words, wor
     _refused(monkeypatch, capsys, world, args, f"--output {world[output]}", words)
 
 
+@pytest.mark.parametrize(("output", "words"), [("dedup", "is a dedup output"), ("afile", "is a file")])
+def test_a_dry_run_refuses_what_the_run_would(output, words, world, monkeypatch, capsys):
+    """A dry run must not plan (exit 0) a run the real command refuses."""
+    args = [*_commands(world, world[output], "")["tag"], "--dry-run"]
+    _refused(monkeypatch, capsys, world, args, f"--output {world[output]}", words)
+
+
 def test_export_to_a_jsonl_name_writes_that_file(world, tmp_path, monkeypatch, capsys):
     target = tmp_path / "x.jsonl"
     args = ["export", "--tags", world["table"], "-o", str(target), "--format", "jsonl"]

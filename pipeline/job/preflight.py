@@ -16,9 +16,10 @@ from pipeline.table.input_kinds import AUDIT, DEDUP, SPLIT, TABLES, expect_outpu
 ALLOW = "pass --allow-empty to commit it anyway"
 
 
-def check_tag_paths(cfg, dry_run: bool) -> None:
+def check_tag_paths(cfg) -> None:
     """Refuse, before any work, a missing or empty local input and an output that cannot
-    take a table (a dry run writes nothing, so only its inputs are checked)."""
+    take a table. A dry run is checked the same way (the checks write nothing): it must
+    not plan a run that the real one refuses."""
     for uri in cfg.inputs:
         if "://" in uri:
             continue  # an object store's listing answers for itself
@@ -26,8 +27,6 @@ def check_tag_paths(cfg, dry_run: bool) -> None:
             raise TagpipeError(f"input not found: {uri}")
         if os.path.isdir(uri) and not cfg.allow_empty and _empty(uri):
             raise TagpipeError(f"input {uri} is an empty folder: nothing to tag, nothing committed; {ALLOW}")
-    if dry_run:
-        return
     check_writable(cfg.output, "--output")
     found = kind_of(cfg.output, cfg.storage_options)
     if found.kind in (DEDUP, SPLIT, AUDIT):

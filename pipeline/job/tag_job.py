@@ -83,7 +83,7 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     committed each on its own; a PassSummary of their RunSummaries."""
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
-    check_tag_paths(cfg, dry_run)  # before bundles load, the listing, or Ray: one line, nothing written
+    check_tag_paths(cfg)  # before bundles load, the listing, or Ray: one line, nothing written
     runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     warned: set[str] = set()  # other runs active on a table: said at the start, and never twice
