@@ -120,3 +120,16 @@ def test_a_shipped_profile_for_another_model_is_blamed_by_name(demo_bundle):
     message = str(info.value)
     assert "profile wd_v3 does not fit this model" in message and "takes NCHW" in message
     assert "preprocess.layout" not in message
+
+
+def test_a_folder_without_a_model_says_so_not_pass_profile(tmp_path):
+    """A folder of photos given as --model: the missing model is the cause, not the family."""
+    from pipeline.model.bundle import load_bundle
+
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(BundleError, match=r"no ONNX model \(\*\.onnx\) here") as info:
+        load_bundle(tmp_path)
+    assert "--profile" not in str(info.value)
+    (tmp_path / "model.onnx").write_bytes(b"")  # a model without side files: the family is the question
+    with pytest.raises(BundleError, match="cannot tell the model family"):
+        load_bundle(tmp_path)

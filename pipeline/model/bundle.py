@@ -148,6 +148,8 @@ def detect_profile(directory: Path) -> Profile:
             directory,
         )
         return profile
+    if not any(directory.glob("*.onnx")):  # no model at all: --profile would not help
+        raise BundleError(f"{directory}: no ONNX model (*.onnx) here: is this a model folder?")
     raise BundleError(
         f"{directory}: cannot tell the model family "
         "(no model_vocabulary.json, selected_tags.csv, top_tags.txt, "
