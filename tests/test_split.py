@@ -248,3 +248,19 @@ def test_stratified_split_meets_the_validation_minimum_and_keeps_families_whole(
         pq.read_table(tmp_path / "strat" / "splits.parquet")
     )
     assert again.fractions == report.fractions
+
+
+def test_a_split_left_empty_is_said_and_its_audit_is_not_clean(tmp_path):
+    """Three clusters at 90/5/5: val and test get nothing. The split says so, and an audit
+    of it has no eval image to check: NOTHING CHECKED, exit 4, never 'clean'."""
+    rows, _ = _corpus(seed=1, families=3, pairs=0)
+    tags = _write_tags(rows, tmp_path / "tags")
+    run_dedup(str(tags), str(tmp_path / "dedup"), max_distance=R)
+    ratios = {"train": 0.9, "val": 0.05, "test": 0.05}
+    report = run_split(str(tags), str(tmp_path / "dedup"), str(tmp_path / "split"), ratios=ratios, seed=1)
+    assert report.sizes == {"train": len(rows)}  # the seed puts all three in train
+    assert report.empty_splits == ["val", "test"] and "NO IMAGE in val, test" in report.text()
+    splits = str(tmp_path / "split" / "splits.parquet")
+    _, audit_report = run_audit(splits, splits, max_distance=R, embedding_threshold=None)
+    assert audit_report.eval_images == 0 and audit_report.exit_status() == 4
+    assert "NOTHING CHECKED" in audit_report.text() and "clean" not in audit_report.text()

@@ -72,7 +72,8 @@ class AuditReport:
         return short_of(self.asked, self.not_checked)
 
     def exit_status(self) -> int:
-        """1 on leaks; else 4 when some eval image went unchecked by an asked signal; else 0."""
+        """1 on leaks; else 4 when some eval image went unchecked by an asked signal, or
+        there was no eval image to check; else 0."""
         if self.leaks:
             return int(ExitStatus.LEAKS)
         return int(ExitStatus.OK if self.complete else ExitStatus.UNCHECKED)
@@ -84,6 +85,8 @@ class AuditReport:
             verdict = "LEAKS FOUND" + (
                 f" ({self.unchecked} eval images could not be checked)" if self.unchecked else ""
             )
+        elif not self.eval_images:
+            verdict = f"NOTHING CHECKED (exit {int(ExitStatus.UNCHECKED)}): the eval side has no image"
         elif missing:
             verdict = (
                 f"NOT FULLY CHECKED (exit {int(ExitStatus.UNCHECKED)}): no leaks found, but some eval "
@@ -188,7 +191,7 @@ def audit(
     else:
         emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
     report.unchecked = int((~(phash_checked | emb_checked)).sum())
-    report.complete = not report.short_of()
+    report.complete = bool(report.eval_images) and not report.short_of()  # none checked: not clean
     return _leak_table(t, e, found + [phash, emb], report), report
 
 

@@ -81,12 +81,14 @@ class SplitReport:
         default_factory=dict
     )  # split -> tags with >= min_count overall and none there
     label_deviation: dict = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
+    empty_splits: list = field(default_factory=list)  # splits with a ratio above 0 that got no image
 
     def text(self) -> str:
         sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
         return (
             f"split: {counted(self.images, 'images')} in {counted(self.clusters, 'clusters')}: {sizes}; "
             f"{len(self.bridges)} bridged clusters held out"
+            + (f"; NO IMAGE in {', '.join(self.empty_splits)}" if self.empty_splits else "")
         )
 
 
@@ -223,6 +225,13 @@ def run_split(
     if before is not None:
         _keep_previous(report, before, unit, cluster_ids, split, names)
     _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, settings.min_count)
+    report.empty_splits = [s for s, share in ratios.items() if share > 0 and s not in report.sizes]
+    if report.empty_splits:
+        log.warning(
+            "split: %s got no image: %s too few for these ratios",
+            ", ".join(report.empty_splits),
+            counted(report.clusters, "clusters"),
+        )
     out = images.append_column("split_unit", cluster_ids.take(pa.array(unit)))
     # the hash's reliability travels with it, so an audit of this file alone knows it
     out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
