@@ -271,6 +271,15 @@ def test_an_empty_input_folder_is_refused_before_ray(world, tmp_path, monkeypatc
     assert not out.exists()
 
 
+def test_an_input_of_only_tagpipe_outputs_points_at_the_input_not_allow_empty(
+    world, tmp_path, monkeypatch, capsys
+):
+    """`tag -i DEDUP_OUTPUT`: the input is the mistake; --allow-empty would be the wrong fix."""
+    args = ["tag", "-i", world["dedup"], "-o", str(tmp_path / "tags"), "-m", world["bundle"], "-q"]
+    line = _refused(monkeypatch, capsys, world, args, "tagpipe_output", "give the folder of images as -i")
+    assert "--allow-empty" not in line
+
+
 def test_an_input_that_lists_nothing_commits_nothing_unless_allowed(
     ray_session, world, tmp_path, monkeypatch, capsys
 ):

@@ -58,8 +58,10 @@ def _empty(folder: str) -> bool:
 def empty_listing_text(inputs: tuple[str, ...], skipped: dict[str, int]) -> str:
     """Why nothing was committed when the inputs listed no file to tag."""
     left_out = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    own = bool(skipped) and set(skipped) == {"tagpipe_output"}  # the input is an output: a wrong -i
     return (
         f"the inputs ({', '.join(inputs)}) list no file to tag"
         + (f" (left out: {left_out})" if left_out else "")
-        + f"; nothing was committed: {ALLOW}"
+        + "; nothing was committed: "
+        + ("they hold only tagpipe's own outputs: give the folder of images as -i" if own else ALLOW)
     )
