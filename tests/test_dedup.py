@@ -4,6 +4,7 @@ original; the command writes stable clusters."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -205,6 +206,12 @@ def test_the_original_represents_its_cluster_over_a_later_edited_copy_with_more_
 
     assert representatives("first-seen") == {"photo.jpg": True, "a_copy.jpg": False}
     assert representatives("best-copy") == {"photo.jpg": False, "a_copy.jpg": True}
+    from pipeline.corpus.report import _signals_paragraph
+
+    for rule in ("first-seen", "best-copy"):  # the report names the rule the summary records
+        summary = json.loads((tmp_path / rule / "_summary.json").read_text())
+        said = "the copy first seen in the table" in _signals_paragraph(summary)
+        assert summary["representative"] == rule and said == (rule == "first-seen")
     # new thresholds rewrite every part in version 3: the history still knows the original
     assert run_tag_job(cfg.model_copy(update={"threshold": 0.9})).change == "rules changed"
     assert representatives("first-seen") == {"photo.jpg": True, "a_copy.jpg": False}

@@ -91,6 +91,7 @@ class DedupSummary:
     edges: dict = field(default_factory=dict)  # signal -> edges
     embedding: dict = field(default_factory=dict)  # the threshold decision (ThresholdDecision.record())
     index: dict = field(default_factory=dict)  # version, full or incremental (and why), what was searched
+    representative: str = "first-seen"  # how each cluster's kept copy was chosen (DedupOptions)
     seconds: float = 0.0
 
     def text(self) -> str:
@@ -195,6 +196,7 @@ def run_dedup(settings: DedupSettings | str, output: str | None = None, **values
     timings["embedding"] = _lap(started) - timings["exact"]
     labels = _graph(rows, exact, vectors, vectors.decision.threshold)
     summary = _summary(rows, exact, vectors, labels, max_distance)
+    summary.representative = Representative(settings.representative).value
     version = _commit(index, base, tags, rows, exact, vectors, run_id, max_distance, summary)
     summary.index = {
         "version": version.version,

@@ -511,9 +511,11 @@ def _signals_paragraph(summary: dict) -> str:
     from pipeline.corpus.dedup import describe_embedding
 
     emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
+    # older summaries do not name the rule: they were written by best-copy
+    first = "the copy first seen in the table, then " if summary.get("representative") == "first-seen" else ""
     return (
         f"<p>Edges by signal: {edges}. Hashes that match nothing: {unmatched}. {emb_text}. Kept copy "
-        "(marked <i>kept</i>): the most pixels, then a lossless format, then the most bytes, "
+        f"(marked <i>kept</i>): {first}the most pixels, then a lossless format, then the most bytes, "
         "then the smallest uri.</p>"
     )
 
