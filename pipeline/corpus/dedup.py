@@ -99,7 +99,7 @@ class DedupSummary:
         return (
             f"dedup: {counted(self.images, 'images')} in {counted(self.clusters, 'clusters')}; "
             f"{counted(self.duplicates, 'duplicates')} "
-            f"({self.duplicate_rate:.1%}; {self.exact_duplicate_images} exact copies), "
+            f"({self.duplicate_rate:.1%}; {counted(self.exact_duplicate_images, 'exact copies')}), "
             f"largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "
             f"hashes matching nothing: {unmatched}; {describe_embedding(self.embedding)}; "

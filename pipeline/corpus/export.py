@@ -346,7 +346,8 @@ def _refuse_present(job: _Job, fmt: str, present: pa.Array, planned: int) -> Non
         return
     example = ", ".join(present.take(pc.sort_indices(present)).slice(0, 3).to_pylist())
     raise TagpipeError(
-        f"{len(present)} of the {counted(planned, 'files')} to write already exist (e.g. {example}); "
+        f"{len(present)} of the {counted(planned, 'files')} to write "
+        f"{'already exists' if len(present) == 1 else 'already exist'} (e.g. {example}); "
         "nothing was written: "
         f"pass --skip-existing to keep them, --overwrite to replace them"
         + (", or --append to merge captions" if fmt == "captions" else "")

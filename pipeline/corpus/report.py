@@ -536,7 +536,7 @@ def _dedup_section(dedup: str, storage_options, figure) -> str:
         f"{counted(summary.get('images', len(sizes)), 'images', ',')}; "
         f"{counted(summary.get('duplicates', 0), 'duplicates', ',')} "
         f"({summary.get('duplicate_rate', 0):.2%}); "
-        f"{summary.get('exact_duplicate_images', 0):,} exact copies; "
+        f"{counted(summary.get('exact_duplicate_images', 0), 'exact copies', ',')}; "
         f"largest cluster {summary.get('largest_cluster', int(sizes.max()) if len(sizes) else 0):,}.</p>"
     )
     body += _signals_paragraph(summary)

@@ -114,11 +114,18 @@ class RunSummary:
         return (
             f"run {self.run_id} ({self.change_text()}): {self.listed} listed{skipped}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged{extra}; "
-            f"{counted(self.images, 'images')} tagged ({self.ok} ok, "
-            f"{counted(self.errors, 'errors')}: {kinds}), "
-            f"{self.images_per_second:.1f} img/s;{self._label_text()}{self._calibration_text()} "
+            f"{self._tagged_text(kinds)};{self._label_text()}{self._calibration_text()} "
             f"version {self.version} "
             f"({counted(self.rows, 'rows')}), {self.seconds:.1f} s -> {self.output}"
+        )
+
+    def _tagged_text(self, kinds: str) -> str:
+        """What the model did: counts and speed, or just that it had nothing to tag."""
+        if not self.images:
+            return "no image tagged"
+        return (
+            f"{counted(self.images, 'images')} tagged ({self.ok} ok, {counted(self.errors, 'errors')}: "
+            f"{kinds}), {self.images_per_second:.1f} img/s"
         )
 
     def _calibration_text(self) -> str:

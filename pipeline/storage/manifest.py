@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import ConfigError
 from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.schemas import MANIFEST_SCHEMA
+from pipeline.core.words import counted
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
 from pipeline.storage.inventory import read_inventory
 from pipeline.storage.key_ranges import KeyRangeSettings, UnorderedListing, key_pages_for, list_keys
@@ -411,7 +412,9 @@ def _list_in_parallel(
             for sub in subdirs:
                 listed.append(list_prefix(sub, storage_options, rules, root))
                 shown.update(1)
-    log.info("listed %s: %d files in %d folders", path, sum(t.num_rows for t, _ in listed), len(subdirs))
+    files = sum(t.num_rows for t, _ in listed)
+    where = counted(len(subdirs), "top-level subfolders")
+    log.info("listed %s: %s, at its top level and in %s", path, counted(files, "files"), where)
     return listed
 
 
