@@ -90,6 +90,16 @@ def test_help_names_each_value_and_marks_required_options(path, command):
         assert "[required" in " ".join(block.split()), f"{' '.join(path)} {flag}: not marked required"
 
 
+@pytest.mark.parametrize("name", ["tag", "dedup", "split", "audit", "report", "export"])
+def test_every_corpus_command_takes_the_logging_options(name):
+    """-v, -q and --log-format mean the same on every command that runs a stage."""
+    from typer.testing import CliRunner
+
+    shown = CliRunner().invoke(app, [name, "-h"], prog_name="tagpipe", env={"COLUMNS": "100"}).output
+    for flag in ("--verbose", "-v", "--quiet", "-q", "--log-format"):
+        assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", shown), f"{name}: no {flag}"
+
+
 def test_version_and_short_help():
     from pipeline import __version__
 

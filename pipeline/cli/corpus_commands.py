@@ -52,11 +52,16 @@ def dedup(
 
 @app.command(short_help="Leakage-free train/val/test splits by cluster.")
 @settings_options(SplitSettings, required=True)
-def split(given: dict | None = None) -> None:
+def split(
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
     """Assign whole duplicate clusters (and metadata groups) to train/val/test, stable across nightly runs."""
     from pipeline.corpus.split import run_split
 
-    _setup()
+    _setup(verbose, quiet, log_format)
     report = run_split(build(SplitSettings, given or {}))
     _emit(report)
     for bridge in report.bridges:
@@ -104,13 +109,18 @@ def report(
 
 @app.command(short_help="Eval images that copy or nearly copy train images.")
 @settings_options(AuditSettings, required=True)
-def audit(given: dict | None = None) -> None:
+def audit(
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
     """List eval images that are copies or near-duplicates of train images, by sha256,
     phash and embedding, and what could not be checked; exit status 1 on leaks, 4 when
     some eval image went unchecked by a signal the run was asked to use (README, "Exit statuses")."""
     from pipeline.corpus.audit import run_audit
 
-    _setup()
+    _setup(verbose, quiet, log_format)
     settings = build(AuditSettings, given or {})
     leaks, report = run_audit(settings)
     for row in leaks.slice(0, settings.show).to_pylist():
@@ -128,9 +138,14 @@ def audit(given: dict | None = None) -> None:
 
 @app.command(short_help="Captions, JSONL or Dart v2 prompts from a table.")
 @settings_options(ExportSettings, required=True)
-def export(given: dict | None = None) -> None:
+def export(
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+    log_format: LogFormatOption = LogFormat.TEXT,
+    given: dict | None = None,
+) -> None:
     """Write caption sidecars, JSONL, or Dart v2 prompts from a tag output."""
     from pipeline.corpus.export import run_export
 
-    _setup()
+    _setup(verbose, quiet, log_format)
     _emit(run_export(build(ExportSettings, given or {})))
