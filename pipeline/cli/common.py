@@ -120,7 +120,8 @@ model_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     context_settings=CONTEXT,
-    help="Model bundles: pull from the Hub, inspect, build the demo, expose the embedding.",
+    help="Model bundles: pull, inspect, demo, expose-embedding, profile, fit-ood.",
+    short_help="Model bundles: pull, inspect, demo, profile.",
 )
 app.add_typer(model_app, name="model")
 

@@ -82,7 +82,8 @@ class TagJobConfig(SettingsModel):
             min_length=1,
             description="a prefix on any fsspec filesystem (local, `s3://`), an image file, or a manifest "
             "(`.parquet`/`.csv` with a `uri` column, `.txt` one URI per line), repeatable. Every file under "
-            "a prefix is an input and gets a row, except OS and sync debris (below)",
+            "a prefix is an input and gets a row, except OS and sync debris and tagpipe's own outputs "
+            "(see [What gets a row](#what-gets-a-row))",
         ),
         Setting(NONE, flags=("--inputs", "--input", "-i"), metavar="URI"),
     ]
