@@ -82,6 +82,9 @@ def test_rethreshold_in_place_commits_a_new_version(base_output, demo_bundle, tm
     before, after = _by_uri(table, ["tags"]), read_current(str(table), version=1)
     assert {r["uri"]: r for r in after.select(["uri", "tags"]).to_pylist()} == _by_uri(base_output, ["tags"])
     assert any(before[u]["tags"] != r["tags"] for u, r in _by_uri(base_output, ["tags"]).items())
+    same = run_rethreshold(str(table), str(demo_bundle), None, RuleSettings(threshold=0.9))
+    assert same.unchanged and same.version == 2 and TagTable(str(table)).current().version == 2
+    assert "nothing committed" in same.text()  # the same rules again: no version 3
 
 
 def test_rethreshold_refuses_another_models_tags(base_output, demo_bundle, tmp_path):

@@ -45,8 +45,14 @@ class RethresholdSummary:
     version: int = 0  # the committed version
     seconds: float = 0.0
     by_part: list = field(default_factory=list)
+    unchanged: bool = False  # the rules were the version's own: nothing re-tagged, nothing committed
 
     def text(self) -> str:
+        if self.unchanged:
+            return (
+                f"rethreshold: the rules are version {self.version}'s own: nothing to re-tag, "
+                "nothing committed (give new threshold options)"
+            )
         return (
             f"rethreshold: {counted(self.parts, 'parts')} ({self.parts_skipped} already done), "
             f"{counted(self.rows, 'rows')}, "
@@ -179,6 +185,13 @@ def run_rethreshold(
             f"rethreshold into a new directory or into {tags} itself"
         )
     new_rules_key = rules_key(bundle, rules)
+    if target is source and base.rules_key == new_rules_key:  # a new version would repeat this one
+        return RethresholdSummary(
+            parts=len(base.files),
+            version=base.version,
+            unchanged=True,
+            seconds=round(time.monotonic() - started, 3),
+        )
     key = parts_dir_key(base.inference_key, new_rules_key)
     run_id = run_id or new_run_id()
     retag = Retag(
