@@ -39,10 +39,12 @@ def test_demo_command_tags_the_corpus_right(tmp_path):
 
 def test_mismatched_vocabulary_stops_before_any_image(tmp_path):
     bundle = wd_bundle(tmp_path / "wd", tags=12, vocab_size=11)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not read: the model stops the run first")
     result = _run(
         "tag",
         "--input",
-        str(tmp_path / "no_such_dir"),
+        str(tmp_path / "images"),
         "--output",
         str(tmp_path / "out"),
         "--model",

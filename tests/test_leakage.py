@@ -231,9 +231,14 @@ def test_an_audit_that_could_not_check_every_eval_image_never_exits_0():
     _, full = audit(train, _side("e", eval_hash, eval_vec), 6, 0.99)
     assert (full.exit_status(), full.complete, full.text().startswith("audit: clean")) == (0, True, True)
     low_detail = _side("e", eval_hash, eval_vec, degenerate=[True, False, False, False])
-    _, phash_short = audit(train, low_detail, 6, 0.99)  # the embedding checked it; phash did not
+    _, covered = audit(train, low_detail, 6, 0.99)  # phash cannot check it; the embedding did
+    assert covered.exit_status() == 0 and covered.not_checked["phash"] == 1 and not covered.short_of()
+    _, phash_short = audit(train, low_detail, 6, None)  # embedding off: nothing checked it for near copies
     assert phash_short.exit_status() == 4 and phash_short.short_of() == {"phash": 1}
     assert "not checked by phash 1 of 4" in phash_short.text()
+    blank_no_vector = _side("e", eval_hash, [None, *eval_vec[1:]], degenerate=[True, False, False, False])
+    _, neither = audit(train, blank_no_vector, 6, 0.99)  # neither near-copy signal checked it
+    assert neither.exit_status() == 4 and neither.short_of() == {"embedding": 1}
     no_vectors = _side("e", eval_hash, [None] * 4)
     for threshold in ("auto", 0.99):  # asked for, given or not, but nothing to compare
         _, short = audit(train, no_vectors, 6, threshold)

@@ -525,21 +525,29 @@ def test_demo_reruns_change_nothing_and_a_smaller_demo_drops_the_rest(ray_sessio
 def test_the_nightly_audit_line_reads_its_record_and_an_unchecked_audit_never_exits_0(
     ray_session, demo_bundle, demo_corpus, tmp_path
 ):
-    """The audit's line and the exit status come from the record the nightly file keeps:
-    an audit that left val/test images unchecked by a signal it was asked to use (the
-    demo's flat colours carry too little detail for phash) says how many, and the nightly
-    exits 4, not 0."""
+    """The audit's line and the exit status come from the record the nightly file keeps.
+    With the embedding, the demo's flat colours (too little detail for phash) are checked
+    by it: complete, exit 0. With the embedding off, nothing checks them for near copies:
+    the line says how many, and the nightly exits 4, not 0."""
     from pipeline.corpus.audit import missing_text, short_of
 
-    corpus = tmp_path / "images"
-    shutil.copytree(demo_corpus / "images", corpus)
-    cfg_path = _config(tmp_path, corpus, demo_bundle)
-    result = CliRunner().invoke(app, ["nightly", "-c", str(cfg_path), "--no-progress"])
-    run_id = next(p.name.split(".")[0] for p in (tmp_path / "tags" / "_runs").glob("*.nightly.json"))
-    record = json.loads((tmp_path / "tags" / "_runs" / f"{run_id}.nightly.json").read_text())
-    audit = record["audits"]["split"]
+    def nightly(name: str, extra: str) -> tuple:
+        root = tmp_path / name
+        corpus = root / "images"
+        shutil.copytree(demo_corpus / "images", corpus)
+        cfg_path = _config(root, corpus, demo_bundle)
+        cfg_path.write_text(cfg_path.read_text() + extra)
+        result = CliRunner().invoke(app, ["nightly", "-c", str(cfg_path), "--no-progress"])
+        record = json.loads(next((root / "tags" / "_runs").glob("*.nightly.json")).read_text())
+        return result, record["audits"]["split"]
+
+    result, audit = nightly("with", "[nightly.dedup]\nembedding_threshold = 0.99\n")
+    assert audit["asked"] == ["sha256", "phash", "embedding"] and audit["not_checked"]["phash"] > 0
+    assert audit["complete"] and not short_of(audit["asked"], audit["not_checked"]), audit
+    assert result.exit_code == 0 and "every image checked" in result.output, result.output
+    result, audit = nightly("without", '[nightly.dedup]\nembedding_threshold = "off"\n')
     missing = short_of(audit["asked"], audit["not_checked"])
-    assert audit["asked"] == ["sha256", "phash", "embedding"] and missing and not audit["complete"], audit
+    assert audit["asked"] == ["sha256", "phash"] and missing and not audit["complete"], audit
     assert missing_text(missing, audit["eval_images"]) in result.output
     assert result.exit_code == 4 and "NOT FULLY CHECKED" in result.output, result.output
 

@@ -9,7 +9,9 @@ its val/test rows (--eval); its hashes and embeddings come from the tag table gi
 with --tags. The report says how many eval images each signal could not check
 (no hash, a low-detail hash, no embedding). A run is asked to use sha256 and phash always,
 and the embedding unless its threshold is `off` (the default, `auto`, asks for it): it is
-complete only when every eval image was checked by every signal it was asked to use.
+complete only when every eval image was checked by every signal it was asked to use
+(an image whose phash has too little detail counts as checked when the embedding, asked
+for, checked it; see short_of), and there was an eval image to check.
 "clean" and exit status 0 need a complete run; leaks exit 1; a run with no leak that is not
 complete exits 4 (ExitStatus.UNCHECKED), so "unchecked" is never read as clean.
 """
@@ -118,8 +120,15 @@ class AuditReport:
 
 def short_of(asked: list, not_checked: dict) -> dict:
     """signal -> eval images it could not check, for each asked signal that missed some
-    (an audit record's `asked` and `not_checked`: the nightly reads its records so)."""
-    return {s: int(not_checked.get(s, 0)) for s in asked if not_checked.get(s, 0)}
+    (an audit record's `asked` and `not_checked`: the nightly reads its records so).
+
+    phash cannot check an image whose hash has too little detail (flat colour, stripes).
+    When the embedding is asked for, it covers those: phash's misses then make no gap of
+    their own (an image neither checked is the embedding's miss too). Otherwise every
+    blank image would keep a nightly at exit 4, and a status that never clears is one
+    nobody reads: the gap that matters, an embedding not used, would go unseen."""
+    covered = {PHASH} if EMBEDDING in asked else set()
+    return {s: int(not_checked.get(s, 0)) for s in asked if not_checked.get(s, 0) and s not in covered}
 
 
 def missing_text(missing: dict, eval_images: int) -> str:

@@ -15,6 +15,9 @@ It streams: a version is read part by part, three columns at a time, into runnin
 (`RateCounts`); a part both versions name counts once for both (parts are immutable,
 pipeline/table/tag_table.py). `DriftScan.take_counts` takes the counts the report made
 (of the parts it read, or the summaries it kept of them); `finish` reads the rest.
+
+Why this module is long: the settings, the running counts, the tests and the streaming
+scan are one statistic's parts; apart, each would need the others' definitions to read.
 """
 
 from __future__ import annotations
