@@ -306,6 +306,25 @@ def test_an_input_that_lists_nothing_commits_nothing_unless_allowed(
     assert stopped.value.code == 0, capsys.readouterr().err
     current = TagTable(str(out)).current()
     assert current is not None and current.version == 1 and current.rows == 0
+    for command in (["dedup", "-o", str(tmp_path / "d")], ["export", "-o", str(tmp_path / "e")]):
+        monkeypatch.setattr(sys, "argv", ["tagpipe", command[0], "--tags", str(out), *command[1:], "-q"])
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert stopped.value.code == 2 and len(err) == 1 and "holds no rows (an empty tag table)" in err[0], (
+            err
+        )
+
+
+@pytest.mark.parametrize("command", ["report", "export", "dedup"])
+@pytest.mark.parametrize("name", ["page.html", "tags.jsonl"])
+def test_a_file_that_is_not_parquet_as_tags_is_named(command, name, world, tmp_path, monkeypatch, capsys):
+    """An HTML page or a JSONL export given as --tags read as an empty table (exit 0)."""
+    given = tmp_path / name
+    given.write_text("<html></html>" if name.endswith("html") else '{"uri": "a.jpg"}\n')
+    args = _commands(world, str(tmp_path / "out"), str(tmp_path / "out"))[command]
+    args[args.index("--tags") + 1] = str(given)
+    _refused(monkeypatch, capsys, world, args, f"--tags {given} is not a Parquet file")
 
 
 @pytest.mark.parametrize(

@@ -277,7 +277,7 @@ def test_exports_plan_before_they_write(tmp_path):
     out.mkdir()
     (out / "b.txt").write_bytes(b"my own words, by hand\n")
     with pytest.raises(
-        TagpipeError, match=r"1 of the 3 files to write already exist .*b\.txt.*nothing was written"
+        TagpipeError, match=r"1 of the 3 files to write already exists .*b\.txt.*nothing was written"
     ):
         export_tags(tags, str(out), "captions", relative_to="/imgs")
     assert (

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
+from pipeline.table.input_kinds import require_tag_columns
 from pipeline.table.reading import Pieces
 
 NARROW = ["uri", "sha256", "phash", "phash_degenerate", "width", "height", "size", "error"]
@@ -46,8 +47,7 @@ class CorpusRows:
     def read(cls, uri: str, storage_options: dict | None = None) -> CorpusRows:
         parts = Pieces(uri, storage_options)
         names = parts.names
-        if "uri" not in names:
-            raise TagpipeError(f"{uri}: not a tag output (no uri column; it has {names[:8]})")
+        require_tag_columns(uri, names)
         pieces = parts.read_all([c for c in NARROW if c in names])
         table = pa.concat_tables(
             [

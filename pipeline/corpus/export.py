@@ -69,7 +69,7 @@ from pipeline.corpus.supplement import (
 from pipeline.storage.filesystem import atomic_output, filesystem_for, is_local, write_atomic
 from pipeline.storage.outputs import mark_file, mark_output
 from pipeline.storage.writable import FILE, FOLDER, check_writable
-from pipeline.table.input_kinds import expect
+from pipeline.table.input_kinds import expect, require_tag_columns
 from pipeline.table.reading import Pieces
 
 __all__ = [  # the row-text helpers live in export_text; importable from here as before
@@ -217,6 +217,7 @@ def _check_paths(tags: str, output: str, fmt: str, storage_options: dict | None)
 
 def _columns(tags: str, names: list[str], fmt: str, supplement: bool) -> list[str]:
     """The columns to read, in the input's order (a JSONL record lists its tags_ columns so)."""
+    require_tag_columns(tags, names, "--tags")
     missing = [c for c in ("uri", "error", *REQUIRED[fmt]) if c not in names]
     if missing:
         raise TagpipeError(f"{tags}: no {missing[0]!r} column, which a {fmt} export needs: not a tag table?")

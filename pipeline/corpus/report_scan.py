@@ -45,6 +45,7 @@ from pipeline.corpus.report_figures import (
     PartFigures,
 )
 from pipeline.storage.filesystem import create_exclusive, filesystem_for, retry
+from pipeline.table.input_kinds import require_tag_columns
 from pipeline.table.tag_table import GUARD_FILE, READ_THREADS, TagTable, summary_record
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,9 @@ def _plain_batches(uri: str, storage_options: dict | None, acc: Accumulator) -> 
         )
     dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
     names = dataset.schema.names
+    if not names:  # a folder of captions or pages: read as a table it gave an empty page
+        raise TagpipeError(f"--tags {uri}: no Parquet data here: not a tag output")
+    require_tag_columns(uri, names, "--tags")
     categories = sorted(n.removeprefix("tags_") for n in names if n.startswith("tags_"))
     acc.categories.update(categories)
     columns = [n for n in names if n in COLUMNS or n.startswith("tags_")]

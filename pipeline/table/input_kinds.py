@@ -83,6 +83,9 @@ def expect(uri: str, want: str, option: str, storage_options: dict | None = None
     named = f"{option} {uri}".strip()
     if found.kind == OTHER and not found.names:
         raise TagpipeError(f"{named} is an empty folder, not {wanted}: give {how}")
+    if found.kind == FILE and want in ("table", "side") and not _readable_file(uri, want):
+        takes = "a Parquet file" if want == "table" else "a Parquet or CSV file"
+        raise TagpipeError(f"{named} is not {takes}, nor a folder: give {how}")
     if found.kind in accepted:
         return found
     if found.kind == MISSING:
@@ -101,6 +104,23 @@ def expect(uri: str, want: str, option: str, storage_options: dict | None = None
             f"{named} is a tag table, not a dedup output: run tagpipe dedup --tags {uri} -o DIR"
         )
     raise TagpipeError(f"{named} is {found.kind}, not {wanted}: give {how}")
+
+
+def _readable_file(uri: str, want: str) -> bool:
+    """A file given where a table goes: Parquet (or CSV for an audit side), by its name;
+    an HTML page, a JSONL export or a caption file read as a table gives an empty page."""
+    suffixes = (".parquet",) if want == "table" else (".parquet", ".csv")
+    return uri.lower().endswith(suffixes)
+
+
+def require_tag_columns(uri: str, names: list[str], option: str = "") -> None:
+    """Refuse, in one line, a tag input with no rows (an empty table, `--allow-empty`) or
+    without a uri column (not a tag output), before any stage reads it."""
+    named = f"{option} {uri}".strip()
+    if not names:
+        raise TagpipeError(f"{named} holds no rows (an empty tag table): nothing to do")
+    if "uri" not in names:
+        raise TagpipeError(f"{named}: not a tag output (no uri column; it has {names[:8]})")
 
 
 def _names(tables: tuple[str, ...], suffix: str = "/") -> str:
