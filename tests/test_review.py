@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.schemas import LABELS_SCHEMA, part_schema, tag_row_schema
-from pipeline.corpus.review import LABEL_FIELDS, ReviewSettings, rank_queue, run_review
+from pipeline.core.schemas import LABEL_FIELDS, LABELS_SCHEMA, part_schema, tag_row_schema
+from pipeline.corpus.review import ReviewSettings, rank_queue, run_review
 from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import TagTable, commit_version
 

@@ -38,7 +38,6 @@ import pyarrow.compute as pc
 from pydantic import BeforeValidator, Field
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.schemas import LABEL_FIELDS
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
 from pipeline.core.words import counted
 from pipeline.corpus.review_rank import (
@@ -53,7 +52,7 @@ from pipeline.corpus.review_rank import (
 from pipeline.storage.writable import FILE, check_writable
 from pipeline.table.input_kinds import expect
 
-__all__ = ["LABEL_FIELDS", "ReviewKind", "ReviewSettings", "rank_queue", "run_review"]
+__all__ = ["ReviewKind", "ReviewSettings", "rank_queue", "run_review"]
 
 NO_LABEL_COLUMNS = (
     "has no label-check columns (likely_wrong, likely_missing): run the tag job with --source-tags, "

@@ -88,11 +88,6 @@ def to_grey(image: Image.Image) -> Image.Image:
         return image.convert("RGB").convert("L")
 
 
-def to_hex(value: int) -> str:
-    """imagehash's string form: 16 hex digits."""
-    return f"{value:016x}"
-
-
 def is_degenerate(value: int) -> bool:
     """Blank images (solid colour, all black) hash to these; they match nothing by hash."""
     return value in (SOLID_HASH, BLACK_HASH)

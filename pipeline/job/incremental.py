@@ -53,7 +53,6 @@ def _digest(value) -> str:
     ).hexdigest()
 
 
-INFERENCE_KEY_VERSION = 2  # 1: the first keyed settings; 2: max_file_bytes, max_decode_memory
 # Settings keyed as a value derived from them: what the model actually got.
 DERIVED_FOR_KEY = {
     "draft_ratio": lambda cfg, tags: None if cfg.exact_decode else cfg.draft_ratio,

@@ -54,9 +54,6 @@ class Vocabulary:
     def category_names(self) -> list[str]:
         return sorted(set(self.categories))
 
-    def indices_of(self, category: str) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.categories) == category)
-
     def counts_by_category(self) -> dict[str, int]:
         names, counts = np.unique(np.asarray(self.categories), return_counts=True)
         return {str(n): int(c) for n, c in zip(names, counts)}

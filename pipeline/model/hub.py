@@ -35,17 +35,6 @@ EXTRA_FILES = (
     "model_metadata.json",
     "tagpipe_profile.toml",
 )
-# Repositories known to hold a supported family (README: "Known model repositories").
-KNOWN_REPOS = {
-    "SmilingWolf/wd-eva02-large-tagger-v3": "wd_v3",
-    "SmilingWolf/wd-vit-large-tagger-v3": "wd_v3",
-    "SmilingWolf/wd-swinv2-tagger-v3": "wd_v3",
-    "SmilingWolf/wd-vit-tagger-v3": "wd_v3",
-    "SmilingWolf/wd-convnext-tagger-v3": "wd_v3",
-    "fancyfeast/joytag": "joytag",
-    "cella110n/cl_tagger_v2": "cl_tagger_v2",
-    "RedRocket/JointTaggerProject": "jtp1",
-}
 
 
 @dataclass
