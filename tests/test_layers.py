@@ -8,6 +8,7 @@ to fail on a copy of the package with one upward import, and with one cycle.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,30 @@ def test_long_modules_say_why(path):
     assert LONG_MODULE_REASON in docstring, f"{lines} lines and no '{LONG_MODULE_REASON}' in its docstring"
 
 
-def test_every_folder_says_what_it_is():
-    for package in (ROOT / "pipeline").iterdir():
-        if package.is_dir() and (package / "__init__.py").exists():
-            docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
-            assert docstring and len(docstring) > 100, package.name
+def _packages() -> list[Path]:
+    return sorted(p for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").exists())
+
+
+def unnamed_modules(package: Path) -> list[str]:
+    """The modules of `package` (not __init__ or __main__) whose name its docstring lacks
+    as a word: a folder's docstring is its map, and a module it leaves out is one a reader
+    does not find."""
+    docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    modules = sorted(p.stem for p in package.glob("*.py") if not p.stem.startswith("__"))
+    return [name for name in modules if not re.search(rf"\b{name}\b", docstring)]
+
+
+@pytest.mark.parametrize("package", _packages(), ids=lambda p: p.name)
+def test_every_folder_says_what_it_is_and_names_each_module(package):
+    docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+    assert docstring and len(docstring) > 100, package.name
+    assert not unnamed_modules(package), f"pipeline/{package.name}/__init__.py does not name these modules"
+
+
+def test_a_module_the_docstring_leaves_out_is_found(tmp_path):
+    package = tmp_path / "layer"
+    package.mkdir()
+    (package / "__init__.py").write_text('"""The layer: reading (readers), and a reader_extra."""\n')
+    for name in ("reading", "reader", "reader_extra", "__main__"):
+        (package / f"{name}.py").write_text("")
+    assert unnamed_modules(package) == ["reader"]

@@ -4,7 +4,9 @@ Python API of the layers below; a command's module registers it on the shared ap
 common: the apps, shared options, setup, result printing, one-line failures.
 table_commands: tag, rethreshold, nightly, vacuum. corpus_commands: dedup, split,
 report, audit, export. label_commands: compare-tags. review_commands: review.
-model_commands: `tagpipe model ...` and `tagpipe demo`.
+model_commands: `tagpipe model ...` and `tagpipe demo`. docs: the README's options
+tables and the example configs, generated from the settings models
+(`python -m pipeline.cli.docs --write`).
 """
 
 # Commands are listed in --help in the order their modules register them.

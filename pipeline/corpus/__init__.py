@@ -13,7 +13,11 @@ page (report_figures counts a part, report_scan keeps each part's counts beside 
 table so the next report reads only new parts); ood fits the out-of-distribution
 reference; review ranks images for a human look (review_rank the rankings, review_output
 the queue file and its page); source_tags, label_settings and label_quality compare
-source tags with the model; drift compares versions. dedup_settings, split_settings,
+source tags with the model (source_match checks first that the source file speaks of the
+table's images); drift compares versions. first_seen finds the version each image first
+appeared in (the original among its copies); index_segments codes a dedup run's new
+vectors into the index's segments and index_partitions searches them partition by
+partition. dedup_settings, split_settings,
 audit_settings and export_settings hold what each of those commands takes, one field per
 option.
 """

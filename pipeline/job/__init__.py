@@ -1,9 +1,16 @@
 """The jobs users run, and the one module that builds the Ray graph.
 
-settings: the typed settings of the tag and nightly jobs. incremental: what to tag, reuse,
-drop and rewrite against the table's current version. graph: the Ray Data graph (decode
-tasks, tagger actor pool) and where resources go. tagger: the stage that runs the model.
-tag_job: plan, execute, commit. edit_calibration: after a new inference key's first commit,
-how far the embedding moves under standard edits. rethreshold: new rules over stored logits. nightly: tag,
-dedup, split and audit in one run.
+settings: the typed settings of the tag and nightly jobs. preflight: what `tag` checks
+before any work (inputs there, output writable). changes: which listed images are new,
+changed, unchanged or deleted against the table's version. incremental: the run's keys
+and what to tag, reuse, drop and rewrite. setting_changes: what a run changes by name,
+and what the stored logits serve without the model. plan: what a run must do, decided
+before any work. graph: the Ray Data graph (decode tasks, tagger actor pool) and where
+resources go. tagger: the stage that runs the model. slices: rows coming back from Ray,
+routed into their slice, one part each. model_runs: each model's table in a run and its
+tagging. tag_job: plan, execute, commit. run_summary: what a run did, in numbers.
+label_check: source (human) tags checked against the model over a version's parts.
+edit_calibration: after a new inference key's first commit, how far the embedding moves
+under standard edits. rethreshold: new rules over stored logits. nightly: tag, dedup,
+split and audit in one run.
 """

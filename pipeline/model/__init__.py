@@ -4,6 +4,7 @@ A model folder becomes a ModelBundle (bundle): its preprocessing profile (profil
 files in profiles/, imported from timm or Hugging Face configs by profile_import, with the
 resize/crop arithmetic of each reference in geometry), vocabulary, calibration and OOD
 reference. The ONNX graph is inspected and edited in onnx_tools, run in runtime's sessions,
-and its outputs turned into tags by postprocess. describe prints what a folder holds;
+and its outputs turned into tags by postprocess under the rules (which scores become
+tags, shared by tag and rethreshold). describe prints what a folder holds;
 hub pulls one from the Hugging Face Hub.
 """
