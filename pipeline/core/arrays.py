@@ -1,8 +1,9 @@
 """Set operations on integer id arrays that the corpus stages run on every row.
 
 numpy 2.3+ answers a plain `np.unique(ids)` by hashing; on this project's arrays (int64
-ids and codes, 1M long) that measured ~6x slower than sorting (0.9 s against 0.14 s on
-the dev VM), and a nightly calls it on whole-corpus arrays a dozen times.
+ids and codes, 1M long) that measured several times slower than sorting (docs/benchmarks.md,
+'The nightly: 1% changed on 1M rows'), and a nightly calls it on whole-corpus arrays a
+dozen times.
 `np.unique(..., return_index=True)` and friends still sort and are not affected."""
 
 from __future__ import annotations

@@ -59,8 +59,9 @@ def table_keys(hashes: np.ndarray, bounds: list[tuple[int, int]], chosen: tuple[
 
 def key_order(key: np.ndarray) -> np.ndarray:
     """The stable sort order of a table's keys, in the narrowest type that holds them: keys
-    of 16 bits or less (t = 2 blocks of 8, up to ~5M hashes at R = 6) radix-sort ~5x faster
-    than as uint64, 32-bit ones ~20%."""
+    of 16 bits or less (t = 2 blocks of 8, up to ~5M hashes at R = 6) radix-sort several
+    times faster than as uint64; 32-bit ones take half the memory as uint32
+    (docs/benchmarks.md, 'The nightly: 1% changed on 1M rows')."""
     top = int(key.max()) if len(key) else 0
     narrow = key.astype(np.uint16) if top < 2**16 else key.astype(np.uint32) if top < 2**32 else key
     return np.argsort(narrow, kind="stable")

@@ -71,7 +71,7 @@ class PartitionSearcher:
         return vector_index.scored_candidates(self.index, layout, q_ids, q, self.vectors, floor, k=k)
 
     def node(self) -> str:
-        ray = sys.modules.get("ray")  # never imported here: not in a Ray worker (importing it costs ~1.5 s)
+        ray = sys.modules.get("ray")  # never imported here: not in a Ray worker (its import is slow)
         return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else "local"
 
 

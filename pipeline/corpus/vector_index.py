@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-EXACT_LIMIT = 20_000  # vectors: a flat (exact) index up to this many (20k x 20k x 1152: ~10 s)
+EXACT_LIMIT = 20_000  # vectors: a flat (exact) index up to this many (20k x 20k x 1152: ~1e12 flops)
 NEIGHBOURS = 16  # per query: the edges a row can get from its own search
 PROBES = 16  # cells an IVF query visits (recall: benchmarks/vector_search.py)
 ROWS_PER_LIST = 256  # IVF cells sized so a probe scans about this many codes

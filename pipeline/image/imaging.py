@@ -11,7 +11,8 @@ ignored as imagehash ignores it, 16-bit scaled to 8), so it does not depend on t
 model profile and matches hashes users computed with imagehash. Exact mode equals
 imagehash bit for bit; fast mode hashes the drafted image (>= 128 px a side), within
 2 bits on real photos (tests/test_photos.py, benchmarks/fast_vs_exact.py). A
-reducing-gap resize would save 1.5 ms an image but drifts 4 bits now and then.
+reducing-gap resize would be faster but drifts past 2 bits now and then (docs/benchmarks.md,
+'Fast vs exact fidelity (issue 3)').
 
 Why this module is long: one image's decode path (open, bomb limits, byte-level checks,
 the budgeted load, EXIF, modes, alpha, geometry); each step guards the next, and keeping
@@ -614,9 +615,9 @@ def _hash_source(
 ) -> Image.Image:
     """What to hash: the decoded image, as imagehash would. One shortcut in fast mode:
     imagehash squashes the image to 32x32, so a squash profile's model input (a squash
-    to 384x384) hashes like the image itself (within 2 bits in 540 of 540 real-photo
-    cases) and saves a 3 ms resize per 3 MP image. Hashing the fitted image of the
-    pad/fit profiles instead drifted 4 bits in 2 of 720 cases, so those hash the image."""
+    to 384x384) hashes like the image itself (within 2 bits) and saves a resize per image.
+    Hashing the fitted image of the pad/fit profiles instead drifted past 2 bits, so those
+    hash the image (docs/benchmarks.md, 'Fast vs exact fidelity (issue 3)')."""
     if options.exact or alpha or resampled is None or pre.resize_mode is not ResizeMode.SQUASH:
         return image
     downscaled = resampled.width < image.width and resampled.height < image.height

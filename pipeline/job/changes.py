@@ -92,10 +92,11 @@ def classify(
     it, or -1), v_sha256 (stored content hash, for unknown sources). `view` has SOURCE_COLUMNS + sha256,
     error_kind, _file.
 
-    Joined by uri range, range_rows listed rows at a time: one join of 2M rows peaked at
-    630 bytes a row (+1,257 MiB), in 200k-row ranges at +156 MiB, and took half the
-    time. Ranges are cut at the listing's own uris (sorted); the view's rows for a range
-    come from its record batches whose uris overlap it (parts are sorted by uri)."""
+    Joined by uri range, range_rows listed rows at a time: one join of the whole listing
+    grew with it, ranges bound it and took less time (docs/benchmarks.md, 'The driver's
+    ceilings, after (issue 24)'). Ranges are cut at the listing's own uris (sorted); the
+    view's rows for a range come from its record batches whose uris overlap it (parts are
+    sorted by uri)."""
     if manifest.column("uri").null_count:
         raise ValueError("classify: the listing has rows with no uri")
     manifest = manifest.sort_by("uri") if not _sorted(manifest.column("uri")) else manifest

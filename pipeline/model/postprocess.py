@@ -167,8 +167,9 @@ class Postprocessor:
         Only the few hundred tags per row at or above the floor matter, so for sigmoid
         models the float32 outputs are screened with one comparison against a bound
         that no tag below the floor can pass, and only the survivors are rounded,
-        scored and sorted. Dense float work over all 100k tags cost ~2 ms per image on
-        a CPU core, more than an H100 spends on the image (docs/benchmarks.md)."""
+        scored and sorted. Dense float work over all 100k tags cost more per image on a
+        CPU core than an H100 spends on the image (docs/benchmarks.md, 'The tagger
+        actor's host work, and what was done about it')."""
         n, width = raw.shape
         if self.activation is Activation.SIGMOID and not self.rules.dense_logits:
             screen = raw >= self._raw_screen
@@ -303,9 +304,10 @@ def _float16_tables(activation: Activation, floor: float) -> tuple[np.ndarray, f
 
 
 def sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.nonzero of a 2-D boolean mask that is mostly False, 6x faster: 8 flags are
-    scanned as one uint64 word and only the words holding a True are expanded
-    (~0.3% of 108k tags pass the screen; np.nonzero took 50 ms per 256 rows)."""
+    """np.nonzero of a 2-D boolean mask that is mostly False, several times faster: 8 flags
+    are scanned as one uint64 word and only the words holding a True are expanded (a few
+    hundred of 108k tags pass the screen; docs/benchmarks.md, 'The tagger actor's host
+    work, and what was done about it')."""
     flat = np.ascontiguousarray(mask).reshape(-1)
     whole = flat.size // 8 * 8
     words = np.flatnonzero(flat[:whole].view(np.uint64))
