@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pytest
+from cleanlab import count as cleanlab_count
+from cleanlab.multilabel_classification import filter as cleanlab_filter
+from cleanlab.multilabel_classification import rank as cleanlab_rank
 
 from pipeline.corpus.label_quality import (
     LabelRules,
@@ -33,10 +36,6 @@ from pipeline.model.bundle import Vocabulary
 from pipeline.model.postprocess import Postprocessor
 from pipeline.model.profiles import Activation
 from pipeline.model.rules import TagRules
-
-cleanlab_count = pytest.importorskip("cleanlab.count")
-from cleanlab.multilabel_classification import filter as cleanlab_filter  # noqa: E402
-from cleanlab.multilabel_classification import rank as cleanlab_rank  # noqa: E402
 
 PARTS = 3  # the check runs part by part; cleanlab sees the whole set at once
 
