@@ -72,9 +72,28 @@ def _changed(name: str, info):
     raise AssertionError(f"no changed value for {name}: add it to CHANGED")
 
 
+def _command_models() -> list:
+    """Every settings model a command's options come from."""
+    from pipeline.cli.docs import option_tables
+
+    return [settings.model for _command, settings in option_tables().values() if settings is not None]
+
+
 @pytest.mark.parametrize(
     "model",
-    [TagJobConfig, NightlyConfig, RuleSettings, DedupSettings, SplitSettings, AuditSettings, ExportSettings],
+    dict.fromkeys(
+        [
+            TagJobConfig,
+            NightlyConfig,
+            RuleSettings,
+            DedupSettings,
+            SplitSettings,
+            AuditSettings,
+            ExportSettings,
+        ]
+        + _command_models()
+    ),
+    ids=lambda model: model.__name__,
 )
 def test_every_field_says_what_it_does_to_keys(model):
     """A settings field without a Setting marker has not said whether it changes rows."""

@@ -13,8 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
-from pipeline.corpus.dedup_settings import StorageOptions
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions, one_or_many
 from pipeline.corpus.export_text import (
     CaptionOptions,
     RatingPlace,
