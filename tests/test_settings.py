@@ -386,3 +386,26 @@ def test_every_command_reads_storage_options_with_one_parser(path, command, sett
     assert isinstance(result.exception, ConfigError), (result.output, result.exception)
     assert re.search(message, str(result.exception)), str(result.exception)
     assert "\n" not in str(result.exception)
+
+
+def test_rethreshold_takes_a_tag_configs_rules_under_the_command_line(tmp_path):
+    """rethreshold's --config: the [tag] table is checked as tag checks it, its rule,
+    storage and Ray settings apply, and an option given on the command line wins."""
+    from pipeline.job.settings import make_rethreshold_settings
+
+    config = tmp_path / "tag.toml"
+    config.write_text(
+        '[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "m"\nthreshold = 0.4\nmax_tags = 7\n'
+        'ray_address = "auto"\nstorage_options = { anon = true }\n'
+    )
+    given = {"tags": "t", "model": "b", "max_tags": 3}
+    settings = make_rethreshold_settings(config, given)
+    assert (settings.tags, settings.model, settings.output) == ("t", "b", None)
+    assert (settings.rules.threshold, settings.rules.max_tags) == (0.4, 3)
+    assert (settings.ray_address, settings.storage_options) == ("auto", {"anon": True})
+    assert make_rethreshold_settings(None, given).rules.threshold is None
+    config.write_text('[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "m"\nthreshhold = 0.4\n')
+    with pytest.raises(
+        ConfigError, match=r"unknown field\(s\) in \[tag\]: threshhold \(did you mean threshold"
+    ):
+        make_rethreshold_settings(config, given)

@@ -249,6 +249,8 @@ def _main(
 def configure_output(
     verbose: bool = False, quiet: bool = False, log_format: LogFormat = LogFormat.TEXT
 ) -> None:
+    """How a command talks, set before it works: log level and format (which also decide
+    how emit_result and fail write), and no Ray progress bars (tagpipe draws its own)."""
     from pipeline.core import logs
 
     if verbose and quiet:
