@@ -207,8 +207,8 @@ class TagJobConfig(SettingsModel):
         Field(
             ge=1.0,
             le=16.0,
-            description="fast decode keeps at least this times the model's resolution; 1 is ~1.6x faster on "
-            "3 MP JPEGs and still agrees on tags (docs/benchmarks.md)",
+            description="fast decode keeps at least this times the model's resolution; 1 is faster on "
+            "3 MP JPEGs and still agrees on tags (docs/benchmarks.md, 'Decode + preprocess, 3 MP JPEGs')",
         ),
         Setting(INFERENCE),  # keyed as None under exact_decode, where it does nothing
     ] = 2.0
