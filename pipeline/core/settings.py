@@ -1,12 +1,13 @@
 """Typed settings: each setting is defined once, as a field of a pydantic model.
 
-A settings model (TagJobConfig, NightlyConfig, RuleSettings, the corpus commands' DedupSettings,
-SplitSettings, AuditSettings, ExportSettings, ReviewSettings) declares each field's type,
-default, constraints and one-line description, plus a `Setting` marker that says how the
-field shows outside Python: its command-line spellings, and which table key it joins
-(see docs/decisions.md for pydantic over msgspec). From that one definition come:
+A settings model (TagJobConfig, NightlyConfig, RuleSettings, and one for every other command,
+beside the work it drives: DedupSettings, ReportSettings, VacuumSettings, PullSettings, ...)
+declares each field's type, default, constraints and one-line description, plus a
+`Setting` marker that says how the field shows outside Python: its command-line
+spellings, and which table key it joins (see docs/decisions.md for pydantic over
+msgspec). From that one definition come:
 - validation with one-line errors that name the field (`build`);
-- the command's options (pipeline/cli/common.py builds them from the model);
+- the command's options and arguments (pipeline/cli/common.py builds them from the model);
 - the README's options table and the example config files (pipeline/cli/docs.py, with
   `option_spellings`, `default_text`, `example_toml`; tests compare them with the files);
 - the inference key (pipeline/job/incremental.py reads each field's `KeyRole`); the

@@ -21,6 +21,8 @@ words), character tags first, the rating tag first, last or left out, tag replac
 character tags expanded (`name_(series)` -> `name, series`), and appending to existing
 captions without repeating a tag.
 
+Each format is one writer class (CaptionWriter, JsonlWriter, DartWriter: what it reads,
+where its files go, how it writes), chosen once from WRITERS by the format asked for.
 `run_export` takes the settings (ExportSettings, pipeline/corpus/export_settings.py). A row's
 text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
 tag table's part), only the columns the format needs: pipeline/corpus/export_rows.py.
