@@ -112,28 +112,42 @@ def test_version_and_short_help():
         assert "..." not in commands and "…" not in commands, commands
 
 
-@pytest.mark.parametrize("name", ["tag", "review", "dedup", "split", "audit", "export"])
-def test_readme_option_table_matches_the_command(name):
-    """Every option of the command is in the README's table and every name there is an
-    option; each settings field has an option of the same name."""
+@pytest.mark.parametrize(
+    "path,command", list(_commands()), ids=lambda v: "-".join(v) if isinstance(v, tuple) else ""
+)
+def test_readme_option_table_matches_the_command(path, command):
+    """Every command and subcommand (walked here, not from the docs generator's list) is
+    built from a settings model: each field an option or argument, any other option one
+    of how the command runs; its README table is there, as generated, and names every
+    option and argument, and nothing else."""
+    from pipeline.cli.common import RUN_OPTIONS, command_settings
+    from pipeline.cli.docs import options_table, table_markers
 
-    from pipeline.cli.docs import OPTION_TABLES, table_markers
-
-    command = typer.main.get_command(app).commands[name]
-    options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    name = " ".join(path)
+    settings = command_settings(command)
+    assert settings is not None, f"{name}: its options do not come from a settings model"
+    fields = {field for field, _, _ in settings.fields()}
+    params = {p.name for p in command.params}
+    assert fields <= params, f"{name}: fields without an option: {sorted(fields - params)}"
+    assert params - fields <= RUN_OPTIONS, (
+        f"{name}: hand-written options: {sorted(params - fields - RUN_OPTIONS)}"
+    )
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     start, end = table_markers(name)
-    table = text[text.index(start) : text.index(end)]
-    documented = set()
-    for line in table.splitlines():
-        if line.startswith("| `"):
-            documented |= set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line.split("|")[1]))
-    assert documented == options, (sorted(options - documented), sorted(documented - options))
-    from pipeline.core.settings import settings_fields
-
-    for field, _, setting in settings_fields(OPTION_TABLES[name]):
-        if setting.cli:  # [tag.labels] is a table of the config file only
-            assert "--" + field.replace("_", "-") in options, field
+    assert start in text and end in text, f"{name}: no options table in the README"
+    table = text[text.index(start) + len(start) : text.index(end)]
+    assert table.strip() == options_table(command, settings), (
+        f"{name}: run python -m pipeline.cli.docs --write"
+    )
+    documented = set()  # the options' flags, and the arguments' names (a row of its own: `REPO_ID`)
+    for cell in (line.split("|")[1].strip(" `") for line in table.splitlines() if line.startswith("| `")):
+        documented |= {cell} if re.fullmatch(r"[A-Z][A-Z_]*", cell) else set()
+        documented |= set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", cell))
+    shown = set()
+    for param in command.params:
+        is_argument = isinstance(param, typer.core.TyperArgument)
+        shown |= {param.metavar} if is_argument else {*param.opts, *param.secondary_opts}
+    assert documented == shown, (sorted(shown - documented), sorted(documented - shown))
 
 
 def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monkeypatch):
@@ -372,10 +386,10 @@ def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_pat
 WORKER_LINE = """
 import sys, time
 import ray
-from pipeline.cli.common import _setup
+from pipeline.cli.common import configure_output
 from pipeline.core.ray_session import ensure_ray
 
-_setup()
+configure_output()
 ensure_ray(None)
 print_line = ray.remote(lambda: print("a worker's line", file=sys.stderr, flush=True))
 ray.get(print_line.remote())

@@ -308,6 +308,36 @@ def test_exports_plan_before_they_write(tmp_path):
         export_tags(tags, str(tmp_path / "j"), "jsonl")
 
 
+def test_each_format_is_one_writer_chosen_once(tmp_path, monkeypatch):
+    """Every ExportFormat has a writer of its own in WRITERS, and export_tags does what
+    that writer says: a writer swapped in for jsonl is the one that checks and writes."""
+    from pipeline.core.errors import TagpipeError
+    from pipeline.corpus import export
+    from pipeline.corpus.export_text import ExportFormat
+
+    assert set(export.WRITERS) == set(ExportFormat)
+    assert all(writer.format == fmt for fmt, writer in export.WRITERS.items())
+    assert len({type(writer) for writer in export.WRITERS.values()}) == len(ExportFormat)
+    calls = []
+
+    class Spy(export.JsonlWriter):
+        def check_output(self, output):
+            calls.append(("check", output))
+
+        def write(self, job, relative_to):
+            calls.append(("write", job.columns))
+
+    monkeypatch.setitem(export.WRITERS, ExportFormat.JSONL, Spy())
+    tags = _small_table(tmp_path / "t.parquet", ["/imgs/a.jpg"])
+    export.export_tags(tags, str(tmp_path / "j"), "jsonl")
+    assert [c[0] for c in calls] == ["check", "write"] and "scores" in calls[1][1]
+    assert not (tmp_path / "j").exists()
+    with pytest.raises(
+        TagpipeError, match=r"^unknown export format 'csv'; choose one of captions, jsonl, dart$"
+    ):
+        export.export_tags(tags, str(tmp_path / "k"), "csv")
+
+
 def test_export_option_conflicts_are_refused(tmp_path):
     done = subprocess.run(
         [

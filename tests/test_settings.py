@@ -10,6 +10,7 @@ here; a field added later to the key (key_since > 1) leaves existing keys as the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -72,9 +73,28 @@ def _changed(name: str, info):
     raise AssertionError(f"no changed value for {name}: add it to CHANGED")
 
 
+def _command_models() -> list:
+    """Every settings model a command's options come from."""
+    from pipeline.cli.docs import option_tables
+
+    return [settings.model for _command, settings in option_tables().values() if settings is not None]
+
+
 @pytest.mark.parametrize(
     "model",
-    [TagJobConfig, NightlyConfig, RuleSettings, DedupSettings, SplitSettings, AuditSettings, ExportSettings],
+    dict.fromkeys(
+        [
+            TagJobConfig,
+            NightlyConfig,
+            RuleSettings,
+            DedupSettings,
+            SplitSettings,
+            AuditSettings,
+            ExportSettings,
+        ]
+        + _command_models()
+    ),
+    ids=lambda model: model.__name__,
 )
 def test_every_field_says_what_it_does_to_keys(model):
     """A settings field without a Setting marker has not said whether it changes rows."""
@@ -322,3 +342,70 @@ def test_a_category_the_model_lacks_stops_the_run_before_any_work(settings, bund
     with pytest.raises(ConfigError, match=r"is not a category of this model \(did you mean"):
         Postprocessor.for_bundle(bundle, RuleSettings(**settings))
     Postprocessor.for_bundle(bundle, RuleSettings(category_thresholds={"character": 0.85}))
+
+
+def _storage_commands() -> list:
+    """(path, command, settings) of every command that takes --storage-options."""
+    from pipeline.cli.docs import option_tables
+
+    return [
+        (path, command, settings)
+        for path, (command, settings) in option_tables().items()
+        if settings is not None and "storage_options" in {name for name, _, _ in settings.fields()}
+    ]
+
+
+@pytest.mark.parametrize(
+    "path,command,settings", _storage_commands(), ids=lambda v: v if isinstance(v, str) else ""
+)
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("{nope", r"^field storage_options has a bad value: '\{nope' \(must be a JSON object \(Expecting"),
+        (
+            '["anon"]',
+            r"^field storage_options has a bad value: '\[\"anon\"\]' \(must be a JSON object, e\.g\.",
+        ),
+    ],
+)
+def test_every_command_reads_storage_options_with_one_parser(path, command, settings, value, message):
+    """Bad --storage-options stop every command that takes them before any work, with the
+    same one line (one parser: core.settings.parse_storage_options)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    # review checks its three by hand (none has a default), in the model's order of errors
+    review = ["--tags", "x", "--kind", "uncertain", "--out", "q.jsonl"]
+    required = review if path == "review" else []
+    for name, info, setting in settings.fields():
+        if info.is_required() and name != "storage_options" and path != "review":
+            flag = [] if setting.argument else [(setting.flags or ("--" + name.replace("_", "-"),))[0]]
+            required += [*flag, "x"]
+    result = CliRunner().invoke(app, [*path.split(), *required, "--storage-options", value])
+    assert isinstance(result.exception, ConfigError), (result.output, result.exception)
+    assert re.search(message, str(result.exception)), str(result.exception)
+    assert "\n" not in str(result.exception)
+
+
+def test_rethreshold_takes_a_tag_configs_rules_under_the_command_line(tmp_path):
+    """rethreshold's --config: the [tag] table is checked as tag checks it, its rule,
+    storage and Ray settings apply, and an option given on the command line wins."""
+    from pipeline.job.settings import make_rethreshold_settings
+
+    config = tmp_path / "tag.toml"
+    config.write_text(
+        '[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "m"\nthreshold = 0.4\nmax_tags = 7\n'
+        'ray_address = "auto"\nstorage_options = { anon = true }\n'
+    )
+    given = {"tags": "t", "model": "b", "max_tags": 3}
+    settings = make_rethreshold_settings(config, given)
+    assert (settings.tags, settings.model, settings.output) == ("t", "b", None)
+    assert (settings.rules.threshold, settings.rules.max_tags) == (0.4, 3)
+    assert (settings.ray_address, settings.storage_options) == ("auto", {"anon": True})
+    assert make_rethreshold_settings(None, given).rules.threshold is None
+    config.write_text('[tag]\ninputs = ["imgs"]\noutput = "out"\nmodel = "m"\nthreshhold = 0.4\n')
+    with pytest.raises(
+        ConfigError, match=r"unknown field\(s\) in \[tag\]: threshhold \(did you mean threshold"
+    ):
+        make_rethreshold_settings(config, given)

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import typing
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -125,11 +125,8 @@ model_app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 
-# Options several commands share, defined once. The settings' options (tag, rethreshold,
-# nightly, review, dedup, split, audit, export, report's drift) come from their fields: see
-# settings_options.
-StorageOptions = Annotated[str | None, typer.Option(help="fsspec storage options as JSON.")]
-# How a command talks (pipeline/core/logs.py).
+# Options several commands share, defined once: how a command talks (pipeline/core/logs.py).
+# Every other option of every command comes from a settings model's fields: see settings_options.
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also Ray's and the libraries' INFO lines.")]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the result; no progress.")
@@ -140,16 +137,38 @@ LogFormatOption = Annotated[
 ]
 
 
+# The options a command may declare itself rather than take from its settings model: how it
+# runs and talks, not what it works on (tests/test_cli_output.py holds every command to this).
+RUN_OPTIONS = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "help"})
+
+
+@dataclass(frozen=True)
+class CommandSettings:
+    """The settings model a command's options come from (only: the fields it takes)."""
+
+    model: type[SettingsModel]
+    only: tuple[str, ...] = ()
+
+    def fields(self) -> list[tuple[str, Any, Any]]:
+        return [f for f in settings_fields(self.model) if f[2].cli and (not self.only or f[0] in self.only)]
+
+
+def command_settings(command: Any) -> CommandSettings | None:
+    """The settings a click command's options come from (settings_options), or None."""
+    return getattr(getattr(command, "callback", None), "command_settings", None)
+
+
 def settings_options(
     model: type[SettingsModel], only: tuple[str, ...] = (), required: bool = False, elsewhere: str = ""
 ):
-    """A command decorator: one option per field of a settings model (or the `only`
-    ones), spelt, typed and explained as the field says, each None when not given. The
-    command receives the given ones as `given` (field name -> value), to lay over a
-    config file's values: the model then validates them all at once. required: the
-    fields without a default are required options (a command without a config file);
-    else their help says so, and where else they may come from (`elsewhere`)."""
-    fields = [f for f in settings_fields(model) if f[2].cli and (not only or f[0] in only)]
+    """A command decorator: one option (or positional argument) per field of a settings
+    model (or the `only` ones), spelt, typed and explained as the field says, each None
+    when not given. The command receives the given ones as `given` (field name -> value),
+    to lay over a config file's values: the model then validates them all at once.
+    required: the fields without a default are required options (a command without a
+    config file); else their help says so, and where else they may come from (`elsewhere`)."""
+    settings = CommandSettings(model, only)
+    fields = settings.fields()
 
     def decorate(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "given"]
@@ -167,9 +186,11 @@ def settings_options(
                     given[name] = setting.from_cli(value) if setting.from_cli else value
             return command(**kwargs, given=given)
 
-        parameters = own + options
+        arguments = [p for p in options if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        parameters = arguments + own + [p for p in options if p not in arguments]
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = {p.name: p.annotation for p in parameters}
+        run.command_settings = settings
         return run
 
     return decorate
@@ -184,7 +205,7 @@ def _option(name: str, info, setting, required: bool = False, elsewhere: str = "
     flags = option_flags(name, setting)
     shown = default_text(info, setting)
     text = info.description + (f" (default: {shown})" if shown else "")
-    if info.is_required() and not required:
+    if info.is_required() and not required and not setting.argument:
         text += f"  [required{': ' + elsewhere if elsewhere else ''}]"
     kind: Any
     if base is bool:
@@ -200,6 +221,11 @@ def _option(name: str, info, setting, required: bool = False, elsewhere: str = "
     else:
         kind = base
     plain = re.sub(r"\[([^]]+)\]\([^)]+\)", r"\1", text).replace("`", "")  # Markdown as plain text
+    if setting.argument:  # positional: required unless it has a default
+        argument = typer.Argument(... if info.is_required() else None, help=plain)  # named by name_values
+        return inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=argument, annotation=kind | None
+        )
     default = ... if required else None
     option = typer.Option(default, *flags, help=plain, metavar=setting.metavar, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
@@ -220,14 +246,11 @@ def _main(
     """Label image corpora with ONNX taggers on Ray."""
 
 
-def _storage_options(text: str | None) -> dict | None:
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError as exc:
-        raise TagpipeError(f"--storage-options is not valid JSON: {exc}") from None
-
-
-def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = LogFormat.TEXT) -> None:
+def configure_output(
+    verbose: bool = False, quiet: bool = False, log_format: LogFormat = LogFormat.TEXT
+) -> None:
+    """How a command talks, set before it works: log level and format (which also decide
+    how emit_result and fail write), and no Ray progress bars (tagpipe draws its own)."""
     from pipeline.core import logs
 
     if verbose and quiet:
@@ -237,7 +260,7 @@ def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = L
         verbosity = Verbosity.VERBOSE
     elif quiet:
         verbosity = Verbosity.QUIET
-    logs.configure(verbosity, log_format)
+    logs.configure(verbosity, log_format)  # also how emit_result and fail write
     try:
         import ray.data
 
@@ -246,7 +269,7 @@ def _setup(verbose: bool = False, quiet: bool = False, log_format: LogFormat = L
         pass
 
 
-def _emit(result) -> None:
+def emit_result(result) -> None:
     """A command's result: its text line, or with --log-format json one JSON object."""
     from pipeline.core import logs
     from pipeline.table.tag_table import json_value
@@ -259,7 +282,7 @@ def _emit(result) -> None:
         typer.echo(result.text())
 
 
-def _interruptible(run, *args, **kwargs):
+def run_interruptible(run, *args, **kwargs):
     """Run a job; on Ctrl-C print what was kept and how to resume, and exit 130."""
     from pipeline.job.tag_job import RunInterrupted
 
@@ -290,7 +313,7 @@ def main() -> None:
     try:
         app(prog_name="tagpipe")
     except TagpipeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Exception as exc:  # a store's or a local path's failure becomes one line, others tracebacks
         from pipeline.storage.filesystem import storage_error_text
 
@@ -301,10 +324,10 @@ def main() -> None:
             text = local_error_text(exc)  # a local path's failure, as one line too
         if text is None:
             raise
-        _fail(text)
+        fail(text)
 
 
-def _fail(text: str) -> None:
+def fail(text: str) -> None:
     """One line on stderr, `error: ...` (a JSON object with --log-format json), exit 2."""
     from pipeline.core import logs
 

@@ -1,7 +1,7 @@
-"""The generated documentation: the README's options tables (tag, review, dedup, split,
-audit, export) and the example configs, from the settings' fields and the commands
-themselves. Tests compare the files with what this makes; `python -m pipeline.cli.docs
---write` refreshes them.
+"""The generated documentation: the README's options tables (one for every command and
+subcommand, each from the settings model its options come from) and the example configs,
+from the settings' fields and the commands themselves. Tests compare the files with what
+this makes; `python -m pipeline.cli.docs --write` refreshes them.
 """
 
 from __future__ import annotations
@@ -9,35 +9,41 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from pipeline.cli import app
+from pipeline.cli.common import CommandSettings, command_settings
 from pipeline.core.settings import (
-    SettingsModel,
     default_text,
     example_toml,
     option_spellings,
-    settings_fields,
 )
-from pipeline.corpus.audit_settings import AuditOptions, AuditSettings
-from pipeline.corpus.dedup_settings import DedupOptions, DedupSettings
+from pipeline.corpus.audit_settings import AuditOptions
+from pipeline.corpus.dedup_settings import DedupOptions
 from pipeline.corpus.drift import DriftSettings
-from pipeline.corpus.export_settings import ExportSettings
 from pipeline.corpus.label_settings import LabelCheckSettings
-from pipeline.corpus.review import ReviewSettings
-from pipeline.corpus.split_settings import SplitOptions, SplitSettings
+from pipeline.corpus.split_settings import SplitOptions
 from pipeline.job.settings import NightlyConfig, TagJobConfig
 
-# The commands whose README options table is generated, each from its settings model.
-OPTION_TABLES: dict[str, type[SettingsModel]] = {
-    "tag": TagJobConfig,
-    "review": ReviewSettings,
-    "dedup": DedupSettings,
-    "split": SplitSettings,
-    "audit": AuditSettings,
-    "export": ExportSettings,
-}
+
+def command_tree(command: Any = None, path: str = "") -> dict[str, Any]:
+    """Every command and subcommand of tagpipe by its path ('tag', 'model pull'); groups
+    themselves are not commands."""
+    command = typer.main.get_command(app) if command is None else command
+    if isinstance(command, typer.core.TyperGroup):
+        found: dict[str, Any] = {}
+        for name, sub in command.commands.items():
+            found.update(command_tree(sub, f"{path} {name}".strip()))
+        return found
+    return {path: command}
+
+
+def option_tables() -> dict[str, tuple[Any, CommandSettings | None]]:
+    """Each command's path, the command, and the settings its options come from (None: a
+    command not built from a settings model, which the tests refuse)."""
+    return {path: (command, command_settings(command)) for path, command in command_tree().items()}
 
 
 def table_markers(command: str) -> tuple[str, str]:
@@ -97,13 +103,12 @@ ROW_WIDTH = 200  # a table row a terminal shows whole; a longer meaning goes bel
 NOTE_WIDTH = 90
 
 
-def options_table(name: str, model: type[SettingsModel]) -> str:
-    """One row per option of `tagpipe NAME`: a setting's row from its field (Markdown
-    description, default as the README says it), the command's own from its help. A row
-    too long to read in a terminal keeps the meaning's first clause; the whole meaning is
-    a wrapped note under the table."""
-    fields = {name: (info, setting) for name, info, setting in settings_fields(model)}
-    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+def options_table(command: Any, settings: CommandSettings) -> str:
+    """One row per argument and option of a command: a setting's row from its field
+    (Markdown description, default as the README says it), the command's own from its
+    help. A row too long to read in a terminal keeps the meaning's first clause; the whole
+    meaning is a wrapped note under the table."""
+    fields = {name: (info, setting) for name, info, setting in settings.fields()}
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     own: list[str] = []
     notes: list[str] = []
@@ -167,10 +172,14 @@ def generated_docs(root: Path) -> dict[Path, str]:
     """Each generated file under the repository root, with the text it must have."""
     readme = root / "README.md"
     text = readme.read_text(encoding="utf-8")
-    for command, model in OPTION_TABLES.items():
-        start_marker, end_marker = table_markers(command)
+    for path, (command, settings) in option_tables().items():
+        if settings is None:
+            continue  # tests/test_cli_output.py fails such a command
+        start_marker, end_marker = table_markers(path)
+        if start_marker not in text:
+            continue  # likewise: a command without a table in the README
         start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
-        text = text[:start] + "\n" + options_table(command, model) + "\n" + text[end:]
+        text = text[:start] + "\n" + options_table(command, settings) + "\n" + text[end:]
     tag_example = example_toml(TagJobConfig, "tag", TAG_EXAMPLES, TAG_EXAMPLE_HEADER, skip=("labels",))
     tag_example += "\n" + example_toml(LabelCheckSettings, "tag.labels", {}, "")
     keep = ("inputs", "output", "model", "batch_size", "rows_per_part", "max_delete_fraction", "threshold")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pipeline.cli.common import LogFormatOption, Quiet, Verbose, _emit, _setup, app, settings_options
+from pipeline.cli.common import (
+    LogFormatOption,
+    Quiet,
+    Verbose,
+    app,
+    configure_output,
+    emit_result,
+    settings_options,
+)
 from pipeline.core.errors import TagpipeError
 from pipeline.core.logs import LogFormat
 from pipeline.core.settings import build
@@ -22,9 +30,9 @@ def review(
     field per row, and a self-contained HTML page of thumbnails beside it (same name, .html)."""
     from pipeline.corpus.review import run_review
 
-    _setup(verbose, quiet, log_format)
+    configure_output(verbose, quiet, log_format)
     given = dict(given or {})
     for name in ("tags", "kind", "out"):
         if name not in given:
             raise TagpipeError(f"--{name} is required (tagpipe review -h)")
-    _emit(run_review(build(ReviewSettings, given)))
+    emit_result(run_review(build(ReviewSettings, given)))

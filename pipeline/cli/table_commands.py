@@ -9,19 +9,18 @@ import typer
 from pipeline.cli.common import (
     LogFormatOption,
     Quiet,
-    StorageOptions,
     Verbose,
-    _emit,
-    _interruptible,
-    _setup,
-    _storage_options,
     app,
+    configure_output,
+    emit_result,
+    run_interruptible,
     settings_options,
 )
 from pipeline.core.logs import LogFormat
+from pipeline.core.settings import build
 from pipeline.core.words import counted
-from pipeline.job.settings import TagJobConfig
-from pipeline.model.rules import RuleSettings
+from pipeline.job.settings import RethresholdSettings, TagJobConfig
+from pipeline.table.tag_table import VacuumSettings
 
 
 @app.command(short_help="Tag images into a versioned Parquet table.")
@@ -56,24 +55,17 @@ def tag(
     from pipeline.job.settings import load_config_file, make_tag_config
     from pipeline.job.tag_job import run_tag_pass
 
-    _setup(verbose, quiet, log_format)
+    configure_output(verbose, quiet, log_format)
     given = dict(given or {})
     if quiet:
         given["progress"] = False
     cfg = make_tag_config(load_config_file(config) if config else {}, **given)
-    _emit(_interruptible(run_tag_pass, cfg, dry_run=dry_run))
+    emit_result(run_interruptible(run_tag_pass, cfg, dry_run=dry_run))
 
 
 @app.command(short_help="Re-tag stored rows with new thresholds (no model run).")
-@settings_options(TagJobConfig, only=(*RuleSettings.model_fields, "storage_options", "ray_address"))
+@settings_options(RethresholdSettings, required=True)
 def rethreshold(
-    tags: str = typer.Option(..., "--tags", help="A tag output directory (local or s3://)."),
-    model: str = typer.Option(
-        ..., "--model", "-m", help="The bundle that made it (its calibration/OOD files may be new)."
-    ),
-    output: str | None = typer.Option(
-        None, "--output", "-o", help="A new table for the result; default: a new version of --tags itself."
-    ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML config with a [tag] table: its threshold settings apply."
     ),
@@ -84,12 +76,20 @@ def rethreshold(
 ) -> None:
     """Re-tag stored rows from their sparse logits with new thresholds: no model run."""
     from pipeline.job.rethreshold import run_rethreshold
-    from pipeline.job.settings import load_config_file, make_tag_config
+    from pipeline.job.settings import make_rethreshold_settings
 
-    _setup(verbose, quiet, log_format)
-    file_values = load_config_file(config) if config else {}
-    cfg = make_tag_config(file_values, **(given or {}), inputs=[tags], output=output or tags, model=model)
-    _emit(run_rethreshold(tags, model, output, cfg.rules, cfg.storage_options, cfg.ray_address))
+    configure_output(verbose, quiet, log_format)
+    settings = make_rethreshold_settings(config, given or {})
+    emit_result(
+        run_rethreshold(
+            settings.tags,
+            settings.model,
+            settings.output,
+            settings.rules,
+            settings.storage_options,
+            settings.ray_address,
+        )
+    )
 
 
 @app.command(short_help="Tag what changed, then dedup, split and audit.")
@@ -117,38 +117,34 @@ def nightly(
     from pipeline.job.settings import load_nightly_config
     from pipeline.job.tag_job import run_tag_job
 
-    _setup(verbose, quiet, log_format)
+    configure_output(verbose, quiet, log_format)
     given = dict(given or {})
     if quiet:
         given["progress"] = False
     cfg = load_nightly_config(config, **given)
     if dry_run:
-        _emit(_interruptible(run_tag_job, cfg.tag, dry_run=True))
+        emit_result(run_interruptible(run_tag_job, cfg.tag, dry_run=True))
         return
-    summary = _interruptible(run_nightly, cfg)
-    _emit(summary)
+    summary = run_interruptible(run_nightly, cfg)
+    emit_result(summary)
     status = nightly_exit_status(summary, cfg)
     if status:
         raise typer.Exit(status)
 
 
 @app.command(short_help="Delete parts (and label files) no kept version uses.")
+@settings_options(VacuumSettings, required=True)
 def vacuum(
-    tags: str = typer.Option(..., "--tags", help="A tag table (local or s3://)."),
-    keep_versions: int = typer.Option(
-        2, help="Keep the parts of this many newest versions (the current one always)."
-    ),
-    grace_hours: float = typer.Option(
-        24.0, help="Never delete unnamed parts younger than this: a running job may still commit them."
-    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
-    storage_options: StorageOptions = None,
+    given: dict | None = None,
 ) -> None:
     """Delete parts, label files and version records that no kept version of the table uses."""
     from pipeline.table.tag_table import TagTable
 
-    _setup()
-    result = TagTable(tags, _storage_options(storage_options)).vacuum(keep_versions, grace_hours, dry_run)
+    configure_output()
+    settings = build(VacuumSettings, given or {})
+    table = TagTable(settings.tags, settings.storage_options)
+    result = table.vacuum(settings.keep_versions, settings.grace_hours, dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
         f"vacuum: {verb} {counted(result['parts_deleted'], 'parts')}, "

@@ -1,12 +1,13 @@
 """Typed settings: each setting is defined once, as a field of a pydantic model.
 
-A settings model (TagJobConfig, NightlyConfig, RuleSettings, the corpus commands' DedupSettings,
-SplitSettings, AuditSettings, ExportSettings, ReviewSettings) declares each field's type,
-default, constraints and one-line description, plus a `Setting` marker that says how the
-field shows outside Python: its command-line spellings, and which table key it joins
-(see docs/decisions.md for pydantic over msgspec). From that one definition come:
+A settings model (TagJobConfig, NightlyConfig, RuleSettings, and one for every other command,
+beside the work it drives: DedupSettings, ReportSettings, VacuumSettings, PullSettings, ...)
+declares each field's type, default, constraints and one-line description, plus a
+`Setting` marker that says how the field shows outside Python: its command-line
+spellings, and which table key it joins (see docs/decisions.md for pydantic over
+msgspec). From that one definition come:
 - validation with one-line errors that name the field (`build`);
-- the command's options (pipeline/cli/common.py builds them from the model);
+- the command's options and arguments (pipeline/cli/common.py builds them from the model);
 - the README's options table and the example config files (pipeline/cli/docs.py, with
   `option_spellings`, `default_text`, `example_toml`; tests compare them with the files);
 - the inference key (pipeline/job/incremental.py reads each field's `KeyRole`); the
@@ -23,8 +24,10 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 import pydantic
+from pydantic import BeforeValidator, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -51,7 +54,7 @@ class Setting:
         of existing tables (and their next nightly run) as they were.
     cli: False for a config-file-only field.
     default_text: the default as the README shows it, when the value itself says little.
-    metavar: the value's name in the README (EXT, TAG).
+    metavar: the value's name in the README (EXT, TAG); an argument's name (REPO_ID).
     """
 
     key: KeyRole
@@ -63,6 +66,7 @@ class Setting:
     metavar: str | None = None
     from_cli: Callable | None = None  # the command line's values -> the field's (CATEGORY=VALUE items)
     key_via: str | None = None  # keyed, but as a value derived from it (named here), not as given
+    argument: bool = False  # a positional argument on the command line (`model pull REPO_ID DIR`)
 
 
 def setting_of(field: FieldInfo) -> Setting:
@@ -238,14 +242,30 @@ def one_or_many(value):
     return [value] if isinstance(value, str) else value
 
 
-def json_table(value):
-    """A table setting given as JSON text (the command line's --storage-options)."""
+def parse_storage_options(value) -> dict:
+    """The one reader of fsspec storage options, for every command and config file: JSON
+    text (the command line's --storage-options), a table, or None (none). Not an object
+    is one error, the same for every command."""
+    if value is None:
+        return {}
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"must be a JSON object ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError('must be a JSON object, e.g. {"anon": true}')
     return value
+
+
+STORAGE_OPTIONS_TEXT = "fsspec storage options as JSON"
+# fsspec options: JSON text on the command line, a table in a config file.
+StorageOptions = Annotated[
+    dict,
+    BeforeValidator(parse_storage_options),
+    Field(default_factory=dict, description=STORAGE_OPTIONS_TEXT),
+    Setting(KeyRole.NONE),
+]
 
 
 def default_text(field: FieldInfo, setting: Setting) -> str:
@@ -268,6 +288,8 @@ def default_text(field: FieldInfo, setting: Setting) -> str:
 
 def option_spellings(name: str, setting: Setting) -> str:
     """`--a/--b/-c EXT` as the README writes a field's options."""
+    if setting.argument:
+        return setting.metavar or name.upper()
     text = "/".join(option_flags(name, setting))
     return f"{text} {setting.metavar}" if setting.metavar else text
 

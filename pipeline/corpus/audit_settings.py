@@ -12,8 +12,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from pipeline.core.settings import KeyRole, Setting, SettingsModel
-from pipeline.corpus.dedup_settings import AUTO, DEFAULT_MAX_DISTANCE, Bits, CosineThreshold, StorageOptions
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
+from pipeline.corpus.dedup_settings import AUTO, DEFAULT_MAX_DISTANCE, Bits, CosineThreshold
 
 NONE = KeyRole.NONE
 

@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
 
 NONE = KeyRole.NONE
 DEFAULT_MAX_DISTANCE = 6
@@ -53,22 +53,10 @@ def _threshold(value):
         raise ValueError("must be a cosine in (0, 1], auto or off") from None
 
 
-def _table(value):
-    """storage_options: JSON text (the command line), a table, or None (none)."""
-    return {} if value is None else json_table(value)
-
-
 # Phash bits apart: a radius (0 to 32; docs/decisions.md says why 6).
 Bits = Annotated[int, Field(ge=0, le=32)]
 # An embedding threshold: a cosine in (0, 1], "auto" (chosen from the data) or None ("off").
 CosineThreshold = Annotated[str | float | None, BeforeValidator(_threshold)]
-# fsspec options: JSON text on the command line.
-StorageOptions = Annotated[
-    dict,
-    BeforeValidator(_table),
-    Field(default_factory=dict, description="fsspec storage options as JSON"),
-    Setting(NONE),
-]
 
 
 class DedupOptions(SettingsModel):

@@ -21,6 +21,8 @@ words), character tags first, the rating tag first, last or left out, tag replac
 character tags expanded (`name_(series)` -> `name, series`), and appending to existing
 captions without repeating a tag.
 
+Each format is one writer class (CaptionWriter, JsonlWriter, DartWriter: what it reads,
+where its files go, how it writes), chosen once from WRITERS by the format asked for.
 `run_export` takes the settings (ExportSettings, pipeline/corpus/export_settings.py). A row's
 text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
 tag table's part), only the columns the format needs: pipeline/corpus/export_rows.py.
@@ -30,8 +32,10 @@ Memory holds a piece, a slice of rows as Python objects, and the uris of every r
 
 from __future__ import annotations
 
+import enum
 import os
 import posixpath
+import typing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,10 +48,12 @@ import pyarrow.compute as pc
 from pipeline.core.errors import TagpipeError
 from pipeline.core.words import counted
 from pipeline.corpus.export_rows import GoodRows, lines_in_uri_order, rows_by_piece
-from pipeline.corpus.export_settings import ExportFormat, ExportSettings
+from pipeline.corpus.export_settings import ExportSettings
 from pipeline.corpus.export_text import (
     MAX_NAME_BYTES,
     CaptionOptions,
+    ExistingFiles,
+    ExportFormat,
     TextOptions,
     aspect_bucket,
     caption_path,
@@ -88,19 +94,6 @@ __all__ = [  # the row-text helpers live in export_text; importable from here as
     "run_export",
 ]
 
-FORMATS = tuple(f.value for f in ExportFormat)
-EXISTING_FILES = ("refuse", "overwrite", "skip")  # what to do with output files already there
-# what each format reads of a row (of those the input has); JSONL also every tags_<category>
-COLUMNS = {
-    "captions": ("tags", "tags_character", "rating", "quality"),
-    "jsonl": ("tags", "scores", "rating", "quality", "width", "height"),
-    "dart": ("tags_general", "tags_copyright", "tags_character", "rating", "width", "height"),
-}
-REQUIRED = {
-    "captions": ("tags",),
-    "jsonl": ("tags", "scores", "width", "height"),
-    "dart": ("width", "height"),
-}
 # caption files written at once: a local write waits on its fsync, a store's on a round trip
 WRITE_THREADS = 8
 
@@ -131,7 +124,7 @@ class _Job:
     out_path: str
     text: TextOptions
     caption: CaptionOptions
-    existing: str
+    existing: ExistingFiles
     storage_options: dict | None
     summary: ExportSummary
     merge: Callable[[list[dict]], list[dict]] | None = None
@@ -149,7 +142,7 @@ def run_export(settings: ExportSettings) -> ExportSummary:
     return export_tags(
         settings.tags,
         settings.output,
-        settings.format.value,
+        settings.format,
         settings.text_options(),
         settings.relative_to,
         options,
@@ -162,27 +155,27 @@ def run_export(settings: ExportSettings) -> ExportSummary:
 def export_tags(
     tags: str,
     output: str,
-    fmt: str,
+    fmt: ExportFormat | str,
     text: TextOptions = TextOptions(),
     relative_to: str | None = None,
     storage_options: dict | None = None,
     caption: CaptionOptions = CaptionOptions(),
-    existing: str = "refuse",
+    existing: ExistingFiles | str = ExistingFiles.REFUSE,
     supplement: Decisions | None = None,
 ) -> ExportSummary:
     """Check every output file before writing any (two images meeting in one caption file,
     files already there unless told to overwrite, skip or append to them), then write:
     captions each atomically, JSONL and Dart into one file that appears only whole.
     supplement: merge the source tags with the model's, with these reviewer decisions."""
-    if fmt not in FORMATS:
-        raise TagpipeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if existing not in EXISTING_FILES:
-        raise TagpipeError(f"existing={existing!r}: choose one of {', '.join(EXISTING_FILES)}")
-    _check_paths(tags, output, fmt, storage_options)
+    writer = WRITERS[_member(ExportFormat, fmt, "export format")]
+    existing = _member(ExistingFiles, existing, "existing")
+    expect(tags, "table", "--tags", storage_options)
+    writer.check_output(output)
     source = Pieces(tags, storage_options)
     if supplement is not None:
-        check_supplement(source.names, tags, fmt)
-    columns = _columns(tags, source.names, fmt, supplement is not None)
+        writer.check_supplement()
+        check_supplement(source.names, tags)
+    columns = _columns(tags, source.names, writer, supplement is not None)
     good = GoodRows.read(source)
     out_fs, out_path = filesystem_for(output, storage_options)
     summary = ExportSummary(skipped_errors=good.errors)
@@ -192,11 +185,101 @@ def export_tags(
             decisions_unmatched=unmatched_decisions(supplement, good.uris)
         )
         job.merge = lambda rows: merge_rows(rows, supplement, counts)
-    if fmt == "captions":
-        _export_captions(job, relative_to)
-    else:
-        _export_lines(job, fmt)
+    writer.write(job, relative_to)
     return summary
+
+
+E = typing.TypeVar("E", bound=enum.StrEnum)
+
+
+def _member(kind: type[E], value: E | str, what: str) -> E:
+    """A format or policy given by its name (export_tags' callers may pass strings)."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise TagpipeError(f"unknown {what} {value!r}; choose one of {', '.join(kind)}") from None
+
+
+class ExportWriter:
+    """One export format: what it reads of a row, where its files go, and how it writes
+    them. WRITERS maps each ExportFormat to its writer, chosen once in export_tags."""
+
+    format: ExportFormat
+    columns: tuple[str, ...] = ()  # what it reads of a row (of those the input has)
+    required: tuple[str, ...] = ()  # columns without which the input is not a tag table for it
+    present_hint = ""  # another way out when files are already there
+
+    def check_output(self, output: str) -> None:
+        """The output writable as what it will be (a file when named .jsonl), before any work."""
+        check_writable(output, "--output", FILE if _single_file(output) else FOLDER)
+
+    def check_supplement(self) -> None:
+        """Supplement mode writes this format (else a one-line refusal)."""
+
+    def more_columns(self, names: list[str]) -> set[str]:
+        """Columns it reads beyond `columns`, by the input's names."""
+        return set()
+
+    def write(self, job: _Job, relative_to: str | None) -> None:
+        raise NotImplementedError
+
+
+class CaptionWriter(ExportWriter):
+    """One caption file per image, at its path under a root (kohya sd-scripts' layout)."""
+
+    format = ExportFormat.CAPTIONS
+    columns = ("tags", "tags_character", "rating", "quality")
+    required = ("tags",)
+    present_hint = ", or --append to merge captions"
+
+    def check_output(self, output: str) -> None:
+        if _single_file(output):
+            raise TagpipeError(
+                f"--output {output}: captions are one .txt per image under a folder; give a folder "
+                "(a .jsonl output is for --format jsonl or dart)"
+            )
+        super().check_output(output)
+
+    def write(self, job: _Job, relative_to: str | None) -> None:
+        _export_captions(job, relative_to, self)
+
+
+class LinesWriter(ExportWriter):
+    """One JSON line per image, in uri order, into one file (`file_name` in a folder)."""
+
+    file_name = ""
+
+    def write(self, job: _Job, relative_to: str | None) -> None:
+        _export_lines(job, self)
+
+
+class JsonlWriter(LinesWriter):
+    """Tags by category, scores, rating and size (supplement mode: each tag's provenance)."""
+
+    format = ExportFormat.JSONL
+    columns = ("tags", "scores", "rating", "quality", "width", "height")
+    required = ("tags", "scores", "width", "height")
+    file_name = "tags.jsonl"
+
+    def more_columns(self, names: list[str]) -> set[str]:
+        return {n for n in names if n.startswith("tags_")}  # a record lists every category
+
+
+class DartWriter(LinesWriter):
+    """Dart v2 prompts: the model's categories in Dart's slots."""
+
+    format = ExportFormat.DART
+    columns = ("tags_general", "tags_copyright", "tags_character", "rating", "width", "height")
+    required = ("width", "height")
+    file_name = "dart_prompts.jsonl"
+
+    def check_supplement(self) -> None:
+        raise TagpipeError("--supplement writes captions or jsonl; Dart prompts take the model's categories")
+
+
+WRITERS: dict[ExportFormat, ExportWriter] = {
+    writer.format: writer for writer in (CaptionWriter(), JsonlWriter(), DartWriter())
+}
 
 
 def _single_file(output: str) -> bool:
@@ -204,51 +287,42 @@ def _single_file(output: str) -> bool:
     return output.rstrip("/").lower().endswith(".jsonl")
 
 
-def _check_paths(tags: str, output: str, fmt: str, storage_options: dict | None) -> None:
-    """The input a table, the output writable as what it will be, before any work."""
-    expect(tags, "table", "--tags", storage_options)
-    if fmt == "captions" and _single_file(output):
-        raise TagpipeError(
-            f"--output {output}: captions are one .txt per image under a folder; give a folder "
-            "(a .jsonl output is for --format jsonl or dart)"
-        )
-    check_writable(output, "--output", FILE if _single_file(output) else FOLDER)
-
-
-def _columns(tags: str, names: list[str], fmt: str, supplement: bool) -> list[str]:
+def _columns(tags: str, names: list[str], writer: ExportWriter, supplement: bool) -> list[str]:
     """The columns to read, in the input's order (a JSONL record lists its tags_ columns so)."""
     require_tag_columns(tags, names, "--tags")
-    missing = [c for c in ("uri", "error", *REQUIRED[fmt]) if c not in names]
+    missing = [c for c in ("uri", "error", *writer.required) if c not in names]
     if missing:
-        raise TagpipeError(f"{tags}: no {missing[0]!r} column, which a {fmt} export needs: not a tag table?")
-    wanted = {"uri", "error", *COLUMNS[fmt]}
+        raise TagpipeError(
+            f"{tags}: no {missing[0]!r} column, which a {writer.format} export needs: not a tag table?"
+        )
+    wanted = {"uri", "error", *writer.columns}
     if supplement:
         wanted |= {"tags", "scores", *NEEDED_COLUMNS}
-    elif fmt == "jsonl":
-        wanted |= {n for n in names if n.startswith("tags_")}
+    else:
+        wanted |= writer.more_columns(names)
     return [n for n in names if n in wanted]
 
 
-def _export_lines(job: _Job, fmt: str) -> None:
+def _export_lines(job: _Job, writer: LinesWriter) -> None:
     """JSONL or Dart: one file, its lines in uri order, streamed into place: the output
     itself when it is named .jsonl, else a file of the format's name inside it."""
     if _single_file(job.out_path):
         target = job.out_path
         present = pa.array([target] if job.fs.exists(target) else [], pa.string())
     else:
-        target = posixpath.join(job.out_path, "tags.jsonl" if fmt == "jsonl" else "dart_prompts.jsonl")
+        target = posixpath.join(job.out_path, writer.file_name)
         present = _present(job.fs, job.out_path, pa.chunked_array([[target]], pa.string()))
-    _refuse_present(job, fmt, present, 1)
-    if len(present) and job.existing == "skip":
+    _refuse_present(job, writer, present, 1)
+    if len(present) and job.existing == ExistingFiles.SKIP:
         job.summary.skipped_existing += 1
         for _ in job.rows() if job.merge else ():
             pass  # the supplement counts a written file would have given
         return
 
     def render(rows: list[dict]) -> list[str]:
-        return [row_line(row, fmt, job.text) for row in (job.merge(rows) if job.merge else rows)]
+        return [row_line(row, writer.format, job.text) for row in (job.merge(rows) if job.merge else rows)]
 
-    mark_file(_uri(job.fs, target), f"{fmt} export", job.storage_options)
+    mark_file(_uri(job.fs, target), f"{writer.format} export", job.storage_options)
     with atomic_output(_uri(job.fs, target), job.storage_options) as out:
         lines = 0
         for line in lines_in_uri_order(job.source, job.good, job.columns, render):
@@ -260,7 +334,7 @@ def _export_lines(job: _Job, fmt: str) -> None:
     job.summary.written += 1
 
 
-def _export_captions(job: _Job, relative_to: str | None) -> None:
+def _export_captions(job: _Job, relative_to: str | None, writer: CaptionWriter) -> None:
     """One caption file per good row, a slice of rows at a time, after every check."""
     if relative_to and "://" not in relative_to:
         relative_to = os.path.abspath(relative_to)  # image URIs of local inputs are absolute
@@ -268,7 +342,7 @@ def _export_captions(job: _Job, relative_to: str | None) -> None:
     targets = _caption_targets(job.good, root, job.out_path, job.caption.extension)
     present = _present(job.fs, job.out_path, targets)
     if not job.caption.append:
-        _refuse_present(job, "captions", present, len(targets))
+        _refuse_present(job, writer, present, len(targets))
     elif len(present):
         _check_text(job.fs, present.to_pylist())  # every caption to merge into is read before any write
     # caption files, often beside the images: only files of the caption extension are tagpipe's
@@ -283,7 +357,8 @@ def _export_captions(job: _Job, relative_to: str | None) -> None:
                 for row in rows
             ]
             there = pc.is_in(pa.array(files, pa.string()), value_set=present).to_numpy(zero_copy_only=False)
-            work = [(f, r, t) for f, r, t in zip(files, rows, there) if not (t and job.existing == "skip")]
+            skip = job.existing == ExistingFiles.SKIP
+            work = [(f, r, t) for f, r, t in zip(files, rows, there) if not (t and skip)]
             job.summary.skipped_existing += len(rows) - len(work)
             for written in pool.map(lambda w: _write_caption(job, *w), work):
                 job.summary.files.append(written)
@@ -342,16 +417,15 @@ def _first_clash(targets: pa.ChunkedArray) -> tuple[int, int] | None:
     return pc.index(targets, targets[later]).as_py(), later
 
 
-def _refuse_present(job: _Job, fmt: str, present: pa.Array, planned: int) -> None:
-    if not len(present) or job.existing != "refuse":
+def _refuse_present(job: _Job, writer: ExportWriter, present: pa.Array, planned: int) -> None:
+    if not len(present) or job.existing != ExistingFiles.REFUSE:
         return
     example = ", ".join(present.take(pc.sort_indices(present)).slice(0, 3).to_pylist())
     raise TagpipeError(
         f"{len(present)} of the {counted(planned, 'files')} to write "
         f"{'already exists' if len(present) == 1 else 'already exist'} (e.g. {example}); "
         "nothing was written: "
-        f"pass --skip-existing to keep them, --overwrite to replace them"
-        + (", or --append to merge captions" if fmt == "captions" else "")
+        f"pass --skip-existing to keep them, --overwrite to replace them{writer.present_hint}"
     )
 
 

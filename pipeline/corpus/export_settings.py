@@ -8,15 +8,15 @@ CaptionOptions' own (pipeline/corpus/export_text.py), so each is written once.
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
-from pipeline.corpus.dedup_settings import StorageOptions
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions, one_or_many
 from pipeline.corpus.export_text import (
     CaptionOptions,
+    ExistingFiles,
+    ExportFormat,
     RatingPlace,
     TextOptions,
     check_extension,
@@ -25,12 +25,6 @@ from pipeline.corpus.export_text import (
 
 NONE = KeyRole.NONE
 Tags = Annotated[tuple[str, ...], BeforeValidator(one_or_many)]
-
-
-class ExportFormat(enum.StrEnum):
-    CAPTIONS = "captions"
-    JSONL = "jsonl"
-    DART = "dart"
 
 
 def _pairs(value):
@@ -177,6 +171,8 @@ class ExportSettings(SettingsModel):
             append=self.append,
         )
 
-    def existing_files(self) -> str:
+    def existing_files(self) -> ExistingFiles:
         """What to do with output files already there: refuse, overwrite or skip them."""
-        return "overwrite" if self.overwrite else "skip" if self.skip_existing else "refuse"
+        if self.overwrite:
+            return ExistingFiles.OVERWRITE
+        return ExistingFiles.SKIP if self.skip_existing else ExistingFiles.REFUSE

@@ -70,6 +70,22 @@ class TextOptions:
         return out
 
 
+class ExportFormat(enum.StrEnum):
+    """What `tagpipe export` writes (each one writer, pipeline/corpus/export.py WRITERS)."""
+
+    CAPTIONS = "captions"
+    JSONL = "jsonl"
+    DART = "dart"
+
+
+class ExistingFiles(enum.StrEnum):
+    """What an export does with output files already there."""
+
+    REFUSE = "refuse"
+    OVERWRITE = "overwrite"
+    SKIP = "skip"
+
+
 class RatingPlace(enum.StrEnum):
     """Where a caption puts the rating tag: as stored (by score), first, last, or nowhere."""
 
@@ -242,14 +258,13 @@ def _shorten(stem: str, suffix: str) -> str:
     return stem.encode()[:room].decode(errors="ignore") + f"-{digest}" + suffix
 
 
-def row_line(row: dict, fmt: str, text: TextOptions) -> str:
-    """The JSONL line (no newline) of one row: jsonl (supplement mode's when the row has
-    provenance) or dart."""
-    if fmt == "jsonl" and "provenance" in row:
+def jsonl_line(row: dict, text: TextOptions) -> str:
+    """A JSONL export's line (no newline) of one row: supplement mode's when the row has
+    provenance, else its tags by category, scores, rating and size."""
+    if "provenance" in row:
         record = supplement_record(row, lambda tag: text.format([tag])[0], text.exclude)
-    elif fmt == "jsonl":
-        record = {k: v for k, v in row.items() if k == "tags" or k.startswith("tags_")}
-        record = {k: text.format(v) for k, v in record.items()}
+    else:
+        record = {k: text.format(v) for k, v in row.items() if k == "tags" or k.startswith("tags_")}
         record.update(
             uri=row["uri"],
             rating=row.get("rating"),
@@ -260,9 +275,21 @@ def row_line(row: dict, fmt: str, text: TextOptions) -> str:
         record["scores"] = [
             round(float(s), 4) for t, s in zip(row["tags"], row["scores"]) if t not in text.exclude
         ]
-    else:
-        record = {"uri": row["uri"], "prompt": dart_prompt(row, text)}
     return json.dumps(record, ensure_ascii=False)
+
+
+def dart_line(row: dict, text: TextOptions) -> str:
+    """A Dart export's line (no newline) of one row: its uri and its prompt."""
+    return json.dumps({"uri": row["uri"], "prompt": dart_prompt(row, text)}, ensure_ascii=False)
+
+
+# The line of each format written one line per image (captions are files of their own).
+LINES = {ExportFormat.JSONL: jsonl_line, ExportFormat.DART: dart_line}
+
+
+def row_line(row: dict, fmt: str, text: TextOptions) -> str:
+    """The JSONL line (no newline) of one row in a line format (jsonl or dart)."""
+    return LINES[ExportFormat(fmt)](row, text)
 
 
 def caption_text(row: dict, text: TextOptions, caption: CaptionOptions, existing: str | None) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated
 import pydantic
 from pydantic import BeforeValidator, Field
 
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions, one_or_many
 from pipeline.model.rules import Probability, category_items_parser, category_table
 
 NONE = KeyRole.NONE
@@ -155,3 +155,44 @@ class LabelCheckSettings(SettingsModel):
     def of(cls, settings: pydantic.BaseModel) -> LabelCheckSettings:
         """The label fields of a larger settings model (a tag job's config)."""
         return cls(**{name: getattr(settings, name) for name in cls.model_fields if hasattr(settings, name)})
+
+
+class _CompareTagsInputs(SettingsModel):
+    tags: Annotated[
+        str, Field(min_length=1, description="a tag output directory (local or `s3://`)"), Setting(NONE)
+    ]
+    model: Annotated[
+        str,
+        Field(min_length=1, description="the bundle that made it (its vocabulary, calibration)"),
+        Setting(NONE, flags=("--model", "-m")),
+    ]
+    source_tags: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="Parquet or CSV: a uri column and a tags column (a list or a separated string)",
+        ),
+        Setting(NONE, metavar="FILE"),
+    ]
+    aliases: Annotated[
+        str | None,
+        Field(description="tag aliases: CSV antecedent_name,consequent_name (Danbooru's export) or JSON"),
+        Setting(NONE, default_text="none"),
+    ] = None
+    storage_options: StorageOptions
+    ray_address: Annotated[
+        str | None,
+        Field(description="`auto` or an address joins an existing cluster"),
+        Setting(NONE, default_text="local Ray"),
+    ] = None
+    run_id: Annotated[
+        str | None, Field(description="the name of this run"), Setting(NONE, default_text="time-stamped")
+    ] = None
+
+
+class CompareTagsSettings(LabelCheckSettings, _CompareTagsInputs):
+    """What `tagpipe compare-tags` takes (its options come from these fields): what to
+    compare, then how (LabelCheckSettings, also a tag run's [tag.labels])."""
+
+    def label_check(self) -> LabelCheckSettings:
+        return LabelCheckSettings(**{name: getattr(self, name) for name in LabelCheckSettings.model_fields})

@@ -13,12 +13,15 @@ images differ most (their distances fell below p95 in tests/test_ood.py).
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
 from pipeline.storage.filesystem import filesystem_for
 from pipeline.table.reading import read_parquet
 
@@ -106,3 +109,24 @@ def fit_ood(
         # numpy's stub reads **kwds as allow_pickle
         np.savez(handle, **reference)  # type: ignore[arg-type]
     return reference
+
+
+class FitOodSettings(SettingsModel):
+    """What `tagpipe model fit-ood` takes (its options come from these fields)."""
+
+    tags: Annotated[
+        str,
+        Field(min_length=1, description="a tag output directory whose rows carry embeddings"),
+        Setting(KeyRole.NONE),
+    ]
+    output: Annotated[
+        str,
+        Field(min_length=1, description="the .npz to write (e.g. `BUNDLE/model_ood_ref.npz`)"),
+        Setting(KeyRole.NONE, flags=("--output", "-o")),
+    ]
+    model: Annotated[
+        str | None,
+        Field(description="the bundle the tags came from: checked against the rows"),
+        Setting(KeyRole.NONE, flags=("--model", "-m"), default_text="unchecked"),
+    ] = None
+    storage_options: StorageOptions

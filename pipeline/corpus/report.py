@@ -32,11 +32,14 @@ import posixpath
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Annotated
 
 import numpy as np
 import pyarrow.compute as pc
+from pydantic import Field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
 from pipeline.core.words import counted
 from pipeline.corpus.drift import (
     DriftScan,
@@ -685,3 +688,55 @@ def _page(title: str, sections: list[str]) -> str:
         + "".join(sections)
         + "</body></html>\n"
     )
+
+
+class _ReportInputs(SettingsModel):
+    tags: Annotated[
+        str, Field(min_length=1, description="a tag output (tag table or Parquet)"), Setting(KeyRole.NONE)
+    ]
+    output: Annotated[
+        str,
+        Field(min_length=1, description="the HTML file to write (local path or `s3://...`)"),
+        Setting(KeyRole.NONE, flags=("--output", "-o")),
+    ] = "report.html"
+    dedup: Annotated[
+        str | None,
+        Field(description="a dedup output directory: the largest duplicate clusters"),
+        Setting(KeyRole.NONE, default_text="none"),
+    ] = None
+    split: Annotated[
+        str | None,
+        Field(description="a split output directory: sizes and per-tag balance"),
+        Setting(KeyRole.NONE, default_text="none"),
+    ] = None
+    title: Annotated[
+        str | None,
+        Field(description="the page title"),
+        Setting(KeyRole.NONE, default_text="names the tag output"),
+    ] = None
+    compare_version: Annotated[
+        int | None,
+        Field(ge=0, description="drift from this version of the table to the current one"),
+        Setting(KeyRole.NONE, default_text="the version before"),
+    ] = None
+    storage_options: StorageOptions
+
+
+class ReportSettings(DriftSettings, _ReportInputs):
+    """What `tagpipe report` takes (its options come from these fields): the page's inputs,
+    then when a change is drift (DriftSettings, the nightly's [nightly.drift])."""
+
+    def drift(self) -> DriftSettings:
+        return DriftSettings(**{name: getattr(self, name) for name in DriftSettings.model_fields})
+
+    def build(self) -> ReportSummary:
+        return build_report(
+            self.tags,
+            self.output,
+            self.dedup,
+            self.split,
+            self.storage_options,
+            self.title,
+            self.compare_version,
+            self.drift(),
+        )

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import pyarrow.compute as pc
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, json_table
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
 from pipeline.core.words import counted
 from pipeline.corpus.review_rank import (
     ReviewKind,
@@ -107,12 +107,7 @@ class ReviewSettings(SettingsModel):
     overwrite: Annotated[
         bool, Field(description="replace the queue file and page if they exist"), Setting(NONE)
     ] = False
-    storage_options: Annotated[
-        dict,
-        BeforeValidator(json_table),
-        Field(default_factory=dict, description="fsspec options as JSON"),
-        Setting(NONE),
-    ]
+    storage_options: StorageOptions
 
     def queue_format(self) -> QueueFormat:
         if self.format is not None:

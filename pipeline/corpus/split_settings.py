@@ -13,8 +13,8 @@ from typing import Annotated
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from pipeline.core.errors import TagpipeError
-from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
-from pipeline.corpus.dedup_settings import DEFAULT_MAX_DISTANCE, Bits, StorageOptions
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions, one_or_many
+from pipeline.corpus.dedup_settings import DEFAULT_MAX_DISTANCE, Bits
 
 NONE = KeyRole.NONE
 DEFAULT_RATIOS = "train=0.9,val=0.05,test=0.05"

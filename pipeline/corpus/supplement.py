@@ -172,10 +172,9 @@ def supplement_record(row: dict, write: Callable[[str], str], exclude: frozenset
     }
 
 
-def check_supplement(names: list[str], uri: str, fmt: str) -> None:
-    """Supplement mode needs the label-check columns, and writes captions or JSONL."""
-    if fmt == "dart":
-        raise TagpipeError("--supplement writes captions or jsonl; Dart prompts take the model's categories")
+def check_supplement(names: list[str], uri: str) -> None:
+    """Supplement mode needs the label-check columns (the export's writer says whether it
+    writes the format asked for)."""
     missing = [c for c in NEEDED_COLUMNS if c not in names]
     if missing:
         raise TagpipeError(

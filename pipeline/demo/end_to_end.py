@@ -10,7 +10,11 @@ import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field
+
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
 from pipeline.core.words import counted
 from pipeline.demo.model import write_demo_bundle
 from pipeline.demo.synthetic import load_expected, make_corpus
@@ -184,3 +188,14 @@ def check_duplicates(
     check.leaks_found = len(copy_paths & found)
     check.audit_text = report.text()
     return check
+
+
+class DemoSettings(SettingsModel):
+    """What `tagpipe demo` takes (its options come from these fields)."""
+
+    workdir: Annotated[
+        Path, Field(description="where the demo model, corpus and outputs go"), Setting(KeyRole.NONE)
+    ] = Path("tagpipe-demo")
+    images_per_kind: Annotated[
+        int, Field(ge=1, description="synthetic images per kind (12 kinds)"), Setting(KeyRole.NONE)
+    ] = 3

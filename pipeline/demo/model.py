@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import Field
 
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
 from pipeline.demo.synthetic import KINDS, render
 from pipeline.storage.filesystem import default_permissions
 
@@ -377,3 +380,13 @@ def _write_own_profile(directory: Path, input_size: int, resize_mode: str) -> No
     text = text.replace('resize_mode = "squash"', f'resize_mode = "{resize_mode}"')
     (directory / BUNDLE_PROFILE_FILE).write_text(text, encoding="utf-8")
     load_profile(directory / BUNDLE_PROFILE_FILE)  # a profile that does not load fails here
+
+
+class DemoBundleSettings(SettingsModel):
+    """What `tagpipe model demo` takes (its argument comes from this field)."""
+
+    directory: Annotated[
+        Path,
+        Field(description="where to write the demo bundle (a new folder)"),
+        Setting(KeyRole.NONE, argument=True, metavar="DIR"),
+    ]

@@ -31,10 +31,11 @@ from pipeline.core.settings import (
     KeyRole,
     Setting,
     SettingsModel,
+    StorageOptions,
     build,
-    json_table,
     nearest,
     one_or_many,
+    parse_storage_options,
     suggestion,
 )
 from pipeline.corpus.audit_settings import AuditOptions, AuditSettings
@@ -181,7 +182,7 @@ class TagJobConfig(SettingsModel):
     ] = None
     storage_options: Annotated[
         dict,
-        BeforeValidator(json_table),
+        BeforeValidator(parse_storage_options),
         Field(
             default_factory=dict,
             description="fsspec options as JSON; the standard `AWS_*` variables (incl. `AWS_ENDPOINT_URL`) "
@@ -206,8 +207,8 @@ class TagJobConfig(SettingsModel):
         Field(
             ge=1.0,
             le=16.0,
-            description="fast decode keeps at least this times the model's resolution; 1 is ~1.6x faster on "
-            "3 MP JPEGs and still agrees on tags (docs/benchmarks.md)",
+            description="fast decode keeps at least this times the model's resolution; 1 is faster on "
+            "3 MP JPEGs and still agrees on tags (docs/benchmarks.md, 'Decode + preprocess, 3 MP JPEGs')",
         ),
         Setting(INFERENCE),  # keyed as None under exact_decode, where it does nothing
     ] = 2.0
@@ -407,6 +408,52 @@ def make_tag_config(file_values: dict | None = None, **overrides) -> TagJobConfi
         flag = "--" + missing[0].rstrip("s")
         raise ConfigError(f"field {missing[0]} is required (option {flag} or the config file)")
     return build(TagJobConfig, merged, " in [tag]", hints=_command_line_hint)
+
+
+class _RethresholdInputs(SettingsModel):
+    tags: Annotated[
+        str, Field(min_length=1, description="a tag output directory (local or `s3://`)"), Setting(NONE)
+    ]
+    model: Annotated[
+        str,
+        Field(min_length=1, description="the bundle that made it (its calibration/OOD files may be new)"),
+        Setting(NONE, flags=("--model", "-m")),
+    ]
+    output: Annotated[
+        str | None,
+        Field(description="a new table for the result"),
+        Setting(NONE, flags=("--output", "-o"), default_text="a new version of --tags itself"),
+    ] = None
+
+
+class RethresholdSettings(RuleSettings, _RethresholdInputs):
+    """What `tagpipe rethreshold` takes (its options come from these fields): the table
+    and its bundle, the rule settings (as `tag`'s), and where it runs."""
+
+    storage_options: StorageOptions
+    ray_address: Annotated[
+        str | None,
+        Field(description="`auto` or an address joins an existing cluster; `RAY_ADDRESS` works too"),
+        Setting(NONE, default_text="local Ray"),
+    ] = None
+
+    @property
+    def rules(self) -> RuleSettings:
+        return RuleSettings.of(self)
+
+
+def make_rethreshold_settings(config: Path | None, given: dict) -> RethresholdSettings:
+    """The command line's values over a config file's [tag] table, which is checked as a
+    tag config is; its rule, storage and Ray settings apply."""
+    values: dict = {}
+    if config is not None:
+        table = given.get("tags", "")
+        tag = make_tag_config(
+            load_config_file(config), inputs=[table], output=table, model=given.get("model")
+        )
+        shared = set(RethresholdSettings.model_fields) & set(TagJobConfig.model_fields) - {"model", "output"}
+        values = {name: getattr(tag, name) for name in shared}
+    return build(RethresholdSettings, {**values, **given})
 
 
 class NightlyConfig(SettingsModel):

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import onnx
+from pydantic import Field
 
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
 from pipeline.model.bundle import load_bundle
 from pipeline.model.profiles import ResizeMode
+
+PROFILE_TEXT = "a profile name or .toml file"
+
+
+class InspectSettings(SettingsModel):
+    """What `tagpipe model inspect` takes (its arguments and options come from these fields)."""
+
+    directory: Annotated[
+        Path,
+        Field(description="the model bundle directory"),
+        Setting(KeyRole.NONE, argument=True, metavar="DIR"),
+    ]
+    profile: Annotated[
+        str | None, Field(description=PROFILE_TEXT), Setting(KeyRole.NONE, default_text="detected")
+    ] = None
 
 
 def _shape(value_info) -> str:

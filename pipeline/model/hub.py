@@ -19,8 +19,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from pipeline.core.errors import TagpipeError
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
 from pipeline.core.words import counted
 from pipeline.model.bundle import LAYOUT_HINTS, file_sha256, load_bundle
 from pipeline.storage.filesystem import staged_folder
@@ -193,3 +197,28 @@ def _pull(repo_id: str, target: Path, revision: str | None, subfolder: str | Non
             staging
         ).profile.name  # checks vocabulary against the model, before it lands
     return result
+
+
+class PullSettings(SettingsModel):
+    """What `tagpipe model pull` takes (its arguments and options come from these fields)."""
+
+    repo_id: Annotated[
+        str,
+        Field(min_length=1, description="a Hugging Face model repository, e.g. SmilingWolf/wd-vit-tagger-v3"),
+        Setting(KeyRole.NONE, argument=True, metavar="REPO_ID"),
+    ]
+    directory: Annotated[
+        Path,
+        Field(description="a new folder for the bundle"),
+        Setting(KeyRole.NONE, argument=True, metavar="DIR"),
+    ]
+    revision: Annotated[
+        str | None,
+        Field(description="a branch, tag or commit"),
+        Setting(KeyRole.NONE, default_text="the main branch"),
+    ] = None
+    subfolder: Annotated[
+        str | None,
+        Field(description="the bundle's folder, for repositories holding several"),
+        Setting(KeyRole.NONE, default_text="the top"),
+    ] = None

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import onnx
 from onnx import helper
+from pydantic import Field
 
 from pipeline.core.errors import BundleError, ConfigError
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
 from pipeline.model.bundle import EMBEDDING_OUTPUT, detect_profile
 from pipeline.model.profiles import load_profile
 from pipeline.storage.filesystem import staged_folder
@@ -251,3 +254,28 @@ def uint8_input_model(model_path: str | Path, preprocess, input_name: str) -> tu
     del graph.node[:]
     graph.node.extend(nodes + existing)
     return model.SerializeToString(), new_input.name
+
+
+class ExposeEmbeddingSettings(SettingsModel):
+    """What `tagpipe model expose-embedding` takes (its arguments and options come from these fields)."""
+
+    src: Annotated[
+        Path,
+        Field(description="the source model (.onnx) or bundle directory"),
+        Setting(KeyRole.NONE, argument=True, metavar="SRC"),
+    ]
+    dst: Annotated[
+        Path,
+        Field(description="the destination model file or bundle directory"),
+        Setting(KeyRole.NONE, argument=True, metavar="DST"),
+    ]
+    tensor: Annotated[
+        str | None,
+        Field(description="the tensor to expose"),
+        Setting(KeyRole.NONE, default_text="the head's input"),
+    ] = None
+    profile: Annotated[
+        str | None,
+        Field(description="a profile name or .toml file naming the model and its logits"),
+        Setting(KeyRole.NONE, default_text="detected, or a bare folder's only .onnx"),
+    ] = None

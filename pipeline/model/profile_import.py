@@ -19,12 +19,14 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import onnx
+from pydantic import Field
 
 from pipeline.core.errors import ConfigError
-from pipeline.model.profiles import Activation, Profile, profile_from_data
+from pipeline.core.settings import KeyRole, Setting, SettingsModel
+from pipeline.model.profiles import Activation, Profile, VocabularyFormat, profile_from_data
 from pipeline.storage.filesystem import write_atomic
 
 HF_CONFIG = "preprocessor_config.json"
@@ -437,3 +439,55 @@ def write_profile(
         raise ConfigError(f"{target} already exists: pass --overwrite to replace it, or --output elsewhere")
     write_atomic(str(target), text.encode("utf-8"))
     return target
+
+
+class ProfileImportSettings(SettingsModel):
+    """What `tagpipe model profile` takes (its options come from these fields)."""
+
+    source: Annotated[
+        Path,
+        Field(
+            description="a bundle folder, or its config: timm's config.json (pretrained_cfg) or "
+            "preprocessor_config.json"
+        ),
+        Setting(KeyRole.NONE, flags=("--from",), metavar="DIR_OR_CONFIG"),
+    ]
+    output: Annotated[
+        Path | None,
+        Field(description="where to write the profile; `-` prints it"),
+        Setting(KeyRole.NONE, flags=("--output", "-o"), default_text="tagpipe_profile.toml in the folder"),
+    ] = None
+    activation: Annotated[
+        Activation | None,
+        Field(description="what the model outputs: " + ", ".join(a.value for a in Activation)),
+        Setting(KeyRole.NONE, default_text="from the graph or config"),
+    ] = None
+    vocabulary: Annotated[
+        str | None,
+        Field(description="the class names file, relative to the folder"),
+        Setting(KeyRole.NONE, default_text="config.json's labels"),
+    ] = None
+    vocabulary_format: Annotated[
+        VocabularyFormat | None,
+        Field(
+            description="how the class names file is written: " + ", ".join(f.value for f in VocabularyFormat)
+        ),
+        Setting(KeyRole.NONE, default_text="from the file"),
+    ] = None
+    model_file: Annotated[
+        str | None,
+        Field(description="the .onnx file, when the folder holds several"),
+        Setting(KeyRole.NONE, default_text="the only one"),
+    ] = None
+    overwrite: Annotated[
+        bool, Field(description="replace an existing profile file"), Setting(KeyRole.NONE)
+    ] = False
+
+    def import_options(self) -> dict[str, str | None]:
+        """profile_data's keywords: the options given, as the profile's own words."""
+        return {
+            "activation": self.activation.value if self.activation else None,
+            "vocabulary": self.vocabulary,
+            "vocabulary_format": self.vocabulary_format.value if self.vocabulary_format else None,
+            "model_file": self.model_file,
+        }

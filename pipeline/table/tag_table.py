@@ -43,13 +43,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import LABELS_SCHEMA
+from pipeline.core.settings import KeyRole, Setting, SettingsModel, StorageOptions
 from pipeline.core.words import counted
 from pipeline.storage.filesystem import (
     create_exclusive,
@@ -623,3 +625,25 @@ def current_files(uri: str, storage_options: dict | None = None, version: int | 
     """Full URIs of the parts that make the table, for any Parquet reader."""
     table = TagTable(uri, storage_options)
     return [table.full_uri(f) for f in table.snapshot(version).files]
+
+
+class VacuumSettings(SettingsModel):
+    """What `tagpipe vacuum` takes (its options come from these fields; TagTable.vacuum says why)."""
+
+    tags: Annotated[
+        str, Field(min_length=1, description="a tag table (local or `s3://`)"), Setting(KeyRole.NONE)
+    ]
+    keep_versions: Annotated[
+        int,
+        Field(ge=1, description="keep the parts of this many newest versions (the current one always)"),
+        Setting(KeyRole.NONE),
+    ] = 2
+    grace_hours: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="never delete unnamed parts younger than this: a running job may still commit them",
+        ),
+        Setting(KeyRole.NONE),
+    ] = 24.0
+    storage_options: StorageOptions
