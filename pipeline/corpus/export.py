@@ -28,6 +28,10 @@ text: pipeline/corpus/export_text.py. The input is read a piece at a time (a
 tag table's part), only the columns the format needs: pipeline/corpus/export_rows.py.
 Memory holds a piece, a slice of rows as Python objects, and the uris of every row
 (for the checks that need them all: collisions, files already there, uri order).
+
+Why this module is long: each format's writer class and the checks every writer shares
+(caption paths that collide, files already there) sit together, so a new format is one
+class here and nothing elsewhere.
 """
 
 from __future__ import annotations
