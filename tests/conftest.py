@@ -1,4 +1,5 @@
-"""One local Ray for the whole session; shared demo bundle and corpus."""
+"""One local Ray for the whole session; shared demo bundle and corpus, and one run of
+`tagpipe demo` that every test reading the demo's outputs shares."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +126,46 @@ def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
     )
     run_tag_job(cfg)
     return work / "tags", work / "corpus"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """`tagpipe demo --workdir WORKDIR` as it ran: its exit status and output, and where
+    it wrote (as pipeline.demo.end_to_end.DemoResult names them)."""
+
+    workdir: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.workdir / "model"
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.workdir / "corpus"
+
+    @property
+    def tags_dir(self) -> Path:
+        return self.workdir / "tags"
+
+    @property
+    def report(self) -> Path:
+        return self.workdir / "report.html"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The demo pipeline (tag, dedup, split, report, audit) run once per test run, as users
+    run it: `tagpipe demo` in a process of its own with its own Ray (and the edit
+    calibration the conftest skips in-process). tests/test_cli.py checks it, and
+    tests/test_report.py reads its outputs: read-only, a test that changes them copies."""
+    workdir = tmp_path_factory.mktemp("demo_run") / "demo"
+    command = [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(workdir)]
+    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [*command, "--images-per-kind", "3"], capture_output=True, text=True, env=env, timeout=600
+    )
+    return DemoRun(workdir, done.returncode, done.stdout, done.stderr)
