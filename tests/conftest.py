@@ -20,8 +20,9 @@ import pytest
 def _edit_calibration_only_where_tested(request, monkeypatch):
     """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
     to 200 images: minutes over the suite), except in tests marked `edit_calibration`,
-    which test it (tests/test_edit_calibration.py) or need its file. Runs in subprocesses
-    (the CLI tests) calibrate as users' runs do."""
+    which test it (tests/test_edit_calibration.py) or need its file. Commands run in-process
+    (tests/helpers.py run_cli) skip it too; runs in processes of their own (the session's
+    `tagpipe demo`, the signal, terminal and start-up tests) calibrate as users' runs do."""
     if request.node.get_closest_marker("edit_calibration") is None:
         import pipeline.job.tag_job as tag_job
 
