@@ -157,16 +157,14 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> DemoRun:
-    """The demo pipeline (tag, dedup, split, report, audit) run once per test run, as users
-    run it: `tagpipe demo` in a process of its own with its own Ray (and the edit
-    calibration the conftest skips in-process). tests/test_cli.py checks it, and
-    tests/test_report.py reads its outputs: read-only, a test that changes them copies."""
+def demo_run(ray_session, tmp_path_factory) -> DemoRun:
+    """The demo pipeline (tag, dedup, split, report, audit) run once per test run: the
+    `tagpipe demo` command in-process (tests/helpers.py run_cli) on the session's Ray.
+    Set up before any test's autouse fixtures, so it calibrates edits as users' runs do.
+    tests/test_cli.py checks it and tests/test_report.py reads its outputs: read-only; a
+    test that changes them copies."""
+    from tests.helpers import run_cli
+
     workdir = tmp_path_factory.mktemp("demo_run") / "demo"
-    command = [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(workdir)]
-    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(
-        [*command, "--images-per-kind", "3"], capture_output=True, text=True, env=env, timeout=600
-    )
+    done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
     return DemoRun(workdir, done.returncode, done.stdout, done.stderr)

@@ -1,5 +1,7 @@
-"""The `tagpipe` command: the demo as users run it (a fresh process, its own Ray: the
-session's `demo_run`), and errors named by the command, run in-process (run_cli)."""
+"""The `tagpipe` command, run in-process (tests/helpers.py run_cli): the demo (the
+session's one `demo_run`) checked against the corpus's truth, and errors the command names.
+Commands in processes of their own (signals, a terminal, Ray's start-up lines) are in
+tests/test_cli_output.py."""
 
 from pipeline.demo.synthetic import load_expected
 from pipeline.table.tag_table import read_current
