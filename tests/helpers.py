@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,10 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
 
     It joins the test session's Ray when one runs (the `ray_session` fixture), and shuts
     down a Ray the command started itself, so no later ray.init finds one running. The
-    logging the command configured (handlers on the captured stderr) is put back as it
-    was. Not for what only a process shows: Ray's start-up lines, worker output
-    (log_to_driver is off), signals, a terminal, edit calibration (tests/conftest.py).
+    logging the command configured (handlers on the captured stderr) and the environment
+    it set (logs.configure's RAY_COLOR_PREFIX) are put back as they were. Not for what
+    only a process shows: Ray's start-up lines, worker output (log_to_driver is off),
+    signals, a terminal, edit calibration (tests/conftest.py).
     env: variables set for the run's duration only."""
     from click.testing import CliRunner
 
@@ -135,7 +137,7 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
 
     root, package = logging.getLogger(), logging.getLogger("pipeline")
     handlers, root_level, package_level = root.handlers[:], root.level, package.level
-    state, argv, ray_before = dict(logs._state), sys.argv, _ray_running()
+    state, argv, environ, ray_before = dict(logs._state), sys.argv, dict(os.environ), _ray_running()
     code = 0
     with CliRunner().isolation(env=env) as (stdout, stderr, _):
         sys.argv = ["tagpipe", *map(str, args)]
@@ -149,6 +151,8 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
             root.setLevel(root_level)
             package.setLevel(package_level)
             logs._state.update(state)
+            os.environ.clear()
+            os.environ.update(environ)
             sys.stdout.flush()
             sys.stderr.flush()
             out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
