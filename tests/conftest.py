@@ -1,4 +1,5 @@
-"""One local Ray for the whole session; shared demo bundle and corpus."""
+"""One local Ray for the whole session; shared demo bundle and corpus, and one run of
+`tagpipe demo` that every test reading the demo's outputs shares."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +20,9 @@ import pytest
 def _edit_calibration_only_where_tested(request, monkeypatch):
     """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
     to 200 images: minutes over the suite), except in tests marked `edit_calibration`,
-    which test it (tests/test_edit_calibration.py) or need its file. Runs in subprocesses
-    (the CLI tests) calibrate as users' runs do."""
+    which test it (tests/test_edit_calibration.py) or need its file. Commands run in-process
+    (tests/helpers.py run_cli) skip it too; runs in processes of their own (the session's
+    `tagpipe demo`, the signal, terminal and start-up tests) calibrate as users' runs do."""
     if request.node.get_closest_marker("edit_calibration") is None:
         import pipeline.job.tag_job as tag_job
 
@@ -123,3 +127,44 @@ def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
     )
     run_tag_job(cfg)
     return work / "tags", work / "corpus"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """`tagpipe demo --workdir WORKDIR` as it ran: its exit status and output, and where
+    it wrote (as pipeline.demo.end_to_end.DemoResult names them)."""
+
+    workdir: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.workdir / "model"
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.workdir / "corpus"
+
+    @property
+    def tags_dir(self) -> Path:
+        return self.workdir / "tags"
+
+    @property
+    def report(self) -> Path:
+        return self.workdir / "report.html"
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory) -> DemoRun:
+    """The demo pipeline (tag, dedup, split, report, audit) run once per test run: the
+    `tagpipe demo` command in-process (tests/helpers.py run_cli) on the session's Ray.
+    Set up before any test's autouse fixtures, so it calibrates edits as users' runs do.
+    tests/test_cli.py checks it and tests/test_report.py reads its outputs: read-only; a
+    test that changes them copies."""
+    from tests.helpers import run_cli
+
+    workdir = tmp_path_factory.mktemp("demo_run") / "demo"
+    done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
+    return DemoRun(workdir, done.returncode, done.stdout, done.stderr)

@@ -1,9 +1,14 @@
-"""Tiny ONNX taggers with each family's input/output contract, built in-process."""
+"""Tiny ONNX taggers with each family's input/output contract, built in-process; and the
+tagpipe command run in-process (run_cli)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +106,63 @@ def feed_through_graph(model_path: Path, pre, pixels: np.ndarray) -> np.ndarray:
     graph, name = uint8_input_model(model_path, pre, "input")
     session, _ = create_session(graph, ProviderChoice.CPU, 1)
     return session.run(None, {name: pixels})[0]
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """What a command run left: named as subprocess.CompletedProcess names it, so a test
+    reads the same whether the command ran in a process of its own or in this one."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> CliRun:
+    """`tagpipe ARGS` in this process, through the same main() as `python -m pipeline.cli`
+    (one-line errors, exit statuses), for tests where the process itself is not under
+    test: a fresh interpreter and a cold Ray cost seconds each.
+
+    It joins the test session's Ray when one runs (the `ray_session` fixture), and shuts
+    down a Ray the command started itself, so no later ray.init finds one running. The
+    logging the command configured (handlers on the captured stderr) and the environment
+    it set (logs.configure's RAY_COLOR_PREFIX) are put back as they were. Not for what
+    only a process shows: Ray's start-up lines, worker output (log_to_driver is off),
+    signals, a terminal, edit calibration (tests/conftest.py).
+    env: variables set for the run's duration only."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.core import logs
+
+    root, package = logging.getLogger(), logging.getLogger("pipeline")
+    handlers, root_level, package_level = root.handlers[:], root.level, package.level
+    state, argv, environ, ray_before = dict(logs._state), sys.argv, dict(os.environ), _ray_running()
+    code = 0
+    with CliRunner().isolation(env=env) as (stdout, stderr, _):
+        sys.argv = ["tagpipe", *map(str, args)]
+        try:
+            main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            sys.argv = argv
+            root.handlers[:] = handlers
+            root.setLevel(root_level)
+            package.setLevel(package_level)
+            logs._state.update(state)
+            os.environ.clear()
+            os.environ.update(environ)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
+    if not ray_before and _ray_running():
+        import ray
+
+        ray.shutdown()
+    return CliRun(code, out, err)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 
 from pipeline.corpus.audit import audit
+from tests.helpers import run_cli
 
 
 def _flip(h: int, bits: list[int]) -> int:
@@ -66,9 +64,7 @@ def test_audit_finds_exactly_the_eval_images_within_r():
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "audit", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_cli("audit", *args)
 
 
 def test_audit_command_exit_status_gates(tmp_path):

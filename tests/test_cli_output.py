@@ -21,6 +21,7 @@ import typer
 from PIL import Image
 
 from pipeline.cli import app
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
@@ -28,7 +29,13 @@ ENV = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", COLUMNS="100")
 
 
 def _run(*args, timeout=300, **kw):
+    """In a process of its own: for what only a process shows (Ray's start-up lines)."""
     return subprocess.run([*TAGPIPE, *args], capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+
+
+def _cli(*args):
+    """In this process (tests/helpers.py run_cli), on the session's Ray where it needs one."""
+    return run_cli(*args, env={"COLUMNS": "100"})
 
 
 def _commands(group=None, prefix=()):
@@ -103,11 +110,11 @@ def test_every_corpus_command_takes_the_logging_options(name):
 def test_version_and_short_help():
     from pipeline import __version__
 
-    version = _run("--version")
+    version = _cli("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"tagpipe {__version__}"
-    top = _run("-h").stdout
+    top = _cli("-h").stdout
     assert "Usage: tagpipe [OPTIONS] COMMAND" in top
-    for listing in (top, _run("model", "-h").stdout):  # every command's summary whole, at 100 columns
+    for listing in (top, _cli("model", "-h").stdout):  # every command's summary whole, at 100 columns
         commands = listing[listing.index("Commands:") :]
         assert "..." not in commands and "…" not in commands, commands
 
@@ -170,7 +177,7 @@ def test_inputs_in_a_config_are_relative_to_it_and_spelt_one_way(tmp_path, monke
 
 
 def test_errors_are_json_lines_with_json_logs(tmp_path, demo_bundle):
-    done = _run(
+    done = _cli(
         "tag",
         "-i",
         str(tmp_path / "nowhere"),
@@ -236,8 +243,8 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def test_progress_lines_off_a_terminal(folder, demo_bundle, tmp_path):
-    done = _run(
+def test_progress_lines_off_a_terminal(ray_session, folder, demo_bundle, tmp_path):
+    done = _cli(
         "tag",
         "-i",
         str(folder),
@@ -289,15 +296,15 @@ def test_progress_bar_on_a_terminal(folder, demo_bundle, tmp_path):
     assert "\r" in text or "\x1b[" in text  # drawn in place
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_path):
+def test_dry_run_prints_the_plan_and_writes_nothing(ray_session, folder, demo_bundle, tmp_path):
     out = tmp_path / "t"
-    assert _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run").returncode == 0
+    assert _cli("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run").returncode == 0
     assert not out.exists()  # a dry run on a new table writes nothing at all
-    assert _run("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "-q").returncode == 0
+    assert _cli("tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "-q").returncode == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     extra = tmp_path / "extra.png"
     Image.new("RGB", (32, 32), (1, 2, 3)).save(extra)
-    plan = _run(
+    plan = _cli(
         "tag", "-i", str(folder), "-i", str(extra), "-o", str(out), "-m", str(demo_bundle), "--dry-run"
     )
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -307,7 +314,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(folder, demo_bundle, tmp_pat
     )
     assert "would tag 1 image (" in plan.stdout and "commit version 2" in plan.stdout
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    same = _run(
+    same = _cli(
         "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--dry-run", "--log-format", "json"
     )
     result = json.loads(same.stdout)
@@ -334,7 +341,7 @@ def test_quiet_and_json_output(folder, demo_bundle, tmp_path):
     assert "Token authentication" not in logged.stderr and "deprecated" not in logged.stderr
 
 
-def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_path):
+def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(ray_session, demo_bundle, tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
     rng = np.random.default_rng(1)
@@ -375,7 +382,7 @@ def test_ctrl_c_keeps_finished_parts_and_says_how_to_resume(demo_bundle, tmp_pat
     )
     assert "Traceback" not in stderr
     assert not (out / "_current.json").exists()
-    again = _run(
+    again = _cli(  # the rerun in this process: the signal is what needs a process of its own
         "tag", "-i", str(folder), "-o", str(out), "-m", str(demo_bundle), "--rows-per-part", "32", "-q"
     )
     assert again.returncode == 0, again.stderr[-2000:]
@@ -409,13 +416,13 @@ def test_worker_lines_carry_no_colour_codes_off_a_terminal():
     assert "a worker's line" in done.stderr and "\x1b" not in done.stderr, done.stderr[-2000:]
 
 
-def test_nightly_dry_run_prints_the_tag_plan_only(folder, demo_bundle, tmp_path):
+def test_nightly_dry_run_prints_the_tag_plan_only(ray_session, folder, demo_bundle, tmp_path):
     config = tmp_path / "nightly.toml"
     out = tmp_path / "tags"
     config.write_text(
         f'[tag]\ninputs = ["{folder}"]\noutput = "{out}"\nmodel = "{demo_bundle}"\n[nightly]\nseed = 1\n'
     )
-    plan = _run("nightly", "-c", str(config), "--dry-run")
+    plan = _cli("nightly", "-c", str(config), "--dry-run")
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert plan.stdout.startswith("dry run (first run): 49 listed") and "would tag 49 images" in plan.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly.toml"]  # no table, dedup or splits

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -20,6 +18,7 @@ from pipeline.corpus.export import (
 from pipeline.job.settings import make_tag_config
 from pipeline.job.tag_job import run_tag_job
 from pipeline.table.tag_table import read_current
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,7 @@ def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
 
 
 def _cli(*args):
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -339,23 +336,7 @@ def test_each_format_is_one_writer_chosen_once(tmp_path, monkeypatch):
 
 
 def test_export_option_conflicts_are_refused(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "export",
-            "--tags",
-            "x",
-            "-o",
-            str(tmp_path),
-            "--append",
-            "--overwrite",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("export", "--tags", "x", "-o", str(tmp_path), "--append", "--overwrite")
     assert done.returncode == 2 and "exclude each other" in done.stderr
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hub_server import FakeHub
 
-from tests.helpers import joytag_bundle, wd_bundle
+from tests.helpers import joytag_bundle, run_cli, wd_bundle
 
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -89,9 +89,7 @@ def test_pull_writes_a_checked_bundle_and_records_its_source(hub, tmp_path):
     for entry in source["files"]:
         assert hashlib.sha256((target / Path(entry["path"]).name).read_bytes()).hexdigest() == entry["sha256"]
     assert any(auth == "Bearer hf_test_token" for _, _, auth in hub.requests)  # HF_TOKEN reached the Hub
-    inspect = subprocess.run(
-        [*TAGPIPE, "model", "inspect", str(target)], capture_output=True, text=True, timeout=60
-    )
+    inspect = run_cli("model", "inspect", str(target))
     assert "profile:     wd_v3" in inspect.stdout
 
 

@@ -525,10 +525,9 @@ def test_a_source_file_that_names_almost_no_image_is_refused_and_nothing_is_comm
     """Relative uris against the table's absolute ones: exit 2, one line naming the cause
     with an example uri of each side, before any work; the table stays at its version."""
     import shutil
-    import subprocess
-    import sys
 
     from pipeline.table.tag_table import TagTable
+    from tests.helpers import run_cli
 
     tagged, corpus = tagged
     table = tmp_path / "tags"
@@ -536,11 +535,9 @@ def test_a_source_file_that_names_almost_no_image_is_refused_and_nothing_is_comm
     root = _source_file(corpus, tmp_path / "absolute.csv")
     relative = (tmp_path / "absolute.csv").read_text(encoding="utf-8").replace(root + "/", "")
     (tmp_path / "relative.csv").write_text(relative, encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "compare-tags", "--tags", str(table), "-m", str(demo_bundle),
-         "--source-tags", str(tmp_path / "relative.csv")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_cli(
+        "compare-tags", "--tags", table, "-m", demo_bundle, "--source-tags", tmp_path / "relative.csv"
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "likely relative paths" in lines[0] and "0 of its" in lines[0], lines[0]

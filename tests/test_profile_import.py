@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import tiny_tagger, wd_bundle
+from helpers import run_cli, tiny_tagger, wd_bundle
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -61,13 +58,7 @@ def test_model_profile_writes_a_profile_that_tag_and_inspect_then_use(tmp_path):
     profile = load_bundle(folder).profile
     assert profile.preprocess.resize_size == (256, 256) and profile.preprocess.rounding is Rounding.TIMM
     assert profile.preprocess.resize_mode is ResizeMode.RESIZE_CROP and profile.input_size == (224, 224)
-    again = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "model", "profile", "--from", str(folder)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=120,
-    )
+    again = run_cli("model", "profile", "--from", str(folder))
     assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     assert again.stderr.strip().count("\n") == 0  # one line
     assert runner.invoke(app, ["model", "profile", "--from", str(folder), "--overwrite"]).exit_code == 0

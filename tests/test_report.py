@@ -48,10 +48,10 @@ def console_errors(stderr: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_session, tmp_path_factory):
-    from pipeline.demo.end_to_end import run_demo
-
-    return run_demo(tmp_path_factory.mktemp("demo"))
+def demo(demo_run):
+    """The session's one demo run (tests/conftest.py): read here, never changed."""
+    assert demo_run.returncode == 0, demo_run.stderr[-3000:]
+    return demo_run
 
 
 @needs_chromium

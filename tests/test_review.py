@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +20,7 @@ from pipeline.core.schemas import LABEL_FIELDS, LABELS_SCHEMA, part_schema, tag_
 from pipeline.corpus.review import ReviewSettings, rank_queue, run_review
 from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import TagTable, commit_version
+from tests.helpers import run_cli
 
 CATEGORIES = ("character", "general", "rating")
 
@@ -201,23 +200,7 @@ def test_a_table_without_label_columns_is_one_line_error(tmp_path):
     for kind in ("likely-wrong", "likely-missing"):
         with pytest.raises(TagpipeError, match="--source-tags.*compare-tags"):
             queue(table, kind)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "review",
-            "--tags",
-            table,
-            "--kind",
-            "likely-wrong",
-            "--out",
-            str(tmp_path / "q.jsonl"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("review", "--tags", table, "--kind", "likely-wrong", "--out", str(tmp_path / "q.jsonl"))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error: ") and "compare-tags" in done.stderr
     assert not (tmp_path / "q.jsonl").exists()

@@ -7,8 +7,6 @@ stages. (The README's tables: tests/test_settings.py and tests/test_cli_output.p
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import typer
@@ -22,6 +20,7 @@ from pipeline.corpus.dedup_settings import DedupSettings
 from pipeline.corpus.export_settings import ExportSettings
 from pipeline.corpus.split_settings import SplitSettings
 from pipeline.job.settings import load_nightly_config
+from tests.helpers import run_cli
 
 MODELS = {"dedup": DedupSettings, "split": SplitSettings, "audit": AuditSettings, "export": ExportSettings}
 REQUIRED = {
@@ -107,12 +106,7 @@ def test_a_bad_option_is_one_line_naming_its_field(name, args, message):
 
 
 def test_the_command_line_says_it_and_exits_2(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "split", *REQUIRED["split"], "--ratios", "val=1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("split", *REQUIRED["split"], "--ratios", "val=1")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == (
         "error: field ratios has a bad value: 'val=1' (needs a train share, no negative shares, "
