@@ -122,7 +122,7 @@ def write_table(folder: str, items, vectors: np.ndarray, calibration) -> list[st
     part = table.write_part("data/real/part-0.parquet", rows)
     snapshot = commit_version(
         table, None, [part], model_sha256="nudenet-320n-sppf", inference_key="nudenet-320n-sppf",
-        rules_key="r", run_id="real", model_name="nudenet-320n-sppf", rules={}, counts={},
+        rules_key="r", run_id="real", model_name="nudenet-320n-sppf",
     )  # fmt: skip
     table.write_edit_calibration(snapshot.inference_key, calibration)
     return uris

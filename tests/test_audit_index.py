@@ -91,7 +91,7 @@ def test_when_the_nearest_train_image_leaves_train_the_next_one_is_found(tmp_pat
     part = table.write_part("data/k/part-0.parquet", rows)
     commit_version(
         table, None, [part], model_sha256="m", inference_key="k", rules_key="r", run_id="r",
-        model_name="m", rules={}, counts={},
+        model_name="m",
     )  # fmt: skip
     tags, dedup = str(tmp_path / "tags"), str(tmp_path / "dedup")
     run_dedup(tags, dedup, embedding_threshold=0.85)

@@ -130,8 +130,6 @@ def _table_of(tmp_path, vectors: np.ndarray, uris: list[str]) -> str:
         rules_key="r",
         run_id="r1",
         model_name="m",
-        rules={},
-        counts={},
     )
     return uri
 
@@ -174,8 +172,6 @@ def test_deleting_a_bridge_splits_its_cluster(tmp_path):
         rules_key="r",
         run_id="r2",
         model_name="m",
-        rules={},
-        counts={},
     )
     summary = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.93)
     clusters = _clusters(tmp_path / "out")
@@ -235,8 +231,6 @@ def test_a_new_model_or_a_lower_threshold_rebuilds(tmp_path):
         rules_key="r",
         run_id="r9",
         model_name="other",
-        rules={},
-        counts={},
     )
     retagged = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.85)
     assert retagged.index["mode"] == "full" and "model or preprocessing changed" in retagged.index["reason"]

@@ -42,7 +42,7 @@ def _labels(rows: dict[str, list[str] | None]) -> pa.Table:
 def _commit(table: TagTable, base, files, labels=None, run="r") -> Snapshot:
     return commit_version(
         table, base, files, model_sha256="m", inference_key="i", rules_key="r", run_id=run,
-        model_name="n", rules={}, counts={}, labels=labels,
+        model_name="n", labels=labels,
     )  # fmt: skip
 
 
@@ -322,7 +322,6 @@ def test_a_table_labelled_inside_its_parts_still_reads(tagged, demo_bundle, tmp_
     commit_version(
         tags, base, old_parts, model_sha256=base.model_sha256, inference_key=base.inference_key,
         rules_key=base.rules_key, run_id="old-compare-tags", model_name=base.model_name, rules=base.rules,
-        counts={},
     )  # fmt: skip
     assert tags.current().labels == {}
 

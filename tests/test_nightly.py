@@ -279,7 +279,7 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(
 
     # the same file name, other weights: everything is tagged again with the new model
     save_with_external_data(build_graph(seed=1), bundle / "model.onnx")
-    retag = run_tag_job(
+    reinfer = run_tag_job(
         make_tag_config(
             inputs=[str(demo_corpus / "images")],
             output=out,
@@ -289,14 +289,14 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(
         )
     )
     assert (
-        retag.change == "inference settings changed"
-        and retag.images == retag.retagged == first.listed
-        and retag.model_sha256 != first.model_sha256
+        reinfer.change == "inference settings changed"
+        and reinfer.images == reinfer.reinferred == first.listed
+        and reinfer.model_sha256 != first.model_sha256
     )
     v4 = read_current(out)
-    assert set(v4.column("model_sha256").to_pylist()) == {retag.model_sha256} and set(
+    assert set(v4.column("model_sha256").to_pylist()) == {reinfer.model_sha256} and set(
         v4.column("run_id").to_pylist()
-    ) == {retag.run_id}
+    ) == {reinfer.run_id}
     old = read_current(out, version=1)  # the previous model's rows stay readable
     assert set(old.column("model_sha256").to_pylist()) == {first.model_sha256}
 
@@ -432,7 +432,7 @@ def test_sigkill_mid_nightly_keeps_the_current_version_and_rerun_completes(
     assert len({r["model_sha256"] for r in after.values()}) == 1
     manifest = sorted((out / "_runs").glob("*.nightly.json"))[-1]
     counts = json.loads(manifest.read_text())["counts"]
-    assert (counts["new"], counts["deleted"], counts["retagged"], counts["images"] + counts["reused"]) == (
+    assert (counts["new"], counts["deleted"], counts["reinferred"], counts["images"] + counts["reused"]) == (
         1,
         1,
         first.listed - 1,

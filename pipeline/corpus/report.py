@@ -289,9 +289,8 @@ def _drift_plan(tags: str, table, snapshot, compare_version: int | None, note: s
 def _threshold(snapshot, run) -> tuple[float, bool]:
     """(the run's global threshold, whether it had to be assumed): the committed rules',
     else the run's profile's default, else 0.5."""
-    rules = (snapshot.rules or {}) if snapshot else {}
-    if rules.get("default_threshold") is not None:
-        return float(rules["default_threshold"]), False
+    if snapshot is not None and snapshot.rules.default_threshold is not None:
+        return float(snapshot.rules.default_threshold), False
     if run and run.get("profile"):
         from pipeline.model.profiles import load_profile
 

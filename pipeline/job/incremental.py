@@ -171,6 +171,20 @@ def parts_dir_key(inference: str, rules: str) -> str:
     return f"{inference[:16]}-{rules[:8]}"
 
 
+@dataclass(frozen=True)
+class Keys:
+    """A run's two keys: a change of `inference` tags every image again, of `rules` only
+    rethresholds the stored logits."""
+
+    inference: str
+    rules: str
+
+    @property
+    def parts_dir(self) -> str:
+        """The folder under data/ the parts made under these keys go to."""
+        return parts_dir_key(self.inference, self.rules)
+
+
 def part_name(key: str, rows: pa.Table) -> str:
     """From the settings key and each row's uri and source identity: a rerun of the same
     work rewrites the same name, and new content never takes an old part's name."""
