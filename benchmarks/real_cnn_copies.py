@@ -201,7 +201,7 @@ def main() -> None:
         result = score(out, items, ("sha256", "phash", "embedding"))
         emb = summary.embedding
         print(
-            f"\n{name}: threshold {emb.get('threshold')}; copies in their original's cluster "
+            f"\n{name}: threshold {emb.threshold}; copies in their original's cluster "
             f"{result['all']}; false merges {result['false_merges']}"
         )
         print("  by edit: " + ", ".join(f"{k} {v}" for k, v in result["by_edit"].items()))

@@ -507,9 +507,9 @@ def _signals_paragraph(summary: dict) -> str:
         ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.get("unmatched_hashes", {}).items() if v)
         or "none"
     )
-    from pipeline.corpus.dedup import describe_embedding
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 
-    emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
+    emb_text = html.escape(EmbeddingThreshold.from_record(summary.get("embedding")).text())
     # older summaries do not name the rule: they were written by best-copy
     first = "the copy first seen in the table, then " if summary.get("representative") == "first-seen" else ""
     return (

@@ -41,6 +41,7 @@ from pipeline.core.settings import build
 from pipeline.core.words import counted
 from pipeline.corpus.audit import audit
 from pipeline.corpus.audit_sides import read_signals
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.split_columns import (
     Tagged,
     cluster_codes,
@@ -305,7 +306,7 @@ def _forced_train(
     corpus = read_signals(tags, storage_options, "eval")
     corpus = corpus.filter(pc.is_in(corpus.column("uri"), value_set=uris))
     # the threshold dedup used: exclusions match what dedup would have joined
-    threshold = dedup_summary.get("embedding", {}).get("threshold")
+    threshold = EmbeddingThreshold.from_record(dedup_summary.get("embedding")).threshold
     forced: set[int] = set()
     for uri in exclude:
         leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
