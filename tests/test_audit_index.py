@@ -117,7 +117,5 @@ def test_when_the_nearest_train_image_leaves_train_the_next_one_is_found(tmp_pat
     assert _embedding_leaks(first) == {(uris[0], uris[300])}
     s2 = split("s2", {uris[300]})
     second, report = run_audit(s2, s2, output=audit, tags=tags, embedding_threshold=0.85, dedup=dedup)
-    assert (
-        report.embedding.index["mode"] == "incremental" and report.embedding.index["eval_searched"] == 1
-    )
+    assert report.embedding.index["mode"] == "incremental" and report.embedding.index["eval_searched"] == 1
     assert _embedding_leaks(second) == {(uris[0], uris[301])}

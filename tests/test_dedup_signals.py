@@ -150,12 +150,22 @@ def test_the_best_copy_represents_its_cluster(tmp_path):
 
 
 def test_summary_json_holds_the_embedding_choice(tmp_path):
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
+
     vectors, hashes = _planted(300, 128, 5)
-    run_dedup(
+    summary = run_dedup(
         _table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out")
     )
     saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert saved["embedding"]["chosen_by"] == "auto" and saved["index"]["mode"] == "full"
+    assert EmbeddingThreshold.from_record(saved["embedding"]) == summary.embedding  # read back whole
+    # records from before a field existed: a bare threshold was given; none, not used
+    assert (
+        EmbeddingThreshold.from_record({"threshold": 0.9})
+        .text()
+        .startswith("embedding cosine >= 0.9000 (given)")
+    )
+    assert EmbeddingThreshold.from_record({}).text() == "embedding not used (not asked)"
     assert saved["index"]["entries_searched"] == 305 and saved["index"]["rows_read"] == 305
     assert set(saved["edges"]) == {"sha256", "phash", "embedding"}
 

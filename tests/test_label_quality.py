@@ -25,6 +25,7 @@ from pipeline.corpus.label_quality import (
 )
 from pipeline.corpus.label_settings import LabelCheckSettings
 from pipeline.corpus.source_tags import read_aliases, read_source_tags
+from pipeline.job.plan import Change
 from pipeline.model.bundle import TagMetrics, Vocabulary
 from pipeline.model.postprocess import Postprocessor
 from pipeline.model.profiles import Activation
@@ -480,6 +481,9 @@ def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundl
     (tmp_path / "source.csv").write_text(text)
     third = run()
     assert third.version == 2 and third.images == 0 and third.label_check.likely_wrong == 0
+    assert third.change is Change.SOURCE_TAGS_CHANGED and "(source tags changed)" in third.text()
+    record = json.loads((out / "_runs" / f"{third.run_id}.json").read_text())
+    assert record["summary"]["change"] == "source tags changed"  # the run record keeps the words
     assert TagTable(str(out)).current().counts.label_check.likely_wrong == 0
     # one source row changed, one labels file rewritten (the calibrated rule's cut-offs are
     # fixed); every part as it was (tests/test_label_sidecar.py checks their bytes)
