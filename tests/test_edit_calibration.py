@@ -367,11 +367,11 @@ def test_dedup_measures_its_threshold_on_the_planted_edits(ray_session, demo_bun
     run_tag_job(_config(images, out, demo_bundle, edit_calibration_images=16))
     summary = run_dedup(str(out), str(tmp_path / "dedup"))
     emb = summary.embedding
-    assert emb["positives"] == "planted edits" and emb["positive_pairs"] == 16 * 12
-    assert emb["threshold"] is not None and set(emb["recall_by_edit"]) == set(NAMES)
+    assert emb.positives == "planted edits" and emb.positive_pairs == 16 * 12
+    assert emb.threshold is not None and set(emb.recall_by_edit) == set(NAMES)
     table = TagTable(str(out))
     calibration = table.edit_calibration(table.snapshot())
     edits, cosines = calibration.column("edit").to_pylist(), calibration.column("cosine").to_pylist()
     flips = np.asarray([c for e, c in zip(edits, cosines) if e == "flip"])
-    assert emb["recall_by_edit"]["flip"] == pytest.approx(np.mean(flips >= emb["threshold"]))
+    assert emb.recall_by_edit["flip"] == pytest.approx(np.mean(flips >= emb.threshold))
     assert "by edit" in summary.text() and "planted edits at or above it" in summary.text()

@@ -377,7 +377,7 @@ def test_incremental_runs_keep_the_sidecar_to_the_tables_rows(tagged, demo_bundl
     assert _by_name(tags.labels(), root)[gone]["source_tags"] is not None
     (corpus / "images" / gone).unlink()
     second = run(False)
-    assert second.version == 2 and second.deleted == 1 and second.label_check == {}
+    assert second.version == 2 and second.deleted == 1 and second.label_check is None
     v2 = tags.snapshot(2)
     assert sorted(v2.labels) == list(v2.files)  # kept and rewritten parts keep their labels
     _labels_hold_their_parts_rows(tags, v2)

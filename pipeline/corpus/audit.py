@@ -58,16 +58,16 @@ class AuditReport:
     eval_images: int = 0
     leaks: int = 0  # eval images with a train copy or near-duplicate by any signal
     exact_leaks: int = 0  # of which byte-identical
-    by_signal: dict = field(default_factory=dict)  # signal -> eval images it found
-    not_checked: dict = field(default_factory=dict)  # signal -> eval images it could not check
-    train_not_usable: dict = field(default_factory=dict)  # signal -> train images it could not use
+    by_signal: dict[str, int] = field(default_factory=dict)  # signal -> eval images it found
+    not_checked: dict[str, int] = field(default_factory=dict)  # signal -> eval images it could not check
+    train_not_usable: dict[str, int] = field(default_factory=dict)  # signal -> train images it could not use
     unchecked: int = 0  # eval images neither phash nor embedding could check
     max_distance: int = 6
     embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
-    histogram: dict = field(
+    histogram: dict[int, int] = field(
         default_factory=dict
     )  # bits -> eval images whose nearest train image (sha256 or phash) is that far
-    asked: list = field(default_factory=list)  # the signals the run was asked to use
+    asked: list[str] = field(default_factory=list)  # the signals the run was asked to use
     complete: bool = False  # every eval image checked by every signal in `asked`
 
     def short_of(self) -> dict:

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -85,12 +86,18 @@ class DedupSummary:
     near_pairs: int = 0  # phash pairs between distinct reliable hashes
     largest_cluster: int = 0
     largest_cluster_id: str = ""
-    giant_clusters: list = field(default_factory=list)  # {cluster_id, size, diameter_hops, spread_bits}
+    giant_clusters: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {cluster_id, size, diameter_hops, spread_bits}
     max_distance: int = DEFAULT_MAX_DISTANCE
-    unmatched_hashes: dict = field(default_factory=dict)  # reason -> rows whose phash matches nothing
-    edges: dict = field(default_factory=dict)  # signal -> edges
+    unmatched_hashes: dict[str, int] = field(
+        default_factory=dict
+    )  # reason -> rows whose phash matches nothing
+    edges: dict[str, int] = field(default_factory=dict)  # signal -> edges
     embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
-    index: dict = field(default_factory=dict)  # version, full or incremental (and why), what was searched
+    index: dict[str, Any] = field(
+        default_factory=dict
+    )  # version, full or incremental (and why), what was searched
     representative: str = "first-seen"  # how each cluster's kept copy was chosen (DedupOptions)
     seconds: float = 0.0
 
