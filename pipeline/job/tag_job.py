@@ -9,9 +9,9 @@ the commit (pipeline/table/tag_table.py), and parts written before a crash are r
 
 The plan is pipeline/job/plan.py's (pure, table-driven tests), the slices' buffers
 pipeline/job/slices.py's, the commit pipeline/table/tag_table.py's `commit_version`; this
-module runs them in order and builds the RunSummary from what each returned. Several
-models: each gets a ModelRun (its table, plan and writer), tagged in one pass by
-pipeline/job/model_runs.py.
+module runs them in order, each step returning a frozen record (a PreparedRun, a
+PlannedRun, what tagging wrote, a Committed), and builds the RunSummary once from them.
+Several models: each gets its own records, tagged in one pass by pipeline/job/model_runs.py.
 
 Why this module is long: it is every step of a run in order (list, plan, tag, rewrite,
 label check, commit, record), for one model or several, each a short function; what each
@@ -465,7 +465,8 @@ def _slice_writer(planned: PlannedRun) -> SliceWriter:
 
 def _list_before_ray(cfg: TagJobConfig, runs: list[PreparedRun], timings: dict[str, float]) -> Listing:
     """The listing, before Ray: a dry run, a run with nothing to do and a missing input
-    answer without starting Ray (a cold local Ray takes ~4 s, ~9 s on 2 cores). Only a
+    answer without starting Ray (what a cold local Ray costs: docs/benchmarks.md, 'Runs
+    with nothing to tag: plan before Ray'). Only a
     folder walk on a store without key ranges lists in Ray tasks, so Ray starts first there."""
     if not lists_without_ray(list(cfg.inputs), cfg.storage_options):
         _start_ray(cfg, timings)
