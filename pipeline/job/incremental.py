@@ -203,8 +203,10 @@ def same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
 
 @dataclass
 class Reuse:
+    """Parts an interrupted run wrote that this run takes as they are, and their rows."""
+
     files: list[str] = field(default_factory=list)
-    uris: set = field(default_factory=set)
+    uris: set[str] = field(default_factory=set)
     rows: int = 0
     errors: int = 0
 

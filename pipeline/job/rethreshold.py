@@ -45,7 +45,7 @@ class RethresholdSummary:
     rows_changed: int = 0
     version: int = 0  # the committed version
     seconds: float = 0.0
-    by_part: list = field(default_factory=list)
+    by_part: list[str | None] = field(default_factory=list)  # each part's rewrite (None: no row left)
     unchanged: bool = False  # the rules were the version's own: nothing re-tagged, nothing committed
 
     def text(self) -> str:
