@@ -398,4 +398,4 @@ def test_incremental_runs_keep_the_sidecar_to_the_tables_rows(tagged, demo_bundl
     _labels_hold_their_parts_rows(tags, v4)
     rows = _by_name(read_current(str(out)), root)
     assert rows[added]["source_tags"] == ["red_theme"] and rows[added]["label_quality"] is not None
-    assert gone not in rows and fourth.label_check["with_source"] == len(rows) - 1  # green_001: no source row
+    assert gone not in rows and fourth.label_check.with_source == len(rows) - 1  # green_001: no source row
