@@ -89,10 +89,10 @@ def step_dedup(table: str, output: str, full: str) -> dict:
     summary = run_dedup(table, output, full=full == "full")
     return {
         "seconds": summary.seconds,
-        "threshold": summary.embedding.get("threshold"),
-        "budget_threshold": summary.embedding.get("budget_threshold"),
-        "expected_false_edges": summary.embedding.get("expected_false_edges"),
-        "search_recall": summary.embedding.get("search_recall"),
+        "threshold": summary.embedding.threshold,
+        "budget_threshold": summary.embedding.budget_threshold,
+        "expected_false_edges": summary.embedding.expected_false_edges,
+        "search_recall": summary.embedding.search_recall,
         "index": {k: v for k, v in summary.index.items()},
         "clusters": summary.clusters,
         "edges": summary.edges,
@@ -297,7 +297,7 @@ def step_audit(splits: str, tags: str, dedup: str, threshold: str) -> dict:
     _, report = run_audit(
         splits, splits, output=output, tags=tags, embedding_threshold=cosine, dedup=dedup or None
     )
-    return {"leaks": report.leaks, "embedding": report.embedding.get("index", {})}
+    return {"leaks": report.leaks, "embedding": report.embedding.index}
 
 
 def step_imports(stage: str) -> dict:

@@ -158,7 +158,7 @@ def commit(table, base, files: list[str], run_id: str) -> None:
     from pipeline.table.tag_table import commit_version
 
     commit_version(table, base, files, model_sha256="0" * 64, inference_key="bench", rules_key="bench",
-                   run_id=run_id, model_name="bench-tagger", rules={}, counts={})  # fmt: skip
+                   run_id=run_id, model_name="bench-tagger",)  # fmt: skip
 
 
 def make_clusters(tags: str, path: Path, seed: int = 0) -> None:

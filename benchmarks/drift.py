@@ -39,6 +39,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "parts_read": s.parts_read
 def second_version(root: Path, rows: int) -> None:
     """Version 2: version 1's parts, the last one replaced by one drawn with another seed."""
     from pipeline.table.tag_table import TagTable, commit_version
+    from pipeline.table.version_fields import RulesRecord
 
     make_table(root.parent / "other", min(rows, 100_000), seed=1)
     other = TagTable(str(root.parent / "other"))
@@ -55,8 +56,7 @@ def second_version(root: Path, rows: int) -> None:
         rules_key="bench",
         run_id="bench2",
         model_name="synthetic",
-        rules={"default_threshold": 0.5},
-        counts={},
+        rules=RulesRecord(default_threshold=0.5),
     )
 
 

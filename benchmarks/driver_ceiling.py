@@ -110,6 +110,7 @@ def routing(rows: int, in_tasks: bool = False) -> dict:
 
 def planning(rows: int) -> dict:
     from pipeline.job.changes import classify
+    from pipeline.job.incremental import Keys
     from pipeline.job.plan import empty_view, plan_run
     from pipeline.table.tag_table import Snapshot
 
@@ -129,7 +130,7 @@ def planning(rows: int) -> dict:
     before, sampler = rss_mib(), PeakSampler()
     started = time.perf_counter()
     with sampler:
-        plan = plan_run(listing, classify(listing, view), base, ("i", "r"))
+        plan = plan_run(listing, classify(listing, view), base, Keys("i", "r"))
     seconds = time.perf_counter() - started
     return {"rows": rows, "seconds": seconds, "to_tag": plan.to_tag.num_rows,
             "rewrites": len(plan.rewrites), "peak_growth_mib": sampler.peak - before}  # fmt: skip

@@ -74,8 +74,8 @@ def main() -> None:
     timings = summary.timings
     print(
         f"{args.images} {args.kind} images: tagging {timings['tag_seconds']:.1f} s, edit calibration "
-        f"{timings['edit_calibration_seconds']:.1f} s ({summary.edit_calibration['rows']} copies, "
-        f"{summary.edit_calibration['failed']} failed)"
+        f"{timings['edit_calibration_seconds']:.1f} s ({summary.edit_calibration.rows} copies, "
+        f"{summary.edit_calibration.failed} failed)"
     )
     table = TagTable(str(root / "tags"))
     rows = table.edit_calibration(table.snapshot())

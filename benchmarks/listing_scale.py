@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
 
 from pipeline.job.changes import StoredSources, classify
+from pipeline.job.incremental import Keys
 from pipeline.job.plan import empty_view, plan_run
 from pipeline.storage.filesystem import filesystem_for
 from pipeline.storage.manifest import build_manifest
@@ -88,7 +89,7 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
     manifest = build_manifest(["simstore://bucket/"], options).manifest
     listed_s, listed_peak, requests = time.perf_counter() - started, _peak_mib(), fs.requests
     started = time.perf_counter()
-    first = plan_run(manifest, classify(manifest, empty_view()), None, ("i", "r"))
+    first = plan_run(manifest, classify(manifest, empty_view()), None, Keys("i", "r"))
     first_s, to_tag_first = time.perf_counter() - started, first.to_tag.num_rows
     del first  # a run makes one plan: the first run's copy of every row is not the nightly's
     pa.default_memory_pool().release_unused()  # and what Arrow's allocator kept of it goes back
@@ -98,7 +99,7 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
     started = time.perf_counter()
     with PeakSampler() as sampler:  # the table's side read part by part, as a run reads it
         status = classify(manifest, StoredSources.of_table(TagTable(table_root), base))
-        nightly = plan_run(manifest, status, base, ("i", "r"))
+        nightly = plan_run(manifest, status, base, Keys("i", "r"))
     nightly_s = time.perf_counter() - started
     return {
         "objects": objects, "layout": layout, "names": names, "latency": latency,

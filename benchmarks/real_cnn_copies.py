@@ -122,7 +122,7 @@ def write_table(folder: str, items, vectors: np.ndarray, calibration) -> list[st
     part = table.write_part("data/real/part-0.parquet", rows)
     snapshot = commit_version(
         table, None, [part], model_sha256="nudenet-320n-sppf", inference_key="nudenet-320n-sppf",
-        rules_key="r", run_id="real", model_name="nudenet-320n-sppf", rules={}, counts={},
+        rules_key="r", run_id="real", model_name="nudenet-320n-sppf",
     )  # fmt: skip
     table.write_edit_calibration(snapshot.inference_key, calibration)
     return uris
@@ -201,7 +201,7 @@ def main() -> None:
         result = score(out, items, ("sha256", "phash", "embedding"))
         emb = summary.embedding
         print(
-            f"\n{name}: threshold {emb.get('threshold')}; copies in their original's cluster "
+            f"\n{name}: threshold {emb.threshold}; copies in their original's cluster "
             f"{result['all']}; false merges {result['false_merges']}"
         )
         print("  by edit: " + ", ".join(f"{k} {v}" for k, v in result["by_edit"].items()))

@@ -30,6 +30,7 @@ CATEGORIES = ["general", "character", "copyright", "artist", "meta"]
 
 def make_table(root: Path, rows: int, seed: int = 0, part_rows: int = PART_ROWS) -> None:
     from pipeline.table.tag_table import Snapshot, TagTable, now_iso
+    from pipeline.table.version_fields import RulesRecord
 
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
@@ -76,7 +77,7 @@ def make_table(root: Path, rows: int, seed: int = 0, part_rows: int = PART_ROWS)
         run_id="bench",
         committed_at=now_iso(),
         model_name="synthetic",
-        rules={"default_threshold": 0.5},
+        rules=RulesRecord(default_threshold=0.5),
     )
     table.commit(None, snapshot)
 

@@ -45,6 +45,7 @@ def add_part(root: Path, rows: int) -> None:
     import pyarrow.compute as pc
 
     from pipeline.table.tag_table import TagTable, commit_version
+    from pipeline.table.version_fields import RulesRecord
 
     make_table(root.parent / "added", rows, seed=1, part_rows=rows)
     added = TagTable(str(root.parent / "added"))
@@ -66,8 +67,7 @@ def add_part(root: Path, rows: int) -> None:
         rules_key="bench",
         run_id="nightly",
         model_name="synthetic",
-        rules={"default_threshold": 0.5},
-        counts={},
+        rules=RulesRecord(default_threshold=0.5),
     )
 
 

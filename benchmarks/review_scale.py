@@ -73,7 +73,7 @@ def make_table(root: Path, rows: int, model_sha256: str, vocabulary: int, seed: 
         files.append(table.write_part(f"data/bench/part-{start // PART_ROWS:05d}.parquet", pa.table(columns)))
     commit_version(
         table, None, files, model_sha256=model_sha256, inference_key="bench", rules_key="bench",
-        run_id="bench", model_name="demo", rules={}, counts={},
+        run_id="bench", model_name="demo",
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ def _edit_calibration_only_where_tested(request, monkeypatch):
     if request.node.get_closest_marker("edit_calibration") is None:
         import pipeline.job.tag_job as tag_job
 
-        monkeypatch.setattr(tag_job, "calibrate_edits", lambda run, snapshot: {})
+        monkeypatch.setattr(tag_job, "calibrate_edits", lambda run, snapshot: None)
 
 
 def _free_port() -> int:

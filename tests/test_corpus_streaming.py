@@ -71,8 +71,6 @@ def commit(root, parts: dict[str, pa.Table], keep: tuple[str, ...] = ()) -> str:
         rules_key="r",
         run_id=f"run{len(table.versions()) + 1}",
         model_name="synthetic",
-        rules={},
-        counts={},
     )
     return str(root)
 

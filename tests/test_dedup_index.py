@@ -58,7 +58,7 @@ def test_nightly_increments_equal_a_full_rebuild(tmp_path, layout_kind):
     truth = write_planted_table(tags, spec)
     first = run_dedup(tags, str(out))
     assert first.index["mode"] == "full" and first.index["entries_searched"] == first.index["entries"]
-    checked = first.embedding["search_recall"]  # sampled queries against every vector, exactly
+    checked = first.embedding.search_recall  # sampled queries against every vector, exactly
     assert checked["sampled_true"] > 0 and checked["sampled_found"] >= 0.95 * checked["sampled_true"]
     kind = json.loads((out / "_index" / "_current.json").read_text())["layout"]["kind"]
     assert kind == layout_kind
@@ -71,11 +71,11 @@ def test_nightly_increments_equal_a_full_rebuild(tmp_path, layout_kind):
         assert summary.index["entries_searched"] == summary.index["new_entries"] <= step.added + step.changed
         assert summary.index["hashes_searched"] <= step.added + step.changed
     rebuilt = run_dedup(tags, str(tmp_path / "rebuilt"), full=True)
-    assert rebuilt.index["mode"] == "full" and rebuilt.embedding["threshold"] == pytest.approx(
-        first.embedding["threshold"], abs=0.05
+    assert rebuilt.index["mode"] == "full" and rebuilt.embedding.threshold == pytest.approx(
+        first.embedding.threshold, abs=0.05
     )
     incremental, full = _partition(_clusters(out)), _partition(_clusters(tmp_path / "rebuilt"))
-    if summary.embedding["threshold"] == rebuilt.embedding["threshold"]:
+    if summary.embedding.threshold == rebuilt.embedding.threshold:
         assert incremental == full
     else:  # auto chose a slightly other cosine on the grown table: the planted truth decides
         assert len(incremental ^ full) <= 4
@@ -106,7 +106,7 @@ def test_identical_vectors_are_one_entry_and_one_edge_each(tmp_path):
     tags = str(tmp_path / "tags")
     truth = write_planted_table(tags, spec)
     summary = run_dedup(tags, str(tmp_path / "out"))
-    assert summary.embedding["threshold"] is not None
+    assert summary.embedding.threshold is not None
     assert summary.index["entries"] == 3000 + 1
     edges = pq.read_table(tmp_path / "out" / "edges.parquet")
     assert edges.num_rows <= 5000  # at most one edge per row
@@ -130,8 +130,6 @@ def _table_of(tmp_path, vectors: np.ndarray, uris: list[str]) -> str:
         rules_key="r",
         run_id="r1",
         model_name="m",
-        rules={},
-        counts={},
     )
     return uri
 
@@ -174,8 +172,6 @@ def test_deleting_a_bridge_splits_its_cluster(tmp_path):
         rules_key="r",
         run_id="r2",
         model_name="m",
-        rules={},
-        counts={},
     )
     summary = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.93)
     clusters = _clusters(tmp_path / "out")
@@ -235,8 +231,6 @@ def test_a_new_model_or_a_lower_threshold_rebuilds(tmp_path):
         rules_key="r",
         run_id="r9",
         model_name="other",
-        rules={},
-        counts={},
     )
     retagged = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.85)
     assert retagged.index["mode"] == "full" and "model or preprocessing changed" in retagged.index["reason"]

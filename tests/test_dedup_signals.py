@@ -53,17 +53,17 @@ def test_auto_threshold_finds_copies_phash_misses_and_reports_its_choice(tmp_pat
     summary = run_dedup(_table(tmp_path, uris, hashes, list(vectors)), str(tmp_path / "out"))
     emb = summary.embedding
     sims = _cos(vectors[:copies], vectors[n:])
-    assert emb["chosen_by"] == "auto" and emb["threshold"] < sims.min()  # every planted copy above it
+    assert emb.chosen_by == "auto" and emb.threshold < sims.min()  # every planted copy above it
     # the known copies (phash joined them) are what the threshold's recall is measured on
-    assert emb["positives"] == "hash-confirmed pairs" and emb["positive_pairs"] == copies // 2
-    assert emb["threshold_recall"] == 1.0
+    assert emb.positives == "hash-confirmed pairs" and emb.positive_pairs == copies // 2
+    assert emb.threshold_recall == 1.0
     # negatives: 2,000 sampled queries' 256 best candidates, less pairs phash joined; the tail
     # fitted before the copies' bump, and the expected false edges within the budget (1 per 10k rows)
-    assert 400_000 < emb["negatives_sampled"] <= 2000 * 256
+    assert 400_000 < emb.negatives_sampled <= 2000 * 256
     # the fitted tail stops where the known copies start, and the false edges expected at the
     # threshold over every pair compared are within the budget (1 per 10,000 rows)
-    assert emb["tail"]["copies_from"] <= np.quantile(sims[: copies // 2], 0.05) + 1e-3
-    assert emb["budget_threshold"] <= emb["threshold"] and emb["expected_false_edges"] <= 1e-4 * (n + copies)
+    assert emb.tail["copies_from"] <= np.quantile(sims[: copies // 2], 0.05) + 1e-3
+    assert emb.budget_threshold <= emb.threshold and emb.expected_false_edges <= 1e-4 * (n + copies)
     clusters = {
         r["uri"]: r["cluster_id"] for r in pq.read_table(tmp_path / "out" / "clusters.parquet").to_pylist()
     }
@@ -75,7 +75,7 @@ def test_auto_threshold_finds_copies_phash_misses_and_reports_its_choice(tmp_pat
         e["phash_distance"] == 0 for e in by_signal["phash"]
     )
     assert len(by_signal["embedding"]) == copies and all(
-        e["cosine"] >= emb["threshold"] for e in by_signal["embedding"]
+        e["cosine"] >= emb.threshold for e in by_signal["embedding"]
     )
     assert summary.edges["embedding"] == copies
     assert "hash-confirmed pairs at or above it 1.000 of 30" in summary.text()
@@ -92,9 +92,9 @@ def test_a_given_threshold_and_off(tmp_path):
     uris = [f"/g/{i:04d}.jpg" for i in range(410)]
     tags = _table(tmp_path, uris, hashes, list(vectors))
     given = run_dedup(tags, str(tmp_path / "a"), embedding_threshold=0.999999)
-    assert given.embedding["chosen_by"] == "given" and given.edges["embedding"] == 0 and given.clusters == 410
+    assert given.embedding.chosen_by == "given" and given.edges["embedding"] == 0 and given.clusters == 410
     off = run_dedup(tags, str(tmp_path / "b"), embedding_threshold=None)
-    assert off.embedding["threshold"] is None and off.embedding["reason"] == "--embedding-threshold off"
+    assert off.embedding.threshold is None and off.embedding.reason == "--embedding-threshold off"
     assert "embedding not used (--embedding-threshold off)" in off.text()
     for bad in ("1.5", "0", "sometimes"):
         with pytest.raises(TagpipeError, match="--embedding-threshold"):
@@ -150,12 +150,22 @@ def test_the_best_copy_represents_its_cluster(tmp_path):
 
 
 def test_summary_json_holds_the_embedding_choice(tmp_path):
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
+
     vectors, hashes = _planted(300, 128, 5)
-    run_dedup(
+    summary = run_dedup(
         _table(tmp_path, [f"/s/{i}.jpg" for i in range(305)], hashes, list(vectors)), str(tmp_path / "out")
     )
     saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert saved["embedding"]["chosen_by"] == "auto" and saved["index"]["mode"] == "full"
+    assert EmbeddingThreshold.from_record(saved["embedding"]) == summary.embedding  # read back whole
+    # records from before a field existed: a bare threshold was given; none, not used
+    assert (
+        EmbeddingThreshold.from_record({"threshold": 0.9})
+        .text()
+        .startswith("embedding cosine >= 0.9000 (given)")
+    )
+    assert EmbeddingThreshold.from_record({}).text() == "embedding not used (not asked)"
     assert saved["index"]["entries_searched"] == 305 and saved["index"]["rows_read"] == 305
     assert set(saved["edges"]) == {"sha256", "phash", "embedding"}
 
@@ -169,7 +179,7 @@ def test_auto_holds_when_copies_are_common(tmp_path):
     uris = [f"/x/{i}.jpg" for i in range(600)]
     summary = run_dedup(_table(tmp_path, uris, hashes, list(vectors)), str(tmp_path / "o"))
     sims = _cos(vectors[:300], vectors[300:])
-    threshold = summary.embedding["threshold"]
+    threshold = summary.embedding.threshold
     assert threshold is not None and threshold < np.quantile(sims, 0.01)
     clusters = {
         r["uri"]: r["cluster_id"] for r in pq.read_table(tmp_path / "o" / "clusters.parquet").to_pylist()

@@ -28,6 +28,7 @@ from pipeline.corpus.drift import (
 )
 from pipeline.corpus.report import build_report
 from pipeline.table.tag_table import TagTable, commit_version, read_current
+from pipeline.table.version_fields import RulesRecord
 from tests.test_report import _chromium, console_errors, needs_chromium
 
 TAG_RATES = np.geomspace(0.002, 0.6, 150)  # a long tail of rare tags, a few common ones
@@ -78,8 +79,7 @@ def _commit(table: TagTable, files: list[str], parts: dict[str, pa.Table]) -> in
         rules_key="r",
         run_id=f"run{len(table.versions()) + 1}",
         model_name="synthetic",
-        rules={"default_threshold": 0.5},
-        counts={},
+        rules=RulesRecord(default_threshold=0.5),
     )
     return snapshot.version
 

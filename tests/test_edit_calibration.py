@@ -245,19 +245,17 @@ def test_a_tag_run_calibrates_its_inference_key_once(ray_session, demo_bundle, t
     assert metadata[b"tagpipe.edits"].decode().split(",") == NAMES
     (path,) = _calibration_files(out)
     assert path.name == f"{snapshot.inference_key}.parquet" and pq.read_table(path).num_rows == 48
-    assert (
-        summary.edit_calibration["images"] == 4 and "edit calibration: 4 images x 12 edits" in summary.text()
-    )
+    assert summary.edit_calibration.images == 4 and "edit calibration: 4 images x 12 edits" in summary.text()
     import json
 
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert manifest["timings"]["edit_calibration_seconds"] == summary.edit_calibration["seconds"] > 0
+    assert manifest["timings"]["edit_calibration_seconds"] == summary.edit_calibration.seconds > 0
 
     # the same key again, with a new image to commit: no recalibration, the file untouched
     before = (path.stat().st_mtime_ns, path.read_bytes())
     shutil.copy(photo_paths()[5], images / photo_paths()[5].name)
     again = run_tag_job(_config(images, out, demo_bundle, edit_calibration_images=4))
-    assert again.version == 2 and again.new == 1 and again.edit_calibration == {}
+    assert again.version == 2 and again.new == 1 and again.edit_calibration is None
     assert "edit calibration" not in again.text()
     assert (path.stat().st_mtime_ns, path.read_bytes()) == before
     assert read_current(str(out)).num_rows == 7  # the table's own files were not listed as inputs
@@ -271,7 +269,7 @@ def test_calibration_off_writes_nothing(ray_session, demo_bundle, tmp_path):
     images = _photos(tmp_path / "corpus", 2)
     summary = run_tag_job(_config(images, tmp_path / "out", demo_bundle, edit_calibration_images=0))
     table = TagTable(str(tmp_path / "out"))
-    assert summary.version == 1 and summary.edit_calibration == {}
+    assert summary.version == 1 and summary.edit_calibration is None
     assert _calibration_files(tmp_path / "out") == [] and table.edit_calibration(table.snapshot()) is None
 
 
@@ -290,7 +288,7 @@ def test_a_failing_calibration_still_commits(ray_session, demo_bundle, tmp_path,
     assert _calibration_files(tmp_path / "out") == []
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "edit calibration failed, version 1 committed without it" in warning and "\n" not in warning
-    assert "gone" in summary.edit_calibration["error"] and "edit calibration failed" in summary.text()
+    assert "gone" in summary.edit_calibration.error and "edit calibration failed" in summary.text()
 
 
 def test_several_models_each_calibrate_and_one_without_embedding_is_skipped(
@@ -311,8 +309,8 @@ def test_several_models_each_calibrate_and_one_without_embedding_is_skipped(
     first, second = summary.runs
     table = TagTable(first.output)
     calibration = table.edit_calibration(table.snapshot())
-    assert calibration is not None and calibration.num_rows == 2 * 12 and first.edit_calibration["rows"] == 24
-    assert second.edit_calibration == {} and _calibration_files(tmp_path / "out" / "plain") == []
+    assert calibration is not None and calibration.num_rows == 2 * 12 and first.edit_calibration.rows == 24
+    assert second.edit_calibration is None and _calibration_files(tmp_path / "out" / "plain") == []
     # the second table committed before the first's calibration ended: it did not wait on it
     committed = datetime.fromisoformat(TagTable(second.output).snapshot().committed_at).timestamp()
     assert committed < _calibration_files(tmp_path / "out" / "tagpipe-demo-tagger")[0].stat().st_mtime
@@ -369,11 +367,11 @@ def test_dedup_measures_its_threshold_on_the_planted_edits(ray_session, demo_bun
     run_tag_job(_config(images, out, demo_bundle, edit_calibration_images=16))
     summary = run_dedup(str(out), str(tmp_path / "dedup"))
     emb = summary.embedding
-    assert emb["positives"] == "planted edits" and emb["positive_pairs"] == 16 * 12
-    assert emb["threshold"] is not None and set(emb["recall_by_edit"]) == set(NAMES)
+    assert emb.positives == "planted edits" and emb.positive_pairs == 16 * 12
+    assert emb.threshold is not None and set(emb.recall_by_edit) == set(NAMES)
     table = TagTable(str(out))
     calibration = table.edit_calibration(table.snapshot())
     edits, cosines = calibration.column("edit").to_pylist(), calibration.column("cosine").to_pylist()
     flips = np.asarray([c for e, c in zip(edits, cosines) if e == "flip"])
-    assert emb["recall_by_edit"]["flip"] == pytest.approx(np.mean(flips >= emb["threshold"]))
+    assert emb.recall_by_edit["flip"] == pytest.approx(np.mean(flips >= emb.threshold))
     assert "by edit" in summary.text() and "planted edits at or above it" in summary.text()

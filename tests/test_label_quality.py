@@ -25,6 +25,7 @@ from pipeline.corpus.label_quality import (
 )
 from pipeline.corpus.label_settings import LabelCheckSettings
 from pipeline.corpus.source_tags import read_aliases, read_source_tags
+from pipeline.job.plan import Change
 from pipeline.model.bundle import TagMetrics, Vocabulary
 from pipeline.model.postprocess import Postprocessor
 from pipeline.model.profiles import Activation
@@ -391,7 +392,7 @@ def test_compare_tags_commits_a_labelled_version_that_readers_take(tagged, demo_
         "1 likely missing and 1 likely wrong tags on 2 rows" in result.output and "version 2" in result.output
     )
     snapshot = TagTable(str(table)).current()
-    assert snapshot.version == 2 and snapshot.counts["label_check"]["likely_wrong"] == 1
+    assert snapshot.version == 2 and snapshot.counts.label_check.likely_wrong == 1
     # the parts as they were; the columns in the label sidecar, one labels file per part
     assert snapshot.files == TagTable(str(tagged)).current().files
     assert not set(LABEL_COLUMNS) & set(pq.read_schema(table / snapshot.files[0]).names)
@@ -469,7 +470,7 @@ def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundl
         return run_tag_job(cfg)
 
     first = run()
-    assert first.version == 1 and first.label_check["likely_missing"] == 1
+    assert first.version == 1 and first.label_check.likely_missing == 1
     assert "1 likely missing, 1 likely wrong" in first.text()
     rows = {r["uri"][len(root) + 1 :]: r for r in read_current(str(out)).to_pylist()}
     assert rows["red/red_000.jpg"]["likely_missing"] == ["red_theme"]
@@ -479,11 +480,14 @@ def test_a_tag_run_with_source_tags_commits_the_label_columns(tagged, demo_bundl
     text = (tmp_path / "source.csv").read_text().replace("noise made_up_tag", "made_up_tag")
     (tmp_path / "source.csv").write_text(text)
     third = run()
-    assert third.version == 2 and third.images == 0 and third.label_check["likely_wrong"] == 0
-    assert TagTable(str(out)).current().counts["label_check"]["likely_wrong"] == 0
+    assert third.version == 2 and third.images == 0 and third.label_check.likely_wrong == 0
+    assert third.change is Change.SOURCE_TAGS_CHANGED and "(source tags changed)" in third.text()
+    record = json.loads((out / "_runs" / f"{third.run_id}.json").read_text())
+    assert record["summary"]["change"] == "source tags changed"  # the run record keeps the words
+    assert TagTable(str(out)).current().counts.label_check.likely_wrong == 0
     # one source row changed, one labels file rewritten (the calibrated rule's cut-offs are
     # fixed); every part as it was (tests/test_label_sidecar.py checks their bytes)
-    assert third.label_check["label_files_written"] == 1
+    assert third.label_check.label_files_written == 1
     v1, v2 = TagTable(str(out)).snapshot(1), TagTable(str(out)).snapshot(2)
     assert v1.files == v2.files and len(set(v2.labels.items()) - set(v1.labels.items())) == 1
 

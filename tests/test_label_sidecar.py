@@ -42,7 +42,7 @@ def _labels(rows: dict[str, list[str] | None]) -> pa.Table:
 def _commit(table: TagTable, base, files, labels=None, run="r") -> Snapshot:
     return commit_version(
         table, base, files, model_sha256="m", inference_key="i", rules_key="r", run_id=run,
-        model_name="n", rules={}, counts={}, labels=labels,
+        model_name="n", labels=labels,
     )  # fmt: skip
 
 
@@ -322,7 +322,6 @@ def test_a_table_labelled_inside_its_parts_still_reads(tagged, demo_bundle, tmp_
     commit_version(
         tags, base, old_parts, model_sha256=base.model_sha256, inference_key=base.inference_key,
         rules_key=base.rules_key, run_id="old-compare-tags", model_name=base.model_name, rules=base.rules,
-        counts={},
     )  # fmt: skip
     assert tags.current().labels == {}
 
@@ -378,7 +377,7 @@ def test_incremental_runs_keep_the_sidecar_to_the_tables_rows(tagged, demo_bundl
     assert _by_name(tags.labels(), root)[gone]["source_tags"] is not None
     (corpus / "images" / gone).unlink()
     second = run(False)
-    assert second.version == 2 and second.deleted == 1 and second.label_check == {}
+    assert second.version == 2 and second.deleted == 1 and second.label_check is None
     v2 = tags.snapshot(2)
     assert sorted(v2.labels) == list(v2.files)  # kept and rewritten parts keep their labels
     _labels_hold_their_parts_rows(tags, v2)
@@ -399,4 +398,4 @@ def test_incremental_runs_keep_the_sidecar_to_the_tables_rows(tagged, demo_bundl
     _labels_hold_their_parts_rows(tags, v4)
     rows = _by_name(read_current(str(out)), root)
     assert rows[added]["source_tags"] == ["red_theme"] and rows[added]["label_quality"] is not None
-    assert gone not in rows and fourth.label_check["with_source"] == len(rows) - 1  # green_001: no source row
+    assert gone not in rows and fourth.label_check.with_source == len(rows) - 1  # green_001: no source row

@@ -154,7 +154,7 @@ def test_many_leaks_do_not_blind_the_auto_threshold():
     leaks, report = audit(
         _side("t", hashes(400), list(train_vec)), _side("e", hashes(600), eval_vec), 6, "auto"
     )
-    assert report.embedding["chosen_by"] == "auto" and report.embedding["threshold"] is not None
+    assert report.embedding.chosen_by == "auto" and report.embedding.threshold is not None
     assert report.by_signal["embedding"] == 150
 
 
@@ -180,7 +180,7 @@ def test_identical_embeddings_are_found_at_any_given_threshold():
     """float16 unit rows give identical vectors ~0.9998, so a given threshold is capped at 0.999."""
     vec = np.random.default_rng(7).normal(size=(10, 8))
     leaks, report = audit(_side("t", [3] * 10, list(vec)), _side("e", [5] * 10, list(vec)), 0, 1.0)
-    assert report.embedding["threshold"] == 0.999 and report.by_signal["embedding"] == 10
+    assert report.embedding.threshold == 0.999 and report.by_signal["embedding"] == 10
 
 
 def test_a_split_output_carries_its_hash_flags(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -184,9 +185,9 @@ def test_nightly_tags_only_new_and_changed_and_drops_deleted(ray_session, demo_b
         == splits_v2[str(corpus / "green" / "green_000.jpg")]["cluster_id"]
     )  # its new content's
     assert (
-        second.split["kept_from_previous"] == len(splits_v1) - 2
+        second.split.kept_from_previous == len(splits_v1) - 2
         and second.leaks == 0
-        and second.audits["split"]["leaks"] == 0
+        and second.audits["split"].leaks == 0
     )
 
     third = run_tag_job(load_nightly_config(cfg_path).tag)  # nothing changed: no work, no version
@@ -199,10 +200,9 @@ def test_nightly_tags_only_new_and_changed_and_drops_deleted(ray_session, demo_b
     cfg_path.write_text(cfg_path.read_text() + f'exclude = ["{tmp_path / "external_train.parquet"}"]\n')
     result = CliRunner().invoke(app, ["nightly", "-c", str(cfg_path), "--no-progress"])
     assert result.exit_code == 1, result.output
-    assert (
-        "LEAKS FOUND" in result.output
-        and f"audit exclude:{tmp_path / 'external_train.parquet'}: 1 leak " in result.output
-    )
+    external = re.escape(str(tmp_path / "external_train.parquet"))
+    line = rf"audit exclude:{external}: LEAKS FOUND[^\n]*: 1 of \d+ eval"
+    assert re.search(line, result.output), result.output  # the audit's own words (AuditReport.text)
 
 
 def _read(path: Path) -> dict[str, dict]:
@@ -279,7 +279,7 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(
 
     # the same file name, other weights: everything is tagged again with the new model
     save_with_external_data(build_graph(seed=1), bundle / "model.onnx")
-    retag = run_tag_job(
+    reinfer = run_tag_job(
         make_tag_config(
             inputs=[str(demo_corpus / "images")],
             output=out,
@@ -289,14 +289,14 @@ def test_new_model_weights_retag_all_and_thresholds_only_rethreshold(
         )
     )
     assert (
-        retag.change == "inference settings changed"
-        and retag.images == retag.retagged == first.listed
-        and retag.model_sha256 != first.model_sha256
+        reinfer.change == "inference settings changed"
+        and reinfer.images == reinfer.reinferred == first.listed
+        and reinfer.model_sha256 != first.model_sha256
     )
     v4 = read_current(out)
-    assert set(v4.column("model_sha256").to_pylist()) == {retag.model_sha256} and set(
+    assert set(v4.column("model_sha256").to_pylist()) == {reinfer.model_sha256} and set(
         v4.column("run_id").to_pylist()
-    ) == {retag.run_id}
+    ) == {reinfer.run_id}
     old = read_current(out, version=1)  # the previous model's rows stay readable
     assert set(old.column("model_sha256").to_pylist()) == {first.model_sha256}
 
@@ -432,7 +432,7 @@ def test_sigkill_mid_nightly_keeps_the_current_version_and_rerun_completes(
     assert len({r["model_sha256"] for r in after.values()}) == 1
     manifest = sorted((out / "_runs").glob("*.nightly.json"))[-1]
     counts = json.loads(manifest.read_text())["counts"]
-    assert (counts["new"], counts["deleted"], counts["retagged"], counts["images"] + counts["reused"]) == (
+    assert (counts["new"], counts["deleted"], counts["reinferred"], counts["images"] + counts["reused"]) == (
         1,
         1,
         first.listed - 1,
@@ -522,10 +522,11 @@ def test_demo_reruns_change_nothing_and_a_smaller_demo_drops_the_rest(ray_sessio
     assert smaller.checked == smaller.correct == smaller.summary.listed
 
 
-def test_the_nightly_audit_line_reads_its_record_and_an_unchecked_audit_never_exits_0(
+def test_the_nightly_audit_line_is_the_audits_own_and_an_unchecked_audit_never_exits_0(
     ray_session, demo_bundle, demo_corpus, tmp_path
 ):
-    """The audit's line and the exit status come from the record the nightly file keeps.
+    """The audit's line is the audit's own (AuditReport.text), and the record the nightly
+    file keeps says the same.
     With the embedding, the demo's flat colours (too little detail for phash) are checked
     by it: complete, exit 0. With the embedding off, nothing checks them for near copies:
     the line says how many, and the nightly exits 4, not 0."""
@@ -544,7 +545,7 @@ def test_the_nightly_audit_line_reads_its_record_and_an_unchecked_audit_never_ex
     result, audit = nightly("with", "[nightly.dedup]\nembedding_threshold = 0.99\n")
     assert audit["asked"] == ["sha256", "phash", "embedding"] and audit["not_checked"]["phash"] > 0
     assert audit["complete"] and not short_of(audit["asked"], audit["not_checked"]), audit
-    assert result.exit_code == 0 and "every image checked" in result.output, result.output
+    assert result.exit_code == 0 and "audit split: clean: 0 of" in result.output, result.output
     result, audit = nightly("without", '[nightly.dedup]\nembedding_threshold = "off"\n')
     missing = short_of(audit["asked"], audit["not_checked"])
     assert audit["asked"] == ["sha256", "phash"] and missing and not audit["complete"], audit
@@ -556,11 +557,12 @@ def test_the_nightly_audit_is_asked_for_the_embedding_unless_dedup_turned_it_off
     """dedup's threshold when it had one; when it was asked for one and found none, the
     audit asks too (so it cannot read as checked); `off` in [nightly.dedup] is off."""
     from pipeline.corpus.audit import asked_signals
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
     from pipeline.job.nightly import _audit_threshold
 
     cfg = load_nightly_config(_config(tmp_path, tmp_path, demo_bundle))
-    assert _audit_threshold(cfg, {"threshold": 0.93}) == 0.93
-    assert _audit_threshold(cfg, {"threshold": None, "reason": "too few rows"}) == "auto"
-    assert "embedding" in asked_signals(_audit_threshold(cfg, {"threshold": None}))
+    assert _audit_threshold(cfg, EmbeddingThreshold(0.93, "auto")) == 0.93
+    assert _audit_threshold(cfg, EmbeddingThreshold(reason="too few rows")) == "auto"
+    assert "embedding" in asked_signals(_audit_threshold(cfg, EmbeddingThreshold()))
     off = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"embedding_threshold": None})})
-    assert _audit_threshold(off, {"threshold": None}) is None and asked_signals(None) == ["sha256", "phash"]
+    assert _audit_threshold(off, EmbeddingThreshold()) is None and asked_signals(None) == ["sha256", "phash"]

@@ -12,10 +12,11 @@ import pytest
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.job.changes import StoredSources, classify
+from pipeline.job.incremental import Keys
 from pipeline.job.plan import Change, Counts, PartRewrite, empty_view, plan_run
 from pipeline.table.tag_table import Snapshot
 
-KEYS = ("inference-1", "rules-1")
+KEYS = Keys("inference-1", "rules-1")
 SOURCES = {u: (100 + i, f"etag-{u}", 1.0) for i, u in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])}
 PARTS = {"p0": ["a.jpg", "b.jpg"], "p1": ["c.jpg", "d.jpg"]}
 
@@ -36,7 +37,7 @@ def _view(errors: dict | None = None) -> pa.Table:
 
 
 def _base(keys=KEYS) -> Snapshot:
-    return Snapshot(1, tuple(PARTS), 4, "m", keys[0], keys[1], "r0", "2026-12-01T00:00:00+00:00")
+    return Snapshot(1, tuple(PARTS), 4, "m", keys.inference, keys.rules, "r0", "2026-12-01T00:00:00+00:00")
 
 
 def _plan(sources=None, base=True, keys=KEYS, errors=None, candidates=None, max_delete_fraction=1.0):
@@ -117,16 +118,16 @@ CASES = {
         Counts(skipped=4),
     ),
     "model change": (
-        dict(keys=("inference-2", "rules-1"), sources=_without("d.jpg")),
+        dict(keys=Keys("inference-2", "rules-1"), sources=_without("d.jpg")),
         Change.INFERENCE_CHANGED,
         ["a.jpg", "b.jpg", "c.jpg"],
         (),
         (),
         True,
-        Counts(deleted=1, retagged=3),
+        Counts(deleted=1, reinferred=3),
     ),
     "rules change": (
-        dict(keys=("inference-1", "rules-2")),
+        dict(keys=Keys("inference-1", "rules-2")),
         Change.RULES_CHANGED,
         [],
         (),
@@ -135,7 +136,7 @@ CASES = {
         Counts(skipped=4),
     ),
     "rules change and a deletion": (
-        dict(keys=("inference-1", "rules-2"), sources=_without("a.jpg")),
+        dict(keys=Keys("inference-1", "rules-2"), sources=_without("a.jpg")),
         Change.RULES_CHANGED,
         [],
         (),

@@ -120,3 +120,62 @@ def test_the_guard_is_what_fails_them(two_versions, tmp_path):
     mixed = pd.read_parquet(str(bare))
     assert len(mixed) > read_current(str(bare)).num_rows
     os.environ.pop("TAGPIPE_NOTHING", None)
+
+
+# A version as tagpipe wrote it before the rules and counts were typed: the counts'
+# old name for reinferred rows, rules without the floor or calibrate, a count and a rule
+# this tagpipe does not know.
+OLD_VERSION = {
+    "version": 3,
+    "files": ["data/k/part-a.parquet"],
+    "rows": 5,
+    "model_sha256": "m" * 64,
+    "inference_key": "i",
+    "rules_key": "r",
+    "run_id": "old",
+    "committed_at": "2026-01-01T00:00:00+00:00",
+    "model_name": "demo",
+    "rules": {"default_threshold": 0.4, "exclude": ["a", "b"], "retired_rule": 1},
+    "counts": {
+        "listed": 5,
+        "retagged": 4,
+        "rows": 5,
+        "skipped_files": {"sidecar": 2},
+        "label_check": {"rule": "data", "likely_wrong": 1, "retired_count": 9},
+        "retired_total": 7,
+    },
+}
+
+
+def test_a_version_written_before_the_typed_records_reads_with_its_defaults():
+    import json
+
+    from pipeline.table.tag_table import Snapshot
+    from pipeline.table.version_fields import DEFAULT_LOGIT_FLOOR
+
+    snapshot = Snapshot.from_json(json.dumps(OLD_VERSION).encode())
+    rules, counts = snapshot.rules, snapshot.counts
+    assert rules.default_threshold == 0.4 and rules.exclude == ("a", "b")
+    assert rules.floor == DEFAULT_LOGIT_FLOOR == 0.01 and rules.calibrates is True  # not recorded
+    assert counts.reinferred == 4 and counts.listed == counts.rows == 5 and counts.new is None
+    assert counts.label_check is not None and (counts.label_check.rule, counts.label_check.likely_wrong) == (
+        "data",
+        1,
+    )
+    again = json.loads(snapshot.to_json())  # written back: the same objects, today's names, nothing null
+    assert again["rules"] == {"default_threshold": 0.4, "exclude": ["a", "b"]}
+    assert again["counts"]["reinferred"] == 4 and "retagged" not in again["counts"]
+    assert again["counts"]["skipped_files"] == {"sidecar": 2} and None not in again["counts"].values()
+    assert Snapshot.from_json(snapshot.to_json()) == snapshot
+
+
+def test_a_tag_runs_version_records_its_rules_and_counts_as_plain_objects(two_versions):
+    """What an older tagpipe reads: `rules` as RuleSettings.record() gives them, `counts`
+    with every count the run made and none it did not."""
+    import json
+
+    record = json.loads(next((two_versions / "_versions").glob("*2.json")).read_text())
+    counts = record["counts"]
+    assert {"listed", "new", "deleted", "reinferred", "images", "rows", "skipped_files"} <= set(counts)
+    assert counts["rows"] == record["rows"] and "label_check" not in counts and "rows_changed" not in counts
+    assert record["rules"] == {} or None not in record["rules"].values()

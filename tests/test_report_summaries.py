@@ -20,6 +20,7 @@ from pipeline.corpus.report import build_report
 from pipeline.corpus.report_figures import TOP_OOD, Accumulator, Figures, PartFigures
 from pipeline.storage.filesystem import filesystem_for
 from pipeline.table.tag_table import SUMMARIES_DIR, TagTable, commit_version
+from pipeline.table.version_fields import RulesRecord
 
 VOCAB = [f"tag_{i:03d}" for i in range(60)]
 CATEGORIES = ["general", "character"]
@@ -74,8 +75,7 @@ def _commit(table: TagTable, files: list[str], parts: dict[str, pa.Table], thres
         rules_key=f"r{threshold}",
         run_id=f"run{len(table.versions()) + 1}",
         model_name="synthetic",
-        rules={"default_threshold": threshold},
-        counts={},
+        rules=RulesRecord(default_threshold=threshold),
     )
 
 

@@ -131,7 +131,7 @@ def test_a_logit_floor_change_on_dense_logits_re_infers_nothing(
     settings = dict(inputs=[str(demo_corpus / "images")], output=str(table), model=str(demo_bundle))
     parts = len(TagTable(str(table)).current().files)
     plan = run_tag_job(make_tag_config(**settings, rows_per_part=16, logit_floor=0.2), dry_run=True)
-    assert plan.change == "rules changed" and plan.to_tag == 0 and plan.retagged == 0, plan.text()
+    assert plan.change == "rules changed" and plan.to_tag == 0 and plan.reinferred == 0, plan.text()
     assert "logit_floor 0.01 -> 0.2" in plan.text() and f"rewrite {parts} part(s)" in plan.text()
     before = _by_uri(table, ["logit_values", "tags", "scores"])
     done = run_tag_job(make_tag_config(**settings, rows_per_part=16, logit_floor=0.2))

@@ -20,6 +20,7 @@ from pipeline.core.schemas import LABEL_FIELDS, LABELS_SCHEMA, part_schema, tag_
 from pipeline.corpus.review import ReviewSettings, rank_queue, run_review
 from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import TagTable, commit_version
+from pipeline.table.version_fields import RulesRecord
 from tests.helpers import run_cli
 
 CATEGORIES = ("character", "general", "rating")
@@ -77,8 +78,7 @@ def write_table(
         rules_key="r",
         run_id="run",
         model_name="test",
-        rules=rules or {},
-        counts={},
+        rules=RulesRecord.from_record(rules),
         labels=sidecars,
     )
     return str(root)
@@ -487,6 +487,6 @@ def test_parts_from_before_the_table_had_source_tags_queue_nothing(tmp_path, sid
     files = [*snapshot.files, TagTable(table).write_part("data/k/part-old.parquet", old)]
     commit_version(
         TagTable(table), snapshot, files, model_sha256="m" * 64, inference_key="i", rules_key="r",
-        run_id="run2", model_name="test", rules={}, counts={}, labels=snapshot.labels,
+        run_id="run2", model_name="test", labels=snapshot.labels,
     )  # fmt: skip
     assert [r["uri"] for r in queue(table, "likely-wrong")] == ["a"]

@@ -237,17 +237,20 @@ def test_the_nightly_tables_reach_the_stages(tmp_path, monkeypatch):
     """Each stage is called with settings built from its table and the nightly's paths."""
     from pipeline.corpus.audit import AuditReport
     from pipeline.corpus.dedup import DedupSummary
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
     from pipeline.corpus.split import SplitReport
     from pipeline.job import nightly
+    from pipeline.job.plan import Change
     from pipeline.job.run_summary import RunSummary
 
     calls: dict[str, list] = {"dedup": [], "split": [], "audit": []}
     tag_output = str(tmp_path / "tags")
-    monkeypatch.setattr(nightly, "run_tag_job", lambda cfg: RunSummary(run_id="r", output=tag_output))
+    summary = RunSummary(run_id="r", output=tag_output, change=Change.NO_CHANGE)
+    monkeypatch.setattr(nightly, "run_tag_job", lambda cfg: summary)
     monkeypatch.setattr(
         nightly,
         "run_dedup",
-        lambda s: calls["dedup"].append(s) or DedupSummary(embedding={"threshold": 0.91}),
+        lambda s: calls["dedup"].append(s) or DedupSummary(embedding=EmbeddingThreshold(0.91, "auto")),
     )
     monkeypatch.setattr(nightly, "run_split", lambda s: calls["split"].append(s) or SplitReport())
     monkeypatch.setattr(nightly, "run_audit", lambda s: calls["audit"].append(s) or (None, AuditReport()))

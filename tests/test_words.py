@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.words import counted
+from pipeline.job.plan import Change
 from pipeline.job.run_summary import RunSummary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
@@ -40,7 +41,9 @@ def test_counted_is_singular_for_one(n, plural, spec, expected):
 
 
 def test_a_run_with_one_error_says_one_error():
-    line = RunSummary(run_id="r", output="out", images=1, errors=1, rows=1, version=1).text()
+    line = RunSummary(
+        run_id="r", output="out", change=Change.INCREMENTAL, images=1, errors=1, rows=1, version=1
+    ).text()
     assert "1 image tagged" in line and "1 error:" in line and "(1 row)" in line
     assert not re.search(r"\b1 (images|errors|rows)\b", line), line
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +42,7 @@ from pipeline.corpus.duplicate_signals import (
     known_copies,
     table_hashes,
 )
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.hamming_search import pairs_touching
 from pipeline.storage.filesystem import write_atomic
 from pipeline.storage.outputs import mark_output
@@ -57,16 +58,16 @@ class AuditReport:
     eval_images: int = 0
     leaks: int = 0  # eval images with a train copy or near-duplicate by any signal
     exact_leaks: int = 0  # of which byte-identical
-    by_signal: dict = field(default_factory=dict)  # signal -> eval images it found
-    not_checked: dict = field(default_factory=dict)  # signal -> eval images it could not check
-    train_not_usable: dict = field(default_factory=dict)  # signal -> train images it could not use
+    by_signal: dict[str, int] = field(default_factory=dict)  # signal -> eval images it found
+    not_checked: dict[str, int] = field(default_factory=dict)  # signal -> eval images it could not check
+    train_not_usable: dict[str, int] = field(default_factory=dict)  # signal -> train images it could not use
     unchecked: int = 0  # eval images neither phash nor embedding could check
     max_distance: int = 6
-    embedding: dict = field(default_factory=dict)  # threshold and how it was chosen; {} if not used
-    histogram: dict = field(
+    embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
+    histogram: dict[int, int] = field(
         default_factory=dict
     )  # bits -> eval images whose nearest train image (sha256 or phash) is that far
-    asked: list = field(default_factory=list)  # the signals the run was asked to use
+    asked: list[str] = field(default_factory=list)  # the signals the run was asked to use
     complete: bool = False  # every eval image checked by every signal in `asked`
 
     def short_of(self) -> dict:
@@ -105,16 +106,16 @@ class AuditReport:
         missed = ", ".join(f"{k} {v}" for k, v in self.not_checked.items()) or "none"
         emb = self.embedding
         emb_text = (
-            f"cosine >= {emb['threshold']:.4f} ({emb['chosen_by']})"
-            if emb.get("threshold") is not None
-            else f"not used ({emb.get('reason') or 'off'})"
+            f"cosine >= {emb.threshold:.4f} ({emb.chosen_by})"
+            if emb.threshold is not None
+            else f"not used ({emb.reason or 'off'})"
         )
         return (
             f"audit: {verdict}: {self.leaks} of {self.eval_images} eval images are copies "
             "or near-duplicates of the "
             f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
             f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
-            + _searched_text(emb.get("index", {}))
+            + _searched_text(emb.index)
         )
 
 
@@ -264,10 +265,7 @@ def _embedding_leaks(
     train_batches, eval_batches = train.batches(), evaluation.batches()
     if threshold is None or train_batches is None or eval_batches is None:
         report.not_checked[EMBEDDING] = n_eval
-        report.embedding = {
-            "threshold": None,
-            "reason": "off" if threshold is None else "no embedding column",
-        }
+        report.embedding = EmbeddingThreshold(reason="off" if threshold is None else "no embedding column")
         return nothing, np.zeros(n_eval, bool)
     t = train.table
     exact = exact_signals(
@@ -277,7 +275,7 @@ def _embedding_leaks(
         max_distance,
     )
     found = embedding_leaks(train_batches, t.num_rows, eval_batches, n_eval, threshold, known_copies(exact))
-    report.embedding = found.decision.record()
+    report.embedding = found.decision
     report.train_not_usable[EMBEDDING] = t.num_rows - found.train_usable
     checked = found.checked if found.decision.threshold is not None else np.zeros(n_eval, bool)
     report.not_checked[EMBEDDING] = int((~checked).sum())
@@ -286,7 +284,7 @@ def _embedding_leaks(
 
 
 def _indexed(found, report) -> tuple[_Found, np.ndarray]:
-    report.embedding = {**found.decision.record(), "index": found.facts}
+    report.embedding = replace(found.decision, index=found.facts)
     report.train_not_usable[EMBEDDING] = report.train_images - found.train_usable
     report.not_checked[EMBEDDING] = int((~found.checked).sum())
     distance = np.full(len(found.eval_row), -1, np.int64)

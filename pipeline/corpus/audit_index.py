@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pipeline.core.arrays import unique_sorted
 from pipeline.corpus import vector_index
 from pipeline.corpus.duplicate_index import DuplicateIndex, SegmentVectors
-from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.vector_index import IndexLayout
 from pipeline.storage.filesystem import filesystem_for, write_atomic
 from pipeline.storage.outputs import mark_output
@@ -46,7 +46,7 @@ class IndexedLeaks:
     cosine: np.ndarray
     checked: np.ndarray  # eval rows the embedding checked (they have a vector)
     train_usable: int
-    decision: ThresholdDecision
+    decision: EmbeddingThreshold
     facts: dict = field(default_factory=dict)
 
 
@@ -158,7 +158,7 @@ def _rows(nearest: _Nearest, t_entry, e_entry, threshold, facts) -> IndexedLeaks
         nearest.cosine[at[leak]].astype(np.float32),
         e_entry >= 0,
         int(len(train_rows)),
-        ThresholdDecision(threshold, "given"),
+        EmbeddingThreshold(threshold, "given"),
         facts,
     )
 

@@ -29,7 +29,7 @@ from pipeline.corpus import vector_index
 from pipeline.corpus.corpus_rows import matrix_of
 from pipeline.corpus.duplicate_index import RowFile
 from pipeline.corpus.embedding_evidence import hash_confirmed_pairs
-from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.index_segments import DIGEST, digests_of
 from pipeline.table.reading import Pieces
 
@@ -114,7 +114,7 @@ class EmbeddingLeaks:
     cosine: np.ndarray
     checked: np.ndarray  # eval rows the embedding could check
     train_usable: int
-    decision: ThresholdDecision
+    decision: EmbeddingThreshold
 
 
 def embedding_leaks(
@@ -132,7 +132,7 @@ def embedding_leaks(
         e = stage(evaluation, eval_rows, folder, "eval", collapse=False)
         nothing = np.zeros(0, np.int64)
         if not len(t.first_row) or not len(e.first_row) or t.dim != e.dim:
-            off = ThresholdDecision(None, "off", reason="no comparable embeddings on both sides")
+            off = EmbeddingThreshold(None, "off", reason="no comparable embeddings on both sides")
             return EmbeddingLeaks(
                 nothing, nothing, np.zeros(0, np.float32), np.zeros(eval_rows, bool), 0, off
             )
@@ -172,10 +172,10 @@ def embedding_leaks(
         )
 
 
-def _decide(threshold, index, layout, t: Staged, groups: np.ndarray, eval_rows: int) -> ThresholdDecision:
+def _decide(threshold, index, layout, t: Staged, groups: np.ndarray, eval_rows: int) -> EmbeddingThreshold:
     pairs = int(eval_rows * vector_index.compared_per_query(layout, index.ntotal))
     if threshold != "auto":
-        decision = ThresholdDecision(
+        decision = EmbeddingThreshold(
             min(float(threshold), thresholds.MAX_THRESHOLD), "given", pairs_compared=pairs
         )
         return decision

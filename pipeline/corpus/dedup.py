@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +65,7 @@ from pipeline.corpus.duplicate_signals import (
     phash_edges,
     sha256_edges,
 )
-from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.storage.filesystem import write_atomic
 from pipeline.storage.outputs import mark_output
 from pipeline.storage.writable import check_writable
@@ -85,12 +86,18 @@ class DedupSummary:
     near_pairs: int = 0  # phash pairs between distinct reliable hashes
     largest_cluster: int = 0
     largest_cluster_id: str = ""
-    giant_clusters: list = field(default_factory=list)  # {cluster_id, size, diameter_hops, spread_bits}
+    giant_clusters: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {cluster_id, size, diameter_hops, spread_bits}
     max_distance: int = DEFAULT_MAX_DISTANCE
-    unmatched_hashes: dict = field(default_factory=dict)  # reason -> rows whose phash matches nothing
-    edges: dict = field(default_factory=dict)  # signal -> edges
-    embedding: dict = field(default_factory=dict)  # the threshold decision (ThresholdDecision.record())
-    index: dict = field(default_factory=dict)  # version, full or incremental (and why), what was searched
+    unmatched_hashes: dict[str, int] = field(
+        default_factory=dict
+    )  # reason -> rows whose phash matches nothing
+    edges: dict[str, int] = field(default_factory=dict)  # signal -> edges
+    embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
+    index: dict[str, Any] = field(
+        default_factory=dict
+    )  # version, full or incremental (and why), what was searched
     representative: str = "first-seen"  # how each cluster's kept copy was chosen (DedupOptions)
     seconds: float = 0.0
 
@@ -102,17 +109,9 @@ class DedupSummary:
             f"({self.duplicate_rate:.1%}; {counted(self.exact_duplicate_images, 'exact copies')}), "
             f"largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "
-            f"hashes matching nothing: {unmatched}; {describe_embedding(self.embedding)}; "
+            f"hashes matching nothing: {unmatched}; {self.embedding.text()}; "
             f"{describe_index(self.index)}; {self.seconds:.1f} s"
         )
-
-
-def describe_embedding(emb: dict) -> str:
-    """The embedding entry of a dedup summary in words (the CLI line and the report)."""
-    if not emb or emb.get("threshold") is None:
-        return f"embedding not used ({emb.get('reason') or 'not asked'})"
-    known = {k: v for k, v in emb.items() if k in ThresholdDecision.__dataclass_fields__}
-    return ThresholdDecision(**{"chosen_by": "given", **known}).text()
 
 
 def describe_index(index: dict) -> str:
@@ -274,7 +273,7 @@ def _summary(rows, exact: ExactSignals, vectors: VectorUpdate, labels, max_dista
     summary.exact_duplicate_images = with_sha - len(unique_sorted(exact.sha_group[exact.sha_group >= 0]))
     summary.near_pairs = int(len(exact.pair_a))
     summary.unmatched_hashes = exact.unmatched
-    summary.embedding = vectors.decision.record()
+    summary.embedding = vectors.decision
     return summary
 
 

@@ -30,7 +30,7 @@ from pipeline.corpus.duplicate_index import (
     SegmentVectors,
 )
 from pipeline.corpus.embedding_evidence import decide, positives_found, sampled_recall
-from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.index_partitions import PartitionedIndex
 from pipeline.corpus.index_segments import DIGEST, Staged, discard, stage_rows, write_segments
 from pipeline.corpus.vector_index import IndexLayout
@@ -47,7 +47,7 @@ class VectorUpdate:
     pair_a: np.ndarray
     pair_b: np.ndarray
     cosine: np.ndarray
-    decision: ThresholdDecision
+    decision: EmbeddingThreshold
     layout: IndexLayout | None = None
     trained: str = ""
     segments: list[str] = field(default_factory=list)
@@ -101,19 +101,19 @@ def update_vectors(
     if setting is None or not rows.has_embedding:
         reason = "--embedding-threshold off" if setting is None else "the table has no embedding column"
         empty = np.zeros(0, np.int64)
-        off = ThresholdDecision(None, "off", reason=reason)
+        off = EmbeddingThreshold(None, "off", reason=reason)
         return VectorUpdate(np.full(rows.count, -1, np.int64), empty, empty, np.zeros(0, np.float32), off)
     previous = _previous(index, base, rows)
     read = np.flatnonzero(previous.needs)
     entry, staged = stage_rows(rows, read, previous, index)
     new_ids = staged.new_ids
     alive = unique_sorted(entry[entry >= 0])
-    update = VectorUpdate(entry, *_empty_pairs(), ThresholdDecision(None, "auto"))
+    update = VectorUpdate(entry, *_empty_pairs(), EmbeddingThreshold(None, "auto"))
     update.next_entry = previous.next_entry + len(new_ids)
     update.facts = {"rows": rows.count, "rows_read": int(len(read)), "new_entries": int(len(new_ids))}
     if not len(alive):
         discard(staged)
-        update.decision = ThresholdDecision(None, "off", reason="no row has a usable embedding")
+        update.decision = EmbeddingThreshold(None, "off", reason="no row has a usable embedding")
         return update
     started = time.monotonic()
     pieces = 1 if previous.base_used else partitions

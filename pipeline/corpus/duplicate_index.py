@@ -86,7 +86,7 @@ class IndexVersion:
     entries: str
     edges: str
     next_entry: int
-    threshold: dict  # the embedding threshold's decision (embedding_threshold.ThresholdDecision)
+    threshold: dict  # the embedding threshold's decision (embedding_threshold.EmbeddingThreshold)
     max_distance: int
     format: int = INDEX_FORMAT
     counts: dict = field(default_factory=dict)

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.corpus import embedding_threshold as thresholds
 from pipeline.corpus import vector_index
-from pipeline.corpus.embedding_threshold import ThresholdDecision
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 
 POSITIVE_PAIRS = 100_000  # hash-confirmed pairs whose cosines measure recall, at most
 RECALL_QUERIES = 500  # sampled queries checked against every vector, exactly
@@ -26,10 +26,10 @@ RECALL_QUERIES = 500  # sampled queries checked against every vector, exactly
 
 def decide(
     setting, base, faiss_index, layout, alive, reader, entry, groups, rows, edits
-) -> ThresholdDecision:
+) -> EmbeddingThreshold:
     pairs = int(len(alive) * vector_index.compared_per_query(layout, len(alive)))
     if base is not None:  # an update keeps the threshold and what was measured of it
-        decision = ThresholdDecision.from_record(base.threshold)
+        decision = EmbeddingThreshold.from_record(base.threshold)
         decision.chosen_by = "kept" if decision.chosen_by != "given" else "given"
         decision.pairs_compared = pairs
         if setting in ("auto", None) or float(setting) == decision.threshold:
@@ -48,7 +48,7 @@ def decide(
             negatives, denominator, pairs, rows, positives, kind, _edit_cosines(edits)
         )
     else:
-        decision = ThresholdDecision(
+        decision = EmbeddingThreshold(
             min(float(setting), thresholds.MAX_THRESHOLD), "given", pairs_compared=pairs
         )
         decision.negatives_sampled = int(len(negatives))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,31 +57,44 @@ FIT_DECADES = 1.0  # the tail fitted: this much survival above its deepest clean
 
 
 @dataclass
-class ThresholdDecision:
-    """How the embedding threshold was set, and what it was measured to do."""
+class EmbeddingThreshold:
+    """How the embedding threshold was set, and what it was measured to do: dedup's
+    summary, the audit's report and the duplicate index keep it (as record()); the
+    nightly hands dedup's threshold to the audit."""
 
-    threshold: float | None
-    chosen_by: str  # given | auto | kept (an earlier run's, from the index) | off
+    threshold: float | None = None  # None: the embedding was not used
+    chosen_by: str = "off"  # given | auto | kept (an earlier run's, from the index) | off
     floor: float | None = None  # the cosine the index's edges were searched at (<= threshold)
     budget_per_row: float = DEFAULT_BUDGET_PER_ROW
     budget_threshold: float | None = None  # the lowest cosine within the budget (auto)
     pairs_compared: int = 0  # (query, vector) pairs the full search scores
     expected_false_edges: float | None = None  # at the threshold, over pairs_compared
     negatives_sampled: int = 0  # compared pairs whose exact cosine fitted the tail
-    tail: dict = field(default_factory=dict)  # slope, intercept, cosine range of the fit
+    tail: dict[str, float] = field(default_factory=dict)  # the fit: u, shape, scale, ...
     positives: str = "none"  # planted edits | hash-confirmed pairs | none
     positive_pairs: int = 0
     threshold_recall: float | None = None  # share of positives at or above the threshold
-    recall_by_edit: dict = field(default_factory=dict)  # edit -> share at or above (planted edits)
-    search_recall: dict = field(default_factory=dict)  # measured after the search (dedup)
+    recall_by_edit: dict[str, float] = field(default_factory=dict)  # edit -> share at or above it
+    search_recall: dict[str, int] = field(default_factory=dict)  # measured after the search (dedup)
     reason: str = ""  # why it is off, or a plain warning about it
+    index: dict[str, Any] = field(default_factory=dict)  # the audit: what its index search covered
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> ThresholdDecision:
-        return cls(**record)
+    def from_record(cls, record: dict[str, Any] | None) -> EmbeddingThreshold:
+        """From a stored record (dedup's _summary.json, an index version, an audit's):
+        fields it lacks take their defaults ({}: not used); one with a threshold but no
+        chosen_by was given."""
+        known = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
+        if known.get("threshold") is not None:
+            known.setdefault("chosen_by", "given")
+        return cls(**known)
+
+    @property
+    def used(self) -> bool:
+        return self.threshold is not None
 
     def text(self) -> str:
         if self.threshold is None:
@@ -268,9 +282,9 @@ def choose(
     positive_kind: str,
     edits: dict[str, np.ndarray] | None = None,
     budget_per_row: float = DEFAULT_BUDGET_PER_ROW,
-) -> ThresholdDecision:
+) -> EmbeddingThreshold:
     """auto: the threshold from the compared pairs' tail, the budget and the known copies."""
-    decision = ThresholdDecision(None, "auto", budget_per_row=budget_per_row, pairs_compared=pairs_compared)
+    decision = EmbeddingThreshold(None, "auto", budget_per_row=budget_per_row, pairs_compared=pairs_compared)
     decision.negatives_sampled = int(len(negatives))
     decision.positives, decision.positive_pairs = (
         (positive_kind if len(positives) else "none"),
@@ -332,11 +346,11 @@ def _copies_from(positives: np.ndarray) -> float | None:
 
 
 def measured(
-    decision: ThresholdDecision,
+    decision: EmbeddingThreshold,
     positives: np.ndarray,
     positive_kind: str,
     edits: dict[str, np.ndarray] | None = None,
-) -> ThresholdDecision:
+) -> EmbeddingThreshold:
     """Fill the figures at the decided threshold: expected false edges, recall of positives."""
     t = decision.threshold
     if t is None:

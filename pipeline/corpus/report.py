@@ -292,9 +292,8 @@ def _drift_plan(tags: str, table, snapshot, compare_version: int | None, note: s
 def _threshold(snapshot, run) -> tuple[float, bool]:
     """(the run's global threshold, whether it had to be assumed): the committed rules',
     else the run's profile's default, else 0.5."""
-    rules = (snapshot.rules or {}) if snapshot else {}
-    if rules.get("default_threshold") is not None:
-        return float(rules["default_threshold"]), False
+    if snapshot is not None and snapshot.rules.default_threshold is not None:
+        return float(snapshot.rules.default_threshold), False
     if run and run.get("profile"):
         from pipeline.model.profiles import load_profile
 
@@ -511,9 +510,9 @@ def _signals_paragraph(summary: dict) -> str:
         ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in summary.get("unmatched_hashes", {}).items() if v)
         or "none"
     )
-    from pipeline.corpus.dedup import describe_embedding
+    from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 
-    emb_text = html.escape(describe_embedding(summary.get("embedding", {})))
+    emb_text = html.escape(EmbeddingThreshold.from_record(summary.get("embedding")).text())
     # older summaries do not name the rule: they were written by best-copy
     first = "the copy first seen in the table, then " if summary.get("representative") == "first-seen" else ""
     return (

@@ -307,7 +307,7 @@ def uncertain_rules(source: Source, model: str | None, tag: str | None) -> Thres
         raise TagpipeError(
             f"{source.uri}: made by model {made_by}, not by {model} ({bundle.fingerprint.model_sha256})"
         )
-    recorded = dict(source.snapshot.rules) if source.snapshot else {}
+    recorded = source.snapshot.rules.record() if source.snapshot else {}
     rules = TagRules.from_bundle(bundle, **recorded)
     post = Postprocessor(bundle.vocabulary, bundle.profile.activation, rules, None, bundle.tag_metrics)
     index = None

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,7 @@ from pipeline.core.settings import build
 from pipeline.core.words import counted
 from pipeline.corpus.audit import audit
 from pipeline.corpus.audit_sides import read_signals
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.split_columns import (
     Tagged,
     cluster_codes,
@@ -68,20 +70,22 @@ HELD_OUT = "held_out"
 class SplitReport:
     images: int = 0
     clusters: int = 0
-    sizes: dict = field(default_factory=dict)  # split -> images
-    fractions: dict = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # split -> images
+    fractions: dict[str, float] = field(default_factory=dict)
     kept_from_previous: int = 0
-    bridges: list = field(default_factory=list)  # {cluster_id, previous_splits, held_out}
+    bridges: list[dict[str, Any]] = field(default_factory=list)  # {cluster_id, previous_splits, held_out}
     forced_train_by_exclude: int = 0  # clusters
-    unmatched_hashes: dict = field(
+    unmatched_hashes: dict[str, int] = field(
         default_factory=dict
     )  # from dedup: rows whose phash matches nothing, by reason
-    positives: dict = field(default_factory=dict)  # tag -> {split: count} (tags with >= 1 positive)
-    zero_positive_tags: dict = field(
+    positives: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # tag -> {split: count} (tags with >= 1 positive)
+    zero_positive_tags: dict[str, list[str]] = field(
         default_factory=dict
     )  # split -> tags with >= min_count overall and none there
-    label_deviation: dict = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
-    empty_splits: list = field(default_factory=list)  # splits with a ratio above 0 that got no image
+    label_deviation: dict[str, float] = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
+    empty_splits: list[str] = field(default_factory=list)  # splits with a ratio above 0 that got no image
 
     def text(self) -> str:
         sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
@@ -305,7 +309,7 @@ def _forced_train(
     corpus = read_signals(tags, storage_options, "eval")
     corpus = corpus.filter(pc.is_in(corpus.column("uri"), value_set=uris))
     # the threshold dedup used: exclusions match what dedup would have joined
-    threshold = dedup_summary.get("embedding", {}).get("threshold")
+    threshold = EmbeddingThreshold.from_record(dedup_summary.get("embedding")).threshold
     forced: set[int] = set()
     for uri in exclude:
         leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.schemas import embedding_type
 from pipeline.table.tag_table import TagTable, commit_version
+from pipeline.table.version_fields import RulesRecord, VersionCounts
 
 CENTRES = 2_000
 PHASH_BITS_APART = 3  # a phash-findable copy's hash: this many bits from its source's
@@ -205,8 +206,8 @@ def _commit(table: TagTable, base, files: list[str]) -> None:
         rules_key="planted",
         run_id=f"planted-{(base.version if base else 0) + 1}",
         model_name="planted",
-        rules={},
-        counts={},
+        rules=RulesRecord(),
+        counts=VersionCounts(),
     )
 
 

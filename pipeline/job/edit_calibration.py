@@ -23,7 +23,7 @@ import heapq
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from pipeline.image.edits import STANDARD_EDITS, editable, edited_bytes
 from pipeline.image.imaging import DecodeOptions, open_image
 from pipeline.job.graph import decode_options, plan_placement
 from pipeline.job.model_runs import ModelRun, tagger_settings
+from pipeline.job.run_summary import EditCalibration
 from pipeline.job.tagger import TaggerSettings, TaggerStage
 from pipeline.model.profiles import Preprocess
 from pipeline.table.tag_table import READ_THREADS, Snapshot, TagTable
@@ -59,37 +60,37 @@ class CalibrationWork:
     originals_per_call: int  # images whose copies share one model call
 
 
-def calibrate_edits(run: ModelRun, snapshot: Snapshot) -> dict:
+def calibrate_edits(run: ModelRun, snapshot: Snapshot) -> EditCalibration | None:
     """After `snapshot` was committed: calibrate its inference key if no file has it yet.
-    Returns what ran, for the run summary ({} when nothing ran); never raises."""
+    Returns what ran, for the run summary (None when nothing ran); never raises."""
     if not run.cfg.edit_calibration_images:
-        return {}
+        return None
     started = time.monotonic()
     try:
-        record = _calibrate(run, snapshot)
+        done = _calibrate(run, snapshot)
     except Exception as exc:
         log.warning(
             "edit calibration failed, version %d committed without it: %s", snapshot.version, _line(exc)
         )
-        record = {"error": _line(exc)}
-    return record | {"seconds": round(time.monotonic() - started, 3)} if record else {}
+        done = replace(EditCalibration(0.0), error=_line(exc))
+    return replace(done, seconds=round(time.monotonic() - started, 3)) if done else None
 
 
-def _calibrate(run: ModelRun, snapshot: Snapshot) -> dict:
+def _calibrate(run: ModelRun, snapshot: Snapshot) -> EditCalibration | None:
     if run.table.has_edit_calibration(snapshot.inference_key):
-        return {}
+        return None
     if not run.bundle.has_embedding_output:
         log.info("edit calibration skipped: model %s has no embedding output", run.bundle.name)
-        return {}
+        return None
     uris = sample_uris(run.table, snapshot.files, run.cfg.edit_calibration_images)
     if not uris:
         log.info("edit calibration skipped: no decoded image in version %d", snapshot.version)
-        return {}
+        return None
     rows = _run_task(run, uris).replace_schema_metadata(_metadata(run, snapshot, len(uris)))
     file = run.table.write_edit_calibration(snapshot.inference_key, rows)
     failed = rows.num_rows - rows.column("error").null_count
     log.info("edit calibration: %d images x %d edits (%d failed) -> %s", len(uris), len(EDITS), failed, file)
-    return {"images": len(uris), "edits": len(EDITS), "rows": rows.num_rows, "failed": failed, "file": file}
+    return EditCalibration(0.0, len(uris), len(EDITS), rows.num_rows, failed, file)
 
 
 def sample_uris(table: TagTable, files: tuple[str, ...], size: int) -> list[str]:

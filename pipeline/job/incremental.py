@@ -170,6 +170,20 @@ def parts_dir_key(inference: str, rules: str) -> str:
     return f"{inference[:16]}-{rules[:8]}"
 
 
+@dataclass(frozen=True)
+class Keys:
+    """A run's two keys: a change of `inference` tags every image again, of `rules` only
+    rethresholds the stored logits."""
+
+    inference: str
+    rules: str
+
+    @property
+    def parts_dir(self) -> str:
+        """The folder under data/ the parts made under these keys go to."""
+        return parts_dir_key(self.inference, self.rules)
+
+
 def part_name(key: str, rows: pa.Table) -> str:
     """From the settings key and each row's uri and source identity: a rerun of the same
     work rewrites the same name, and new content never takes an old part's name."""
@@ -188,8 +202,10 @@ def same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
 
 @dataclass
 class Reuse:
+    """Parts an interrupted run wrote that this run takes as they are, and their rows."""
+
     files: list[str] = field(default_factory=list)
-    uris: set = field(default_factory=set)
+    uris: set[str] = field(default_factory=set)
     rows: int = 0
     errors: int = 0
 

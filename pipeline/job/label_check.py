@@ -52,6 +52,7 @@ from pipeline.model.postprocess import Postprocessor
 from pipeline.model.rules import RuleSettings
 from pipeline.table.labels import labels_file
 from pipeline.table.tag_table import READ_THREADS, TagTable, commit_version
+from pipeline.table.version_fields import LabelCheckCounts, VersionCounts
 
 
 @dataclass
@@ -80,14 +81,14 @@ class LabelCheckSummary:
             + f", {self.seconds:.1f} s"
         )
 
-    def record(self) -> dict:
+    def record(self) -> LabelCheckCounts:
         """What a version's counts keep of the check."""
-        return {
-            "rule": self.rule,
+        return LabelCheckCounts(
+            rule=self.rule,
             **asdict(self.counts),
-            "unknown_source_tags": self.source.unknown,
-            "label_files_written": self.labels_written,
-        }
+            unknown_source_tags=self.source.unknown,
+            label_files_written=self.labels_written,
+        )
 
 
 @dataclass(frozen=True)
@@ -258,12 +259,7 @@ def run_compare_tags(
             f"({bundle.fingerprint.model_sha256}); compare-tags needs the same model"
         )
     # The rules the version was tagged with: the floor and whether calibration applies.
-    rules = RuleSettings.model_validate(
-        {
-            "calibrate": bool(base.rules.get("calibrate", True)),
-            "logit_floor": base.rules.get("logit_floor", 0.01),
-        }
-    )
+    rules = RuleSettings.model_validate({"calibrate": base.rules.calibrates, "logit_floor": base.rules.floor})
     run_id = run_id or new_run_id()
     source = read_source_file(source_tags, storage_options, aliases, settings)
     check_source_match(
@@ -285,7 +281,7 @@ def run_compare_tags(
         run_id=run_id,
         model_name=base.model_name,
         rules=base.rules,
-        counts={"label_check": summary.record(), "source_version": base.version},
+        counts=VersionCounts(label_check=summary.record(), source_version=base.version),
         rows=base.rows,
         labels=labels,
     )

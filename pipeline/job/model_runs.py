@@ -36,9 +36,8 @@ from pipeline.job.graph import (
     tagged_column,
     work_blocks,
 )
-from pipeline.job.incremental import parts_dir_key
+from pipeline.job.incremental import Keys
 from pipeline.job.plan import Plan
-from pipeline.job.run_summary import RunSummary
 from pipeline.job.settings import TagJobConfig
 from pipeline.job.slices import SHARD, SliceWriter, WrittenPart
 from pipeline.job.tagger import TaggerSettings
@@ -49,26 +48,74 @@ from pipeline.table.tag_table import Snapshot, TagTable
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelRun:
-    """One model's table in a run: what it was given, its plan, then its outcome."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """One model's table in a run before the listing: its bundle loaded and checked
+    against the rules, its table opened, its keys decided."""
 
     cfg: TagJobConfig  # this model's settings (one bundle, its own output)
     bundle: ModelBundle
-    keys: tuple[str, str]  # (inference, rules)
+    keys: Keys
     table: TagTable
     base: Snapshot | None
     run_id: str
-    taken: set[str] = field(default_factory=set)  # parts a version names: never reused, never overwritten
-    plan: Plan = None  # type: ignore[assignment]
-    summary: RunSummary = None  # type: ignore[assignment]
-    manifest_path: str | None = None
-    writer: SliceWriter = None  # type: ignore[assignment]
-    rewritten: list = field(default_factory=list)  # RewriteJob results
 
     @property
     def key(self) -> str:
-        return parts_dir_key(*self.keys)
+        """The folder under data/ this run's parts go to."""
+        return self.keys.parts_dir
+
+    @property
+    def taken(self) -> frozenset[str]:
+        """Parts a version names: never reused, never overwritten."""
+        return frozenset(self.base.files) if self.base else frozenset()
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A prepared run with its plan: what the tagging, the rewrites and the commit do."""
+
+    prepared: PreparedRun
+    plan: Plan
+    manifest_path: str | None  # the listing's copy in the table (None: a dry run writes none)
+    settings_changed: tuple[str, ...]  # keyed settings changed against the base, "name old -> new"
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A planned run while it tags: the slices' writer its rows go to. The prepared run's
+    fields read through, as the tagging and the edit calibration read them."""
+
+    planned: PlannedRun
+    writer: SliceWriter
+
+    @property
+    def prepared(self) -> PreparedRun:
+        return self.planned.prepared
+
+    @property
+    def plan(self) -> Plan:
+        return self.planned.plan
+
+    @property
+    def cfg(self) -> TagJobConfig:
+        return self.prepared.cfg
+
+    @property
+    def bundle(self) -> ModelBundle:
+        return self.prepared.bundle
+
+    @property
+    def table(self) -> TagTable:
+        return self.prepared.table
+
+    @property
+    def run_id(self) -> str:
+        return self.prepared.run_id
+
+    @property
+    def key(self) -> str:
+        return self.prepared.key
 
 
 @dataclass
@@ -77,7 +124,7 @@ class Tagged:
 
     parts: list[WrittenPart] = field(default_factory=list)
     placement: str = ""
-    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # {"decode": {node: rows}, ...}
     first_rows_seconds: float | None = None  # from the run's start to the first tagged rows
 
 

@@ -18,24 +18,26 @@ output as the last good run left it, and a rerun finishes the job. The nightly r
 (`_runs/<run_id>.nightly.json` in the tag output) has the counts and timings of each step
 and the drift summary; the command exits 1 on leaks, else 4 when an audit could not check
 every val/test image by every signal it was asked to use (nightly_exit_status), else 3 on
-drift past the limits. The audit's line is made from the same record the file keeps.
+drift past the limits. Each stage's line is its own report's text(), and the file keeps
+those reports as each stage's own file has them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from pipeline import __version__
 from pipeline.core.errors import ExitStatus
 from pipeline.core.ray_session import new_run_id
-from pipeline.core.words import counted
-from pipeline.corpus.audit import missing_text, run_audit, short_of
-from pipeline.corpus.dedup import run_dedup
+from pipeline.corpus.audit import AuditReport, run_audit
+from pipeline.corpus.dedup import DedupSummary, run_dedup
 from pipeline.corpus.drift import DriftSummary
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
 from pipeline.corpus.report import build_report
-from pipeline.corpus.split import run_split
+from pipeline.corpus.split import SplitReport, run_split
 from pipeline.job.preflight import check_nightly_paths
 from pipeline.job.settings import NightlyConfig
 from pipeline.job.tag_job import RunSummary, run_tag_job
@@ -45,33 +47,28 @@ from pipeline.table.tag_table import RUNS_DIR, TagTable, now_iso
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NightlySummary:
+    """The stages' own reports, each in its own words (their text())."""
+
     run_id: str
     tag: RunSummary
-    dedup: dict = field(default_factory=dict)
-    split: dict = field(default_factory=dict)
-    audits: dict = field(default_factory=dict)  # name -> {"leaks": n, ...}
-    leaks: int = 0
-    drift: DriftSummary | None = None
-    report: str = ""  # the HTML page, with the drift section
-    timings: dict = field(default_factory=dict)
+    dedup: DedupSummary
+    split: SplitReport
+    audits: dict[str, AuditReport]  # "split", then "exclude:<uri>" for each exclude set
+    drift: DriftSummary | None
+    report: str  # the HTML page, with the drift section ("" when there was no table)
+    timings: dict[str, float]  # seconds by stage, and the total
+
+    @property
+    def leaks(self) -> int:
+        return sum(audit.leaks for audit in self.audits.values())
 
     def text(self) -> str:
-        lines = [self.tag.text()]
-        if self.dedup:
-            lines.append(
-                f"dedup: {counted(self.dedup['images'], 'images')} in "
-                f"{counted(self.dedup['clusters'], 'clusters')} "
-                f"({counted(self.dedup['duplicates'], 'duplicates')})"
-            )
-        if self.split:
-            sizes = ", ".join(f"{k} {v}" for k, v in sorted(self.split["sizes"].items()))
-            lines.append(
-                f"split: {sizes}; {self.split['kept_from_previous']} kept from the previous split, "
-                f"{len(self.split['bridges'])} bridging clusters held out"
-            )
-        lines += [_audit_line(name, audit) for name, audit in self.audits.items()]
+        lines = [self.tag.text(), self.dedup.text(), self.split.text()]
+        lines += [
+            f"audit {name}: {audit.text().removeprefix('audit: ')}" for name, audit in self.audits.items()
+        ]
         if self.drift is not None:
             lines.append(self.drift.text())
         if self.report:
@@ -85,24 +82,26 @@ class NightlySummary:
 
     def incomplete_audits(self) -> list[str]:
         """The audits that left a val/test image unchecked by a signal they were asked to use."""
-        return [name for name, audit in self.audits.items() if short_of(audit["asked"], audit["not_checked"])]
+        return [name for name, audit in self.audits.items() if audit.short_of()]
 
-
-def _audit_line(name: str, audit: dict) -> str:
-    """One audit's line, from its record (the nightly file's `audits`): the same figures."""
-    emb = audit.get("embedding", {})
-    if emb.get("threshold") is not None:
-        used = f"embedding cosine >= {emb['threshold']:.4f}"
-    elif "embedding" in audit["asked"]:
-        used = f"embedding asked for but not used ({emb.get('reason') or 'no threshold'})"
-    else:
-        used = "embedding off"
-    missing = short_of(audit["asked"], audit["not_checked"])
-    checked = missing_text(missing, audit["eval_images"]) if missing else "every image checked"
-    return (
-        f"audit {name}: {counted(audit['leaks'], 'leaks')} ({audit['exact_leaks']} byte-identical) "
-        f"among {audit['eval_images']} val/test images; {checked}; {used}"
-    )
+    def record(self) -> dict[str, Any]:
+        """The nightly file (_runs/<run_id>.nightly.json): each stage's report as its own file has it."""
+        tag = self.tag
+        return {
+            "run_id": self.run_id,
+            "tagpipe_version": __version__,
+            "finished_at": now_iso(),
+            "counts": tag.counts().record(),
+            "version": tag.version,
+            "change": tag.change,
+            "dedup": asdict(self.dedup),
+            "split": {k: v for k, v in asdict(self.split).items() if k not in ("positives",)},
+            "audits": {name: asdict(audit) for name, audit in self.audits.items()},
+            "leaks": self.leaks,
+            "drift": asdict(self.drift) if self.drift else None,
+            "report": self.report,
+            "timings": {**{f"tag.{k}": v for k, v in tag.timings.items()}, **self.timings},
+        }
 
 
 def nightly_exit_status(summary: NightlySummary, cfg: NightlyConfig) -> int:
@@ -121,76 +120,64 @@ def run_nightly(cfg: NightlyConfig) -> NightlySummary:
     check_nightly_paths(cfg)  # and the tag step checks its own: all before any work
     run_id = cfg.tag.run_id or new_run_id()
     started = time.monotonic()
+    timings: dict[str, float] = {}
     t = time.monotonic()
     tag = run_tag_job(cfg.tag.model_copy(update={"run_id": run_id}))
-    summary = NightlySummary(run_id=run_id, tag=tag)
-    summary.timings["tag"] = _lap(t)
+    timings["tag"] = _lap(t)
     options = cfg.tag.storage_options
 
     t = time.monotonic()
     dedup = run_dedup(cfg.dedup_settings())
-    summary.dedup = asdict(dedup)
-    audit_threshold = _audit_threshold(cfg, dedup.embedding)
-    summary.timings["dedup"] = _lap(t)
+    timings["dedup"] = _lap(t)
 
     t = time.monotonic()
     splits = cfg.splits_output.rstrip("/") + "/splits.parquet"
     fs, path = filesystem_for(splits, options)
-    report = run_split(cfg.split_settings(previous=splits if fs.exists(path) else None))
-    summary.split = {k: v for k, v in asdict(report).items() if k not in ("positives",)}
-    summary.timings["split"] = _lap(t)
+    split = run_split(cfg.split_settings(previous=splits if fs.exists(path) else None))
+    timings["split"] = _lap(t)
 
     t = time.monotonic()
-    audits = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.split.exclude]
-    for i, (name, train) in enumerate(audits):
+    audits = _audits(cfg, splits, _audit_threshold(cfg, dedup.embedding))
+    timings["audit"] = _lap(t)
+
+    t = time.monotonic()
+    report, drift = _report(cfg, run_id, tag)
+    timings["report"] = _lap(t)
+    timings["total"] = _lap(started)
+    summary = NightlySummary(run_id, tag, dedup, split, audits, drift, report, timings)
+    outputs = {"tags": cfg.tag.output, "dedup": cfg.dedup_output, "splits": cfg.splits_output}
+    TagTable(cfg.tag.output, options).write_run_manifest(
+        f"{run_id}.nightly", summary.record() | {"outputs": outputs}
+    )
+    return summary
+
+
+def _audits(cfg: NightlyConfig, splits: str, threshold) -> dict[str, AuditReport]:
+    """The new split's val/test audited against its train, then against each exclude set."""
+    audits = {}
+    trains = [("split", splits)] + [(f"exclude:{uri}", uri) for uri in cfg.split.exclude]
+    for i, (name, train) in enumerate(trains):
         target = cfg.splits_output.rstrip("/") + ("/audit" if i == 0 else f"/audit-exclude-{i}")
         settings = cfg.audit_settings(
             train,
             splits,
             target,
-            embedding_threshold=audit_threshold,
+            embedding_threshold=threshold,
             dedup=cfg.dedup_output if i == 0 else None,  # the split's rows are in dedup's index
         )
-        _, audit = run_audit(settings)
-        summary.audits[name] = asdict(audit)
-        summary.leaks += audit.leaks
-        if audit.leaks:
-            log.warning("audit %s: %d leaks, listed in %s/leaks.parquet", name, audit.leaks, target)
-    summary.timings["audit"] = _lap(t)
-
-    t = time.monotonic()
-    summary.report, summary.drift = _report(cfg, run_id, tag)
-    summary.timings["report"] = _lap(t)
-    summary.timings["total"] = _lap(started)
-    TagTable(cfg.tag.output, options).write_run_manifest(
-        f"{run_id}.nightly",
-        {
-            "run_id": run_id,
-            "tagpipe_version": __version__,
-            "finished_at": now_iso(),
-            "counts": tag.counts(),
-            "version": tag.version,
-            "change": tag.change,
-            "dedup": summary.dedup,
-            "split": summary.split,
-            "audits": summary.audits,
-            "leaks": summary.leaks,
-            "drift": asdict(summary.drift) if summary.drift else None,
-            "report": summary.report,
-            "timings": {**{f"tag.{k}": v for k, v in tag.timings.items()}, **summary.timings},
-            "outputs": {"tags": cfg.tag.output, "dedup": cfg.dedup_output, "splits": cfg.splits_output},
-        },
-    )
-    return summary
+        _, audits[name] = run_audit(settings)
+        if audits[name].leaks:
+            log.warning("audit %s: %d leaks, listed in %s/leaks.parquet", name, audits[name].leaks, target)
+    return audits
 
 
-def _audit_threshold(cfg: NightlyConfig, used: dict):
+def _audit_threshold(cfg: NightlyConfig, used: EmbeddingThreshold):
     """The threshold dedup used, so the audit checks what dedup kept together; when dedup
     was asked for one but had none (auto found none, no embeddings), the audit is asked
     for the embedding all the same (auto, or the given cosine): an audit that cannot use
     it says so and exits 4, instead of reading as checked."""
-    if used.get("threshold") is not None:
-        return used["threshold"]
+    if used.threshold is not None:
+        return used.threshold
     return cfg.dedup.embedding_threshold  # None: [nightly.dedup] turned the embedding off
 
 

@@ -29,6 +29,7 @@ from pipeline.job.incremental import (
     NEW,
     RETRY,
     UNCHANGED,
+    Keys,
     Reuse,
     reusable_parts,
 )
@@ -43,6 +44,7 @@ class Change(enum.StrEnum):
     RULES_CHANGED = "rules changed"  # same inference: stored logits rethresholded
     INFERENCE_CHANGED = "inference settings changed"  # every listed image tagged again
     NO_CHANGE = "no change"
+    SOURCE_TAGS_CHANGED = "source tags changed"  # nothing to tag or drop: the label check's labels moved
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Counts:
     deleted: int = 0  # in the table, no longer listed
     skipped: int = 0  # unchanged, kept as they are
     retried: int = 0  # unchanged but stored with a transient error: tagged again
-    retagged: int = 0  # unchanged but tagged again because the inference settings changed
+    reinferred: int = 0  # unchanged but inferred again because the inference settings changed
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def plan_run(
     manifest: pa.Table,
     status: pa.Table,
     base: Snapshot | None,
-    keys: tuple[str, str],
+    keys: Keys,
     reuse_candidates: list[str] | tuple[str, ...] = (),
     read_part: Callable[..., pa.Table] | None = None,
     max_delete_fraction: float = 1.0,
@@ -103,8 +105,8 @@ def plan_run(
     run's settings key that no version names (read with read_part). A run that would
     delete more than max_delete_fraction of the base's rows is refused here, before
     anything is written."""
-    same_inference = base is not None and base.inference_key == keys[0]
-    same_rules = same_inference and base is not None and base.rules_key == keys[1]
+    same_inference = base is not None and base.inference_key == keys.inference
+    same_rules = same_inference and base is not None and base.rules_key == keys.rules
     state = status.column("status")
     tally = collections.Counter(
         {row["values"]: row["counts"] for row in pc.value_counts(state).to_pylist()}
@@ -118,7 +120,9 @@ def plan_run(
         redo = state_in(NEW, CHANGED, RETRY)
         drop = state_in(CHANGED, RETRY, DELETED)
     else:  # a new model (or decode/profile settings): every listed image is tagged again
-        counts = Counts(tally[NEW], tally[CHANGED], tally[DELETED], retagged=tally[UNCHANGED] + tally[RETRY])
+        counts = Counts(
+            tally[NEW], tally[CHANGED], tally[DELETED], reinferred=tally[UNCHANGED] + tally[RETRY]
+        )
         redo = ~state_in(DELETED)
         drop = np.ones(len(state), bool)
     share = counts.deleted / base.rows if base is not None and base.rows else 0.0

@@ -8,7 +8,7 @@ new parts are committed as one new version (pipeline/table/tag_table.py). Rows w
 through. The bundle must be the one that made the logits (same model_sha256); its
 calibration and OOD reference may be new, which is what rethresholding is for.
 Rewriting parts is the table layer's (pipeline/table/rewrite.py); this module gives it the
-Retag transform. Labels files (the label sidecar) go along unchanged: the same files in
+Rethreshold transform. Labels files (the label sidecar) go along unchanged: the same files in
 place, copies into another table; `compare-tags` checks the new tags again.
 """
 
@@ -31,6 +31,7 @@ from pipeline.model.postprocess import ARGMAX_CATEGORIES, Postprocessor
 from pipeline.model.rules import RuleSettings
 from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import TagTable, commit_version
+from pipeline.table.version_fields import RulesRecord, VersionCounts
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # rows re-tagged per call: bounds the entry arrays, not the vocabulary
@@ -44,7 +45,7 @@ class RethresholdSummary:
     rows_changed: int = 0
     version: int = 0  # the committed version
     seconds: float = 0.0
-    by_part: list = field(default_factory=list)
+    by_part: list[str | None] = field(default_factory=list)  # each part's rewrite (None: no row left)
     unchanged: bool = False  # the rules were the version's own: nothing re-tagged, nothing committed
 
     def text(self) -> str:
@@ -106,7 +107,7 @@ def retag_table(
 
 
 @dataclass(frozen=True)
-class Retag:
+class Rethreshold:
     """The PartTransform rethreshold gives each part's rewrite: its rows re-tagged from
     their stored logits with new rules. OOD distances are recomputed (from the stored
     float16 embedding) only when the bundle's OOD reference differs from the one the part
@@ -194,12 +195,17 @@ def run_rethreshold(
         )
     key = parts_dir_key(base.inference_key, new_rules_key)
     run_id = run_id or new_run_id()
-    retag = Retag(
+    rethreshold = Rethreshold(
         model_dir, rules, run_id, (bundle.fingerprint.model_sha256, bundle.fingerprint.calibration_sha256)
     )
     jobs = [
         RewriteJob(
-            source.uri, f, target.uri, rewrite_name(f, key, ()), transform=retag, labels=base.labels.get(f)
+            source.uri,
+            f,
+            target.uri,
+            rewrite_name(f, key, ()),
+            transform=rethreshold,
+            labels=base.labels.get(f),
         )
         for f in base.files
     ]
@@ -227,12 +233,10 @@ def run_rethreshold(
         rules_key=new_rules_key,
         run_id=run_id,
         model_name=base.model_name,
-        rules=rules.record(),
-        counts={
-            "rethresholded": summary.rows,
-            "rows_changed": summary.rows_changed,
-            "source_version": base.version,
-        },
+        rules=RulesRecord.from_record(rules.record()),
+        counts=VersionCounts(
+            rethresholded=summary.rows, rows_changed=summary.rows_changed, source_version=base.version
+        ),
         rows=summary.rows,
         labels=labels,
     )

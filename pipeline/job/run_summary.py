@@ -3,35 +3,63 @@ dry run's plan line. Built by the tag job from what its plan and each step retur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.core.words import counted
+from pipeline.job.plan import Change
+from pipeline.table.version_fields import LabelCheckCounts, VersionCounts
 
 
-@dataclass
-class RunSummary:
-    run_id: str
-    output: str
-    change: str = ""  # first run | incremental | model changed | rules changed | no change
+@dataclass(frozen=True)
+class RunCounts:
+    """What a run found and did, in files and rows: what its version and its run manifest
+    count (with the rows the version holds)."""
+
     files_found: int = 0  # files the listing found: listed + skipped files
-    skipped_files: dict = field(
-        default_factory=dict
-    )  # found but not inputs, by reason (pipeline/storage/manifest.py)
+    skipped_files: dict[str, int] = field(default_factory=dict)  # by reason (storage/manifest.py)
     listed: int = 0  # inputs: one row each in the committed version
     new: int = 0  # listed, not in the table
     changed: int = 0  # in the table, source changed (etag / size+mtime / sha256)
     deleted: int = 0  # in the table, no longer listed: dropped from the new version
     skipped: int = 0  # unchanged, kept as they are (not recomputed)
     retried: int = 0  # unchanged but stored with a transient error (read_error, not_found)
-    retagged: int = 0  # unchanged but re-tagged because the inference settings changed
+    reinferred: int = 0  # unchanged but inferred again because the inference settings changed
     rethresholded: int = 0  # rows re-tagged from stored logits (rules changed), no inference
     reused: int = 0  # rows an interrupted run had already tagged
     images: int = 0  # rows tagged (model run) by this run
-    ok: int = 0
     errors: int = 0  # error rows among those tagged by this run
-    errors_by_kind: dict = field(default_factory=dict)
     rewritten_parts: int = 0  # parts copied without deleted/changed rows, or rethresholded
-    parts: list = field(default_factory=list)  # parts written by tagging
+
+    def version_counts(self, rows: int, label_check: LabelCheckCounts | None = None) -> VersionCounts:
+        """The counts a version (and the run manifest) keeps, with the rows it holds."""
+        counted = {f.name: getattr(self, f.name) for f in fields(RunCounts)}
+        counted["skipped_files"] = dict(self.skipped_files)
+        return VersionCounts(**counted, rows=rows, label_check=label_check)
+
+
+@dataclass(frozen=True)
+class EditCalibration:
+    """What the edit calibration did (pipeline/job/edit_calibration.py), when it ran."""
+
+    seconds: float
+    images: int = 0
+    edits: int = 0
+    rows: int = 0
+    failed: int = 0
+    file: str = ""
+    error: str = ""  # why it failed; the version was committed all the same
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary(RunCounts):
+    """A tag run's outcome, built once from what its steps returned (tag_job.py)."""
+
+    run_id: str
+    output: str
+    change: Change
+    ok: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    parts: tuple[str, ...] = ()  # parts written by tagging
     base_version: int = 0
     version: int = 0  # the committed version (= base_version when nothing changed)
     rows: int = 0  # rows in the committed version
@@ -40,35 +68,18 @@ class RunSummary:
     placement: str = ""
     model_name: str = ""
     model_sha256: str = ""
-    timings: dict = field(default_factory=dict)
-    rows_by_node: dict = field(default_factory=dict)  # {"decode": {node_id: rows}, "tag": {...}}
+    timings: dict[str, float] = field(default_factory=dict)
+    rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # {"decode": {node: rows}, ...}
     to_tag: int = 0  # images the plan sends to the model (listed work less what is reused)
     planned_version: int = 0  # dry run: the version the run would commit; 0: none (no change)
     dry_run: bool = False  # the plan only: nothing was tagged or written
-    label_check: dict = field(default_factory=dict)  # --source-tags: the check's counts
-    # keyed settings changed against the table's version, each "name old -> new"
-    settings_changed: list = field(default_factory=list)
-    # edit calibration, when it ran: images, edits, rows, failed, file, seconds (or error, seconds)
-    edit_calibration: dict = field(default_factory=dict)
+    label_check: LabelCheckCounts | None = None  # --source-tags: the check's counts
+    settings_changed: tuple[str, ...] = ()  # keyed settings changed against the base, "name old -> new"
+    edit_calibration: EditCalibration | None = None  # when it ran
 
-    def counts(self) -> dict:
-        names = (
-            "files_found",
-            "listed",
-            "new",
-            "changed",
-            "deleted",
-            "skipped",
-            "retried",
-            "retagged",
-            "rethresholded",
-            "reused",
-            "images",
-            "errors",
-            "rewritten_parts",
-            "rows",
-        )
-        return {**{name: getattr(self, name) for name in names}, "skipped_files": dict(self.skipped_files)}
+    def counts(self) -> VersionCounts:
+        """The run manifest's counts: the version's, without the label check."""
+        return self.version_counts(self.rows)
 
     def skipped_text(self) -> str:
         if not self.skipped_files:
@@ -82,7 +93,7 @@ class RunSummary:
         return self.change + (": " + "; ".join(self.settings_changed) if self.settings_changed else "")
 
     def plan_text(self) -> str:
-        how = " (re-tagged from stored logits, no model run)" if self.change == "rules changed" else ""
+        how = " (re-tagged from stored logits, no model run)" if self.change is Change.RULES_CHANGED else ""
         outcome = (
             f"rewrite {self.rewritten_parts} part(s){how} and commit version {self.planned_version}"
             if self.planned_version
@@ -91,7 +102,7 @@ class RunSummary:
         return (
             f"dry run ({self.change_text()}): {self.listed} listed{self.skipped_text()}, {self.new} new, "
             f"{self.changed} changed, {self.deleted} deleted, {self.skipped} unchanged, "
-            f"{self.retried} to retry, {self.retagged} to re-tag for new settings; "
+            f"{self.retried} to retry, {self.reinferred} to re-tag for new settings; "
             f"would tag {counted(self.to_tag, 'images')} ({self.reused} reused from an interrupted run), "
             f"{outcome} of {self.output}; nothing was written"
         )
@@ -104,7 +115,7 @@ class RunSummary:
             f", {n} {name}"
             for name, n in (
                 ("retried", self.retried),
-                ("re-tagged for new settings", self.retagged),
+                ("re-tagged for new settings", self.reinferred),
                 ("rethresholded", self.rethresholded),
                 ("reused from an interrupted run", self.reused),
             )
@@ -131,29 +142,28 @@ class RunSummary:
     def _calibration_text(self) -> str:
         """Only when calibration ran (the first version of an inference key)."""
         c = self.edit_calibration
-        if not c:
+        if c is None:
             return ""
-        if "error" in c:
-            return f" edit calibration failed after {c['seconds']:.1f} s (see the warning);"
-        images, edits = counted(c["images"], "images"), counted(c["edits"], "edits")
-        return f" edit calibration: {images} x {edits}, {c['seconds']:.1f} s;"
+        if c.error:
+            return f" edit calibration failed after {c.seconds:.1f} s (see the warning);"
+        images, edits = counted(c.images, "images"), counted(c.edits, "edits")
+        return f" edit calibration: {images} x {edits}, {c.seconds:.1f} s;"
 
     def _label_text(self) -> str:
         c = self.label_check
-        if not c:
+        if c is None:
             return ""
         return (
-            f" source tags on {counted(c['with_source'], 'rows')} ({c['rule']} rule): "
-            f"{c['likely_missing']} likely "
-            f"missing, {c['likely_wrong']} likely wrong;"
+            f" source tags on {counted(c.with_source, 'rows')} ({c.rule} rule): "
+            f"{c.likely_missing} likely missing, {c.likely_wrong} likely wrong;"
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassSummary:
     """Several models tagged in one pass: each table's RunSummary, in --model order."""
 
-    runs: list[RunSummary]
+    runs: tuple[RunSummary, ...]
     seconds: float = 0.0
 
     def text(self) -> str:

@@ -19,7 +19,7 @@ import logging
 import posixpath
 
 from pipeline.core.settings import KeyRole, settings_fields
-from pipeline.job.incremental import inference_key
+from pipeline.job.incremental import Keys, inference_key
 from pipeline.job.settings import TagJobConfig
 from pipeline.model.bundle import ModelBundle
 from pipeline.storage.filesystem import read_bytes
@@ -32,11 +32,15 @@ OPTION_NAMES = {"default_threshold": "threshold"}  # the rules record's names th
 
 
 def served_keys(
-    cfg: TagJobConfig, bundle: ModelBundle, table: TagTable, base: Snapshot | None, keys: tuple[str, str]
-) -> tuple[str, str]:
+    cfg: TagJobConfig, bundle: ModelBundle, table: TagTable, base: Snapshot | None, keys: Keys
+) -> Keys:
     """keys, or (the base's inference key, keys' rules key) when the only inference change
     is the floor and the logits are dense on both sides: then the stored logits serve it."""
-    if base is None or base.inference_key == keys[0] or not cfg.dense_logits_for(len(bundle.vocabulary)):
+    if (
+        base is None
+        or base.inference_key == keys.inference
+        or not cfg.dense_logits_for(len(bundle.vocabulary))
+    ):
         return keys
     for floor in _recorded_floors(table, base):
         if floor == cfg.logit_floor:
@@ -47,7 +51,7 @@ def served_keys(
                 floor,
                 cfg.logit_floor,
             )
-            return base.inference_key, keys[1]
+            return Keys(base.inference_key, keys.rules)
     return keys
 
 
@@ -56,7 +60,7 @@ def _recorded_floors(table: TagTable, base: Snapshot) -> list[float]:
     inference key was made under one of them (a floor served by rethreshold keeps it)."""
     floors: list[float] = []
     for snapshot in _history(table, base):
-        floor = snapshot.rules.get(FLOOR, 0.01)  # records before the floor was recorded: its default
+        floor = snapshot.rules.floor
         if floor not in floors:
             floors.append(floor)
     return floors
@@ -84,7 +88,7 @@ def changed_settings(
     changes = []
     if base.model_sha256 != bundle.fingerprint.model_sha256:
         changes.append(f"model {base.model_sha256[:12]} -> {bundle.fingerprint.model_sha256[:12]}")
-    old_rules, new_rules = base.rules, cfg.rules.record()
+    old_rules, new_rules = base.rules.record(), cfg.rules.record()
     for name in sorted(set(old_rules) | set(new_rules)):
         if old_rules.get(name) != new_rules.get(name):
             changes.append(_change(OPTION_NAMES.get(name, name), old_rules.get(name), new_rules.get(name)))

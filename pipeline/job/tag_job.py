@@ -9,9 +9,9 @@ the commit (pipeline/table/tag_table.py), and parts written before a crash are r
 
 The plan is pipeline/job/plan.py's (pure, table-driven tests), the slices' buffers
 pipeline/job/slices.py's, the commit pipeline/table/tag_table.py's `commit_version`; this
-module runs them in order and builds the RunSummary from what each returned. Several
-models: each gets a ModelRun (its table, plan and writer), tagged in one pass by
-pipeline/job/model_runs.py.
+module runs them in order, each step returning a frozen record (a PreparedRun, a
+PlannedRun, what tagging wrote, a Committed), and builds the RunSummary once from them.
+Several models: each gets its own records, tagged in one pass by pipeline/job/model_runs.py.
 
 Why this module is long: it is every step of a run in order (list, plan, tag, rewrite,
 label check, commit, record), for one model or several, each a short function; what each
@@ -26,7 +26,7 @@ import logging
 import posixpath
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 
 from pipeline import __version__
@@ -37,22 +37,23 @@ from pipeline.core.words import counted
 from pipeline.corpus.source_match import check_source_match
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
-from pipeline.job.incremental import inference_key, rules_key
+from pipeline.job.incremental import Keys, inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
-from pipeline.job.model_runs import ModelRun, Tagged, tag_in_one_pass, tag_one
+from pipeline.job.model_runs import ModelRun, PlannedRun, PreparedRun, Tagged, tag_in_one_pass, tag_one
 from pipeline.job.plan import Change, Plan, empty_view, plan_run
 from pipeline.job.preflight import check_tag_paths, empty_listing_text
-from pipeline.job.rethreshold import Retag
-from pipeline.job.run_summary import PassSummary, RunSummary
+from pipeline.job.rethreshold import Rethreshold
+from pipeline.job.run_summary import EditCalibration, PassSummary, RunCounts, RunSummary
 from pipeline.job.setting_changes import changed_settings, served_keys
 from pipeline.job.settings import TagJobConfig
 from pipeline.job.slices import SliceWriter, WrittenPart
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import Postprocessor
-from pipeline.storage.manifest import ListingRules, build_manifest, listing_path, lists_without_ray
+from pipeline.storage.manifest import Listing, ListingRules, build_manifest, listing_path, lists_without_ray
 from pipeline.table.lease import held, warn_if_active
-from pipeline.table.rewrite import RewriteJob, rewrite_name, rewrite_parts
+from pipeline.table.rewrite import RewriteJob, RewriteResult, rewrite_name, rewrite_parts
 from pipeline.table.tag_table import Snapshot, TagTable, commit_version, now_iso, table_entries
+from pipeline.table.version_fields import LabelCheckCounts, RulesRecord
 
 log = logging.getLogger(__name__)
 SAFE_FOLDER_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a model's table folder under OUTPUT
@@ -84,50 +85,76 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     started = time.monotonic()
     run_id = cfg.run_id or new_run_id()
     check_tag_paths(cfg)  # before bundles load, the listing, or Ray: one line, nothing written
-    runs = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
+    prepared = model_runs(cfg, run_id, dry_run)  # bad bundles and rules stop here, before any image
     source = configured_source_tags(cfg)  # and so does a bad source tags file
     warned: set[str] = set()  # other runs active on a table: said at the start, and never twice
-    for run in runs:
+    for run in prepared:
         warned |= warn_if_active(run.table, run_id)
     timings: dict[str, float] = {}
-    listing = _list_before_ray(cfg, runs, timings)
+    listing = _list_before_ray(cfg, prepared, timings)
     if not listing.manifest.num_rows and not cfg.allow_empty:
         raise TagpipeError(empty_listing_text(cfg.inputs, listing.skipped))
     if source is not None:  # a source file that names almost none of the listed images stops here
         uris = [listing.manifest.column("uri").combine_chunks()]
         check_source_match(str(cfg.source_tags), source.column("uri"), uris, cfg.labels.source_match)
-    for run in runs:
-        _plan_model(run, listing, dry_run, timings)
+    planned = [_plan_model(run, listing, dry_run, timings) for run in prepared]
     if dry_run:
-        return _summaries(runs, started, timings)
+        seconds = _since(started)
+        return _summaries([_dry_run_summary(p, listing, dict(timings), seconds) for p in planned], seconds)
     with contextlib.ExitStack() as leases:  # advisory: the commit is the arbiter (table/lease.py)
-        for run in runs:
+        for run in prepared:
             leases.enter_context(held(run.table, run_id))
             warned |= warn_if_active(run.table, run_id, warned)  # one that started while this one listed
-        return _tag_and_commit(cfg, runs, listing, timings, started, source)
+        return _tag_and_commit(cfg, planned, listing, timings, started, source)
 
 
-def _tag_and_commit(cfg, runs: list[ModelRun], listing, timings: dict, started: float, source):
+@dataclass(frozen=True)
+class TaggedRun:
+    """One table's work done before its commit: what tagging wrote, the base's parts
+    rewritten, and the counts both make."""
+
+    tagged: Tagged
+    rewritten: tuple[RewriteResult, ...]
+    counts: RunCounts
+    timings: dict[str, float]  # the run's, with this table's first_rows_seconds
+
+
+@dataclass(frozen=True)
+class Committed:
+    """One table after its commit step: the version it is at (None: nothing committed)."""
+
+    snapshot: Snapshot | None
+    version: int
+    rows: int
+    change: Change
+    label_check: LabelCheckCounts | None  # --source-tags: the check's counts
+    timings: dict[str, float]  # the table's, with the label check's and the commit's
+
+
+def _tag_and_commit(
+    cfg: TagJobConfig, planned: list[PlannedRun], listing: Listing, timings: dict, started: float, source
+) -> RunSummary | PassSummary:
     """Tag, rewrite and commit each model's table (run_tag_pass, its leases held)."""
-    if any(run.plan.commits for run in runs):  # only a run with work starts Ray
+    if any(p.plan.commits for p in planned):  # only a run with work starts Ray
         _start_ray(cfg, timings)
-    for run in runs:
-        run.writer = _slice_writer(run)
+    runs = [ModelRun(p, _slice_writer(p)) for p in planned]
     try:
         t = time.monotonic()
         tagged = _tag(cfg, runs, started)
         timings["tag_seconds"] = _lap(t)
         t = time.monotonic()
-        for run in runs:
-            run.rewritten = _rewrite(run)
+        rewritten = [_rewrite(p) for p in planned]
         timings["rewrite_seconds"] = _lap(t)
     except KeyboardInterrupt:
         _settle(runs)
         raise RunInterrupted(
-            " ".join(_interrupted_text(r.table, r.base, r.writer.written) for r in runs)
+            " ".join(_interrupted_text(r.table, r.prepared.base, r.writer.written) for r in runs)
         ) from None
-    _commit_each(runs, tagged, listing, timings, started, source)
-    return _summaries(runs, started, None)
+    done = [
+        _tagged_run(run.planned, tagged.get(index, Tagged()), rewritten[index], listing, timings)
+        for index, run in enumerate(runs)
+    ]
+    return _summaries(_commit_each(runs, done, listing, started, source), _since(started))
 
 
 def _tag(cfg: TagJobConfig, runs: list[ModelRun], started: float) -> dict[int, Tagged]:
@@ -151,40 +178,42 @@ def _settle(runs: list[ModelRun]) -> None:
             return  # a second Ctrl-C: stop waiting
 
 
-def _commit_each(runs: list[ModelRun], tagged: dict, listing, timings: dict, started: float, source) -> None:
+def _commit_each(
+    runs: list[ModelRun], done: list[TaggedRun], listing: Listing, started: float, source
+) -> list[RunSummary]:
     """Each table's commit, on its own: a table that fails to commit does not stop the
     others'; the failures are raised together after, naming each table. Edit calibration
     and the run manifests come after every commit, so no table's commit waits on another
     model's calibration."""
     failures, committed = [], []
-    for index, run in enumerate(runs):
+    for run, work in zip(runs, done, strict=True):
         try:
-            run_timings = dict(timings)  # each table's own first_rows_seconds
-            _add_results(run.summary, tagged.get(index, Tagged()), run.rewritten, run.plan, run_timings)
-            committed.append((run, _commit(run, run_timings, source)))
+            committed.append((run, work, _commit(run, work, source)))
         except Exception as exc:
             if len(runs) == 1:
                 raise
             failures.append(f"{run.table.uri}: {exc}")
-    for run, snapshot in committed:
+    summaries = []
+    for run, work, commit in committed:
         try:
-            _finish(run, snapshot, listing, started)
+            summaries.append(_finish(run, work, commit, listing, started))
         except Exception as exc:
             if len(runs) == 1:
                 raise
             failures.append(f"{run.table.uri}: {exc}")
     if failures:
-        done = [r.table.uri for r in runs if r.summary.version != r.summary.base_version]
+        made = [run.table.uri for run, _, commit in committed if commit.snapshot is not None]
         raise TagpipeError(
             f"{len(failures)} of {counted(len(runs), 'tables')} did not commit ({'; '.join(failures)}); "
-            f"committed: {', '.join(done) or 'none'}. Running the same command again finishes the rest"
+            f"committed: {', '.join(made) or 'none'}. Running the same command again finishes the rest"
         )
+    return summaries
 
 
-def _label_check(run: ModelRun, files: list[str], source) -> dict[str, str]:
+def _label_check(run: ModelRun, files: list[str], source) -> tuple[dict[str, str], LabelCheckCounts]:
     """Each of the version's parts with its labels file (the label sidecar: no part is
-    rewritten; the data rule's thresholds are the whole table's, so every part is read);
-    the summary gets the check's counts."""
+    rewritten; the data rule's thresholds are the whole table's, so every part is read),
+    and the check's counts."""
     cfg = run.cfg
     labels, summary = check_labels(
         run.table,
@@ -197,11 +226,10 @@ def _label_check(run: ModelRun, files: list[str], source) -> dict[str, str]:
         _progress_settings(cfg),
         cfg.ray_address,
     )
-    run.summary.label_check = summary.record()
-    return labels
+    return labels, summary.record()
 
 
-def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
+def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[PreparedRun]:
     """Every model's bundle loaded and checked against the rules, and its table opened,
     before any image is read. One model: its table is cfg.output; several: one table
     each, cfg.output/<model name>/ (two bundles of one name are refused)."""
@@ -230,105 +258,189 @@ def model_runs(cfg: TagJobConfig, run_id: str, dry_run: bool) -> list[ModelRun]:
         table = TagTable(one.output, one.storage_options)
         base = table.current() if dry_run else table.sync_current()
         keys = served_keys(
-            one, bundle, table, base, (inference_key(one, bundle), rules_key(bundle, one.rules))
+            one, bundle, table, base, Keys(inference_key(one, bundle), rules_key(bundle, one.rules))
         )
-        runs.append(
-            ModelRun(one, bundle, keys, table, base, run_id, taken=set(base.files) if base else set())
-        )
+        runs.append(PreparedRun(one, bundle, keys, table, base, run_id))
     return runs
 
 
-def _plan_model(run: ModelRun, listing, dry_run: bool, timings: dict) -> None:
-    """One model's plan from the shared listing, its summary, and (unless dry) the
-    listing's copy in its table."""
-    run.manifest_path = None if dry_run else run.table.write_input_manifest(run.run_id, listing.manifest)
+def _plan_model(run: PreparedRun, listing: Listing, dry_run: bool, timings: dict) -> PlannedRun:
+    """One model's plan from the shared listing, the settings it changed, and (unless
+    dry) the listing's copy in its table."""
+    manifest_path = None if dry_run else run.table.write_input_manifest(run.run_id, listing.manifest)
     t = time.monotonic()
-    run.plan = _plan(run.cfg, run.table, run.base, run.taken, run.key, run.keys, listing.manifest)
+    plan = _plan(run, listing.manifest)
     timings["plan_seconds"] = round(timings.get("plan_seconds", 0.0) + _lap(t), 3)
-    run.summary = _planned_summary(run.cfg, run.run_id, run.bundle, run.base, listing, run.plan, dry_run)
-    if run.plan.change in (Change.RULES_CHANGED, Change.INFERENCE_CHANGED):
-        run.summary.settings_changed = changed_settings(run.cfg, run.bundle, run.table, run.base)
-    _log_plan(run.summary)
+    changed = []
+    if plan.change in (Change.RULES_CHANGED, Change.INFERENCE_CHANGED):
+        changed = changed_settings(run.cfg, run.bundle, run.table, run.base)
+    planned = PlannedRun(run, plan, manifest_path, tuple(changed))
+    _log_plan(planned, listing.manifest.num_rows)
+    return planned
 
 
-def _rewrite(run: ModelRun) -> list:
+def _rewrite(planned: PlannedRun) -> tuple[RewriteResult, ...]:
+    run = planned.prepared
     # with source tags every part of the version is checked anew: no labels to take along
     labels = run.base.labels if run.base is not None and not run.cfg.source_tags else {}
-    jobs = _rewrite_jobs(run.plan, run.table, run.key, run.bundle, run.cfg.rules, run.run_id, labels)
-    return (
-        rewrite_parts(jobs, run.cfg.storage_options, "rewriting", _progress_settings(run.cfg)) if jobs else []
+    jobs = _rewrite_jobs(planned.plan, run, labels)
+    if not jobs:
+        return ()
+    return tuple(rewrite_parts(jobs, run.cfg.storage_options, "rewriting", _progress_settings(run.cfg)))
+
+
+def _tagged_run(
+    planned: PlannedRun, tagged: Tagged, rewritten: tuple[RewriteResult, ...], listing: Listing, timings: dict
+) -> TaggedRun:
+    """What tagging and the rewrites did for one table, counted (each table's own first
+    rows in its timings)."""
+    plan = planned.plan
+    images = sum(p.rows for p in tagged.parts)
+    rethresholded = sum(r.rows for r in rewritten) if plan.rethreshold else 0
+    counts = _run_counts(plan, listing, images, sum(_errors_by_kind(tagged).values()), rethresholded)
+    first_rows = (
+        {} if tagged.first_rows_seconds is None else {"first_rows_seconds": tagged.first_rows_seconds}
+    )
+    return TaggedRun(tagged, rewritten, counts, dict(timings) | first_rows)
+
+
+def _run_counts(plan: Plan, listing: Listing, images: int, errors: int, rethresholded: int) -> RunCounts:
+    c = plan.counts
+    return RunCounts(
+        files_found=listing.found,
+        skipped_files=dict(listing.skipped),
+        listed=listing.manifest.num_rows,
+        new=c.new,
+        changed=c.changed,
+        deleted=c.deleted,
+        skipped=c.skipped,
+        retried=c.retried,
+        reinferred=c.reinferred,
+        rethresholded=rethresholded,
+        reused=plan.reuse.rows,
+        images=images,
+        errors=errors,
+        rewritten_parts=len(plan.rewrites),
     )
 
 
-def _commit(run: ModelRun, timings: dict, source) -> Snapshot | None:
+def _errors_by_kind(tagged: Tagged) -> dict[str, int]:
+    errors: collections.Counter = collections.Counter()
+    for part in tagged.parts:
+        errors.update(part.errors_by_kind)
+    return dict(errors)
+
+
+def _commit(run: ModelRun, work: TaggedRun, source) -> Committed:
     """Commit the model's new version when its plan, or the label check, changes
-    anything; the snapshot committed, or None. Without source tags the labels files of
-    kept and rewritten parts go along (new rows have none); with them every part is checked."""
-    summary, plan, base = run.summary, run.plan, run.base
-    snapshot: Snapshot | None = None
-    run_timings = dict(timings)
-    rewritten = [r.file for r in run.rewritten if r.file]
-    files = [*plan.keep, *rewritten, *plan.reuse.files, *summary.parts]
+    anything. Without source tags the labels files of kept and rewritten parts go along
+    (new rows have none); with them every part is checked."""
+    plan, base = run.plan, run.prepared.base
+    timings = dict(work.timings)
+    rewritten = [r.file for r in work.rewritten if r.file]
+    files = [*plan.keep, *rewritten, *plan.reuse.files, *(p.file for p in work.tagged.parts)]
     labels = {f: base.labels[f] for f in plan.keep if base is not None and f in base.labels}
-    labels |= {r.file: r.labels for r in run.rewritten if r.file and r.labels}
+    labels |= {r.file: r.labels for r in work.rewritten if r.file and r.labels}
+    label_check = None
     if source is not None and files:
         t = time.monotonic()
-        labels = _label_check(run, files, source)
-        run_timings["label_check_seconds"] = _lap(t)
+        labels, label_check = _label_check(run, files, source)
+        timings["label_check_seconds"] = _lap(t)
     relabelled = base is not None and labels != base.labels
-    if plan.commits or relabelled or (base is not None and sorted(files) != sorted(base.files)):
-        t = time.monotonic()
-        snapshot = commit_version(
-            run.table,
-            base,
-            files,
-            model_sha256=run.bundle.fingerprint.model_sha256,
-            inference_key=run.keys[0],
-            rules_key=run.keys[1],
-            run_id=run.run_id,
-            model_name=run.bundle.name,
-            rules=run.cfg.rules.record(),
-            counts=summary.counts()
-            | {"rows": summary.listed}
-            | ({"label_check": summary.label_check} if summary.label_check else {}),
-            expected_rows=summary.listed,
-            labels=labels,
-        )
-        summary.version, summary.rows = snapshot.version, snapshot.rows
-        if not plan.commits:  # nothing to tag or drop: the source tags' check changed the version
-            summary.change = "source tags changed"
-        run_timings["commit_seconds"] = _lap(t)
-    else:
-        summary.rows = base.rows if base else 0
-    summary.timings = run_timings
-    return snapshot
+    if not (plan.commits or relabelled or (base is not None and sorted(files) != sorted(base.files))):
+        version, rows = (base.version, base.rows) if base else (0, 0)
+        return Committed(None, version, rows, plan.change, label_check, timings)
+    t = time.monotonic()
+    snapshot = commit_version(
+        run.table,
+        base,
+        files,
+        model_sha256=run.bundle.fingerprint.model_sha256,
+        inference_key=run.prepared.keys.inference,
+        rules_key=run.prepared.keys.rules,
+        run_id=run.run_id,
+        model_name=run.bundle.name,
+        rules=RulesRecord.from_record(run.cfg.rules.record()),
+        counts=work.counts.version_counts(work.counts.listed, label_check),
+        expected_rows=work.counts.listed,
+        labels=labels,
+    )
+    timings["commit_seconds"] = _lap(t)
+    # nothing to tag or drop: the source tags' check alone changed the version
+    change = plan.change if plan.commits else Change.SOURCE_TAGS_CHANGED
+    return Committed(snapshot, snapshot.version, snapshot.rows, change, label_check, timings)
 
 
-def _finish(run: ModelRun, snapshot: Snapshot | None, listing, started: float) -> None:
+def _finish(
+    run: ModelRun, work: TaggedRun, committed: Committed, listing: Listing, started: float
+) -> RunSummary:
     """After the commit: a new inference key's edit calibration (never raises), then the
-    run manifest."""
-    summary = run.summary
-    if snapshot is not None:
-        summary.edit_calibration = calibrate_edits(run, snapshot)
-        if summary.edit_calibration:
-            summary.timings["edit_calibration_seconds"] = summary.edit_calibration["seconds"]
-    summary.seconds = round(time.monotonic() - started, 3)
-    record = _run_record(run.cfg, run.bundle, run.keys, listing, run.manifest_path, summary)
-    run.table.write_run_manifest(run.run_id, record)
+    summary and the run manifest."""
+    calibration = calibrate_edits(run, committed.snapshot) if committed.snapshot is not None else None
+    timings = dict(committed.timings)
+    if calibration is not None:
+        timings["edit_calibration_seconds"] = calibration.seconds
+    summary = _run_summary(
+        run.planned, work.counts, work.tagged, committed, calibration, timings, _since(started)
+    )
+    run.table.write_run_manifest(run.run_id, _run_record(run.planned, listing, summary))
+    return summary
 
 
-def _summaries(runs: list[ModelRun], started: float, timings: dict | None) -> RunSummary | PassSummary:
-    """One model: its RunSummary; several: a PassSummary of them (timings: a dry run's)."""
-    for run in runs:
-        if timings is not None:
-            run.summary.timings = dict(timings)
-            run.summary.seconds = round(time.monotonic() - started, 3)
-    if len(runs) == 1:
-        return runs[0].summary
-    return PassSummary([r.summary for r in runs], round(time.monotonic() - started, 3))
+def _dry_run_summary(planned: PlannedRun, listing: Listing, timings: dict, seconds: float) -> RunSummary:
+    """The plan as a summary: what the run would do."""
+    counts = _run_counts(planned.plan, listing, 0, 0, 0)
+    return _run_summary(planned, counts, Tagged(), None, None, timings, seconds)
 
 
-def _list_inputs(cfg: TagJobConfig, runs: list[ModelRun]):
+def _run_summary(
+    planned: PlannedRun,
+    counts: RunCounts,
+    tagged: Tagged,
+    committed: Committed | None,
+    calibration: EditCalibration | None,
+    timings: dict[str, float],
+    seconds: float,
+) -> RunSummary:
+    """The run's summary, from what its steps returned (committed None: a dry run)."""
+    run, plan = planned.prepared, planned.plan
+    base_version = run.base.version if run.base else 0
+    tag_seconds = timings.get("tag_seconds", 0.0)
+    return RunSummary(
+        **{f.name: getattr(counts, f.name) for f in fields(RunCounts)},
+        run_id=run.run_id,
+        output=run.cfg.output,
+        change=committed.change if committed else plan.change,
+        ok=counts.images - counts.errors,
+        errors_by_kind=_errors_by_kind(tagged),
+        parts=tuple(p.file for p in tagged.parts),
+        base_version=base_version,
+        version=committed.version if committed else base_version,
+        rows=committed.rows if committed else 0,
+        seconds=seconds,
+        images_per_second=round(counts.images / tag_seconds, 2) if counts.images and tag_seconds else 0.0,
+        placement=tagged.placement,
+        model_name=run.bundle.name,
+        model_sha256=run.bundle.fingerprint.model_sha256,
+        timings=timings,
+        rows_by_node=tagged.rows_by_node,
+        to_tag=plan.to_tag.num_rows,
+        planned_version=base_version + 1 if committed is None and plan.commits else 0,
+        dry_run=committed is None,
+        label_check=committed.label_check if committed else None,
+        settings_changed=planned.settings_changed,
+        edit_calibration=calibration,
+    )
+
+
+def _summaries(summaries: list[RunSummary], seconds: float) -> RunSummary | PassSummary:
+    """One model: its RunSummary; several: a PassSummary of them."""
+    if len(summaries) == 1:
+        return summaries[0]
+    return PassSummary(tuple(summaries), seconds)
+
+
+def _list_inputs(cfg: TagJobConfig, runs: list[PreparedRun]) -> Listing:
     """Every input, with the table's own folder and the listing rules left out (several
     models: all of OUTPUT, which holds their tables, past and present)."""
     extensions = frozenset(e.strip(". ").lower() for e in cfg.extensions)
@@ -338,22 +450,23 @@ def _list_inputs(cfg: TagJobConfig, runs: list[ModelRun]):
     return build_manifest(list(cfg.inputs), cfg.storage_options, rules, progress=_progress_settings(cfg))
 
 
-def _slice_writer(run: ModelRun) -> SliceWriter:
+def _slice_writer(planned: PlannedRun) -> SliceWriter:
     """Parts encoded and written by Ray tasks, one in flight per 8 CPUs (at least 2; a
     run with nothing to tag started no Ray and writes none)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
     in_flight = max(2, int(cpus) // 8)
-    plan, cfg = run.plan, run.cfg
+    run, to_tag = planned.prepared, planned.plan.to_tag
     return SliceWriter(
-        run.table, plan.to_tag, cfg.rows_per_part, run.key, run.taken, run.run_id, True, in_flight
+        run.table, to_tag, run.cfg.rows_per_part, run.key, set(run.taken), run.run_id, True, in_flight
     )
 
 
-def _list_before_ray(cfg: TagJobConfig, runs: list[ModelRun], timings: dict[str, float]):
+def _list_before_ray(cfg: TagJobConfig, runs: list[PreparedRun], timings: dict[str, float]) -> Listing:
     """The listing, before Ray: a dry run, a run with nothing to do and a missing input
-    answer without starting Ray (a cold local Ray takes ~4 s, ~9 s on 2 cores). Only a
+    answer without starting Ray (what a cold local Ray costs: docs/benchmarks.md, 'Runs
+    with nothing to tag: plan before Ray'). Only a
     folder walk on a store without key ranges lists in Ray tasks, so Ray starts first there."""
     if not lists_without_ray(list(cfg.inputs), cfg.storage_options):
         _start_ray(cfg, timings)
@@ -370,114 +483,73 @@ def _start_ray(cfg: TagJobConfig, timings: dict[str, float]) -> None:
     timings["ray_start_seconds"] = round(timings.get("ray_start_seconds", 0.0) + _lap(t), 3)
 
 
-def _plan(
-    cfg: TagJobConfig, table: TagTable, base, taken: set[str], key: str, keys: tuple[str, str], manifest
-):
+def _plan(run: PreparedRun, manifest) -> Plan:
     """The table's side of the plan read (the base's source columns, parts an interrupted
     run left), unknown sources hashed, then plan_run decides."""
+    cfg, table, base = run.cfg, run.table, run.base
     status = classify(manifest, StoredSources.of_table(table, base) if base else empty_view())
     status = resolve_unknown(status, cfg.storage_options, cfg.ray_address)
     since = _reuse_since(table, base)
-    candidates = [p["file"] for p in table.list_parts(key) if p["file"] not in taken and p["mtime"] >= since]
-    return plan_run(manifest, status, base, keys, candidates, table.read_part, cfg.max_delete_fraction)
+    candidates = [
+        p["file"] for p in table.list_parts(run.key) if p["file"] not in run.taken and p["mtime"] >= since
+    ]
+    return plan_run(manifest, status, base, run.keys, candidates, table.read_part, cfg.max_delete_fraction)
 
 
-def _planned_summary(cfg, run_id, bundle, base, listing, plan: Plan, dry_run: bool) -> RunSummary:
-    base_version = base.version if base else 0
-    return RunSummary(
-        run_id=run_id,
-        output=cfg.output,
-        change=plan.change.value,
-        files_found=listing.found,
-        skipped_files=listing.skipped,
-        listed=listing.manifest.num_rows,
-        new=plan.counts.new,
-        changed=plan.counts.changed,
-        deleted=plan.counts.deleted,
-        skipped=plan.counts.skipped,
-        retried=plan.counts.retried,
-        retagged=plan.counts.retagged,
-        reused=plan.reuse.rows,
-        rewritten_parts=len(plan.rewrites),
-        base_version=base_version,
-        version=base_version,
-        model_name=bundle.name,
-        model_sha256=bundle.fingerprint.model_sha256,
-        to_tag=plan.to_tag.num_rows,
-        planned_version=base_version + 1 if dry_run and plan.commits else 0,
-        dry_run=dry_run,
-    )
-
-
-def _log_plan(summary: RunSummary) -> None:
+def _log_plan(planned: PlannedRun, listed: int) -> None:
+    plan = planned.plan
     log.info(
         "%s: %d listed; %d new, %d changed, %d deleted, %d unchanged; "
         "%d to tag (%d reused from an interrupted run)",
-        summary.change,
-        summary.listed,
-        summary.new,
-        summary.changed,
-        summary.deleted,
-        summary.skipped,
-        summary.to_tag,
-        summary.reused,
+        plan.change,
+        listed,
+        plan.counts.new,
+        plan.counts.changed,
+        plan.counts.deleted,
+        plan.counts.skipped,
+        plan.to_tag.num_rows,
+        plan.reuse.rows,
     )
 
 
-def _add_results(summary: RunSummary, tagged: Tagged, rewritten: list, plan: Plan, timings: dict) -> None:
-    """The summary's outcome, from what tagging and the rewrites returned."""
-    summary.parts = [p.file for p in tagged.parts]
-    summary.images = sum(p.rows for p in tagged.parts)
-    errors: collections.Counter = collections.Counter()
-    for part in tagged.parts:
-        errors.update(part.errors_by_kind)
-    summary.errors_by_kind, summary.errors = dict(errors), sum(errors.values())
-    summary.ok = summary.images - summary.errors
-    summary.placement, summary.rows_by_node = tagged.placement, tagged.rows_by_node
-    if tagged.first_rows_seconds is not None:
-        timings["first_rows_seconds"] = tagged.first_rows_seconds
-    summary.rethresholded = sum(r.rows for r in rewritten) if plan.rethreshold else 0
-    seconds = timings.get("tag_seconds", 0.0)
-    summary.images_per_second = round(summary.images / seconds, 2) if summary.images and seconds else 0.0
-
-
-def _run_record(cfg, bundle, keys, listing, manifest_path, summary: RunSummary) -> dict:
+def _run_record(planned: PlannedRun, listing: Listing, summary: RunSummary) -> dict:
     """The run manifest (_runs/<run_id>.json)."""
+    run = planned.prepared
     return {
         "run_id": summary.run_id,
         "tagpipe_version": __version__,
         "finished_at": now_iso(),
-        "inputs": list(cfg.inputs),
-        "input_manifest": manifest_path,
-        "model_dir": str(bundle.directory),
-        "profile": bundle.profile.name,
-        "fingerprint": asdict(bundle.fingerprint),
-        "inference_key": keys[0],
-        "rules_key": keys[1],
-        "settings": cfg.model_dump(mode="json", exclude={"storage_options"}),
-        "counts": summary.counts(),
+        "inputs": list(run.cfg.inputs),
+        "input_manifest": planned.manifest_path,
+        "model_dir": str(run.bundle.directory),
+        "profile": run.bundle.profile.name,
+        "fingerprint": asdict(run.bundle.fingerprint),
+        "inference_key": run.keys.inference,
+        "rules_key": run.keys.rules,
+        "settings": run.cfg.model_dump(mode="json", exclude={"storage_options"}),
+        "counts": summary.counts().record(),
         "skipped_examples": listing.skipped_examples,
         "timings": summary.timings,
         "summary": asdict(summary),
     }
 
 
-def _rewrite_jobs(
-    plan: Plan, table: TagTable, key: str, bundle, rules, run_id: str, labels: dict[str, str]
-) -> list[RewriteJob]:
+def _rewrite_jobs(plan: Plan, run: PreparedRun, labels: dict[str, str]) -> list[RewriteJob]:
     """The plan's rewrites as RewriteJobs: each part copied without its dropped rows (and
     its labels file, `labels`, without their labels), re-tagged from its stored logits
     when the rules changed."""
-    fp = bundle.fingerprint
-    retag = Retag(str(bundle.directory), rules, run_id, (fp.model_sha256, fp.calibration_sha256))
+    fp, table = run.bundle.fingerprint, run.table
+    rethreshold = Rethreshold(
+        str(run.bundle.directory), run.cfg.rules, run.run_id, (fp.model_sha256, fp.calibration_sha256)
+    )
     return [
         RewriteJob(
             table.uri,
             r.file,
             table.uri,
-            rewrite_name(r.file, key, r.drop),
+            rewrite_name(r.file, run.key, r.drop),
             r.drop,
-            retag if plan.rethreshold else None,
+            rethreshold if plan.rethreshold else None,
             labels.get(r.file),
         )
         for r in plan.rewrites
@@ -518,3 +590,7 @@ def _progress_settings(cfg: TagJobConfig) -> ProgressSettings:
 
 def _lap(t: float) -> float:
     return round(time.monotonic() - t, 3)
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)

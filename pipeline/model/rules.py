@@ -17,6 +17,7 @@ from pydantic import BeforeValidator, Field
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.settings import KeyRole, Setting, SettingsModel, one_or_many
+from pipeline.table.version_fields import DEFAULT_CALIBRATE, DEFAULT_LOGIT_FLOOR
 
 if TYPE_CHECKING:
     from pipeline.model.bundle import ModelBundle
@@ -205,8 +206,8 @@ class TagRules(pydantic.BaseModel):
     mcut_categories: tuple[str, ...] = ()  # categories thresholded by MCut instead
     max_tags: int | None = Field(default=None, ge=1)  # cap on threshold-selected tags per image
     exclude: frozenset[str] = frozenset()  # never emitted
-    calibrate: bool = True  # apply the bundle's calibration table when it has one
-    logit_floor: Probability = 0.01  # keep sparse logits of tags with probability >= this
+    calibrate: bool = DEFAULT_CALIBRATE  # apply the bundle's calibration table when it has one
+    logit_floor: Probability = DEFAULT_LOGIT_FLOOR  # keep sparse logits of tags with probability >= this
     dense_logits: bool = False
     ood_cut: float | None = Field(default=None, ge=0.0)  # ood above this distance; None: reference p95
 

@@ -1,6 +1,7 @@
 """The versioned tag table: immutable Parquet parts, numbered versions, one exclusive commit.
 
-tag_table: TagTable, Snapshot and the commit protocol every writer shares. labels: the
+tag_table: TagTable, Snapshot and the commit protocol every writer shares. version_fields:
+what a version records besides its parts (its rules, its writer's counts), typed. labels: the
 label sidecar (the source-tag check's columns, one file per part, keyed by uri) and its
 join, which every read of a table goes through. rewrite: copies of parts without dropped
 rows (and, given a function, transformed), as Ray tasks, named so a rerun finds them done.

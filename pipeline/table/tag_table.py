@@ -69,6 +69,7 @@ from pipeline.table.labels import (
     read_rows,
     row_schema,
 )
+from pipeline.table.version_fields import RulesRecord, VersionCounts
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ class Snapshot:
     run_id: str
     committed_at: str
     model_name: str = ""
-    rules: dict = field(default_factory=dict)
-    counts: dict = field(default_factory=dict)
+    rules: RulesRecord = field(default_factory=RulesRecord)
+    counts: VersionCounts = field(default_factory=VersionCounts)
     labels: dict = field(default_factory=dict)  # part -> its labels file (labels.py), both relative
 
     def to_json(self) -> bytes:
@@ -115,6 +116,7 @@ class Snapshot:
         when there are some, so a table never checked keeps the record earlier versions read."""
         record = asdict(self)
         record["files"] = list(self.files)
+        record["rules"], record["counts"] = self.rules.record(), self.counts.record()
         if self.labels:
             record["labels"] = labels_record(self.labels)
         else:
@@ -127,6 +129,8 @@ class Snapshot:
         record.pop("paths", None)  # absolute paths, written by tables before 0.2
         record["files"] = tuple(record["files"])
         record["labels"] = labels_from_record(record.get("labels"))
+        record["rules"] = RulesRecord.from_record(record.get("rules"))
+        record["counts"] = VersionCounts.from_record(record.get("counts"))
         return cls(**record)
 
 
@@ -562,8 +566,8 @@ def commit_version(
     rules_key: str,
     run_id: str,
     model_name: str,
-    rules: dict,
-    counts: dict,
+    rules: RulesRecord = RulesRecord(),
+    counts: VersionCounts = VersionCounts(),
     expected_rows: int | None = None,
     rows: int | None = None,
     labels: dict[str, str] | None = None,
