@@ -124,10 +124,10 @@ def _meter() -> tuple[float, int]:
 
 
 class DecodeStage:
-    """preprocess: one (the decoded columns as DECODED_COLUMNS names them) or several,
-    for several models in one pass: each file is read and hashed once and decoded once
-    per distinct draft (imaging.open_image), and each preprocessing's columns are named
-    `<column>@<g>` (schemas.geometry_column)."""
+    """preprocess: the distinct preprocessings of a pass's models (one Preprocess is a
+    pass of one). Each file is read and hashed once and decoded once per distinct draft
+    (imaging.open_image); preprocessing g's columns are named by schemas.geometry_column
+    (the first one's by their plain names)."""
 
     def __init__(
         self,
@@ -137,7 +137,6 @@ class DecodeStage:
         timeout: float = DEFAULT_DECODE_TIMEOUT,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
-        self.suffixed = not isinstance(preprocess, Preprocess)
         self.preprocesses = tuple(preprocess) if not isinstance(preprocess, Preprocess) else (preprocess,)
         self.options = options
         self.storage_options = storage_options or {}
@@ -207,12 +206,12 @@ class DecodeStage:
     def _decoded(self, batch, uris: list[str], read, needed: list[np.ndarray] | None = None):
         """Each row's bytes from read(i), decoded per preprocessing into the declared columns."""
         sizes = [(pre.height, pre.width) for pre in self.preprocesses]
-        out = decoded_batch(len(uris), sizes, self.suffixed)  # the declared columns
+        out = decoded_batch(len(uris), sizes)  # the declared columns
         for i in range(len(uris)):
             data, failure = read(i)
             for g in range(len(self.preprocesses)):
                 if failure is not None:
-                    self._column(out, "error_kind", g)[i], self._column(out, "error", g)[i] = failure
+                    out[geometry_column("error_kind", g)][i], out[geometry_column("error", g)][i] = failure
             if data is None:
                 continue
             out["size"][i] = len(data)
@@ -241,15 +240,11 @@ class DecodeStage:
             if soft != resource.RLIM_INFINITY:
                 resource.setrlimit(resource.RLIMIT_AS, (max(soft - grown, address_space()), hard))
 
-    def _column(self, out: dict[str, np.ndarray], name: str, g: int) -> np.ndarray:
-        """Geometry g's column `name` (its plain name with one preprocessing)."""
-        return out[geometry_column(name, g if self.suffixed else None)]
-
     def _decode_into(self, out, i: int, g: int, data: bytes, pre: Preprocess, loaded: Loaded) -> None:
         """Row i of geometry g's columns: the decoded image, or its error."""
 
         def column(name):
-            return self._column(out, name, g)
+            return out[geometry_column(name, g)]
 
         try:
             decoded = self._decode(data, pre, loaded)
