@@ -48,8 +48,9 @@ def address_space() -> int:
 
 # glibc can hand a thread memory its arena reserved earlier and released with
 # MADV_DONTNEED: touching it again raises RSS without new address space. A heap of a
-# thread arena is at most 64 MiB (HEAP_MAX_SIZE), and in a Ray worker this slack was
-# measured at 56 MiB, so the address-space limit leaves that much of the budget aside.
+# thread arena is at most 64 MiB (HEAP_MAX_SIZE), about what this slack measured in a
+# Ray worker (docs/decisions.md, 'Decode memory: an address-space limit around each
+# image'), so the address-space limit leaves that much of the budget aside.
 ALLOCATOR_SLACK = 64 * 1024**2
 
 

@@ -67,8 +67,8 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     CPU fallback: the actor runs tagger_cpus intra-op threads but reserves no CPU slot,
     so decode tasks can use every core and the OS shares them between decode and
     inference as the load falls. Reserving a core for it left a core idle whenever
-    inference was lighter than decode: 0.84x a plain loop on 2 cores, against 1.2x
-    (docs/benchmarks.md).
+    inference was lighter than decode, slower than a plain loop (docs/benchmarks.md,
+    'Tag job on local Ray vs a plain loop').
 
     Batches in flight: on a GPU, a second concurrent call does its CPU work (Ray's
     batching, the 100k-wide output's screening, the Arrow rows) while the first is in
@@ -187,8 +187,8 @@ class PassTagger:
         """The decoded columns of this model's preprocessing, under the names TaggerStage
         reads (converted by Ray itself: its tensor columns, whichever tensor format is
         set; numpy views, so only the rows picked are copied). Filtering the Arrow table
-        instead copied every geometry's pixels of every row, which cost a third of the
-        model's own time (a 2x448x448 pixels row)."""
+        instead copied every geometry's pixels of every row (docs/benchmarks.md,
+        'Several models in one pass')."""
         from ray.data.block import BlockAccessor
 
         names = {

@@ -1,16 +1,18 @@
 """Rows coming back from Ray, routed into their slice; a complete slice is one part.
 
+A slice is the unit in progress: the rows that will become one part, the committed file.
 The images to tag are cut in order into slices of rows_per_part rows. Ray returns rows
 in any order and batch size, so the SliceWriter buffers each slice's rows until all of
 them are back, then writes the slice as one immutable Parquet part (named from the
 settings key and the rows' sources, so a rerun finds it) and returns what it wrote. A
 slice that never completes is never written: nothing partial reaches the table.
 
-Encoding a part is most of the driver's work per row (zstd Parquet of 3.5 KB rows: 85%
-of it, benchmarks/driver_ceiling.py), so in a run the slice goes to a Ray task that
-checks, encodes and writes it (`in_tasks`), at most `max_in_flight` at once; the driver
-only routes rows. More in flight than the cores can encode made things slower (2 cores:
-12k rows/s wall with 2, 3.5k with 8), so a run allows one per 8 CPUs, at least 2. A
+Encoding a part is most of the driver's work per row (zstd Parquet of CL v2-sized rows;
+docs/benchmarks.md, 'The driver's ceilings, after (issue 24)'), so in a run the slice
+goes to a Ray task that checks, encodes and writes it (`in_tasks`), at most
+`max_in_flight` at once; the driver only routes rows. More in flight than the cores can
+encode made things slower (docs/decisions.md, 'Part writers'), so a run allows one per 8
+CPUs, at least 2. A
 part counts as written when its task has returned; one written by a task a crash cut
 off is found and reused by the next run like any other.
 """
