@@ -145,10 +145,6 @@ class DecodeStage:
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
         warm_up_blas()  # before any memory limit: see phash.warm_up_blas
 
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.preprocesses[0]
-
     def _decode(self, data: bytes, pre: Preprocess, loaded: Loaded):
         """One image under the time limit and the memory budget. Raises ImageError.
 
