@@ -9,7 +9,10 @@ preprocessing's columns (schemas.geometry_column), then model i's pool tags the 
 table needs (`_slice_i` set) from its preprocessing's columns and adds its rows as one
 struct column (`_tagged_i`), null on rows it skipped; pixels no later model needs are
 dropped there. The driver unpacks each model's rows for that model's SliceWriter. The
-stage itself (pipeline/model/tagger.py) knows nothing of Ray; here it is only placed.
+pass's only model has no other model's rows to keep apart: its rows are the batch itself,
+with no struct column to build and unpack (that hop cost a run of one model time:
+docs/benchmarks.md, 'One tagging path: one model (issue 33)'). The stage itself
+(pipeline/model/tagger.py) knows nothing of Ray; here it is only placed.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ class ModelInPass:
     preprocessing: int  # index into the pass's distinct preprocessings (geometry_column)
     placement: Placement
     drop: tuple[str, ...] = ()  # columns no later model needs, dropped after this one
+    alone: bool = False  # the pass's only model: its rows are the batch, no struct column
 
 
 class PassTagger:
@@ -165,6 +169,12 @@ class PassTagger:
         self.struct_type = pa.struct([*self.tagger.schema, pa.field(TAGGER_NODE, pa.string())])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.model.alone:  # every row is this model's, and no other's rows ride along
+            rows = self.tagger(self._decoded(batch)).append_column(TAGGER_NODE, self._nodes(batch.num_rows))
+            routing = (slice_column(self.index), DECODE_NODE)
+            return rows.append_column(routing[0], batch.column(routing[0])).append_column(
+                routing[1], batch.column(routing[1])
+            )
         mask = batch.column(slice_column(self.index)).to_numpy() != NOT_NEEDED
         if mask.all():  # every row (always, with one model): no row to pick
             column = self._struct(self._decoded(batch))
@@ -179,9 +189,11 @@ class PassTagger:
     def _struct(self, decoded: dict[str, np.ndarray]) -> pa.StructArray:
         """The model's rows of a batch, and the node that tagged them, as one struct column."""
         tagged = self.tagger(decoded).combine_chunks()
-        node = pa.array([self.node] * tagged.num_rows, pa.string())
-        arrays = [tagged.column(f.name).chunk(0) for f in self.tagger.schema] + [node]
+        arrays = [tagged.column(f.name).chunk(0) for f in self.tagger.schema] + [self._nodes(tagged.num_rows)]
         return pa.StructArray.from_arrays(arrays, fields=list(self.struct_type))
+
+    def _nodes(self, rows: int) -> pa.Array:
+        return pa.array([self.node] * rows, pa.string())
 
     def _decoded(self, rows: pa.Table) -> dict[str, np.ndarray]:
         """The decoded columns of this model's preprocessing, under the names TaggerStage

@@ -149,7 +149,11 @@ def tag_in_one_pass(
     preprocesses, preprocessing = preprocessings(runs)
     models = [
         ModelInPass(
-            tagger_settings(run, placements[i]), preprocessing[i], placements[i], _dropped(i, preprocessing)
+            tagger_settings(run, placements[i]),
+            preprocessing[i],
+            placements[i],
+            _dropped(i, preprocessing),
+            alone=len(runs) == 1,
         )
         for i, run in enumerate(runs)
     ]
@@ -196,6 +200,10 @@ def _model_rows(batch: pa.Table, index: int) -> tuple[pa.Table | None, np.ndarra
     """Model `index`'s tag rows in a batch of the pass, with their slice number and the
     node that decoded them (None when it tagged none of the batch), and which of the
     batch's rows are error rows in its table."""
+    if tagged_column(index) not in batch.column_names:  # the pass's only model: its rows are the batch
+        numbers = batch.column(slice_column(index)).cast(pa.int64())
+        rows = batch.drop_columns([slice_column(index)]).append_column(SLICE, numbers)
+        return rows, batch.column("error_kind").is_valid().to_numpy(zero_copy_only=False)
     column = batch.column(tagged_column(index))
     valid = column.is_valid()
     errors = pc.is_valid(pc.struct_field(column, "error_kind")).to_numpy(zero_copy_only=False)
