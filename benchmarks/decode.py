@@ -38,7 +38,7 @@ from pipeline.model.profiles import load_profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
 from sample_photos import mosaic_3mp  # noqa: E402
 
-from pipeline.job.tagger import Normaliser
+from pipeline.model.session_runner import Normaliser
 
 
 def cpu_name() -> str:

@@ -40,7 +40,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batch(rng: np.random.Generator, uris: list[str], shard: int, schema: pa.Schema) -> pa.Table:
+def _batch(rng: np.random.Generator, uris: list[str], slice_number: int, schema: pa.Schema) -> pa.Table:
     n = len(uris)
     names = [f"tag_{i}" for i in range(TAG_NAMES)]
     columns = {
@@ -73,7 +73,9 @@ def _batch(rng: np.random.Generator, uris: list[str], shard: int, schema: pa.Sch
         "tagged_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
     }
     table = pa.table({name: pa.array(columns[name], schema.field(name).type) for name in schema.names})
-    return table.append_column("_shard", pa.array(np.full(n, shard, np.int64)))
+    from pipeline.job.slices import SLICE
+
+    return table.append_column(SLICE, pa.array(np.full(n, slice_number, np.int64)))
 
 
 def routing(rows: int, in_tasks: bool = False) -> dict:

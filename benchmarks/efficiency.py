@@ -45,9 +45,9 @@ from pipeline.demo.model import write_demo_bundle  # noqa: E402
 from pipeline.image.decode import DecodeStage  # noqa: E402
 from pipeline.image.imaging import DecodeOptions  # noqa: E402
 from pipeline.job.settings import make_tag_config  # noqa: E402
-from pipeline.job.tagger import TaggerSettings, TaggerStage  # noqa: E402
 from pipeline.model.bundle import load_bundle  # noqa: E402
 from pipeline.model.runtime import ProviderChoice, available_cpus  # noqa: E402
+from pipeline.model.tagger import TaggerSettings, TaggerStage  # noqa: E402
 
 BATCH = 32
 

@@ -27,7 +27,7 @@ from pipeline.model.runtime import ProviderChoice
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
 from sample_photos import large_variants  # noqa: E402
 
-from pipeline.job.tagger import TaggerSettings, TaggerStage
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 
 
 def main() -> None:

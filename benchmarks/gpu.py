@@ -302,15 +302,15 @@ class GpuSampler:
 
 def host_work(bundle: Path, batch: int, repeats: int = 3) -> tuple[float, float]:
     """(c): seconds per image a TaggerStage call spends outside the session, and inside it."""
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     class TimedTagger(TaggerStage):
         session_seconds = 0.0
 
-        def _run(self, x):
+        def infer(self, pixels):  # the session call (uint8 goes in as is)
             started = time.perf_counter()
             try:
-                return super()._run(x)
+                return super().infer(pixels)
             finally:
                 self.session_seconds += time.perf_counter() - started
 

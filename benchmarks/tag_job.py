@@ -34,8 +34,6 @@ from pipeline.model.runtime import ProviderChoice, available_cpus
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/sample_photos.py
 from sample_photos import mosaic_3mp  # noqa: E402
 
-from pipeline.job.tagger import TaggerSettings, TaggerStage
-
 
 def make_images(directory: Path, count: int) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,6 +61,8 @@ def start_local_ray(cpus: int | None = None):
 
 def run_loop(uris: list[str], model_dir: Path, out: Path, batch_size: int) -> tuple[float, float]:
     """(end-to-end seconds, tagging seconds) for the plain loop."""
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
+
     started = time.perf_counter()
     tagger = TaggerStage(TaggerSettings(str(model_dir), provider=ProviderChoice.CPU, intra_op_threads=1))
     decode = DecodeStage(tagger.bundle.profile.preprocess, DecodeOptions())

@@ -16,10 +16,11 @@ from helpers import tiny_tagger
 from sample_photos import photo_paths
 
 from pipeline.image.decode import DecodeStage
-from pipeline.job.tagger import Normaliser, TaggerSettings, TaggerStage
 from pipeline.model.profiles import Activation
 from pipeline.model.rules import RuleSettings
 from pipeline.model.runtime import ProviderChoice
+from pipeline.model.session_runner import Normaliser
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 
 CLASSES = 5
 CASES = {  # activation -> (the graph's last op, how the model's raw output becomes probabilities)

@@ -11,8 +11,8 @@ from pipeline.demo.synthetic import KINDS, encode, render
 from pipeline.image.decode import DecodeStage
 from pipeline.image.imaging import DecodeOptions, decode_image
 from pipeline.image.phash import phash
-from pipeline.job.tagger import Normaliser
 from pipeline.model.profiles import load_profile
+from pipeline.model.session_runner import Normaliser
 
 CL = load_profile("cl_tagger_v2").preprocess
 

@@ -321,7 +321,7 @@ def test_calibration_rows_say_why_a_copy_has_no_cosine(demo_bundle, tmp_path):
     """The task's body as a plain function: a missing original fails all its rows; the
     demo model's flip and greyscale copies of a photo still have finite cosines."""
     from pipeline.image.imaging import DecodeOptions
-    from pipeline.job.tagger import TaggerSettings
+    from pipeline.model.tagger import TaggerSettings
 
     photo = str(photo_paths()[0])
     work = edit_calibration.CalibrationWork(

@@ -122,7 +122,7 @@ def _picky_bundle(directory, tags: int = 10):
 
 
 def test_a_batch_the_model_rejects_costs_only_the_rejected_rows(tmp_path):
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     bundle = _picky_bundle(tmp_path / "picky")
     images = {
@@ -169,7 +169,7 @@ def test_a_model_call_past_its_time_limit_becomes_retryable_error_rows(tmp_path)
     import time
 
     from pipeline.job.incremental import RETRY_ERROR_KINDS
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     bundle = _slow_bundle(tmp_path / "slow", layers=60)
     for i in range(4):

@@ -1,5 +1,7 @@
-"""Several models in one pass: each image read once and decoded once per distinct
-draft, and each model's table equal, row for row, to a run of that model alone."""
+"""Every tag run is a pass of one model or more: each image read once and decoded once
+per distinct draft, and each model's table equal, row for row, to its oracle: the same
+stages (DecodeStage, then TaggerStage) in a plain loop, with no Ray, no pass, no slices.
+A run of one model is checked against it too, and so is each table of a pass."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ PAD_448 = load_profile("wd_v3").preprocess
 FIT_PAD = SQUASH_384.model_copy(update={"resize_mode": type(SQUASH_384.resize_mode)("fit_pad")})
 # what a run writes that differs between two runs of the same rows
 PER_RUN = ["run_id", "tagged_at"]
+NAMES = ["tagpipe-demo-tagger", "demo-pad-448", "demo-squash-b"]  # three_bundles' models
 
 
 def _files(tmp_path) -> list[str]:
@@ -64,7 +67,9 @@ def test_decoding_for_several_profiles_equals_decoding_for_each(tmp_path, exact)
                 assert list(column) == list(values), (pre.resize_mode, name)
             else:
                 np.testing.assert_array_equal(column, values, err_msg=f"{pre.resize_mode} {name}")
-    assert sum(e is not None for e in together["error@0"]) == 2  # truncated, empty: rows, not a crash
+    assert (
+        sum(e is not None for e in together[geometry_column("error", 0)]) == 2
+    )  # truncated, empty: rows, not a crash
 
 
 def test_profiles_whose_draft_is_the_same_share_one_decode(tmp_path, monkeypatch):
@@ -126,19 +131,58 @@ def alone(ray_session, demo_corpus, three_bundles, tmp_path_factory):
     return tables
 
 
+def _oracle(table: pa.Table, model: str) -> pa.Table:
+    """The table's rows as the stages make them in a plain loop over its uris, with the
+    settings a run gives them (tagger_settings on a cluster with no GPU)."""
+    from pipeline.job.graph import decode_options, plan_placement
+    from pipeline.model.bundle import load_bundle
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
+
+    cfg = make_tag_config(inputs=["x"], output="o", model=model)
+    bundle = load_bundle(model)
+    settings = TaggerSettings(
+        model_dir=model,
+        provider=cfg.provider,
+        intra_op_threads=plan_placement(cfg, 0).intra_op_threads,
+        dense_logits=cfg.dense_logits_for(len(bundle.vocabulary)),
+        normalise_in_graph=cfg.normalise_in_graph,
+        rules=cfg.rules,
+        batch_timeout=cfg.batch_timeout,
+    )
+    tagger = TaggerStage(settings, bundle)
+    decode = DecodeStage(bundle.profile.preprocess, decode_options(cfg))
+    uris = np.asarray(table.column("uri").to_pylist(), object)
+    rows = [tagger(decode({"uri": uris[i : i + 8]})) for i in range(0, len(uris), 8)]
+    return pa.concat_tables(rows).drop_columns(PER_RUN).sort_by("uri")
+
+
+def _equals_oracle(stored: pa.Table, model: str) -> bool:
+    oracle = _oracle(stored, model)
+    return stored.select(oracle.column_names).equals(oracle)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_run_of_one_model_writes_what_the_stages_give_in_a_plain_loop(three_bundles, alone, index):
+    """N = 1: a run of one model (one pass of one) against its oracle, row for row."""
+    path, summary = alone[NAMES[index]]
+    stored = _rows(str(path))
+    assert stored.num_rows == summary.images > 0
+    assert _equals_oracle(stored, str(three_bundles[index]))
+
+
 def test_models_in_one_pass_write_what_each_writes_alone(demo_corpus, three_bundles, alone, tmp_path):
     images = str(demo_corpus / "images")
     models = [str(b) for b in three_bundles]
     summary = run_tag_pass(make_tag_config(inputs=[images], output=str(tmp_path), model=models))
     assert isinstance(summary, PassSummary) and len(summary.runs) == 3
-    names = ["tagpipe-demo-tagger", "demo-pad-448", "demo-squash-b"]
-    assert [run.model_name for run in summary.runs] == names
-    for name, run in zip(names, summary.runs, strict=True):
+    assert [run.model_name for run in summary.runs] == NAMES
+    for name, run in zip(NAMES, summary.runs, strict=True):
         single_path, single = alone[name]
         assert run.images == single.images and run.errors_by_kind == single.errors_by_kind
         together, by_itself = _rows(str(tmp_path / name)), _rows(str(single_path))
         assert together.schema == by_itself.schema
         assert together.equals(by_itself), name  # row for row, every stored value
+        assert _equals_oracle(together, str(three_bundles[NAMES.index(name)]))
 
 
 def test_a_pass_tags_for_each_model_only_what_its_table_needs(demo_corpus, three_bundles, alone, tmp_path):
@@ -186,7 +230,7 @@ def test_a_shared_decode_counts_against_each_profiles_memory_budget(tmp_path, bu
     profiles = (SQUASH_384, PAD_448)
     together = DecodeStage(profiles, options)(batch)
     kinds = [DecodeStage(pre, options)(batch)["error_kind"][0] for pre in profiles]
-    assert [together[f"error_kind@{g}"][0] for g in range(2)] == kinds
+    assert [together[geometry_column("error_kind", g)][0] for g in range(2)] == kinds
 
 
 def test_rows_no_model_of_a_preprocessing_needs_are_not_decoded_for_it(tmp_path):
@@ -197,8 +241,12 @@ def test_rows_no_model_of_a_preprocessing_needs_are_not_decoded_for_it(tmp_path)
     alone = DecodeStage((SQUASH_384, PAD_448), DecodeOptions())(batch)
     for g in range(2):
         for i in range(4):
-            same = np.array_equal(out[f"pixels@{g}"][i], alone[f"pixels@{g}"][i])
-            assert same == bool(needed[g][i]) and (out[f"phash@{g}"][i] != 0) == bool(needed[g][i])
+            same = np.array_equal(
+                out[geometry_column("pixels", g)][i], alone[geometry_column("pixels", g)][i]
+            )
+            assert same == bool(needed[g][i]) and (out[geometry_column("phash", g)][i] != 0) == bool(
+                needed[g][i]
+            )
 
 
 def test_pools_that_ask_for_more_gpus_than_the_cluster_has_share_them_in_whole_fractions():

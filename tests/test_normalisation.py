@@ -11,8 +11,8 @@ from helpers import feed_through_graph, identity_model
 from onnx import TensorProto
 
 from pipeline.core.errors import ConfigError
-from pipeline.job.tagger import Normaliser
 from pipeline.model.profiles import parse_profile
+from pipeline.model.session_runner import Normaliser
 
 MEAN_RGB, STD_RGB = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # uneven: a channel swap shows
 

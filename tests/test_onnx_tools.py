@@ -13,11 +13,11 @@ from pipeline.demo.model import (
     save_with_external_data,
     write_demo_bundle,
 )
-from pipeline.job.tagger import Normaliser
 from pipeline.model.bundle import load_bundle
 from pipeline.model.onnx_tools import expose_embedding, uint8_input_model
 from pipeline.model.profiles import load_profile
 from pipeline.model.runtime import ProviderChoice, create_session
+from pipeline.model.session_runner import Normaliser
 
 
 def test_exposed_embedding_equals_the_heads_input(tmp_path):
@@ -97,7 +97,7 @@ def test_uint8_input_graph_normalises_like_the_profile(profile_name, elem_type, 
 def test_tagger_gives_the_same_tags_with_numpy_or_in_graph_normalisation(demo_bundle, demo_corpus):
     """The demo bundle keeps its weights in external data: the in-graph model must find them."""
     from pipeline.image.decode import DecodeStage
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:12]
     stage_in = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))

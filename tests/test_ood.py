@@ -14,10 +14,10 @@ from pipeline.corpus.ood import fit_ood, ledoit_wolf, read_embeddings
 from pipeline.image.decode import DecodeStage
 from pipeline.job.settings import make_tag_config
 from pipeline.job.tag_job import run_tag_job
-from pipeline.job.tagger import TaggerSettings, TaggerStage
 from pipeline.model.bundle import load_bundle
 from pipeline.model.postprocess import mahalanobis
 from pipeline.model.runtime import ProviderChoice
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 
 
 @pytest.mark.parametrize("shape", [(200, 12), (30, 64)])

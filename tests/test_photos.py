@@ -47,7 +47,7 @@ def test_exact_and_fast_phash_on_large_jpegs():
 def test_fast_and_exact_decode_agree_on_demo_tags(demo_bundle):
     """Issue 3's bar: emitted tags agree on >= 99% of images, mean |delta prob| <= 0.01
     (benchmarks/fast_vs_exact.py reports the same on more images and every profile)."""
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
     pre = stage.bundle.profile.preprocess

@@ -76,8 +76,8 @@ def reference(raw_row, bundle, rules: TagRules):
 @pytest.fixture(scope="module")
 def raw_outputs(demo_bundle, demo_corpus):
     from pipeline.image.decode import DecodeStage
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
     from pipeline.model.runtime import ProviderChoice
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU))
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*.jpg"))[:40]

@@ -17,8 +17,8 @@ from PIL import Image
 from sample_photos import photo_paths
 
 from pipeline.image.imaging import DecodeOptions, decode_image
-from pipeline.job.tagger import Normaliser
 from pipeline.model.profiles import Layout, ValueRange, load_profile
+from pipeline.model.session_runner import Normaliser
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)

@@ -30,7 +30,6 @@ from PIL import Image
 from sample_photos import photo_paths
 
 from pipeline.image.imaging import DecodeOptions, decode_image
-from pipeline.job.tagger import Normaliser
 from pipeline.model.profile_import import profile_data
 from pipeline.model.profiles import (
     ChannelOrder,
@@ -39,6 +38,7 @@ from pipeline.model.profiles import (
     parse_profile,
     profile_from_data,
 )
+from pipeline.model.session_runner import Normaliser
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]

@@ -54,7 +54,7 @@ def _tagger_processes() -> list:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any("PlacedTagger" in part for part in proc.info["cmdline"] or []):
+            if any("PassTagger" in part for part in proc.info["cmdline"] or []):
                 found.append(proc)
         except psutil.Error:
             pass

@@ -18,8 +18,8 @@ from pipeline.demo.model import write_demo_bundle
 from pipeline.image.decode import DecodeStage
 from pipeline.job.settings import make_tag_config
 from pipeline.job.tag_job import run_tag_job
-from pipeline.job.tagger import TaggerSettings, TaggerStage
 from pipeline.model.runtime import ProviderChoice
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 from pipeline.table.tag_table import TagTable, read_current
 
 HTML_ERROR_PAGE = (

@@ -20,7 +20,7 @@ def test_tagger_stage_gives_the_same_rows_from_concurrent_calls(demo_bundle, dem
     import numpy as np
 
     from pipeline.image.decode import DecodeStage
-    from pipeline.job.tagger import TaggerSettings, TaggerStage
+    from pipeline.model.tagger import TaggerSettings, TaggerStage
 
     stage = TaggerStage(TaggerSettings(str(demo_bundle), provider=ProviderChoice.CPU, intra_op_threads=1))
     uris = sorted(str(p) for p in (demo_corpus / "images").rglob("*") if p.is_file())

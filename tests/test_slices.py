@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.schemas import MANIFEST_SCHEMA
-from pipeline.job.slices import SHARD, SliceWriter
+from pipeline.job.slices import SLICE, SliceWriter
 from pipeline.table.tag_table import TagTable
 
 ROWS, PER_PART = 50, 8
@@ -52,7 +52,7 @@ def test_parts_written_in_tasks_match_the_drivers(tmp_path, ray_session):
         assert part == by_file[part.file]  # rows and errors by kind
         a = pq.read_table(tmp_path / "inline" / part.file)
         b = pq.read_table(tmp_path / "tasks" / part.file)
-        assert a.equals(b) and SHARD not in b.column_names
+        assert a.equals(b) and SLICE not in b.column_names
         assert b.column("uri").to_pylist() == sorted(b.column("uri").to_pylist())
     taken = {tasks[0].file}  # a name a version holds is never overwritten: the run id makes it new
     again = _write_all(tmp_path / "tasks", in_tasks=True, taken=taken)

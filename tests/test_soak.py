@@ -68,7 +68,7 @@ class MemorySampler:
                 if cmd.startswith("ray::") and proc.info["memory_info"]:
                     workers.append(_private(proc.info["memory_info"]))
                     self.by_name[cmd[:60]] = max(self.by_name.get(cmd[:60], 0), workers[-1] / 2**20)
-                    if "PlacedTagger" in cmd:
+                    if "PassTagger" in cmd:
                         tagger = max(tagger, workers[-1])
             try:
                 text = memory_summary(stats_only=True)

@@ -122,15 +122,14 @@ def test_max_decode_tasks_caps_the_decode_pool(ray_session, cap):
     import pyarrow as pa
     import ray.data
 
-    from pipeline.job.graph import build_tag_dataset, plan_placement
-    from pipeline.job.tagger import TaggerSettings
+    from pipeline.job.graph import ModelInPass, build_pass_dataset, plan_placement, slice_column
     from pipeline.model.profiles import load_profile
+    from pipeline.model.tagger import TaggerSettings
 
     cfg = make_tag_config({"inputs": ["x"], "output": "o", "model": "m", "max_decode_tasks": cap})
-    blocks = [pa.table({"uri": ["a.jpg"], "_shard": [0]})]
-    dataset = build_tag_dataset(
-        blocks, cfg, load_profile("wd_v3").preprocess, TaggerSettings(model_dir="m"), plan_placement(cfg, 0)
-    )
+    blocks = [pa.table({"uri": ["a.jpg"], slice_column(0): [0]})]
+    model = ModelInPass(TaggerSettings(model_dir="m"), 0, plan_placement(cfg, 0))
+    dataset = build_pass_dataset(blocks, cfg, (load_profile("wd_v3").preprocess,), [model])
     decode = dataset._logical_plan.dag.input_dependencies[0]  # tagger <- decode <- blocks
     assert decode.compute == ray.data.TaskPoolStrategy(size=cap)
 

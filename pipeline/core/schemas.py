@@ -47,24 +47,26 @@ DECODED_COLUMNS: dict[str, type] = {
 }
 
 
-# Several models in one pass: the file's columns once, the rest once per distinct
-# preprocessing (geometry g), named `<column>@<g>` (geometry_column).
+# A tag run decodes each file once for every model of its pass: the file's columns once,
+# the rest once per distinct preprocessing g (0, 1, ...) of the pass's models. Geometry
+# 0's columns carry the plain names above, so a run of one model, and any one-model
+# loop, reads a batch by DECODED_COLUMNS' names; geometry g > 0's are `<column>@<g>`.
 FILE_COLUMNS = ("uri", "size", "sha256")
 GEOMETRY_COLUMNS = tuple(name for name in DECODED_COLUMNS if name not in FILE_COLUMNS)
 
 
-def geometry_column(name: str, geometry: int | None) -> str:
-    """A decoded column's name for one geometry of a multi-model pass (None: one model)."""
-    return name if geometry is None or name in FILE_COLUMNS else f"{name}@{geometry}"
+def geometry_column(name: str, geometry: int) -> str:
+    """The name of decoded column `name` for the pass's preprocessing number `geometry`."""
+    return name if geometry == 0 or name in FILE_COLUMNS else f"{name}@{geometry}"
 
 
-def decoded_batch(n: int, sizes: Sequence[tuple[int, int]], suffixed: bool = False) -> dict[str, np.ndarray]:
+def decoded_batch(n: int, sizes: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
     """An empty decoded batch of n rows, every column of its declared dtype; sizes:
-    (height, width) per geometry; suffixed: name the geometry's columns `<column>@<g>`."""
+    (height, width) per preprocessing."""
     batch: dict[str, np.ndarray] = {}
     for g, (height, width) in enumerate(sizes):
         for name, dtype in DECODED_COLUMNS.items():
-            column = geometry_column(name, g if suffixed else None)
+            column = geometry_column(name, g)
             if column in batch:  # a file column, made for the first geometry
                 continue
             if name == "pixels":

@@ -48,8 +48,9 @@ def address_space() -> int:
 
 # glibc can hand a thread memory its arena reserved earlier and released with
 # MADV_DONTNEED: touching it again raises RSS without new address space. A heap of a
-# thread arena is at most 64 MiB (HEAP_MAX_SIZE), and in a Ray worker this slack was
-# measured at 56 MiB, so the address-space limit leaves that much of the budget aside.
+# thread arena is at most 64 MiB (HEAP_MAX_SIZE), about what this slack measured in a
+# Ray worker (docs/decisions.md, 'Decode memory: an address-space limit around each
+# image'), so the address-space limit leaves that much of the budget aside.
 ALLOCATOR_SLACK = 64 * 1024**2
 
 
@@ -124,10 +125,10 @@ def _meter() -> tuple[float, int]:
 
 
 class DecodeStage:
-    """preprocess: one (the decoded columns as DECODED_COLUMNS names them) or several,
-    for several models in one pass: each file is read and hashed once and decoded once
-    per distinct draft (imaging.open_image), and each preprocessing's columns are named
-    `<column>@<g>` (schemas.geometry_column)."""
+    """preprocess: the distinct preprocessings of a pass's models (one Preprocess is a
+    pass of one). Each file is read and hashed once and decoded once per distinct draft
+    (imaging.open_image); preprocessing g's columns are named by schemas.geometry_column
+    (the first one's by their plain names)."""
 
     def __init__(
         self,
@@ -137,17 +138,12 @@ class DecodeStage:
         timeout: float = DEFAULT_DECODE_TIMEOUT,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
-        self.suffixed = not isinstance(preprocess, Preprocess)
         self.preprocesses = tuple(preprocess) if not isinstance(preprocess, Preprocess) else (preprocess,)
         self.options = options
         self.storage_options = storage_options or {}
         self.timeout = timeout  # seconds per image's decode; 0: none
         self.max_file_bytes = max_file_bytes  # at most this much of a file is read
         warm_up_blas()  # before any memory limit: see phash.warm_up_blas
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.preprocesses[0]
 
     def _decode(self, data: bytes, pre: Preprocess, loaded: Loaded):
         """One image under the time limit and the memory budget. Raises ImageError.
@@ -207,12 +203,12 @@ class DecodeStage:
     def _decoded(self, batch, uris: list[str], read, needed: list[np.ndarray] | None = None):
         """Each row's bytes from read(i), decoded per preprocessing into the declared columns."""
         sizes = [(pre.height, pre.width) for pre in self.preprocesses]
-        out = decoded_batch(len(uris), sizes, self.suffixed)  # the declared columns
+        out = decoded_batch(len(uris), sizes)  # the declared columns
         for i in range(len(uris)):
             data, failure = read(i)
             for g in range(len(self.preprocesses)):
                 if failure is not None:
-                    self._column(out, "error_kind", g)[i], self._column(out, "error", g)[i] = failure
+                    out[geometry_column("error_kind", g)][i], out[geometry_column("error", g)][i] = failure
             if data is None:
                 continue
             out["size"][i] = len(data)
@@ -241,15 +237,11 @@ class DecodeStage:
             if soft != resource.RLIM_INFINITY:
                 resource.setrlimit(resource.RLIMIT_AS, (max(soft - grown, address_space()), hard))
 
-    def _column(self, out: dict[str, np.ndarray], name: str, g: int) -> np.ndarray:
-        """Geometry g's column `name` (its plain name with one preprocessing)."""
-        return out[geometry_column(name, g if self.suffixed else None)]
-
     def _decode_into(self, out, i: int, g: int, data: bytes, pre: Preprocess, loaded: Loaded) -> None:
         """Row i of geometry g's columns: the decoded image, or its error."""
 
         def column(name):
-            return self._column(out, name, g)
+            return out[geometry_column(name, g)]
 
         try:
             decoded = self._decode(data, pre, loaded)

@@ -36,8 +36,8 @@ from pipeline.image.imaging import DecodeOptions, open_image
 from pipeline.job.graph import decode_options, plan_placement
 from pipeline.job.model_runs import ModelRun, tagger_settings
 from pipeline.job.run_summary import EditCalibration
-from pipeline.job.tagger import TaggerSettings, TaggerStage
 from pipeline.model.profiles import Preprocess
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 from pipeline.table.tag_table import READ_THREADS, Snapshot, TagTable
 
 log = logging.getLogger(__name__)

@@ -1,13 +1,18 @@
 """The one place that builds the Ray Data graph and decides where work runs.
 
-manifest blocks -> read+decode+preprocess (CPU tasks) -> tagger actor pool (GPU, or
-CPU with intra-op threads when the cluster has no GPU) -> rows for the writer.
+manifest blocks -> read+decode+preprocess (CPU tasks) -> one tagger actor pool per
+model, chained (GPU, or CPU with intra-op threads when the cluster has no GPU) -> rows
+for the writers.
 
-Several models in one pass: the decode tasks emit each distinct preprocessing's
-columns (`pixels@g`, ...), then one actor pool per model, chained: model i tags the
-rows its table needs (`_shard_i` set) from its geometry's columns and adds its rows as
-one struct column (`_tagged_i`), null on rows it skipped; pixels no later model needs
-are dropped there. The driver unpacks each model's rows for that model's writer.
+Every run is a pass of one model or more. The decode tasks emit each distinct
+preprocessing's columns (schemas.geometry_column), then model i's pool tags the rows its
+table needs (`_slice_i` set) from its preprocessing's columns and adds its rows as one
+struct column (`_tagged_i`), null on rows it skipped; pixels no later model needs are
+dropped there. The driver unpacks each model's rows for that model's SliceWriter. The
+pass's only model has no other model's rows to keep apart: its rows are the batch itself,
+with no struct column to build and unpack (that hop cost a run of one model time:
+docs/benchmarks.md, 'One tagging path: one model (issue 33)'). The stage itself
+(pipeline/model/tagger.py) knows nothing of Ray; here it is only placed.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from pipeline.core.schemas import FILE_COLUMNS, GEOMETRY_COLUMNS, geometry_colum
 from pipeline.image.decode import DecodeStage
 from pipeline.image.imaging import DecodeOptions
 from pipeline.job.settings import TagJobConfig
-from pipeline.job.tagger import TaggerSettings, TaggerStage
 from pipeline.model.profiles import Preprocess
+from pipeline.model.tagger import TaggerSettings, TaggerStage
 
 log = logging.getLogger(__name__)
 # Where each row was decoded and tagged: counted by the driver into the run manifest
@@ -65,8 +70,8 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     CPU fallback: the actor runs tagger_cpus intra-op threads but reserves no CPU slot,
     so decode tasks can use every core and the OS shares them between decode and
     inference as the load falls. Reserving a core for it left a core idle whenever
-    inference was lighter than decode: 0.84x a plain loop on 2 cores, against 1.2x
-    (docs/benchmarks.md).
+    inference was lighter than decode, slower than a plain loop (docs/benchmarks.md,
+    'Tag job on local Ray vs a plain loop').
 
     Batches in flight: on a GPU, a second concurrent call does its CPU work (Ray's
     batching, the 100k-wide output's screening, the Arrow rows) while the first is in
@@ -97,24 +102,24 @@ def decode_options(cfg: TagJobConfig) -> DecodeOptions:
     )
 
 
-NOT_NEEDED = -1  # a row's shard for a model whose table does not need it (null would
-# become a float NaN in a numpy batch)
+NOT_NEEDED = -1  # a row's slice number for a model whose table does not need it (null
+# would become a float NaN in a numpy batch)
 
 
-def shard_column(model: int) -> str:
+def slice_column(model: int) -> str:
     """The slice of model i's table a row goes to (NOT_NEEDED: that model does not need it)."""
-    return f"_shard_{model}"
+    return f"_slice_{model}"
+
+
+def tagged_column(model: int) -> str:
+    """Model i's tag rows, one struct per row it tagged."""
+    return f"_tagged_{model}"
 
 
 def work_blocks(work: pa.Table, cfg: TagJobConfig) -> list[pa.Table]:
     """The work as the dataset's input blocks: a few decode batches each."""
     rows = max(cfg.decode_batch_size, 64)
     return [work.slice(i, rows) for i in range(0, work.num_rows, rows)]
-
-
-def tagged_column(model: int) -> str:
-    """Model i's tag rows, one struct per row it tagged."""
-    return f"_tagged_{model}"
 
 
 def decode_batch(
@@ -127,7 +132,7 @@ def decode_batch(
     needed_by: tuple[tuple[str, ...], ...] = (),
 ):
     """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely.
-    needed_by: per preprocessing, the shard columns of the models that use it (a row no
+    needed_by: per preprocessing, the slice columns of the models that use it (a row no
     such model needs is not decoded for it)."""
     stage = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)
     out = stage(batch, _needed(batch, needed_by))
@@ -142,86 +147,68 @@ def _needed(batch, needed_by: tuple[tuple[str, ...], ...]) -> list[np.ndarray] |
     return [np.any([np.asarray(batch[c]) != NOT_NEEDED for c in columns], axis=0) for columns in needed_by]
 
 
-class PlacedTagger(TaggerStage):
-    """TaggerStage that also says which node ran it (the stage itself knows nothing of Ray)."""
-
-    def __init__(self, settings: TaggerSettings):
-        super().__init__(settings)
-        self.node = _node_id()
-
-    def __call__(self, batch):
-        table = super().__call__(batch)
-        return table.append_column(TAGGER_NODE, pa.array([self.node] * table.num_rows, pa.string()))
-
-
 @dataclass(frozen=True)
 class ModelInPass:
-    """One model of a multi-model pass: its tagger, where its pixels are, its pool."""
+    """One model of a pass: its tagger, which of the pass's preprocessings it reads, its pool."""
 
     settings: TaggerSettings
-    geometry: int  # index into the pass's distinct preprocessings
+    preprocessing: int  # index into the pass's distinct preprocessings (geometry_column)
     placement: Placement
     drop: tuple[str, ...] = ()  # columns no later model needs, dropped after this one
+    alone: bool = False  # the pass's only model: its rows are the batch, no struct column
 
 
 class PassTagger:
-    """Model `index` of a multi-model pass, as an actor pool's callable: Arrow in, Arrow
-    out (the earlier models' struct columns pass through untouched)."""
+    """Model `index` of a pass, as an actor pool's callable: Arrow in, Arrow out (the
+    earlier models' struct columns pass through untouched)."""
 
     def __init__(self, index: int, model: ModelInPass):
         self.index, self.model = index, model
-        self.tagger = PlacedTagger(model.settings)
-        fields = [*self.tagger.schema, pa.field(TAGGER_NODE, pa.string())]
-        self.struct_type = pa.struct(fields)
+        self.tagger = TaggerStage(model.settings)
+        self.node = _node_id()
+        self.struct_type = pa.struct([*self.tagger.schema, pa.field(TAGGER_NODE, pa.string())])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        mask = batch.column(shard_column(self.index)).to_numpy() != NOT_NEEDED
-        if mask.any():
-            decoded = self._decoded(batch)  # numpy views: only the rows wanted are copied
-            if not mask.all():
-                decoded = {name: values[mask] for name, values in decoded.items()}
-            tagged = self.tagger(decoded).combine_chunks()
-            struct = pa.StructArray.from_arrays(
-                [tagged.column(f.name).chunk(0) for f in self.struct_type], fields=list(self.struct_type)
+        if self.model.alone:  # every row is this model's, and no other's rows ride along
+            rows = self.tagger(self._decoded(batch)).append_column(TAGGER_NODE, self._nodes(batch.num_rows))
+            routing = (slice_column(self.index), DECODE_NODE)
+            return rows.append_column(routing[0], batch.column(routing[0])).append_column(
+                routing[1], batch.column(routing[1])
             )
+        mask = batch.column(slice_column(self.index)).to_numpy() != NOT_NEEDED
+        if mask.all():  # every row (always, with one model): no row to pick
+            column = self._struct(self._decoded(batch))
+        elif mask.any():
+            decoded = {name: values[mask] for name, values in self._decoded(batch).items()}
             positions = np.where(mask, np.cumsum(mask) - 1, 0)
-            column = struct.take(pa.array(positions, pa.int64(), mask=~mask))
+            column = self._struct(decoded).take(pa.array(positions, pa.int64(), mask=~mask))
         else:
             column = pa.nulls(batch.num_rows, self.struct_type)
         return batch.drop_columns(list(self.model.drop)).append_column(tagged_column(self.index), column)
 
+    def _struct(self, decoded: dict[str, np.ndarray]) -> pa.StructArray:
+        """The model's rows of a batch, and the node that tagged them, as one struct column."""
+        tagged = self.tagger(decoded).combine_chunks()
+        arrays = [tagged.column(f.name).chunk(0) for f in self.tagger.schema] + [self._nodes(tagged.num_rows)]
+        return pa.StructArray.from_arrays(arrays, fields=list(self.struct_type))
+
+    def _nodes(self, rows: int) -> pa.Array:
+        return pa.array([self.node] * rows, pa.string())
+
     def _decoded(self, rows: pa.Table) -> dict[str, np.ndarray]:
-        """The decoded columns of this model's geometry, under the names TaggerStage reads
-        (converted by Ray itself: its tensor columns, whichever tensor format is set).
-        Filtering the Arrow table instead copied every geometry's pixels of every row,
-        which cost a third of the model's own time (a 2x448x448 pixels row)."""
+        """The decoded columns of this model's preprocessing, under the names TaggerStage
+        reads (converted by Ray itself: its tensor columns, whichever tensor format is
+        set; numpy views, so only the rows picked are copied). Filtering the Arrow table
+        instead copied every geometry's pixels of every row (docs/benchmarks.md,
+        'Several models in one pass')."""
         from ray.data.block import BlockAccessor
 
         names = {
-            geometry_column(name, self.model.geometry): name for name in (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
+            geometry_column(name, self.model.preprocessing): name
+            for name in (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
         }
         arrays = BlockAccessor.for_block(rows.select(list(names))).to_batch_format("numpy")
         return {names[column]: values for column, values in arrays.items()}
-
-
-def build_tag_dataset(
-    blocks: list[pa.Table],
-    cfg: TagJobConfig,
-    preprocess: Preprocess,
-    settings: TaggerSettings,
-    placement: Placement,
-):
-    ds = _decoded_dataset(blocks, cfg, preprocess, placement.decode_cpus)
-    return ds.map_batches(
-        PlacedTagger,
-        fn_constructor_args=(settings,),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        # a fixed pool, one model session per actor, running batches_in_flight calls at once
-        compute=_pool(placement),
-        num_gpus=placement.tagger_gpus,
-        num_cpus=placement.tagger_cpus,
-    )
 
 
 def build_pass_dataset(
@@ -229,7 +216,7 @@ def build_pass_dataset(
 ):
     """Decode once for every model, then each model's pool in turn (see the module's text)."""
     needed_by = tuple(
-        tuple(shard_column(i) for i, m in enumerate(models) if m.geometry == g)
+        tuple(slice_column(i) for i, m in enumerate(models) if m.preprocessing == g)
         for g in range(len(preprocesses))
     )
     ds = _decoded_dataset(blocks, cfg, preprocesses, models[0].placement.decode_cpus, needed_by)
@@ -239,6 +226,7 @@ def build_pass_dataset(
             fn_constructor_args=(index, model),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
+            # a fixed pool, one model session per actor, running batches_in_flight calls at once
             compute=_pool(model.placement),
             num_gpus=model.placement.tagger_gpus,
             num_cpus=model.placement.tagger_cpus,

@@ -1,8 +1,8 @@
-"""Each model's table in a tag run, and its tagging: one model (tag_one), or several in one
-pass (tag_in_one_pass).
+"""Each model's table in a tag run, and its tagging: every run is one pass of its models
+(one or more), tag_in_one_pass.
 
-A run with several `--model`s plans each model's table on its own (its base, its keys,
-its plan), then tags in one pass: the union of what the tables need is read once,
+A run plans each model's table on its own (its base, its keys, its plan), then tags in
+one pass: the union of what the tables need is read once,
 decoded once per distinct preprocessing, and each model's actor pool tags only the rows
 its table needs (pipeline/job/graph.py). The driver hands each model's rows to that
 model's SliceWriter, so each table gets exactly the parts a run of that model alone
@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.schemas import geometry_column
+from pipeline.core.words import counted
 from pipeline.job.graph import (
     DECODE_NODE,
     NOT_NEEDED,
@@ -30,19 +31,18 @@ from pipeline.job.graph import (
     ModelInPass,
     Placement,
     build_pass_dataset,
-    build_tag_dataset,
     plan_placement,
-    shard_column,
+    slice_column,
     tagged_column,
     work_blocks,
 )
 from pipeline.job.incremental import Keys
 from pipeline.job.plan import Plan
 from pipeline.job.settings import TagJobConfig
-from pipeline.job.slices import SHARD, SliceWriter, WrittenPart
-from pipeline.job.tagger import TaggerSettings
+from pipeline.job.slices import SLICE, SliceWriter, WrittenPart
 from pipeline.model.bundle import ModelBundle
 from pipeline.model.profiles import Preprocess
+from pipeline.model.tagger import TaggerSettings
 from pipeline.table.tag_table import Snapshot, TagTable
 
 log = logging.getLogger(__name__)
@@ -144,33 +144,6 @@ def tagger_settings(run: ModelRun, placement: Placement) -> TaggerSettings:
     )
 
 
-def tag_one(run: ModelRun, run_started: float, progress_settings: ProgressSettings) -> Tagged:
-    """Tag one model's pending rows on Ray; every complete slice becomes one part (not
-    yet committed). first_rows_seconds: from the run's start to the first tagged rows."""
-    import ray
-
-    cfg, writer = run.cfg, run.writer
-    placement = plan_placement(cfg, ray.cluster_resources().get("GPU", 0))
-    settings = tagger_settings(run, placement)
-    work = writer.work()  # the rest of the manifest is joined back when a slice is written
-    dataset = build_tag_dataset(
-        work_blocks(work, cfg), cfg, run.bundle.profile.preprocess, settings, placement
-    )
-    nodes: dict[str, collections.Counter] = {"decode": collections.Counter(), "tag": collections.Counter()}
-    first_rows = None
-    with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            first_rows = first_rows or round(time.monotonic() - run_started, 3)
-            for stage, column in (("decode", DECODE_NODE), ("tag", TAGGER_NODE)):
-                nodes[stage].update(batch.column(column).to_pylist())
-            batch = batch.drop_columns([DECODE_NODE, TAGGER_NODE])
-            progress.update(batch.num_rows, batch.num_rows - batch.column("error_kind").null_count)
-            writer.add(batch)
-    parts = writer.finish()  # Ray returned fewer rows than sent: nothing partial; a rerun redoes them
-    rows_by_node = {stage: dict(counter) for stage, counter in nodes.items()}
-    return Tagged(parts, placement.describe(), rows_by_node, first_rows)
-
-
 def pass_placements(runs: list[ModelRun], cluster_gpus: float) -> list[Placement]:
     """Each model's pool placed as its settings say; when the pools together ask for
     more GPUs than the cluster has, each actor's ask is divided by the same whole number
@@ -187,7 +160,7 @@ def pass_placements(runs: list[ModelRun], cluster_gpus: float) -> list[Placement
     return placements
 
 
-def geometries(runs: list[ModelRun]) -> tuple[tuple[Preprocess, ...], list[int]]:
+def preprocessings(runs: list[ModelRun]) -> tuple[tuple[Preprocess, ...], list[int]]:
     """The distinct preprocessings of the models, and each model's index among them."""
     distinct: list[Preprocess] = []
     index = []
@@ -205,10 +178,10 @@ def pass_work(runs: list[ModelRun]) -> pa.Table:
     uris = pa.concat_arrays([run.writer.work().column("uri").combine_chunks() for run in runs])
     union = pa.table({"uri": uris}).group_by("uri").aggregate([]).sort_by("uri")
     for index, run in enumerate(runs):
-        work = run.writer.work().rename_columns(["uri", shard_column(index)])
+        work = run.writer.work().rename_columns(["uri", slice_column(index)])
         joined = union.join(work, "uri", join_type="left outer").sort_by("uri")
-        shards = joined.column(shard_column(index)).fill_null(NOT_NEEDED)
-        union = union.append_column(shard_column(index), shards)
+        numbers = joined.column(slice_column(index)).fill_null(NOT_NEEDED)
+        union = union.append_column(slice_column(index), numbers)
     return union
 
 
@@ -220,17 +193,23 @@ def tag_in_one_pass(
     import ray
 
     placements = pass_placements(runs, ray.cluster_resources().get("GPU", 0))
-    preprocesses, geometry = geometries(runs)
+    preprocesses, preprocessing = preprocessings(runs)
     models = [
-        ModelInPass(tagger_settings(run, placements[i]), geometry[i], placements[i], _dropped(i, geometry))
+        ModelInPass(
+            tagger_settings(run, placements[i]),
+            preprocessing[i],
+            placements[i],
+            _dropped(i, preprocessing),
+            alone=len(runs) == 1,
+        )
         for i, run in enumerate(runs)
     ]
     work = pass_work(runs)
     log.info(
-        "one pass for %d models: %d images, decoded for %d distinct preprocessing(s)",
-        len(runs),
-        work.num_rows,
-        len(preprocesses),
+        "one pass for %s: %s, decoded for %s",
+        counted(len(runs), "models"),
+        counted(work.num_rows, "images"),
+        counted(len(preprocesses), "distinct preprocessings"),
     )
     dataset = build_pass_dataset(work_blocks(work, cfg), cfg, preprocesses, models)
     nodes: list[dict[str, collections.Counter]] = [
@@ -258,27 +237,31 @@ def tag_in_one_pass(
     return tagged
 
 
-def _dropped(index: int, geometry: list[int]) -> tuple[str, ...]:
+def _dropped(index: int, preprocessing: list[int]) -> tuple[str, ...]:
     """The pixels no model after this one needs: dropped after it, off the object store."""
-    later = set(geometry[index + 1 :])
-    return () if geometry[index] in later else (geometry_column("pixels", geometry[index]),)
+    later = set(preprocessing[index + 1 :])
+    return () if preprocessing[index] in later else (geometry_column("pixels", preprocessing[index]),)
 
 
 def _model_rows(batch: pa.Table, index: int) -> tuple[pa.Table | None, np.ndarray]:
     """Model `index`'s tag rows in a batch of the pass, with their slice number and the
     node that decoded them (None when it tagged none of the batch), and which of the
     batch's rows are error rows in its table."""
+    if tagged_column(index) not in batch.column_names:  # the pass's only model: its rows are the batch
+        numbers = batch.column(slice_column(index)).cast(pa.int64())
+        rows = batch.drop_columns([slice_column(index)]).append_column(SLICE, numbers)
+        return rows, batch.column("error_kind").is_valid().to_numpy(zero_copy_only=False)
     column = batch.column(tagged_column(index))
     valid = column.is_valid()
     errors = pc.is_valid(pc.struct_field(column, "error_kind")).to_numpy(zero_copy_only=False)
     if column.null_count == len(column):
         return None, np.zeros(len(column), bool)
-    rows = pa.Table.from_batches(
-        [pa.RecordBatch.from_struct_array(chunk) for chunk in column.filter(valid).chunks]
-    )
-    shards = batch.column(shard_column(index)).filter(valid)
-    decoded_on = batch.column(DECODE_NODE).filter(valid)
-    rows = rows.append_column(SHARD, shards.cast(pa.int64())).append_column(DECODE_NODE, decoded_on)
-    if np.any(rows.column(SHARD).to_numpy() == NOT_NEEDED):
+    routing = batch.select([slice_column(index), DECODE_NODE])
+    if column.null_count:  # rows only other models' tables need: none of this one's
+        column, routing = column.filter(valid), routing.filter(valid)
+    rows = pa.Table.from_batches([pa.RecordBatch.from_struct_array(chunk) for chunk in column.chunks])
+    numbers = routing.column(0).cast(pa.int64())
+    rows = rows.append_column(SLICE, numbers).append_column(DECODE_NODE, routing.column(1))
+    if np.any(rows.column(SLICE).to_numpy() == NOT_NEEDED):
         raise RuntimeError(f"model {index} tagged a row its table did not ask for")
     return rows, errors & valid.to_numpy(zero_copy_only=False)

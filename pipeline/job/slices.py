@@ -1,16 +1,18 @@
 """Rows coming back from Ray, routed into their slice; a complete slice is one part.
 
+A slice is the unit in progress: the rows that will become one part, the committed file.
 The images to tag are cut in order into slices of rows_per_part rows. Ray returns rows
 in any order and batch size, so the SliceWriter buffers each slice's rows until all of
 them are back, then writes the slice as one immutable Parquet part (named from the
 settings key and the rows' sources, so a rerun finds it) and returns what it wrote. A
 slice that never completes is never written: nothing partial reaches the table.
 
-Encoding a part is most of the driver's work per row (zstd Parquet of 3.5 KB rows: 85%
-of it, benchmarks/driver_ceiling.py), so in a run the slice goes to a Ray task that
-checks, encodes and writes it (`in_tasks`), at most `max_in_flight` at once; the driver
-only routes rows. More in flight than the cores can encode made things slower (2 cores:
-12k rows/s wall with 2, 3.5k with 8), so a run allows one per 8 CPUs, at least 2. A
+Encoding a part is most of the driver's work per row (zstd Parquet of CL v2-sized rows;
+docs/benchmarks.md, 'The driver's ceilings, after (issue 24)'), so in a run the slice
+goes to a Ray task that checks, encodes and writes it (`in_tasks`), at most
+`max_in_flight` at once; the driver only routes rows. More in flight than the cores can
+encode made things slower (docs/decisions.md, 'Part writers'), so a run allows one per 8
+CPUs, at least 2. A
 part counts as written when its task has returned; one written by a task a crash cut
 off is found and reused by the next run like any other.
 """
@@ -27,7 +29,7 @@ import pyarrow as pa
 from pipeline.job.incremental import part_name
 from pipeline.table.tag_table import DATA_DIR, TagTable
 
-SHARD = "_shard"
+SLICE = "_slice"  # the column that carries each row's slice number
 
 
 @dataclass(frozen=True)
@@ -56,39 +58,41 @@ class SliceWriter:
         self.in_tasks, self.max_in_flight = in_tasks, max_in_flight
         self.in_flight: list = []  # Ray refs of parts being written
         self._task = self._naming_ref = None
-        shard_ids = np.arange(pending.num_rows, dtype=np.int64) // rows_per_part
-        self.expected = collections.Counter(shard_ids.tolist())
-        self.shard_ids = pa.array(shard_ids)
+        numbers = np.arange(pending.num_rows, dtype=np.int64) // rows_per_part
+        self.expected = collections.Counter(numbers.tolist())
+        self.slice_numbers = pa.array(numbers)
         self.buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
         self.received: collections.Counter = collections.Counter()
         self.written: list[WrittenPart] = []
 
     def work(self) -> pa.Table:
         """What to send: each pending uri with its slice number."""
-        return self.pending.select(["uri"]).append_column(SHARD, self.shard_ids)
+        return self.pending.select(["uri"]).append_column(SLICE, self.slice_numbers)
 
     def add(self, batch: pa.Table) -> list[WrittenPart]:
         """A batch of tagged rows (with their slice number); returns the parts completed."""
-        shards = batch.column(SHARD).to_numpy()
+        numbers = batch.column(SLICE).to_numpy()
         done = []
-        for shard in np.unique(shards).tolist():
-            mask = shards == shard
-            self.buffers[shard].append(batch.filter(pa.array(mask)))
-            self.received[shard] += int(mask.sum())
-            if self.received[shard] == self.expected[shard]:
-                done += self._write(shard, self.buffers.pop(shard))
+        for number in np.unique(numbers).tolist():
+            mask = numbers == number
+            self.buffers[number].append(batch.filter(pa.array(mask)))
+            self.received[number] += int(mask.sum())
+            if self.received[number] == self.expected[number]:
+                done += self._write(number, self.buffers.pop(number))
         return done
 
-    def _write(self, shard: int, tables: list[pa.Table]) -> list[WrittenPart]:
-        source = self.pending.slice(shard * self.rows_per_part, self.rows_per_part)  # slices are cut in order
+    def _write(self, number: int, tables: list[pa.Table]) -> list[WrittenPart]:
+        source = self.pending.slice(
+            number * self.rows_per_part, self.rows_per_part
+        )  # slices are cut in order
         if not self.in_tasks:
-            part = write_slice(self.table, self.naming, shard, tables, source)
+            part = write_slice(self.table, self.naming, number, tables, source)
             self.written.append(part)  # before the next write: a Ctrl-C there must count it
             return [part]
         # one contiguous table: Ray serialises a list of small sliced batches column by
         # column and copies their offsets, which costs the driver as much as encoding
         rows = pa.concat_tables(tables, promote_options="default").combine_chunks()
-        self.in_flight.append(self._writer().remote(self.table, self._naming_ref, shard, [rows], source))
+        self.in_flight.append(self._writer().remote(self.table, self._naming_ref, number, [rows], source))
         return self._collect(wait_for=max(0, len(self.in_flight) - self.max_in_flight))
 
     def _writer(self):
@@ -161,14 +165,14 @@ class PartNaming:
 
 
 def write_slice(
-    table: TagTable, naming: PartNaming, shard: int, tables: list[pa.Table], source: pa.Table
+    table: TagTable, naming: PartNaming, number: int, tables: list[pa.Table], source: pa.Table
 ) -> WrittenPart:
     """A complete slice's rows, checked against the rows sent, as one part (on the driver,
     or in a Ray task)."""
     rows = pa.concat_tables(tables, promote_options="default").sort_by("uri")
     if source.column("uri").to_pylist() != rows.column("uri").to_pylist():
-        raise RuntimeError(f"slice {shard}: the rows that came back do not match the rows sent")
-    rows = rows.drop_columns([SHARD])
+        raise RuntimeError(f"slice {number}: the rows that came back do not match the rows sent")
+    rows = rows.drop_columns([SLICE])
     for name in ("source_size", "etag", "mtime"):
         rows = rows.append_column(name, source.column(name))
     file = posixpath.join(DATA_DIR, naming.key, part_name(naming.key, rows))

@@ -39,7 +39,7 @@ from pipeline.job.changes import StoredSources, classify, resolve_unknown
 from pipeline.job.edit_calibration import calibrate_edits
 from pipeline.job.incremental import Keys, inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
-from pipeline.job.model_runs import ModelRun, PlannedRun, PreparedRun, Tagged, tag_in_one_pass, tag_one
+from pipeline.job.model_runs import ModelRun, PlannedRun, PreparedRun, Tagged, tag_in_one_pass
 from pipeline.job.plan import Change, Plan, empty_view, plan_run
 from pipeline.job.preflight import check_tag_paths, empty_listing_text
 from pipeline.job.rethreshold import Rethreshold
@@ -158,15 +158,11 @@ def _tag_and_commit(
 
 
 def _tag(cfg: TagJobConfig, runs: list[ModelRun], started: float) -> dict[int, Tagged]:
-    """What each model (by index) tagged: only models with work take part; one model
-    alone runs the one-model graph."""
+    """What each model (by index) tagged, in one pass of the models with work."""
     active = [i for i, run in enumerate(runs) if run.plan.to_tag.num_rows]
-    progress = _progress_settings(cfg)
-    if len(active) == 1:
-        return {active[0]: tag_one(runs[active[0]], started, progress)}
     if not active:
         return {}
-    tagged = tag_in_one_pass(cfg, [runs[i] for i in active], started, progress)
+    tagged = tag_in_one_pass(cfg, [runs[i] for i in active], started, _progress_settings(cfg))
     return {active[k]: result for k, result in tagged.items()}
 
 
