@@ -2,7 +2,7 @@
 
     python benchmarks/profile_oracle.py
 
-For every recipe of tests/test_profile_oracle.py (timm pretrained_cfgs and Hugging Face
+For every recipe of tests/model/test_profile_oracle.py (timm pretrained_cfgs and Hugging Face
 processor configs) and every photo there (aspect ratios 1:3 to 3:1, odd sizes), the
 worst difference in 0-255 levels between tagpipe's exact path (both normalisation
 paths) and each oracle: the libraries themselves where installed (timm needs torch and

@@ -20,7 +20,7 @@ import pytest
 def _edit_calibration_only_where_tested(request, monkeypatch):
     """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
     to 200 images: minutes over the suite), except in tests marked `edit_calibration`,
-    which test it (tests/test_edit_calibration.py) or need its file. Commands run in-process
+    which test it (tests/job/test_edit_calibration.py) or need its file. Commands run in-process
     (tests/helpers.py run_cli) skip it too; runs in processes of their own (the session's
     `tagpipe demo`, the signal, terminal and start-up tests) calibrate as users' runs do."""
     if request.node.get_closest_marker("edit_calibration") is None:
@@ -109,7 +109,7 @@ def demo_corpus(tmp_path_factory):
 def tagged(ray_session, demo_bundle, demo_corpus, tmp_path_factory):
     """Three kinds of the demo corpus (with their planted copies) and its broken files,
     tagged by the real tag job into three parts: (table, corpus). Tests of the label check
-    (tests/test_label_quality.py, tests/test_label_sidecar.py) copy what they change."""
+    (tests/corpus/test_label_quality.py, tests/corpus/test_label_sidecar.py) copy what they change."""
     import shutil
 
     from pipeline.job.settings import make_tag_config
@@ -161,7 +161,7 @@ def demo_run(ray_session, tmp_path_factory) -> DemoRun:
     """The demo pipeline (tag, dedup, split, report, audit) run once per test run: the
     `tagpipe demo` command in-process (tests/helpers.py run_cli) on the session's Ray.
     Set up before any test's autouse fixtures, so it calibrates edits as users' runs do.
-    tests/test_cli.py checks it and tests/test_report.py reads its outputs: read-only; a
+    tests/cli/test_cli.py checks it and tests/corpus/test_report.py reads its outputs: read-only; a
     test that changes them copies."""
     from tests.helpers import run_cli
 

@@ -138,7 +138,7 @@ LogFormatOption = Annotated[
 
 
 # The options a command may declare itself rather than take from its settings model: how it
-# runs and talks, not what it works on (tests/test_cli_output.py holds every command to this).
+# runs and talks, not what it works on (tests/cli/test_cli_output.py holds every command to this).
 RUN_OPTIONS = frozenset({"config", "dry_run", "verbose", "quiet", "log_format", "help"})
 
 

@@ -174,7 +174,7 @@ def generated_docs(root: Path) -> dict[Path, str]:
     text = readme.read_text(encoding="utf-8")
     for path, (command, settings) in option_tables().items():
         if settings is None:
-            continue  # tests/test_cli_output.py fails such a command
+            continue  # tests/cli/test_cli_output.py fails such a command
         start_marker, end_marker = table_markers(path)
         if start_marker not in text:
             continue  # likewise: a command without a table in the README

@@ -2,7 +2,7 @@
 
 Exceptions: each message names the file or field at fault. ErrorKind: the stable
 short codes in a tag row's `error_kind` column (README, "Error kinds", lists the same
-table; tests/test_error_kinds.py checks they agree).
+table; tests/core/test_error_kinds.py checks they agree).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 Each stage builds or casts its output to its schema at its edge (`conform`), so a batch
 where every image failed, a batch of one, or a model with no embedding output gives
 columns of exactly these types, and parts always concatenate. The README's column
-tables are checked against these (tests/test_contracts.py). The tag row columns that
+tables are checked against these (tests/corpus/test_contracts.py). The tag row columns that
 depend on the model are the per-category tag lists (from its vocabulary) and the
 embedding width (a fixed-size list when the width is known, as every model with a
 static output shape and every probed model gives; a plain list otherwise).

@@ -45,7 +45,7 @@ class KeyRole(enum.Flag):
 @dataclass(frozen=True)
 class Setting:
     """How one settings field shows outside Python. Every field of a settings model has
-    one (tests/test_settings.py), so a new field cannot skip saying what it does to keys.
+    one (tests/cli/test_settings.py), so a new field cannot skip saying what it does to keys.
 
     flags: the command-line spellings, long name first; () means --field-name.
     negative: for a boolean, the spelling that sets it false (--fast-decode).

@@ -7,7 +7,7 @@ it is invertible even with fewer images than dimensions. The shrinkage is applie
 the standardised embeddings (towards the diagonal of variances, not towards one
 common variance): embedding dimensions differ in scale by orders of magnitude, and
 shrinking towards a scaled identity drowned the low-variance ones, where planted noise
-images differ most (their distances fell below p95 in tests/test_ood.py).
+images differ most (their distances fell below p95 in tests/corpus/test_ood.py).
 """
 
 from __future__ import annotations

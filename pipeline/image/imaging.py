@@ -10,7 +10,7 @@ The perceptual hash is imagehash.phash of the upright image (EXIF applied, alpha
 ignored as imagehash ignores it, 16-bit scaled to 8), so it does not depend on the
 model profile and matches hashes users computed with imagehash. Exact mode equals
 imagehash bit for bit; fast mode hashes the drafted image (>= 128 px a side), within
-2 bits on real photos (tests/test_photos.py, benchmarks/fast_vs_exact.py). A
+2 bits on real photos (tests/image/test_photos.py, benchmarks/fast_vs_exact.py). A
 reducing-gap resize would be faster but drifts past 2 bits now and then (docs/benchmarks.md,
 'Fast vs exact fidelity (issue 3)').
 

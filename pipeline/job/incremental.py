@@ -118,7 +118,7 @@ _KEYED_AS = {Activation.SIGMOID_PROBABILITIES: _Spelt("<Activation.NONE: 'none'>
 
 # The profile fields in the keys, by class, in the order tagpipe 0.2 spelt them. Fields
 # added since join through Preprocess.extra_key (PROFILE_EXTRA_KEY_FIELDS) only when not
-# at their default; tests/test_settings.py fails on a profile field in neither list.
+# at their default; tests/cli/test_settings.py fails on a profile field in neither list.
 PROFILE_KEY_FIELDS: dict[type, tuple[str, ...]] = {
     BundleFiles: ("model", "vocabulary", "vocabulary_format", "tag_metrics", "ood_reference", "metadata"),
     Preprocess: (
@@ -148,7 +148,7 @@ def _spell(value) -> _Spelt:
 
 def profile_key(p: Profile) -> str:
     """The profile's part of the inference key, spelt field by field as tables written by
-    earlier versions have it (tests/test_profile_import.py), so an upgrade re-tags nothing."""
+    earlier versions have it (tests/model/test_profile_import.py), so an upgrade re-tags nothing."""
     activation = _KEYED_AS.get(p.activation, p.activation)
     keyed = (p.name, _spell(p.files), _spell(p.preprocess), p.input_name, p.output_name, p.embedding_name)
     return repr((*keyed, activation))

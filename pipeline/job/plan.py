@@ -5,7 +5,7 @@ changes.classify) and with the keys of this run's settings, and says what to tag
 what an interrupted run already tagged (reused), which of the base's parts to keep as
 they are, which to rewrite without dropped rows (and rethreshold, when the rules
 changed), and the kind of change. It reads nothing itself but the parts it is given a
-reader for, so every case is a small table-driven test (tests/test_plan.py); the tag
+reader for, so every case is a small table-driven test (tests/job/test_plan.py); the tag
 job (pipeline/job/tag_job.py) then executes the plan and commits.
 """
 

@@ -3,7 +3,7 @@
 Pure arithmetic on (width, height) pairs, kept apart from Pillow so each rule can be
 read against its source. Libraries that agree on the recipe ("shortest side to 256,
 centre crop 224") still differ by a pixel in two places, and a pixel moves a crop
-enough to change a model's output by more than one level (tests/test_profile_oracle.py):
+enough to change a model's output by more than one level (tests/model/test_profile_oracle.py):
 
 - the long side of an aspect-keeping resize: torchvision's ``Resize(int)`` and Hugging
   Face truncate (``int(256 * long / short)``); timm's ``ResizeKeepRatio`` and tagpipe

@@ -7,7 +7,7 @@ Tags are a pure function of what is stored. Logits are rounded to float16 (as st
 before anything is decided, and only tags whose probability reaches the floor (plus
 the rating/quality groups, always kept) are candidates. So `tagpipe rethreshold`,
 which sees only the stored sparse logits, reproduces a re-run's tags exactly for any
-threshold at or above the floor (tests/test_rethreshold.py).
+threshold at or above the floor (tests/job/test_rethreshold.py).
 
 Selection, per row:
   p = sigmoid(logit)             (softmax groups store log-probabilities: p = exp)

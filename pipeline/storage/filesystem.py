@@ -35,7 +35,7 @@ TRANSIENT_WORDS = (
     "timed out",
     "reset by peer",
     "throttl",
-    # a connection dropped mid-answer, as aiohttp/botocore word it (seen in tests/test_reliability.py)
+    # a connection dropped mid-answer, as aiohttp/botocore word it (seen in tests/job/test_reliability.py)
     "bad status line",
     "server disconnected",
     "connection closed",

@@ -128,7 +128,7 @@ class ListingRules:
 
     def may_skip(self, paths: pa.Array) -> np.ndarray:
         """True where skip_reason may give a reason; False only where it gives none. A
-        listing of millions asks skip_reason of these few only (tests/test_key_ranges.py
+        listing of millions asks skip_reason of these few only (tests/storage/test_key_ranges.py
         fuzzes that this never misses one)."""
         lower = pc.utf8_lower(paths)  # Arrow's lower-casing differs from Python's off ASCII:
         names = DEBRIS_NAMES | {name.lower() for name in MARKER_NAMES}
