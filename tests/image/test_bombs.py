@@ -64,8 +64,10 @@ def bomb_files(tmp_path_factory) -> dict[str, str]:
 def _run_in_worker(ray, paths, budget, max_pixels):
     import os
 
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    task = ray.remote(max_retries=0, max_calls=1, runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})(
+    here = os.path.dirname(os.path.abspath(__file__))  # the worker imports this module by name
+    root = os.path.dirname(os.path.dirname(here))  # and it imports tests.bombs
+    path = os.pathsep.join([here, root])
+    task = ray.remote(max_retries=0, max_calls=1, runtime_env={"env_vars": {"PYTHONPATH": path}})(
         _decode_each
     )
     return ray.get(task.remote(paths, budget, max_pixels))
