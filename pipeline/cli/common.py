@@ -276,7 +276,10 @@ def emit_result(result) -> None:
 
     if logs.json_output():
         is_record = is_dataclass(result) and not isinstance(result, type)
-        payload = asdict(result) if is_record else {"text": result.text()}
+        if hasattr(result, "json_record"):  # a record whose JSON adds what it derives (its properties)
+            payload = result.json_record()
+        else:
+            payload = asdict(result) if is_record else {"text": result.text()}
         typer.echo(json.dumps({"result": type(result).__name__, **payload}, default=json_value))
     else:
         typer.echo(result.text())

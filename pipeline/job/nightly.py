@@ -64,6 +64,10 @@ class NightlySummary:
     def leaks(self) -> int:
         return sum(audit.leaks for audit in self.audits.values())
 
+    def json_record(self) -> dict[str, Any]:
+        """`--log-format json`'s result: the fields, and the leaks count scripts gate on."""
+        return {**asdict(self), "leaks": self.leaks}
+
     def text(self) -> str:
         lines = [self.tag.text(), self.dedup.text(), self.split.text()]
         lines += [

@@ -203,6 +203,11 @@ def test_nightly_tags_only_new_and_changed_and_drops_deleted(ray_session, demo_b
     external = re.escape(str(tmp_path / "external_train.parquet"))
     line = rf"audit exclude:{external}: LEAKS FOUND[^\n]*: 1 of \d+ eval"
     assert re.search(line, result.output), result.output  # the audit's own words (AuditReport.text)
+    as_json = CliRunner().invoke(
+        app, ["nightly", "-c", str(cfg_path), "--no-progress", "--log-format", "json"]
+    )
+    record = next(json.loads(x) for x in as_json.stdout.splitlines() if x.startswith('{"result"'))
+    assert as_json.exit_code == 1 and record["result"] == "NightlySummary" and record["leaks"] == 1
 
 
 def _read(path: Path) -> dict[str, dict]:
