@@ -43,8 +43,8 @@ def dedup(
     emit_result(summary)
     for giant in summary.giant_clusters:
         typer.echo(
-            f"warning: giant cluster {giant['cluster_id'][:16]}: {counted(giant['size'], 'images')}, "
-            f"{giant['diameter_hops']} hops across, ends {giant['spread_bits']} bits apart"
+            f"warning: giant cluster {giant.cluster_id[:16]}: {counted(giant.size, 'images')}, "
+            f"{giant.diameter_hops} hops across, ends {giant.spread_bits} bits apart"
         )
 
 

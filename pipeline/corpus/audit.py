@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -115,7 +115,7 @@ class AuditReport:
             "or near-duplicates of the "
             f"{self.train_images} train images ({self.exact_leaks} byte-identical); found by {found}; "
             f"not checkable by: {missed}; phash R={self.max_distance}, embedding {emb_text}"
-            + _searched_text(emb.index)
+            + (f"; {emb.index.text()}" if emb.index else "")
         )
 
 
@@ -143,17 +143,6 @@ def missing_text(missing: dict, eval_images: int) -> str:
 def asked_signals(embedding_threshold) -> list[str]:
     """sha256 and phash always; the embedding unless its threshold is off (None)."""
     return [SHA256, PHASH] + ([EMBEDDING] if embedding_threshold is not None else [])
-
-
-def _searched_text(index: dict) -> str:
-    """How much of dedup's index this audit searched (one that updates its last audit
-    searches only what changed); "" when it searched an index of its own."""
-    if not index:
-        return ""
-    return (
-        f"; searched in dedup's index ({index.get('mode', 'full')}: {index.get('eval_searched', 0)} eval "
-        f"and {index.get('train_searched', 0)} train vectors)"
-    )
 
 
 @dataclass
@@ -284,7 +273,7 @@ def _embedding_leaks(
 
 
 def _indexed(found, report) -> tuple[_Found, np.ndarray]:
-    report.embedding = replace(found.decision, index=found.facts)
+    report.embedding = found.decision
     report.train_not_usable[EMBEDDING] = report.train_images - found.train_usable
     report.not_checked[EMBEDDING] = int((~found.checked).sum())
     distance = np.full(len(found.eval_row), -1, np.int64)

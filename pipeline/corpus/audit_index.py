@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +28,7 @@ import pyarrow.compute as pc
 from pipeline.core.arrays import unique_sorted
 from pipeline.corpus import vector_index
 from pipeline.corpus.duplicate_index import DuplicateIndex, SegmentVectors
-from pipeline.corpus.embedding_threshold import EmbeddingThreshold
-from pipeline.corpus.vector_index import IndexLayout
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold, IndexSearch
 from pipeline.storage.filesystem import filesystem_for, write_atomic
 from pipeline.storage.outputs import mark_output
 
@@ -46,8 +45,7 @@ class IndexedLeaks:
     cosine: np.ndarray
     checked: np.ndarray  # eval rows the embedding checked (they have a vector)
     train_usable: int
-    decision: EmbeddingThreshold
-    facts: dict = field(default_factory=dict)
+    decision: EmbeddingThreshold  # given, with what the search in the index covered (its index)
 
 
 def leaks_in_index(
@@ -62,20 +60,20 @@ def leaks_in_index(
     when the index has no vectors (the caller audits without it)."""
     index = DuplicateIndex(dedup, storage_options)
     version = index.current()
-    if version is None or not version.trained:
+    if version is None or not version.trained or version.layout is None:
         return None
     state = index.read_table(version.state, ["uri", "entry"])
     t_entry, e_entry = (_entries(state, uris) for uris in (train_uris, eval_uris))
     train, evaluation = unique_sorted(t_entry[t_entry >= 0]), unique_sorted(e_entry[e_entry >= 0])
-    layout = IndexLayout.from_record(version.layout)
+    layout = version.layout
     reader = SegmentVectors(index, list(version.segments), layout.dim)
     faiss_index = vector_index.open_index([index.read_bytes(f"segments/{s}.faiss") for s in version.segments])
     key = {"index": version.trained, "threshold": threshold}
     previous = _read_state(output, storage_options, key)
-    nearest, facts = _update(faiss_index, layout, reader, train, evaluation, threshold, previous)
+    nearest, searched = _update(faiss_index, layout, reader, train, evaluation, threshold, previous)
     if output:
         _write_state(output, storage_options, key, train, nearest)
-    return _rows(nearest, t_entry, e_entry, threshold, facts)
+    return _rows(nearest, t_entry, e_entry, threshold, searched)
 
 
 def _entries(state: pa.Table, uris: pa.Array) -> np.ndarray:
@@ -130,21 +128,21 @@ def _update(faiss_index, layout, reader, train, evaluation, threshold, previous)
         take = ~shared[position]
         result.train[position[take]] = other[first][take]
         result.cosine[position[take]] = cosine[first][take]
-    facts = {
-        "eval_vectors": int(len(evaluation)),
-        "train_vectors": int(len(train)),
-        "eval_searched": int(len(queries)),
-        "train_searched": int(len(fresh_train)) if previous else 0,
-        "mode": "incremental" if previous else "full",
-    }
-    return result, facts
+    searched = IndexSearch(
+        mode="incremental" if previous else "full",
+        eval_vectors=int(len(evaluation)),
+        train_vectors=int(len(train)),
+        eval_searched=int(len(queries)),
+        train_searched=int(len(fresh_train)) if previous else 0,
+    )
+    return result, searched
 
 
 def _empty() -> _Nearest:
     return _Nearest(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def _rows(nearest: _Nearest, t_entry, e_entry, threshold, facts) -> IndexedLeaks:
+def _rows(nearest: _Nearest, t_entry, e_entry, threshold, searched: IndexSearch) -> IndexedLeaks:
     train_rows = np.flatnonzero(t_entry >= 0)
     vectors, first = np.unique(t_entry[train_rows], return_index=True)  # each vector's first train row
     eval_rows = np.flatnonzero(e_entry >= 0)
@@ -158,8 +156,7 @@ def _rows(nearest: _Nearest, t_entry, e_entry, threshold, facts) -> IndexedLeaks
         nearest.cosine[at[leak]].astype(np.float32),
         e_entry >= 0,
         int(len(train_rows)),
-        EmbeddingThreshold(threshold, "given"),
-        facts,
+        EmbeddingThreshold(threshold, "given", index=searched),
     )
 
 

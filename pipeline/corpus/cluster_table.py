@@ -13,6 +13,7 @@ the best copy alone). Giant clusters are reported with their phash diameter (cha
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +67,29 @@ def public_edges(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate) -
     return edges
 
 
-def cluster_table(rows: CorpusRows, labels: np.ndarray, first_seen: np.ndarray | None = None) -> tuple:
+@dataclass(frozen=True)
+class Clusters:
+    """clusters.parquet's rows, and the per-cluster order the giant check reuses: rows by
+    cluster (representative first), each cluster's start, size and id (its smallest sha256)."""
+
+    table: pa.Table
+    order: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+    min_sha: pa.Array
+
+
+@dataclass(frozen=True)
+class GiantCluster:
+    """A cluster past GIANT_CLUSTER images: how far its phash chain reaches (chaining?)."""
+
+    cluster_id: str
+    size: int
+    diameter_hops: int = 0  # 0: joined by sha256 or embedding alone
+    spread_bits: int = 0  # bits between the chain's two ends
+
+
+def cluster_table(rows: CorpusRows, labels: np.ndarray, first_seen: np.ndarray | None = None) -> Clusters:
     """clusters.parquet rows, and the per-cluster order the giant check reuses. first_seen:
     each row's first table version (earlier first), before the best-copy rules; None: those alone."""
     n = rows.count
@@ -95,7 +118,7 @@ def cluster_table(rows: CorpusRows, labels: np.ndarray, first_seen: np.ndarray |
         ),
         CLUSTERS_SCHEMA,
     )
-    return out, order, starts, sizes, min_sha
+    return Clusters(out, order, starts, sizes, min_sha)
 
 
 def _cluster_ids(rows: CorpusRows, first_rows: np.ndarray, cluster_index: np.ndarray, count: int) -> pa.Array:
@@ -139,21 +162,15 @@ def _hop_diameter(members: np.ndarray, phash: np.ndarray, max_distance: int) -> 
     return hops, int(np.bitwise_count(hashes[end1] ^ hashes[end2]))
 
 
-def report_giants(summary, rows, order, starts, sizes, min_sha) -> None:
+def report_giants(rows: CorpusRows, clusters: Clusters, max_distance: int) -> tuple[GiantCluster, ...]:
+    """Every giant cluster, each warned of: a long phash chain, or one joined otherwise."""
+    order, starts, sizes, min_sha = clusters.order, clusters.starts, clusters.sizes, clusters.min_sha
+    giants = []
     for c in np.flatnonzero(sizes >= GIANT_CLUSTER):
         members = order[starts[c] : starts[c] + sizes[c]]
         members = members[rows.has_hash[members]]
-        hops, spread = (
-            _hop_diameter(members, rows.phash, summary.max_distance) if len(members) > 1 else (0, 0)
-        )
-        summary.giant_clusters.append(
-            {
-                "cluster_id": min_sha[int(c)].as_py(),
-                "size": int(sizes[c]),
-                "diameter_hops": hops,
-                "spread_bits": spread,
-            }
-        )
+        hops, spread = _hop_diameter(members, rows.phash, max_distance) if len(members) > 1 else (0, 0)
+        giants.append(GiantCluster(min_sha[int(c)].as_py(), int(sizes[c]), hops, spread))
         if hops:
             log.warning(
                 "giant cluster %s: %d images, phash diameter %d hops, ends %d bits apart (chaining?)",
@@ -169,6 +186,7 @@ def report_giants(summary, rows, order, starts, sizes, min_sha) -> None:
                 min_sha[int(c)].as_py(),
                 sizes[c],
             )
+    return tuple(giants)
 
 
 def first_seen(rows: CorpusRows, labels: np.ndarray) -> np.ndarray | None:

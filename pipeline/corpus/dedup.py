@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,14 @@ from pipeline.core.ray_session import new_run_id
 from pipeline.core.schemas import EDGES_SCHEMA, conform
 from pipeline.core.settings import build
 from pipeline.core.words import counted
-from pipeline.corpus.cluster_table import cluster_table, first_seen, public_edges, report_giants
+from pipeline.corpus.cluster_table import (
+    Clusters,
+    GiantCluster,
+    cluster_table,
+    first_seen,
+    public_edges,
+    report_giants,
+)
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.dedup_settings import (
     DEFAULT_MAX_DISTANCE,
@@ -43,13 +50,14 @@ from pipeline.corpus.dedup_settings import (
     Representative,
     parse_embedding_threshold,  # noqa: F401  (importable here as before)
 )
-from pipeline.corpus.dedup_vectors import VectorUpdate, reuse_reason, update_vectors
+from pipeline.corpus.dedup_vectors import VectorFacts, VectorUpdate, reuse_reason, update_vectors
 from pipeline.corpus.duplicate_index import (
     DEDUP_ENTRIES,
     ENTRIES_SCHEMA,
     INDEX_EDGES_SCHEMA,
     STATE_SCHEMA,
     DuplicateIndex,
+    IndexCounts,
     IndexVersion,
     record_table,
 )
@@ -75,8 +83,49 @@ from pipeline.table.tag_table import now_iso
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
+class IndexRun:
+    """What a dedup run did with its index (the summary's `index`: these fields and the
+    vectors' facts, flat): the version it committed, full or incremental and why."""
+
+    version: int = 0  # 0: no index (a summary that recorded none)
+    mode: str = ""  # full | incremental
+    reason: str = ""  # why not incremental ("" when it was)
+    hashes_searched: int = 0
+    vectors: VectorFacts = field(default_factory=VectorFacts)
+    timings: dict[str, float] = field(default_factory=dict)  # step -> seconds
+
+    def record(self) -> dict[str, Any]:
+        if not self.version:
+            return {}
+        own = {k: getattr(self, k) for k in ("version", "mode", "reason", "hashes_searched")}
+        return {**own, **self.vectors.record(), "timings": dict(self.timings)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> IndexRun:
+        record = record or {}
+        own = {
+            k: record[k] for k in ("version", "mode", "reason", "hashes_searched", "timings") if k in record
+        }
+        return cls(**own, vectors=VectorFacts.from_record(record))
+
+    def text(self) -> str:
+        if not self.version:
+            return "no index"
+        v = self.vectors
+        searched = f"{v.entries_searched} of {v.entries} vectors searched"
+        why = f" ({self.reason})" if self.mode == "full" and self.reason else ""
+        return (
+            f"index version {self.version}: {self.mode}{why}, {v.rows_read} "
+            f"embeddings read, {searched}, {self.hashes_searched} hashes searched"
+        )
+
+
+@dataclass(frozen=True)
 class DedupSummary:
+    """A dedup run's report (its _summary.json, the nightly's dedup), built once when the
+    clusters are known; from_record reads a summary an older tagpipe wrote."""
+
     images: int = 0
     hashed: int = 0
     clusters: int = 0
@@ -86,20 +135,41 @@ class DedupSummary:
     near_pairs: int = 0  # phash pairs between distinct reliable hashes
     largest_cluster: int = 0
     largest_cluster_id: str = ""
-    giant_clusters: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # {cluster_id, size, diameter_hops, spread_bits}
+    giant_clusters: tuple[GiantCluster, ...] = ()
     max_distance: int = DEFAULT_MAX_DISTANCE
     unmatched_hashes: dict[str, int] = field(
         default_factory=dict
     )  # reason -> rows whose phash matches nothing
     edges: dict[str, int] = field(default_factory=dict)  # signal -> edges
     embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
-    index: dict[str, Any] = field(
-        default_factory=dict
+    index: IndexRun = field(
+        default_factory=IndexRun
     )  # version, full or incremental (and why), what was searched
     representative: str = "first-seen"  # how each cluster's kept copy was chosen (DedupOptions)
     seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """The _summary.json object (the field names and shapes it has always had)."""
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "giant_clusters": [asdict(g) for g in self.giant_clusters],
+            "unmatched_hashes": dict(self.unmatched_hashes),
+            "edges": dict(self.edges),
+            "embedding": self.embedding.record(),
+            "index": self.index.record(),
+        }
+
+    def json_record(self) -> dict[str, Any]:
+        return self.record()
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> DedupSummary:
+        """From a _summary.json ({}: a bare clusters file); unknown names left out."""
+        given = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
+        given["giant_clusters"] = tuple(GiantCluster(**g) for g in given.get("giant_clusters") or ())
+        given["embedding"] = EmbeddingThreshold.from_record(given.get("embedding"))
+        given["index"] = IndexRun.from_record(given.get("index"))
+        return cls(**given)
 
     def text(self) -> str:
         unmatched = ", ".join(f"{k} {v}" for k, v in self.unmatched_hashes.items() if v) or "none"
@@ -110,19 +180,8 @@ class DedupSummary:
             f"largest cluster {self.largest_cluster}; "
             f"edges {', '.join(f'{k} {v}' for k, v in self.edges.items())}; phash R={self.max_distance}, "
             f"hashes matching nothing: {unmatched}; {self.embedding.text()}; "
-            f"{describe_index(self.index)}; {self.seconds:.1f} s"
+            f"{self.index.text()}; {self.seconds:.1f} s"
         )
-
-
-def describe_index(index: dict) -> str:
-    if not index:
-        return "no index"
-    searched = f"{index.get('entries_searched', 0)} of {index.get('entries', 0)} vectors searched"
-    why = f" ({index['reason']})" if index.get("mode") == "full" and index.get("reason") else ""
-    return (
-        f"index version {index.get('version')}: {index.get('mode')}{why}, {index.get('rows_read', 0)} "
-        f"embeddings read, {searched}, {index.get('hashes_searched', 0)} hashes searched"
-    )
 
 
 def cluster_rows(
@@ -194,20 +253,15 @@ def run_dedup(settings: DedupSettings | str, output: str | None = None, **values
     )
     timings["embedding"] = _lap(started) - timings["exact"]
     labels = _graph(rows, exact, vectors, vectors.decision.threshold)
-    summary = _summary(rows, exact, vectors, labels, max_distance)
-    summary.representative = Representative(settings.representative).value
-    version = _commit(index, base, tags, rows, exact, vectors, run_id, max_distance, summary)
-    summary.index = {
-        "version": version.version,
-        "mode": "incremental" if usable_base else "full",
-        "reason": why,
-        "hashes_searched": exact.searched,
-        **vectors.facts,
-        "timings": timings,
-    }
-    summary.seconds = round(time.monotonic() - started, 3)
+    version = _commit(index, base, tags, rows, exact, vectors, run_id, max_distance)
+    index_run = IndexRun(
+        version.version, "incremental" if usable_base else "full", why, exact.searched, vectors.facts, timings
+    )
     first = first_seen(rows, labels) if settings.representative == Representative.FIRST_SEEN else None
-    _write_outputs(output, storage_options, rows, exact, vectors, labels, summary, first)
+    clusters = cluster_table(rows, labels, first)
+    edges = public_edges(rows, exact, vectors)
+    summary = _summary(rows, exact, vectors, clusters, edges, settings, index_run, started)
+    _write_outputs(output, storage_options, rows, clusters.table, edges, summary)
     return summary
 
 
@@ -266,18 +320,42 @@ def _graph(rows: CorpusRows, exact: ExactSignals, vectors: VectorUpdate | None, 
     return labels[: rows.count]
 
 
-def _summary(rows, exact: ExactSignals, vectors: VectorUpdate, labels, max_distance) -> DedupSummary:
-    summary = DedupSummary(max_distance=max_distance, images=rows.count)
-    summary.hashed = int(rows.has_hash.sum())
+def _summary(
+    rows,
+    exact: ExactSignals,
+    vectors: VectorUpdate,
+    clusters: Clusters,
+    edges: Edges,
+    settings,
+    index_run,
+    started,
+) -> DedupSummary:
     with_sha = int((exact.sha_group >= 0).sum())
-    summary.exact_duplicate_images = with_sha - len(unique_sorted(exact.sha_group[exact.sha_group >= 0]))
-    summary.near_pairs = int(len(exact.pair_a))
-    summary.unmatched_hashes = exact.unmatched
-    summary.embedding = vectors.decision
-    return summary
+    sizes, count = clusters.sizes, len(clusters.sizes)
+    biggest = int(np.argmax(sizes)) if rows.count else 0
+    signal = edges.arrays()[2]
+    return DedupSummary(
+        images=rows.count,
+        hashed=int(rows.has_hash.sum()),
+        clusters=count,
+        duplicates=rows.count - count,
+        duplicate_rate=round((rows.count - count) / rows.count, 6) if rows.count else 0.0,
+        exact_duplicate_images=with_sha - len(unique_sorted(exact.sha_group[exact.sha_group >= 0])),
+        near_pairs=int(len(exact.pair_a)),
+        largest_cluster=int(sizes[biggest]) if rows.count else 0,
+        largest_cluster_id=clusters.min_sha[biggest].as_py() if rows.count else "",
+        giant_clusters=report_giants(rows, clusters, settings.max_distance),
+        max_distance=settings.max_distance,
+        unmatched_hashes=exact.unmatched,
+        edges={s: int((signal == s).sum()) for s in (SHA256, PHASH, EMBEDDING)},
+        embedding=vectors.decision,
+        index=index_run,
+        representative=Representative(settings.representative).value,
+        seconds=round(time.monotonic() - started, 3),
+    )
 
 
-def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_distance, summary):
+def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_distance):
     """The index's next version: this run's state, entries and edges, then the record."""
     state = pa.table(
         {
@@ -306,33 +384,24 @@ def _commit(index, base, tags, rows, exact, vectors: VectorUpdate, run_id, max_d
         run_id=run_id,
         committed_at=now_iso(),
         table=record_table(tags, rows.parts.snapshot),
-        layout=vectors.layout.record() if vectors.layout else {},
+        layout=vectors.layout,
         trained=vectors.trained,
         segments=tuple(vectors.segments),
         state=index.write_table(f"state-{run_id}.parquet", state),
         entries=index.write_table(f"entries-{run_id}.parquet", entries),
         edges=index.write_table(f"edges-{run_id}.parquet", edges),
         next_entry=vectors.next_entry,
-        threshold=vectors.decision.record(),
+        threshold=vectors.decision,
         max_distance=max_distance,
-        counts={"rows": rows.count, "entries": int(len(unique_sorted(vectors.entry[vectors.entry >= 0])))},
+        counts=IndexCounts(rows.count, int(len(unique_sorted(vectors.entry[vectors.entry >= 0])))),
     )
     return index.commit(base, version)
 
 
 def _write_outputs(
-    output, storage_options, rows, exact, vectors, labels, summary: DedupSummary, first: np.ndarray | None
+    output, storage_options, rows, clusters: pa.Table, edges: Edges, summary: DedupSummary
 ) -> None:
-    out, order, starts, sizes, min_sha = cluster_table(rows, labels, first)
-    summary.clusters = len(starts)
-    summary.duplicates = rows.count - len(starts)
-    summary.duplicate_rate = round(summary.duplicates / rows.count, 6) if rows.count else 0.0
-    if rows.count:
-        biggest = int(np.argmax(sizes))
-        summary.largest_cluster, summary.largest_cluster_id = int(sizes[biggest]), min_sha[biggest].as_py()
-    report_giants(summary, rows, order, starts, sizes, min_sha)
-    a, b, signal, distance, cosine = public_edges(rows, exact, vectors).arrays()
-    summary.edges = {s: int((signal == s).sum()) for s in (SHA256, PHASH, EMBEDDING)}
+    a, b, signal, distance, cosine = edges.arrays()
     edge_table = conform(
         pa.table(
             {
@@ -347,10 +416,10 @@ def _write_outputs(
     )
     path = output.rstrip("/")
     mark_output(path, "dedup", storage_options, writes=DEDUP_ENTRIES)  # the index marked it, if it wrote
-    write_atomic(f"{path}/clusters.parquet", table=out, storage_options=storage_options)
+    write_atomic(f"{path}/clusters.parquet", table=clusters, storage_options=storage_options)
     write_atomic(f"{path}/edges.parquet", table=edge_table, storage_options=storage_options)
     write_atomic(
         f"{path}/_summary.json",
-        json.dumps(asdict(summary), indent=1).encode(),
+        json.dumps(summary.record(), indent=1).encode(),
         storage_options=storage_options,
     )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,12 +32,43 @@ from pipeline.corpus.duplicate_index import (
 )
 from pipeline.corpus.embedding_evidence import decide, positives_found, sampled_recall
 from pipeline.corpus.embedding_threshold import EmbeddingThreshold
-from pipeline.corpus.index_partitions import PartitionedIndex
+from pipeline.corpus.index_partitions import PartitionedIndex, Placement
 from pipeline.corpus.index_segments import DIGEST, Staged, discard, stage_rows, write_segments
 from pipeline.corpus.vector_index import IndexLayout
 
 log = logging.getLogger(__name__)
 INCREMENTAL_PROBES = 4
+
+
+@dataclass(frozen=True)
+class VectorFacts:
+    """What the embedding side of a dedup run read, searched and kept (dedup's summary
+    keeps these flat in its `index`, beside the run's version and mode)."""
+
+    rows: int = 0
+    rows_read: int = 0  # embeddings read: new and changed rows (every row at a full build)
+    new_entries: int = 0
+    entries: int = 0  # live distinct vectors
+    entries_searched: int = 0
+    pairs_compared: int = 0
+    reranked: int = 0
+    edges_kept: int = 0  # the last version's edges kept (both ends live)
+    edges_new: int = 0
+    partitions: tuple[Placement, ...] = ()
+    index_seconds: float = 0.0
+    search_seconds: float = 0.0
+    recall_check_seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "partitions": [asdict(p) for p in self.partitions]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> VectorFacts:
+        """From a summary's `index` (its other keys left out; one written before a field
+        existed reads it as the default)."""
+        given = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
+        given["partitions"] = tuple(Placement(**p) for p in given.get("partitions") or ())
+        return cls(**given)
 
 
 @dataclass
@@ -53,7 +85,7 @@ class VectorUpdate:
     segments: list[str] = field(default_factory=list)
     entries: pa.Table | None = None
     next_entry: int = 0
-    facts: dict = field(default_factory=dict)  # mode, reason, rows read, entries searched, ...
+    facts: VectorFacts = field(default_factory=VectorFacts)
 
 
 def reuse_reason(base: IndexVersion | None, rows: CorpusRows, setting, full: bool) -> str:
@@ -65,14 +97,14 @@ def reuse_reason(base: IndexVersion | None, rows: CorpusRows, setting, full: boo
     if base.format != vector_index_format():
         return "an index of an older format"
     key = (rows.parts.snapshot.inference_key if rows.parts.snapshot else "") or ""
-    if base.table.get("inference_key", "") != key:
+    if (base.table.inference_key or "") != key:
         return "the table's model or preprocessing changed"
-    kept = base.threshold.get("threshold")
+    kept = base.threshold.threshold
     if kept is None:
         return "the last index has no embedding threshold"
-    if setting != "auto" and setting < (base.threshold.get("floor") or kept) - 1e-9:
+    if setting != "auto" and setting < (base.threshold.floor or kept) - 1e-9:
         return f"--embedding-threshold {setting} is below the {kept:.4f} the index was searched at"
-    if setting == "auto" and base.threshold.get("chosen_by") == "given":
+    if setting == "auto" and base.threshold.chosen_by == "given":
         return "auto asked of an index built with a given threshold"
     return ""
 
@@ -110,7 +142,7 @@ def update_vectors(
     alive = unique_sorted(entry[entry >= 0])
     update = VectorUpdate(entry, *_empty_pairs(), EmbeddingThreshold(None, "auto"))
     update.next_entry = previous.next_entry + len(new_ids)
-    update.facts = {"rows": rows.count, "rows_read": int(len(read)), "new_entries": int(len(new_ids))}
+    update.facts = VectorFacts(rows=rows.count, rows_read=int(len(read)), new_entries=int(len(new_ids)))
     if not len(alive):
         discard(staged)
         update.decision = EmbeddingThreshold(None, "off", reason="no row has a usable embedding")
@@ -125,8 +157,9 @@ def update_vectors(
     searched = PartitionedIndex.open(
         index, update.segments, sizes.tolist(), layout.dim, partitions, ray_address
     )
-    update.facts["index_seconds"] = round(time.monotonic() - started, 2)
-    update.facts["partitions"] = searched.placement()
+    update.facts = replace(
+        update.facts, index_seconds=round(time.monotonic() - started, 2), partitions=searched.placement()
+    )
     try:
         if not previous.base_used:
             layout = update.layout = _screened(searched, layout, alive, reader)
@@ -142,7 +175,7 @@ def update_vectors(
     finally:
         searched.close()
     started = time.monotonic()
-    measured = base.threshold.get("search_recall", {}) if previous.base_used and base else {}
+    measured = dict(base.threshold.search_recall) if previous.base_used and base else {}
     if not measured.get("queries"):  # an exact check reads every vector: at full builds only
         floor = update.decision.floor
         measured = {**sampled_recall(layout, queries, alive, reader, found, floor), "index_version": version}
@@ -150,7 +183,7 @@ def update_vectors(
         update.decision.search_recall = measured  # an update carries the full build's checks
     else:
         update.decision.search_recall = {**measured, **positives_found(update, entry, groups, reader)}
-    update.facts["recall_check_seconds"] = round(time.monotonic() - started, 2)
+    update.facts = replace(update.facts, recall_check_seconds=round(time.monotonic() - started, 2))
     return update
 
 
@@ -162,13 +195,13 @@ def _search(update: VectorUpdate, searched, layout, queries, reader, alive, prev
     found = vector_index.search(
         searched, _searching(layout, previous.base_used), queries, reader, floor, is_live
     )
-    update.facts.update(
+    update.facts = replace(
+        update.facts,
         search_seconds=round(time.monotonic() - started, 2),
         entries=int(len(alive)),
         entries_searched=int(len(queries)),
-        pairs_compared=found.compared,
-        reranked=found.reranked,
-        mode="incremental" if previous.base_used else "full",
+        pairs_compared=int(found.compared),
+        reranked=int(found.reranked),
     )
     _merge_pairs(update, previous, found, is_live, floor)
     return found
@@ -270,8 +303,7 @@ def _merge_pairs(update: VectorUpdate, previous: _Previous, found, is_live, floo
         _, first = np.unique(a * (int(b.max()) + 1) + b, return_index=True)
         a, b, c = a[first], b[first], c[first]
     update.pair_a, update.pair_b, update.cosine = a, b, c
-    update.facts["edges_kept"] = int(keep.sum())
-    update.facts["edges_new"] = int(len(a) - keep.sum())
+    update.facts = replace(update.facts, edges_kept=int(keep.sum()), edges_new=int(len(a) - keep.sum()))
 
 
 def _entries_table(entry, previous: _Previous, segment_of: np.ndarray, staged: Staged) -> pa.Table:

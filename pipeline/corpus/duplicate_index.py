@@ -28,13 +28,16 @@ import json
 import os
 import posixpath
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import TagpipeError
+from pipeline.corpus.embedding_threshold import EmbeddingThreshold
+from pipeline.corpus.vector_index import IndexLayout
 from pipeline.storage.filesystem import create_exclusive, filesystem_for, is_local, retry, write_atomic
 from pipeline.storage.outputs import mark_output
 
@@ -72,35 +75,91 @@ INDEX_EDGES_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
+class IndexedTable:
+    """What an index version says of the tag table it indexes (its `table`)."""
+
+    uri: str = ""
+    version: int = 0
+    run_id: str = ""
+    inference_key: str = ""
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> IndexedTable:
+        return cls(**_known(cls, record))
+
+
+@dataclass(frozen=True)
+class IndexCounts:
+    """What an index version holds: table rows, and live distinct vectors (its `counts`)."""
+
+    rows: int = 0
+    entries: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> IndexCounts:
+        return cls(**_known(cls, record))
+
+
+def _known(cls, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields of a stored record this tagpipe knows (others, from a newer one, left out)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (record or {}).items() if k in names}
+
+
+@dataclass(frozen=True)
 class IndexVersion:
-    """One committed state of the index. Files are relative to the index folder."""
+    """One committed state of the index. Files are relative to the index folder.
+
+    Stored as JSON with the nested records as plain objects (`layout` {} when no row had
+    an embedding); from_json reads a version an older tagpipe wrote, a field it lacks
+    taking its default here, in one place."""
 
     version: int
     run_id: str
     committed_at: str
-    table: dict  # uri, version, run_id, inference_key of the tag table it indexes
-    layout: dict  # vector_index.IndexLayout.record(); {} when no row had an embedding
+    table: IndexedTable
+    layout: IndexLayout | None  # None when no row had an embedding
     trained: str  # "" when no vectors are indexed
     segments: tuple[str, ...]  # segment names (each has .faiss, .vectors, .ids.npy)
     state: str
     entries: str
     edges: str
     next_entry: int
-    threshold: dict  # the embedding threshold's decision (embedding_threshold.EmbeddingThreshold)
+    threshold: EmbeddingThreshold  # the embedding threshold's decision
     max_distance: int
     format: int = INDEX_FORMAT
-    counts: dict = field(default_factory=dict)
+    counts: IndexCounts = field(default_factory=IndexCounts)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "table": asdict(self.table),
+            "layout": self.layout.record() if self.layout else {},
+            "segments": list(self.segments),
+            "threshold": self.threshold.record(),
+            "counts": asdict(self.counts),
+        }
 
     def to_json(self) -> bytes:
-        record = asdict(self)
-        record["segments"] = list(self.segments)
-        return json.dumps(record, indent=1, sort_keys=True).encode()
+        return json.dumps(self.record(), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> IndexVersion:
+        given = _known(cls, record)
+        return cls(
+            **{
+                **given,
+                "table": IndexedTable.from_record(record.get("table")),
+                "layout": IndexLayout.from_record(record["layout"]) if record.get("layout") else None,
+                "segments": tuple(record.get("segments") or ()),
+                "threshold": EmbeddingThreshold.from_record(record.get("threshold")),
+                "counts": IndexCounts.from_record(record.get("counts")),
+            }
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> IndexVersion:
-        record = json.loads(data)
-        record["segments"] = tuple(record["segments"])
-        return cls(**record)
+        return cls.from_record(json.loads(data))
 
 
 # what a dedup output holds at its root (dedup.py writes the first three)
@@ -223,16 +282,11 @@ def _version_name(version: int) -> str:
     return posixpath.join("versions", f"{version:012d}.json")
 
 
-def record_table(uri: str, snapshot) -> dict:
+def record_table(uri: str, snapshot) -> IndexedTable:
     """What an index version says of the table it indexes."""
     if snapshot is None:
-        return {"uri": uri, "version": 0, "run_id": "", "inference_key": ""}
-    return {
-        "uri": uri,
-        "version": snapshot.version,
-        "run_id": snapshot.run_id,
-        "inference_key": snapshot.inference_key,
-    }
+        return IndexedTable(uri)
+    return IndexedTable(uri, snapshot.version, snapshot.run_id, snapshot.inference_key)
 
 
 class RowFile:

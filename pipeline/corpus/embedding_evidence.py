@@ -29,7 +29,7 @@ def decide(
 ) -> EmbeddingThreshold:
     pairs = int(len(alive) * vector_index.compared_per_query(layout, len(alive)))
     if base is not None:  # an update keeps the threshold and what was measured of it
-        decision = EmbeddingThreshold.from_record(base.threshold)
+        decision = replace(base.threshold)  # a copy: the base's record stays as it was read
         decision.chosen_by = "kept" if decision.chosen_by != "given" else "given"
         decision.pairs_compared = pairs
         if setting in ("auto", None) or float(setting) == decision.threshold:

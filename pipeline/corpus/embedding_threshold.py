@@ -56,6 +56,31 @@ MIN_SHAPE = 30  # planted edits, at least, to take copies out by their shape
 FIT_DECADES = 1.0  # the tail fitted: this much survival above its deepest clean level
 
 
+@dataclass(frozen=True)
+class IndexSearch:
+    """What an audit's search in dedup's index covered (its `embedding.index`): the
+    vectors on each side, and how many it searched (an incremental audit: what changed)."""
+
+    mode: str = "full"  # full | incremental
+    eval_vectors: int = 0
+    train_vectors: int = 0
+    eval_searched: int = 0
+    train_searched: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> IndexSearch | None:
+        """From a stored `index` ({} or absent: the audit searched an index of its own)."""
+        if not record:
+            return None
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
+    def text(self) -> str:
+        return (
+            f"searched in dedup's index ({self.mode}: {self.eval_searched} eval "
+            f"and {self.train_searched} train vectors)"
+        )
+
+
 @dataclass
 class EmbeddingThreshold:
     """How the embedding threshold was set, and what it was measured to do: dedup's
@@ -77,10 +102,11 @@ class EmbeddingThreshold:
     recall_by_edit: dict[str, float] = field(default_factory=dict)  # edit -> share at or above it
     search_recall: dict[str, int] = field(default_factory=dict)  # measured after the search (dedup)
     reason: str = ""  # why it is off, or a plain warning about it
-    index: dict[str, Any] = field(default_factory=dict)  # the audit: what its index search covered
+    index: IndexSearch | None = None  # the audit: what its search in dedup's index covered
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        """As stored: `index` {} when the audit searched an index of its own (or for dedup)."""
+        return {**asdict(self), "index": asdict(self.index) if self.index else {}}
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> EmbeddingThreshold:
@@ -90,6 +116,7 @@ class EmbeddingThreshold:
         known = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
         if known.get("threshold") is not None:
             known.setdefault("chosen_by", "given")
+        known["index"] = IndexSearch.from_record(known.get("index"))
         return cls(**known)
 
     @property

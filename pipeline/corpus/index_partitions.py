@@ -75,6 +75,15 @@ class PartitionSearcher:
         return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else "local"
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one partition was searched (dedup's summary keeps them: index.partitions)."""
+
+    segments: int = 0
+    entries: int = 0
+    node: str = "local"  # a Ray node id, or local
+
+
 class PartitionedIndex:
     """What vector_index.search asks of an index (ntotal, candidates, scored), answered by
     every partition and merged: each query's k best estimates of the union."""
@@ -122,12 +131,9 @@ class PartitionedIndex:
     def scored(self, layout: IndexLayout, q_ids, q, floor: float, k: int):
         return _best(self._each("scored", layout, q_ids, _wire(q), floor, k), k)
 
-    def placement(self) -> list[dict]:
+    def placement(self) -> tuple[Placement, ...]:
         nodes = self._each("node")
-        return [
-            {"segments": len(p.segments), "entries": p.entries, "node": node}
-            for p, node in zip(self.partitions, nodes)
-        ]
+        return tuple(Placement(len(p.segments), p.entries, node) for p, node in zip(self.partitions, nodes))
 
     def close(self) -> None:
         if self.remote:

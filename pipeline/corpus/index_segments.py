@@ -20,7 +20,6 @@ import numpy as np
 from pipeline.corpus import vector_index
 from pipeline.corpus.corpus_rows import CorpusRows
 from pipeline.corpus.duplicate_index import DuplicateIndex, RowFile
-from pipeline.corpus.vector_index import IndexLayout
 
 DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
@@ -75,10 +74,10 @@ def write_segments(update, index, base, staged: Staged, alive: int, run_id: str,
     """The layout after this run's new segments are added (update.trained and .segments set),
     and each new entry's segment number. pieces: a full build's entries are cut into this
     many segments (one per partition); an update adds one."""
-    dim = staged.dim or (IndexLayout.from_record(base.layout).dim if base else 0)
+    dim = staged.dim or (base.layout.dim if base and base.layout else 0)
     stored = RowFile(staged.path, dim) if dim and os.path.getsize(staged.path) else None
     if base is not None:
-        update.layout = IndexLayout.from_record(base.layout)
+        update.layout = base.layout
         update.trained, update.segments = base.trained, list(base.segments)
     else:
         update.layout = vector_index.layout_for(alive, dim)

@@ -58,7 +58,7 @@ class IndexLayout:
 
     @classmethod
     def from_record(cls, record: dict) -> IndexLayout:
-        return cls(**{**record, "screen": tuple(record["screen"])})
+        return cls(**{**record, "screen": tuple(record.get("screen") or ())})
 
     def outgrown(self, vectors: int) -> bool:
         """True when this many vectors should be indexed with a layout trained afresh."""

@@ -44,7 +44,7 @@ def test_an_audit_in_dedups_index_follows_the_change(tmp_path):
         split, split, output=audit_out, tags=tags, embedding_threshold=0.8, dedup=str(tmp_path / "dedup")
     )
     own, _ = run_audit(split, split, tags=tags, embedding_threshold=0.8)  # its own train-only index
-    assert report.embedding.index["mode"] == "full"
+    assert report.embedding.index.mode == "full"
     assert _embedding_leaks(leaks) == _embedding_leaks(own) and len(_embedding_leaks(leaks)) > 10
     assert report.not_checked["embedding"] == 0
 
@@ -57,9 +57,9 @@ def test_an_audit_in_dedups_index_follows_the_change(tmp_path):
     )
     own, own_report = run_audit(split, split, tags=tags, embedding_threshold=0.8)
     facts = report.embedding.index
-    assert facts["mode"] == "incremental"
-    assert facts["eval_searched"] < 0.2 * facts["eval_vectors"] and facts["train_searched"] <= 100
-    said = f"searched in dedup's index (incremental: {facts['eval_searched']} eval and "
+    assert facts.mode == "incremental"
+    assert facts.eval_searched < 0.2 * facts.eval_vectors and facts.train_searched <= 100
+    said = f"searched in dedup's index (incremental: {facts.eval_searched} eval and "
     assert said in report.text() and "searched in" not in own_report.text()  # the terminal line says so
     assert _embedding_leaks(leaks) == _embedding_leaks(own)
     assert not {train for _, train in _embedding_leaks(leaks)} & gone
@@ -117,5 +117,5 @@ def test_when_the_nearest_train_image_leaves_train_the_next_one_is_found(tmp_pat
     assert _embedding_leaks(first) == {(uris[0], uris[300])}
     s2 = split("s2", {uris[300]})
     second, report = run_audit(s2, s2, output=audit, tags=tags, embedding_threshold=0.85, dedup=dedup)
-    assert report.embedding.index["mode"] == "incremental" and report.embedding.index["eval_searched"] == 1
+    assert report.embedding.index.mode == "incremental" and report.embedding.index.eval_searched == 1
     assert _embedding_leaks(second) == {(uris[0], uris[301])}

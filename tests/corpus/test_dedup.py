@@ -166,8 +166,8 @@ def test_chained_near_duplicates_are_reported_as_a_giant_cluster(tmp_path):
     pq.write_table(table, tmp_path / "tags" / "part-0.parquet")
     summary = run_dedup(str(tmp_path / "tags"), str(tmp_path / "out"), max_distance=2)
     (giant,) = summary.giant_clusters
-    assert giant["size"] >= GIANT_CLUSTER and summary.largest_cluster == giant["size"]
-    assert giant["diameter_hops"] >= 10 and giant["spread_bits"] > 2  # chaining carried it far beyond R
+    assert giant.size >= GIANT_CLUSTER and summary.largest_cluster == giant.size
+    assert giant.diameter_hops >= 10 and giant.spread_bits > 2  # chaining carried it far beyond R
 
 
 def test_the_original_represents_its_cluster_over_a_later_edited_copy_with_more_bytes(

@@ -57,7 +57,7 @@ def test_nightly_increments_equal_a_full_rebuild(tmp_path, layout_kind):
     tags, out = str(tmp_path / "tags"), tmp_path / "dedup"
     truth = write_planted_table(tags, spec)
     first = run_dedup(tags, str(out))
-    assert first.index["mode"] == "full" and first.index["entries_searched"] == first.index["entries"]
+    assert first.index.mode == "full" and first.index.vectors.entries_searched == first.index.vectors.entries
     checked = first.embedding.search_recall  # sampled queries against every vector, exactly
     assert checked["sampled_true"] > 0 and checked["sampled_found"] >= 0.95 * checked["sampled_true"]
     kind = json.loads((out / "_index" / "_current.json").read_text())["layout"]["kind"]
@@ -66,12 +66,16 @@ def test_nightly_increments_equal_a_full_rebuild(tmp_path, layout_kind):
         step = Increment(added=60, changed=20, deleted=30, seed=night)
         apply_increment(tags, spec, step, truth)
         summary = run_dedup(tags, str(out))
-        assert summary.index["mode"] == "incremental"
-        assert summary.index["rows_read"] == step.added + step.changed  # embeddings read: only theirs
-        assert summary.index["entries_searched"] == summary.index["new_entries"] <= step.added + step.changed
-        assert summary.index["hashes_searched"] <= step.added + step.changed
+        assert summary.index.mode == "incremental"
+        assert summary.index.vectors.rows_read == step.added + step.changed  # embeddings read: only theirs
+        assert (
+            summary.index.vectors.entries_searched
+            == summary.index.vectors.new_entries
+            <= step.added + step.changed
+        )
+        assert summary.index.hashes_searched <= step.added + step.changed
     rebuilt = run_dedup(tags, str(tmp_path / "rebuilt"), full=True)
-    assert rebuilt.index["mode"] == "full" and rebuilt.embedding.threshold == pytest.approx(
+    assert rebuilt.index.mode == "full" and rebuilt.embedding.threshold == pytest.approx(
         first.embedding.threshold, abs=0.05
     )
     incremental, full = _partition(_clusters(out)), _partition(_clusters(tmp_path / "rebuilt"))
@@ -107,7 +111,7 @@ def test_identical_vectors_are_one_entry_and_one_edge_each(tmp_path):
     truth = write_planted_table(tags, spec)
     summary = run_dedup(tags, str(tmp_path / "out"))
     assert summary.embedding.threshold is not None
-    assert summary.index["entries"] == 3000 + 1
+    assert summary.index.vectors.entries == 3000 + 1
     edges = pq.read_table(tmp_path / "out" / "edges.parquet")
     assert edges.num_rows <= 5000  # at most one edge per row
     assert summary.edges["embedding"] == 1999 + len(truth.source)
@@ -175,7 +179,7 @@ def test_deleting_a_bridge_splits_its_cluster(tmp_path):
     )
     summary = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.93)
     clusters = _clusters(tmp_path / "out")
-    assert summary.index["mode"] == "incremental" and summary.index["rows_read"] == 0
+    assert summary.index.mode == "incremental" and summary.index.vectors.rows_read == 0
     assert clusters[uris[0]] != clusters[uris[201]]
 
 
@@ -197,7 +201,7 @@ def test_a_run_stopped_before_its_commit_leaves_the_last_version(tmp_path, monke
     index = DuplicateIndex(str(tmp_path / "out"))
     assert index.current().version == 1 and _clusters(tmp_path / "out") == before
     again = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.9)
-    assert again.index["version"] == 2 and again.index["mode"] == "incremental"
+    assert again.index.version == 2 and again.index.mode == "incremental"
 
 
 def test_two_runs_racing_for_one_version_refuse_the_second(tmp_path):
@@ -217,9 +221,9 @@ def test_a_new_model_or_a_lower_threshold_rebuilds(tmp_path):
     write_planted_table(tags, spec)
     run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.9)
     lower = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.8)
-    assert lower.index["mode"] == "full" and "below the 0.9000" in lower.index["reason"]
+    assert lower.index.mode == "full" and "below the 0.9000" in lower.index.reason
     higher = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.85)
-    assert higher.index["mode"] == "incremental" and higher.index["rows_read"] == 0
+    assert higher.index.mode == "incremental" and higher.index.vectors.rows_read == 0
     table = TagTable(tags)
     snapshot = table.snapshot()
     commit_version(
@@ -233,4 +237,4 @@ def test_a_new_model_or_a_lower_threshold_rebuilds(tmp_path):
         model_name="other",
     )
     retagged = run_dedup(tags, str(tmp_path / "out"), embedding_threshold=0.85)
-    assert retagged.index["mode"] == "full" and "model or preprocessing changed" in retagged.index["reason"]
+    assert retagged.index.mode == "full" and "model or preprocessing changed" in retagged.index.reason
