@@ -64,9 +64,9 @@ def split(
     emit_result(report)
     for bridge in report.bridges:
         typer.echo(
-            f"bridge: cluster {bridge['cluster_id'][:16]} "
-            f"joins previous {'+'.join(bridge['previous_splits'])}: "
-            f"{bridge['held_out']} new image(s) held out"
+            f"bridge: cluster {bridge.cluster_id[:16]} "
+            f"joins previous {'+'.join(bridge.previous_splits)}: "
+            f"{bridge.held_out} new image(s) held out"
         )
 
 

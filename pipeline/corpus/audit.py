@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +53,11 @@ from pipeline.table.input_kinds import AUDIT, expect, expect_output
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditReport:
+    """An audit's report (audit.json, the nightly's audits), built once from each signal's
+    result; from_record reads one an older tagpipe wrote."""
+
     train_images: int = 0
     eval_images: int = 0
     leaks: int = 0  # eval images with a train copy or near-duplicate by any signal
@@ -64,11 +68,25 @@ class AuditReport:
     unchecked: int = 0  # eval images neither phash nor embedding could check
     max_distance: int = 6
     embedding: EmbeddingThreshold = field(default_factory=EmbeddingThreshold)  # how the cosine was set
-    histogram: dict[int, int] = field(
+    histogram: dict[str, int] = field(
         default_factory=dict
     )  # bits -> eval images whose nearest train image (sha256 or phash) is that far
-    asked: list[str] = field(default_factory=list)  # the signals the run was asked to use
+    asked: tuple[str, ...] = ()  # the signals the run was asked to use
     complete: bool = False  # every eval image checked by every signal in `asked`
+
+    def record(self) -> dict[str, Any]:
+        """The audit.json object (its embedding as EmbeddingThreshold.record() stores it)."""
+        return {**asdict(self), "asked": list(self.asked), "embedding": self.embedding.record()}
+
+    def json_record(self) -> dict[str, Any]:
+        return self.record()
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> AuditReport:
+        given = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
+        given["asked"] = tuple(given.get("asked") or ())
+        given["embedding"] = EmbeddingThreshold.from_record(given.get("embedding"))
+        return cls(**given)
 
     def short_of(self) -> dict:
         """signal -> eval images it could not check, for the asked signals that missed some."""
@@ -119,7 +137,7 @@ class AuditReport:
         )
 
 
-def short_of(asked: list, not_checked: dict) -> dict:
+def short_of(asked, not_checked: dict) -> dict:
     """signal -> eval images it could not check, for each asked signal that missed some
     (an audit record's `asked` and `not_checked`: the nightly reads its records so).
 
@@ -140,9 +158,9 @@ def missing_text(missing: dict, eval_images: int) -> str:
     return f"not checked by {listed} of {eval_images} eval images"
 
 
-def asked_signals(embedding_threshold) -> list[str]:
+def asked_signals(embedding_threshold) -> tuple[str, ...]:
     """sha256 and phash always; the embedding unless its threshold is off (None)."""
-    return [SHA256, PHASH] + ([EMBEDDING] if embedding_threshold is not None else [])
+    return (SHA256, PHASH) + ((EMBEDDING,) if embedding_threshold is not None else ())
 
 
 @dataclass
@@ -154,6 +172,17 @@ class _Found:
     train_row: np.ndarray
     distance: np.ndarray  # phash bits (0 for sha256); -1 for embedding
     cosine: np.ndarray  # embedding; nan for the others
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One signal's leaks, which eval rows it checked, and what it could not check or use."""
+
+    found: _Found
+    checked: np.ndarray
+    not_checked: dict[str, int]  # signal (or signal:reason) -> eval images
+    train_not_usable: dict[str, int]  # signal -> train images
+    decision: EmbeddingThreshold | None = None  # the embedding's
 
 
 def audit(
@@ -171,14 +200,8 @@ def audit(
     changed since the audit last wrote there (pipeline/corpus/audit_index.py)."""
     train, evaluation = _side(train), _side(evaluation)
     t, e = train.table, evaluation.table
-    report = AuditReport(
-        train_images=t.num_rows,
-        eval_images=e.num_rows,
-        max_distance=max_distance,
-        asked=asked_signals(embedding_threshold),
-    )
-    found = [_sha256_leaks(t, e)]
-    phash, phash_checked = _phash_leaks(t, e, max_distance, report)
+    asked = asked_signals(embedding_threshold)
+    phash = _phash_leaks(t, e, max_distance)
     indexed = None
     if dedup and isinstance(embedding_threshold, float):
         indexed = leaks_in_index(
@@ -186,12 +209,24 @@ def audit(
             output, storage_options,
         )  # fmt: skip
     if indexed is not None:
-        emb, emb_checked = _indexed(indexed, report)
+        emb = _indexed(indexed, t.num_rows)
     else:
-        emb, emb_checked = _embedding_leaks(train, evaluation, embedding_threshold, max_distance, report)
-    report.unchecked = int((~(phash_checked | emb_checked)).sum())
-    report.complete = bool(report.eval_images) and not report.short_of()  # none checked: not clean
-    return _leak_table(t, e, found + [phash, emb], report), report
+        emb = _embedding_leaks(train, evaluation, embedding_threshold, max_distance)
+    table, leaks = _leak_table(t, e, [_sha256_leaks(t, e), phash.found, emb.found])
+    not_checked = {**phash.not_checked, **emb.not_checked}
+    report = AuditReport(
+        train_images=t.num_rows,
+        eval_images=e.num_rows,
+        not_checked=not_checked,
+        train_not_usable={**phash.train_not_usable, **emb.train_not_usable},
+        unchecked=int((~(phash.checked | emb.checked)).sum()),
+        max_distance=max_distance,
+        embedding=emb.decision or EmbeddingThreshold(),
+        asked=asked,
+        complete=bool(e.num_rows) and not short_of(asked, not_checked),  # none checked: not clean
+        **leaks,
+    )
+    return table, report
 
 
 def _side(side: pa.Table | Side) -> Side:
@@ -205,21 +240,20 @@ def _sha256_leaks(train: pa.Table, evaluation: pa.Table) -> _Found:
     return _Found(SHA256, rows, train_rows, np.zeros(len(rows), np.int64), np.full(len(rows), np.nan))
 
 
-def _phash_leaks(train, evaluation, max_distance, report) -> tuple[_Found, np.ndarray]:
+def _phash_leaks(train, evaluation, max_distance) -> _Checked:
     """Nearest reliable train hash within max_distance, per eval image (only pairs with an
     eval hash are searched); and which eval images phash could check."""
     t_hash, _, t_ok, _ = table_hashes(train, "phash_unreliable")
     e_hash, _, e_ok, reasons = table_hashes(evaluation, "phash_unreliable")
-    report.train_not_usable[PHASH] = int((~t_ok).sum())
     if not t_ok.any():  # nothing on the train side to compare with: nothing was checked
         e_ok = np.zeros_like(e_ok)
         reasons = {"no_usable_train_hash": evaluation.num_rows}
-    report.not_checked[PHASH] = int((~e_ok).sum())
-    report.not_checked.update({f"{PHASH}:{k}": v for k, v in reasons.items() if v})
+    not_checked = {PHASH: int((~e_ok).sum()), **{f"{PHASH}:{k}": v for k, v in reasons.items() if v}}
+    train_not_usable = {PHASH: int((~t_ok).sum())}
     t_rows, e_rows = np.flatnonzero(t_ok), np.flatnonzero(e_ok)
     nothing = _Found(PHASH, *(np.zeros(0, np.int64),) * 3, np.zeros(0))
     if not (len(t_rows) and len(e_rows)):
-        return nothing, e_ok
+        return _Checked(nothing, e_ok, not_checked, train_not_usable)
     hashes, inverse = np.unique(np.r_[t_hash[t_rows], e_hash[e_rows]], return_inverse=True)
     t_of, e_of = inverse[: len(t_rows)], inverse[len(t_rows) :]
     first_train = np.full(len(hashes), -1, np.int64)
@@ -241,21 +275,18 @@ def _phash_leaks(train, evaluation, max_distance, report) -> tuple[_Found, np.nd
     rows = e_rows[pick >= 0]
     chosen = pick[pick >= 0]
     found = _Found(PHASH, rows, first_train[y[chosen]], d[chosen], np.full(len(rows), np.nan))
-    return found, e_ok
+    return _Checked(found, e_ok, not_checked, train_not_usable)
 
 
-def _embedding_leaks(
-    train: Side, evaluation: Side, threshold, max_distance, report
-) -> tuple[_Found, np.ndarray]:
+def _embedding_leaks(train: Side, evaluation: Side, threshold, max_distance) -> _Checked:
     """Each eval image's nearest train image at cosine >= the threshold, searched in an index
     of the train images only (pipeline/corpus/audit_vectors.py)."""
     n_eval = evaluation.table.num_rows
     nothing = _Found(EMBEDDING, *(np.zeros(0, np.int64),) * 3, np.zeros(0))
     train_batches, eval_batches = train.batches(), evaluation.batches()
     if threshold is None or train_batches is None or eval_batches is None:
-        report.not_checked[EMBEDDING] = n_eval
-        report.embedding = EmbeddingThreshold(reason="off" if threshold is None else "no embedding column")
-        return nothing, np.zeros(n_eval, bool)
+        off = EmbeddingThreshold(reason="off" if threshold is None else "no embedding column")
+        return _Checked(nothing, np.zeros(n_eval, bool), {EMBEDDING: n_eval}, {}, off)
     t = train.table
     exact = exact_signals(
         t.column("sha256").combine_chunks(),
@@ -264,23 +295,32 @@ def _embedding_leaks(
         max_distance,
     )
     found = embedding_leaks(train_batches, t.num_rows, eval_batches, n_eval, threshold, known_copies(exact))
-    report.embedding = found.decision
-    report.train_not_usable[EMBEDDING] = t.num_rows - found.train_usable
     checked = found.checked if found.decision.threshold is not None else np.zeros(n_eval, bool)
-    report.not_checked[EMBEDDING] = int((~checked).sum())
     distance = np.full(len(found.eval_row), -1, np.int64)
-    return _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine), checked
+    return _Checked(
+        _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine),
+        checked,
+        {EMBEDDING: int((~checked).sum())},
+        {EMBEDDING: t.num_rows - found.train_usable},
+        found.decision,
+    )
 
 
-def _indexed(found, report) -> tuple[_Found, np.ndarray]:
-    report.embedding = found.decision
-    report.train_not_usable[EMBEDDING] = report.train_images - found.train_usable
-    report.not_checked[EMBEDDING] = int((~found.checked).sum())
+def _indexed(found, train_images: int) -> _Checked:
     distance = np.full(len(found.eval_row), -1, np.int64)
-    return _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine), found.checked
+    return _Checked(
+        _Found(EMBEDDING, found.eval_row, found.train_row, distance, found.cosine),
+        found.checked,
+        {EMBEDDING: int((~found.checked).sum())},
+        {EMBEDDING: train_images - found.train_usable},
+        found.decision,
+    )
 
 
-def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], report) -> pa.Table:
+def _leak_table(
+    train: pa.Table, evaluation: pa.Table, found: list[_Found]
+) -> tuple[pa.Table, dict[str, Any]]:
+    """The leaks table, and the report's counts of it (AuditReport's fields of those names)."""
     signal_rank = {SHA256: 0, PHASH: 1, EMBEDDING: 2}
     e = np.concatenate([f.eval_row for f in found]).astype(np.int64)
     t = np.concatenate([f.train_row for f in found]).astype(np.int64)
@@ -290,15 +330,18 @@ def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], repo
     order = np.lexsort((kind, e))
     e, t, d, c, kind = e[order], t[order], d[order], c[order], kind[order]
     names = np.array([SHA256, PHASH, EMBEDDING], object)
-    report.leaks = int(len(unique_sorted(e)))
-    report.exact_leaks = int((kind == 0).sum())
-    report.by_signal = {str(names[k]): int((kind == k).sum()) for k in range(3)}
+    counts = {
+        "leaks": int(len(unique_sorted(e))),
+        "exact_leaks": int((kind == 0).sum()),
+        "by_signal": {str(names[k]): int((kind == k).sum()) for k in range(3)},
+        "histogram": {},
+    }
     hashed = kind < 2  # the nearest train image by sha256 or phash, in bits
     if hashed.any():
         nearest = np.full(evaluation.num_rows, 99, np.int64)
         np.minimum.at(nearest, e[hashed], d[hashed])
-        bits, counts = np.unique(nearest[nearest < 99], return_counts=True)
-        report.histogram = {str(int(b)): int(n) for b, n in zip(bits, counts)}
+        bits, per_bits = np.unique(nearest[nearest < 99], return_counts=True)
+        counts["histogram"] = {str(int(b)): int(n) for b, n in zip(bits, per_bits)}
     table = pa.table(
         {
             "eval_uri": evaluation.column("uri").take(pa.array(e)),
@@ -309,7 +352,7 @@ def _leak_table(train: pa.Table, evaluation: pa.Table, found: list[_Found], repo
             "exact": pa.array(kind == 0),
         }
     )
-    return conform(table, LEAKS_SCHEMA)
+    return conform(table, LEAKS_SCHEMA), counts
 
 
 def run_audit(
@@ -336,7 +379,7 @@ def run_audit(
         write_atomic(f"{path}/leaks.parquet", table=leaks, storage_options=storage_options)
         write_atomic(
             f"{path}/audit.json",
-            json.dumps(asdict(report), indent=1).encode(),
+            json.dumps(report.record(), indent=1).encode(),
             storage_options=storage_options,
         )
     return leaks, report

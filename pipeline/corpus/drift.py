@@ -23,8 +23,8 @@ scan are one statistic's parts; apart, each would need the others' definitions t
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Annotated
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -153,7 +153,7 @@ def two_proportion_p_values(k1, n1: int, k2, n2: int) -> np.ndarray:
     return np.minimum(1.0, 2 * ndtr(-np.abs(z)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class RateChange:
     """One rate in both versions: counts, shares, the change and whether it moved."""
 
@@ -199,9 +199,10 @@ def compare_family(
 
 
 # ---- the comparison ----------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class DriftSummary:
-    """What changed from one version to another (`compared` False: why nothing was)."""
+    """What changed from one version to another (`compared` False: why nothing was); built
+    once by compare_counts, the parts read added by DriftScan.finish."""
 
     table: str
     before_version: int | None = None
@@ -214,15 +215,19 @@ class DriftSummary:
     decoded_after: int = 0
     tags_compared: int = 0
     tag_movers: int = 0
-    movers: list = field(default_factory=list)  # RateChange of the top movers, largest change first
+    movers: tuple[RateChange, ...] = ()  # the top movers, largest change first
     largest_change: RateChange | None = None  # the largest tag change, moved or not
     ood: RateChange | None = None  # None: neither version has OOD flags
-    errors: list = field(default_factory=list)  # RateChange: all errors, then each kind
+    errors: tuple[RateChange, ...] = ()  # all errors, then each kind
     drift: bool = False
-    reasons: list = field(default_factory=list)  # which limits were passed
+    reasons: tuple[str, ...] = ()  # which limits were passed
     parts_read: int = 0
     parts_shared: int = 0  # parts both versions name: read once, counted for both
-    settings: dict = field(default_factory=dict)
+    settings: DriftSettings = field(default_factory=DriftSettings)  # the limits it was judged by
+
+    def record(self) -> dict[str, Any]:
+        """As the nightly file keeps it: the rates as objects, the settings as their fields."""
+        return {**asdict(self), "settings": self.settings.model_dump(mode="json")}
 
     def text(self) -> str:
         if not self.compared:
@@ -298,18 +303,17 @@ def compare_counts(
         decoded_after=after.decoded,
         tags_compared=len(tags),
         tag_movers=len(movers),
-        movers=movers[: settings.top_movers],
+        movers=tuple(movers[: settings.top_movers]),
         largest_change=by_size[0] if by_size else None,
         ood=ood,
-        errors=errors,
-        settings=settings.model_dump(),
+        errors=tuple(errors),
+        settings=settings,
     )
-    summary.reasons = _limits_passed(summary, settings)
-    summary.drift = bool(summary.reasons)
-    return summary
+    reasons = _limits_passed(summary, settings)
+    return replace(summary, reasons=reasons, drift=bool(reasons))
 
 
-def _limits_passed(summary: DriftSummary, settings: DriftSettings) -> list[str]:
+def _limits_passed(summary: DriftSummary, settings: DriftSettings) -> tuple[str, ...]:
     reasons = []
     if summary.tag_movers > settings.max_tag_movers:
         reasons.append(f"{counted(summary.tag_movers, 'tags')} moved (limit {settings.max_tag_movers})")
@@ -324,7 +328,7 @@ def _limits_passed(summary: DriftSummary, settings: DriftSettings) -> list[str]:
                 f"{error.name} rate {error.change * 100:+.2f} points "
                 f"(limit {settings.max_error_rate_change * 100:g})"
             )
-    return reasons
+    return tuple(reasons)
 
 
 class DriftScan:
@@ -368,9 +372,8 @@ class DriftScan:
         summary = compare_counts(
             before, after, settings, self.table.uri, self.before.version, self.after.version
         )
-        summary.parts_read = len(self.seen)
-        summary.parts_shared = sum(1 for side in self.side.values() if side == "shared")
-        return summary
+        shared = sum(1 for side in self.side.values() if side == "shared")
+        return replace(summary, parts_read=len(self.seen), parts_shared=shared)
 
 
 def previous_version(table: TagTable, version: int) -> int | None:

@@ -81,7 +81,7 @@ class IndexedTable:
     uri: str = ""
     version: int = 0
     run_id: str = ""
-    inference_key: str = ""
+    inference_key: str | None = ""  # None: the table's version recorded none
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> IndexedTable:

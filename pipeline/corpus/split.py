@@ -42,7 +42,7 @@ from pipeline.core.settings import build
 from pipeline.core.words import counted
 from pipeline.corpus.audit import audit
 from pipeline.corpus.audit_sides import read_signals
-from pipeline.corpus.embedding_threshold import EmbeddingThreshold
+from pipeline.corpus.dedup import DedupSummary
 from pipeline.corpus.split_columns import (
     Tagged,
     cluster_codes,
@@ -66,14 +66,25 @@ log = logging.getLogger(__name__)
 HELD_OUT = "held_out"
 
 
-@dataclass
+@dataclass(frozen=True)
+class Bridge:
+    """A cluster whose new images join images of more than one previous split: held out."""
+
+    cluster_id: str
+    previous_splits: tuple[str, ...]
+    held_out: int  # its new images, held out
+
+
+@dataclass(frozen=True)
 class SplitReport:
+    """A split run's report (_report.json, the nightly's split), built once at the end."""
+
     images: int = 0
     clusters: int = 0
     sizes: dict[str, int] = field(default_factory=dict)  # split -> images
     fractions: dict[str, float] = field(default_factory=dict)
     kept_from_previous: int = 0
-    bridges: list[dict[str, Any]] = field(default_factory=list)  # {cluster_id, previous_splits, held_out}
+    bridges: tuple[Bridge, ...] = ()
     forced_train_by_exclude: int = 0  # clusters
     unmatched_hashes: dict[str, int] = field(
         default_factory=dict
@@ -85,7 +96,24 @@ class SplitReport:
         default_factory=dict
     )  # split -> tags with >= min_count overall and none there
     label_deviation: dict[str, float] = field(default_factory=dict)  # split -> mean |tag rate - overall rate|
-    empty_splits: list[str] = field(default_factory=list)  # splits with a ratio above 0 that got no image
+    empty_splits: tuple[str, ...] = ()  # splits with a ratio above 0 that got no image
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def json_record(self) -> dict[str, Any]:
+        return self.record()
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> SplitReport:
+        """From a _report.json (one an older tagpipe wrote: what it lacks, the defaults)."""
+        given = {k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__}
+        bridges = given.get("bridges") or ()
+        given["bridges"] = tuple(
+            Bridge(b["cluster_id"], tuple(b["previous_splits"]), b["held_out"]) for b in bridges
+        )
+        given["empty_splits"] = tuple(given.get("empty_splits") or ())
+        return cls(**given)
 
     def text(self) -> str:
         sizes = ", ".join(f"{k} {v} ({self.fractions.get(k, 0):.1%})" for k, v in sorted(self.sizes.items()))
@@ -216,26 +244,33 @@ def run_split(
     unit_split = _drawn(
         tagged, rows, unit, _to_draw(units, unit, before, settings), cluster_ids, names, settings
     )
-    report = SplitReport(images=images.num_rows, clusters=len(units))
     dedup_summary = _dedup_summary(dedup, storage_options)
-    report.unmatched_hashes = dedup_summary.get("unmatched_hashes", {})
+    forced = np.zeros(0, np.int64)
     if settings.exclude:
         forced = _forced_train(
             tags, list(settings.exclude), uris, unit, dedup_summary, settings.max_distance, storage_options
         )
         unit_split[forced] = names.index("train")
-        report.forced_train_by_exclude = len(forced)
     split = unit_split[unit]
-    if before is not None:
-        _keep_previous(report, before, unit, cluster_ids, split, names)
-    _fill_report(report, tag_split_counts(tagged, rows, split, names), split, names, settings.min_count)
-    report.empty_splits = [s for s, share in ratios.items() if share > 0 and s not in report.sizes]
-    if report.empty_splits:
+    kept, bridges = _keep_previous(before, unit, cluster_ids, split, names) if before is not None else (0, ())
+    balance = _balance(tag_split_counts(tagged, rows, split, names), split, names, settings.min_count)
+    empty = tuple(s for s, share in ratios.items() if share > 0 and s not in balance["sizes"])
+    if empty:
         log.warning(
             "split: %s got no image: %s too few for these ratios",
-            ", ".join(report.empty_splits),
-            counted(report.clusters, "clusters"),
+            ", ".join(empty),
+            counted(len(units), "clusters"),
         )
+    report = SplitReport(
+        images=images.num_rows,
+        clusters=len(units),
+        kept_from_previous=kept,
+        bridges=bridges,
+        forced_train_by_exclude=len(forced),
+        unmatched_hashes=dict(dedup_summary.unmatched_hashes),
+        empty_splits=empty,
+        **balance,
+    )
     out = images.append_column("split_unit", cluster_ids.take(pa.array(unit)))
     # the hash's reliability travels with it, so an audit of this file alone knows it
     out = out.append_column("phash_degenerate", pa.array(tagged.degenerate[rows]))
@@ -245,7 +280,7 @@ def run_split(
     write_atomic(f"{path}/splits.parquet", table=conform(out, SPLITS_SCHEMA), storage_options=storage_options)
     write_atomic(
         f"{path}/_report.json",
-        json.dumps(asdict(report), indent=1, sort_keys=True).encode(),
+        json.dumps(report.record(), indent=1, sort_keys=True).encode(),
         storage_options=storage_options,
     )
     return report
@@ -301,7 +336,7 @@ def _forced_train(
     exclude: list[str],
     uris: pa.Array,
     unit: np.ndarray,
-    dedup_summary: dict,
+    dedup_summary: DedupSummary,
     max_distance: int,
     storage_options: dict | None,
 ) -> np.ndarray:
@@ -309,7 +344,7 @@ def _forced_train(
     corpus = read_signals(tags, storage_options, "eval")
     corpus = corpus.filter(pc.is_in(corpus.column("uri"), value_set=uris))
     # the threshold dedup used: exclusions match what dedup would have joined
-    threshold = EmbeddingThreshold.from_record(dedup_summary.get("embedding")).threshold
+    threshold = dedup_summary.embedding.threshold
     forced: set[int] = set()
     for uri in exclude:
         leaks, _ = audit(read_signals(uri, storage_options, "train"), corpus, max_distance, threshold)
@@ -318,16 +353,16 @@ def _forced_train(
 
 
 def _keep_previous(
-    report: SplitReport,
     before: pa.Array,
     unit: np.ndarray,
     cluster_ids: pa.Array,
     split: np.ndarray,
     names: list,
-) -> None:
+) -> tuple[int, tuple[Bridge, ...]]:
     """Images in the previous split keep theirs; a unit's new images take its previous
     members' split, or are held out when those sit in more than one (a bridge). `split`
-    is changed in place; `names` gains the previous split's names this run lacks."""
+    is changed in place; `names` gains the previous split's names this run lacks.
+    Returns the images kept and the bridges."""
     names += sorted(set(pc.unique(before).drop_null().to_pylist()) - set(names))
     kept = pc.is_valid(before).to_numpy(zero_copy_only=False)
     prior = pc.fill_null(pc.index_in(before, value_set=pa.array(names)), 0).to_numpy(zero_copy_only=False)
@@ -344,42 +379,55 @@ def _keep_previous(
     held = np.bincount(unit[new], minlength=len(cluster_ids))
     units, first = np.unique(unit, return_index=True)
     bridged = count[units] > 1
+    bridges = []
     for u in units[bridged][np.argsort(first[bridged])].tolist():  # in the order of each unit's first image
         lo, hi = np.searchsorted(pair_unit, [u, u + 1])
-        _bridge(report, cluster_ids[u].as_py(), sorted(names[s] for s in pair_split[lo:hi]), int(held[u]))
-    report.kept_from_previous = int(kept.sum())
+        bridges.append(
+            _bridge(cluster_ids[u].as_py(), tuple(sorted(names[s] for s in pair_split[lo:hi])), int(held[u]))
+        )
+    return int(kept.sum()), tuple(bridges)
 
 
-def _bridge(report: SplitReport, cluster_id: str, previous: list[str], held_out: int) -> None:
-    report.bridges.append({"cluster_id": cluster_id, "previous_splits": previous, "held_out": held_out})
+def _bridge(cluster_id: str, previous: tuple[str, ...], held_out: int) -> Bridge:
     log.warning(
-        "cluster %s: new images bridge previous splits %s; %d held out", cluster_id[:16], previous, held_out
+        "cluster %s: new images bridge previous splits %s; %d held out",
+        cluster_id[:16],
+        list(previous),
+        held_out,
     )
+    return Bridge(cluster_id, previous, held_out)
 
 
-def _dedup_summary(dedup: str, storage_options: dict | None) -> dict:
-    """dedup's _summary.json ({} when dedup is a bare clusters file)."""
+def _dedup_summary(dedup: str, storage_options: dict | None) -> DedupSummary:
+    """dedup's _summary.json (all defaults when dedup is a bare clusters file)."""
     from pipeline.storage.filesystem import filesystem_for
 
     fs, path = filesystem_for(dedup.rstrip("/") + "/_summary.json", storage_options)
     if dedup.endswith(".parquet") or not fs.exists(path):
-        return {}
+        return DedupSummary()
     with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
+        return DedupSummary.from_record(json.loads(handle.read()))
 
 
-def _fill_report(report: SplitReport, counts: dict, split: np.ndarray, names: list, min_count: int) -> None:
-    """Sizes, positives per tag and split, tags missing from a split, label deviation."""
+def _balance(counts: dict, split: np.ndarray, names: list, min_count: int) -> dict[str, Any]:
+    """The report's sizes, fractions, positives per tag and split, tags missing from a
+    split, and label deviation (SplitReport's fields of those names)."""
     images = np.bincount(split, minlength=len(names))
     present = sorted(names[i] for i in np.flatnonzero(images))
-    report.sizes = {s: int(images[names.index(s)]) for s in present}
-    report.fractions = {s: round(report.sizes[s] / len(split), 6) for s in present}
-    report.positives = counts
+    sizes = {s: int(images[names.index(s)]) for s in present}
     total = {t: sum(v.values()) for t, v in counts.items()}
+    zero_positive_tags, label_deviation = {}, {}
     for s in present:
         if s == HELD_OUT:
             continue
         frequent = [t for t, n in total.items() if n >= min_count]
-        report.zero_positive_tags[s] = sorted(t for t in frequent if counts[t].get(s, 0) == 0)
-        rates = [abs(counts[t].get(s, 0) / report.sizes[s] - total[t] / len(split)) for t in total]
-        report.label_deviation[s] = round(float(np.mean(rates)), 6) if rates else 0.0
+        zero_positive_tags[s] = sorted(t for t in frequent if counts[t].get(s, 0) == 0)
+        rates = [abs(counts[t].get(s, 0) / sizes[s] - total[t] / len(split)) for t in total]
+        label_deviation[s] = round(float(np.mean(rates)), 6) if rates else 0.0
+    return {
+        "sizes": sizes,
+        "fractions": {s: round(sizes[s] / len(split), 6) for s in present},
+        "positives": counts,
+        "zero_positive_tags": zero_positive_tags,
+        "label_deviation": label_deviation,
+    }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -55,8 +55,11 @@ from pipeline.table.tag_table import READ_THREADS, TagTable, commit_version
 from pipeline.table.version_fields import LabelCheckCounts, VersionCounts
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelCheckSummary:
+    """A label check's report, built once its parts are checked (the committed version
+    added by compare-tags)."""
+
     rule: str = ""  # calibrated | data
     parts: int = 0
     parts_skipped: int = 0  # labels file written before (an earlier attempt, or the same labels)
@@ -128,7 +131,6 @@ def check_labels(
     if isinstance(source_tags, str):
         source_tags = read_source_file(source_tags, table.storage_options, aliases, settings)
     indexed, source_counts = index_source_tags(source_tags, post, judged)
-    summary = LabelCheckSummary(rule=rule.value, parts=len(files), source=source_counts)
     ensure_ray(ray_address)
     statistics = None
     if rule is LabelRule.DATA:
@@ -138,15 +140,21 @@ def check_labels(
     ref = ray.put(_Context(post, indexed, judged, resolved))
     task = ray.remote(num_cpus=1, max_retries=3)(_label_part)
     pending = [task.remote(table.uri, table.storage_options, f, key, ref) for f in files]
-    labels, matched = {}, 0
+    labels, total, skipped = {}, PartLabelCounts(), 0
     for file, (written, counts, done) in zip(files, results_in_order(pending, "label check", progress)):
         labels[file] = written
-        summary.counts += counts
-        summary.parts_skipped += done
-        matched += counts.with_source
-    summary.labels_written = len(files) - summary.parts_skipped
-    summary.source_unmatched = indexed.num_rows - matched
-    summary.seconds = round(time.monotonic() - started, 3)
+        total += counts
+        skipped += done
+    summary = LabelCheckSummary(
+        rule=rule.value,
+        parts=len(files),
+        parts_skipped=skipped,
+        counts=total,
+        source=source_counts,
+        source_unmatched=indexed.num_rows - total.with_source,
+        labels_written=len(files) - skipped,
+        seconds=round(time.monotonic() - started, 3),
+    )
     return labels, summary
 
 
@@ -269,8 +277,7 @@ def run_compare_tags(
         table, base.files, bundle, rules, settings, source, aliases, progress, ray_address
     )
     if labels == base.labels:  # a repeat of a finished check
-        summary.version = base.version
-        return summary
+        return replace(summary, version=base.version)
     snapshot = commit_version(
         table,
         base,
@@ -285,8 +292,7 @@ def run_compare_tags(
         rows=base.rows,
         labels=labels,
     )
-    summary.version = snapshot.version
-    return summary
+    return replace(summary, version=snapshot.version)
 
 
 def _table_uris(table: TagTable, files: tuple[str, ...]):

@@ -66,7 +66,23 @@ class NightlySummary:
 
     def json_record(self) -> dict[str, Any]:
         """`--log-format json`'s result: the fields, and the leaks count scripts gate on."""
-        return {**asdict(self), "leaks": self.leaks}
+        return {
+            "run_id": self.run_id,
+            "tag": asdict(self.tag),
+            **self._stage_records(),
+            "report": self.report,
+            "timings": dict(self.timings),
+            "leaks": self.leaks,
+        }
+
+    def _stage_records(self) -> dict[str, Any]:
+        """dedup, split, audits and drift, each as its own file has it."""
+        return {
+            "dedup": self.dedup.record(),
+            "split": self.split.record(),
+            "audits": {name: audit.record() for name, audit in self.audits.items()},
+            "drift": self.drift.record() if self.drift else None,
+        }
 
     def text(self) -> str:
         lines = [self.tag.text(), self.dedup.text(), self.split.text()]
@@ -98,11 +114,9 @@ class NightlySummary:
             "counts": tag.counts().record(),
             "version": tag.version,
             "change": tag.change,
-            "dedup": asdict(self.dedup),
-            "split": {k: v for k, v in asdict(self.split).items() if k not in ("positives",)},
-            "audits": {name: asdict(audit) for name, audit in self.audits.items()},
+            **self._stage_records(),
+            "split": {k: v for k, v in self.split.record().items() if k not in ("positives",)},
             "leaks": self.leaks,
-            "drift": asdict(self.drift) if self.drift else None,
             "report": self.report,
             "timings": {**{f"tag.{k}": v for k, v in tag.timings.items()}, **self.timings},
         }

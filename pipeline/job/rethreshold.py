@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,15 +37,18 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # rows re-tagged per call: bounds the entry arrays, not the vocabulary
 
 
-@dataclass
+@dataclass(frozen=True)
 class RethresholdSummary:
+    """A rethreshold's report, built once its parts are rewritten (the version and time
+    added when it commits)."""
+
     parts: int = 0
     parts_skipped: int = 0
     rows: int = 0
     rows_changed: int = 0
     version: int = 0  # the committed version
     seconds: float = 0.0
-    by_part: list[str | None] = field(default_factory=list)  # each part's rewrite (None: no row left)
+    by_part: tuple[str | None, ...] = ()  # each part's rewrite (None: no row left)
     unchanged: bool = False  # the rules were the version's own: nothing re-tagged, nothing committed
 
     def text(self) -> str:
@@ -163,7 +166,7 @@ def run_rethreshold(
 ) -> RethresholdSummary:
     """Re-tag a table's current version with new rules: into `output` as a new table,
     or (output None or the same) in place as a new version of the same table."""
-    from pipeline.core.ray_session import ensure_ray, new_run_id
+    from pipeline.core.ray_session import new_run_id
 
     started = time.monotonic()
     storage_options = storage_options or {}
@@ -209,21 +212,10 @@ def run_rethreshold(
         )
         for f in base.files
     ]
-    summary, labels = RethresholdSummary(parts=len(jobs)), {}
-    if jobs:
-        ensure_ray(ray_address)
-        for result in rewrite_parts(jobs, storage_options, "rethreshold"):
-            summary.rows += result.rows
-            summary.rows_changed += result.rows_changed
-            summary.parts_skipped += result.already_done
-            summary.by_part.append(result.file)
-            if result.file and result.labels:
-                labels[result.file] = result.labels
+    summary, labels = _rewritten(jobs, storage_options, ray_address)
     files = tuple(sorted(f for f in summary.by_part if f))
     if target_base is not None and (target_base.files, target_base.labels) == (files, labels):  # a repeat
-        summary.version = target_base.version
-        summary.seconds = round(time.monotonic() - started, 3)
-        return summary
+        return replace(summary, version=target_base.version, seconds=round(time.monotonic() - started, 3))
     snapshot = commit_version(
         target,
         target_base,
@@ -240,6 +232,27 @@ def run_rethreshold(
         rows=summary.rows,
         labels=labels,
     )
-    summary.version = snapshot.version
-    summary.seconds = round(time.monotonic() - started, 3)
-    return summary
+    return replace(summary, version=snapshot.version, seconds=round(time.monotonic() - started, 3))
+
+
+def _rewritten(
+    jobs: list[RewriteJob], storage_options: dict, ray_address: str | None
+) -> tuple[RethresholdSummary, dict[str, str]]:
+    """Every part rewritten (Ray tasks): what they counted, and each new part's labels file."""
+    from pipeline.core.ray_session import ensure_ray
+
+    results, labels = [], {}
+    if jobs:
+        ensure_ray(ray_address)
+        results = list(rewrite_parts(jobs, storage_options, "rethreshold"))
+    for result in results:
+        if result.file and result.labels:
+            labels[result.file] = result.labels
+    summary = RethresholdSummary(
+        parts=len(jobs),
+        parts_skipped=sum(r.already_done for r in results),
+        rows=sum(r.rows for r in results),
+        rows_changed=sum(r.rows_changed for r in results),
+        by_part=tuple(r.file for r in results),
+    )
+    return summary, labels

@@ -316,7 +316,7 @@ def _split_case(tmp_path):
 
 def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path, monkeypatch):
     from pipeline.corpus import split_columns
-    from pipeline.corpus.split import HELD_OUT, assign, cluster_unit, run_split
+    from pipeline.corpus.split import HELD_OUT, Bridge, assign, cluster_unit, run_split
 
     monkeypatch.setattr(split_columns, "BLOCK_ROWS", 3)  # tags counted over several blocks
     tags, uri = _split_case(tmp_path)
@@ -331,10 +331,10 @@ def test_split_keeps_previous_splits_and_holds_out_bridges(tmp_path, monkeypatch
     assert dict(zip(out.column("uri").to_pylist(), out.column("split").to_pylist())) == {
         uri[n]: s for n, s in want.items()
     }
-    assert report.bridges == [  # A is reported too: its earlier images sit in two splits, none new
-        {"cluster_id": "cluster-A", "previous_splits": ["test", "val"], "held_out": 0},
-        {"cluster_id": "cluster-C", "previous_splits": ["test", "train"], "held_out": 1},
-    ]
+    assert report.bridges == (  # A is reported too: its earlier images sit in two splits, none new
+        Bridge("cluster-A", ("test", "val"), 0),
+        Bridge("cluster-C", ("test", "train"), 1),
+    )
     assert report.kept_from_previous == 6 and report.clusters == 4 and report.images == 10
     rows = {r["uri"]: r for r in read_parquet(tags).to_pylist()}
     positives: dict = {}

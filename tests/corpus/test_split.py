@@ -259,7 +259,7 @@ def test_a_split_left_empty_is_said_and_its_audit_is_not_clean(tmp_path):
     ratios = {"train": 0.9, "val": 0.05, "test": 0.05}
     report = run_split(str(tags), str(tmp_path / "dedup"), str(tmp_path / "split"), ratios=ratios, seed=1)
     assert report.sizes == {"train": len(rows)}  # the seed puts all three in train
-    assert report.empty_splits == ["val", "test"] and "NO IMAGE in val, test" in report.text()
+    assert report.empty_splits == ("val", "test") and "NO IMAGE in val, test" in report.text()
     splits = str(tmp_path / "split" / "splits.parquet")
     _, audit_report = run_audit(splits, splits, max_distance=R, embedding_threshold=None)
     assert audit_report.eval_images == 0 and audit_report.exit_status() == 4
