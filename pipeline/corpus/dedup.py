@@ -16,6 +16,10 @@ cluster, stable as long as that file stays; the representative is, by default
 (`--representative first-seen`), the copy first seen in the tag table (its earliest
 version: the original, not an edited copy made later), then the best copy: the most
 pixels, then a lossless format, then the most bytes, then the smallest uri.
+
+Why this module is long: the run and its report, a frozen record built once with its
+`record()`/`from_record` pair (the _summary.json an older tagpipe wrote reads here), sit
+together, so the summary's fields and the run that fills them are read in one place.
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ class Edges:
     signal: list = field(default_factory=list)
     distance: list = field(default_factory=list)  # phash bits (phash edges), else -1
     cosine: list = field(default_factory=list)  # embedding edges, else nan
-    counts: dict = field(default_factory=lambda: {SHA256: 0, PHASH: 0, EMBEDDING: 0})  # signal -> edges
+    counts: dict[str, int] = field(
+        default_factory=lambda: {SHA256: 0, PHASH: 0, EMBEDDING: 0}
+    )  # signal -> edges
 
     def add(self, a: np.ndarray, b: np.ndarray, signal: str, distance=None, cosine=None) -> None:
         n = len(a)
@@ -133,7 +135,7 @@ class ExactSignals:
     pair_b: np.ndarray
     distance: np.ndarray
     usable: np.ndarray  # rows whose hash can match
-    unmatched: dict  # reason -> rows whose hash matches nothing
+    unmatched: dict[str, int]  # reason -> rows whose hash matches nothing
     searched: int  # distinct hashes searched this run (new ones, or all)
 
 

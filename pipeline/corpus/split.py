@@ -21,6 +21,9 @@ clusters and groups (split_unit in the output).
 
 Images are columns, never a Python object each (pipeline/corpus/split_columns.py): the
 tag table is read a part at a time, and only what the split uses of it.
+
+Why this module is long: the run and its report, a frozen record built once with its
+`record()`/`from_record` pair (an older tagpipe's _report.json reads here), sit together.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def test_an_audit_that_could_not_check_every_eval_image_never_exits_0():
         assert short.exit_status() == 4 and short.short_of() == {"embedding": 4}, threshold
         assert "NOT FULLY CHECKED" in short.text() and "clean" not in short.text()
     _, hashes_only = audit(train, no_vectors, 6, None)  # `off`: only sha256 and phash were asked for
-    assert hashes_only.exit_status() == 0 and hashes_only.asked == ["sha256", "phash"]
+    assert hashes_only.exit_status() == 0 and hashes_only.asked == ("sha256", "phash")
     copy = _side("e", [train_hash[0]], [None])
     _, leaky = audit(train, copy, 6, 0.99)
     assert leaky.exit_status() == 1  # leaks come first
