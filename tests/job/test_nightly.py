@@ -570,4 +570,4 @@ def test_the_nightly_audit_is_asked_for_the_embedding_unless_dedup_turned_it_off
     assert _audit_threshold(cfg, EmbeddingThreshold(reason="too few rows")) == "auto"
     assert "embedding" in asked_signals(_audit_threshold(cfg, EmbeddingThreshold()))
     off = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"embedding_threshold": None})})
-    assert _audit_threshold(off, EmbeddingThreshold()) is None and asked_signals(None) == ["sha256", "phash"]
+    assert _audit_threshold(off, EmbeddingThreshold()) is None and asked_signals(None) == ("sha256", "phash")
