@@ -2,6 +2,10 @@
 
 s3fs reads the standard AWS variables itself (keys, region, profile, and
 AWS_ENDPOINT_URL for MinIO/R2-style stores), so no flag is needed for them.
+
+Why this module is long: every way tagpipe touches a store (retries, atomic and exclusive
+writes, bounded reads) and the one wording of a store's refusals (cause_of, whose,
+storage_error_text) live together, so each caller gets the same behaviour and words.
 """
 
 from __future__ import annotations
