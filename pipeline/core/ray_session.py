@@ -33,6 +33,13 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, logging_level=ray_logging_level())
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether ensure_ray(address) joins a running cluster rather than starting a local
+    Ray: its nodes' environments are their own, not this process's."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
+
+
 def results_in_order(refs: list, label: str, progress: ProgressSettings | None = None) -> list:
     """The Ray tasks' results in the order of `refs`, counted on a progress line as each
     finishes (the part rewrites, the label check's passes)."""

@@ -1,7 +1,8 @@
 """The jobs users run, and the one module that builds the Ray graph.
 
 settings: the typed settings of the tag and nightly jobs. preflight: what `tag` checks
-before any work (inputs there, output writable). changes: which listed images are new,
+before any work (inputs there, output writable; then the storage preflight, in the
+driver and in one Ray task per node). changes: which listed images are new,
 changed, unchanged or deleted against the table's version. incremental: the run's keys
 and what to tag, reuse, drop and rewrite. setting_changes: what a run changes by name,
 and what the stored logits serve without the model. plan: what a run must do, decided

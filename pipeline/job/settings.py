@@ -180,6 +180,16 @@ class TagJobConfig(SettingsModel):
         Field(description="`auto` or an address joins an existing cluster; `RAY_ADDRESS` works too"),
         Setting(NONE, default_text="local Ray"),
     ] = None
+    preflight: Annotated[
+        bool,
+        Field(
+            description="before the listing (on a cluster, right after joining it) the driver, then one Ray "
+            "task on every node, read one object of each input and create and delete a probe object under "
+            "the output: a node that cannot stops the run with one line naming the node, the uri and the "
+            "cause (exit 2), nothing listed or written; a few requests per node"
+        ),
+        Setting(NONE, negative="--no-preflight", default_text="check"),
+    ] = True
     storage_options: Annotated[
         dict,
         BeforeValidator(parse_storage_options),

@@ -32,7 +32,7 @@ from datetime import datetime
 from pipeline import __version__
 from pipeline.core.errors import TagpipeError
 from pipeline.core.progress import ProgressSettings
-from pipeline.core.ray_session import ensure_ray, new_run_id
+from pipeline.core.ray_session import ensure_ray, joins_cluster, new_run_id
 from pipeline.core.words import counted
 from pipeline.corpus.source_match import check_source_match
 from pipeline.job.changes import StoredSources, classify, resolve_unknown
@@ -41,7 +41,13 @@ from pipeline.job.incremental import Keys, inference_key, rules_key
 from pipeline.job.label_check import check_labels, configured_source_tags
 from pipeline.job.model_runs import ModelRun, PlannedRun, PreparedRun, Tagged, tag_in_one_pass
 from pipeline.job.plan import Change, Plan, empty_view, plan_run
-from pipeline.job.preflight import check_tag_paths, empty_listing_text
+from pipeline.job.preflight import (
+    Preflight,
+    check_tag_paths,
+    check_workers,
+    driver_preflight,
+    empty_listing_text,
+)
 from pipeline.job.rethreshold import Rethreshold
 from pipeline.job.run_summary import EditCalibration, PassSummary, RunCounts, RunSummary
 from pipeline.job.setting_changes import changed_settings, served_keys
@@ -91,7 +97,10 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
     for run in prepared:
         warned |= warn_if_active(run.table, run_id)
     timings: dict[str, float] = {}
-    listing = _list_before_ray(cfg, prepared, timings)
+    preflight = driver_preflight(cfg, run_id) if cfg.preflight and not dry_run else None
+    if preflight and joins_cluster(cfg.ray_address):  # the cluster's nodes checked before the listing
+        _start_ray(cfg, timings, preflight)
+    listing = _list_before_ray(cfg, prepared, timings, preflight)
     if not listing.manifest.num_rows and not cfg.allow_empty:
         raise TagpipeError(empty_listing_text(cfg.inputs, listing.skipped))
     if source is not None:  # a source file that names almost none of the listed images stops here
@@ -105,7 +114,7 @@ def run_tag_pass(cfg: TagJobConfig, dry_run: bool = False) -> RunSummary | PassS
         for run in prepared:
             leases.enter_context(held(run.table, run_id))
             warned |= warn_if_active(run.table, run_id, warned)  # one that started while this one listed
-        return _tag_and_commit(cfg, planned, listing, timings, started, source)
+        return _tag_and_commit(cfg, planned, listing, timings, started, source, preflight)
 
 
 @dataclass(frozen=True)
@@ -132,11 +141,17 @@ class Committed:
 
 
 def _tag_and_commit(
-    cfg: TagJobConfig, planned: list[PlannedRun], listing: Listing, timings: dict, started: float, source
+    cfg: TagJobConfig,
+    planned: list[PlannedRun],
+    listing: Listing,
+    timings: dict,
+    started: float,
+    source,
+    preflight: Preflight | None,
 ) -> RunSummary | PassSummary:
     """Tag, rewrite and commit each model's table (run_tag_pass, its leases held)."""
     if any(p.plan.commits for p in planned):  # only a run with work starts Ray
-        _start_ray(cfg, timings)
+        _start_ray(cfg, timings, preflight)
     runs = [ModelRun(p, _slice_writer(p)) for p in planned]
     try:
         t = time.monotonic()
@@ -459,24 +474,29 @@ def _slice_writer(planned: PlannedRun) -> SliceWriter:
     )
 
 
-def _list_before_ray(cfg: TagJobConfig, runs: list[PreparedRun], timings: dict[str, float]) -> Listing:
+def _list_before_ray(
+    cfg: TagJobConfig, runs: list[PreparedRun], timings: dict[str, float], preflight: Preflight | None
+) -> Listing:
     """The listing, before Ray: a dry run, a run with nothing to do and a missing input
     answer without starting Ray (what a cold local Ray costs: docs/benchmarks.md, 'Runs
     with nothing to tag: plan before Ray'). Only a
     folder walk on a store without key ranges lists in Ray tasks, so Ray starts first there."""
     if not lists_without_ray(list(cfg.inputs), cfg.storage_options):
-        _start_ray(cfg, timings)
+        _start_ray(cfg, timings, preflight)
     t = time.monotonic()
     listing = _list_inputs(cfg, runs)
     timings["list_seconds"] = _lap(t)
     return listing
 
 
-def _start_ray(cfg: TagJobConfig, timings: dict[str, float]) -> None:
-    """Join or start Ray once there is work for it (a second call costs nothing)."""
+def _start_ray(cfg: TagJobConfig, timings: dict[str, float], preflight: Preflight | None) -> None:
+    """Join or start Ray once there is work for it (a second call costs nothing), and
+    check its nodes' storage access before any work (preflight.py) the first time."""
     t = time.monotonic()
     ensure_ray(cfg.ray_address)
     timings["ray_start_seconds"] = round(timings.get("ray_start_seconds", 0.0) + _lap(t), 3)
+    if preflight is not None and "preflight_seconds" not in timings:
+        timings["preflight_seconds"] = round(check_workers(preflight), 3)
 
 
 def _plan(run: PreparedRun, manifest) -> Plan:

@@ -2,6 +2,10 @@
 
 s3fs reads the standard AWS variables itself (keys, region, profile, and
 AWS_ENDPOINT_URL for MinIO/R2-style stores), so no flag is needed for them.
+
+Why this module is long: every way tagpipe touches a store (retries, atomic and exclusive
+writes, bounded reads) and the one wording of a store's refusals (cause_of, whose,
+storage_error_text) live together, so each caller gets the same behaviour and words.
 """
 
 from __future__ import annotations
@@ -274,45 +278,87 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
-    """One line for an object-store failure a user can fix (credentials, endpoint,
-    permissions, a missing bucket), naming the endpoint and the buckets involved; None
-    for anything else. Built from names only: no credential value is ever included."""
-    import os
-    import re
+# What an object store's refusal means, read from the words of the exception chain
+# (botocore's, s3fs's): cause_of's answers.
+CREDENTIALS, ENDPOINT, BUCKET, DENIED = "no credentials", "no endpoint", "no such bucket", "access denied"
+DRIVER, WORKERS = "the driver", "the Ray workers"  # whose environment: every message says
 
+
+def environment_of(who: str) -> str:
+    """'the driver's environment', 'the Ray workers' environment'."""
+    return who + ("' environment" if who.endswith("s") else "'s environment")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    text = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    return chain
+
+
+def _chain_text(exc: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
+
+
+def cause_of(exc: BaseException) -> str | None:
+    """What an object store's refusal means (CREDENTIALS, ENDPOINT, BUCKET, DENIED), read
+    from the words of the exception and its causes; None for anything else."""
+    text = _chain_text(exc)
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return CREDENTIALS
+    if "EndpointConnectionError" in text or "Could not connect to the endpoint" in text:
+        return ENDPOINT
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return BUCKET
+    denied = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PermissionError")
+    return DENIED if any(word in text for word in denied) else None
+
+
+def whose(exc: BaseException) -> str:
+    """DRIVER, or WORKERS when the failure came back from a Ray task or actor (Ray wraps
+    it in a RayTaskError; Ray Data in a UserCodeException)."""
+    names = " ".join(type(e).__name__ for e in _chain(exc)) + " " + _chain_text(exc)[:2000]
+    return WORKERS if "RayTaskError" in names or "UserCodeException" in names else DRIVER
+
+
+def storage_error_text(exc: BaseException, uris: list[str]) -> str | None:
+    """One line for an object-store failure a user can fix (credentials, endpoint,
+    permissions, a missing bucket), naming the endpoint, the buckets involved and whose
+    environment (the driver's or the Ray workers') met it; None for anything else. Built
+    from names only: no credential value is ever included."""
+    import os
+    import re
+
+    text = _chain_text(exc)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     buckets = sorted(
         {u.split("://", 1)[1].split("/", 1)[0] for u in uris if "://" in u and not u.startswith("file://")}
     )
     where = f"{', '.join(f's3://{b}' for b in buckets) or 'the store'} at {endpoint}"
-    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+    cause, env = cause_of(exc), whose(exc)
+    if cause == CREDENTIALS:
         return (
-            f"no credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, "
-            "or run with an instance or IRSA role"
+            f"no credentials for {where} in {environment_of(env)}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance or IRSA role"
+            + ("" if env == DRIVER else " on every Ray node (or pass them with --storage-options)")
         )
-    if "EndpointConnectionError" in text or "Could not connect to the endpoint" in text:
+    if cause == ENDPOINT:
         found = re.search(r"https?://[^/\s\"']+", text)
         return (
-            f"cannot connect to the S3 endpoint {found.group(0) if found else endpoint}: "
+            f"cannot connect to the S3 endpoint {found.group(0) if found else endpoint} from {env}: "
             "is it running, and is AWS_ENDPOINT_URL right?"
         )
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return f"no such bucket: {where} (check the bucket name; tagpipe never creates buckets)"
-    denied = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "PermissionError")
+    if cause == BUCKET:
+        return f"no such bucket: {where}, seen by {env} (check the name; tagpipe never creates buckets)"
     remote = buckets or any(
         word in text for word in ("botocore", "ClientError", "s3fs", "AccessDenied", "Forbidden")
     )
-    if remote and any(word in text for word in denied):
+    if remote and cause == DENIED:
         return (
-            f"access denied to {where}: the credentials in use may not read or write there "
-            "(or the key is wrong)"
+            f"access denied to {where}: the credentials in {environment_of(env)} may not read or write "
+            "there (or the key is wrong)"
         )
     return None
 

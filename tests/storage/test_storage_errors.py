@@ -113,10 +113,26 @@ def test_access_denied_is_named(strict_s3, demo_bundle):
         AWS_ENDPOINT_URL=strict_s3,
         AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000",
     )
-    _one_line(done, "access denied to", "s3://locked-bucket", strict_s3)
+    _one_line(done, "access denied to", "s3://some-bucket", strict_s3, "the driver's environment")
 
 
 def test_a_local_permission_error_is_not_called_a_store_error():
     from pipeline.storage.filesystem import storage_error_text
 
     assert storage_error_text(PermissionError(13, "Permission denied", "/data/out"), ["/data/in"]) is None
+
+
+def test_a_workers_failure_is_told_from_the_drivers():
+    """The same refusal, raised in the driver or come back from a Ray task, names whose
+    environment lacks what (the preflight's own lines: tests/job/test_cluster_preflight.py)."""
+    from botocore.exceptions import NoCredentialsError
+    from ray.exceptions import RayTaskError
+
+    from pipeline.storage.filesystem import storage_error_text
+
+    in_driver = storage_error_text(NoCredentialsError(), ["s3://b/x"])
+    from_task = RayTaskError("write_part", "Traceback ...", NoCredentialsError()).as_instanceof_cause()
+    in_workers = storage_error_text(from_task, ["s3://b/x"])
+    assert in_driver is not None and "in the driver's environment" in in_driver
+    assert in_workers is not None and "in the Ray workers' environment" in in_workers
+    assert "on every Ray node" in in_workers
