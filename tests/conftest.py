@@ -10,23 +10,56 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _edit_calibration_only_where_tested(request, monkeypatch):
-    """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
-    to 200 images: minutes over the suite), except in tests marked `edit_calibration`,
-    which test it (tests/job/test_edit_calibration.py) or need its file. Commands run in-process
-    (tests/helpers.py run_cli) skip it too; runs in processes of their own (the session's
-    `tagpipe demo`, the signal, terminal and start-up tests) calibrate as users' runs do."""
-    if request.node.get_closest_marker("edit_calibration") is None:
-        import pipeline.job.tag_job as tag_job
+class _EditCalibration:
+    """Whether an in-process tag run calibrates edits now (the switch below)."""
 
-        monkeypatch.setattr(tag_job, "calibrate_edits", lambda run, snapshot: None)
+    wanted = False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _edit_calibration_switch():
+    """Tag runs in tests skip the edit calibration (a Ray task and 12 edited copies of up
+    to 200 images: ~25 s a run, minutes over the suite), except in tests marked
+    `edit_calibration`, which test it (tests/job/test_edit_calibration.py) or need its
+    file, and inside `calibrating()`. Session-wide, so module and session fixtures' runs
+    skip it too (a function-scoped patch is set up after them). Commands run in-process
+    (tests/helpers.py run_cli) skip it; runs in processes of their own (the signal,
+    terminal and start-up tests) calibrate as users' runs do."""
+    import pipeline.job.tag_job as tag_job
+
+    real = tag_job.calibrate_edits
+
+    def calibrate_where_wanted(run, snapshot):
+        return real(run, snapshot) if _EditCalibration.wanted else None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tag_job, "calibrate_edits", calibrate_where_wanted)
+        yield
+
+
+@contextmanager
+def calibrating():
+    """In-process tag runs calibrate edits inside this block, as users' runs do."""
+    before, _EditCalibration.wanted = _EditCalibration.wanted, True
+    try:
+        yield
+    finally:
+        _EditCalibration.wanted = before
+
+
+@pytest.fixture(autouse=True)
+def _edit_calibration_only_where_tested(request):
+    marked = request.node.get_closest_marker("edit_calibration") is not None
+    _EditCalibration.wanted = marked
+    yield
+    _EditCalibration.wanted = False
 
 
 def _free_port() -> int:
@@ -160,11 +193,12 @@ class DemoRun:
 def demo_run(ray_session, tmp_path_factory) -> DemoRun:
     """The demo pipeline (tag, dedup, split, report, audit) run once per test run: the
     `tagpipe demo` command in-process (tests/helpers.py run_cli) on the session's Ray.
-    Set up before any test's autouse fixtures, so it calibrates edits as users' runs do.
+    It calibrates edits as users' runs do (calibrating()).
     tests/cli/test_cli.py checks it and tests/corpus/test_report.py reads its outputs: read-only; a
     test that changes them copies."""
     from tests.helpers import run_cli
 
     workdir = tmp_path_factory.mktemp("demo_run") / "demo"
-    done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
+    with calibrating():
+        done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
     return DemoRun(workdir, done.returncode, done.stdout, done.stderr)

@@ -6,12 +6,12 @@ the same way (empty_listing_text) unless --allow-empty.
 
 Then the storage preflight (--no-preflight skips it; a dry run writes nothing, so skips it
 too): the driver reads one object of each input and creates and deletes a probe object
-under the output (driver_preflight), then one Ray task on every node with CPUs does the
-same with the run's storage options as its argument (check_workers): a node's
+under the output (driver_preflight), then, on a joined cluster, one Ray task on every node
+with CPUs does the same with the run's storage options as its argument (check_workers): a node's
 environment (credentials, role, endpoint) is its own, and a worker without access would
 otherwise fail every one of millions of reads. On a cluster Ray is joined before the
 listing for it; a local Ray starts after planning, and its workers, which inherit the
-driver's environment, are checked as it starts (docs/decisions.md). Every message says
+driver's environment, are not asked again (docs/decisions.md). Every message says
 whose access failed: the driver's, or the workers' on node IP (with the driver's passing).
 """
 

@@ -491,11 +491,13 @@ def _list_before_ray(
 
 def _start_ray(cfg: TagJobConfig, timings: dict[str, float], preflight: Preflight | None) -> None:
     """Join or start Ray once there is work for it (a second call costs nothing), and
-    check its nodes' storage access before any work (preflight.py) the first time."""
+    check a joined cluster's nodes' storage access before any work (preflight.py) the first
+    time. A local Ray's workers are this process's children, with its environment, which
+    the driver's own check already covered."""
     t = time.monotonic()
     ensure_ray(cfg.ray_address)
     timings["ray_start_seconds"] = round(timings.get("ray_start_seconds", 0.0) + _lap(t), 3)
-    if preflight is not None and "preflight_seconds" not in timings:
+    if preflight is not None and joins_cluster(cfg.ray_address) and "preflight_seconds" not in timings:
         timings["preflight_seconds"] = round(check_workers(preflight), 3)
 
 
