@@ -183,7 +183,11 @@ def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_r
     ray_start = time.perf_counter() - started
     folder = str(uris[0].rsplit("/", 1)[0])
     cfg = make_tag_config(
-        inputs=[folder], output=str(out / "job"), model=str(model_dir), draft_ratio=draft_ratio
+        inputs=[folder],
+        output=str(out / "job"),
+        model=str(model_dir),
+        draft_ratio=draft_ratio,
+        decode_placement=os.environ.get("TAGPIPE_DECODE_PLACEMENT", "auto"),
     )
     before = cpu_by_process()
     summary = run_tag_job(cfg)
@@ -191,7 +195,8 @@ def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_r
     cpu = where_cpu_went(before, cpu_by_process())
     ray.shutdown()
     return {"total": total, "ray_start": ray_start, "tagging": summary.timings["tag_seconds"],
-            "timings": summary.timings, "cpu": cpu}  # fmt: skip
+            "timings": summary.timings, "cpu": cpu,
+            "busy": summary.busy.text() if summary.busy else "-", "placement": summary.placement}  # fmt: skip
 
 
 def main() -> None:
@@ -249,6 +254,9 @@ def main() -> None:
             f"{head}, then "
             + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in job["timings"].items())
         )
+    for ratio in ratios:
+        job = jobs[ratio]
+        print(f"(c) draft ratio {ratio:g}: {job['placement']}; {job['busy']}")
     for ratio in ratios:
         job = jobs[ratio]
         cpu = ", ".join(

@@ -336,6 +336,7 @@ def _summary_section(tags: str, acc: Figures, snapshot, run) -> str:
                 f"tagged in {summary.get('seconds', 0):,} s",
             ],
             ["placement", summary.get("placement", "-")],
+            ["busy", _busy_text(summary.get("busy"))],
         ]
     card_html = "".join(
         f"<div class='card'><div class='big'>{html.escape(v)}</div><div>{html.escape(k)}</div></div>"
@@ -352,6 +353,17 @@ def _summary_section(tags: str, acc: Figures, snapshot, run) -> str:
         f"<div class='cards'>{card_html}</div>{_table(['', ''], facts, 'facts')}"
         f"<h3>Errors by kind</h3>{kinds}",
     )
+
+
+def _busy_text(busy: dict | None) -> str:
+    """The run's busy fractions (pipeline/job/busy.py), as the summary line words them."""
+    if not busy:
+        return "-"
+    tagger, decode = busy.get("tagger", 0.0), busy.get("decode", 0.0)
+    verdict = busy.get("verdict", "-")
+    gpus = "".join(f", GPU {gpu} {rate:.0%}" for gpu, rate in sorted(busy.get("gpus", {}).items()))
+    actors = len(busy.get("tagger_actors", {}))
+    return f"tagger busy {tagger:.0%}: {verdict} ({actors} actor(s)); decode busy {decode:.0%}{gpus}"
 
 
 def change_chart(labels: list[str], changes: list[float], *, width: int = 640) -> str:

@@ -6,6 +6,9 @@ spread, horizontal/vertical edge energy, 2x2 pooled colours); the head is one Ma
 with hand-set weights, so "red_theme", "vertical_stripes" or "noise" fire when a person
 would say so. All five CL side files are written in their real formats, weights live in
 model.onnx.data (external data) as in the real bundle.
+
+Why this module is long: the graph is written out node by node, in one place, so the
+features each tag depends on can be read top to bottom next to the planted truth.
 """
 
 from __future__ import annotations
@@ -150,9 +153,12 @@ def features_numpy(pixel_values: np.ndarray) -> np.ndarray:
 
 
 def build_graph(
-    with_embedding_output: bool = True, seed: int = 0, input_size: int = INPUT_SIZE
+    with_embedding_output: bool = True, seed: int = 0, input_size: int = INPUT_SIZE, slow_layers: int = 0
 ) -> onnx.ModelProto:
-    """The demo tagger as an ONNX model (opset 17), taking input_size square pixels."""
+    """The demo tagger as an ONNX model (opset 17), taking input_size square pixels.
+    slow_layers: 3x3 convolutions over the whole image whose result is added times zero
+    (the same outputs, more work per image): a slower model, for busy-time tests and
+    benchmarks."""
     weights, bias = head_weights(seed)
     tags, _ = vocabulary()
     half = input_size // 2
@@ -237,8 +243,11 @@ def build_graph(
             axis=1,
         ),
         n("MatMul", ["pooled_features", "head.weight"], ["head_out"]),
-        n("Add", ["head_out", "head.bias"], ["logits"]),
+        n("Add", ["head_out", "head.bias"], ["logits" if not slow_layers else "fast_logits"]),
     ]
+    if slow_layers:
+        inits.append(numpy_helper.from_array(np.full((3, 3, 3, 3), 1 / 27, np.float32), "slow.weight"))
+        nodes += _slow_layers(n, slow_layers)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(tags)])]
     if with_embedding_output:
         nodes.append(n("Identity", ["pooled_features"], ["embedding"]))
@@ -260,6 +269,18 @@ def build_graph(
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def _slow_layers(n, layers: int) -> list:
+    """Convolutions from `u` to a [B,1] zero added to the logits (ORT does not fold x*0)."""
+    names = ["u"] + [f"slow{i}" for i in range(layers)]
+    convs = [n("Conv", [a, "slow.weight"], [b], pads=[1, 1, 1, 1]) for a, b in zip(names, names[1:])]
+    return convs + [
+        n("ReduceMean", [names[-1]], ["slow_means"], axes=[1, 2, 3], keepdims=0),
+        n("Unsqueeze", ["slow_means", "i1"], ["slow_mean"]),
+        n("Mul", ["slow_mean", "zero"], ["slow_zero"]),
+        n("Add", ["fast_logits", "slow_zero"], ["logits"]),
+    ]
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -317,6 +338,7 @@ def write_demo_bundle(
     input_size: int = INPUT_SIZE,
     resize_mode: str = "squash",
     name: str = "tagpipe-demo-tagger",
+    slow_layers: int = 0,
 ) -> Path:
     """Write the five CL Tagger v2 files (plus external weights) into directory. Another
     input size or resize mode (`pad_square`, `fit_pad`) is written as the bundle's own
@@ -325,7 +347,9 @@ def write_demo_bundle(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tags, categories = vocabulary()
-    model = build_graph(with_embedding_output=with_embedding_output, seed=seed, input_size=input_size)
+    model = build_graph(
+        with_embedding_output=with_embedding_output, seed=seed, input_size=input_size, slow_layers=slow_layers
+    )
     if (input_size, resize_mode) != (INPUT_SIZE, "squash"):
         _write_own_profile(directory, input_size, resize_mode)
     save_with_external_data(model, directory / "model.onnx")

@@ -7,7 +7,9 @@ changed, unchanged or deleted against the table's version. incremental: the run'
 and what to tag, reuse, drop and rewrite. setting_changes: what a run changes by name,
 and what the stored logits serve without the model. plan: what a run must do, decided
 before any work. graph: the Ray Data graph (decode tasks, one tagger actor pool per model
-of the pass) and where resources go; the stage it places is pipeline/model/tagger.py.
+of the pass; or fused: one pool that decodes and tags) and where resources go; the stage
+it places is pipeline/model/tagger.py. busy: how much of the tagging's wall time the
+model sessions and decode worked, collected from the rows.
 slices: rows coming back from Ray, routed into their slice, one part each. model_runs:
 each model's table in a run (frozen records, one per step), and the one tagging pass of
 them all. tag_job: plan, execute, commit. run_summary: what a run did, in numbers.

@@ -18,6 +18,9 @@ docs/benchmarks.md, 'One tagging path: one model (issue 33)'). The stage itself
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,19 @@ log = logging.getLogger(__name__)
 # (work per node), dropped before the rows are written.
 DECODE_NODE = "_decode_node"
 TAGGER_NODE = "_tagger_node"
+# Busy time, on every row for the driver to sum (pipeline/job/busy.py): a row's share of
+# its batch's decode seconds, and the tagging actor's id and session-busy seconds so far
+DECODE_SECONDS = "_decode_seconds"
+
+
+def busy_column(model: int) -> str:
+    """Model i's actor's seconds inside session.run so far (cumulative, per row)."""
+    return f"_busy_{model}"
+
+
+def actor_column(model: int) -> str:
+    """Which of model i's actors tagged the row."""
+    return f"_actor_{model}"
 
 
 def _node_id() -> str:
@@ -52,19 +68,25 @@ class Placement:
     intra_op_threads: int  # 0 on GPU
     on_gpu: bool
     batches_in_flight: int = 1  # concurrent calls per tagger actor
+    fused: bool = False  # decode in the tagger actors (FusedTagger)
+    decode_slots: int = 1  # images decoded at once, cluster-wide (busy time's denominator)
 
     def describe(self) -> str:
         where = (
             f"{self.tagger_gpus:g} GPU" if self.on_gpu else f"CPU, {self.intra_op_threads} intra-op threads"
         )
+        decode = (
+            "decoding its own batches (fused)"
+            if self.fused
+            else f"decode tasks {self.decode_cpus:g} CPU each"
+        )
         return (
             f"{self.tagger_actors} tagger actor(s) on {where}, "
-            f"{self.batches_in_flight} batch(es) in flight each; "
-            f"decode tasks {self.decode_cpus:g} CPU each"
+            f"{self.batches_in_flight} batch(es) in flight each; {decode}"
         )
 
 
-def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
+def plan_placement(cfg: TagJobConfig, cluster_gpus: float, cluster_cpus: float = 1.0) -> Placement:
     """GPU cluster: each tagger actor reserves its GPU(s) and tagger_cpus CPUs.
 
     CPU fallback: the actor runs tagger_cpus intra-op threads but reserves no CPU slot,
@@ -77,18 +99,29 @@ def plan_placement(cfg: TagJobConfig, cluster_gpus: float) -> Placement:
     batching, the 100k-wide output's screening, the Arrow rows) while the first is in
     the session, which releases the GIL; one call at a time leaves the GPU idle for
     that work. On CPU the session already uses the actor's threads, so one.
+
+    Fused (decode_placement; auto: without a GPU): one actor per decode slot (decode_cpus
+    CPUs each, so Ray spreads them as it would decode tasks) decodes its own batches and
+    tags them; on a GPU, tagger_actors actors, each decoding on one core (docs/decisions.md,
+    'Fused decode and tag').
     """
     on_gpu = cfg.gpus_per_actor > 0 and cluster_gpus > 0
     if cfg.gpus_per_actor > 0 and not on_gpu:
         log.info("no GPU in the Ray cluster: tagger actors run ONNX Runtime on CPU")
+    fused = cfg.decode_placement == "fused" or (cfg.decode_placement == "auto" and not on_gpu)
+    cpu_slots = max(1, int(cluster_cpus // cfg.decode_cpus))
+    decode_slots = min(cpu_slots, cfg.max_decode_tasks or cpu_slots)
+    fused_actors = cfg.tagger_actors if on_gpu else max(cfg.tagger_actors, decode_slots)
     return Placement(
         decode_cpus=cfg.decode_cpus,
-        tagger_actors=cfg.tagger_actors,
+        tagger_actors=fused_actors if fused else cfg.tagger_actors,
         tagger_gpus=cfg.gpus_per_actor if on_gpu else 0.0,
-        tagger_cpus=cfg.tagger_cpus if on_gpu else 0.0,
+        tagger_cpus=cfg.tagger_cpus if on_gpu else (cfg.decode_cpus if fused else 0.0),
         intra_op_threads=0 if on_gpu else max(1, int(cfg.tagger_cpus)),
         on_gpu=on_gpu,
-        batches_in_flight=cfg.batches_in_flight or (2 if on_gpu else 1),
+        batches_in_flight=1 if fused else cfg.batches_in_flight or (2 if on_gpu else 1),
+        fused=fused,
+        decode_slots=fused_actors if fused else decode_slots,
     )
 
 
@@ -134,9 +167,12 @@ def decode_batch(
     """Task-style wrapper: Ray runs this as stateless CPU tasks that scale freely.
     needed_by: per preprocessing, the slice columns of the models that use it (a row no
     such model needs is not decoded for it)."""
+    started = time.monotonic()
     stage = DecodeStage(preprocess, options, storage_options, timeout, max_file_bytes)
     out = stage(batch, _needed(batch, needed_by))
-    out[DECODE_NODE] = np.full(len(out["uri"]), _node_id(), object)
+    rows = len(out["uri"])
+    out[DECODE_NODE] = np.full(rows, _node_id(), object)
+    out[DECODE_SECONDS] = np.full(rows, (time.monotonic() - started) / max(rows, 1))
     return out
 
 
@@ -166,25 +202,42 @@ class PassTagger:
         self.index, self.model = index, model
         self.tagger = TaggerStage(model.settings)
         self.node = _node_id()
+        self.actor = uuid.uuid4().hex[:8]
         self.struct_type = pa.struct([*self.tagger.schema, pa.field(TAGGER_NODE, pa.string())])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.tag(batch, self._decoded(batch))
+
+    def tag(self, batch: pa.Table, decoded: dict[str, np.ndarray]) -> pa.Table:
+        """The batch with this model's rows: `decoded` is its preprocessing's columns under
+        their plain names (from the batch's columns, or decoded in this actor: fused)."""
         if self.model.alone:  # every row is this model's, and no other's rows ride along
-            rows = self.tagger(self._decoded(batch)).append_column(TAGGER_NODE, self._nodes(batch.num_rows))
-            routing = (slice_column(self.index), DECODE_NODE)
-            return rows.append_column(routing[0], batch.column(routing[0])).append_column(
-                routing[1], batch.column(routing[1])
-            )
+            rows = self.tagger(decoded).append_column(TAGGER_NODE, self._nodes(batch.num_rows))
+            routing = [
+                c for c in (slice_column(self.index), DECODE_NODE, DECODE_SECONDS) if c in batch.column_names
+            ]
+            for name in routing:
+                rows = rows.append_column(name, batch.column(name))
+            return self._with_busy(rows)
         mask = batch.column(slice_column(self.index)).to_numpy() != NOT_NEEDED
         if mask.all():  # every row (always, with one model): no row to pick
-            column = self._struct(self._decoded(batch))
+            column = self._struct(decoded)
         elif mask.any():
-            decoded = {name: values[mask] for name, values in self._decoded(batch).items()}
+            picked = {name: values[mask] for name, values in decoded.items()}
             positions = np.where(mask, np.cumsum(mask) - 1, 0)
-            column = self._struct(decoded).take(pa.array(positions, pa.int64(), mask=~mask))
+            column = self._struct(picked).take(pa.array(positions, pa.int64(), mask=~mask))
         else:
             column = pa.nulls(batch.num_rows, self.struct_type)
-        return batch.drop_columns(list(self.model.drop)).append_column(tagged_column(self.index), column)
+        dropped = [c for c in self.model.drop if c in batch.column_names]
+        return self._with_busy(batch.drop_columns(dropped).append_column(tagged_column(self.index), column))
+
+    def _with_busy(self, batch: pa.Table) -> pa.Table:
+        """The actor's id and its session-busy seconds so far on every row: the driver
+        keeps each actor's largest (busy time, pipeline/job/busy.py)."""
+        rows = batch.num_rows
+        busy = pa.array(np.full(rows, self.tagger.runner.busy.seconds))
+        ids = pa.array([self.actor] * rows, pa.string())
+        return batch.append_column(busy_column(self.index), busy).append_column(actor_column(self.index), ids)
 
     def _struct(self, decoded: dict[str, np.ndarray]) -> pa.StructArray:
         """The model's rows of a batch, and the node that tagged them, as one struct column."""
@@ -214,11 +267,14 @@ class PassTagger:
 def build_pass_dataset(
     blocks: list[pa.Table], cfg: TagJobConfig, preprocesses: tuple[Preprocess, ...], models: list[ModelInPass]
 ):
-    """Decode once for every model, then each model's pool in turn (see the module's text)."""
+    """Decode once for every model, then each model's pool in turn (see the module's
+    text); fused: one pool that does both (FusedTagger)."""
     needed_by = tuple(
         tuple(slice_column(i) for i, m in enumerate(models) if m.preprocessing == g)
         for g in range(len(preprocesses))
     )
+    if models[0].placement.fused:
+        return _fused_dataset(blocks, cfg, preprocesses, models, needed_by)
     ds = _decoded_dataset(blocks, cfg, preprocesses, models[0].placement.decode_cpus, needed_by)
     for index, model in enumerate(models):
         ds = ds.map_batches(
@@ -232,6 +288,75 @@ def build_pass_dataset(
             num_cpus=model.placement.tagger_cpus,
         )
     return ds
+
+
+FUSED_CHUNKS = 4  # model batches per fused call: decode of one overlaps the model on the one before
+
+
+class FusedTagger:
+    """Decode and every model of the pass in one actor, so pixels never cross the object
+    store. A call's rows are cut into model batches; a helper thread runs the models on
+    batch j while the main thread decodes batch j+1 (ONNX Runtime and Pillow release the
+    GIL). Decode stays on the actor's main thread, the one where its per-image time
+    limit (SIGALRM) and memory budget (RLIMIT_AS) act, so its rows are the split
+    stages' rows (tests/job/test_fused.py)."""
+
+    def __init__(self, models: list[ModelInPass], preprocesses, decode_kwargs: dict, needed_by, chunk: int):
+        self.decode_kwargs, self.needed_by, self.chunk = decode_kwargs, needed_by, chunk
+        self.decoder = DecodeStage(preprocesses, **decode_kwargs)
+        self.taggers = [PassTagger(index, model) for index, model in enumerate(models)]
+        self.tagging = ThreadPoolExecutor(1, thread_name_prefix="tagger")
+        self.node = _node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pending, done = None, []
+        for start in range(0, batch.num_rows, self.chunk):
+            rows = batch.slice(start, self.chunk)
+            decoded = self._decode(rows)
+            if pending is not None:
+                done.append(pending.result())
+            pending = self.tagging.submit(self._tag, rows, decoded)
+        if pending is not None:
+            done.append(pending.result())
+        return pa.concat_tables(done)
+
+    def _decode(self, rows: pa.Table) -> tuple[dict[str, np.ndarray], float]:
+        started = time.monotonic()
+        columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+        decoded = self.decoder(columns, _needed(columns, self.needed_by))
+        return decoded, time.monotonic() - started
+
+    def _tag(self, rows: pa.Table, decoded_and_seconds: tuple[dict[str, np.ndarray], float]) -> pa.Table:
+        decoded, seconds = decoded_and_seconds
+        n = rows.num_rows
+        batch = rows.append_column(DECODE_NODE, pa.array([self.node] * n, pa.string()))
+        batch = batch.append_column(DECODE_SECONDS, pa.array(np.full(n, seconds / max(n, 1))))
+        for tagger in self.taggers:
+            names = (*FILE_COLUMNS, *GEOMETRY_COLUMNS)
+            g = tagger.model.preprocessing
+            batch = tagger.tag(batch, {name: decoded[geometry_column(name, g)] for name in names})
+        return batch
+
+
+def _fused_dataset(blocks, cfg: TagJobConfig, preprocesses, models: list[ModelInPass], needed_by):
+    import ray.data
+
+    placement = models[0].placement
+    decode_kwargs = dict(
+        options=decode_options(cfg),
+        storage_options=cfg.storage_options,
+        timeout=cfg.decode_timeout,
+        max_file_bytes=cfg.max_file_bytes,
+    )
+    return ray.data.from_arrow(blocks).map_batches(
+        FusedTagger,
+        fn_constructor_args=(models, preprocesses, decode_kwargs, needed_by, cfg.batch_size),
+        batch_size=cfg.batch_size * FUSED_CHUNKS,
+        batch_format="pyarrow",
+        compute=_pool(placement),
+        num_gpus=sum(m.placement.tagger_gpus for m in models),
+        num_cpus=placement.tagger_cpus,
+    )
 
 
 def _pool(placement: Placement):

@@ -24,8 +24,10 @@ import pyarrow.compute as pc
 from pipeline.core.progress import Progress, ProgressSettings
 from pipeline.core.schemas import geometry_column
 from pipeline.core.words import counted
+from pipeline.job.busy import BusyMeter, BusyTime
 from pipeline.job.graph import (
     DECODE_NODE,
+    FUSED_CHUNKS,
     NOT_NEEDED,
     TAGGER_NODE,
     ModelInPass,
@@ -126,6 +128,7 @@ class Tagged:
     placement: str = ""
     rows_by_node: dict[str, dict[str, int]] = field(default_factory=dict)  # {"decode": {node: rows}, ...}
     first_rows_seconds: float | None = None  # from the run's start to the first tagged rows
+    busy: BusyTime | None = None  # how busy the sessions and decode were (pipeline/job/busy.py)
 
 
 def tagger_settings(run: ModelRun, placement: Placement) -> TaggerSettings:
@@ -144,12 +147,12 @@ def tagger_settings(run: ModelRun, placement: Placement) -> TaggerSettings:
     )
 
 
-def pass_placements(runs: list[ModelRun], cluster_gpus: float) -> list[Placement]:
+def pass_placements(runs: list[ModelRun], cluster_gpus: float, cluster_cpus: float = 1.0) -> list[Placement]:
     """Each model's pool placed as its settings say; when the pools together ask for
     more GPUs than the cluster has, each actor's ask is divided by the same whole number
     (two models on one GPU: half each), since a pool that cannot start stalls the pass.
     A whole divisor keeps the shares packing into whole GPUs on every node."""
-    placements = [plan_placement(run.cfg, cluster_gpus) for run in runs]
+    placements = [plan_placement(run.cfg, cluster_gpus, cluster_cpus) for run in runs]
     wanted = sum(p.tagger_gpus * p.tagger_actors for p in placements)
     if wanted > cluster_gpus > 0:
         divisor = math.ceil(wanted / cluster_gpus)
@@ -196,7 +199,12 @@ def tag_in_one_pass(
     its parts (not yet committed). Returns what each model (by index) wrote."""
     import ray
 
-    placements = pass_placements(runs, ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    work = pass_work(runs)
+    placements = [
+        _fused_for_work(p, work.num_rows, cfg)
+        for p in pass_placements(runs, resources.get("GPU", 0), resources.get("CPU", 1))
+    ]
     preprocesses, preprocessing = preprocessings(runs)
     models = [
         ModelInPass(
@@ -208,7 +216,6 @@ def tag_in_one_pass(
         )
         for i, run in enumerate(runs)
     ]
-    work = pass_work(runs)
     log.info(
         "one pass for %s: %s, decoded for %s",
         counted(len(runs), "models"),
@@ -220,8 +227,10 @@ def tag_in_one_pass(
         {"decode": collections.Counter(), "tag": collections.Counter()} for _ in runs
     ]
     first_rows: list[float | None] = [None] * len(runs)
+    busy = BusyMeter(len(runs), placements[0].decode_slots)
     with Progress("tagging", work.num_rows, "images", progress_settings) as progress:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batch = busy.take(batch)
             failed = np.zeros(batch.num_rows, bool)  # rows an error row in some table
             for index, run in enumerate(runs):
                 rows, failed_here = _model_rows(batch, index)
@@ -237,8 +246,19 @@ def tag_in_one_pass(
     for index, run in enumerate(runs):
         parts = run.writer.finish()  # a slice Ray returned short of: nothing partial; a rerun redoes it
         rows_by_node = {stage: dict(counter) for stage, counter in nodes[index].items()}
-        tagged[index] = Tagged(parts, placements[index].describe(), rows_by_node, first_rows[index])
+        tagged[index] = Tagged(
+            parts, placements[index].describe(), rows_by_node, first_rows[index], busy.result(index)
+        )
     return tagged
+
+
+def _fused_for_work(placement: Placement, rows: int, cfg: TagJobConfig) -> Placement:
+    """No more fused actors than the work has calls for: each one starts its own sessions."""
+    if not placement.fused:
+        return placement
+    calls = max(1, math.ceil(rows / (cfg.batch_size * FUSED_CHUNKS)))
+    actors = min(placement.tagger_actors, calls)
+    return replace(placement, tagger_actors=actors, decode_slots=actors)
 
 
 def _dropped(index: int, preprocessing: list[int]) -> tuple[str, ...]:

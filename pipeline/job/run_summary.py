@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from pipeline.core.words import counted
+from pipeline.job.busy import BusyTime
 from pipeline.job.plan import Change
 from pipeline.table.version_fields import LabelCheckCounts, VersionCounts
 
@@ -76,6 +77,7 @@ class RunSummary(RunCounts):
     label_check: LabelCheckCounts | None = None  # --source-tags: the check's counts
     settings_changed: tuple[str, ...] = ()  # keyed settings changed against the base, "name old -> new"
     edit_calibration: EditCalibration | None = None  # when it ran
+    busy: BusyTime | None = None  # the sessions' and decode's busy fractions, when it tagged
 
     def counts(self) -> VersionCounts:
         """The run manifest's counts: the version's, without the label check."""
@@ -136,7 +138,7 @@ class RunSummary(RunCounts):
             return "no image tagged"
         return (
             f"{counted(self.images, 'images')} tagged ({self.ok} ok, {counted(self.errors, 'errors')}: "
-            f"{kinds}), {self.images_per_second:.1f} img/s"
+            f"{kinds}), {self.images_per_second:.1f} img/s" + (f", {self.busy.text()}" if self.busy else "")
         )
 
     def _calibration_text(self) -> str:

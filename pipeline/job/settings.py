@@ -18,6 +18,7 @@ default, constraints, description and key role; the loading code around them is 
 
 from __future__ import annotations
 
+import enum
 import os
 import tomllib
 from pathlib import Path
@@ -70,6 +71,14 @@ def _decode_memory(value: int) -> int:
     if value != 0 and value < 2**20:
         raise ValueError("must be bytes, at least 1048576 (1 MiB), or 0 for no limit")
     return value
+
+
+class DecodePlacement(enum.StrEnum):
+    """Where images are decoded: in the tagger actors (fused) or in tasks of their own (split)."""
+
+    AUTO = "auto"
+    FUSED = "fused"
+    SPLIT = "split"
 
 
 class TagJobConfig(SettingsModel):
@@ -143,6 +152,15 @@ class TagJobConfig(SettingsModel):
         ),
         Setting(NONE, default_text="2 on GPU, 1 on CPU"),
     ] = None
+    decode_placement: Annotated[
+        DecodePlacement,
+        Field(
+            description="`fused`: each tagger actor decodes its own batches (pixels never cross the object "
+            "store); `split`: decode tasks feed the tagger actors; `auto`: fused without a GPU, split with "
+            "one (docs/decisions.md, 'Fused decode and tag')"
+        ),
+        Setting(NONE),
+    ] = DecodePlacement.AUTO
     decode_cpus: Annotated[float, Field(gt=0, description="CPUs per decode task"), Setting(NONE)] = 1.0
     max_decode_tasks: Annotated[
         int | None,

@@ -441,6 +441,7 @@ def _run_summary(
         label_check=committed.label_check if committed else None,
         settings_changed=planned.settings_changed,
         edit_calibration=calibration,
+        busy=tagged.busy,
     )
 
 

@@ -9,8 +9,10 @@ row does not fail the others. Turning the outputs into tag rows is the row build
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,39 @@ RowFailure = tuple[str, str] | None  # (error kind, message) for a row the model
 
 class ModelTimeout(Exception):
     pass
+
+
+class BusyClock:
+    """Wall time some call was inside a measured section: the union over overlapping
+    calls (two batches in flight in one session count their shared second once), so
+    busy seconds over wall seconds is the fraction of the time the session was running.
+    Cheap enough for every session call: a lock and two monotonic reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since = 0.0
+        self._seconds = 0.0
+
+    @contextlib.contextmanager
+    def running(self):
+        with self._lock:
+            if not self._active:
+                self._since = time.monotonic()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    self._seconds += time.monotonic() - self._since
+
+    @property
+    def seconds(self) -> float:
+        """Busy seconds so far, a section still running counted up to now."""
+        with self._lock:
+            return self._seconds + (time.monotonic() - self._since if self._active else 0.0)
 
 
 class Normaliser:
@@ -83,6 +118,7 @@ class SessionRunner:
         self.output_name = profile.output_name or bundle.output_names[0]
         self.embedding_name = bundle.embedding_output
         self.fixed_batch = self._fixed_batch()
+        self.busy = BusyClock()  # time inside session.run, for the run's busy fraction
 
     def _fixed_batch(self) -> int | None:
         """The batch size the graph's input declares, when it declares one."""
@@ -149,6 +185,10 @@ class SessionRunner:
     def _session_run(self, names: list[str], x: np.ndarray) -> list[np.ndarray]:
         """session.run, stopped by ONNX Runtime's terminate flag once the timeout has
         passed (checked between graph nodes: a hung kernel is not interrupted)."""
+        with self.busy.running():
+            return self._timed_run(names, x)
+
+    def _timed_run(self, names: list[str], x: np.ndarray) -> list[np.ndarray]:
         if not self.timeout:
             return self.session.run(names, {self.input_name: x})
         import onnxruntime as ort

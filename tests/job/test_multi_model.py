@@ -274,3 +274,29 @@ def test_a_bundle_name_that_cannot_be_a_folder_is_refused(demo_bundle, tmp_path)
                 inputs=[str(tmp_path)], output=str(tmp_path / "o"), model=[str(demo_bundle), str(odd)]
             )
         )
+
+
+def test_the_split_stages_write_what_the_fused_stage_writes(demo_corpus, three_bundles, alone, tmp_path):
+    """Without a GPU a run decodes in its tagger actors (fused); decode tasks feeding the
+    actors (split) give the same rows, error rows included, for one model (the pass's
+    only model) and for a pass of two (struct columns)."""
+    images = str(demo_corpus / "images")
+    one = run_tag_job(
+        make_tag_config(
+            inputs=[images],
+            output=str(tmp_path / "one"),
+            model=str(three_bundles[0]),
+            decode_placement="split",
+        )
+    )
+    assert "fused" not in one.placement and "fused" in alone[NAMES[0]][1].placement
+    assert _rows(str(tmp_path / "one")).equals(_rows(str(alone[NAMES[0]][0])))
+    assert one.errors_by_kind == alone[NAMES[0]][1].errors_by_kind and one.errors
+    models = [str(three_bundles[0]), str(three_bundles[1])]
+    run_tag_pass(
+        make_tag_config(
+            inputs=[images], output=str(tmp_path / "pass"), model=models, decode_placement="split"
+        )
+    )
+    for name in NAMES[:2]:
+        assert _rows(str(tmp_path / "pass" / name)).equals(_rows(str(alone[name][0]))), name
