@@ -49,6 +49,7 @@ CHANGED = {
     "max_tags": 3,
     "ood_cut": 10.0,
     "ray_address": "auto",
+    "decode_placement": "split",  # rows are the same either way (tests/job/test_multi_model.py)
     "labels": {"label_rule": "data"},
 }
 # Keyed only as a value derived from them, checked by their own tests (test_bundle: a new

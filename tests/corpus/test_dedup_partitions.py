@@ -50,7 +50,8 @@ def test_partitions_find_what_one_index_finds(tmp_path, monkeypatch):
     run_dedup(tags, out, embedding_threshold=0.8)
     index = DuplicateIndex(out)
     version = index.current()
-    layout = vector_index.IndexLayout.from_record(version.layout)
+    layout = version.layout
+    assert layout is not None
     assert layout.kind == "ivf-pq" and len(version.segments) == 2
     reader = SegmentVectors(index, list(version.segments), layout.dim)
     entries = index.read_table(version.entries).column("entry").to_numpy()

@@ -49,12 +49,14 @@ def test_s3_slowdowns_and_dropped_connections_lose_nothing(ray_session, s3_serve
 
 
 def _tagger_processes() -> list:
+    """Tagger actors' processes while they run a batch (Ray titles them `...Tagger)).submit`)."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any("PassTagger" in part for part in proc.info["cmdline"] or []):
+            title = " ".join(proc.info["cmdline"] or [])
+            if ("PassTagger" in title or "FusedTagger" in title) and ".submit" in title:
                 found.append(proc)
         except psutil.Error:
             pass
@@ -64,17 +66,20 @@ def _tagger_processes() -> list:
 def test_a_tagger_actor_killed_mid_run_loses_and_duplicates_nothing(
     ray_session, demo_bundle, demo_corpus, tmp_path
 ):
-    """SIGKILL the tagger actor's process once the first part is written: Ray restarts
-    the actor and resubmits its batches (Ray Data's defaults, which graph.py keeps)."""
+    """SIGKILL the tagger actor's process while it tags a batch: Ray restarts the actor
+    and resubmits its batches (Ray Data's defaults, which graph.py keeps). The demo model
+    made slower (same outputs) keeps the actor at work long enough to be found."""
     import signal
     import threading
     import time
+
+    from pipeline.demo.model import write_demo_bundle
 
     out = tmp_path / "tags"
     cfg = make_tag_config(
         inputs=[str(demo_corpus / "images")],
         output=str(out),
-        model=str(demo_bundle),
+        model=str(write_demo_bundle(tmp_path / "slower", slow_layers=24)),
         rows_per_part=8,
         batch_size=4,
         decode_batch_size=4,
@@ -85,10 +90,9 @@ def test_a_tagger_actor_killed_mid_run_loses_and_duplicates_nothing(
     killed = []
     deadline = time.monotonic() + 240
     while not killed and job.is_alive() and time.monotonic() < deadline:
-        if list(out.glob("data/*/part-*.parquet")):
-            for proc in _tagger_processes():
-                proc.send_signal(signal.SIGKILL)
-                killed.append(proc.pid)
+        for proc in _tagger_processes():
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
         time.sleep(0.02)
     job.join(timeout=300)
     assert killed, "the tagger actor was not found mid-run"

@@ -117,8 +117,9 @@ def test_example_config_parses_and_names_bad_decode_fields(tmp_path):
 
 @pytest.mark.parametrize("cap", [None, 1])
 def test_max_decode_tasks_caps_the_decode_pool(ray_session, cap):
-    """The cap reaches Ray Data as the decode stage's task pool size; unset, Ray Data
-    scales the pool itself."""
+    """Split stages: the cap reaches Ray Data as the decode stage's task pool size; unset,
+    Ray Data scales the pool itself. Fused (the CPU default): the cap is the number of
+    actors that decode, one per CPU slot without it."""
     import pyarrow as pa
     import ray.data
 
@@ -126,12 +127,15 @@ def test_max_decode_tasks_caps_the_decode_pool(ray_session, cap):
     from pipeline.model.profiles import load_profile
     from pipeline.model.tagger import TaggerSettings
 
-    cfg = make_tag_config({"inputs": ["x"], "output": "o", "model": "m", "max_decode_tasks": cap})
+    values = {"inputs": ["x"], "output": "o", "model": "m", "max_decode_tasks": cap}
+    cfg = make_tag_config({**values, "decode_placement": "split"})
     blocks = [pa.table({"uri": ["a.jpg"], slice_column(0): [0]})]
     model = ModelInPass(TaggerSettings(model_dir="m"), 0, plan_placement(cfg, 0))
     dataset = build_pass_dataset(blocks, cfg, (load_profile("wd_v3").preprocess,), [model])
     decode = dataset._logical_plan.dag.input_dependencies[0]  # tagger <- decode <- blocks
     assert decode.compute == ray.data.TaskPoolStrategy(size=cap)
+    fused = plan_placement(make_tag_config(values), 0, cluster_cpus=4)
+    assert fused.fused and fused.tagger_actors == fused.decode_slots == (cap or 4)
 
 
 PLAN_WITHOUT_RAY = """
