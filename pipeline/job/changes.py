@@ -11,7 +11,8 @@ etag nor mtime for are compared by the sha256 of their bytes (Ray tasks).
 The answer (Changes) is by position into the sorted listing: one status code (1 byte)
 and one part index (4 bytes) a listed row, and only the table's rows no longer listed
 keep their uris. A table of the statuses with a copy of every uri took 117 bytes a row,
-1.2 GiB at 10M objects, twice the listing itself (docs/benchmarks.md, issue 34).
+1.2 GiB at 10M objects, twice the listing itself (docs/benchmarks.md, 'Driver memory at
+10M and 30M objects').
 """
 
 from __future__ import annotations
