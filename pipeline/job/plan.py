@@ -113,7 +113,7 @@ def plan_run(
     if same_inference:
         counts = Counts(tally[NEW], tally[CHANGED], tally[DELETED], tally[UNCHANGED], tally[RETRY], 0)
         redo = changes.listed_in(NEW, CHANGED, RETRY)
-        to_infer = manifest.filter(pa.array(redo)) if redo.any() else manifest.slice(0, 0)
+        to_infer = manifest if redo.all() else manifest.filter(pa.array(redo))  # a first run: no copy
         drop = changes.listed_in(CHANGED, RETRY)
     else:  # a new model (or decode/profile settings): every listed image is tagged again
         counts = Counts(
