@@ -132,7 +132,7 @@ def planning(rows: int) -> dict:
     before, sampler = rss_mib(), PeakSampler()
     started = time.perf_counter()
     with sampler:
-        plan = plan_run(listing, classify(listing, view), base, Keys("i", "r"))
+        plan = plan_run(classify(listing, view), base, Keys("i", "r"))
     seconds = time.perf_counter() - started
     return {"rows": rows, "seconds": seconds, "to_tag": plan.to_tag.num_rows,
             "rewrites": len(plan.rewrites), "peak_growth_mib": sampler.peak - before}  # fmt: skip

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
+from memory import PeakSampler, arrow_mib, rss_mib  # benchmarks/memory.py, beside this script
 
 from pipeline.job.changes import StoredSources, classify
 from pipeline.job.incremental import Keys
@@ -51,11 +51,6 @@ PART_ROWS = 4096
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
 
 
 def write_table(objects: int, layout: str, names: str, root: str) -> dict:
@@ -89,17 +84,19 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
     manifest = build_manifest(["simstore://bucket/"], options).manifest
     listed_s, listed_peak, requests = time.perf_counter() - started, _peak_mib(), fs.requests
     started = time.perf_counter()
-    first = plan_run(manifest, classify(manifest, empty_view()), None, Keys("i", "r"))
+    first = plan_run(classify(manifest, empty_view()), None, Keys("i", "r"))
     first_s, to_tag_first = time.perf_counter() - started, first.to_tag.num_rows
     del first  # a run makes one plan: the first run's copy of every row is not the nightly's
     pa.default_memory_pool().release_unused()  # and what Arrow's allocator kept of it goes back
     before_nightly = rss_mib() - rss_before
     files = tuple(json.loads(Path(table_root, "files.json").read_text()))
     base = Snapshot(1, files, objects, "m", "i", "r", "run", "t")
-    started = time.perf_counter()
+    started, arrow_before = time.perf_counter(), arrow_mib()
     with PeakSampler() as sampler:  # the table's side read part by part, as a run reads it
-        status = classify(manifest, StoredSources.of_table(TagTable(table_root), base))
-        nightly = plan_run(manifest, status, base, Keys("i", "r"))
+        with PeakSampler() as classifying:
+            status = classify(manifest, StoredSources.of_table(TagTable(table_root), base))
+        status_mib = status.nbytes / 2**20
+        nightly = plan_run(status, base, Keys("i", "r"))
     nightly_s = time.perf_counter() - started
     return {
         "objects": objects, "layout": layout, "names": names, "latency": latency,
@@ -107,7 +104,10 @@ def one_case(objects: int, layout: str, names: str, latency: float, table_root: 
         "list_peak_mib": listed_peak - before, "first_plan_s": first_s, "to_tag_first": to_tag_first,
         "nightly_plan_s": nightly_s, "to_tag_nightly": nightly.to_tag.num_rows,
         "nightly_peak_mib": sampler.peak - rss_before, "peak_mib": _peak_mib() - before,
-        "before_nightly_mib": before_nightly,
+        "before_nightly_mib": before_nightly, "manifest_mib": manifest.nbytes / 2**20,
+        "status_mib": status_mib, "classify_peak_mib": classifying.peak - rss_before,
+        "arrow_held_mib": arrow_before, "arrow_peak_mib": sampler.arrow_peak,
+        "classify_arrow_peak_mib": classifying.arrow_peak,
     }  # fmt: skip
 
 
@@ -167,6 +167,12 @@ def main() -> None:
                       f"{r['first_plan_s']:10.1f}  {r['nightly_plan_s']:14.1f}  {r['to_tag_nightly']:16,}  "
                       f"{r['list_peak_mib']:8,.0f}  {r['before_nightly_mib']:8,.0f}  "
                       f"{r['nightly_peak_mib']:16,.0f}", flush=True)  # fmt: skip
+                print(f"{'':12}where the nightly plan's memory goes (MiB): "
+                      f"manifest {r['manifest_mib']:,.0f}, "
+                      f"classify's result {r['status_mib']:,.0f}, peak while classifying "
+                      f"{r['classify_peak_mib']:,.0f}; Arrow's pool: {r['arrow_held_mib']:,.0f} held before, "
+                      f"{r['classify_arrow_peak_mib']:,.0f} at most while classifying, "
+                      f"{r['arrow_peak_mib']:,.0f} while planning", flush=True)  # fmt: skip
     flat = sorted(
         (r["objects"], max(r["peak_mib"], r["nightly_peak_mib"])) for r in results if r["layout"] == "flat"
     )

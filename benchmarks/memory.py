@@ -16,11 +16,20 @@ def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def arrow_mib() -> float:
+    """What Arrow's memory pool has allocated now (its buffers; not numpy's or Python's)."""
+    import pyarrow as pa
+
+    return pa.total_allocated_bytes() / 2**20
+
+
 class PeakSampler:
-    """with PeakSampler() as s: ...; s.peak is the highest resident size (MiB) seen."""
+    """with PeakSampler() as s: ...; s.peak is the highest resident size (MiB) seen, and
+    s.arrow_peak the most Arrow's pool held at once (what of the peak is Arrow buffers)."""
 
     def __enter__(self):
         self.peak, self._stop = rss_mib(), threading.Event()
+        self.arrow_peak = arrow_mib()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -28,6 +37,7 @@ class PeakSampler:
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, rss_mib())
+            self.arrow_peak = max(self.arrow_peak, arrow_mib())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

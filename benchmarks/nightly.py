@@ -145,7 +145,7 @@ def plan_at_scale(n: int) -> None:
     t = time.perf_counter()
     status = classify(manifest, view)
     seconds = time.perf_counter() - t
-    new_count = sum(1 for s in status.column("status").to_pylist() if s == "new")
+    new_count = status.tally()["new"]
     print(
         f"classify {n} table rows + {k} new: {seconds:.1f} s, {new_count} new found, "
         f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB (test data included)"

@@ -7,13 +7,22 @@ Ranges are cut at the sorted listing's own uris (never between two rows of one u
 and the table's side is read part by part as the ranges need it (StoredSources: parts
 are sorted by uri, their spans come from their footers). Sources the store gave neither
 etag nor mtime for are compared by the sha256 of their bytes (Ray tasks).
+
+The answer (Changes) is by position into the sorted listing: one status code (1 byte)
+and one part index (4 bytes) a listed row, and only the table's rows no longer listed
+keep their uris. A table of the statuses with a copy of every uri took 117 bytes a row,
+1.2 GiB at 10M objects, twice the listing itself (docs/benchmarks.md, 'Driver memory at
+10M and 30M objects').
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +46,10 @@ from pipeline.table.tag_table import READ_THREADS, Snapshot, TagTable
 log = logging.getLogger(__name__)
 
 CLASSIFY_RANGE_ROWS = 200_000  # listed rows joined at a time
+STATUSES = (NEW, CHANGED, UNCHANGED, DELETED, UNKNOWN, RETRY)  # a status's code is its index here
+CODE = {status: np.int8(code) for code, status in enumerate(STATUSES)}
+DELETED_SCHEMA = pa.schema([("uri", pa.string()), ("_file", pa.int32())])
+UNKNOWN_SCHEMA = pa.schema([("row", pa.int64()), ("sha256", pa.string())])
 
 
 VIEW_COLUMNS = [*SOURCE_COLUMNS, "sha256", "error_kind"]
@@ -46,6 +59,68 @@ VIEW_SCHEMA = (
     .append(pa.field("error_kind", pa.string()))
     .append(pa.field("_file", pa.int32()))
 )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """classify's answer, by position into `manifest` (the listing, sorted by uri): for
+    listed row i, codes[i] (an index into STATUSES) and files[i] (the base part holding
+    its uri, or -1). The table's rows that are no longer listed are `deleted` (uri, _file,
+    in uri order); `unknown` holds the stored sha256 of each row whose source the store
+    gave no etag or mtime for (row, sha256), until resolve_unknown compares them."""
+
+    manifest: pa.Table
+    codes: np.ndarray  # int8, one per listed row
+    files: np.ndarray  # int32, one per listed row
+    deleted: pa.Table
+    unknown: pa.Table
+
+    @property
+    def nbytes(self) -> int:
+        """What classify adds to the listing it was given."""
+        return self.codes.nbytes + self.files.nbytes + self.deleted.nbytes + self.unknown.nbytes
+
+    def tally(self) -> collections.Counter:
+        """Rows by status (each listed row, each deleted row)."""
+        counts = {s: int(np.count_nonzero(self.codes == CODE[s])) for s in STATUSES}  # no intp copy
+        tally = collections.Counter({s: n for s, n in counts.items() if n})
+        tally[DELETED] += self.deleted.num_rows
+        return tally
+
+    def listed_in(self, *statuses: str) -> np.ndarray:
+        """True for each listed row with one of these statuses (compared one status at a
+        time: np.isin and fancy indexing make an 8-byte copy of every code, 240 MiB at 30M)."""
+        picked = np.zeros(len(self.codes), bool)
+        for status in statuses:
+            picked |= self.codes == CODE[status]
+        return picked
+
+    def as_table(self) -> pa.Table:
+        """One row per uri in either side, in uri order: uri, status, _file, v_sha256 (the
+        stored hash of unknown sources). A copy of every uri: for tests and small listings."""
+        v_sha256 = pa.nulls(len(self.codes), pa.string())
+        if self.unknown.num_rows:
+            hashes = np.full(len(self.codes), None, object)
+            hashes[self.unknown.column("row").to_numpy()] = self.unknown.column("sha256").to_pylist()
+            v_sha256 = pa.array(hashes, pa.string())
+        listed = pa.table(
+            {
+                "uri": self.manifest.column("uri"),
+                "status": pa.array(np.array(STATUSES, object)[self.codes], pa.string()),
+                "_file": pa.array(self.files, pa.int32()),
+                "v_sha256": v_sha256,
+            }
+        )
+        gone = self.deleted.num_rows
+        deleted = pa.table(
+            {
+                "uri": self.deleted.column("uri"),
+                "status": pa.array([DELETED] * gone, pa.string()),
+                "_file": self.deleted.column("_file"),
+                "v_sha256": pa.nulls(gone, pa.string()),
+            }
+        )
+        return pa.concat_tables([listed, deleted]).sort_by("uri")
 
 
 class StoredSources:
@@ -87,10 +162,10 @@ def _overlaps(span: tuple[str, str], lo: str | None, hi: str | None) -> bool:
 
 def classify(
     manifest: pa.Table, view: pa.Table | StoredSources, range_rows: int = CLASSIFY_RANGE_ROWS
-) -> pa.Table:
-    """One row per uri in either, in uri order: uri, status, _file (the view part holding
-    it, or -1), v_sha256 (stored content hash, for unknown sources). `view` has SOURCE_COLUMNS + sha256,
-    error_kind, _file.
+) -> Changes:
+    """Each listed row's status against the table (`view`: SOURCE_COLUMNS + sha256,
+    error_kind, _file), by position into the listing sorted by uri; and the table's rows
+    no longer listed (Changes).
 
     Joined by uri range, range_rows listed rows at a time: one join of the whole listing
     grew with it, ranges bound it and took less time (docs/benchmarks.md, 'The driver's
@@ -109,10 +184,15 @@ def classify(
     else:
         rows_in = view.rows_in
     cuts, bounds = _cuts(manifest.column("uri"), range_rows)
-    out = []
+    codes, files = np.full(manifest.num_rows, -1, np.int8), np.full(manifest.num_rows, -1, np.int32)
+    deleted, unknown = [DELETED_SCHEMA.empty_table()], [UNKNOWN_SCHEMA.empty_table()]
     for start, stop, lo, hi in zip([0, *cuts], [*cuts, manifest.num_rows], [None, *bounds], [*bounds, None]):
-        out.append(_classify_range(manifest.slice(start, stop - start), rows_in(lo, hi)))
-    return pa.concat_tables(out)
+        gone, unsure = _classify_range(
+            manifest.slice(start, stop - start), start, rows_in(lo, hi), codes, files
+        )
+        deleted.append(gone)
+        unknown.append(unsure)
+    return Changes(manifest, codes, files, pa.concat_tables(deleted), pa.concat_tables(unknown))
 
 
 def _cuts(uris: pa.ChunkedArray, range_rows: int) -> tuple[list[int], list[str]]:
@@ -159,14 +239,31 @@ def _view_range(batches, spans, lo: str | None, hi: str | None, schema: pa.Schem
     return pa.Table.from_batches(picked, schema=schema)
 
 
-def _classify_range(manifest: pa.Table, view: pa.Table) -> pa.Table:
-    m = manifest.select(SOURCE_COLUMNS).append_column("_m", pa.array(np.ones(manifest.num_rows, bool)))
+def _classify_range(
+    manifest: pa.Table, start: int, view: pa.Table, codes: np.ndarray, files: np.ndarray
+) -> tuple[pa.Table, pa.Table]:
+    """One range: codes and files of its listed rows (manifest, from row `start` of the
+    listing) filled in place; returns its deleted rows (uri order) and unknown rows."""
+    rows = pa.array(np.arange(start, start + manifest.num_rows, dtype=np.int64))
+    m = manifest.select(SOURCE_COLUMNS).append_column("_row", rows)
     v = view.select([*SOURCE_COLUMNS, "sha256", "error_kind", "_file"])
     v = v.rename_columns(["uri", *(f"v_{c}" for c in v.column_names[1:])]).append_column(
         "_v", pa.array(np.ones(view.num_rows, bool))
     )
-    j = m.join(v, keys="uri", join_type="full outer").sort_by("uri")
-    in_m = j.column("_m").is_valid().to_numpy(zero_copy_only=False)
+    j = m.join(v, keys="uri", join_type="full outer")
+    status = _statuses(j)
+    in_m = j.column("_row").is_valid().to_numpy(zero_copy_only=False)
+    listed = j.column("_row").fill_null(-1).to_numpy(zero_copy_only=False)[in_m]
+    codes[listed] = status[in_m]
+    files[listed] = j.column("v__file").fill_null(-1).to_numpy(zero_copy_only=False)[in_m]
+    gone = j.filter(pa.array(~in_m)).select(["uri", "v__file"]).rename_columns(DELETED_SCHEMA.names)
+    unsure = j.filter(pa.array(status == CODE[UNKNOWN])).select(["_row", "v_sha256"])
+    return gone.sort_by("uri").cast(DELETED_SCHEMA), unsure.rename_columns(UNKNOWN_SCHEMA.names)
+
+
+def _statuses(j: pa.Table) -> np.ndarray:
+    """The status code of each row of the listing joined with the view (full outer)."""
+    in_m = j.column("_row").is_valid().to_numpy(zero_copy_only=False)
     in_v = j.column("_v").is_valid().to_numpy(zero_copy_only=False)
 
     def valid(name):
@@ -185,27 +282,19 @@ def _classify_range(manifest: pa.Table, view: pa.Table) -> pa.Table:
         & size_same
     )
     differs = size_known & ~size_same
-    status = np.full(j.num_rows, UNCHANGED, object)
-    status[~in_v] = NEW
-    status[~in_m] = DELETED
+    status = np.full(j.num_rows, CODE[UNCHANGED], np.int8)
+    status[~in_v] = CODE[NEW]
+    status[~in_m] = CODE[DELETED]
     both = in_m & in_v
-    status[both & ~same_source] = CHANGED
-    status[both & ~(etag_known | mtime_known) & ~differs] = UNKNOWN
+    status[both & ~same_source] = CODE[CHANGED]
+    status[both & ~(etag_known | mtime_known) & ~differs] = CODE[UNKNOWN]
     retry = (
         both
-        & (status == UNCHANGED)
+        & (status == CODE[UNCHANGED])
         & pc.is_in(j.column("v_error_kind"), pa.array(RETRY_ERROR_KINDS)).to_numpy(zero_copy_only=False)
     )
-    status[retry] = RETRY
-    return pa.table(
-        {
-            "uri": j.column("uri"),
-            "status": pa.array(status, pa.string()),
-            "_file": j.column("v__file").fill_null(-1),
-            # only unknown sources are compared by content: no 64-byte hash per row kept
-            "v_sha256": pc.if_else(pa.array(status == UNKNOWN), j.column("v_sha256"), None),
-        }
-    )
+    status[retry] = CODE[RETRY]
+    return status
 
 
 def sha256_of(uris: list[str], storage_options: dict | None) -> list[str | None]:
@@ -230,30 +319,24 @@ def _hash_in_ray(uris: list[str], storage_options: dict | None, ray_address: str
 
 
 def resolve_unknown(
-    status: pa.Table, storage_options: dict | None, ray_address: str | None = None, chunk: int = 256
-) -> pa.Table:
+    changes: Changes, storage_options: dict | None, ray_address: str | None = None, chunk: int = 256
+) -> Changes:
     """Rows the store gave no etag or mtime for: hash their bytes and compare with the
     stored sha256. Up to `chunk` of them are hashed here, so planning starts no Ray for a
     few; more in Ray tasks (ray_address as ensure_ray takes it)."""
-    unknown = pc.equal(status.column("status"), UNKNOWN).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(unknown)
-    if not len(rows):
-        return status
-    values = status.column("status").to_numpy(zero_copy_only=False)
-    uris = status.column("uri").take(pa.array(rows)).to_pylist()
+    if not changes.unknown.num_rows:
+        return changes
+    unknown = changes.unknown.sort_by("row")
+    rows = unknown.column("row").to_numpy()
+    uris = changes.manifest.column("uri").take(pa.array(rows)).to_pylist()
     hashes = (
         sha256_of(uris, storage_options)
         if len(uris) <= chunk
         else _hash_in_ray(uris, storage_options, ray_address, chunk)
     )
-    stored = status.column("v_sha256").take(pa.array(rows)).to_pylist()
-    values = values.copy()
-    values[rows] = [UNCHANGED if h is not None and h == s else CHANGED for h, s in zip(hashes, stored)]
-    log.info(
-        "compared %d images without etag/mtime by sha256: %d changed",
-        len(rows),
-        int((values[rows] == CHANGED).sum()),
-    )
-    return status.set_column(
-        status.schema.get_field_index("status"), "status", pa.array(values.tolist(), pa.string())
-    )
+    stored = unknown.column("sha256").to_pylist()
+    same = np.array([h is not None and h == s for h, s in zip(hashes, stored, strict=True)], bool)
+    codes = changes.codes.copy()
+    codes[rows] = np.where(same, CODE[UNCHANGED], CODE[CHANGED])
+    log.info("compared %d images without etag/mtime by sha256: %d changed", len(rows), int((~same).sum()))
+    return dataclasses.replace(changes, codes=codes, unknown=UNKNOWN_SCHEMA.empty_table())

@@ -1,12 +1,13 @@
 """What a tag run must do, decided before any work: a pure function of data.
 
 plan_run compares the listing with the table's current version (classified by
-changes.classify) and with the keys of this run's settings, and says what to tag,
-what an interrupted run already tagged (reused), which of the base's parts to keep as
-they are, which to rewrite without dropped rows (and rethreshold, when the rules
-changed), and the kind of change. It reads nothing itself but the parts it is given a
-reader for, so every case is a small table-driven test (tests/job/test_plan.py); the tag
-job (pipeline/job/tag_job.py) then executes the plan and commits.
+changes.classify, by position into the listing) and with the keys of this run's
+settings, and says what to tag, what an interrupted run already tagged (reused), which
+of the base's parts to keep as they are, which to rewrite without dropped rows (and
+rethreshold, when the rules changed), and the kind of change. It reads nothing itself
+but the parts it is given a reader for, so every case is a small table-driven test
+(tests/job/test_plan.py); the tag job (pipeline/job/tag_job.py) then executes the plan
+and commits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.words import counted
-from pipeline.job.changes import VIEW_SCHEMA
+from pipeline.job.changes import VIEW_SCHEMA, Changes
 from pipeline.job.incremental import (
     CHANGED,
     DELETED,
@@ -92,39 +93,34 @@ def _change(base: Snapshot | None, same_inference: bool, same_rules: bool) -> Ch
 
 
 def plan_run(
-    manifest: pa.Table,
-    status: pa.Table,
+    changes: Changes,
     base: Snapshot | None,
     keys: Keys,
     reuse_candidates: list[str] | tuple[str, ...] = (),
     read_part: Callable[..., pa.Table] | None = None,
     max_delete_fraction: float = 1.0,
 ) -> Plan:
-    """The plan for one run. status: classify's rows (uri, status, _file), unknowns
+    """The plan for one run. changes: classify's answer for the listing, unknowns
     resolved; keys: this run's (inference, rules); reuse_candidates: parts under this
     run's settings key that no version names (read with read_part). A run that would
     delete more than max_delete_fraction of the base's rows is refused here, before
-    anything is written."""
+    anything is written. Rows are picked by position: no uri is copied but those tagged
+    and those dropped from the base's parts."""
     same_inference = base is not None and base.inference_key == keys.inference
     same_rules = same_inference and base is not None and base.rules_key == keys.rules
-    state = status.column("status")
-    tally = collections.Counter(
-        {row["values"]: row["counts"] for row in pc.value_counts(state).to_pylist()}
-    )  # no Python object per row: at 10M rows those are gigabytes
-
-    def state_in(*states: str) -> np.ndarray:
-        return pc.is_in(state, pa.array(states, pa.string())).to_numpy(zero_copy_only=False)
-
+    tally = changes.tally()
+    manifest = changes.manifest
     if same_inference:
         counts = Counts(tally[NEW], tally[CHANGED], tally[DELETED], tally[UNCHANGED], tally[RETRY], 0)
-        redo = state_in(NEW, CHANGED, RETRY)
-        drop = state_in(CHANGED, RETRY, DELETED)
+        redo = changes.listed_in(NEW, CHANGED, RETRY)
+        to_infer = manifest if redo.all() else manifest.filter(pa.array(redo))  # a first run: no copy
+        drop = changes.listed_in(CHANGED, RETRY)
     else:  # a new model (or decode/profile settings): every listed image is tagged again
         counts = Counts(
             tally[NEW], tally[CHANGED], tally[DELETED], reinferred=tally[UNCHANGED] + tally[RETRY]
         )
-        redo = ~state_in(DELETED)
-        drop = np.ones(len(state), bool)
+        to_infer = manifest
+        drop = np.ones(manifest.num_rows, bool)
     share = counts.deleted / base.rows if base is not None and base.rows else 0.0
     if base is not None and counts.deleted and share > max_delete_fraction:
         raise TagpipeError(
@@ -133,34 +129,34 @@ def plan_run(
             f"more than max_delete_fraction={max_delete_fraction}: is an input missing or misspelled? "
             f"Nothing was changed; to accept, rerun with --max-delete-fraction 1"
         )
-    wanted = status.column("uri").filter(pa.array(redo))
-    to_infer = (
-        manifest.filter(pc.is_in(manifest.column("uri"), wanted)) if redo.any() else manifest.slice(0, 0)
-    )
     reuse = reusable_parts(list(reuse_candidates), read_part, to_infer) if read_part else Reuse()
     to_tag = to_infer
     if reuse.uris:
         reused = pc.is_in(to_infer.column("uri"), pa.array(sorted(reuse.uris), pa.string()))
         to_tag = to_infer.filter(pc.invert(reused))
-    keep, rewrites = _base_parts(base, status, drop, same_inference, same_rules)
+    keep, rewrites = _base_parts(base, changes, drop, same_inference, same_rules)
     commits = base is None or not same_inference or bool(to_tag.num_rows or reuse.rows or rewrites)
     change = _change(base, same_inference, same_rules) if commits else Change.NO_CHANGE
     return Plan(change, counts, to_tag, reuse, keep, rewrites, not same_rules, commits, share)
 
 
 def _base_parts(
-    base: Snapshot | None, status: pa.Table, drop: np.ndarray, same_inference: bool, same_rules: bool
+    base: Snapshot | None, changes: Changes, drop: np.ndarray, same_inference: bool, same_rules: bool
 ) -> tuple[tuple[str, ...], tuple[PartRewrite, ...]]:
     """The base's parts: (kept as they are, rewritten without dropped rows or
-    rethresholded). Nothing of the base is kept when the inference settings changed."""
+    rethresholded). Dropped: the listed rows `drop` marks that a part holds, and every
+    deleted row. Nothing of the base is kept when the inference settings changed."""
     if base is None or not same_inference:
         return (), ()
-    files = status.column("_file").to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(drop & (files >= 0))  # only these rows' uris become Python strings
+    rows = np.flatnonzero(drop & (changes.files >= 0))  # only these rows' uris become Python strings
+    files = np.concatenate([changes.files[rows], changes.deleted.column("_file").to_numpy()])
+    uris = pa.chunked_array(
+        [*changes.manifest.column("uri").take(pa.array(rows)).chunks, *changes.deleted.column("uri").chunks],
+        pa.string(),
+    )
+    order = pc.sort_indices(uris).to_numpy()  # each part's dropped uris in uri order
     dropped: dict[int, list[str]] = collections.defaultdict(list)
-    for file, uri in zip(
-        files[rows].tolist(), status.column("uri").take(pa.array(rows)).to_pylist(), strict=True
-    ):
+    for file, uri in zip(files[order].tolist(), uris.take(pa.array(order)).to_pylist(), strict=True):
         dropped[file].append(uri)
     keep, rewrites = [], []
     for index, file in enumerate(base.files):

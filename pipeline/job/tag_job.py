@@ -506,13 +506,13 @@ def _plan(run: PreparedRun, manifest) -> Plan:
     """The table's side of the plan read (the base's source columns, parts an interrupted
     run left), unknown sources hashed, then plan_run decides."""
     cfg, table, base = run.cfg, run.table, run.base
-    status = classify(manifest, StoredSources.of_table(table, base) if base else empty_view())
-    status = resolve_unknown(status, cfg.storage_options, cfg.ray_address)
+    changes = classify(manifest, StoredSources.of_table(table, base) if base else empty_view())
+    changes = resolve_unknown(changes, cfg.storage_options, cfg.ray_address)
     since = _reuse_since(table, base)
     candidates = [
         p["file"] for p in table.list_parts(run.key) if p["file"] not in run.taken and p["mtime"] >= since
     ]
-    return plan_run(manifest, status, base, run.keys, candidates, table.read_part, cfg.max_delete_fraction)
+    return plan_run(changes, base, run.keys, candidates, table.read_part, cfg.max_delete_fraction)
 
 
 def _log_plan(planned: PlannedRun, listed: int) -> None:

@@ -11,8 +11,13 @@ Parquet files name their columns themselves (bucket, key, size, last_modified_da
 An inventory of all versions lists old versions and delete markers: only current objects are
 inputs, as a listing would give. Folder markers (keys ending in "/") are no files, as in a
 listing. The listing rules (os_debris, sidecar, extension, tagpipe_output) apply as they do to
-a prefix; the caller passes them in as callables (manifest.py imports this module, so this one
-cannot import it back).
+a prefix; the caller passes them in (manifest.py's ListingRules: manifest.py imports this module,
+so this one cannot import it back).
+
+Every step is Arrow compute over a batch (or numpy over its bytes, for the URL decoding), as
+a listing's key ranges are: a row at a time in Python took 4x as long (~70 s for 10M); only
+the few rows the rules may skip are asked about one by one (docs/benchmarks.md, 'Driver memory at
+10M and 30M objects, inventory at 10M').
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from urllib.parse import unquote_plus
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -31,8 +38,16 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage.filesystem import filesystem_for, is_local, retry
 
-SkipReason = Callable[[str, str], str | None]  # ListingRules.skip_reason(root, path)
 AddSkipped = Callable[[str, str], None]  # Skipped.add(reason, path)
+
+
+class Rules(Protocol):
+    """What the listing leaves out (manifest.ListingRules)."""
+
+    def skip_reason(self, root: str, path: str) -> str | None: ...
+
+    def may_skip(self, paths: pa.Array) -> np.ndarray: ...
+
 
 REQUIRED_FIELDS = ("sourceBucket", "destinationBucket", "fileFormat", "fileSchema", "files")
 # the columns used, by their CSV fileSchema names; Parquet names them in snake case
@@ -48,9 +63,7 @@ COLUMNS = {
 BATCH_BYTES = 16 << 20  # CSV bytes parsed at a time: a data file is never held whole
 
 
-def read_inventory(
-    uri: str, storage_options: dict | None, skip_reason: SkipReason, add_skipped: AddSkipped
-) -> pa.Table:
+def read_inventory(uri: str, storage_options: dict | None, rules: Rules, add_skipped: AddSkipped) -> pa.Table:
     """The current objects an inventory report names, as MANIFEST_SCHEMA rows; the files the
     listing rules leave out go to add_skipped(reason, uri) instead."""
     report = _load_report(uri, storage_options)
@@ -58,7 +71,7 @@ def read_inventory(
     for data_uri in _data_files(uri, report, storage_options):
         # a whole file again on a transient error, so its skipped files are counted once
         table, skipped = retry(
-            lambda data_uri=data_uri: _read_data_file(data_uri, report, storage_options, skip_reason),
+            lambda data_uri=data_uri: _read_data_file(data_uri, report, storage_options, rules),
             what=data_uri,
         )
         tables.append(table)
@@ -129,7 +142,7 @@ def _data_files(uri: str, report: dict, storage_options: dict | None) -> list[st
 
 
 def _read_data_file(
-    uri: str, report: dict, storage_options: dict | None, skip_reason: SkipReason
+    uri: str, report: dict, storage_options: dict | None, rules: Rules
 ) -> tuple[pa.Table, list[tuple[str, str]]]:
     """One data file's rows, batch by batch, and what the listing rules left out of it."""
     fs, path = filesystem_for(uri, storage_options)
@@ -138,7 +151,7 @@ def _read_data_file(
     with fs.open(path, "rb") as handle:
         try:
             for batch in _batches(handle, report, uri):
-                tables.append(_rows(batch, report["fileFormat"] == "csv", skip_reason, skipped))
+                tables.append(_rows(batch, report["fileFormat"] == "csv", rules, skipped))
         except pa.ArrowInvalid as exc:  # a row that does not parse, a size that is not a number
             raise ConfigError(f"S3 inventory data file {uri}: {_first_line(exc)}") from None
     return (pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()), skipped
@@ -167,36 +180,81 @@ def _batches(handle, report: dict, uri: str) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
 
 
-def _rows(
-    batch: pa.Table, url_encoded: bool, skip_reason: SkipReason, skipped: list[tuple[str, str]]
-) -> pa.Table:
+def _rows(batch: pa.Table, url_encoded: bool, rules: Rules, skipped: list[tuple[str, str]]) -> pa.Table:
     """A batch as manifest rows: current objects only, no folder markers, the rules applied."""
     batch = batch.filter(_current(batch))
-    keep, uris = [], []
-    for i, (bucket, key) in enumerate(zip(batch["Bucket"].to_pylist(), batch["Key"].to_pylist())):
-        # AWS: "When using the CSV file format, the key name is URL-encoded and must be decoded
-        # before you can use it" (docs.aws.amazon.com/AmazonS3/latest/userguide/storage-inventory.html,
-        # "Amazon S3 inventory list"). It is form encoding: a space is written '+' and a '+' as
-        # %2B (github.com/cloud-custodian/cloud-custodian/issues/1997, fixed with unquote_plus in
-        # its PR #1998), so unquote_plus, not unquote. Parquet keys are not encoded.
-        key = unquote_plus(key) if url_encoded else key
-        if key.endswith("/"):
-            continue
-        reason = skip_reason(f"{bucket}/", f"{bucket}/{key}")
+    # AWS: "When using the CSV file format, the key name is URL-encoded and must be decoded
+    # before you can use it" (docs.aws.amazon.com/AmazonS3/latest/userguide/storage-inventory.html,
+    # "Amazon S3 inventory list"). It is form encoding: a space is written '+' and a '+' as
+    # %2B (github.com/cloud-custodian/cloud-custodian/issues/1997, fixed with unquote_plus in
+    # its PR #1998), so unquote_plus, not unquote. Parquet keys are not encoded.
+    key = batch["Key"].combine_chunks().cast(pa.string())
+    key = unquote_plus_keys(key) if url_encoded else key
+    paths = pc.binary_join_element_wise(batch["Bucket"].combine_chunks().cast(pa.string()), key, "/")
+    if paths.null_count:
+        raise pa.ArrowInvalid(f"{paths.null_count} row(s) with no bucket or key")
+    keep = pc.invert(pc.ends_with(key, "/")).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(keep & rules.may_skip(paths)).tolist():  # the few the rules may skip
+        path = paths[i].as_py()
+        reason = rules.skip_reason(f"{path.split('/', 1)[0]}/", path)
         if reason:
-            skipped.append((reason, f"s3://{bucket}/{key}"))
-        else:
-            keep.append(i)
-            uris.append(f"s3://{bucket}/{key}")
-    batch = batch.take(pa.array(keep, pa.int64()))
+            skipped.append((reason, f"s3://{path}"))
+            keep[i] = False
+    kept = pa.array(keep)
+    batch = batch.filter(kept)
     return pa.table(
         {
-            "uri": pa.array(uris, pa.string()),
+            "uri": pc.binary_join_element_wise("s3:/", paths.filter(kept), "/"),
             "source_size": _column(batch, "Size", pa.int64()),
             "etag": pc.utf8_trim(_column(batch, "ETag", pa.string()), '"'),
             "mtime": _mtime(batch),
         },
         schema=MANIFEST_SCHEMA,
+    )
+
+
+HEX_VALUES = np.full(256, -1, np.int16)  # a byte's value as a hex digit, or -1
+for _digits, _first in (("0123456789", 0), ("abcdef", 10), ("ABCDEF", 10)):
+    HEX_VALUES[np.frombuffer(_digits.encode(), np.uint8)] = np.arange(_first, _first + len(_digits))
+
+
+def unquote_plus_keys(keys: pa.Array) -> pa.Array:
+    """urllib.parse.unquote_plus of every key, over the array's bytes: '+' is a space, and
+    each %XX (two hex digits, within one key) the byte it names. Keys whose bytes then are
+    not UTF-8 (a malformed report) are decoded by unquote_plus itself, which replaces them."""
+    keys = pc.replace_substring(keys, "+", " ")
+    encoded = pc.match_substring(keys, "%").fill_null(False)
+    if not pc.any(encoded).as_py():
+        return keys
+    some = keys.filter(encoded)
+    try:
+        decoded = _percent_decoded(some)
+        decoded.validate(full=True)  # UTF-8
+    except pa.ArrowInvalid:
+        decoded = pa.array([unquote_plus(k) for k in some.to_pylist()], pa.string())
+    return pc.replace_with_mask(keys, encoded, decoded)
+
+
+def _percent_decoded(keys: pa.Array) -> pa.Array:
+    """%XX sequences of keys without nulls replaced by their bytes, in one pass over the
+    array's data: an escape is never taken from a byte another one produced."""
+    offsets = np.frombuffer(keys.buffers()[1], np.int32)[keys.offset : keys.offset + len(keys) + 1]
+    data = np.frombuffer(keys.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    at = np.flatnonzero(data[:-2] == ord("%")) if len(data) > 2 else np.zeros(0, np.int64)
+    high, low = HEX_VALUES[data[at + 1]], HEX_VALUES[data[at + 2]]
+    ends = offsets[np.searchsorted(offsets, at, side="right")]  # where each '%'s key ends
+    escape = (high >= 0) & (low >= 0) & (at + 2 < ends)  # hex digits are never '%': none overlap
+    at = at[escape]
+    out = data.copy()
+    out[at] = (high[escape] * 16 + low[escape]).astype(np.uint8)
+    gone = np.zeros(len(data) + 1, np.int64)
+    gone[at + 1] = 1
+    gone[at + 2] = 1
+    removed = np.concatenate([[0], np.cumsum(gone[:-1])])  # bytes removed before each position
+    new_offsets = (offsets - removed[offsets]).astype(np.int32)
+    return pa.Array.from_buffers(
+        pa.string(), len(keys), [None, pa.py_buffer(new_offsets), pa.py_buffer(out[~gone[:-1].astype(bool)])]
     )
 
 
@@ -210,7 +268,7 @@ def _current(batch: pa.Table) -> pa.ChunkedArray | pa.Array:
 def _flag(batch: pa.Table, name: str, default: bool) -> pa.ChunkedArray | pa.Array:
     """A true/false column (strings in CSV, booleans in Parquet); `default` where absent or empty."""
     if name not in batch.column_names:
-        return pa.array([default] * batch.num_rows, pa.bool_())
+        return pa.array(np.full(batch.num_rows, default))
     column = batch[name]
     if not pa.types.is_boolean(column.type):
         column = pc.equal(pc.utf8_lower(column.cast(pa.string())), "true")

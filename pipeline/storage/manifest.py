@@ -333,7 +333,7 @@ def build_manifest(
         if retry(lambda fs=fs, path=path: fs.isdir(path), what=uri):
             prefixes.append((fs, path))
         elif posixpath.basename(path) == "manifest.json":  # an S3 Inventory report
-            listed.append(read_inventory(uri, storage_options, rules.skip_reason, skipped.add))
+            listed.append(read_inventory(uri, storage_options, rules, skipped.add))
             _probe_one(listed[-1], storage_options)
         elif _extension(path) in MANIFEST_EXTENSIONS:
             tables.append(_read_manifest_file(uri, storage_options))

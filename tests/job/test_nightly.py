@@ -103,7 +103,7 @@ def test_classify_by_etag_then_size_mtime_then_unknown():
             ("h", 1, None, 1.0),
         ]
     )
-    status = {r["uri"]: (r["status"], r["_file"]) for r in classify(listing, view).to_pylist()}
+    status = {r["uri"]: (r["status"], r["_file"]) for r in classify(listing, view).as_table().to_pylist()}
     assert status == {
         "a": (UNCHANGED, 0),  # same etag: a touched mtime alone is no change
         "b": (CHANGED, 0),  # etag differs

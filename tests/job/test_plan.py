@@ -6,13 +6,16 @@ The base table has two parts: p0 holds a.jpg and b.jpg, p1 holds c.jpg and d.jpg
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipeline.core.errors import TagpipeError
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.job.changes import StoredSources, classify
-from pipeline.job.incremental import Keys
+from pipeline.job.incremental import RETRY_ERROR_KINDS, Keys
 from pipeline.job.plan import Change, Counts, PartRewrite, empty_view, plan_run
 from pipeline.table.tag_table import Snapshot
 
@@ -45,7 +48,6 @@ def _plan(sources=None, base=True, keys=KEYS, errors=None, candidates=None, max_
     status = classify(manifest, _view(errors) if base else empty_view())
     parts = candidates or {}
     return plan_run(
-        manifest,
         status,
         _base() if base else None,
         keys,
@@ -189,8 +191,6 @@ def test_a_mass_deletion_is_refused_before_any_work():
 def test_classifying_by_uri_range_is_one_join(seed):
     """Ranges of a few rows (cut at listed uris, the view read from overlapping batches)
     give the rows a single join gives: same uris, statuses, parts, hashes, in uri order."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     uris = sorted({f"s3://b/{rng.integers(0, 10**6):06d}.jpg" for _ in range(900)})
     listed = [u for u in uris if rng.random() < 0.8]
@@ -222,16 +222,96 @@ def test_classifying_by_uri_range_is_one_join(seed):
     ]
     from_parts = StoredSources(spans, lambda i: by_index.get(i, empty_view()))
     shuffled = manifest.take(pa.array(rng.permutation(manifest.num_rows)))
-    whole = classify(manifest, view, range_rows=10**9)
+    whole = classify(manifest, view, range_rows=10**9).as_table()
 
-    def rows(status: pa.Table) -> list:  # repeats of a uri may come in any order
-        return sorted(status.to_pylist(), key=lambda row: [str(v) for v in row.values()])
+    def rows(changes) -> list:  # repeats of a uri may come in any order
+        table = changes if isinstance(changes, pa.Table) else changes.as_table()
+        return sorted(table.to_pylist(), key=lambda row: [str(v) for v in row.values()])
 
     for range_rows in (1, 7, 50):
         assert rows(classify(shuffled, view, range_rows=range_rows)) == rows(whole)
         assert rows(classify(shuffled, from_parts, range_rows=range_rows)) == rows(whole)
     assert sorted(set(whole.column("uri").to_pylist())) == sorted(set(listed) | set(stored))
     assert set(whole.column("status").to_pylist()) >= {"new", "deleted", "unchanged", "changed"}
+
+
+def _status_by_rules(listed: tuple | None, stored: tuple | None) -> str:
+    """The classification rules written out for one uri, plainly, as the oracle."""
+    if stored is None or listed is None:
+        return "new" if stored is None else "deleted"
+    (size, etag, mtime), (v_size, v_etag, v_mtime, error_kind, _file) = listed, stored[:5]
+    etag_known, mtime_known = (
+        etag is not None and v_etag is not None,
+        mtime is not None and v_mtime is not None,
+    )
+    same_source = (etag == v_etag if etag_known else mtime == v_mtime) and size == v_size
+    status = "unchanged" if same_source else "changed"
+    if not (etag_known or mtime_known) and not (size is not None and v_size is not None and size != v_size):
+        status = "unknown"
+    return "retry" if status == "unchanged" and error_kind in RETRY_ERROR_KINDS else status
+
+
+def _plan_by_rules(listed: dict, stored: dict, files: tuple, keys: Keys) -> tuple:
+    """What plan_run must answer, from per-uri Python dicts: to_tag, keep, rewrites, counts."""
+    status = {u: _status_by_rules(listed.get(u), stored.get(u)) for u in set(listed) | set(stored)}
+    tally = collections.Counter(status.values())
+    if keys.inference != KEYS.inference:
+        counts = Counts(tally["new"], tally["changed"], tally["deleted"],
+                        reinferred=tally["unchanged"] + tally["retry"])  # fmt: skip
+        return sorted(listed), (), (), counts
+    counts = Counts(*(tally[s] for s in ("new", "changed", "deleted", "unchanged", "retry")))
+    to_tag = sorted(u for u, s in status.items() if s in ("new", "changed", "retry"))
+    dropped = collections.defaultdict(list)
+    for u in sorted(u for u, s in status.items() if s in ("changed", "retry", "deleted")):
+        dropped[stored[u][4]].append(u)
+    same_rules = keys.rules == KEYS.rules
+    keep = tuple(f for i, f in enumerate(files) if same_rules and i not in dropped)
+    rewrites = tuple(PartRewrite(f, tuple(dropped[i])) for i, f in enumerate(files) if f not in keep)
+    return to_tag, keep, rewrites, counts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plans_by_position_are_the_rules_applied_uri_by_uri(seed):
+    """Statuses kept as positions into the listing (ranges of a few rows) give the plan
+    the classification rules give, uri by uri: what to tag, keep and rewrite, the counts;
+    for the same settings, new rules and a new model."""
+    rng = np.random.default_rng(seed)
+    pool = sorted({f"s3://b/{rng.integers(0, 10**5):05d}.jpg" for _ in range(400)})
+
+    def source():  # etag and mtime each known or not; a size that may differ
+        return (
+            int(rng.integers(1, 3)),
+            ["e1", "e2", None][rng.integers(3)],
+            [1.0, 2.0, None][rng.integers(3)],
+        )
+
+    listed = {u: source() for u in pool if rng.random() < 0.8}
+    kept = [u for u in pool if rng.random() < 0.7]
+    files = tuple(f"p{i}" for i in range(6))
+    stored = {}
+    for index, part in enumerate(np.array_split(np.array(kept, object), len(files))):
+        for u in part:
+            same = listed.get(u) if rng.random() < 0.6 else None
+            stored[u] = (
+                *(same or source()),
+                [None, None, "read_error", "decode_error"][rng.integers(4)],
+                index,
+            )
+    manifest = pa.Table.from_pylist(
+        [dict(zip(MANIFEST_SCHEMA.names, (u, *v), strict=True)) for u, v in listed.items()],
+        schema=MANIFEST_SCHEMA,
+    )
+    view = pa.Table.from_pylist(
+        [{"uri": u, "source_size": v[0], "etag": v[1], "mtime": v[2], "sha256": "h", "error_kind": v[3],
+          "_file": v[4]} for u, v in sorted(stored.items())], schema=empty_view().schema,
+    )  # fmt: skip
+    base = Snapshot(1, files, len(stored), "m", KEYS.inference, KEYS.rules, "r0", "2026-12-01T00:00:00+00:00")
+    changes = classify(manifest.take(pa.array(rng.permutation(manifest.num_rows))), view, range_rows=7)
+    for keys in (KEYS, Keys(KEYS.inference, "rules-2"), Keys("inference-2", KEYS.rules)):
+        plan = plan_run(changes, base, keys)
+        got = (plan.to_tag.column("uri").to_pylist(), plan.keep, plan.rewrites, plan.counts)
+        assert got == _plan_by_rules(listed, stored, files, keys)
+    assert {"new", "changed", "unchanged", "deleted", "unknown", "retry"} <= set(changes.tally())
 
 
 def test_a_listing_row_without_uri_is_refused(tmp_path):
@@ -265,8 +345,8 @@ def test_sources_without_etag_or_mtime_are_compared_by_content(tmp_path, ray_ses
     stored = [{**row, "sha256": hashlib.sha256(b"same bytes").hexdigest(), "error_kind": None, "_file": 0}
               for row in listed]  # fmt: skip
     status = classify(manifest, pa.Table.from_pylist(stored, schema=empty_view().schema))
-    assert status.column("status").to_pylist() == ["unknown", "unknown"]
-    resolved = resolve_unknown(status, None, chunk=chunk)
+    assert status.as_table().column("status").to_pylist() == ["unknown", "unknown"]
+    resolved = resolve_unknown(status, None, chunk=chunk).as_table()
     assert dict(zip(resolved["uri"].to_pylist(), resolved["status"].to_pylist(), strict=True)) == {
         str(edited): "changed",
         str(same): "unchanged",

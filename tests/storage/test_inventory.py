@@ -19,6 +19,7 @@ import shutil
 from urllib.parse import quote_plus
 
 import boto3
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -312,3 +313,64 @@ def test_a_report_tagpipe_cannot_read_is_a_one_line_config_error(store, body, wo
     assert "\n" not in message and f"s3://{DEST}/{key}" in message
     for word in words:
         assert word in message
+
+
+def _rows_one_by_one(batch: pa.Table, url_encoded: bool, rules: ListingRules) -> tuple[list, list]:
+    """The oracle: what a data file's rows give, a row at a time in Python (the reader's
+    rules before it was vectorised): current objects, keys decoded, the rules asked."""
+    from urllib.parse import unquote_plus
+
+    rows, skipped = [], []
+    for row in batch.to_pylist():
+        latest = row.get("IsLatest") in (True, "true", None)
+        if not latest or row.get("IsDeleteMarker") in (True, "true"):
+            continue
+        key = unquote_plus(row["Key"]) if url_encoded else row["Key"]
+        reason = rules.skip_reason(f"{row['Bucket']}/", f"{row['Bucket']}/{key}")
+        if key.endswith("/"):
+            continue
+        if reason:
+            skipped.append((reason, f"s3://{row['Bucket']}/{key}"))
+        else:
+            rows.append((f"s3://{row['Bucket']}/{key}", int(row["Size"]), row["ETag"].strip('"')))
+    return rows, skipped
+
+
+@pytest.mark.parametrize("url_encoded", [True, False], ids=["csv", "parquet"])
+def test_rows_read_a_batch_at_a_time_are_those_read_one_by_one(url_encoded):
+    """Generated keys with every odd case an inventory carries (form encoding, %XX at a
+    key's end or before a non-hex digit, invalid UTF-8, folder markers, debris, sidecars,
+    other extensions, delete markers, old versions) give the rows and skipped files the
+    row-by-row reader gave, in order."""
+    from pipeline.storage.inventory import _rows
+
+    odd = ["a+b.jpg", "a%2Bb.jpg", "caf%C3%A9+%C3%BC.jpg", "100%25+sure.png", "x%4", "x%4g.jpg", "%%41.jpg",
+           "%2541.jpg", "%E2%82%AC%", "bad%FF.jpg", "dir/", "d/.DS_Store", "d/Thumbs.db", "d/cap.txt",
+           "d/.hidden/x.jpg", "a.webp", "\u00fcber.jpg", "d/@eaDir/x.jpg", "e%2F.jpg"]  # fmt: skip
+    keys = [*odd * 6, *(f"k/{i:05d}.jpg" for i in range(300))]
+    keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]
+    if not url_encoded:  # Parquet keys are plain: '%' and '+' are themselves
+        keys = [k.replace("%FF", "\u00ff") for k in keys]
+    n = len(keys)
+    batch = pa.table(
+        {
+            "Bucket": ["src"] * n,
+            "Key": keys,
+            "Size": [str(i) for i in range(n)],
+            "ETag": [f'"e{i}"' for i in range(n)],
+            "IsLatest": [["true", "false", None][i % 7 % 3] for i in range(n)],
+            "IsDeleteMarker": [["false", "true"][i % 11 == 0] for i in range(n)],
+        }
+    )
+    for rules in (ListingRules(), ListingRules(extensions=frozenset({"jpg"}))):
+        skipped: list = []
+        got = _rows(batch, url_encoded, rules, skipped)
+        rows = list(zip(*(got[c].to_pylist() for c in ("uri", "source_size", "etag")), strict=True))
+        assert (rows, skipped) == _rows_one_by_one(batch, url_encoded, rules)
+        assert len(rows) > 100 and len(skipped) > 5
+    from urllib.parse import unquote_plus
+
+    from pipeline.storage.inventory import unquote_plus_keys
+
+    touching = ["x%4", "1%20.jpg", "y%", "41%20.jpg", "%E2%82%AC", "z%2"]  # an escape never spans two keys
+    assert unquote_plus_keys(pa.array(touching)).to_pylist() == [unquote_plus(k) for k in touching]
