@@ -1,7 +1,10 @@
 """GPU throughput: the ONNX Runtime session alone (a) vs the full `tagpipe tag` job (b).
 
-    python benchmarks/gpu.py                      # GPU: so400m/14 @384 + 108k-tag head, fp16
-    python benchmarks/gpu.py --config small       # CPU-sized: runs anywhere (tested in CI)
+The one command for a GPU machine (one H100/H200, 16 cores; budget 8 minutes, ~4 expected):
+
+    pip install -e '.[test]' 'onnxruntime-gpu[cuda,cudnn]' nvidia-ml-py   # NVML optional
+    python benchmarks/gpu.py --out $OUT/gpu.json  # GPU: so400m/14 @384 + 108k-tag head, fp16
+    python benchmarks/gpu.py --config small       # CPU-sized: runs anywhere (tested)
 
 Builds, without downloading weights, a model with CL Tagger v2's shape and cost: a
 SigLIP vision tower (so400m/14 @384: 27 layers, width 1152, MLP 4304, 16 heads, 729
@@ -15,11 +18,15 @@ tagpipe loads like the real one (profile cl_tagger_v2). Then measures
   c. the tagger actor's host work per image: TaggerStage time outside the session
      (screening the 108k-wide output, tags, Arrow rows), against the session's time
      per image; with one call at a time the GPU idles for all of it;
-  b. `run_tag_job` on one GPU with this machine's CPUs over synthetic 3 MP JPEGs: img/s,
-     the GPU's busy fraction (nvidia-smi, sampled every 100 ms), decode img/s per core;
+  d. DecodeStage alone on one core (the job's decode options): x the machine's cores /
+     its GPUs = the CPU decode ceiling per GPU, against (a);
+  b. `run_tag_job` on one GPU with this machine's CPUs over synthetic 3 MP JPEGs, under
+     decode_placement split and fused: img/s, b / a, the run's own BusyTime (tagger and
+     decode busy, NVML per GPU) and nvidia-smi's GPU busy, and which placement won;
 
-and prints one table with b / a. Targets (issue 10): b >= 90% of a; a >= 50% of the
-FLOP limit on an H100/H200.
+and prints one table, each phase's seconds and the total. --out: every figure as JSON,
+rewritten after each phase. Targets (issues 10, 34): b >= 90% of a; a >= 50% of the
+FLOP limit on an H100/H200; tagger busy >= 90% where decode allows.
 """
 
 from __future__ import annotations
