@@ -1,7 +1,10 @@
 """GPU throughput: the ONNX Runtime session alone (a) vs the full `tagpipe tag` job (b).
 
-    python benchmarks/gpu.py                      # GPU: so400m/14 @384 + 108k-tag head, fp16
-    python benchmarks/gpu.py --config small       # CPU-sized: runs anywhere (tested in CI)
+The one command for a GPU machine (one H100/H200, 16 cores; budget 8 minutes, ~4 expected):
+
+    pip install -e '.[test]' 'onnxruntime-gpu[cuda,cudnn]' nvidia-ml-py   # NVML optional
+    python benchmarks/gpu.py --out $OUT/gpu.json  # GPU: so400m/14 @384 + 108k-tag head, fp16
+    python benchmarks/gpu.py --config small       # CPU-sized: runs anywhere (tested)
 
 Builds, without downloading weights, a model with CL Tagger v2's shape and cost: a
 SigLIP vision tower (so400m/14 @384: 27 layers, width 1152, MLP 4304, 16 heads, 729
@@ -15,24 +18,32 @@ tagpipe loads like the real one (profile cl_tagger_v2). Then measures
   c. the tagger actor's host work per image: TaggerStage time outside the session
      (screening the 108k-wide output, tags, Arrow rows), against the session's time
      per image; with one call at a time the GPU idles for all of it;
-  b. `run_tag_job` on one GPU with this machine's CPUs over synthetic 3 MP JPEGs: img/s,
-     the GPU's busy fraction (nvidia-smi, sampled every 100 ms), decode img/s per core;
+  d. DecodeStage alone on one core (the job's decode options): x the machine's cores /
+     its GPUs = the CPU decode ceiling per GPU, against (a);
+  b. `run_tag_job` on one GPU with this machine's CPUs over synthetic 3 MP JPEGs, under
+     decode_placement split and fused: img/s, b / a, the run's own BusyTime (tagger and
+     decode busy, NVML per GPU) and nvidia-smi's GPU busy, and which placement won;
 
-and prints one table with b / a. Targets (issue 10): b >= 90% of a; a >= 50% of the
-FLOP limit on an H100/H200.
+and prints one table, each phase's seconds and the total. --out: every figure as JSON,
+rewritten after each phase. Targets (issues 10, 34): b >= 90% of a; a >= 50% of the
+FLOP limit on an H100/H200; tagger busy >= 90% where decode allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -339,27 +350,178 @@ def host_work(bundle: Path, batch: int, repeats: int = 3) -> tuple[float, float]
     return (total - stage.session_seconds) / images, stage.session_seconds / images
 
 
-def pipeline_throughput(bundle: Path, images: Path, batch_size: int, actors: int, out: Path) -> tuple:
-    """(b): run_tag_job over the corpus; (summary, seconds of the tagging phase, GPU busy)."""
-    from pipeline.job.settings import make_tag_config
-    from pipeline.job.tag_job import run_tag_job
+BUDGET_SECONDS = 480  # the whole command on one 16-core H100/H200 machine (issue 34)
+IMAGES_PER_TASK = 50  # JPEGs one process makes at a time
 
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = make_tag_config(
+
+def cuda_libraries_on_path() -> list[str]:
+    """onnxruntime-gpu finds CUDA and cuDNN installed as pip wheels (nvidia-*-cu12) only
+    when preloaded or on LD_LIBRARY_PATH: preloaded here for this process, and put on the
+    path for Ray's workers, which inherit this environment. Returns the folders added."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    folders = sorted({str(p) for root in roots for p in Path(root).glob("*/lib") if p.is_dir()})
+    if folders:
+        old = os.environ.get("LD_LIBRARY_PATH", "")
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *([old] if old else [])])
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
+    return folders
+
+
+def _make_images_task(directory: Path, start: int, count: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from sample_photos import mosaic_3mp
+
+    for i, data in enumerate(mosaic_3mp(count, seed=1000 + start)):
+        (directory / f"img_{start + i:05d}.jpg").write_bytes(data)
+
+
+def make_images(directory: Path, count: int, workers: int) -> list[str]:
+    """`count` distinct 3 MP JPEGs (tests/sample_photos.py's mosaic, its grain seeded per
+    task), made on every core: one core makes 5-10 a second, too few for thousands
+    within the time budget. Kept for the next run in the same workdir."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(list(directory.glob("*.jpg"))) != count:
+        for stale in directory.glob("*.jpg"):
+            stale.unlink()
+        starts = range(0, count, IMAGES_PER_TASK)
+        context = multiprocessing.get_context("spawn")  # no fork of a process with runtime threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            sizes = [min(IMAGES_PER_TASK, count - s) for s in starts]
+            list(pool.map(_make_images_task, [directory] * len(sizes), starts, sizes))
+    return [str(p) for p in sorted(directory.glob("*.jpg"))]
+
+
+def job_config(bundle: Path, images: Path, out: Path, **settings):
+    from pipeline.job.settings import make_tag_config
+
+    return make_tag_config(
         inputs=[str(images)],
         output=str(out),
         model=str(bundle),
         profile="cl_tagger_v2",
-        batch_size=batch_size,
-        tagger_actors=actors,
         rows_per_part=1024,
+        edit_calibration_images=0,  # after the commit, outside the tagging phase: not measured
+        **settings,
     )
+
+
+def decode_per_core(bundle: Path, uris: list[str], seconds: float) -> float:
+    """(d): img/s of DecodeStage alone on one core (read, sha256, the job's decode to the
+    model's size, phash), as each decode task or fused actor runs it. The CPU decode
+    ceiling per GPU is this x the machine's cores / its GPUs."""
+    from pipeline.image.decode import DecodeStage
+    from pipeline.job.graph import decode_options
+    from pipeline.model.bundle import load_bundle
+
+    cfg = job_config(bundle, Path(uris[0]).parent, Path("/nonexistent"))
+    stage = DecodeStage(load_bundle(bundle, "cl_tagger_v2").profile.preprocess, decode_options(cfg))
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if affinity:
+        os.sched_setaffinity(0, {min(affinity)})  # this thread only: the rest keep theirs
+    try:
+        stage({"uri": np.asarray(uris[:2], object)})  # warm-up (imports, BLAS)
+        done, started, batch = 0, time.perf_counter(), 16
+        while time.perf_counter() - started < seconds or done == 0:
+            chunk = [uris[(done + i) % len(uris)] for i in range(batch)]
+            stage({"uri": np.asarray(chunk, object)})
+            done += batch
+        return done / (time.perf_counter() - started)
+    finally:
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+
+
+def job_run(bundle: Path, images: Path, out: Path, session_rate: float, **settings) -> dict:
+    """(b): `run_tag_job` over the JPEGs with these settings; its figures, its busy time."""
+    from pipeline.job.tag_job import run_tag_job
+
+    shutil.rmtree(out, ignore_errors=True)
     with GpuSampler() as sampler:
-        summary = run_tag_job(cfg)
-    return summary, summary.timings["tag_seconds"], sampler.busy()
+        summary = run_tag_job(job_config(bundle, images, out, **settings))
+    tag = summary.timings["tag_seconds"]
+    first = summary.timings.get("first_rows_seconds") or 0.0
+    # after the first rows: actor start-up and model load left out (None when too few
+    # rows came after them to time, as with a handful of images)
+    after = tag - first
+    steady = (summary.images - settings["batch_size"]) / after if after >= 1.0 else None
+    busy = summary.busy
+    return {
+        "settings": {k: str(v) for k, v in settings.items()},
+        "placement": summary.placement,
+        "images": summary.images,
+        "tag_seconds": tag,
+        "first_rows_seconds": first,
+        "img_per_s": summary.images / tag,
+        "img_per_s_after_first_rows": steady,
+        "ratio_to_session": (steady or summary.images / tag) / session_rate,
+        "tagger_busy": busy.tagger if busy else None,
+        "tagger_busy_per_actor": busy.tagger_actors if busy else {},
+        "decode_busy": busy.decode if busy else None,
+        "gpu_busy_nvml": busy.gpus if busy else {},
+        "gpu_busy_nvidia_smi": sampler.busy(),
+        "verdict": busy.verdict if busy else "",
+    }
 
 
-def main(argv: list[str] | None = None) -> dict:
+class Phases:
+    """Each phase's seconds, printed as it ends; every figure so far written to --out
+    after each phase, so a run cut short still returns what it measured."""
+
+    def __init__(self, results: dict, out: Path | None):
+        self.results, self.out, self.started = results, out, time.perf_counter()
+        results["phase_seconds"] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, fatal: bool = True):
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            if fatal:
+                raise
+            self.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"phase {name} failed: {exc}", file=sys.stderr)
+        finally:
+            seconds = round(time.perf_counter() - started, 2)
+            self.results["phase_seconds"][name] = seconds
+            self.results["total_seconds"] = round(time.perf_counter() - self.started, 2)
+            print(f"[phase {name}: {seconds:.1f} s, total {self.results['total_seconds']:.1f} s]", flush=True)
+            self.write()
+
+    def write(self) -> None:
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.results, indent=2, default=str))
+
+
+def machine_text() -> dict:
+    import onnxruntime as ort
+
+    from pipeline.model.runtime import available_cpus
+
+    gpu_names = []
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        gpu_names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "cpus": available_cpus(),
+        "gpus": gpu_names,
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="so400m")
     parser.add_argument(
@@ -369,90 +531,194 @@ def main(argv: list[str] | None = None) -> dict:
         help="default: float16 on GPU, float32 on CPU",
     )
     parser.add_argument(
-        "--batch-sizes", default=None, help="comma-separated; default 16,32,64,128,256 (GPU) or 1,4,16 (CPU)"
+        "--batch-sizes", default=None, help="comma-separated; default 32,64,128,256 (GPU) or 1,4,16 (CPU)"
     )
     parser.add_argument(
-        "--images", type=int, default=None, help="JPEGs for (b); default 4000 (GPU) or 64 (CPU)"
+        "--images", type=int, default=None, help="JPEGs for (b); default 3000 (GPU) or 64 (CPU)"
     )
     parser.add_argument(
-        "--seconds", type=float, default=None, help="per batch size in (a); default 10 (GPU) or 2 (CPU)"
+        "--seconds", type=float, default=None, help="per batch size in (a); default 5 (GPU) or 2 (CPU)"
+    )
+    parser.add_argument(
+        "--decode-seconds", type=float, default=None, help="for (d); default 10 (GPU) or 2 (CPU)"
+    )
+    parser.add_argument(
+        "--fused-actors",
+        type=int,
+        default=None,
+        help="tagger actors sharing the GPU in the fused run (each decodes on one core); "
+        "default min(8, cores / 2); on CPU the job's own choice",
+    )
+    parser.add_argument(
+        "--fused-batch",
+        type=int,
+        default=None,
+        help="batch size of the fused run; default the smallest of (a)'s",
     )
     parser.add_argument("--workdir", default="/tmp/tagpipe-bench")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--out", default=None, help="a JSON file with every figure (written after each phase)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    cuda_folders = cuda_libraries_on_path()
     import onnxruntime as ort
+
+    from pipeline.model.runtime import available_cpus
 
     gpu = "CUDAExecutionProvider" in ort.get_available_providers() and shutil.which("nvidia-smi") is not None
     cfg = CONFIGS[args.config]
     dtype = args.dtype or ("float16" if gpu else "float32")
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("16,32,64,128,256" if gpu else "1,4,16")).split(",")]
-    seconds = args.seconds or (10.0 if gpu else 2.0)
-    count = args.images or (4000 if gpu else 64)
-    work = Path(args.workdir)
-    bundle = write_bundle(work / f"vit-{args.config}-{dtype}", cfg, dtype)
-    flops = cfg.flops_per_image()
-
-    rates, provider = session_throughput(bundle, batch_sizes, seconds, io_binding=False)
-    bound = (
-        session_throughput(bundle, batch_sizes, seconds, io_binding=True)[0]
-        if provider == "CUDAExecutionProvider"
-        else {}
-    )
-    best_batch = max(rates, key=rates.get)
-    host = host_work(bundle, best_batch)[0]
-
-    from tag_job import make_images, start_local_ray
-
-    images = work / f"images-{count}"
-    make_images(images, count)
-    from pipeline.model.runtime import available_cpus
-
-    ray = start_local_ray()
-    summary, tag_seconds, busy = pipeline_throughput(
-        bundle, images, best_batch, 1, work / "out" / "gpu-bench"
-    )
-    ray.shutdown()
-    job_rate = summary.images / tag_seconds
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("32,64,128,256" if gpu else "1,4,16")).split(",")]
+    seconds = args.seconds or (5.0 if gpu else 2.0)
+    count = args.images or (3000 if gpu else 64)
     cores = available_cpus()
+    work = Path(args.workdir)
+    results: dict = {"machine": machine_text() | {"cuda_library_folders": cuda_folders}}
+    results["model"] = {"config": args.config, **asdict(cfg), "dtype": dtype, "flops": cfg.flops_per_image()}
+    phases = Phases(results, Path(args.out) if args.out else None)
 
+    with phases.phase("images"):
+        uris = make_images(work / f"images-{count}", count, cores)
+    with phases.phase("model build"):
+        bundle = write_bundle(work / f"vit-{args.config}-{dtype}", cfg, dtype)
+    with phases.phase("(a) session"):
+        rates, provider = session_throughput(bundle, batch_sizes, seconds, io_binding=False)
+        results["provider"], results["session_img_per_s"] = provider, rates
+    if gpu and provider != "CUDAExecutionProvider":
+        raise SystemExit(
+            f"a GPU is present but the session runs on {provider}: CUDA/cuDNN libraries not found "
+            "(pip install 'onnxruntime-gpu[cuda,cudnn]'); stopping rather than timing the model on CPU"
+        )
+    if provider == "CUDAExecutionProvider":
+        with phases.phase("(a) session, IO binding"):
+            results["session_io_binding_img_per_s"] = session_throughput(bundle, batch_sizes, seconds, True)[
+                0
+            ]
+    best = max(rates, key=rates.get)
+    results["best_batch"] = best
+    with phases.phase("(c) host work"):
+        host, inside = host_work(bundle, best)
+        results["host_ms_per_image"], results["session_ms_per_image_in_actor"] = host * 1e3, inside * 1e3
+    with phases.phase("(d) decode per core"):
+        per_core = decode_per_core(bundle, uris, args.decode_seconds or (10.0 if gpu else 2.0))
+        gpus = max(len(results["machine"]["gpus"]), 1) if gpu else 1
+        results["decode"] = {
+            "img_per_s_per_core": per_core,
+            "cores": cores,
+            "gpus": gpus,
+            "ceiling_per_gpu": per_core * cores / gpus,
+            "ceiling_over_session": per_core * cores / gpus / rates[best],
+        }
+    job_runs(args, results, phases, bundle, work, count, gpu)
+    print_table(results)
+    phases.write()
+    return results
+
+
+def job_runs(args, results: dict, phases: Phases, bundle: Path, work: Path, count: int, gpu: bool) -> None:
+    """(b) under decode_placement split and fused, one Ray for both; a failed run is
+    recorded and the other still runs."""
+    from tag_job import start_local_ray
+
+    rates, best, cores = results["session_img_per_s"], results["best_batch"], results["decode"]["cores"]
+    fused_actors = args.fused_actors or (min(8, max(1, cores // 2)) if gpu else 1)
+    fused_batch = args.fused_batch or (min(rates) if gpu else best)
+    runs = {
+        "split": dict(decode_placement="split", batch_size=best, tagger_actors=1),
+        "fused": dict(
+            decode_placement="fused",
+            batch_size=fused_batch,
+            tagger_actors=fused_actors,
+            **({"gpus_per_actor": 1 / fused_actors} if gpu else {}),
+        ),
+    }
+    with phases.phase("ray start"):
+        ray = start_local_ray()
+    results["jobs"] = {}
+    try:
+        for name, settings in runs.items():
+            session_rate = rates.get(settings["batch_size"], rates[best])
+            with phases.phase(f"(b) tag, {name}", fatal=False):
+                out = work / "out" / f"gpu-bench-{name}"
+                results["jobs"][name] = job_run(
+                    bundle, work / f"images-{count}", out, session_rate, **settings
+                )
+    finally:
+        ray.shutdown()
+    done = results["jobs"]
+    if done:
+        results["placement_winner"] = max(done, key=lambda name: job_rate(done[name]))
+
+
+def job_rate(job: dict) -> float:
+    """A run's img/s: after its first rows where timed, else over its whole tagging phase."""
+    return job["img_per_s_after_first_rows"] or job["img_per_s"]
+
+
+def print_table(results: dict) -> None:
+    model, machine, decode = results["model"], results["machine"], results["decode"]
+    flops, best = model["flops"], results["best_batch"]
     print(
-        f"model: {args.config} ({cfg.layers} layers, width {cfg.width}, {cfg.patches} patches, "
-        f"{cfg.tags} tags), {dtype}, "
-        f"{flops / 1e9:.2f} GFLOP/image; provider {provider}; {available_cpus()} CPUs"
+        f"model: {model['config']} ({model['layers']} layers, width {model['width']}, "
+        f"{(model['image'] // model['patch']) ** 2} patches, {model['tags']} tags), {model['dtype']}, "
+        f"{flops / 1e9:.2f} GFLOP/image; provider {results['provider']}; {machine['cpus']} CPUs; "
+        f"GPUs: {', '.join(machine['gpus']) or 'none'}"
     )
     print("| run | batch | img/s | TFLOP/s |")
     print("| --- | ---: | ---: | ---: |")
-    for batch, rate in rates.items():
+    for batch, rate in results["session_img_per_s"].items():
         print(f"| (a) session, numpy in/out | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
-    for batch, rate in bound.items():
+    for batch, rate in results.get("session_io_binding_img_per_s", {}).items():
         print(f"| (a) session, IO binding | {batch} | {rate:.1f} | {rate * flops / 1e12:.3f} |")
+    host, rate = results["host_ms_per_image"], results["session_img_per_s"][best]
     print(
-        f"| (c) tagger host work outside the session, {cfg.tags} tags | {best_batch} | {1 / host:.1f} | "
-        f"host {host * 1e3:.3f} ms/img "
-        f"= {host / (1 / rates[best_batch]):.1%} of the session's {1e3 / rates[best_batch]:.3f} ms/img |"
+        f"| (c) tagger host work outside the session, {model['tags']} tags | {best} | {1e3 / host:.1f} | "
+        f"host {host:.3f} ms/img = {host / (1e3 / rate):.1%} of the session's {1e3 / rate:.3f} ms/img |"
     )
-    busy_text = f"{busy:.0%}" if busy is not None else "n/a (no nvidia-smi)"
+    ceiling = f"ceiling {decode['ceiling_per_gpu']:.0f} img/s per GPU"
     print(
-        f"| (b) tagpipe tag, {summary.images} JPEGs (3 MP) | {best_batch} | {job_rate:.1f} | "
-        f"{job_rate * flops / 1e12:.3f} |"
+        f"| (d) decode alone, one core | 16 | {decode['img_per_s_per_core']:.1f} | "
+        f"x {decode['cores']} cores / {decode['gpus']} GPU(s) = {ceiling}, "
+        f"{decode['ceiling_over_session']:.2f}x the session's {rate:.0f} |"
     )
-    print(f"placement (b): {summary.placement}")
+    for name, job in results["jobs"].items():
+        print(
+            f"| (b) tagpipe tag, {name}, {job['images']} JPEGs (3 MP) | {job['settings']['batch_size']} | "
+            f"{job_rate(job):.1f} | {job_rate(job) * flops / 1e12:.3f} |"
+        )
+    print_jobs(results)
+
+
+def print_jobs(results: dict) -> None:
+    for name, job in results["jobs"].items():
+        smi = job["gpu_busy_nvidia_smi"]
+        nvml = ", ".join(f"GPU {g} {b:.0%}" for g, b in job["gpu_busy_nvml"].items()) or "n/a"
+        print(
+            f"{name}: b / a {job['ratio_to_session']:.2%} (target >= 90%); {job['img_per_s']:.1f} img/s over "
+            f"the whole tagging phase ({job['tag_seconds']:.1f} s, first rows after "
+            f"{job['first_rows_seconds']:.1f} s); tagger busy {job['tagger_busy']:.0%} ({job['verdict']}), "
+            f"decode busy {job['decode_busy']:.0%}; GPU busy: NVML {nvml}, nvidia-smi "
+            f"{'n/a' if smi is None else f'{smi:.0%}'}"
+        )
+        print(f"  placement: {job['placement']}")
+    for name, error in results.get("errors", {}).items():
+        print(f"{name} FAILED: {error.splitlines()[0]}")
+    if "placement_winner" in results:
+        print(
+            f"faster placement here (img/s after the first rows where timed): {results['placement_winner']}"
+        )
+    decode = results["decode"]
+    if decode["ceiling_over_session"] < 1:
+        print("decode bounds the GPU: GPU JPEG decode (docs/decisions.md, 'GPU JPEG decode') would pay")
+    total = results["total_seconds"]
     print(
-        f"b / a (same batch, numpy in/out): {job_rate / rates[best_batch]:.2%} (target >= 90%); "
-        f"GPU busy during (b): {busy_text}; "
-        f"decode load {job_rate / cores:.1f} img/s per core ({cores} cores)"
+        f"total {total:.0f} s (budget {BUDGET_SECONDS} s on a 16-core H100/H200): {results['phase_seconds']}"
     )
-    return {
-        "rates": rates,
-        "io_binding": bound,
-        "job_rate": job_rate,
-        "ratio": job_rate / rates[best_batch],
-        "flops": flops,
-        "provider": provider,
-        "images": summary.images,
-        "busy": busy,
-        "host_seconds_per_image": host,
-    }
 
 
 if __name__ == "__main__":
