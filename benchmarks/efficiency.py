@@ -1,6 +1,7 @@
 """Where the cores go: a user's minimal loop, tagpipe's stages in a loop, and `tagpipe tag`.
 
     python benchmarks/efficiency.py [--images 3000] [--rounds 2] [--draft-ratios 2,1]
+                                    [--placements fused,split] [--slow-layers 24]
                                     [--workdir /tmp/tagpipe-efficiency]
 
 Same images (3 MP JPEGs on local disk, tests/sample_photos.py), same demo model (CL v2
@@ -12,7 +13,9 @@ contract, 384x384) on CPU, all in one process tree:
       draft ratio x the model size, EXIF, phash, guards) then TaggerStage (uint8 in-graph
       normalisation, session, postprocess, Arrow rows); one core, one thread;
   (c) `run_tag_job` with defaults on every core: end to end (Ray start-up, listing,
-      planning, commit included) and its tagging phase alone.
+      planning, commit included) and its tagging phase alone, per decode placement, and
+      with --slow-layers once more with a heavier model (the tagger's busy time when the
+      model bounds the run); each prints its busy line.
 (a) and (b) alternate over --rounds rounds (the best round counts), so drift between them
 cancels. (b) and (c) run at each of --draft-ratios. Prints b/a (the price of tagpipe's
 extra per-image work), c/(cores x b) (what distribution costs) and c/a, and a cProfile
@@ -172,7 +175,9 @@ def where_cpu_went(before: dict, after: dict) -> dict[str, float]:
     return spent
 
 
-def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_ratio: float) -> dict:
+def tag_job_run(
+    uris: list[str], model_dir: Path, out: Path, cores: int, draft_ratio: float, placement: str = "auto"
+) -> dict:
     """(c) from a cold Ray (what `tagpipe tag` pays): seconds end to end and by phase."""
     from pipeline.job.tag_job import run_tag_job
 
@@ -187,7 +192,7 @@ def tag_job_run(uris: list[str], model_dir: Path, out: Path, cores: int, draft_r
         output=str(out / "job"),
         model=str(model_dir),
         draft_ratio=draft_ratio,
-        decode_placement=os.environ.get("TAGPIPE_DECODE_PLACEMENT", "auto"),
+        decode_placement=placement,
     )
     before = cpu_by_process()
     summary = run_tag_job(cfg)
@@ -205,6 +210,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--draft-ratios", default="2", help="comma-separated; the first is profiled")
     parser.add_argument("--workdir", default="/tmp/tagpipe-efficiency")
+    parser.add_argument(
+        "--placements", default="auto", help="decode_placement values for (c), comma-separated (fused,split)"
+    )
+    parser.add_argument(
+        "--slow-layers",
+        type=int,
+        default=0,
+        help="also run (c) with the demo model made slower by N convolutions (same outputs): busy time "
+        "when the model, not decode, bounds the run",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir)
@@ -212,7 +227,16 @@ def main() -> None:
     model_dir = write_demo_bundle(work / "model")
     n, cores = len(uris), available_cpus()
     ratios = [float(r) for r in args.draft_ratios.split(",")]
-    jobs = {ratio: tag_job_run(uris, model_dir, work / "out", cores, ratio) for ratio in ratios}
+    placements = args.placements.split(",")
+    runs = {
+        (placement, ratio): tag_job_run(uris, model_dir, work / "out", cores, ratio, placement)
+        for placement in placements
+        for ratio in ratios
+    }
+    if args.slow_layers:
+        slow = write_demo_bundle(work / f"model-slow-{args.slow_layers}", slow_layers=args.slow_layers)
+        job = tag_job_run(uris, slow, work / "out", cores, ratios[0], placements[0])
+        runs[(f"{placements[0]}, model +{args.slow_layers} conv layers", ratios[0])] = job
 
     # (a) and (b), alternating, on one core
     original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -235,35 +259,29 @@ def main() -> None:
     print("| --- | ---: | --- |")
     print(f"| (a) minimal loop, 1 core | {a:.1f} | |")
     for ratio in ratios:
-        b, job = n / min(b_times[ratio]), jobs[ratio]
-        c_tag, c_total = n / job["tagging"], n / job["total"]
-        at = f"draft ratio {ratio:g}"
-        print(f"| (b) tagpipe stages loop, 1 core, {at} | {b:.1f} | b/a = {b / a:.2f} |")
+        b = n / min(b_times[ratio])
+        print(f"| (b) tagpipe stages loop, 1 core, draft ratio {ratio:g} | {b:.1f} | b/a = {b / a:.2f} |")
+    for (placement, ratio), job in runs.items():
+        b, c_tag, c_total = n / min(b_times[ratio]), n / job["tagging"], n / job["total"]
+        at = f"{placement}, draft ratio {ratio:g}"
         spread = c_tag / (cores * b)
         phase = f"(c) tagpipe tag, {cores} cores, {at}, tagging phase"
         print(f"| {phase} | {c_tag:.1f} | c/(cores x b) = {spread:.2f} |")
         print(
             f"| (c) tagpipe tag, {cores} cores, {at}, end to end | {c_total:.1f} | c/a = {c_total / a:.2f} |"
         )
-    for ratio in ratios:
-        job = jobs[ratio]
-        head = (
-            f"(c) draft ratio {ratio:g}, end to end {job['total']:.1f} s: Ray start {job['ray_start']:.1f} s"
-        )
+    for (placement, ratio), job in runs.items():
+        at = f"(c) {placement}, draft ratio {ratio:g}"
+        head = f"{at}, end to end {job['total']:.1f} s: Ray start {job['ray_start']:.1f} s"
         print(
             f"{head}, then "
             + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in job["timings"].items())
         )
-    for ratio in ratios:
-        job = jobs[ratio]
-        print(f"(c) draft ratio {ratio:g}: {job['placement']}; {job['busy']}")
-    for ratio in ratios:
-        job = jobs[ratio]
+        print(f"{at}: {job['placement']}; {job['busy']}")
         cpu = ", ".join(
             f"{kind} {seconds:.1f} s" for kind, seconds in sorted(job["cpu"].items(), key=lambda kv: -kv[1])
         )
-        run = f"{job['total']:.1f} s x {cores} cores"
-        print(f"(c) draft ratio {ratio:g}, CPU seconds by process during the run ({run}): {cpu}")
+        print(f"{at}, CPU seconds by process during the run ({job['total']:.1f} s x {cores} cores): {cpu}")
     rounds_b = "; ".join(f"{r:g}: " + ", ".join(f"{t:.1f}" for t in times) for r, times in b_times.items())
     print(f"(a) rounds {', '.join(f'{t:.1f}' for t in a_times)} s; (b) rounds {rounds_b} s")
     totals = stage_breakdown(profile)

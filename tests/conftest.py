@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -190,15 +191,25 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(ray_session, tmp_path_factory) -> DemoRun:
+def demo_run(ray_session, tmp_path_factory, worker_id) -> DemoRun:
     """The demo pipeline (tag, dedup, split, report, audit) run once per test run: the
     `tagpipe demo` command in-process (tests/helpers.py run_cli) on the session's Ray.
-    It calibrates edits as users' runs do (calibrating()).
+    It calibrates edits as users' runs do (calibrating()). Under pytest-xdist the first
+    process that needs it runs it and the others read what it left (a file lock in the
+    run's shared temp folder): ~50 s once, not once per process.
     tests/cli/test_cli.py checks it and tests/corpus/test_report.py reads its outputs: read-only; a
     test that changes them copies."""
+    from filelock import FileLock
+
     from tests.helpers import run_cli
 
-    workdir = tmp_path_factory.mktemp("demo_run") / "demo"
-    with calibrating():
-        done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
-    return DemoRun(workdir, done.returncode, done.stdout, done.stderr)
+    own = tmp_path_factory.getbasetemp()
+    shared = own if worker_id == "master" else own.parent  # pytest-N/ holds every worker's folder
+    workdir, record = shared / "demo_run" / "demo", shared / "demo_run.json"
+    with FileLock(str(shared / "demo_run.lock")):
+        if not record.exists():
+            with calibrating():
+                done = run_cli("demo", "--workdir", workdir, "--images-per-kind", "3")
+            record.write_text(json.dumps([done.returncode, done.stdout, done.stderr]))
+        returncode, stdout, stderr = json.loads(record.read_text())
+    return DemoRun(workdir, returncode, stdout, stderr)

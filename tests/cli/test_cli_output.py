@@ -268,6 +268,7 @@ def test_progress_bar_on_a_terminal(folder, demo_bundle, tmp_path):
     """Run under a pseudo-terminal: the bar is redrawn in place with a rate and an ETA."""
     master, slave = pty.openpty()
     args = ["tag", "-i", str(folder), "-o", str(tmp_path / "t"), "-m", str(demo_bundle), "--batch-size", "4"]
+    args += ["--edit-calibration-images", "0"]  # the bar is what is tested (calibration: ~20 s more)
     proc = subprocess.Popen(
         [*TAGPIPE, *args], stdin=slave, stdout=slave, stderr=slave, env=dict(ENV, TERM="xterm")
     )
@@ -322,12 +323,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(ray_session, folder, demo_bu
 
 
 def test_quiet_and_json_output(folder, demo_bundle, tmp_path):
-    quiet = _run("tag", "-i", str(folder), "-o", str(tmp_path / "q"), "-m", str(demo_bundle), "-q")
+    no_calibration = ("--edit-calibration-images", "0")  # not what this test is about (~20 s a run)
+    quiet = _run(
+        "tag", "-i", str(folder), "-o", str(tmp_path / "q"), "-m", str(demo_bundle), "-q", *no_calibration
+    )
     assert quiet.returncode == 0
     assert "INFO" not in quiet.stderr and "pipeline." not in quiet.stderr, quiet.stderr[-2000:]
     assert quiet.stdout.startswith("run ") and quiet.stdout.count("\n") == 1
     logged = _run(
-        "tag", "-i", str(folder), "-o", str(tmp_path / "j"), "-m", str(demo_bundle), "--log-format", "json"
+        "tag",
+        *("-i", str(folder), "-o", str(tmp_path / "j"), "-m", str(demo_bundle)),
+        *("--log-format", "json", *no_calibration),
     )
     assert logged.returncode == 0
     result = json.loads(logged.stdout)
