@@ -98,6 +98,7 @@ def _dedup_on(cluster, tags: str, out, *extra: str) -> dict:
     return json.loads((out / "_summary.json").read_text())
 
 
+@pytest.mark.slow  # two nodes; the partitions' search is compared in one process in the default run
 def test_two_nodes_search_their_own_partitions_and_match_one_process(two_nodes, tmp_path):
     """A full build over 2 partitions (one per node) and a nightly update of it give the
     edges and clusters that one process gives, and each node searched one partition."""

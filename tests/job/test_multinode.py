@@ -35,6 +35,7 @@ def cluster():
     cluster.shutdown()
 
 
+@pytest.mark.slow  # three nodes; placement is planned by plan_placement, tested in the default run
 def test_tagger_on_the_gpu_node_and_decode_on_the_others(cluster, demo_bundle, demo_corpus, tmp_path):
     cluster, gpu_node, cpu_node = cluster
     out = tmp_path / "tags"

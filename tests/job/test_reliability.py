@@ -106,7 +106,18 @@ def test_a_tagger_actor_killed_mid_run_loses_and_duplicates_nothing(
     assert len(set(table.column("run_id").to_pylist())) == 1
 
 
-@pytest.mark.parametrize("point", ["listing", "tagging", "commit-version", "commit-rename"])
+SLOW = pytest.mark.slow  # each point is a real run killed; the default run kills two of them
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        pytest.param("listing", marks=SLOW),
+        "tagging",
+        pytest.param("commit-version", marks=SLOW),
+        "commit-rename",
+    ],
+)
 def test_driver_killed_at_each_point_of_a_nightly_run(ray_session, demo_bundle, demo_corpus, tmp_path, point):
     """A committed table; the corpus gains and loses an image; the nightly run's driver is
     SIGKILLed at `point`. Readers see the old version, byte for byte; the rerun commits

@@ -104,6 +104,7 @@ class MemorySampler:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_soak_50k_images_flat_memory_every_row(ray_session, demo_bundle, tmp_path):
     images = tmp_path / "images"
     started = time.monotonic()

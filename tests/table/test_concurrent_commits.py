@@ -205,6 +205,7 @@ def test_two_real_runs_at_once(where, s3_server, demo_bundle, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_twenty_overlapping_pairs_of_real_runs(where, s3_server, demo_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("CONCURRENT_PAIRS", os.environ.get("CONCURRENT_PAIRS", "20"))

@@ -82,6 +82,7 @@ def test_fuzz_cases_through_the_decode_stage_and_a_tag_job(ray_session, demo_bun
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_fuzz_many_cases(ray_session, tmp_path):
     count = int(os.environ.get("FUZZ_CASES", "20000"))
     report = run_cases(
