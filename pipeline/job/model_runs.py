@@ -217,10 +217,11 @@ def tag_in_one_pass(
         for i, run in enumerate(runs)
     ]
     log.info(
-        "one pass for %s: %s, decoded for %s",
+        "one pass for %s: %s, decoded for %s; %s",
         counted(len(runs), "models"),
         counted(work.num_rows, "images"),
         counted(len(preprocesses), "distinct preprocessings"),
+        placements[0].describe(),  # which decode placement `auto` chose, and the pool
     )
     dataset = build_pass_dataset(work_blocks(work, cfg), cfg, preprocesses, models)
     nodes: list[dict[str, collections.Counter]] = [
