@@ -21,33 +21,14 @@ import argparse
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.ray_nodes import _free_port, node_env, start_cluster  # noqa: E402
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            return proc, endpoint
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.2)
+from tests.local_servers import start_moto  # noqa: E402
+from tests.ray_nodes import node_env, start_cluster  # noqa: E402
 
 
 def timed(call) -> tuple[float, object]:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
+from memory import PeakSampler, in_subprocess, rss_mib  # benchmarks/memory.py, beside this script
 
 TAGS, LOGITS, EMBEDDING, TAG_NAMES = 108_000, 300, 1152, 30
 CATEGORIES = ["general", "character", "copyright", "artist", "meta", "rating", "quality"]
@@ -143,13 +141,6 @@ def planning(rows: int) -> dict:
         self.peak = max(self.peak, rss_mib())
 
 
-def _in_subprocess(kind: str, rows: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", kind, str(rows)], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -165,14 +156,14 @@ def main() -> None:
         return
     print(f"routing + part writing, CL v2-sized rows ({TAGS:,} tags, {LOGITS} sparse logits, {EMBEDDING}-d):")
     for kind, where in (("routing", "on the driver"), ("routing-tasks", "in Ray tasks")):
-        r = _in_subprocess(kind, args.rows)
+        r = in_subprocess(__file__, kind, str(args.rows))
         rate = f"{r['rows']:,} rows in {r['seconds']:.1f} s = {r['rows_per_s']:,.0f} rows/s wall"
         ceiling = f"driver thread {r['driver_rows_per_cpu_s']:,.0f} rows per CPU second"
         shape = f"{r['parts']} parts, {r['bytes_per_row']:,.0f} bytes/row"
         peak = f"peak RSS +{r['peak_growth_mib']:,.0f} MiB"
         print(f"  parts written {where}: {rate}; {ceiling}; {shape}, {peak}")
     print("planning (classify + plan_run), 1% changed:")
-    results = [_in_subprocess("planning", int(n)) for n in args.plan_rows.split(",")]
+    results = [in_subprocess(__file__, "planning", str(int(n))) for n in args.plan_rows.split(",")]
     for p in results:
         print(f"  {p['rows']:>11,} rows: {p['seconds']:6.1f} s, peak RSS +{p['peak_growth_mib']:,.0f} MiB, "
               f"{p['to_tag']:,} to tag, {p['rewrites']:,} parts to rewrite")  # fmt: skip

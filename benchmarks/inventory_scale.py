@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from memory import PeakSampler, rss_mib  # benchmarks/memory.py, beside this script
+from memory import PeakSampler, in_subprocess, rss_mib  # benchmarks/memory.py, beside this script
 
 from pipeline.core.schemas import MANIFEST_SCHEMA
 from pipeline.storage import inventory
@@ -142,13 +140,6 @@ def read_once(manifest: str, before: bool) -> dict:
             "peak_mib": sampler.peak - rss_before, "uris": distinct}  # fmt: skip
 
 
-def _in_subprocess(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
@@ -170,7 +161,7 @@ def main() -> None:
             manifest = write_report(args.rows, file_format, args.files, Path(root))
             written = time.perf_counter() - started
             for reader in ["vectorised", *(["row by row (before)"] if args.before else [])]:
-                r = _in_subprocess(manifest, "before" if reader.startswith("row") else "after")
+                r = in_subprocess(__file__, manifest, "before" if reader.startswith("row") else "after")
                 assert r["uris"] == r["rows"]
                 skipped = ", ".join(f"{n:,} {k}" for k, n in sorted(r["skipped"].items()))
                 print(f"{file_format:8} {reader:20} {written:8.1f} {r['seconds']:7.1f} {r['cpu_s']:5.1f} "

@@ -27,8 +27,6 @@ import argparse
 import binascii
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from memory import PeakSampler, arrow_mib, rss_mib  # benchmarks/memory.py, beside this script
+from memory import PeakSampler, arrow_mib, in_subprocess, rss_mib  # benchmarks/memory.py, beside this script
 
 from pipeline.job.changes import StoredSources, classify
 from pipeline.job.incremental import Keys
@@ -120,13 +118,6 @@ def folder_walk(objects: int, latency: float) -> dict:
     return {"objects": len(entries), "seconds": time.perf_counter() - started, "requests": fs.requests}
 
 
-def _in_subprocess(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", default="1000000,10000000")
@@ -150,7 +141,7 @@ def main() -> None:
         return
     print(f"simulated store, {args.latency * 1000:.0f} ms per listing request of up to 1,000 keys")
     if args.folder_walk:
-        w = _in_subprocess("walk", str(args.folder_walk), str(args.latency))
+        w = in_subprocess(__file__, "walk", str(args.folder_walk), str(args.latency))
         walk = f"flat {w['objects']:,}: {w['seconds']:.1f} s, {w['requests']:,} requests"
         print(f"  folder walk (one paged ls), {walk}")
     print("objects     layout  names     list s  requests  1st plan s  nightly plan s  "
@@ -160,8 +151,8 @@ def main() -> None:
         for layout in args.layouts.split(","):
             for names in args.names.split(","):
                 with tempfile.TemporaryDirectory(dir=args.workdir) as root:
-                    _in_subprocess("table", str(objects), layout, names, root)
-                    r = _in_subprocess("case", str(objects), layout, names, str(args.latency), root)
+                    in_subprocess(__file__, "table", str(objects), layout, names, root)
+                    r = in_subprocess(__file__, "case", str(objects), layout, names, str(args.latency), root)
                 results.append(r)
                 print(f"{r['objects']:>10,}  {layout:6}  {names:8}  {r['list_s']:6.1f}  {r['requests']:8,}  "
                       f"{r['first_plan_s']:10.1f}  {r['nightly_plan_s']:14.1f}  {r['to_tag_nightly']:16,}  "

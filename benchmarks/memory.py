@@ -7,9 +7,21 @@ size every 5 ms while the block runs.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
+
+
+def in_subprocess(script: str, *args: str) -> dict:
+    """`python SCRIPT --one ARGS...` in a fresh process, so each case's peak is its own;
+    the case prints its result as JSON on its last line."""
+    out = subprocess.run([sys.executable, script, "--one", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rss_mib() -> float:

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.local_servers import start_moto
 
 
 class _EditCalibration:
@@ -63,34 +60,12 @@ def _edit_calibration_only_where_tested(request):
     _EditCalibration.wanted = False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on loopback, as s3fs's own tests run it. The standard
     AWS variables point every client at it (set before Ray starts, so workers inherit
     them): that is also how users reach MinIO or R2, with no tagpipe flag."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError as exc:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from exc
-            time.sleep(0.2)
+    proc, endpoint = start_moto()
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.local_servers import free_port
+
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 NODE_START_SECONDS = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -61,7 +56,7 @@ class _ignored:
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """One node, blocking in the foreground; returns once the node has joined."""
     ray = str(Path(sys.executable).parent / "ray")
-    ports = ["--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+    ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
     handle = log.open("w")
     proc = subprocess.Popen(
         [ray, "start", "--block", "--disable-usage-stats", "--num-cpus=1", *ports, *args],
@@ -80,7 +75,7 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
 def start_cluster(env: dict[str, str]) -> LocalCluster:
     """A head and one worker node on 127.0.0.1, started with `env`; 1 CPU each."""
     temp_dir = tempfile.mkdtemp(prefix="tpray", dir="/tmp")  # short: Ray's socket paths must fit
-    port = _free_port()
+    port = free_port()
     cluster = LocalCluster(f"127.0.0.1:{port}", [], temp_dir)
     try:
         head = [

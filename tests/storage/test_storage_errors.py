@@ -4,46 +4,21 @@ endpoint and the likely cause, exit 2, show no traceback and no secret."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+
+from tests.local_servers import free_port, start_moto
 
 SECRET = "sekrit-never-print-me-7Q2"
 TAGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def strict_s3():
     """A second moto server that checks credentials (moto's IAM auth on from the first call)."""
-    port = _free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError as exc:
-            if getattr(exc, "code", None):  # any HTTP answer: it is up
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.2)
+    proc, url = start_moto(dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -86,7 +61,7 @@ def test_missing_bucket_is_named_and_never_created(s3_server, demo_bundle, tmp_p
 
 
 def test_unreachable_endpoint_is_named(demo_bundle):
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     done = _run(
         ["tag", "-i", "s3://some-bucket/in", "-o", "s3://some-bucket/out", "-m", str(demo_bundle)],
         AWS_ENDPOINT_URL=endpoint,
